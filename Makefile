@@ -1,0 +1,42 @@
+# Set-up and entry points. `make demo` and `make test` create or refresh .venv as needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+TORCH := torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: $(STAMP)
+
+# torch first (pinned: a CPU build from local disk here; an open range would pull a CUDA build),
+# then the package with its dev extra.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH)
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/modelsense demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# Peer libraries the benchmarks compare against, installed without letting them replace torch.
+$(BENCH_STAMP): $(STAMP)
+	bash bench/install.sh $(PY)
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,3 @@
+from modelsense.cli import main
+
+main()

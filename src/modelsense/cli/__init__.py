@@ -1,0 +1,37 @@
+"""The `modelsense` command line: a thin mapping from options to config dataclasses.
+
+Every computing command takes `--out DIR` and writes a run directory (see `modelsense.runs`).
+Errors on bad input are printed as one clear message (exit code 2), never as a traceback.
+Commands live in one module per area (`core`, ...), each adding itself to the shared `app`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from modelsense.cli import core  # noqa: F401  (registers commands)
+from modelsense.cli.app import app
+from modelsense.errors import ModelsenseError
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Entry point: run the app, turning modelsense errors into one clear message."""
+    try:
+        app(standalone_mode=False)
+    except ModelsenseError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,336 @@
+"""One front door for every dataset: `load_dataset(name, ...)` and `DataConfig`.
+
+Names: `digits`, `mnist1d` (no files needed), `mnist`, `fmnist`, `cifar10` (files from
+`data_dir`), or a path to a `.npz` / `.csv` file. Names are case-insensitive (`MNIST`, `FMNIST`,
+`CIFAR10` as in the MPE scripts work).
+
+Order of work:
+1. check the options (types, ranges) -- no IO;
+2. resolve the name (unknown names, missing files and folders fail here);
+3. read the arrays (format checks of the reader), then check them (`validation.check_arrays`:
+   shapes, lengths, NaN/inf, integer labels in range, non-empty splits) and the options that
+   depend on them (`validation.check_data_options`);
+4. apply the options, in this order:
+   a. `drop_classes`: remove those classes from both splits; the kept classes are relabelled by
+      rank, new label k <-> old label `metadata["kept_classes"][k]` (an identity when the kept
+      classes are already 0..K'-1, e.g. dropping the last class);
+   b. `n_train`: a seeded stratified subset of the training set (every present class keeps at
+      least one example, the rest in proportion to class sizes);
+   c. `corruption_ratio`: round(r * n_train) training labels, chosen uniformly without
+      replacement, each moved to a class drawn uniformly from the *other* classes;
+   d. `standardize`: per-feature (per pixel for images) mean and std of the final training set,
+      applied to both splits; a std of 0 becomes 1.
+
+`seed` drives b and c only (independent streams, numpy `default_rng([seed, 1])` and
+`default_rng([seed, 2])`); train/test splits that this module makes itself (digits, a `.npz`
+with X/y, a `.csv`) use a fixed random_state=0 so one name always means one split.
+
+Metadata written (always): `config` (the DataConfig as a dict; a file name as an absolute
+path), `corrupted_indices` (sorted int64 tensor of positions in the returned `y_train` whose label
+changed; empty without corruption), `split`; when they
+apply: `kept_classes`, `train_indices` (int64 tensor, positions in the full training set as
+loaded, when the training set is a strict subset), `test_indices` (same for the test split when
+classes were dropped), `original_y_train` (labels before corruption, after relabelling),
+`feature_mean` / `feature_std` (tensors of shape input_shape), `normalization` (the fixed
+per-channel mean/std of the image datasets), `class_names`, `feature_names` (csv).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from modelsense.data import builtin, files
+from modelsense.data.dataset import Dataset
+from modelsense.data.transforms import (
+    class_keep_masks,
+    corrupt_labels_symmetric,
+    standardize_features,
+    stratified_subset,
+)
+from modelsense.data.validation import check_arrays, check_data_options, check_options
+from modelsense.errors import DataError
+
+#: Environment variable read when `data_dir` is None.
+DATA_DIR_ENV = "MODELSENSE_DATA_DIR"
+FILE_SUFFIXES = (".npz", ".csv")
+
+_SUBSET_STREAM = 1
+_CORRUPTION_STREAM = 2
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to load and the options applied to it (see `load_dataset`).
+
+    Attributes:
+        name: a built-in name (`available_datasets()`) or a path to a .npz/.csv file.
+        data_dir: folder holding the files of `mnist`, `fmnist`, `cifar10` (and where relative
+            .npz/.csv paths are also looked up); None reads $MODELSENSE_DATA_DIR.
+        n_train: size of a stratified training subset; None keeps every training example.
+        corruption_ratio: fraction in [0, 1] of training labels moved to another class.
+        drop_classes: class ids removed from both splits.
+        standardize: per-feature standardisation with training statistics.
+        seed: seed of the subset and the label corruption.
+    """
+
+    name: str = "digits"
+    data_dir: str | None = None
+    n_train: int | None = None
+    corruption_ratio: float = 0.0
+    drop_classes: tuple[int, ...] = ()
+    standardize: bool = False
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (for config.json)."""
+        out = dataclasses.asdict(self)
+        out["drop_classes"] = list(self.drop_classes)
+        out["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        return out
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A built-in dataset: its standard sizes and how to read it."""
+
+    name: str
+    n_train: int
+    n_test: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    source: str
+    read: Callable[[str | None], dict[str, Any]]
+    aliases: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+    subdirs: tuple[str, ...] = ()
+    generated: bool = False  # sizes are exact and known without reading anything
+
+
+_BUILTINS: tuple[DatasetInfo, ...] = (
+    DatasetInfo("digits", 1297, 500, (1, 8, 8), 10,
+                "scikit-learn's bundled 8x8 digits (no files needed)",
+                lambda data_dir: builtin.load_digits_arrays(), generated=True),
+    DatasetInfo("mnist1d", 4000, 1000, (40,), 10,
+                "generated offline by the mnist1d package (default arguments; no files needed)",
+                lambda data_dir: builtin.load_mnist1d_arrays(), aliases=("mnist-1d", "mnist_1d"),
+                generated=True),
+    DatasetInfo("mnist", 60000, 10000, (1, 28, 28), 10,
+                "IDX files in --data-dir DIR (or DIR/MNIST/raw, torchvision's layout)",
+                lambda data_dir: files.load_idx_arrays(data_dir, "mnist"),
+                files=tuple(files.IDX_FILES.values()), subdirs=files.IDX_SUBDIRS["mnist"]),
+    DatasetInfo("fmnist", 60000, 10000, (1, 28, 28), 10,
+                "Fashion-MNIST IDX files in --data-dir DIR (or DIR/FashionMNIST/raw)",
+                lambda data_dir: files.load_idx_arrays(data_dir, "fmnist"),
+                aliases=("fashion-mnist", "fashion_mnist", "fashionmnist"),
+                files=tuple(files.IDX_FILES.values()), subdirs=files.IDX_SUBDIRS["fmnist"]),
+    DatasetInfo("cifar10", 50000, 10000, (3, 32, 32), 10,
+                "CIFAR-10 python batches in --data-dir DIR (or DIR/cifar-10-batches-py)",
+                lambda data_dir: files.load_cifar10_arrays(data_dir), aliases=("cifar-10", "cifar"),
+                files=files.CIFAR10_TRAIN_BATCHES + (files.CIFAR10_TEST_BATCH,),
+                subdirs=("cifar-10-batches-py",)),
+)
+_BY_NAME: dict[str, DatasetInfo] = {
+    alias: info for info in _BUILTINS for alias in (info.name,) + info.aliases
+}
+
+
+def known_dataset_names() -> list[str]:
+    """Canonical names of the built-in datasets."""
+    return [info.name for info in _BUILTINS]
+
+
+def _default_data_dir(data_dir: str | os.PathLike | None) -> str | None:
+    if data_dir is not None:
+        return str(data_dir)
+    return os.environ.get(DATA_DIR_ENV) or None
+
+
+def _resolve(name: Any, data_dir: str | None) -> tuple[str, DatasetInfo | None, Path | None]:
+    """(display name, built-in info or None, file path or None); raises DataError."""
+    if not isinstance(name, (str, os.PathLike)) or str(name).strip() == "":
+        raise DataError(f"dataset name must be a non-empty string, got {name!r}; "
+                        f"known: {', '.join(known_dataset_names())}, or a path to a .npz/.csv file.")
+    text = str(name).strip()
+    info = _BY_NAME.get(text.lower())
+    if info is not None:
+        return info.name, info, None
+    path = Path(text).expanduser()
+    if path.suffix.lower() in FILE_SUFFIXES:
+        candidates = [path]
+        if data_dir is not None and not path.is_absolute():
+            candidates.append(Path(data_dir).expanduser() / path)
+        for candidate in candidates:
+            if candidate.is_file():
+                return path.stem, None, candidate
+        looked = " or ".join(str(c) for c in candidates)
+        raise DataError(f"dataset file {looked} does not exist; check the path (relative paths are "
+                        "taken from the current folder, then from --data-dir).")
+    if path.is_file():
+        raise DataError(f"{path} has the unsupported type {path.suffix or '(no suffix)'!r}; save the "
+                        "data as .npz (x_train, y_train, x_test, y_test or X, y) or as .csv with a "
+                        "'label' column.")
+    raise DataError(f"unknown dataset {text!r}; known: {', '.join(known_dataset_names())}; or give a "
+                    "path to a .npz file (x_train, y_train, x_test, y_test or X, y) or a .csv file "
+                    "(a 'label' column and numeric feature columns).")
+
+
+def load_dataset(
+    name: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    n_train: int | None = None,
+    corruption_ratio: float = 0.0,
+    drop_classes: Sequence[int] = (),
+    standardize: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Load a dataset and apply the options (order and metadata: see the module docstring).
+
+    Args:
+        name: `digits`, `mnist1d`, `mnist`, `fmnist`, `cifar10`, or a path to a .npz/.csv.
+        data_dir: folder with the dataset files (None: $MODELSENSE_DATA_DIR).
+        n_train: stratified training subset size; None for all.
+        corruption_ratio: fraction of training labels to move to another class.
+        drop_classes: class ids to remove from both splits.
+        standardize: per-feature standardisation with training mean/std.
+        seed: seed of the subset and the corruption.
+
+    Returns:
+        A `Dataset` with float32 features (n, *input_shape) and int64 labels in 0..K-1.
+
+    Raises:
+        DataError: bad options, unknown name, missing or malformed files, invalid arrays --
+            always before any option is applied.
+
+    Example:
+        >>> ds = load_dataset("digits", n_train=200, corruption_ratio=0.1, seed=3)
+        >>> ds.n_train, ds.input_shape, len(ds.metadata["corrupted_indices"])
+        (200, (1, 8, 8), 20)
+    """
+    n_train, corruption_ratio, drop, standardize, seed = check_options(
+        n_train, corruption_ratio, drop_classes, standardize, seed
+    )
+    data_dir = _default_data_dir(data_dir)
+    display, info, path = _resolve(name, data_dir)
+    if info is not None and info.generated:
+        # sizes are known: fail before generating anything
+        stand_in = np.arange(info.n_train) % info.num_classes
+        check_data_options(stand_in, info.num_classes, None if drop else n_train,
+                           corruption_ratio, drop, display)
+    if info is not None:
+        raw = info.read(data_dir)
+    elif path.suffix.lower() == ".npz":
+        raw = files.load_npz_arrays(path)
+    else:
+        raw = files.load_csv_arrays(path)
+
+    x_train, y_train, x_test, y_test, num_classes = check_arrays(
+        raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"], raw.get("num_classes"),
+        where=raw["source"],
+    )
+    check_data_options(y_train, num_classes, n_train, corruption_ratio, drop, display)
+    config = DataConfig(display if info is not None else str(path.resolve()), data_dir, n_train,
+                        corruption_ratio, drop, standardize, seed)
+    metadata: dict[str, Any] = {"config": config.to_dict(), "split": raw.get("split", "given")}
+    for key in ("normalization", "class_names", "feature_names"):
+        if key in raw:
+            metadata[key] = raw[key]
+
+    full_train = y_train.shape[0]
+    train_positions = np.arange(full_train)
+    if drop:
+        keep_train, keep_test, kept, lookup = class_keep_masks(y_train, y_test, drop, num_classes)
+        if not keep_test.any():
+            raise DataError(f"dropping classes {list(drop)} leaves the test split of {display!r} empty.")
+        train_positions = np.flatnonzero(keep_train)
+        test_positions = np.flatnonzero(keep_test)
+        x_train, y_train = x_train[keep_train], lookup[y_train[keep_train]]
+        x_test, y_test = x_test[keep_test], lookup[y_test[keep_test]]
+        num_classes = int(kept.size)
+        metadata["kept_classes"] = kept.tolist()
+        metadata["test_indices"] = torch.from_numpy(test_positions.astype(np.int64))
+        if "class_names" in metadata and len(metadata["class_names"]) > int(kept.max()):
+            metadata["class_names"] = [metadata["class_names"][c] for c in kept]
+
+    if n_train is not None and n_train < y_train.shape[0]:
+        rng = np.random.default_rng([seed, _SUBSET_STREAM])
+        chosen = stratified_subset(y_train, n_train, num_classes, rng)
+        x_train, y_train = x_train[chosen], y_train[chosen]
+        train_positions = train_positions[chosen]
+    if train_positions.shape[0] < full_train:
+        metadata["train_indices"] = torch.from_numpy(train_positions.astype(np.int64))
+
+    corrupted = np.zeros(0, dtype=np.int64)
+    if corruption_ratio > 0:
+        rng = np.random.default_rng([seed, _CORRUPTION_STREAM])
+        metadata["original_y_train"] = torch.from_numpy(y_train.copy())
+        y_train, corrupted = corrupt_labels_symmetric(y_train, corruption_ratio, num_classes, rng)
+    metadata["corrupted_indices"] = torch.from_numpy(corrupted)
+
+    if standardize:
+        x_train, x_test, mean, std = standardize_features(x_train, x_test)
+        metadata["feature_mean"] = torch.from_numpy(mean)
+        metadata["feature_std"] = torch.from_numpy(std)
+
+    return Dataset(
+        name=display,
+        x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_test, dtype=np.float32)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
+        num_classes=num_classes,
+        source=raw["source"],
+        metadata=metadata,
+    )
+
+
+def load_dataset_from_config(cfg: DataConfig) -> Dataset:
+    """`load_dataset` with the fields of `cfg`."""
+    if not isinstance(cfg, DataConfig):
+        raise DataError(f"expected a DataConfig, got {type(cfg).__name__}.")
+    return load_dataset(
+        cfg.name, data_dir=cfg.data_dir, n_train=cfg.n_train, corruption_ratio=cfg.corruption_ratio,
+        drop_classes=cfg.drop_classes, standardize=cfg.standardize, seed=cfg.seed,
+    )
+
+
+def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """What can be loaded: one dict per built-in name, then one for user files.
+
+    Keys: name, n_train, n_test, input_shape (list), num_classes, source, files (the files
+    needed, empty when none), aliases, and -- for file-based datasets when a data folder is
+    known (argument or $MODELSENSE_DATA_DIR) -- found (bool) and location (folder or None).
+    Sizes are the standard ones; nothing is read or generated.
+    """
+    data_dir = _default_data_dir(data_dir)
+    out = []
+    for info in _BUILTINS:
+        entry: dict[str, Any] = {
+            "name": info.name, "n_train": info.n_train, "n_test": info.n_test,
+            "input_shape": list(info.input_shape), "num_classes": info.num_classes,
+            "source": info.source, "files": list(info.files), "aliases": list(info.aliases),
+        }
+        if info.files and data_dir is not None:
+            try:
+                paths = files.find_files(data_dir, list(info.files), info.subdirs, info.name,
+                                         allow_gz=info.name != "cifar10")
+                entry["found"], entry["location"] = True, str(next(iter(paths.values())).parent)
+            except DataError:
+                entry["found"], entry["location"] = False, None
+        out.append(entry)
+    out.append({
+        "name": "PATH.npz / PATH.csv", "n_train": None, "n_test": None, "input_shape": None,
+        "num_classes": None, "aliases": [],
+        "source": ".npz with x_train, y_train, x_test, y_test (or X, y: split 80/20, stratified, "
+                  "random_state=0); .csv with a 'label' column and numeric feature columns "
+                  "(split the same way)",
+        "files": [],
+    })
+    return out

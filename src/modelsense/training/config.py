@@ -1,0 +1,92 @@
+"""Training settings shared by `fit` (one model) and the retraining engine (many models).
+
+Objective (the MPE convention, SEEDS.md section 0.2): for a model trained on n examples,
+
+    L(θ) = mean_{i in batch} l_i(θ) + δ / (2 n) · ||θ||²
+
+with l_i the per-example negative log-likelihood and δ = `delta` the prior precision. IVON optimises
+the same objective as a variational one with `ess = n` and `weight_decay = δ / n` (no L2 term in the
+loss). The learning rate follows a cosine schedule from `lr` to `lrmin` over `epochs`, stepped once per
+epoch (PyTorch's `CosineAnnealingLR(T_max=epochs, eta_min=lrmin)`).
+
+Batch order: each epoch draws a fresh permutation of the model's own training indices from a
+generator seeded with `seed` (the same rule in `fit` and in the engine, so both see the same batches);
+the last batch of an epoch may be smaller. `fixed_batches=True` reproduces the original MPE code:
+batches in data order, never reshuffled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from modelsense.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "ivon")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (flag names follow the MPE code: --lr --lrmin --bs ...)."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    lrmin: float = 0.0
+    epochs: int = 30
+    bs: int = 64
+    delta: float = 1.0
+    hess_init: float = 0.1
+    momentum: float = 0.9
+    beta2: float = 0.999
+    seed: int = 0
+    device: str = "cpu"
+    fixed_batches: bool = False
+    mc_samples: int = 1
+    checkpoint_epochs: tuple[int, ...] = ()
+    checkpoint_iterations: tuple[int, ...] = ()
+    eval_every: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.optimizer = self.optimizer.lower()
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not (self.lr > 0):
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.lrmin < 0 or self.lrmin > self.lr:
+            raise ConfigError(f"lrmin must lie in [0, lr={self.lr}], got {self.lrmin}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.bs < 1:
+            raise ConfigError(f"bs (batch size) must be >= 1, got {self.bs}")
+        if self.delta < 0:
+            raise ConfigError(f"delta (prior precision) must be >= 0, got {self.delta}")
+        if self.optimizer == "ivon" and self.hess_init <= 0:
+            raise ConfigError(f"hess_init must be > 0 for IVON, got {self.hess_init}")
+        self.checkpoint_epochs = tuple(sorted(int(e) for e in self.checkpoint_epochs))
+        self.checkpoint_iterations = tuple(sorted(int(i) for i in self.checkpoint_iterations))
+        bad = [e for e in self.checkpoint_epochs if not 0 <= e <= self.epochs]
+        if bad:
+            raise ConfigError(f"checkpoint epochs {bad} outside [0, epochs={self.epochs}]")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cosine_lr(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate in epoch `epoch` (0-based): lrmin + (lr - lrmin)(1 + cos(π epoch / epochs)) / 2."""
+    return cfg.lrmin + (cfg.lr - cfg.lrmin) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+
+
+def batch_generator(seed: int) -> torch.Generator:
+    """The generator that orders the minibatches of a model trained with `seed`."""
+    return torch.Generator().manual_seed(int(seed) + 7919)
+
+
+def epoch_batches(indices: Tensor, bs: int, generator: torch.Generator, fixed: bool = False) -> list[Tensor]:
+    """Minibatches of one epoch over `indices` (1-D, sorted): a fresh permutation unless `fixed`."""
+    order = indices if fixed else indices[torch.randperm(len(indices), generator=generator)]
+    return list(order.split(bs))

@@ -1,0 +1,291 @@
+"""The retraining engine: many models trained at once, each on its own examples.
+
+One engine serves every ground truth of the project: exact leave-one-out and leave-one-class-out
+retraining, random-subset farms (memorization, influence, consistency, LDS) and seed ensembles.
+M models are trained together with stacked parameters and `torch.func.vmap` over the model axis:
+each model m has its own example mask (or non-negative weights) w_m ∈ R^N, its own init seed, its
+own batch order, and minimises
+
+    L_m(θ) = Σ_{i in batch} w_mi l_i(θ) / Σ_{i in batch} w_mi  +  δ / (2 n_m) · ||θ||²,
+    n_m = Σ_i w_mi,
+
+with functional SGD (momentum, PyTorch's update) or Adam (PyTorch's update, bias-corrected). The
+batch order of model m is exactly the one `fit` uses for the same seed on the examples with w_mi > 0
+(`epoch_batches` over the sorted indices, a fresh permutation per epoch), so training model m alone
+with `fit(..., train_indices=...)` gives the same model up to floating-point rounding; models with
+fewer batches in an epoch simply skip the remaining steps (their state is left unchanged).
+
+What comes back is per-model *outputs* on requested query sets (logits, losses, correctness,
+margins), not parameters (unless asked), so memory stays bounded; models are processed in chunks of
+`chunk_models`, and `on_chunk` hands each finished chunk to the caller (to stream it to disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from modelsense.core.functional import Params, chunks, per_example_nll
+from modelsense.errors import ConfigError
+from modelsense.progress import progress_bar
+from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
+
+QueryOutputs = dict[str, Tensor]
+
+
+@dataclass
+class EnsembleResult:
+    """Outputs of M models.
+
+    Attributes:
+        seeds: (M,) the init / batch-order seed of each model.
+        outputs: query name -> {"logits": (M, n, C) if kept, "loss": (M, n), "correct": (M, n) bool,
+            "margin": (M, n) (logit of the label minus the largest other logit)}.
+        params: stacked final parameters name -> (M, *shape), only when `return_params=True`.
+    """
+
+    seeds: Tensor
+    outputs: dict[str, QueryOutputs] = field(default_factory=dict)
+    params: Params | None = None
+
+    @staticmethod
+    def concat(parts: Sequence["EnsembleResult"]) -> "EnsembleResult":
+        """Join the results of consecutive chunks of models along the model axis."""
+        out = EnsembleResult(torch.cat([p.seeds for p in parts]))
+        for q in parts[0].outputs:
+            out.outputs[q] = {k: torch.cat([p.outputs[q][k] for p in parts]) for k in parts[0].outputs[q]}
+        if parts[0].params is not None:
+            out.params = {k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params}
+        return out
+
+
+def _check_module(module: nn.Module) -> None:
+    bn = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if bn:
+        raise ConfigError(
+            f"the retraining engine cannot train models with batch norm (modules {bn[:3]}): batch "
+            "statistics couple the examples of a batch and the running statistics cannot be updated "
+            "under vmap; build the model with a per-example normalisation (norm='gn', 'frn' or 'none')"
+        )
+
+
+def _stack(dicts: Sequence[Params]) -> Params:
+    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
+
+
+def _epoch_plan(indices: Sequence[Tensor], bs: int, gens: Sequence[torch.Generator], fixed: bool) -> tuple[Tensor, Tensor]:
+    """Batch indices (M, T, bs) and validity (M, T, bs) of one epoch for every model."""
+    per_model = [torch.cat(epoch_batches(idx, bs, g, fixed)) if len(idx) else idx for idx, g in zip(indices, gens)]
+    steps = max((len(o) + bs - 1) // bs for o in per_model)
+    index = torch.zeros(len(per_model), steps * bs, dtype=torch.long)
+    valid = torch.zeros(len(per_model), steps * bs, dtype=torch.bool)
+    for m, order in enumerate(per_model):
+        index[m, : len(order)] = order
+        valid[m, : len(order)] = True
+    return index.view(len(per_model), steps, bs), valid.view(len(per_model), steps, bs)
+
+
+class _FunctionalOptimizer:
+    """SGD with momentum or Adam on stacked parameters (M, *shape), matching torch.optim's updates.
+
+    The prior term's gradient (δ / n_m) θ is added here rather than differentiated under vmap (it
+    costs as much as the data gradient there). Updates are in place; models whose `active` flag is
+    False in a step keep their parameters and optimizer state.
+    """
+
+    def __init__(self, cfg: TrainConfig, params: Params, prior_coef: Tensor) -> None:
+        self.cfg = cfg
+        self.prior_coef = prior_coef  # (M,) = δ / n_m
+        self.buf = {k: torch.zeros_like(v) for k, v in params.items()}
+        if cfg.optimizer == "adam":
+            self.sq = {k: torch.zeros_like(v) for k, v in params.items()}
+            self.steps = torch.zeros_like(prior_coef)
+
+    @torch.no_grad()
+    def step(self, params: Params, grads: Params, lr: float, active: Tensor) -> None:
+        cfg = self.cfg
+        every = bool(active.all())
+        if cfg.optimizer == "adam":
+            self.steps += active.to(self.steps.dtype)
+            t = self.steps.clamp(min=1)
+            step_size = lr / (1 - cfg.momentum**t)
+            bc2_sqrt = (1 - cfg.beta2**t).sqrt()
+        for k, p in params.items():
+            shape = (-1, *([1] * (p.dim() - 1)))
+            g = grads[k].add_(p * self.prior_coef.view(shape))
+            if not every:
+                g.mul_(active.view(shape))
+            if cfg.optimizer == "sgd":
+                buf = self.buf[k]
+                if every:
+                    buf.mul_(cfg.momentum).add_(g)
+                    p.sub_(lr * buf)
+                else:
+                    on = active.view(shape)
+                    buf.copy_(torch.where(on, buf * cfg.momentum + g, buf))
+                    p.sub_(lr * buf * on)
+            else:
+                m, v = self.buf[k], self.sq[k]
+                if every:
+                    m.lerp_(g, 1 - cfg.momentum)
+                    v.mul_(cfg.beta2).addcmul_(g, g, value=1 - cfg.beta2)
+                else:
+                    on = active.view(shape)
+                    m.copy_(torch.where(on, m.lerp(g, 1 - cfg.momentum), m))
+                    v.copy_(torch.where(on, v * cfg.beta2 + (1 - cfg.beta2) * g * g, v))
+                denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(1e-8)
+                update = m / denom * step_size.view(shape)
+                p.sub_(update if every else update * active.view(shape))
+
+
+def query_outputs(
+    module: nn.Module,
+    params: Params,
+    buffers: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    likelihood: str = "categorical",
+    chunk_size: int = 1024,
+    keep_logits: bool = True,
+) -> QueryOutputs:
+    """Outputs of stacked models (params name -> (M, *shape)) on (x, y), in chunks of examples."""
+
+    def forward(p: Params, xb: Tensor) -> Tensor:
+        return functional_call(module, {**buffers, **p}, (xb,))
+
+    batched = vmap(forward, in_dims=(0, None))
+    logits = []
+    with torch.no_grad():
+        for s in chunks(len(x), chunk_size):
+            logits.append(batched(params, x[s]))
+    f = torch.cat(logits, dim=1) if logits else torch.zeros(next(iter(params.values())).shape[0], 0, 0)
+    m, n = f.shape[:2]
+    out: QueryOutputs = {}
+    yy = y.expand(m, *y.shape)
+    out["loss"] = per_example_nll(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:]), likelihood).view(m, n)
+    if likelihood == "categorical":
+        out["correct"] = f.argmax(-1) == y
+        true = f.gather(-1, yy.unsqueeze(-1)).squeeze(-1)
+        others = f.scatter(-1, yy.unsqueeze(-1), float("-inf")).amax(-1)
+        out["margin"] = true - others
+    if keep_logits:
+        out["logits"] = f
+    return out
+
+
+def train_ensemble(
+    model_fn: Callable[[int], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    masks: Tensor,
+    cfg: TrainConfig,
+    *,
+    seeds: Sequence[int] | Tensor | None = None,
+    queries: dict[str, tuple[Tensor, Tensor]] | None = None,
+    init_params: Params | None = None,
+    chunk_models: int | None = None,
+    keep_logits: bool = True,
+    return_params: bool = False,
+    likelihood: str = "categorical",
+    progress: bool = True,
+    on_chunk: Callable[[slice, EnsembleResult], None] | None = None,
+) -> EnsembleResult:
+    """Train M = len(masks) models at once and return their outputs on `queries`.
+
+    Args:
+        model_fn: seed -> freshly initialised module (e.g. `lambda s: build_model(..., seed=s)`).
+        x, y: training inputs (N, ...) and labels (N,).
+        masks: (M, N) bool (model m trains on examples with True) or non-negative float weights.
+        cfg: optimizer (`sgd` or `adam`), lr schedule, bs, epochs, delta, fixed_batches, device.
+        seeds: (M,) init and batch-order seed per model; default cfg.seed + arange(M).
+        queries: name -> (x, y) evaluated after training (default: {"train": (x, y)}).
+        init_params: warm start: name -> tensor of the parameter's shape (shared by all models) or
+            (M, *shape) (one per model); default: each model's fresh init from `model_fn`.
+        chunk_models: models trained together in one vmapped chunk (default: all).
+        return_params: also return the stacked final parameters.
+        on_chunk: called with (slice of model ids, chunk result) after each chunk.
+    """
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"the retraining engine trains with sgd or adam, not {cfg.optimizer!r}; use fit() for IVON")
+    masks = torch.as_tensor(masks)
+    if masks.dim() != 2 or masks.shape[1] != len(x):
+        raise ConfigError(f"masks must have shape (M, N={len(x)}), got {tuple(masks.shape)}")
+    if len(y) != len(x):
+        raise ConfigError(f"x has {len(x)} examples but y has {len(y)}")
+    weights = masks.float()
+    if (weights < 0).any():
+        raise ConfigError("mask weights must be non-negative")
+    empty = (weights > 0).sum(1) == 0
+    if empty.any():
+        raise ConfigError(f"{int(empty.sum())} models have no training example (an all-False mask row), e.g. model {int(empty.nonzero()[0])}")
+    n_models = len(masks)
+    seeds = torch.as_tensor(cfg.seed + torch.arange(n_models) if seeds is None else seeds, dtype=torch.long)
+    if len(seeds) != n_models:
+        raise ConfigError(f"got {len(seeds)} seeds for {n_models} models")
+    queries = {"train": (x, y)} if queries is None else queries
+    device = torch.device(cfg.device)
+    chunk_models = n_models if chunk_models is None else max(1, int(chunk_models))
+    x, y = x.to(device), y.to(device)
+    weights = weights.to(device)
+    parts = []
+    n_chunks = (n_models + chunk_models - 1) // chunk_models
+    with progress_bar(n_chunks * cfg.epochs, f"ensemble of {n_models}", enabled=progress) as bar:
+        for ids in chunks(n_models, chunk_models):
+            part = _train_chunk(model_fn, x, y, weights[ids], seeds[ids], cfg, queries, init_params, ids,
+                                keep_logits, return_params, likelihood, device, bar)
+            if on_chunk is not None:
+                on_chunk(ids, part)
+            parts.append(part)
+    return EnsembleResult.concat(parts)
+
+
+def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids, keep_logits, return_params,
+                 likelihood, device, bar) -> EnsembleResult:
+    modules = [model_fn(int(s)) for s in seeds]
+    base = modules[0].to(device)
+    _check_module(base)
+    names = [n for n, p in base.named_parameters() if p.requires_grad]
+    buffers = {n: b.to(device) for n, b in base.named_buffers()}
+    fixed = {n: p.detach().to(device) for n, p in base.named_parameters() if not p.requires_grad}
+    if init_params is None:
+        params = _stack([{n: dict(m.named_parameters())[n].detach().to(device) for n in names} for m in modules])
+    else:
+        missing = set(names) - set(init_params)
+        if missing:
+            raise ConfigError(f"init_params lacks parameters {sorted(missing)}")
+        params = {}
+        for n in names:
+            p = init_params[n].detach().to(device)
+            shape = dict(base.named_parameters())[n].shape
+            params[n] = p.expand(len(seeds), *shape).clone() if p.shape == shape else p[ids].clone()
+    del modules
+    n_m = weights.sum(1)
+    indices = [row.nonzero().flatten().cpu() for row in weights]
+    gens = [batch_generator(int(s)) for s in seeds]
+    consts = {**buffers, **fixed}
+
+    def model_loss(p: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
+        out = functional_call(base, {**consts, **p}, (xb,))
+        nll = per_example_nll(out, yb, likelihood)
+        return (wb * nll).sum() / wb.sum().clamp(min=1e-12)
+
+    grad_fn = vmap(grad(model_loss))
+    opt = _FunctionalOptimizer(cfg, params, cfg.delta / n_m)
+    rows = torch.arange(len(seeds), device=device).unsqueeze(1)
+    for epoch in range(cfg.epochs):
+        lr = cosine_lr(cfg, epoch)
+        index, valid = _epoch_plan(indices, cfg.bs, gens, cfg.fixed_batches)
+        index, valid = index.to(device), valid.to(device)
+        for t in range(index.shape[1]):
+            it, vt = index[:, t], valid[:, t]
+            wb = weights[rows, it] * vt
+            opt.step(params, grad_fn(params, x[it], y[it], wb), lr, vt.any(1))
+        bar.advance(1)
+    outputs = {q: query_outputs(base, params, consts, qx.to(device), qy.to(device), likelihood, keep_logits=keep_logits)
+               for q, (qx, qy) in queries.items()}
+    outputs = {q: {k: v.cpu() for k, v in o.items()} for q, o in outputs.items()}
+    return EnsembleResult(seeds.cpu(), outputs, {k: v.cpu() for k, v in params.items()} if return_params else None)

@@ -1,0 +1,168 @@
+"""Train one model: SGD (momentum), Adam or IVON, cosine schedule, checkpoints, history."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from modelsense.core.functional import chunks, per_example_nll
+from modelsense.data.dataset import Dataset
+from modelsense.errors import ConfigError
+from modelsense.progress import progress_bar
+from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
+
+
+@dataclass
+class Fit:
+    """The result of `fit`.
+
+    Attributes:
+        module: the trained network (eval mode), holding the final (mean) parameters.
+        params: detached copies of the final parameters, name -> tensor.
+        optimizer: the optimizer with its state (IVON's Hessian estimate, Adam's moments), which the
+            posteriors of the curvature layer read.
+        history: per evaluated epoch: `epoch`, `lr`, `train_loss`, `train_accuracy`, `test_loss`,
+            `test_accuracy`, `seconds` (loss = mean NLL at the mean parameters, no prior term).
+        checkpoints: parameter snapshots keyed `epoch_E` / `iteration_T`.
+        n_train: number of training examples the objective was built on.
+    """
+
+    module: nn.Module
+    params: dict[str, Tensor]
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    n_train: int
+    history: dict[str, list[float]] = field(default_factory=dict)
+    checkpoints: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {k: v[-1] for k, v in self.history.items() if v}
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048) -> dict[str, float]:
+    """Mean NLL and accuracy (classification) of `module` in eval mode on (x, y)."""
+    was_training = module.training
+    module.eval()
+    total, correct = 0.0, 0
+    for s in chunks(len(x), chunk_size):
+        out = module(x[s])
+        total += float(per_example_nll(out, y[s], likelihood).sum())
+        if likelihood == "categorical":
+            correct += int((out.argmax(-1) == y[s]).sum())
+    module.train(was_training)
+    n = max(len(x), 1)
+    res = {"loss": total / n}
+    if likelihood == "categorical":
+        res["accuracy"] = correct / n
+    return res
+
+
+def make_optimizer(module: nn.Module, cfg: TrainConfig, n: int) -> torch.optim.Optimizer:
+    """The optimizer for `cfg`; IVON gets ess = n and weight_decay = δ / n (MPE's convention)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))
+    import ivon
+
+    return ivon.IVON(
+        params,
+        lr=cfg.lr,
+        ess=float(n),
+        weight_decay=cfg.delta / n,
+        hess_init=cfg.hess_init,
+        beta1=cfg.momentum,
+        beta2=0.99999,
+        mc_samples=cfg.mc_samples,
+    )
+
+
+def l2_penalty(params, delta: float, n: int) -> Tensor:
+    """δ / (2 n) · ||θ||², the prior term of the objective."""
+    return (delta / (2 * n)) * sum(p.pow(2).sum() for p in params)
+
+
+def fit(
+    module: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    *,
+    train_indices: Tensor | None = None,
+    likelihood: str = "categorical",
+    progress: bool = True,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> Fit:
+    """Train `module` on `data.x_train[train_indices]` (all by default) with the settings `cfg`.
+
+    Minimises mean minibatch NLL + δ/(2n)·||θ||² (SGD/Adam) or the equivalent IVON objective, with a
+    per-epoch cosine schedule; see `modelsense.training.config` for the conventions. The module is
+    trained in place and returned in eval mode inside a `Fit`.
+    """
+    device = torch.device(cfg.device)
+    module.to(device).train()
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    idx = torch.arange(len(x)) if train_indices is None else torch.as_tensor(train_indices).flatten().sort().values
+    n = len(idx)
+    if n == 0:
+        raise ConfigError("cannot train on an empty set of training examples")
+    optimizer = make_optimizer(module, cfg, n)
+    params = [p for p in module.parameters() if p.requires_grad]
+    gen = batch_generator(cfg.seed)
+    result = Fit(module, {}, optimizer, cfg, n, history={k: [] for k in
+                 ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")})
+
+    def snapshot(key: str) -> None:
+        result.checkpoints[key] = {k: v.detach().clone().cpu() for k, v in module.named_parameters()}
+
+    if 0 in cfg.checkpoint_epochs:
+        snapshot("epoch_0")
+    iteration, start = 0, time.perf_counter()
+    it_marks = set(cfg.checkpoint_iterations)
+    with progress_bar(cfg.epochs, f"train {cfg.optimizer}", enabled=progress) as bar:
+        for epoch in range(cfg.epochs):
+            lr = cosine_lr(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for batch in epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches):
+                bi = batch.to(device)
+                xb, yb = x[bi], y[bi]
+                if cfg.optimizer == "ivon":
+                    for _ in range(cfg.mc_samples):
+                        with optimizer.sampled_params(train=True):
+                            optimizer.zero_grad()
+                            per_example_nll(module(xb), yb, likelihood).mean().backward()
+                else:
+                    optimizer.zero_grad()
+                    loss = per_example_nll(module(xb), yb, likelihood).mean() + l2_penalty(params, cfg.delta, n)
+                    loss.backward()
+                optimizer.step()
+                iteration += 1
+                if iteration in it_marks:
+                    snapshot(f"iteration_{iteration}")
+            if (epoch + 1) in cfg.checkpoint_epochs:
+                snapshot(f"epoch_{epoch + 1}")
+            last = epoch + 1 == cfg.epochs
+            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+                tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood)
+                te = evaluate(module, x_test, y_test, likelihood) if len(x_test) else {}
+                row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr.get("accuracy", float("nan")),
+                       "test_loss": te.get("loss", float("nan")), "test_accuracy": te.get("accuracy", float("nan")),
+                       "seconds": time.perf_counter() - start}
+                for k, v in row.items():
+                    result.history[k].append(v)
+                bar.advance(1, loss=row["train_loss"], test_acc=row["test_accuracy"])
+                if on_epoch is not None:
+                    on_epoch(epoch + 1, row)
+            else:
+                bar.advance(1)
+    module.eval()
+    result.params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    return result

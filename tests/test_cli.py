@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from modelsense.cli import app
+from modelsense.errors import DataError
+from modelsense.experiments.train import load_model
+from modelsense.runs import RunDir
+
+runner = CliRunner()
+
+
+def test_datasets_and_models_list():
+    res = runner.invoke(app, ["datasets"])
+    assert res.exit_code == 0 and "digits" in res.output and "1297" in res.output and "mnist1d" in res.output
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0 and "resnet20_frn" in res.output
+
+
+def test_train_end_to_end_writes_run_directory(tmp_path, digits):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["train", "--dataset", "digits", "--model", "mlp", "--widths", "32", "--epochs", "8",
+                              "--lr", "0.1", "--checkpoint-epochs", "4", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"train_accuracy", "test_accuracy", "test_nll"} <= set(metrics)
+    assert metrics["test_accuracy"] > 0.85
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"] == "train" and config["train"]["epochs"] == 8 and config["seed"] == 0
+    assert "torch" in config["versions"] and "modelsense" in config["versions"]
+    assert (out / "figures" / "learning_curves.png").stat().st_size > 1000
+    assert (out / "checkpoint_epoch_4.pt").exists()
+    hist = np.load(out / "history.npz")
+    assert len(hist["test_accuracy"]) == 8
+    module, info = load_model(out / "model.pt")
+    import torch
+
+    with torch.no_grad():
+        acc = (module(digits.x_test).argmax(1) == digits.y_test).float().mean().item()
+    assert acc == pytest.approx(metrics["test_accuracy"])
+
+
+def test_train_bad_dataset_fails_before_writing(tmp_path):
+    out = tmp_path / "never"
+    res = runner.invoke(app, ["train", "--dataset", "nope", "--out", str(out)])
+    assert res.exit_code != 0 and isinstance(res.exception, DataError)
+    assert "known: digits" in str(res.exception)
+    assert not out.exists()
+
+
+def test_main_prints_clear_error_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "modelsense", "train", "--dataset", str(tmp_path / "missing.npz"),
+                           "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_option_value_is_reported(tmp_path):
+    res = runner.invoke(app, ["train", "--optimizer", "rmsprop", "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "unknown optimizer" in str(res.exception)
+
+
+def test_demo_writes_report(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html and "test_accuracy" in html
+
+
+def test_run_dir_atomic_and_resume_checks(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.write_config("x", {"a": 1})
+    run.save_array("arr", np.arange(3))
+    assert np.array_equal(run.load_array("arr"), np.arange(3))
+    run.update_metrics(m=1.0)
+    run.update_metrics(n=float("nan"))
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"m": 1.0, "n": None}
+    run.check_resume("x", {"a": 1})
+    from modelsense.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="a=1"):
+        run.check_resume("x", {"a": 2})
+    with pytest.raises(ConfigError, match="holds a 'x' run"):
+        run.check_resume("y", {"a": 1})
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]

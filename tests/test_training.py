@@ -1,0 +1,146 @@
+import pytest
+import torch
+from torch import nn
+
+from modelsense.data.dataset import Dataset
+from modelsense.errors import ConfigError
+from modelsense.models import build_model
+from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
+from modelsense.training.ensemble import train_ensemble
+from modelsense.training.fit import fit
+
+
+def small_data(n=120, d=6, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, c, generator=g)
+    y = (x @ w + 0.3 * torch.randn(n, c, generator=g)).argmax(1)
+    return Dataset("toy", x[:90], y[:90], x[90:], y[90:], c)
+
+
+def mlp(seed, d=6, c=3):
+    return build_model("mlp", (d,), c, widths=(16,), seed=seed)
+
+
+def test_cosine_schedule_matches_torch():
+    cfg = TrainConfig(lr=0.1, lrmin=0.001, epochs=7)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=7, eta_min=0.001)
+    for e in range(7):
+        assert cosine_lr(cfg, e) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+
+
+def test_epoch_batches_reshuffle_and_fixed():
+    idx = torch.arange(10)
+    g = batch_generator(0)
+    e1, e2 = torch.cat(epoch_batches(idx, 4, g)), torch.cat(epoch_batches(idx, 4, g))
+    assert sorted(e1.tolist()) == list(range(10)) and not torch.equal(e1, e2)
+    fixed = epoch_batches(idx, 4, g, fixed=True)
+    assert [len(b) for b in fixed] == [4, 4, 2] and torch.equal(torch.cat(fixed), idx)
+
+
+@pytest.mark.parametrize("bad,msg", [({"optimizer": "rmsprop"}, "unknown optimizer"), ({"lr": 0}, "lr must be"),
+                                     ({"lrmin": 1.0, "lr": 0.1}, "lrmin"), ({"epochs": 0}, "epochs"),
+                                     ({"bs": 0}, "batch size"), ({"delta": -1}, "delta"),
+                                     ({"checkpoint_epochs": (5,), "epochs": 3}, "checkpoint epochs")])
+def test_train_config_rejects_bad_values(bad, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "ivon"])
+def test_fit_learns_and_records_history(optimizer):
+    data = small_data()
+    lr = {"sgd": 0.1, "adam": 0.01, "ivon": 1.0}[optimizer]
+    cfg = TrainConfig(optimizer=optimizer, lr=lr, epochs=15, bs=16, hess_init=1.0, checkpoint_epochs=(0, 5),
+                      checkpoint_iterations=(3,))
+    res = fit(mlp(0), data, cfg, progress=False)
+    h = res.history
+    assert h["epoch"] == list(range(1, 16))
+    assert h["train_loss"][-1] < h["train_loss"][0]
+    assert h["train_accuracy"][-1] > 0.8
+    assert set(res.checkpoints) == {"epoch_0", "epoch_5", "iteration_3"}
+    assert not torch.equal(res.checkpoints["epoch_0"]["out.weight"], res.params["out.weight"])
+    if optimizer == "ivon":
+        group = res.optimizer.param_groups[0]
+        assert group["ess"] == 90 and group["weight_decay"] == pytest.approx(cfg.delta / 90)
+
+
+def test_fit_objective_is_mean_loss_plus_scaled_l2():
+    """One full-batch SGD step without momentum equals θ - lr (∇ mean NLL + δ/N θ)."""
+    data = small_data()
+    module = mlp(1)
+    theta0 = {k: v.detach().clone() for k, v in module.named_parameters()}
+    cfg = TrainConfig(lr=0.5, epochs=1, bs=90, delta=3.0, momentum=0.0, fixed_batches=True, eval_every=0)
+    fit(module, data, cfg, progress=False)
+    ref = mlp(1)
+    loss = nn.functional.cross_entropy(ref(data.x_train), data.y_train)
+    grads = torch.autograd.grad(loss, list(ref.parameters()))
+    for (k, p), g in zip(ref.named_parameters(), grads):
+        expected = theta0[k] - 0.5 * (g + 3.0 / 90 * theta0[k])
+        torch.testing.assert_close(dict(module.named_parameters())[k].detach(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_fit_reaches_95_percent_on_digits(digits):
+    res = fit(build_model("mlp", digits.input_shape, 10, seed=0), digits, TrainConfig(), progress=False)
+    assert res.final["test_accuracy"] >= 0.95
+
+
+@pytest.mark.parametrize("optimizer,tol", [("sgd", 1e-5), ("adam", 2e-3)])
+def test_ensemble_equals_one_by_one_loop(optimizer, tol):
+    """M models trained at once equal M calls of fit with the same seeds, masks and batch order."""
+    data = small_data()
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(4, 90, generator=g) < 0.6
+    masks[3] = False
+    masks[3, :7] = True  # a model with fewer batches per epoch than the others
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0)
+    seeds = [5, 6, 7, 8]
+    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds,
+                         queries={"test": (data.x_test, data.y_test)}, progress=False, return_params=True)
+    for m, seed in enumerate(seeds):
+        ref = fit(mlp(seed), data, TrainConfig(**{**cfg.to_dict(), "seed": seed, "eval_every": 0}),
+                  train_indices=masks[m].nonzero().flatten(), progress=False)
+        with torch.no_grad():
+            torch.testing.assert_close(res.outputs["test"]["logits"][m], ref.module(data.x_test), atol=tol, rtol=tol)
+        for k, v in ref.params.items():
+            torch.testing.assert_close(res.params[k][m], v, atol=tol, rtol=tol)
+
+
+def test_ensemble_outputs_chunks_and_warm_start():
+    data = small_data()
+    masks = torch.ones(5, 90, dtype=torch.bool)
+    cfg = TrainConfig(lr=0.05, epochs=2, bs=32)
+    full = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, progress=False)
+    chunked = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, chunk_models=2, progress=False)
+    for k in ("logits", "loss", "correct", "margin"):
+        torch.testing.assert_close(full.outputs["train"][k], chunked.outputs["train"][k], atol=1e-5, rtol=1e-5)
+    out = full.outputs["train"]
+    assert out["logits"].shape == (5, 90, 3) and out["correct"].dtype == torch.bool
+    f = out["logits"]
+    true = f.gather(-1, data.y_train.expand(5, 90).unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(out["correct"], f.argmax(-1) == data.y_train)
+    assert torch.all((out["margin"] > 0) == out["correct"]) and torch.all(out["margin"] <= true - f.min(-1).values + 1e-6)
+    # warm start with zero epochs of change: lr tiny -> outputs equal the initial model's
+    base = mlp(0)
+    init = {k: v.detach() for k, v in base.named_parameters()}
+    warm = train_ensemble(mlp, data.x_train, data.y_train, masks[:2], TrainConfig(lr=1e-12, epochs=1), init_params=init,
+                          progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(warm.outputs["train"]["logits"][1], base(data.x_train), atol=1e-5, rtol=1e-5)
+
+
+def test_ensemble_bad_input():
+    data = small_data()
+    cfg = TrainConfig(epochs=1)
+    with pytest.raises(ConfigError, match="masks must have shape"):
+        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 5, dtype=torch.bool), cfg, progress=False)
+    with pytest.raises(ConfigError, match="no training example"):
+        train_ensemble(mlp, data.x_train, data.y_train, torch.zeros(2, 90, dtype=torch.bool), cfg, progress=False)
+    with pytest.raises(ConfigError, match="use fit"):
+        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), TrainConfig(optimizer="ivon"), progress=False)
+    bn = lambda s: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # noqa: E731
+    with pytest.raises(ConfigError, match="batch norm"):
+        train_ensemble(bn, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False)
