@@ -13,12 +13,12 @@ PYTEST_ARGS ?=
 venv: $(STAMP)
 
 # torch first (pinned: a CPU build from local disk here; an open range would pull a CUDA build),
-# then the package with its dev extra.
+# then the package with its dev and distributed (Ray) extras.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,distributed]"
 	touch $(STAMP)
 
 demo: $(STAMP)

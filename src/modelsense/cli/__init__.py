@@ -12,7 +12,7 @@ import sys
 import typer
 from rich.console import Console
 
-from modelsense.cli import core  # noqa: F401  (registers commands)
+from modelsense.cli import core, memorization  # noqa: F401  (register commands)
 from modelsense.cli.app import app
 from modelsense.errors import ModelsenseError
 

@@ -70,3 +70,57 @@ def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, 
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,
                        checkpoint_epochs=int_list(checkpoint_epochs, "--checkpoint-epochs"))
+
+
+# -- option groups -----------------------------------------------------------------------------
+# Many commands take the same data / model / training options. `with_configs` adds a group's
+# options to a command's signature (typer reads the signature) and hands the command the built
+# config dataclass instead, so each option is declared once.
+
+_GROUPS = {
+    "data_cfg": (data_config, [("dataset", Dataset, "digits"), ("data_dir", DataDir, None), ("n_train", NTrain, None),
+                               ("corruption_ratio", Corruption, 0.0), ("drop_classes", DropClasses, ""),
+                               ("standardize", Standardize, False), ("data_seed", DataSeed, 0)]),
+    "model_cfg": (model_config, [("model", Model, "mlp"), ("widths", Widths, None), ("activation", Activation, None),
+                                 ("width", Width, None), ("depth", Depth, None), ("norm", Norm, None)]),
+    "train_cfg": (train_config, [("optimizer", Optimizer, "sgd"), ("lr", Lr, 0.05), ("lrmin", LrMin, 0.0),
+                                 ("epochs", Epochs, 30), ("bs", Bs, 64), ("delta", Delta, 1.0),
+                                 ("hess_init", HessInit, 0.1), ("seed", Seed, 0), ("device", Device, "cpu"),
+                                 ("fixed_batches", FixedBatches, False), ("checkpoint_epochs", CheckpointEpochs, "")]),
+}
+
+
+def with_configs(**defaults: object):
+    """Decorator: replace the command's `data_cfg` / `model_cfg` / `train_cfg` parameters by options.
+
+    Keyword arguments override option defaults for this command (e.g. `epochs=100`).
+    """
+    import functools
+    import inspect
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name not in _GROUPS]
+        added, groups = [], [g for g in _GROUPS if g in sig.parameters]
+        for g in groups:
+            for name, annotation, default in _GROUPS[g][1]:
+                added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                               default=defaults.get(name, default)))
+        unknown = set(defaults) - {p.name for p in added}
+        if unknown:
+            raise TypeError(f"defaults for unknown options {sorted(unknown)}")
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            for g in groups:
+                builder, opts = _GROUPS[g]
+                kwargs[g] = builder(**{name: kwargs.pop(name) for name, _, _ in opts})
+            return fn(**kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__
+        return command
+
+    return decorate

@@ -1,0 +1,67 @@
+"""Held-out subsample estimation (Feldman & Zhang 2020; Jiang et al. 2021).
+
+`estimators`: memorization, influence and consistency scores from (R, N) subset masks and
+per-model correctness tables, with standard errors and bootstrap intervals. `store`: the chunked,
+resumable results store of a subset-training farm, and a reader for the original's released runs.
+`plots` (imported on demand, it loads matplotlib): figures from those arrays.
+"""
+
+from modelsense.memorization.estimators import (
+    HIGH_INFLUENCE_THRESHOLD,
+    HIGH_MEMORIZATION_THRESHOLD,
+    ConsistencyScores,
+    HeldoutMean,
+    InfluenceEstimate,
+    InfluencePairs,
+    MemorizationEstimate,
+    SubsetMasks,
+    UndefinedEstimateWarning,
+    auc_corrupted,
+    bootstrap_counts,
+    consistency,
+    count_undefined,
+    heldout_mean,
+    high_influence_pairs,
+    high_memorization,
+    influence,
+    memorization,
+    memorization_by_number_of_models,
+    subset_masks,
+    subset_size,
+)
+from modelsense.memorization.store import (
+    OriginalRuns,
+    SubsetRuns,
+    SubsetRunStore,
+    open_influence_memmap,
+    read_original_runs,
+)
+
+__all__ = [
+    "HIGH_INFLUENCE_THRESHOLD",
+    "HIGH_MEMORIZATION_THRESHOLD",
+    "ConsistencyScores",
+    "HeldoutMean",
+    "InfluenceEstimate",
+    "InfluencePairs",
+    "MemorizationEstimate",
+    "OriginalRuns",
+    "SubsetMasks",
+    "SubsetRunStore",
+    "SubsetRuns",
+    "UndefinedEstimateWarning",
+    "auc_corrupted",
+    "bootstrap_counts",
+    "consistency",
+    "count_undefined",
+    "heldout_mean",
+    "high_influence_pairs",
+    "high_memorization",
+    "influence",
+    "memorization",
+    "memorization_by_number_of_models",
+    "open_influence_memmap",
+    "read_original_runs",
+    "subset_masks",
+    "subset_size",
+]
