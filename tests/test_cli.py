@@ -24,7 +24,7 @@ def test_datasets_and_models_list():
 def test_train_end_to_end_writes_run_directory(tmp_path, digits):
     out = tmp_path / "run"
     res = runner.invoke(app, ["train", "--dataset", "digits", "--model", "mlp", "--widths", "32", "--epochs", "8",
-                              "--lr", "0.1", "--checkpoint-epochs", "4", "--out", str(out), "--quiet"])
+                              "--lr", "0.1", "--checkpoint-epochs", "4", "--checkpoint-iterations", "5", "--out", str(out), "--quiet"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"train_accuracy", "test_accuracy", "test_nll"} <= set(metrics)
@@ -33,7 +33,7 @@ def test_train_end_to_end_writes_run_directory(tmp_path, digits):
     assert config["command"] == "train" and config["train"]["epochs"] == 8 and config["seed"] == 0
     assert "torch" in config["versions"] and "modelsense" in config["versions"]
     assert (out / "figures" / "learning_curves.png").stat().st_size > 1000
-    assert (out / "checkpoint_epoch_4.pt").exists()
+    assert (out / "checkpoint_epoch_4.pt").exists() and (out / "checkpoint_iteration_5.pt").exists()
     hist = np.load(out / "history.npz")
     assert len(hist["test_accuracy"]) == 8
     module, info = load_model(out / "model.pt")

@@ -38,6 +38,7 @@ Seed = Annotated[int, typer.Option("--seed", help="init and batch-order seed")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
 FixedBatches = Annotated[bool, typer.Option("--fixed-batches", help="never reshuffle minibatches (as the original MPE code)")]
 CheckpointEpochs = Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs at which to save parameters")]
+CheckpointIterations = Annotated[str, typer.Option("--checkpoint-iterations", help="comma-separated iterations (optimizer steps) at which to save parameters")]
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="run directory to write")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
@@ -66,10 +67,12 @@ def model_config(model: str, widths: str | None, activation: str | None, width: 
 
 
 def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, delta: float, hess_init: float,
-                 seed: int, device: str, fixed_batches: bool, checkpoint_epochs: str = "") -> TrainConfig:
+                 seed: int, device: str, fixed_batches: bool, checkpoint_epochs: str = "",
+                 checkpoint_iterations: str = "") -> TrainConfig:
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,
-                       checkpoint_epochs=int_list(checkpoint_epochs, "--checkpoint-epochs"))
+                       checkpoint_epochs=int_list(checkpoint_epochs, "--checkpoint-epochs"),
+                       checkpoint_iterations=int_list(checkpoint_iterations, "--checkpoint-iterations"))
 
 
 # -- option groups -----------------------------------------------------------------------------
@@ -86,7 +89,8 @@ _GROUPS = {
     "train_cfg": (train_config, [("optimizer", Optimizer, "sgd"), ("lr", Lr, 0.05), ("lrmin", LrMin, 0.0),
                                  ("epochs", Epochs, 30), ("bs", Bs, 64), ("delta", Delta, 1.0),
                                  ("hess_init", HessInit, 0.1), ("seed", Seed, 0), ("device", Device, "cpu"),
-                                 ("fixed_batches", FixedBatches, False), ("checkpoint_epochs", CheckpointEpochs, "")]),
+                                 ("fixed_batches", FixedBatches, False), ("checkpoint_epochs", CheckpointEpochs, ""),
+                                 ("checkpoint_iterations", CheckpointIterations, "")]),
 }
 
 
