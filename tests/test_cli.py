@@ -64,11 +64,21 @@ def test_bad_option_value_is_reported(tmp_path):
     assert res.exit_code != 0 and "unknown optimizer" in str(res.exception)
 
 
-def test_demo_writes_report(tmp_path):
-    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+def test_demo_training_section_writes_report(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--sections", "train", "--quiet"])
     assert res.exit_code == 0, res.output
     html = (tmp_path / "demo" / "report.html").read_text()
     assert "<img" in html and "data:image/png;base64," in html and "test_accuracy" in html
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--sections", "nope", "--quiet"])
+    assert res.exit_code != 0 and "unknown demo sections" in str(res.exception)
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert html.count("<h2>") >= 2 and "auc_corrupted" in html
 
 
 def test_run_dir_atomic_and_resume_checks(tmp_path):

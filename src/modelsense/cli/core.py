@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from rich.table import Table
 
@@ -52,10 +55,11 @@ def train(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, 
 
 
 @app.command()
-def demo(out: o.Out = Path("demo_out"), quiet: o.Quiet = False) -> None:
+def demo(out: o.Out = Path("demo_out"), quiet: o.Quiet = False,
+         sections: Annotated[str, typer.Option("--sections", help="comma-separated subset of the sections (default: all)")] = "") -> None:
     """The main job: a short tour on digits that writes OUT/report.html."""
     from modelsense.experiments.demo import run_demo
 
     set_quiet(quiet)
-    path = run_demo(out, progress=not quiet)
+    path = run_demo(out, progress=not quiet, sections=[s.strip() for s in sections.split(",") if s.strip()])
     console.print(f"report written to {path}")

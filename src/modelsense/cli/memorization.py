@@ -16,7 +16,7 @@ from modelsense.training.config import TrainConfig
 
 
 @app.command()
-@o.with_configs(epochs=30, model="mlp")
+@o.with_configs(epochs=80, lr=0.1, bs=32, delta=0.01)
 def memorization(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
     subset_ratio: Annotated[float, typer.Option("--subset-ratio", help="fraction ρ of the training set each model sees")] = 0.7,

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelsense.data import DataConfig
+from modelsense.errors import ConfigError
 from modelsense.experiments.report import Section, write_report
+from modelsense.experiments.memorization import memorization_section
 from modelsense.experiments.train import run_train
 from modelsense.models import ModelConfig
 from modelsense.runs import RunDir
@@ -29,14 +31,18 @@ def training_section(out: Path, progress: bool) -> Section:
     )
 
 
-SECTIONS = [training_section]
+SECTIONS = {"train": training_section, "memorization": memorization_section}
 
 
-def run_demo(out: str | Path = "demo_out", progress: bool = True) -> Path:
-    """Run every demo section and write `out/report.html`; returns its path."""
+def run_demo(out: str | Path = "demo_out", progress: bool = True, sections: list[str] | None = None) -> Path:
+    """Run the demo sections (all by default, in order) and write `out/report.html`; returns its path."""
+    names = list(SECTIONS) if not sections else sections
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown demo sections {unknown}; choose from {', '.join(SECTIONS)}")
     out = Path(out)
     run = RunDir(out)
-    run.write_config("demo", {"sections": [f.__name__ for f in SECTIONS]})
-    sections = [make(out, progress) for make in SECTIONS]
+    run.write_config("demo", {"sections": names})
+    sections = [SECTIONS[name](out, progress) for name in names]
     run.write_metrics({s.title: s.metrics for s in sections})
     return write_report(out / "report.html", "modelsense demo", sections)

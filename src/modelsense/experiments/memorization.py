@@ -56,7 +56,7 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
         "n_high_memorization": int(len(est.high_memorization(mem.estimate))),
         "high_memorization_threshold": est.HIGH_MEMORIZATION_THRESHOLD,
         "n_undefined": mem.n_undefined,
-        "median_standard_error": float(np.nanmedian(mem.standard_error)) if finite.any() else None,
+        "mean_standard_error": float(np.nanmean(mem.standard_error)) if finite.any() else None,
         "mean_test_accuracy_of_models": float(np.mean(correct_test)) if correct_test.size else None,
     }
     if extra_ratios:
@@ -159,11 +159,11 @@ def memorization_section(out: Path, progress: bool) -> "Section":  # noqa: F821
     from modelsense.experiments.report import Section
 
     run = out / "memorization"
-    metrics = run_memorization(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp", widths=(128,)),
-                               TrainConfig(epochs=20, bs=64, lr=0.05), run, n_models=64, chunk_size=32,
+    metrics = run_memorization(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
+                               TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01), run, n_models=32, chunk_size=32,
                                resume=(run / "config.json").exists(), progress=progress)
     return Section(
-        "Memorization: 64 models on random 70% subsets of digits with 10% label noise",
+        "Memorization: 32 models on random 70% subsets of digits with 10% label noise",
         "mem(i) = P[correct on i | i in training subset] − P[correct on i | i held out], estimated from "
         "the farm (Feldman & Zhang 2020). Corrupted labels should be the most memorized.",
         {k: metrics[k] for k in ("n_models", "mean_memorization", "n_high_memorization", "auc_corrupted", "seconds") if k in metrics},
