@@ -6,7 +6,7 @@ set -u
 PY=${1:-.venv/bin/python}
 cons=$(mktemp)
 $PY -c "import torch; print(f'torch=={torch.__version__.split(\"+\")[0]}')" > "$cons"
-for pkg in curvlinops-for-pytorch laplace-torch captum dattri hessian-eigenthings torch-cka; do
+for pkg in curvlinops-for-pytorch laplace-torch captum dattri hessian-eigenthings torch-cka tqdm; do
   if $PY -m pip install --quiet -c "$cons" "$pkg"; then echo "bench peer installed: $pkg"; else echo "bench peer NOT installed: $pkg"; fi
 done
 # kronfluence asks for torchvision (which drags in another torch): install it without dependencies

@@ -1,0 +1,680 @@
+"""Representation metrics, feature extraction and stitching against slow, obvious references.
+
+The heart: G_ReLU invariances (relu-procrustes(H, H P D) = 0, relu-cka(H, H P D) = 1, and a ReLU
+network with permuted, rescaled hidden units gives the same outputs and distance 0 layer by layer),
+CKA against explicit centring matrices, unbiased HSIC against its U-statistic definition, Procrustes
+against scipy, and the exact Birkhoff projection against Dykstra's algorithm.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from modelsense.errors import ConfigError, DataError
+from modelsense.representations import (
+    BirkhoffStitch,
+    LassoStitch,
+    LinearStitch,
+    StitchConfig,
+    StitchedModel,
+    angular_shape_distance,
+    cka_from_grams,
+    evaluate_accuracy,
+    extract_features,
+    hsic_biased,
+    hsic_unbiased,
+    hungarian_permutation,
+    is_doubly_stochastic,
+    linear_cka,
+    make_stitching_layer,
+    permutation_matrix,
+    procrustes_distance,
+    procrustes_nuclear_similarity,
+    procrustes_rotation,
+    project_birkhoff,
+    rbf_cka,
+    relu_cka,
+    relu_kernel,
+    relu_module_names,
+    relu_procrustes_distance,
+    relu_procrustes_matching,
+    similarity_matrix,
+    sinkhorn_normalize,
+    stitch_models,
+    stitching_penalty,
+    train_stitch,
+    unbiased_cka,
+)
+from modelsense.representations.metrics import align_channel_shapes
+
+f64 = torch.float64
+
+
+def rand(*shape, seed=0, positive=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=f64)
+    return x.abs() if positive else x
+
+
+def random_perm_scale(c, seed, sigma=1.0):
+    """A random permutation and lognormal positive scales exp(sigma z)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(c, generator=g), torch.exp(sigma * torch.randn(c, generator=g, dtype=f64))
+
+
+def act_on_channels(h, perm, scale):
+    """h P D: channel j of the result is scale[j] * channel perm[j] of h."""
+    shape = (1, -1) + (1,) * (h.ndim - 2)
+    return h[:, perm] * scale.reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# slow, obvious references
+# ----------------------------------------------------------------------------------------------
+
+
+def cka_reference(x, y):
+    """HSIC via an explicit centring matrix H = I - 11^T/n: tr(K H L H)."""
+    x, y = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    n = len(x)
+    h = torch.eye(n, dtype=f64) - torch.ones(n, n, dtype=f64) / n
+    k, l = x @ x.T, y @ y.T
+
+    def hsic(a, b):
+        return torch.trace(a @ h @ b @ h)
+
+    return float(hsic(k, l) / torch.sqrt(hsic(k, k) * hsic(l, l)))
+
+
+def hsic1_u_statistic(k, l):
+    """HSIC_1 as the U-statistic of Song et al. (2012): the mean over ordered distinct (i,j,q,r) of
+    K_ij L_ij + K_ij L_qr - 2 K_ij L_iq."""
+    n = k.shape[0]
+    total, count = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        total += float(k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q])
+        count += 1
+    return total / count
+
+
+def hsic1_formula_loops(k, l):
+    """Song et al.'s closed form evaluated with explicit loops over entries."""
+    n = k.shape[0]
+    kt = [[0.0 if a == b else float(k[a, b]) for b in range(n)] for a in range(n)]
+    lt = [[0.0 if a == b else float(l[a, b]) for b in range(n)] for a in range(n)]
+    tr = sum(kt[a][b] * lt[b][a] for a in range(n) for b in range(n))
+    sk = sum(sum(r) for r in kt)
+    sl = sum(sum(r) for r in lt)
+    cross = sum(sum(kt[a]) * sum(lt[a]) for a in range(n))
+    return (tr + sk * sl / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * cross) / (n * (n - 3))
+
+
+def relu_kernel_reference(h, estimator="max"):
+    """The original's kernel: per-channel centring and unit norm, then one row at a time."""
+    h = h.reshape(h.shape[0], h.shape[1], -1).clone()
+    h -= h.mean(dim=(0, 2), keepdim=True)
+    h /= h.pow(2).sum(dim=(0, 2), keepdim=True).sqrt()
+    n = h.shape[0]
+    k = torch.zeros(n, n, dtype=f64)
+    for a in range(n):
+        for b in range(n):
+            if a != b:
+                per_channel = (h[a] * h[b]).sum(-1)
+                k[a, b] = per_channel.max() if estimator == "max" else per_channel.median()
+    return k
+
+
+def dykstra_birkhoff(y, iters=2000):
+    """Dykstra's alternating projections onto {X1 = 1, X^T1 = 1} and {X >= 0}."""
+    c = y.shape[0]
+    x = y.clone()
+    p = torch.zeros_like(y)
+    q = torch.zeros_like(y)
+    for _ in range(iters):
+        z = x + p
+        r, s = z.sum(1, keepdim=True), z.sum(0, keepdim=True)
+        a = z + (1 - r) / c + (1 - s) / c + (z.sum() - c) / c**2
+        p = z - a
+        w = a + q
+        x = w.clamp_min(0.0)
+        q = w - x
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# CKA
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape_x, shape_y", [((40, 7), (40, 5)), ((12, 30), (12, 50)), ((20, 3, 2, 2), (20, 6))]
+)
+def test_linear_cka_matches_centring_matrix_reference(shape_x, shape_y):
+    x, y = rand(*shape_x, seed=1), rand(*shape_y, seed=2)
+    xf = x.reshape(len(x), -1)
+    y = y + 0.3 * (xf @ rand(xf.shape[1], y[0].numel(), seed=3)).reshape(y.shape)  # correlated
+    assert linear_cka(x, y) == pytest.approx(cka_reference(x, y), abs=1e-6)
+    xf, yf = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    assert cka_from_grams(xf @ xf.T, yf @ yf.T) == pytest.approx(cka_reference(x, y), abs=1e-10)
+    n = len(x)
+    h = torch.eye(n, dtype=f64) - 1.0 / n
+    tr = float(torch.trace(xf @ xf.T @ h @ yf @ yf.T @ h)) / (n - 1) ** 2
+    assert hsic_biased(xf @ xf.T, (yf @ yf.T).numpy()) == pytest.approx(tr, rel=1e-10)
+
+
+def test_linear_cka_in_small_blocks_and_from_float32(monkeypatch):
+    import modelsense.representations.metrics as metrics
+
+    x, y = rand(10, 3, 2, 2, seed=1), rand(10, 7, seed=2) + 0.2 * rand(10, 12, seed=1)[:, :7]
+    ref, ref_u = cka_reference(x, y), unbiased_cka(x, y)
+    monkeypatch.setattr(metrics, "BLOCK_ENTRIES", 23)  # several column blocks on each path
+    assert linear_cka(x, y) == pytest.approx(ref, abs=1e-12)
+    assert unbiased_cka(x, y) == pytest.approx(ref_u, abs=1e-12)
+    assert linear_cka(x.float(), y.float()) == pytest.approx(ref, abs=1e-6)
+    narrow_x, narrow_y = rand(30, 6, seed=3), rand(30, 8, seed=4)
+    assert linear_cka(narrow_x, narrow_y) == pytest.approx(cka_reference(narrow_x, narrow_y), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_linear_cka_invariant_to_orthogonal_maps_and_isotropic_scaling(seed):
+    x = rand(50, 8, seed=seed)
+    y = x @ rand(8, 6, seed=seed + 10) + 0.3 * rand(50, 6, seed=seed + 20)
+    q, _ = torch.linalg.qr(rand(6, 6, seed=seed + 30))
+    base, base_u = linear_cka(x, y), unbiased_cka(x, y)
+    assert linear_cka(x, 3.7 * y @ q) == pytest.approx(base, abs=1e-10)
+    assert linear_cka(0.2 * x, y) == pytest.approx(base, abs=1e-10)
+    assert unbiased_cka(x, 3.7 * y @ q) == pytest.approx(base_u, abs=1e-10)
+    assert linear_cka(x, x @ torch.linalg.qr(rand(8, 8, seed=seed))[0]) == pytest.approx(1.0, abs=1e-12)
+    # not invariant to a non-isotropic rescaling
+    assert abs(linear_cka(x, y * torch.linspace(0.1, 3, 6, dtype=f64)) - base) > 1e-3
+
+
+def test_unbiased_hsic_matches_song_u_statistic_and_loop_formula():
+    x, y = rand(7, 3, seed=3), rand(7, 2, seed=4)
+    k, l = x @ x.T, torch.exp(-torch.cdist(y, y) ** 2)
+    ref = hsic1_u_statistic(k, l)
+    assert hsic_unbiased(k, l) == pytest.approx(ref, abs=1e-12)
+    assert hsic_unbiased(k, l) == pytest.approx(hsic1_formula_loops(k, l), abs=1e-12)
+    # feature-space closed form of linear unbiased CKA against the U-statistic
+    ly = y @ y.T
+    ref_cka = hsic1_u_statistic(k, ly) / math.sqrt(hsic1_u_statistic(k, k) * hsic1_u_statistic(ly, ly))
+    assert unbiased_cka(x, y) == pytest.approx(ref_cka, abs=1e-10)
+    assert cka_from_grams(k, ly, debiased=True) == pytest.approx(ref_cka, abs=1e-10)
+    # wide features (d > n) take the Gram path
+    xw, yw = rand(9, 20, seed=5), rand(9, 15, seed=6)
+    kw, lw = xw @ xw.T, yw @ yw.T
+    ref_w = hsic1_u_statistic(kw, lw) / math.sqrt(hsic1_u_statistic(kw, kw) * hsic1_u_statistic(lw, lw))
+    assert unbiased_cka(xw, yw) == pytest.approx(ref_w, abs=1e-10)
+
+
+def test_rbf_cka_is_one_for_rigid_motions_and_matches_gram_reference():
+    x = rand(30, 4, seed=7)
+    q, _ = torch.linalg.qr(rand(4, 4, seed=8))
+    assert rbf_cka(x, x @ q + 2.0) == pytest.approx(1.0, abs=1e-10)
+    assert unbiased_cka(x, 5 * x @ q, kernel="rbf") == pytest.approx(1.0, abs=1e-10)
+    y = torch.tanh(x @ rand(4, 3, seed=9))
+    d2x, d2y = torch.cdist(x, x) ** 2, torch.cdist(y, y) ** 2
+    off = ~torch.eye(30, dtype=torch.bool)
+    k = torch.exp(-d2x / (2 * d2x[off].median()))
+    l = torch.exp(-d2y / (2 * d2y[off].median()))
+    assert rbf_cka(x, y) == pytest.approx(cka_from_grams(k, l), abs=1e-8)
+
+
+def test_metrics_accept_numpy_and_torch_and_return_floats():
+    x, y = rand(20, 5, seed=1), rand(20, 4, seed=2)
+    fns = (linear_cka, unbiased_cka, procrustes_distance, relu_procrustes_distance, relu_cka)
+    for fn in fns + (angular_shape_distance,):
+        a = fn(x, y)
+        b = fn(x.numpy(), y.float().numpy())
+        assert isinstance(a, float) and isinstance(b, float)
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Procrustes and the angular shape metric
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_procrustes_matches_scipy_orthogonal_procrustes(center):
+    x, y = rand(30, 6, seed=1), rand(30, 6, seed=2) + 0.5 * rand(30, 6, seed=1)
+    a, b = x.numpy(), y.numpy()
+    if center:
+        a, b = a - a.mean(0), b - b.mean(0)
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    r, scale = scipy.linalg.orthogonal_procrustes(a, b)
+    assert procrustes_nuclear_similarity(x, y, center) == pytest.approx(scale, abs=1e-10)
+    np.testing.assert_allclose(procrustes_rotation(x, y, center).numpy(), r, atol=1e-10)
+    assert procrustes_distance(x, y, center) == pytest.approx(np.linalg.norm(a @ r - b) / 2, abs=1e-10)
+
+
+def test_procrustes_acts_on_channels_of_conv_features():
+    h = rand(10, 5, 3, 3, seed=3)
+    q, _ = torch.linalg.qr(rand(5, 5, seed=4))
+    rotated = torch.einsum("nchw,cd->ndhw", h, q)
+    assert procrustes_distance(h, 2.5 * rotated) == pytest.approx(0.0, abs=1e-7)
+    rows = h.movedim(1, -1).reshape(-1, 5).numpy()
+    r, _ = scipy.linalg.orthogonal_procrustes(rows, rows @ q.numpy())
+    np.testing.assert_allclose(procrustes_rotation(h, rotated).numpy(), r, atol=1e-10)
+
+
+def test_angular_shape_distance_is_a_metric_modulo_similarity_transforms():
+    x = rand(25, 4, seed=5)
+    q, _ = torch.linalg.qr(rand(4, 4, seed=6))
+    assert angular_shape_distance(x, 3 * x @ q + 1.0) == pytest.approx(0.0, abs=1e-6)
+    pts = [rand(25, 4, seed=s) for s in range(6)]
+    for a, b, c in itertools.combinations(pts, 3):
+        dab, dbc = angular_shape_distance(a, b), angular_shape_distance(b, c)
+        dac = angular_shape_distance(a, c)
+        assert 0 <= dab <= math.pi / 2
+        assert dac <= dab + dbc + 1e-10
+        assert dab == pytest.approx(angular_shape_distance(b, a), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# G_ReLU metrics
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(60, 9), (30, 7, 3, 3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relu_metrics_are_invariant_to_permutation_times_positive_diagonal(shape, seed):
+    h = torch.relu(rand(*shape, seed=seed))
+    perm, scale = random_perm_scale(shape[1], seed + 100)
+    g = act_on_channels(h, perm, scale)
+    assert relu_procrustes_distance(h, g) == pytest.approx(0.0, abs=1e-6)
+    assert relu_cka(h, g) == pytest.approx(1.0, abs=1e-10)
+    assert relu_cka(h, g, estimator="median") == pytest.approx(1.0, abs=1e-10)
+    m = relu_procrustes_matching(h, g)
+    np.testing.assert_array_equal(m.permutation, perm.numpy())
+    np.testing.assert_allclose(m.scale, scale.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(m.cosine, 1.0, atol=1e-10)
+    assert m.similarity == pytest.approx(1.0, abs=1e-6)
+    # a generic rotation is not a symmetry of these metrics, but is one of orthogonal Procrustes
+    q, _ = torch.linalg.qr(rand(shape[1], shape[1], seed=seed + 7))
+    rot = torch.einsum("nc...,cd->nd...", h, q)
+    assert relu_procrustes_distance(h, rot) > 0.05
+    assert relu_cka(h, rot) < 0.99
+    assert procrustes_distance(h, rot) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_relu_procrustes_matches_brute_force_over_permutations():
+    x, y = torch.relu(rand(15, 4, seed=11)), torch.relu(rand(15, 4, seed=12))
+    xn, yn = x / x.norm(dim=0), y / y.norm(dim=0)
+    best = min(float((xn[:, list(p)] - yn).pow(2).sum()) for p in itertools.permutations(range(4)))
+    assert relu_procrustes_distance(x, y) == pytest.approx(math.sqrt(best / (4 * 4)), abs=1e-12)
+    m = relu_procrustes_matching(x, y)
+    assert float((xn[:, m.permutation] - yn).pow(2).sum()) == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["max", "median"])
+def test_relu_kernel_matches_per_pair_reference(estimator):
+    h = torch.relu(rand(9, 5, 2, 3, seed=13))
+    ref = relu_kernel_reference(h, estimator)
+    torch.testing.assert_close(relu_kernel(h, estimator=estimator), ref, atol=1e-12, rtol=0)
+    # small blocks give the same kernel
+    blocked = relu_kernel(h, estimator=estimator, block_entries=7)
+    torch.testing.assert_close(blocked, ref, atol=1e-12, rtol=0)
+    k2 = relu_kernel(torch.relu(rand(9, 5, seed=14)))
+    assert k2.shape == (9, 9) and torch.all(k2.diagonal() == 0)
+
+
+def test_channel_and_spatial_shape_alignment():
+    h = torch.relu(rand(8, 3, 2, 2, seed=15))
+    up = h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert relu_procrustes_distance(h, up) == pytest.approx(0.0, abs=1e-7)
+    assert procrustes_distance(up, h) == pytest.approx(0.0, abs=1e-7)
+    # fewer channels: zero-padded, and the padded channel matches nothing
+    wide = torch.relu(rand(8, 5, 2, 2, seed=16))
+    a, b = align_channel_shapes(h, wide)
+    assert a.shape == b.shape == (8, 5, 2, 2) and torch.all(a[:, 3:] == 0)
+    padded = torch.cat([h, torch.zeros(8, 2, 2, 2, dtype=f64)], dim=1)
+    expected = relu_procrustes_distance(padded, wide)
+    assert relu_procrustes_distance(h, wide) == pytest.approx(expected, abs=1e-12)
+    # 2-D against 4-D: a 1 x 1 map
+    flat = torch.relu(rand(8, 3, seed=17))
+    tiled = flat[:, :, None, None].expand(8, 3, 2, 2)
+    assert procrustes_distance(flat, tiled) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(DataError, match="not integer multiples"):
+        relu_procrustes_distance(rand(8, 3, 2, 2), rand(8, 3, 3, 3))
+
+
+def test_similarity_matrix_matches_pairwise_calls():
+    fa = {"a": torch.relu(rand(20, 4, seed=1)), "b": torch.relu(rand(20, 3, 2, 2, seed=2))}
+    fb = [torch.relu(rand(20, 5, seed=3)), torch.relu(rand(20, 4, 2, 2, seed=4))]
+    for name, fn in [("cka", linear_cka), ("unbiased-cka", unbiased_cka), ("relu-cka", relu_cka),
+                     ("relu-procrustes", lambda x, y: 1 - relu_procrustes_distance(x, y)),
+                     ("procrustes", lambda x, y: 1 - procrustes_distance(x, y)), ("rbf-cka", rbf_cka)]:
+        s = similarity_matrix(fa, fb, name)
+        ref = np.array([[fn(x, y) for y in fb] for x in fa.values()])
+        np.testing.assert_allclose(s, ref, atol=1e-10, err_msg=name)
+    d = similarity_matrix(fa, fb, "relu-procrustes", diagonal_only=True)
+    assert np.isnan(d[0, 1]) and not np.isnan(d[1, 1])
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(DataError, match=r"expected features of shape \(n, d\)"):
+        linear_cka(torch.ones(5), torch.ones(5, 2))
+    with pytest.raises(DataError, match="same examples in the same order"):
+        linear_cka(rand(5, 2), rand(6, 2))
+    with pytest.raises(DataError, match="NaN or inf"):
+        relu_cka(torch.full((6, 2), float("nan")), rand(6, 2))
+    with pytest.raises(DataError, match="at least 4 examples"):
+        unbiased_cka(rand(3, 2), rand(3, 2))
+    with pytest.raises(DataError, match="torch.Tensor or numpy.ndarray"):
+        procrustes_distance([[1.0, 2.0]], rand(1, 2))
+    with pytest.raises(ConfigError, match="unknown similarity 'nope'"):
+        similarity_matrix([rand(5, 2)], [rand(5, 2)], "nope")
+    with pytest.raises(ConfigError, match="unknown relu kernel estimator"):
+        relu_cka(rand(5, 2), rand(5, 2), estimator="mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# ReLU networks and their symmetries; feature extraction
+# ----------------------------------------------------------------------------------------------
+
+
+def permute_hidden_units(
+    model: nn.Sequential, seed: int, sigma: float = 1.0
+) -> tuple[nn.Sequential, list[torch.Tensor]]:
+    """A copy of a Linear/Conv2d-ReLU stack whose hidden units are permuted and positively rescaled
+    (unit j of each hidden layer = scale[j] * old unit perm[j]); the function is unchanged."""
+    new = copy.deepcopy(model)
+    layers = [m for m in new if isinstance(m, (nn.Linear, nn.Conv2d))]
+    perms = []
+    prev = None
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            w = layer.weight
+            if prev is not None:  # undo the previous layer's P D on the input side
+                p_prev, s_prev = prev
+                if w.shape[1] != len(p_prev):  # flatten after a conv: channels x positions
+                    w3 = w.reshape(w.shape[0], len(p_prev), -1)
+                    w3.copy_(w3[:, p_prev] / s_prev[None, :, None])
+                else:
+                    w.copy_(w[:, p_prev] / s_prev.reshape(1, -1, *([1] * (w.ndim - 2))))
+            if i < len(layers) - 1:
+                p, s = random_perm_scale(w.shape[0], seed + i, sigma)
+                s = s.to(w.dtype)
+                w.copy_(w[p] * s.reshape(-1, *([1] * (w.ndim - 1))))
+                layer.bias.copy_(layer.bias[p] * s)
+                perms.append(p)
+                prev = (p, s)
+    return new, perms
+
+
+def test_relu_network_symmetry_gives_same_outputs_and_zero_distance_per_layer():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)
+    ).double()
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3), nn.ReLU(),
+        nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+    ).double()
+    for model, x in ((mlp, rand(40, 6, seed=1)), (cnn, rand(30, 2, 6, 6, seed=2))):
+        twin, perms = permute_hidden_units(model, seed=5)
+        torch.testing.assert_close(twin(x), model(x), atol=1e-10, rtol=0)
+        fa, fb = extract_features(model, x, dtype=f64), extract_features(twin, x, dtype=f64)
+        assert list(fa) == relu_module_names(model) == ["1", "3"]
+        for name, p in zip(fa, perms):
+            assert relu_procrustes_distance(fa[name], fb[name]) == pytest.approx(0.0, abs=1e-6)
+            assert relu_cka(fa[name], fb[name]) == pytest.approx(1.0, abs=1e-10)
+            matching = relu_procrustes_matching(fa[name], fb[name])
+            np.testing.assert_array_equal(matching.permutation, p.numpy())
+        diagonal = np.diag(similarity_matrix(fa, fb, "relu-procrustes", diagonal_only=True))
+        np.testing.assert_allclose(diagonal, 1.0, atol=1e-6)
+
+
+class Branchy(nn.Module):
+    """Not a Sequential: a shared ReLU called twice, an in-place ReLU, a custom forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.act = nn.ReLU()
+        self.inplace = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        h2 = self.act(self.fc2(h)) + h
+        z = self.inplace(h2 - 1.0)
+        z.mul_(2.0)  # must not change what was collected
+        return self.head(z)
+
+
+def test_extract_features_batches_reused_modules_and_modes():
+    torch.manual_seed(0)
+    m = Branchy().train()
+    x = torch.randn(23, 4)
+    feats = extract_features(m, x, batch_size=5)
+    assert list(feats) == ["act#0", "act#1", "inplace"]
+    assert m.training  # mode restored
+    with torch.no_grad():
+        h = torch.relu(m.fc1(x))
+        h2 = torch.relu(m.fc2(h)) + h
+    torch.testing.assert_close(feats["act#0"], h)
+    torch.testing.assert_close(feats["inplace"], torch.relu(h2 - 1.0))
+    whole = extract_features(m, x.numpy(), names=["fc2", "inplace"], batch_size=100)
+    torch.testing.assert_close(whole["inplace"], feats["inplace"])
+    assert whole["fc2"].shape == (23, 8)
+    with pytest.raises(ConfigError, match="no module named \\['nope'\\]"):
+        extract_features(m, x, names=["nope"])
+    with pytest.raises(ConfigError, match="no nn.ReLU submodule"):
+        extract_features(nn.Linear(4, 2), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Birkhoff polytope
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_birkhoff_projection_matches_dykstra_and_is_idempotent(seed):
+    y = 0.7 * rand(5, 5, seed=seed)
+    x = project_birkhoff(y)
+    assert is_doubly_stochastic(x, atol=1e-9)
+    torch.testing.assert_close(x, dykstra_birkhoff(y), atol=1e-9, rtol=0)
+    torch.testing.assert_close(project_birkhoff(x), x, atol=1e-10, rtol=0)
+    # the nearest point of the polytope is at least as close as every vertex
+    dist = float((x - y).norm())
+    for p in itertools.permutations(range(5)):
+        assert dist <= float((permutation_matrix(np.array(p), f64) - y).norm()) + 1e-12
+    # vertices and the barycentre are fixed points
+    p = permutation_matrix(np.array([2, 0, 4, 1, 3]), f64)
+    torch.testing.assert_close(project_birkhoff(p), p, atol=0, rtol=0)
+    centre = torch.full((5, 5), 0.2, dtype=f64)
+    torch.testing.assert_close(project_birkhoff(centre), centre)
+
+
+def test_exact_birkhoff_projection_larger_and_warm_started():
+    y = 3 * rand(40, 40, seed=4)
+    x, duals = project_birkhoff(y, return_duals=True)
+    assert is_doubly_stochastic(x, atol=1e-9)
+    torch.testing.assert_close(project_birkhoff(x), x, atol=1e-9, rtol=0)
+    y2 = y + 0.01 * rand(40, 40, seed=5)
+    torch.testing.assert_close(project_birkhoff(y2, duals=duals), project_birkhoff(y2), atol=1e-9, rtol=0)
+    with pytest.raises(DataError, match="square"):
+        project_birkhoff(torch.ones(2, 3))
+
+
+def test_sinkhorn_normalisation_rows_first_and_zero_lines_untouched():
+    w = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 4.0]])
+    one = sinkhorn_normalize(w, 1)
+    torch.testing.assert_close(one[0], torch.tensor([0.25, 0.75, 0.0]))
+    torch.testing.assert_close(one[1], torch.zeros(3))
+    s = sinkhorn_normalize(torch.rand(6, 6, generator=torch.Generator().manual_seed(0)), 200)
+    assert is_doubly_stochastic(s, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stitching layers and the stitched model
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "birkhoff", "permutation", "lowrank", "lasso"])
+def test_stitching_layers_map_channels_of_dense_and_conv_features(kind):
+    layer = make_stitching_layer(StitchConfig(kind=kind, rank=2), 4)
+    for shape in [(3, 4), (3, 4, 5, 5), (3, 4, 7)]:
+        x = torch.randn(*shape)
+        for training in (True, False):
+            layer.train(training)
+            w = layer.weight_matrix()
+            ref = torch.einsum("jk,nk...->nj...", w, x)
+            torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(DataError, match="expects 4 input channels"):
+        layer(torch.randn(3, 5))
+
+
+def test_permutation_layer_rounds_with_hungarian_at_eval_and_lasso_prunes():
+    layer = BirkhoffStitch(4, round_at_eval=True)
+    target = np.array([2, 0, 3, 1])
+    with torch.no_grad():
+        layer.perm.copy_(0.7 * permutation_matrix(target) + 0.3 / 4)
+        layer.scales.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    np.testing.assert_array_equal(layer.permutation(), target)
+    layer.eval()
+    expected = permutation_matrix(target) * torch.tensor([1.0, 2.0, 3.0, 4.0])[None, :]
+    torch.testing.assert_close(layer.weight_matrix(), expected)
+    layer.train()
+    torch.testing.assert_close(layer.weight_matrix(), layer.perm * layer.scales[None, :])
+    assert hungarian_permutation(layer.perm).tolist() == target.tolist()
+
+    lasso = LassoStitch(3, 3, multiplier=0.5)
+    with torch.no_grad():
+        lasso.weight.copy_(torch.tensor([[1.0, 5e-5, 0.0], [-2e-3, 1.0, 0.0], [0.0, 0.0, -1.0]]))
+    assert float(lasso.penalty().detach()) == pytest.approx(0.5 * (3 + 5e-5 + 2e-3))
+    assert lasso.sparsity() == pytest.approx(5 / 9)
+    lasso.eval()
+    pruned = lasso.weight_matrix().detach()
+    assert float(pruned[0, 1]) == 0.0 and float(pruned[1, 0]) == pytest.approx(-2e-3)
+
+
+class NotSequential(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.ReLU())
+        self.mid = nn.Linear(6, 6)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.act(self.mid(self.body(x))))
+
+
+def test_stitched_model_identity_stitch_reproduces_the_model_in_both_modes():
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        nn.Linear(5, 6), nn.ReLU(), nn.Sequential(nn.Linear(6, 6), nn.ReLU()), nn.Linear(6, 3)
+    )
+    x = torch.randn(10, 5)
+    for model, layer in ((seq, "2.1"), (seq, "1"), (NotSequential(), "body.2"), (NotSequential(), "act")):
+        model.eval()
+        ident = LinearStitch(6, 6)
+        with torch.no_grad():
+            ident.weight.copy_(torch.eye(6))
+        auto = StitchedModel(model, model, ident, layer)
+        hooks = StitchedModel(model, model, ident, layer, mode="hooks")
+        assert auto.mode == ("sequential" if model is seq else "hooks") and hooks.mode == "hooks"
+        with torch.no_grad():
+            torch.testing.assert_close(auto(x), model(x))
+            torch.testing.assert_close(hooks(x), model(x))
+    with pytest.raises(ConfigError, match="no module named 'zzz'"):
+        StitchedModel(seq, seq, LinearStitch(6, 6), "zzz")
+    with pytest.raises(ConfigError, match="plain nn.Sequential"):
+        StitchedModel(NotSequential(), NotSequential(), LinearStitch(6, 6), "act", mode="sequential")
+
+
+def test_stitch_training_changes_only_the_layer_and_keeps_frozen_nets_in_eval_mode():
+    torch.manual_seed(0)
+    a, b = NotSequential(), NotSequential()
+    for m in (a, b):  # give the batch norms non-trivial running statistics
+        m.body[1].running_mean.uniform_(-1, 1)
+    def state():
+        both = list(a.state_dict().items()) + [("b." + k, v) for k, v in b.state_dict().items()]
+        return {k: v.clone() for k, v in both}
+
+    before = state()
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    for kind in ("linear", "permutation", "lowrank", "lasso"):
+        cfg = StitchConfig(kind=kind, epochs=2, batch_size=16, rank=2, lr=0.05)
+        stitched, hist = stitch_models(a, b, "body.2", x, y, cfg)
+        assert len(hist.loss) == 2 and all(np.isfinite(hist.loss))
+        assert not a.training and not b.training and not stitched.training
+        stitched.train()
+        assert not a.training and not b.training and stitched.stitch.training
+        assert all(not p.requires_grad for p in list(a.parameters()) + list(b.parameters()))
+        after = state()
+        for k in before:
+            torch.testing.assert_close(after[k], before[k], atol=0, rtol=0)
+    assert stitching_penalty(0.9, 0.8, 0.6) == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="unknown stitching kind"):
+        StitchConfig(kind="wreath")
+
+
+def test_birkhoff_training_keeps_w_doubly_stochastic_under_both_projections():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, y = torch.randn(48, 5), torch.randint(0, 3, (48,))
+    for projection in ("sinkhorn", "exact"):
+        cfg = StitchConfig(kind="birkhoff", projection=projection, epochs=2, batch_size=16, lr=0.1)
+        stitched, hist = stitch_models(a, copy.deepcopy(a), "1", x, y, cfg)
+        w = stitched.stitch.perm.detach()
+        assert is_doubly_stochastic(w, atol=1e-3 if projection == "sinkhorn" else 1e-5)
+        assert hist.phase == ["permutation", "scales"]
+        assert torch.all(stitched.stitch.scales >= 0)
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """A small ReLU MLP trained on sklearn digits (first 1400 examples), and the data."""
+    from sklearn.datasets import load_digits
+
+    xs, ys = load_digits(return_X_y=True)
+    x = torch.tensor(xs / 16.0, dtype=torch.float32)
+    y = torch.tensor(ys)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:1400]), y[:1400]).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def test_permutation_stitching_recovers_the_permutation_and_full_accuracy(digits_model):
+    """Matched init (G_ReLU-Procrustes on the activations) + a little projected-gradient training."""
+    model, x, y = digits_model
+    twin, perms = permute_hidden_units(model, seed=3, sigma=0.3)
+    xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:], y[1400:]
+    clean = evaluate_accuracy(model, xte, yte)
+    assert clean > 0.85 and evaluate_accuracy(twin, xte, yte) == clean
+    alive = (extract_features(twin, xtr)["1"] > 0).any(0).numpy()  # dead units: any match is as good
+    cfg = StitchConfig(kind="permutation", init="match", epochs=2, lr=1e-3)
+    stitched, _ = stitch_models(model, twin, "1", xtr, ytr, cfg)
+    np.testing.assert_array_equal(stitched.stitch.permutation()[alive], perms[0].numpy()[alive])
+    assert evaluate_accuracy(stitched, xte, yte) == pytest.approx(clean, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_permutation_stitching_by_projected_gradient_from_the_original_init(digits_model):
+    """The original's procedure (uniform + Sinkhorn init, -alpha||W|| regulariser, warm-up) with the
+    exact projection finds the permutation between a net and its permuted copy."""
+    model, x, y = digits_model
+    twin, perms = permute_hidden_units(model, seed=3, sigma=0.0)
+    xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:], y[1400:]
+    clean = evaluate_accuracy(model, xte, yte)
+    alive = (extract_features(twin, xtr)["1"] > 0).any(0).numpy()
+    cfg = StitchConfig(kind="permutation", projection="exact", epochs=16, lr=0.01, alpha=1.0)
+    stitched, _ = stitch_models(model, twin, "1", xtr, ytr, cfg)
+    np.testing.assert_array_equal(stitched.stitch.permutation()[alive], perms[0].numpy()[alive])
+    assert evaluate_accuracy(stitched, xte, yte) == pytest.approx(clean, abs=0.01)
