@@ -116,19 +116,19 @@ class _FunctionalOptimizer:
             bc2_sqrt = (1 - cfg.beta2**t).sqrt()
         for k, p in params.items():
             shape = (-1, *([1] * (p.dim() - 1)))
-            g = grads[k].add_(p * self.prior_coef.view(shape))
-            if not every:
-                g.mul_(active.view(shape))
+            coef = self.prior_coef.view(shape)
+            g = grads[k]
             if cfg.optimizer == "sgd":
                 buf = self.buf[k]
-                if every:
-                    buf.mul_(cfg.momentum).add_(g)
-                    p.sub_(lr * buf)
+                if every:  # buf = μ buf + g + (δ/n) p ; p -= lr buf, in place
+                    buf.mul_(cfg.momentum).add_(g).addcmul_(p, coef)
+                    p.add_(buf, alpha=-lr)
                 else:
                     on = active.view(shape)
-                    buf.copy_(torch.where(on, buf * cfg.momentum + g, buf))
+                    buf.copy_(torch.where(on, buf * cfg.momentum + g + coef * p, buf))
                     p.sub_(lr * buf * on)
             else:
+                g.addcmul_(p, coef)
                 m, v = self.buf[k], self.sq[k]
                 if every:
                     m.lerp_(g, 1 - cfg.momentum)
@@ -138,7 +138,7 @@ class _FunctionalOptimizer:
                     m.copy_(torch.where(on, m.lerp(g, 1 - cfg.momentum), m))
                     v.copy_(torch.where(on, v * cfg.beta2 + (1 - cfg.beta2) * g * g, v))
                 denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(1e-8)
-                update = m / denom * step_size.view(shape)
+                update = (m / denom).mul_(step_size.view(shape))
                 p.sub_(update if every else update * active.view(shape))
 
 
