@@ -115,23 +115,23 @@ class DatasetInfo:
 
 _BUILTINS: tuple[DatasetInfo, ...] = (
     DatasetInfo("digits", 1297, 500, (1, 8, 8), 10,
-                "scikit-learn's bundled 8x8 digits (no files needed)",
+                "sklearn load_digits (bundled)",
                 lambda data_dir: builtin.load_digits_arrays(), generated=True),
     DatasetInfo("mnist1d", 4000, 1000, (40,), 10,
-                "generated offline by the mnist1d package (default arguments; no files needed)",
+                "mnist1d package, generated offline",
                 lambda data_dir: builtin.load_mnist1d_arrays(), aliases=("mnist-1d", "mnist_1d"),
                 generated=True),
     DatasetInfo("mnist", 60000, 10000, (1, 28, 28), 10,
-                "IDX files in --data-dir DIR (or DIR/MNIST/raw, torchvision's layout)",
+                "IDX files in --data-dir (or its MNIST/raw)",
                 lambda data_dir: files.load_idx_arrays(data_dir, "mnist"),
                 files=tuple(files.IDX_FILES.values()), subdirs=files.IDX_SUBDIRS["mnist"]),
     DatasetInfo("fmnist", 60000, 10000, (1, 28, 28), 10,
-                "Fashion-MNIST IDX files in --data-dir DIR (or DIR/FashionMNIST/raw)",
+                "IDX files in --data-dir (or its FashionMNIST/raw)",
                 lambda data_dir: files.load_idx_arrays(data_dir, "fmnist"),
                 aliases=("fashion-mnist", "fashion_mnist", "fashionmnist"),
                 files=tuple(files.IDX_FILES.values()), subdirs=files.IDX_SUBDIRS["fmnist"]),
     DatasetInfo("cifar10", 50000, 10000, (3, 32, 32), 10,
-                "CIFAR-10 python batches in --data-dir DIR (or DIR/cifar-10-batches-py)",
+                "python batches in --data-dir (or its cifar-10-batches-py)",
                 lambda data_dir: files.load_cifar10_arrays(data_dir), aliases=("cifar-10", "cifar"),
                 files=files.CIFAR10_TRAIN_BATCHES + (files.CIFAR10_TEST_BATCH,),
                 subdirs=("cifar-10-batches-py",)),
@@ -305,7 +305,8 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
     """What can be loaded: one dict per built-in name, then one for user files.
 
     Keys: name, n_train, n_test, input_shape (list), num_classes, source, files (the files
-    needed, empty when none), aliases, and -- for file-based datasets when a data folder is
+    needed, empty when none), aliases (the user-files row has "-" for sizes and a `details`
+    text), and -- for file-based datasets when a data folder is
     known (argument or $MODELSENSE_DATA_DIR) -- found (bool) and location (folder or None).
     Sizes are the standard ones; nothing is read or generated.
     """
@@ -326,11 +327,11 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
                 entry["found"], entry["location"] = False, None
         out.append(entry)
     out.append({
-        "name": "PATH.npz / PATH.csv", "n_train": None, "n_test": None, "input_shape": None,
-        "num_classes": None, "aliases": [],
-        "source": ".npz with x_train, y_train, x_test, y_test (or X, y: split 80/20, stratified, "
-                  "random_state=0); .csv with a 'label' column and numeric feature columns "
-                  "(split the same way)",
+        "name": "PATH.npz / PATH.csv", "n_train": "-", "n_test": "-", "input_shape": "-",
+        "num_classes": "-", "aliases": [],
+        "source": ".npz: x_train,y_train,x_test,y_test or X,y; .csv: a 'label' column",
         "files": [],
+        "details": "X,y arrays and .csv tables are split 80/20 (stratified, random_state=0); "
+                   "other .csv columns must be numeric features",
     })
     return out
