@@ -97,3 +97,8 @@ def test_run_dir_atomic_and_resume_checks(tmp_path):
     with pytest.raises(ConfigError, match="holds a 'x' run"):
         run.check_resume("y", {"a": 1})
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unknown_command_is_a_usage_error_not_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "modelsense", "nosuchcommand"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "No such command" in proc.stderr and "Traceback" not in proc.stderr

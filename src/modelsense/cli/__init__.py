@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import sys
 
-import typer
 from rich.console import Console
 
-from modelsense.cli import core, memorization  # noqa: F401  (register commands)
+from modelsense.cli import core, memorization, representations  # noqa: F401  (register commands)
 from modelsense.cli.app import app
 from modelsense.errors import ModelsenseError
 
@@ -20,18 +19,9 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Entry point: run the app, turning modelsense errors into one clear message."""
+    """Entry point: typer handles usage errors; modelsense errors become one clear message."""
     try:
-        app(standalone_mode=False)
+        app()
     except ModelsenseError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {exc}")
         sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -11,6 +11,7 @@ from pathlib import Path
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
 from modelsense.experiments.report import Section, write_report
+from modelsense.experiments.representations import representations_section
 from modelsense.experiments.memorization import memorization_section
 from modelsense.experiments.train import run_train
 from modelsense.models import ModelConfig
@@ -31,7 +32,8 @@ def training_section(out: Path, progress: bool) -> Section:
     )
 
 
-SECTIONS = {"train": training_section, "memorization": memorization_section}
+SECTIONS = {"train": training_section, "memorization": memorization_section,
+            "representations": representations_section}
 
 
 def run_demo(out: str | Path = "demo_out", progress: bool = True, sections: list[str] | None = None) -> Path:

@@ -1,0 +1,237 @@
+"""End-to-end tests of `modelsense zoo`, `compare`, `stitch` (tiny digits MLPs) and their experiments."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import modelsense.cli.representations  # noqa: F401  (registers zoo / compare / stitch)
+from modelsense.cli.app import app
+from modelsense.data import DataConfig
+from modelsense.errors import ConfigError
+from modelsense.experiments.representations import train_zoo, zoo_member_path
+from modelsense.experiments.train import load_model, save_model, train_model
+from modelsense.models import ModelConfig, build_model
+from modelsense.training.config import TrainConfig
+
+runner = CliRunner()
+# a tiny setting shared by the tests: 150 digits, MLP 64-16-16-10, 3 epochs
+DATA = ["--dataset", "digits", "--n-train", "150"]
+MODEL = ["--model", "mlp", "--widths", "16,16"]
+TRAIN = ["--epochs", "3", "--lr", "0.1", "--bs", "32"]
+TINY = DATA + MODEL + TRAIN
+
+
+def invoke(*args):
+    res = runner.invoke(app, [*map(str, args), "--quiet"])
+    return res
+
+
+def ok(*args) -> dict:
+    res = invoke(*args)
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    out = args[list(args).index("--out") + 1]
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    """A zoo of seeds 0, 1 trained by the command (the vmapped engine)."""
+    root = tmp_path_factory.mktemp("zoo")
+    metrics = ok("zoo", *TINY, "--n-models", "2", "--out", root)
+    assert metrics["seeds"] == [0, 1] and metrics["method"] == "ensemble" and metrics["n_trained"] == 2
+    return root
+
+
+# -- zoo -------------------------------------------------------------------------------------------
+
+
+def test_zoo_engine_members_equal_models_trained_one_by_one(zoo_dir):
+    """Members trained at once by the engine equal `train_model` (fit) with the same seed."""
+    index = json.loads((zoo_dir / "zoo" / "zoo.json").read_text())
+    from modelsense.data import load_dataset_from_config
+
+    data = load_dataset_from_config(DataConfig("digits", n_train=150))
+    for seed in (0, 1):
+        module, info = load_model(zoo_member_path(zoo_dir, seed))
+        assert info["seed"] == seed and info["dataset"] == "digits"
+        ref, _ = train_model(data, ModelConfig("mlp", widths=(16, 16)),
+                             TrainConfig(epochs=3, lr=0.1, bs=32, seed=seed, eval_every=0), progress=False)
+        for (k, v), (k_ref, v_ref) in zip(module.state_dict().items(), ref.state_dict().items()):
+            assert k == k_ref
+            torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            acc = (module(data.x_test).argmax(1) == data.y_test).float().mean().item()
+        assert index["members"][str(seed)]["test_accuracy"] == pytest.approx(acc)
+    metrics = json.loads((zoo_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == [index["members"][s]["test_accuracy"] for s in ("0", "1")]
+
+
+def test_zoo_reuses_members_and_refuses_other_settings(zoo_dir, tmp_path):
+    # same settings: nothing is retrained; seed 2 is added
+    res = train_zoo(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                    TrainConfig(epochs=3, lr=0.1, bs=32), None, tmp_path, seeds=[0], progress=False)
+    assert res.trained == [0]
+    again = train_zoo(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                      TrainConfig(epochs=3, lr=0.1, bs=32), None, tmp_path, seeds=[0, 2], progress=False)
+    assert again.trained == [2] and again.seeds == [0, 2] and again.test_accuracy[0] == res.test_accuracy[0]
+    with pytest.raises(ConfigError, match="was trained with train settings"):
+        train_zoo(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                  TrainConfig(epochs=4, lr=0.1, bs=32), None, tmp_path, seeds=[0], progress=False)
+
+
+def test_zoo_trains_batch_norm_models_one_by_one(tmp_path):
+    res = train_zoo(DataConfig("digits", n_train=100), ModelConfig("cnn", width=2, depth=1, norm="bn"),
+                    TrainConfig(epochs=1, lr=0.05, bs=50), 2, tmp_path, progress=False)
+    assert res.method == "fit" and res.seeds == [0, 1] and all(p.exists() for p in res.paths)
+    with pytest.raises(ConfigError, match="batch norm"):
+        train_zoo(DataConfig("digits", n_train=100), ModelConfig("cnn", width=2, depth=1, norm="bn"),
+                  TrainConfig(epochs=1, lr=0.05, bs=50), None, tmp_path, seeds=[5], method="ensemble", progress=False)
+
+
+# -- compare ---------------------------------------------------------------------------------------
+
+
+def test_compare_two_seeds_writes_matrix_and_heatmap(zoo_dir, tmp_path):
+    out = tmp_path / "cmp"
+    m = ok("compare", *TINY, "--seed-a", 0, "--seed-b", 1, "--metric", "cka", "--zoo", zoo_dir, "--out", out)
+    matrix = np.asarray(m["matrix"])
+    assert m["layers"] == ["act1", "act2"] and "layers_b" not in m and matrix.shape == (2, 2)
+    assert m["diagonal"] == pytest.approx(np.diag(matrix).tolist())
+    assert np.all((matrix > 0) & (matrix <= 1 + 1e-9)) and m["value"] == "similarity"
+    np.testing.assert_allclose(np.load(out / "similarity.npy"), matrix)
+    assert (out / "figures" / "similarity_cka.png").stat().st_size > 1000
+    assert not (out / "zoo").exists()  # members came from --zoo, nothing retrained
+
+
+@pytest.mark.parametrize("metric", ["cka", "unbiased-cka", "procrustes", "relu-procrustes", "relu-cka"])
+def test_compare_model_with_itself_has_unit_diagonal(zoo_dir, tmp_path, metric):
+    path = zoo_member_path(zoo_dir, 0)
+    out = tmp_path / metric
+    m = ok("compare", *DATA, "--model-a", path, "--model-b", path, "--metric", metric, "--n-examples", 80, "--out", out)
+    assert m["n_examples"] == 80
+    assert m["diagonal"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    if metric.endswith("procrustes"):
+        assert m["diagonal_distance"] == pytest.approx([0.0, 0.0], abs=1e-6)
+
+
+def _permuted_rescaled_copy(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The same function: hidden units of fc1 permuted by P and scaled by D > 0 (a G_ReLU symmetry)."""
+    g = torch.Generator().manual_seed(seed)
+    copy = build_model("mlp", (1, 8, 8), 10, widths=(16, 16), seed=0)
+    copy.load_state_dict(module.state_dict())
+    perm = torch.randperm(16, generator=g)
+    scale = torch.exp(torch.randn(16, generator=g))
+    with torch.no_grad():
+        copy.fc1.weight.copy_(module.fc1.weight[perm] * scale[:, None])
+        copy.fc1.bias.copy_(module.fc1.bias[perm] * scale)
+        copy.fc2.weight.copy_(module.fc2.weight[:, perm] / scale[None, :])
+    return copy
+
+
+def test_relu_symmetric_copy_is_identical_for_relu_metrics_and_permutation_stitching(zoo_dir, tmp_path):
+    module, _ = load_model(zoo_member_path(zoo_dir, 0))
+    copy = _permuted_rescaled_copy(module)
+    x = torch.rand(20, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), module(x), atol=1e-5, rtol=1e-5)
+    path = tmp_path / "copy.pt"
+    save_model(path, copy, ModelConfig("mlp", widths=(16, 16)), SimpleNamespace(input_shape=(1, 8, 8), num_classes=10,
+                                                                                name="digits"), 0)
+    a = zoo_member_path(zoo_dir, 0)
+    for metric in ("relu-procrustes", "relu-cka"):
+        m = ok("compare", *DATA, "--model-a", a, "--model-b", path, "--metric", metric, "--out", tmp_path / metric)
+        assert m["diagonal"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    # linear CKA is not invariant to per-unit scaling: the permuted layer is not identical for it
+    m = ok("compare", *DATA, "--model-a", a, "--model-b", path, "--metric", "cka", "--out", tmp_path / "cka")
+    assert m["diagonal"][0] < 1 - 1e-3 and m["diagonal"][1] == pytest.approx(1.0, abs=1e-6)
+    # permutation stitching initialised from the activations recovers P D exactly: no penalty
+    m = ok("stitch", *DATA, "--model-a", a, "--model-b", path, "--kind", "permutation", "--init", "match",
+           "--stitch-epochs", 0, "--layers", "act1", "--out", tmp_path / "stitch")
+    assert m["stitched_accuracy"] == [pytest.approx(m["clean_accuracy"][0])] and m["penalty"] == [pytest.approx(0.0)]
+    perm = m["by_kind"]["permutation"]["extra"][0]["permutation"]
+    assert sorted(perm) == list(range(16))
+
+
+# -- stitch ----------------------------------------------------------------------------------------
+
+
+def test_stitch_two_seeds_several_kinds(zoo_dir, tmp_path):
+    out = tmp_path / "st"
+    m = ok("stitch", *TINY, "--kind", "linear,permutation", "--stitch-epochs", 2, "--stitch-lr", 0.01,
+           "--zoo", zoo_dir, "--out", out)
+    assert m["layers"] == ["act1", "act2"] and m["kinds"] == ["linear", "permutation"]
+    assert set(m["stitched_accuracy"]) == {"linear", "permutation"}
+    clean = m["clean_accuracy"]
+    for kind in m["kinds"]:
+        acc, pen = m["stitched_accuracy"][kind], m["penalty"][kind]
+        assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
+        assert pen == pytest.approx([np.mean(clean) - a for a in acc])
+        assert m["by_kind"][kind]["penalty"] == pen
+    assert (out / "figures" / "stitching_penalty.png").stat().st_size > 1000
+    arrays = np.load(out / "stitching.npz")
+    assert arrays["penalty"].shape == (2, 2)
+    states = torch.load(out / "stitching_layers.pt")
+    assert set(states) == {"linear/act1", "linear/act2", "permutation/act1", "permutation/act2"}
+
+
+def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
+    out = tmp_path / "st"
+    m = ok("stitch", *TINY, "--kind", "lowrank", "--rank", 2, "--layers", "act2", "--stitch-epochs", 1,
+           "--seed-a", 3, "--seed-b", 4, "--out", out)
+    assert m["layers"] == ["act2"] and len(m["stitched_accuracy"]) == 1 and len(m["penalty"]) == 1
+    assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+def _error(res) -> str:
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError), res.output
+    return str(res.exception)
+
+
+def test_bad_input_gives_clear_messages(zoo_dir, tmp_path):
+    a = zoo_member_path(zoo_dir, 0)
+    msg = _error(invoke("compare", *DATA, "--model-a", a, "--model-b", a, "--metric", "svcca", "--out", tmp_path / "x"))
+    assert "unknown metric 'svcca'" in msg and "relu-procrustes" in msg
+    msg = _error(invoke("stitch", *DATA, "--model-a", a, "--model-b", a, "--kind", "linear,rotation", "--out", tmp_path / "x"))
+    assert "unknown stitching kind 'rotation'" in msg
+    msg = _error(invoke("stitch", *DATA, "--model-a", a, "--model-b", a, "--layers", "fc9", "--out", tmp_path / "x"))
+    assert "'fc9' not found" in msg and "act1, act2" in msg
+    # a bad layer name is reported before any zoo member is trained
+    msg = _error(invoke("compare", *TINY, "--layers", "act1,relu3", "--out", tmp_path / "y"))
+    assert "'relu3' not found" in msg and not (tmp_path / "y" / "zoo").exists()
+    msg = _error(invoke("compare", *DATA, "--model-a", a, "--seed-a", 0, "--out", tmp_path / "x"))
+    assert "either --model-a PATH or --seed-a N" in msg
+    msg = _error(invoke("compare", *DATA, "--model-a", tmp_path / "missing.pt", "--model-b", a, "--out", tmp_path / "x"))
+    assert "no such checkpoint" in msg
+    msg = _error(invoke("compare", *DATA, "--model-a", a, "--model-b", a, "--metric", "relu-cka", "--n-examples", 3,
+                        "--out", tmp_path / "x"))
+    assert "--n-examples must be >= 4" in msg
+
+
+def test_models_for_different_datasets_are_refused(zoo_dir, tmp_path):
+    other = tmp_path / "mnist1d.pt"
+    module = build_model("mlp", (40,), 10, widths=(16, 16), seed=0)
+    save_model(other, module, ModelConfig("mlp", widths=(16, 16)),
+               SimpleNamespace(input_shape=(40,), num_classes=10, name="mnist1d"), 0)
+    msg = _error(invoke("compare", *DATA, "--model-a", zoo_member_path(zoo_dir, 0), "--model-b", other,
+                        "--out", tmp_path / "x"))
+    assert "trained on dataset 'mnist1d'" in msg and "--dataset is 'digits'" in msg
+
+
+@pytest.mark.slow
+def test_demo_section(tmp_path):
+    from modelsense.experiments.representations import representations_section
+
+    section = representations_section(tmp_path, progress=False)
+    assert all(p.exists() for p in section.figures) and len(section.figures) == 2
+    assert section.metrics["cka act1"] > 0.5 and set(k for k in section.metrics if k.startswith("penalty")) == {
+        "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}
+    # a second run reuses the zoo
+    again = representations_section(tmp_path, progress=False)
+    assert again.metrics == section.metrics
