@@ -1,0 +1,113 @@
+"""Shared plumbing of the curvature layer: data chunks, output-space Hessians, validation.
+
+Notation used across the package: N examples, C outputs, P parameters; f_i = f(x_i; θ) ∈ R^C;
+l_i = per-example loss of `FunctionalModel` (categorical: cross-entropy; gaussian: ½‖f_i − y_i‖²).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.errors import ConfigError, DataError
+
+
+def param_dtype_device(params: Params) -> tuple[torch.dtype, torch.device]:
+    first = next(iter(params.values()))
+    return first.dtype, first.device
+
+
+def check_data(model: FunctionalModel, x: Tensor, y: Tensor) -> None:
+    """Raise DataError unless x, y are tensors with the same number of examples (at least one)."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise DataError(
+            f"expected x and y as torch tensors, received {type(x).__name__} and {type(y).__name__}; "
+            "convert with torch.as_tensor"
+        )
+    if len(x) == 0 or len(x) != len(y):
+        raise DataError(
+            f"expected x and y with the same number (>= 1) of examples, received {len(x)} and {len(y)}"
+        )
+    if model.likelihood == "categorical" and y.dtype not in (torch.int64, torch.int32, torch.long):
+        raise DataError(f"categorical likelihood expects integer labels, received dtype {y.dtype}")
+
+
+def data_chunks(
+    x: Tensor, y: Tensor | None, chunk_size: int, params: Params
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield (x, y) chunks moved to the parameters' device; floating inputs cast to their dtype."""
+    dtype, device = param_dtype_device(params)
+    for s in chunks(len(x), chunk_size):
+        xb = x[s].to(device)
+        if xb.is_floating_point():
+            xb = xb.to(dtype)
+        yb = None
+        if y is not None:
+            yb = y[s].to(device)
+            if yb.is_floating_point():
+                yb = yb.to(dtype)
+        yield xb, yb
+
+
+def output_hessian(logits: Tensor, likelihood: str) -> Tensor:
+    """Λ_i = ∂²l_i/∂f_i², shape (n, C, C): diag(p_i) − p_i p_iᵀ (categorical) or I (gaussian)."""
+    n, c = logits.shape[0], logits.shape[-1]
+    if likelihood == "categorical":
+        p = torch.softmax(logits, dim=-1)
+        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    return torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
+
+
+def output_hessian_sqrt(logits: Tensor, likelihood: str) -> Tensor:
+    """L_i with L_i L_iᵀ = Λ_i, shape (n, C, C).
+
+    categorical: L = diag(√p) − p √pᵀ, since (diag(√p) − p√pᵀ)(diag(√p) − √p pᵀ) = diag(p) − p pᵀ
+    (using Σ_k p_k = 1); gaussian: L = I.
+    """
+    n, c = logits.shape[0], logits.shape[-1]
+    if likelihood == "categorical":
+        p = torch.softmax(logits, dim=-1)
+        sp = p.sqrt()
+        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+    return torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
+
+
+def apply_output_hessian(logits: Tensor, u: Tensor, likelihood: str) -> Tensor:
+    """Λ_i u_i for each example without forming Λ: p ⊙ u − p (pᵀu) (categorical) or u (gaussian)."""
+    if likelihood == "categorical":
+        p = torch.softmax(logits, dim=-1)
+        return p * u - p * (p * u).sum(-1, keepdim=True)
+    return u
+
+
+def loss_output_grad(logits: Tensor, y: Tensor, likelihood: str) -> Tensor:
+    """∂l_i/∂f_i, shape (n, C): p_i − onehot(y_i) (categorical) or f_i − y_i (gaussian)."""
+    if likelihood == "categorical":
+        p = torch.softmax(logits, dim=-1)
+        return p - torch.nn.functional.one_hot(y.long(), logits.shape[-1]).to(p.dtype)
+    return logits - y.reshape(logits.shape)
+
+
+def check_damping(damping: float | Tensor, strictly_positive: bool, what: str) -> None:
+    """ConfigError unless damping >= 0 (or > 0 when `strictly_positive`)."""
+    d = torch.as_tensor(damping)
+    bad = (d <= 0).any() if strictly_positive else (d < 0).any()
+    if bool(bad) or not bool(torch.isfinite(d).all()):
+        need = "> 0" if strictly_positive else ">= 0"
+        raise ConfigError(
+            f"{what} needs damping {need} (finite), received {damping!r}; pass a positive damping "
+            "such as the prior precision"
+        )
+
+
+def as_matrix(v: Tensor, n_params: int) -> tuple[Tensor, bool]:
+    """View a (P,) or (P, m) tensor as (P, m); also say whether the input was a vector."""
+    if v.ndim not in (1, 2) or v.shape[0] != n_params:
+        raise ConfigError(
+            f"expected a vector of shape ({n_params},) or a matrix ({n_params}, m), received shape "
+            f"{tuple(v.shape)}"
+        )
+    return (v.unsqueeze(1), True) if v.ndim == 1 else (v, False)

@@ -1,0 +1,442 @@
+"""Curvature operators, Lanczos/Hutchinson/SLQ and effective dimension against dense ground truth.
+
+Canonical test: a tiny MLP or CNN in float64, the operator and the dense matrix (dense.py, computed
+with torch.func.hessian / explicit Jacobians), compared entry by entry.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from modelsense.core.functional import FunctionalModel
+from modelsense.curvature import (
+    CurvatureConfig,
+    DenseCurvature,
+    blr_posterior_contraction,
+    build_curvature,
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_hessian,
+    dense_matrix,
+    effdim_scale,
+    effective_dimension,
+    fourier_features,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    top_eigenpairs,
+)
+from modelsense.errors import ConfigError, DataError
+
+DT = torch.float64
+
+
+def mlp_problem(n=24, likelihood="categorical", seed=0, trainable=None):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    x = torch.randn(n, 4, dtype=DT)
+    y = torch.randint(0, 3, (n,)) if likelihood == "categorical" else torch.randn(n, 3, dtype=DT)
+    return FunctionalModel(net, likelihood, trainable=trainable), x, y
+
+
+def cnn_problem(n=10, seed=0, padding=1):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=padding), nn.Tanh(),
+        nn.Conv2d(2, 2, 2, stride=2, padding="valid"), nn.Tanh(),
+        nn.Flatten(), nn.LazyLinear(3),
+    ).to(DT)
+    x = torch.randn(n, 1, 6, 6, dtype=DT)
+    net(x[:1])  # materialise the lazy layer
+    return FunctionalModel(net), x, torch.randint(0, 3, (n,))
+
+
+def layernorm_problem(n=12, seed=0):
+    """Parameters outside Linear/Conv2d: the generic (per-example) paths are used."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    return FunctionalModel(net), torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,))
+
+
+PROBLEMS = {
+    "mlp": lambda: mlp_problem(),
+    "layernorm": lambda: layernorm_problem(),
+    "mlp_gaussian": lambda: mlp_problem(likelihood="gaussian"),
+    "cnn": lambda: cnn_problem(),
+}
+
+
+# --- dense ground truth is what it claims --------------------------------------------------------
+def test_dense_hessian_matches_finite_differences_of_the_gradient():
+    fm, x, y = layernorm_problem()
+    flat = fm.spec.flatten(fm.params)
+
+    def gradient(t):
+        return torch.func.grad(lambda u: fm.per_example_loss(fm.spec.unflatten(u), x, y).sum())(t)
+
+    v, eps = torch.randn(fm.n_params, dtype=DT), 1e-5
+    fd = (gradient(flat + eps * v) - gradient(flat - eps * v)) / (2 * eps)
+    H = dense_hessian(fm, x, y)
+    assert torch.allclose(H, H.T, atol=1e-12)
+    assert torch.allclose(H @ v, fd, atol=1e-6)
+
+
+def test_dense_ggn_equals_hessian_for_linear_gaussian_and_ef_is_outer_product():
+    torch.manual_seed(1)
+    fm = FunctionalModel(nn.Linear(3, 2).to(DT), "gaussian")
+    x, y = torch.randn(9, 3, dtype=DT), torch.randn(9, 2, dtype=DT)
+    assert torch.allclose(dense_ggn(fm, x, y), dense_hessian(fm, x, y), atol=1e-12)
+    g = fm.per_example_grads(fm.params, x, y, flat=True)
+    assert torch.allclose(dense_empirical_fisher(fm, x, y), sum(torch.outer(gi, gi) for gi in g), atol=1e-12)
+
+
+# --- exact structures against dense ---------------------------------------------------------------
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+@pytest.mark.parametrize("matrix", ["ggn", "hessian", "ef"])
+def test_exact_structures_match_dense(problem, matrix):
+    fm, x, y = PROBLEMS[problem]()
+    D = dense_matrix(fm, x, y, matrix)
+    V = torch.randn(fm.n_params, 3, dtype=DT)
+    implicit = build_curvature(fm, x, y, matrix=matrix, structure="implicit", chunk_size=7)
+    assert torch.allclose(implicit.mv(V), D @ V, atol=1e-10)
+    assert torch.allclose(implicit.mv(V[:, 0]), D @ V[:, 0], atol=1e-10)
+    assert torch.allclose(implicit.diag(), D.diagonal(), atol=1e-10)
+    full = build_curvature(fm, x, y, matrix=matrix, structure="full", chunk_size=5)
+    assert torch.allclose(full.to_dense(), D, atol=1e-10)
+    diag = build_curvature(fm, x, y, matrix=matrix, structure="diag", chunk_size=5)
+    assert torch.allclose(diag.diag(), D.diagonal(), atol=1e-10)
+    assert torch.allclose(diag.mv(V), D.diagonal()[:, None] * V, atol=1e-10)
+    assert math.isclose(full.trace(), float(D.trace()), rel_tol=1e-10, abs_tol=1e-10)
+
+
+@pytest.mark.parametrize("matrix", ["ggn", "hessian", "ef"])
+def test_kept_graphs_give_the_same_products(matrix):
+    fm, x, y = mlp_problem()
+    D = dense_matrix(fm, x, y, matrix)
+    for cache in (True, False):
+        K = build_curvature(fm, x, y, matrix=matrix, chunk_size=10)
+        K.cache_graph = cache
+        for _ in range(3):  # repeated single-vector products through kept (or rebuilt) graphs
+            v = torch.randn(fm.n_params, dtype=DT)
+            assert torch.allclose(K.mv(v), D @ v, atol=1e-10)
+        assert len(K._graph_cache) == (3 if cache else 0)  # chunks of 10, 10, 4
+    # a parameter that does not reach the output
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(4, 3), nn.Linear(2, 2)
+
+        def forward(self, inputs):
+            return self.used(inputs)
+
+    fm2 = FunctionalModel(WithUnused().to(DT))
+    K2 = build_curvature(fm2, x, y, matrix=matrix)
+    v = torch.randn(fm2.n_params, dtype=DT)
+    assert torch.allclose(K2.mv(v), dense_matrix(fm2, x, y, matrix) @ v, atol=1e-10)
+
+
+def test_mean_reduction_divides_by_n_and_chunking_does_not_matter():
+    fm, x, y = mlp_problem()
+    v = torch.randn(fm.n_params, dtype=DT)
+    s = build_curvature(fm, x, y, structure="implicit", chunk_size=len(x)).mv(v)
+    m = build_curvature(fm, x, y, structure="implicit", reduction="mean", chunk_size=5).mv(v)
+    assert torch.allclose(m * len(x), s, atol=1e-12)
+
+
+def test_weights_only_selects_the_sub_block():
+    fm_all, x, y = mlp_problem()
+    fm_w, _, _ = mlp_problem(trainable=lambda n: n.endswith("weight"))
+    D = dense_ggn(fm_all, x, y)
+    idx, start = [], 0
+    for name, numel in zip(fm_all.spec.names, fm_all.spec.numels):
+        if name.endswith("weight"):
+            idx += range(start, start + numel)
+        start += numel
+    K = build_curvature(fm_w, x, y, structure="full")
+    assert K.n_params == len(idx) < fm_all.n_params
+    assert torch.allclose(K.to_dense(), D[idx][:, idx], atol=1e-12)
+
+
+# --- inverses ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("structure", ["implicit", "full", "diag", "kfac", "ekfac", "lowrank"])
+def test_inverse_mv_matches_solve(structure):
+    fm, x, y = mlp_problem()
+    K = build_curvature(fm, x, y, structure=structure, rank=6)
+    A = K.to_dense() + 0.7 * torch.eye(fm.n_params, dtype=DT)
+    B = torch.randn(fm.n_params, 2, dtype=DT)
+    assert torch.allclose(K.inverse_mv(B, 0.7), torch.linalg.solve(A, B), atol=1e-8)
+    if structure != "implicit":
+        R = K.inverse_sqrt_mv(K.inverse_sqrt_mv(B, 0.7), 0.7)
+        assert torch.allclose(R, torch.linalg.solve(A, B), atol=1e-10)
+        assert torch.allclose(K.inverse_diag(0.7), torch.linalg.inv(A).diagonal(), atol=1e-10)
+        assert math.isclose(K.log_det(0.7), float(torch.linalg.slogdet(A)[1]), rel_tol=1e-10)
+
+
+def test_lowrank_is_the_top_eigenspace_of_the_dense_ggn():
+    fm, x, y = mlp_problem()
+    D = dense_ggn(fm, x, y)
+    K = build_curvature(fm, x, y, structure="lowrank", rank=5, lanczos_tol=1e-10)
+    lam, Q = torch.linalg.eigh(D)
+    top = Q[:, -5:] @ torch.diag(lam[-5:]) @ Q[:, -5:].T
+    assert torch.allclose(K.to_dense(), top, atol=1e-8)
+    assert torch.allclose(K.eigenvalues()[:5], lam.flip(0)[:5], rtol=1e-8)
+
+
+# --- KFAC / EK-FAC ----------------------------------------------------------------------------------
+def _block(K, D, layer):
+    idx = layer.flat_indices()
+    return K[idx][:, idx], D[idx][:, idx]
+
+
+def test_kfac_exact_for_one_example_linear_model():
+    torch.manual_seed(2)
+    fm = FunctionalModel(nn.Linear(4, 3).to(DT))
+    x, y = torch.randn(1, 4, dtype=DT), torch.tensor([1])
+    for structure in ("kfac", "ekfac"):
+        K = build_curvature(fm, x, y, structure=structure)
+        assert torch.allclose(K.to_dense(), dense_ggn(fm, x, y), atol=1e-12)
+
+
+@pytest.mark.parametrize("matrix", ["ggn", "ef"])
+def test_kfac_blocks_exact_for_one_example_mlp(matrix):
+    fm, x, y = mlp_problem(n=1)
+    D = dense_matrix(fm, x, y, matrix)
+    K = build_curvature(fm, x, y, matrix=matrix, structure="kfac")
+    for layer in K.layers:
+        approx, exact = _block(K.to_dense(), D, layer)
+        assert torch.allclose(approx, exact, atol=1e-12)
+
+
+def test_kfac_exact_for_linear_gaussian_model_with_many_examples():
+    torch.manual_seed(3)
+    fm = FunctionalModel(nn.Linear(4, 2).to(DT), "gaussian")
+    x, y = torch.randn(30, 4, dtype=DT), torch.randn(30, 2, dtype=DT)
+    K = build_curvature(fm, x, y, structure="kfac")
+    assert torch.allclose(K.to_dense(), dense_ggn(fm, x, y), atol=1e-10)
+    # and the last layer of a gaussian MLP (its backpropagated vectors are e_c for every input)
+    fm2, x2, y2 = mlp_problem(n=30, likelihood="gaussian")
+    K2 = build_curvature(fm2, x2, y2, structure="kfac")
+    approx, exact = _block(K2.to_dense(), dense_ggn(fm2, x2, y2), K2.layers[-1])
+    assert torch.allclose(approx, exact, atol=1e-10)
+
+
+def test_kfac_exact_for_one_example_conv_with_one_output_location():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(2, 3, 4), nn.Flatten(), nn.Tanh(), nn.Linear(3, 3)).to(DT)
+    fm = FunctionalModel(net)
+    x, y = torch.randn(1, 2, 4, 4, dtype=DT), torch.tensor([2])
+    K = build_curvature(fm, x, y, structure="kfac")
+    D = dense_ggn(fm, x, y)
+    for layer in K.layers:
+        approx, exact = _block(K.to_dense(), D, layer)
+        assert torch.allclose(approx, exact, atol=1e-12)
+
+
+@pytest.mark.parametrize("problem", ["mlp", "cnn", "cnn_same"])
+def test_ekfac_eigenvalues_are_the_exact_block_in_the_kfac_eigenbasis(problem):
+    fm, x, y = cnn_problem(padding="same") if problem == "cnn_same" else PROBLEMS[problem]()
+    D = dense_ggn(fm, x, y)
+    kfac = build_curvature(fm, x, y, structure="kfac", chunk_size=4)
+    ekfac = build_curvature(fm, x, y, structure="ekfac", chunk_size=4)
+    Kk, Ke = kfac.to_dense(), ekfac.to_dense()
+    for l, layer in enumerate(ekfac.layers):
+        Q_a, _, Q_g, _ = ekfac.eigenbases[l]
+        basis = torch.kron(Q_g, Q_a)
+        approx_k, exact = _block(Kk, D, layer)
+        approx_e, _ = _block(Ke, D, layer)
+        S = torch.diagonal(basis.T @ exact @ basis).reshape(layer.d_out, layer.d_in)
+        assert torch.allclose(ekfac.eigenvalue_grids[l], S, atol=1e-10)
+        # EK-FAC is the Frobenius-best approximation diagonal in that basis, KFAC is one such matrix
+        assert torch.linalg.norm(approx_e - exact) <= torch.linalg.norm(approx_k - exact) + 1e-12
+        # KFAC itself is G ⊗ A in the row-major layout
+        A, G = kfac.factors[l]
+        assert torch.allclose(approx_k, torch.kron(G, A), atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "ekfac"])
+def test_kronecker_operator_is_self_consistent(structure):
+    fm, x, y = cnn_problem()
+    K = build_curvature(fm, x, y, structure=structure)
+    D = K.to_dense()
+    assert torch.allclose(D, D.T, atol=1e-12)
+    assert torch.allclose(K.diag(), D.diagonal(), atol=1e-12)
+    assert math.isclose(K.trace(), float(D.trace()), rel_tol=1e-10)
+    lam = torch.linalg.eigvalsh(D).flip(0)
+    assert torch.allclose(K.eigenvalues(), lam, atol=1e-10)
+    e = K.eigen(7)
+    assert torch.allclose(e.eigenvalues, lam[:7], atol=1e-10)
+    assert torch.allclose(e.eigenvectors.T @ e.eigenvectors, torch.eye(7, dtype=DT), atol=1e-10)
+    assert torch.allclose(D @ e.eigenvectors, e.eigenvectors * e.eigenvalues, atol=1e-10)
+
+
+# --- Lanczos, Hutchinson, SLQ --------------------------------------------------------------------------
+def test_lanczos_top_k_matches_eigvalsh_of_the_dense_hessian():
+    fm, x, y = mlp_problem(n=40)
+    H = dense_hessian(fm, x, y)
+    lam = torch.linalg.eigvalsh(H)
+    K = build_curvature(fm, x, y, matrix="hessian", seed=3)
+    e = K.eigen(8)
+    assert bool(e.converged.all())
+    assert torch.allclose(e.eigenvalues, lam.flip(0)[:8], rtol=1e-4, atol=0)
+    assert torch.allclose((H @ e.eigenvectors - e.eigenvectors * e.eigenvalues).norm(dim=0), e.residuals.to(DT), atol=1e-8)
+    mag = top_eigenpairs(K, 4, which="magnitude")
+    ref = lam[torch.argsort(lam.abs(), descending=True)[:4]]
+    assert torch.allclose(mag.eigenvalues, ref, rtol=1e-4)
+
+
+def test_lanczos_on_a_callable_with_repeated_and_zero_eigenvalues():
+    torch.manual_seed(5)
+    Q, _ = torch.linalg.qr(torch.randn(30, 30, dtype=DT))
+    lam = torch.tensor([5.0, 5.0, 3.0] + [0.0] * 27, dtype=DT)
+    A = Q @ torch.diag(lam) @ Q.T
+    e = top_eigenpairs(lambda v: A @ v, 4, dim=30, dtype=DT)
+    assert torch.allclose(e.eigenvalues, lam[:4], atol=1e-10)
+
+
+def test_hutchinson_within_three_standard_errors():
+    fm, x, y = mlp_problem()
+    K = build_curvature(fm, x, y, matrix="hessian")
+    exact = float(dense_hessian(fm, x, y).trace())
+    est = hutchinson_trace(K, 200, generator=torch.Generator().manual_seed(0))
+    assert est.standard_error > 0
+    assert abs(est.estimate - exact) <= 3 * est.standard_error
+
+
+def test_hutchpp_within_three_standard_errors_and_tighter_than_hutchinson():
+    fm, x, y = mlp_problem()
+    K = build_curvature(fm, x, y, matrix="ggn")  # PSD with a decaying spectrum
+    exact = float(dense_ggn(fm, x, y).trace())
+    pp = hutchpp_trace(K, 30, generator=torch.Generator().manual_seed(0))
+    plain = hutchinson_trace(K, 30, generator=torch.Generator().manual_seed(0))
+    assert abs(pp.estimate - exact) <= 3 * pp.standard_error + 1e-9
+    assert pp.standard_error < plain.standard_error
+
+
+def test_slq_density_integrates_to_one_and_moments_match():
+    fm, x, y = mlp_problem()
+    H = dense_hessian(fm, x, y)
+    P = fm.n_params
+    dens = spectral_density(DenseCurvature(H, "hessian"), num_probes=30, num_steps=P, generator=torch.Generator().manual_seed(1))
+    lam = torch.linalg.eigvalsh(H)
+    grid = torch.linspace(float(lam.min()) - 1, float(lam.max()) + 1, 20001, dtype=DT)
+    assert math.isclose(float(torch.trapezoid(dens.evaluate(grid), grid)), 1.0, abs_tol=1e-6)
+    assert torch.allclose(dens.weights.sum(1), torch.ones(30, dtype=DT), atol=1e-12)
+    # first moment ≈ tr(H)/P within 3 standard errors of the probe mean
+    probe = dens.probe_moments(1)
+    se = float(probe.std() / math.sqrt(len(probe)))
+    assert abs(dens.moment(1) - float(H.trace()) / P) <= 3 * se
+    # with P steps the quadrature is exact per probe: Σ_i w_i θ_i^j = vᵀ H^j v for the same probes
+    g = torch.Generator().manual_seed(1)
+    V = torch.stack([(2 * torch.randint(0, 2, (P,), generator=g) - 1).to(DT) / math.sqrt(P) for _ in range(30)])
+    for j in (2, 3):
+        exact = torch.einsum("rp,pq,rq->r", V, torch.linalg.matrix_power(H, j), V)
+        assert torch.allclose(dens.probe_moments(j), exact, rtol=1e-8)
+
+
+def test_slq_quadrature_is_exact_per_probe():
+    torch.manual_seed(6)
+    A = torch.randn(12, 12, dtype=DT)
+    A = A + A.T
+    probes = []
+
+    def matvec(v):
+        probes.append(v) if not probes else None
+        return A @ v
+
+    dens = spectral_density(matvec, num_probes=1, num_steps=12, dim=12, dtype=DT, generator=torch.Generator().manual_seed(0))
+    v = probes[0]
+    for j in (1, 2, 3, 5):
+        assert math.isclose(float(dens.probe_moments(j)[0]), float(v @ torch.linalg.matrix_power(A, j) @ v), rel_tol=1e-8)
+
+
+# --- effective dimension ----------------------------------------------------------------------------------
+def test_effective_dimension_on_known_eigenvalues():
+    lam = torch.tensor([9.0, 1.0, 0.0, -2.0])
+    assert math.isclose(effective_dimension(lam, 1.0), 0.9 + 0.5)
+    assert math.isclose(effective_dimension(lam, 1.0, negative="abs"), 0.9 + 0.5 + 2 / 3)
+    assert math.isclose(effective_dimension(lam, 1.0, converged=torch.tensor([True, False, True, True])), 0.9)
+    assert math.isclose(effective_dimension(torch.full((5,), 1e9), 1.0), 5.0, rel_tol=1e-8)
+    assert effdim_scale(1e-4, 1000) == pytest.approx(0.1) and effdim_scale(1e-4, 1000, "mean") == 1e-4
+    with pytest.raises(ConfigError, match="s > 0"):
+        effective_dimension(lam, 0.0)
+
+
+def test_effective_dimension_scales_with_reduction():
+    fm, x, y = mlp_problem()
+    lam_sum = build_curvature(fm, x, y, structure="full").eigenvalues()
+    lam_mean = build_curvature(fm, x, y, structure="full", reduction="mean").eigenvalues()
+    assert math.isclose(effective_dimension(lam_sum, len(x) * 0.3), effective_dimension(lam_mean, 0.3), rel_tol=1e-10)
+
+
+def test_blr_contraction_matches_explicit_inverses():
+    phi = fourier_features(torch.linspace(0, 5, 40, dtype=DT), 10)  # P = 20
+    res = blr_posterior_contraction(phi, noise_variance=0.1, prior_variance=3.0, s_parameter=5.0, s_function=2.0, seed=0)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    assert res.n_params == 20 and res.n.tolist() == list(range(1, 41))
+    for n in (1, 7, 20, 33, 40):
+        Pn = phi[order[:n]]
+        Sigma = torch.linalg.inv(Pn.T @ Pn / 0.1 + torch.eye(20, dtype=DT) / 3.0)
+        post = torch.linalg.eigvalsh(Sigma)
+        func = torch.linalg.eigvalsh(Pn @ Sigma @ Pn.T).clamp_min(0)
+        data = torch.linalg.eigvalsh(Pn.T @ Pn / 0.1).clamp_min(0)
+        assert math.isclose(float(res.effdim_posterior[n - 1]), effective_dimension(post, 5.0), rel_tol=1e-9)
+        assert math.isclose(float(res.effdim_function[n - 1]), effective_dimension(func, 2.0), rel_tol=1e-7, abs_tol=1e-9)
+        assert math.isclose(float(res.effdim_hessian[n - 1]), effective_dimension(data, 1 / 3.0), rel_tol=1e-9)
+        assert math.isclose(float(res.effdim_hessian[n - 1]), 20 - float(Sigma.trace()) / 3.0, rel_tol=1e-9)
+    assert bool((res.effdim_posterior[1:] <= res.effdim_posterior[:-1] + 1e-12).all())  # contraction
+
+
+def test_blr_default_setting_runs():
+    res = blr_posterior_contraction()
+    assert res.n_params == 200 and len(res.n) == 300
+    assert res.effdim_posterior[-1] < res.effdim_posterior[0]
+
+
+def test_compute_spectrum_summary():
+    from modelsense.curvature import SpectrumConfig, compute_spectrum
+
+    fm, x, y = mlp_problem()
+    H = dense_hessian(fm, x, y)
+    lam = torch.linalg.eigvalsh(H).flip(0)
+    spec = compute_spectrum(fm, x, y, SpectrumConfig(k=5, s=(1.0, 10.0), trace_samples=50, density_probes=2, density_steps=10))
+    assert torch.allclose(spec.eigenvalues, lam[:5], rtol=1e-4)
+    m = spec.to_metrics()
+    assert m["n_params"] == fm.n_params and len(m["eigenvalues"]) == 5
+    assert m["effective_dimension"] == pytest.approx(effective_dimension(lam[:5], 1.0), rel=1e-4)
+    assert spec.effective_dimension[10.0] < spec.effective_dimension[1.0]
+    assert abs(m["trace"] - float(H.trace())) <= 4 * m["trace_standard_error"]
+    with pytest.raises(ConfigError, match="every s > 0"):
+        SpectrumConfig(s=(0.0,))
+
+
+# --- bad input ------------------------------------------------------------------------------------------
+def test_bad_input_raises_config_errors():
+    fm, x, y = mlp_problem()
+    with pytest.raises(ConfigError, match="unknown structure 'blockdiag'"):
+        build_curvature(fm, x, y, structure="blockdiag")
+    with pytest.raises(ConfigError, match="unknown matrix 'fisherish'"):
+        CurvatureConfig(matrix="fisherish")
+    with pytest.raises(ConfigError, match="not the Hessian"):
+        build_curvature(fm, x, y, matrix="hessian", structure="kfac")
+    with pytest.raises(ConfigError, match="damping >= 0"):
+        build_curvature(fm, x, y, structure="diag").inverse_mv(torch.ones(fm.n_params, dtype=DT), -1.0)
+    with pytest.raises(ConfigError, match="damping > 0"):
+        build_curvature(fm, x, y, structure="lowrank", rank=3).inverse_mv(torch.ones(fm.n_params, dtype=DT), 0.0)
+    with pytest.raises(ConfigError, match="not positive definite"):
+        DenseCurvature(torch.diag(torch.tensor([1.0, -1.0], dtype=DT)), "hessian").inverse_mv(torch.ones(2, dtype=DT), 0.5)
+    with pytest.raises(ConfigError, match="shape"):
+        build_curvature(fm, x, y, structure="diag").mv(torch.ones(3, dtype=DT))
+    with pytest.raises(ConfigError, match="max_full_params"):
+        build_curvature(fm, x, y, structure="full", max_full_params=10)
+    with pytest.raises(DataError, match="same number"):
+        build_curvature(fm, x, y[:-1])
+    net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).to(DT)
+    with pytest.raises(ConfigError, match=r"not covered: \['1.weight', '1.bias'\]"):
+        build_curvature(FunctionalModel(net), x, y, structure="kfac")
+    # excluding them with trainable= makes KFAC available
+    K = build_curvature(FunctionalModel(net, trainable=lambda n: n.startswith("0.")), x, y, structure="kfac")
+    assert K.n_params == 15
+    with pytest.raises(ConfigError, match="k >= 1"):
+        DenseCurvature(torch.eye(3, dtype=DT)).eigen(0)
