@@ -10,6 +10,7 @@ from pathlib import Path
 
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
+from modelsense.experiments.curvature import curvature_section
 from modelsense.experiments.report import Section, write_report
 from modelsense.experiments.representations import representations_section
 from modelsense.experiments.memorization import memorization_section
@@ -32,7 +33,7 @@ def training_section(out: Path, progress: bool) -> Section:
     )
 
 
-SECTIONS = {"train": training_section, "memorization": memorization_section,
+SECTIONS = {"train": training_section, "curvature": curvature_section, "memorization": memorization_section,
             "representations": representations_section}
 
 

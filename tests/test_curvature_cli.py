@@ -1,0 +1,251 @@
+"""End-to-end tests of `modelsense spectrum`, `effdim width-sweep`, `effdim blr` (tiny settings)."""
+
+import inspect
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import modelsense.cli.curvature as cli_curvature  # noqa: F401  (registers spectrum / effdim)
+import modelsense.experiments.curvature as exp
+from modelsense.cli.app import app
+from modelsense.core.functional import FunctionalModel
+from modelsense.curvature import dense_hessian, fourier_features
+from modelsense.data import DataConfig, load_dataset_from_config
+from modelsense.errors import ConfigError
+from modelsense.experiments.train import load_model
+
+runner = CliRunner()
+N_TRAIN = 150
+DATA = ["--dataset", "digits", "--n-train", str(N_TRAIN)]
+TINY_SPECTRUM = [*DATA, "--model", "mlp", "--widths", "8", "--epochs", "2", "--lr", "0.1", "--bs", "32",
+                 "--trace-samples", "4", "--density-probes", "2", "--density-steps", "8"]
+TINY_SWEEP = [*DATA, "--epochs", "3", "--bs", "64", "--k", "3"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [*map(str, args), "--quiet"])
+
+
+def ok(*args) -> dict:
+    res = invoke(*args)
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    out = args[list(args).index("--out") + 1]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def error(res) -> str:
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError), f"{res.output}\n{res.exception!r}"
+    return str(res.exception)
+
+
+def neff(eigenvalues, s) -> float:
+    lam = np.clip(np.asarray(eigenvalues, dtype=float), 0, None)
+    return float((lam / (lam + s)).sum())
+
+
+@pytest.fixture(scope="module")
+def spectrum_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("spectrum")
+    return out, ok("spectrum", *TINY_SPECTRUM, "--k", 4, "--s", "100,150", "--out", out)
+
+
+# -- spectrum ----------------------------------------------------------------------------------
+
+
+def test_spectrum_equals_dense_hessian_of_summed_loss(spectrum_run):
+    out, m = spectrum_run
+    assert m["n_params"] == 64 * 8 + 8 + 8 * 10 + 10 and m["matrix"] == "hessian" and m["reduction"] == "sum"
+    module, info = load_model(out / "model.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=N_TRAIN))
+    fm = FunctionalModel(module.double())
+    H = dense_hessian(fm, data.x_train.double(), data.y_train)  # of the summed loss
+    top = torch.linalg.eigvalsh(H).flip(0)[:4].numpy()
+    lam = np.asarray(m["eigenvalues"])
+    assert np.all(np.diff(lam) <= 0) and all(m["eigenvalues_converged"])
+    np.testing.assert_allclose(lam, top, rtol=1e-4)
+    assert m["s"] == [100.0, 150.0]
+    assert m["effective_dimension"] == pytest.approx(neff(lam, 100.0))
+    assert m["effective_dimension_by_s"]["150.0"] == pytest.approx(neff(lam, 150.0))
+    tr = float(torch.trace(H))
+    assert abs(m["trace"] - tr) <= 4 * m["trace_standard_error"] + 1e-6 * abs(tr)
+    arrays = np.load(out / "spectrum.npz")
+    np.testing.assert_allclose(arrays["eigenvalues"], lam, rtol=1e-6)
+    assert {"density_grid", "density", "slq_nodes", "slq_weights", "converged"} <= set(arrays.files)
+    assert (out / "figures" / "spectrum.png").stat().st_size > 0
+    assert json.loads((out / "config.json").read_text())["spectrum"]["k"] == 4
+
+
+def test_spectrum_from_checkpoint_mean_reduction_scales_s(spectrum_run, tmp_path):
+    """Mean-loss eigenvalues are the summed ones / N; the default s (100 / N) gives the same N_eff."""
+    out, m_sum = spectrum_run
+    m = ok("spectrum", *DATA, "--checkpoint", out / "model.pt", "--k", 4, "--reduction", "mean",
+           "--trace-samples", 0, "--density-probes", 0, "--out", tmp_path)
+    np.testing.assert_allclose(np.asarray(m["eigenvalues"]) * N_TRAIN, m_sum["eigenvalues"], rtol=1e-4)
+    assert m["s"] == [pytest.approx(100.0 / N_TRAIN)]
+    assert m["effective_dimension"] == pytest.approx(m_sum["effective_dimension"], rel=1e-4)
+    assert m["trace"] is None and not (tmp_path / "model.pt").exists()
+    assert m["train_accuracy"] == pytest.approx(m_sum["train_accuracy"])
+
+
+def test_spectrum_weights_only(spectrum_run, tmp_path):
+    out, _ = spectrum_run
+    m = ok("spectrum", *DATA, "--checkpoint", out / "model.pt", "--k", 3, "--weights-only", "--matrix", "ggn",
+           "--trace-samples", 0, "--density-probes", 0, "--out", tmp_path)
+    module, _ = load_model(out / "model.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=N_TRAIN))
+    fm = FunctionalModel(module.double(), trainable=lambda n: n.endswith("weight"))
+    from modelsense.curvature import dense_ggn
+
+    top = torch.linalg.eigvalsh(dense_ggn(fm, data.x_train.double(), data.y_train)).flip(0)[:3].numpy()
+    assert m["n_params"] == 64 * 8 + 8 * 10 and m["n_params_total"] == 610 and m["weights_only"]
+    np.testing.assert_allclose(m["eigenvalues"], top, rtol=1e-4)
+
+
+def test_spectrum_bad_input(spectrum_run, tmp_path):
+    out, _ = spectrum_run
+    msg = error(invoke("spectrum", *TINY_SPECTRUM, "--matrix", "fisher", "--out", tmp_path / "a"))
+    assert "unknown matrix 'fisher'" in msg and "hessian" in msg
+    msg = error(invoke("spectrum", *DATA, "--widths", "2", "--k", 500, "--out", tmp_path / "b"))
+    assert "--k 500 is larger than the number of parameters" in msg and "(160)" in msg
+    msg = error(invoke("spectrum", "--dataset", "mnist1d", "--n-train", 50, "--checkpoint", out / "model.pt",
+                       "--out", tmp_path / "c"))
+    assert "trained on dataset 'digits'" in msg and "'mnist1d'" in msg
+    msg = error(invoke("spectrum", *DATA, "--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "d"))
+    assert "not found" in msg
+    msg = error(invoke("spectrum", *TINY_SPECTRUM, "--s", "100,-1", "--out", tmp_path / "e"))
+    assert "s must be a finite number > 0" in msg
+    msg = error(invoke("spectrum", *TINY_SPECTRUM, "--s", "1e2,abc", "--out", tmp_path / "f"))
+    assert "--s must be comma-separated numbers" in msg
+    msg = error(invoke("spectrum", *TINY_SPECTRUM, "--reduction", "median", "--out", tmp_path / "g"))
+    assert "unknown reduction 'median'" in msg
+    assert not (tmp_path / "b" / "config.json").exists()  # checked before anything is written
+
+
+# -- width sweep -------------------------------------------------------------------------------
+
+
+def test_width_sweep_end_to_end(tmp_path):
+    m = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,6,4", "--s", "100,10",
+           "--train-loss-threshold", 100, "--save-models", "--out", tmp_path)
+    assert m["widths"] == [2, 4, 6] and m["n_params"] == [64 * w + w + 10 * w + 10 for w in (2, 4, 6)]
+    assert m["s"] == [100.0, 10.0] and m["k"] == [3, 3, 3] and m["n_interpolating"] == 3
+    for i, w in enumerate(m["widths"]):
+        res = json.loads((tmp_path / "widths" / f"width_{w}.json").read_text())
+        assert res["test_loss"] == m["test_loss"][i] and res["n_params"] == m["n_params"][i]
+        assert m["effective_dimension"][i] == pytest.approx(neff(res["eigenvalues"], 100.0))
+        assert m["effective_dimension_by_s"]["10.0"][i] == pytest.approx(neff(res["eigenvalues"], 10.0))
+        assert m["test_error"][i] == pytest.approx(1 - res["test_accuracy"])
+        assert (tmp_path / "widths" / f"model_{w}.pt").exists()
+    from scipy.stats import spearmanr
+
+    rho = spearmanr(m["effective_dimension"], m["test_loss"])[0]
+    assert m["spearman_effdim_test_loss"] == pytest.approx(rho) == m["spearman_effdim_test_loss_all"]
+    assert m["spearman_params_test_loss"] == pytest.approx(spearmanr(m["n_params"], m["test_loss"])[0])
+    assert (tmp_path / "figures" / "width_sweep.png").stat().st_size > 0
+    np.testing.assert_allclose(np.load(tmp_path / "width_sweep.npz")["test_loss"], m["test_loss"])
+
+
+def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
+    calls = []
+    real_fit = exp.fit
+
+    def counting_fit(module, data, cfg, **kw):
+        calls.append(sum(p.numel() for p in module.parameters()))
+        if len(calls) == 2 and crash[0]:
+            raise RuntimeError("simulated crash")
+        return real_fit(module, data, cfg, **kw)
+
+    crash = [True]
+    monkeypatch.setattr(exp, "fit", counting_fit)
+    res = invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path)
+    assert isinstance(res.exception, RuntimeError)  # crash while training width 4: width 2 is kept
+    assert (tmp_path / "widths" / "width_2.json").exists() and not (tmp_path / "widths" / "width_4.json").exists()
+    crash[0] = False
+    calls.clear()
+    msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path))
+    assert "pass --resume" in msg
+    first = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--resume", "--out", tmp_path)
+    assert len(calls) == 1 and first["n_trained"] == 1
+    calls.clear()
+    more = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4,8", "--s", "50", "--resume", "--out", tmp_path)
+    assert len(calls) == 1 and calls[0] == 64 * 8 + 8 + 80 + 10 and more["widths"] == [2, 4, 8]
+    assert more["test_loss"][:2] == first["test_loss"] and more["s"] == [50.0]
+    msg = error(invoke("effdim", "width-sweep", *DATA, "--epochs", 4, "--bs", 64, "--k", 3, "--widths", "2",
+                       "--resume", "--out", tmp_path))
+    assert "holds a run with train=" in msg
+
+
+def test_width_sweep_bad_input(tmp_path):
+    msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--model", "lenet", "--out", tmp_path / "a"))
+    assert "mlp, cnn, resnet18" in msg and "'lenet'" in msg
+    msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,0", "--out", tmp_path / "b"))
+    assert "positive integers" in msg
+    msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--matrix", "fim", "--out", tmp_path / "c"))
+    assert "unknown matrix 'fim'" in msg
+
+
+@pytest.mark.parametrize("args", [
+    ["--dataset", "mnist1d", "--n-train", "100", "--widths", "3,5"],
+    ["--dataset", "digits", "--n-train", "100", "--model", "cnn", "--depth", "1", "--widths", "2,3"],
+])
+def test_width_sweep_other_datasets_and_models(args, tmp_path):
+    m = ok("effdim", "width-sweep", *args, "--epochs", "2", "--k", "3", "--out", tmp_path)
+    assert len(m["effective_dimension"]) == 2 and all(np.isfinite(m["test_loss"]))
+    cfg = json.loads((tmp_path / "widths" / f"width_{m['widths'][1]}.json").read_text())["model"]
+    assert (cfg["widths"] == [5]) if cfg["name"] == "mlp" else (cfg["width"] == 3 and cfg["depth"] == 1)
+
+
+def test_width_sweep_defaults_are_the_prototype():
+    params = inspect.signature(cli_curvature.width_sweep).parameters
+    d = {k: p.default for k, p in params.items()}
+    assert tuple(int(w) for w in d["widths"].split(",")) == exp.PROTOTYPE_WIDTHS
+    t, data = exp.PROTOTYPE_TRAIN, exp.PROTOTYPE_DATA
+    assert (d["optimizer"], d["lr"], d["lrmin"], d["epochs"], d["bs"], d["delta"]) == (
+        t.optimizer, t.lr, t.lrmin, t.epochs, t.bs, t.delta)
+    assert (d["dataset"], d["corruption_ratio"], d["standardize"]) == (data.name, data.corruption_ratio, data.standardize)
+    assert d["k"] == 50 and d["s"] == "" and d["matrix"] == "hessian" and d["reduction"] == "sum"
+    assert exp.resolve_s((), "sum", 1297) == (100.0,) and exp.resolve_s((), "mean", 1000) == (0.1,)
+
+
+def test_summarize_counts_only_interpolating_models():
+    results = [{"width": w, "n_params": p, "train_loss": tl, "train_accuracy": 1.0, "test_loss": te,
+                "test_error": 0.1, "k": 2, "eigenvalues": ev, "eigenvalues_converged": [True, c]}
+               for w, p, tl, te, ev, c in [(1, 10, 0.5, 3.0, [5.0, 1.0], True), (2, 20, 0.001, 2.0, [300.0, 100.0], True),
+                                          (3, 30, 0.001, 1.0, [100.0, 50.0], False), (4, 40, 0.002, 1.5, [200.0, 60.0], True)]]
+    m = exp.summarize_width_sweep(results, [100.0], 0.01)
+    assert m["interpolating"] == [False, True, True, True] and m["n_interpolating"] == 3
+    assert m["effective_dimension"][2] == pytest.approx(0.5)  # the unconverged Ritz value is dropped
+    assert m["spearman_effdim_test_loss"] == pytest.approx(1.0)
+    assert m["spearman_params_test_loss"] == pytest.approx(-0.5)
+    assert exp.summarize_width_sweep(results[:2], [100.0], 0.01)["spearman_effdim_test_loss"] is None
+
+
+# -- blr ---------------------------------------------------------------------------------------
+
+
+def test_blr_end_to_end_against_closed_form(tmp_path):
+    m = ok("effdim", "blr", "--n-points", 40, "--n-frequencies", 8, "--x-max", 5, "--s", 2, "--s-function", 0.05,
+           "--out", tmp_path)
+    phi = fourier_features(torch.linspace(0, 5, 40, dtype=torch.float64), 8)
+    sigma = torch.linalg.inv(phi.T @ phi / 0.1 + torch.eye(16, dtype=torch.float64) / 3.0)  # all 40 points
+    post = torch.linalg.eigvalsh(sigma)
+    func = torch.linalg.eigvalsh(phi @ sigma @ phi.T).clamp_min(0)
+    assert m["n_params"] == 16 and m["n_points"] == 40
+    assert m["effdim_posterior_last"] == pytest.approx(float((post / (post + 2)).sum()), rel=1e-8)
+    assert m["effdim_function_last"] == pytest.approx(float((func / (func + 0.05)).sum()), rel=1e-6)
+    shrunk = 1 / (8 / 0.1 + 1 / 3)  # one point: |φ|² = F = 8 for every x; 15 directions keep the prior τ² = 3
+    assert m["effdim_posterior_first"] == pytest.approx(15 * 3 / 5 + shrunk / (shrunk + 2), rel=1e-8)
+    arrays = np.load(tmp_path / "blr.npz")
+    assert arrays["effdim_posterior"].shape == (40,) and np.all(np.diff(arrays["effdim_posterior"]) <= 1e-12)
+    assert (tmp_path / "figures" / "blr_effective_dimension.png").stat().st_size > 0
+    msg = error(invoke("effdim", "blr", "--n-frequencies", 0, "--out", tmp_path / "x"))
+    assert "--n-frequencies >= 1" in msg
+
+
+def test_curvature_section(tmp_path):
+    section = exp.curvature_section(tmp_path, progress=False)
+    assert section.metrics["n_params"] == 26122 and all(p.exists() for p in section.figures)
+    assert 0 < section.metrics["N_eff (s = N = 1297)"] <= section.metrics["N_eff (s = 100)"] <= 20
