@@ -11,7 +11,7 @@ import sys
 
 from rich.console import Console
 
-from modelsense.cli import core, curvature, memorization, representations  # noqa: F401  (register commands)
+from modelsense.cli import core, curvature, influence, memorization, mpe, representations  # noqa: F401  (register commands)
 from modelsense.cli.app import app
 from modelsense.errors import ModelsenseError
 

@@ -28,18 +28,18 @@ Damping = Annotated[Optional[float], typer.Option("--damping", help="if-*/trak/a
 DampingMode = Annotated[Optional[str], typer.Option("--damping-mode", help="relative (× mean eigenvalue) or absolute")]
 Matrix = Annotated[Optional[str], typer.Option("--matrix", help="curvature of if-*/arnoldi: ggn, hessian or ef")]
 Rank = Annotated[Optional[int], typer.Option("--arnoldi-rank", help="arnoldi: number of eigendirections")]
-TrakModels = Annotated[Optional[int], typer.Option("--trak-models", help="trak: independently trained models")]
+EnsModels = Annotated[Optional[int], typer.Option("--ensemble-models", help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the trained model only)")]
 El2nRepeat = Annotated[Optional[int], typer.Option("--el2n-repeat", help="el2n: early-trained models")]
 LossType = Annotated[str, typer.Option("--loss", help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the GEX original's default; gradient/ensemble methods only)")]
-BsJacs = Annotated[int, typer.Option("--bs-jacs", help="examples per vmapped per-example gradient pass")]
-MemoryBudget = Annotated[float, typer.Option("--memory-gb", help="score matrices larger than this go to a memory-mapped file")]
+BsJacs = Annotated[Optional[int], typer.Option("--bs-jacs", help="examples per vmapped per-example gradient pass (default: as many as fit in memory-gb / 8)")]
+MemoryBudget = Annotated[float, typer.Option("--memory-gb", help="memory budget in GiB: score matrices larger than this go to a memory-mapped file")]
 
 
 def _settings(num_ens, ft_lr, ft_step, ft_lr_sched, gex_eps, proj_dim, damping, damping_mode, matrix, arnoldi_rank,
-              trak_models, el2n_repeat, loss, bs_jacs, memory_gb) -> dict[str, Any]:
+              ensemble_models, el2n_repeat, loss, bs_jacs, memory_gb) -> dict[str, Any]:
     return {"num_ens": num_ens, "ft_lr": ft_lr, "ft_step": ft_step, "ft_lr_sched": ft_lr_sched, "gex_eps": gex_eps,
             "proj_dim": proj_dim, "damping": damping, "damping_mode": damping_mode, "matrix": matrix, "rank": arnoldi_rank,
-            "n_models": trak_models, "el2n_repeat": el2n_repeat, "loss": loss, "chunk_size": bs_jacs,
+            "n_models": ensemble_models, "el2n_repeat": el2n_repeat, "loss": loss, "chunk_size": bs_jacs,
             "memory_budget": int(memory_gb * 2**30)}
 
 
@@ -61,8 +61,8 @@ def noisy_labels(
     methods: Methods = "gex,loss,grad-dot,el2n,randproj,tracin-rp,if-ekfac,mpe",
     num_ens: NumEns = None, ft_lr: FtLr = None, ft_step: FtStep = None, ft_lr_sched: FtLrSched = None, gex_eps: GexEps = None,
     proj_dim: ProjDim = None, damping: Damping = None, damping_mode: DampingMode = None, matrix: Matrix = None,
-    arnoldi_rank: Rank = None, trak_models: TrakModels = None, el2n_repeat: El2nRepeat = None,
-    loss: LossType = "cross_entropy", bs_jacs: BsJacs = 256, memory_gb: MemoryBudget = 1.0,
+    arnoldi_rank: Rank = None, ensemble_models: EnsModels = None, el2n_repeat: El2nRepeat = None,
+    loss: LossType = "cross_entropy", bs_jacs: BsJacs = None, memory_gb: MemoryBudget = 2.0,
     out: o.Out = Path("runs/noisy_labels"), quiet: o.Quiet = False,
 ) -> None:
     """Noisy-label detection: rank training examples by each method's self-influence; AUC/AP, histograms."""
@@ -70,7 +70,7 @@ def noisy_labels(
 
     set_quiet(quiet)
     metrics = run_noisy_labels(data_cfg, model_cfg, train_cfg, out, methods=methods, progress=not quiet, settings=_settings(
-        num_ens, ft_lr, ft_step, ft_lr_sched, gex_eps, proj_dim, damping, damping_mode, matrix, arnoldi_rank, trak_models,
+        num_ens, ft_lr, ft_step, ft_lr_sched, gex_eps, proj_dim, damping, damping_mode, matrix, arnoldi_rank, ensemble_models,
         el2n_repeat, loss, bs_jacs, memory_gb))
     console.print(f"train accuracy {metrics['train_accuracy']:.4f}, {metrics['n_corrupted']} corrupted labels")
     _print(metrics, ("auc", "ap", "seconds"), out)
@@ -86,8 +86,8 @@ def prune(
     n_random: Annotated[int, typer.Option("--n-random", help="random-removal repeats per k")] = 3,
     num_ens: NumEns = None, ft_lr: FtLr = None, ft_step: FtStep = None, ft_lr_sched: FtLrSched = None, gex_eps: GexEps = None,
     proj_dim: ProjDim = None, damping: Damping = None, damping_mode: DampingMode = None, matrix: Matrix = None,
-    arnoldi_rank: Rank = None, trak_models: TrakModels = None, el2n_repeat: El2nRepeat = None,
-    loss: LossType = "cross_entropy", bs_jacs: BsJacs = 256, memory_gb: MemoryBudget = 1.0,
+    arnoldi_rank: Rank = None, ensemble_models: EnsModels = None, el2n_repeat: El2nRepeat = None,
+    loss: LossType = "cross_entropy", bs_jacs: BsJacs = None, memory_gb: MemoryBudget = 2.0,
     out: o.Out = Path("runs/prune"), quiet: o.Quiet = False,
 ) -> None:
     """Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random removal."""
@@ -97,7 +97,7 @@ def prune(
     metrics = run_prune(data_cfg, model_cfg, train_cfg, out, methods=methods, ks=o.int_list(ks, "--ks"), remove=remove,
                         n_random=n_random, progress=not quiet, settings=_settings(
                             num_ens, ft_lr, ft_step, ft_lr_sched, gex_eps, proj_dim, damping, damping_mode, matrix,
-                            arnoldi_rank, trak_models, el2n_repeat, loss, bs_jacs, memory_gb))
+                            arnoldi_rank, ensemble_models, el2n_repeat, loss, bs_jacs, memory_gb))
     console.print(f"k = {metrics['ks']}; all data: {metrics['full_test_accuracy']:.4f}")
     for m, acc in {**metrics["accuracy"], "random": metrics["random_accuracy"]}.items():
         console.print(f"{m:>12s}: " + " ".join(f"{a:.4f}" for a in acc))
@@ -115,8 +115,8 @@ def lds(
     chunk_models: Annotated[Optional[int], typer.Option("--chunk-models", help="subset models trained together (vmapped)")] = None,
     num_ens: NumEns = None, ft_lr: FtLr = None, ft_step: FtStep = None, ft_lr_sched: FtLrSched = None, gex_eps: GexEps = None,
     proj_dim: ProjDim = None, damping: Damping = None, damping_mode: DampingMode = None, matrix: Matrix = None,
-    arnoldi_rank: Rank = None, trak_models: TrakModels = None, el2n_repeat: El2nRepeat = None,
-    loss: LossType = "cross_entropy", bs_jacs: BsJacs = 256, memory_gb: MemoryBudget = 1.0,
+    arnoldi_rank: Rank = None, ensemble_models: EnsModels = None, el2n_repeat: El2nRepeat = None,
+    loss: LossType = "cross_entropy", bs_jacs: BsJacs = None, memory_gb: MemoryBudget = 2.0,
     out: o.Out = Path("runs/lds"), quiet: o.Quiet = False,
 ) -> None:
     """Linear datamodeling score per method (ground truth: models on random α-subsets, cached in --out)."""
@@ -126,7 +126,7 @@ def lds(
     metrics = run_lds(data_cfg, model_cfg, train_cfg, out, methods=methods, n_models=n_models, alpha=alpha, n_test=n_test,
                       chunk_models=chunk_models, progress=not quiet, settings=_settings(
                           num_ens, ft_lr, ft_step, ft_lr_sched, gex_eps, proj_dim, damping, damping_mode, matrix,
-                          arnoldi_rank, trak_models, el2n_repeat, loss, bs_jacs, memory_gb))
+                          arnoldi_rank, ensemble_models, el2n_repeat, loss, bs_jacs, memory_gb))
     _print(metrics, ("lds", "seconds"), out)
 
 
@@ -141,8 +141,8 @@ def influence(
     top_k: Annotated[int, typer.Option("--top-k", help="most helpful / harmful training examples shown per test example")] = 5,
     num_ens: NumEns = None, ft_lr: FtLr = None, ft_step: FtStep = None, ft_lr_sched: FtLrSched = None, gex_eps: GexEps = None,
     proj_dim: ProjDim = None, damping: Damping = None, damping_mode: DampingMode = None, matrix: Matrix = None,
-    arnoldi_rank: Rank = None, trak_models: TrakModels = None, el2n_repeat: El2nRepeat = None,
-    loss: LossType = "cross_entropy", bs_jacs: BsJacs = 256, memory_gb: MemoryBudget = 1.0,
+    arnoldi_rank: Rank = None, ensemble_models: EnsModels = None, el2n_repeat: El2nRepeat = None,
+    loss: LossType = "cross_entropy", bs_jacs: BsJacs = None, memory_gb: MemoryBudget = 2.0,
     out: o.Out = Path("runs/influence"), quiet: o.Quiet = False,
 ) -> None:
     """One method's influence scores (score(i, j) ≈ rise of test loss j when training example i is removed)."""
@@ -152,5 +152,5 @@ def influence(
     metrics = run_influence(data_cfg, model_cfg, train_cfg, out, method=method, self_only=self_only, n_test=n_test,
                             top_k=top_k, progress=not quiet, settings=_settings(
                                 num_ens, ft_lr, ft_step, ft_lr_sched, gex_eps, proj_dim, damping, damping_mode, matrix,
-                                arnoldi_rank, trak_models, el2n_repeat, loss, bs_jacs, memory_gb))
+                                arnoldi_rank, ensemble_models, el2n_repeat, loss, bs_jacs, memory_gb))
     console.print(f"{metrics['method']}: scores of shape {metrics['shape']} in {metrics['seconds']:.1f}s -> {out}")

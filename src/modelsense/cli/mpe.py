@@ -26,7 +26,6 @@ mpe_app = typer.Typer(no_args_is_help=True, add_completion=False,
                       help="Memory-perturbation equation: LOO estimates, sensitivities, the five experiments of the paper.")
 app.add_typer(mpe_app, name="mpe")
 
-_D = None  # filled lazily: the defaults table of the experiments module
 
 
 def _defaults(experiment: str) -> dict:
@@ -49,7 +48,7 @@ def _d(experiment: str, key: str):
 OptimVar = Annotated[bool, typer.Option("--optim-var/--no-optim-var", help="posterior from the optimizer state (IVON: 1/(N h + δ), Adam: 1/(N sqrt(v) + δ)) instead of Laplace")]
 VarVersion = Annotated[str, typer.Option("--var-version", help="Laplace GGN structure: kfac, diag, full (small models), ekfac")]
 BsJacs = Annotated[int, typer.Option("--bs-jacs", help="examples per chunk of predictive covariances (memory bound)")]
-Variant = Annotated[str, typer.Option("--mpe-variant", help="diag (the paper's code), full (C x C), loo (Sherman-Morrison, exact posteriors)")]
+Variant = Annotated[str, typer.Option("--mpe-variant", help="full (C x C, default), diag (the paper's code), loo (Sherman-Morrison; for exact posteriors)")]
 LooDamping = Annotated[float, typer.Option("--loo-damping", help="α of the loo variant: Δf = (I − α V Λ)^-1 V e (1 plain, 0 = full)")]
 NRetrain = Annotated[int, typer.Option("--n-retrain", help="examples to retrain without")]
 EpochsRetrain = Annotated[int, typer.Option("--epochs-retrain")]
@@ -100,7 +99,7 @@ def validation(
     optimizer: o.Optimizer = _V["optimizer"], lr: o.Lr = _V["lr"], lrmin: o.LrMin = _V["lrmin"], epochs: o.Epochs = _V["epochs"],
     bs: o.Bs = _V["bs"], delta: o.Delta = _V["delta"], hess_init: o.HessInit = _V["hess_init"], seed: o.Seed = 0,
     device: o.Device = "cpu", fixed_batches: o.FixedBatches = False,
-    optim_var: OptimVar = False, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "diag",
+    optim_var: OptimVar = False, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "full",
     loo_damping: LooDamping = 1.0, n_retrain: NRetrain = _d("validation", "n_retrain"),
     epochs_retrain: EpochsRetrain = _d("validation", "epochs_retrain"), lr_retrain: LrRetrain = _d("validation", "lr_retrain"),
     lrmin_retrain: LrMinRetrain = _d("validation", "lrmin_retrain"), bs_retrain: BsRetrain = _d("validation", "bs_retrain"),
@@ -128,7 +127,7 @@ def loo_iterations(
     optimizer: o.Optimizer = _I["optimizer"], lr: o.Lr = _I["lr"], lrmin: o.LrMin = _I["lrmin"], epochs: o.Epochs = _I["epochs"],
     bs: o.Bs = _I["bs"], delta: o.Delta = _I["delta"], hess_init: o.HessInit = _I["hess_init"], seed: o.Seed = 0,
     device: o.Device = "cpu", fixed_batches: o.FixedBatches = False,
-    optim_var: OptimVar = False, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "diag",
+    optim_var: OptimVar = False, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "full",
     loo_damping: LooDamping = 1.0,
     checkpoint_epochs: Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs (default: the original's 1,2,5,10,20,30,... up to --epochs)")] = "",
     name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,
@@ -153,7 +152,7 @@ def loo_l2reg(
     optimizer: o.Optimizer = _L["optimizer"], lr: o.Lr = _L["lr"], lrmin: o.LrMin = _L["lrmin"], epochs: o.Epochs = _L["epochs"],
     bs: o.Bs = _L["bs"], delta: o.Delta = _L["delta"], hess_init: o.HessInit = _L["hess_init"], seed: o.Seed = 0,
     device: o.Device = "cpu", fixed_batches: o.FixedBatches = False,
-    var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "diag", loo_damping: LooDamping = 1.0,
+    var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "full", loo_damping: LooDamping = 1.0,
     n_exp: Annotated[int, typer.Option("--n-exp", help="number of δ values")] = _d("loo-l2reg", "n_exp"),
     deltas_start: Annotated[float, typer.Option("--deltas-start", help="δ = logspace(start, stop, n_exp)")] = _d("loo-l2reg", "deltas_start"),
     deltas_stop: Annotated[float, typer.Option("--deltas-stop")] = _d("loo-l2reg", "deltas_stop"),
@@ -178,7 +177,7 @@ def evolving(
     optimizer: o.Optimizer = _E["optimizer"], lr: o.Lr = _E["lr"], lrmin: o.LrMin = _E["lrmin"], epochs: o.Epochs = _E["epochs"],
     bs: o.Bs = _E["bs"], delta: o.Delta = _E["delta"], hess_init: o.HessInit = _E["hess_init"], seed: o.Seed = 0,
     device: o.Device = "cpu", fixed_batches: o.FixedBatches = False,
-    optim_var: OptimVar = True, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "diag",
+    optim_var: OptimVar = True, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "full",
     loo_damping: LooDamping = 1.0,
     checkpoint_iterations: Annotated[str, typer.Option("--checkpoint-iterations", help="comma-separated optimizer steps (default: 10, 10%, 40%, 100% of training)")] = "",
     mc_samples: Annotated[int, typer.Option("--mc-samples", help="Monte-Carlo samples of the residual")] = 150,
@@ -205,7 +204,7 @@ def loco(
     optimizer: o.Optimizer = _C["optimizer"], lr: o.Lr = _C["lr"], lrmin: o.LrMin = _C["lrmin"], epochs: o.Epochs = _C["epochs"],
     bs: o.Bs = _C["bs"], delta: o.Delta = _C["delta"], hess_init: o.HessInit = _C["hess_init"], seed: o.Seed = 0,
     device: o.Device = "cpu", fixed_batches: o.FixedBatches = False,
-    optim_var: OptimVar = False, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "diag",
+    optim_var: OptimVar = False, var_version: VarVersion = "kfac", bs_jacs: BsJacs = 500, mpe_variant: Variant = "full",
     loo_damping: LooDamping = 1.0, epochs_retrain: EpochsRetrain = _d("loco", "epochs_retrain"),
     lr_retrain: LrRetrain = _d("loco", "lr_retrain"), lrmin_retrain: LrMinRetrain = _d("loco", "lrmin_retrain"),
     bs_retrain: BsRetrain = None, name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,

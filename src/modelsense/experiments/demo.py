@@ -11,6 +11,8 @@ from pathlib import Path
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
 from modelsense.experiments.curvature import curvature_section
+from modelsense.experiments.influence import noisy_labels_section
+from modelsense.experiments.mpe import mpe_section
 from modelsense.experiments.report import Section, write_report
 from modelsense.experiments.representations import representations_section
 from modelsense.experiments.memorization import memorization_section
@@ -33,7 +35,8 @@ def training_section(out: Path, progress: bool) -> Section:
     )
 
 
-SECTIONS = {"train": training_section, "curvature": curvature_section, "memorization": memorization_section,
+SECTIONS = {"train": training_section, "curvature": curvature_section, "mpe": mpe_section,
+            "noisy-labels": noisy_labels_section, "memorization": memorization_section,
             "representations": representations_section}
 
 

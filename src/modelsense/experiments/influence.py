@@ -72,7 +72,7 @@ def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: Model
     if method.startswith("tracin"):
         ckpts, lrs = checkpoints_from_fit(result)
         ctx.update(checkpoints=ckpts, learning_rates=lrs)
-    if method in ("trak", "el2n"):
+    if method in ("trak", "el2n") or method.startswith("if-"):
         base = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
         ctx.update(train_config=base,
                    model_fn=lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)))
@@ -224,9 +224,10 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.2, 4))
-    for name, s in scores.items():
+    colors = plt.get_cmap("tab20").colors
+    for k, (name, s) in enumerate(scores.items()):
         x, y = detection_curve(s, corrupted)
-        ax.plot(x, y, label=name)
+        ax.plot(x, y, label=name, color=colors[(2 * k) % 20 + (k // 10) % 2], ls=("-", "--")[(k // 10) % 2])
     frac = len(corrupted) / len(next(iter(scores.values())))
     ax.plot([0, 1], [0, 1], color="grey", ls=":", label="random")
     ax.plot([0, frac, 1], [0, 1, 1], color="black", ls="--", lw=0.8, label="oracle")
@@ -530,7 +531,7 @@ def noisy_labels_section(out: Path, progress: bool):
     from modelsense.experiments.report import Section
 
     run = Path(out) / "noisy_labels"
-    settings = {"num_ens": 8, "ft_step": 200}
+    settings = {"num_ens": 8, "ft_step": 200, "ft_lr": 0.3}
     metrics = run_noisy_labels(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
                                TrainConfig(**NOISY_TRAIN), run, methods="gex,loss,grad-dot", settings=settings,
                                progress=progress)
@@ -544,7 +545,7 @@ def noisy_labels_section(out: Path, progress: bool):
         "digits with 10% of the training labels moved to another class; MLP 64-128-128-10 trained with SGD "
         "(lr 0.1, 200 epochs) until it fits the noise. Each method scores every training example by its "
         "self-influence (how much its own loss would rise if it were left out): GEX (8 chained fine-tuning "
-        "members of 200 steps, covariance of loss deviations), the training loss and the squared gradient norm "
+        "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and the squared gradient norm "
         "(grad-dot). AUC / AP of ranking the corrupted labels first; histograms of the self-influence of clean "
         "and corrupted examples.",
         shown,

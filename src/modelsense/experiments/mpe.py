@@ -28,6 +28,7 @@ Conventions and where the results differ from the original code (SEEDS.md 0.7):
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -69,6 +70,7 @@ from modelsense.training.fit import Fit, fit
 
 EXPERIMENTS = ("loo-iterations", "loo-l2reg", "validation", "evolving", "loco")
 REFERENCES = ("control", "trained")
+LOO_DAMPING_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 PAPER_CHECKPOINT_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 250, 300)
 
 
@@ -89,7 +91,7 @@ class MPEExperimentConfig:
     optim_var: bool = False
     var_version: str = "kfac"
     bs_jacs: int = 500
-    mpe_variant: str = "diag"
+    mpe_variant: str = "full"
     loo_damping: float = 1.0
     n_retrain: int = 200
     epochs_retrain: int = 10
@@ -157,11 +159,11 @@ class MPEExperimentConfig:
 DEFAULTS: dict[str, dict[str, Any]] = {
     "loo-iterations": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 50, "bs": 64, "delta": 10.0}},
     "loo-l2reg": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 50, "bs": 64, "delta": 10.0},
-                  "n_exp": 9, "deltas_start": -1.0, "deltas_stop": 3.0},
+                  "n_exp": 8, "deltas_start": -1.0, "deltas_stop": 2.5},
     "validation": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 100, "bs": 64, "delta": 10.0},
-                   "n_retrain": 200, "epochs_retrain": 10, "lr_retrain": 0.01, "lrmin_retrain": 0.0, "bs_retrain": 128},
-    "evolving": {"train": {"optimizer": "ivon", "lr": 0.1, "lrmin": 0.0, "epochs": 30, "bs": 64, "delta": 10.0,
-                           "hess_init": 0.1}, "optim_var": True},
+                   "n_retrain": 200, "epochs_retrain": 40, "lr_retrain": 0.05, "lrmin_retrain": 0.0, "bs_retrain": 128},
+    "evolving": {"train": {"optimizer": "ivon", "lr": 0.3, "lrmin": 0.0, "epochs": 30, "bs": 64, "delta": 10.0,
+                           "hess_init": 1.0}, "optim_var": True},
     "loco": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 100, "bs": 64, "delta": 10.0},
              "epochs_retrain": 30, "lr_retrain": 0.01, "lrmin_retrain": 0.0},
 }
@@ -277,8 +279,15 @@ def posterior_at(cfg: MPEExperimentConfig, module: nn.Module, data: Dataset, opt
     if cfg.optim_var:
         return build_posterior(cfg.train.optimizer, model, prior_precision=cfg.train.delta, optimizer=optimizer,
                                n_train=n_train or data.n_train, chunk_size=cfg.bs_jacs)
-    return build_posterior("laplace", model, data.x_train.to(device), data.y_train.to(device), prior_precision=cfg.train.delta,
-                           structure=cfg.var_version, chunk_size=cfg.bs_jacs)
+    try:
+        return build_posterior("laplace", model, data.x_train.to(device), data.y_train.to(device), prior_precision=cfg.train.delta,
+                               structure=cfg.var_version, chunk_size=cfg.bs_jacs)
+    except torch.linalg.LinAlgError:
+        # float32 eigh of a KFAC factor with many (near-)repeated eigenvalues, e.g. dead ReLU units,
+        # can fail to converge; the same posterior in float64 is robust
+        model = FunctionalModel(copy.deepcopy(module).double())
+        return build_posterior("laplace", model, data.x_train.to(device, torch.float64), data.y_train.to(device),
+                               prior_precision=cfg.train.delta, structure=cfg.var_version, chunk_size=cfg.bs_jacs)
 
 
 def predictive_covariances(posterior, x: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -288,8 +297,8 @@ def predictive_covariances(posterior, x: Tensor, chunk_size: int) -> tuple[Tenso
     for start in range(0, len(x), chunk_size):
         xb = x[start : start + chunk_size].to(device)
         with torch.no_grad():
-            logits.append(posterior.model(posterior.mean, xb).detach().cpu())
-        covs.append(posterior.predictive_covariance(xb, chunk_size=chunk_size).detach().cpu())
+            logits.append(posterior.model(posterior.mean, xb.to(posterior.mean_flat.dtype)).detach().cpu().float())
+        covs.append(posterior.predictive_covariance(xb, chunk_size=chunk_size).detach().cpu().float())
     return torch.cat(logits), torch.cat(covs)
 
 
@@ -348,6 +357,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, out: str | Path, progress: bool
     data, run = _start("loo-iterations", cfg, out)
     marks = sorted({e for e in cfg.checkpoint_epochs if 1 <= e <= cfg.train.epochs} | {cfg.train.epochs})
     est: dict[int, float] = {}
+    est_by_variant: dict[int, dict[str, float]] = {}
     train_cfg = replace(cfg.train, eval_every=1)
 
     def on_epoch(epoch, row, module, recorder):
@@ -356,7 +366,9 @@ def run_loo_iterations(cfg: MPEExperimentConfig, out: str | Path, progress: bool
         module.eval()
         post = posterior_at(cfg, module, data, optimizer=recorder.optimizer, n_train=data.n_train)
         logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-        est[epoch] = memory_perturbation(logits, data.y_train, V, cfg.settings).estimated_loo_nll
+        by_variant = {v: r.estimated_loo_nll for v, r in _all_variants(logits, data.y_train, V, cfg).items()}
+        est[epoch] = by_variant[cfg.mpe_variant]
+        est_by_variant[epoch] = by_variant
         module.train()
         run.log(f"epoch {epoch}: estimated LOO NLL {est[epoch]:.4f}, test NLL {row['test_loss']:.4f}")
 
@@ -369,6 +381,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, out: str | Path, progress: bool
     metrics = {
         "checkpoint_epochs": marks, "estimated_nll": estimated, "test_nll": test,
         "final_abs_gap": abs(estimated[-1] - test[-1]), "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
+        "estimated_nll_by_variant": {v: [est_by_variant[e][v] for e in marks] for v in VARIANTS},
         "test_nll_per_epoch": hist["test_loss"], **{f"final_{k}": v for k, v in _train_metrics(result).items()},
         "seconds": time.perf_counter() - start,
     }
@@ -408,19 +421,25 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, out: str | Path, progress: bool = Tr
     test_nll = res.outputs["test"]["loss"].mean(1).tolist()
     test_acc = res.outputs["test"]["correct"].float().mean(1).tolist()
     estimated = []
+    est_by_variant: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with progress_bar(len(deltas), "posteriors over δ", enabled=progress) as bar:
         for m, delta in enumerate(deltas):
             module = _module_with(model_fn, cfg.train.seed, {k: v[m] for k, v in res.params.items()}, cfg.train.device)
             mcfg = replace(cfg, train=replace(cfg.train, delta=float(delta)))
             post = posterior_at(mcfg, module, data)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            estimated.append(memory_perturbation(logits, data.y_train, V, cfg.settings).estimated_loo_nll)
+            by_variant = {v: r.estimated_loo_nll for v, r in _all_variants(logits, data.y_train, V, mcfg).items()}
+            estimated.append(by_variant[cfg.mpe_variant])
+            for v in VARIANTS:
+                est_by_variant[v].append(by_variant[v])
             run.log(f"delta {delta:.4g}: estimated LOO NLL {estimated[-1]:.4f}, test NLL {test_nll[m]:.4f}")
             bar.advance(1)
     metrics = {
         "deltas": deltas.tolist(), "estimated_nll": estimated, "test_nll": test_nll, "test_accuracy": test_acc,
         "best_delta_estimated": float(deltas[int(np.argmin(estimated))]), "best_delta_test": float(deltas[int(np.argmin(test_nll))]),
         "spearman": _correlations(np.array(estimated), np.array(test_nll))["spearman"],
+        "estimated_nll_by_variant": est_by_variant,
+        "best_delta_estimated_by_variant": {v: float(deltas[int(np.argmin(e))]) for v, e in est_by_variant.items()},
         "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "seconds": time.perf_counter() - start,
     }
     run.save_arrays("loo_l2reg", deltas=deltas, estimated_nll=np.array(estimated), test_nll=np.array(test_nll))
@@ -441,7 +460,10 @@ def run_validation(cfg: MPEExperimentConfig, out: str | Path, progress: bool = T
     """Estimated (MPE sensitivity) vs true softmax deviation ‖softmax(f_i^{\\i}) − softmax(f_i)‖₁ for
     n_retrain examples, the truth from warm-started retraining without each (all at once).
 
-    metrics: `pearson`, `spearman`, `n_retrain` for `--mpe-variant`, and `by_variant` for all three.
+    metrics: `pearson`, `spearman`, `n_retrain` for `--mpe-variant`, `by_variant` for all three (with
+    `loo_nll`, the mean estimated LOO NLL of the retrained examples, against `true_loo_nll`), and
+    `by_loo_damping` for the `loo` variant at α in LOO_DAMPING_SWEEP (α = 0: `full` shift through the
+    exact softmax). Arrays: validation.npz also holds V of the retrained examples (`covariances`).
     """
     data, run = _start("validation", cfg, out)
     start = time.perf_counter()
@@ -458,20 +480,24 @@ def run_validation(cfg: MPEExperimentConfig, out: str | Path, progress: bool = T
         _model_fn(cfg, data), data.x_train, data.y_train, idx, cfg.retrain_config(), params, progress=progress)
     reference = control_logits if cfg.reference == "control" else logits[idx]
     true = softmax_deviation(reference, loo_logits).numpy()
-    by_variant = {v: _correlations(r.sensitivity[idx].numpy(), true) for v, r in variants.items()}
+    by_variant = {v: {**_correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
+                  for v, r in variants.items()}
+    by_loo_damping = {str(a): _correlations(memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a))
+                                            .sensitivity.numpy(), true) for a in LOO_DAMPING_SWEEP}
     chosen = variants[cfg.mpe_variant]
     est = chosen.sensitivity[idx].numpy()
     metrics = {
-        **by_variant[cfg.mpe_variant], "n_retrain": int(len(idx)), "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name,
-        "by_variant": by_variant, "reference": cfg.reference,
-        "mean_true_deviation": float(true.mean()),
+        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman")}, "n_retrain": int(len(idx)), "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name,
+        "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference,
+        "mean_true_deviation": float(true.mean()), "mean_estimated_deviation": float(est.mean()),
+        "true_loo_nll": float(per_example_nll(loo_logits, data.y_train[idx]).mean()),
         "mean_control_drift": float(softmax_deviation(logits[idx], control_logits).mean()),
         "estimated_loo_nll": chosen.estimated_loo_nll, **_train_metrics(result),
         "seconds_train": t_train, "seconds_mpe": t_mpe, "seconds_retrain": t_retrain, "seconds": time.perf_counter() - start,
     }
     run.save_array("sensitivities", chosen.sensitivity)
     run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=est, loo_logits=loo_logits,
-                    control_logits=control_logits, logits=logits,
+                    control_logits=control_logits, logits=logits, covariances=V[idx],
                     **{f"sensitivity_{v}": r.sensitivity for v, r in variants.items()})
     run.save_figure(plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}: Pearson {metrics['pearson']:.3f}"), "validation")
     if len(data.input_shape) == 3:
@@ -541,7 +567,9 @@ def run_loco(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -
     retraining without c (all classes at once).
 
     metrics: `spearman` (per-example estimate vs true test NLL over classes), `spearman_joint`,
-    `classes`, `estimated_nll`, `estimated_nll_joint`, `true_test_nll`, `accuracy_drop`.
+    `classes`, `estimated_nll`, `estimated_nll_joint`, `true_test_nll`, `accuracy_drop`, and the NLL
+    of the removed training examples under the retrained models (`true_removed_train_nll`, what the
+    estimates predict directly) with `spearman_removed`, `spearman_joint_removed`.
     """
     data, run = _start("loco", cfg, out)
     start = time.perf_counter()
@@ -555,14 +583,17 @@ def run_loco(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -
     joint = []
     for c in present:
         group = (data.y_train == c).nonzero().flatten()
-        shift = group_logit_shift(post.model, post.mean, post.covariance_mv, data.x_train.to(post.mean_flat.device),
-                                  mpe.error.to(post.mean_flat.device), group, chunk_size=cfg.bs_jacs).cpu()
+        like = post.mean_flat
+        shift = group_logit_shift(post.model, post.mean, post.covariance_mv, data.x_train.to(like.device, like.dtype),
+                                  mpe.error.to(like.device, like.dtype), group, chunk_size=cfg.bs_jacs).cpu().float()
         joint.append(float(per_example_nll(logits[group] + shift, data.y_train[group]).mean()))
     params = {k: v.detach().cpu() for k, v in module.named_parameters()}
     removed = [(data.y_train == c).nonzero().flatten() for c in present]
     res = retrain_without(_model_fn(cfg, data), data.x_train, data.y_train, removed, cfg.retrain_config(), params,
-                          {"test": (data.x_test, data.y_test)}, progress=progress)
+                          {"test": (data.x_test, data.y_test), "train": (data.x_train, data.y_train)}, progress=progress)
     true_nll = res.outputs["test"]["loss"].mean(1).numpy()
+    train_loss = res.outputs["train"]["loss"]  # (classes, N)
+    removed_nll = np.array([float(train_loss[m, r].mean()) for m, r in enumerate(removed)])
     true_acc = res.outputs["test"]["correct"].float().mean(1).numpy()
     control_acc = float(res.control["test"]["correct"].float().mean())
     acc_drop = control_acc - true_acc
@@ -573,6 +604,9 @@ def run_loco(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -
         "spearman": _correlations(estimated.numpy(), true_nll)["spearman"],
         "pearson": _correlations(estimated.numpy(), true_nll)["pearson"],
         "spearman_joint": _correlations(np.array(joint), true_nll)["spearman"],
+        "true_removed_train_nll": removed_nll.tolist(),
+        "spearman_removed": _correlations(estimated.numpy(), removed_nll)["spearman"],
+        "spearman_joint_removed": _correlations(np.array(joint), removed_nll)["spearman"],
         "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, **_train_metrics(result),
         "seconds_retrain": res.seconds, "seconds": time.perf_counter() - start,
     }
@@ -606,9 +640,9 @@ def mpe_section(out: Path, progress: bool) -> Section:
     keep = ("pearson", "spearman", "n_retrain", "posterior", "mpe_variant", "test_accuracy", "seconds")
     return Section(
         "Memory perturbation: which training examples the model is most sensitive to",
-        "MPE sensitivities s_i = Σ_k |e_ik λ_ik v_ik| (prediction error e, softmax Hessian λ, predictive "
-        "variance v from a KFAC Laplace posterior) predict how much the softmax output of a training example "
-        "moves when the model is retrained without it. Scatter: estimated vs true deviation for "
+        "MPE sensitivities s_i = ‖Λ_i V_i e_i‖₁ (prediction error e_i, softmax Hessian Λ_i, predictive "
+        "covariance V_i = J_i Σ J_iᵀ from a KFAC Laplace posterior) predict how much the softmax output of a "
+        "training example moves when the model is retrained without it. Scatter: estimated vs true deviation for "
         f"{metrics['n_retrain']} examples retrained without them (all at once, warm-started); below, the "
         "training images with the largest sensitivities.",
         {k: metrics[k] for k in keep if k in metrics},

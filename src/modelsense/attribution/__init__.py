@@ -1,0 +1,61 @@
+"""Influence estimation behind one interface (`Attributor`): fit on a trained model and its
+training data, then `scores(x_test, y_test)` (N, M) and `self_scores()` (N,).
+
+Sign and scale (one convention for every method, see `base`): score(i, j) estimates the change of
+test example j's loss when training example i is removed (positive = i helps j), with the
+curvature of the *summed* training loss.
+
+    >>> from modelsense.attribution import make_attributor
+    >>> att = make_attributor("if-ekfac", damping=0.01).fit(model, x_train, y_train)
+    >>> S = att.scores(x_test, y_test)          # (N, M)
+    >>> si = att.self_scores()                  # (N,)
+
+Methods by name: grad-dot, grad-cos, randproj, tracin, tracin-rp (gradient); if-explicit, if-cg,
+if-lissa, if-kfac, if-ekfac (influence functions); arnoldi; gex, la-kfac (ensemble covariance);
+trak; loss, el2n (self-influence baselines); mpe (memory-perturbation sensitivity, self only).
+"""
+
+from modelsense.attribution.base import (
+    Attributor,
+    FeatureAttributor,
+    as_functional,
+    make_attributor,
+    method_class,
+    method_names,
+    method_settings,
+    parse_methods,
+    register,
+)
+from modelsense.attribution.gradient import (  # noqa: F401  (registers the methods)
+    GaussianProjector,
+    GradientCosine,
+    GradientDot,
+    RandomProjection,
+    TracIn,
+    TracInRandomProjection,
+    checkpoints_from_fit,
+    tracin_checkpoint_epochs,
+)
+from modelsense.attribution.influence_functions import (  # noqa: F401
+    ConjugateGradientInfluence,
+    EkfacInfluence,
+    ExplicitInfluence,
+    InfluenceFunction,
+    KfacInfluence,
+    LissaInfluence,
+)
+from modelsense.attribution.arnoldi import ArnoldiInfluence  # noqa: F401
+from modelsense.attribution.gex import EnsembleCovariance, GeometricEnsemble, fine_tune_chain  # noqa: F401
+from modelsense.attribution.laplace import LaplaceKfac  # noqa: F401
+from modelsense.attribution.trak import Trak, margin_grads, reinitialised_copy  # noqa: F401
+from modelsense.attribution.baselines import El2n, TrainingLoss  # noqa: F401
+from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
+
+__all__ = [
+    "Attributor", "FeatureAttributor", "as_functional", "make_attributor", "method_class", "method_names",
+    "method_settings", "parse_methods", "register", "GaussianProjector", "GradientCosine", "GradientDot",
+    "RandomProjection", "TracIn", "TracInRandomProjection", "checkpoints_from_fit", "tracin_checkpoint_epochs",
+    "ConjugateGradientInfluence", "EkfacInfluence", "ExplicitInfluence", "InfluenceFunction", "KfacInfluence",
+    "LissaInfluence", "ArnoldiInfluence", "EnsembleCovariance", "GeometricEnsemble", "fine_tune_chain",
+    "LaplaceKfac", "Trak", "margin_grads", "reinitialised_copy", "El2n", "TrainingLoss", "MemoryPerturbation",
+]

@@ -1,0 +1,237 @@
+"""Influence functions (Koh & Liang 2017) on the curvature layer:
+`if-explicit`, `if-cg`, `if-lissa`, `if-kfac`, `if-ekfac`.
+
+    score(i, j) = g_iᵀ (K + λ I)⁻¹ g_j,     g_i = ∇_θ l_i(θ*)
+
+K is the curvature of the *summed* training loss Σ_i l_i (the GGN by default, `matrix="hessian"`
+for the Hessian) and λ the damping, which plays the role of the prior precision δ of the summed
+objective L = Σ_i l_i + (δ/2)||θ||²: with K = ∇²Σ_i l_i and λ = δ this is the first-order
+leave-one-out change l_j(θ*_{-i}) − l_j(θ*) (Newton step θ*_{-i} − θ* ≈ (K + δI)⁻¹ g_i).
+`damping_mode="relative"` (default) sets λ = damping · tr(K)/P, a multiple of the mean eigenvalue
+(kronfluence's heuristic, whose factor 0.1 is our default); "absolute" uses λ = damping as given.
+Measured on digits (MLP 64-128-128-10, LDS over 100 half-data retrainings, if-ekfac): relative
+damping 0.001 → LDS 0.48, 0.01 → 0.51, 0.1 → 0.546, 0.2 → 0.550, 0.4 → 0.549, 1.0 → 0.538.
+
+Ensembles (`n_models` > 1): the fitted model and n_models − 1 models trained from scratch by the
+retraining engine (`train_config`, `model_fn`), each with its own curvature;
+score(i, j) = (1/M) Σ_m g_i(θ_m)ᵀ (K_m + λ_m I)⁻¹ g_j(θ_m) (TRAK's ensembling applied to influence
+functions; on digits it lifts the LDS of if-ekfac from 0.55 to 0.58 with 5 models).
+
+How (K + λ I)⁻¹ is applied (to the test-side gradients; train-side features are the raw g_i):
+
+    if-explicit  dense K (P x P), eigendecomposition; small models only (max_params)
+    if-cg        conjugate gradients on exact matrix-free products (column-batched)
+    if-lissa     the LiSSA recursion h_t = v + (I − (K̂_t + λ)/s) h_{t−1}, result h_T / s, with
+                 K̂_t = (N/b)·K on a random minibatch of b examples (Agarwal et al. 2017)
+    if-kfac      Kronecker-factored K (per Linear/Conv2d layer)
+    if-ekfac     KFAC eigenbasis with refitted eigenvalues (George et al. 2018; kronfluence)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from modelsense.attribution.base import FeatureAttributor, check_positive, register
+from modelsense.errors import ConfigError
+
+DAMPING_MODES = ("absolute", "relative")
+
+
+class InfluenceFunction(FeatureAttributor):
+    """Base of the `if-*` methods: a = g_i (train side), b = (K + λ I)⁻¹ g_j (test side).
+
+    Settings:
+        matrix: ggn (default) | hessian | ef (empirical Fisher) — the curvature K of Σ_i l_i.
+        damping: λ (absolute) or its multiple of tr(K)/P (relative), see damping_mode.
+        damping_mode: absolute | relative.
+    """
+
+    needs_curvature = True
+    structure = "implicit"
+    matrices: tuple[str, ...] = ("ggn", "hessian", "ef")
+    curvature_chunk = 1024  # examples per pass of the curvature (matrix-free products batch many columns)
+
+    def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative", n_models: int = 1,
+                 train_config=None, model_fn: Callable[[int], nn.Module] | None = None, **common) -> None:
+        super().__init__(**common)
+        if matrix not in self.matrices:
+            raise ConfigError(f"method {self.name!r}: matrix must be one of {self.matrices}, received {matrix!r}")
+        if damping_mode not in DAMPING_MODES:
+            raise ConfigError(f"damping_mode must be one of {DAMPING_MODES}, received {damping_mode!r}")
+        check_positive("damping", damping, allow_zero=True)
+        if int(n_models) < 1:
+            raise ConfigError(f"n_models must be >= 1, received {n_models}")
+        self.matrix = matrix
+        self.damping = float(damping)
+        self.damping_mode = damping_mode
+        self.n_models, self.train_config, self.model_fn = int(n_models), train_config, model_fn
+
+    def _build_curvature(self, params):
+        from modelsense.curvature.operators import build_curvature
+
+        return build_curvature(self.model_, self.x_train_, self.y_train_, params=params, matrix=self.matrix,
+                               structure=self.structure, chunk_size=min(self.chunk_size_, self.curvature_chunk),
+                               seed=self.seed,
+                               **self._curvature_overrides())
+
+    def _curvature_overrides(self) -> dict:
+        return {}
+
+    def _fit(self) -> None:
+        from modelsense.attribution.members import train_members
+
+        self.members_ = [self.params_] + train_members(
+            self.model_, self.params_, self.x_train_, self.y_train_, self.n_models - 1, self.train_config,
+            self.model_fn, seed=self.seed, progress=self.progress)
+        self.curvatures_, self.dampings_ = [], []
+        for params in self.members_:
+            K = self._build_curvature(params)
+            if self.damping_mode == "relative":
+                damping = self.damping * float(K.trace()) / K.n_params
+            else:
+                damping = self.damping
+            self.curvatures_.append(K)
+            self.dampings_.append(damping)
+        self.curvature_, self.damping_ = self.curvatures_[0], self.dampings_[0]
+
+    def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
+        """(K_m + λ_m I)⁻¹ applied to the rows of G (n, P) -> (n, P)."""
+        return self.curvatures_[m].inverse_mv(G.T.contiguous(), self.dampings_[m]).T
+
+    def _grads(self, m: int, x: Tensor, y: Tensor) -> Tensor:
+        return self._per_example_grads(self.members_[m], x, y)
+
+    def _train_features(self, rows: slice) -> list[Tensor]:
+        return [self._grads(m, self.x_train_[rows], self.y_train_[rows]) for m in range(len(self.members_))]
+
+    def _test_features(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """(K_m + λ_m I)⁻¹ g_j(θ_m) / M: the ensemble mean's 1/M on the (smaller) test side."""
+        M = len(self.members_)
+        return [self._inverse(self._grads(m, x, y), m) / M if M > 1 else self._inverse(self._grads(m, x, y), m)
+                for m in range(M)]
+
+    def _train_component(self, rows: slice, c: int) -> Tensor:
+        return self._grads(c, self.x_train_[rows], self.y_train_[rows])
+
+    def _test_component(self, x: Tensor, y: Tensor, c: int) -> Tensor:
+        M = len(self.members_)
+        b = self._inverse(self._grads(c, x, y), c)
+        return b / M if M > 1 else b
+
+    def _self_feature_pair(self, rows: slice) -> tuple[list[Tensor], list[Tensor]]:
+        a = self._train_features(rows)
+        M = len(self.members_)
+        return a, [self._inverse(g, m) / M if M > 1 else self._inverse(g, m) for m, g in enumerate(a)]
+
+
+@register("if-explicit")
+class ExplicitInfluence(InfluenceFunction):
+    """K as a dense P x P matrix, inverted through its eigendecomposition (the exact reference).
+
+    Settings: max_params (refuse larger models; the matrix needs P²·itemsize bytes).
+    """
+
+    structure = "full"
+
+    def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative",
+                 max_params: int = 20_000, **kwargs) -> None:
+        super().__init__(matrix, damping, damping_mode, **kwargs)
+        self.max_params = int(max_params)
+
+    def _curvature_overrides(self) -> dict:
+        if self.model_.n_params > self.max_params:
+            raise ConfigError(
+                f"if-explicit stores a dense P x P matrix; the model has P = {self.model_.n_params} > max_params="
+                f"{self.max_params}. Use if-cg, if-ekfac or arnoldi, or raise max_params"
+            )
+        return {"max_full_params": self.max_params}
+
+
+@register("if-cg")
+class ConjugateGradientInfluence(InfluenceFunction):
+    """(K + λ I)⁻¹ g_j by conjugate gradients on exact products (all test columns at once).
+
+    Settings: cg_tol (relative residual), cg_max_iter (None: 10·P).
+    """
+
+    structure = "implicit"
+    curvature_chunk = 128
+
+    def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative",
+                 cg_tol: float = 1e-6, cg_max_iter: int | None = 200, **kwargs) -> None:
+        super().__init__(matrix, damping, damping_mode, **kwargs)
+        check_positive("cg_tol", cg_tol)
+        self.cg_tol = float(cg_tol)
+        self.cg_max_iter = None if cg_max_iter is None else int(cg_max_iter)
+
+    def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
+        return self.curvatures_[m].inverse_mv(G.T.contiguous(), self.dampings_[m], tol=self.cg_tol,
+                                              max_iter=self.cg_max_iter).T
+
+
+@register("if-lissa")
+class LissaInfluence(InfluenceFunction):
+    """LiSSA: (K + λ I)⁻¹ v ≈ h_T / s with h_0 = v, h_t = v + h_{t−1} − (K̂_t h_{t−1} + λ h_{t−1}) / s.
+
+    K̂_t = (N / b) · K(minibatch of b examples) is an unbiased estimate of K (sum reduction).
+    The recursion converges when s > λ_max(K̂) + λ; `lissa_scale=None` takes s = 2·(λ_max(K) + λ)
+    with λ_max from a few Lanczos steps. Settings: lissa_depth T, lissa_batch b, lissa_scale s.
+    """
+
+    structure = "implicit"
+
+    def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative",
+                 lissa_depth: int = 200, lissa_batch: int = 256, lissa_scale: float | None = None, **kwargs) -> None:
+        super().__init__(matrix, damping, damping_mode, **kwargs)
+        if int(lissa_depth) < 1 or int(lissa_batch) < 1:
+            raise ConfigError(f"lissa_depth and lissa_batch must be >= 1, received {lissa_depth} and {lissa_batch}")
+        if lissa_scale is not None:
+            check_positive("lissa_scale", lissa_scale)
+        self.lissa_depth, self.lissa_batch = int(lissa_depth), int(lissa_batch)
+        self.lissa_scale = lissa_scale
+
+    def _fit(self) -> None:
+        super()._fit()
+        self.scales_ = []
+        for K, damping in zip(self.curvatures_, self.dampings_):
+            if self.lissa_scale is None:
+                top = float(K.eigen(1, tol=1e-3).eigenvalues[0])
+                self.scales_.append(2.0 * (max(top, 0.0) + damping))
+            else:
+                self.scales_.append(float(self.lissa_scale))
+        self.scale_ = self.scales_[0]
+
+    def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
+        from modelsense.curvature.operators import ImplicitCurvature
+
+        V = G.T.contiguous()
+        n, b = len(self.x_train_), min(self.lissa_batch, len(self.x_train_))
+        gen = torch.Generator().manual_seed(self.seed + 17)
+        h = V.clone()
+        for _ in range(self.lissa_depth):
+            idx = torch.randperm(n, generator=gen)[:b].to(self.x_train_.device)
+            K = ImplicitCurvature(self.model_, self.x_train_[idx], self.y_train_[idx], self.matrix, self.members_[m],
+                                  chunk_size=min(self.chunk_size_, 128))
+            h = V + h - ((n / b) * K.mv(h) + self.dampings_[m] * h) / self.scales_[m]
+            if not bool(torch.isfinite(h).all()):
+                raise ConfigError(f"LiSSA diverged; increase lissa_scale (now {self.scales_[m]:.3g}) or the damping")
+        return (h / self.scales_[m]).T
+
+
+@register("if-kfac")
+class KfacInfluence(InfluenceFunction):
+    """K ≈ KFAC (Kronecker factors per nn.Linear / nn.Conv2d layer; GGN or empirical Fisher)."""
+
+    structure = "kfac"
+    matrices = ("ggn", "ef")
+
+
+@register("if-ekfac")
+class EkfacInfluence(InfluenceFunction):
+    """K ≈ EK-FAC (KFAC eigenbasis, eigenvalues refitted to the exact per-example gradients)."""
+
+    structure = "ekfac"
+    matrices = ("ggn", "ef")

@@ -1,0 +1,236 @@
+"""Ground truth for the MPE: the model retrained without one example (LOO) or one class (LOCO).
+
+Two ways, both warm-started from the trained parameters θ* and both vectorised over the removed
+sets (one model per row of a mask matrix):
+
+`retrain_without` (the original's procedure, SEEDS.md 0.5 scripts 3 and 5): minibatch SGD/Adam on
+    the N − |G| remaining examples with the cosine schedule of `cfg`, minimising
+    mean_batch l + δ/(2(N − |G|)) ‖θ‖², by the retraining engine `train_ensemble` (M models at once).
+    All models share one seed. With `shared_batches=True` (default) the removed examples are kept in
+    the batch plan with weight `REMOVED_WEIGHT` = 1e-12 instead of 0, so every model sees exactly the
+    control's minibatches minus the removed examples (common random numbers: the SGD noise is the
+    same in all models and cancels in differences); with False they are dropped from the index list
+    and the batches after them shift. A *control* model retrained the same way on all N examples
+    measures the drift of the procedure itself (SGD noise, unfinished convergence); deviations
+    measured against the control isolate the effect of the removal.
+
+`refit_without_lbfgs` (convergence): full-batch L-BFGS on Σ_{j∉G} l_j(θ) + δ/2 ‖θ‖² for all M models
+    jointly (the objectives are separable, so the joint minimiser is the tuple of minimisers), until
+    every entry of the (divided) gradient falls below `tol` in magnitude. For convex models (linear/logistic) this is
+    the exact LOO refit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from modelsense.core.functional import Params, per_example_nll
+from modelsense.errors import ConfigError
+from modelsense.training.config import TrainConfig
+from modelsense.training.ensemble import EnsembleResult, train_ensemble
+
+#: Weight of a removed example when batches are shared: its share of the objective is 1e-12 / N.
+REMOVED_WEIGHT = 1e-12
+
+
+def leave_out_masks(n: int, removed: list[Tensor] | Tensor) -> Tensor:
+    """(M, N) bool masks, row m False exactly at the examples of removed[m].
+
+    `removed`: a (M,) tensor of single example indices (LOO) or a list of index tensors (groups).
+    """
+    if isinstance(removed, Tensor) and removed.dim() == 1:
+        removed = [r.reshape(1) for r in removed]
+    masks = torch.ones(len(removed), n, dtype=torch.bool)
+    for m, idx in enumerate(removed):
+        idx = torch.as_tensor(idx).long().flatten()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ConfigError(f"removed indices must lie in [0, {n}), received range [{int(idx.min())}, {int(idx.max())}]")
+        masks[m, idx] = False
+    return masks
+
+
+@dataclass
+class RetrainResult:
+    """Outputs of the retrained models.
+
+    Attributes:
+        outputs: query name -> {"logits": (M, n, C), "loss": (M, n), ...} (see EnsembleResult).
+        control: the same for the control model trained on all examples ((1, n, C) ...), or None.
+        seconds: wall time of the retraining.
+    """
+
+    outputs: dict[str, dict[str, Tensor]]
+    control: dict[str, dict[str, Tensor]] | None
+    seconds: float
+
+
+def retrain_without(
+    model_fn: Callable[[int], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    removed: list[Tensor] | Tensor,
+    cfg: TrainConfig,
+    init_params: Params,
+    queries: dict[str, tuple[Tensor, Tensor]],
+    *,
+    control: bool = True,
+    shared_batches: bool = True,
+    chunk_models: int | None = None,
+    likelihood: str = "categorical",
+    progress: bool = True,
+) -> RetrainResult:
+    """Warm-started minibatch retraining without each removed set, M = len(removed) models at once.
+
+    Every model (and the control, trained on all N examples, appended as the last row) uses the
+    seed `cfg.seed`; see the module docstring for `shared_batches`.
+    """
+    masks = leave_out_masks(len(x), removed)
+    if control:
+        masks = torch.cat([masks, torch.ones(1, len(x), dtype=torch.bool)])
+    if shared_batches:
+        masks = torch.where(masks, 1.0, REMOVED_WEIGHT)
+    seeds = torch.full((len(masks),), int(cfg.seed), dtype=torch.long)
+    start = time.perf_counter()
+    res: EnsembleResult = train_ensemble(
+        model_fn, x, y, masks, cfg, seeds=seeds, queries=queries, init_params=init_params,
+        chunk_models=chunk_models, likelihood=likelihood, progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    if not control:
+        return RetrainResult(res.outputs, None, seconds)
+    outs = {q: {k: v[:-1] for k, v in o.items()} for q, o in res.outputs.items()}
+    ctrl = {q: {k: v[-1:] for k, v in o.items()} for q, o in res.outputs.items()}
+    return RetrainResult(outs, ctrl, seconds)
+
+
+def true_loo_logits(
+    model_fn: Callable[[int], nn.Module],
+    x: Tensor,
+    y: Tensor,
+    indices: Tensor,
+    cfg: TrainConfig,
+    init_params: Params,
+    *,
+    shared_batches: bool = True,
+    chunk_models: int | None = None,
+    likelihood: str = "categorical",
+    progress: bool = True,
+) -> tuple[Tensor, Tensor, float]:
+    """Logits of each removed example i under the model retrained without it, (M, C), the control
+    model's logits on the same examples (M, C), and the seconds the retraining took."""
+    indices = torch.as_tensor(indices).long().flatten()
+    res = retrain_without(model_fn, x, y, indices, cfg, init_params, {"removed": (x[indices], y[indices])},
+                          shared_batches=shared_batches, chunk_models=chunk_models, likelihood=likelihood, progress=progress)
+    logits = res.outputs["removed"]["logits"]  # (M, M, C): model m on removed example j
+    diag = logits[torch.arange(len(indices)), torch.arange(len(indices))]
+    return diag, res.control["removed"]["logits"][0], res.seconds
+
+
+def true_loo_logits_loop(
+    model_fn: Callable[[int], nn.Module],
+    data,
+    indices: Tensor,
+    cfg: TrainConfig,
+    init_params: Params,
+    likelihood: str = "categorical",
+) -> tuple[Tensor, float]:
+    """The same as `true_loo_logits` one model at a time with `fit` (the original's loop), for timing
+    and cross-checks: (M, C) logits and seconds."""
+    from modelsense.training.fit import fit
+
+    indices = torch.as_tensor(indices).long().flatten()
+    start = time.perf_counter()
+    out = []
+    for i in indices.tolist():
+        module = model_fn(cfg.seed)
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                p.copy_(init_params[n])
+        keep = torch.cat([torch.arange(i), torch.arange(i + 1, data.n_train)])
+        cfg_i = TrainConfig(**{**cfg.to_dict(), "eval_every": 0})
+        f = fit(module, data, cfg_i, train_indices=keep, likelihood=likelihood, progress=False)
+        with torch.no_grad():
+            out.append(f.module(data.x_train[i : i + 1])[0])
+    return torch.stack(out), time.perf_counter() - start
+
+
+def refit_without_lbfgs(
+    module: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    removed: list[Tensor] | Tensor,
+    delta: float,
+    init_params: Params,
+    *,
+    likelihood: str = "categorical",
+    max_iter: int = 500,
+    tol: float = 1e-6,
+    history_size: int = 50,
+) -> tuple[Params, dict]:
+    """Refit M models to convergence, model m minimising Σ_{j ∉ removed[m]} l_j(θ) + δ/2 ‖θ‖².
+
+    Full-batch L-BFGS (strong Wolfe line search) on the sum of the M separable objectives, divided
+    by N; stops when every gradient entry is below `tol` in magnitude or after `max_iter` iterations.
+    Returns the stacked parameters name -> (M, *shape) and {"iterations", "max_grad_norm" (max_m ‖∇_m‖), "seconds"}.
+    `init_params`: one start shared by all models (name -> shape) or one per model (name -> (M, *shape)).
+    Precision follows `init_params` (use float64 for exactness tests).
+    """
+    if delta < 0:
+        raise ConfigError(f"delta must be >= 0, received {delta}")
+    masks = leave_out_masks(len(x), removed)
+    dtype = next(iter(init_params.values())).dtype
+    w = masks.to(dtype)
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    consts = {n: b for n, b in module.named_buffers()}
+    n_total = float(len(x))
+    if dtype.is_floating_point and x.is_floating_point():
+        x = x.to(dtype)
+    M = len(masks)
+    shapes = [p.shape for n, p in module.named_parameters() if n in names]
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    per_model = all(init_params[n].shape == (M, *s) for n, s in zip(names, shapes))
+    if per_model:
+        theta = torch.cat([init_params[n].detach().reshape(M, -1) for n in names], dim=1).to(dtype).clone()
+    else:
+        theta = torch.cat([init_params[n].detach().reshape(-1) for n in names]).to(dtype).expand(M, -1).clone()
+    theta.requires_grad_(True)
+
+    def unflat(t: Tensor) -> Params:
+        return {n: c.reshape(s) for n, c, s in zip(names, t.split(sizes), shapes)}
+
+    def objective(t: Tensor, wm: Tensor) -> Tensor:
+        out = functional_call(module, {**consts, **unflat(t)}, (x,))
+        return ((wm * per_example_nll(out, y, likelihood)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
+
+    batched = vmap(objective)
+    opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, history_size=history_size, tolerance_grad=tol,
+                            tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = batched(theta, w).sum()
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    opt.step(closure)
+    g = torch.func.grad(lambda t: batched(t, w).sum())(theta.detach())
+    info = {"iterations": int(opt.state[theta].get("n_iter", 0)), "max_grad_norm": float(g.norm(dim=1).max()),
+            "seconds": time.perf_counter() - start}
+    out = theta.detach()
+    return {n: c.reshape(M, *s) for n, c, s in zip(names, out.split(sizes, dim=1), shapes)}, info
+
+
+def stacked_logits(module: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """Outputs of M stacked models on x, (M, n, C)."""
+    consts = {n: b for n, b in module.named_buffers()}
+    dtype = next(iter(params.values())).dtype
+    x = x.to(dtype) if x.is_floating_point() else x
+    with torch.no_grad():
+        return vmap(lambda p: functional_call(module, {**consts, **p}, (x,)))(params)
