@@ -1,7 +1,7 @@
 """Subset-training farm throughput: the retraining engine against a one-by-one PyTorch loop.
 
 Part 1 (the target): R = 256 MLPs (64-128-10) on digits, each on its own random 70% subset, a few
-epochs of SGD. Engine = `retraining.train_chunk` (vmapped chunks of 64 models); baseline = `fit`
+epochs of SGD. Engine = `retraining.train_chunk` (one vmapped chunk of 256 models); baseline = `fit`
 (module + torch.optim.SGD + backward) once per model with the same seeds, masks and batch order;
 both in this run, both warmed up. The baseline is timed on the first `loop_models` models and
 scaled to R (its cost per model is constant).
@@ -29,7 +29,7 @@ from modelsense.training import TrainConfig, fit
 from modelsense.training.ensemble import train_ensemble
 
 
-def farm_vs_loop(n_models: int = 256, chunk: int = 64, epochs: int = 2, loop_models: int = 32) -> dict:
+def farm_vs_loop(n_models: int = 256, chunk: int = 256, epochs: int = 2, loop_models: int = 32) -> dict:
     data = load_dataset("digits")
     spec = FarmSpec(DataConfig("digits"), ModelConfig("mlp", widths=(128,)), TrainConfig(epochs=epochs, bs=64, eval_every=0), 0.7)
     train_chunk(spec, [0, 1], data)  # warm-up
