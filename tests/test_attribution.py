@@ -485,14 +485,15 @@ def _load(params):
 
 
 def test_component_schedule_equals_the_cached_one(problem, tmp_path):
-    """A budget too small for all checkpoints' train features but enough for one: components outer."""
+    """Budgets too small to cache the train features of all checkpoints: components outer
+    (one component's test features fit), or train features recomputed per test block."""
     model, x, y, xt, yt = problem
     base = {k: v.detach() for k, v in model.named_parameters()}
     ckpts = [{k: v + 0.1 * (i + 1) for k, v in base.items()} for i in range(3)]
     kw = dict(checkpoints=ckpts, learning_rates=[0.3, 0.2, 0.1], **QUIET)
     ref = make_attributor("tracin", **kw).fit(model, x, y).scores(xt, yt)
     row = 12 * 8  # P = 12 float64 per component
-    small = make_attributor("tracin", memory_budget=4 * (row * len(x) + 8), block_size=7, **kw).fit(model, x, y)
+    small = make_attributor("tracin", memory_budget=4 * row * len(xt), block_size=7, **kw).fit(model, x, y)
     torch.testing.assert_close(small.scores(xt, yt), ref)
     tiny = make_attributor("tracin", memory_budget=64, block_size=5, scratch_dir=tmp_path, **kw).fit(model, x, y)
     torch.testing.assert_close(tiny.scores(xt, yt), ref)

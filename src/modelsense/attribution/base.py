@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import grad, vmap
 
 from modelsense.core.functional import FunctionalModel, Params, chunks
 from modelsense.errors import ConfigError, DataError
@@ -92,6 +93,29 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
         fm = copy.copy(fm)
         fm.__class__ = _SigmoidBCEModel
     return fm
+
+
+def flat_per_example_grads(model: FunctionalModel, fn: Callable, params: Params, x: Tensor, y: Tensor,
+                           chunk_size: int, has_aux: bool = False):
+    """vmap(grad(fn)) over examples, written chunk by chunk into one preallocated (n, P) tensor in the
+    order of `model.spec` (2-4x faster than concatenating per-chunk flattened dicts, which copies the
+    gradients twice). fn(params, x_i, y_i) -> scalar (or (scalar, aux) with has_aux; aux stacked)."""
+    g = vmap(grad(fn, has_aux=has_aux), in_dims=(None, 0, 0))
+    first = next(iter(params.values()))
+    out = torch.empty(len(x), model.n_params, dtype=first.dtype, device=first.device)
+    offsets, start = [], 0
+    for name, numel in zip(model.spec.names, model.spec.numels):
+        offsets.append((name, start, start + numel))
+        start += numel
+    aux = []
+    for s in chunks(len(x), chunk_size):
+        res = g(params, x[s], y[s])
+        grads = res[0] if has_aux else res
+        for name, a, b in offsets:
+            out[s, a:b] = grads[name].reshape(s.stop - s.start, -1)
+        if has_aux:
+            aux.append(res[1])
+    return (out, torch.cat(aux)) if has_aux else out
 
 
 def param_dtype(params: Params) -> torch.dtype:
@@ -249,8 +273,14 @@ class Attributor:
 
     # -- helpers for subclasses --------------------------------------------------------------
     def _per_example_grads(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        """Flat per-example loss gradients (n, P) by vmap(grad), in chunks of `chunk_size`."""
-        return self.model_.per_example_grads(params, x, y, chunk_size=self.chunk_size_, flat=True)
+        """Flat per-example loss gradients (n, P) by vmap(grad) of the model's per-example loss, in
+        chunks of `chunk_size` (the numbers of `FunctionalModel.per_example_grads(flat=True)`)."""
+        model = self.model_
+
+        def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+            return model.per_example_loss(p, xi.unsqueeze(0), yi.unsqueeze(0))[0]
+
+        return flat_per_example_grads(model, single, params, x, y, self.chunk_size_)
 
     def _per_example_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
@@ -332,10 +362,11 @@ class FeatureAttributor(Attributor):
         return self._test_features(x, y)[c]
 
     def _scores(self, x_test: Tensor, y_test: Tensor, out) -> Tensor:
-        """Three schedules, chosen by the memory budget (each per-example feature computed once where
-        possible): (1) all train features fit in budget/4: cached, blocks of test rows outer;
-        (2) several components (checkpoints, ensemble members) of which one fits: components outer,
-        result accumulated; (3) otherwise test blocks outer, train features recomputed per block."""
+        """Three schedules, chosen by the memory budget: (1) all train features fit in budget/4:
+        cached, blocks of test rows outer; (2) else, when one component's test features fit
+        (components: checkpoints, ensemble members): components outer, test features of the
+        component held, train blocks inner, result accumulated — every per-example feature is
+        computed once; (3) otherwise test blocks outer, train features recomputed per block."""
         n, m = self.n_train, len(x_test)
         dtype = param_dtype(self.params_)
         result = self._allocate((n, m), dtype, out)
@@ -345,19 +376,18 @@ class FeatureAttributor(Attributor):
         row_bytes = sum(f.shape[1] for f in probe) * item
         comp_bytes = max(f.shape[1] for f in probe) * item
         train_blocks = list(chunks(n, self.block_size))
-        if row_bytes * n > quarter and len(probe) > 1 and comp_bytes * n <= quarter:
-            test_blocks = list(chunks(m, max(1, min(self.block_size, quarter // comp_bytes))))
-            with progress_bar(len(probe) * len(test_blocks), f"{self.name} scores", enabled=self.progress) as bar:
+        if row_bytes * n > quarter and comp_bytes * m <= quarter:
+            with progress_bar(len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.progress) as bar:
                 for c in range(len(probe)):
-                    A = torch.cat([self._train_component(rows, c) for rows in train_blocks])
-                    for cols in test_blocks:
-                        block = (A @ self._test_component(x_test[cols], y_test[cols], c).T).detach().to("cpu", result.dtype)
+                    B = torch.cat([self._test_component(x_test[cols], y_test[cols], c) for cols in chunks(m, self.block_size)])
+                    for rows in train_blocks:
+                        block = (self._train_component(rows, c) @ B.T).detach().to("cpu", result.dtype)
                         if c == 0:
-                            result[:, cols] = block
+                            result[rows] = block
                         else:
-                            result[:, cols] += block
+                            result[rows] += block
                         bar.advance(1)
-                    del A
+                    del B
             self._flush()
             return result
         cache: dict[int, list[Tensor]] | None = {} if row_bytes * n <= quarter else None

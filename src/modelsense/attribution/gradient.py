@@ -155,8 +155,6 @@ class TracIn(FeatureAttributor):
         lr_weighted: False drops η_t (the GEX original's `tracinrp`).
     """
 
-    symmetric = True
-
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, **common) -> None:
         super().__init__(**common)
@@ -193,23 +191,25 @@ class TracIn(FeatureAttributor):
         return g
 
     def _component(self, x: Tensor, y: Tensor, c: int) -> Tensor:
-        g = self._project(self._per_example_grads(self.checkpoint_params_[c], x, y))
-        return g if self.weights_[c] == 1.0 else math.sqrt(self.weights_[c]) * g
+        return self._project(self._per_example_grads(self.checkpoint_params_[c], x, y))
 
-    def _features(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        return [self._component(x, y, c) for c in range(len(self.checkpoint_params_))]
+    def _train_features(self, rows: slice) -> list[Tensor]:
+        return [self._train_component(rows, c) for c in range(len(self.checkpoint_params_))]
+
+    def _test_features(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        return [self._test_component(x, y, c) for c in range(len(self.checkpoint_params_))]
 
     def _train_component(self, rows: slice, c: int) -> Tensor:
         return self._component(self.x_train_[rows], self.y_train_[rows], c)
 
     def _test_component(self, x: Tensor, y: Tensor, c: int) -> Tensor:
-        return self._component(x, y, c)
+        """η_c g_j(θ_c): the learning rate on the test side (no copy of the larger train side)."""
+        g = self._component(x, y, c)
+        return g if self.weights_[c] == 1.0 else self.weights_[c] * g
 
-    def _train_features(self, rows: slice) -> list[Tensor]:
-        return self._features(self.x_train_[rows], self.y_train_[rows])
-
-    def _test_features(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        return self._features(x, y)
+    def _self_feature_pair(self, rows: slice) -> tuple[list[Tensor], list[Tensor]]:
+        a = self._train_features(rows)
+        return a, [g if w == 1.0 else w * g for g, w in zip(a, self.weights_)]
 
 
 @register("tracin-rp")

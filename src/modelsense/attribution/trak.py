@@ -26,9 +26,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
-from modelsense.attribution.base import FeatureAttributor, check_positive, param_dtype, register
+from modelsense.attribution.base import FeatureAttributor, check_positive, flat_per_example_grads, param_dtype, register
 from modelsense.attribution.gradient import GaussianProjector
 from modelsense.attribution.members import reinitialised_copy, train_members  # noqa: F401
 from modelsense.core.functional import FunctionalModel, Params, chunks
@@ -45,13 +44,7 @@ def margin_grads(model: FunctionalModel, params: Params, x: Tensor, y: Tensor, c
         m = (logits * is_label).sum() - torch.logsumexp(others, dim=-1)
         return m, torch.sigmoid(m).detach()
 
-    g = vmap(grad(margin, has_aux=True), in_dims=(None, 0, 0))
-    grads, probs = [], []
-    for s in chunks(len(x), chunk_size):
-        gs, ps = g(params, x[s], y[s])
-        grads.append(model.spec.flatten(gs, batch_dims=1))
-        probs.append(ps)
-    return torch.cat(grads), torch.cat(probs)
+    return flat_per_example_grads(model, margin, params, x, y, chunk_size, has_aux=True)
 
 
 def _ridge_inverse(K: Tensor, lam: float) -> Tensor:
