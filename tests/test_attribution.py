@@ -311,7 +311,8 @@ def test_loss_and_el2n_self_scores(problem):
 def test_memmap_path_with_a_budget_smaller_than_the_matrix(problem, tmp_path):
     model, x, y, xt, yt = problem
     ref = make_attributor("grad-dot", **QUIET).fit(model, x, y).scores(xt, yt)
-    small = make_attributor("grad-dot", memory_budget=200, block_size=5, scratch_dir=tmp_path, **QUIET).fit(model, x, y)
+    small = make_attributor("grad-dot", memory_budget=200, block_size=5, scratch_dir=tmp_path, factored=False,
+                            **QUIET).fit(model, x, y)
     got = small.scores(xt, yt)
     assert ref.numel() * 8 > 200 and small.scores_path_.parent == tmp_path
     torch.testing.assert_close(got, ref)
@@ -490,10 +491,34 @@ def test_component_schedule_equals_the_cached_one(problem, tmp_path):
     model, x, y, xt, yt = problem
     base = {k: v.detach() for k, v in model.named_parameters()}
     ckpts = [{k: v + 0.1 * (i + 1) for k, v in base.items()} for i in range(3)]
-    kw = dict(checkpoints=ckpts, learning_rates=[0.3, 0.2, 0.1], **QUIET)
+    kw = dict(checkpoints=ckpts, learning_rates=[0.3, 0.2, 0.1], factored=False, **QUIET)
     ref = make_attributor("tracin", **kw).fit(model, x, y).scores(xt, yt)
     row = 12 * 8  # P = 12 float64 per component
     small = make_attributor("tracin", memory_budget=4 * row * len(xt), block_size=7, **kw).fit(model, x, y)
     torch.testing.assert_close(small.scores(xt, yt), ref)
     tiny = make_attributor("tracin", memory_budget=64, block_size=5, scratch_dir=tmp_path, **kw).fit(model, x, y)
     torch.testing.assert_close(tiny.scores(xt, yt), ref)
+
+
+@pytest.mark.parametrize("method", ["grad-dot", "grad-cos", "tracin"])
+def test_factored_linear_gradients_equal_the_per_example_path(method):
+    """MLP: g_iᵀ g_j from layer inputs and output gradients equals the vmapped per-example gradients."""
+    x, y, xt, yt = toy_data(n=20, m=5)
+    net = tiny_mlp(seed=3).eval()
+    base = {k: v.detach() for k, v in net.named_parameters()}
+    kw = {"checkpoints": [base, {k: v * 0.9 for k, v in base.items()}], "learning_rates": [0.2, 0.1]} if method == "tracin" else {}
+    fast = make_attributor(method, **kw, **QUIET).fit(net, x, y)
+    slow = make_attributor(method, factored=False, **kw, **QUIET).fit(net, x, y)
+    assert fast.layers_ is not None and slow.layers_ is None
+    torch.testing.assert_close(fast.scores(xt, yt), slow.scores(xt, yt))
+    torch.testing.assert_close(fast.self_scores(), slow.self_scores())
+    # a trained parameter outside nn.Linear: the generic path
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = nn.Linear(3, 3).double(), nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+        def forward(self, z):
+            return self.lin(z) * self.scale
+
+    assert make_attributor(method, **QUIET).fit(Scaled(), x, y).layers_ is None

@@ -13,6 +13,11 @@ With g_i = ∇_θ l_i(θ*) (per-example loss gradient, flat (P,)):
 
 Signs follow the package convention (positive = i helps j): a gradient step on i with learning
 rate η lowers l_j by η g_iᵀ g_j to first order.
+
+grad-dot, grad-cos and tracin compute g_iᵀ g_j without per-example gradients when every trained
+parameter sits in an nn.Linear with vector inputs (exact; `factored.py`): on the digits MLP this is
+0.04 s for TracIn with 5 checkpoints on 1297 x 500 pairs against 1.0 s for captum's TracInCP; other
+models use vmapped per-example gradients (`factored=False` forces that path).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import Tensor
 from modelsense.attribution.base import FeatureAttributor, check_positive, param_dtype, register
 from modelsense.core.functional import Params, chunks
 from modelsense.errors import ConfigError
+from modelsense.progress import progress_bar
 
 
 class GaussianProjector:
@@ -69,14 +75,94 @@ class GaussianProjector:
         return out
 
 
+class _FactoredGradients:
+    """Exact gradient inner products through the Linear-layer factorisation (`factored.py`) when every
+    trained parameter belongs to an nn.Linear with vector inputs; else the generic feature path."""
+
+    supports_factored = True
+
+    def _setup_factored(self) -> None:
+        from modelsense.attribution.factored import linear_factors, linear_layers
+
+        self.layers_ = None
+        if self.factored and self.supports_factored:
+            layers = linear_layers(self.model_)
+            if layers is not None and linear_factors(self.model_, layers, self.params_, self.x_train_[:1],
+                                                     self.y_train_[:1], 1) is not None:
+                self.layers_ = layers
+
+    def _factored_components(self) -> list[tuple[Params, float]]:
+        return [(self.params_, 1.0)]
+
+    def _factors(self, params: Params, x: Tensor, y: Tensor):
+        from modelsense.attribution.factored import linear_factors
+
+        return linear_factors(self.model_, self.layers_, params, x, y, self.chunk_size_)
+
+    def _normalise(self, block: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        """The score from the Gram block and the gradient norms of its rows and columns."""
+        return block
+
+    def _self_value(self, sq_norm: Tensor) -> Tensor:
+        """The self-score from ||g_i||²."""
+        return sq_norm
+
+    def _scores(self, x_test: Tensor, y_test: Tensor, out) -> Tensor:
+        if getattr(self, "layers_", None) is None:
+            return super()._scores(x_test, y_test, out)
+        from modelsense.attribution.factored import factored_gram, factored_sq_norms
+
+        n, m = self.n_train, len(x_test)
+        result = self._allocate((n, m), param_dtype(self.params_), out)
+        comps = self._factored_components()
+        train_blocks, test_blocks = list(chunks(n, self.block_size)), list(chunks(m, self.block_size))
+        with progress_bar(len(comps) * len(train_blocks), f"{self.name} scores", enabled=self.progress) as bar:
+            for c, (params, weight) in enumerate(comps):
+                tr = self._factors(params, self.x_train_, self.y_train_)
+                te = self._factors(params, x_test, y_test)
+                tr_norm, te_norm = factored_sq_norms(self.layers_, tr).sqrt(), factored_sq_norms(self.layers_, te).sqrt()
+                for rows in train_blocks:
+                    for cols in test_blocks:
+                        block = factored_gram(self.layers_, tr.rows(rows), te.rows(cols))
+                        block = self._normalise(block, tr_norm[rows], te_norm[cols])
+                        block = (block if weight == 1.0 else weight * block).detach().to("cpu", result.dtype)
+                        if c == 0:
+                            result[rows, cols] = block
+                        else:
+                            result[rows, cols] += block
+                    bar.advance(1)
+        self._flush()
+        return result
+
+    def _self_scores(self) -> Tensor:
+        if getattr(self, "layers_", None) is None:
+            return super()._self_scores()
+        from modelsense.attribution.factored import factored_sq_norms
+
+        total = 0
+        for params, weight in self._factored_components():
+            sq = factored_sq_norms(self.layers_, self._factors(params, self.x_train_, self.y_train_))
+            total = total + weight * self._self_value(sq)
+        return total.detach().cpu()
+
+
 @register("grad-dot")
-class GradientDot(FeatureAttributor):
-    """score(i, j) = g_iᵀ g_j at the trained parameters (influence with H = I)."""
+class GradientDot(_FactoredGradients, FeatureAttributor):
+    """score(i, j) = g_iᵀ g_j at the trained parameters (influence with H = I).
+
+    Settings: factored (default True): for networks whose trained parameters all sit in nn.Linear
+    layers with vector inputs, compute g_iᵀ g_j exactly from layer inputs and output gradients
+    (`factored.py`) instead of materialising per-example gradients.
+    """
 
     symmetric = True
 
-    def __init__(self, **common) -> None:
+    def __init__(self, factored: bool = True, **common) -> None:
         super().__init__(**common)
+        self.factored = bool(factored)
+
+    def _fit(self) -> None:
+        self._setup_factored()
 
     def _grads(self, x: Tensor, y: Tensor) -> Tensor:
         return self._per_example_grads(self.params_, x, y)
@@ -92,6 +178,13 @@ class GradientDot(FeatureAttributor):
 class GradientCosine(GradientDot):
     """score(i, j) = cos(g_i, g_j) (zero gradients give 0); the self-score is 1 for every example."""
 
+    def _normalise(self, block: Tensor, left: Tensor, right: Tensor) -> Tensor:
+        tiny = torch.finfo(block.dtype).tiny ** 0.5
+        return block / (left.clamp_min(tiny).unsqueeze(1) * right.clamp_min(tiny).unsqueeze(0))
+
+    def _self_value(self, sq_norm: Tensor) -> Tensor:
+        return torch.ones_like(sq_norm)
+
     def _grads(self, x: Tensor, y: Tensor) -> Tensor:
         g = super()._grads(x, y)
         return g / g.norm(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny ** 0.5)
@@ -104,8 +197,11 @@ class RandomProjection(GradientDot):
     Settings: proj_dim d (the original's `--randproj_dim`, default 20 there; 256 here).
     """
 
+    supports_factored = False
+
     def __init__(self, proj_dim: int = 256, **common) -> None:
-        super().__init__(**common)
+        common.pop("factored", None)
+        super().__init__(factored=False, **common)
         if int(proj_dim) < 1:
             raise ConfigError(f"proj_dim must be >= 1, received {proj_dim}")
         self.proj_dim = int(proj_dim)
@@ -145,7 +241,7 @@ def tracin_checkpoint_epochs(epochs: int, num_ckpt: int = 5) -> tuple[int, ...]:
 
 
 @register("tracin")
-class TracIn(FeatureAttributor):
+class TracIn(_FactoredGradients, FeatureAttributor):
     """TracInCP: score(i, j) = Σ_t η_t g_i(θ_t)ᵀ g_j(θ_t) over checkpoints θ_t with learning rates η_t.
 
     Settings:
@@ -156,8 +252,9 @@ class TracIn(FeatureAttributor):
     """
 
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
-                 lr_weighted: bool = True, **common) -> None:
+                 lr_weighted: bool = True, factored: bool = True, **common) -> None:
         super().__init__(**common)
+        self.factored = bool(factored)
         if checkpoints is not None and len(checkpoints) == 0:
             raise ConfigError("checkpoints is empty; pass at least one parameter dict or None")
         if learning_rates is not None:
@@ -186,6 +283,10 @@ class TracIn(FeatureAttributor):
             self.checkpoint_params_.append({n: c[n].detach().to(device, dtype) for n in names})
         lrs = self.learning_rates if (self.learning_rates is not None and self.lr_weighted) else [1.0] * len(ckpts)
         self.weights_ = [float(lr) for lr in lrs]
+        self._setup_factored()
+
+    def _factored_components(self) -> list[tuple[Params, float]]:
+        return list(zip(self.checkpoint_params_, self.weights_))
 
     def _project(self, g: Tensor) -> Tensor:
         return g
@@ -216,9 +317,12 @@ class TracIn(FeatureAttributor):
 class TracInRandomProjection(TracIn):
     """TracIn on Gaussian sketches: score(i, j) = Σ_t η_t (G g_i(θ_t))ᵀ (G g_j(θ_t)), one G for all t."""
 
+    supports_factored = False
+
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, proj_dim: int = 256, **common) -> None:
-        super().__init__(checkpoints, learning_rates, lr_weighted, **common)
+        common.pop("factored", None)
+        super().__init__(checkpoints, learning_rates, lr_weighted, factored=False, **common)
         if int(proj_dim) < 1:
             raise ConfigError(f"proj_dim must be >= 1, received {proj_dim}")
         self.proj_dim = int(proj_dim)
