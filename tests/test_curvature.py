@@ -14,6 +14,8 @@ from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import (
     CurvatureConfig,
     DenseCurvature,
+    ImplicitCurvature,
+    KroneckerCurvature,
     blr_posterior_contraction,
     build_curvature,
     dense_empirical_fisher,
@@ -432,6 +434,13 @@ def test_bad_input_raises_config_errors():
         build_curvature(fm, x, y, structure="full", max_full_params=10)
     with pytest.raises(DataError, match="same number"):
         build_curvature(fm, x, y[:-1])
+    for structure in ("implicit", "kfac"):  # the validation every data-built operator shares
+        with pytest.raises(DataError, match="same number"):
+            build_curvature(fm, x, y[:-1], structure=structure)
+        with pytest.raises(ConfigError, match=r"unknown reduction 'avg'; expected one of \('sum', 'mean'\)"):
+            (ImplicitCurvature if structure == "implicit" else KroneckerCurvature)(fm, x, y, reduction="avg")
+    with pytest.raises(ConfigError, match="KFAC/EK-FAC approximate matrix 'ggn' or 'ef', received 'hessian'"):
+        KroneckerCurvature(fm, x, y, matrix="hessian")
     net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).to(DT)
     with pytest.raises(ConfigError, match=r"not covered: \['1.weight', '1.bias'\]"):
         build_curvature(FunctionalModel(net), x, y, structure="kfac")

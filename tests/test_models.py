@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from modelsense.core.functional import FunctionalModel
+from modelsense.core.functional import FunctionalModel, flat_per_example_grads
 from modelsense.errors import ConfigError
 from modelsense.models import (
     ACTIVATIONS,
@@ -307,6 +307,31 @@ def test_per_example_grads_match_loop(name, shape, kw):
         nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         loop.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-9, atol=1e-10)
+
+
+def test_flat_per_example_grads_chunks_buffer_and_aux():
+    """Chunks of 3 over 7 examples; flat rows = the dict entries in ParamSpec order; out= is filled
+    in place; has_aux stacks the aux values; a wrong out shape says what was expected."""
+    model = build_model("mlp", (5,), 3, widths=(4,), seed=0).double()
+    fm = FunctionalModel(model)
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 1, 0, 2, 2])
+    flat = fm.per_example_grads(fm.params, x, y, chunk_size=3, flat=True)
+    per_dict = fm.per_example_grads(fm.params, x, y, chunk_size=3)
+    torch.testing.assert_close(flat, fm.spec.flatten(per_dict, batch_dims=1), rtol=0, atol=0)
+    buf = torch.full((7, fm.n_params), float("nan"), dtype=torch.float64)
+    assert fm.per_example_grads(fm.params, x, y, chunk_size=2, flat=True, out=buf) is buf
+    torch.testing.assert_close(buf, flat, rtol=1e-12, atol=1e-14)  # other chunks: other rounding
+
+    def loss_and_label(p, xi, yi):
+        return fm.per_example_loss(p, xi.unsqueeze(0), yi.unsqueeze(0))[0], yi * 10
+
+    grads, aux = flat_per_example_grads(fm, loss_and_label, fm.params, x, y, chunk_size=3, has_aux=True)
+    torch.testing.assert_close(grads, flat, rtol=0, atol=0)
+    assert aux.tolist() == (y * 10).tolist()
+    with pytest.raises(ConfigError, match=rf"out must have shape \(n, P\) = \(7, {fm.n_params}\), received \(6, {fm.n_params}\)"):
+        fm.per_example_grads(fm.params, x, y, flat=True, out=buf[:6])
+    with pytest.raises(ConfigError, match="pass flat=True"):
+        fm.per_example_grads(fm.params, x, y, out=buf)
 
 
 def test_vmapped_ensemble_matches_members():

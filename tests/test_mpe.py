@@ -265,6 +265,12 @@ def test_leave_out_masks_and_shared_batches_differ_only_by_the_removed_example()
                           {"q": (x, y)}, progress=False)
     torch.testing.assert_close(res.outputs["q"]["logits"][0], res.control["q"]["logits"][0])
     assert not torch.allclose(res.outputs["q"]["logits"][1], res.control["q"]["logits"][0])
+    # fixed batches of 4, the removed group = the whole first batch: under shared batches that step
+    # is skipped (weight 0, not a tiny weight), which leaves exactly the batches of the subset alone
+    fixed = TrainConfig(optimizer="adam", lr=0.01, epochs=2, bs=4, delta=1.0, eval_every=0, fixed_batches=True)
+    shared, own = (retrain_without(model_fn, x, y, [torch.arange(4)], fixed, init, {"q": (x, y)}, control=False,
+                                   shared_batches=flag, progress=False) for flag in (True, False))
+    torch.testing.assert_close(shared.outputs["q"]["logits"], own.outputs["q"]["logits"], rtol=1e-6, atol=1e-6)
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from modelsense.errors import ConfigError
 from modelsense.models import build_model
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
 from modelsense.training.ensemble import train_ensemble
-from modelsense.training.fit import fit
+from modelsense.training.fit import fit, l2_penalty, make_optimizer
 
 
 def small_data(n=120, d=6, c=3, seed=0):
@@ -109,6 +109,54 @@ def test_ensemble_equals_one_by_one_loop(optimizer, tol):
             torch.testing.assert_close(res.params[k][m], v, atol=tol, rtol=tol)
 
 
+def shared_plan_reference(module, x, y, keep, cfg):
+    """One model on the subset `keep` (bool (N,)) with the batches of all N examples, the slow way:
+    each batch of epoch_batches(arange(N)) cut to the subset, an empty cut skipped (no step at all),
+    torch.optim on mean loss over the cut + δ/(2|S|)·||θ||²."""
+    n = int(keep.sum())
+    opt = make_optimizer(module, cfg, n)
+    params = [p for p in module.parameters() if p.requires_grad]
+    gen = batch_generator(cfg.seed)
+    for epoch in range(cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(cfg, epoch)
+        for batch in epoch_batches(torch.arange(len(x)), cfg.bs, gen, cfg.fixed_batches):
+            batch = batch[keep[batch]]
+            if len(batch) == 0:
+                continue
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(module(x[batch]), y[batch]) + l2_penalty(params, cfg.delta, n)
+            loss.backward()
+            opt.step()
+    return module
+
+
+@pytest.mark.parametrize("optimizer,tol", [("sgd", 1e-5), ("adam", 2e-3)])
+def test_shared_batch_plan_equals_subset_training_with_the_full_schedule(optimizer, tol):
+    """batch_plan="shared": a weight-0 example stays in the batches but does not count; each model
+    equals training on its subset with the batches of all N examples (empty batches skipped)."""
+    data = small_data()
+    g = torch.Generator().manual_seed(4)
+    masks = torch.rand(4, 90, generator=g) < 0.7
+    masks[2] = True  # the control: all examples
+    masks[3] = False
+    masks[3, [5, 40, 41, 80]] = True  # most of its batches hold none of its examples: skipped steps
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=3, bs=8, delta=2.0)
+    seeds = [5, 5, 5, 6]
+    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds, queries={"test": (data.x_test, data.y_test)},
+                         progress=False, return_params=True, batch_plan="shared")
+    for m, seed in enumerate(seeds):
+        ref = shared_plan_reference(mlp(seed), data.x_train, data.y_train, masks[m],
+                                    TrainConfig(**{**cfg.to_dict(), "seed": seed}))
+        for k, v in ref.named_parameters():
+            torch.testing.assert_close(res.params[k][m], v.detach(), atol=tol, rtol=tol)
+    # all weights 1: the shared plan is the model's own plan
+    own = train_ensemble(mlp, data.x_train, data.y_train, masks[2:3], cfg, seeds=[5], return_params=True, queries={},
+                         progress=False)
+    for k, v in own.params.items():
+        torch.testing.assert_close(res.params[k][2], v[0], atol=1e-6, rtol=1e-6)
+
+
 def test_ensemble_outputs_chunks_and_warm_start():
     data = small_data()
     masks = torch.ones(5, 90, dtype=torch.bool)
@@ -139,6 +187,9 @@ def test_ensemble_bad_input():
         train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 5, dtype=torch.bool), cfg, progress=False)
     with pytest.raises(ConfigError, match="no training example"):
         train_ensemble(mlp, data.x_train, data.y_train, torch.zeros(2, 90, dtype=torch.bool), cfg, progress=False)
+    with pytest.raises(ConfigError, match="unknown batch_plan 'common'; expected one of"):
+        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False,
+                       batch_plan="common")
     with pytest.raises(ConfigError, match="use fit"):
         train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), TrainConfig(optimizer="ivon"), progress=False)
     bn = lambda s: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # noqa: E731

@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
 
-from modelsense.core.functional import FunctionalModel, Params, chunks
+# flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
+from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
 from modelsense.errors import ConfigError, DataError
 from modelsense.progress import progress_bar
 
@@ -93,29 +93,6 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
         fm = copy.copy(fm)
         fm.__class__ = _SigmoidBCEModel
     return fm
-
-
-def flat_per_example_grads(model: FunctionalModel, fn: Callable, params: Params, x: Tensor, y: Tensor,
-                           chunk_size: int, has_aux: bool = False):
-    """vmap(grad(fn)) over examples, written chunk by chunk into one preallocated (n, P) tensor in the
-    order of `model.spec` (2-4x faster than concatenating per-chunk flattened dicts, which copies the
-    gradients twice). fn(params, x_i, y_i) -> scalar (or (scalar, aux) with has_aux; aux stacked)."""
-    g = vmap(grad(fn, has_aux=has_aux), in_dims=(None, 0, 0))
-    first = next(iter(params.values()))
-    out = torch.empty(len(x), model.n_params, dtype=first.dtype, device=first.device)
-    offsets, start = [], 0
-    for name, numel in zip(model.spec.names, model.spec.numels):
-        offsets.append((name, start, start + numel))
-        start += numel
-    aux = []
-    for s in chunks(len(x), chunk_size):
-        res = g(params, x[s], y[s])
-        grads = res[0] if has_aux else res
-        for name, a, b in offsets:
-            out[s, a:b] = grads[name].reshape(s.stop - s.start, -1)
-        if has_aux:
-            aux.append(res[1])
-    return (out, torch.cat(aux)) if has_aux else out
 
 
 def param_dtype(params: Params) -> torch.dtype:
@@ -273,14 +250,9 @@ class Attributor:
 
     # -- helpers for subclasses --------------------------------------------------------------
     def _per_example_grads(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        """Flat per-example loss gradients (n, P) by vmap(grad) of the model's per-example loss, in
-        chunks of `chunk_size` (the numbers of `FunctionalModel.per_example_grads(flat=True)`)."""
-        model = self.model_
-
-        def single(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
-            return model.per_example_loss(p, xi.unsqueeze(0), yi.unsqueeze(0))[0]
-
-        return flat_per_example_grads(model, single, params, x, y, self.chunk_size_)
+        """Flat per-example loss gradients (n, P): `FunctionalModel.per_example_grads(flat=True)` of
+        the model's per-example loss, in chunks of `chunk_size`."""
+        return self.model_.per_example_grads(params, x, y, chunk_size=self.chunk_size_, flat=True)
 
     def _per_example_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():

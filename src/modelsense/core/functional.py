@@ -54,6 +54,15 @@ class ParamSpec:
     def size(self) -> int:
         return sum(self.numels)
 
+    @property
+    def slices(self) -> dict[str, slice]:
+        """name -> the positions of that parameter in the flat (P,) vector."""
+        out, start = {}, 0
+        for name, numel in zip(self.names, self.numels):
+            out[name] = slice(start, start + numel)
+            start += numel
+        return out
+
     def flatten(self, tensors: Params, batch_dims: int = 0) -> Tensor:
         """Concatenate a dict of tensors (with `batch_dims` leading dims) into (*batch, P)."""
         parts = []
@@ -134,14 +143,17 @@ class FunctionalModel:
         return self.per_example_loss(params, x.unsqueeze(0), y.unsqueeze(0))[0]
 
     def per_example_grads(
-        self, params: Params, x: Tensor, y: Tensor, chunk_size: int = 256, flat: bool = False
+        self, params: Params, x: Tensor, y: Tensor, chunk_size: int = 256, flat: bool = False, out: Tensor | None = None
     ) -> Params | Tensor:
-        """Gradients of each example's loss, dict of (n, *shape) or flat (n, P) when `flat`."""
-        g = vmap(grad(self._single_loss), in_dims=(None, 0, 0))
-        out = [g(params, x[s], y[s]) for s in chunks(len(x), chunk_size)]
+        """Gradients g_i = ∂l_i/∂θ of each example's loss: dict of (n, *shape), or flat (n, P) in
+        the order of `spec` when `flat` (written into `out` when given; see `flat_per_example_grads`)."""
         if flat:
-            return torch.cat([self.spec.flatten(o, batch_dims=1) for o in out])
-        return {n: torch.cat([o[n] for o in out]) for n in self.spec.names}
+            return flat_per_example_grads(self, self._single_loss, params, x, y, chunk_size, out=out)
+        if out is not None:
+            raise ConfigError("out= takes the flat (n, P) gradients; pass flat=True or drop out")
+        g = vmap(grad(self._single_loss), in_dims=(None, 0, 0))
+        parts = [g(params, x[s], y[s]) for s in chunks(len(x), chunk_size)]
+        return {n: torch.cat([o[n] for o in parts]) for n in self.spec.names}
 
     def jacobians(self, params: Params, x: Tensor, chunk_size: int = 128) -> Tensor:
         """Per-example Jacobians of the outputs w.r.t. the parameters, flat (n, C, P)."""
@@ -152,3 +164,44 @@ class FunctionalModel:
         jac = vmap(jacrev(single), in_dims=(None, 0))
         out = [self.spec.flatten(jac(params, x[s]), batch_dims=2) for s in chunks(len(x), chunk_size)]
         return torch.cat(out)
+
+
+def flat_per_example_grads(
+    model: FunctionalModel,
+    fn: Callable,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    chunk_size: int = 256,
+    has_aux: bool = False,
+    out: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """∇_θ fn(θ, x_i, y_i) for every example, flat (n, P) in the order of `model.spec`.
+
+    vmap(grad(fn)) over chunks of `chunk_size` examples; each chunk's gradients are written straight
+    into one (n, P) buffer (`out`, cast to its dtype; or a new tensor in the parameters' dtype and
+    device) instead of flattening every chunk and concatenating, which copies the gradients twice
+    (digits MLP, n = 1297, P = 26122, 1 CPU thread: about 95 ms against 140 ms per pass, chunks of 256).
+    `fn(params, x_i, y_i)` returns a scalar, or (scalar, aux) with `has_aux`: then (grads, aux) comes
+    back, aux stacked over the examples. `FunctionalModel.per_example_grads(flat=True)` is this with
+    fn = the model's per-example loss.
+    """
+    n, P = len(x), model.n_params
+    first = next(iter(params.values()))
+    if out is None:
+        out = torch.empty(n, P, dtype=first.dtype, device=first.device)
+    elif tuple(out.shape) != (n, P):
+        raise ConfigError(
+            f"out must have shape (n, P) = ({n}, {P}), received {tuple(out.shape)}; pass a buffer of that shape or out=None"
+        )
+    slices = model.spec.slices
+    g = vmap(grad(fn, has_aux=has_aux), in_dims=(None, 0, 0))
+    aux = []
+    for s in chunks(n, chunk_size):
+        res = g(params, x[s], y[s])
+        grads = res[0] if has_aux else res
+        for name, cols in slices.items():
+            out[s, cols] = grads[name].reshape(s.stop - s.start, -1)
+        if has_aux:
+            aux.append(res[1])
+    return (out, torch.cat(aux)) if has_aux else out

@@ -1,4 +1,5 @@
-"""Shared plumbing of the curvature layer: data chunks, output-space Hessians, validation.
+"""Shared plumbing of the curvature layer: data chunks, output-space Hessians, validation, and
+`DataOperator`, the state every operator built from (model, x, y) keeps for its passes over the data.
 
 Notation used across the package: N examples, C outputs, P parameters; f_i = f(x_i; θ) ∈ R^C;
 l_i = per-example loss of `FunctionalModel` (categorical: cross-entropy; gaussian: ½‖f_i − y_i‖²).
@@ -13,6 +14,8 @@ from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params, chunks
 from modelsense.errors import ConfigError, DataError
+
+REDUCTIONS = ("sum", "mean")
 
 
 def param_dtype_device(params: Params) -> tuple[torch.dtype, torch.device]:
@@ -50,6 +53,49 @@ def data_chunks(
             if yb.is_floating_point():
                 yb = yb.to(dtype)
         yield xb, yb
+
+
+def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    """ConfigError unless `value` is one of `allowed`."""
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; expected one of {allowed}")
+
+
+class DataOperator:
+    """Mixin of the curvature operators computed from a model and its training data one chunk at a
+    time (`ImplicitCurvature`, `KroneckerCurvature`): validation, the settings every such operator
+    keeps, and the chunked pass over the data.
+
+    After `_bind_data`: `model`, `x`, `y`, `matrix`, `params` (default `model.params`), `spec`,
+    `n_params`, `dtype`, `device` (those of the parameters), `reduction`, `chunk_size` and `scale`,
+    the factor applied to the summed matrix Σ_i K_i: 1 (reduction "sum") or 1/N ("mean").
+    """
+
+    def _bind_data(
+        self,
+        model: FunctionalModel,
+        x: Tensor,
+        y: Tensor,
+        matrix: str,
+        matrices: tuple[str, ...],
+        params: Params | None,
+        reduction: str,
+        chunk_size: int,
+    ) -> None:
+        check_data(model, x, y)
+        check_choice("matrix", matrix, matrices)
+        check_choice("reduction", reduction, REDUCTIONS)
+        self.model, self.x, self.y, self.matrix = model, x, y, matrix
+        self.params = params if params is not None else model.params
+        self.spec, self.n_params = model.spec, model.n_params
+        self.dtype, self.device = param_dtype_device(self.params)
+        self.reduction = reduction
+        self.scale = 1.0 if reduction == "sum" else 1.0 / len(x)
+        self.chunk_size = int(chunk_size)
+
+    def _data_chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The training data (x, y) in chunks of `chunk_size` on the parameters' device and dtype."""
+        return data_chunks(self.x, self.y, self.chunk_size, self.params)
 
 
 def output_hessian(logits: Tensor, likelihood: str) -> Tensor:

@@ -27,6 +27,7 @@ predictive covariance below and `FunctionalModel` parameter dicts with a `traina
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,15 +36,15 @@ from torch import Tensor, nn
 
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.curvature._common import (
+    DataOperator,
     as_matrix,
     check_damping,
-    check_data,
     data_chunks,
     loss_output_grad,
     output_hessian_sqrt,
 )
 from modelsense.curvature.lanczos import EigenDecomposition
-from modelsense.curvature.operators import REDUCTIONS, Curvature, _check_choice
+from modelsense.curvature.operators import Curvature
 from modelsense.errors import ConfigError
 
 
@@ -81,10 +82,7 @@ class KroneckerLayer:
 def find_layers(model: FunctionalModel) -> list[KroneckerLayer]:
     """The Linear/Conv2d layers holding the model's selected parameters; ConfigError if any
     selected parameter belongs elsewhere (select them away with `trainable=`)."""
-    offsets, start = {}, 0
-    for name, numel in zip(model.spec.names, model.spec.numels):
-        offsets[name] = slice(start, start + numel)
-        start += numel
+    offsets = model.spec.slices
     layers, covered = [], set()
     for mname, mod in model.module.named_modules():
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
@@ -193,6 +191,20 @@ def output_grads(layers, logits: Tensor, outputs: list[Tensor], cotangent: Tenso
     ]
 
 
+def layer_backward_passes(
+    model: FunctionalModel, layers: list[KroneckerLayer], matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int
+) -> Iterator[tuple[list[Tensor], Iterator[list[Tensor]]]]:
+    """The pass over the data behind every Kronecker factor: for each chunk of (x, y), its layer
+    inputs [(n, T, d_in)] and an iterator that gives, for each backward direction u of
+    `backward_directions` in turn, the layer output gradients [(n, T, d_out)] backpropagated from u.
+    Consume the directions before advancing to the next chunk (the graph is freed after the last)."""
+    for xb, yb in data_chunks(x, y, chunk_size, params):
+        logits, inputs, outputs = layer_forward(model, layers, params, xb)
+        directions = backward_directions(model, matrix, logits, yb)
+        last = len(directions) - 1
+        yield inputs, (output_grads(layers, logits, outputs, u, retain=c < last) for c, u in enumerate(directions))
+
+
 def layer_grid(layer: KroneckerLayer, flat: Tensor) -> Tensor:
     """The (d_out, d_in) grid [W | b] of one layer from a flat (P,) vector."""
     return flat[layer.flat_indices()].reshape(layer.d_out, layer.d_in)
@@ -205,11 +217,9 @@ def layer_diagonal(model: FunctionalModel, matrix: str, params: Params, x: Tenso
     layers = find_layers(model)
     first = next(iter(params.values()))
     grids = [torch.zeros(layer.d_out, layer.d_in, dtype=first.dtype, device=first.device) for layer in layers]
-    for xb, yb in data_chunks(x, y, chunk_size, params):
-        logits, inputs, outputs = layer_forward(model, layers, params, xb)
-        directions = backward_directions(model, matrix, logits, yb)
-        for c, u in enumerate(directions):
-            for l, (g, a) in enumerate(zip(output_grads(layers, logits, outputs, u, retain=c < len(directions) - 1), inputs)):
+    for inputs, per_direction in layer_backward_passes(model, layers, matrix, params, x, y, chunk_size):
+        for grads in per_direction:
+            for l, (g, a) in enumerate(zip(grads, inputs)):
                 if a.shape[1] == 1:
                     grids[l] += g[:, 0].pow(2).T @ a[:, 0].pow(2)
                 else:
@@ -261,7 +271,7 @@ def layer_quadratic_form(
     return torch.cat(out)
 
 
-class KroneckerCurvature(Curvature):
+class KroneckerCurvature(DataOperator, Curvature):
     """KFAC (eigen_corrected=False) or EK-FAC (True) approximation of the GGN or empirical Fisher
     of the summed loss (reduction="mean": divided by N); see the module docstring.
 
@@ -282,18 +292,10 @@ class KroneckerCurvature(Curvature):
     ) -> None:
         if matrix not in ("ggn", "ef"):
             raise ConfigError(f"KFAC/EK-FAC approximate matrix 'ggn' or 'ef', received {matrix!r}")
-        _check_choice("reduction", reduction, REDUCTIONS)
-        check_data(model, x, y)
-        self.model, self.matrix = model, matrix
+        self._bind_data(model, x, y, matrix, ("ggn", "ef"), params, reduction, chunk_size)
         self.structure = "ekfac" if eigen_corrected else "kfac"
-        self.params = params if params is not None else model.params
-        self.n_params = model.n_params
-        first = next(iter(self.params.values()))
-        self.dtype, self.device = first.dtype, first.device
-        self.scale = 1.0 if reduction == "sum" else 1.0 / len(x)
-        self.chunk_size = int(chunk_size)
         self.layers = find_layers(model)
-        self.factors = self._fit_factors(x, y)
+        self.factors = self._fit_factors()
         self.eigenbases = []
         self.eigenvalue_grids = []
         for A, G in self.factors:
@@ -303,33 +305,30 @@ class KroneckerCurvature(Curvature):
             self.eigenbases.append((Q_a, lam_a, Q_g, lam_g))
             self.eigenvalue_grids.append(torch.outer(lam_g, lam_a))
         if eigen_corrected:
-            self.eigenvalue_grids = self._fit_eigenvalues(x, y)
+            self.eigenvalue_grids = self._fit_eigenvalues()
 
     # --- passes over the data -----------------------------------------------------------------
-    def _fit_factors(self, x, y):
+    def _backward_passes(self):
+        return layer_backward_passes(self.model, self.layers, self.matrix, self.params, self.x, self.y, self.chunk_size)
+
+    def _fit_factors(self):
         A = [torch.zeros(layer.d_in, layer.d_in, dtype=self.dtype, device=self.device) for layer in self.layers]
         G = [torch.zeros(layer.d_out, layer.d_out, dtype=self.dtype, device=self.device) for layer in self.layers]
         count = [0] * len(self.layers)
-        for xb, yb in data_chunks(x, y, self.chunk_size, self.params):
-            logits, inputs, outputs = layer_forward(self.model, self.layers, self.params, xb)
+        for inputs, per_direction in self._backward_passes():
             for l, a in enumerate(inputs):
                 A[l] += torch.einsum("ntd,nte->de", a, a)
                 count[l] += a.shape[0] * a.shape[1]
-            directions = backward_directions(self.model, self.matrix, logits, yb)
-            for c, u in enumerate(directions):
-                grads = output_grads(self.layers, logits, outputs, u, retain=c < len(directions) - 1)
+            for grads in per_direction:
                 for l, g in enumerate(grads):
                     G[l] += torch.einsum("nto,ntp->op", g, g)
         return [(a / n, g * self.scale) for a, g, n in zip(A, G, count)]
 
-    def _fit_eigenvalues(self, x, y):
+    def _fit_eigenvalues(self):
         S = [torch.zeros(layer.d_out, layer.d_in, dtype=self.dtype, device=self.device) for layer in self.layers]
-        for xb, yb in data_chunks(x, y, self.chunk_size, self.params):
-            logits, inputs, outputs = layer_forward(self.model, self.layers, self.params, xb)
+        for inputs, per_direction in self._backward_passes():
             rotated_inputs = [a @ Q_a for a, (Q_a, _, _, _) in zip(inputs, self.eigenbases)]
-            directions = backward_directions(self.model, self.matrix, logits, yb)
-            for c, u in enumerate(directions):
-                grads = output_grads(self.layers, logits, outputs, u, retain=c < len(directions) - 1)
+            for grads in per_direction:
                 for l, (g, a_rot) in enumerate(zip(grads, rotated_inputs)):
                     g_rot = g @ self.eigenbases[l][2]
                     if g_rot.shape[1] == 1:

@@ -38,10 +38,12 @@ from torch.func import grad, jvp, vjp, vmap
 
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.curvature._common import (
+    REDUCTIONS,
+    DataOperator,
     apply_output_hessian,
     as_matrix,
+    check_choice,
     check_damping,
-    check_data,
     data_chunks,
     output_hessian_sqrt,
 )
@@ -50,7 +52,6 @@ from modelsense.errors import ConfigError
 
 MATRICES = ("ggn", "hessian", "ef")
 STRUCTURES = ("implicit", "full", "diag", "kfac", "ekfac", "lowrank")
-REDUCTIONS = ("sum", "mean")
 
 
 class Curvature:
@@ -151,7 +152,7 @@ def _to_dict(spec, V: Tensor) -> Params:
     return spec.unflatten(V.T)
 
 
-class ImplicitCurvature(Curvature):
+class ImplicitCurvature(DataOperator, Curvature):
     """The exact matrix K (see module docstring) applied matrix-free, one data chunk at a time.
 
     K V = scale · Σ_chunks K_chunk V with scale = 1 (sum) or 1/N (mean). A (P, m) input is
@@ -174,19 +175,7 @@ class ImplicitCurvature(Curvature):
         generator: torch.Generator | None = None,
         cache_graph: bool | None = None,
     ) -> None:
-        check_data(model, x, y)
-        _check_choice("matrix", matrix, MATRICES)
-        _check_choice("reduction", reduction, REDUCTIONS)
-        self.model, self.x, self.y = model, x, y
-        self.matrix = matrix
-        self.params = params if params is not None else model.params
-        self.spec = model.spec
-        self.n_params = model.n_params
-        first = next(iter(self.params.values()))
-        self.dtype, self.device = first.dtype, first.device
-        self.scale = 1.0 if reduction == "sum" else 1.0 / len(x)
-        self.reduction = reduction
-        self.chunk_size = int(chunk_size)
+        self._bind_data(model, x, y, matrix, MATRICES, params, reduction, chunk_size)
         self.generator = generator
         self.num_matvecs = 0
         # keep each chunk's autograd graph between single-vector products (Lanczos): by default
@@ -201,7 +190,7 @@ class ImplicitCurvature(Curvature):
         out = torch.zeros_like(V)
         tangents = _to_dict(self.spec, V.to(self.dtype))
         chunk_mv = {"ggn": self._ggn_chunk, "hessian": self._hessian_chunk, "ef": self._ef_chunk}[self.matrix]
-        for index, (xb, yb) in enumerate(data_chunks(self.x, self.y, self.chunk_size, self.params)):
+        for index, (xb, yb) in enumerate(self._data_chunks()):
             out += self.spec.flatten(chunk_mv(xb, yb, tangents, index), batch_dims=1).T
         out *= self.scale
         return out[:, 0] if was_vector else out
@@ -303,7 +292,7 @@ class ImplicitCurvature(Curvature):
 
     def _factor_rows(self):
         """Yield (n, P) blocks R with K = scale · Σ RᵀR (GGN: rows L_iᵀ J_i per class; EF: g_i)."""
-        for xb, yb in data_chunks(self.x, self.y, self.chunk_size, self.params):
+        for xb, yb in self._data_chunks():
             if self.matrix == "ef":
                 yield self.model.per_example_grads(self.params, xb, yb, chunk_size=len(xb), flat=True)
                 continue
@@ -570,11 +559,6 @@ class LowRankCurvature(Curvature):
         return EigenDecomposition(self.lam[:k], self.U[:, :k])
 
 
-def _check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"unknown {what} {value!r}; expected one of {allowed}")
-
-
 @dataclass(frozen=True)
 class CurvatureConfig:
     """Settings of `build_curvature`.
@@ -596,9 +580,9 @@ class CurvatureConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("matrix", self.matrix, MATRICES)
-        _check_choice("structure", self.structure, STRUCTURES)
-        _check_choice("reduction", self.reduction, REDUCTIONS)
+        check_choice("matrix", self.matrix, MATRICES)
+        check_choice("structure", self.structure, STRUCTURES)
+        check_choice("reduction", self.reduction, REDUCTIONS)
         if self.chunk_size < 1 or self.rank < 1:
             raise ConfigError(f"chunk_size and rank must be >= 1, received {self.chunk_size} and {self.rank}")
         if self.matrix == "hessian" and self.structure in ("kfac", "ekfac"):

@@ -6,13 +6,15 @@ sets (one model per row of a mask matrix):
 `retrain_without` (the original's procedure, SEEDS.md 0.5 scripts 3 and 5): minibatch SGD/Adam on
     the N − |G| remaining examples with the cosine schedule of `cfg`, minimising
     mean_batch l + δ/(2(N − |G|)) ‖θ‖², by the retraining engine `train_ensemble` (M models at once).
-    All models share one seed. With `shared_batches=True` (default) the removed examples are kept in
-    the batch plan with weight `REMOVED_WEIGHT` = 1e-12 instead of 0, so every model sees exactly the
-    control's minibatches minus the removed examples (common random numbers: the SGD noise is the
-    same in all models and cancels in differences); with False they are dropped from the index list
-    and the batches after them shift. A *control* model retrained the same way on all N examples
-    measures the drift of the procedure itself (SGD noise, unfinished convergence); deviations
-    measured against the control isolate the effect of the removal.
+    All models share one seed. With `shared_batches=True` (default) the engine's shared batch plan
+    (`train_ensemble(..., batch_plan="shared")`) keeps the removed examples in the batches with
+    weight 0, so every model sees exactly the control's minibatches minus the removed examples, each
+    step the mean loss over the rest of its batch (a batch of removed examples only is skipped), with
+    prior δ/(2(N − |G|)) (common random numbers: the SGD noise is the same in all models and cancels
+    in differences); with False they are dropped from the index list and the batches after them
+    shift. A *control* model retrained the same way on all N examples measures the drift of the
+    procedure itself (SGD noise, unfinished convergence); deviations measured against the control
+    isolate the effect of the removal.
 
 `refit_without_lbfgs` (convergence): full-batch L-BFGS on Σ_{j∉G} l_j(θ) + δ/2 ‖θ‖² for all M models
     jointly (the objectives are separable, so the joint minimiser is the tuple of minimisers), until
@@ -34,9 +36,6 @@ from modelsense.core.functional import Params, per_example_nll
 from modelsense.errors import ConfigError
 from modelsense.training.config import TrainConfig
 from modelsense.training.ensemble import EnsembleResult, train_ensemble
-
-#: Weight of a removed example when batches are shared: its share of the objective is 1e-12 / N.
-REMOVED_WEIGHT = 1e-12
 
 
 def leave_out_masks(n: int, removed: list[Tensor] | Tensor) -> Tensor:
@@ -93,13 +92,12 @@ def retrain_without(
     masks = leave_out_masks(len(x), removed)
     if control:
         masks = torch.cat([masks, torch.ones(1, len(x), dtype=torch.bool)])
-    if shared_batches:
-        masks = torch.where(masks, 1.0, REMOVED_WEIGHT)
     seeds = torch.full((len(masks),), int(cfg.seed), dtype=torch.long)
     start = time.perf_counter()
     res: EnsembleResult = train_ensemble(
         model_fn, x, y, masks, cfg, seeds=seeds, queries=queries, init_params=init_params,
         chunk_models=chunk_models, likelihood=likelihood, progress=progress,
+        batch_plan="shared" if shared_batches else "own",
     )
     seconds = time.perf_counter() - start
     if not control:

@@ -4,16 +4,27 @@ One engine serves every ground truth of the project: exact leave-one-out and lea
 retraining, random-subset farms (memorization, influence, consistency, LDS) and seed ensembles.
 M models are trained together with stacked parameters and `torch.func.vmap` over the model axis:
 each model m has its own example mask (or non-negative weights) w_m ∈ R^N, its own init seed, its
-own batch order, and minimises
+own batch order. In step t of epoch e, model m takes one step of functional SGD (momentum, PyTorch's
+update) or Adam (PyTorch's update, bias-corrected) on
 
-    L_m(θ) = Σ_{i in batch} w_mi l_i(θ) / Σ_{i in batch} w_mi  +  δ / (2 n_m) · ||θ||²,
+    L_mt(θ) = Σ_{i ∈ B_mt} w_mi l_i(θ) / Σ_{i ∈ B_mt} w_mi  +  δ / (2 n_m) · ||θ||²,
     n_m = Σ_i w_mi,
 
-with functional SGD (momentum, PyTorch's update) or Adam (PyTorch's update, bias-corrected). The
-batch order of model m is exactly the one `fit` uses for the same seed on the examples with w_mi > 0
-(`epoch_batches` over the sorted indices, a fresh permutation per epoch), so training model m alone
-with `fit(..., train_indices=...)` gives the same model up to floating-point rounding; models with
-fewer batches in an epoch simply skip the remaining steps (their state is left unchanged).
+at the learning rate `cosine_lr(cfg, e)`, where B_mt is the t-th minibatch of model m's batch plan.
+A step whose batch carries no weight (Σ_{i ∈ B_mt} w_mi = 0, or no batch t in this epoch) is
+skipped: the model's parameters and optimizer state (momentum, Adam's moments and step count) are
+left unchanged. The batch plan (`batch_plan=`) is
+
+    "own" (default): `epoch_batches` over the model's own examples {i : w_mi > 0} (sorted), with the
+        generator `batch_generator(seed_m)`: exactly the batches `fit(..., train_indices=...)` sees for
+        the same seed, so training model m alone with `fit` gives the same model up to floating-point
+        rounding; models with fewer batches in an epoch skip the remaining steps.
+    "shared": `epoch_batches` over all N examples with the same generator: every model sees the
+        batches of the model trained on all N examples with its seed (models with one seed: one
+        batch schedule, common random numbers), and an example with w_mi = 0 stays in its batches
+        but adds nothing to the loss, the denominator or n_m. With 0/1 weights, model m is thus
+        trained on its subset S_m = {i : w_mi = 1} by minibatch mean loss over B_mt ∩ S_m, with the
+        prior δ/(2|S_m|)·||θ||², skipping the steps whose batch holds no example of S_m.
 
 What comes back is per-model *outputs* on requested query sets (logits, losses, correctness,
 margins), not parameters (unless asked), so memory stays bounded; models are processed in chunks of
@@ -35,6 +46,7 @@ from modelsense.progress import progress_bar
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
 
 QueryOutputs = dict[str, Tensor]
+BATCH_PLANS = ("own", "shared")
 
 
 @dataclass
@@ -193,13 +205,15 @@ def train_ensemble(
     likelihood: str = "categorical",
     progress: bool = True,
     on_chunk: Callable[[slice, EnsembleResult], None] | None = None,
+    batch_plan: str = "own",
 ) -> EnsembleResult:
     """Train M = len(masks) models at once and return their outputs on `queries`.
 
     Args:
         model_fn: seed -> freshly initialised module (e.g. `lambda s: build_model(..., seed=s)`).
         x, y: training inputs (N, ...) and labels (N,).
-        masks: (M, N) bool (model m trains on examples with True) or non-negative float weights.
+        masks: (M, N) bool (model m trains on examples with True) or non-negative float weights w_m
+            (the objective in the module docstring: a weighted minibatch mean, prior δ/(2 Σ_i w_mi)).
         cfg: optimizer (`sgd` or `adam`), lr schedule, bs, epochs, delta, fixed_batches, device.
         seeds: (M,) init and batch-order seed per model; default cfg.seed + arange(M).
         queries: name -> (x, y) evaluated after training (default: {"train": (x, y)}).
@@ -208,9 +222,14 @@ def train_ensemble(
         chunk_models: models trained together in one vmapped chunk (default: all).
         return_params: also return the stacked final parameters.
         on_chunk: called with (slice of model ids, chunk result) after each chunk.
+        batch_plan: "own" (each model's batches over its examples with w_mi > 0, as `fit` on the
+            subset) or "shared" (every model's batches over all N examples; examples with w_mi = 0
+            stay in the batches with no loss contribution); see the module docstring.
     """
     if cfg.optimizer not in ("sgd", "adam"):
         raise ConfigError(f"the retraining engine trains with sgd or adam, not {cfg.optimizer!r}; use fit() for IVON")
+    if batch_plan not in BATCH_PLANS:
+        raise ConfigError(f"unknown batch_plan {batch_plan!r}; expected one of {BATCH_PLANS}")
     masks = torch.as_tensor(masks)
     if masks.dim() != 2 or masks.shape[1] != len(x):
         raise ConfigError(f"masks must have shape (M, N={len(x)}), got {tuple(masks.shape)}")
@@ -236,7 +255,7 @@ def train_ensemble(
     with progress_bar(n_chunks * cfg.epochs, f"ensemble of {n_models}", enabled=progress) as bar:
         for ids in chunks(n_models, chunk_models):
             part = _train_chunk(model_fn, x, y, weights[ids], seeds[ids], cfg, queries, init_params, ids,
-                                keep_logits, return_params, likelihood, device, bar)
+                                keep_logits, return_params, likelihood, device, bar, batch_plan)
             if on_chunk is not None:
                 on_chunk(ids, part)
             parts.append(part)
@@ -244,7 +263,7 @@ def train_ensemble(
 
 
 def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids, keep_logits, return_params,
-                 likelihood, device, bar) -> EnsembleResult:
+                 likelihood, device, bar, batch_plan) -> EnsembleResult:
     modules = [model_fn(int(s)) for s in seeds]
     base = modules[0].to(device)
     _check_module(base)
@@ -264,14 +283,18 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
             params[n] = p.expand(len(seeds), *shape).clone() if p.shape == shape else p[ids].clone()
     del modules
     n_m = weights.sum(1)
-    indices = [row.nonzero().flatten().cpu() for row in weights]
+    if batch_plan == "shared":
+        indices = [torch.arange(weights.shape[1])] * len(weights)
+    else:
+        indices = [row.nonzero().flatten().cpu() for row in weights]
     gens = [batch_generator(int(s)) for s in seeds]
     consts = {**buffers, **fixed}
 
     def model_loss(p: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
         out = functional_call(base, {**consts, **p}, (xb,))
         nll = per_example_nll(out, yb, likelihood)
-        return (wb * nll).sum() / wb.sum().clamp(min=1e-12)
+        total = wb.sum()  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
+        return (wb * nll).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
     grad_fn = vmap(grad(model_loss))
     opt = _FunctionalOptimizer(cfg, params, cfg.delta / n_m)
@@ -283,7 +306,7 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
         for t in range(index.shape[1]):
             it, vt = index[:, t], valid[:, t]
             wb = weights[rows, it] * vt
-            opt.step(params, grad_fn(params, x[it], y[it], wb), lr, vt.any(1))
+            opt.step(params, grad_fn(params, x[it], y[it], wb), lr, (wb > 0).any(1))
         bar.advance(1)
     outputs = {q: query_outputs(base, params, consts, qx.to(device), qy.to(device), likelihood, keep_logits=keep_logits)
                for q, (qx, qy) in queries.items()}
