@@ -102,3 +102,40 @@ def test_run_dir_atomic_and_resume_checks(tmp_path):
 def test_unknown_command_is_a_usage_error_not_a_traceback():
     proc = subprocess.run([sys.executable, "-m", "modelsense", "nosuchcommand"], capture_output=True, text=True)
     assert proc.returncode == 2 and "No such command" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_option_groups_omit_defaults_and_clashes():
+    from modelsense.cli import options as o
+    from modelsense.data import DataConfig
+    from modelsense.training import TrainConfig
+
+    @o.with_configs(omit=("corruption_ratio", "checkpoint_epochs"), corruption_ratio=0.3, epochs=7)
+    def command(data_cfg: DataConfig, train_cfg: TrainConfig, checkpoint_epochs: str = "x"):
+        return data_cfg, train_cfg, checkpoint_epochs
+
+    import inspect
+
+    names = list(inspect.signature(command).parameters)
+    assert "corruption_ratio" not in names and names.count("checkpoint_epochs") == 1 and "optimizer" in names
+    defaults = {k: p.default for k, p in inspect.signature(command).parameters.items()}
+    data_cfg, train_cfg, own = command(**defaults)
+    assert data_cfg.corruption_ratio == 0.3 and train_cfg.epochs == 7 and train_cfg.checkpoint_epochs == () and own == "x"
+    with pytest.raises(TypeError, match="unknown options"):
+        o.with_configs(epochs=3)(lambda data_cfg: None)
+    with pytest.raises(TypeError, match=r"\['epochs'\] are both"):
+        o.with_configs()(lambda train_cfg, epochs=1: None)
+    assert o.train_config("IBLR", 0.1, 0.0, 1, 8, 1.0, 0.1, 0, "cpu", False).optimizer == "ivon"
+    from modelsense.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="use --optimizer adam"):
+        o.train_config("adamw", 0.1, 0.0, 1, 8, 1.0, 0.1, 0, "cpu", False)
+
+
+def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
+    from modelsense.errors import ConfigError
+
+    for flag, value, says in (("--bs-retrain", "0", "bs (batch size) must be >= 1, got 0"),
+                              ("--lr-retrain", "-1", "lr must be > 0, got -1.0")):
+        res = runner.invoke(app, ["mpe", "validation", flag, value, "--out", str(tmp_path / "never")])
+        assert isinstance(res.exception, ConfigError) and says in str(res.exception)
+        assert flag in str(res.exception) and not (tmp_path / "never").exists()

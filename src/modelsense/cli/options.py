@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -40,8 +41,31 @@ FixedBatches = Annotated[bool, typer.Option("--fixed-batches", help="never reshu
 CheckpointEpochs = Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs at which to save parameters")]
 CheckpointIterations = Annotated[str, typer.Option("--checkpoint-iterations", help="comma-separated iterations (optimizer steps) at which to save parameters")]
 
+Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="model.pt of `modelsense train` to use instead of training one (the model options are then unused; the training recipe, --device aside, comes from its run's config.json when there)")]
+
+# attribution method settings (`method_settings`; each method takes those it understands)
+NumEns = Annotated[Optional[int], typer.Option("--num-ens", help="ensemble members: gex fine-tuning runs, la-kfac samples")]
+FtLr = Annotated[Optional[float], typer.Option("--ft-lr", help="gex: peak learning rate of each fine-tuning run")]
+FtStep = Annotated[Optional[int], typer.Option("--ft-step", help="gex: SGD steps per fine-tuning run")]
+FtLrSched = Annotated[Optional[str], typer.Option("--ft-lr-sched", help="gex: cosine (restarted, to 0) or constant (with clipping)")]
+GexEps = Annotated[Optional[float], typer.Option("--gex-eps", help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (original 0.05)")]
+ProjDim = Annotated[Optional[int], typer.Option("--proj-dim", help="projection dimension of randproj, tracin-rp, trak")]
+Damping = Annotated[Optional[float], typer.Option("--damping", help="if-*/trak/arnoldi damping (if-*/trak: relative to the mean eigenvalue)")]
+DampingMode = Annotated[Optional[str], typer.Option("--damping-mode", help="relative (× mean eigenvalue) or absolute")]
+CurvatureMatrix = Annotated[Optional[str], typer.Option("--matrix", help="curvature of if-*/arnoldi: ggn, hessian or ef")]
+ArnoldiRank = Annotated[Optional[int], typer.Option("--arnoldi-rank", help="arnoldi: number of eigendirections")]
+EnsembleModels = Annotated[Optional[int], typer.Option("--ensemble-models", help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the trained model only)")]
+El2nRepeat = Annotated[Optional[int], typer.Option("--el2n-repeat", help="el2n: early-trained models")]
+LossType = Annotated[str, typer.Option("--loss", help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the GEX original's default; gradient/ensemble methods only)")]
+GradChunk = Annotated[Optional[int], typer.Option("--bs-jacs", help="examples per vmapped per-example gradient pass (default: as many as fit in memory-gb / 8)")]
+MemoryGb = Annotated[float, typer.Option("--memory-gb", help="memory budget in GiB: score matrices larger than this go to a memory-mapped file")]
+
 Out = Annotated[Path, typer.Option("--out", "-o", help="run directory to write")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
+#: other names of an optimizer: the MPE code calls IVON `iblr`
+OPTIMIZER_ALIASES = {"iblr": "ivon"}
 
 
 def int_list(text: str | None, what: str) -> tuple[int, ...]:
@@ -69,18 +93,36 @@ def model_config(model: str, widths: str | None, activation: str | None, width: 
 def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, delta: float, hess_init: float,
                  seed: int, device: str, fixed_batches: bool, checkpoint_epochs: str = "",
                  checkpoint_iterations: str = "") -> TrainConfig:
+    optimizer = OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer.lower())
+    if optimizer == "adamw":
+        raise ConfigError("--optimizer adamw is not offered: the original's AdamW added weight decay 0.01 on top of the "
+                          "L2 term (SEEDS 0.7); use --optimizer adam (L2 = δ/(2N)·||θ||² in the loss)")
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,
                        checkpoint_epochs=int_list(checkpoint_epochs, "--checkpoint-epochs"),
                        checkpoint_iterations=int_list(checkpoint_iterations, "--checkpoint-iterations"))
 
 
-# -- option groups -----------------------------------------------------------------------------
-# Many commands take the same data / model / training options. `with_configs` adds a group's
-# options to a command's signature (typer reads the signature) and hands the command the built
-# config dataclass instead, so each option is declared once.
+def method_settings(num_ens: int | None, ft_lr: float | None, ft_step: int | None, ft_lr_sched: str | None,
+                    gex_eps: float | None, proj_dim: int | None, damping: float | None, damping_mode: str | None,
+                    matrix: str | None, arnoldi_rank: int | None, ensemble_models: int | None,
+                    el2n_repeat: int | None, loss: str, bs_jacs: int | None, memory_gb: float) -> dict[str, Any]:
+    """The attribution settings dict (names of `modelsense.attribution`; None = the method's default)."""
+    return {"num_ens": num_ens, "ft_lr": ft_lr, "ft_step": ft_step, "ft_lr_sched": ft_lr_sched, "gex_eps": gex_eps,
+            "proj_dim": proj_dim, "damping": damping, "damping_mode": damping_mode, "matrix": matrix, "rank": arnoldi_rank,
+            "n_models": ensemble_models, "el2n_repeat": el2n_repeat, "loss": loss, "chunk_size": bs_jacs,
+            "memory_budget": int(memory_gb * 2**30)}
 
-_GROUPS = {
+
+# -- option groups -----------------------------------------------------------------------------
+# Many commands take the same data / model / training / method options. `with_configs` adds a
+# group's options to a command's signature (typer reads the signature) and hands the command what
+# the group's builder makes of them (a config dataclass, a settings dict) instead, so each option
+# is declared once. A group: parameter name -> (builder, [(option name, annotation, default), ...]).
+
+Group = tuple[Callable[..., Any], list[tuple[str, Any, Any]]]
+
+GROUPS: dict[str, Group] = {
     "data_cfg": (data_config, [("dataset", Dataset, "digits"), ("data_dir", DataDir, None), ("n_train", NTrain, None),
                                ("corruption_ratio", Corruption, 0.0), ("drop_classes", DropClasses, ""),
                                ("standardize", Standardize, False), ("data_seed", DataSeed, 0)]),
@@ -91,34 +133,51 @@ _GROUPS = {
                                  ("hess_init", HessInit, 0.1), ("seed", Seed, 0), ("device", Device, "cpu"),
                                  ("fixed_batches", FixedBatches, False), ("checkpoint_epochs", CheckpointEpochs, ""),
                                  ("checkpoint_iterations", CheckpointIterations, "")]),
+    "settings": (method_settings, [("num_ens", NumEns, None), ("ft_lr", FtLr, None), ("ft_step", FtStep, None),
+                                   ("ft_lr_sched", FtLrSched, None), ("gex_eps", GexEps, None),
+                                   ("proj_dim", ProjDim, None), ("damping", Damping, None),
+                                   ("damping_mode", DampingMode, None), ("matrix", CurvatureMatrix, None),
+                                   ("arnoldi_rank", ArnoldiRank, None), ("ensemble_models", EnsembleModels, None),
+                                   ("el2n_repeat", El2nRepeat, None), ("loss", LossType, "cross_entropy"),
+                                   ("bs_jacs", GradChunk, None), ("memory_gb", MemoryGb, 2.0)]),
 }
 
 
-def with_configs(**defaults: object):
-    """Decorator: replace the command's `data_cfg` / `model_cfg` / `train_cfg` parameters by options.
+def with_configs(*, groups: Mapping[str, Group] | None = None, omit: Iterable[str] = (), **defaults: object):
+    """Decorator: replace the command's group parameters (`data_cfg`, `model_cfg`, `train_cfg`,
+    `settings`, and those of `groups`) by the groups' options.
 
-    Keyword arguments override option defaults for this command (e.g. `epochs=100`).
+    Keyword arguments override option defaults for this command (e.g. `epochs=100`). `omit` names
+    options the command does not offer: their builder argument stays at the (overridden) default,
+    and the command may declare an option of that name itself.
     """
     import functools
     import inspect
 
+    table = {**GROUPS, **(groups or {})}
+    omit = frozenset(omit)
+
     def decorate(fn):
         sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.name not in _GROUPS]
-        added, groups = [], [g for g in _GROUPS if g in sig.parameters]
-        for g in groups:
-            for name, annotation, default in _GROUPS[g][1]:
-                added.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                               default=defaults.get(name, default)))
-        unknown = set(defaults) - {p.name for p in added}
+        used = [g for g in table if g in sig.parameters]
+        own = [p for p in sig.parameters.values() if p.name not in used]
+        options = [opt for g in used for opt in table[g][1]]
+        unknown = (set(defaults) | omit) - {name for name, _, _ in options}
         if unknown:
-            raise TypeError(f"defaults for unknown options {sorted(unknown)}")
+            raise TypeError(f"defaults or omit for unknown options {sorted(unknown)}")
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                   default=defaults.get(name, default))
+                 for name, annotation, default in options if name not in omit]
+        clash = {p.name for p in own} & {p.name for p in added}
+        if clash:
+            raise TypeError(f"options {sorted(clash)} are both the command's own and a group's; omit them from the group")
 
         @functools.wraps(fn)
         def command(**kwargs):
-            for g in groups:
-                builder, opts = _GROUPS[g]
-                kwargs[g] = builder(**{name: kwargs.pop(name) for name, _, _ in opts})
+            for g in used:
+                builder, opts = table[g]
+                kwargs[g] = builder(**{name: defaults.get(name, default) if name in omit else kwargs.pop(name)
+                                       for name, _, default in opts})
             return fn(**kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added

@@ -64,7 +64,7 @@ from modelsense.curvature.operators import MATRICES, REDUCTIONS
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend before pyplot)
-from modelsense.experiments.train import load_model, save_model
+from modelsense.experiments.train import check_checkpoint_data, load_model, save_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.progress import progress_bar
 from modelsense.runs import RunDir, read_json, write_json
@@ -122,20 +122,6 @@ def check_choices(matrix: str, reduction: str) -> None:
         raise ConfigError(f"unknown matrix {matrix!r}; expected one of {', '.join(MATRICES)} (--matrix)")
     if reduction not in REDUCTIONS:
         raise ConfigError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)} (--reduction)")
-
-
-def check_checkpoint(info: dict[str, Any], data: Dataset, path: Path) -> None:
-    """Raise unless the checkpoint was trained on `data` (same name, input shape and classes)."""
-    if info.get("dataset") != data.name:
-        raise ConfigError(
-            f"checkpoint {path} was trained on dataset {info.get('dataset')!r}, but --dataset is {data.name!r}; "
-            "pass the dataset the model was trained on"
-        )
-    if tuple(info.get("input_shape", ())) != tuple(data.input_shape) or info.get("num_classes") != data.num_classes:
-        raise ConfigError(
-            f"checkpoint {path} takes inputs {tuple(info.get('input_shape', ()))} with {info.get('num_classes')} "
-            f"classes, but dataset {data.name!r} has inputs {tuple(data.input_shape)} with {data.num_classes} classes"
-        )
 
 
 def model_losses(module: nn.Module, data: Dataset, device: str | torch.device) -> dict[str, float]:
@@ -244,7 +230,7 @@ def run_spectrum(
     device = train_cfg.device
     if checkpoint is not None:
         module, info = load_model(checkpoint)
-        check_checkpoint(info, data, Path(checkpoint))
+        check_checkpoint_data(info, data, f"checkpoint {checkpoint}")
         model_info = {"checkpoint": str(checkpoint), **info.get("model", {})}
     else:
         module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
@@ -693,7 +679,6 @@ __all__ = [
     "BLRConfig",
     "WidthSweepConfig",
     "blr_figure",
-    "check_checkpoint",
     "count_params",
     "curvature_model",
     "curvature_section",

@@ -1,7 +1,9 @@
 """Influence experiments: `noisy-labels`, `prune`, `lds`, `influence` (and the demo's section).
 
 Every command trains the model once (`modelsense.training.fit`, with epoch checkpoints in the second
-half of training when a TracIn method is asked for), fits each attribution method on it
+half of training when a TracIn method is asked for) or loads it (`checkpoint=`: the model.pt of
+`modelsense train`, its run's training options as the recipe of ensembles and retraining, its
+checkpoint_epoch_*.pt files for TracIn; see `attribution_model`), fits each attribution method on it
 (`modelsense.attribution.make_attributor`) and writes a run directory:
 
     noisy-labels  self-influence of every training example ranks the corrupted labels:
@@ -43,6 +45,7 @@ from modelsense.attribution import (
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend)
+from modelsense.experiments.train import TrainedRun, load_trained_run
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
@@ -54,11 +57,42 @@ DEFAULT_LDS_METHODS = "grad-dot,randproj,tracin,if-ekfac,if-kfac,arnoldi,trak,ge
 
 
 # -- shared steps -------------------------------------------------------------------------------
+def attribution_model(checkpoint: str | Path | None, data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                      methods: list[str]) -> tuple[TrainedRun | None, ModelConfig, TrainConfig]:
+    """(run of `checkpoint`, model config, training config) of the model the methods score.
+
+    No checkpoint: (None, model_cfg, train_cfg), the model is trained here. Otherwise the model.pt of
+    `modelsense train` (checked against `data`), its architecture, and the recipe that ensembles and
+    retraining use: its run's training options (device of `train_cfg`), else `train_cfg`. Fails
+    before anything is written when a method needs what a model.pt lacks: TracIn the parameters at
+    epochs of training with their learning rates, mpe after IVON/Adam the optimizer state.
+    """
+    if checkpoint is None:
+        return None, model_cfg, train_cfg
+    trained = load_trained_run(checkpoint, data)
+    recipe = trained.recipe(train_cfg)
+    tracin = [m for m in methods if m.startswith("tracin")]
+    epochs = [k for k in trained.snapshots if k.startswith("epoch_") and int(k.split("_")[1]) >= 1]
+    if tracin and (not epochs or trained.train_cfg is None):
+        lacks = (f"no checkpoint_epoch_<E>.pt files next to {trained.path}" if not epochs else
+                 f"no config.json next to {trained.path} with the training options of that model (the learning rates)")
+        raise ConfigError(f"{', '.join(tracin)} needs the parameters at epochs of training and their learning rates, "
+                          f"but there are {lacks}; train it with `modelsense train --checkpoint-epochs E1,E2,...` "
+                          "or pick another method")
+    if "mpe" in methods and recipe.optimizer in ("ivon", "adam"):
+        raise ConfigError(f"mpe reads the posterior of a model trained with {recipe.optimizer} from the optimizer state, "
+                          f"which {trained.path} does not hold; pick another method, or drop --checkpoint to train here")
+    return trained, trained.model_cfg, recipe
+
+
 def train_for_attribution(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, methods: list[str],
-                          progress: bool = True):
-    """Build and train the model; add TracIn checkpoints (second half of training) when needed."""
+                          progress: bool = True, trained: TrainedRun | None = None):
+    """Build and train the model; add TracIn checkpoints (second half of training) when needed.
+    With `trained` (`attribution_model`): its model and snapshots as a `Fit` of `train_cfg`, no training."""
     from modelsense.training import fit
 
+    if trained is not None:
+        return trained.module, trained.as_fit(data, train_cfg), train_cfg
     if any(m.startswith("tracin") for m in methods) and not train_cfg.checkpoint_epochs:
         train_cfg = replace(train_cfg, checkpoint_epochs=tracin_checkpoint_epochs(train_cfg.epochs))
     module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
@@ -139,16 +173,17 @@ def _timed_fit(method, module, data, settings, context, progress, seed):
     return att, time.perf_counter() - start
 
 
-def _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings) -> dict[str, Any]:
+def _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained=None) -> dict[str, Any]:
     return {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
             "dataset": data.summary(), "methods": methods,
-            "settings": {k: v for k, v in settings.items() if v is not None}, "seed": train_cfg.seed}
+            "settings": {k: v for k, v in settings.items() if v is not None}, "seed": train_cfg.seed,
+            "checkpoint": None if trained is None else trained.summary()}
 
 
 # -- noisy labels -------------------------------------------------------------------------------
 def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
                      methods: str | list[str] = DEFAULT_NOISY_METHODS, settings: dict[str, Any] | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Rank corrupted training labels by each method's self-influence (see the module docstring)."""
     methods = parse_methods(methods)
     settings = dict(settings or {})
@@ -159,10 +194,11 @@ def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Tr
     corrupted = data.metadata["corrupted_indices"].numpy()
     if len(corrupted) == 0:
         raise ConfigError(f"--corruption-ratio {data_cfg.corruption_ratio} changed no label of {data.n_train} examples; raise it")
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, methods)
     run = RunDir(out)
-    run.write_config("noisy-labels", _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings))
+    run.write_config("noisy-labels", _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained))
     start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress)
+    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
     metrics: dict[str, Any] = {"train_accuracy": result.final.get("train_accuracy"),
                                "test_accuracy": result.final.get("test_accuracy"),
                                "n_train": data.n_train, "n_corrupted": int(len(corrupted)),
@@ -242,7 +278,8 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
 # -- pruning ------------------------------------------------------------------------------------
 def run_prune(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
               methods: str | list[str] = "gex,loss,el2n", ks: tuple[int, ...] = (), remove: str = "lowest",
-              n_random: int = 3, settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+              n_random: int = 3, settings: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
+              progress: bool = True) -> dict[str, Any]:
     """Remove the k lowest (or highest) self-influence examples, retrain, compare with random removal."""
     from modelsense.training import train_ensemble
 
@@ -259,11 +296,12 @@ def run_prune(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(f"--ks must lie in (0, N={n}), received {bad}")
     if n_random < 1:
         raise ConfigError(f"--n-random must be >= 1, received {n_random}")
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, methods)
     run = RunDir(out)
-    run.write_config("prune", {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings),
+    run.write_config("prune", {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained),
                                "ks": list(ks), "remove": remove, "n_random": n_random})
     start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress)
+    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
     metrics: dict[str, Any] = {"full_test_accuracy": result.final.get("test_accuracy"), "ks": list(ks), "remove": remove,
                                "seconds": {}, "accuracy": {}}
     masks, labels = [], []
@@ -349,7 +387,7 @@ def lds_ground_truth(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConf
 def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
             methods: str | list[str] = DEFAULT_LDS_METHODS, n_models: int = 50, alpha: float = 0.5,
             n_test: int | None = None, chunk_models: int | None = None, settings: dict[str, Any] | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """LDS of each method (see the module docstring); the ground truth is cached in the run
     directory (`lds_ground_truth.npz`) and reused when data, model, training, M, α and n_test match."""
     methods = parse_methods(methods)
@@ -363,13 +401,14 @@ def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     _check_data_for_methods(data, methods)
     n_test = data.n_test if n_test is None else min(int(n_test), data.n_test)
     x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, methods)
     run = RunDir(out, resume=True)
     gt_key = {"data": data_cfg.to_dict(), "model": asdict(model_cfg),
               "train": replace(train_cfg, checkpoint_epochs=()).to_dict(), "n_models": n_models, "alpha": alpha, "n_test": n_test}
-    run.write_config("lds", {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings), "n_models": n_models,
-                             "alpha": alpha, "n_test": n_test})
+    run.write_config("lds", {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained),
+                             "n_models": n_models, "alpha": alpha, "n_test": n_test})
     start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress)
+    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
     metrics: dict[str, Any] = {"test_accuracy": result.final.get("test_accuracy"), "n_models": n_models, "alpha": alpha,
                                "n_test": n_test, "lds": {}, "seconds": {}}
     all_scores = {}
@@ -427,7 +466,8 @@ def lds_figure(metrics: dict[str, Any]):
 # -- one method's scores ----------------------------------------------------------------------
 def run_influence(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
                   method: str = "if-ekfac", self_only: bool = False, n_test: int | None = None, top_k: int = 5,
-                  n_show: int = 6, settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+                  n_show: int = 6, settings: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
+                  progress: bool = True) -> dict[str, Any]:
     """One method's scores (scores.npy, memory-mapped (N, n_test)) or self-influence (self_influence.npy);
     top-k most helpful / harmful training examples per shown test example (figure for image data)."""
     (method,) = parse_methods([method])
@@ -439,11 +479,12 @@ def run_influence(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Train
     data = load_dataset_from_config(data_cfg)
     _check_data_for_methods(data, [method])
     n_test = data.n_test if n_test is None else min(int(n_test), data.n_test)
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, [method])
     run = RunDir(out)
-    run.write_config("influence", {**_base_config(data_cfg, model_cfg, train_cfg, data, [method], settings),
+    run.write_config("influence", {**_base_config(data_cfg, model_cfg, train_cfg, data, [method], settings, trained),
                                    "self": self_only, "n_test": n_test, "top_k": top_k})
     start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, [method], progress)
+    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, [method], progress, trained)
     ctx = method_context(method, result, train_cfg, model_cfg, data)
     t0 = time.perf_counter()
     att, fit_seconds = _timed_fit(method, module, data, settings, ctx, progress, train_cfg.seed)

@@ -48,19 +48,8 @@ from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (sets the Agg backend)
 from modelsense.experiments.report import Section
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.mpe.estimator import (
-    LAPLACE_STRUCTURES,
-    VARIANTS,
-    MPEResult,
-    MPESettings,
-    build_posterior,
-    group_logit_shift,
-    group_loo_nll,
-    mc_prediction_error,
-    memory_perturbation,
-    per_example_nll,
-    softmax_deviation,
-)
+from modelsense.mpe import (LAPLACE_STRUCTURES, VARIANTS, MPEResult, MPESettings, build_posterior, group_logit_shift,
+                            group_loo_nll, mc_prediction_error, memory_perturbation, per_example_nll, softmax_deviation)
 from modelsense.mpe.ground_truth import retrain_without, true_loo_logits
 from modelsense.progress import progress_bar
 from modelsense.runs import RunDir
@@ -121,13 +110,14 @@ class MPEExperimentConfig:
             raise ConfigError(f"a Laplace posterior needs a prior precision --delta > 0, received {self.train.delta}")
         if self.optim_var and self.train.optimizer == "adam" and not self.train.delta > 0:
             raise ConfigError(f"the Adam posterior needs --delta > 0, received {self.train.delta}")
-        for name in ("bs_jacs", "n_retrain", "epochs_retrain", "n_exp", "mc_samples", "n_bins"):
+        for name in ("bs_jacs", "n_retrain", "n_exp", "mc_samples", "n_bins"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, received {getattr(self, name)}")
-        if not self.lr_retrain > 0 or not 0 <= self.lrmin_retrain <= self.lr_retrain:
-            raise ConfigError(f"need lr-retrain > 0 and 0 <= lrmin-retrain <= lr-retrain, received {self.lr_retrain}, {self.lrmin_retrain}")
-        if self.bs_retrain is not None and self.bs_retrain < 1:
-            raise ConfigError(f"--bs-retrain must be >= 1, received {self.bs_retrain}")
+        try:  # TrainConfig checks the retraining options
+            self.retrain_config()
+        except ConfigError as exc:
+            raise ConfigError(f"bad retraining option: {exc} (the retraining's lr, lrmin, epochs, bs are --lr-retrain, "
+                              "--lrmin-retrain, --epochs-retrain, --bs-retrain)") from None
         if self.reference not in REFERENCES:
             raise ConfigError(f"--reference must be one of {', '.join(REFERENCES)}, received {self.reference!r}")
         if self.deltas_stop < self.deltas_start:
@@ -148,8 +138,8 @@ class MPEExperimentConfig:
     def retrain_config(self) -> TrainConfig:
         t = self.train
         return TrainConfig(optimizer="sgd", lr=self.lr_retrain, lrmin=self.lrmin_retrain, epochs=self.epochs_retrain,
-                           bs=self.bs_retrain or t.bs, delta=t.delta, momentum=t.momentum, seed=t.seed, device=t.device,
-                           fixed_batches=t.fixed_batches, eval_every=0)
+                           bs=t.bs if self.bs_retrain is None else self.bs_retrain, delta=t.delta, momentum=t.momentum,
+                           seed=t.seed, device=t.device, fixed_batches=t.fixed_batches, eval_every=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

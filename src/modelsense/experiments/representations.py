@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.train import load_model, save_model
+from modelsense.experiments.train import check_checkpoint_data, load_model, save_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.progress import progress_bar
 from modelsense.representations.features import extract_features, relu_module_names
@@ -295,19 +295,6 @@ class LoadedModel:
     model: dict[str, Any]
 
 
-def _check_checkpoint(info: dict[str, Any], data: Dataset, which: str, path: Path) -> None:
-    if info.get("dataset") != data.name:
-        raise ConfigError(
-            f"{which} ({path}) was trained on dataset {info.get('dataset')!r}, but --dataset is {data.name!r}; "
-            "compare and stitch models trained on the same dataset, and pass that dataset"
-        )
-    if tuple(info.get("input_shape", ())) != tuple(data.input_shape) or info.get("num_classes") != data.num_classes:
-        raise ConfigError(
-            f"{which} ({path}) takes inputs {tuple(info.get('input_shape', ()))} with {info.get('num_classes')} "
-            f"classes, but dataset {data.name!r} has inputs {tuple(data.input_shape)} with {data.num_classes} classes"
-        )
-
-
 def resolve_models(
     data: Dataset,
     data_cfg: DataConfig,
@@ -348,7 +335,8 @@ def resolve_models(
     loaded = []
     for which in ("model-a", "model-b"):
         module, info = load_model(paths[which])
-        _check_checkpoint(info, data, which, paths[which])
+        check_checkpoint_data(info, data, f"{which} ({paths[which]})",
+                              fix="compare and stitch models trained on the same dataset, and pass that dataset")
         loaded.append(LoadedModel(module.eval(), str(paths[which]), info.get("seed"), info["dataset"], info["model"]))
     return loaded[0], loaded[1]
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.runs import RunDir
+from modelsense.runs import RunDir, read_json
 from modelsense.training.config import TrainConfig
-from modelsense.training.fit import Fit, fit
+from modelsense.training.fit import Fit, evaluate, fit
 
 
 def save_model(path: Path, module: nn.Module, model_cfg: ModelConfig, data: Dataset, seed: int) -> None:
@@ -47,6 +48,85 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     module = build_model_from_config(cfg, tuple(ckpt["input_shape"]), ckpt["num_classes"], seed=ckpt.get("seed", 0))
     module.load_state_dict(ckpt["state_dict"])
     return module.eval(), ckpt
+
+
+def check_checkpoint_data(info: dict[str, Any], data: Dataset, source: str,
+                          fix: str = "pass the dataset the model was trained on") -> None:
+    """Raise ConfigError unless the checkpoint `info` (of `load_model`) was trained on `data`: the same
+    dataset name, input shape and number of classes. `source` names the checkpoint in the message
+    (e.g. "checkpoint runs/a/model.pt"), `fix` says what to do about a different dataset."""
+    if info.get("dataset") != data.name:
+        raise ConfigError(f"{source} was trained on dataset {info.get('dataset')!r}, but --dataset is {data.name!r}; {fix}")
+    if tuple(info.get("input_shape", ())) != tuple(data.input_shape) or info.get("num_classes") != data.num_classes:
+        raise ConfigError(
+            f"{source} takes inputs {tuple(info.get('input_shape', ()))} with {info.get('num_classes')} "
+            f"classes, but dataset {data.name!r} has inputs {tuple(data.input_shape)} with {data.num_classes} classes"
+        )
+
+
+@dataclass
+class TrainedRun:
+    """A model.pt of `modelsense train` (checked against a dataset) and what its run directory tells.
+
+    module: the network (eval mode, CPU); info: the checkpoint's metadata (`load_model`); model_cfg:
+    its architecture; train_cfg / data_cfg: the training and data options of the run's config.json,
+    None where that file is absent or describes another model (then the learning rates of the
+    snapshots are unknown); snapshots: the parameter files `modelsense train` saved next to it
+    (checkpoint_<key>.pt with key `epoch_E` / `iteration_T`, `Fit.checkpoints`' keys), key -> path.
+    """
+
+    path: Path
+    module: nn.Module
+    info: dict[str, Any]
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig | None
+    data_cfg: dict[str, Any] | None
+    snapshots: dict[str, Path]
+
+    def recipe(self, fallback: TrainConfig) -> TrainConfig:
+        """The training options to retrain this model with: the run's, on `fallback.device`; else `fallback`."""
+        return fallback if self.train_cfg is None else replace(self.train_cfg, device=fallback.device)
+
+    def summary(self) -> dict[str, Any]:
+        """What a run directory records about the checkpoint it used."""
+        return {"path": str(self.path), "model": self.info["model"], "seed": self.info.get("seed"),
+                "recipe": "options" if self.train_cfg is None else "config.json", "data": self.data_cfg,
+                "snapshots": sorted(self.snapshots)}
+
+    def as_fit(self, data: Dataset, train_cfg: TrainConfig) -> Fit:
+        """The run as a `Fit` of `train_cfg` on `data`: the module on `train_cfg.device`, its mean NLL and
+        accuracy on data's train and test sets as a one-row history, the snapshots as checkpoints, and
+        no optimizer (`optimizer` is None: model.pt holds no optimizer state)."""
+        module = self.module.to(train_cfg.device).eval()
+        device = next(module.parameters()).device
+        train = evaluate(module, data.x_train.to(device), data.y_train.to(device))
+        test = evaluate(module, data.x_test.to(device), data.y_test.to(device))
+        history = {"train_loss": [train["loss"]], "train_accuracy": [train["accuracy"]],
+                   "test_loss": [test["loss"]], "test_accuracy": [test["accuracy"]]}
+        checkpoints = {k: torch.load(p, map_location="cpu", weights_only=True) for k, p in self.snapshots.items()}
+        params = {n: p.detach().clone() for n, p in module.named_parameters()}
+        return Fit(module, params, None, train_cfg, data.n_train, history, checkpoints)
+
+
+def load_trained_run(path: str | Path, data: Dataset, source: str | None = None,
+                     fix: str = "pass the dataset the model was trained on") -> TrainedRun:
+    """Load a model.pt of `modelsense train`, check it against `data` (`check_checkpoint_data`) and
+    read its run directory: config.json's options when they describe this model (same architecture
+    and seed), and the checkpoint_<key>.pt snapshots."""
+    path = Path(path)
+    module, info = load_model(path)
+    check_checkpoint_data(info, data, source or f"checkpoint {path}", fix)
+    config_path = path.parent / "config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    train = config.get("train") if isinstance(config, dict) else None
+    train_cfg = data_cfg = None
+    if (isinstance(train, dict) and config.get("model") == json.loads(json.dumps(info["model"]))
+            and train.get("seed") == info.get("seed")):
+        known = {f.name for f in fields(TrainConfig)}
+        train_cfg = TrainConfig(**{k: v for k, v in train.items() if k in known})
+        data_cfg = config.get("data")
+    snapshots = {p.stem.removeprefix("checkpoint_"): p for p in sorted(path.parent.glob("checkpoint_*.pt"))}
+    return TrainedRun(path, module, info, ModelConfig(**info["model"]), train_cfg, data_cfg, snapshots)
 
 
 def train_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module, Fit]:

@@ -1,0 +1,132 @@
+"""The influence commands with `--checkpoint`: scoring a model.pt of `modelsense train` instead of training."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from modelsense.cli import app, main
+from modelsense.data import DataConfig, load_dataset_from_config
+from modelsense.errors import ConfigError
+from modelsense.experiments.train import load_model
+
+runner = CliRunner()
+DATA = ["--dataset", "digits", "--n-train", "60"]
+TRAIN = ["--widths", "8", "--epochs", "4", "--bs", "32", "--lr", "0.1"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def ok(*args) -> dict:
+    res = invoke(*args, "--quiet")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    out = args[list(args).index("--out") + 1]
+    return json.loads((out / "metrics.json").read_text())
+
+
+def error(res) -> str:
+    assert res.exit_code != 0 and isinstance(res.exception, ConfigError), res.output
+    return str(res.exception)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny `modelsense train` run with epoch checkpoints (its run directory)."""
+    out = tmp_path_factory.mktemp("train") / "run"
+    res = invoke("train", *DATA, *TRAIN, "--checkpoint-epochs", "2,4", "--out", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_grad_dot_of_a_checkpoint_is_the_gradient_inner_product(trained, tmp_path):
+    out = tmp_path / "inf"
+    ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot", "--n-test", 4,
+       "--proj-dim", 7, "--memory-gb", 0.5, "--out", out)
+    scores = np.load(out / "scores.npy")
+    module, _ = load_model(trained / "model.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=60))
+    params = dict(module.named_parameters())
+
+    def grads(x, y):  # one example at a time: the definition, slowly
+        rows = []
+        for xi, yi in zip(x, y):
+            loss = torch.nn.functional.cross_entropy(module(xi[None]), yi[None])
+            rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))]))
+        return torch.stack(rows)
+
+    expected = (grads(data.x_train, data.y_train) @ grads(data.x_test[:4], data.y_test[:4]).T).numpy()
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    config = json.loads((out / "config.json").read_text())
+    assert config["checkpoint"]["path"] == str(trained / "model.pt") and config["checkpoint"]["recipe"] == "config.json"
+    assert config["train"]["epochs"] == 4 and config["model"]["widths"] == [8]  # the run's, not the command's
+    assert config["settings"] == {"proj_dim": 7, "loss": "cross_entropy", "memory_budget": 2**29}  # the option group
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test_accuracy"])
+
+
+def test_tracin_of_a_checkpoint_equals_tracin_trained_in_the_command(trained, tmp_path):
+    """The run's checkpoint_epoch_*.pt and config.json give the same checkpoints and learning rates."""
+    ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "tracin", "--n-test", 3,
+       "--out", tmp_path / "a")
+    ok("influence", *DATA, *TRAIN, "--checkpoint-epochs", "2,4", "--method", "tracin", "--n-test", 3,
+       "--out", tmp_path / "b")
+    a, b = np.load(tmp_path / "a" / "scores.npy"), np.load(tmp_path / "b" / "scores.npy")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert np.abs(a).max() > 0
+
+
+def test_lds_retrains_with_the_checkpoint_runs_recipe(trained, tmp_path):
+    out = tmp_path / "lds"
+    m = ok("lds", *DATA, "--checkpoint", trained / "model.pt", "--methods", "grad-dot", "--n-models", 3,
+           "--n-test", 5, "--out", out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["epochs"] == 4 and config["train"]["lr"] == 0.1  # not the command's defaults 50 / 0.1
+    assert set(m["lds"]) == {"grad-dot"} and np.load(out / "lds_ground_truth.npz")["losses"].shape == (3, 5)
+
+
+def test_checkpoint_of_another_dataset_is_an_error_with_exit_code_2(trained, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "never"
+    monkeypatch.setattr("sys.argv", ["modelsense", "influence", "--dataset", "mnist1d", "--n-train", "50",
+                                     "--checkpoint", str(trained / "model.pt"), "--method", "grad-dot",
+                                     "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "trained on dataset 'digits'" in err and "--dataset is 'mnist1d'" in err and "Traceback" not in err
+    assert not out.exists()  # checked before anything is written
+    msg = error(invoke("noisy-labels", *DATA, "--checkpoint", tmp_path / "missing.pt", "--methods", "loss",
+                       "--out", tmp_path / "x"))
+    assert "not found" in msg
+
+
+def test_what_a_bare_model_pt_cannot_give_is_a_clear_error(trained, tmp_path):
+    bare = tmp_path / "bare"  # model.pt alone: no config.json, no epoch checkpoints
+    bare.mkdir()
+    shutil.copy(trained / "model.pt", bare / "model.pt")
+    msg = error(invoke("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "tracin", "--out", tmp_path / "a"))
+    assert "no checkpoint_epoch_<E>.pt" in msg and "--checkpoint-epochs" in msg and "another method" in msg
+    assert not (tmp_path / "a").exists()
+    for f in trained.glob("checkpoint_epoch_*.pt"):  # snapshots but no config.json: learning rates unknown
+        shutil.copy(f, bare / f.name)
+    msg = error(invoke("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "tracin-rp", "--out", tmp_path / "b"))
+    assert "no config.json" in msg and "learning rates" in msg
+    # without config.json the command's training options are the recipe
+    ok("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "loss", "--self", "--epochs", 7,
+       "--out", tmp_path / "c")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["checkpoint"]["recipe"] == "options" and config["train"]["epochs"] == 7
+    # mpe after IVON/Adam training reads the optimizer state, which model.pt does not hold
+    ivon = tmp_path / "ivon"
+    shutil.copytree(trained, ivon)
+    cfg = json.loads((ivon / "config.json").read_text())
+    cfg["train"]["optimizer"] = "adam"
+    (ivon / "config.json").write_text(json.dumps(cfg))
+    msg = error(invoke("noisy-labels", *DATA, "--corruption-ratio", 0.1, "--checkpoint", ivon / "model.pt",
+                       "--methods", "loss,mpe", "--out", tmp_path / "d"))
+    assert "mpe reads the posterior of a model trained with adam from the optimizer state" in msg
