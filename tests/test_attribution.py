@@ -522,3 +522,27 @@ def test_factored_linear_gradients_equal_the_per_example_path(method):
             return self.lin(z) * self.scale
 
     assert make_attributor(method, **QUIET).fit(Scaled(), x, y).layers_ is None
+
+
+def test_kfac_self_influence_ranks_like_if_explicit_on_softmax_regression():
+    """Softmax regression on digits: K-FAC is not exact (GGN = Σ_n H_n ⊗ x_n x_nᵀ with H_n tied to x_n;
+    33% Frobenius error on the full set), yet the self-influence ranking agrees (Spearman 0.998 on all
+    1297 examples). Pairwise scores agree less (per-test Spearman 0.49-0.60 there; see the README)."""
+    from sklearn.datasets import load_digits
+
+    from modelsense.curvature.operators import build_curvature
+
+    X, Y = load_digits(return_X_y=True)
+    x, y = torch.tensor(X[:300] / 16.0), torch.tensor(Y[:300])
+    model = trained(nn.Linear(64, 10).double(), x, y, delta=1.0, steps=100)
+    common = dict(matrix="ggn", damping=0.1, damping_mode="relative", **QUIET)
+    exact = make_attributor("if-explicit", **common).fit(model, x, y).self_scores().numpy()
+    fm = FunctionalModel(model)
+    dense = build_curvature(fm, x, y, matrix="ggn", structure="full").K
+    errors = {}
+    for method in ("if-kfac", "if-ekfac"):
+        approx = make_attributor(method, **common).fit(model, x, y).self_scores().numpy()
+        assert spearmanr(exact, approx)[0] >= 0.95, method
+        K = build_curvature(fm, x, y, matrix="ggn", structure=method[3:])
+        errors[method] = float((K.mv(torch.eye(K.n_params, dtype=torch.float64)) - dense).norm() / dense.norm())
+    assert 0.0 < errors["if-ekfac"] <= errors["if-kfac"]  # EK-FAC is the best diagonal in the KFAC eigenbasis

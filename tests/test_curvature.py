@@ -449,3 +449,28 @@ def test_bad_input_raises_config_errors():
     assert K.n_params == 15
     with pytest.raises(ConfigError, match="k >= 1"):
         DenseCurvature(torch.eye(3, dtype=DT)).eigen(0)
+
+
+def test_conjugate_gradient_columns_and_preconditioner():
+    from modelsense.curvature.operators import conjugate_gradient
+
+    gen = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(40, 40, generator=gen, dtype=torch.float64))[0]
+    A = Q @ torch.diag(torch.logspace(-3, 0, 40, dtype=torch.float64)) @ Q.T
+    B = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    B[:, 1] = 0.0  # a zero column is solved at once and leaves the products
+    calls = []
+
+    def apply(Z):
+        calls.append(Z.shape[1])
+        return A @ Z
+
+    X = conjugate_gradient(apply, B, 1e-10, 500)
+    assert torch.allclose(X, torch.linalg.solve(A, B), atol=1e-7)
+    assert max(calls) == 2  # only the unconverged columns are multiplied
+    calls.clear()
+    Ainv = torch.linalg.inv(A)
+    X = conjugate_gradient(apply, B, 1e-10, 500, preconditioner=lambda Z: Ainv @ Z)
+    assert len(calls) == 1 and torch.allclose(X, torch.linalg.solve(A, B), atol=1e-9)
+    with pytest.raises(ConfigError, match="not positive definite"):
+        conjugate_gradient(lambda Z: -Z, B, 1e-10, 10)

@@ -30,6 +30,7 @@ bench/curvature.py measures both (top-20 Hessian eigenvalues, ours against curvl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -334,33 +335,51 @@ class ImplicitCurvature(DataOperator, Curvature):
         """Top-k eigenpairs by Lanczos with full reorthogonalisation (lanczos.top_eigenpairs)."""
         return top_eigenpairs(self, self._check_k(k), tol=tol, max_steps=max_steps, which=which, generator=self.generator)
 
-    def inverse_mv(self, v: Tensor, damping: float | Tensor, tol: float = 1e-10, max_iter: int | None = None) -> Tensor:
-        """(K + δI)^{-1} v by conjugate gradients (column-wise); K + δI must be positive definite."""
+    def inverse_mv(self, v: Tensor, damping: float | Tensor, tol: float = 1e-10, max_iter: int | None = None,
+                   preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """(K + δI)^{-1} v by (preconditioned) conjugate gradients, column-wise; K + δI must be positive
+        definite. `preconditioner`: Z ↦ M⁻¹Z for a positive definite M ≈ K + δI, which changes the
+        number of iterations, not the solution (the K-FAC / EK-FAC inverse is a poor one: on a digits
+        MLP 32-32 with relative damping 0.1 it left a relative residual of 7e-3 after 200 iterations
+        where plain CG reached 2e-4). Stops per column at ||residual|| <= tol·||v||; converged columns
+        leave the batched products."""
         check_damping(damping, strictly_positive=False, what="implicit inverse_mv")
         V, was_vector = as_matrix(v, self.n_params)
-        X = _conjugate_gradient(lambda Z: self.mv(Z) + damping * Z, V, tol, max_iter or 10 * self.n_params)
+        X = conjugate_gradient(lambda Z: self.mv(Z) + damping * Z, V, tol, max_iter or 10 * self.n_params,
+                               preconditioner)
         return X[:, 0] if was_vector else X
 
 
-def _conjugate_gradient(apply, B: Tensor, tol: float, max_iter: int) -> Tensor:
+def conjugate_gradient(apply: Callable[[Tensor], Tensor], B: Tensor, tol: float, max_iter: int,
+                       preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Solve A X = B column by column for symmetric positive definite A (given as `apply`: Z ↦ A Z on
+    (P, m) blocks) by preconditioned CG; each iteration applies A once to the columns not yet at
+    ||B − A X|| <= tol·||B||. Raises on non-positive curvature (A not positive definite)."""
     X = torch.zeros_like(B)
     R = B.clone()
-    Pd = R.clone()
-    rs = (R * R).sum(0)
+    Z = R if preconditioner is None else preconditioner(R)
+    Pd = Z.clone()
+    rz = (R * Z).sum(0)
     target = tol**2 * (B * B).sum(0)
+    active = torch.arange(B.shape[1], device=B.device)
     for _ in range(max_iter):
-        if bool((rs <= target).all()):
+        keep = (R[:, active] ** 2).sum(0) > target[active]
+        active = active[keep]
+        if len(active) == 0:
             break
-        AP = apply(Pd)
-        curv = (Pd * AP).sum(0)
+        P_a = Pd[:, active]
+        AP = apply(P_a)
+        curv = (P_a * AP).sum(0)
         if bool((curv <= 0).any()):
             raise ConfigError("conjugate gradients met non-positive curvature: K + damping·I is not positive definite; increase the damping")
-        a = rs / curv
-        X += a * Pd
-        R -= a * AP
-        rs_new = (R * R).sum(0)
-        Pd = R + (rs_new / rs.clamp_min(1e-300)) * Pd
-        rs = rs_new
+        a = rz[active] / curv
+        X[:, active] += a * P_a
+        R_a = R[:, active] - a * AP
+        R[:, active] = R_a
+        Z_a = R_a if preconditioner is None else preconditioner(R_a)
+        rz_new = (R_a * Z_a).sum(0)
+        Pd[:, active] = Z_a + (rz_new / rz[active].clamp_min(1e-300)) * P_a
+        rz[active] = rz_new
     return X
 
 
