@@ -431,6 +431,22 @@ def compare_representations(
     return {"matrix": matrix, "layers": list(fa), "layers_b": list(fb)}
 
 
+def _models_and_layers(data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b, zoo, layers, *,
+                       same_layers: bool, progress: bool):
+    """(data, zoo, model A, model B, A's layer names) of `compare` / `stitch`: the layer names are
+    checked on the architecture before any training, then on both models (B on A's names when
+    `same_layers`, else on `layers`)."""
+    data = load_dataset_from_config(data_cfg)
+    if (model_a is None or model_b is None) and layers is not None:
+        choose_layers(_probe_model(data, model_cfg), layers, f"model {model_cfg.name}")  # fail before training
+    zoo = Path(out) if zoo is None else Path(zoo)
+    a, b = resolve_models(data, data_cfg, model_cfg, train_cfg, model_a=model_a, model_b=model_b, seed_a=seed_a,
+                          seed_b=seed_b, zoo=zoo, progress=progress)
+    names = choose_layers(a.module, layers, "model-a")
+    choose_layers(b.module, names if same_layers else layers, "model-b")
+    return data, zoo, a, b, names
+
+
 def run_compare(
     data_cfg: DataConfig,
     model_cfg: ModelConfig,
@@ -456,14 +472,8 @@ def run_compare(
     min_n = 4 if metric in ("unbiased-cka", "relu-cka") else 2
     if n_examples is not None and n_examples < min_n:
         raise ConfigError(f"--n-examples must be >= {min_n} for metric {metric}, got {n_examples}")
-    data = load_dataset_from_config(data_cfg)
-    if (model_a is None or model_b is None) and layers is not None:
-        choose_layers(_probe_model(data, model_cfg), layers, f"model {model_cfg.name}")  # fail before training
-    zoo = Path(out) if zoo is None else Path(zoo)
-    a, b = resolve_models(data, data_cfg, model_cfg, train_cfg, model_a=model_a, model_b=model_b, seed_a=seed_a,
-                          seed_b=seed_b, zoo=zoo, progress=progress)
-    choose_layers(a.module, layers, "model-a")
-    choose_layers(b.module, layers, "model-b")
+    data, zoo, a, b, _ = _models_and_layers(data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b, zoo,
+                                            layers, same_layers=False, progress=progress)
     run = RunDir(out)
     run.write_config("compare", {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
                                  "dataset": data.summary(), "model_a": model_a, "model_b": model_b, "seed_a": seed_a,
@@ -625,14 +635,8 @@ def run_stitch(
     kinds = parse_kinds(kinds)
     base = dataclasses.replace(stitch_cfg or StitchConfig(), device=train_cfg.device)
     configs = [dataclasses.replace(base, kind=k) for k in kinds]
-    data = load_dataset_from_config(data_cfg)
-    if (model_a is None or model_b is None) and layers is not None:
-        choose_layers(_probe_model(data, model_cfg), layers, f"model {model_cfg.name}")  # fail before training
-    zoo = Path(out) if zoo is None else Path(zoo)
-    a, b = resolve_models(data, data_cfg, model_cfg, train_cfg, model_a=model_a, model_b=model_b, seed_a=seed_a,
-                          seed_b=seed_b, zoo=zoo, progress=progress)
-    names = choose_layers(a.module, layers, "model-a")
-    choose_layers(b.module, names, "model-b")
+    data, zoo, a, b, names = _models_and_layers(data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b,
+                                                zoo, layers, same_layers=True, progress=progress)
     run = RunDir(out)
     run.write_config("stitch", {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
                                 "dataset": data.summary(), "model_a": model_a, "model_b": model_b, "seed_a": seed_a,
