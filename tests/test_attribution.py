@@ -393,6 +393,19 @@ def test_bad_input_gives_clear_errors(problem):
         make_attributor("gex", ft_lr_sched="linear")
 
 
+def test_self_influence_tasks_refuse_grad_cos(tmp_path):
+    from modelsense.data import DataConfig
+    from modelsense.experiments.influence import run_noisy_labels, run_prune
+    from modelsense.models import ModelConfig
+    from modelsense.training import TrainConfig
+
+    args = (DataConfig("digits", n_train=50, corruption_ratio=0.1), ModelConfig("mlp", widths=(8,)), TrainConfig(epochs=1))
+    for run in (run_noisy_labels, run_prune):
+        with pytest.raises(ConfigError, match="same self-influence"):
+            run(*args, tmp_path / "r", methods="loss,grad-cos", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 def test_mpe_self_scores_are_the_mpe_sensitivities(problem):
     from modelsense.mpe import MPESettings, build_posterior, mpe_scores
 

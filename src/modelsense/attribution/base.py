@@ -129,6 +129,8 @@ class Attributor:
     name: ClassVar[str] = ""
     pairwise: ClassVar[bool] = True
     needs_curvature: ClassVar[bool] = False
+    #: False where the self-score carries no information about the example (grad-cos: always 1)
+    informative_self: ClassVar[bool] = True
 
     def __init__(
         self,

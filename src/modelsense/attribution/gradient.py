@@ -178,6 +178,8 @@ class GradientDot(_FactoredGradients, FeatureAttributor):
 class GradientCosine(GradientDot):
     """score(i, j) = cos(g_i, g_j) (zero gradients give 0); the self-score is 1 for every example."""
 
+    informative_self = False
+
     def _normalise(self, block: Tensor, left: Tensor, right: Tensor) -> Tensor:
         tiny = torch.finfo(block.dtype).tiny ** 0.5
         return block / (left.clamp_min(tiny).unsqueeze(1) * right.clamp_min(tiny).unsqueeze(0))

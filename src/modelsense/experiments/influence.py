@@ -129,6 +129,14 @@ def _check_data_for_methods(data: Dataset, methods: list[str]) -> None:
         raise ConfigError(f"influence experiments need a classification dataset; {data.name} has no classes")
 
 
+def _check_self_influence(methods: list[str]) -> None:
+    """Rankings by self-influence need methods whose self-score varies (not grad-cos: cos(g_i, g_i) = 1)."""
+    flat = [m for m in methods if not method_class(m).informative_self]
+    if flat:
+        raise ConfigError(f"{', '.join(flat)} gives the same self-influence to every example (cos(g_i, g_i) = 1), "
+                          "so it cannot rank training examples; use grad-dot or another method")
+
+
 def auc_ap(scores: np.ndarray, corrupted: np.ndarray) -> tuple[float, float]:
     """ROC AUC and average precision of `scores` ranking the corrupted examples (label 1) first."""
     from sklearn.metrics import average_precision_score, roc_auc_score
@@ -186,6 +194,7 @@ def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Tr
                      checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Rank corrupted training labels by each method's self-influence (see the module docstring)."""
     methods = parse_methods(methods)
+    _check_self_influence(methods)
     settings = dict(settings or {})
     if data_cfg.corruption_ratio <= 0:
         raise ConfigError("noisy-labels needs corrupted labels: pass --corruption-ratio > 0 (e.g. 0.1)")
@@ -284,6 +293,7 @@ def run_prune(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConf
     from modelsense.training import train_ensemble
 
     methods = parse_methods(methods)
+    _check_self_influence(methods)
     settings = dict(settings or {})
     if remove not in ("lowest", "highest"):
         raise ConfigError(f"--remove must be lowest or highest, received {remove!r}")
@@ -474,6 +484,8 @@ def run_influence(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Train
     settings = dict(settings or {})
     if not self_only and not method_class(method).pairwise:
         raise ConfigError(f"method {method!r} has a self-influence only; pass --self")
+    if self_only:
+        _check_self_influence([method])
     if top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, received {top_k}")
     data = load_dataset_from_config(data_cfg)
