@@ -164,6 +164,27 @@ def test_if_explicit_equals_dense_inverse_hessian():
     torch.testing.assert_close(att.self_scores(), ((G @ Hinv) * G).sum(1))
 
 
+@pytest.mark.parametrize("matrix", ["ggn", "ef"])
+def test_if_explicit_through_the_gram_matrix_when_rows_are_fewer_than_parameters(matrix):
+    """5 examples x 3 classes = 15 GGN factor rows (5 for the EF) < P = 31: the `gram` structure."""
+    from modelsense.curvature.dense import dense_matrix
+
+    x, y, xt, yt = toy_data(n=5, m=4)
+    model = trained(tiny_mlp(), x, y, delta=1.0)
+    K = dense_matrix(FunctionalModel(model), x, y, matrix=matrix)
+    lam = 0.3
+    G, Gt = loop_grads(model, x, y), loop_grads(model, xt, yt)
+    Kinv = torch.linalg.inv(K + lam * torch.eye(len(K), dtype=K.dtype))
+    att = make_attributor("if-explicit", matrix=matrix, damping=lam, damping_mode="absolute", **QUIET).fit(model, x, y)
+    assert att.structure_ == "gram" and att.curvature_.structure == "gram"
+    torch.testing.assert_close(att.scores(xt, yt), G @ Kinv @ Gt.T)
+    torch.testing.assert_close(att.self_scores(), ((G @ Kinv) * G).sum(1))
+    rel = make_attributor("if-explicit", matrix=matrix, damping=0.1, **QUIET).fit(model, x, y)
+    assert math.isclose(rel.damping_, 0.1 * float(torch.trace(K)) / len(K), rel_tol=1e-9)
+    with pytest.raises(ConfigError, match="m = 15 factor rows|m = 5 factor rows"):
+        make_attributor("if-explicit", matrix=matrix, max_params=4, **QUIET).fit(model, x, y)
+
+
 def test_if_cg_equals_if_explicit_at_convergence(problem):
     model, x, y, xt, yt = problem
     common = dict(matrix="ggn", damping=0.05, damping_mode="relative", **QUIET)

@@ -474,3 +474,30 @@ def test_conjugate_gradient_columns_and_preconditioner():
     assert len(calls) == 1 and torch.allclose(X, torch.linalg.solve(A, B), atol=1e-9)
     with pytest.raises(ConfigError, match="not positive definite"):
         conjugate_gradient(lambda Z: -Z, B, 1e-10, 10)
+
+
+@pytest.mark.parametrize("matrix", ["ggn", "ef"])
+def test_gram_structure_is_the_exact_matrix(matrix):
+    """K = s·RᵀR through the eigendecomposition of R Rᵀ equals the dense matrix (fewer rows than P)."""
+    from modelsense.curvature.dense import dense_matrix
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    model = FunctionalModel(net)
+    x = torch.randn(4, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    dense = dense_matrix(model, x, y, matrix=matrix)
+    for reduction, s in (("sum", 1.0), ("mean", 0.25)):
+        K = build_curvature(model, x, y, matrix=matrix, structure="gram", reduction=reduction)
+        assert K.structure == "gram"
+        torch.testing.assert_close(K.to_dense(), s * dense)
+        v = torch.randn(model.n_params, 3, dtype=torch.float64)
+        ref = torch.linalg.solve(s * dense + 0.2 * torch.eye(len(dense), dtype=torch.float64), v)
+        torch.testing.assert_close(K.inverse_mv(v, 0.2), ref)
+        torch.testing.assert_close(K.trace(), float(torch.trace(s * dense)))
+        top = torch.linalg.eigvalsh(s * dense).flip(0)
+        torch.testing.assert_close(K.eigenvalues(), top.clamp_min(0), atol=1e-9, rtol=1e-7)
+    with pytest.raises(ConfigError, match="not the Hessian"):
+        build_curvature(model, x, y, matrix="hessian", structure="gram")
+    with pytest.raises(ConfigError, match="max_full_params"):
+        build_curvature(model, x, y, matrix=matrix, structure="gram", max_full_params=2)
