@@ -128,7 +128,11 @@ class ExplicitInfluence(InfluenceFunction):
     """K exactly, as a dense P x P matrix (eigendecomposition), or — when the GGN / EF has fewer factor
     rows m than parameters (m = N·C for the GGN, N for the EF) — through the m x m Gram matrix of its
     factor rows (curvature structure `gram`: the same matrix, exact, at O(m²P) cost). The exact
-    reference. Digits MLP 64-128-128-10 (P = 26122, m = 12970): see the README for time and LDS.
+    reference. Digits MLP 64-128-128-10 (P = 26122, m = 12970 rows, rank 9146): the fit takes 8-11 min
+    on 2 CPU cores (float64 Gram eigendecomposition). Exact is not best at the default damping: LDS
+    (50 half-data retrainings) against relative damping 0.001 / 0.01 / 0.1 / 1 / 10 / 100 is
+    0.16 / 0.22 / 0.32 / 0.47 / 0.59 / 0.51, while if-ekfac gets 0.55 at 0.1; at 0.1 the two agree on
+    self-influence (Spearman 0.999) but not pairwise (per test example 0.30).
 
     Settings: max_params (refuse when min(P, m) exceeds it; the matrix needs min(P, m)²·8 bytes).
     """
