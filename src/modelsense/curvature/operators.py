@@ -591,10 +591,14 @@ def gram_curvature(exact: ImplicitCurvature, max_rows: int = 20_000) -> LowRankC
     """
     if exact.matrix == "hessian":
         raise ConfigError("structure 'gram' needs a factored matrix (ggn or ef); the Hessian has no factor rows")
-    R = torch.cat([r.double() for r in exact._factor_rows()])
-    if R.shape[0] > max_rows:
-        raise ConfigError(f"structure 'gram' stores an m x m matrix; m = {R.shape[0]} factor rows exceed "
+    rows = len(exact.x)
+    if exact.matrix == "ggn":
+        with torch.no_grad():
+            rows *= exact.model(exact.params, exact.x[:1]).reshape(1, -1).shape[1]
+    if rows > max_rows:  # checked before the m x P factor is built
+        raise ConfigError(f"structure 'gram' stores an m x m matrix; m = {rows} factor rows exceed "
                           f"max_full_params={max_rows}; use fewer examples, kfac/ekfac, or raise max_full_params")
+    R = torch.cat([r.double() for r in exact._factor_rows()])
     S, V = torch.linalg.eigh(R @ R.T)
     keep = S > S[-1].clamp_min(0) * R.shape[0] * torch.finfo(torch.float64).eps
     S, V = S[keep].flip(0), V[:, keep].flip(1)
