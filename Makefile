@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/modelsense demo --out demo_out
+	$(VENV)/bin/modelsense demo --out demo_out --resume
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from modelsense.cli import app
 from modelsense.errors import DataError
-from modelsense.experiments.train import load_model
+from modelsense.models.checkpoint import load_model
 from modelsense.runs import RunDir
 
 runner = CliRunner()
@@ -82,21 +82,24 @@ def test_full_demo(tmp_path):
 
 
 def test_run_dir_atomic_and_resume_checks(tmp_path):
-    run = RunDir(tmp_path / "r")
-    run.write_config("x", {"a": 1})
-    run.save_array("arr", np.arange(3))
-    assert np.array_equal(run.load_array("arr"), np.arange(3))
-    run.update_metrics(m=1.0)
-    run.update_metrics(n=float("nan"))
-    assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"m": 1.0, "n": None}
-    run.check_resume("x", {"a": 1})
     from modelsense.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="a=1"):
-        run.check_resume("x", {"a": 2})
+    with RunDir.open(tmp_path / "r", "x", {"a": 1}, keep=("state",)) as run:
+        run.save_array("arr", np.arange(3))
+        assert np.array_equal(run.load_array("arr"), np.arange(3))
+        run.update_metrics(m=1.0)
+        run.update_metrics(n=float("nan"))
+        assert json.loads((tmp_path / "r" / "metrics.json").read_text()) == {"m": 1.0, "n": None, "status": "running"}
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["status"] == "finished"
+    RunDir.check_out(tmp_path / "r", "x", {"a": 1}, resume=True, resumable=True)
+    with pytest.raises(ConfigError, match=r"a 2 \(stored 1\)"):
+        RunDir.check_out(tmp_path / "r", "x", {"a": 2}, resume=True, resumable=True)
     with pytest.raises(ConfigError, match="holds a 'x' run"):
-        run.check_resume("y", {"a": 1})
-    assert not [p for p in (tmp_path / "r").iterdir() if p.name.endswith(".tmp")]
+        RunDir.check_out(tmp_path / "r", "y", {"a": 1}, resume=True, resumable=True)
+    with pytest.raises(ConfigError, match="already holds a finished 'x' run"):
+        RunDir.check_out(tmp_path / "r", "x", {"a": 1})
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".tmp")]
+    assert (tmp_path / "r" / "arr.npy").stat().st_mode & 0o777 == (tmp_path / "r" / "metrics.json").stat().st_mode & 0o777
 
 
 def test_unknown_command_is_a_usage_error_not_a_traceback():

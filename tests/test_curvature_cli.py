@@ -15,7 +15,7 @@ from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import dense_hessian, fourier_features
 from modelsense.data import DataConfig, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.train import load_model
+from modelsense.models.checkpoint import load_model
 
 runner = CliRunner()
 N_TRAIN = 150
@@ -112,7 +112,7 @@ def test_spectrum_bad_input(spectrum_run, tmp_path):
     assert "--k 500 is larger than the number of parameters" in msg and "(160)" in msg
     msg = error(invoke("spectrum", "--dataset", "mnist1d", "--n-train", 50, "--checkpoint", out / "model.pt",
                        "--out", tmp_path / "c"))
-    assert "trained on dataset 'digits'" in msg and "'mnist1d'" in msg
+    assert "--dataset 'mnist1d' (the checkpoint's: 'digits')" in msg
     msg = error(invoke("spectrum", *DATA, "--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "d"))
     assert "not found" in msg
     msg = error(invoke("spectrum", *TINY_SPECTRUM, "--s", "100,-1", "--out", tmp_path / "e"))
@@ -166,7 +166,7 @@ def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
     crash[0] = False
     calls.clear()
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path))
-    assert "pass --resume" in msg
+    assert "--resume to continue it" in msg
     first = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--resume", "--out", tmp_path)
     assert len(calls) == 1 and first["n_trained"] == 1
     calls.clear()

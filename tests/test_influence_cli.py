@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from modelsense.cli import app, main
 from modelsense.data import DataConfig, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.train import load_model
+from modelsense.models.checkpoint import load_model
 
 runner = CliRunner()
 DATA = ["--dataset", "digits", "--n-train", "60"]
@@ -98,7 +98,7 @@ def test_checkpoint_of_another_dataset_is_an_error_with_exit_code_2(trained, tmp
         main()
     assert exc.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "trained on dataset 'digits'" in err and "--dataset is 'mnist1d'" in err and "Traceback" not in err
+    assert "--dataset 'mnist1d' (the checkpoint's: 'digits')" in err and "Traceback" not in err
     assert not out.exists()  # checked before anything is written
     msg = error(invoke("noisy-labels", *DATA, "--checkpoint", tmp_path / "missing.pt", "--methods", "loss",
                        "--out", tmp_path / "x"))
@@ -126,7 +126,8 @@ def test_what_a_bare_model_pt_cannot_give_is_a_clear_error(trained, tmp_path):
     shutil.copytree(trained, ivon)
     cfg = json.loads((ivon / "config.json").read_text())
     cfg["train"]["optimizer"] = "adam"
+    cfg["data"]["corruption_ratio"] = 0.1  # the data recipe of noisy-labels comes from the checkpoint's run
     (ivon / "config.json").write_text(json.dumps(cfg))
-    msg = error(invoke("noisy-labels", *DATA, "--corruption-ratio", 0.1, "--checkpoint", ivon / "model.pt",
+    msg = error(invoke("noisy-labels", *DATA, "--checkpoint", ivon / "model.pt",
                        "--methods", "loss,mpe", "--out", tmp_path / "d"))
     assert "mpe reads the posterior of a model trained with adam from the optimizer state" in msg

@@ -13,7 +13,8 @@ from modelsense.cli.app import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
 from modelsense.experiments.representations import train_zoo, zoo_member_path
-from modelsense.experiments.train import load_model, save_model, train_model
+from modelsense.experiments.train import train_model
+from modelsense.models.checkpoint import load_model, save_model
 from modelsense.models import ModelConfig, build_model
 from modelsense.training.config import TrainConfig
 

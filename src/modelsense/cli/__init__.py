@@ -7,21 +7,38 @@ Commands live in one module per area (`core`, ...), each adding itself to the sh
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from modelsense.cli import core, curvature, influence, memorization, mpe, representations  # noqa: F401  (register commands)
 from modelsense.cli.app import app
 from modelsense.errors import ModelsenseError
+from modelsense.runs import Interrupted
 
 __all__ = ["app", "main"]
 
 
+def _interrupt(signum, frame) -> None:
+    raise Interrupted()
+
+
 def main() -> None:
-    """Entry point: typer handles usage errors; modelsense errors become one clear message."""
+    """Entry point: typer handles usage errors; modelsense errors and failed writes become one clear
+    line (exit 2) and Ctrl-C one line saying what was kept (exit 130), never a traceback."""
+    err = Console(stderr=True, highlight=False)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except ModelsenseError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        sys.exit(2)
+    except Interrupted as exc:
+        err.print(escape(exc.message))
+        sys.exit(130)
+    except OSError as exc:  # an unwritable or full disk outside the run-directory checks
+        where = f" {exc.filename}" if exc.filename else ""
+        err.print(f"[bold red]error:[/] could not access{escape(where)}: {escape(str(exc.strerror or exc))}")
         sys.exit(2)

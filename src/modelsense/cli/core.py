@@ -44,22 +44,23 @@ def models() -> None:
 @app.command()
 @o.with_configs()
 def train(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: o.Out = Path("runs/train"),
-          quiet: o.Quiet = False) -> None:
+          overwrite: o.Overwrite = False, quiet: o.Quiet = False) -> None:
     """Train one model; writes metrics.json (train_accuracy, test_accuracy, test_nll), model.pt, history, figures."""
     from modelsense.experiments.train import run_train
 
     set_quiet(quiet)
-    metrics = run_train(data_cfg, model_cfg, train_cfg, out, progress=not quiet)
+    metrics = run_train(data_cfg, model_cfg, train_cfg, out, progress=not quiet, overwrite=overwrite)
     console.print(f"train accuracy {metrics['train_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
                   f"test NLL {metrics['test_nll']:.4f}  -> {out}")
 
 
 @app.command()
-def demo(out: o.Out = Path("demo_out"), quiet: o.Quiet = False,
+def demo(out: o.Out = Path("demo_out"), resume: o.Resume = False, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
          sections: Annotated[str, typer.Option("--sections", help="comma-separated subset of the sections (default: all)")] = "") -> None:
-    """The main job: a short tour on digits that writes OUT/report.html."""
+    """The main job: a short tour on digits that writes OUT/report.html (--resume reuses finished sections)."""
     from modelsense.experiments.demo import run_demo
 
     set_quiet(quiet)
-    path = run_demo(out, progress=not quiet, sections=[s.strip() for s in sections.split(",") if s.strip()])
+    path = run_demo(out, progress=not quiet, sections=[s.strip() for s in sections.split(",") if s.strip()],
+                    resume=resume, overwrite=overwrite)
     console.print(f"report written to {path}")

@@ -58,7 +58,7 @@ def spectrum(
     density_probes: Annotated[int, typer.Option("--density-probes", help="probes of the SLQ spectral density (0 skips)")] = 5,
     density_steps: Annotated[int, typer.Option("--density-steps", help="Lanczos steps per SLQ probe")] = 60,
     lanczos_tol: LanczosTol = 1e-5, chunk_size: ChunkSize = 2048,
-    out: o.Out = Path("runs/spectrum"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/spectrum"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Train (or load --checkpoint) and compute the top-k eigenvalues, trace, density and N_eff of the loss curvature."""
     from modelsense.experiments.curvature import run_spectrum
@@ -67,7 +67,7 @@ def spectrum(
     metrics = run_spectrum(data_cfg, model_cfg, train_cfg, out, k=k, matrix=matrix, reduction=reduction,
                            s=float_list(s, "--s"), weights_only=weights_only, checkpoint=checkpoint,
                            trace_samples=trace_samples, density_probes=density_probes, density_steps=density_steps,
-                           lanczos_tol=lanczos_tol, chunk_size=chunk_size, progress=not quiet)
+                           lanczos_tol=lanczos_tol, chunk_size=chunk_size, progress=not quiet, overwrite=overwrite)
     lam = metrics["eigenvalues"]
     trace = "" if metrics["trace"] is None else f"  trace {metrics['trace']:.4g} ± {metrics['trace_standard_error']:.2g}"
     console.print(f"{metrics['matrix']} ({metrics['reduction']} loss), {metrics['n_params']} parameters: "
@@ -91,7 +91,7 @@ def width_sweep(
     save_models: Annotated[bool, typer.Option("--save-models", help="keep each trained model as widths/model_<w>.pt")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="continue a run in --out: skip widths already finished")] = False,
     lanczos_tol: LanczosTol = 1e-5, chunk_size: ChunkSize = 2048,
-    out: o.Out = Path("runs/width_sweep"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/width_sweep"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Models from narrow to wide: test loss, parameter count and N_eff against width (double descent).
 
@@ -107,7 +107,7 @@ def width_sweep(
                              s=float_list(s, "--s"), weights_only=weights_only,
                              train_loss_threshold=train_loss_threshold, lanczos_tol=lanczos_tol,
                              chunk_size=chunk_size, save_models=save_models)
-    m = run_width_sweep(data_cfg, train_cfg, sweep, out, resume=resume, progress=not quiet)
+    m = run_width_sweep(data_cfg, train_cfg, sweep, out, resume=resume, progress=not quiet, overwrite=overwrite)
     console.print(f"{'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'test err':>8} {'N_eff':>7}")
     for i, w in enumerate(m["widths"]):
         console.print(f"{w:>6} {m['n_params'][i]:>8} {m['train_loss'][i]:>10.4g} {m['test_loss'][i]:>9.4g} "
@@ -133,7 +133,7 @@ def blr(
     s_function: Annotated[float, typer.Option("--s-function", help="s of the function-space-covariance N_eff")] = 5.0,
     shuffle: Annotated[bool, typer.Option("--shuffle/--no-shuffle", help="add the points in a random order")] = True,
     seed: o.Seed = 0,
-    out: o.Out = Path("runs/blr"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/blr"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Bayesian linear regression (closed form): N_eff of the posterior contracts once n passes P."""
     from modelsense.experiments.curvature import BLRConfig, run_blr
@@ -141,7 +141,7 @@ def blr(
     set_quiet(quiet)
     m = run_blr(BLRConfig(n_points=n_points, n_frequencies=n_frequencies, x_max=x_max, noise_variance=noise_variance,
                           prior_variance=prior_variance, s_parameter=s, s_function=s_function, seed=seed,
-                          shuffle=shuffle), out)
+                          shuffle=shuffle), out, overwrite=overwrite)
     console.print(f"P = {m['n_params']}: posterior N_eff {m['effdim_posterior_first']:.4g} (n=1) -> "
                   f"{m['effdim_posterior_last']:.4g} (n={m['n_points']}); function-space N_eff "
                   f"{m['effdim_function_last']:.4g}; well-determined parameters {m['effdim_hessian_last']:.4g}  -> {out}")

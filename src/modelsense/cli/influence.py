@@ -42,14 +42,14 @@ def noisy_labels(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, settings: dict[str, Any],
     methods: Methods = "gex,loss,grad-dot,el2n,randproj,tracin-rp,if-ekfac,mpe",
     checkpoint: o.Checkpoint = None,
-    out: o.Out = Path("runs/noisy_labels"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/noisy_labels"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Noisy-label detection: rank training examples by each method's self-influence; AUC/AP, histograms."""
     from modelsense.experiments.influence import run_noisy_labels
 
     set_quiet(quiet)
     metrics = run_noisy_labels(data_cfg, model_cfg, train_cfg, out, methods=methods, settings=settings,
-                               checkpoint=checkpoint, progress=not quiet)
+                               checkpoint=checkpoint, progress=not quiet, overwrite=overwrite)
     console.print(f"train accuracy {metrics['train_accuracy']:.4f}, {metrics['n_corrupted']} corrupted labels")
     _print(metrics, ("auc", "ap", "seconds"), out)
 
@@ -63,14 +63,15 @@ def prune(
     remove: Annotated[str, typer.Option("--remove", help="lowest (the GEX paper) or highest self-influence first")] = "lowest",
     n_random: Annotated[int, typer.Option("--n-random", help="random-removal repeats per k")] = 3,
     checkpoint: o.Checkpoint = None,
-    out: o.Out = Path("runs/prune"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/prune"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random removal."""
     from modelsense.experiments.influence import run_prune
 
     set_quiet(quiet)
     metrics = run_prune(data_cfg, model_cfg, train_cfg, out, methods=methods, ks=o.int_list(ks, "--ks"), remove=remove,
-                        n_random=n_random, settings=settings, checkpoint=checkpoint, progress=not quiet)
+                        n_random=n_random, settings=settings, checkpoint=checkpoint, progress=not quiet,
+                        overwrite=overwrite)
     console.print(f"k = {metrics['ks']}; all data: {metrics['full_test_accuracy']:.4f}")
     for m, acc in {**metrics["accuracy"], "random": metrics["random_accuracy"]}.items():
         console.print(f"{m:>12s}: " + " ".join(f"{a:.4f}" for a in acc))
@@ -87,14 +88,15 @@ def lds(
     n_test: Annotated[Optional[int], typer.Option("--n-test", help="first n test examples (default all)")] = None,
     chunk_models: Annotated[Optional[int], typer.Option("--chunk-models", help="subset models trained together (vmapped)")] = None,
     checkpoint: o.Checkpoint = None,
-    out: o.Out = Path("runs/lds"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/lds"), resume: o.Resume = False, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """Linear datamodeling score per method (ground truth: models on random α-subsets, cached in --out)."""
+    """Linear datamodeling score per method (ground truth: models on random α-subsets, kept in --out for --resume)."""
     from modelsense.experiments.influence import run_lds
 
     set_quiet(quiet)
     metrics = run_lds(data_cfg, model_cfg, train_cfg, out, methods=methods, n_models=n_models, alpha=alpha, n_test=n_test,
-                      chunk_models=chunk_models, settings=settings, checkpoint=checkpoint, progress=not quiet)
+                      chunk_models=chunk_models, settings=settings, checkpoint=checkpoint, progress=not quiet,
+                      resume=resume, overwrite=overwrite)
     _print(metrics, ("lds", "seconds"), out)
 
 
@@ -108,12 +110,13 @@ def influence(
     n_test: Annotated[Optional[int], typer.Option("--n-test", help="first n test examples (default all)")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="most helpful / harmful training examples shown per test example")] = 5,
     checkpoint: o.Checkpoint = None,
-    out: o.Out = Path("runs/influence"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/influence"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """One method's influence scores (score(i, j) ≈ rise of test loss j when training example i is removed)."""
     from modelsense.experiments.influence import run_influence
 
     set_quiet(quiet)
     metrics = run_influence(data_cfg, model_cfg, train_cfg, out, method=method, self_only=self_only, n_test=n_test,
-                            top_k=top_k, settings=settings, checkpoint=checkpoint, progress=not quiet)
+                            top_k=top_k, settings=settings, checkpoint=checkpoint, progress=not quiet,
+                            overwrite=overwrite)
     console.print(f"{metrics['method']}: scores of shape {metrics['shape']} in {metrics['seconds']:.1f}s -> {out}")

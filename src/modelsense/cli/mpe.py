@@ -82,11 +82,11 @@ def _options(experiment: str, omit: tuple[str, ...] = ()):
 
 
 def _run(experiment: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: Path | None,
-         name_exp: str | None, quiet: bool, **fields: Any) -> dict:
+         name_exp: str | None, quiet: bool, overwrite: bool, **fields: Any) -> dict:
     set_quiet(quiet)
     cfg = MPEExperimentConfig(data=data_cfg, model=model_cfg, train=train_cfg, **fields)
     target = out if out is not None else Path("runs/mpe") / (name_exp or experiment)
-    metrics = run_experiment(experiment, cfg, target, progress=not quiet)
+    metrics = run_experiment(experiment, cfg, target, progress=not quiet, overwrite=overwrite)
     metrics["out"] = str(target)
     return metrics
 
@@ -96,10 +96,10 @@ def _run(experiment: str, data_cfg: DataConfig, model_cfg: ModelConfig, train_cf
 def validation(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, posterior: dict[str, Any], retrain: dict[str, Any],
     n_retrain: NRetrain = _d("validation", "n_retrain"), reference: Reference = "control",
-    name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,
+    name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Estimated vs true softmax deviation under removal of --n-retrain examples (Fig. 2); metrics pearson, spearman, n_retrain."""
-    m = _run("validation", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, **posterior, **retrain,
+    m = _run("validation", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **retrain,
              n_retrain=n_retrain, reference=reference)
     by = "  ".join(f"{v}: P {r['pearson']:.3f} S {r['spearman']:.3f}" for v, r in m["by_variant"].items())
     console.print(f"{m['posterior']}, {m['n_retrain']} retrained: Pearson {m['pearson']:.3f}, Spearman {m['spearman']:.3f} "
@@ -111,11 +111,11 @@ def validation(
 def loo_iterations(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, posterior: dict[str, Any],
     checkpoint_epochs: Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs (default: the original's 1,2,5,10,20,30,... up to --epochs)")] = "",
-    name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,
+    name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """LOO-CV estimate at checkpoints during training vs test NLL per epoch (Fig. 1b/5); metrics estimated_nll, test_nll, final_abs_gap."""
     extra = {"checkpoint_epochs": o.int_list(checkpoint_epochs, "--checkpoint-epochs")} if checkpoint_epochs else {}
-    m = _run("loo-iterations", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, **posterior, **extra)
+    m = _run("loo-iterations", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **extra)
     console.print(f"{m['posterior']}: estimated LOO NLL {m['estimated_nll'][-1]:.4f} vs test NLL {m['test_nll'][-1]:.4f} "
                   f"(|gap| {m['final_abs_gap']:.4f}) at epoch {m['checkpoint_epochs'][-1]}  -> {m['out']}")
 
@@ -127,10 +127,10 @@ def loo_l2reg(
     n_exp: Annotated[int, typer.Option("--n-exp", help="number of δ values")] = _d("loo-l2reg", "n_exp"),
     deltas_start: Annotated[float, typer.Option("--deltas-start", help="δ = logspace(start, stop, n_exp)")] = _d("loo-l2reg", "deltas_start"),
     deltas_stop: Annotated[float, typer.Option("--deltas-stop")] = _d("loo-l2reg", "deltas_stop"),
-    name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,
+    name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """LOO-CV estimate and test NLL over a grid of δ (Fig. 4); metrics best_delta_estimated, best_delta_test. (--delta is unused.)"""
-    m = _run("loo-l2reg", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, **posterior, n_exp=n_exp,
+    m = _run("loo-l2reg", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, n_exp=n_exp,
              deltas_start=deltas_start, deltas_stop=deltas_stop)
     console.print(f"best δ by LOO estimate {m['best_delta_estimated']:.4g}, by test NLL {m['best_delta_test']:.4g}  -> {m['out']}")
 
@@ -142,10 +142,10 @@ def evolving(
     checkpoint_iterations: Annotated[str, typer.Option("--checkpoint-iterations", help="comma-separated optimizer steps (default: 10, 10%, 40%, 100% of training)")] = "",
     mc_samples: Annotated[int, typer.Option("--mc-samples", help="Monte-Carlo samples of the residual")] = 150,
     n_bins: Annotated[int, typer.Option("--n-bins", help="bins of the ranking")] = 100,
-    name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,
+    name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Sensitivities at several iterations of IVON training, ranked by the last (Fig. 3b/11); metrics spearman_to_last."""
-    m = _run("evolving", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, **posterior,
+    m = _run("evolving", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior,
              checkpoint_iterations=o.int_list(checkpoint_iterations, "--checkpoint-iterations"), mc_samples=mc_samples,
              n_bins=n_bins)
     rho = "  ".join(f"{k}: {v:.3f}" for k, v in m["spearman_to_last"].items())
@@ -156,8 +156,8 @@ def evolving(
 @_options("loco")
 def loco(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, posterior: dict[str, Any], retrain: dict[str, Any],
-    name_exp: NameExp = None, out: OutOpt = None, quiet: o.Quiet = False,
+    name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Leave one class out: estimated vs true test NLL after retraining without each class (Fig. 3a); metrics spearman."""
-    m = _run("loco", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, **posterior, **retrain)
+    m = _run("loco", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **retrain)
     console.print(f"Spearman over classes: {m['spearman']:.3f} (per-example estimate), {m['spearman_joint']:.3f} (joint)  -> {m['out']}")

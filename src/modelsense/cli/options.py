@@ -60,7 +60,9 @@ LossType = Annotated[str, typer.Option("--loss", help="cross_entropy (softmax) o
 GradChunk = Annotated[Optional[int], typer.Option("--bs-jacs", help="examples per vmapped per-example gradient pass (default: as many as fit in memory-gb / 8)")]
 MemoryGb = Annotated[float, typer.Option("--memory-gb", help="memory budget in GiB: score matrices larger than this go to a memory-mapped file")]
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="run directory to write")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="run directory to write (refused if it holds anything, unless --overwrite or --resume)")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="empty --out first if it holds a modelsense run")]
+Resume = Annotated[bool, typer.Option("--resume", help="continue (or extend) the run in --out; its stored settings must match")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 
@@ -143,6 +145,51 @@ GROUPS: dict[str, Group] = {
 }
 
 
+_CONTEXT = "typer_context"
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option `name` was given (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+#: config field -> the option that sets it, where the names differ
+_FIELD_OPTIONS = {"data_cfg": {"name": "dataset", "seed": "data_seed"}, "model_cfg": {"name": "model"}}
+_RECIPE_GROUPS = {"data_cfg": "data", "model_cfg": "model", "train_cfg": "train"}
+
+
+def recipe_configs(checkpoint: Path, configs: dict[str, Any], given: set[str],
+                   table: Mapping[str, Group]) -> dict[str, Any]:
+    """The data / model / training configs of a command scoring `checkpoint`: the recipe the
+    checkpoint was made with (`experiments.train.checkpoint_recipe`) wherever an option was left at
+    its default; an option given on the command line that contradicts the recipe is refused."""
+    from dataclasses import fields, replace
+
+    from modelsense.experiments.train import FREE_OF_RECIPE, checkpoint_recipe, recipe_differences
+
+    recipe, _, _ = checkpoint_recipe(checkpoint)
+    options_of = {g: {name for name, _, _ in table[g][1]} for g in configs}
+    out: dict[str, Any] = {}
+    for g, cfg in configs.items():
+        group = _RECIPE_GROUPS.get(g)
+        stored = getattr(recipe, group) if group else None
+        if stored is None:
+            continue
+        keep = {}
+        for f in fields(cfg):
+            option = _FIELD_OPTIONS.get(g, {}).get(f.name, f.name)
+            if f.name in FREE_OF_RECIPE[group] or (option in given and option in options_of[g]):
+                keep[f.name] = getattr(cfg, f.name)
+        out[g] = replace(stored, **keep)
+    diff = recipe_differences(recipe, out.get("data_cfg"), out.get("model_cfg"), out.get("train_cfg"))
+    if diff:
+        listed = "; ".join(f"--{_FIELD_OPTIONS.get(g + '_cfg', {}).get(name, name).replace('_', '-')} {a!r} "
+                           f"(the checkpoint's: {b!r})" for g, name, a, b in diff)
+        raise ConfigError(f"--checkpoint {checkpoint} was made with another recipe: {listed}; a command scoring a "
+                          "checkpoint uses the data, model and training recipe it was made with: drop these options")
+    return out
+
+
 def with_configs(*, groups: Mapping[str, Group] | None = None, omit: Iterable[str] = (), **defaults: object):
     """Decorator: replace the command's group parameters (`data_cfg`, `model_cfg`, `train_cfg`,
     `settings`, and those of `groups`) by the groups' options.
@@ -168,16 +215,23 @@ def with_configs(*, groups: Mapping[str, Group] | None = None, omit: Iterable[st
         added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                    default=defaults.get(name, default))
                  for name, annotation, default in options if name not in omit]
+        added.append(inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
         clash = {p.name for p in own} & {p.name for p in added}
         if clash:
             raise TypeError(f"options {sorted(clash)} are both the command's own and a group's; omit them from the group")
 
         @functools.wraps(fn)
         def command(**kwargs):
+            ctx = kwargs.pop(_CONTEXT, None)
+            given = {name for name, _, default in options if name not in omit and name in kwargs
+                     and (_given(ctx, name) if hasattr(ctx, "get_parameter_source")
+                          else kwargs[name] != defaults.get(name, default))}
             for g in used:
                 builder, opts = table[g]
                 kwargs[g] = builder(**{name: defaults.get(name, default) if name in omit else kwargs.pop(name)
                                        for name, _, default in opts})
+            if kwargs.get("checkpoint") is not None:
+                kwargs.update(recipe_configs(kwargs["checkpoint"], {g: kwargs[g] for g in used}, given, table))
             return fn(**kwargs)
 
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + added

@@ -30,7 +30,7 @@ def zoo(
     seeds: Annotated[str, typer.Option("--seeds", help="explicit comma-separated seeds (overrides --n-models)")] = "",
     method: Annotated[str, typer.Option("--method", help="auto (vmapped engine unless batch norm / ivon), ensemble or fit")] = "auto",
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="models trained together (vmapped) per chunk")] = None,
-    out: o.Out = Path("runs/zoo"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/zoo"), resume: o.Resume = False, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Train N models of one architecture from different seeds (a model zoo), reused by compare and stitch."""
     from modelsense.experiments.representations import run_zoo
@@ -38,7 +38,7 @@ def zoo(
     set_quiet(quiet)
     seed_list = o.int_list(seeds, "--seeds") or None
     metrics = run_zoo(data_cfg, model_cfg, train_cfg, out, n_models=n_models, seeds=seed_list, method=method,
-                      chunk_models=chunk_size, progress=not quiet)
+                      chunk_models=chunk_size, progress=not quiet, resume=resume, overwrite=overwrite)
     console.print(f"{len(metrics['seeds'])} models ({metrics['n_trained']} trained, {metrics['method']}): test accuracy "
                   f"{metrics['mean_test_accuracy']:.4f} ± {metrics['std_test_accuracy']:.4f}  -> {out}")
 
@@ -52,7 +52,7 @@ def compare(
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="use a seeded random subset of this many test examples (n x n kernels)")] = None,
     layers: Layers = "all",
     zoo: Zoo = None,
-    out: o.Out = Path("runs/compare"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/compare"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Layer x layer similarity of two models' representations on the test set, with a heatmap."""
     from modelsense.experiments.representations import run_compare
@@ -60,7 +60,7 @@ def compare(
     set_quiet(quiet)
     metrics = run_compare(data_cfg, model_cfg, train_cfg, out, model_a=model_a, model_b=model_b, seed_a=seed_a,
                           seed_b=seed_b, metric=metric, n_examples=n_examples, layers=layers, zoo=zoo,
-                          progress=not quiet)
+                          progress=not quiet, overwrite=overwrite)
     diag = " ".join(f"{layer}={v:.4f}" for layer, v in zip(metrics["layers"], metrics["diagonal"]))
     console.print(f"{metrics['metric']} (similarity) diagonal: {diag}  -> {out}")
 
@@ -82,7 +82,7 @@ def stitch(
     multiplier: Annotated[float, typer.Option("--multiplier", help="L1 multiplier of lasso stitching")] = 1e-3,
     init: Annotated[str, typer.Option("--init", help="default (random, the original) or match (closed form from activations)")] = "default",
     zoo: Zoo = None,
-    out: o.Out = Path("runs/stitch"), quiet: o.Quiet = False,
+    out: o.Out = Path("runs/stitch"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per layer."""
     from modelsense.experiments.representations import run_stitch
@@ -93,7 +93,8 @@ def stitch(
                        alpha=alpha, rank=rank, lasso_multiplier=multiplier, projection=projection, init=init,
                        seed=train_cfg.seed, device=train_cfg.device)
     metrics = run_stitch(data_cfg, model_cfg, train_cfg, out, kinds=kind, stitch_cfg=cfg, layers=layers,
-                         model_a=model_a, model_b=model_b, seed_a=seed_a, seed_b=seed_b, zoo=zoo, progress=not quiet)
+                         model_a=model_a, model_b=model_b, seed_a=seed_a, seed_b=seed_b, zoo=zoo, progress=not quiet,
+                         overwrite=overwrite)
     console.print(f"clean accuracy A {metrics['clean_accuracy'][0]:.4f}  B {metrics['clean_accuracy'][1]:.4f}")
     for k in metrics["kinds"]:
         pen = metrics["by_kind"][k]["penalty"]

@@ -64,10 +64,11 @@ from modelsense.curvature.operators import MATRICES, REDUCTIONS
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend before pyplot)
-from modelsense.experiments.train import check_checkpoint_data, load_model, save_model
+from modelsense.experiments.train import check_checkpoint_data, check_recipe, checkpoint_recipe
+from modelsense.models.checkpoint import save_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.progress import progress_bar
-from modelsense.runs import RunDir, read_json, write_json
+from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 from modelsense.training import evaluate, fit
 from modelsense.training.config import TrainConfig
 
@@ -215,6 +216,7 @@ def run_spectrum(
     lanczos_tol: float = 1e-5,
     chunk_size: int = 2048,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train (or load `checkpoint`) and write the spectrum of `matrix` over the training set.
 
@@ -229,7 +231,8 @@ def run_spectrum(
     s_values = resolve_s(s, reduction, data.n_train)
     device = train_cfg.device
     if checkpoint is not None:
-        module, info = load_model(checkpoint)
+        recipe, module, info = checkpoint_recipe(checkpoint)
+        check_recipe(checkpoint, recipe, data_cfg)
         check_checkpoint_data(info, data, f"checkpoint {checkpoint}")
         model_info = {"checkpoint": str(checkpoint), **info.get("model", {})}
     else:
@@ -244,50 +247,49 @@ def run_spectrum(
     spec_cfg = SpectrumConfig(k=k, matrix=matrix, reduction=reduction, s=s_values, trace_samples=trace_samples,
                               density_probes=density_probes, density_steps=density_steps, lanczos_tol=lanczos_tol,
                               chunk_size=chunk_size, seed=train_cfg.seed)
-    run = RunDir(out)
-    run.write_config("spectrum", {"data": data_cfg.to_dict(), "model": model_info, "train": train_cfg.to_dict(),
-                                  "dataset": data.summary(), "seed": train_cfg.seed, "weights_only": weights_only,
-                                  "spectrum": {**asdict(spec_cfg), "s": list(s_values)}})
-    start = time.perf_counter()
-    if checkpoint is None:
-        run.log(f"training {model_cfg.name} on {data.name}")
-        fit(module, data, train_cfg, progress=progress)
-        save_model(run.path / "model.pt", module, model_cfg, data, train_cfg.seed)
-    module = module.to(device).eval()
-    train_seconds = time.perf_counter() - start
-    run.log(f"spectrum: top {k} eigenvalues of the {matrix} ({reduction} loss) over {data.n_train} examples")
-    start = time.perf_counter()
-    with progress_bar(1, f"spectrum ({matrix}, top {k})", enabled=progress) as bar:
-        spectrum = compute_spectrum(curvature_model(module, weights_only), data.x_train, data.y_train, spec_cfg)
-        bar.advance(1)
-    spectrum_seconds = time.perf_counter() - start
-    grid = dens = None
-    if spectrum.density is not None:
-        grid, dens = density_on_grid(spectrum)
-    arrays = {"eigenvalues": spectrum.eigenvalues, "converged": spectrum.converged, "residuals": spectrum.residuals}
-    if spectrum.density is not None:
-        arrays.update(density_grid=grid, density=dens, slq_nodes=spectrum.density.nodes,
-                      slq_weights=spectrum.density.weights)
-    run.save_arrays("spectrum", **arrays)
-    metrics = {
-        **spectrum.to_metrics(),
-        "s": list(s_values),
-        "n_train": data.n_train,
-        "weights_only": weights_only,
-        "n_params_total": count_params(module),
-        **model_losses(module, data, device),
-        "train_seconds": train_seconds,
-        "spectrum_seconds": spectrum_seconds,
-    }
-    run.save_figure(spectrum_figure(spectrum, grid, dens, f"{model_info.get('name', 'model')} on {data.name}"), "spectrum")
-    run.write_metrics(metrics)
-    run.log(f"done: N_eff(s={s_values[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}")
-    return metrics
+    config = {"data": data_cfg.to_dict(), "model": model_info, "train": train_cfg.to_dict(), "dataset": data.summary(),
+              "seed": train_cfg.seed, "weights_only": weights_only, "spectrum": {**asdict(spec_cfg), "s": list(s_values)}}
+    with RunDir.open(out, "spectrum", config, overwrite=overwrite) as run:
+        start = time.perf_counter()
+        if checkpoint is None:
+            run.log(f"training {model_cfg.name} on {data.name}")
+            fit(module, data, train_cfg, progress=progress)
+            save_model(run.path / "model.pt", module, model_cfg, data, train_cfg.seed)
+        module = module.to(device).eval()
+        train_seconds = time.perf_counter() - start
+        run.log(f"spectrum: top {k} eigenvalues of the {matrix} ({reduction} loss) over {data.n_train} examples")
+        start = time.perf_counter()
+        with progress_bar(1, f"spectrum ({matrix}, top {k})", enabled=progress) as bar:
+            spectrum = compute_spectrum(curvature_model(module, weights_only), data.x_train, data.y_train, spec_cfg)
+            bar.advance(1)
+        spectrum_seconds = time.perf_counter() - start
+        grid = dens = None
+        if spectrum.density is not None:
+            grid, dens = density_on_grid(spectrum)
+        arrays = {"eigenvalues": spectrum.eigenvalues, "converged": spectrum.converged, "residuals": spectrum.residuals}
+        if spectrum.density is not None:
+            arrays.update(density_grid=grid, density=dens, slq_nodes=spectrum.density.nodes,
+                          slq_weights=spectrum.density.weights)
+        run.save_arrays("spectrum", **arrays)
+        metrics = {
+            **spectrum.to_metrics(),
+            "s": list(s_values),
+            "n_train": data.n_train,
+            "weights_only": weights_only,
+            "n_params_total": count_params(module),
+            **model_losses(module, data, device),
+            "train_seconds": train_seconds,
+            "spectrum_seconds": spectrum_seconds,
+        }
+        run.save_figure(spectrum_figure(spectrum, grid, dens, f"{model_info.get('name', 'model')} on {data.name}"), "spectrum")
+        run.write_metrics(metrics)
+        run.log(f"done: N_eff(s={s_values[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}")
+        return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# modelsense effdim width-sweep
-# ----------------------------------------------------------------------------------------------
+    # ----------------------------------------------------------------------------------------------
+    # modelsense effdim width-sweep
+    # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -482,59 +484,65 @@ def run_width_sweep(
     *,
     resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train every width of `sweep` not finished in `out`, then summarise all of them (see module docstring)."""
     data = load_dataset_from_config(data_cfg)
     sweep = dataclasses.replace(sweep, s=resolve_s(sweep.s, sweep.reduction, data.n_train))
-    run = RunDir(out, resume=resume)
+    for width in sweep.widths:  # validates the model options of every width before anything is written
+        build_model_from_config(sweep.model_config(width), data.input_shape, data.num_classes, seed=train_cfg.seed)
     train_key = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}  # a crashed run may resume elsewhere
-    config = {"data": data_cfg.to_dict(), "train": train_key, "sweep": sweep.resume_key(),
-              "dataset": data.summary()}
-    if run.read_config() is not None:
-        if not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
-        run.check_resume("effdim width-sweep", config, keys=["data", "train", "sweep"])
-    run.write_config("effdim width-sweep", {**config, "device": train_cfg.device, "widths": list(sweep.widths), "s": list(sweep.s),
-                                            "train_loss_threshold": sweep.train_loss_threshold,
-                                            "seed": train_cfg.seed})
-    (run.path / "widths").mkdir(exist_ok=True)
-    todo = [w for w in sweep.widths if not width_result_path(out, w).exists()]
-    if len(todo) < len(sweep.widths):
-        run.log(f"resume: {len(sweep.widths) - len(todo)} widths finished, {len(todo)} to train")
-    # a few evaluations per model (progress and learning curves) instead of one per epoch
-    cfg = dataclasses.replace(train_cfg, eval_every=max(1, train_cfg.epochs // 20))
-    start = time.perf_counter()
-    with progress_bar(len(todo) * cfg.epochs, "width sweep", enabled=progress) as bar:
-        for width in todo:
-            done = [0]
+    config = {"data": data_cfg.to_dict(), "train": train_key, "sweep": sweep.resume_key(), "dataset": data.summary(),
+              "device": train_cfg.device, "widths": list(sweep.widths), "s": list(sweep.s),
+              "train_loss_threshold": sweep.train_loss_threshold, "seed": train_cfg.seed}
+    with RunDir.open(out, "effdim width-sweep", config, resume=resume, overwrite=overwrite, keep=("widths",),
+                     resume_keys=["data", "train", "sweep"]) as run:
+        (run.path / "widths").mkdir(exist_ok=True)
+        for width in sweep.widths:  # stored state is checked first: a damaged width is trained again
+            path = width_result_path(out, width)
+            if path.exists():
+                try:
+                    read_json(path)
+                except ConfigError as err:
+                    path.unlink()
+                    run.log(f"width {width}: its stored result was damaged ({err}); training it again")
+        todo = [w for w in sweep.widths if not width_result_path(out, w).exists()]
+        if len(todo) < len(sweep.widths):
+            run.log(f"resume: {len(sweep.widths) - len(todo)} widths finished, {len(todo)} to train")
+        # a few evaluations per model (progress and learning curves) instead of one per epoch
+        cfg = dataclasses.replace(train_cfg, eval_every=max(1, train_cfg.epochs // 20))
+        start = time.perf_counter()
+        with progress_bar(len(todo) * cfg.epochs, "width sweep", enabled=progress) as bar:
+            for width in todo:
+                done = [0]
 
-            def on_epoch(epoch: int, row: dict[str, float], width: int = width) -> None:
-                bar.advance(epoch - done[0], description=f"width {width}", loss=row["train_loss"])
-                done[0] = epoch
+                def on_epoch(epoch: int, row: dict[str, float], width: int = width) -> None:
+                    bar.advance(epoch - done[0], description=f"width {width}", loss=row["train_loss"])
+                    done[0] = epoch
 
-            module, result = train_and_measure(data, cfg, sweep, width, on_epoch)
-            bar.advance(cfg.epochs - done[0])
-            if sweep.save_models:
-                save_model(width_result_path(out, width).with_name(f"model_{width}.pt"), module,
-                           ModelConfig(**result["model"]), data, cfg.seed)
-            write_json(width_result_path(out, width), result)
-            neff = effective_dimension(torch.tensor(result["eigenvalues"]), sweep.s[0],
-                                       converged=torch.tensor(result["eigenvalues_converged"]))
-            run.log(f"width {width}: {result['n_params']} params, train loss {result['train_loss']:.4g}, "
-                    f"test loss {result['test_loss']:.4g}, N_eff {neff:.4g}")
-            bar.set_info(width=width, test_loss=result["test_loss"], N_eff=neff)
-    results = [read_json(width_result_path(out, w)) for w in sweep.widths]
-    summary = summarize_width_sweep(results, sweep.s, sweep.train_loss_threshold)
-    run.save_arrays("width_sweep", **{k: np.asarray(summary[k], dtype=float) for k in
-                                      ("widths", "n_params", "train_loss", "test_loss", "test_error",
-                                       "effective_dimension")})
-    name = sweep.model if sweep.model != "mlp" else f"{sweep.hidden_layers}-hidden-layer MLP"
-    run.save_figure(width_sweep_figure(summary, f"{name} on {data.name} (label noise {data_cfg.corruption_ratio:g})"),
-                    "width_sweep")
-    metrics = {**summary, "matrix": sweep.matrix, "reduction": sweep.reduction, "n_train": data.n_train,
-               "weights_only": sweep.weights_only, "n_trained": len(todo), "seconds": time.perf_counter() - start}
-    run.write_metrics(metrics)
-    return metrics
+                module, result = train_and_measure(data, cfg, sweep, width, on_epoch)
+                bar.advance(cfg.epochs - done[0])
+                if sweep.save_models:
+                    save_model(width_result_path(out, width).with_name(f"model_{width}.pt"), module,
+                               ModelConfig(**result["model"]), data, cfg.seed)
+                write_json(width_result_path(out, width), result)
+                neff = effective_dimension(torch.tensor(result["eigenvalues"]), sweep.s[0],
+                                           converged=torch.tensor(result["eigenvalues_converged"]))
+                run.log(f"width {width}: {result['n_params']} params, train loss {result['train_loss']:.4g}, "
+                        f"test loss {result['test_loss']:.4g}, N_eff {neff:.4g}")
+                bar.set_info(width=width, test_loss=result["test_loss"], N_eff=neff)
+        results = [read_json(width_result_path(out, w)) for w in sweep.widths]
+        summary = summarize_width_sweep(results, sweep.s, sweep.train_loss_threshold)
+        run.save_arrays("width_sweep", **{k: np.asarray(summary[k], dtype=float) for k in
+                                          ("widths", "n_params", "train_loss", "test_loss", "test_error",
+                                           "effective_dimension")})
+        name = sweep.model if sweep.model != "mlp" else f"{sweep.hidden_layers}-hidden-layer MLP"
+        run.save_figure(width_sweep_figure(summary, f"{name} on {data.name} (label noise {data_cfg.corruption_ratio:g})"),
+                        "width_sweep")
+        metrics = {**summary, "matrix": sweep.matrix, "reduction": sweep.reduction, "n_train": data.n_train,
+                   "weights_only": sweep.weights_only, "n_trained": len(todo), "seconds": time.perf_counter() - start}
+        run.write_metrics(metrics)
+        return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,15 +604,19 @@ def blr_figure(result: BLRContraction, cfg: BLRConfig):
     return fig
 
 
-def run_blr(cfg: BLRConfig, out: str | Path) -> dict[str, Any]:
+def run_blr(cfg: BLRConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Closed-form BLR contraction; writes blr.npz, the figure and metrics.json (returned)."""
     result = blr_posterior_contraction(
         n_points=cfg.n_points, n_frequencies=cfg.n_frequencies, x_max=cfg.x_max, noise_variance=cfg.noise_variance,
         prior_variance=cfg.prior_variance, s_parameter=cfg.s_parameter, s_function=cfg.s_function, seed=cfg.seed,
         shuffle=cfg.shuffle,
     )
-    run = RunDir(out)
-    run.write_config("effdim blr", {"blr": asdict(cfg), "seed": cfg.seed})
+    with RunDir.open(out, "effdim blr", {"blr": asdict(cfg), "seed": cfg.seed}, overwrite=overwrite) as run:
+        return _write_blr(run, result, cfg)
+
+
+def _write_blr(run: RunDir, result: BLRContraction, cfg: BLRConfig) -> dict[str, Any]:
+    run.log(f"BLR contraction of {result.n_params} features over {len(result.n)} points")
     run.save_arrays("blr", n=result.n, effdim_posterior=result.effdim_posterior, effdim_function=result.effdim_function,
                     effdim_hessian=result.effdim_hessian)
     run.save_figure(blr_figure(result, cfg), "blr_effective_dimension")
@@ -635,15 +647,16 @@ def run_blr(cfg: BLRConfig, out: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 
-def curvature_section(out: Path, progress: bool) -> "Section":  # noqa: F821
+def curvature_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
     """Demo: top-20 Hessian spectrum, trace, density and N_eff of a digits MLP; the BLR contraction."""
     from modelsense.experiments.report import Section
 
     root = Path(out) / "curvature"
-    spec = run_spectrum(DataConfig("digits"), ModelConfig("mlp"), TrainConfig(epochs=20), root / "spectrum", k=20,
-                        s=(DEFAULT_S_SUM, 1297.0), trace_samples=30, density_probes=3, density_steps=40,
-                        lanczos_tol=1e-4, progress=progress)
-    blr = run_blr(BLRConfig(), root / "blr")
+    spec = (resume and finished_metrics(root / "spectrum")) or run_spectrum(
+        DataConfig("digits"), ModelConfig("mlp"), TrainConfig(epochs=20), root / "spectrum", k=20,
+        s=(DEFAULT_S_SUM, 1297.0), trace_samples=30, density_probes=3, density_steps=40, lanczos_tol=1e-4,
+        progress=progress, overwrite=True)
+    blr = (resume and finished_metrics(root / "blr")) or run_blr(BLRConfig(), root / "blr", overwrite=True)
     metrics = {
         "n_params": spec["n_params"],
         "top eigenvalue": spec["eigenvalues"][0],

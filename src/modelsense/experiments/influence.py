@@ -45,31 +45,35 @@ from modelsense.attribution import (
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend)
-from modelsense.experiments.train import TrainedRun, load_trained_run
+from modelsense.experiments.train import Recipe, TrainedRun, check_recipe, load_trained_run
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.runs import RunDir
+from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
 
 #: training that memorises 10% label noise on digits with the MLP (train accuracy 0.999, ~10 s)
 NOISY_TRAIN = {"lr": 0.1, "epochs": 200, "bs": 64, "delta": 1.0}
 DEFAULT_NOISY_METHODS = "gex,loss,grad-dot,el2n,randproj,tracin-rp,if-ekfac,mpe"
 DEFAULT_LDS_METHODS = "grad-dot,randproj,tracin,if-ekfac,if-kfac,arnoldi,trak,gex"
+#: the cached ground truth of `lds` (kept by --resume when its key matches)
+LDS_GROUND_TRUTH = "lds_ground_truth.npz"
 
 
 # -- shared steps -------------------------------------------------------------------------------
-def attribution_model(checkpoint: str | Path | None, data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig,
-                      methods: list[str]) -> tuple[TrainedRun | None, ModelConfig, TrainConfig]:
+def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig,
+                      train_cfg: TrainConfig, methods: list[str]) -> tuple[TrainedRun | None, ModelConfig, TrainConfig]:
     """(run of `checkpoint`, model config, training config) of the model the methods score.
 
     No checkpoint: (None, model_cfg, train_cfg), the model is trained here. Otherwise the model.pt of
     `modelsense train` (checked against `data`), its architecture, and the recipe that ensembles and
     retraining use: its run's training options (device of `train_cfg`), else `train_cfg`. Fails
-    before anything is written when a method needs what a model.pt lacks: TracIn the parameters at
-    epochs of training with their learning rates, mpe after IVON/Adam the optimizer state.
+    before anything is written when `data_cfg` is not the data recipe the checkpoint was trained with,
+    or when a method needs what a model.pt lacks: TracIn the parameters at epochs of training with
+    their learning rates, mpe after IVON/Adam the optimizer state.
     """
     if checkpoint is None:
         return None, model_cfg, train_cfg
     trained = load_trained_run(checkpoint, data)
+    check_recipe(checkpoint, Recipe(trained.data_cfg, trained.model_cfg, trained.train_cfg), data_cfg)
     recipe = trained.recipe(train_cfg)
     tracin = [m for m in methods if m.startswith("tracin")]
     epochs = [k for k in trained.snapshots if k.startswith("epoch_") and int(k.split("_")[1]) >= 1]
@@ -191,11 +195,16 @@ def _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, traine
 # -- noisy labels -------------------------------------------------------------------------------
 def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
                      methods: str | list[str] = DEFAULT_NOISY_METHODS, settings: dict[str, Any] | None = None,
-                     checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+                     checkpoint: str | Path | None = None, progress: bool = True,
+                     overwrite: bool = False) -> dict[str, Any]:
     """Rank corrupted training labels by each method's self-influence (see the module docstring)."""
     methods = parse_methods(methods)
     _check_self_influence(methods)
     settings = dict(settings or {})
+    if data_cfg.corruption_ratio <= 0 and checkpoint is not None:
+        raise ConfigError(f"noisy-labels needs a model trained on corrupted labels, but checkpoint {checkpoint} was "
+                          "trained on clean labels (its data recipe has corruption ratio 0); train one with "
+                          "`modelsense train --corruption-ratio 0.1 --checkpoint-epochs ...` and score that")
     if data_cfg.corruption_ratio <= 0:
         raise ConfigError("noisy-labels needs corrupted labels: pass --corruption-ratio > 0 (e.g. 0.1)")
     data = load_dataset_from_config(data_cfg)
@@ -203,34 +212,34 @@ def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Tr
     corrupted = data.metadata["corrupted_indices"].numpy()
     if len(corrupted) == 0:
         raise ConfigError(f"--corruption-ratio {data_cfg.corruption_ratio} changed no label of {data.n_train} examples; raise it")
-    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, methods)
-    run = RunDir(out)
-    run.write_config("noisy-labels", _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained))
-    start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
-    metrics: dict[str, Any] = {"train_accuracy": result.final.get("train_accuracy"),
-                               "test_accuracy": result.final.get("test_accuracy"),
-                               "n_train": data.n_train, "n_corrupted": int(len(corrupted)),
-                               "train_seconds": time.perf_counter() - start, "auc": {}, "ap": {}, "seconds": {}}
-    run.log(f"trained: {metrics}")
-    self_scores: dict[str, np.ndarray] = {}
-    for m in methods:
-        ctx = method_context(m, result, train_cfg, model_cfg, data)
-        t0 = time.perf_counter()
-        att, _ = _timed_fit(m, module, data, settings, ctx, progress, train_cfg.seed)
-        s = att.self_scores().double().numpy()
-        seconds = time.perf_counter() - t0
-        self_scores[m] = s
-        auc, ap = auc_ap(s, corrupted)
-        metrics["auc"][m], metrics["ap"][m], metrics["seconds"][m] = auc, ap, seconds
-        run.log(f"{m}: AUC {auc:.4f} AP {ap:.4f} ({seconds:.1f}s)")
-        run.save_arrays("self_influence", corrupted=corrupted, **{k.replace("-", "_"): v for k, v in self_scores.items()})
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data_cfg, data, model_cfg, train_cfg, methods)
+    config = _base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained)
+    with RunDir.open(out, "noisy-labels", config, overwrite=overwrite) as run:
+        start = time.perf_counter()
+        module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
+        metrics: dict[str, Any] = {"train_accuracy": result.final.get("train_accuracy"),
+                                   "test_accuracy": result.final.get("test_accuracy"),
+                                   "n_train": data.n_train, "n_corrupted": int(len(corrupted)),
+                                   "train_seconds": time.perf_counter() - start, "auc": {}, "ap": {}, "seconds": {}}
+        run.log(f"trained: {metrics}")
+        self_scores: dict[str, np.ndarray] = {}
+        for m in methods:
+            ctx = method_context(m, result, train_cfg, model_cfg, data)
+            t0 = time.perf_counter()
+            att, _ = _timed_fit(m, module, data, settings, ctx, progress, train_cfg.seed)
+            s = att.self_scores().double().numpy()
+            seconds = time.perf_counter() - t0
+            self_scores[m] = s
+            auc, ap = auc_ap(s, corrupted)
+            metrics["auc"][m], metrics["ap"][m], metrics["seconds"][m] = auc, ap, seconds
+            run.log(f"{m}: AUC {auc:.4f} AP {ap:.4f} ({seconds:.1f}s)")
+            run.save_arrays("self_influence", corrupted=corrupted, **{k.replace("-", "_"): v for k, v in self_scores.items()})
+            run.write_metrics(metrics)
+        run.save_figure(self_influence_histograms(self_scores, corrupted), "self_influence_histograms")
+        run.save_figure(detection_curves(self_scores, corrupted), "detection_curves")
+        metrics["seconds_total"] = time.perf_counter() - start
         run.write_metrics(metrics)
-    run.save_figure(self_influence_histograms(self_scores, corrupted), "self_influence_histograms")
-    run.save_figure(detection_curves(self_scores, corrupted), "detection_curves")
-    metrics["seconds_total"] = time.perf_counter() - start
-    run.write_metrics(metrics)
-    return metrics
+        return metrics
 
 
 def self_influence_histograms(scores: dict[str, np.ndarray], corrupted: np.ndarray):
@@ -288,7 +297,7 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
 def run_prune(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
               methods: str | list[str] = "gex,loss,el2n", ks: tuple[int, ...] = (), remove: str = "lowest",
               n_random: int = 3, settings: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Remove the k lowest (or highest) self-influence examples, retrain, compare with random removal."""
     from modelsense.training import train_ensemble
 
@@ -306,53 +315,53 @@ def run_prune(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(f"--ks must lie in (0, N={n}), received {bad}")
     if n_random < 1:
         raise ConfigError(f"--n-random must be >= 1, received {n_random}")
-    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, methods)
-    run = RunDir(out)
-    run.write_config("prune", {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained),
-                               "ks": list(ks), "remove": remove, "n_random": n_random})
-    start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
-    metrics: dict[str, Any] = {"full_test_accuracy": result.final.get("test_accuracy"), "ks": list(ks), "remove": remove,
-                               "seconds": {}, "accuracy": {}}
-    masks, labels = [], []
-    self_scores = {}
-    for m in methods:
-        ctx = method_context(m, result, train_cfg, model_cfg, data)
-        t0 = time.perf_counter()
-        att, _ = _timed_fit(m, module, data, settings, ctx, progress, train_cfg.seed)
-        s = att.self_scores().double().numpy()
-        metrics["seconds"][m] = time.perf_counter() - t0
-        self_scores[m] = s
-        order = np.argsort(s if remove == "lowest" else -s, kind="stable")
-        for k in ks:
-            keep = np.ones(n, dtype=bool)
-            keep[order[:k]] = False
-            masks.append(keep)
-            labels.append((m, k))
-    rng = np.random.default_rng(train_cfg.seed + 99)
-    for r in range(n_random):
-        for k in ks:
-            keep = np.ones(n, dtype=bool)
-            keep[rng.choice(n, size=k, replace=False)] = False
-            masks.append(keep)
-            labels.append(("random", k))
-    cfg = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
-    res = train_ensemble(lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)),
-                         data.x_train, data.y_train, torch.from_numpy(np.stack(masks)), cfg,
-                         seeds=[train_cfg.seed] * len(masks), queries={"test": (data.x_test, data.y_test)},
-                         keep_logits=False, progress=progress)
-    acc = res.outputs["test"]["correct"].double().mean(1).numpy()
-    for m in methods:
-        metrics["accuracy"][m] = [float(a) for (mm, _), a in zip(labels, acc) if mm == m]
-    rand = np.array([a for (mm, _), a in zip(labels, acc) if mm == "random"]).reshape(n_random, len(ks))
-    metrics["random_accuracy"] = rand.mean(0).tolist()
-    metrics["random_accuracy_std"] = rand.std(0).tolist()
-    metrics["seconds_total"] = time.perf_counter() - start
-    run.save_arrays("self_influence", **{k.replace("-", "_"): v for k, v in self_scores.items()})
-    run.save_arrays("prune_masks", masks=np.stack(masks), test_accuracy=acc)
-    run.save_figure(pruning_figure(ks, metrics, remove), "pruning")
-    run.write_metrics(metrics)
-    return metrics
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data_cfg, data, model_cfg, train_cfg, methods)
+    config = {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained),
+              "ks": list(ks), "remove": remove, "n_random": n_random}
+    with RunDir.open(out, "prune", config, overwrite=overwrite) as run:
+        start = time.perf_counter()
+        module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
+        metrics: dict[str, Any] = {"full_test_accuracy": result.final.get("test_accuracy"), "ks": list(ks), "remove": remove,
+                                   "seconds": {}, "accuracy": {}}
+        masks, labels = [], []
+        self_scores = {}
+        for m in methods:
+            ctx = method_context(m, result, train_cfg, model_cfg, data)
+            t0 = time.perf_counter()
+            att, _ = _timed_fit(m, module, data, settings, ctx, progress, train_cfg.seed)
+            s = att.self_scores().double().numpy()
+            metrics["seconds"][m] = time.perf_counter() - t0
+            self_scores[m] = s
+            order = np.argsort(s if remove == "lowest" else -s, kind="stable")
+            for k in ks:
+                keep = np.ones(n, dtype=bool)
+                keep[order[:k]] = False
+                masks.append(keep)
+                labels.append((m, k))
+        rng = np.random.default_rng(train_cfg.seed + 99)
+        for r in range(n_random):
+            for k in ks:
+                keep = np.ones(n, dtype=bool)
+                keep[rng.choice(n, size=k, replace=False)] = False
+                masks.append(keep)
+                labels.append(("random", k))
+        cfg = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
+        res = train_ensemble(lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)),
+                             data.x_train, data.y_train, torch.from_numpy(np.stack(masks)), cfg,
+                             seeds=[train_cfg.seed] * len(masks), queries={"test": (data.x_test, data.y_test)},
+                             keep_logits=False, progress=progress)
+        acc = res.outputs["test"]["correct"].double().mean(1).numpy()
+        for m in methods:
+            metrics["accuracy"][m] = [float(a) for (mm, _), a in zip(labels, acc) if mm == m]
+        rand = np.array([a for (mm, _), a in zip(labels, acc) if mm == "random"]).reshape(n_random, len(ks))
+        metrics["random_accuracy"] = rand.mean(0).tolist()
+        metrics["random_accuracy_std"] = rand.std(0).tolist()
+        metrics["seconds_total"] = time.perf_counter() - start
+        run.save_arrays("self_influence", **{k.replace("-", "_"): v for k, v in self_scores.items()})
+        run.save_arrays("prune_masks", masks=np.stack(masks), test_accuracy=acc)
+        run.save_figure(pruning_figure(ks, metrics, remove), "pruning")
+        run.write_metrics(metrics)
+        return metrics
 
 
 def pruning_figure(ks, metrics: dict[str, Any], remove: str):
@@ -397,9 +406,11 @@ def lds_ground_truth(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConf
 def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
             methods: str | list[str] = DEFAULT_LDS_METHODS, n_models: int = 50, alpha: float = 0.5,
             n_test: int | None = None, chunk_models: int | None = None, settings: dict[str, Any] | None = None,
-            checkpoint: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+            checkpoint: str | Path | None = None, progress: bool = True, resume: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
     """LDS of each method (see the module docstring); the ground truth is cached in the run
-    directory (`lds_ground_truth.npz`) and reused when data, model, training, M, α and n_test match."""
+    directory (`lds_ground_truth.npz`); `resume` keeps it and reuses it when data, model, training, M, α
+    and n_test match (other methods may be scored)."""
     methods = parse_methods(methods)
     settings = dict(settings or {})
     for m in methods:
@@ -411,52 +422,53 @@ def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     _check_data_for_methods(data, methods)
     n_test = data.n_test if n_test is None else min(int(n_test), data.n_test)
     x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
-    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, methods)
-    run = RunDir(out, resume=True)
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data_cfg, data, model_cfg, train_cfg, methods)
     gt_key = {"data": data_cfg.to_dict(), "model": asdict(model_cfg),
               "train": replace(train_cfg, checkpoint_epochs=()).to_dict(), "n_models": n_models, "alpha": alpha, "n_test": n_test}
-    run.write_config("lds", {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained),
-                             "n_models": n_models, "alpha": alpha, "n_test": n_test})
-    start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
-    metrics: dict[str, Any] = {"test_accuracy": result.final.get("test_accuracy"), "n_models": n_models, "alpha": alpha,
-                               "n_test": n_test, "lds": {}, "seconds": {}}
-    all_scores = {}
-    for m in methods:
-        ctx = method_context(m, result, train_cfg, model_cfg, data)
+    config = {**_base_config(data_cfg, model_cfg, train_cfg, data, methods, settings, trained),
+              "n_models": n_models, "alpha": alpha, "n_test": n_test}
+    with RunDir.open(out, "lds", config, resume=resume, overwrite=overwrite, keep=(LDS_GROUND_TRUTH,),
+                     resume_keys=("data", "model", "train", "n_models", "alpha", "n_test")) as run:
+        start = time.perf_counter()
+        module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
+        metrics: dict[str, Any] = {"test_accuracy": result.final.get("test_accuracy"), "n_models": n_models, "alpha": alpha,
+                                   "n_test": n_test, "lds": {}, "seconds": {}}
+        all_scores = {}
+        for m in methods:
+            ctx = method_context(m, result, train_cfg, model_cfg, data)
+            t0 = time.perf_counter()
+            att, _ = _timed_fit(m, module, data, settings, ctx, progress, train_cfg.seed)
+            all_scores[m] = att.scores(x_test, y_test).double().numpy()
+            metrics["seconds"][m] = time.perf_counter() - t0
+            run.log(f"{m}: scores in {metrics['seconds'][m]:.1f}s")
+        gt_path = run.path / LDS_GROUND_TRUTH
+        cached = None
+        if gt_path.exists():
+            import json
+
+            with np.load(gt_path) as f:
+                if json.loads(str(f["key"])) == json.loads(json.dumps(gt_key, default=str)):
+                    cached = (f["masks"], f["losses"])
         t0 = time.perf_counter()
-        att, _ = _timed_fit(m, module, data, settings, ctx, progress, train_cfg.seed)
-        all_scores[m] = att.scores(x_test, y_test).double().numpy()
-        metrics["seconds"][m] = time.perf_counter() - t0
-        run.log(f"{m}: scores in {metrics['seconds'][m]:.1f}s")
-    gt_path = run.path / "lds_ground_truth.npz"
-    cached = None
-    if gt_path.exists():
-        import json
+        if cached is None:
+            import json
 
-        with np.load(gt_path) as f:
-            if json.loads(str(f["key"])) == json.loads(json.dumps(gt_key, default=str)):
-                cached = (f["masks"], f["losses"])
-    t0 = time.perf_counter()
-    if cached is None:
-        import json
-
-        masks, losses = lds_ground_truth(data, model_cfg, train_cfg, x_test, y_test, n_models=n_models, alpha=alpha,
-                                         seed=train_cfg.seed, chunk_models=chunk_models, progress=progress)
-        run.save_arrays("lds_ground_truth", masks=masks, losses=losses, key=np.array(json.dumps(gt_key, default=str)))
-    else:
-        masks, losses = cached
-        run.log("reused the cached ground truth")
-    metrics["ground_truth_seconds"] = time.perf_counter() - t0
-    per_test = {}
-    for m, s in all_scores.items():
-        metrics["lds"][m], per_test[m] = linear_datamodeling_score(s, masks, losses)
-        run.log(f"{m}: LDS {metrics['lds'][m]:.4f}")
-    run.save_arrays("lds_per_test", **{k.replace("-", "_"): v for k, v in per_test.items()})
-    run.save_figure(lds_figure(metrics), "lds")
-    metrics["seconds_total"] = time.perf_counter() - start
-    run.write_metrics(metrics)
-    return metrics
+            masks, losses = lds_ground_truth(data, model_cfg, train_cfg, x_test, y_test, n_models=n_models, alpha=alpha,
+                                             seed=train_cfg.seed, chunk_models=chunk_models, progress=progress)
+            run.save_arrays(LDS_GROUND_TRUTH, masks=masks, losses=losses, key=np.array(json.dumps(gt_key, default=str)))
+        else:
+            masks, losses = cached
+            run.log("reused the cached ground truth")
+        metrics["ground_truth_seconds"] = time.perf_counter() - t0
+        per_test = {}
+        for m, s in all_scores.items():
+            metrics["lds"][m], per_test[m] = linear_datamodeling_score(s, masks, losses)
+            run.log(f"{m}: LDS {metrics['lds'][m]:.4f}")
+        run.save_arrays("lds_per_test", **{k.replace("-", "_"): v for k, v in per_test.items()})
+        run.save_figure(lds_figure(metrics), "lds")
+        metrics["seconds_total"] = time.perf_counter() - start
+        run.write_metrics(metrics)
+        return metrics
 
 
 def lds_figure(metrics: dict[str, Any]):
@@ -477,7 +489,7 @@ def lds_figure(metrics: dict[str, Any]):
 def run_influence(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
                   method: str = "if-ekfac", self_only: bool = False, n_test: int | None = None, top_k: int = 5,
                   n_show: int = 6, settings: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """One method's scores (scores.npy, memory-mapped (N, n_test)) or self-influence (self_influence.npy);
     top-k most helpful / harmful training examples per shown test example (figure for image data)."""
     (method,) = parse_methods([method])
@@ -491,43 +503,42 @@ def run_influence(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Train
     data = load_dataset_from_config(data_cfg)
     _check_data_for_methods(data, [method])
     n_test = data.n_test if n_test is None else min(int(n_test), data.n_test)
-    trained, model_cfg, train_cfg = attribution_model(checkpoint, data, model_cfg, train_cfg, [method])
-    run = RunDir(out)
-    run.write_config("influence", {**_base_config(data_cfg, model_cfg, train_cfg, data, [method], settings, trained),
-                                   "self": self_only, "n_test": n_test, "top_k": top_k})
-    start = time.perf_counter()
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, [method], progress, trained)
-    ctx = method_context(method, result, train_cfg, model_cfg, data)
-    t0 = time.perf_counter()
-    att, fit_seconds = _timed_fit(method, module, data, settings, ctx, progress, train_cfg.seed)
-    metrics: dict[str, Any] = {"method": method, "test_accuracy": result.final.get("test_accuracy"),
-                               "fit_seconds": fit_seconds}
-    if self_only:
-        s = att.self_scores().numpy()
-        run.save_array("self_influence", s)
-        order = np.argsort(-s)
-        metrics.update(shape=[len(s)], top_self_influence=order[:top_k].tolist())
-        if len(data.metadata.get("corrupted_indices", [])):
-            metrics["auc"], metrics["ap"] = auc_ap(s, data.metadata["corrupted_indices"].numpy())
-        if _is_image(data):
-            run.save_figure(image_grid(data.x_train[order[: 4 * top_k]], data.y_train[order[: 4 * top_k]],
-                                       f"highest self-influence ({method})"), "top_self_influence")
-    else:
-        dtype = np.float64 if next(iter(att.params_.values())).dtype == torch.float64 else np.float32
-        mm = run.open_memmap("scores", (data.n_train, n_test), dtype)
-        S = att.scores(data.x_test[:n_test], data.y_test[:n_test], out=mm)
-        mm.flush()
-        shown = min(n_show, n_test)
-        block = S[:, :shown].numpy()
-        helpful = np.argsort(-block, axis=0)[:top_k].T
-        harmful = np.argsort(block, axis=0)[:top_k].T
-        metrics.update(shape=[data.n_train, n_test], top_helpful=helpful.tolist(), top_harmful=harmful.tolist())
-        if _is_image(data):
-            run.save_figure(top_k_figure(data, helpful, harmful, block), "top_influential")
-    metrics["seconds"] = time.perf_counter() - t0
-    metrics["seconds_total"] = time.perf_counter() - start
-    run.write_metrics(metrics)
-    return metrics
+    trained, model_cfg, train_cfg = attribution_model(checkpoint, data_cfg, data, model_cfg, train_cfg, [method])
+    config = {**_base_config(data_cfg, model_cfg, train_cfg, data, [method], settings, trained),
+              "self": self_only, "n_test": n_test, "top_k": top_k}
+    with RunDir.open(out, "influence", config, overwrite=overwrite) as run:
+        start = time.perf_counter()
+        module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, [method], progress, trained)
+        ctx = method_context(method, result, train_cfg, model_cfg, data)
+        t0 = time.perf_counter()
+        att, fit_seconds = _timed_fit(method, module, data, settings, ctx, progress, train_cfg.seed)
+        metrics: dict[str, Any] = {"method": method, "test_accuracy": result.final.get("test_accuracy"),
+                                   "fit_seconds": fit_seconds}
+        if self_only:
+            s = att.self_scores().numpy()
+            run.save_array("self_influence", s)
+            order = np.argsort(-s)
+            metrics.update(shape=[len(s)], top_self_influence=order[:top_k].tolist())
+            if len(data.metadata.get("corrupted_indices", [])):
+                metrics["auc"], metrics["ap"] = auc_ap(s, data.metadata["corrupted_indices"].numpy())
+            if _is_image(data):
+                run.save_figure(image_grid(data.x_train[order[: 4 * top_k]], data.y_train[order[: 4 * top_k]],
+                                           f"highest self-influence ({method})"), "top_self_influence")
+        else:
+            dtype = np.float64 if next(iter(att.params_.values())).dtype == torch.float64 else np.float32
+            shown = min(n_show, n_test)
+            with run.memmap("scores", (data.n_train, n_test), dtype) as mm:  # named scores.npy once filled
+                S = att.scores(data.x_test[:n_test], data.y_test[:n_test], out=mm)
+                block = S[:, :shown].numpy().copy()
+            helpful = np.argsort(-block, axis=0)[:top_k].T
+            harmful = np.argsort(block, axis=0)[:top_k].T
+            metrics.update(shape=[data.n_train, n_test], top_helpful=helpful.tolist(), top_harmful=harmful.tolist())
+            if _is_image(data):
+                run.save_figure(top_k_figure(data, helpful, harmful, block), "top_influential")
+        metrics["seconds"] = time.perf_counter() - t0
+        metrics["seconds_total"] = time.perf_counter() - start
+        run.write_metrics(metrics)
+        return metrics
 
 
 def _is_image(data: Dataset) -> bool:
@@ -578,16 +589,16 @@ def top_k_figure(data: Dataset, helpful: np.ndarray, harmful: np.ndarray, block:
 
 
 # -- demo section -------------------------------------------------------------------------------
-def noisy_labels_section(out: Path, progress: bool):
+def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
     """The demo's section: GEX vs the training loss and the squared gradient norm on digits with 10%
     corrupted labels (MLP trained to memorise the noise); histograms and AUC."""
     from modelsense.experiments.report import Section
 
     run = Path(out) / "noisy_labels"
     settings = {"num_ens": 8, "ft_step": 200, "ft_lr": 0.3}
-    metrics = run_noisy_labels(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
-                               TrainConfig(**NOISY_TRAIN), run, methods="gex,loss,grad-dot", settings=settings,
-                               progress=progress)
+    metrics = (resume and finished_metrics(run)) or run_noisy_labels(
+        DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"), TrainConfig(**NOISY_TRAIN), run,
+        methods="gex,loss,grad-dot", settings=settings, progress=progress, overwrite=True)
     shown = {"train_accuracy": metrics["train_accuracy"], "n_corrupted": metrics["n_corrupted"]}
     for m in metrics["auc"]:
         shown[f"AUC {m}"] = metrics["auc"][m]

@@ -22,10 +22,10 @@ from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.memorization import estimators as est
 from modelsense.memorization import plots
-from modelsense.memorization.store import read_original_runs
-from modelsense.models import ModelConfig
-from modelsense.retraining import FarmSpec, run_farm
-from modelsense.runs import RunDir
+from modelsense.memorization.store import CHUNK_DIR, STORE_FILE, read_original_runs
+from modelsense.models import ModelConfig, build_model_from_config
+from modelsense.retraining import BACKENDS, FarmSpec, run_farm
+from modelsense.runs import RunDir, finished_metrics, run_status
 from modelsense.training.config import TrainConfig
 
 INFLUENCE_MODES = ("topk", "full", "none")
@@ -70,9 +70,8 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
     infl = None
     if influence != "none" and correct_test.shape[1]:
         if influence == "full":
-            out = run.open_memmap("influence", (correct_test.shape[1], masks.shape[1]), np.dtype(influence_dtype))
-            infl = est.influence(masks, correct_test, out=out, warn=False)
-            out.flush()
+            with run.memmap("influence", (correct_test.shape[1], masks.shape[1]), np.dtype(influence_dtype)) as out:
+                infl = est.influence(masks, correct_test, out=out, warn=False)
         else:
             infl = est.influence(masks, correct_test, top_k=top_k, warn=False)
             run.save_array("influence_top_indices", infl.top_indices)
@@ -99,36 +98,40 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
 def run_memorization(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
                      subset_ratio: float = 0.7, n_models: int = 64, chunk_size: int = 32, backend: str = "local",
                      address: str | None = None, resume: bool = False, influence: str = "topk", top_k: int = 10,
-                     influence_dtype: str = "float16", bootstrap: int = 0, progress: bool = True) -> dict[str, Any]:
+                     influence_dtype: str = "float16", bootstrap: int = 0, progress: bool = True,
+                     overwrite: bool = False) -> dict[str, Any]:
     """Train (or continue) the subset farm in `out` and write the estimates (see module docstring)."""
     spec = FarmSpec(data_cfg, model_cfg, train_cfg, subset_ratio, seed0=train_cfg.seed)
     if influence not in INFLUENCE_MODES:
         raise ConfigError(f"--influence must be one of {INFLUENCE_MODES}, got {influence!r}")
     if n_models < 2:
         raise ConfigError(f"--n-models must be >= 2, got {n_models}")
+    if chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend {backend!r}; choose {' or '.join(BACKENDS)}")
     data = load_dataset_from_config(data_cfg)
-    run = RunDir(out, resume=resume)
-    config = {**spec.to_dict(), "seed": train_cfg.seed, "dataset": data.summary()}
-    if run.read_config() is not None:
-        if not resume:
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue or extend it, or choose another --out")
-        run.check_resume("memorization", config, keys=["data", "model", "train", "subset_ratio", "seed0"])
-    run.write_config("memorization", {**config, "n_models": n_models, "chunk_size": chunk_size, "backend": backend})
-    start = time.perf_counter()
-    store = run_farm(spec, out, n_models, chunk_size, backend=backend, address=address, data=data, progress=progress)
-    runs = store.load_all()
-    keep = runs.model_ids < n_models
-    run.log(f"farm done: {int(keep.sum())} models in {time.perf_counter() - start:.1f}s")
-    metrics = estimate_and_save(run, runs.masks[keep], runs.correct_train[keep], runs.correct_test[keep], data=data,
-                                influence=influence, top_k=top_k, influence_dtype=influence_dtype, bootstrap=bootstrap)
-    metrics["seconds"] = time.perf_counter() - start
-    metrics["subset_ratio"] = subset_ratio
-    run.write_metrics(metrics)
-    return metrics
+    build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=0)  # validates the model options
+    config = {**spec.to_dict(), "seed": train_cfg.seed, "dataset": data.summary(), "n_models": n_models,
+              "chunk_size": chunk_size, "backend": backend}
+    with RunDir.open(out, "memorization", config, resume=resume, overwrite=overwrite, keep=(CHUNK_DIR, STORE_FILE),
+                     resume_keys=["data", "model", "train", "subset_ratio", "seed0"]) as run:
+        start = time.perf_counter()
+        store = run_farm(spec, out, n_models, chunk_size, backend=backend, address=address, data=data, progress=progress)
+        runs = store.load_all()
+        keep = runs.model_ids < n_models
+        run.log(f"farm done: {int(keep.sum())} models in {time.perf_counter() - start:.1f}s")
+        metrics = estimate_and_save(run, runs.masks[keep], runs.correct_train[keep], runs.correct_test[keep], data=data,
+                                    influence=influence, top_k=top_k, influence_dtype=influence_dtype, bootstrap=bootstrap)
+        metrics["seconds"] = time.perf_counter() - start
+        metrics["subset_ratio"] = subset_ratio
+        run.write_metrics(metrics)
+        return metrics
 
 
 def run_from_runs(root: str | Path, out: str | Path, *, data: Dataset | None = None, influence: str = "topk",
-                  top_k: int = 10, influence_dtype: str = "float16", bootstrap: int = 0) -> dict[str, Any]:
+                  top_k: int = 10, influence_dtype: str = "float16", bootstrap: int = 0,
+                  overwrite: bool = False) -> dict[str, Any]:
     """Estimators from existing subset-trained runs `<root>/<ratio>/<run_id>/aux_arrays.npz`.
 
     Memorization and influence use the ratio closest to 0.7 (the papers'); consistency scores use
@@ -136,32 +139,34 @@ def run_from_runs(root: str | Path, out: str | Path, *, data: Dataset | None = N
     AUC only when its sizes match the runs.
     """
     by_ratio = read_original_runs(root)
-    run = RunDir(out)
+    if influence not in INFLUENCE_MODES:
+        raise ConfigError(f"--influence must be one of {INFLUENCE_MODES}, got {influence!r}")
     ratio = min(by_ratio, key=lambda r: abs(r - 0.7))
     main = by_ratio[ratio]
-    run.write_config("memorization", {"from_runs": str(root), "ratios": sorted(by_ratio), "main_ratio": ratio,
-                                      "n_runs": {str(r): len(v.run_ids) for r, v in by_ratio.items()},
-                                      "dataset": None if data is None else data.summary()})
-    if data is not None and (data.n_train, data.n_test) != (main.masks.shape[1], main.correct_test.shape[1]):
-        run.log(f"dataset {data.name} has {data.n_train}/{data.n_test} examples, the runs {main.masks.shape[1]}/"
-                f"{main.correct_test.shape[1]}: no example images (give the runs' --dataset and --data-dir)")
-        data = None
-    metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data, influence=influence,
-                                top_k=top_k, influence_dtype=influence_dtype, bootstrap=bootstrap,
-                                extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()})
-    metrics["subset_ratio"] = ratio
-    run.write_metrics(metrics)
-    return metrics
+    config = {"from_runs": str(root), "ratios": sorted(by_ratio), "main_ratio": ratio,
+              "n_runs": {str(r): len(v.run_ids) for r, v in by_ratio.items()},
+              "dataset": None if data is None else data.summary()}
+    with RunDir.open(out, "memorization", config, overwrite=overwrite) as run:
+        if data is not None and (data.n_train, data.n_test) != (main.masks.shape[1], main.correct_test.shape[1]):
+            run.log(f"dataset {data.name} has {data.n_train}/{data.n_test} examples, the runs {main.masks.shape[1]}/"
+                    f"{main.correct_test.shape[1]}: no example images (give the runs' --dataset and --data-dir)")
+            data = None
+        metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data, influence=influence,
+                                    top_k=top_k, influence_dtype=influence_dtype, bootstrap=bootstrap,
+                                    extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()})
+        metrics["subset_ratio"] = ratio
+        run.write_metrics(metrics)
+        return metrics
 
 
-def memorization_section(out: Path, progress: bool) -> "Section":  # noqa: F821
-    """Demo: memorization on digits with 10% label noise, a small farm."""
+def memorization_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
+    """Demo: memorization on digits with 10% label noise, a small farm (an unfinished one continues)."""
     from modelsense.experiments.report import Section
 
     run = out / "memorization"
-    metrics = run_memorization(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
-                               TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01), run, n_models=32, chunk_size=32,
-                               resume=(run / "config.json").exists(), progress=progress)
+    metrics = (resume and finished_metrics(run)) or run_memorization(
+        DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"), TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01),
+        run, n_models=32, chunk_size=32, resume=resume and run_status(run) is not None, progress=progress)
     return Section(
         "Memorization: 32 models on random 70% subsets of digits with 10% label noise",
         "mem(i) = P[correct on i | i in training subset] − P[correct on i | i held out], estimated from "

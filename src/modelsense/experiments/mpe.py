@@ -52,7 +52,7 @@ from modelsense.mpe import (LAPLACE_STRUCTURES, VARIANTS, MPEResult, MPESettings
                             group_loo_nll, mc_prediction_error, memory_perturbation, per_example_nll, softmax_deviation)
 from modelsense.mpe.ground_truth import retrain_without, true_loo_logits
 from modelsense.progress import progress_bar
-from modelsense.runs import RunDir
+from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
 from modelsense.training.ensemble import train_ensemble
 from modelsense.training.fit import Fit, fit
@@ -307,13 +307,27 @@ def _correlations(est: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"pearson": float(stats.pearsonr(est, true)[0]), "spearman": float(stats.spearmanr(est, true)[0])}
 
 
-def _start(experiment: str, cfg: MPEExperimentConfig, out: str | Path) -> tuple[Dataset, RunDir]:
-    data = load_dataset_from_config(cfg.data)  # validates before anything is written
-    run = RunDir(out)
-    run.write_config(f"mpe {experiment}", {"experiment": experiment, **cfg.to_dict(), "dataset": data.summary(),
-                                           "posterior": cfg.posterior_name, "seed": cfg.train.seed})
-    run.log(f"mpe {experiment}: {cfg.model.name} on {data.name}, posterior {cfg.posterior_name}, variant {cfg.mpe_variant}")
-    return data, run
+def _evolving_iterations(cfg: MPEExperimentConfig, data: Dataset) -> tuple[int, ...]:
+    steps_per_epoch = math.ceil(data.n_train / cfg.train.bs)
+    total = steps_per_epoch * cfg.train.epochs
+    its = cfg.checkpoint_iterations or default_checkpoint_iterations(total)
+    late = [i for i in its if i > total]
+    if late:
+        raise ConfigError(f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x {steps_per_epoch})")
+    return its
+
+
+def check_experiment(experiment: str, cfg: MPEExperimentConfig, data: Dataset) -> None:
+    """Raise ConfigError when `cfg` cannot run `experiment` on `data` (before anything is written)."""
+    if experiment not in RUNNERS:
+        raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
+    if experiment == "loo-l2reg" and cfg.train.optimizer == "ivon":
+        raise ConfigError("loo-l2reg trains with sgd or adam (as the original); IVON is not supported here")
+    if experiment == "loo-l2reg" and cfg.optim_var:
+        raise ConfigError("loo-l2reg uses Laplace posteriors (as the original); drop --optim-var")
+    if experiment == "evolving":
+        _evolving_iterations(cfg, data)
+    _check_head(_model_fn(cfg, data)(cfg.train.seed), data)
 
 
 def _train(cfg: MPEExperimentConfig, data: Dataset, progress: bool, train_cfg: TrainConfig | None = None,
@@ -338,13 +352,12 @@ def _train_metrics(result: Fit) -> dict[str, float]:
 
 
 # --- 1. LOO-CV during training ---------------------------------------------------------------
-def run_loo_iterations(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Train; at the checkpoint epochs (and the last) estimate the LOO-CV NLL with the MPE.
 
     metrics: `checkpoint_epochs`, `estimated_nll` and `test_nll` at them, `final_abs_gap` =
     |estimated − test| at the last checkpoint, `test_nll_per_epoch`.
     """
-    data, run = _start("loo-iterations", cfg, out)
     marks = sorted({e for e in cfg.checkpoint_epochs if 1 <= e <= cfg.train.epochs} | {cfg.train.epochs})
     est: dict[int, float] = {}
     est_by_variant: dict[int, dict[str, float]] = {}
@@ -384,7 +397,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, out: str | Path, progress: bool
 
 
 # --- 2. LOO-CV over the prior precision ------------------------------------------------------
-def run_loo_l2reg(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """For δ in logspace(deltas_start, deltas_stop, n_exp): train from the same init, estimate the
     LOO-CV NLL (posterior with prior precision δ) and measure the test NLL.
 
@@ -393,11 +406,6 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, out: str | Path, progress: bool = Tr
     δ_max/(2 Σ_i w_mi)‖θ‖² into δ_m/(2N)‖θ‖² (same init seed and batch order for every δ).
     metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`.
     """
-    if cfg.train.optimizer == "ivon":
-        raise ConfigError("loo-l2reg trains with sgd or adam (as the original); IVON is not supported here")
-    if cfg.optim_var:
-        raise ConfigError("loo-l2reg uses Laplace posteriors (as the original); drop --optim-var")
-    data, run = _start("loo-l2reg", cfg, out)
     deltas = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp)
     d_max = float(deltas.max())
     weights = torch.tensor(d_max / deltas, dtype=torch.float32).unsqueeze(1).expand(len(deltas), data.n_train).contiguous()
@@ -446,7 +454,7 @@ def retrain_indices(n: int, n_retrain: int) -> np.ndarray:
     return order[: min(n_retrain, n)]
 
 
-def run_validation(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Estimated (MPE sensitivity) vs true softmax deviation ‖softmax(f_i^{\\i}) − softmax(f_i)‖₁ for
     n_retrain examples, the truth from warm-started retraining without each (all at once).
 
@@ -455,7 +463,6 @@ def run_validation(cfg: MPEExperimentConfig, out: str | Path, progress: bool = T
     `by_loo_damping` for the `loo` variant at α in LOO_DAMPING_SWEEP (α = 0: `full` shift through the
     exact softmax). Arrays: validation.npz also holds V of the retrained examples (`covariances`).
     """
-    data, run = _start("validation", cfg, out)
     start = time.perf_counter()
     module, result, _ = _train(cfg, data, progress)
     t_train = time.perf_counter() - start
@@ -502,7 +509,7 @@ def default_checkpoint_iterations(total: int) -> tuple[int, ...]:
     return tuple(sorted({min(10, total), max(1, round(0.1 * total)), max(1, round(0.4 * total)), total}))
 
 
-def run_evolving(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Sensitivities at several iterations of training (IVON in the original), with the Monte-Carlo
     residual ē_i = mean_s softmax(f̃_s) − y_i, f̃_s ~ N(f_i, diag V_i) (`--mc-samples`), ranked by the
     last checkpoint and averaged in `--n-bins` bins.
@@ -510,13 +517,7 @@ def run_evolving(cfg: MPEExperimentConfig, out: str | Path, progress: bool = Tru
     metrics: `iterations`, `spearman_to_last` (Spearman between each checkpoint's sensitivities and
     the last one's), `top_decile_overlap_to_last`.
     """
-    data, run = _start("evolving", cfg, out)
-    steps_per_epoch = math.ceil(data.n_train / cfg.train.bs)
-    total = steps_per_epoch * cfg.train.epochs
-    its = cfg.checkpoint_iterations or default_checkpoint_iterations(total)
-    late = [i for i in its if i > total]
-    if late:
-        raise ConfigError(f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x {steps_per_epoch})")
+    its = _evolving_iterations(cfg, data)
     start = time.perf_counter()
     module, result, recorder = _train(cfg, data, progress, iterations=its)
     model_fn = _model_fn(cfg, data)
@@ -538,7 +539,7 @@ def run_evolving(cfg: MPEExperimentConfig, out: str | Path, progress: bool = Tru
     binned = np.stack([[s[b].mean() for b in bins] for s in sens])  # (K, n_bins)
     top = order[: max(1, len(order) // 10)]
     metrics = {
-        "iterations": list(its), "total_iterations": total, "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
+        "iterations": list(its), "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs, "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
         "spearman_to_last": {str(it): float(stats.spearmanr(s, sens[-1])[0]) for it, s in zip(its, sens)},
         "top_decile_overlap_to_last": {str(it): float(len(np.intersect1d(np.argsort(-s)[: len(top)], top)) / len(top)) for it, s in zip(its, sens)},
         **_train_metrics(result), "seconds": time.perf_counter() - start,
@@ -550,7 +551,7 @@ def run_evolving(cfg: MPEExperimentConfig, out: str | Path, progress: bool = Tru
 
 
 # --- 5. leave one class out -------------------------------------------------------------------
-def run_loco(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
+def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Leave-one-class-out: for each class c, the estimated NLL (mean MPE LOO NLL of the training
     examples of c, as the original; and `estimated_nll_joint`, the whole class removed at once:
     Δθ = Σ Σ_{j∈c} J_jᵀ e_j) against the true test NLL on the whole test set after warm-started
@@ -561,7 +562,6 @@ def run_loco(cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -
     of the removed training examples under the retrained models (`true_removed_train_nll`, what the
     estimates predict directly) with `spearman_removed`, `spearman_joint_removed`.
     """
-    data, run = _start("loco", cfg, out)
     start = time.perf_counter()
     module, result, _ = _train(cfg, data, progress)
     post = _final_posterior(cfg, module, result, data)
@@ -611,14 +611,20 @@ RUNNERS = {"loo-iterations": run_loo_iterations, "loo-l2reg": run_loo_l2reg, "va
            "evolving": run_evolving, "loco": run_loco}
 
 
-def run_experiment(experiment: str, cfg: MPEExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    if experiment not in RUNNERS:
-        raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
-    return RUNNERS[experiment](cfg, out, progress)
+def run_experiment(experiment: str, cfg: MPEExperimentConfig, out: str | Path, progress: bool = True,
+                   overwrite: bool = False) -> dict[str, Any]:
+    """Check `cfg`, then run `experiment` into the run directory `out` (see `RunDir.open`)."""
+    data = load_dataset_from_config(cfg.data)  # validates before anything is written
+    check_experiment(experiment, cfg, data)
+    config = {"experiment": experiment, **cfg.to_dict(), "dataset": data.summary(), "posterior": cfg.posterior_name,
+              "seed": cfg.train.seed}
+    with RunDir.open(out, f"mpe {experiment}", config, overwrite=overwrite) as run:
+        run.log(f"mpe {experiment}: {cfg.model.name} on {data.name}, posterior {cfg.posterior_name}, variant {cfg.mpe_variant}")
+        return RUNNERS[experiment](cfg, data, run, progress)
 
 
 # --- demo section -----------------------------------------------------------------------------
-def mpe_section(out: Path, progress: bool) -> Section:
+def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
     """The demo's MPE section: a small `validation` run (MLP 64-64-10 on digits, KFAC Laplace, 64
     retrained examples), its scatter and the most sensitive training images. Under a minute."""
     run = Path(out) / "mpe_validation"
@@ -626,7 +632,8 @@ def mpe_section(out: Path, progress: bool) -> Section:
         "validation", model=ModelConfig("mlp", widths=(64, 64)),
         train={"epochs": 40}, n_retrain=64, epochs_retrain=5, lr_retrain=0.01, bs_retrain=128,
     )
-    metrics = run_validation(cfg, run, progress=progress)
+    metrics = (resume and finished_metrics(run)) or run_experiment("validation", cfg, run, progress=progress,
+                                                                   overwrite=True)
     keep = ("pearson", "spearman", "n_retrain", "posterior", "mpe_variant", "test_accuracy", "seconds")
     return Section(
         "Memory perturbation: which training examples the model is most sensitive to",

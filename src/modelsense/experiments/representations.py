@@ -32,6 +32,7 @@ Run directories:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -46,7 +47,8 @@ from torch import Tensor, nn
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.train import check_checkpoint_data, load_model, save_model
+from modelsense.experiments.train import check_checkpoint_data
+from modelsense.models.checkpoint import load_model, save_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.progress import progress_bar
 from modelsense.representations.features import extract_features, relu_module_names
@@ -59,7 +61,7 @@ from modelsense.representations.stitching import (
     stitch_models,
     stitching_penalty,
 )
-from modelsense.runs import RunDir, read_json, write_json
+from modelsense.runs import RunDir, finished_metrics, locked, read_json, write_json
 from modelsense.training import evaluate, fit, train_ensemble
 from modelsense.training.config import TrainConfig
 
@@ -250,17 +252,31 @@ def train_zoo(
 
 def run_zoo(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
             n_models: int = 8, seeds: Sequence[int] | None = None, method: str = "auto",
-            chunk_models: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """`modelsense zoo`: train the zoo in `out` (reusing members already there); write config and metrics."""
+            chunk_models: int | None = None, progress: bool = True, resume: bool = False,
+            overwrite: bool = False) -> dict[str, Any]:
+    """`modelsense zoo`: train the zoo in `out` (`resume`: reusing the members already there); write config
+    and metrics."""
     if method not in ZOO_METHODS:
         raise ConfigError(f"unknown zoo training method {method!r}; expected one of {ZOO_METHODS}")
+    if seeds is None and n_models < 1:
+        raise ConfigError(f"--n-models must be >= 1, got {n_models}")
+    if seeds is not None:
+        _check_seeds(seeds)
     data = load_dataset_from_config(data_cfg)
-    _check_index(Path(out), _read_index(Path(out)), zoo_settings(data_cfg, model_cfg, train_cfg))
-    run = RunDir(out)
-    run.write_config("zoo", {**zoo_settings(data_cfg, model_cfg, train_cfg), "dataset": data.summary(),
-                             "n_models": None if seeds else n_models, "seeds": list(seeds) if seeds else None,
-                             "method": method, "seed": train_cfg.seed})
-    zoo = train_zoo(data_cfg, model_cfg, train_cfg, None if seeds else n_models, out, seeds, progress,
+    _probe_model(data, model_cfg)  # validates the model options
+    settings = zoo_settings(data_cfg, model_cfg, train_cfg)
+    config = {**settings, "dataset": data.summary(), "n_models": None if seeds else n_models,
+              "seeds": list(seeds) if seeds else None, "method": method, "seed": train_cfg.seed}
+    with RunDir.open(out, "zoo", config, resume=resume, overwrite=overwrite, keep=(ZOO_SUBDIR,),
+                     resume_keys=["data", "model", "train"]) as run:
+        _check_index(run.path, _read_index(run.path), settings)
+        return _zoo(run, data, data_cfg, model_cfg, train_cfg, n_models, seeds, method, chunk_models, progress)
+
+
+def _zoo(run: RunDir, data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+         n_models: int, seeds: Sequence[int] | None, method: str, chunk_models: int | None,
+         progress: bool) -> dict[str, Any]:
+    zoo = train_zoo(data_cfg, model_cfg, train_cfg, None if seeds else n_models, run.path, seeds, progress,
                     data=data, method=method, chunk_models=chunk_models)
     acc = np.asarray(zoo.test_accuracy)
     metrics = {
@@ -311,34 +327,37 @@ def resolve_models(
     """Models A and B: a checkpoint (`model_a` path) or a zoo member (`seed_a`, trained into `zoo`
     if missing, with `model_cfg`/`train_cfg`). Neither given: seeds train_cfg.seed and +1.
     Both models must have been trained on `data`'s dataset (ConfigError otherwise)."""
-    if model_a is not None and seed_a is not None:
-        raise ConfigError("give either --model-a PATH or --seed-a N, not both")
-    if model_b is not None and seed_b is not None:
-        raise ConfigError("give either --model-b PATH or --seed-b N, not both")
+    _check_sources(model_a, model_b, seed_a, seed_b)
     if model_a is None and seed_a is None:
         seed_a = train_cfg.seed
     if model_b is None and seed_b is None:
         seed_b = train_cfg.seed + 1 if seed_a == train_cfg.seed else train_cfg.seed
-    paths: dict[str, Path] = {}
-    for which, path in (("model-a", model_a), ("model-b", model_b)):
-        if path is not None:
-            paths[which] = Path(path)
-            if not paths[which].is_file():
-                raise ConfigError(f"--{which} {path}: no such checkpoint (a model.pt of `modelsense train` or "
-                                  "zoo/model_<seed>.pt of `modelsense zoo`)")
+    paths = {which: Path(path) for which, path in (("model-a", model_a), ("model-b", model_b)) if path is not None}
     seeds = sorted({s for s in (seed_a, seed_b) if s is not None})
     if seeds:
         zoo_res = train_zoo(data_cfg, model_cfg, train_cfg, None, zoo, seeds, progress, data=data)
         for which, seed in (("model-a", seed_a), ("model-b", seed_b)):
             if seed is not None:
                 paths[which] = zoo_res.paths[zoo_res.seeds.index(seed)]
-    loaded = []
-    for which in ("model-a", "model-b"):
-        module, info = load_model(paths[which])
-        check_checkpoint_data(info, data, f"{which} ({paths[which]})",
-                              fix="compare and stitch models trained on the same dataset, and pass that dataset")
-        loaded.append(LoadedModel(module.eval(), str(paths[which]), info.get("seed"), info["dataset"], info["model"]))
-    return loaded[0], loaded[1]
+    return _load_source("model-a", paths["model-a"], data), _load_source("model-b", paths["model-b"], data)
+
+
+def _check_sources(model_a, model_b, seed_a, seed_b) -> None:
+    if model_a is not None and seed_a is not None:
+        raise ConfigError("give either --model-a PATH or --seed-a N, not both")
+    if model_b is not None and seed_b is not None:
+        raise ConfigError("give either --model-b PATH or --seed-b N, not both")
+
+
+def _load_source(which: str, path: Path, data: Dataset) -> LoadedModel:
+    """The checkpoint of model A or B (`which`), checked against `data`."""
+    if not path.is_file():
+        raise ConfigError(f"--{which} {path}: no such checkpoint (a model.pt of `modelsense train` or "
+                          "zoo/model_<seed>.pt of `modelsense zoo`)")
+    module, info = load_model(path)
+    check_checkpoint_data(info, data, f"{which} ({path})",
+                          fix="compare and stitch models trained on the same dataset, and pass that dataset")
+    return LoadedModel(module.eval(), str(path), info.get("seed"), info["dataset"], info["model"])
 
 
 def _layer_list(text: str | Sequence[str] | None) -> list[str] | None:
@@ -431,20 +450,33 @@ def compare_representations(
     return {"matrix": matrix, "layers": list(fa), "layers_b": list(fb)}
 
 
-def _models_and_layers(data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b, zoo, layers, *,
-                       same_layers: bool, progress: bool):
-    """(data, zoo, model A, model B, A's layer names) of `compare` / `stitch`: the layer names are
-    checked on the architecture before any training, then on both models (B on A's names when
-    `same_layers`, else on `layers`)."""
+def _comparison_data(data_cfg: DataConfig, model_cfg: ModelConfig, model_a, model_b, seed_a, seed_b, layers) -> Dataset:
+    """The dataset of `compare` / `stitch`, after checking what can be checked before anything is
+    written or trained: the model sources (`_check_sources`, and each checkpoint against the data)
+    and the layer names on the architecture of the zoo members."""
     data = load_dataset_from_config(data_cfg)
+    _check_sources(model_a, model_b, seed_a, seed_b)
+    for which, path in (("model-a", model_a), ("model-b", model_b)):
+        if path is not None:
+            _load_source(which, Path(path), data)
     if (model_a is None or model_b is None) and layers is not None:
-        choose_layers(_probe_model(data, model_cfg), layers, f"model {model_cfg.name}")  # fail before training
+        choose_layers(_probe_model(data, model_cfg), layers, f"model {model_cfg.name}")
+    return data
+
+
+def _models_and_layers(data, data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b, zoo, layers, *,
+                       same_layers: bool, progress: bool):
+    """(zoo, model A, model B, A's layer names) of `compare` / `stitch`, training the zoo members they
+    need (into `zoo`, default `out`; a zoo elsewhere is locked while they train); the layer names are
+    checked on both models (B on A's names when `same_layers`, else on `layers`)."""
     zoo = Path(out) if zoo is None else Path(zoo)
-    a, b = resolve_models(data, data_cfg, model_cfg, train_cfg, model_a=model_a, model_b=model_b, seed_a=seed_a,
-                          seed_b=seed_b, zoo=zoo, progress=progress)
+    inside = zoo.resolve() == Path(out).resolve()
+    with contextlib.nullcontext() if inside or (model_a is not None and model_b is not None) else locked(zoo, "zoo"):
+        a, b = resolve_models(data, data_cfg, model_cfg, train_cfg, model_a=model_a, model_b=model_b, seed_a=seed_a,
+                              seed_b=seed_b, zoo=zoo, progress=progress)
     names = choose_layers(a.module, layers, "model-a")
     choose_layers(b.module, names if same_layers else layers, "model-b")
-    return data, zoo, a, b, names
+    return zoo, a, b, names
 
 
 def run_compare(
@@ -462,6 +494,7 @@ def run_compare(
     layers: str | Sequence[str] | None = None,
     zoo: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`modelsense compare`: similarity matrix of two models on the test set (see module docstring).
 
@@ -472,13 +505,21 @@ def run_compare(
     min_n = 4 if metric in ("unbiased-cka", "relu-cka") else 2
     if n_examples is not None and n_examples < min_n:
         raise ConfigError(f"--n-examples must be >= {min_n} for metric {metric}, got {n_examples}")
-    data, zoo, a, b, _ = _models_and_layers(data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b, zoo,
-                                            layers, same_layers=False, progress=progress)
-    run = RunDir(out)
-    run.write_config("compare", {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
-                                 "dataset": data.summary(), "model_a": model_a, "model_b": model_b, "seed_a": seed_a,
-                                 "seed_b": seed_b, "metric": metric, "n_examples": n_examples,
-                                 "layers": _layer_list(layers), "zoo": str(zoo), "seed": train_cfg.seed})
+    data = _comparison_data(data_cfg, model_cfg, model_a, model_b, seed_a, seed_b, layers)
+    config = {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
+              "dataset": data.summary(), "model_a": model_a, "model_b": model_b, "seed_a": seed_a, "seed_b": seed_b,
+              "metric": metric, "n_examples": n_examples, "layers": _layer_list(layers),
+              "zoo": str(Path(out) if zoo is None else zoo), "seed": train_cfg.seed}
+    with RunDir.open(out, "compare", config, overwrite=overwrite) as run:
+        return _compare(run, data, data_cfg, model_cfg, train_cfg, model_a, model_b, seed_a, seed_b, metric, n_examples,
+                        layers, zoo, progress)
+
+
+def _compare(run: RunDir, data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+             model_a, model_b, seed_a, seed_b, metric: str, n_examples: int | None, layers, zoo,
+             progress: bool) -> dict[str, Any]:
+    zoo, a, b, _ = _models_and_layers(data, data_cfg, model_cfg, train_cfg, run.path, model_a, model_b, seed_a, seed_b,
+                                      zoo, layers, same_layers=False, progress=progress)
     idx = subsample_indices(data.n_test, n_examples, data_cfg.seed)
     x = data.x_test[idx]
     start = time.perf_counter()
@@ -624,6 +665,7 @@ def run_stitch(
     seed_b: int | None = None,
     zoo: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """`modelsense stitch`: stitching sweep over layers and kinds (see module docstring).
 
@@ -635,13 +677,21 @@ def run_stitch(
     kinds = parse_kinds(kinds)
     base = dataclasses.replace(stitch_cfg or StitchConfig(), device=train_cfg.device)
     configs = [dataclasses.replace(base, kind=k) for k in kinds]
-    data, zoo, a, b, names = _models_and_layers(data_cfg, model_cfg, train_cfg, out, model_a, model_b, seed_a, seed_b,
-                                                zoo, layers, same_layers=True, progress=progress)
-    run = RunDir(out)
-    run.write_config("stitch", {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
-                                "dataset": data.summary(), "model_a": model_a, "model_b": model_b, "seed_a": seed_a,
-                                "seed_b": seed_b, "kinds": kinds, "stitch": asdict(base),
-                                "layers": names, "zoo": str(zoo), "seed": train_cfg.seed})
+    data = _comparison_data(data_cfg, model_cfg, model_a, model_b, seed_a, seed_b, layers)
+    config = {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
+              "dataset": data.summary(), "model_a": model_a, "model_b": model_b, "seed_a": seed_a, "seed_b": seed_b,
+              "kinds": kinds, "stitch": asdict(base), "layers": _layer_list(layers),
+              "zoo": str(Path(out) if zoo is None else zoo), "seed": train_cfg.seed}
+    with RunDir.open(out, "stitch", config, overwrite=overwrite) as run:
+        return _stitch(run, data, data_cfg, model_cfg, train_cfg, kinds, configs, model_a, model_b, seed_a, seed_b,
+                       layers, zoo, progress)
+
+
+def _stitch(run: RunDir, data: Dataset, data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+            kinds: list[str], configs: list[StitchConfig], model_a, model_b, seed_a, seed_b, layers, zoo,
+            progress: bool) -> dict[str, Any]:
+    zoo, a, b, names = _models_and_layers(data, data_cfg, model_cfg, train_cfg, run.path, model_a, model_b, seed_a,
+                                          seed_b, zoo, layers, same_layers=True, progress=progress)
     start = time.perf_counter()
     sweep = stitching_sweep(a.module, b.module, names, configs, data.x_train, data.y_train, data.x_test, data.y_test,
                             progress=progress)
@@ -667,7 +717,7 @@ def run_stitch(
                     clean_accuracy=np.asarray(sweep.clean_accuracy),
                     stitched_accuracy=np.asarray([sweep.stitched_accuracy[k] for k in kinds]),
                     penalty=np.asarray([sweep.penalty[k] for k in kinds]))
-    torch.save({f"{k}/{layer}": s for (k, layer), s in sweep.states.items()}, run.path / "stitching_layers.pt")
+    run.save_torch("stitching_layers", {f"{k}/{layer}": s for (k, layer), s in sweep.states.items()})
     run.save_figure(stitching_penalty_figure(names, sweep.penalty, sweep.stitched_accuracy, sweep.clean_accuracy,
                                              f"stitching A -> B on {data.name}"),
                     "stitching_penalty")
@@ -741,16 +791,18 @@ def stitching_penalty_figure(layers: Sequence[str], penalty: dict[str, Sequence[
 # ----------------------------------------------------------------------------------------------
 
 
-def representations_section(out: Path, progress: bool) -> "Section":  # noqa: F821
+def representations_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
     """Demo: CKA of two digits MLPs (seeds 0, 1) and stitching penalties at both hidden layers."""
     from modelsense.experiments.report import Section
 
     root = Path(out) / "representations"
     data_cfg, model_cfg, train_cfg = DataConfig("digits"), ModelConfig("mlp"), TrainConfig()
-    cmp = run_compare(data_cfg, model_cfg, train_cfg, root / "compare", seed_a=0, seed_b=1, metric="cka",
-                      zoo=root, progress=progress)
-    st = run_stitch(data_cfg, model_cfg, train_cfg, root / "stitch", kinds="linear,permutation", seed_a=0, seed_b=1,
-                    stitch_cfg=StitchConfig(lr=1e-2), zoo=root, progress=progress)
+    cmp = (resume and finished_metrics(root / "compare")) or run_compare(
+        data_cfg, model_cfg, train_cfg, root / "compare", seed_a=0, seed_b=1, metric="cka", zoo=root, progress=progress,
+        overwrite=True)
+    st = (resume and finished_metrics(root / "stitch")) or run_stitch(
+        data_cfg, model_cfg, train_cfg, root / "stitch", kinds="linear,permutation", seed_a=0, seed_b=1,
+        stitch_cfg=StitchConfig(lr=1e-2), zoo=root, progress=progress, overwrite=True)
     metrics: dict[str, Any] = {"clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]]}
     for i, layer in enumerate(cmp["layers"]):
         metrics[f"cka {layer}"] = cmp["diagonal"][i]

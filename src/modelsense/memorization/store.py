@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from modelsense.errors import ConfigError, DataError
+from modelsense.runs import TEMP_PREFIX, atomic_write
 
 STORE_FILE = "store.json"
 CHUNK_DIR = "chunks"
 CHUNK_PREFIX = "models-"
-TEMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 REQUIRED_FIELDS = ("correct_train", "correct_test")
 OPTIONAL_FIELDS = ("loss_train", "loss_test", "margin_train", "margin_test")
@@ -65,18 +65,8 @@ class SubsetRuns:
         return int(self.model_ids.shape[0])
 
 
-def _atomic_write_bytes(path: Path, writer) -> None:
-    """Call writer(file) on a temporary file next to `path`, fsync it, then rename onto `path`."""
-    temp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        with open(temp, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+#: what reading a damaged .npz raises
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
 
 
 def _as_table(values: Any, name: str, shape: tuple[int, int], *, keep_binary: bool) -> np.ndarray:
@@ -130,7 +120,7 @@ class SubsetRunStore:
             content = {"format_version": FORMAT_VERSION, "n_train": self.n_train, "n_test": self.n_test,
                        "subset_ratio": self.subset_ratio, "metadata": self.metadata}
             text = json.dumps(content, indent=2, sort_keys=True).encode()
-            _atomic_write_bytes(store_file, lambda f: f.write(text))
+            atomic_write(store_file, lambda f: f.write(text))
 
     @staticmethod
     def _read_store_file(path: Path) -> dict:
@@ -168,6 +158,26 @@ class SubsetRunStore:
             path.unlink(missing_ok=True)
         return removed
 
+    def remove_damaged_chunks(self) -> list[tuple[Path, str]]:
+        """Delete the chunk files that cannot be read whole (truncated, bit-flipped: a CRC error, or a
+        missing table), so their models are trained again; returns (path, reason) for each. Call it
+        with `remove_partial_files` before resuming: nothing damaged is ever read as a result."""
+        damaged = []
+        for path in self.chunk_files():
+            try:
+                with np.load(path) as data:
+                    missing = [k for k in ("model_ids", "seeds", "masks", *REQUIRED_FIELDS) if k not in data.files]
+                    for key in data.files:
+                        data[key]  # reads and checks the CRC of every table
+                reason = f"missing {', '.join(missing)}" if missing else None
+            except _UNREADABLE as err:
+                reason = f"{type(err).__name__}: {err}"
+            if reason:
+                path.unlink(missing_ok=True)
+                damaged.append((path, reason))
+        self.removed_damaged = damaged
+        return damaged
+
     def chunk_files(self) -> list[Path]:
         """Finished chunk files, in name order (temporary files excluded)."""
         return sorted(p for p in self.chunk_dir.glob(f"{CHUNK_PREFIX}*.npz") if p.is_file())
@@ -179,7 +189,7 @@ class SubsetRunStore:
                 return np.asarray(data["model_ids"], dtype=np.int64)
         except KeyError as err:
             raise DataError(f"{path}: missing key 'model_ids'; delete the file to retrain its models") from err
-        except (OSError, ValueError) as err:
+        except _UNREADABLE as err:
             raise DataError(f"{path}: unreadable chunk ({err}); delete it to retrain its models") from err
 
     def _ids_by_file(self) -> dict[Path, np.ndarray]:
@@ -263,7 +273,7 @@ class SubsetRunStore:
                     f"write_chunk: models {clash.tolist()} are already stored in {other}; ask "
                     "missing_chunks() which models remain instead of retraining finished ones"
                 )
-        _atomic_write_bytes(path, lambda f: np.savez(f, **arrays))
+        atomic_write(path, lambda f: np.savez(f, **arrays))
         return path
 
     # ---------------------------------------------------------------- reading
@@ -283,7 +293,7 @@ class SubsetRunStore:
         for path in files:
             try:
                 data = dict(np.load(path))
-            except (OSError, ValueError) as err:
+            except _UNREADABLE as err:
                 raise DataError(f"{path}: unreadable chunk ({err}); delete it to retrain its models") from err
             for key in parts:
                 if key not in data:

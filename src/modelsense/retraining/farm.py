@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
-from modelsense.errors import ConfigError
+from modelsense.errors import ConfigError, ModelsenseError
 from modelsense.memorization.estimators import subset_size
 from modelsense.memorization.store import SubsetRunStore
 from modelsense.models import ModelConfig, build_model_from_config
@@ -100,6 +100,14 @@ def _ray_task(spec: FarmSpec, model_ids: np.ndarray, run_dir: str) -> list[int]:
     return [int(i) for i in model_ids]
 
 
+#: where the chunks of a farm are trained
+BACKENDS = ("local", "ray")
+
+
+class FarmError(ModelsenseError):
+    """Training the chunks of a farm failed (e.g. Ray workers died more often than tasks retry)."""
+
+
 def run_farm(spec: FarmSpec, run_dir: str | Path, n_models: int, chunk_size: int = 32, *, backend: str = "local",
              address: str | None = None, data: Dataset | None = None, progress: bool = True,
              ray_num_cpus: int | None = None) -> SubsetRunStore:
@@ -109,11 +117,12 @@ def run_farm(spec: FarmSpec, run_dir: str | Path, n_models: int, chunk_size: int
     """
     if int(n_models) < 2:
         raise ConfigError(f"--n-models must be >= 2 (models with and without each example are needed), got {n_models}")
-    if backend not in ("local", "ray"):
-        raise ConfigError(f"unknown backend {backend!r}; choose 'local' or 'ray'")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
     data = load_dataset_from_config(spec.data) if data is None else data
     store = SubsetRunStore(run_dir, data.n_train, data.n_test, spec.subset_ratio, metadata={"farm": spec.to_dict()})
     store.remove_partial_files()
+    store.remove_damaged_chunks()  # trained again below
     todo = store.missing_chunks(n_models, chunk_size)
     if not todo:
         return store
@@ -129,8 +138,12 @@ def run_farm(spec: FarmSpec, run_dir: str | Path, n_models: int, chunk_size: int
         raise ConfigError("--backend ray needs Ray: pip install 'modelsense[distributed]' (or pip install ray)") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, num_cpus=ray_num_cpus if address is None else None, include_dashboard=False,
-                 log_to_driver=False, ignore_reinit_error=True)
+        try:
+            ray.init(address=address, num_cpus=ray_num_cpus if address is None else None, include_dashboard=False,
+                     log_to_driver=False, ignore_reinit_error=True)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise FarmError(f"could not start or reach Ray (--address {address or 'local'}): {err}") from None
+    pending: list = []
     try:
         task = ray.remote(_ray_task)
         pending = [task.remote(spec, ids, str(Path(run_dir).resolve())) for ids in todo]
@@ -138,8 +151,15 @@ def run_farm(spec: FarmSpec, run_dir: str | Path, n_models: int, chunk_size: int
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
-                    bar.advance(len(ray.get(ref)))
+                    try:
+                        bar.advance(len(ray.get(ref)))
+                    except ray.exceptions.RayError as err:
+                        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        raise FarmError(f"a Ray task failed after its retries ({type(err).__name__}: {first[:300]}); "
+                                        f"the finished chunks in {run_dir} are kept: run again with --resume") from None
     finally:
+        for ref in pending:  # on an error or Ctrl-C: no task keeps writing after the driver is gone
+            ray.cancel(ref, force=True)
         if started:
             ray.shutdown()
     return store
