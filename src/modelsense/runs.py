@@ -126,14 +126,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temp
         os.chmod(temp, 0o666 & ~_UMASK)
         os.replace(temp, path)
-    except OSError as exc:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
-        if exc.errno in NO_SPACE:
-            raise _no_space(exc, path) from exc
+        full = _space_error(exc)
+        if full is not None and not isinstance(exc, DiskFull):
+            raise _no_space(full, path) from exc
         raise
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+
+def _space_error(exc: BaseException | None) -> OSError | None:
+    """The no-space OSError behind `exc` (writers such as torch.save re-raise it as another error)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def atomic_write(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any]) -> None:
@@ -392,7 +400,7 @@ class RunDir:
             yield run
         except (KeyboardInterrupt, Interrupted) as exc:
             run._finish(INTERRUPTED, "interrupted (Ctrl-C)")
-            hint = continue_hint or (f"rerun the same command with --resume to continue ({', '.join(keep)} kept)"
+            hint = continue_hint or ("rerun the same command with --resume to continue from what finished"
                                      if resumable else "rerun with --overwrite to start again")
             kind = Interrupted if isinstance(exc, Interrupted) else RunInterrupted
             raise kind(f"interrupted: the unfinished run in {run.path} is marked interrupted; {hint}") from exc

@@ -22,7 +22,8 @@ __all__ = ["app", "main"]
 
 
 def _interrupt(signum, frame) -> None:
-    raise Interrupted()
+    raise Interrupted("interrupted: nothing was written" if signum == signal.SIGINT else
+                      "terminated: nothing was written")
 
 
 def main() -> None:
@@ -30,15 +31,17 @@ def main() -> None:
     line (exit 2) and Ctrl-C one line saying what was kept (exit 130), never a traceback."""
     err = Console(stderr=True, highlight=False)
     signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: mark the run, shut Ray down, then exit
     try:
         app()
     except ModelsenseError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except Interrupted as exc:
-        err.print(escape(exc.message))
+        err.print(escape(exc.message), soft_wrap=True)
         sys.exit(130)
     except OSError as exc:  # an unwritable or full disk outside the run-directory checks
         where = f" {exc.filename}" if exc.filename else ""
-        err.print(f"[bold red]error:[/] could not access{escape(where)}: {escape(str(exc.strerror or exc))}")
+        err.print(f"[bold red]error:[/] could not access{escape(where)}: {escape(str(exc.strerror or exc))}",
+                  soft_wrap=True)
         sys.exit(2)

@@ -128,6 +128,12 @@ def make_method(method: str, settings: dict[str, Any], context: dict[str, Any], 
     return make_attributor(method, {"seed": seed, **given, **context, "progress": progress}, strict=False)
 
 
+def check_settings(methods: list[str], settings: dict[str, Any]) -> None:
+    """Build each method with `settings` (no context), so a bad setting fails before anything is written."""
+    for m in methods:
+        make_method(m, settings, {}, progress=False, seed=0)
+
+
 def _check_data_for_methods(data: Dataset, methods: list[str]) -> None:
     if not data.is_classification:
         raise ConfigError(f"influence experiments need a classification dataset; {data.name} has no classes")
@@ -209,6 +215,7 @@ def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Tr
         raise ConfigError("noisy-labels needs corrupted labels: pass --corruption-ratio > 0 (e.g. 0.1)")
     data = load_dataset_from_config(data_cfg)
     _check_data_for_methods(data, methods)
+    check_settings(methods, settings)
     corrupted = data.metadata["corrupted_indices"].numpy()
     if len(corrupted) == 0:
         raise ConfigError(f"--corruption-ratio {data_cfg.corruption_ratio} changed no label of {data.n_train} examples; raise it")
@@ -308,6 +315,7 @@ def run_prune(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         raise ConfigError(f"--remove must be lowest or highest, received {remove!r}")
     data = load_dataset_from_config(data_cfg)
     _check_data_for_methods(data, methods)
+    check_settings(methods, settings)
     n = data.n_train
     ks = tuple(int(k) for k in ks) or tuple(int(round(f * n)) for f in (0.1, 0.2, 0.3, 0.4))
     bad = [k for k in ks if not 0 < k < n]
@@ -419,7 +427,11 @@ def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
     if n_models < 3:
         raise ConfigError(f"--n-models must be >= 3 for a rank correlation, received {n_models}")
     data = load_dataset_from_config(data_cfg)
+    if not 0 < int(round(alpha * data.n_train)) < data.n_train:
+        raise ConfigError(f"--alpha {alpha} gives subsets of {int(round(alpha * data.n_train))} of {data.n_train} "
+                          "examples; choose alpha in (0, 1)")
     _check_data_for_methods(data, methods)
+    check_settings(methods, settings)
     n_test = data.n_test if n_test is None else min(int(n_test), data.n_test)
     x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
     trained, model_cfg, train_cfg = attribution_model(checkpoint, data_cfg, data, model_cfg, train_cfg, methods)
@@ -502,6 +514,7 @@ def run_influence(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Train
         raise ConfigError(f"--top-k must be >= 1, received {top_k}")
     data = load_dataset_from_config(data_cfg)
     _check_data_for_methods(data, [method])
+    check_settings([method], settings)
     n_test = data.n_test if n_test is None else min(int(n_test), data.n_test)
     trained, model_cfg, train_cfg = attribution_model(checkpoint, data_cfg, data, model_cfg, train_cfg, [method])
     config = {**_base_config(data_cfg, model_cfg, train_cfg, data, [method], settings, trained),
