@@ -440,7 +440,7 @@ def test_mpe_self_scores_are_the_mpe_sensitivities(problem):
 
 
 def test_lds_and_detection_metrics_on_constructed_examples():
-    from modelsense.experiments.influence import auc_ap, detection_curve, linear_datamodeling_score
+    from modelsense.attribution.evaluation import auc_ap, detection_curve, linear_datamodeling_score
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(30, 4))
@@ -580,3 +580,19 @@ def test_kfac_self_influence_ranks_like_if_explicit_on_softmax_regression():
         K = build_curvature(fm, x, y, matrix="ggn", structure=method[3:])
         errors[method] = float((K.mv(torch.eye(K.n_params, dtype=torch.float64)) - dense).norm() / dense.norm())
     assert 0.0 < errors["if-ekfac"] <= errors["if-kfac"]  # EK-FAC is the best diagonal in the KFAC eigenbasis
+
+
+def test_detection_and_lds_standard_errors():
+    from modelsense.attribution.evaluation import auc_ap_with_errors, lds_standard_error
+
+    corrupted = np.arange(20)
+    perfect = np.r_[np.ones(20), np.zeros(180)]
+    (auc, auc_se), (ap, ap_se) = auc_ap_with_errors(perfect, corrupted, n_bootstrap=50)
+    assert auc == 1.0 and ap == 1.0 and auc_se == 0.0 and ap_se == 0.0
+    rng = np.random.default_rng(0)
+    (auc, auc_se), _ = auc_ap_with_errors(rng.normal(size=200), corrupted, n_bootstrap=300, seed=1)
+    # Hanley & McNeil's standard error of an AUC near 0.5 with 20 positives and 180 negatives: about 0.068
+    assert 0.03 < auc_se < 0.12
+    per_test = np.array([0.1, 0.3, np.nan, 0.5])
+    assert lds_standard_error(per_test) == pytest.approx(np.std([0.1, 0.3, 0.5], ddof=1) / np.sqrt(3))
+    assert np.isnan(lds_standard_error(np.array([0.2, np.nan])))

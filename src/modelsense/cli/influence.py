@@ -51,7 +51,7 @@ def noisy_labels(
     metrics = run_noisy_labels(data_cfg, model_cfg, train_cfg, out, methods=methods, settings=settings,
                                checkpoint=checkpoint, progress=not quiet, overwrite=overwrite)
     console.print(f"train accuracy {metrics['train_accuracy']:.4f}, {metrics['n_corrupted']} corrupted labels")
-    _print(metrics, ("auc", "ap", "seconds"), out)
+    _print(metrics, ("auc", "auc_se", "ap", "ap_se", "seconds"), out)
 
 
 @app.command()
@@ -97,7 +97,7 @@ def lds(
     metrics = run_lds(data_cfg, model_cfg, train_cfg, out, methods=methods, n_models=n_models, alpha=alpha, n_test=n_test,
                       chunk_models=chunk_models, settings=settings, checkpoint=checkpoint, progress=not quiet,
                       resume=resume, overwrite=overwrite)
-    _print(metrics, ("lds", "seconds"), out)
+    _print(metrics, ("lds", "lds_se", "seconds"), out)
 
 
 @app.command()

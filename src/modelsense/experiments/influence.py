@@ -35,6 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelsense.attribution.evaluation import (
+    auc_ap,
+    auc_ap_with_errors,
+    detection_curve,
+    lds_standard_error,
+    linear_datamodeling_score,
+)
 from modelsense.attribution import (
     checkpoints_from_fit,
     make_attributor,
@@ -147,44 +154,6 @@ def _check_self_influence(methods: list[str]) -> None:
                           "so it cannot rank training examples; use grad-dot or another method")
 
 
-def auc_ap(scores: np.ndarray, corrupted: np.ndarray) -> tuple[float, float]:
-    """ROC AUC and average precision of `scores` ranking the corrupted examples (label 1) first."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    labels = np.zeros(len(scores), dtype=int)
-    labels[corrupted] = 1
-    s = np.asarray(scores, dtype=np.float64)
-    finite = np.isfinite(s)
-    s = np.where(finite, s, (s[finite].min() - 1) if finite.any() else 0.0)  # NaN/inf rank last
-    return float(roc_auc_score(labels, s)), float(average_precision_score(labels, s))
-
-
-def detection_curve(scores: np.ndarray, corrupted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(fraction of training data inspected, fraction of corrupted labels found), highest scores first."""
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    hit = np.zeros(len(scores), dtype=bool)
-    hit[corrupted] = True
-    found = np.cumsum(hit[order]) / max(hit.sum(), 1)
-    return np.arange(1, len(scores) + 1) / len(scores), found
-
-
-def linear_datamodeling_score(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray]:
-    """LDS: mean over test examples j of Spearman_m(losses[m, j], −Σ_i masks[m, i] scores[i, j]).
-
-    scores (N, n_test), masks (M, N) bool, losses (M, n_test). Test examples whose actual or
-    predicted losses are constant over the M subsets are left out of the mean. Returns (LDS, per-test).
-    """
-    from scipy.stats import rankdata
-
-    pred = -(masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64))
-    ra, rp = rankdata(losses, axis=0), rankdata(pred, axis=0)
-    ra, rp = ra - ra.mean(0), rp - rp.mean(0)
-    denom = np.sqrt((ra**2).sum(0) * (rp**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rho = np.where(denom > 0, (ra * rp).sum(0) / denom, np.nan)
-    return float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan"), rho
-
-
 def _timed_fit(method, module, data, settings, context, progress, seed):
     start = time.perf_counter()
     att = make_method(method, settings, context, progress, seed).fit(module, data.x_train, data.y_train)
@@ -227,7 +196,8 @@ def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Tr
         metrics: dict[str, Any] = {"train_accuracy": result.final.get("train_accuracy"),
                                    "test_accuracy": result.final.get("test_accuracy"),
                                    "n_train": data.n_train, "n_corrupted": int(len(corrupted)),
-                                   "train_seconds": time.perf_counter() - start, "auc": {}, "ap": {}, "seconds": {}}
+                                   "train_seconds": time.perf_counter() - start, "auc": {}, "ap": {},
+                                       "auc_se": {}, "ap_se": {}, "seconds": {}}
         run.log(f"trained: {metrics}")
         self_scores: dict[str, np.ndarray] = {}
         for m in methods:
@@ -237,8 +207,9 @@ def run_noisy_labels(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: Tr
             s = att.self_scores().double().numpy()
             seconds = time.perf_counter() - t0
             self_scores[m] = s
-            auc, ap = auc_ap(s, corrupted)
+            (auc, auc_se), (ap, ap_se) = auc_ap_with_errors(s, corrupted, seed=train_cfg.seed)
             metrics["auc"][m], metrics["ap"][m], metrics["seconds"][m] = auc, ap, seconds
+            metrics["auc_se"][m], metrics["ap_se"][m] = auc_se, ap_se
             run.log(f"{m}: AUC {auc:.4f} AP {ap:.4f} ({seconds:.1f}s)")
             run.save_arrays("self_influence", corrupted=corrupted, **{k.replace("-", "_"): v for k, v in self_scores.items()})
             run.write_metrics(metrics)
@@ -444,7 +415,7 @@ def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
         start = time.perf_counter()
         module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, methods, progress, trained)
         metrics: dict[str, Any] = {"test_accuracy": result.final.get("test_accuracy"), "n_models": n_models, "alpha": alpha,
-                                   "n_test": n_test, "lds": {}, "seconds": {}}
+                                   "n_test": n_test, "lds": {}, "lds_se": {}, "seconds": {}}
         all_scores = {}
         for m in methods:
             ctx = method_context(m, result, train_cfg, model_cfg, data)
@@ -475,6 +446,7 @@ def run_lds(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig
         per_test = {}
         for m, s in all_scores.items():
             metrics["lds"][m], per_test[m] = linear_datamodeling_score(s, masks, losses)
+            metrics["lds_se"][m] = lds_standard_error(per_test[m])
             run.log(f"{m}: LDS {metrics['lds'][m]:.4f}")
         run.save_arrays("lds_per_test", **{k.replace("-", "_"): v for k, v in per_test.items()})
         run.save_figure(lds_figure(metrics), "lds")

@@ -1,0 +1,91 @@
+"""How good are attribution scores: noisy-label detection (ROC AUC, average precision, the detection
+curve) and the linear datamodeling score (LDS), each with its standard error.
+
+    >>> auc, ap = auc_ap(self_scores, corrupted)
+    >>> (auc, auc_se), (ap, ap_se) = auc_ap_with_errors(self_scores, corrupted, n_bootstrap=200)
+    >>> lds, per_test = linear_datamodeling_score(scores, masks, losses)
+    >>> lds_standard_error(per_test)
+
+Standard errors: AUC and AP by the bootstrap over training examples (resampled with replacement,
+stratified by clean / corrupted, so every resample has both); LDS as the standard error of the mean
+over test examples (std / sqrt(n) of the per-test Spearman correlations).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _labels(n: int, corrupted: np.ndarray) -> np.ndarray:
+    labels = np.zeros(n, dtype=int)
+    labels[np.asarray(corrupted, dtype=np.int64)] = 1
+    return labels
+
+
+def _finite(scores: np.ndarray) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    finite = np.isfinite(s)
+    return np.where(finite, s, (s[finite].min() - 1) if finite.any() else 0.0)  # NaN/inf rank last
+
+
+def auc_ap(scores: np.ndarray, corrupted: np.ndarray) -> tuple[float, float]:
+    """ROC AUC and average precision of `scores` (N,) ranking the `corrupted` indices first."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    labels, s = _labels(len(scores), corrupted), _finite(scores)
+    return float(roc_auc_score(labels, s)), float(average_precision_score(labels, s))
+
+
+def auc_ap_with_errors(scores: np.ndarray, corrupted: np.ndarray, n_bootstrap: int = 200,
+                       seed: int = 0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((AUC, its bootstrap standard error), (AP, its standard error)); 0 resamples give NaN errors."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    auc, ap = auc_ap(scores, corrupted)
+    if n_bootstrap < 1:
+        return (auc, float("nan")), (ap, float("nan"))
+    labels, s = _labels(len(scores), corrupted), _finite(scores)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    rng = np.random.default_rng(seed)
+    aucs, aps = np.empty(n_bootstrap), np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        aucs[b] = roc_auc_score(labels[idx], s[idx])
+        aps[b] = average_precision_score(labels[idx], s[idx])
+    return (auc, float(aucs.std(ddof=1))), (ap, float(aps.std(ddof=1)))
+
+
+def detection_curve(scores: np.ndarray, corrupted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fraction of training data inspected, fraction of corrupted labels found), highest scores first."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hit = _labels(len(scores), corrupted).astype(bool)
+    found = np.cumsum(hit[order]) / max(hit.sum(), 1)
+    return np.arange(1, len(scores) + 1) / len(scores), found
+
+
+def linear_datamodeling_score(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray]:
+    """LDS: mean over test examples j of Spearman_m(losses[m, j], −Σ_i masks[m, i] scores[i, j]).
+
+    scores (N, n_test), masks (M, N) bool, losses (M, n_test). Test examples whose actual or
+    predicted losses are constant over the M subsets are left out of the mean (NaN per test).
+    Returns (LDS, per-test correlations (n_test,)).
+    """
+    from scipy.stats import rankdata
+
+    pred = -(masks.astype(np.float64) @ np.asarray(scores, dtype=np.float64))
+    ra, rp = rankdata(losses, axis=0), rankdata(pred, axis=0)
+    ra, rp = ra - ra.mean(0), rp - rp.mean(0)
+    denom = np.sqrt((ra**2).sum(0) * (rp**2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(denom > 0, (ra * rp).sum(0) / denom, np.nan)
+    return float(np.nanmean(rho)) if np.isfinite(rho).any() else float("nan"), rho
+
+
+def lds_standard_error(per_test: np.ndarray) -> float:
+    """Standard error over test examples of the LDS (std / sqrt(n) of the finite per-test values)."""
+    rho = np.asarray(per_test, dtype=np.float64)
+    rho = rho[np.isfinite(rho)]
+    return float(rho.std(ddof=1) / np.sqrt(len(rho))) if len(rho) > 1 else float("nan")
+
+
+__all__ = ["auc_ap", "auc_ap_with_errors", "detection_curve", "lds_standard_error", "linear_datamodeling_score"]
