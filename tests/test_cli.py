@@ -59,6 +59,15 @@ def test_main_prints_clear_error_without_traceback(tmp_path):
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_unusable_device_is_one_message_before_anything_is_written(tmp_path):
+    out = tmp_path / "never"
+    proc = subprocess.run([sys.executable, "-m", "modelsense", "train", "--device", "cuda:999", "--epochs", "1",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "cuda:999" in proc.stderr and "--device cpu" in proc.stderr.replace("\n", " ")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 4
+    assert not out.exists()
+
+
 def test_bad_option_value_is_reported(tmp_path):
     res = runner.invoke(app, ["train", "--optimizer", "rmsprop", "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "unknown optimizer" in str(res.exception)

@@ -618,6 +618,8 @@ def test_stitch_training_changes_only_the_layer_and_keeps_frozen_nets_in_eval_mo
     assert stitching_penalty(0.9, 0.8, 0.6) == pytest.approx(0.25)
     with pytest.raises(ConfigError, match="unknown stitching kind"):
         StitchConfig(kind="wreath")
+    with pytest.raises(ConfigError, match="cuda:999"):
+        StitchConfig(device="cuda:999")
 
 
 def test_birkhoff_training_keeps_w_doubly_stochastic_under_both_projections():

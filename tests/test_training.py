@@ -50,6 +50,21 @@ def test_train_config_rejects_bad_values(bad, msg):
         TrainConfig(**bad)
 
 
+@pytest.mark.parametrize("device,msg", [("cuda:999", "cuda:999"), ("gpu", "not a torch device")])
+def test_train_config_rejects_a_device_torch_cannot_use(device, msg):
+    # cuda:999 fails on every machine: a CPU-only torch has no CUDA, a GPU machine has fewer GPUs
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(device=device)
+    assert TrainConfig(device="cpu").device == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA cannot be used")
+def test_cuda_on_a_machine_without_it_says_why():
+    with pytest.raises(ConfigError, match="CUDA is not available in this torch build|sees no GPU") as info:
+        TrainConfig(device="cuda")
+    assert "--device cpu" in str(info.value)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "ivon"])
 def test_fit_learns_and_records_history(optimizer):
     data = small_data()

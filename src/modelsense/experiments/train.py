@@ -100,7 +100,7 @@ def checkpoint_recipe(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, An
     if not (isinstance(train, dict) and config.get("model") == json.loads(json.dumps(info["model"]))
             and train.get("seed") == info.get("seed")):
         return Recipe(None, model_cfg, None), module, info
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)} - set(FREE_OF_RECIPE["train"])  # a GPU run's recipe loads on a CPU
     train_cfg = TrainConfig(**{k: _tuple(v) for k, v in train.items() if k in known})
     data = config.get("data")
     known = {f.name for f in fields(DataConfig)}

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from modelsense.core.device import check_device
 from modelsense.core.functional import chunks
 from modelsense.errors import ConfigError, DataError
 from modelsense.representations.features import extract_features
@@ -437,6 +438,7 @@ class StitchConfig:
             raise ConfigError(f"unknown stitching init {self.init!r}; expected one of {INITS}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; expected 'sgd' or 'adam'")
+        self.device = check_device(self.device)
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(
                 f"need epochs >= 0, batch_size >= 1, lr > 0; "

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from modelsense.core.device import check_device
 from modelsense.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "ivon")
@@ -66,6 +67,7 @@ class TrainConfig:
             raise ConfigError(f"delta (prior precision) must be >= 0, got {self.delta}")
         if self.optimizer == "ivon" and self.hess_init <= 0:
             raise ConfigError(f"hess_init must be > 0 for IVON, got {self.hess_init}")
+        self.device = check_device(self.device)
         self.checkpoint_epochs = tuple(sorted(int(e) for e in self.checkpoint_epochs))
         self.checkpoint_iterations = tuple(sorted(int(i) for i in self.checkpoint_iterations))
         bad = [e for e in self.checkpoint_epochs if not 0 <= e <= self.epochs]
