@@ -111,6 +111,22 @@ def test_run_dir_atomic_and_resume_checks(tmp_path):
     assert (tmp_path / "r" / "arr.npy").stat().st_mode & 0o777 == (tmp_path / "r" / "metrics.json").stat().st_mode & 0o777
 
 
+@pytest.mark.parametrize("args", [["--help"], ["mpe", "validation", "--help"], ["stitch", "--help"]])
+def test_help_does_not_import_the_heavy_libraries(args):
+    # start-up time: only what option declarations need is imported; experiments import scipy,
+    # matplotlib, scikit-learn, ray inside the command bodies (bench/cli_startup.py times it)
+    code = ("import sys, runpy\n"
+            f"sys.argv = ['modelsense', *{args!r}]\n"
+            "try:\n    runpy.run_module('modelsense', run_name='__main__')\n"
+            "except SystemExit as exc:\n    assert exc.code in (0, None), exc.code\n"
+            "heavy = ('matplotlib', 'scipy', 'sklearn', 'ray')\n"
+            "print('loaded:' + ','.join(m for m in heavy if m in sys.modules), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "loaded:"
+
+
 def test_unknown_command_is_a_usage_error_not_a_traceback():
     proc = subprocess.run([sys.executable, "-m", "modelsense", "nosuchcommand"], capture_output=True, text=True)
     assert proc.returncode == 2 and "No such command" in proc.stderr and "Traceback" not in proc.stderr

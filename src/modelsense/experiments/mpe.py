@@ -38,14 +38,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments import plots  # noqa: F401  (sets the Agg backend)
 from modelsense.experiments.report import Section
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.mpe import (LAPLACE_STRUCTURES, VARIANTS, MPEResult, MPESettings, build_posterior, group_logit_shift,
@@ -304,6 +302,8 @@ def _correlations(est: np.ndarray, true: np.ndarray) -> dict[str, float]:
     est, true = np.asarray(est, dtype=float), np.asarray(true, dtype=float)
     if len(est) < 2 or np.std(est) == 0 or np.std(true) == 0:
         return {"pearson": float("nan"), "spearman": float("nan")}
+    from scipy import stats
+
     return {"pearson": float(stats.pearsonr(est, true)[0]), "spearman": float(stats.spearmanr(est, true)[0])}
 
 
@@ -517,6 +517,8 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
     metrics: `iterations`, `spearman_to_last` (Spearman between each checkpoint's sensitivities and
     the last one's), `top_decile_overlap_to_last`.
     """
+    from scipy import stats
+
     its = _evolving_iterations(cfg, data)
     start = time.perf_counter()
     module, result, recorder = _train(cfg, data, progress, iterations=its)
@@ -650,7 +652,7 @@ def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
 
 # --- figures ------------------------------------------------------------------------------------
 def plot_loo_iterations(epochs, test_nll, checkpoints, estimated, title: str = ""):
-    import matplotlib.pyplot as plt
+    from modelsense.experiments.plots import plt  # the Agg backend
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(epochs, test_nll, color="0.6", label="test NLL")
@@ -672,7 +674,7 @@ def _moving_average(values, window: int) -> np.ndarray:
 
 
 def plot_loo_l2reg(deltas, estimated, test_nll, title: str = "", window: int = 1):
-    import matplotlib.pyplot as plt
+    from modelsense.experiments.plots import plt  # the Agg backend
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     d = np.asarray(deltas)[: len(_moving_average(test_nll, window))]
@@ -690,7 +692,7 @@ def plot_loo_l2reg(deltas, estimated, test_nll, title: str = "", window: int = 1
 
 
 def plot_validation(true, estimated, title: str = ""):
-    import matplotlib.pyplot as plt
+    from modelsense.experiments.plots import plt  # the Agg backend
 
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.scatter(true, estimated, s=10, alpha=0.7, color="tab:blue", edgecolors="none")
@@ -707,7 +709,7 @@ def plot_validation(true, estimated, title: str = ""):
 
 
 def plot_most_sensitive(data: Dataset, mpe: MPEResult, n_show: int = 16):
-    import matplotlib.pyplot as plt
+    from modelsense.experiments.plots import plt  # the Agg backend
 
     n_show = max(1, min(n_show, data.n_train))
     top = torch.argsort(mpe.sensitivity, descending=True)[:n_show]
@@ -731,7 +733,7 @@ def plot_most_sensitive(data: Dataset, mpe: MPEResult, n_show: int = 16):
 
 
 def plot_evolving(binned: np.ndarray, iterations, title: str = ""):
-    import matplotlib.pyplot as plt
+    from modelsense.experiments.plots import plt  # the Agg backend
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     x = np.arange(binned.shape[1])
@@ -748,7 +750,7 @@ def plot_evolving(binned: np.ndarray, iterations, title: str = ""):
 
 
 def plot_loco(true_nll, estimated, acc_drop, classes, title: str = ""):
-    import matplotlib.pyplot as plt
+    from modelsense.experiments.plots import plt  # the Agg backend
 
     fig, ax = plt.subplots(figsize=(4.8, 4.0))
     sizes = 10 + 1800 * np.clip(np.asarray(acc_drop), 0, None)
