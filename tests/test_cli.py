@@ -167,3 +167,43 @@ def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
         res = runner.invoke(app, ["mpe", "validation", flag, value, "--out", str(tmp_path / "never")])
         assert isinstance(res.exception, ConfigError) and says in str(res.exception)
         assert flag in str(res.exception) and not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("flag,value,says", [("--memory-gb", "-1", "--memory-gb must be > 0 (a budget in GiB), received -1"),
+                                             ("--memory-gb", "nan", "--memory-gb must be > 0"),
+                                             ("--bs-jacs", "0", "--bs-jacs must be >= 1, received 0"),
+                                             ("--proj-dim", "0", "--proj-dim must be >= 1, received 0")])
+def test_method_settings_are_reported_by_their_option_names(tmp_path, flag, value, says):
+    from modelsense.errors import ConfigError
+
+    res = runner.invoke(app, ["noisy-labels", flag, value, "--out", str(tmp_path / "never")])
+    assert isinstance(res.exception, ConfigError) and says in str(res.exception)
+    assert "memory_budget" not in str(res.exception) and not (tmp_path / "never").exists()
+
+
+def test_error_message_is_printed_verbatim_not_as_rich_markup(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "modelsense", "spectrum", "--s", "nan", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "received [nan]" in proc.stderr
+
+
+def test_checkpoint_that_is_not_ours_is_explained(tmp_path):
+    import torch
+    from torch import nn
+
+    from modelsense.errors import ConfigError
+
+    module = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    cases = {"module.pt": (module, "holds a whole Sequential (saved with torch.save(model))"),
+             "state_dict.pt": (module.state_dict(), "plain state_dict"),
+             "list.pt": ([1, 2], "it holds a list"),
+             "partial.pt": ({"model": {"name": "mlp"}}, "a dict without state_dict, input_shape, num_classes")}
+    for name, (obj, says) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ConfigError) as info:
+            load_model(tmp_path / name)
+        assert says in str(info.value) and "`modelsense train`" in str(info.value)
+        assert "interpreted as an integer" not in str(info.value) and "('model')" not in str(info.value)
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(ConfigError, match="not a file written by torch.save"):
+        load_model(tmp_path / "text.pt")

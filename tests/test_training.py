@@ -44,7 +44,10 @@ def test_epoch_batches_reshuffle_and_fixed():
 @pytest.mark.parametrize("bad,msg", [({"optimizer": "rmsprop"}, "unknown optimizer"), ({"lr": 0}, "lr must be"),
                                      ({"lrmin": 1.0, "lr": 0.1}, "lrmin"), ({"epochs": 0}, "epochs"),
                                      ({"bs": 0}, "batch size"), ({"delta": -1}, "delta"),
-                                     ({"checkpoint_epochs": (5,), "epochs": 3}, "checkpoint epochs")])
+                                     ({"checkpoint_epochs": (5,), "epochs": 3}, "checkpoint epochs"),
+                                     ({"lr": float("inf")}, "lr must be"), ({"lrmin": float("nan")}, "lrmin"),
+                                     ({"delta": float("nan")}, "delta"), ({"delta": float("inf")}, "delta"),
+                                     ({"optimizer": "ivon", "hess_init": float("nan")}, "hess_init")])
 def test_train_config_rejects_bad_values(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**bad)

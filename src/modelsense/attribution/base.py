@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
 from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
-from modelsense.errors import ConfigError, DataError
+from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
 
 LOSSES = ("cross_entropy", "sigmoid_bce")
@@ -463,4 +463,4 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
 def check_positive(what: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(float(value)):
-        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} (finite), received {value!r}")
+        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} (finite), received {shown(value)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -110,10 +111,17 @@ def method_settings(num_ens: int | None, ft_lr: float | None, ft_step: int | Non
                     matrix: str | None, arnoldi_rank: int | None, ensemble_models: int | None,
                     el2n_repeat: int | None, loss: str, bs_jacs: int | None, memory_gb: float) -> dict[str, Any]:
     """The attribution settings dict (names of `modelsense.attribution`; None = the method's default)."""
+    if not (math.isfinite(memory_gb) and memory_gb > 0):
+        raise ConfigError(f"--memory-gb must be > 0 (a budget in GiB), received {memory_gb:g}")
+    for option, value in (("--num-ens", num_ens), ("--ft-step", ft_step), ("--proj-dim", proj_dim),
+                          ("--arnoldi-rank", arnoldi_rank), ("--ensemble-models", ensemble_models),
+                          ("--el2n-repeat", el2n_repeat), ("--bs-jacs", bs_jacs)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be >= 1, received {value}")
     return {"num_ens": num_ens, "ft_lr": ft_lr, "ft_step": ft_step, "ft_lr_sched": ft_lr_sched, "gex_eps": gex_eps,
             "proj_dim": proj_dim, "damping": damping, "damping_mode": damping_mode, "matrix": matrix, "rank": arnoldi_rank,
             "n_models": ensemble_models, "el2n_repeat": el2n_repeat, "loss": loss, "chunk_size": bs_jacs,
-            "memory_budget": int(memory_gb * 2**30)}
+            "memory_budget": max(1, int(memory_gb * 2**30))}
 
 
 # -- option groups -----------------------------------------------------------------------------

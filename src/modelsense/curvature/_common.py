@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params, chunks
-from modelsense.errors import ConfigError, DataError
+from modelsense.errors import ConfigError, DataError, shown
 
 REDUCTIONS = ("sum", "mean")
 
@@ -144,7 +144,7 @@ def check_damping(damping: float | Tensor, strictly_positive: bool, what: str) -
     if bool(bad) or not bool(torch.isfinite(d).all()):
         need = "> 0" if strictly_positive else ">= 0"
         raise ConfigError(
-            f"{what} needs damping {need} (finite), received {damping!r}; pass a positive damping "
+            f"{what} needs damping {need} (finite), received {shown(damping)}; pass a positive damping "
             "such as the prior precision"
         )
 

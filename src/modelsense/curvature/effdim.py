@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modelsense.errors import ConfigError
+from modelsense.errors import ConfigError, shown
 
 NEGATIVE = ("clip", "abs")
 
@@ -46,7 +46,7 @@ def effective_dimension(
     """N_eff = Σ_i λ_i/(λ_i + s) over the given eigenvalues (shape (k,)); see the module docstring."""
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64).reshape(-1)
     if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
-        raise ConfigError(f"effective dimension needs a finite s > 0, received s={s!r}")
+        raise ConfigError(f"effective dimension needs a finite s > 0, received s={shown(s)}")
     if negative not in NEGATIVE:
         raise ConfigError(f"unknown negative={negative!r}; expected one of {NEGATIVE}")
     if converged is not None:

@@ -27,7 +27,7 @@ from torch import Tensor
 from modelsense.core.functional import FunctionalModel, Params, per_example_nll
 from modelsense.curvature._common import check_data, data_chunks
 from modelsense.curvature.operators import Curvature, CurvatureConfig, DiagonalCurvature, build_curvature
-from modelsense.errors import ConfigError
+from modelsense.errors import ConfigError, shown
 
 
 class GaussianPosterior:
@@ -74,7 +74,7 @@ class GaussianPosterior:
             value = float(value)
             ok = math.isfinite(value) and value > 0
         if not ok:
-            raise ConfigError(f"prior precision must be > 0, received {value!r}")
+            raise ConfigError(f"prior precision must be > 0, received {shown(value)}")
         self._prior_precision = value
 
     @property
@@ -140,7 +140,7 @@ class LaplacePosterior(GaussianPosterior):
         """Laplace evidence at δ (default: the current prior precision), θ* held fixed."""
         delta = float(self.prior_precision if prior_precision is None else prior_precision)
         if not delta > 0:
-            raise ConfigError(f"prior precision must be > 0, received {delta}")
+            raise ConfigError(f"prior precision must be > 0, received {shown(delta)}")
         theta_sq, lam = self._terms()
         P = self.n_params
         return self.log_likelihood - 0.5 * delta * theta_sq + 0.5 * P * math.log(delta) - 0.5 * float(torch.log(lam + delta).sum())

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelsense.errors import shown
 from modelsense.runs import atomic_write_bytes
 
 
@@ -23,12 +24,21 @@ class Section:
     run_dir: str = ""
 
 
-def _fmt(v: Any) -> str:
+def _plain(v: Any) -> str:
+    """A metric as text: floats (numpy's too) to 4 significant digits, containers element by element."""
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # a numpy / torch scalar
+        v = v.item()
     if isinstance(v, float):
         return f"{v:.4g}"
-    if isinstance(v, (list, tuple)) and len(v) > 12:
-        return html.escape(f"[{len(v)} values]")
-    return html.escape(str(v))
+    if isinstance(v, (list, tuple)):
+        return f"[{len(v)} values]" if len(v) > 12 else "[" + ", ".join(_plain(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_plain(x)}" for k, x in v.items())
+    return shown(v) if hasattr(v, "shape") else str(v)
+
+
+def _fmt(v: Any) -> str:
+    return html.escape(_plain(v))
 
 
 def render(title: str, sections: list[Section]) -> str:

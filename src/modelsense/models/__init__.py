@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelsense.errors import ConfigError
+from modelsense.errors import ConfigError, shown
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
 from modelsense.models.deepobs import DeepOBS3c3d
@@ -106,7 +106,7 @@ class _ModelSpec:
 
 def _positive_int(value: Any, what: str, model: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(f"{model}: {what} must be an int >= {minimum}, got {value!r}")
+        raise ConfigError(f"{model}: {what} must be an int >= {minimum}, got {shown(value)}")
     return int(value)
 
 

@@ -55,18 +55,19 @@ class TrainConfig:
         self.optimizer = self.optimizer.lower()
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not (self.lr > 0):
+        # written so that NaN fails every check (comparisons with NaN are False)
+        if not (0 < self.lr < math.inf):
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.lrmin < 0 or self.lrmin > self.lr:
+        if not (0 <= self.lrmin <= self.lr):
             raise ConfigError(f"lrmin must lie in [0, lr={self.lr}], got {self.lrmin}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.bs < 1:
             raise ConfigError(f"bs (batch size) must be >= 1, got {self.bs}")
-        if self.delta < 0:
-            raise ConfigError(f"delta (prior precision) must be >= 0, got {self.delta}")
-        if self.optimizer == "ivon" and self.hess_init <= 0:
-            raise ConfigError(f"hess_init must be > 0 for IVON, got {self.hess_init}")
+        if not (0 <= self.delta < math.inf):
+            raise ConfigError(f"delta (prior precision) must be finite and >= 0, got {self.delta}")
+        if self.optimizer == "ivon" and not (0 < self.hess_init < math.inf):
+            raise ConfigError(f"hess_init must be finite and > 0 for IVON, got {self.hess_init}")
         self.device = check_device(self.device)
         self.checkpoint_epochs = tuple(sorted(int(e) for e in self.checkpoint_epochs))
         self.checkpoint_iterations = tuple(sorted(int(i) for i in self.checkpoint_iterations))
