@@ -222,10 +222,27 @@ def test_rbf_cka_is_one_for_rigid_motions_and_matches_gram_reference():
     assert unbiased_cka(x, 5 * x @ q, kernel="rbf") == pytest.approx(1.0, abs=1e-10)
     y = torch.tanh(x @ rand(4, 3, seed=9))
     d2x, d2y = torch.cdist(x, x) ** 2, torch.cdist(y, y) ** 2
-    off = ~torch.eye(30, dtype=torch.bool)
-    k = torch.exp(-d2x / (2 * d2x[off].median()))
-    l = torch.exp(-d2y / (2 * d2y[off].median()))
+    iu = np.triu_indices(30, 1)
+    k = torch.exp(-d2x / (2 * float(np.median(d2x.numpy()[iu]))))
+    l = torch.exp(-d2y / (2 * float(np.median(d2y.numpy()[iu]))))
     assert rbf_cka(x, y) == pytest.approx(cka_from_grams(k, l), abs=1e-8)
+
+
+def test_rbf_bandwidth_is_the_median_of_the_pairwise_distances():
+    from modelsense.representations.metrics import gram_rbf
+
+    # 4 points on a line: squared distances of the 6 pairs 1, 4, 9, 1, 4, 1 -> median (1 + 4) / 2 = 2.5
+    # (torch.median would give the lower middle value 1; with the 4 zero diagonal entries np.median gives 1)
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]], dtype=torch.float64)
+    d2 = (x - x.T) ** 2
+    med = float(np.median(d2.numpy()[np.triu_indices(4, 1)]))
+    assert med == 2.5
+    for bandwidth in (1.0, 0.5):
+        expected = torch.exp(-d2 / (2 * bandwidth**2 * med))
+        torch.testing.assert_close(gram_rbf(x, bandwidth), expected, rtol=1e-12, atol=0)
+    # odd number of pairs (n = 3: distances 1, 4, 1 -> median 1)
+    x3 = x[:3]
+    torch.testing.assert_close(gram_rbf(x3), torch.exp(-((x3 - x3.T) ** 2) / 2.0), rtol=1e-12, atol=0)
 
 
 def test_metrics_accept_numpy_and_torch_and_return_floats():

@@ -173,8 +173,12 @@ def gram_linear(x: ArrayLike) -> Tensor:
 def gram_rbf(x: ArrayLike, bandwidth: float = 1.0) -> Tensor:
     """RBF kernel K_ab = exp(-||x_a - x_b||^2 / (2 sigma^2)), shape (n, n).
 
-    sigma = bandwidth * sqrt(median of the squared distances between distinct examples)
-    (the median heuristic of Kornblith et al. 2019, whose `threshold` is `bandwidth`).
+    sigma = bandwidth * sqrt(median of the squared distances ||x_a - x_b||^2 over the pairs a < b)
+    (the median heuristic of Kornblith et al. 2019, whose `threshold` is `bandwidth`). The median is
+    the usual one (the mean of the two middle values when the number of pairs n(n-1)/2 is even) and
+    the diagonal is not included: the n zero distances of an example to itself do not pull it down.
+    (Kornblith et al.'s notebook takes `np.median` over the whole n x n matrix, diagonal included, so
+    its sigma is slightly smaller for small n.)
     """
     if not bandwidth > 0:
         raise ConfigError(f"rbf bandwidth must be > 0, got {bandwidth}")
@@ -183,8 +187,12 @@ def gram_rbf(x: ArrayLike, bandwidth: float = 1.0) -> Tensor:
     d2 = (sq[:, None] + sq[None, :] - 2.0 * (xf @ xf.T)).clamp_min_(0.0)
     d2.fill_diagonal_(0.0)
     n = d2.shape[0]
-    off = d2[~torch.eye(n, dtype=torch.bool, device=d2.device)]
-    med = off.median()
+    pairs = d2[torch.ones(n, n, dtype=torch.bool, device=d2.device).triu_(1)]
+    m = pairs.numel()
+    if m == 0:
+        return torch.ones_like(d2)
+    # kthvalue, not torch.median (the lower middle value) nor torch.quantile (limited to 2^24 entries)
+    med = (pairs.kthvalue((m + 1) // 2).values + pairs.kthvalue(m // 2 + 1).values) / 2
     if med <= 0:
         return torch.ones_like(d2)
     return torch.exp(-d2 / (2.0 * bandwidth**2 * med))
