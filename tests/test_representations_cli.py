@@ -236,3 +236,14 @@ def test_demo_section(tmp_path):
     # a second run reuses the zoo
     again = representations_section(tmp_path, progress=False)
     assert again.metrics == section.metrics
+
+
+def test_stitching_figure_legend_names_both_clean_accuracy_lines():
+    from modelsense.experiments.representations import stitching_penalty_figure
+
+    fig = stitching_penalty_figure(["act1", "act2"], {"linear": [0.1, 0.2]}, {"linear": [0.8, 0.7]}, [0.9, 0.85])
+    ax_a = fig.axes[1]
+    entries = {t.get_text(): h.get_linestyle() for t, h in zip(ax_a.get_legend().get_texts(), ax_a.get_legend().legend_handles)}
+    assert entries["clean A"] == "--" and entries["clean B"] == ":"
+    drawn = {line.get_linestyle() for line in ax_a.get_lines() if line.get_label().startswith("clean")}
+    assert drawn == {"--", ":"}

@@ -771,9 +771,8 @@ def stitching_penalty_figure(layers: Sequence[str], penalty: dict[str, Sequence[
         ax_p.plot(x, values, marker="o", label=kind)
         ax_a.plot(x, stitched_accuracy[kind], marker="o", label=kind)
     ax_p.axhline(0.0, color="gray", lw=0.8)
-    for acc, style in zip(clean_accuracy, ("--", ":")):
-        ax_a.axhline(acc, color="gray", ls=style, lw=0.9)
-    ax_a.plot([], [], color="gray", ls="--", label="clean A / B")
+    for acc, style, name in zip(clean_accuracy, ("--", ":"), ("A", "B")):
+        ax_a.axhline(acc, color="gray", ls=style, lw=0.9, label=f"clean {name}")
     for ax, ylabel in ((ax_p, "stitching penalty"), (ax_a, "stitched test accuracy")):
         ax.set_xticks(x, list(layers), rotation=30 if len(layers) > 4 else 0)
         ax.set_xlabel("stitched after layer")
