@@ -323,6 +323,18 @@ def test_relu_metrics_are_invariant_to_permutation_times_positive_diagonal(shape
     assert procrustes_distance(h, rot) == pytest.approx(0.0, abs=1e-7)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_relu_cka_is_low_for_a_rotated_copy_that_linear_cka_calls_identical(seed):
+    # the claim of METRIC_NOTES["relu-cka"] (printed by `compare`, in the demo report)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64))
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    perm, scale = torch.randperm(64, generator=g), torch.rand(64, generator=g, dtype=torch.float64) + 0.5
+    assert linear_cka(x, x @ q) == pytest.approx(1.0, abs=1e-10)
+    assert 0.25 < relu_cka(x, x @ q) < 0.45
+    assert relu_cka(x, x[:, perm] * scale) == pytest.approx(1.0, abs=1e-10)
+
+
 def test_relu_procrustes_matches_brute_force_over_permutations():
     x, y = torch.relu(rand(15, 4, seed=11)), torch.relu(rand(15, 4, seed=12))
     xn, yn = x / x.norm(dim=0), y / y.norm(dim=0)

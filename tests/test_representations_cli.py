@@ -119,6 +119,13 @@ def test_compare_model_with_itself_has_unit_diagonal(zoo_dir, tmp_path, metric):
         assert m["diagonal_distance"] == pytest.approx([0.0, 0.0], abs=1e-6)
 
 
+def test_compare_explains_relu_cka_next_to_linear_cka(zoo_dir, tmp_path):
+    res = invoke("compare", *TINY, "--metric", "relu-cka", "--zoo", zoo_dir, "--out", tmp_path / "relu")
+    assert res.exit_code == 0 and "invariant only to permuting and positively rescaling channels" in " ".join(res.output.split())
+    res = invoke("compare", *TINY, "--metric", "cka", "--zoo", zoo_dir, "--out", tmp_path / "cka")
+    assert res.exit_code == 0 and "invariant only" not in res.output
+
+
 def _permuted_rescaled_copy(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """The same function: hidden units of fc1 permuted by P and scaled by D > 0 (a G_ReLU symmetry)."""
     g = torch.Generator().manual_seed(seed)
@@ -231,6 +238,7 @@ def test_demo_section(tmp_path):
 
     section = representations_section(tmp_path, progress=False)
     assert all(p.exists() for p in section.figures) and len(section.figures) == 2
+    assert {"relu-cka act1", "relu-cka act2"} <= set(section.metrics) and "relu-cka is CKA of the kernel" in section.text
     assert section.metrics["cka act1"] > 0.5 and set(k for k in section.metrics if k.startswith("penalty")) == {
         "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}
     # a second run reuses the zoo

@@ -55,7 +55,7 @@ def compare(
     out: o.Out = Path("runs/compare"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Layer x layer similarity of two models' representations on the test set, with a heatmap."""
-    from modelsense.experiments.representations import run_compare
+    from modelsense.experiments.representations import METRIC_NOTES, run_compare
 
     set_quiet(quiet)
     metrics = run_compare(data_cfg, model_cfg, train_cfg, out, model_a=model_a, model_b=model_b, seed_a=seed_a,
@@ -63,6 +63,8 @@ def compare(
                           progress=not quiet, overwrite=overwrite)
     diag = " ".join(f"{layer}={v:.4f}" for layer, v in zip(metrics["layers"], metrics["diagonal"]))
     console.print(f"{metrics['metric']} (similarity) diagonal: {diag}  -> {out}")
+    if metrics["metric"] in METRIC_NOTES:
+        console.print(METRIC_NOTES[metrics["metric"]], style="dim")
 
 
 @app.command()

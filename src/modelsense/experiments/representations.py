@@ -70,6 +70,17 @@ ZOO_INDEX = "zoo.json"
 ZOO_METHODS = ("auto", "ensemble", "fit")
 #: Metrics of `modelsense compare` (all similarities; see the module docstring).
 COMPARE_METRICS = SIMILARITIES
+#: What a reader needs to know to read a metric's values next to linear CKA's (printed by `compare`, in the demo).
+METRIC_NOTES = {
+    "relu-cka": "relu-cka is CKA of the kernel K_ab = max over channels k of (centred, unit-norm) channel k of example "
+                "a times that of example b: it is invariant only to permuting and positively rescaling channels (the "
+                "ReLU symmetry group), not to rotating them as linear CKA is, so two networks whose representations "
+                "agree up to a rotation (linear CKA near 1) but whose single neurons do not match one to one score "
+                "much lower (on random ReLU features of 64 channels a randomly rotated copy scores about 0.33 while its "
+                "linear CKA is 1; a permuted and positively rescaled copy scores exactly 1).",
+    "relu-procrustes": "relu-procrustes aligns the two layers' unit-norm channels by the best permutation only "
+                       "(no rotation), so it is below procrustes (best rotation) unless single neurons match one to one.",
+}
 #: Training settings that do not change the trained parameters (ignored when reusing a zoo).
 _NOT_IN_ZOO_KEY = ("seed", "device", "checkpoint_epochs", "checkpoint_iterations", "eval_every", "extra")
 
@@ -799,19 +810,25 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     cmp = (resume and finished_metrics(root / "compare")) or run_compare(
         data_cfg, model_cfg, train_cfg, root / "compare", seed_a=0, seed_b=1, metric="cka", zoo=root, progress=progress,
         overwrite=True)
+    relu = (resume and finished_metrics(root / "compare_relu_cka")) or run_compare(
+        data_cfg, model_cfg, train_cfg, root / "compare_relu_cka", seed_a=0, seed_b=1, metric="relu-cka", zoo=root,
+        progress=progress, overwrite=True)
     st = (resume and finished_metrics(root / "stitch")) or run_stitch(
         data_cfg, model_cfg, train_cfg, root / "stitch", kinds="linear,permutation", seed_a=0, seed_b=1,
         stitch_cfg=StitchConfig(lr=1e-2), zoo=root, progress=progress, overwrite=True)
     metrics: dict[str, Any] = {"clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]]}
     for i, layer in enumerate(cmp["layers"]):
         metrics[f"cka {layer}"] = cmp["diagonal"][i]
+    for i, layer in enumerate(relu["layers"]):
+        metrics[f"relu-cka {layer}"] = relu["diagonal"][i]
     for k in st["kinds"]:
         for layer, p in zip(st["layers"], st["penalty"][k]):
             metrics[f"penalty {k} {layer}"] = p
     return Section(
         "Representations: CKA and stitching of two MLPs trained from different seeds",
         "Linear CKA between every pair of ReLU layers of two digits MLPs (64-128-128-10) that differ only in "
-        "their seed, on the test set (1 = identical up to rotation and scale). Stitching: model A up to a ReLU, "
+        "their seed, on the test set (1 = identical up to rotation and scale). " + METRIC_NOTES["relu-cka"] + " "
+        "Stitching: model A up to a ReLU, "
         "a trained 128x128 layer, then model B; penalty = mean clean accuracy - stitched accuracy. 'linear' is an "
         "unconstrained matrix, 'permutation' a permutation times a positive diagonal (the ReLU symmetry group "
         "G_ReLU, Godfrey et al. 2022), trained on the Birkhoff polytope and rounded by the Hungarian algorithm. "
@@ -824,6 +841,7 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
 
 __all__ = [
     "COMPARE_METRICS",
+    "METRIC_NOTES",
     "LoadedModel",
     "StitchSweep",
     "ZooResult",
