@@ -207,3 +207,51 @@ def test_checkpoint_that_is_not_ours_is_explained(tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(ConfigError, match="not a file written by torch.save"):
         load_model(tmp_path / "text.pt")
+
+
+def test_demo_with_some_sections_keeps_the_other_sections_of_the_folder(tmp_path, monkeypatch):
+    import shutil
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from modelsense.experiments import demo
+    from modelsense.experiments.report import Section
+
+    calls = []
+
+    def fake(name):
+        def section(out, progress, resume=False):
+            calls.append(name)
+            run = out / name
+            (run / "figures").mkdir(parents=True, exist_ok=True)
+            fig, _ = plt.subplots()
+            fig.savefig(run / "figures" / "f.png")
+            plt.close(fig)
+            return Section(f"Section {name}", f"text of {name}", {f"{name}_value": 0.5 + len(calls)},
+                           [run / "figures" / "f.png"], str(run))
+        return section
+
+    def metrics():
+        m = json.loads((out / "metrics.json").read_text())
+        m.pop("status", None)
+        return m
+
+    monkeypatch.setattr(demo, "SECTIONS", {n: (fake(n), n) for n in ("a", "b", "c")})
+    out = tmp_path / "demo"
+    demo.run_demo(out, progress=False, sections=["c", "a"])
+    demo.run_demo(out, progress=False, sections=["b"], resume=True)
+    html = (out / "report.html").read_text()
+    # all three, in SECTIONS order, b from the second run and a, c kept from the first
+    assert html.index("Section a") < html.index("Section b") < html.index("Section c") and html.count("<img") == 3
+    assert metrics() == {"Section a": {"a_value": 2.5}, "Section b": {"b_value": 3.5}, "Section c": {"c_value": 1.5}}
+    demo.run_demo(out, progress=False, sections=["a"], resume=True)  # a section run again replaces only itself
+    assert metrics()["Section a"] == {"a_value": 4.5} and metrics()["Section c"] == {"c_value": 1.5}
+    shutil.rmtree(out / "c")  # a section whose run folder is gone is not shown any more
+    demo.run_demo(out, progress=False, sections=["b"], resume=True)
+    html = (out / "report.html").read_text()
+    assert "Section c" not in html and "Section a" in html and calls == ["c", "a", "b", "a", "b"]
+    demo.run_demo(out, progress=False, sections=["b"], overwrite=True)  # --overwrite starts the folder afresh
+    assert list(metrics()) == ["Section b"]
