@@ -255,3 +255,22 @@ def test_demo_with_some_sections_keeps_the_other_sections_of_the_folder(tmp_path
     assert "Section c" not in html and "Section a" in html and calls == ["c", "a", "b", "a", "b"]
     demo.run_demo(out, progress=False, sections=["b"], overwrite=True)  # --overwrite starts the folder afresh
     assert list(metrics()) == ["Section b"]
+
+
+def test_help_texts_name_the_paper_they_refer_to():
+    import re
+
+    import typer
+
+    def walk(command, path=()):
+        yield path, command.help or ""
+        for param in command.params:
+            yield (*path, param.name), getattr(param, "help", None) or ""
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, (*path, name))
+
+    texts = list(walk(typer.main.get_command(app)))
+    assert len(texts) > 100  # every command and option was visited
+    vague = [(p, t) for p, t in texts if re.search(r"\bthe (paper|papers|original)\b", t)]
+    unnamed_figures = [(p, t) for p, t in texts if re.search(r"(?<!\d, )\bFig\. \d", t)]
+    assert not vague and not unnamed_figures, vague + unnamed_figures

@@ -33,7 +33,7 @@ K = Annotated[int, typer.Option("--k", help="number of top eigenvalues (Lanczos 
 Matrix = Annotated[str, typer.Option("--matrix", help="hessian, ggn (= Fisher for softmax) or ef (empirical Fisher)")]
 Reduction = Annotated[str, typer.Option("--reduction", help="the loss the matrix is of: sum (default) or mean over the training examples")]
 S = Annotated[str, typer.Option("--s", help="comma-separated N_eff regularisers s, on the scale of the matrix; the first is the headline (default 100 for --reduction sum, 100/N for mean)")]
-WeightsOnly = Annotated[bool, typer.Option("--weights-only", help="only parameters with >= 2 dims (weights; no biases / norm parameters), as the original")]
+WeightsOnly = Annotated[bool, typer.Option("--weights-only", help="only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020")]
 LanczosTol = Annotated[float, typer.Option("--lanczos-tol", help="relative residual below which a Ritz value counts as converged")]
 ChunkSize = Annotated[int, typer.Option("--chunk-size", help="examples per chunk of the matrix-vector products (memory bound)")]
 

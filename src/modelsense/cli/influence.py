@@ -60,7 +60,7 @@ def prune(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, settings: dict[str, Any],
     methods: Methods = "gex,loss,el2n",
     ks: Annotated[str, typer.Option("--ks", help="comma-separated numbers of examples to remove (default 10-40% of N)")] = "",
-    remove: Annotated[str, typer.Option("--remove", help="lowest (the GEX paper) or highest self-influence first")] = "lowest",
+    remove: Annotated[str, typer.Option("--remove", help="lowest (as Kim et al. 2023, GEX) or highest self-influence first")] = "lowest",
     n_random: Annotated[int, typer.Option("--n-random", help="random-removal repeats per k")] = 3,
     checkpoint: o.Checkpoint = None,
     out: o.Out = Path("runs/prune"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,

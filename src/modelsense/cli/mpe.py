@@ -1,4 +1,5 @@
-"""`modelsense mpe ...`: the five memory-perturbation experiments (flags of the original scripts).
+"""`modelsense mpe ...`: the five memory-perturbation experiments of Nickl et al. 2023
+(flags of their scripts).
 
     modelsense mpe validation --n-retrain 200 --var-version kfac --out runs/mpe_val
     modelsense mpe loo-iterations --optimizer ivon --optim-var
@@ -6,7 +7,7 @@
     modelsense mpe evolving
     modelsense mpe loco
 
-Defaults are the CPU settings on digits (`modelsense.experiments.mpe.DEFAULTS`); the original's
+Defaults are the CPU settings on digits (`modelsense.experiments.mpe.DEFAULTS`); the MPE code's
 `--optimizer iblr` is accepted as `ivon`; `--name-exp NAME` writes to runs/mpe/NAME unless `--out`.
 """
 
@@ -26,7 +27,7 @@ from modelsense.progress import set_quiet
 from modelsense.training.config import TrainConfig
 
 mpe_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                      help="Memory-perturbation equation: LOO estimates, sensitivities, the five experiments of the paper.")
+                      help="Memory-perturbation equation: LOO estimates, sensitivities, the five experiments of Nickl et al. 2023.")
 app.add_typer(mpe_app, name="mpe")
 
 
@@ -45,14 +46,14 @@ def _d(experiment: str, key: str):
 OptimVar = Annotated[bool, typer.Option("--optim-var/--no-optim-var", help="posterior from the optimizer state (IVON: 1/(N h + δ), Adam: 1/(N sqrt(v) + δ)) instead of Laplace")]
 VarVersion = Annotated[str, typer.Option("--var-version", help="Laplace GGN structure: kfac, diag, full (small models), ekfac")]
 BsJacs = Annotated[int, typer.Option("--bs-jacs", help="examples per chunk of predictive covariances (memory bound)")]
-Variant = Annotated[str, typer.Option("--mpe-variant", help="full (C x C, default), diag (the paper's code), loo (Sherman-Morrison; for exact posteriors)")]
+Variant = Annotated[str, typer.Option("--mpe-variant", help="full (C x C, default), diag (Nickl et al. 2023's code), loo (Sherman-Morrison; for exact posteriors)")]
 LooDamping = Annotated[float, typer.Option("--loo-damping", help="α of the loo variant: Δf = (I − α V Λ)^-1 V e (1 plain, 0 = full)")]
 NRetrain = Annotated[int, typer.Option("--n-retrain", help="examples to retrain without")]
 EpochsRetrain = Annotated[int, typer.Option("--epochs-retrain")]
 LrRetrain = Annotated[float, typer.Option("--lr-retrain")]
 LrMinRetrain = Annotated[float, typer.Option("--lrmin-retrain")]
 BsRetrain = Annotated[Optional[int], typer.Option("--bs-retrain", help="batch size of retraining (default: --bs)")]
-Reference = Annotated[str, typer.Option("--reference", help="true deviation against the control model retrained on all data (control) or against the trained model (trained, the original)")]
+Reference = Annotated[str, typer.Option("--reference", help="true deviation against the control model retrained on all data (control) or against the trained model (trained, as Nickl et al. 2023's code)")]
 NameExp = Annotated[Optional[str], typer.Option("--name-exp", help="run name: writes to runs/mpe/NAME unless --out is given")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="run directory to write")]
 
@@ -70,7 +71,7 @@ _GROUPS: dict[str, o.Group] = {
                     ("bs_retrain", BsRetrain)],
     }.items()
 }
-#: options of the shared groups the original scripts do not have
+#: options of the shared groups the MPE scripts do not have
 _OMIT = ("corruption_ratio", "drop_classes", "width", "depth", "norm", "checkpoint_epochs", "checkpoint_iterations")
 _GROUP_OPTIONS = {name for _, opts in (o.GROUPS["train_cfg"], *_GROUPS.values()) for name, _, _ in opts}
 
@@ -98,7 +99,7 @@ def validation(
     n_retrain: NRetrain = _d("validation", "n_retrain"), reference: Reference = "control",
     name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """Estimated vs true softmax deviation under removal of --n-retrain examples (Fig. 2); metrics pearson, spearman, n_retrain."""
+    """Estimated vs true softmax deviation under removal of --n-retrain examples (Nickl et al. 2023, Fig. 2); metrics pearson, spearman, n_retrain."""
     m = _run("validation", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **retrain,
              n_retrain=n_retrain, reference=reference)
     by = "  ".join(f"{v}: P {r['pearson']:.3f} S {r['spearman']:.3f}" for v, r in m["by_variant"].items())
@@ -110,10 +111,10 @@ def validation(
 @_options("loo-iterations")
 def loo_iterations(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, posterior: dict[str, Any],
-    checkpoint_epochs: Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs (default: the original's 1,2,5,10,20,30,... up to --epochs)")] = "",
+    checkpoint_epochs: Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs (default: the MPE code's 1,2,5,10,20,30,... up to --epochs)")] = "",
     name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """LOO-CV estimate at checkpoints during training vs test NLL per epoch (Fig. 1b/5); metrics estimated_nll, test_nll, final_abs_gap."""
+    """LOO-CV estimate at checkpoints during training vs test NLL per epoch (Nickl et al. 2023, Fig. 1b/5); metrics estimated_nll, test_nll, final_abs_gap."""
     extra = {"checkpoint_epochs": o.int_list(checkpoint_epochs, "--checkpoint-epochs")} if checkpoint_epochs else {}
     m = _run("loo-iterations", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **extra)
     console.print(f"{m['posterior']}: estimated LOO NLL {m['estimated_nll'][-1]:.4f} vs test NLL {m['test_nll'][-1]:.4f} "
@@ -129,7 +130,7 @@ def loo_l2reg(
     deltas_stop: Annotated[float, typer.Option("--deltas-stop")] = _d("loo-l2reg", "deltas_stop"),
     name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """LOO-CV estimate and test NLL over a grid of δ (Fig. 4); metrics best_delta_estimated, best_delta_test. (--delta is unused.)"""
+    """LOO-CV estimate and test NLL over a grid of δ (Nickl et al. 2023, Fig. 4); metrics best_delta_estimated, best_delta_test. (--delta is unused.)"""
     m = _run("loo-l2reg", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, n_exp=n_exp,
              deltas_start=deltas_start, deltas_stop=deltas_stop)
     console.print(f"best δ by LOO estimate {m['best_delta_estimated']:.4g}, by test NLL {m['best_delta_test']:.4g}  -> {m['out']}")
@@ -144,7 +145,7 @@ def evolving(
     n_bins: Annotated[int, typer.Option("--n-bins", help="bins of the ranking")] = 100,
     name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """Sensitivities at several iterations of IVON training, ranked by the last (Fig. 3b/11); metrics spearman_to_last."""
+    """Sensitivities at several iterations of IVON training, ranked by the last (Nickl et al. 2023, Fig. 3b/11); metrics spearman_to_last."""
     m = _run("evolving", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior,
              checkpoint_iterations=o.int_list(checkpoint_iterations, "--checkpoint-iterations"), mc_samples=mc_samples,
              n_bins=n_bins)
@@ -158,6 +159,6 @@ def loco(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, posterior: dict[str, Any], retrain: dict[str, Any],
     name_exp: NameExp = None, out: OutOpt = None, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """Leave one class out: estimated vs true test NLL after retraining without each class (Fig. 3a); metrics spearman."""
+    """Leave one class out: estimated vs true test NLL after retraining without each class (Nickl et al. 2023, Fig. 3a); metrics spearman."""
     m = _run("loco", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **retrain)
     console.print(f"Spearman over classes: {m['spearman']:.3f} (per-example estimate), {m['spearman_joint']:.3f} (joint)  -> {m['out']}")

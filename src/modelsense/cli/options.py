@@ -38,7 +38,7 @@ Delta = Annotated[float, typer.Option("--delta", help="prior precision δ: loss 
 HessInit = Annotated[float, typer.Option("--hess-init", help="IVON's initial Hessian estimate h0")]
 Seed = Annotated[int, typer.Option("--seed", help="init and batch-order seed")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
-FixedBatches = Annotated[bool, typer.Option("--fixed-batches", help="never reshuffle minibatches (as the original MPE code)")]
+FixedBatches = Annotated[bool, typer.Option("--fixed-batches", help="never reshuffle minibatches (as the code of Nickl et al. 2023)")]
 CheckpointEpochs = Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs at which to save parameters")]
 CheckpointIterations = Annotated[str, typer.Option("--checkpoint-iterations", help="comma-separated iterations (optimizer steps) at which to save parameters")]
 
@@ -49,7 +49,7 @@ NumEns = Annotated[Optional[int], typer.Option("--num-ens", help="ensemble membe
 FtLr = Annotated[Optional[float], typer.Option("--ft-lr", help="gex: peak learning rate of each fine-tuning run")]
 FtStep = Annotated[Optional[int], typer.Option("--ft-step", help="gex: SGD steps per fine-tuning run")]
 FtLrSched = Annotated[Optional[str], typer.Option("--ft-lr-sched", help="gex: cosine (restarted, to 0) or constant (with clipping)")]
-GexEps = Annotated[Optional[float], typer.Option("--gex-eps", help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (original 0.05)")]
+GexEps = Annotated[Optional[float], typer.Option("--gex-eps", help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (the GEX code of Kim et al. 2023: 0.05)")]
 ProjDim = Annotated[Optional[int], typer.Option("--proj-dim", help="projection dimension of randproj, tracin-rp, trak")]
 Damping = Annotated[Optional[float], typer.Option("--damping", help="if-*/trak/arnoldi damping (if-*/trak: relative to the mean eigenvalue)")]
 DampingMode = Annotated[Optional[str], typer.Option("--damping-mode", help="relative (× mean eigenvalue) or absolute")]
@@ -57,7 +57,7 @@ CurvatureMatrix = Annotated[Optional[str], typer.Option("--matrix", help="curvat
 ArnoldiRank = Annotated[Optional[int], typer.Option("--arnoldi-rank", help="arnoldi: number of eigendirections")]
 EnsembleModels = Annotated[Optional[int], typer.Option("--ensemble-models", help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the trained model only)")]
 El2nRepeat = Annotated[Optional[int], typer.Option("--el2n-repeat", help="el2n: early-trained models")]
-LossType = Annotated[str, typer.Option("--loss", help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the GEX original's default; gradient/ensemble methods only)")]
+LossType = Annotated[str, typer.Option("--loss", help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of the GEX code of Kim et al. 2023; gradient/ensemble methods only)")]
 GradChunk = Annotated[Optional[int], typer.Option("--bs-jacs", help="examples per vmapped per-example gradient pass (default: as many as fit in memory-gb / 8)")]
 MemoryGb = Annotated[float, typer.Option("--memory-gb", help="memory budget in GiB: score matrices larger than this go to a memory-mapped file")]
 
@@ -98,8 +98,8 @@ def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, 
                  checkpoint_iterations: str = "") -> TrainConfig:
     optimizer = OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer.lower())
     if optimizer == "adamw":
-        raise ConfigError("--optimizer adamw is not offered: the original's AdamW added weight decay 0.01 on top of the "
-                          "L2 term (SEEDS 0.7); use --optimizer adam (L2 = δ/(2N)·||θ||² in the loss)")
+        raise ConfigError("--optimizer adamw is not offered: the MPE code's AdamW added weight decay 0.01 on top of the "
+                          "L2 term; use --optimizer adam (L2 = δ/(2N)·||θ||² in the loss)")
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,
                        checkpoint_epochs=int_list(checkpoint_epochs, "--checkpoint-epochs"),

@@ -1,4 +1,4 @@
-"""`modelsense mpe ...`: the five experiments of the memory-perturbation paper (SEEDS.md section 000).
+"""`modelsense mpe ...`: the five experiments of Nickl et al. 2023, "The Memory Perturbation Equation" (NeurIPS).
 
     loo-iterations  LOO-CV estimate at checkpoints during training vs the test NLL per epoch (Fig. 1b/5)
     loo-l2reg       LOO-CV estimate and test NLL over a grid of prior precisions δ (Fig. 4)

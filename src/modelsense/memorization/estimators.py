@@ -255,7 +255,7 @@ def subset_masks(n: int, ratio: float, n_models: int, seed0: int = 0, *,
     if not (0.0 < float(ratio) < 1.0):
         raise ConfigError(
             f"subset ratio: expected a number strictly between 0 and 1 (the fraction of training "
-            f"examples each model sees; the papers use 0.7), got {ratio}"
+            f"examples each model sees; Feldman & Zhang 2020 use 0.7), got {ratio}"
         )
     n = int(n)
     n_models = int(n_models)

@@ -45,7 +45,7 @@ class FarmSpec:
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.subset_ratio) < 1.0:
-            raise ConfigError(f"--subset-ratio must lie strictly between 0 and 1 (the papers use 0.7), got {self.subset_ratio}")
+            raise ConfigError(f"--subset-ratio must lie strictly between 0 and 1 (Feldman & Zhang 2020 use 0.7), got {self.subset_ratio}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"data": asdict(self.data), "model": asdict(self.model), "train": self.train.to_dict(),
