@@ -674,8 +674,8 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> "Secti
         "Top-20 eigenvalues (Lanczos with full reorthogonalisation) of the Hessian of the training loss summed over "
         "the 1297 digits examples, at an MLP 64-128-128-10 trained for 20 epochs, its trace (Hutchinson) and "
         "spectral density (stochastic Lanczos quadrature). N_eff = Σ λ_i/(λ_i + s) over the converged top 20 "
-        "(Maddox et al. 2020); s scales with the loss reduction: s = N on the summed loss equals the original's "
-        "s = 1 on the mean loss. Bayesian linear regression on 200 Fourier features: the posterior covariance's "
+        "(Maddox et al. 2020); s scales with the loss reduction: s = N on the summed loss equals "
+        "s = 1 on the mean loss of Maddox et al.'s code. Bayesian linear regression on 200 Fourier features: the posterior covariance's "
         "N_eff contracts as the number of points n passes the number of parameters (shaded: n < 175, 175-225, > 225).",
         metrics,
         [root / "spectrum" / "figures" / "spectrum.png", root / "blr" / "figures" / "blr_effective_dimension.png"],

@@ -322,9 +322,9 @@ def check_experiment(experiment: str, cfg: MPEExperimentConfig, data: Dataset) -
     if experiment not in RUNNERS:
         raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
     if experiment == "loo-l2reg" and cfg.train.optimizer == "ivon":
-        raise ConfigError("loo-l2reg trains with sgd or adam (as the original); IVON is not supported here")
+        raise ConfigError("loo-l2reg trains with sgd or adam (as the code of Nickl et al. 2023); IVON is not supported here")
     if experiment == "loo-l2reg" and cfg.optim_var:
-        raise ConfigError("loo-l2reg uses Laplace posteriors (as the original); drop --optim-var")
+        raise ConfigError("loo-l2reg uses Laplace posteriors (as the code of Nickl et al. 2023); drop --optim-var")
     if experiment == "evolving":
         _evolving_iterations(cfg, data)
     _check_head(_model_fn(cfg, data)(cfg.train.seed), data)

@@ -832,7 +832,7 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
         "a trained 128x128 layer, then model B; penalty = mean clean accuracy - stitched accuracy. 'linear' is an "
         "unconstrained matrix, 'permutation' a permutation times a positive diagonal (the ReLU symmetry group "
         "G_ReLU, Godfrey et al. 2022), trained on the Birkhoff polytope and rounded by the Hungarian algorithm. "
-        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the original's default for G_ReLU layers).",
+        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code for G_ReLU layers).",
         metrics,
         [root / "compare" / "figures" / "similarity_cka.png", root / "stitch" / "figures" / "stitching_penalty.png"],
         str(root),
