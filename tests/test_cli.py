@@ -194,18 +194,19 @@ def test_checkpoint_that_is_not_ours_is_explained(tmp_path):
     from modelsense.errors import ConfigError
 
     module = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    cases = {"module.pt": (module, "holds a whole Sequential (saved with torch.save(model))"),
-             "state_dict.pt": (module.state_dict(), "plain state_dict"),
-             "list.pt": ([1, 2], "it holds a list"),
-             "partial.pt": ({"model": {"name": "mlp"}}, "a dict without state_dict, input_shape, num_classes")}
+    cases = {"module.pt": (module, "holds pickled Python objects (such as a whole module saved with torch.save(model))"),
+             "state_dict.pt": (module.state_dict(), "is not a modelsense checkpoint: it lacks state_dict, model, input_shape"),
+             "list.pt": ([1, 2], "is not a modelsense checkpoint"),
+             "partial.pt": ({"model": {"name": "mlp"}}, "it lacks state_dict, input_shape, num_classes")}
     for name, (obj, says) in cases.items():
         torch.save(obj, tmp_path / name)
         with pytest.raises(ConfigError) as info:
             load_model(tmp_path / name)
-        assert says in str(info.value) and "`modelsense train`" in str(info.value)
-        assert "interpreted as an integer" not in str(info.value) and "('model')" not in str(info.value)
+        text = str(info.value)
+        assert says in text and "`modelsense train`" in text, text
+        assert "interpreted as an integer" not in text and "('model')" not in text and "\x1b" not in text
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(ConfigError, match="not a file written by torch.save"):
+    with pytest.raises(ConfigError, match="cannot be read: it is damaged or not a PyTorch file"):
         load_model(tmp_path / "text.pt")
 
 

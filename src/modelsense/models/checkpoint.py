@@ -48,9 +48,19 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
     require_finished(path.parent, f"{what} {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():  # a pickled object, e.g. torch.save(model)
+            raise ConfigError(f"{what} {path} holds pickled Python objects (such as a whole module saved with "
+                              "torch.save(model)), which modelsense does not unpickle; pass a model.pt written by "
+                              "`modelsense train` or `modelsense zoo` (tensors and plain values only)") from None
+        raise ConfigError(f"{what} {path} cannot be read: it is damaged or not a PyTorch file "
+                          f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'UnpicklingError'})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{what} {path} cannot be read: it is damaged or not a PyTorch file ({first[:200]})") from None
+    except Exception as exc:  # noqa: BLE001 - the unpickler fails in many ways on a foreign file (KeyError, ...)
+        raise ConfigError(f"{what} {path} cannot be read: it is damaged or not a PyTorch file "
+                          f"({type(exc).__name__} while unpickling)") from None
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
