@@ -175,7 +175,7 @@ def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
     assert more["test_loss"][:2] == first["test_loss"] and more["s"] == [50.0]
     msg = error(invoke("effdim", "width-sweep", *DATA, "--epochs", 4, "--bs", 64, "--k", 3, "--widths", "2",
                        "--resume", "--out", tmp_path))
-    assert "holds a run with train=" in msg
+    assert "train.epochs 4 (stored 3)" in msg
 
 
 def test_width_sweep_bad_input(tmp_path):
