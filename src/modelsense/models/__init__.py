@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError, shown
+from modelsense.options import ints, joined, option
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
 from modelsense.models.deepobs import DeepOBS3c3d
@@ -80,12 +81,16 @@ class ModelConfig:
     Options that a model does not take must stay None (see `available_models()[i]["options"]`).
     """
 
-    name: str = "mlp"
-    widths: tuple[int, ...] | None = None
-    activation: str | None = None
-    width: int | None = None
-    depth: int | None = None
-    norm: str | None = None
+    name: str = option("mlp", "architecture: a name of `modelsense models`", flag="--model", short="-m")
+    widths: tuple[int, ...] | None = option(None, "hidden widths of mlp, e.g. 128,128", parse=ints, show=joined)
+    activation: str | None = option(None, "mlp activation: relu, tanh, gelu, ...")
+    width: int | None = option(None, "width k of cnn / resnet18")
+    depth: int | None = option(None, "depth of cnn")
+    norm: str | None = option(None, "normalisation of cnn / resnet18: gn, bn, frn, none")
+
+    def __post_init__(self) -> None:
+        if self.widths is not None:
+            self.widths = tuple(int(w) for w in self.widths)
 
     def options(self) -> dict[str, Any]:
         """The options that are set (not None), as keyword arguments for `build_model`."""
