@@ -711,3 +711,33 @@ def test_most_memorized_figure_draws_color_images_and_signals(tmp_path, example_
     with pytest.raises(DataError, match="cannot draw an example of shape"):
         plots.most_memorized_figure(np.zeros((2, 2, 3, 3, 3)), [0, 1], [0.5, 0.4])
 
+
+def _overlapping_tick_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of neighbouring x tick labels whose drawn boxes overlap, over every axes of `fig`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    clashes = []
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
+        boxes = sorted(((box.x0, box.x1), text) for box, text in
+                       ((t.get_window_extent(renderer), t.get_text()) for t in labels))
+        for ((_, right), left_text), ((left, _), right_text) in zip(boxes, boxes[1:]):
+            if left < right:
+                clashes.append((left_text, right_text))
+    return clashes
+
+
+@pytest.mark.parametrize("n_models", [6, 12, 32, 64, 256, 2000])
+def test_convergence_figure_tick_labels_never_overlap(tmp_path, n_models):
+    from modelsense.memorization import plots
+
+    masks = subset_masks(50, 0.7, n_models, warn=False).masks
+    correct = np.random.default_rng(n_models).random(masks.shape) < 0.8
+    for grid in (np.unique(np.linspace(6, n_models, num=min(12, n_models - 5)).astype(int)),  # as the command
+                 np.arange(6, n_models + 1)):  # every model count: the densest grid
+        fig = plots.memorization_convergence_figure(grid, memorization_by_number_of_models(masks, correct, grid))
+        assert _overlapping_tick_labels(fig) == []
+        fig.savefig(tmp_path / "conv.png", dpi=60)
+        assert (tmp_path / "conv.png").stat().st_size > 500

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator
 
 from modelsense.errors import DataError
 from modelsense.memorization.estimators import HIGH_MEMORIZATION_THRESHOLD, InfluenceEstimate
@@ -172,7 +172,8 @@ def memorization_convergence_figure(n_models_grid: Any, mem_by_models: Any, *,
 
     n_models_grid: (K,) model counts; mem_by_models: (K, N) estimates from the first R' models.
     Panels: mean |mem_R' - mem_R| and Pearson correlation with the last row (R = most models), over
-    examples defined at both; and the number of examples with mem >= threshold.
+    examples defined at both; and the number of examples with mem >= threshold. The x axis is linear
+    with at most 6 integer ticks (`MaxNLocator`), so its labels never overlap, whatever the grid.
     """
     grid = _numpy(n_models_grid).astype(np.int64).reshape(-1)
     table = _numpy(mem_by_models).astype(np.float64)
@@ -196,10 +197,8 @@ def memorization_convergence_figure(n_models_grid: Any, mem_by_models: Any, *,
     ax3.set_ylabel(f"examples with mem >= {threshold:g}")
     for ax in (ax1, ax2, ax3):
         ax.set_xlabel("number of models R'")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(grid)
-        ax.set_xticklabels([str(g) for g in grid], fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.tick_params(axis="x", labelsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle("Memorization estimates against the number of models", fontsize=10)
     fig.tight_layout()
