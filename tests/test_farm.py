@@ -130,10 +130,10 @@ def test_estimate_and_save_flags_examples_held_out_by_too_few_models(tmp_path, m
     data = Dataset("tiny", torch.rand(5, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1, 0]),
                    torch.rand(4, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1]), 2,
                    metadata={"corrupted_indices": [0, 2]})
-    run = RunDir(tmp_path / "run")
     figures = {}
-    monkeypatch.setattr(run, "save_figure", lambda fig, name: figures.setdefault(name, fig))
-    metrics = estimate_and_save(run, masks, correct_train, correct_test, data=data, top_k=3)
+    with RunDir.open(tmp_path / "run", "memorization", {}) as run:
+        monkeypatch.setattr(run, "save_figure", lambda fig, name: figures.setdefault(name, fig))
+        metrics = estimate_and_save(run, masks, correct_train, correct_test, data=data, top_k=3)
     assert metrics["min_held_out"] == 3 and metrics["n_unreliable_train"] == 2
     assert metrics["n_unreliable_pairs"] == 2 * 4 and metrics["n_undefined"] == 0
     np.testing.assert_array_equal(np.load(run.path / "reliable.npy"), [False, True, True, True, False])
@@ -149,8 +149,8 @@ def test_estimate_and_save_flags_examples_held_out_by_too_few_models(tmp_path, m
     pairs = [ax.get_title() for ax in figures["influence_pairs"].axes]
     assert not any("1.00" in t for t in pairs) and any("0.25" in t for t in pairs)
     # the bare estimator (--min-held-out 1) puts example 0 first
-    bare = estimate_and_save(RunDir(tmp_path / "bare"), masks, correct_train, correct_test, data=None, top_k=3,
-                             min_held_out=1)
+    with RunDir.open(tmp_path / "bare", "memorization", {}) as run:
+        bare = estimate_and_save(run, masks, correct_train, correct_test, data=None, top_k=3, min_held_out=1)
     assert bare["n_unreliable_train"] == 0
     assert np.load(tmp_path / "bare" / "influence_top_indices.npy")[:, 0].tolist() == [0, 0, 0, 0]
 
