@@ -78,6 +78,37 @@ def test_spectrum_equals_dense_hessian_of_summed_loss(spectrum_run):
     assert json.loads((out / "config.json").read_text())["spectrum"]["k"] == 4
 
 
+def test_spectrum_cost_per_part(spectrum_run):
+    _, m = spectrum_run
+    cost = m["cost"]
+    assert list(cost) == ["training", "eigenvalues", "trace", "density"] and "matvecs" not in cost["training"]
+    assert cost["trace"]["matvecs"] == 4 and cost["density"]["matvecs"] == 2 * 8
+    assert cost["eigenvalues"]["matvecs"] + 4 + 2 * 8 == m["num_matvecs"]
+    assert cost["training"]["seconds"] == m["train_seconds"] and all(p["seconds"] >= 0 for p in cost.values())
+
+
+def test_spectrum_defaults_are_cheap_and_declared_once(spectrum_run, tmp_path):
+    from modelsense.curvature import DEFAULT_S_SUM, SpectrumConfig
+
+    cli = {k: p.default for k, p in inspect.signature(cli_curvature.spectrum).parameters.items()}
+    api = {k: p.default for k, p in inspect.signature(exp.run_spectrum).parameters.items()}
+    for name in ("k", "matrix", "reduction", "trace_samples", "density_probes", "density_steps", "lanczos_tol", "chunk_size"):
+        assert cli[name] == api[name] == getattr(SpectrumConfig, name), name
+    assert cli["trace_samples"] == 0 and cli["density_probes"] == 0 and cli["s"] == ""
+    help_text = runner.invoke(app, ["spectrum", "--help"], env={"COLUMNS": "400"}).output
+    assert f"default {DEFAULT_S_SUM:g} for --reduction sum" in " ".join(help_text.split())
+    out, _ = spectrum_run
+    res = invoke("spectrum", *DATA, "--checkpoint", out / "model.pt", "--k", 3, "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["trace"] is None and m["s"] == [DEFAULT_S_SUM] and list(m["cost"]) == ["eigenvalues"]
+    assert m["num_matvecs"] == m["cost"]["eigenvalues"]["matvecs"]
+    summary = " ".join(res.output.split())
+    assert f"cost: eigenvalues {m['num_matvecs']} products" in summary
+    assert "not computed: trace (--trace-samples N), density (--density-probes N)" in summary
+    assert "density" not in np.load(tmp_path / "spectrum.npz").files
+
+
 def test_spectrum_from_checkpoint_mean_reduction_scales_s(spectrum_run, tmp_path):
     """Mean-loss eigenvalues are the summed ones / N; the default s (100 / N) gives the same N_eff."""
     out, m_sum = spectrum_run

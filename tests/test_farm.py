@@ -80,9 +80,10 @@ def test_ray_backend_equals_local(tmp_path):
     np.testing.assert_allclose(local.loss_test, remote.loss_test, atol=1e-5)
 
 
-def _cli(args):
+def _cli(args, min_held_out=("--min-held-out", "1")):
+    """The command on a tiny farm; 4-6 models are too few for the default minimum of 3 models per side."""
     return runner.invoke(app, ["memorization", "--dataset", "digits", "--n-train", "100", "--widths", "16", "--epochs", "2",
-                               "--bs", "32", "--quiet", *args])
+                               "--bs", "32", "--quiet", *min_held_out, *args])
 
 
 def test_memorization_command_end_to_end_and_extend(tmp_path):
@@ -104,6 +105,54 @@ def test_memorization_command_end_to_end_and_extend(tmp_path):
     assert res.exit_code != 0 and "corruption_ratio" in str(res.exception)
     res = _cli(["--subset-ratio", "1.5", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "strictly between 0 and 1" in str(res.exception)
+    res = _cli(["--n-models", "4", "--out", str(tmp_path / "few")], min_held_out=())  # default minimum 3
+    assert isinstance(res.exception, ConfigError) and "--min-held-out 3 needs at least 6 models" in str(res.exception)
+    assert not (tmp_path / "few").exists()  # refused before anything is written
+
+
+def test_estimate_and_save_flags_examples_held_out_by_too_few_models(tmp_path, monkeypatch):
+    """A synthetic farm: example 0 held out by 1 of 8 models, example 4 trained on by 2 (minimum 3)."""
+    import torch
+
+    from modelsense.data import Dataset
+    from modelsense.experiments.memorization import estimate_and_save
+    from modelsense.runs import RunDir
+
+    masks = np.zeros((8, 5), dtype=bool)
+    masks[1:, 0] = True
+    masks[:4, 1] = True
+    masks[[0, 2, 4, 6], 2] = True
+    masks[[1, 2, 5, 6], 3] = True
+    masks[[0, 1], 4] = True
+    correct_train, correct_test = np.ones((8, 5)), np.ones((8, 4))
+    correct_train[0] = correct_test[0] = 0.0  # model 0 gets everything wrong: raw mem(0) = infl(0, j) = 1
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset("tiny", torch.rand(5, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1, 0]),
+                   torch.rand(4, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1]), 2,
+                   metadata={"corrupted_indices": [0, 2]})
+    figures = {}
+    with RunDir.open(tmp_path / "run", "memorization", {}) as run:
+        monkeypatch.setattr(run, "save_figure", lambda fig, name: figures.setdefault(name, fig))
+        metrics = estimate_and_save(run, masks, correct_train, correct_test, data=data, top_k=3)
+    assert metrics["min_held_out"] == 3 and metrics["n_unreliable_train"] == 2
+    assert metrics["n_unreliable_pairs"] == 2 * 4 and metrics["n_undefined"] == 0
+    np.testing.assert_array_equal(np.load(run.path / "reliable.npy"), [False, True, True, True, False])
+    mem = np.load(run.path / "memorization.npy")
+    np.testing.assert_allclose(mem, [np.nan, -0.25, -0.25, 0.25, np.nan], equal_nan=True)
+    np.testing.assert_array_equal(np.load(run.path / "influence_top_indices.npy"), [[3, 1, 2]] * 4)
+    assert metrics["n_high_memorization"] == 1 and metrics["n_high_influence_pairs"] == 4  # example 3: 0.25
+    assert metrics["mean_memorization"] == pytest.approx(-0.25 / 3)
+    assert metrics["auc_corrupted"] == pytest.approx(0.25)  # examples 1-3 only: corrupted 2 ties 1, is below 3
+    shown = [ax.get_title() for ax in figures["most_memorized"].axes if ax.get_title()]
+    assert [t.split()[0] for t in shown] == ["#3", "#1", "#2"]  # never #0 (mem 1 from one model) or #4
+    assert "2 without a reliable estimate left out" in figures["memorization_histogram"].axes[0].get_title()
+    pairs = [ax.get_title() for ax in figures["influence_pairs"].axes]
+    assert not any("1.00" in t for t in pairs) and any("0.25" in t for t in pairs)
+    # the bare estimator (--min-held-out 1) puts example 0 first
+    with RunDir.open(tmp_path / "bare", "memorization", {}) as run:
+        bare = estimate_and_save(run, masks, correct_train, correct_test, data=None, top_k=3, min_held_out=1)
+    assert bare["n_unreliable_train"] == 0
+    assert np.load(tmp_path / "bare" / "influence_top_indices.npy")[:, 0].tolist() == [0, 0, 0, 0]
 
 
 def test_memorization_from_original_runs(tmp_path):
@@ -120,11 +169,14 @@ def test_memorization_from_original_runs(tmp_path):
                      correctness_test=rng.random(m) < 0.7, index_train=idx[:k], index_removed=idx[k:],
                      index_test=np.arange(m), subsample_idx=idx[:k])
     out = tmp_path / "est"
-    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(out), "--quiet"])
+    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(out), "--quiet", "--min-held-out", "2"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_models"] == 4 and metrics["subset_ratio"] == 0.7 and metrics["subset_ratios"] == [0.5, 0.7]
-    assert (out / "consistency.npy").exists()
+    assert (out / "consistency.npy").exists() and metrics["min_held_out"] == 2
+    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(tmp_path / "few"), "--quiet"])
+    assert isinstance(res.exception, ConfigError) and "needs at least 6 models" in str(res.exception)
+    assert not (tmp_path / "few").exists()
 
 
 def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch):

@@ -111,7 +111,8 @@ def test_kill_9_while_scores_fill_leaves_no_scores_file(tmp_path):
 
 
 def test_kill_9_during_the_farm_then_resume_gives_the_uninterrupted_result(tmp_path):
-    args = ["memorization", *DATA, "--widths", "16", "--epochs", "3", "--n-models", "6", "--chunk-size", "2"]
+    args = ["memorization", *DATA, "--widths", "16", "--epochs", "3", "--n-models", "6", "--chunk-size", "2",
+            "--min-held-out", "1"]
     clean = tmp_path / "clean"
     assert runner.invoke(app, [*args, "--out", str(clean), "--quiet"]).exit_code == 0
     out = tmp_path / "mem"
@@ -126,7 +127,8 @@ def test_kill_9_during_the_farm_then_resume_gives_the_uninterrupted_result(tmp_p
 
 
 def test_damaged_chunks_are_trained_again_on_resume(tmp_path):
-    args = ["memorization", *DATA, "--widths", "16", "--epochs", "2", "--n-models", "4", "--chunk-size", "2"]
+    args = ["memorization", *DATA, "--widths", "16", "--epochs", "2", "--n-models", "4", "--chunk-size", "2",
+            "--min-held-out", "1"]
     out = tmp_path / "mem"
     assert runner.invoke(app, [*args, "--out", str(out), "--quiet"]).exit_code == 0
     first = np.load(out / "memorization.npy")

@@ -1,6 +1,7 @@
 """`modelsense spectrum`, `modelsense effdim width-sweep`, `modelsense effdim blr`.
 
     modelsense spectrum --dataset digits --model mlp --k 20 --out runs/spectrum
+    modelsense spectrum --dataset digits --trace-samples 100 --density-probes 5 --out runs/spectrum_full
     modelsense effdim width-sweep --out runs/width_sweep            # the prototype's sweep on digits
     modelsense effdim width-sweep --model resnet18 --widths 1,2,4,8,16,32,64 --dataset cifar10 --device cuda
     modelsense effdim blr --out runs/blr
@@ -19,6 +20,7 @@ import typer
 
 from modelsense.cli import options as o
 from modelsense.cli.app import app, console
+from modelsense.curvature.spectrum import DEFAULT_S_SUM, SpectrumConfig
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
 from modelsense.models import ModelConfig
@@ -32,7 +34,7 @@ app.add_typer(effdim_app, name="effdim")
 K = Annotated[int, typer.Option("--k", help="number of top eigenvalues (Lanczos with full reorthogonalisation)")]
 Matrix = Annotated[str, typer.Option("--matrix", help="hessian, ggn (= Fisher for softmax) or ef (empirical Fisher)")]
 Reduction = Annotated[str, typer.Option("--reduction", help="the loss the matrix is of: sum (default) or mean over the training examples")]
-S = Annotated[str, typer.Option("--s", help="comma-separated N_eff regularisers s, on the scale of the matrix; the first is the headline (default 100 for --reduction sum, 100/N for mean)")]
+S = Annotated[str, typer.Option("--s", help=f"comma-separated N_eff regularisers s, on the scale of the matrix; the first is the headline (default {DEFAULT_S_SUM:g} for --reduction sum, {DEFAULT_S_SUM:g}/N for mean)")]
 WeightsOnly = Annotated[bool, typer.Option("--weights-only", help="only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020")]
 LanczosTol = Annotated[float, typer.Option("--lanczos-tol", help="relative residual below which a Ritz value counts as converged")]
 ChunkSize = Annotated[int, typer.Option("--chunk-size", help="examples per chunk of the matrix-vector products (memory bound)")]
@@ -51,17 +53,18 @@ def float_list(text: str | None, what: str) -> tuple[float, ...]:
 @o.with_configs()
 def spectrum(
     data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
-    k: K = 20, matrix: Matrix = "hessian", reduction: Reduction = "sum", s: S = "",
-    weights_only: WeightsOnly = False,
+    k: K = SpectrumConfig.k, matrix: Matrix = SpectrumConfig.matrix, reduction: Reduction = SpectrumConfig.reduction,
+    s: S = "", weights_only: WeightsOnly = False,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="model.pt of `modelsense train` (then the model and training options are not used)")] = None,
-    trace_samples: Annotated[int, typer.Option("--trace-samples", help="Hutchinson probes for the trace (0 skips)")] = 100,
-    density_probes: Annotated[int, typer.Option("--density-probes", help="probes of the SLQ spectral density (0 skips)")] = 5,
-    density_steps: Annotated[int, typer.Option("--density-steps", help="Lanczos steps per SLQ probe")] = 60,
-    lanczos_tol: LanczosTol = 1e-5, chunk_size: ChunkSize = 2048,
+    trace_samples: Annotated[int, typer.Option("--trace-samples", help="Hutchinson probes for the trace, one matrix-vector product each (0: no trace; e.g. 100)")] = SpectrumConfig.trace_samples,
+    density_probes: Annotated[int, typer.Option("--density-probes", help="probes of the SLQ spectral density, --density-steps products each (0: no density; e.g. 5)")] = SpectrumConfig.density_probes,
+    density_steps: Annotated[int, typer.Option("--density-steps", help="Lanczos steps per SLQ probe")] = SpectrumConfig.density_steps,
+    lanczos_tol: LanczosTol = SpectrumConfig.lanczos_tol, chunk_size: ChunkSize = SpectrumConfig.chunk_size,
     out: o.Out = Path("runs/spectrum"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
-    """Train (or load --checkpoint) and compute the top-k eigenvalues, trace, density and N_eff of the loss curvature."""
-    from modelsense.experiments.curvature import run_spectrum
+    """Train (or load --checkpoint) and compute the top-k eigenvalues and N_eff of the loss curvature
+    (the trace and spectral density on request: they cost far more products than the eigenvalues)."""
+    from modelsense.experiments.curvature import describe_cost, run_spectrum
 
     set_quiet(quiet)
     metrics = run_spectrum(data_cfg, model_cfg, train_cfg, out, k=k, matrix=matrix, reduction=reduction,
@@ -74,6 +77,9 @@ def spectrum(
                   f"λ_1 {lam[0]:.4g} … λ_{len(lam)} {lam[-1]:.4g}{trace}")
     console.print("N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in metrics["effective_dimension_by_s"].items())
                   + f"  -> {out}")
+    skipped = [f"{what} (--{option} N)" for what, option in (("trace", "trace-samples"), ("density", "density-probes"))
+               if what not in metrics["cost"]]
+    console.print(f"cost: {describe_cost(metrics['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else ""))
 
 
 @effdim_app.command("width-sweep")

@@ -10,6 +10,7 @@ import typer
 from modelsense.cli import options as o
 from modelsense.cli.app import app, console
 from modelsense.data import DataConfig, load_dataset_from_config
+from modelsense.memorization.estimators import MIN_HELD_OUT
 from modelsense.models import ModelConfig
 from modelsense.progress import set_quiet
 from modelsense.training.config import TrainConfig
@@ -30,6 +31,7 @@ def memorization(
     top_k: Annotated[int, typer.Option("--top-k", help="influential training examples kept per test example")] = 10,
     influence_dtype: Annotated[str, typer.Option("--influence-dtype", help="float16 or float32 for --influence full")] = "float16",
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="bootstrap resamples for memorization intervals (0: none)")] = 0,
+    min_held_out: Annotated[int, typer.Option("--min-held-out", help="fewest models that held an example out (and that trained on it) for its estimates to count; fewer: NaN, False in reliable.npy, left out of top-k and figures, counted as n_unreliable_train")] = MIN_HELD_OUT,
     out: o.Out = Path("runs/memorization"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
 ) -> None:
     """Memorization, influence and consistency scores from models trained on random subsets."""
@@ -38,11 +40,13 @@ def memorization(
     set_quiet(quiet)
     if from_runs is not None:
         metrics = run_from_runs(from_runs, out, data=load_dataset_from_config(data_cfg), influence=influence, top_k=top_k,
-                                influence_dtype=influence_dtype, bootstrap=bootstrap, overwrite=overwrite)
+                                influence_dtype=influence_dtype, bootstrap=bootstrap, overwrite=overwrite,
+                                min_held_out=min_held_out)
     else:
         metrics = run_memorization(data_cfg, model_cfg, train_cfg, out, subset_ratio=subset_ratio, n_models=n_models,
                                    chunk_size=chunk_size, backend=backend, address=address, resume=resume,
                                    influence=influence, top_k=top_k, influence_dtype=influence_dtype,
-                                   bootstrap=bootstrap, progress=not quiet, overwrite=overwrite)
-    shown = {k: metrics[k] for k in ("n_models", "mean_memorization", "n_high_memorization", "auc_corrupted") if k in metrics}
+                                   bootstrap=bootstrap, progress=not quiet, overwrite=overwrite, min_held_out=min_held_out)
+    shown = {k: metrics[k] for k in ("n_models", "mean_memorization", "n_high_memorization", "n_unreliable_train", "auc_corrupted")
+             if k in metrics}
     console.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()) + f"  -> {out}")

@@ -13,9 +13,15 @@ Matrix, reduction and s (the conventions of every command here):
     model in eval mode (batch norm uses its running statistics). `reduction="mean"` divides it by N.
   - its eigenvalues grow with N, and so must s: N_eff(H_sum, s) = N_eff(H_mean, s / N). With s = 1
     on the summed-loss Hessian every top eigenvalue of a digits MLP is far above s and N_eff
-    saturates at k. The default s = 100 (`DEFAULT_S_SUM`, ≈ 0.08 N on digits) is the value at which
-    the prototype saw the double-descent behaviour; with `reduction="mean"` the default is 100 / N,
-    the same regularisation. Several s may be given; the first is the headline value.
+    saturates at k. The default s = 100 (`DEFAULT_S_SUM` of `modelsense.curvature.spectrum`, ≈ 0.08 N
+    on digits) is the value at which the prototype saw the double-descent behaviour; with
+    `reduction="mean"` the default is 100 / N, the same regularisation. Several s may be given; the
+    first is the headline value.
+  - `spectrum` computes the top-k eigenvalues only unless asked for more: the Hutchinson trace
+    (`trace_samples` products) and the SLQ density (`density_probes` x `density_steps` products)
+    cost far more (with 100 probes and 5 x 60 steps, 400 products against about 50 for k = 20).
+    metrics.json's `cost` gives the products and seconds of each part (training, eigenvalues,
+    trace, density).
   - N_eff is computed from the top-k Lanczos Ritz values (a lower bound of the full N_eff for a PSD
     matrix); Ritz values that did not converge are dropped and negative ones count 0
     (`modelsense.curvature.effective_dimension`).
@@ -24,8 +30,9 @@ Matrix, reduction and s (the conventions of every command here):
 
 Run directories:
     spectrum:     config.json, metrics.json (eigenvalues (descending), eigenvalues_converged, trace,
-                  trace_standard_error, effective_dimension (first s), effective_dimension_by_s, s,
-                  n_params, matrix, reduction, train/test loss and accuracy), spectrum.npz
+                  trace_standard_error (None unless asked), effective_dimension (first s),
+                  effective_dimension_by_s, s, n_params, matrix, reduction, train/test loss and
+                  accuracy, cost {part: {matvecs, seconds}}, num_matvecs), spectrum.npz
                   (eigenvalues, converged, residuals, density_grid, density, slq_nodes, slq_weights),
                   model.pt (when trained here), figures/spectrum.png
     width-sweep:  config.json, widths/width_<w>.json (one per finished model: losses, eigenvalues,
@@ -53,12 +60,14 @@ from torch import nn
 
 from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import (
+    DEFAULT_S_SUM,
     BLRContraction,
     Spectrum,
     SpectrumConfig,
     blr_posterior_contraction,
     compute_spectrum,
     effective_dimension,
+    resolve_s,
 )
 from modelsense.curvature.operators import MATRICES, REDUCTIONS
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
@@ -72,8 +81,6 @@ from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 from modelsense.training import evaluate, fit
 from modelsense.training.config import TrainConfig
 
-#: s for the Hessian of the summed loss (the prototype's value); divided by N for the mean loss.
-DEFAULT_S_SUM = 100.0
 #: Models with a width the sweep varies: mlp (every hidden layer), cnn and resnet18 (`width`).
 SWEEP_MODELS = ("mlp", "cnn", "resnet18")
 #: The prototype's sweep: one-hidden-layer ReLU MLPs on digits with 20% label noise.
@@ -105,17 +112,6 @@ def curvature_model(module: nn.Module, weights_only: bool = False) -> Functional
 def count_params(module: nn.Module, weights_only: bool = False) -> int:
     names = weight_names(module) if weights_only else None
     return sum(p.numel() for n, p in module.named_parameters() if names is None or n in names)
-
-
-def resolve_s(s: Sequence[float] | None, reduction: str, n_train: int) -> tuple[float, ...]:
-    """The s values to use: as given, or the default `DEFAULT_S_SUM` (sum) / `DEFAULT_S_SUM / N` (mean)."""
-    if s:
-        values = tuple(float(v) for v in s)
-        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-        if bad:
-            raise ConfigError(f"every s must be a finite number > 0, received {list(values)}")
-        return values
-    return (DEFAULT_S_SUM if reduction == "sum" else DEFAULT_S_SUM / n_train,)
 
 
 def check_choices(matrix: str, reduction: str) -> None:
@@ -210,19 +206,21 @@ def run_spectrum(
     s: Sequence[float] | None = None,
     weights_only: bool = False,
     checkpoint: str | Path | None = None,
-    trace_samples: int = 100,
-    density_probes: int = 5,
-    density_steps: int = 60,
-    lanczos_tol: float = 1e-5,
-    chunk_size: int = 2048,
+    trace_samples: int = SpectrumConfig.trace_samples,
+    density_probes: int = SpectrumConfig.density_probes,
+    density_steps: int = SpectrumConfig.density_steps,
+    lanczos_tol: float = SpectrumConfig.lanczos_tol,
+    chunk_size: int = SpectrumConfig.chunk_size,
     progress: bool = True,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train (or load `checkpoint`) and write the spectrum of `matrix` over the training set.
 
     The matrix, reduction and s follow the module docstring; trace by Hutchinson with
-    `trace_samples` Rademacher probes (0 skips), density by SLQ with `density_probes` probes of
-    `density_steps` Lanczos steps (0 skips). Returns metrics.json's content.
+    `trace_samples` Rademacher probes (default 0: skipped), density by SLQ with `density_probes`
+    probes (default 0: skipped) of `density_steps` Lanczos steps. Progress per Lanczos step / probe.
+    Returns metrics.json's content, with `cost`: {"training": {"seconds"}, "eigenvalues" / "trace" /
+    "density": {"matvecs", "seconds"}} (the parts computed).
     """
     check_choices(matrix, reduction)
     if k < 1:
@@ -259,9 +257,8 @@ def run_spectrum(
         train_seconds = time.perf_counter() - start
         run.log(f"spectrum: top {k} eigenvalues of the {matrix} ({reduction} loss) over {data.n_train} examples")
         start = time.perf_counter()
-        with progress_bar(1, f"spectrum ({matrix}, top {k})", enabled=progress) as bar:
-            spectrum = compute_spectrum(curvature_model(module, weights_only), data.x_train, data.y_train, spec_cfg)
-            bar.advance(1)
+        spectrum = compute_spectrum(curvature_model(module, weights_only), data.x_train, data.y_train, spec_cfg,
+                                    progress=progress)
         spectrum_seconds = time.perf_counter() - start
         grid = dens = None
         if spectrum.density is not None:
@@ -271,8 +268,11 @@ def run_spectrum(
             arrays.update(density_grid=grid, density=dens, slq_nodes=spectrum.density.nodes,
                           slq_weights=spectrum.density.weights)
         run.save_arrays("spectrum", **arrays)
+        summary = spectrum.to_metrics()
+        cost = {"training": {"seconds": train_seconds}, **summary.pop("cost")} if checkpoint is None else summary.pop("cost")
         metrics = {
-            **spectrum.to_metrics(),
+            **summary,
+            "cost": cost,
             "s": list(s_values),
             "n_train": data.n_train,
             "weights_only": weights_only,
@@ -283,13 +283,23 @@ def run_spectrum(
         }
         run.save_figure(spectrum_figure(spectrum, grid, dens, f"{model_info.get('name', 'model')} on {data.name}"), "spectrum")
         run.write_metrics(metrics)
-        run.log(f"done: N_eff(s={s_values[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}")
+        run.log(f"done: N_eff(s={s_values[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}; "
+                f"cost: {describe_cost(cost)}")
         return metrics
 
 
-    # ----------------------------------------------------------------------------------------------
-    # modelsense effdim width-sweep
-    # ----------------------------------------------------------------------------------------------
+def describe_cost(cost: dict[str, dict[str, float]]) -> str:
+    """One line: what each part of a spectrum run cost, e.g. "training 9.1 s, eigenvalues 50 products 4.2 s"."""
+    parts = []
+    for part, values in cost.items():
+        products = f" {int(values['matvecs'])} products" if "matvecs" in values else ""
+        parts.append(f"{part}{products} {values['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# modelsense effdim width-sweep
+# ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -695,6 +705,7 @@ __all__ = [
     "count_params",
     "curvature_model",
     "curvature_section",
+    "describe_cost",
     "resolve_s",
     "run_blr",
     "run_spectrum",

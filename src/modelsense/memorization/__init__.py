@@ -9,6 +9,7 @@ resumable results store of a subset-training farm, and a reader for the original
 from modelsense.memorization.estimators import (
     HIGH_INFLUENCE_THRESHOLD,
     HIGH_MEMORIZATION_THRESHOLD,
+    MIN_HELD_OUT,
     ConsistencyScores,
     HeldoutMean,
     InfluenceEstimate,
@@ -18,6 +19,7 @@ from modelsense.memorization.estimators import (
     UndefinedEstimateWarning,
     auc_corrupted,
     bootstrap_counts,
+    check_min_held_out,
     consistency,
     count_undefined,
     heldout_mean,
@@ -26,6 +28,7 @@ from modelsense.memorization.estimators import (
     influence,
     memorization,
     memorization_by_number_of_models,
+    reliable_examples,
     subset_masks,
     subset_size,
 )
@@ -40,6 +43,7 @@ from modelsense.memorization.store import (
 __all__ = [
     "HIGH_INFLUENCE_THRESHOLD",
     "HIGH_MEMORIZATION_THRESHOLD",
+    "MIN_HELD_OUT",
     "ConsistencyScores",
     "HeldoutMean",
     "InfluenceEstimate",
@@ -52,6 +56,7 @@ __all__ = [
     "UndefinedEstimateWarning",
     "auc_corrupted",
     "bootstrap_counts",
+    "check_min_held_out",
     "consistency",
     "count_undefined",
     "heldout_mean",
@@ -62,6 +67,7 @@ __all__ = [
     "memorization_by_number_of_models",
     "open_influence_memmap",
     "read_original_runs",
+    "reliable_examples",
     "subset_masks",
     "subset_size",
 ]
