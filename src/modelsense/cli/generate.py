@@ -102,7 +102,7 @@ def _recipe_values(checkpoint: Path, values: dict[tuple[str, ...], Any], given: 
                    leaf_of: dict[tuple[str, ...], Leaf]) -> dict[tuple[str, ...], Any]:
     """`values` with the data / model / training settings of the checkpoint's recipe wherever an
     option was not given; a given option that contradicts the recipe is refused."""
-    from modelsense.experiments.train import FREE_OF_RECIPE, checkpoint_recipe
+    from modelsense.experiments.source import FREE_OF_RECIPE, checkpoint_recipe
 
     recipe, _, _ = checkpoint_recipe(checkpoint)
     out = dict(values)

@@ -173,7 +173,7 @@ def recipe_configs(checkpoint: Path, configs: dict[str, Any], given: set[str],
     its default; an option given on the command line that contradicts the recipe is refused."""
     from dataclasses import fields, replace
 
-    from modelsense.experiments.train import FREE_OF_RECIPE, checkpoint_recipe, recipe_differences
+    from modelsense.experiments.source import FREE_OF_RECIPE, checkpoint_recipe, recipe_differences
 
     recipe, _, _ = checkpoint_recipe(checkpoint)
     options_of = {g: {name for name, _, _ in table[g][1]} for g in configs}

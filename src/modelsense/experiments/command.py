@@ -12,9 +12,9 @@ trained here or `checkpoint` —, and the command's own options, each declared o
 and calls `run` inside it. The command line is generated from the same `Command`
 (`modelsense.cli.generate`), so options, defaults and help texts exist once.
 
-A model is obtained in one way (`obtain_model`): trained from the spec's recipe (and saved as
-model.pt in the run, so another command can score it with `--checkpoint`), or loaded from the
-spec's `checkpoint`, whose recipe the spec must follow.
+A model is obtained in one way (`experiments.source.obtain_model`): trained from the spec's recipe
+(and saved as model.pt in the run, so another command can score it with `--checkpoint`), or loaded
+from the spec's `checkpoint`, whose recipe the spec must follow.
 """
 
 from __future__ import annotations
@@ -22,21 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from modelsense.data import DataConfig, Dataset
+from modelsense.data import Dataset
 from modelsense.errors import ConfigError
-from modelsense.experiments.train import Recipe, TrainedRun, check_recipe, load_trained_run
-from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.models.checkpoint import save_model
 from modelsense.runs import RunDir, _jsonable
-from modelsense.training.config import TrainConfig
-from modelsense.training.fit import Fit, fit
 
 
 @dataclass
@@ -98,63 +91,6 @@ def execute(command: Command, spec: Any, out: str | Path, *, resume: bool = Fals
         return metrics
 
 
-# -- the model a command works on ----------------------------------------------------------------
-@dataclass
-class Obtained:
-    """The model of a command: the module, its `Fit` (history, snapshots, optimizer state when
-    trained here), the architecture and the training recipe it was made with, and its source."""
-
-    module: nn.Module
-    fit: Fit
-    model: ModelConfig
-    train: TrainConfig
-    trained: TrainedRun | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {"source": "trained" if self.trained is None else "checkpoint",
-                **({} if self.trained is None else {"checkpoint": self.trained.summary()})}
-
-
-def check_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, data: Dataset) -> TrainedRun:
-    """The run of `checkpoint`, checked against the data (recipe and shapes) before anything is written."""
-    trained = load_trained_run(checkpoint, data)
-    check_recipe(checkpoint, Recipe(trained.data_cfg, trained.model_cfg, trained.train_cfg), data_cfg)
-    return trained
-
-
-def obtain_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, *, trained: TrainedRun | None = None,
-                 run: RunDir | None = None, progress: bool = True, checkpoint_epochs: Sequence[int] = (),
-                 on_epoch: Callable | None = None, setup: Callable[[nn.Module], Any] | None = None) -> Obtained:
-    """The model a command works on: `trained` (a checked checkpoint, `check_checkpoint`) as a `Fit`
-    of its recipe (on `train_cfg.device`), or a model built from `model_cfg` and fitted with
-    `train_cfg` (plus `checkpoint_epochs` snapshots), saved as model.pt (and its snapshots) in `run`.
-
-    `setup(module)` runs before training and returns a context manager held during it (e.g. an
-    optimizer-state recorder); `on_epoch` is passed to `fit`.
-    """
-    if trained is not None:
-        recipe = trained.recipe(train_cfg)
-        return Obtained(trained.module.to(recipe.device), trained.as_fit(data, recipe), trained.model_cfg, recipe,
-                        trained)
-    if checkpoint_epochs:
-        train_cfg = replace(train_cfg, checkpoint_epochs=tuple(sorted({*train_cfg.checkpoint_epochs, *checkpoint_epochs})))
-    module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
-    import contextlib
-
-    with setup(module) if setup is not None else contextlib.nullcontext():
-        result = fit(module, data, train_cfg, progress=progress, on_epoch=on_epoch)
-    if run is not None:
-        for key, params in result.checkpoints.items():
-            run.save_torch(f"checkpoint_{key}", params)
-        save_model(run.path / "model.pt", result.module, model_cfg, data, train_cfg.seed)
-    return Obtained(result.module, result, model_cfg, train_cfg)
-
-
-def check_model(data: Dataset, model_cfg: ModelConfig) -> nn.Module:
-    """Build the model once for `data`: its options are checked before anything is written."""
-    return build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=0)
-
-
 # -- stored state keyed by its arguments ---------------------------------------------------------
 def cached(path: str | Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]],
            what: str = "stored result") -> tuple[dict[str, Any], bool]:
@@ -187,5 +123,4 @@ def cached(path: str | Path, key: dict[str, Any], compute: Callable[[], dict[str
     return arrays, False
 
 
-__all__ = ["Command", "Obtained", "Prepared", "cached", "check_checkpoint", "check_model", "execute", "obtain_model",
-           "spec_config"]
+__all__ = ["Command", "Prepared", "cached", "execute", "spec_config"]

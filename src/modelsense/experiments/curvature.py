@@ -73,7 +73,7 @@ from modelsense.curvature.operators import MATRICES, REDUCTIONS
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend before pyplot)
-from modelsense.experiments.train import check_checkpoint_data, check_recipe, checkpoint_recipe
+from modelsense.experiments.source import check_checkpoint_data, check_recipe, checkpoint_recipe
 from modelsense.models.checkpoint import save_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.progress import progress_bar

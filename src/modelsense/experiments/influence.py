@@ -52,7 +52,7 @@ from modelsense.attribution import (
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend)
-from modelsense.experiments.train import Recipe, TrainedRun, check_recipe, load_trained_run
+from modelsense.experiments.source import Recipe, TrainedRun, check_recipe, load_trained_run
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig

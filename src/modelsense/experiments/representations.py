@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.train import check_checkpoint_data
+from modelsense.experiments.source import check_checkpoint_data
 from modelsense.models.checkpoint import load_model, save_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.progress import progress_bar
