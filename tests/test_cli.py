@@ -30,7 +30,7 @@ def test_train_end_to_end_writes_run_directory(tmp_path, digits):
     assert {"train_accuracy", "test_accuracy", "test_nll"} <= set(metrics)
     assert metrics["test_accuracy"] > 0.85
     config = json.loads((out / "config.json").read_text())
-    assert config["command"] == "train" and config["train"]["epochs"] == 8 and config["seed"] == 0
+    assert config["command"] == "train" and config["train"]["epochs"] == 8 and config["train"]["seed"] == 0
     assert "torch" in config["versions"] and "modelsense" in config["versions"]
     assert (out / "figures" / "learning_curves.png").stat().st_size > 1000
     assert (out / "checkpoint_epoch_4.pt").exists() and (out / "checkpoint_iteration_5.pt").exists()

@@ -55,6 +55,7 @@ from modelsense.data.transforms import (
     stratified_subset,
 )
 from modelsense.data.validation import check_arrays, check_data_options, check_options
+from modelsense.options import ints, joined, option
 from modelsense.errors import DataError
 
 #: Environment variable read when `data_dir` is None.
@@ -80,13 +81,19 @@ class DataConfig:
         seed: seed of the subset and the label corruption.
     """
 
-    name: str = "digits"
-    data_dir: str | None = None
-    n_train: int | None = None
-    corruption_ratio: float = 0.0
-    drop_classes: tuple[int, ...] = ()
-    standardize: bool = False
-    seed: int = 0
+    name: str = option("digits", "digits, mnist1d, mnist, fmnist, cifar10, or a path to a .npz/.csv file",
+                       flag="--dataset", short="-d")
+    data_dir: str | None = option(None, "directory with the MNIST/FMNIST IDX files or CIFAR-10 batches")
+    n_train: int | None = option(None, "use a seeded stratified subset of this many training examples")
+    corruption_ratio: float = option(0.0, "fraction of training labels flipped to another class (seeded)")
+    drop_classes: tuple[int, ...] = option((), "comma-separated class labels to remove, e.g. 3,5", parse=ints,
+                                           show=joined)
+    standardize: bool = option(False, "standardise features with training-set mean and std",
+                               flag="--standardize/--no-standardize")
+    seed: int = option(0, "seed of subsetting, splitting and label corruption", flag="--data-seed")
+
+    def __post_init__(self) -> None:
+        self.drop_classes = tuple(int(c) for c in self.drop_classes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (for config.json)."""

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
-from modelsense.experiments import plots
+from modelsense.experiments.command import Command, Prepared
+from modelsense.experiments.source import check_model, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.models.checkpoint import save_model
 from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
 from modelsense.training.fit import Fit, fit
@@ -37,23 +36,37 @@ def fit_metrics(result: Fit, module: nn.Module, seconds: float) -> dict[str, Any
     }
 
 
-def run_train(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
-              progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Load data, train, and write config.json, metrics.json, history.npz, model.pt, figures/."""
-    data = load_dataset_from_config(data_cfg)  # validates before anything is written
-    module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
-    config = {"data": data_cfg.to_dict(), "model": asdict(model_cfg), "train": train_cfg.to_dict(),
-              "dataset": data.summary(), "seed": train_cfg.seed}
-    with RunDir.open(out, "train", config, overwrite=overwrite) as run:
-        run.log(f"training {model_cfg.name} on {data.name}")
-        start = time.perf_counter()
-        result = fit(module, data, train_cfg, progress=progress)
-        metrics = fit_metrics(result, module, time.perf_counter() - start)
-        run.save_arrays("history", **result.history)
-        for key, params in result.checkpoints.items():
-            run.save_torch(f"checkpoint_{key}", params)
-        save_model(run.path / "model.pt", module, model_cfg, data, train_cfg.seed)
-        run.save_figure(plots.learning_curves(result.history, f"{model_cfg.name} on {data.name}"), "learning_curves")
-        run.write_metrics(metrics)
-        run.log(f"done: {metrics}")
+@dataclass(frozen=True)
+class TrainSpec:
+    """`modelsense train`: the data, the model and how to train it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def check_train(spec: TrainSpec) -> Prepared:
+    data = load_dataset_from_config(spec.data)
+    check_model(data, spec.model)
+    return Prepared(data, {"dataset": data.summary()})
+
+
+def run_train(spec: TrainSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Train; write model.pt (and checkpoint_<key>.pt snapshots), history.npz, the learning curves."""
+    from modelsense.experiments import plots
+
+    data = prepared.data
+    run.log(f"training {spec.model.name} on {data.name}")
+    start = time.perf_counter()
+    got = obtain_model(data, spec.model, spec.train, run=run, progress=progress)
+    metrics = fit_metrics(got.fit, got.module, time.perf_counter() - start)
+    run.save_arrays("history", **got.fit.history)
+    run.save_figure(plots.learning_curves(got.fit.history, f"{spec.model.name} on {data.name}"), "learning_curves")
     return metrics
+
+
+TRAIN = Command("train", TrainSpec, check_train, run_train,
+                summary=lambda m: f"train accuracy {m['train_accuracy']:.4f}  test accuracy {m['test_accuracy']:.4f}  "
+                                  f"test NLL {m['test_nll']:.4f}",
+                help="Train one model; writes metrics.json (train_accuracy, test_accuracy, test_nll), model.pt, "
+                     "history, figures.")
