@@ -789,6 +789,8 @@ def test_available_datasets(tmp_path):
     assert "test_batch" in by_name["cifar10"]["files"]
     assert any(".npz" in d["name"] for d in listing)
     assert "found" not in by_name["mnist"]
+    assert by_name["digits"]["normalization"] == "pixels / 16, in [0, 1]"
+    assert "standardised" in by_name["PATH.npz / PATH.csv"]["normalization"]
     make_idx_set(tmp_path / "MNIST" / "raw", gz=True)
     by_name = {d["name"]: d for d in available_datasets(tmp_path)}
     assert by_name["mnist"]["found"] and by_name["mnist"]["location"] == str(tmp_path / "MNIST" / "raw")

@@ -361,8 +361,8 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
     """What can be loaded: one dict per built-in name, then one for user files.
 
     Keys: name, n_train, n_test, input_shape (list), num_classes, source, files (the files
-    needed, empty when none), aliases (the user-files row has "-" for sizes and a `details`
-    text), and -- for file-based datasets when a data folder is
+    needed, empty when none), aliases, normalization (what is done to the values by default; the
+    user-files row has "-" for sizes and a `details` text), and -- for file-based datasets when a data folder is
     known (argument or $MODELSENSE_DATA_DIR) -- found (bool) and location (folder or None).
     Sizes are the standard ones; nothing is read or generated.
     """
@@ -373,6 +373,7 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
             "name": info.name, "n_train": info.n_train, "n_test": info.n_test,
             "input_shape": list(info.input_shape), "num_classes": info.num_classes,
             "source": info.source, "files": list(info.files), "aliases": list(info.aliases),
+            "normalization": info.normalization,
         }
         if info.files and data_dir is not None:
             try:
@@ -387,6 +388,8 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
         "num_classes": "-", "aliases": [],
         "source": ".npz: x_train,y_train,x_test,y_test or X,y; .csv: a 'label' column",
         "files": [],
+        "normalization": "feature vectors: standardised with the training set's mean and std "
+                         "(--no-standardize keeps them raw); other shapes: as stored",
         "details": "X,y arrays and .csv tables are split 80/20 (stratified, random_state=0); "
                    ".csv files need a header row, other .csv columns must be numeric features; "
                    "feature vectors are standardised with the training set's mean and std "
