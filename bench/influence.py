@@ -35,12 +35,9 @@ from torch import nn
 from modelsense.attribution import make_attributor
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import DataConfig, load_dataset_from_config
-from modelsense.experiments.influence import (
-    linear_datamodeling_score,
-    lds_ground_truth,
-    method_context,
-    train_for_attribution,
-)
+from modelsense.attribution.evaluation import linear_datamodeling_score
+from modelsense.experiments.influence import lds_ground_truth, method_context
+from modelsense.experiments.source import obtain_model
 from modelsense.models import ModelConfig
 from modelsense.progress import set_quiet
 from modelsense.training import TrainConfig
@@ -100,8 +97,10 @@ def kronfluence_ekfac(module, data, xt, yt, strategy="ekfac"):
         from kronfluence.arguments import FactorArguments, ScoreArguments
         from kronfluence.task import Task
     except ImportError as exc:
+        error = exc
+
         def missing():
-            raise exc
+            raise error
 
         return missing
 
@@ -231,8 +230,10 @@ def main() -> None:
     data = load_dataset_from_config(data_cfg)
     n_test = min(args.n_test, data.n_test)
     xt, yt = data.x_test[:n_test], data.y_test[:n_test]
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, ["tracin"], progress=False)
-    module.eval()
+    from modelsense.attribution import tracin_checkpoint_epochs
+
+    got = obtain_model(data, model_cfg, train_cfg, progress=False, checkpoint_epochs=tracin_checkpoint_epochs(args.epochs))
+    module, result, train_cfg = got.module.eval(), got.fit, got.train
     from modelsense.attribution import checkpoints_from_fit
 
     ckpts, lrs = checkpoints_from_fit(result)
