@@ -10,7 +10,8 @@ refusals. Exempt: `loss`, `el2n`, `mpe` have no pairwise scores (self-influence 
 diagonal check and the pairwise shape and input checks of `scores` do not apply to them; their
 self-scores and fitting inputs are checked. Stochastic methods (randproj, tracin-rp, if-lissa,
 arnoldi's start vector, gex, la-kfac, trak, el2n) are seeded: self-scores and scores of one fit
-use the same draws, so they are held to the same diagonal tolerance as the exact methods.
+use the same draws, so they are held to the same diagonal tolerance as the exact methods, and a
+second fit with the same seed must give the same self-scores.
 """
 
 import inspect
@@ -191,6 +192,13 @@ def test_self_scores_are_the_diagonal_of_the_train_scores(method):
     diag = torch.diagonal(att.scores(X, Y))
     scale = float(diag.abs().max())
     torch.testing.assert_close(att.self_scores(), diag, rtol=1e-6, atol=1e-9 * scale)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_fit_with_the_same_seed_gives_the_same_scores(method):
+    """Stochastic methods draw from their `seed` only (projections, samples, fine-tuning, ensembles)."""
+    again = build(method).fit(MODEL, X, Y)
+    torch.testing.assert_close(again.self_scores(), fitted(method).self_scores(), rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", METHODS)
