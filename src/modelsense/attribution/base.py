@@ -48,7 +48,6 @@ of `NEEDS`), each need filling the settings listed there; an orchestrator asks `
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import numbers
@@ -154,8 +153,12 @@ COMPUTE_OPTIONS = tuple(f.name for f in fields(ComputeOptions))
 class _SigmoidBCEModel(FunctionalModel):
     """A `FunctionalModel` whose per-example loss is Σ_c BCE(sigmoid(f_ic), onehot(y_i)_c).
 
-    The GEX original's default (`problem_type=multitask`): one sigmoid per class, summed.
+    The GEX original's default (`problem_type=multitask`): one sigmoid per class, summed. Shares the
+    module, parameters and buffers of the `FunctionalModel` it is made from.
     """
+
+    def __init__(self, base: FunctionalModel) -> None:  # the base's state as is, nothing re-derived
+        vars(self).update(vars(base))
 
     def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         logits = self(params, x)
@@ -166,7 +169,7 @@ class _SigmoidBCEModel(FunctionalModel):
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
     """The model as a `FunctionalModel` (eval mode) with the requested loss.
 
-    `loss="sigmoid_bce"` returns a shallow copy whose per-example loss is the summed per-class
+    `loss="sigmoid_bce"` returns a model sharing its state whose per-example loss is the summed per-class
     sigmoid binary cross-entropy (the GEX original's default); the default keeps the model's own
     likelihood (softmax cross-entropy for `categorical`).
     """
@@ -182,8 +185,7 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
     if loss == "sigmoid_bce":
         if fm.likelihood != "categorical":
             raise ConfigError("loss 'sigmoid_bce' needs a classification model (likelihood 'categorical')")
-        fm = copy.copy(fm)
-        fm.__class__ = _SigmoidBCEModel
+        fm = _SigmoidBCEModel(fm)
     return fm
 
 
