@@ -100,6 +100,28 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
         parse_methods("gex,gex")
 
 
+def test_a_setting_no_asked_method_takes_is_refused_naming_the_methods_that_take_it():
+    from modelsense.attribution import ComputeOptions
+
+    with pytest.raises(ConfigError, match="'num_ens' is a setting of gex, la-kfac"):
+        make_attributor("grad-dot", num_ens=3)
+    # one settings dict shared by the methods asked for (the CLI's): passed over where another takes it ...
+    assert make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "gex"]).name == "grad-dot"
+    # ... refused where none of them does, and a misspelt setting is refused even without the list
+    with pytest.raises(ConfigError, match=r"not taken by the methods asked for \(grad-dot, loss\) \('num_ens' is a setting "
+                                          "of gex, la-kfac\)"):
+        make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "loss"])
+    with pytest.raises(ConfigError, match="'num_ensembles' is a setting of no method"):
+        make_attributor("gex", {"num_ensembles": 3}, strict=False)
+    # compute options: flat (the CLI's dict) or one ComputeOptions, flat ones override, validated once
+    assert make_attributor("grad-dot", {"block_size": 7, "progress": False}).compute == ComputeOptions(block_size=7, progress=False)
+    att = make_attributor("grad-dot", compute=ComputeOptions(block_size=5), memory_budget=100)
+    assert (att.compute.block_size, att.compute.memory_budget, att.compute.progress) == (5, 100, True)
+    for bad in ({"memory_budget": 0}, {"chunk_size": 2.5}, {"block_size": float("nan")}, {"scratch_dir": 3}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            ComputeOptions(**bad)
+
+
 def test_grad_dot_and_cos_match_explicit_per_example_gradients(problem):
     model, x, y, xt, yt = problem
     G, Gt = loop_grads(model, x, y), loop_grads(model, xt, yt)

@@ -207,20 +207,22 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
 
 
 def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset) -> dict[str, Any]:
-    """Settings a method needs from the training run (checkpoints, ensembles' recipe, prior)."""
+    """Settings a method takes from the training run, by what its class declares it needs
+    (`method_class(method).needs`, see `modelsense.attribution.NEEDS`)."""
+    needs = method_class(method).needs
     ctx: dict[str, Any] = {}
-    if method.startswith("tracin"):
+    if "checkpoints" in needs:
         ckpts, lrs = checkpoints_from_fit(result)
         ctx.update(checkpoints=ckpts, learning_rates=lrs)
-    if method in ("trak", "el2n") or method.startswith("if-"):
+    if "recipe" in needs:
         base = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
         ctx.update(train_config=base,
                    model_fn=lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)))
-    if method in ("la-kfac", "mpe"):
+    if "prior_precision" in needs:
         ctx["prior_precision"] = max(train_cfg.delta, 1e-8)
-    if method == "gex":
+    if "delta" in needs:
         ctx["delta"] = train_cfg.delta
-    if method == "mpe" and train_cfg.optimizer in ("ivon", "adam"):
+    if "optimizer_state" in needs and train_cfg.optimizer in ("ivon", "adam"):
         ctx.update(source=train_cfg.optimizer, optimizer=result.optimizer)
     return ctx
 
