@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 def test_grad_dot_of_a_checkpoint_is_the_gradient_inner_product(trained, tmp_path):
     out = tmp_path / "inf"
     ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot", "--n-test", 4,
-       "--proj-dim", 7, "--memory-gb", 0.5, "--out", out)
+       "--bs-jacs", 7, "--memory-gb", 0.5, "--out", out)
     scores = np.load(out / "scores.npy")
     module, _ = load_model(trained / "model.pt")
     data = load_dataset_from_config(DataConfig("digits", n_train=60))
@@ -64,7 +64,7 @@ def test_grad_dot_of_a_checkpoint_is_the_gradient_inner_product(trained, tmp_pat
     config = json.loads((out / "config.json").read_text())
     assert config["source"]["path"] == str(trained / "model.pt") and config["source"]["recipe"] == "config.json"
     assert config["train"]["epochs"] == 4 and config["model"]["widths"] == [8]  # the run's, not the command's
-    assert config["settings"]["proj_dim"] == 7 and config["settings"]["memory_gb"] == 0.5  # the method settings
+    assert config["settings"]["bs_jacs"] == 7 and config["settings"]["memory_gb"] == 0.5  # the method settings
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test_accuracy"])
 
@@ -131,3 +131,9 @@ def test_what_a_bare_model_pt_cannot_give_is_a_clear_error(trained, tmp_path):
     msg = error(invoke("noisy-labels", *DATA, "--checkpoint", ivon / "model.pt",
                        "--methods", "loss,mpe", "--out", tmp_path / "d"))
     assert "mpe reads the posterior of a model trained with adam from the optimizer state" in msg
+
+
+def test_a_setting_no_asked_method_takes_is_refused_by_its_option_name(tmp_path):
+    msg = error(invoke("influence", *DATA, *TRAIN, "--method", "grad-dot", "--proj-dim", 7, "--out", tmp_path / "a"))
+    assert "--proj-dim" in msg and "randproj" in msg and "'proj_dim'" not in msg
+    assert not (tmp_path / "a").exists()

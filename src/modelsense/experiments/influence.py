@@ -192,7 +192,7 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     trained = load_trained_run(checkpoint, data)
     check_recipe(checkpoint, Recipe(trained.data_cfg, trained.model_cfg, trained.train_cfg), data_cfg)
     recipe = trained.recipe(train_cfg)
-    tracin = [m for m in methods if m.startswith("tracin")]
+    tracin = [m for m in methods if "checkpoints" in method_class(m).needs]
     epochs = [k for k in trained.snapshots if k.startswith("epoch_") and int(k.split("_")[1]) >= 1]
     if tracin and (not epochs or trained.train_cfg is None):
         lacks = (f"no checkpoint_epoch_<E>.pt files next to {trained.path}" if not epochs else
@@ -200,9 +200,11 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
         raise ConfigError(f"{', '.join(tracin)} needs the parameters at epochs of training and their learning rates, "
                           f"but there are {lacks}; train it with `modelsense train --checkpoint-epochs E1,E2,...` "
                           "or pick another method")
-    if "mpe" in methods and recipe.optimizer in ("ivon", "adam"):
-        raise ConfigError(f"mpe reads the posterior of a model trained with {recipe.optimizer} from the optimizer state, "
-                          f"which {trained.path} does not hold; pick another method, or drop --checkpoint to train here")
+    state = [m for m in methods if "optimizer_state" in method_class(m).needs]
+    if state and recipe.optimizer in ("ivon", "adam"):
+        raise ConfigError(f"{', '.join(state)} reads the posterior of a model trained with {recipe.optimizer} from the "
+                          f"optimizer state, which {trained.path} does not hold; pick another method, or drop "
+                          "--checkpoint to train here")
     return trained, trained.model_cfg, recipe
 
 
@@ -227,15 +229,31 @@ def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: Model
     return ctx
 
 
-def make_method(method: str, settings: dict[str, Any], context: dict[str, Any], progress: bool, seed: int):
+def make_method(method: str, settings: dict[str, Any], context: dict[str, Any], progress: bool, seed: int,
+                methods: list[str] | None = None):
+    """Method `method` with the shared `settings` (those it takes; a setting none of `methods` takes is
+    refused) and its `context` from training."""
     given = {k: v for k, v in settings.items() if v is not None}
-    return make_attributor(method, {"seed": seed, **given, **context, "progress": progress}, strict=False)
+    return make_attributor(method, {"seed": seed, **given, **context, "progress": progress}, strict=False,
+                           shared_with=methods or [method])
+
+
+#: attribution setting -> the option that sets it, where the names differ (`MethodSettings.as_dict`)
+_SETTING_FLAGS = {"rank": "--arnoldi-rank", "n_models": "--ensemble-models", "chunk_size": "--bs-jacs",
+                  "memory_budget": "--memory-gb"}
 
 
 def check_settings(methods: list[str], settings: dict[str, Any]) -> None:
-    """Build each method with `settings` (no context), so a bad setting fails before anything is written."""
-    for m in methods:
-        make_method(m, settings, {}, progress=False, seed=0)
+    """Build each method with `settings` (no context), so a bad setting, or one that no method asked
+    for takes, fails before anything is written; the message names the options."""
+    try:
+        for m in methods:
+            make_method(m, settings, {}, progress=False, seed=0, methods=methods)
+    except ConfigError as exc:
+        message = str(exc)
+        for name in settings:
+            message = message.replace(repr(name), _SETTING_FLAGS.get(name, "--" + name.replace("_", "-")))
+        raise ConfigError(message) from None
 
 
 def _check_data_for_methods(data: Dataset, methods: list[str]) -> None:
@@ -270,7 +288,7 @@ def _obtain(prepared: Prepared, run: RunDir, progress: bool) -> Obtained:
     them, and saved in the run; or the checkpoint's)."""
     x = prepared.extra
     train = x["train"]
-    tracin = any(m.startswith("tracin") for m in x["methods"]) and not train.checkpoint_epochs
+    tracin = any("checkpoints" in method_class(m).needs for m in x["methods"]) and not train.checkpoint_epochs
     return obtain_model(prepared.data, x["model"], train, trained=x["trained"], run=run, progress=progress,
                         checkpoint_epochs=tracin_checkpoint_epochs(train.epochs) if tracin else ())
 
@@ -280,8 +298,8 @@ def _fit_method(method: str, got: Obtained, prepared: Prepared, progress: bool):
     data = prepared.data
     start = time.perf_counter()
     ctx = method_context(method, got.fit, got.train, got.model, data)
-    att = make_method(method, prepared.extra["settings"], ctx, progress, got.train.seed).fit(got.module, data.x_train,
-                                                                                          data.y_train)
+    settings, methods = prepared.extra["settings"], prepared.extra["methods"]
+    att = make_method(method, settings, ctx, progress, got.train.seed, methods).fit(got.module, data.x_train, data.y_train)
     return att, time.perf_counter() - start
 
 
