@@ -137,3 +137,21 @@ def test_a_setting_no_asked_method_takes_is_refused_by_its_option_name(tmp_path)
     msg = error(invoke("influence", *DATA, *TRAIN, "--method", "grad-dot", "--proj-dim", 7, "--out", tmp_path / "a"))
     assert "--proj-dim" in msg and "randproj" in msg and "'proj_dim'" not in msg
     assert not (tmp_path / "a").exists()
+
+
+def test_save_state_then_state_scores_new_data_without_refitting(trained, tmp_path):
+    first = tmp_path / "first"
+    ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--n-test", 6, "--save-state",
+       "--out", first)
+    assert (first / "state" / "attributor.json").exists()
+    again = tmp_path / "again"
+    m = ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--n-test", 6,
+           "--state", first / "state", "--out", again)
+    assert m["state"] == "loaded"
+    np.testing.assert_allclose(np.load(again / "scores.npy"), np.load(first / "scores.npy"), rtol=1e-4, atol=1e-7)
+    msg = error(invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--damping", 3,
+                       "--state", first / "state", "--out", tmp_path / "x"))
+    assert "damping" in msg
+    msg = error(invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot",
+                       "--state", first / "state", "--out", tmp_path / "y"))
+    assert "holds a fitted 'if-ekfac'" in msg and not (tmp_path / "y").exists()

@@ -171,6 +171,10 @@ class InfluenceSpec:
     n_test: int | None = option(None, "first n test examples (default all)")
     top_k: int = option(5, "most helpful / harmful training examples shown per test example")
     n_show: int = 6
+    save_state: bool = option(False, "also save the fitted method (curvature factors, projections, ensembles, ...) "
+                                     "in OUT/state, to score new test data later with --state", flag="--save-state")
+    state: str | None = option(None, "a folder written by --save-state: score with that fitted method instead of "
+                                     "fitting it (its method, settings, model and training data must match)")
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
 
@@ -293,13 +297,17 @@ def _obtain(prepared: Prepared, run: RunDir, progress: bool) -> Obtained:
                         checkpoint_epochs=tracin_checkpoint_epochs(train.epochs) if tracin else ())
 
 
+def _method(method: str, got: Obtained, prepared: Prepared, progress: bool):
+    """The unfitted attributor of `method`, with the shared settings and its context from training."""
+    ctx = method_context(method, got.fit, got.train, got.model, prepared.data)
+    return make_method(method, prepared.extra["settings"], ctx, progress, got.train.seed, prepared.extra["methods"])
+
+
 def _fit_method(method: str, got: Obtained, prepared: Prepared, progress: bool):
     """(fitted attributor, seconds)."""
     data = prepared.data
     start = time.perf_counter()
-    ctx = method_context(method, got.fit, got.train, got.model, data)
-    settings, methods = prepared.extra["settings"], prepared.extra["methods"]
-    att = make_method(method, settings, ctx, progress, got.train.seed, methods).fit(got.module, data.x_train, data.y_train)
+    att = _method(method, got, prepared, progress).fit(got.module, data.x_train, data.y_train)
     return att, time.perf_counter() - start
 
 
@@ -502,6 +510,15 @@ def check_influence(spec: InfluenceSpec) -> Prepared:
         _check_self_influence([method])
     if spec.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, received {spec.top_k}")
+    if spec.state is not None:
+        from modelsense.attribution.state import read_saved
+
+        saved = read_saved(spec.state)
+        if saved.get("method") != method:
+            raise ConfigError(f"--state {spec.state} holds a fitted {saved.get('method')!r}, not {method!r}; pass "
+                              f"--method {saved.get('method')} or drop --state")
+        if spec.checkpoint is None:
+            raise ConfigError("--state scores a model it was fitted on: pass that model as --checkpoint RUN/model.pt")
     prepared = _prepare(spec, [method])
     data = prepared.data
     prepared.config["n_test"] = data.n_test if spec.n_test is None else min(int(spec.n_test), data.n_test)
@@ -517,9 +534,16 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
     (method,) = prepared.extra["methods"]
     got = _obtain(prepared, run, progress)
     start = time.perf_counter()
-    att, fit_seconds = _fit_method(method, got, prepared, progress)
+    if spec.state is not None:
+        att = _method(method, got, prepared, progress).load(spec.state, got.module, data.x_train, data.y_train)
+        fit_seconds = time.perf_counter() - start
+        run.log(f"{method}: state loaded from {spec.state}")
+    else:
+        att, fit_seconds = _fit_method(method, got, prepared, progress)
+    if spec.save_state:
+        att.save(run.path / "state")
     metrics: dict[str, Any] = {"method": method, "test_accuracy": got.fit.final.get("test_accuracy"),
-                               "fit_seconds": fit_seconds}
+                               "fit_seconds": fit_seconds, "state": "loaded" if spec.state else "fitted"}
     image = plots.is_image(tuple(data.input_shape))
     if spec.self_only:
         s = att.self_scores().numpy()
