@@ -27,7 +27,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -271,16 +270,11 @@ def main() -> None:
             print(f"{name:>18s}: FAILED {errors[name][:200]}", flush=True)
             traceback.print_exc(limit=2)
 
-    gt_file = out / f"lds_gt_{args.dataset}_{args.widths.replace(',', '-')}_{args.epochs}_{args.lr}_{args.n_models}_{args.alpha}_{n_test}.npz"
-    if gt_file.exists():
-        with np.load(gt_file) as f:
-            masks, losses = f["masks"], f["losses"]
-    else:
-        t0 = time.perf_counter()
-        masks, losses = lds_ground_truth(data, model_cfg, train_cfg, xt, yt, n_models=args.n_models, alpha=args.alpha,
-                                         seed=train_cfg.seed, progress=False)
-        np.savez(gt_file, masks=masks, losses=losses)
-        print(f"ground truth: {args.n_models} models in {time.perf_counter() - t0:.1f} s")
+    store = out / "ground_truth_store"  # the models of the LDS, reused by later runs of this benchmark
+    t0 = time.perf_counter()
+    masks, losses = lds_ground_truth(data_cfg, data, model_cfg, train_cfg, n_test, n_models=args.n_models,
+                                     alpha=args.alpha, root=store, progress=False)
+    print(f"ground truth: {args.n_models} models in {time.perf_counter() - t0:.1f} s (stored in {store})")
     lds = {}
     for name, s in scores.items():
         lds[name], _ = linear_datamodeling_score(s, masks, losses)

@@ -509,7 +509,7 @@ def test_noisy_labels_lds_and_influence_runs_write_their_directories(tmp_path):
     assert json.loads((tmp_path / "nl" / "metrics.json").read_text())["n_corrupted"] == m["n_corrupted"]
     lds = execute(LDS, LdsSpec(DataConfig("digits", n_train=100), model, train, methods=("grad-dot", "if-ekfac"),
                                n_models=4, n_test=10), tmp_path / "lds", progress=False)
-    assert set(lds["lds"]) == {"grad-dot", "if-ekfac"} and (tmp_path / "lds" / "lds_ground_truth.npz").exists()
+    assert set(lds["lds"]) == {"grad-dot", "if-ekfac"} and list((tmp_path / "lds" / "store").glob("*/chunks/*.npz"))
     inf = execute(INFLUENCE, InfluenceSpec(DataConfig("digits", n_train=100), model, train, method="grad-dot", n_test=7,
                                            top_k=2, n_show=2), tmp_path / "inf", progress=False)
     assert np.load(tmp_path / "inf" / "scores.npy").shape == (100, 7) and len(inf["top_helpful"]) == 2

@@ -86,7 +86,9 @@ def test_lds_retrains_with_the_checkpoint_runs_recipe(trained, tmp_path):
            "--n-test", 5, "--out", out)
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["epochs"] == 4 and config["train"]["lr"] == 0.1  # not the command's defaults 50 / 0.1
-    assert set(m["lds"]) == {"grad-dot"} and np.load(out / "lds_ground_truth.npz")["losses"].shape == (3, 5)
+    assert set(m["lds"]) == {"grad-dot"} and np.load(out / "lds_per_test.npz")["grad_dot"].shape == (5,)
+    (chunk,) = (out / "store").glob("*/chunks/*.npz")  # the 3 retrained models, in the ground-truth store
+    assert np.load(chunk)["test_loss"].shape[0] == 3
 
 
 def test_checkpoint_of_another_dataset_is_an_error_with_exit_code_2(trained, tmp_path, monkeypatch, capsys):

@@ -51,10 +51,20 @@ from modelsense.attribution.evaluation import (
 )
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.command import Command, Prepared, cached
+from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.source import Obtained, Recipe, TrainedRun, check_recipe, load_trained_run, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.options import joined, names, ints, option
+from modelsense.retraining.store import (
+    STORE_DIR,
+    RetrainOptions,
+    RetrainRecipe,
+    jobs_from,
+    retrain,
+    subset_jobs,
+    subset_size,
+    train_jobs,
+)
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
 
@@ -64,8 +74,6 @@ NOISY_TRAIN = {"lr": 0.1, "epochs": 200, "bs": 64, "delta": 1.0}
 CLEAN_TRAIN = {"lr": 0.1, "epochs": 50, "bs": 64, "delta": 1.0}
 DEFAULT_NOISY_METHODS = ("gex", "loss", "grad-dot", "el2n", "randproj", "tracin-rp", "if-ekfac", "mpe")
 DEFAULT_LDS_METHODS = ("grad-dot", "randproj", "tracin", "if-ekfac", "if-kfac", "arnoldi", "trak", "gex")
-#: the cached ground truth of `lds` (kept by --resume when its key matches)
-LDS_GROUND_TRUTH = "lds_ground_truth.npz"
 CHECKPOINT_HELP = ("model.pt of `modelsense train` to score instead of training one; the data, model and training "
                    "recipe come from its run (options that contradict it are refused)")
 
@@ -139,6 +147,7 @@ class PruneSpec:
                                  show=joined)
     remove: str = option("lowest", "lowest (as Kim et al. 2023, GEX) or highest self-influence first")
     n_random: int = option(3, "random-removal repeats per k")
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
 
@@ -154,7 +163,7 @@ class LdsSpec:
     n_models: int = option(50, "models trained on random subsets (ground truth)")
     alpha: float = option(0.5, "fraction of the training set in each subset")
     n_test: int | None = option(None, "first n test examples (default all)")
-    chunk_models: int | None = option(None, "subset models trained together (vmapped)")
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
 
@@ -375,13 +384,14 @@ def check_prune(spec: PruneSpec) -> Prepared:
     if bad:
         raise ConfigError(f"--ks must lie in (0, N={n}), received {bad}")
     prepared.config["ks"] = list(ks)
+    RetrainRecipe(spec.data, spec.model, spec.train)  # retraining is the engine's (sgd or adam)
     return prepared
 
 
 def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Remove the k lowest (or highest) self-influence examples, retrain, compare with random removal."""
+    """Remove the k lowest (or highest) self-influence examples, retrain (jobs of the ground-truth
+    store: `--resume` continues an interrupted retraining), compare with random removal."""
     from modelsense.attribution import plots
-    from modelsense.training import train_ensemble
 
     data, ks = prepared.data, prepared.config["ks"]
     n = data.n_train
@@ -405,12 +415,10 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
             keep[rng.choice(n, size=k, replace=False)] = False
             masks.append(keep)
             labels.append(("random", k))
-    cfg = replace(got.train, checkpoint_epochs=(), checkpoint_iterations=())
-    res = train_ensemble(lambda s: build_model_from_config(got.model, data.input_shape, data.num_classes, seed=int(s)),
-                         data.x_train, data.y_train, torch.from_numpy(np.stack(masks)), cfg,
-                         seeds=[got.train.seed] * len(masks), queries={"test": (data.x_test, data.y_test)},
-                         keep_logits=False, progress=progress)
-    acc = res.outputs["test"]["correct"].double().mean(1).numpy()
+    recipe = RetrainRecipe(spec.data, got.model, replace(got.train, checkpoint_epochs=(), checkpoint_iterations=()))
+    tables = retrain(recipe, jobs_from(np.stack(masks), [got.train.seed] * len(masks)), spec.retrain, run.path,
+                     data=data, progress=progress, log=run.log)
+    acc = tables["test_correct"].astype(np.float64).mean(1)
     for m in prepared.extra["methods"]:
         metrics["accuracy"][m] = [float(a) for (mm, _), a in zip(labels, acc) if mm == m]
     rand = np.array([a for (mm, _), a in zip(labels, acc) if mm == "random"]).reshape(spec.n_random, len(ks))
@@ -423,25 +431,19 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
 
 
 # -- linear datamodeling score ----------------------------------------------------------------
-def lds_ground_truth(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, x_test, y_test, *, n_models: int,
-                     alpha: float, seed: int, chunk_models: int | None = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(masks (M, N) bool, test losses (M, n_test)) of M models trained from scratch on random α-subsets."""
-    from modelsense.training import train_ensemble
-
-    n = data.n_train
-    k = int(round(alpha * n))
-    if not 0 < k < n:
-        raise ConfigError(f"--alpha {alpha} gives subsets of {k} of {n} examples; choose alpha in (0, 1)")
-    rng = np.random.default_rng(seed + 4242)
-    masks = np.zeros((n_models, n), dtype=bool)
-    for m in range(n_models):
-        masks[m, rng.choice(n, size=k, replace=False)] = True
-    cfg = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
-    res = train_ensemble(lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)),
-                         data.x_train, data.y_train, torch.from_numpy(masks), cfg,
-                         seeds=[seed + 10_000 + m for m in range(n_models)], queries={"test": (x_test, y_test)},
-                         keep_logits=False, chunk_models=chunk_models, progress=progress)
-    return masks, res.outputs["test"]["loss"].double().numpy()
+def lds_ground_truth(data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, n_test: int, *,
+                     n_models: int,
+                     alpha: float, root: str | Path, retrain_options: RetrainOptions | None = None,
+                     progress: bool = True, log=None) -> tuple[np.ndarray, np.ndarray]:
+    """(masks (M, N) bool, test losses (M, n_test)) of M models trained from scratch on random α-subsets:
+    the jobs `subset_jobs(N, α, range(M), seed0=train_cfg.seed)` of the ground-truth store under `root`
+    (shared with memorization at ρ = α on the same recipe)."""
+    options = retrain_options or RetrainOptions()
+    recipe = RetrainRecipe(data_cfg, model_cfg, replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=()))
+    jobs = subset_jobs(data.n_train, alpha, range(n_models), seed0=train_cfg.seed)
+    tables = train_jobs(recipe, jobs, root, data=data, backend=options.backend, address=options.address,
+                        chunk_models=options.chunk_size, progress=progress, log=log)
+    return tables["masks"], tables["test_loss"][:, :n_test].astype(np.float64)
 
 
 def check_lds(spec: LdsSpec) -> Prepared:
@@ -453,16 +455,18 @@ def check_lds(spec: LdsSpec) -> Prepared:
         raise ConfigError(f"--n-models must be >= 3 for a rank correlation, received {spec.n_models}")
     prepared = _prepare(spec, methods)
     data = prepared.data
-    if not 0 < int(round(spec.alpha * data.n_train)) < data.n_train:
-        raise ConfigError(f"--alpha {spec.alpha} gives subsets of {int(round(spec.alpha * data.n_train))} of "
+    if not 0 < subset_size(data.n_train, spec.alpha) < data.n_train:
+        raise ConfigError(f"--alpha {spec.alpha} gives subsets of {subset_size(data.n_train, spec.alpha)} of "
                           f"{data.n_train} examples; choose alpha in (0, 1)")
+    RetrainRecipe(spec.data, spec.model, spec.train)  # the ground truth trains with the engine (sgd or adam)
     prepared.config["n_test"] = data.n_test if spec.n_test is None else min(int(spec.n_test), data.n_test)
     return prepared
 
 
 def run_lds(spec: LdsSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """LDS of each method (see the module docstring); the ground truth is kept in the run directory
-    (`lds_ground_truth.npz`, `cached` under its arguments), so `--resume` scores other methods on it."""
+    """LDS of each method (see the module docstring); the ground truth's models are jobs of the one
+    ground-truth store (`lds_ground_truth`; OUT/store unless --store), so `--resume` (or another run
+    given the same --store) reuses them."""
     from modelsense.attribution import plots
 
     data, n_test = prepared.data, prepared.config["n_test"]
@@ -477,23 +481,14 @@ def run_lds(spec: LdsSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
         all_scores[m] = att.scores(x_test, y_test).double().numpy()
         metrics["seconds"][m] = time.perf_counter() - start
         run.log(f"{m}: scores in {metrics['seconds'][m]:.1f}s")
-    train = replace(got.train, checkpoint_epochs=(), checkpoint_iterations=())
-    key = {"data": spec.data.to_dict(), "model": got.model, "train": train.to_dict(), "n_models": spec.n_models,
-           "alpha": spec.alpha, "n_test": n_test}
     start = time.perf_counter()
-
-    def ground_truth() -> dict[str, np.ndarray]:
-        masks, losses = lds_ground_truth(data, got.model, train, x_test, y_test, n_models=spec.n_models,
-                                         alpha=spec.alpha, seed=train.seed, chunk_models=spec.chunk_models,
-                                         progress=progress)
-        return {"masks": masks, "losses": losses}
-
-    truth, reused = cached(run.path / LDS_GROUND_TRUTH, key, ground_truth, "LDS ground truth")
-    run.log("reused the stored ground truth" if reused else "trained the ground truth")
+    masks, losses = lds_ground_truth(spec.data, data, got.model, got.train, n_test, n_models=spec.n_models,
+                                     alpha=spec.alpha, root=spec.retrain.root(run.path), retrain_options=spec.retrain,
+                                     progress=progress, log=run.log)
     metrics["ground_truth_seconds"] = time.perf_counter() - start
     per_test = {}
     for m, s in all_scores.items():
-        metrics["lds"][m], per_test[m] = linear_datamodeling_score(s, truth["masks"], truth["losses"])
+        metrics["lds"][m], per_test[m] = linear_datamodeling_score(s, masks, losses)
         metrics["lds_se"][m] = lds_standard_error(per_test[m])
         run.log(f"{m}: LDS {metrics['lds'][m]:.4f} ± {metrics['lds_se'][m]:.4f}")
     run.save_arrays("lds_per_test", **_by_method(per_test))
@@ -599,13 +594,14 @@ def _prune_summary(m: dict[str, Any]) -> str:
 NOISY_LABELS = Command("noisy-labels", NoisyLabelsSpec, check_noisy_labels, run_noisy_labels, summary=_noisy_summary,
                        help="Noisy-label detection: rank training examples by each method's self-influence; AUC/AP "
                             "with standard errors, histograms.")
-PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summary,
+PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summary, keep=(STORE_DIR,),
+                resume_keys=("data", "model", "train", "methods", "ks", "remove", "n_random", "settings"),
                 help="Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random "
                      "removal.")
 LDS = Command("lds", LdsSpec, check_lds, run_lds, summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
-              keep=(LDS_GROUND_TRUTH,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
-              help="Linear datamodeling score per method (ground truth: models on random α-subsets, kept in --out for "
-                   "--resume).")
+              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
+              help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
+                   "ground-truth store of --out, or --store, for --resume and other runs).")
 INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence,
                     summary=lambda m: f"{m['method']}: scores of shape {m['shape']} in {m['seconds']:.1f}s",
                     help="One method's influence scores (score(i, j) ≈ rise of test loss j when training example i "
