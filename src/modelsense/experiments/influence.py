@@ -52,7 +52,15 @@ from modelsense.attribution.evaluation import (
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
-from modelsense.experiments.source import Obtained, Recipe, TrainedRun, check_recipe, load_trained_run, obtain_model
+from modelsense.experiments.source import (
+    Obtained,
+    Recipe,
+    TrainedRun,
+    check_recipe,
+    load_trained_run,
+    load_weights_run,
+    obtain_model,
+)
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.options import joined, names, ints, option
 from modelsense.retraining.store import (
@@ -76,6 +84,8 @@ DEFAULT_NOISY_METHODS = ("gex", "loss", "grad-dot", "el2n", "randproj", "tracin-
 DEFAULT_LDS_METHODS = ("grad-dot", "randproj", "tracin", "if-ekfac", "if-kfac", "arnoldi", "trak", "gex")
 CHECKPOINT_HELP = ("model.pt of `modelsense train` to score instead of training one; the data, model and training "
                    "recipe come from its run (options that contradict it are refused)")
+WEIGHTS_HELP = ("a state_dict of --model trained elsewhere (torch.save(model.state_dict(), path)) to score instead of "
+                "training one; the command's data and training options stand for its recipe")
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,7 @@ class NoisyLabelsSpec:
     methods: tuple[str, ...] = option(DEFAULT_NOISY_METHODS, _methods_help(""), parse=names, show=joined)
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    weights: str | None = option(None, WEIGHTS_HELP)
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,7 @@ class PruneSpec:
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    weights: str | None = option(None, WEIGHTS_HELP)
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,7 @@ class LdsSpec:
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    weights: str | None = option(None, WEIGHTS_HELP)
 
 
 @dataclass(frozen=True)
@@ -186,11 +199,13 @@ class InfluenceSpec:
                                      "fitting it (its method, settings, model and training data must match)")
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    weights: str | None = option(None, WEIGHTS_HELP)
 
 
 # -- shared steps -------------------------------------------------------------------------------
 def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig,
-                      train_cfg: TrainConfig, methods: list[str]) -> tuple[TrainedRun | None, ModelConfig, TrainConfig]:
+                      train_cfg: TrainConfig, methods: list[str],
+                      weights: str | Path | None = None) -> tuple[TrainedRun | None, ModelConfig, TrainConfig]:
     """(run of `checkpoint`, model config, training config) of the model the methods score.
 
     No checkpoint: (None, model_cfg, train_cfg), the model is trained here. Otherwise the model.pt of
@@ -200,9 +215,12 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     or when a method needs what a model.pt lacks: TracIn the parameters at epochs of training with
     their learning rates, mpe after IVON/Adam the optimizer state.
     """
-    if checkpoint is None:
+    if checkpoint is None and weights is None:
         return None, model_cfg, train_cfg
-    trained = load_trained_run(checkpoint, data)
+    if checkpoint is not None and weights is not None:
+        raise ConfigError("give --checkpoint (a modelsense run's model.pt) or --weights (a state_dict of --model), "
+                          "not both")
+    trained = load_trained_run(checkpoint, data) if weights is None else load_weights_run(weights, model_cfg, data)
     check_recipe(checkpoint, Recipe(trained.data_cfg, trained.model_cfg, trained.train_cfg), data_cfg)
     recipe = trained.recipe(train_cfg)
     tracin = [m for m in methods if "checkpoints" in method_class(m).needs]
@@ -216,8 +234,8 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     state = [m for m in methods if "optimizer_state" in method_class(m).needs]
     if state and recipe.optimizer in ("ivon", "adam"):
         raise ConfigError(f"{', '.join(state)} reads the posterior of a model trained with {recipe.optimizer} from the "
-                          f"optimizer state, which {trained.path} does not hold; pick another method, or drop "
-                          "--checkpoint to train here")
+                          f"optimizer state, which {trained.path} does not hold; pick another method, or train "
+                          "the model in this command")
     return trained, trained.model_cfg, recipe
 
 
@@ -289,7 +307,8 @@ def _prepare(spec: Any, methods: list[str], config: dict[str, Any] | None = None
     _check_data_for_methods(data, methods)
     settings = spec.settings.as_dict()
     check_settings(methods, settings)
-    trained, model_cfg, train_cfg = attribution_model(spec.checkpoint, spec.data, data, spec.model, spec.train, methods)
+    trained, model_cfg, train_cfg = attribution_model(spec.checkpoint, spec.data, data, spec.model, spec.train, methods,
+                                                      spec.weights)
     return Prepared(data, {"dataset": data.summary(), "source": None if trained is None else trained.summary(),
                            **(config or {})},
                     {"trained": trained, "model": model_cfg, "train": train_cfg, "methods": methods,
@@ -512,8 +531,9 @@ def check_influence(spec: InfluenceSpec) -> Prepared:
         if saved.get("method") != method:
             raise ConfigError(f"--state {spec.state} holds a fitted {saved.get('method')!r}, not {method!r}; pass "
                               f"--method {saved.get('method')} or drop --state")
-        if spec.checkpoint is None:
-            raise ConfigError("--state scores a model it was fitted on: pass that model as --checkpoint RUN/model.pt")
+        if spec.checkpoint is None and spec.weights is None:
+            raise ConfigError("--state scores the model it was fitted on: pass that model as --checkpoint RUN/model.pt "
+                              "or --weights")
     prepared = _prepare(spec, [method])
     data = prepared.data
     prepared.config["n_test"] = data.n_test if spec.n_test is None else min(int(spec.n_test), data.n_test)
