@@ -12,7 +12,7 @@ import modelsense.cli.representations  # noqa: F401  (registers zoo / compare / 
 from modelsense.cli.app import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
-from modelsense.experiments.representations import train_zoo, zoo_member_path
+from modelsense.retraining.zoo import train_zoo, zoo_member_path
 from modelsense.experiments.train import train_model
 from modelsense.models.checkpoint import load_model, save_model
 from modelsense.models import ModelConfig, build_model
@@ -159,8 +159,9 @@ def test_relu_symmetric_copy_is_identical_for_relu_metrics_and_permutation_stitc
     # permutation stitching initialised from the activations recovers P D exactly: no penalty
     m = ok("stitch", *DATA, "--model-a", a, "--model-b", path, "--kind", "permutation", "--init", "match",
            "--stitch-epochs", 0, "--layers", "act1", "--out", tmp_path / "stitch")
-    assert m["stitched_accuracy"] == [pytest.approx(m["clean_accuracy"][0])] and m["penalty"] == [pytest.approx(0.0)]
-    perm = m["by_kind"]["permutation"]["extra"][0]["permutation"]
+    assert m["stitched_accuracy"] == {"permutation": [pytest.approx(m["clean_accuracy"][0])]}
+    assert m["penalty"] == {"permutation": [pytest.approx(0.0)]}
+    perm = m["extra"]["permutation"][0]["permutation"]
     assert sorted(perm) == list(range(16))
 
 
@@ -178,7 +179,7 @@ def test_stitch_two_seeds_several_kinds(zoo_dir, tmp_path):
         acc, pen = m["stitched_accuracy"][kind], m["penalty"][kind]
         assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
         assert pen == pytest.approx([np.mean(clean) - a for a in acc])
-        assert m["by_kind"][kind]["penalty"] == pen
+        assert m["mean_penalty"][kind] == pytest.approx(np.mean(pen)) and len(m["layer_seconds"][kind]) == 2
     assert (out / "figures" / "stitching_penalty.png").stat().st_size > 1000
     arrays = np.load(out / "stitching.npz")
     assert arrays["penalty"].shape == (2, 2)
@@ -190,7 +191,9 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     out = tmp_path / "st"
     m = ok("stitch", *TINY, "--kind", "lowrank", "--rank", 2, "--layers", "act2", "--stitch-epochs", 1,
            "--seed-a", 3, "--seed-b", 4, "--out", out)
-    assert m["layers"] == ["act2"] and len(m["stitched_accuracy"]) == 1 and len(m["penalty"]) == 1
+    # one kind: the same shape as several, kind -> list over layers
+    assert m["layers"] == ["act2"] and list(m["stitched_accuracy"]) == list(m["penalty"]) == ["lowrank"]
+    assert len(m["stitched_accuracy"]["lowrank"]) == len(m["penalty"]["lowrank"]) == 1
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
 
 
@@ -247,7 +250,7 @@ def test_demo_section(tmp_path):
 
 
 def test_stitching_figure_legend_names_both_clean_accuracy_lines():
-    from modelsense.experiments.representations import stitching_penalty_figure
+    from modelsense.representations.plots import stitching_penalty_figure
 
     fig = stitching_penalty_figure(["act1", "act2"], {"linear": [0.1, 0.2]}, {"linear": [0.8, 0.7]}, [0.9, 0.85])
     ax_a = fig.axes[1]

@@ -34,7 +34,6 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from modelsense.errors import ConfigError, DataError
@@ -502,6 +501,8 @@ def relu_procrustes_matching(x: ArrayLike, y: ArrayLike) -> ChannelMatching:
     x, y = align_channel_shapes(x, y)
     a, na = _unit_channels(channel_rows(x))
     b, nb = _unit_channels(channel_rows(y))
+    from scipy.optimize import linear_sum_assignment  # here: `modelsense --help` does not load scipy
+
     c = a.T @ b  # (C, C), rows: x channels, columns: y channels
     rows, cols = linear_sum_assignment(c.cpu().numpy(), maximize=True)
     perm = np.empty(c.shape[1], dtype=np.int64)
