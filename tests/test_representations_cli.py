@@ -12,10 +12,10 @@ import modelsense.cli.representations  # noqa: F401  (registers zoo / compare / 
 from modelsense.cli.app import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
-from modelsense.retraining.zoo import train_zoo, zoo_member_path
 from modelsense.experiments.train import train_model
-from modelsense.models.checkpoint import load_model, save_model
 from modelsense.models import ModelConfig, build_model
+from modelsense.models.checkpoint import load_model, save_model
+from modelsense.retraining.zoo import train_zoo, zoo_member_path
 from modelsense.training.config import TrainConfig
 
 runner = CliRunner()
@@ -225,6 +225,12 @@ def test_bad_input_gives_clear_messages(zoo_dir, tmp_path):
     assert "--n-examples must be >= 4" in msg
 
 
+def test_a_zoo_trained_with_other_settings_is_refused_before_anything_is_written(zoo_dir, tmp_path):
+    msg = _error(invoke("stitch", *DATA, *MODEL, "--epochs", "4", "--lr", "0.1", "--bs", "32", "--zoo", zoo_dir,
+                        "--out", tmp_path / "x"))
+    assert "was trained with train settings" in msg and not (tmp_path / "x").exists()
+
+
 def test_models_for_different_datasets_are_refused(zoo_dir, tmp_path):
     other = tmp_path / "mnist1d.pt"
     module = build_model("mlp", (40,), 10, widths=(16, 16), seed=0)
@@ -242,7 +248,7 @@ def test_demo_section(tmp_path):
     section = representations_section(tmp_path, progress=False)
     assert all(p.exists() for p in section.figures) and len(section.figures) == 2
     assert {"relu-cka act1", "relu-cka act2"} <= set(section.metrics) and "relu-cka is CKA of the kernel" in section.text
-    assert section.metrics["cka act1"] > 0.5 and set(k for k in section.metrics if k.startswith("penalty")) == {
+    assert section.metrics["cka act1"] > 0.5 and {k for k in section.metrics if k.startswith("penalty")} == {
         "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}
     # a second run reuses the zoo
     again = representations_section(tmp_path, progress=False)

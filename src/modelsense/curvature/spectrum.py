@@ -34,7 +34,6 @@ from modelsense.curvature.operators import MATRICES, REDUCTIONS, CurvatureConfig
 from modelsense.errors import ConfigError
 from modelsense.options import floats, joined, option
 
-
 #: s of N_eff for the matrix of the summed loss; divided by N for the mean loss (module docstring).
 DEFAULT_S_SUM = 100.0
 

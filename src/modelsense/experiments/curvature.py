@@ -273,7 +273,7 @@ def run_width_sweep(spec: WidthSweepSpec, prepared: Prepared, run: RunDir, progr
         for width in todo:
             done = [0]
 
-            def on_epoch(epoch: int, row: dict[str, float], width: int = width) -> None:
+            def on_epoch(epoch: int, row: dict[str, float], width: int = width, done: list[int] = done) -> None:
                 bar.advance(epoch - done[0], description=f"width {width}", loss=row["train_loss"])
                 done[0] = epoch
 
@@ -396,7 +396,7 @@ BLR = Command("effdim blr", BLRSpec, check_blr, run_blr,
 
 
 # -- demo section --------------------------------------------------------------------------------
-def curvature_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
+def curvature_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: top-20 Hessian spectrum, trace, density and N_eff of a digits MLP; the BLR contraction."""
     from modelsense.experiments.report import Section
 

@@ -90,7 +90,7 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
         "n_models": int(masks.shape[0]),
         "n_train": int(masks.shape[1]),
         "mean_memorization": float(np.nanmean(mem.estimate)) if finite.any() else None,
-        "n_high_memorization": int(len(est.high_memorization(mem.estimate))),
+        "n_high_memorization": len(est.high_memorization(mem.estimate)),
         "high_memorization_threshold": est.HIGH_MEMORIZATION_THRESHOLD,
         "n_undefined": mem.n_undefined,
         "min_held_out": min_held_out,
@@ -232,7 +232,7 @@ MEMORIZATION = Command(
     help="Memorization, influence and consistency scores from models trained on random subsets.")
 
 
-def memorization_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
+def memorization_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: memorization on digits with 10% label noise, a small farm (an unfinished one continues)."""
     from modelsense.experiments.report import Section
 

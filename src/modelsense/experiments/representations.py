@@ -40,7 +40,15 @@ from modelsense.representations.compare import METRIC_NOTES, check_metric, choos
 from modelsense.representations.metrics import SIMILARITIES
 from modelsense.representations.stitch_sweep import stitch_kinds
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
-from modelsense.retraining.zoo import ZOO_METHODS, ZOO_SUBDIR, check_seeds, train_zoo
+from modelsense.retraining.zoo import (
+    ZOO_METHODS,
+    ZOO_SUBDIR,
+    check_seeds,
+    check_zoo_index,
+    read_zoo_index,
+    train_zoo,
+    zoo_settings,
+)
 from modelsense.runs import RunDir, finished_metrics, locked
 from modelsense.training.config import TrainConfig
 
@@ -136,10 +144,12 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
             raise ConfigError(f"give either --model-{which} PATH or --seed-{which} N, not both")
     loaded = {which: load_member(which, Path(path), data)
               for which, path in (("model-a", p.model_a), ("model-b", p.model_b)) if path is not None}
-    if len(loaded) < 2:
+    if len(loaded) < 2:  # zoo members: their architecture, the layers on it, a --zoo trained with other settings
         probe = check_model(data, spec.model)
         if layer_list(p.layers) is not None:
             choose_layers(probe, p.layers, f"model {spec.model.name}")
+        if p.zoo is not None:
+            check_zoo_index(p.zoo, read_zoo_index(p.zoo), zoo_settings(spec.data, spec.model, spec.train))
     return Prepared(data, {"dataset": data.summary()}, {"loaded": loaded})
 
 
@@ -202,7 +212,7 @@ def run_compare(spec: CompareSpec, prepared: Prepared, run: RunDir, progress: bo
                                              *labels), f"similarity_{metric}")
     metrics: dict[str, Any] = {
         "metric": metric, "value": "similarity", "matrix": matrix.tolist(), "diagonal": np.diagonal(matrix).tolist(),
-        "layers": res["layers"], "n_examples": int(len(idx)), "model_a": a.source, "model_b": b.source,
+        "layers": res["layers"], "n_examples": len(idx), "model_a": a.source, "model_b": b.source,
         "clean_accuracy": [evaluate_accuracy(m.module, data.x_test, data.y_test) for m in (a, b)], "seconds": seconds,
     }
     if res["layers_b"] != res["layers"]:
@@ -290,7 +300,7 @@ STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitch_
 
 
 # -- demo ----------------------------------------------------------------------------------------
-def representations_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
+def representations_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: CKA of two digits MLPs (seeds 0, 1) and stitching penalties at both hidden layers."""
     from modelsense.experiments.report import Section
 
