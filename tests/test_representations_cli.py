@@ -84,6 +84,15 @@ def test_zoo_reuses_members_and_refuses_other_settings(zoo_dir, tmp_path):
                   TrainConfig(epochs=4, lr=0.1, bs=32), None, tmp_path, seeds=[0], progress=False)
 
 
+def test_zoo_resume_adds_members_of_other_seeds_and_refuses_other_settings(tmp_path):
+    first = ok("zoo", *TINY, "--n-models", "1", "--out", tmp_path)
+    more = ok("zoo", *TINY, "--n-models", "1", "--seed", "1", "--resume", "--out", tmp_path)  # the seed is no setting
+    assert first["seeds"] == [0] and more["seeds"] == [1] and more["n_trained"] == 1
+    assert sorted(json.loads((tmp_path / "zoo" / "zoo.json").read_text())["members"]) == ["0", "1"]
+    res = invoke("zoo", *DATA, *MODEL, "--epochs", "4", "--lr", "0.1", "--bs", "32", "--resume", "--out", tmp_path)
+    assert isinstance(res.exception, ConfigError) and "zoo.train.epochs 4 (stored 3)" in str(res.exception)
+
+
 def test_zoo_trains_batch_norm_models_one_by_one(tmp_path):
     res = train_zoo(DataConfig("digits", n_train=100), ModelConfig("cnn", width=2, depth=1, norm="bn"),
                     TrainConfig(epochs=1, lr=0.05, bs=50), 2, tmp_path, progress=False)

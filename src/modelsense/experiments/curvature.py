@@ -28,9 +28,8 @@ Run directories:
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,7 @@ def check_spectrum(spec: SpectrumSpec) -> Prepared:
     # the settings used: s resolved for this dataset, the seed of the run
     used = replace(spec.spectrum, s=resolve_s(spec.spectrum.s, spec.spectrum.reduction, data.n_train),
                    seed=spec.train.seed)
-    return Prepared(data, {"dataset": data.summary(), "spectrum": dataclasses.asdict(used)},
+    return Prepared(data, {"dataset": data.summary(), "spectrum": asdict(used)},
                     {"trained": trained, "spectrum": used})
 
 
@@ -171,9 +170,9 @@ class WidthSweepSpec:
     against the test loss. The defaults are the prototype's sweep: one-hidden-layer ReLU MLPs on
     standardised digits with 20% label noise, Adam at a constant 3e-3, 400 epochs, batch 128, no weight decay.
 
-    What every width shares (data, model, train, hidden_layers, spectrum, weights_only) a resumed sweep
-    must keep; widths, s, the threshold and save_models may change (N_eff is recomputed from the saved
-    eigenvalues). `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
+    What every width shares (data, model, train but the device, hidden_layers, spectrum, weights_only:
+    config.json's `sweep`) a resumed sweep must keep; widths, s, the threshold and save_models may
+    change (N_eff is recomputed from the saved eigenvalues). `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
     """
 
     data: DataConfig = field(default_factory=lambda: DataConfig("digits", corruption_ratio=0.2, standardize=True))
@@ -214,7 +213,11 @@ def check_width_sweep(spec: WidthSweepSpec) -> Prepared:
     for width in widths:  # the model options of every width
         check_model(data, spec.model_config(width))
     s = resolve_s(spec.s, spec.spectrum.reduction, data.n_train)
-    return Prepared(data, {"dataset": data.summary(), "s": list(s)}, {"s": s})
+    # what every width shares, which a resumed sweep must keep (the device aside: a crashed run may resume elsewhere)
+    sweep = {"data": asdict(spec.data), "model": asdict(spec.model),
+             "train": {k: v for k, v in asdict(spec.train).items() if k != "device"}, "hidden_layers": spec.hidden_layers,
+             "spectrum": asdict(spec.spectrum), "weights_only": spec.weights_only}
+    return Prepared(data, {"dataset": data.summary(), "s": list(s), "sweep": sweep}, {"s": s})
 
 
 def width_result_path(root: str | Path, width: int) -> Path:
@@ -237,7 +240,7 @@ def train_and_measure(data: Dataset, train_cfg: TrainConfig, spec: WidthSweepSpe
     spectrum = compute_spectrum(curvature_model(module, spec.weights_only), data.x_train, data.y_train, cfg)
     final = result.final
     return module, {
-        "width": width, "model": dataclasses.asdict(model_cfg), "n_params": count_params(module),
+        "width": width, "model": asdict(model_cfg), "n_params": count_params(module),
         "n_params_curvature": n_curv,
         **{k: final[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
         "test_error": 1.0 - final["test_accuracy"], "k": cfg.k,
@@ -316,7 +319,7 @@ def width_sweep_summary_lines(m: dict[str, Any]) -> str:
 
 WIDTH_SWEEP = Command(
     "effdim width-sweep", WidthSweepSpec, check_width_sweep, run_width_sweep, summary=width_sweep_summary_lines,
-    keep=("widths",), resume_keys=("data", "model", "train", "hidden_layers", "spectrum", "weights_only"),
+    keep=("widths",), resume_keys=("sweep",),
     hide=frozenset({"model.widths", "model.width", "spectrum.s", "spectrum.trace_samples", "spectrum.density_probes",
                     "spectrum.density_steps"}),
     help="Models from narrow to wide: test loss, parameter count and N_eff against width (double descent). The "
@@ -359,7 +362,7 @@ def run_blr(spec: BLRSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
     from modelsense.curvature import plots
 
     start = time.perf_counter()
-    result = blr_posterior_contraction(**dataclasses.asdict(spec))
+    result = blr_posterior_contraction(**asdict(spec))
     seconds = time.perf_counter() - start
     run.log(f"BLR contraction of {result.n_params} features over {len(result.n)} points")
     run.save_arrays("blr", n=result.n, effdim_posterior=result.effdim_posterior, effdim_function=result.effdim_function,

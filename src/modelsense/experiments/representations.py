@@ -76,7 +76,8 @@ def check_zoo(spec: ZooSpec) -> Prepared:
         raise ConfigError(f"--n-models must be >= 1, got {spec.n_models}")
     data = load_dataset_from_config(spec.data)
     check_model(data, spec.model)
-    return Prepared(data, {"dataset": data.summary()})
+    # the settings that define the members (not the seed or the device), which a resumed zoo must keep
+    return Prepared(data, {"dataset": data.summary(), "zoo": zoo_settings(spec.data, spec.model, spec.train)})
 
 
 def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
@@ -91,7 +92,7 @@ def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
             "paths": [str(p) for p in zoo.paths]}
 
 
-ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(ZOO_SUBDIR,), resume_keys=("data", "model", "train"),
+ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(ZOO_SUBDIR,), resume_keys=("zoo",),
               summary=lambda m: f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
                                 f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}",
               help="Train N models of one architecture from different seeds (a model zoo), reused by compare and stitch.")
