@@ -152,7 +152,7 @@ def add_command(target: typer.Typer, command: Any, name: str | None = None) -> N
                                 annotation=Annotated[leaf.hint, typer.Option(*leaf.flags, help=leaf.help)])
               for leaf in opts]
     params.append(inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=o.Out,
-                                    default=Path("runs") / command.name.replace(" ", "_")))
+                                    default=Path("runs") / command.name.replace(" ", "/").replace("-", "_")))
     if command.resumable:
         params.append(inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=o.Resume, default=False))
     params.append(inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=o.Overwrite, default=False))

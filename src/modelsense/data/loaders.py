@@ -62,6 +62,8 @@ from modelsense.data.transforms import (
 )
 from modelsense.data.validation import check_arrays, check_data_options, check_options
 from modelsense.options import ints, joined, option
+from modelsense.data.user import load_user_arrays
+from modelsense.user import is_reference
 from modelsense.errors import DataError
 
 #: Environment variable read when `data_dir` is None.
@@ -183,6 +185,8 @@ def _resolve(name: Any, data_dir: str | None) -> tuple[str, DatasetInfo | None, 
     info = _BY_NAME.get(text.lower())
     if info is not None:
         return info.name, info, None
+    if is_reference(text):
+        return text, None, None
     path = Path(text).expanduser()
     candidates = [path]
     if data_dir is not None and not path.is_absolute():
@@ -289,6 +293,8 @@ def load_dataset(
                            corruption_ratio, drop, display)
     if info is not None:
         raw = info.read(data_dir)
+    elif path is None:
+        raw = load_user_arrays(display)
     elif path.suffix.lower() == ".npz":
         raw = files.load_npz_arrays(path)
     else:
@@ -299,7 +305,7 @@ def load_dataset(
         where=raw["source"],
     )
     check_data_options(y_train, num_classes, n_train, corruption_ratio, drop, display)
-    config = DataConfig(display if info is not None else str(path.resolve()), data_dir, n_train,
+    config = DataConfig(display if path is None else str(path.resolve()), data_dir, n_train,
                         corruption_ratio, drop, standardize, seed)
     metadata: dict[str, Any] = {"config": config.to_dict(), "split": raw.get("split", "given")}
     applied, reason = standardize_choice(standardize, info, x_train.shape[1:])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +157,18 @@ def load_trained_run(path: str | Path, data: Dataset, source: str | None = None,
     check_checkpoint_data(info, data, source or f"checkpoint {path}", fix)
     snapshots = {p.stem.removeprefix("checkpoint_"): p for p in sorted(path.parent.glob("checkpoint_*.pt"))}
     return TrainedRun(path, module, info, recipe.model, recipe.train, recipe.data, snapshots)
+
+
+def load_weights_run(path: str | Path, model_cfg: ModelConfig, data: Dataset) -> TrainedRun:
+    """A model trained elsewhere: `model_cfg` (a built-in architecture or the user's `file.py:make_model`)
+    built for `data` with the state_dict `path` loaded. Its recipe is unknown (no data or training
+    options, no snapshots): the command's own options stand in for it."""
+    from modelsense.models.checkpoint import load_weights
+
+    module = load_weights(path, build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=0))
+    info = {"model": asdict(model_cfg), "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+            "dataset": data.name, "seed": None, "weights": str(path)}
+    return TrainedRun(Path(path), module, info, model_cfg, None, None, {})
 
 
 # -- the model a command works on ----------------------------------------------------------------

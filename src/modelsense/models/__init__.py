@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError, shown
+from modelsense.user import call, is_reference, load_callable
 from modelsense.options import ints, joined, option
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
@@ -216,9 +217,14 @@ def build_model(
         ConfigError: unknown name, bad option value, option not taken by the model, a vector
             input to a convolutional model, or an image too small for the model.
     """
+    if is_reference(name):
+        given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm}
+        return build_user_model(name, input_shape, num_classes, seed=seed,
+                                **{k: v for k, v in given.items() if v is not None})
     key = str(name).lower()
     if key not in _SPECS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}, or give your own as "
+                          "path/to/file.py:make_model")
     spec = _SPECS[key]
     given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm}
     unused = [k for k, v in given.items() if v is not None and k not in spec.defaults]
@@ -240,6 +246,39 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return spec.build(key, shape, num_classes, **options)
+
+
+def build_user_model(reference: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None,
+                     **options: Any) -> nn.Module:
+    """A user's model: `reference` ("file.py:make_model" or "package.module:make_model") names a callable
+    called as `make_model(input_shape=..., num_classes=...)` (it may ignore them) under `seed`; it must
+    return an `nn.Module` mapping (n, *input_shape) to (n, num_classes) outputs (checked on zeros)."""
+    if options:
+        raise ConfigError(f"the model options {', '.join('--' + k for k in options)} are for the built-in models; "
+                          f"{reference} builds its own model: give its settings in its code")
+    factory = load_callable(reference, "--model")
+    shape = check_input_shape(input_shape)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        module = call(factory, f"--model {reference}", input_shape=shape, num_classes=int(num_classes))
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"--model {reference} returned a {type(module).__name__}, not a torch.nn.Module")
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            out = module.eval()(torch.zeros(2, *shape))
+    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"--model {reference}: its forward pass fails on inputs of shape (n, {', '.join(map(str, shape))}): "
+                          f"{type(exc).__name__}: {first}") from None
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, int(num_classes)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"--model {reference} maps inputs (n, {', '.join(map(str, shape))}) to {got} for n = 2; "
+                          f"expected (n, {num_classes}) outputs (one per class)")
+    return module
 
 
 def build_model_from_config(
