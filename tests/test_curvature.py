@@ -409,7 +409,7 @@ def test_compute_spectrum_summary():
     assert m["effective_dimension"] == pytest.approx(effective_dimension(lam[:5], 1.0), rel=1e-4)
     assert spec.effective_dimension[10.0] < spec.effective_dimension[1.0]
     assert abs(m["trace"] - float(H.trace())) <= 4 * m["trace_standard_error"]
-    with pytest.raises(ConfigError, match="every s > 0"):
+    with pytest.raises(ConfigError, match="every s must be a finite number > 0"):
         SpectrumConfig(s=(0.0,))
 
 

@@ -23,15 +23,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.curvature.effdim import effective_dimension
 from modelsense.curvature.lanczos import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
-from modelsense.curvature.operators import CurvatureConfig, build_curvature
+from modelsense.curvature.operators import MATRICES, REDUCTIONS, CurvatureConfig, build_curvature
 from modelsense.errors import ConfigError
-
+from modelsense.options import floats, joined, option
 
 #: s of N_eff for the matrix of the summed loss; divided by N for the mean loss (module docstring).
 DEFAULT_S_SUM = 100.0
@@ -49,6 +50,11 @@ def resolve_s(s: Sequence[float] | None, reduction: str, n_train: int) -> tuple[
     return (DEFAULT_S_SUM if reduction == "sum" else DEFAULT_S_SUM / n_train,)
 
 
+#: the help text of s wherever a command takes it
+S_HELP = (f"comma-separated N_eff regularisers s, on the scale of the matrix; the first is the headline (default "
+          f"{DEFAULT_S_SUM:g} for --reduction sum, {DEFAULT_S_SUM:g}/N for mean)")
+
+
 @dataclass(frozen=True)
 class SpectrumConfig:
     """What `compute_spectrum` computes. The defaults are the `spectrum` command's.
@@ -61,21 +67,30 @@ class SpectrumConfig:
         (0 probes, the default, skips the density).
     """
 
-    k: int = 20
-    matrix: str = "hessian"
-    reduction: str = "sum"
-    s: tuple[float, ...] = ()
-    trace_samples: int = 0
-    density_probes: int = 0
-    density_steps: int = 60
-    lanczos_tol: float = 1e-5
+    k: int = option(20, "number of top eigenvalues (Lanczos with full reorthogonalisation)")
+    matrix: str = option("hessian", "hessian, ggn (= Fisher for softmax) or ef (empirical Fisher)")
+    reduction: str = option("sum", "the loss the matrix is of: sum (default) or mean over the training examples")
+    s: tuple[float, ...] = option((), S_HELP, parse=floats, show=joined)
+    trace_samples: int = option(0, "Hutchinson probes for the trace, one matrix-vector product each (0: no trace; "
+                                   "e.g. 100)")
+    density_probes: int = option(0, "probes of the SLQ spectral density, --density-steps products each (0: no "
+                                    "density; e.g. 5)")
+    density_steps: int = option(60, "Lanczos steps per SLQ probe")
+    lanczos_tol: float = option(1e-5, "relative residual below which a Ritz value counts as converged")
     lanczos_max_steps: int | None = None
-    chunk_size: int = 2048
+    chunk_size: int = option(2048, "examples per chunk of the matrix-vector products (memory bound)")
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.k < 1 or any(not v > 0 for v in self.s):
-            raise ConfigError(f"need k >= 1 and every s > 0, received k={self.k}, s={self.s}")
+        if self.matrix not in MATRICES:
+            raise ConfigError(f"unknown matrix {self.matrix!r}; expected one of {', '.join(MATRICES)} (--matrix)")
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(f"unknown reduction {self.reduction!r}; expected one of {', '.join(REDUCTIONS)} "
+                              "(--reduction)")
+        if self.k < 1:
+            raise ConfigError(f"--k must be >= 1, received {self.k}")
+        if self.s:
+            object.__setattr__(self, "s", resolve_s(self.s, self.reduction, 1))
         if self.trace_samples == 1 or self.trace_samples < 0:
             raise ConfigError(f"trace_samples must be 0 (skip) or >= 2, received {self.trace_samples}")
         if self.density_probes < 0 or self.density_steps < 1:
@@ -117,6 +132,39 @@ class Spectrum:
 
 
 T = TypeVar("T")
+
+
+def weight_names(module: nn.Module) -> set[str]:
+    """Names of the parameters with >= 2 dimensions (linear / conv weights)."""
+    return {n for n, p in module.named_parameters() if p.ndim >= 2}
+
+
+def curvature_model(module: nn.Module, weights_only: bool = False) -> FunctionalModel:
+    """The categorical FunctionalModel of `module` over all its parameters, or over the weights only
+    (`weights_only`: parameters with >= 2 dimensions, as Maddox et al. 2020; biases and
+    normalisation parameters are then held fixed)."""
+    if not weights_only:
+        return FunctionalModel(module)
+    names = weight_names(module)
+    if not names:
+        raise ConfigError("--weights-only: the model has no parameter with >= 2 dimensions")
+    return FunctionalModel(module, trainable=names.__contains__)
+
+
+def count_params(module: nn.Module, weights_only: bool = False) -> int:
+    """Number of parameters of `module` (the weights only with `weights_only`)."""
+    names = weight_names(module) if weights_only else None
+    return sum(p.numel() for n, p in module.named_parameters() if names is None or n in names)
+
+
+def density_on_grid(density: SpectralDensity, points: int = 800) -> tuple[np.ndarray, np.ndarray]:
+    """The SLQ density on a grid spanning its weighted nodes (5% margin each side): (grid, density)."""
+    nodes = density.nodes.double()
+    weighted = nodes[density.weights > 0]
+    lo, hi = float(weighted.min()), float(weighted.max())
+    margin = 0.05 * max(hi - lo, 1e-12)
+    grid = torch.linspace(lo - margin, hi + margin, points, dtype=torch.float64)
+    return grid.numpy(), density.evaluate(grid).numpy()
 
 
 def compute_spectrum(

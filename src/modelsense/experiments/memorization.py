@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,12 @@ import numpy as np
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
+from modelsense.experiments.command import Command, Prepared, execute
+from modelsense.experiments.source import check_model
 from modelsense.memorization import estimators as est
-from modelsense.memorization import plots
 from modelsense.memorization.store import CHUNK_DIR, STORE_FILE, read_original_runs
-from modelsense.models import ModelConfig, build_model_from_config
+from modelsense.models import ModelConfig
+from modelsense.options import option
 from modelsense.retraining import BACKENDS, FarmSpec, run_farm
 from modelsense.runs import RunDir, finished_metrics, run_status
 from modelsense.training.config import TrainConfig
@@ -65,6 +68,8 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
     False in reliable.npy, left out of top-k lists, figures and threshold counts, and counted in
     the metrics (`n_unreliable_train`, `n_unreliable_pairs`): see the module docstring.
     """
+    from modelsense.memorization import plots
+
     if influence not in INFLUENCE_MODES:
         raise ConfigError(f"--influence must be one of {INFLUENCE_MODES}, got {influence!r}")
     min_held_out = check_min_held_out(min_held_out, masks.shape[0])
@@ -85,7 +90,7 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
         "n_models": int(masks.shape[0]),
         "n_train": int(masks.shape[1]),
         "mean_memorization": float(np.nanmean(mem.estimate)) if finite.any() else None,
-        "n_high_memorization": int(len(est.high_memorization(mem.estimate))),
+        "n_high_memorization": len(est.high_memorization(mem.estimate)),
         "high_memorization_threshold": est.HIGH_MEMORIZATION_THRESHOLD,
         "n_undefined": mem.n_undefined,
         "min_held_out": min_held_out,
@@ -138,82 +143,105 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
     return metrics
 
 
-def run_memorization(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path, *,
-                     subset_ratio: float = 0.7, n_models: int = 64, chunk_size: int = 32, backend: str = "local",
-                     address: str | None = None, resume: bool = False, influence: str = "topk", top_k: int = 10,
-                     influence_dtype: str = "float16", bootstrap: int = 0, progress: bool = True,
-                     overwrite: bool = False, min_held_out: int = est.MIN_HELD_OUT) -> dict[str, Any]:
-    """Train (or continue) the subset farm in `out` and write the estimates (see module docstring)."""
-    spec = FarmSpec(data_cfg, model_cfg, train_cfg, subset_ratio, seed0=train_cfg.seed)
-    if influence not in INFLUENCE_MODES:
-        raise ConfigError(f"--influence must be one of {INFLUENCE_MODES}, got {influence!r}")
-    if n_models < 2:
-        raise ConfigError(f"--n-models must be >= 2, got {n_models}")
-    check_min_held_out(min_held_out, n_models)
-    if chunk_size < 1:
-        raise ConfigError(f"--chunk-size must be >= 1, got {chunk_size}")
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown --backend {backend!r}; choose {' or '.join(BACKENDS)}")
-    data = load_dataset_from_config(data_cfg)
-    build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=0)  # validates the model options
-    config = {**spec.to_dict(), "seed": train_cfg.seed, "dataset": data.summary(), "n_models": n_models,
-              "chunk_size": chunk_size, "backend": backend, "min_held_out": min_held_out}
-    with RunDir.open(out, "memorization", config, resume=resume, overwrite=overwrite, keep=(CHUNK_DIR, STORE_FILE),
-                     resume_keys=["data", "model", "train", "subset_ratio", "seed0"]) as run:
-        start = time.perf_counter()
-        store = run_farm(spec, out, n_models, chunk_size, backend=backend, address=address, data=data, progress=progress)
-        runs = store.load_all()
-        keep = runs.model_ids < n_models
-        run.log(f"farm done: {int(keep.sum())} models in {time.perf_counter() - start:.1f}s")
-        metrics = estimate_and_save(run, runs.masks[keep], runs.correct_train[keep], runs.correct_test[keep], data=data,
-                                    influence=influence, top_k=top_k, influence_dtype=influence_dtype, bootstrap=bootstrap,
-                                    min_held_out=min_held_out)
-        metrics["seconds"] = time.perf_counter() - start
-        metrics["subset_ratio"] = subset_ratio
-        run.write_metrics(metrics)
-        return metrics
+@dataclass(frozen=True)
+class MemorizationSpec:
+    """`modelsense memorization`: a farm of `n_models` models, each trained on a random ρ-subset
+    (`subset_ratio`) with the spec's recipe, or the existing runs of `from_runs`; and the estimators."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=80, lr=0.1, bs=32, delta=0.01))
+    subset_ratio: float = option(0.7, "fraction ρ of the training set each model sees")
+    n_models: int = option(64, "number of subset-trained models R")
+    chunk_size: int = option(32, "models trained together (vmapped) per chunk / Ray task")
+    backend: str = option("local", " or ".join(BACKENDS))
+    address: str | None = option(None, "Ray cluster address (default: a local Ray instance)")
+    from_runs: str | None = option(None, "estimate from existing runs <DIR>/<ratio>/<run>/aux_arrays.npz")
+    influence: str = option("topk", "topk (per test example), full (memory-mapped matrix) or none")
+    top_k: int = option(10, "influential training examples kept per test example")
+    influence_dtype: str = option("float16", "float16 or float32 for --influence full")
+    bootstrap: int = option(0, "bootstrap resamples for memorization intervals (0: none)")
+    min_held_out: int = option(est.MIN_HELD_OUT, "fewest models that held an example out (and that trained on it) for "
+                                                 "its estimates to count; fewer: NaN, False in reliable.npy, left out of "
+                                                 "top-k and figures, counted as n_unreliable_train")
 
 
-def run_from_runs(root: str | Path, out: str | Path, *, data: Dataset | None = None, influence: str = "topk",
-                  top_k: int = 10, influence_dtype: str = "float16", bootstrap: int = 0,
-                  overwrite: bool = False, min_held_out: int = est.MIN_HELD_OUT) -> dict[str, Any]:
-    """Estimators from existing subset-trained runs `<root>/<ratio>/<run_id>/aux_arrays.npz`.
+def check_memorization(spec: MemorizationSpec) -> Prepared:
+    if spec.influence not in INFLUENCE_MODES:
+        raise ConfigError(f"--influence must be one of {INFLUENCE_MODES}, got {spec.influence!r}")
+    data = load_dataset_from_config(spec.data)
+    if spec.from_runs is not None:
+        by_ratio = read_original_runs(spec.from_runs)
+        ratio = min(by_ratio, key=lambda r: abs(r - 0.7))
+        check_min_held_out(spec.min_held_out, by_ratio[ratio].masks.shape[0])
+        return Prepared(data, {"dataset": data.summary(), "ratios": sorted(by_ratio), "main_ratio": ratio,
+                               "n_runs": {str(r): len(v.run_ids) for r, v in by_ratio.items()}},
+                        {"by_ratio": by_ratio, "ratio": ratio})
+    farm = FarmSpec(spec.data, spec.model, spec.train, spec.subset_ratio, seed0=spec.train.seed)
+    if spec.n_models < 2:
+        raise ConfigError(f"--n-models must be >= 2, got {spec.n_models}")
+    check_min_held_out(spec.min_held_out, spec.n_models)
+    if spec.chunk_size < 1:
+        raise ConfigError(f"--chunk-size must be >= 1, got {spec.chunk_size}")
+    if spec.backend not in BACKENDS:
+        raise ConfigError(f"unknown --backend {spec.backend!r}; choose {' or '.join(BACKENDS)}")
+    check_model(data, spec.model)
+    return Prepared(data, {"dataset": data.summary()}, {"farm": farm})
 
-    Memorization and influence use the ratio closest to 0.7 (the papers'); consistency scores use
-    every ratio found. `data` (the runs' dataset) is used for example images and corrupted-label
-    AUC only when its sizes match the runs.
+
+def run_memorization(spec: MemorizationSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Train (or continue) the farm in the run and write the estimates; or estimate from `from_runs`.
+
+    From existing runs `<from_runs>/<ratio>/<run_id>/aux_arrays.npz`: memorization and influence use
+    the ratio closest to 0.7 (the ratio of Feldman & Zhang 2020), consistency scores every ratio
+    found; the dataset gives example images and the corrupted-label AUC only when its sizes match the runs.
     """
-    by_ratio = read_original_runs(root)
-    if influence not in INFLUENCE_MODES:
-        raise ConfigError(f"--influence must be one of {INFLUENCE_MODES}, got {influence!r}")
-    ratio = min(by_ratio, key=lambda r: abs(r - 0.7))
-    main = by_ratio[ratio]
-    check_min_held_out(min_held_out, main.masks.shape[0])
-    config = {"from_runs": str(root), "ratios": sorted(by_ratio), "main_ratio": ratio,
-              "n_runs": {str(r): len(v.run_ids) for r, v in by_ratio.items()},
-              "dataset": None if data is None else data.summary(), "min_held_out": min_held_out}
-    with RunDir.open(out, "memorization", config, overwrite=overwrite) as run:
-        if data is not None and (data.n_train, data.n_test) != (main.masks.shape[1], main.correct_test.shape[1]):
+    data = prepared.data
+    options = {"influence": spec.influence, "top_k": spec.top_k, "influence_dtype": spec.influence_dtype,
+               "bootstrap": spec.bootstrap, "min_held_out": spec.min_held_out}
+    start = time.perf_counter()
+    if spec.from_runs is not None:
+        by_ratio, ratio = prepared.extra["by_ratio"], prepared.extra["ratio"]
+        main = by_ratio[ratio]
+        if (data.n_train, data.n_test) != (main.masks.shape[1], main.correct_test.shape[1]):
             run.log(f"dataset {data.name} has {data.n_train}/{data.n_test} examples, the runs {main.masks.shape[1]}/"
                     f"{main.correct_test.shape[1]}: no example images (give the runs' --dataset and --data-dir)")
             data = None
-        metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data, influence=influence,
-                                    top_k=top_k, influence_dtype=influence_dtype, bootstrap=bootstrap,
-                                    extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()},
-                                    min_held_out=min_held_out)
-        metrics["subset_ratio"] = ratio
-        run.write_metrics(metrics)
-        return metrics
+        metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data,
+                                    extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()}, **options)
+        return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": ratio}
+    store = run_farm(prepared.extra["farm"], run.path, spec.n_models, spec.chunk_size, backend=spec.backend,
+                     address=spec.address, data=data, progress=progress)
+    runs = store.load_all()
+    keep = runs.model_ids < spec.n_models
+    run.log(f"farm done: {int(keep.sum())} models in {time.perf_counter() - start:.1f}s")
+    metrics = estimate_and_save(run, runs.masks[keep], runs.correct_train[keep], runs.correct_test[keep], data=data,
+                                **options)
+    return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": spec.subset_ratio}
 
 
-def memorization_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
+def memorization_summary(m: dict[str, Any]) -> str:
+    shown = {k: m[k] for k in ("n_models", "mean_memorization", "n_high_memorization", "n_unreliable_train",
+                               "auc_corrupted") if k in m}
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+
+
+MEMORIZATION = Command(
+    "memorization", MemorizationSpec, check_memorization, run_memorization, summary=memorization_summary,
+    keep=(CHUNK_DIR, STORE_FILE), resume_keys=("data", "model", "train", "subset_ratio", "from_runs"),
+    help="Memorization, influence and consistency scores from models trained on random subsets.")
+
+
+def memorization_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: memorization on digits with 10% label noise, a small farm (an unfinished one continues)."""
     from modelsense.experiments.report import Section
 
     run = out / "memorization"
-    metrics = (resume and finished_metrics(run)) or run_memorization(
-        DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"), TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01),
-        run, n_models=32, chunk_size=32, resume=resume and run_status(run) is not None, progress=progress)
+    spec = MemorizationSpec(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
+                            TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01), n_models=32, chunk_size=32)
+    go_on = resume and run_status(run) is not None
+    metrics = (resume and finished_metrics(run)) or execute(MEMORIZATION, spec, run, resume=go_on, overwrite=not go_on,
+                                                            progress=progress)
     return Section(
         "Memorization: 32 models on random 70% subsets of digits with 10% label noise",
         "mem(i) = P[correct on i | i in training subset] − P[correct on i | i held out], estimated from "
@@ -225,4 +253,4 @@ def memorization_section(out: Path, progress: bool, resume: bool = False) -> "Se
     )
 
 
-__all__ = ["run_memorization", "run_from_runs", "estimate_and_save", "check_min_held_out", "memorization_section"]
+__all__ = ["MEMORIZATION", "MemorizationSpec", "check_min_held_out", "estimate_and_save", "memorization_section"]

@@ -54,7 +54,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from modelsense.errors import ConfigError, DataError, shown
@@ -881,6 +880,8 @@ class ReLUProcrustes(RepresentationMetric):
         na, nb = a.norm(dim=0), b.norm(dim=0)
         ia, ib = _inverse_or_zero(na), _inverse_or_zero(nb)
         c = (a.T @ b) * ia[:, None] * ib[None, :]  # (C, C), rows: x channels, columns: y channels
+        from scipy.optimize import linear_sum_assignment  # here: `modelsense --help` does not load scipy
+
         rows, cols = linear_sum_assignment(c.cpu().numpy(), maximize=True)
         perm = np.empty(c.shape[1], dtype=np.int64)
         perm[cols] = rows
