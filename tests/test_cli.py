@@ -171,8 +171,8 @@ def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
 
 @pytest.mark.parametrize("flag,value,says", [("--memory-gb", "-1", "--memory-gb must be > 0 (a budget in GiB), received -1"),
                                              ("--memory-gb", "nan", "--memory-gb must be > 0"),
-                                             ("--bs-jacs", "0", "--bs-jacs must be >= 1, received 0"),
-                                             ("--proj-dim", "0", "--proj-dim must be >= 1, received 0")])
+                                             ("--bs-jacs", "0", "--bs-jacs must be an integer >= 1"),
+                                             ("--proj-dim", "0", "--proj-dim must be an integer >= 1, received 0")])
 def test_method_settings_are_reported_by_their_option_names(tmp_path, flag, value, says):
     from modelsense.errors import ConfigError
 

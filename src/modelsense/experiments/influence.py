@@ -281,9 +281,12 @@ def check_settings(methods: list[str], settings: dict[str, Any]) -> None:
         for m in methods:
             make_method(m, settings, {}, progress=False, seed=0, methods=methods)
     except ConfigError as exc:
+        import re
+
         message = str(exc)
-        for name in settings:
-            message = message.replace(repr(name), _SETTING_FLAGS.get(name, "--" + name.replace("_", "-")))
+        for name in sorted(settings, key=len, reverse=True):
+            flag = _SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+            message = re.sub(rf"'{name}'|(?<![\w-]){name}(?![\w-])", flag, message)
         raise ConfigError(message) from None
 
 
