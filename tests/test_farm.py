@@ -7,77 +7,34 @@ from typer.testing import CliRunner
 from modelsense.cli import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
-from modelsense.memorization.store import SubsetRunStore
-from modelsense.models import ModelConfig
-from modelsense.retraining import FarmSpec, model_masks, run_farm, train_chunk
-from modelsense.retraining import farm as farm_module
-from modelsense.training import TrainConfig
 from modelsense.memorization.estimators import subset_masks
+from modelsense.models import ModelConfig
+from modelsense.retraining.store import RetrainRecipe, subset_jobs, train_jobs
+from modelsense.training import TrainConfig
 
-SPEC = FarmSpec(DataConfig("digits", n_train=120), ModelConfig("mlp", widths=(16,)), TrainConfig(epochs=2, bs=32), 0.5)
+RECIPE = RetrainRecipe(DataConfig("digits", n_train=120), ModelConfig("mlp", widths=(16,)), TrainConfig(epochs=2, bs=32))
 runner = CliRunner()
 
 
-def test_masks_match_the_original_sampling():
+def test_subset_jobs_are_the_original_sampling():
     ref = subset_masks(50, 0.7, 6, seed0=3, warn=False).masks
-    assert np.array_equal(model_masks(50, 0.7, [2, 4, 5], seed0=3), ref[[2, 4, 5]])
-    assert model_masks(50, 0.7, [0], 0).sum() == 35
-
-
-def test_chunk_results_do_not_depend_on_chunk_composition():
-    whole = train_chunk(SPEC, [0, 1, 2, 3])
-    parts = [train_chunk(SPEC, [0, 1]), train_chunk(SPEC, [2, 3])]
-    for key in ("correct_train", "correct_test", "masks", "seeds"):
-        assert np.array_equal(whole[key], np.concatenate([p[key] for p in parts]))
-    np.testing.assert_allclose(whole["loss_test"], np.concatenate([p["loss_test"] for p in parts]), atol=1e-5)
-
-
-def test_resume_after_crash_and_extend(tmp_path, monkeypatch):
-    calls = []
-    real = farm_module.train_chunk
-
-    def counting(spec, ids, data=None, progress=False):
-        calls.append(list(ids))
-        return real(spec, ids, data, progress)
-
-    monkeypatch.setattr(farm_module, "train_chunk", counting)
-    full = run_farm(SPEC, tmp_path / "a", 6, chunk_size=2, progress=False).load_all()
-    assert calls == [[0, 1], [2, 3], [4, 5]]
-    # simulate a crash: the last chunk lost, a half-written file left behind
-    store = SubsetRunStore.open(tmp_path / "a")
-    victim = store.chunk_path(np.array([4, 5]))
-    victim.unlink()
-    (store.chunk_dir / ".tmp-models-0000004-0000005.npz").write_bytes(b"half")
-    calls.clear()
-    resumed = run_farm(SPEC, tmp_path / "a", 6, chunk_size=2, progress=False).load_all()
-    assert calls == [[4, 5]]
-    assert np.array_equal(resumed.model_ids, np.arange(6))
-    assert np.array_equal(resumed.correct_train, full.correct_train)
-    assert not list(store.chunk_dir.glob(".tmp-*"))
-    calls.clear()
-    extended = run_farm(SPEC, tmp_path / "a", 9, chunk_size=2, progress=False).load_all()
-    assert calls == [[6, 7], [8]] and len(extended.model_ids) == 9
-    assert np.array_equal(extended.correct_train[:6], full.correct_train)
-
-
-def test_farm_bad_input(tmp_path):
-    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
-        FarmSpec(SPEC.data, SPEC.model, SPEC.train, subset_ratio=1.0)
-    with pytest.raises(ConfigError, match="n-models must be >= 2"):
-        run_farm(SPEC, tmp_path / "x", 1)
-    with pytest.raises(ConfigError, match="unknown backend"):
-        run_farm(SPEC, tmp_path / "x", 4, backend="slurm")
+    jobs = subset_jobs(50, 0.7, [2, 4, 5], seed0=3)
+    assert np.array_equal(np.stack([j.mask for j in jobs]), ref[[2, 4, 5]]) and [j.seed for j in jobs] == [5, 7, 8]
+    assert subset_jobs(50, 0.7, [0])[0].mask.sum() == 35
+    with pytest.raises(ConfigError, match="keeps 50 of 50"):
+        subset_jobs(50, 1.0, [0])
 
 
 @pytest.mark.slow
 def test_ray_backend_equals_local(tmp_path):
     pytest.importorskip("ray")
-    local = run_farm(SPEC, tmp_path / "local", 4, chunk_size=2, progress=False).load_all()
-    remote = run_farm(SPEC, tmp_path / "ray", 4, chunk_size=2, backend="ray", ray_num_cpus=2, progress=False).load_all()
-    assert np.array_equal(local.masks, remote.masks)
-    assert np.array_equal(local.correct_train, remote.correct_train)
-    assert np.array_equal(local.correct_test, remote.correct_test)
-    np.testing.assert_allclose(local.loss_test, remote.loss_test, atol=1e-5)
+    jobs = subset_jobs(120, 0.5, range(4))
+    local = train_jobs(RECIPE, jobs, tmp_path / "local", chunk_models=2, progress=False)
+    remote = train_jobs(RECIPE, jobs, tmp_path / "ray", chunk_models=2, backend="ray", ray_num_cpus=2, progress=False)
+    assert np.array_equal(local["masks"], remote["masks"])
+    assert np.array_equal(local["train_correct"], remote["train_correct"])
+    assert np.array_equal(local["test_correct"], remote["test_correct"])
+    np.testing.assert_allclose(local["test_loss"], remote["test_loss"], atol=1e-5)
 
 
 def _cli(args, min_held_out=("--min-held-out", "1")):
@@ -103,6 +60,9 @@ def test_memorization_command_end_to_end_and_extend(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n_models"] == 6
     res = _cli(["--n-models", "6", "--corruption-ratio", "0.2", "--resume", "--out", str(out)])
     assert res.exit_code != 0 and "corruption_ratio" in str(res.exception)
+    # the 6 models are jobs of the run's ground-truth store: an LDS at α = ρ on the same recipe reuses them
+    chunks = list((out / "store").glob("*/chunks/*.npz"))
+    assert sum(len(np.load(c)["keys"]) for c in chunks) == 6
     res = _cli(["--subset-ratio", "1.5", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "strictly between 0 and 1" in str(res.exception)
     res = _cli(["--n-models", "4", "--out", str(tmp_path / "few")], min_held_out=())  # default minimum 3
@@ -184,4 +144,4 @@ def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'modelsense\[distributed\]'"):
-        run_farm(SPEC, tmp_path / "r", 2, backend="ray")
+        train_jobs(RECIPE, subset_jobs(120, 0.5, range(2)), tmp_path / "r", backend="ray")

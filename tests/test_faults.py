@@ -117,7 +117,7 @@ def test_kill_9_during_the_farm_then_resume_gives_the_uninterrupted_result(tmp_p
     assert runner.invoke(app, [*args, "--out", str(clean), "--quiet"]).exit_code == 0
     out = tmp_path / "mem"
     proc = _start(*args, "--out", out)
-    _kill_when(proc, lambda: (out / "chunks").exists() and len(list((out / "chunks").glob("models-*.npz"))) >= 1)
+    _kill_when(proc, lambda: len(list(out.glob("store/*/chunks/*.npz"))) >= 1)
     assert_every_final_file_complete(out)
     assert run_status(out) == "crashed"
     refused(runner.invoke(app, [*args, "--out", str(out), "--quiet"]), "already holds a crashed", "--resume")
@@ -132,7 +132,7 @@ def test_damaged_chunks_are_trained_again_on_resume(tmp_path):
     out = tmp_path / "mem"
     assert runner.invoke(app, [*args, "--out", str(out), "--quiet"]).exit_code == 0
     first = np.load(out / "memorization.npy")
-    chunks = sorted((out / "chunks").glob("models-*.npz"))
+    chunks = sorted(out.glob("store/*/chunks/*.npz"))
     data = chunks[0].read_bytes()
     chunks[0].write_bytes(data[: len(data) // 2])  # truncated
     flipped = bytearray(chunks[1].read_bytes())

@@ -13,7 +13,6 @@ import torch
 from modelsense.errors import ConfigError, DataError
 from modelsense.memorization import (
     MIN_HELD_OUT,
-    SubsetRunStore,
     UndefinedEstimateWarning,
     auc_corrupted,
     bootstrap_counts,
@@ -29,7 +28,6 @@ from modelsense.memorization import (
     reliable_examples,
     subset_masks,
 )
-from modelsense.memorization import store as store_module
 
 # ------------------------------------------------------------------------------------------------
 # tiny tables and the slow, obvious definitions
@@ -490,85 +488,6 @@ def check_complete(store, n_models, masks, rows):
     assert runs.correct_train.dtype == bool and runs.loss_test.dtype == np.float32
     assert runs.margin_train is None
     return runs
-
-
-def test_store_resume_after_crash_loses_nothing_and_duplicates_nothing(tmp_path, monkeypatch):
-    masks, rows = farm_tables(24)
-    store = SubsetRunStore(tmp_path / "run", 17, 5, subset_ratio=0.6)
-    plan = store.missing_chunks(24, 8)
-    assert [c.tolist() for c in plan] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
-    write_models(store, plan[0], masks, rows)
-    # crash 1: the process dies mid-write of chunk 2, leaving a half-written temp file
-    (store.chunk_dir / ".tmp-models-0000008-0000015.npz.999.abcd").write_bytes(b"PK\x03\x04 half")
-    # crash 2: an exception between writing and renaming chunk 3 (temp removed, nothing visible)
-    real_replace = store_module.os.replace
-
-    def failing_replace(src, dst):
-        raise OSError("disk vanished")
-
-    monkeypatch.setattr(store_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk vanished"):
-        write_models(store, plan[2], masks, rows)
-    monkeypatch.setattr(store_module.os, "replace", real_replace)
-
-    resumed = SubsetRunStore.open(tmp_path / "run")
-    assert resumed.subset_ratio == 0.6
-    np.testing.assert_array_equal(resumed.completed_models(), np.arange(8))  # temp file ignored
-    assert len(resumed.partial_files()) == 1
-    assert [p.name for p in resumed.remove_partial_files()] == [".tmp-models-0000008-0000015.npz.999.abcd"]
-    missing = resumed.missing_chunks(24, 8)
-    assert [c.tolist() for c in missing] == [list(range(8, 16)), list(range(16, 24))]
-    for chunk in missing:
-        write_models(resumed, chunk, masks, rows)
-    assert resumed.missing_chunks(24, 8) == []
-    assert resumed.partial_files() == []
-    check_complete(resumed, 24, masks, rows)
-
-
-def test_store_extend_with_more_models_and_other_chunk_size(tmp_path):
-    masks, rows = farm_tables(40)
-    store = SubsetRunStore(tmp_path, 17, 5, subset_ratio=0.6)
-    for chunk in store.missing_chunks(20, 8):  # 0-7, 8-15, 16-19
-        write_models(store, chunk, masks, rows)
-    check_complete(store, 20, masks, rows)
-    extension = store.missing_chunks(40, 16)
-    assert [c.tolist() for c in extension] == [list(range(20, 32)), list(range(32, 40))]
-    for chunk in extension:
-        write_models(store, chunk, masks, rows)
-    runs = check_complete(store, 40, masks, rows)
-    direct = quiet(memorization, masks[:40], np.stack([rows[r][0] for r in range(40)]))
-    np.testing.assert_array_equal(quiet(memorization, runs.masks, runs.correct_train).estimate, direct.estimate)
-
-
-def test_store_refuses_duplicates_and_mismatches(tmp_path):
-    masks, rows = farm_tables(10)
-    store = SubsetRunStore(tmp_path, 17, 5, subset_ratio=0.6)
-    path = write_models(store, np.arange(0, 5), masks, rows)
-    assert write_models(store, np.arange(0, 5), masks, rows) == path  # a retried chunk replaces itself
-    with pytest.raises(DataError, match=r"models \[3, 4\] are already stored"):
-        write_models(store, np.arange(3, 8), masks, rows)
-    shutil.copy(path, store.chunk_dir / "models-0000003-0000009.npz")
-    with pytest.raises(DataError, match=r"model 0 is stored twice, in .*models-0000000-0000004.npz and .*models-0000003-0000009.npz"):
-        store.load_all()
-    with pytest.raises(ConfigError, match="n_train = 17, the request has 18"):
-        SubsetRunStore(tmp_path, 18, 5, subset_ratio=0.6)
-    with pytest.raises(ConfigError, match="subset_ratio"):
-        SubsetRunStore(tmp_path, 17, 5, subset_ratio=0.5)
-    with pytest.raises(DataError, match=r"correct_test: expected shape \(2, 5\)"):
-        store.write_chunk([20, 21], [0, 1], masks[:2], masks[:2], np.zeros((2, 4)))
-    with pytest.raises(DataError, match="seeds: expected 2 seeds"):
-        store.write_chunk([20, 21], [0], masks[:2], masks[:2], np.zeros((2, 5)))
-    with pytest.raises(DataError, match="no store.json"):
-        SubsetRunStore.open(tmp_path / "elsewhere")
-
-
-def test_store_refuses_mixed_optional_tables(tmp_path):
-    masks, rows = farm_tables(6)
-    store = SubsetRunStore(tmp_path, 17, 5)
-    write_models(store, np.arange(3), masks, rows)
-    store.write_chunk([3, 4, 5], [3, 4, 5], masks[3:6], masks[3:6], np.zeros((3, 5)))
-    with pytest.raises(DataError, match="has no 'loss_train'"):
-        store.load_all()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """`modelsense memorization`: held-out subsample estimates of memorization, influence, consistency.
 
-Trains R models on random ρ-subsets with the retraining farm (chunks of vmapped models, streamed to
-the run directory, resumable, extendable), or reads existing runs (`--from-runs`, the original's
-released layout), then computes the Feldman & Zhang estimators with standard errors.
+Trains R models on random ρ-subsets as jobs of the ground-truth store (`modelsense.retraining.store`:
+chunks of vmapped models, written atomically, resumable and extendable; shared with `lds` on the
+same recipe), or reads existing runs (`--from-runs`, the released layout of Feldman & Zhang 2020),
+then computes the Feldman & Zhang estimators with standard errors.
 
-Run directory: config.json, store.json + chunks/ (the farm's tables), memorization.npy,
+Run directory: config.json, store/ (the retrained models' tables, unless --store), memorization.npy,
 memorization_se.npy, reliable.npy, heldout_accuracy.npy (C-score at ρ), influence_top_{indices,values}.npy
 or influence.npy (memory-mapped, --influence full), metrics.json, figures/.
 
@@ -33,10 +34,10 @@ from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
 from modelsense.experiments.source import check_model
 from modelsense.memorization import estimators as est
-from modelsense.memorization.store import CHUNK_DIR, STORE_FILE, read_original_runs
+from modelsense.memorization.store import read_original_runs
 from modelsense.models import ModelConfig
 from modelsense.options import option
-from modelsense.retraining import BACKENDS, FarmSpec, run_farm
+from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe, retrain, subset_jobs
 from modelsense.runs import RunDir, finished_metrics, run_status
 from modelsense.training.config import TrainConfig
 
@@ -153,9 +154,7 @@ class MemorizationSpec:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=80, lr=0.1, bs=32, delta=0.01))
     subset_ratio: float = option(0.7, "fraction ρ of the training set each model sees")
     n_models: int = option(64, "number of subset-trained models R")
-    chunk_size: int = option(32, "models trained together (vmapped) per chunk / Ray task")
-    backend: str = option("local", " or ".join(BACKENDS))
-    address: str | None = option(None, "Ray cluster address (default: a local Ray instance)")
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     from_runs: str | None = option(None, "estimate from existing runs <DIR>/<ratio>/<run>/aux_arrays.npz")
     influence: str = option("topk", "topk (per test example), full (memory-mapped matrix) or none")
     top_k: int = option(10, "influential training examples kept per test example")
@@ -177,16 +176,16 @@ def check_memorization(spec: MemorizationSpec) -> Prepared:
         return Prepared(data, {"dataset": data.summary(), "ratios": sorted(by_ratio), "main_ratio": ratio,
                                "n_runs": {str(r): len(v.run_ids) for r, v in by_ratio.items()}},
                         {"by_ratio": by_ratio, "ratio": ratio})
-    farm = FarmSpec(spec.data, spec.model, spec.train, spec.subset_ratio, seed0=spec.train.seed)
+    if not 0.0 < float(spec.subset_ratio) < 1.0:
+        raise ConfigError(f"--subset-ratio must lie strictly between 0 and 1 (Feldman & Zhang 2020 use 0.7), got "
+                          f"{spec.subset_ratio}")
     if spec.n_models < 2:
         raise ConfigError(f"--n-models must be >= 2, got {spec.n_models}")
     check_min_held_out(spec.min_held_out, spec.n_models)
-    if spec.chunk_size < 1:
-        raise ConfigError(f"--chunk-size must be >= 1, got {spec.chunk_size}")
-    if spec.backend not in BACKENDS:
-        raise ConfigError(f"unknown --backend {spec.backend!r}; choose {' or '.join(BACKENDS)}")
     check_model(data, spec.model)
-    return Prepared(data, {"dataset": data.summary()}, {"farm": farm})
+    recipe = RetrainRecipe(spec.data, spec.model, spec.train)
+    jobs = subset_jobs(data.n_train, spec.subset_ratio, range(spec.n_models), seed0=spec.train.seed)
+    return Prepared(data, {"dataset": data.summary()}, {"recipe": recipe, "jobs": jobs})
 
 
 def run_memorization(spec: MemorizationSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
@@ -210,12 +209,10 @@ def run_memorization(spec: MemorizationSpec, prepared: Prepared, run: RunDir, pr
         metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data,
                                     extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()}, **options)
         return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": ratio}
-    store = run_farm(prepared.extra["farm"], run.path, spec.n_models, spec.chunk_size, backend=spec.backend,
-                     address=spec.address, data=data, progress=progress)
-    runs = store.load_all()
-    keep = runs.model_ids < spec.n_models
-    run.log(f"farm done: {int(keep.sum())} models in {time.perf_counter() - start:.1f}s")
-    metrics = estimate_and_save(run, runs.masks[keep], runs.correct_train[keep], runs.correct_test[keep], data=data,
+    tables = retrain(prepared.extra["recipe"], prepared.extra["jobs"], spec.retrain, run.path, data=data,
+                     progress=progress, log=run.log)
+    run.log(f"farm done: {spec.n_models} models in {time.perf_counter() - start:.1f}s")
+    metrics = estimate_and_save(run, tables["masks"], tables["train_correct"], tables["test_correct"], data=data,
                                 **options)
     return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": spec.subset_ratio}
 
@@ -228,7 +225,7 @@ def memorization_summary(m: dict[str, Any]) -> str:
 
 MEMORIZATION = Command(
     "memorization", MemorizationSpec, check_memorization, run_memorization, summary=memorization_summary,
-    keep=(CHUNK_DIR, STORE_FILE), resume_keys=("data", "model", "train", "subset_ratio", "from_runs"),
+    keep=(STORE_DIR,), resume_keys=("data", "model", "train", "subset_ratio", "from_runs"),
     help="Memorization, influence and consistency scores from models trained on random subsets.")
 
 

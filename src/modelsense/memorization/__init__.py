@@ -1,8 +1,8 @@
 """Held-out subsample estimation (Feldman & Zhang 2020; Jiang et al. 2021).
 
 `estimators`: memorization, influence and consistency scores from (R, N) subset masks and
-per-model correctness tables, with standard errors and bootstrap intervals. `store`: the chunked,
-resumable results store of a subset-training farm, and a reader for the original's released runs.
+per-model correctness tables, with standard errors and bootstrap intervals. `store`: a reader for the released runs of
+Feldman & Zhang 2020.
 `plots` (imported on demand, it loads matplotlib): figures from those arrays.
 """
 
@@ -34,8 +34,6 @@ from modelsense.memorization.estimators import (
 )
 from modelsense.memorization.store import (
     OriginalRuns,
-    SubsetRuns,
-    SubsetRunStore,
     open_influence_memmap,
     read_original_runs,
 )
@@ -51,8 +49,6 @@ __all__ = [
     "MemorizationEstimate",
     "OriginalRuns",
     "SubsetMasks",
-    "SubsetRunStore",
-    "SubsetRuns",
     "UndefinedEstimateWarning",
     "auc_corrupted",
     "bootstrap_counts",

@@ -39,7 +39,6 @@ IO lives in `modelsense.memorization.store`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from modelsense.retraining.store import subset_size  # the farm's sampling, defined once
 from modelsense.errors import ConfigError, DataError
 
 # Selection thresholds. SEEDS.md section 3.1 attributes them to Feldman & Zhang (2020): memorized
@@ -305,11 +305,6 @@ def count_undefined(n_in: np.ndarray, n_out: np.ndarray, *, what: str = "memoriz
             stacklevel=3,
         )
     return count
-
-
-def subset_size(n: int, ratio: float) -> int:
-    """floor(ratio * n) computed as the original did (`int(ratio * n)` in floating point)."""
-    return int(math.floor(float(ratio) * int(n)))
 
 
 def subset_masks(n: int, ratio: float, n_models: int, seed0: int = 0, *,
