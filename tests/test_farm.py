@@ -145,3 +145,18 @@ def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'modelsense\[distributed\]'"):
         train_jobs(RECIPE, subset_jobs(120, 0.5, range(2)), tmp_path / "r", backend="ray")
+
+
+def test_lds_and_memorization_share_the_models_of_one_store(tmp_path):
+    store = tmp_path / "shared_store"
+    recipe = ["--dataset", "digits", "--n-train", "100", "--widths", "16", "--epochs", "2", "--bs", "32", "--lr", "0.1",
+              "--delta", "1.0", "--quiet", "--store", str(store)]
+    res = runner.invoke(app, ["memorization", *recipe, "--subset-ratio", "0.5", "--n-models", "4", "--min-held-out", "1",
+                              "--out", str(tmp_path / "mem")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["lds", *recipe, "--alpha", "0.5", "--n-models", "4", "--methods", "grad-dot", "--n-test", "5",
+                              "--out", str(tmp_path / "lds")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    log = (tmp_path / "lds" / "run.log").read_text()
+    assert "4 of 4 jobs stored, 0 to train" in log  # the memorization run's models, reused
+    assert not (tmp_path / "lds" / "store").exists()
