@@ -23,6 +23,7 @@ from modelsense.cli.app import app, console
 from modelsense.data import DataConfig
 from modelsense.experiments.mpe import DEFAULTS, MPEExperimentConfig, run_experiment
 from modelsense.models import ModelConfig
+from modelsense.mpe.ground_truth import MIN_RELAXATION
 from modelsense.progress import set_quiet
 from modelsense.training.config import TrainConfig
 
@@ -102,9 +103,13 @@ def validation(
     """Estimated vs true softmax deviation under removal of --n-retrain examples (Nickl et al. 2023, Fig. 2); metrics pearson, spearman, n_retrain."""
     m = _run("validation", data_cfg, model_cfg, train_cfg, out, name_exp, quiet, overwrite, **posterior, **retrain,
              n_retrain=n_retrain, reference=reference)
-    by = "  ".join(f"{v}: P {r['pearson']:.3f} S {r['spearman']:.3f}" for v, r in m["by_variant"].items())
-    console.print(f"{m['posterior']}, {m['n_retrain']} retrained: Pearson {m['pearson']:.3f}, Spearman {m['spearman']:.3f} "
-                  f"({m['mpe_variant']}) | {by}  -> {m['out']}")
+    by = "  ".join(f"{v}: P {r['pearson']:.3f} S {r['spearman']:.3f} slope {r['slope']:.3g}" for v, r in m["by_variant"].items())
+    console.print(f"{m['posterior']}, {m['n_retrain']} retrained: Pearson {m['pearson']:.3f}, Spearman {m['spearman']:.3f}, "
+                  f"slope {m['slope']:.3g} ({m['mpe_variant']}; mean deviation estimated {m['mean_estimated_deviation']:.4g} vs true "
+                  f"{m['mean_true_deviation']:.4g}, LOO NLL {m['estimated_loo_nll']:.4f} vs {m['true_loo_nll']:.4f}) | {by}  -> {m['out']}")
+    if not m["ground_truth_converged"]:
+        console.print(f"warning: the retraining relaxed the slowest directions by only R = {m['retrain_relaxation']:.2f} e-folds: "
+                      f"the true deviations are underestimated; raise --epochs-retrain or --lr-retrain (R >= {MIN_RELAXATION:g})")
 
 
 @mpe_app.command("loo-iterations")

@@ -20,10 +20,23 @@ sets (one model per row of a mask matrix):
     jointly (the objectives are separable, so the joint minimiser is the tuple of minimisers), until
     every entry of the (divided) gradient falls below `tol` in magnitude. For convex models (linear/logistic) this is
     the exact LOO refit.
+
+How long warm-started retraining must run (`retraining_relaxation`): removing example i moves the
+optimum by about H^{-1} ∇l_i (H = Σ_j ∇²l_j + δI, the summed objective's Hessian), which weighs most
+the directions of smallest curvature, where the data constrain little and H ≈ δI. Momentum SGD on
+the mean objective (curvature H/N) contracts a component of curvature λ by exp(−η λ / ((1 − β) N))
+per step, so the slowest components of the retrained deviation reach only 1 − e^{−R} of the
+converged one, R = δ Σ_t η_t / ((1 − β) N). On the digits MLP 64-64-10 (δ = 10, N = 1297, tanh,
+48 examples) warm-started retraining recovered 14 % of the L-BFGS-converged deviation at R = 0.03
+(5 epochs, lr 0.01, bs 128), 82 % at R = 0.9 and 102 % at R = 6.4 (Pearson 0.998); with ReLU,
+against R = 6.4: 15 % at R = 0.03, 80 % at R = 0.9, 96-106 % at R = 3.2-3.3 (Pearson >= 0.997).
+R >= 3 is needed (`MIN_RELAXATION`); below it the retrained deviations, not the estimates, are too
+small. The cosine decay matters: a constant lr (R = 4.9) ends in SGD noise (184 %, Pearson 0.95).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +47,28 @@ from torch.func import functional_call, vmap
 
 from modelsense.core.functional import Params, per_example_nll
 from modelsense.errors import ConfigError
-from modelsense.training.config import TrainConfig
+from modelsense.training.config import TrainConfig, cosine_lr
 from modelsense.training.ensemble import EnsembleResult, train_ensemble
+
+#: warm-started retraining shorter than this (`retraining_relaxation`) underestimates the true deviations
+MIN_RELAXATION = 3.0
+
+
+def retraining_relaxation(cfg: TrainConfig, n: int) -> float:
+    """R = δ Σ_t η_t / ((1 − β) n): e-folds by which SGD retraining with `cfg` (momentum β, lr η_t of
+    step t on the cosine schedule, ceil(n / bs) steps per epoch) on n examples contracts the slowest
+    (prior-only, curvature δ) component of its distance to the optimum (see the module docstring).
+    The distance left is about e^{−R} of the start: R >= MIN_RELAXATION for a converged ground truth.
+    """
+    if cfg.optimizer != "sgd":
+        raise ConfigError(f"the relaxation of retraining is defined for sgd, received {cfg.optimizer!r}")
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, received {n}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ConfigError(f"the relaxation of retraining needs a momentum in [0, 1), received {cfg.momentum}")
+    steps = math.ceil(n / cfg.bs)
+    lr_sum = steps * sum(cosine_lr(cfg, epoch) for epoch in range(cfg.epochs))
+    return float(cfg.delta * lr_sum / ((1.0 - cfg.momentum) * n))
 
 
 def leave_out_masks(n: int, removed: list[Tensor] | Tensor) -> Tensor:
