@@ -91,7 +91,8 @@ def test_spectrum_equals_dense_hessian_of_summed_loss(spectrum_run):
     torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(H @ V, V * torch.as_tensor(lam), atol=1e-3 * lam[0], rtol=0)
     key = json.loads(str(vectors["key"]))
-    assert key["n_params"] == 610 and key["matrix"] == "hessian" and not key["use_test"] and key["n_examples"] == N_TRAIN
+    assert key["n_params"] == 610 and key["matrix"] == "hessian" and not key["use_test"]
+    assert key["n_examples"] == N_TRAIN and len(key["parameters_sha256"]) == 64
     assert m["use_test"] is False and m["n_examples"] == N_TRAIN
 
 
@@ -212,7 +213,7 @@ def test_perturb_from_saved_vectors_against_direct_evaluation(spectrum_run, tmp_
     assert arrays["train_loss"][0, -1] == pytest.approx(direct, rel=1e-5)
     # the summary numbers are those of the curves
     rise = (arrays["train_loss"][:, 3:] + arrays["train_loss"][:, :2][:, ::-1]) / 2 - arrays["train_loss"][:, 2:3]
-    rise = rise / arrays["train_loss"][0, 2]
+    rise = rise / arrays["train_loss"][0, 2]  # at t = 1.5, 3
     assert m["rise_at_t_max"]["top"] == pytest.approx(list(rise[:2, -1]))
     assert m["rise_at_t_max"]["random"] == pytest.approx(rise[3:, -1].mean())
     assert 1.5 < m["t_double"] < 3 and rise[0, 0] < 1 < rise[0, 1]  # v_1 doubles the loss between 1.5 and 3

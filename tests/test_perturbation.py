@@ -6,7 +6,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelsense.core.functional import FunctionalModel
-from modelsense.curvature import CurvatureConfig, SpectrumConfig, build_curvature, compute_spectrum, dense_hessian
+from modelsense.curvature import (
+    CurvatureConfig,
+    SpectrumConfig,
+    build_curvature,
+    compute_spectrum,
+    dense_hessian,
+)
 from modelsense.curvature.perturbation import (
     complement_directions,
     directional_curvature,
@@ -37,7 +43,7 @@ def test_second_derivative_along_an_eigenvector_is_its_eigenvalue():
     H = dense_hessian(model, x, y)
     spectrum = compute_spectrum(model, x, y, SpectrumConfig(k=3, lanczos_tol=1e-10))
     lam, V = spectrum.eigenvalues, spectrum.eigenvectors
-    dense_lam, dense_V = torch.linalg.eigh(H)
+    dense_lam = torch.linalg.eigvalsh(H)
     torch.testing.assert_close(lam, dense_lam.flip(0)[:3], rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(H @ V, V * lam, rtol=1e-6, atol=1e-8)  # eigenvectors, in the order of spec
     theta, h = model.spec.flatten(model.params), 1e-4
@@ -99,12 +105,16 @@ def test_symmetric_rise_removes_the_odd_part_and_crossings_interpolate():
     t = torch.linspace(-2, 2, 9, dtype=DT)
     curves = torch.stack([3 * t**2 + 5 * t + 1, t**3 + 2])  # rises: 3t², 0
     pos, rise = symmetric_rise(t, curves)
-    torch.testing.assert_close(pos, torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=DT))
-    torch.testing.assert_close(rise, torch.stack([3 * pos**2, torch.zeros(4, dtype=DT)]))
+    torch.testing.assert_close(pos, torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0], dtype=DT))
+    torch.testing.assert_close(rise, torch.stack([3 * pos**2, torch.zeros(5, dtype=DT)]))
+    assert first_crossing(pos, 2 * pos, 0.5) == pytest.approx(0.25)  # between t = 0 and the first point
     assert first_crossing(pos, 2 * pos, 1.0) == pytest.approx(0.5)
     assert first_crossing(pos, 2 * pos, 3.0) == pytest.approx(1.5)
     assert first_crossing(pos, 2 * pos, 2.5) == pytest.approx(1.25)
     assert first_crossing(pos, 2 * pos, 4.5) is None
+    # a curve already above the level at the first t > 0: the crossing lies between 0 and that t
+    steep = symmetric_rise(t, (1 + 10 * t**2)[None])[1][0]
+    assert first_crossing(pos, steep, 1.0) == pytest.approx(0.2)
     torch.testing.assert_close(interpolate(pos, torch.stack([2 * pos]), 1.25), torch.tensor([2.5], dtype=DT))
     with pytest.raises(ConfigError, match="symmetric about 0"):
         symmetric_rise(torch.linspace(-1, 2, 5, dtype=DT), curves[:, :5])

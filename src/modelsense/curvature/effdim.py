@@ -146,7 +146,8 @@ def grid_summary(results: Sequence[dict[str, Any]], widths: Sequence[int], depth
         rs.sort(key=lambda r: r["seed"])
 
     def neff(r: dict[str, Any], v: float) -> float:
-        return effective_dimension(torch.tensor(r["eigenvalues"]), float(v), converged=torch.tensor(r["eigenvalues_converged"]))
+        return effective_dimension(torch.tensor(r["eigenvalues"]), float(v),
+                                   converged=torch.tensor(r["eigenvalues_converged"]))
 
     def per_seed(value) -> np.ndarray:  # (D, W, R)
         return np.array([[[value(r) for r in cells[(d, w)]] for w in widths] for d in depths], dtype=float)

@@ -117,21 +117,20 @@ def _predict(model: FunctionalModel, params: Params, x: Tensor, chunk_size: int)
 
 
 def symmetric_rise(t: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-    """(t_k > 0, r(t_k)) with r(t) = (L(t) + L(−t))/2 − L(0) for the rows of `values` (m, T) on a grid
-    `t` symmetric about 0 that contains 0: the even part of the curve, where the gradient term (odd
-    in t) cancels, so r(t) ≈ ½ dᵀ∇²L d t² for small t."""
+    """(t_k >= 0, r(t_k)) with r(t) = (L(t) + L(−t))/2 − L(0) for the rows of `values` (m, T) on a grid
+    `t` symmetric about 0 that contains 0 (r(0) = 0 is the first column): the even part of the curve,
+    where the gradient term (odd in t) cancels, so r(t) ≈ ½ dᵀ∇²L d t² for small t."""
     t = torch.as_tensor(t, dtype=torch.float64)
     zero = torch.nonzero(t.abs() <= 1e-12 * max(float(t.abs().max()), 1.0)).flatten()
     if zero.numel() != 1 or not torch.allclose(t, -t.flip(0)):
         raise ConfigError("the grid of t must be symmetric about 0 and contain 0 (an odd number of points)")
     c = int(zero[0])
-    pos = t[c + 1:]
-    return pos, (values[:, c + 1:] + values[:, :c].flip(1)) / 2 - values[:, c:c + 1]
+    return t[c:].abs(), (values[:, c:] + values[:, : c + 1].flip(1)) / 2 - values[:, c : c + 1]
 
 
 def first_crossing(t: Tensor, curve: Tensor, level: float) -> float | None:
-    """The smallest t (linear interpolation between grid points) at which `curve` (T,), increasing
-    from below `level`, first reaches it; None if it never does."""
+    """The smallest t (linear interpolation between grid points) at which `curve` (T,), starting below
+    `level`, first reaches it; t[0] when it starts at or above it; None if it never does."""
     t, curve = torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(curve, dtype=torch.float64)
     above = torch.nonzero(curve >= level).flatten()
     if above.numel() == 0:

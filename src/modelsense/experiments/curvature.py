@@ -43,7 +43,13 @@ The two-spirals experiment of the paper (Section 5: small MLPs of increasing wid
 generated two-spirals set, N_eff, train and test loss, mean ± 2 std over repeats) is a grid:
 
     modelsense effdim grid --dataset spirals --corruption-ratio 0 --widths 2,4,8,16,32 --depths 1,2,3,4 \
-        --repeats 3 --optimizer adam --lr 1e-2 --lrmin 1e-2 --epochs 300 --bs 128 --s 50 --out runs/spirals
+        --repeats 3 --optimizer adam --lr 1e-2 --lrmin 1e-2 --epochs 300 --bs 128 --reduction mean --s 1,50 \
+        --out runs/spirals
+
+(the grid's data default standardises the coordinates; s = 50 is the value of the original's plotting
+notebook, on a scale it does not state; s = 1 on the mean loss is its double-descent value). The
+notebook's loss surfaces along high- and low-curvature directions are `modelsense perturb --dataset
+spirals ...`.
 """
 
 from __future__ import annotations
@@ -213,7 +219,8 @@ def spectrum_summary(m: dict[str, Any]) -> str:
     trace = "" if m["trace"] is None else f"  trace {m['trace']:.4g} ± {m['trace_standard_error']:.2g}"
     skipped = [f"{what} (--{flag} N)" for what, flag in (("trace", "trace-samples"), ("density", "density-probes"))
                if what not in m["cost"]]
-    return (f"{m['matrix']} ({m['reduction']} loss), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
+    over = f" over the {m['n_examples']} test examples" if m.get("use_test") else ""
+    return (f"{m['matrix']} ({m['reduction']} loss{over}), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
             f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
             + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
             + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else ""))
@@ -269,7 +276,8 @@ def read_vectors(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, np.n
             arrays = {k: f[k] for k in f.files}
         key = json.loads(str(arrays.pop("key")))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one message
-        raise ConfigError(f"--vectors {file} is not a readable eigenvectors.npz of `modelsense spectrum` ({exc})") from None
+        raise ConfigError(f"--vectors {file} is not a readable eigenvectors.npz of `modelsense spectrum` "
+                          f"({exc})") from None
     return file, key, arrays
 
 
@@ -403,8 +411,8 @@ def run_perturb(spec: PerturbSpec, prepared: Prepared, run: RunDir, progress: bo
     }
     as_np = {split: {"loss": scan.loss.numpy(), "accuracy": scan.accuracy.numpy(), "agreement": scan.agreement.numpy()}
              for split, scan in scans.items()}
-    title = (f"{got.model.name} on {data.name}: loss along θ + t·d ({used.matrix} eigenvectors v_i red, low-curvature "
-             "blue, random grey)")
+    title = (f"{got.model.name} on {data.name}: loss along θ + t·d ({used.matrix} eigenvectors v_i warm colours, "
+             "low-curvature blue/purple, random grey/green)")
     run.save_figure(plots.perturbation_figure(t.numpy(), names, kinds, as_np["train"], as_np["test"], title), "perturb")
     return metrics
 
@@ -422,7 +430,8 @@ def perturb_summary(m: dict[str, Any]) -> str:
              f"{num(curv['random'])} (mean)"]
     if m["t_double"] is None:
         lines.append("the top direction does not double the train loss within --t-max")
-    for label, at, rises in (("t_double", m["t_double"], m["rise_at_t_double"]), ("t_max", m["t_max"], m["rise_at_t_max"])):
+    for label, at, rises in (("t_double", m["t_double"], m["rise_at_t_double"]),
+                             ("t_max", m["t_max"], m["rise_at_t_max"])):
         if at is not None and rises is not None:
             lines.append(f"rise of the train loss ((L(t) + L(-t))/2 - L(0)) / L(0) at t = {at:.3g} ({label}): top "
                          f"{', '.join(pct(v) for v in rises['top'])}; bottom {pct(rises['bottom'])}; random "
@@ -537,7 +546,7 @@ def train_and_measure(data: Dataset, train_cfg: TrainConfig, model_cfg: ModelCon
 
 
 @dataclass(frozen=True)
-class Model:
+class SweepModel:
     """One model of a sweep: where its result goes (a JSON file; the resumable state), its
     architecture and seed, what identifies it in the result (`labels`, e.g. {"width": 8}), and where
     its weights go when kept."""
@@ -553,8 +562,8 @@ class Model:
         return ", ".join(f"{k} {v}" for k, v in self.labels.items())
 
 
-def train_missing(run: RunDir, data: Dataset, models: list[Model], train_cfg: TrainConfig, spectrum: SpectrumConfig,
-                  weights_only: bool, use_test: bool, s: float, save_models: bool, noun: str,
+def train_missing(run: RunDir, data: Dataset, models: list[SweepModel], train_cfg: TrainConfig,
+                  spectrum: SpectrumConfig, weights_only: bool, use_test: bool, s: float, save_models: bool, noun: str,
                   progress: bool) -> int:
     """Train and measure (`train_and_measure`) every model without a stored result, writing each result
     as soon as it is done (a damaged one is trained again); returns the number trained."""
@@ -574,7 +583,7 @@ def train_missing(run: RunDir, data: Dataset, models: list[Model], train_cfg: Tr
         for m in todo:
             done = [0]
 
-            def on_epoch(epoch: int, row: dict[str, float], m: Model = m, done: list[int] = done) -> None:
+            def on_epoch(epoch: int, row: dict[str, float], m: SweepModel = m, done: list[int] = done) -> None:
                 bar.advance(epoch - done[0], description=m.name, loss=row["train_loss"])
                 done[0] = epoch
 
@@ -600,7 +609,7 @@ def run_width_sweep(spec: WidthSweepSpec, prepared: Prepared, run: RunDir, progr
 
     data, s = prepared.data, prepared.extra["s"]
     (run.path / "widths").mkdir(exist_ok=True)
-    models = [Model(width_result_path(run.path, w), spec.model_config(w), spec.train.seed, {"width": w},
+    models = [SweepModel(width_result_path(run.path, w), spec.model_config(w), spec.train.seed, {"width": w},
                     run.path / "widths" / f"model_{w}.pt") for w in spec.widths]
     start = time.perf_counter()
     n_trained = train_missing(run, data, models, spec.train, spec.spectrum, spec.weights_only, spec.use_test, s[0],
@@ -681,14 +690,14 @@ class GridSpec:
             return replace(self.model, widths=(width,) * depth)
         return replace(self.model, width=width, depth=depth)
 
-    def models(self, root: Path) -> list[Model]:
+    def models(self, root: Path) -> list[SweepModel]:
         out = []
         for d in self.depths:
             for w in self.widths:
                 for r in range(self.repeats):
                     seed = self.train.seed + r
                     stem = f"depth_{d}_width_{w}_seed_{seed}"
-                    out.append(Model(root / "cells" / f"{stem}.json", self.model_config(w, d), seed,
+                    out.append(SweepModel(root / "cells" / f"{stem}.json", self.model_config(w, d), seed,
                                      {"depth": d, "width": w, "seed": seed}, root / "cells" / f"model_{stem}.pt"))
         return out
 
@@ -758,7 +767,8 @@ def grid_summary_lines(m: dict[str, Any]) -> str:
         for j, w in enumerate(m["widths"]):
             lines.append(f"{d:>5} {w:>6} {m['n_params'][i][j]:>8} {m['train_loss'][i][j]:>10.4g} "
                          f"{m['test_loss'][i][j]:>9.4g} {m['effective_dimension'][i][j]:>7.3g}")
-    lines.append(f"Spearman with test loss, {m['n_interpolating']} cells with train loss < {m['train_loss_threshold']:g}: "
+    lines.append(f"Spearman with test loss, {m['n_interpolating']} cells with train loss < "
+                 f"{m['train_loss_threshold']:g}: "
                  f"N_eff {fmt(m['spearman_effdim_test_loss'])}, params {fmt(m['spearman_params_test_loss'])}; "
                  f"all {len(m['depths']) * len(m['widths'])}: N_eff {fmt(m['spearman_effdim_test_loss_all'])}, "
                  f"params {fmt(m['spearman_params_test_loss_all'])}")
@@ -872,8 +882,8 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> Sectio
         "N_eff (s = N = 1297)": spec["effective_dimension_by_s"]["1297.0"],
         "test_accuracy": spec["test_accuracy"],
         "t at which v_1 doubles the train loss": pert["t_double"],
-        "train-loss rise there: v_1 / low-curvature / random": "n/a" if rises is None else
-            f"{100 * rises['top'][0]:.3g}% / {100 * rises['bottom']:.3g}% / {100 * rises['random']:.3g}%",
+        "train-loss rise there: v_1 / low-curvature / random": "n/a" if rises is None else (
+            f"{100 * rises['top'][0]:.3g}% / {100 * rises['bottom']:.3g}% / {100 * rises['random']:.3g}%"),
         "BLR posterior N_eff at n = 1 / P / 300": f"{blr['effdim_posterior_first']:.3g} / "
                                                  f"{blr['effdim_posterior_at']['n=200']:.3g} / {blr['effdim_posterior_last']:.3g}",
     }
