@@ -1,4 +1,5 @@
-"""End-to-end tests of `modelsense spectrum`, `effdim width-sweep`, `effdim blr` (tiny settings)."""
+"""End-to-end tests of `modelsense spectrum`, `perturb`, `effdim width-sweep`, `effdim grid`, `effdim blr` (tiny
+settings)."""
 
 import json
 
@@ -57,7 +58,7 @@ def neff(eigenvalues, s) -> float:
 @pytest.fixture(scope="module")
 def spectrum_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("spectrum")
-    return out, ok("spectrum", *TINY_SPECTRUM, "--k", 4, "--s", "100,150", "--out", out)
+    return out, ok("spectrum", *TINY_SPECTRUM, "--k", 4, "--s", "100,150", "--save-vectors", "--out", out)
 
 
 # -- spectrum ----------------------------------------------------------------------------------
@@ -84,6 +85,15 @@ def test_spectrum_equals_dense_hessian_of_summed_loss(spectrum_run):
     assert {"density_grid", "density", "slq_nodes", "slq_weights", "converged"} <= set(arrays.files)
     assert (out / "figures" / "spectrum.png").stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["spectrum"]["k"] == 4
+    vectors = np.load(out / "eigenvectors.npz")  # --save-vectors: the eigenvectors of these eigenvalues
+    V = torch.as_tensor(vectors["eigenvectors"]).double()
+    assert V.shape == (610, 4) and vectors["eigenvectors"].dtype == np.float32
+    torch.testing.assert_close(V.T @ V, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(H @ V, V * torch.as_tensor(lam), atol=1e-3 * lam[0], rtol=0)
+    key = json.loads(str(vectors["key"]))
+    assert key["n_params"] == 610 and key["matrix"] == "hessian" and not key["use_test"]
+    assert key["n_examples"] == N_TRAIN and len(key["parameters_sha256"]) == 64
+    assert m["use_test"] is False and m["n_examples"] == N_TRAIN
 
 
 def test_spectrum_cost_per_part(spectrum_run):
@@ -162,6 +172,85 @@ def test_spectrum_bad_input(spectrum_run, tmp_path):
     msg = error(invoke("spectrum", *TINY_SPECTRUM, "--reduction", "median", "--out", tmp_path / "g"))
     assert "unknown reduction 'median'" in msg
     assert not (tmp_path / "b" / "config.json").exists()  # checked before anything is written
+
+
+def test_spectrum_use_test_is_the_test_set_hessian(spectrum_run, tmp_path):
+    out, _ = spectrum_run
+    m = ok("spectrum", *DATA, "--checkpoint", out / "model.pt", "--k", 3, "--use-test", "--reduction", "mean",
+           "--out", tmp_path)
+    module, _ = load_model(out / "model.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=N_TRAIN))
+    H = dense_hessian(FunctionalModel(module.double()), data.x_test.double(), data.y_test) / data.n_test
+    np.testing.assert_allclose(m["eigenvalues"], torch.linalg.eigvalsh(H).flip(0)[:3].numpy(), rtol=1e-4)
+    assert m["use_test"] and m["n_examples"] == data.n_test == 500 and m["s"] == [pytest.approx(100.0 / 500)]
+
+
+# -- perturb -----------------------------------------------------------------------------------
+
+
+def test_perturb_from_saved_vectors_against_direct_evaluation(spectrum_run, tmp_path):
+    out, spec_m = spectrum_run
+    args = [*DATA, "--checkpoint", out / "model.pt", "--n-top", 2, "--n-bottom", 1, "--n-random", 2,
+            "--t-max", 3, "--n-points", 5]
+    m = ok("perturb", *args, "--vectors", out, "--out", tmp_path / "read")
+    arrays = np.load(tmp_path / "read" / "perturb.npz")
+    assert m["names"] == ["v1", "v2", "bottom 1", "random 1", "random 2"] and m["vectors"] == "read"
+    np.testing.assert_allclose(arrays["t"], [-3, -1.5, 0, 1.5, 3], atol=1e-12)
+    # the curvature along each eigenvector is its eigenvalue; t = 0 is the model itself
+    np.testing.assert_allclose(m["curvature"][:2], spec_m["eigenvalues"][:2], rtol=1e-3)
+    assert m["curvature_by_kind"]["top"] == m["curvature"][:2] and m["k"] == 4
+    np.testing.assert_allclose(arrays["train_loss"][:, 2], spec_m["train_loss"], rtol=1e-5)
+    np.testing.assert_allclose(arrays["test_accuracy"][:, 2], spec_m["test_accuracy"])
+    assert np.all(arrays["train_agreement"][:, 2] == 1)
+    # the curve along v_1 is the loss of the network moved along the saved eigenvector
+    module, _ = load_model(out / "model.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=N_TRAIN))
+    v1 = torch.as_tensor(np.load(out / "eigenvectors.npz")["eigenvectors"][:, 0])
+    theta = torch.nn.utils.parameters_to_vector(module.parameters())
+    torch.nn.utils.vector_to_parameters(theta + 3 * v1, module.parameters())
+    with torch.no_grad():
+        direct = float(torch.nn.functional.cross_entropy(module(data.x_train), data.y_train))
+    assert arrays["train_loss"][0, -1] == pytest.approx(direct, rel=1e-5)
+    # the summary numbers are those of the curves
+    rise = (arrays["train_loss"][:, 3:] + arrays["train_loss"][:, :2][:, ::-1]) / 2 - arrays["train_loss"][:, 2:3]
+    rise = rise / arrays["train_loss"][0, 2]  # at t = 1.5, 3
+    assert m["rise_at_t_max"]["top"] == pytest.approx(list(rise[:2, -1]))
+    assert m["rise_at_t_max"]["random"] == pytest.approx(rise[3:, -1].mean())
+    assert 1.5 < m["t_double"] < 3 and rise[0, 0] < 1 < rise[0, 1]  # v_1 doubles the loss between 1.5 and 3
+    assert m["rise_at_t_double"]["top"][0] == pytest.approx(1.0)
+    assert m["rise_at_t_double"]["random"] < 0.1 and m["rise_at_t_double"]["bottom"] < 0.1
+    assert (tmp_path / "read" / "figures" / "perturb.png").stat().st_size > 0
+    assert not (tmp_path / "read" / "model.pt").exists()
+    # computing the eigenvectors here instead (same seed, same k) gives the same curves
+    computed = ok("perturb", *args, "--k", 4, "--out", tmp_path / "computed")
+    again = np.load(tmp_path / "computed" / "perturb.npz")
+    assert computed["vectors"] == "computed"
+    np.testing.assert_allclose(computed["curvature"], m["curvature"], rtol=1e-3)
+    for a, b in zip(again["train_loss"][:2], arrays["train_loss"][:2]):  # an eigenvector's sign is arbitrary
+        assert np.allclose(a, b, rtol=1e-4) or np.allclose(a, b[::-1], rtol=1e-4)
+
+
+def test_perturb_bad_input(spectrum_run, tmp_path):
+    out, _ = spectrum_run
+    base = [*DATA, "--checkpoint", out / "model.pt", "--vectors", out]
+    cases = [
+        ([*DATA, "--widths", "8", "--epochs", 2, "--vectors", out], "needs the --checkpoint"),
+        ([*base, "--weights-only"], "--weights-only True (the vectors': False)"),
+        ([*base, "--use-test"], "--use-test True"),
+        ([*base, "--n-top", 5], "--n-top 5 is more than the 4 eigenvectors in --vectors"),
+        ([*base, "--n-points", 4], "--n-points must be odd"),
+        ([*base, "--t-max", 0], "--t-max must be a finite number > 0"),
+        ([*base, "--n-top", 0, "--n-bottom", 0, "--n-random", 0], "not all 0"),
+        ([*DATA, "--checkpoint", out / "model.pt", "--vectors", tmp_path], "no eigenvectors.npz there"),
+    ]
+    for i, (args, words) in enumerate(cases):
+        assert words in error(invoke("perturb", *args, "--out", tmp_path / f"bad{i}")), args
+        assert not (tmp_path / f"bad{i}").exists()
+    # vectors of another model: the parameters differ
+    other = tmp_path / "other"
+    ok("train", *DATA, "--widths", "8", "--epochs", 1, "--seed", 3, "--out", other)
+    msg = error(invoke("perturb", *DATA, "--checkpoint", other / "model.pt", "--vectors", out, "--out", tmp_path / "x"))
+    assert "computed at another model" in msg and not (tmp_path / "x").exists()
 
 
 # -- width sweep -------------------------------------------------------------------------------
@@ -265,6 +354,108 @@ def test_summarize_counts_only_interpolating_models():
     assert width_sweep_summary(results[:2], [100.0], 0.01)["spearman_effdim_test_loss"] is None
 
 
+def test_width_sweep_use_test(tmp_path):
+    m = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2", "--use-test", "--save-models", "--out", tmp_path)
+    res = json.loads((tmp_path / "widths" / "width_2.json").read_text())
+    module, _ = load_model(tmp_path / "widths" / "model_2.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=N_TRAIN, corruption_ratio=0.2, standardize=True))
+    H = dense_hessian(FunctionalModel(module.double()), data.x_test.double(), data.y_test)
+    np.testing.assert_allclose(res["eigenvalues"], torch.linalg.eigvalsh(H).flip(0)[:3].numpy(), rtol=1e-4)
+    assert m["use_test"] and res["use_test"]
+    assert json.loads((tmp_path / "config.json").read_text())["sweep"]["use_test"] is True
+
+
+# -- width x depth grid ------------------------------------------------------------------------
+TINY_GRID = ["--dataset", "digits", "--n-train", "60", "--epochs", "2", "--bs", "32", "--k", "2"]
+
+
+def mlp_params(width: int, depth: int) -> int:
+    return 64 * width + width + (depth - 1) * (width * width + width) + 10 * width + 10
+
+
+def test_grid_end_to_end(tmp_path):
+    m = ok("effdim", "grid", *TINY_GRID, "--widths", "3,2", "--depths", "2,1", "--repeats", 2, "--s", "100,10",
+           "--train-loss-threshold", 100, "--out", tmp_path)
+    assert m["widths"] == [2, 3] and m["depths"] == [1, 2] and m["repeats"] == 2 and m["n_trained"] == 8
+    assert m["n_params"] == [[mlp_params(w, d) for w in (2, 3)] for d in (1, 2)]
+    for i, d in enumerate((1, 2)):
+        for j, w in enumerate((2, 3)):
+            runs = [json.loads((tmp_path / "cells" / f"depth_{d}_width_{w}_seed_{s}.json").read_text()) for s in (0, 1)]
+            assert [r["model"]["widths"] for r in runs] == [[w] * d] * 2 and [r["seed"] for r in runs] == [0, 1]
+            losses = [r["test_loss"] for r in runs]
+            assert m["test_loss"][i][j] == pytest.approx(np.mean(losses))
+            assert m["test_loss_std"][i][j] == pytest.approx(np.std(losses))
+            assert m["test_loss_all"][i][j] == pytest.approx(losses)
+            neffs = [neff(r["eigenvalues"], 100.0) for r in runs]
+            assert m["effective_dimension"][i][j] == pytest.approx(np.mean(neffs))
+            assert m["effective_dimension_by_s"]["10.0"][i][j] == pytest.approx(np.mean([neff(r["eigenvalues"], 10.0)
+                                                                                        for r in runs]))
+    assert runs[0]["test_loss"] != runs[1]["test_loss"]  # the seeds differ
+    from scipy.stats import spearmanr
+
+    assert m["n_interpolating"] == 4 and m["spearman_effdim_test_loss"] == pytest.approx(
+        spearmanr(np.ravel(m["effective_dimension"]), np.ravel(m["test_loss"]))[0])
+    arrays = np.load(tmp_path / "grid.npz")
+    np.testing.assert_allclose(arrays["test_loss"], m["test_loss"])
+    assert arrays["effective_dimension"].shape == (2, 2)
+    for name in ("grid", "grid_profiles"):
+        assert (tmp_path / "figures" / f"{name}.png").stat().st_size > 0
+
+
+def test_grid_resumes_per_model(tmp_path, monkeypatch):
+    calls = []
+    real_fit = exp.fit
+
+    def counting_fit(module, data, cfg, **kw):
+        calls.append((sum(p.numel() for p in module.parameters()), cfg.seed))
+        if len(calls) == 3 and crash[0]:
+            raise RuntimeError("simulated crash")
+        return real_fit(module, data, cfg, **kw)
+
+    crash = [True]
+    monkeypatch.setattr(exp, "fit", counting_fit)
+    grid = [*TINY_GRID, "--widths", "2,3", "--depths", "1,2"]
+    res = invoke("effdim", "grid", *grid, "--out", tmp_path)
+    assert isinstance(res.exception, RuntimeError)  # the third model crashed: two are kept
+    assert len(list((tmp_path / "cells").glob("*.json"))) == 2
+    crash[0] = False
+    calls.clear()
+    first = ok("effdim", "grid", *grid, "--resume", "--out", tmp_path)
+    assert calls == [(mlp_params(2, 2), 0), (mlp_params(3, 2), 0)] and first["n_trained"] == 2
+    calls.clear()
+    more = ok("effdim", "grid", *TINY_GRID, "--widths", "2,3", "--depths", "1,2,3", "--repeats", 2, "--resume",
+              "--out", tmp_path)
+    assert sorted(calls) == sorted([(mlp_params(w, d), s) for w in (2, 3) for d, s in
+                                    [(1, 1), (2, 1), (3, 0), (3, 1)]])
+    assert more["test_loss_all"][0][0][0] == first["test_loss"][0][0]  # stored models are reused as they are
+    msg = error(invoke("effdim", "grid", *grid, "--lr", 0.2, "--resume", "--out", tmp_path))
+    assert "train.lr 0.2" in msg
+
+
+def test_grid_bad_input(tmp_path):
+    for i, (args, words) in enumerate([
+        (["--model", "resnet18"], "mlp, cnn"),
+        (["--depths", "0,1"], "--depths must be integers >= 1"),
+        (["--widths", "2,2"], "--widths must be distinct"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--model", "cnn", "--depths", "-1"], "--depths must be integers >= 0"),
+    ]):
+        assert words in error(invoke("effdim", "grid", *TINY_GRID, *args, "--out", tmp_path / str(i)))
+        assert not (tmp_path / str(i)).exists()
+
+
+def test_grid_of_cnns_and_the_spirals_recipe(tmp_path):
+    m = ok("effdim", "grid", "--dataset", "digits", "--n-train", "40", "--model", "cnn", "--widths", "2",
+           "--depths", "0,1", "--epochs", 1, "--k", 2, "--out", tmp_path / "cnn")
+    cfg = json.loads((tmp_path / "cnn" / "cells" / "depth_1_width_2_seed_0.json").read_text())["model"]
+    assert cfg["name"] == "cnn" and cfg["width"] == 2 and cfg["depth"] == 1 and len(m["test_loss"]) == 2
+    # the two-spirals experiment of the README: small MLPs over width and depth on the generated spirals
+    m = ok("effdim", "grid", "--dataset", "spirals", "--corruption-ratio", 0, "--n-train", 200, "--widths", "4,8",
+           "--depths", "1,2", "--epochs", 2, "--k", 5, "--s", 50, "--out", tmp_path / "spirals")
+    assert m["n_params"][0] == [2 * 4 + 4 + 4 * 2 + 2, 2 * 8 + 8 + 8 * 2 + 2]
+    assert json.loads((tmp_path / "spirals" / "config.json").read_text())["dataset"]["name"] == "spirals"
+
+
 # -- blr ---------------------------------------------------------------------------------------
 
 
@@ -291,3 +482,4 @@ def test_curvature_section(tmp_path):
     section = exp.curvature_section(tmp_path, progress=False)
     assert section.metrics["n_params"] == 26122 and all(p.exists() for p in section.figures)
     assert 0 < section.metrics["N_eff (s = N = 1297)"] <= section.metrics["N_eff (s = 100)"] <= 20
+    assert len(section.figures) == 3 and section.metrics["t at which v_1 doubles the train loss"] > 0

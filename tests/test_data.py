@@ -185,6 +185,35 @@ def test_mnist1d_checks_options_before_generating(monkeypatch):
         load_dataset("mnist1d", drop_classes=[10])
 
 
+# ----------------------------------------------------------------------------------- spirals
+
+
+def test_two_spirals_geometry_and_the_builtin_split():
+    x, y = builtin.two_spirals(200, noise=0.0, seed=3)
+    assert x.shape == (400, 2) and x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(y, np.repeat([0, 1], 200))
+    np.testing.assert_array_equal(x[200:], -x[:200])  # class 1 is the point reflection of class 0
+    radius, angle = np.hypot(*x[:200].T), np.arctan2(x[:200, 1], -x[:200, 0])
+    turns = radius / 1.5  # without noise, the radius is 1.5 times the angle a (in radians), a <= 600 degrees
+    assert turns.max() <= np.deg2rad(600) + 1e-4
+    np.testing.assert_allclose(np.cos(turns), np.cos(angle), atol=1e-4)  # the point sits at angle a
+    noisy, _ = builtin.two_spirals(200, noise=1.0, seed=3)
+    assert np.std(noisy - x) == pytest.approx(1.0, rel=0.1)
+    assert np.array_equal(builtin.two_spirals(5, seed=1)[0], builtin.two_spirals(5, seed=1)[0])
+    ds = load_dataset("spirals")
+    assert (ds.n_train, ds.n_test, ds.input_shape, ds.num_classes) == (2000, 1000, (2,), 2)
+    assert ds.metadata["standardize"]["applied"] is False and ds.name == "spirals"
+    full, labels = builtin.two_spirals()  # the split is a shuffle of two_spirals() with its defaults
+    both = np.concatenate([ds.x_train.numpy(), ds.x_test.numpy()])
+    order = np.lexsort(both.T)
+    np.testing.assert_array_equal(both[order], full[np.lexsort(full.T)])
+    np.testing.assert_array_equal(np.concatenate([ds.y_train, ds.y_test])[order], labels[np.lexsort(full.T)])
+    assert torch.equal(load_dataset("two-spirals").x_test, ds.x_test)
+    assert abs(float(ds.y_train.double().mean()) - 0.5) < 0.05
+    with pytest.raises(DataError, match="n_train=2001 is larger than the 2000"):
+        load_dataset("spirals", n_train=2001)
+
+
 # ----------------------------------------------------------------------------------- IDX
 
 
@@ -453,7 +482,7 @@ def test_csv_bad(tmp_path, text, pattern):
 
 
 def test_unknown_name_and_paths(tmp_path):
-    with pytest.raises(DataError, match=r"unknown dataset 'imagenet'; known: digits, mnist1d, mnist, "
+    with pytest.raises(DataError, match=r"unknown dataset 'imagenet'; known: digits, mnist1d, spirals, mnist, "
                                         r"fmnist, cifar10; or give a path to a \.npz"):
         load_dataset("imagenet")
     with pytest.raises(DataError, match="nothere.npz does not exist"):
@@ -784,6 +813,7 @@ def test_available_datasets(tmp_path):
     by_name = {d["name"]: d for d in listing}
     assert by_name["digits"]["n_train"] == 1297 and by_name["digits"]["input_shape"] == [1, 8, 8]
     assert by_name["mnist1d"]["n_test"] == 1000 and by_name["mnist1d"]["input_shape"] == [40]
+    assert by_name["spirals"]["n_train"] == 2000 and by_name["spirals"]["input_shape"] == [2]
     assert "train-images-idx3-ubyte" in by_name["mnist"]["files"]
     assert "--data-dir" in by_name["mnist"]["source"]
     assert "test_batch" in by_name["cifar10"]["files"]

@@ -120,6 +120,71 @@ def width_sweep_summary(results: Sequence[dict[str, Any]], s: Sequence[float], t
     }
 
 
+def grid_summary(results: Sequence[dict[str, Any]], widths: Sequence[int], depths: Sequence[int],
+                 s: Sequence[float], threshold: float) -> dict[str, Any]:
+    """N_eff and generalisation over a width x depth grid of models (Maddox et al. 2020, Fig. 2), with
+    repeats (seeds) per cell.
+
+    `results`: one dict per model with width, depth, seed, n_params, train_loss, test_loss, test_error,
+    eigenvalues and eigenvalues_converged. Every statistic is a (depths, widths) nested list, rows in
+    the order of sorted `depths`, columns of sorted `widths`: the mean over a cell's seeds (`*_std`: the
+    standard deviation, ddof 0; `*_all`: each seed's value, (D, W, R) for R seeds); N_eff for every s
+    (the first is the headline `effective_dimension`). A cell is interpolating when its mean train loss
+    is below `threshold`; spearman_effdim_test_loss / spearman_params_test_loss rank the interpolating
+    cells' means (None with fewer than two), the `_all` variants every cell.
+    """
+    widths, depths = sorted(int(w) for w in widths), sorted(int(d) for d in depths)
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = {(d, w): [] for d in depths for w in widths}
+    for r in results:
+        key = (int(r["depth"]), int(r["width"]))
+        if key in cells:
+            cells[key].append(r)
+    empty = [f"depth {d}, width {w}" for (d, w), rs in cells.items() if not rs]
+    if empty:
+        raise ConfigError(f"no result for the grid cells {', '.join(empty)}")
+    for rs in cells.values():
+        rs.sort(key=lambda r: r["seed"])
+
+    def neff(r: dict[str, Any], v: float) -> float:
+        return effective_dimension(torch.tensor(r["eigenvalues"]), float(v),
+                                   converged=torch.tensor(r["eigenvalues_converged"]))
+
+    def per_seed(value) -> np.ndarray:  # (D, W, R)
+        return np.array([[[value(r) for r in cells[(d, w)]] for w in widths] for d in depths], dtype=float)
+
+    stats = {"test_loss": per_seed(lambda r: r["test_loss"]), "train_loss": per_seed(lambda r: r["train_loss"]),
+             "test_error": per_seed(lambda r: r["test_error"])}
+    by_s = {float(v): per_seed(lambda r, v=v: neff(r, v)) for v in s}
+    stats["effective_dimension"] = by_s[float(s[0])]
+    n_params = np.array([[cells[(d, w)][0]["n_params"] for w in widths] for d in depths], dtype=np.int64)
+    mean = {k: v.mean(-1) for k, v in stats.items()}
+    interp = mean["train_loss"] < threshold
+    sel = interp.ravel()
+
+    def rho(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float | None:
+        a, b = a.ravel(), b.ravel()
+        return spearman(a[mask], b[mask]) if mask is not None else spearman(a, b)
+
+    out: dict[str, Any] = {"widths": widths, "depths": depths, "repeats": min(len(rs) for rs in cells.values()),
+                           "n_params": n_params.tolist()}
+    for k in ("test_loss", "train_loss", "test_error", "effective_dimension"):
+        out[k] = mean[k].tolist()
+        out[f"{k}_std"] = stats[k].std(-1).tolist()
+        out[f"{k}_all"] = stats[k].tolist()
+    out.update({
+        "effective_dimension_by_s": {str(v): vals.mean(-1).tolist() for v, vals in by_s.items()},
+        "s": [float(v) for v in s],
+        "interpolating": interp.tolist(),
+        "train_loss_threshold": threshold,
+        "n_interpolating": int(sel.sum()),
+        "spearman_effdim_test_loss": rho(mean["effective_dimension"], mean["test_loss"], sel),
+        "spearman_params_test_loss": rho(n_params.astype(float), mean["test_loss"], sel),
+        "spearman_effdim_test_loss_all": rho(mean["effective_dimension"], mean["test_loss"]),
+        "spearman_params_test_loss_all": rho(n_params.astype(float), mean["test_loss"]),
+    })
+    return out
+
+
 def effdim_scale(weight_decay: float, n_train: int, reduction: str = "sum") -> float:
     """s = prior precision matching weight decay: N·wd for the summed-loss Hessian, wd for the mean."""
     if reduction not in ("sum", "mean"):

@@ -100,6 +100,109 @@ def width_sweep_figure(summary: dict[str, Any], title: str = "") -> Figure:
     return fig
 
 
+def grid_figure(summary: dict[str, Any], title: str = "") -> Figure:
+    """Heatmaps over depth (rows) x width (columns) of N_eff, test loss and train loss (cell means over
+    seeds; Maddox et al. 2020, Fig. 2), with level curves of the parameter count and a dot on the
+    interpolating cells (mean train loss below the threshold), from `effdim.grid_summary`."""
+    widths, depths = summary["widths"], summary["depths"]
+    params = np.asarray(summary["n_params"], dtype=float)
+    interp = np.asarray(summary["interpolating"], dtype=bool)
+    panels = [("effective_dimension", f"N_eff (s = {summary['s'][0]:g})", "viridis"),
+              ("test_loss", "test loss (mean NLL)", "magma"), ("train_loss", "train loss (mean NLL)", "magma")]
+    fig = Figure(figsize=(4.4 * len(panels), 3.6))
+    for ax, (key, label, cmap) in zip(fig.subplots(1, len(panels)), panels):
+        values = np.asarray(summary[key], dtype=float)
+        image = ax.imshow(values, origin="lower", aspect="auto", cmap=cmap)
+        fig.colorbar(image, ax=ax)
+        if len(widths) > 1 and len(depths) > 1 and np.ptp(np.log10(params)) > 0:
+            contours = ax.contour(np.log10(params), colors="gold", linewidths=0.8, levels=4)
+            ax.clabel(contours, fmt=lambda v: f"{10 ** v:.2g}", fontsize=7)
+        rows, cols = np.nonzero(interp)
+        ax.plot(cols, rows, ".", color="white", ms=4)
+        ax.set_xticks(range(len(widths)), [str(w) for w in widths])
+        ax.set_yticks(range(len(depths)), [str(d) for d in depths])
+        ax.set_xlabel("width")
+        ax.set_ylabel("depth")
+        ax.set_title(label, fontsize=10)
+    fig.suptitle(f"{title + ': ' if title else ''}gold: parameter count; dots: train loss < "
+                 f"{summary['train_loss_threshold']:g}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def grid_profiles_figure(summary: dict[str, Any], title: str = "") -> Figure:
+    """N_eff (top) and test (solid) / train (dashed) loss (bottom) against the parameter count:
+    increasing depth, one line per width (left), and increasing width, one line per depth (right);
+    bands ± 2 standard deviations over the seeds of a cell (the two-spirals figure of Maddox et al. 2020)."""
+    params = np.asarray(summary["n_params"], dtype=float)
+    mean = {k: np.asarray(summary[k], dtype=float) for k in ("effective_dimension", "test_loss", "train_loss")}
+    std = {k: np.asarray(summary[f"{k}_std"], dtype=float) for k in mean}
+    fig = Figure(figsize=(11, 6.4))
+    axes = fig.subplots(2, 2, sharex="col")
+    colors = [f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray")]
+    for col, (axis, other, fixed_name) in enumerate((("depth", "widths", "width"), ("width", "depths", "depth"))):
+        fixed = summary[other]
+        for i, value in enumerate(fixed):
+            # lines along the axis that varies, at one value of the other
+            pick = (slice(None), i) if axis == "depth" else (i, slice(None))
+            x = params[pick]
+            color = colors[i % len(colors)]
+            for row, keys in enumerate((("effective_dimension",), ("test_loss", "train_loss"))):
+                ax = axes[row, col]
+                for key in keys:
+                    y, e = mean[key][pick], std[key][pick]
+                    ax.plot(x, y, "o-" if key != "train_loss" else "s--", color=color, ms=3, lw=1.2,
+                            label=f"{fixed_name} {value}" if key != "train_loss" else None)
+                    if summary["repeats"] > 1:
+                        ax.fill_between(x, y - 2 * e, y + 2 * e, color=color, alpha=0.15, lw=0)
+        axes[0, col].set_title(f"increasing {axis}", fontsize=10)
+        axes[0, col].set_ylabel(f"N_eff (s = {summary['s'][0]:g})")
+        axes[1, col].set_ylabel("loss: test (solid), train (dashed)")
+        axes[1, col].set_xlabel("number of parameters")
+        axes[0, col].legend(fontsize=7)
+        for row in range(2):
+            axes[row, col].set_xscale("log")
+    fig.suptitle(f"{title + ': ' if title else ''}bands ± 2 std over seeds", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+#: colours of the perturbation directions: top (reds), bottom (blues), random (greys)
+_KIND_COLORS = {"top": ("#8b0000", "#d62728", "#ff7f0e", "#e377c2"), "bottom": ("#1f77b4", "#17becf", "#9467bd"),
+                "random": ("#555555", "#888888", "#2ca02c")}
+
+
+def perturbation_figure(t: np.ndarray, names: Sequence[str], kinds: Sequence[str], train: dict[str, np.ndarray],
+                        test: dict[str, np.ndarray], title: str = "") -> Figure:
+    """The loss along θ + t·d per direction d (top eigenvectors red, low-curvature blue, random grey):
+    train (solid) and test (dashed) loss, test accuracy, and the agreement of the train predictions
+    with those at t = 0 (the original's classification homogeneity). `train` / `test`: dicts of
+    (m, T) arrays "loss", "accuracy", "agreement" (`perturbation.LineScan`)."""
+    fig = Figure(figsize=(15, 3.8))
+    axes = fig.subplots(1, 3)
+    seen: dict[str, int] = {}
+    for i, (name, kind) in enumerate(zip(names, kinds)):
+        palette = _KIND_COLORS.get(kind, ("k",))
+        color = palette[seen.get(kind, 0) % len(palette)]
+        seen[kind] = seen.get(kind, 0) + 1
+        axes[0].plot(t, train["loss"][i], "-", color=color, lw=1.3, label=name)
+        axes[0].plot(t, test["loss"][i], "--", color=color, lw=1.0)
+        axes[1].plot(t, test["accuracy"][i], "-", color=color, lw=1.2)
+        axes[2].plot(t, train["agreement"][i], "-", color=color, lw=1.2)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss (mean NLL): train solid, test dashed")
+    axes[1].set_ylabel("test accuracy")
+    axes[2].set_ylabel("train predictions unchanged (homogeneity)")
+    for ax in axes:
+        ax.set_xlabel("t (θ + t·d, ‖d‖ = 1)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    return fig
+
+
 def blr_figure(result: BLRContraction, s_parameter: float, s_function: float, prior_variance: float) -> Figure:
     """N_eff of the posterior, of the function-space covariance and of the data precision against n,
     shaded red (n < P - P/8), yellow (around P) and green (n > P + P/8): `effdim.blr_regions`."""
@@ -126,4 +229,5 @@ def blr_figure(result: BLRContraction, s_parameter: float, s_function: float, pr
     return fig
 
 
-__all__ = ["blr_figure", "spectrum_figure", "width_sweep_figure"]
+__all__ = ["blr_figure", "grid_figure", "grid_profiles_figure", "perturbation_figure", "spectrum_figure",
+           "width_sweep_figure"]

@@ -111,6 +111,8 @@ class Spectrum:
     config: SpectrumConfig = field(default_factory=SpectrumConfig)
     #: part ("eigenvalues", "trace", "density"; those computed) -> {"matvecs": products, "seconds": wall time}
     cost: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: (P, k) the Ritz vectors of `eigenvalues` (orthonormal columns, in the order of `FunctionalModel.spec`)
+    eigenvectors: Tensor | None = None
 
     def to_metrics(self) -> dict:
         """JSON-ready summary: eigenvalues, trace (+ standard error), effective_dimension, n_params, cost."""
@@ -171,7 +173,7 @@ def compute_spectrum(
     model: FunctionalModel, x: Tensor, y: Tensor, config: SpectrumConfig | None = None, params: Params | None = None,
     *, progress: bool = False,
 ) -> Spectrum:
-    """Top-k eigenvalues and N_eff (and, if asked, trace and density) of `config.matrix` over (x, y).
+    """Top-k eigenpairs and N_eff (and, if asked, trace and density) of `config.matrix` over (x, y).
 
     The returned config has s resolved (the default when empty, with N = len(x)); `cost` holds the
     matrix-vector products and seconds of each part. `progress`: a bar per Lanczos step, per
@@ -204,4 +206,4 @@ def compute_spectrum(
         density = measured("density", lambda: spectral_density(K, config.density_probes, config.density_steps,
                                                                generator=gen, progress=progress))
     return Spectrum(eig.eigenvalues, eig.converged, eig.residuals, K.n_params, neff, trace, density, K.num_matvecs,
-                    config, cost)
+                    config, cost, eig.eigenvectors)

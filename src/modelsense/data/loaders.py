@@ -1,6 +1,6 @@
 """One front door for every dataset: `load_dataset(name, ...)` and `DataConfig`.
 
-Names: `digits`, `mnist1d` (no files needed), `mnist`, `fmnist`, `cifar10` (files from
+Names: `digits`, `mnist1d`, `spirals` (no files needed), `mnist`, `fmnist`, `cifar10` (files from
 `data_dir`), or a path to a `.npz` / `.csv` file. Names are case-insensitive (`MNIST`, `FMNIST`,
 `CIFAR10` as in the MPE scripts work).
 
@@ -91,7 +91,7 @@ class DataConfig:
         seed: seed of the subset and the label corruption.
     """
 
-    name: str = option("digits", "digits, mnist1d, mnist, fmnist, cifar10, or a path to a .npz/.csv file",
+    name: str = option("digits", "digits, mnist1d, spirals, mnist, fmnist, cifar10, or a path to a .npz/.csv file",
                        flag="--dataset", short="-d")
     data_dir: str | None = option(None, "directory with the MNIST/FMNIST IDX files or CIFAR-10 batches")
     n_train: int | None = option(None, "use a seeded stratified subset of this many training examples")
@@ -144,6 +144,10 @@ _BUILTINS: tuple[DatasetInfo, ...] = (
                 lambda data_dir: builtin.load_mnist1d_arrays(), "standardised by its generator",
                 aliases=("mnist-1d", "mnist_1d"),
                 generated=True),
+    DatasetInfo("spirals", 2000, 1000, (2,), 2,
+                "two spirals, generated (Maddox et al. 2020 notebooks)",
+                lambda data_dir: builtin.load_spirals_arrays(), "raw coordinates, within about ±20",
+                aliases=("two-spirals", "two_spirals"), generated=True),
     DatasetInfo("mnist", 60000, 10000, (1, 28, 28), 10,
                 "IDX files in --data-dir (or its MNIST/raw)",
                 lambda data_dir: files.load_idx_arrays(data_dir, "mnist"), _IMAGE_NORMALIZATION,
@@ -260,7 +264,7 @@ def load_dataset(
     """Load a dataset and apply the options (order and metadata: see the module docstring).
 
     Args:
-        name: `digits`, `mnist1d`, `mnist`, `fmnist`, `cifar10`, or a path to a .npz/.csv.
+        name: `digits`, `mnist1d`, `spirals`, `mnist`, `fmnist`, `cifar10`, or a path to a .npz/.csv.
         data_dir: folder with the dataset files (None: $MODELSENSE_DATA_DIR).
         n_train: stratified training subset size; None for all.
         corruption_ratio: fraction of training labels to move to another class.
