@@ -89,7 +89,7 @@ from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 from modelsense.training import fit
 from modelsense.training.config import TrainConfig
 
-USE_TEST_HELP = "the matrix of the loss over the test set instead of the training set (the original's --use_test)"
+USE_TEST_HELP = "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality code of Maddox, Benton & Wilson 2020)"
 VECTORS_FILE = "eigenvectors"
 CHECKPOINT_HELP = ("model.pt of `modelsense train` to use instead of training one (the data, model and training "
                    "settings then come from the run that made it; --device aside)")
