@@ -404,6 +404,59 @@ def test_fallback_blocks_are_the_exact_dense_blocks_or_diagonals(matrix):
         assert torch.allclose(approx, torch.diag(exact.diagonal()), atol=1e-10)
 
 
+class ToSequence(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 3, 4)
+
+
+class Twice(nn.Module):
+    """One normalisation module applied twice (its per-example gradient sums over both calls)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.norm(x)))
+
+
+def _norm_net(norm):  # (n, 5) -> (n, 3, 4) -> norm twice -> (n, 3)
+    return nn.Sequential(nn.Linear(5, 12), ToSequence(), Twice(norm), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+
+
+NORM_NETS = {
+    "layernorm_2d": lambda: _norm_net(nn.LayerNorm((3, 4))),  # over the last two dims, parameters (3, 4)
+    "rmsnorm": lambda: _norm_net(nn.RMSNorm(4)),
+    "groupnorm": lambda: _norm_net(nn.GroupNorm(1, 3)),
+    "batchnorm": lambda: _norm_net(nn.BatchNorm1d(3)),
+}
+
+
+@pytest.mark.parametrize("norm", list(NORM_NETS))
+def test_normalisation_parameters_get_exact_blocks_from_hooks(norm):
+    """y = x̂ ⊙ w + b: the per-example rows of w and b come from the hooked backward passes (no
+    per-example Jacobians) and give the exact dense blocks and diagonals; the norm is used twice."""
+    torch.manual_seed(14)
+    net = NORM_NETS[norm]().to(DT)
+    if norm == "batchnorm":
+        net.train()(torch.randn(32, 5, dtype=DT))  # running statistics
+    net.eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fm = FunctionalModel(net)
+    x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    D = dense_ggn(fm, x, y)
+    K = build_curvature(fm, x, y, structure="ekfac", chunk_size=3)
+    assert [b.name for b in K.fallbacks] == [n for n in fm.spec.names if n.startswith("2.")]
+    assert all(b.source is not None and b.dense for b in K.fallbacks)
+    for b in K.fallbacks:
+        approx, exact = _block(K.to_dense(), D, b)
+        assert torch.allclose(approx, exact, atol=1e-10)
+    exact_diag = ImplicitCurvature(fm, x, y, chunk_size=3).diag()  # kfac_layers.layer_diagonal
+    assert torch.allclose(exact_diag, D.diagonal(), atol=1e-10)
+
+
 @pytest.mark.parametrize("structure", ["kfac", "ekfac"])
 def test_kronecker_inverses_with_diagonal_inputs_and_fallback_blocks(structure):
     fm, x, y = sequence_problem(attention=True, padding_idx=0)

@@ -140,6 +140,7 @@ def test_vit_kfac_blocks_against_the_dense_ggn():
     assert {b.name for b in kfac.fallbacks} == {"pos", "blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.ln2.weight",
                                                 "blocks.0.ln2.bias", "norm.weight", "norm.bias"}
     assert all(b.dense for b in kfac.fallbacks)
+    assert [b.name for b in kfac.fallbacks if b.source is None] == ["pos"]  # LayerNorm rows come from hooks
     Kk, Ke = kfac.to_dense(), ekfac.to_dense()
     for l, layer in enumerate(kfac.layers):
         approx, exact = _block(Kk, D, layer)

@@ -57,8 +57,8 @@ from modelsense.curvature.kfac_layers import (
     Block,
     FallbackBlock,
     KroneckerLayer,
-    fallback_jacobians,
-    fallback_offsets,
+    fallback_square_sums,
+    hooked_norms,
     layer_backward_passes,
     layer_quadratic_form,
     plan_blocks,
@@ -119,12 +119,13 @@ class KroneckerCurvature(DataOperator, Curvature):
             lam_g = lam_g.clamp_min(0)
             self.eigenbases.append((Q_a, lam_a, Q_g, lam_g))
             self.eigenvalue_grids.append(torch.outer(lam_g, lam_a))
-        if eigen_corrected:
+        if eigen_corrected and self.layers:
             self.eigenvalue_grids[: len(self.layers)] = self._fit_eigenvalues()
 
     # --- passes over the data -----------------------------------------------------------------
-    def _backward_passes(self):
-        return layer_backward_passes(self.model, self.layers, self.matrix, self.params, self.x, self.y, self.chunk_size)
+    def _backward_passes(self, norms=()):
+        return layer_backward_passes(self.model, self.layers, self.matrix, self.params, self.x, self.y,
+                                     self.chunk_size, list(norms))
 
     def _zeros(self, *shape):
         return torch.zeros(*shape, dtype=self.dtype, device=self.device)
@@ -135,12 +136,14 @@ class KroneckerCurvature(DataOperator, Curvature):
         G = [self._zeros(l.d_out, l.d_out) for l in self.layers]
         count = [0] * len(self.layers)
         fb = [self._zeros(b.d_in, b.d_in) if b.dense else self._zeros(b.d_in) for b in self.fallbacks]
-        names = [b.name for b in self.fallbacks]
-        for step in self._backward_passes():
+
+        def add(k, R):
+            fb[k] += R.T @ R if self.fallbacks[k].dense else R.pow(2).sum(0)
+
+        for step in self._backward_passes(hooked_norms(self.fallbacks)):
             for l, (layer, a) in enumerate(zip(self.layers, step.inputs)):
                 if layer.diagonal_input:  # token counts (padding left out)
-                    ids = a[a >= 0]
-                    A[l] += torch.bincount(ids, minlength=layer.d_in).to(self.dtype)
+                    A[l] += torch.bincount(a[a >= 0], minlength=layer.d_in).to(self.dtype)
                     count[l] += a.numel()
                 elif reduce:
                     a_mean = a.mean(1)
@@ -149,19 +152,16 @@ class KroneckerCurvature(DataOperator, Curvature):
                 else:
                     A[l] += torch.einsum("ntd,nte->de", a, a)
                     count[l] += a.shape[0] * a.shape[1]
-            for grads in step.per_direction:
+            rows = []
+            for grads, r in step.per_direction:
+                rows.append(r)
                 for l, (layer, g) in enumerate(zip(self.layers, grads)):
                     if reduce and not layer.diagonal_input:
                         g_sum = g.sum(1)
                         G[l] += g_sum.T @ g_sum
                     else:
                         G[l] += torch.einsum("nto,ntp->op", g, g)
-            if self.fallbacks:
-                for s, J in fallback_jacobians(self.model, self.params, names, step.xb):
-                    for u in step.directions:
-                        R = torch.einsum("nc,ncp->np", u[s], J)
-                        for k, (b, cols) in enumerate(zip(self.fallbacks, fallback_offsets(self.fallbacks))):
-                            fb[k] += R[:, cols].T @ R[:, cols] if b.dense else R[:, cols].pow(2).sum(0)
+            fallback_square_sums(self.fallbacks, step, rows, self.model, self.params, add)
         one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
         return [(a / n, g * self.scale) for a, g, n in zip(A, G, count)] + [(f * self.scale, one) for f in fb]
 
@@ -169,7 +169,7 @@ class KroneckerCurvature(DataOperator, Curvature):
         S = [self._zeros(l.d_out, l.d_in) for l in self.layers]
         for step in self._backward_passes():
             rotated = [a if Q_a is None else a @ Q_a for a, (Q_a, _, _, _) in zip(step.inputs, self.eigenbases)]
-            for grads in step.per_direction:
+            for grads, _ in step.per_direction:
                 for l, (layer, g, a_rot) in enumerate(zip(self.layers, grads, rotated)):
                     S[l] += squared_example_grids(layer, g @ self.eigenbases[l][2], a_rot)
         return [s * self.scale for s in S]
@@ -275,7 +275,8 @@ class KroneckerCurvature(DataOperator, Curvature):
 
     def describe(self) -> list[dict]:
         """One row per block: name, kind (linear | conv1d | conv2d | embedding | dense | diag),
-        parameters, size (d_out, d_in) and, for fallback blocks, why the parameter is not in a layer."""
+        parameters, size (d_out, d_in) and, for fallback blocks, why the parameter is not in a layer
+        and where its per-example rows come from (the hooks of a normalisation module, or Jacobians)."""
         rows = []
         for b in self.blocks:
             if isinstance(b, KroneckerLayer):
@@ -283,5 +284,6 @@ class KroneckerCurvature(DataOperator, Curvature):
             else:
                 assert isinstance(b, FallbackBlock)
                 rows.append({"name": b.name, "kind": "dense" if b.dense else "diag", "params": [b.name],
-                             "shape": (1, b.d_in), "reason": b.reason})
+                             "shape": (1, b.d_in), "reason": b.reason,
+                             "rows": f"hooks on {b.source.name!r}" if b.source is not None else "per-example Jacobians"})
         return rows

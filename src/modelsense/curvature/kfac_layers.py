@@ -20,9 +20,13 @@ affine parameters, positional embeddings and class tokens held as bare `nn.Param
 nn.MultiheadAttention's in_proj and out_proj (its out_proj Linear is never called as a module), a
 Linear/Conv that is never called, runs on non-batch-first inputs or shares its weight with another
 module, grouped or circular-padded convolutions, embeddings with max_norm / scale_grad_by_freq —
-gets one exact block per parameter tensor, from its per-example Jacobians (vmap of jacrev over the
-examples, restricted to these parameters): `R_u = Σ_c u_c J_c` for each backward direction u (the
-columns of L_i for the GGN, ∂l_i/∂f_i for the EF) and block = Σ_{i,u} R_iuᵀ R_iu, kept
+gets one exact block per parameter tensor, block = Σ_{i,u} R_iuᵀ R_iu from its per-example
+gradient rows R_iu along each backward direction u (the columns of L_i for the GGN, ∂l_i/∂f_i for
+the EF). Affine parameters of nn.LayerNorm / RMSNorm / GroupNorm / BatchNorm (eval mode) act
+elementwise after the normalisation, y = x̂ ⊙ w + b, so their rows come from the same hooked
+backward passes as the Kronecker factors (R_w = Σ_t g_t ⊙ x̂_t, R_b = Σ_t g_t over the positions the
+parameter is broadcast over); every other parameter's rows come from per-example Jacobians (vmap of
+jacrev over the examples, restricted to those parameters: C per-example backward passes). Kept
 
     dense     (p x p, exact) when the tensor has p <= max_dense_block entries (fallback "auto")
     diagonal  (its exact diagonal) otherwise, or for every tensor with fallback "diag"
@@ -113,6 +117,7 @@ class FallbackBlock:
     param_slice: slice
     dense: bool
     reason: str
+    source: "NormLayer | None" = None  # rows from hooks on this module; None: per-example Jacobians
     d_out: int = field(default=1, init=False)
 
     @property
@@ -129,6 +134,53 @@ class FallbackBlock:
 
     def flat_indices(self) -> Tensor:
         return torch.arange(self.param_slice.start, self.param_slice.stop)
+
+
+NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+@dataclass
+class NormLayer:
+    """A normalisation module y = x̂ ⊙ w + b (weight/bias: the selected parameter names, else None)
+    whose per-example gradient rows come from forward hooks: x̂ recorded in the forward pass, g the
+    backpropagated output gradient."""
+
+    name: str
+    module: nn.Module
+    weight: str | None
+    bias: str | None
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.weight, self.bias) if n)
+
+    def normalized(self, inp: Tensor) -> Tensor:
+        """x̂: the input normalised without the affine parameters (batch norm: running statistics)."""
+        mod = self.module
+        if isinstance(mod, nn.LayerNorm):
+            return F.layer_norm(inp, mod.normalized_shape, None, None, mod.eps)
+        if isinstance(mod, nn.GroupNorm):
+            return F.group_norm(inp, mod.num_groups, None, None, mod.eps)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            shape = (1, -1) + (1,) * (inp.ndim - 2)
+            return (inp - mod.running_mean.view(shape)) * torch.rsqrt(mod.running_var.view(shape) + mod.eps)
+        return F.rms_norm(inp, mod.normalized_shape, None, mod.eps)
+
+    def rows(self, x_hat: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Per-example gradient rows {parameter name: (n, p)} of one call, from x̂ and g (input shape)."""
+        n = g.shape[0]
+        if isinstance(self.module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):  # parameters on dim 1
+            channels = g.shape[1]
+            fold = lambda t: t.reshape(n, channels, -1).sum(-1)  # noqa: E731
+        else:  # LayerNorm / RMSNorm: parameters over the trailing normalized_shape
+            p = int(torch.tensor(self.module.normalized_shape).prod())
+            fold = lambda t: t.reshape(n, -1, p).sum(1)  # noqa: E731
+        out = {}
+        if self.weight:
+            out[self.weight] = fold(g * x_hat)
+        if self.bias:
+            out[self.bias] = fold(g)
+        return out
 
 
 Block = KroneckerLayer | FallbackBlock
@@ -154,27 +206,40 @@ def _unsupported(mod: nn.Module) -> str | None:
     return None
 
 
-def candidate_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], dict[str, str]]:
-    """The Linear/Conv1d/Conv2d/Embedding modules holding selected parameters, and for the selected
-    parameters of such modules that cannot be Kronecker layers: name -> reason."""
+def _selected(model: FunctionalModel, mname: str, mod: nn.Module) -> tuple[str | None, str | None]:
+    prefix = f"{mname}." if mname else ""
+    offsets = model.spec.slices
+    w = prefix + "weight" if getattr(mod, "weight", None) is not None and prefix + "weight" in offsets else None
+    b = prefix + "bias" if getattr(mod, "bias", None) is not None and prefix + "bias" in offsets else None
+    return w, b
+
+
+def candidate_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], list[NormLayer], dict[str, str]]:
+    """The Linear/Conv1d/Conv2d/Embedding modules holding selected parameters (Kronecker layers),
+    the normalisation modules holding selected parameters (hooked fallback rows), and for the selected
+    parameters of modules that can be neither: name -> reason."""
     offsets = model.spec.slices
     owners = _owners(model.module)
     named = dict(model.module.named_parameters())
-    layers, reasons = [], {}
+    layers, norms, reasons = [], [], {}
     for mname, mod in model.module.named_modules():
-        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)):
+        kronecker = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding))
+        if not kronecker and not isinstance(mod, NORM_MODULES):
             continue
-        prefix = f"{mname}." if mname else ""
-        w = prefix + "weight" if prefix + "weight" in offsets else None
-        b = prefix + "bias" if getattr(mod, "bias", None) is not None and prefix + "bias" in offsets else None
+        w, b = _selected(model, mname, mod)
         if w is None and b is None:
             continue
-        why = _unsupported(mod)
+        why = _unsupported(mod) if kronecker else None
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or mod.running_mean is None):
+            why = "a batch norm in training mode or without running statistics"
         shared = [n for n in (w, b) if n and len(owners.get(id(named[n]), [])) > 1]
         if shared:
             why = f"its parameters {shared} are shared with another module ({owners[id(named[shared[0]])]})"
         if why:
             reasons.update({n: why for n in (w, b) if n})
+            continue
+        if not kronecker:
+            norms.append(NormLayer(mname, mod, w, b))
             continue
         if isinstance(mod, nn.Embedding):
             d_in, d_out = mod.num_embeddings, mod.embedding_dim
@@ -184,13 +249,13 @@ def candidate_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], dict
         else:
             d_in, d_out = (mod.in_features if w else 0) + (1 if b else 0), mod.out_features
         layers.append(KroneckerLayer(mname, mod, w, b, d_in, d_out, offsets.get(w), offsets.get(b)))
-    return layers, reasons
+    return layers, norms, reasons
 
 
 def find_layers(model: FunctionalModel) -> list[KroneckerLayer]:
     """The Kronecker layers holding every selected parameter; ConfigError if some selected
     parameter belongs elsewhere (the strict form: no fallback blocks)."""
-    layers, reasons = candidate_layers(model)
+    layers, _, _ = candidate_layers(model)
     covered = {n for layer in layers for n in layer.params}
     missing = [n for n in model.spec.names if n not in covered]
     if missing:
@@ -202,15 +267,23 @@ def find_layers(model: FunctionalModel) -> list[KroneckerLayer]:
     return layers
 
 
-def _call_problem(layer: KroneckerLayer, calls: list[tuple[Tensor, Tensor]], n: int) -> str | None:
+Hooked = KroneckerLayer | NormLayer
+
+
+def _call_problem(layer: Hooked, calls: list[tuple], n: int) -> str | None:
     if not calls:
         return "its module is not called in the forward pass (its parameters are used some other way, or not at all)"
-    for inp, out in calls:
+    for inp, out, _ in calls:
         if not isinstance(inp, Tensor) or not isinstance(out, Tensor):
             return "its module is called with non-tensor inputs or outputs"
         if inp.ndim == 0 or inp.shape[0] != n or out.shape[0] != n:
             return f"its inputs are not batch-first (first dim {inp.shape[0] if inp.ndim else None} for a batch of {n})"
+        if isinstance(layer, NormLayer) and out.shape != inp.shape:
+            return "its output shape differs from its input shape"
     return None
+
+
+NOT_IN_A_LAYER = "not in an nn.Linear/Conv1d/Conv2d/Embedding"
 
 
 def plan_blocks(
@@ -219,36 +292,38 @@ def plan_blocks(
     """The Kronecker layers and the fallback blocks covering every selected parameter.
 
     One probe forward pass (the first two examples of x, forward hooks) keeps the candidate layers
-    that are called with batch-first tensors; every other selected parameter tensor gets a
-    `FallbackBlock` (dense if it has <= max_dense_block entries and fallback is "auto", else
-    diagonal), or raises ConfigError (fallback "error"), naming the parameters and why.
+    (and normalisation modules) that are called with batch-first tensors; every other selected
+    parameter tensor gets a `FallbackBlock` (dense if it has <= max_dense_block entries and fallback
+    is "auto", else diagonal; its rows from hooks on its normalisation module, else from per-example
+    Jacobians), or raises ConfigError (fallback "error"), naming the parameters and why.
     """
     if fallback not in FALLBACKS:
         raise ConfigError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
-    candidates, reasons = candidate_layers(model)
-    if candidates:
+    candidates, norm_candidates, reasons = candidate_layers(model)
+    hooked: list[Hooked] = [*candidates, *norm_candidates]
+    layers, norms = [], {}
+    if hooked:
         xb, _ = next(data_chunks(x[:2], None, 2, params))
-        records = _record_calls(candidates)
-        handles = [layer.module.register_forward_hook(records.hook(layer.name)) for layer in candidates]
+        records = _record_calls(hooked)
+        handles = [layer.module.register_forward_hook(records.hook(layer)) for layer in hooked]
         try:
             with torch.no_grad():
                 model(params, xb)
         finally:
             for h in handles:
                 h.remove()
-        layers = []
-        for layer in candidates:
+        for layer in hooked:
             why = _call_problem(layer, records.calls[layer.name], len(xb))
             if why:
                 reasons.update({n: why for n in layer.params})
-            else:
+            elif isinstance(layer, KroneckerLayer):
                 layers.append(layer)
-    else:
-        layers = []
+            else:
+                norms.update({n: layer for n in layer.params})
     covered = {n for layer in layers for n in layer.params}
     uncovered = [n for n in model.spec.names if n not in covered]
     if uncovered and fallback == "error":
-        detail = "; ".join(f"{n}: {reasons.get(n, 'not in an nn.Linear/Conv1d/Conv2d/Embedding')}" for n in uncovered)
+        detail = "; ".join(f"{n}: {reasons.get(n, NOT_IN_A_LAYER)}" for n in uncovered)
         raise ConfigError(
             f"KFAC/EK-FAC Kronecker layers do not cover {uncovered} ({detail}); use fallback='auto' or 'diag' "
             "(exact dense/diagonal blocks for them), exclude them with FunctionalModel(..., trainable=...), or use "
@@ -259,19 +334,33 @@ def plan_blocks(
     for n in uncovered:
         numel = slices[n].stop - slices[n].start
         dense = fallback == "auto" and numel <= max_dense_block
-        blocks.append(FallbackBlock(n, slices[n], dense, reasons.get(n, "not in an nn.Linear/Conv1d/Conv2d/Embedding")))
+        blocks.append(FallbackBlock(n, slices[n], dense, reasons.get(n, NOT_IN_A_LAYER), norms.get(n)))
     return layers, blocks
 
 
+def hooked_norms(fallbacks: list[FallbackBlock]) -> list[NormLayer]:
+    """The normalisation modules whose hooks give fallback rows, each once, in order."""
+    out: dict[str, NormLayer] = {}
+    for b in fallbacks:
+        if b.source is not None:
+            out.setdefault(b.source.name, b.source)
+    return list(out.values())
+
+
 class _record_calls:
-    """Forward hooks that record (input, output) of every call of each layer."""
+    """Forward hooks that record (input, output, x̂ for normalisation modules) of every call of each module."""
 
-    def __init__(self, layers: list[KroneckerLayer]) -> None:
-        self.calls: dict[str, list[tuple[Tensor, Tensor]]] = {layer.name: [] for layer in layers}
+    def __init__(self, layers: list[Hooked]) -> None:
+        self.calls: dict[str, list[tuple]] = {layer.name: [] for layer in layers}
 
-    def hook(self, name: str):
+    def hook(self, layer: Hooked):
         def record(module, inputs, output):
-            self.calls[name].append((inputs[0] if inputs else None, output))
+            inp = inputs[0] if inputs else None
+            x_hat = None
+            if isinstance(layer, NormLayer) and isinstance(inp, Tensor):
+                with torch.no_grad():
+                    x_hat = layer.normalized(inp.detach())
+            self.calls[layer.name].append((inp, output, x_hat))
 
         return record
 
@@ -324,11 +413,27 @@ def layer_outputs(layer: KroneckerLayer, out: Tensor) -> Tensor:
     return out.reshape(out.shape[0], -1, layer.d_out)
 
 
-def layer_forward(model: FunctionalModel, layers: list[KroneckerLayer], params: Params, xb: Tensor):
-    """Logits (n, C), layer inputs [(n, T, d_in) or token ids (n, T)] (the positions of all calls of
-    a layer concatenated) and the raw outputs of every call [[Tensor]] (kept in the autograd graph)."""
-    records = _record_calls(layers)
-    handles = [layer.module.register_forward_hook(records.hook(layer.name)) for layer in layers]
+@dataclass
+class HookedForward:
+    """A forward pass with hooks: logits (n, C) in the autograd graph, the Kronecker layer inputs
+    [(n, T, d_in) or token ids (n, T)] (the positions of all calls of a layer concatenated), the raw
+    outputs of every call of every hooked module (layers, then norms) and the norms' x̂ per call."""
+
+    logits: Tensor
+    inputs: list[Tensor]
+    outputs: list[list[Tensor]]
+    x_hats: list[list[Tensor]]
+
+
+def layer_forward(model: FunctionalModel, layers: list[KroneckerLayer], params: Params, xb: Tensor,
+                  norms: list[NormLayer] = ()) -> HookedForward:
+    """Forward pass of `xb` with hooks on `layers` and `norms` (see `HookedForward`)."""
+    hooked: list[Hooked] = [*layers, *norms]
+    if not hooked:
+        with torch.no_grad():
+            return HookedForward(model(params, xb), [], [], [])
+    records = _record_calls(hooked)
+    handles = [layer.module.register_forward_hook(records.hook(layer)) for layer in hooked]
     try:
         p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         with torch.enable_grad():
@@ -336,15 +441,15 @@ def layer_forward(model: FunctionalModel, layers: list[KroneckerLayer], params: 
     finally:
         for h in handles:
             h.remove()
-    inputs, outputs = [], []
-    for layer in layers:
-        calls = records.calls[layer.name]
-        why = _call_problem(layer, calls, len(xb))
+    for layer in hooked:
+        why = _call_problem(layer, records.calls[layer.name], len(xb))
         if why:
-            raise ConfigError(f"layer {layer.name!r}: {why}; exclude its parameters with trainable=")
-        inputs.append(torch.cat([layer_inputs(layer, inp.detach()) for inp, _ in calls], dim=1))
-        outputs.append([out for _, out in calls])
-    return logits, inputs, outputs
+            raise ConfigError(f"module {layer.name!r}: {why}; exclude its parameters with trainable=")
+    inputs = [torch.cat([layer_inputs(layer, inp.detach()) for inp, _, _ in records.calls[layer.name]], dim=1)
+              for layer in layers]
+    outputs = [[out for _, out, _ in records.calls[layer.name]] for layer in hooked]
+    x_hats = [[x_hat for _, _, x_hat in records.calls[norm.name]] for norm in norms]
+    return HookedForward(logits, inputs, outputs, x_hats)
 
 
 def backward_directions(model: FunctionalModel, matrix: str, logits: Tensor, yb: Tensor) -> list[Tensor]:
@@ -357,50 +462,55 @@ def backward_directions(model: FunctionalModel, matrix: str, logits: Tensor, yb:
     return [L[:, :, c].contiguous() for c in range(L.shape[-1])]
 
 
-def output_grads(layers, logits: Tensor, outputs: list[list[Tensor]], cotangent: Tensor, retain: bool = True) -> list[Tensor]:
-    """Backpropagate `cotangent` (n, C) from the logits to each layer output: [(n, T, d_out)]."""
-    flat = [o for outs in outputs for o in outs]
-    grads = torch.autograd.grad(logits, flat, grad_outputs=cotangent, retain_graph=retain, allow_unused=True)
-    result, k = [], 0
-    for layer, outs in zip(layers, outputs):
+def output_grads(layers: list[KroneckerLayer], norms: list[NormLayer], fwd: HookedForward, cotangent: Tensor,
+                 retain: bool = True) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """Backpropagate `cotangent` (n, C) from the logits: each Kronecker layer's output gradients
+    [(n, T, d_out)], and the per-example gradient rows {parameter: (n, p)} of the norms' parameters."""
+    if not fwd.outputs:
+        return [], {}
+    flat = [o for outs in fwd.outputs for o in outs]
+    grads = iter(torch.autograd.grad(fwd.logits, flat, grad_outputs=cotangent, retain_graph=retain, allow_unused=True))
+    result = []
+    for layer, outs in zip(layers, fwd.outputs):
         parts = []
         for o in outs:
-            g = grads[k]
-            k += 1
+            g = next(grads)
             parts.append(layer_outputs(layer, g if g is not None else torch.zeros_like(o)))
         result.append(torch.cat(parts, dim=1))
-    return result
+    rows: dict[str, Tensor] = {}
+    for norm, outs, x_hats in zip(norms, fwd.outputs[len(layers):], fwd.x_hats):
+        for o, x_hat in zip(outs, x_hats):
+            g = next(grads)
+            for name, r in norm.rows(x_hat, g if g is not None else torch.zeros_like(o)).items():
+                rows[name] = rows[name] + r if name in rows else r
+    return result, rows
 
 
 @dataclass
 class ChunkPass:
     """One chunk of the data pass: its inputs xb, logits, the layer inputs, the backward directions
-    (n, C) and an iterator giving, per direction in turn, the layer output gradients [(n, T, d_out)]."""
+    (n, C) and an iterator giving, per direction in turn, (the layer output gradients [(n, T, d_out)],
+    the hooked fallback rows {parameter: (n, p)})."""
 
     xb: Tensor
     logits: Tensor
     inputs: list[Tensor]
     directions: list[Tensor]
-    per_direction: Iterator[list[Tensor]]
+    per_direction: Iterator[tuple[list[Tensor], dict[str, Tensor]]]
 
 
 def layer_backward_passes(
-    model: FunctionalModel, layers: list[KroneckerLayer], matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int
+    model: FunctionalModel, layers: list[KroneckerLayer], matrix: str, params: Params, x: Tensor, y: Tensor,
+    chunk_size: int, norms: list[NormLayer] = (),
 ) -> Iterator[ChunkPass]:
     """The pass over the data behind every Kronecker factor, one `ChunkPass` per chunk of (x, y).
     Consume the directions before advancing to the next chunk (the graph is freed after the last)."""
     for xb, yb in data_chunks(x, y, chunk_size, params):
-        if layers:
-            logits, inputs, outputs = layer_forward(model, layers, params, xb)
-        else:
-            with torch.no_grad():
-                logits, inputs, outputs = model(params, xb), [], []
-        directions = backward_directions(model, matrix, logits, yb)
+        fwd = layer_forward(model, layers, params, xb, norms)
+        directions = backward_directions(model, matrix, fwd.logits, yb)
         last = len(directions) - 1
-        per_direction = (
-            (output_grads(layers, logits, outputs, u, retain=c < last) if layers else [] for c, u in enumerate(directions))
-        )
-        yield ChunkPass(xb, logits.detach(), inputs, directions, per_direction)
+        per_direction = (output_grads(layers, norms, fwd, u, retain=c < last) for c, u in enumerate(directions))
+        yield ChunkPass(xb, fwd.logits.detach(), fwd.inputs, directions, per_direction)
 
 
 # --- per-example gradient grids -----------------------------------------------------------------------
@@ -468,29 +578,57 @@ def fallback_offsets(blocks: list[FallbackBlock]) -> list[slice]:
     return out
 
 
+def jacobian_blocks(fallbacks: list[FallbackBlock]) -> list[FallbackBlock]:
+    """The fallback blocks whose rows come from per-example Jacobians (no hooked source)."""
+    return [b for b in fallbacks if b.source is None]
+
+
 # --- exact diagonal and Jacobian quadratic forms through the layer structure ---------------------------
+def fallback_square_sums(fallbacks: list[FallbackBlock], step: ChunkPass, rows: list[dict[str, Tensor]],
+                         model: FunctionalModel, params: Params, accumulate) -> None:
+    """Hand every fallback block's per-example rows R (m, p) of one chunk to `accumulate(k, R)` (k: the
+    block's index in `fallbacks`), per backward direction: hooked rows from `rows` (one dict per
+    direction), the others from per-example Jacobians of sub-chunks."""
+    for k, b in enumerate(fallbacks):
+        if b.source is not None:
+            for r in rows:
+                accumulate(k, r[b.name].reshape(len(step.xb), -1))
+    jac = jacobian_blocks(fallbacks)
+    if not jac:
+        return
+    index = {id(b): k for k, b in enumerate(fallbacks)}
+    for s, J in fallback_jacobians(model, params, [b.name for b in jac], step.xb):
+        for u in step.directions:
+            R = torch.einsum("nc,ncp->np", u[s], J)
+            for b, cols in zip(jac, fallback_offsets(jac)):
+                accumulate(index[id(b)], R[:, cols])
+
+
 def layer_diagonal(model: FunctionalModel, matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
     """Exact diag of the GGN or EF (summed loss), flat (P,): for Kronecker layers from layer inputs and
     backpropagated output gradients, diag = Σ_{i,u} (Σ_t g_itu ⊙ a_it)² (for T = 1: Σ_{i,u} g_iu² a_iu²ᵀ,
-    no per-example gradients); for every other parameter from its per-example Jacobians (fallback)."""
+    no per-example gradients); for every other parameter from its per-example rows (fallback)."""
     layers, fallbacks = plan_blocks(model, params, x, "diag")
     first = next(iter(params.values()))
     grids = [torch.zeros(layer.d_out, layer.d_in, dtype=first.dtype, device=first.device) for layer in layers]
-    fb_diag = torch.zeros(sum(b.d_in for b in fallbacks), dtype=first.dtype, device=first.device)
-    names = [b.name for b in fallbacks]
-    for step in layer_backward_passes(model, layers, matrix, params, x, y, chunk_size):
-        for grads in step.per_direction:
+    fb = [torch.zeros(b.d_in, dtype=first.dtype, device=first.device) for b in fallbacks]
+
+    def add(k, R):
+        fb[k] += R.pow(2).sum(0)
+
+    norms = hooked_norms(fallbacks)
+    for step in layer_backward_passes(model, layers, matrix, params, x, y, chunk_size, norms):
+        rows = []
+        for grads, r in step.per_direction:
+            rows.append(r)
             for l, (layer, g, a) in enumerate(zip(layers, grads, step.inputs)):
                 grids[l] += squared_example_grids(layer, g, a)
-        if fallbacks:
-            for s, J in fallback_jacobians(model, params, names, step.xb):
-                for u in step.directions:
-                    fb_diag += torch.einsum("nc,ncp->np", u[s], J).pow(2).sum(0)
+        fallback_square_sums(fallbacks, step, rows, model, params, add)
     out = torch.zeros(model.n_params, dtype=first.dtype, device=first.device)
     for layer, grid in zip(layers, grids):
         out[layer.flat_indices()] = grid.reshape(-1)
-    for b, cols in zip(fallbacks, fallback_offsets(fallbacks)):
-        out[b.flat_indices()] = fb_diag[cols]
+    for b, d in zip(fallbacks, fb):
+        out[b.flat_indices()] = d
     return out
 
 
@@ -514,27 +652,31 @@ def layer_quadratic_form(
     Kronecker layer: J_i = Σ_t B_it ⊗ a_itᵀ (B_it = ∂f_i/∂s_it, C x d_out, from C backward passes of
     the batch). With B̃ = B Q_G and ã = a Q_A: T = 1: V_i = B̃_i diag(w_i) B̃_iᵀ with w_ij = Σ_k ã_ik² W_jk;
     T > 1: V_i,cd = Σ_jk M_cjk M_djk W_jk with M = Σ_t B̃_t ⊗ ã_t (embeddings: M sums B̃_t over the
-    positions of each token). Fallback block: J_i restricted to its parameter (per-example Jacobians).
+    positions of each token). Fallback block: J_i restricted to its parameter (rows of the C backward
+    passes for norm parameters, per-example Jacobians for the others).
     """
     layers = [b for b in blocks if isinstance(b, KroneckerLayer)]
     fallbacks = [b for b in blocks if isinstance(b, FallbackBlock)]
+    norms = hooked_norms(fallbacks)
     where = {id(b): k for k, b in enumerate(blocks)}
+
+    def add_fallback(V, b, J):  # J: (m, C, p) restricted Jacobians of block b
+        Q_a, _ = bases[where[id(b)]]
+        Jb = J if Q_a is None else J @ Q_a
+        V += torch.einsum("ncp,p,ndp->ncd", Jb, weights[where[id(b)]][0], Jb)
+
     out = []
     for xb, _ in data_chunks(x, None, chunk_size, params):
-        if layers:
-            logits, inputs, outputs = layer_forward(model, layers, params, xb)
-        else:
-            with torch.no_grad():
-                logits, inputs, outputs = model(params, xb), [], []
-        n, C = logits.shape
-        V = torch.zeros(n, C, C, dtype=logits.dtype, device=logits.device)
-        if layers:
-            eye = torch.eye(C, dtype=logits.dtype, device=logits.device)
-            per_class = [output_grads(layers, logits, outputs, eye[c].expand(n, C), retain=c < C - 1) for c in range(C)]
-            for l, (layer, a) in enumerate(zip(layers, inputs)):
+        fwd = layer_forward(model, layers, params, xb, norms)
+        n, C = fwd.logits.shape
+        V = torch.zeros(n, C, C, dtype=fwd.logits.dtype, device=fwd.logits.device)
+        if fwd.outputs:
+            eye = torch.eye(C, dtype=V.dtype, device=V.device)
+            per_class = [output_grads(layers, norms, fwd, eye[c].expand(n, C), retain=c < C - 1) for c in range(C)]
+            for l, (layer, a) in enumerate(zip(layers, fwd.inputs)):
                 Q_a, Q_g = bases[where[id(layer)]]
                 W = weights[where[id(layer)]]
-                B = torch.stack([per_class[c][l] for c in range(C)], dim=1)  # (n, C, T, d_out)
+                B = torch.stack([per_class[c][0][l] for c in range(C)], dim=1)  # (n, C, T, d_out)
                 if Q_g is not None:
                     B = B @ Q_g
                 if layer.diagonal_input:
@@ -551,11 +693,13 @@ def layer_quadratic_form(
                     for s in chunks(n, max(1, _ELEMENTS // (C * layer.d_out * layer.d_in))):
                         M = torch.einsum("nctj,ntk->ncjk", B[s], a[s])
                         V[s] += torch.einsum("ncjk,jk,ndjk->ncd", M, W, M)
-        if fallbacks:
-            for s, J in fallback_jacobians(model, params, [b.name for b in fallbacks], xb):
-                for b, cols in zip(fallbacks, fallback_offsets(fallbacks)):
-                    Q_a, _ = bases[where[id(b)]]
-                    Jb = J[:, :, cols] if Q_a is None else J[:, :, cols] @ Q_a
-                    V[s] += torch.einsum("ncp,p,ndp->ncd", Jb, weights[where[id(b)]][0], Jb)
+            for b in fallbacks:
+                if b.source is not None:
+                    add_fallback(V, b, torch.stack([per_class[c][1][b.name].reshape(n, -1) for c in range(C)], dim=1))
+        jac = jacobian_blocks(fallbacks)
+        if jac:
+            for s, J in fallback_jacobians(model, params, [b.name for b in jac], xb):
+                for b, cols in zip(jac, fallback_offsets(jac)):
+                    add_fallback(V[s], b, J[:, :, cols])
         out.append(V.detach())
     return torch.cat(out)
