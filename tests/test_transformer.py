@@ -38,10 +38,10 @@ def _block(K, D, block):
 def test_vit_structure_and_parameter_count():
     model = build_model("vit", (1, 8, 8), 10, seed=0)
     assert isinstance(model.out, nn.Linear) and model.out.out_features == 10
-    assert [name for name, _ in model.named_children()] == ["patches", "embed", "drop", "blocks", "norm", "pool", "out"]
+    assert [name for name, _ in model.named_children()] == ["patches", "embed", "pos", "drop", "blocks", "norm", "pool", "out"]
     assert len(model.blocks) == 2 and all(isinstance(b, Block) for b in model.blocks)
     assert isinstance(model.blocks[0].attn, SelfAttention) and isinstance(model.blocks[0].mlp.act, nn.GELU)
-    assert model.pos.shape == (1, 16, 64)  # 2x2 patches of an 8x8 image
+    assert model.pos.weight.shape == (1, 16, 64)  # 2x2 patches of an 8x8 image
     d, T, C, h = 64, 16, 10, 128
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
     assert sum(p.numel() for p in model.parameters()) == (4 * d + d) + T * d + 2 * block + 2 * d + (d * C + C)
@@ -84,7 +84,7 @@ def test_vit_checkpoint_round_trip(tmp_path):
     assert cfg.options() == {"width": 8, "depth": 1, "patch": 4}
     model = build_model_from_config(cfg, (1, 8, 8), 3, seed=1)
     with torch.no_grad():
-        model.pos.add_(1.0)  # the trained state, not the initialisation, comes back
+        model.pos.weight.add_(1.0)  # the trained state, not the initialisation, comes back
     save_model(tmp_path / "model.pt", model, cfg, SimpleNamespace(name="digits", input_shape=(1, 8, 8), num_classes=3), 1)
     back, info = load_model(tmp_path / "model.pt")
     x = torch.randn(2, 1, 8, 8)
@@ -137,10 +137,10 @@ def test_vit_kfac_blocks_against_the_dense_ggn():
     ekfac = build_curvature(fm, x, y, structure="ekfac")
     assert [layer.name for layer in kfac.layers] == [
         "embed", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "out"]
-    assert {b.name for b in kfac.fallbacks} == {"pos", "blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.ln2.weight",
+    assert {b.name for b in kfac.fallbacks} == {"pos.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.ln2.weight",
                                                 "blocks.0.ln2.bias", "norm.weight", "norm.bias"}
     assert all(b.dense for b in kfac.fallbacks)
-    assert [b.name for b in kfac.fallbacks if b.source is None] == ["pos"]  # LayerNorm rows come from hooks
+    assert all(b.source is not None for b in kfac.fallbacks)  # rows from hooks (LayerNorm, Positions.per_example_rows)
     Kk, Ke = kfac.to_dense(), ekfac.to_dense()
     for l, layer in enumerate(kfac.layers):
         approx, exact = _block(Kk, D, layer)

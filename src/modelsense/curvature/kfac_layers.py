@@ -25,8 +25,10 @@ gradient rows R_iu along each backward direction u (the columns of L_i for the G
 the EF). Affine parameters of nn.LayerNorm / RMSNorm / GroupNorm / BatchNorm (eval mode) act
 elementwise after the normalisation, y = x̂ ⊙ w + b, so their rows come from the same hooked
 backward passes as the Kronecker factors (R_w = Σ_t g_t ⊙ x̂_t, R_b = Σ_t g_t over the positions the
-parameter is broadcast over); every other parameter's rows come from per-example Jacobians (vmap of
-jacrev over the examples, restricted to those parameters: C per-example backward passes). Kept
+parameter is broadcast over); so do the rows of any module that defines
+`per_example_rows(input, grad_output) -> {its parameter name: (n, p) rows}` (e.g. the positions of
+models.vit); every other parameter's rows come from per-example Jacobians (vmap of jacrev over the
+examples, restricted to those parameters: C per-example backward passes, the slow path). Kept
 
     dense     (p x p, exact) when the tensor has p <= max_dense_block entries (fallback "auto")
     diagonal  (its exact diagonal) otherwise, or for every tensor with fallback "diag"
@@ -117,7 +119,7 @@ class FallbackBlock:
     param_slice: slice
     dense: bool
     reason: str
-    source: "NormLayer | None" = None  # rows from hooks on this module; None: per-example Jacobians
+    source: "RowsLayer | None" = None  # rows from hooks on this module; None: per-example Jacobians
     d_out: int = field(default=1, init=False)
 
     @property
@@ -140,23 +142,30 @@ NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + (
 
 
 @dataclass
-class NormLayer:
-    """A normalisation module y = x̂ ⊙ w + b (weight/bias: the selected parameter names, else None)
-    whose per-example gradient rows come from forward hooks: x̂ recorded in the forward pass, g the
-    backpropagated output gradient."""
+class RowsLayer:
+    """A module whose parameters' per-example gradient rows come from forward hooks: a normalisation
+    module y = x̂ ⊙ w + b (weight/bias: the selected parameter names, else None; x̂ recorded in the
+    forward pass, g the backpropagated output gradient), or a module with `per_example_rows`
+    (`custom`: its selected parameters, full names by local name)."""
 
     name: str
     module: nn.Module
     weight: str | None
     bias: str | None
+    custom: dict[str, str] | None = None
 
     @property
     def params(self) -> tuple[str, ...]:
+        if self.custom is not None:
+            return tuple(self.custom.values())
         return tuple(n for n in (self.weight, self.bias) if n)
 
     def normalized(self, inp: Tensor) -> Tensor:
-        """x̂: the input normalised without the affine parameters (batch norm: running statistics)."""
+        """x̂: the input normalised without the affine parameters (batch norm: running statistics);
+        the input itself for a module with `per_example_rows`."""
         mod = self.module
+        if self.custom is not None:
+            return inp
         if isinstance(mod, nn.LayerNorm):
             return F.layer_norm(inp, mod.normalized_shape, None, None, mod.eps)
         if isinstance(mod, nn.GroupNorm):
@@ -169,6 +178,9 @@ class NormLayer:
     def rows(self, x_hat: Tensor, g: Tensor) -> dict[str, Tensor]:
         """Per-example gradient rows {parameter name: (n, p)} of one call, from x̂ and g (input shape)."""
         n = g.shape[0]
+        if self.custom is not None:
+            rows = self.module.per_example_rows(x_hat, g)
+            return {self.custom[k]: rows[k].reshape(n, -1) for k in self.custom}
         if isinstance(self.module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):  # parameters on dim 1
             channels = g.shape[1]
             fold = lambda t: t.reshape(n, channels, -1).sum(-1)  # noqa: E731
@@ -214,15 +226,21 @@ def _selected(model: FunctionalModel, mname: str, mod: nn.Module) -> tuple[str |
     return w, b
 
 
-def candidate_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], list[NormLayer], dict[str, str]]:
+def candidate_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], list[RowsLayer], dict[str, str]]:
     """The Linear/Conv1d/Conv2d/Embedding modules holding selected parameters (Kronecker layers),
-    the normalisation modules holding selected parameters (hooked fallback rows), and for the selected
-    parameters of modules that can be neither: name -> reason."""
+    the normalisation modules and modules with `per_example_rows` holding selected parameters (hooked
+    fallback rows), and for the selected parameters of modules that can be neither: name -> reason."""
     offsets = model.spec.slices
     owners = _owners(model.module)
     named = dict(model.module.named_parameters())
     layers, norms, reasons = [], [], {}
     for mname, mod in model.module.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if callable(getattr(mod, "per_example_rows", None)):
+            own = {k: prefix + k for k, p in mod.named_parameters(recurse=False) if prefix + k in offsets}
+            if own:
+                norms.append(RowsLayer(mname, mod, None, None, own))
+            continue
         kronecker = isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding))
         if not kronecker and not isinstance(mod, NORM_MODULES):
             continue
@@ -239,7 +257,7 @@ def candidate_layers(model: FunctionalModel) -> tuple[list[KroneckerLayer], list
             reasons.update({n: why for n in (w, b) if n})
             continue
         if not kronecker:
-            norms.append(NormLayer(mname, mod, w, b))
+            norms.append(RowsLayer(mname, mod, w, b))
             continue
         if isinstance(mod, nn.Embedding):
             d_in, d_out = mod.num_embeddings, mod.embedding_dim
@@ -267,7 +285,7 @@ def find_layers(model: FunctionalModel) -> list[KroneckerLayer]:
     return layers
 
 
-Hooked = KroneckerLayer | NormLayer
+Hooked = KroneckerLayer | RowsLayer
 
 
 def _call_problem(layer: Hooked, calls: list[tuple], n: int) -> str | None:
@@ -278,7 +296,7 @@ def _call_problem(layer: Hooked, calls: list[tuple], n: int) -> str | None:
             return "its module is called with non-tensor inputs or outputs"
         if inp.ndim == 0 or inp.shape[0] != n or out.shape[0] != n:
             return f"its inputs are not batch-first (first dim {inp.shape[0] if inp.ndim else None} for a batch of {n})"
-        if isinstance(layer, NormLayer) and out.shape != inp.shape:
+        if isinstance(layer, RowsLayer) and out.shape != inp.shape:
             return "its output shape differs from its input shape"
     return None
 
@@ -338,9 +356,9 @@ def plan_blocks(
     return layers, blocks
 
 
-def hooked_norms(fallbacks: list[FallbackBlock]) -> list[NormLayer]:
+def hooked_norms(fallbacks: list[FallbackBlock]) -> list[RowsLayer]:
     """The normalisation modules whose hooks give fallback rows, each once, in order."""
-    out: dict[str, NormLayer] = {}
+    out: dict[str, RowsLayer] = {}
     for b in fallbacks:
         if b.source is not None:
             out.setdefault(b.source.name, b.source)
@@ -357,7 +375,7 @@ class _record_calls:
         def record(module, inputs, output):
             inp = inputs[0] if inputs else None
             x_hat = None
-            if isinstance(layer, NormLayer) and isinstance(inp, Tensor):
+            if isinstance(layer, RowsLayer) and isinstance(inp, Tensor):
                 with torch.no_grad():
                     x_hat = layer.normalized(inp.detach())
             self.calls[layer.name].append((inp, output, x_hat))
@@ -426,7 +444,7 @@ class HookedForward:
 
 
 def layer_forward(model: FunctionalModel, layers: list[KroneckerLayer], params: Params, xb: Tensor,
-                  norms: list[NormLayer] = ()) -> HookedForward:
+                  norms: list[RowsLayer] = ()) -> HookedForward:
     """Forward pass of `xb` with hooks on `layers` and `norms` (see `HookedForward`)."""
     hooked: list[Hooked] = [*layers, *norms]
     if not hooked:
@@ -462,7 +480,7 @@ def backward_directions(model: FunctionalModel, matrix: str, logits: Tensor, yb:
     return [L[:, :, c].contiguous() for c in range(L.shape[-1])]
 
 
-def output_grads(layers: list[KroneckerLayer], norms: list[NormLayer], fwd: HookedForward, cotangent: Tensor,
+def output_grads(layers: list[KroneckerLayer], norms: list[RowsLayer], fwd: HookedForward, cotangent: Tensor,
                  retain: bool = True) -> tuple[list[Tensor], dict[str, Tensor]]:
     """Backpropagate `cotangent` (n, C) from the logits: each Kronecker layer's output gradients
     [(n, T, d_out)], and the per-example gradient rows {parameter: (n, p)} of the norms' parameters."""
@@ -501,7 +519,7 @@ class ChunkPass:
 
 def layer_backward_passes(
     model: FunctionalModel, layers: list[KroneckerLayer], matrix: str, params: Params, x: Tensor, y: Tensor,
-    chunk_size: int, norms: list[NormLayer] = (),
+    chunk_size: int, norms: list[RowsLayer] = (),
 ) -> Iterator[ChunkPass]:
     """The pass over the data behind every Kronecker factor, one `ChunkPass` per chunk of (x, y).
     Consume the directions before advancing to the next chunk (the graph is freed after the last)."""

@@ -18,8 +18,8 @@ Shapes adapt to the data: `input_shape` is one example's shape, (C, H, W) for im
 vectors; the output layer has `num_classes` units. Every model's last layer is an `nn.Linear`
 named `out`; layers are standard modules (`nn.Linear`, `nn.Conv2d`, activation modules such as
 `nn.ReLU`), so forward hooks (representations, KFAC) work, and normalisation/FRN parameters are
-1-d (left out of "weights only" = tensors with >= 2 dims), except the positions `pos` (1, T, width)
-of `vit`, a bare parameter. `cnn` and `resnet18` default to
+1-d (left out of "weights only" = tensors with >= 2 dims), except the positions `pos.weight`
+(1, T, width) of `vit`. `cnn` and `resnet18` default to
 GroupNorm instead of the papers' BatchNorm (per-example normalisation keeps per-example gradients
 and vmapped ensembles exact); `norm="bn"` restores the original.
 

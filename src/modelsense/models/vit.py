@@ -2,7 +2,7 @@
 
     patches:  (n, C, H, W) -> (n, T, C·p·p), T = (H/p)·(W/p) non-overlapping p x p patches
               (row-major over the patch grid; within a patch channel-major, then rows, then columns)
-    embed:    Linear(C·p·p -> width) on every patch, + learned positions `pos` (1, T, width), dropout
+    embed:    Linear(C·p·p -> width) on every patch, + learned positions `pos.weight` (1, T, width), dropout
     blocks:   `depth` pre-norm blocks  x = x + attn(ln1(x));  x = x + mlp(ln2(x))
               attn: qkv Linear(width -> 3·width), `heads` heads of softmax(q kᵀ / √(width/heads)) v,
                     dropout on the attention weights, proj Linear(width -> width), dropout
@@ -40,6 +40,27 @@ class Patches(nn.Module):
 
     def extra_repr(self) -> str:
         return f"patch={self.patch}"
+
+
+class Positions(nn.Module):
+    """x + weight: learned position embeddings `weight` (1, T, d) added to (n, T, d) tokens.
+
+    `per_example_rows` gives the per-example gradient of `weight` from the gradient g of the output
+    (the same, per example: ∂(x + w)/∂w = I), so K-FAC's exact fallback block of the positions comes
+    from its hooked backward passes (curvature/kfac_layers.py) instead of per-example Jacobians.
+    """
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, tokens, width))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight
+
+    def per_example_rows(self, inputs: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
+        """{"weight": (n, T·d)}: the per-example gradient of `weight` given ∂l/∂output (n, T, d)."""
+        return {"weight": grad_output.reshape(grad_output.shape[0], -1)}
 
 
 class SelfAttention(nn.Module):
@@ -102,7 +123,7 @@ class MeanPool(nn.Module):
 class ViT(nn.Module):
     """The tiny vision transformer of the module docstring.
 
-    Children: patches, embed, (parameter pos), drop, blocks (blocks.0 ...), norm, pool, out.
+    Children: patches, embed, pos, drop, blocks (blocks.0 ...), norm, pool, out.
     Input (n, C, H, W) with H, W divisible by `patch`; output (n, num_classes).
     """
 
@@ -124,20 +145,19 @@ class ViT(nn.Module):
         self.width, self.depth, self.patch, self.heads = width, depth, patch, heads
         self.patches = Patches(patch)
         self.embed = nn.Linear(c * patch * patch, width)
-        self.pos = nn.Parameter(torch.zeros(1, tokens, width))
+        self.pos = Positions(tokens, width)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio * width, dropout) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
         self.pool = MeanPool()
         self.out = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.pos, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.drop(self.embed(self.patches(x)) + self.pos)
+        x = self.drop(self.pos(self.embed(self.patches(x))))
         x = self.norm(self.blocks(x))
         return self.out(self.pool(x))
 
