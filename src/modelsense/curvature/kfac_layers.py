@@ -119,7 +119,7 @@ class FallbackBlock:
     param_slice: slice
     dense: bool
     reason: str
-    source: "RowsLayer | None" = None  # rows from hooks on this module; None: per-example Jacobians
+    source: RowsLayer | None = None  # rows from hooks on this module; None: per-example Jacobians
     d_out: int = field(default=1, init=False)
 
     @property
@@ -183,10 +183,10 @@ class RowsLayer:
             return {self.custom[k]: rows[k].reshape(n, -1) for k in self.custom}
         if isinstance(self.module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):  # parameters on dim 1
             channels = g.shape[1]
-            fold = lambda t: t.reshape(n, channels, -1).sum(-1)  # noqa: E731
+            fold = lambda t: t.reshape(n, channels, -1).sum(-1)
         else:  # LayerNorm / RMSNorm: parameters over the trailing normalized_shape
             p = int(torch.tensor(self.module.normalized_shape).prod())
-            fold = lambda t: t.reshape(n, -1, p).sum(1)  # noqa: E731
+            fold = lambda t: t.reshape(n, -1, p).sum(1)
         out = {}
         if self.weight:
             out[self.weight] = fold(g * x_hat)
