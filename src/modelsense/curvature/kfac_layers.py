@@ -296,7 +296,7 @@ def _call_problem(layer: Hooked, calls: list[tuple], n: int) -> str | None:
             return "its module is called with non-tensor inputs or outputs"
         if inp.ndim == 0 or inp.shape[0] != n or out.shape[0] != n:
             return f"its inputs are not batch-first (first dim {inp.shape[0] if inp.ndim else None} for a batch of {n})"
-        if isinstance(layer, RowsLayer) and out.shape != inp.shape:
+        if isinstance(layer, RowsLayer) and layer.custom is None and out.shape != inp.shape:
             return "its output shape differs from its input shape"
     return None
 
