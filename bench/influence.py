@@ -27,7 +27,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,12 +34,9 @@ from torch import nn
 from modelsense.attribution import make_attributor
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import DataConfig, load_dataset_from_config
-from modelsense.experiments.influence import (
-    linear_datamodeling_score,
-    lds_ground_truth,
-    method_context,
-    train_for_attribution,
-)
+from modelsense.attribution.evaluation import linear_datamodeling_score
+from modelsense.experiments.influence import lds_ground_truth, method_context
+from modelsense.experiments.source import obtain_model
 from modelsense.models import ModelConfig
 from modelsense.progress import set_quiet
 from modelsense.training import TrainConfig
@@ -100,8 +96,10 @@ def kronfluence_ekfac(module, data, xt, yt, strategy="ekfac"):
         from kronfluence.arguments import FactorArguments, ScoreArguments
         from kronfluence.task import Task
     except ImportError as exc:
+        error = exc
+
         def missing():
-            raise exc
+            raise error
 
         return missing
 
@@ -231,8 +229,10 @@ def main() -> None:
     data = load_dataset_from_config(data_cfg)
     n_test = min(args.n_test, data.n_test)
     xt, yt = data.x_test[:n_test], data.y_test[:n_test]
-    module, result, train_cfg = train_for_attribution(data, model_cfg, train_cfg, ["tracin"], progress=False)
-    module.eval()
+    from modelsense.attribution import tracin_checkpoint_epochs
+
+    got = obtain_model(data, model_cfg, train_cfg, progress=False, checkpoint_epochs=tracin_checkpoint_epochs(args.epochs))
+    module, result, train_cfg = got.module.eval(), got.fit, got.train
     from modelsense.attribution import checkpoints_from_fit
 
     ckpts, lrs = checkpoints_from_fit(result)
@@ -270,16 +270,11 @@ def main() -> None:
             print(f"{name:>18s}: FAILED {errors[name][:200]}", flush=True)
             traceback.print_exc(limit=2)
 
-    gt_file = out / f"lds_gt_{args.dataset}_{args.widths.replace(',', '-')}_{args.epochs}_{args.lr}_{args.n_models}_{args.alpha}_{n_test}.npz"
-    if gt_file.exists():
-        with np.load(gt_file) as f:
-            masks, losses = f["masks"], f["losses"]
-    else:
-        t0 = time.perf_counter()
-        masks, losses = lds_ground_truth(data, model_cfg, train_cfg, xt, yt, n_models=args.n_models, alpha=args.alpha,
-                                         seed=train_cfg.seed, progress=False)
-        np.savez(gt_file, masks=masks, losses=losses)
-        print(f"ground truth: {args.n_models} models in {time.perf_counter() - t0:.1f} s")
+    store = out / "ground_truth_store"  # the models of the LDS, reused by later runs of this benchmark
+    t0 = time.perf_counter()
+    masks, losses = lds_ground_truth(data_cfg, data, model_cfg, train_cfg, n_test, n_models=args.n_models,
+                                     alpha=args.alpha, root=store, progress=False)
+    print(f"ground truth: {args.n_models} models in {time.perf_counter() - t0:.1f} s (stored in {store})")
     lds = {}
     for name, s in scores.items():
         lds[name], _ = linear_datamodeling_score(s, masks, losses)

@@ -100,6 +100,28 @@ def test_registry_lists_every_method_and_rejects_unknown_names():
         parse_methods("gex,gex")
 
 
+def test_a_setting_no_asked_method_takes_is_refused_naming_the_methods_that_take_it():
+    from modelsense.attribution import ComputeOptions
+
+    with pytest.raises(ConfigError, match="'num_ens' is a setting of gex, la-kfac"):
+        make_attributor("grad-dot", num_ens=3)
+    # one settings dict shared by the methods asked for (the CLI's): passed over where another takes it ...
+    assert make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "gex"]).name == "grad-dot"
+    # ... refused where none of them does, and a misspelt setting is refused even without the list
+    with pytest.raises(ConfigError, match=r"not taken by the methods asked for \(grad-dot, loss\) \('num_ens' is a setting "
+                                          "of gex, la-kfac\)"):
+        make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "loss"])
+    with pytest.raises(ConfigError, match="'num_ensembles' is a setting of no method"):
+        make_attributor("gex", {"num_ensembles": 3}, strict=False)
+    # compute options: flat (the CLI's dict) or one ComputeOptions, flat ones override, validated once
+    assert make_attributor("grad-dot", {"block_size": 7, "progress": False}).compute == ComputeOptions(block_size=7, progress=False)
+    att = make_attributor("grad-dot", compute=ComputeOptions(block_size=5), memory_budget=100)
+    assert (att.compute.block_size, att.compute.memory_budget, att.compute.progress) == (5, 100, True)
+    for bad in ({"memory_budget": 0}, {"chunk_size": 2.5}, {"block_size": float("nan")}, {"scratch_dir": 3}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            ComputeOptions(**bad)
+
+
 def test_grad_dot_and_cos_match_explicit_per_example_gradients(problem):
     model, x, y, xt, yt = problem
     G, Gt = loop_grads(model, x, y), loop_grads(model, xt, yt)
@@ -416,14 +438,16 @@ def test_bad_input_gives_clear_errors(problem):
 
 def test_self_influence_tasks_refuse_grad_cos(tmp_path):
     from modelsense.data import DataConfig
-    from modelsense.experiments.influence import run_noisy_labels, run_prune
+    from modelsense.experiments.command import execute
+    from modelsense.experiments.influence import NOISY_LABELS, PRUNE, NoisyLabelsSpec, PruneSpec
     from modelsense.models import ModelConfig
     from modelsense.training import TrainConfig
 
-    args = (DataConfig("digits", n_train=50, corruption_ratio=0.1), ModelConfig("mlp", widths=(8,)), TrainConfig(epochs=1))
-    for run in (run_noisy_labels, run_prune):
+    args = dict(data=DataConfig("digits", n_train=50, corruption_ratio=0.1), model=ModelConfig("mlp", widths=(8,)),
+                train=TrainConfig(epochs=1), methods=("loss", "grad-cos"))
+    for command, spec in ((NOISY_LABELS, NoisyLabelsSpec), (PRUNE, PruneSpec)):
         with pytest.raises(ConfigError, match="same self-influence"):
-            run(*args, tmp_path / "r", methods="loss,grad-cos", progress=False)
+            execute(command, spec(**args), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
 
 
@@ -459,39 +483,53 @@ def test_noisy_labels_lds_and_influence_runs_write_their_directories(tmp_path):
     import json
 
     from modelsense.data import DataConfig
-    from modelsense.experiments.influence import run_influence, run_lds, run_noisy_labels, run_prune
+    from modelsense.experiments.command import execute
+    from modelsense.experiments.influence import (
+        INFLUENCE,
+        LDS,
+        NOISY_LABELS,
+        PRUNE,
+        InfluenceSpec,
+        LdsSpec,
+        MethodSettings,
+        NoisyLabelsSpec,
+        PruneSpec,
+    )
     from modelsense.models import ModelConfig
     from modelsense.training import TrainConfig
 
     data = DataConfig("digits", n_train=120, corruption_ratio=0.1)
     model = ModelConfig("mlp", widths=(8,))
     train = TrainConfig(lr=0.1, epochs=4, bs=32)
-    m = run_noisy_labels(data, model, train, tmp_path / "nl", methods="loss,grad-dot,tracin,gex",
-                         settings={"ft_step": 3, "num_ens": 2}, progress=False)
+    m = execute(NOISY_LABELS, NoisyLabelsSpec(data, model, train, methods=("loss", "grad-dot", "tracin", "gex"),
+                                              settings=MethodSettings(ft_step=3, num_ens=2)),
+                tmp_path / "nl", progress=False)
     assert set(m["auc"]) == {"loss", "grad-dot", "tracin", "gex"} and all(0 <= v <= 1 for v in m["ap"].values())
     assert (tmp_path / "nl" / "figures" / "self_influence_histograms.png").exists()
     assert json.loads((tmp_path / "nl" / "metrics.json").read_text())["n_corrupted"] == m["n_corrupted"]
-    lds = run_lds(DataConfig("digits", n_train=100), model, train, tmp_path / "lds", methods="grad-dot,if-ekfac",
-                  n_models=4, n_test=10, progress=False)
-    assert set(lds["lds"]) == {"grad-dot", "if-ekfac"} and (tmp_path / "lds" / "lds_ground_truth.npz").exists()
-    inf = run_influence(DataConfig("digits", n_train=100), model, train, tmp_path / "inf", method="grad-dot", n_test=7,
-                        top_k=2, n_show=2, progress=False)
+    lds = execute(LDS, LdsSpec(DataConfig("digits", n_train=100), model, train, methods=("grad-dot", "if-ekfac"),
+                               n_models=4, n_test=10), tmp_path / "lds", progress=False)
+    assert set(lds["lds"]) == {"grad-dot", "if-ekfac"} and list((tmp_path / "lds" / "store").glob("*/chunks/*.npz"))
+    inf = execute(INFLUENCE, InfluenceSpec(DataConfig("digits", n_train=100), model, train, method="grad-dot", n_test=7,
+                                           top_k=2, n_show=2), tmp_path / "inf", progress=False)
     assert np.load(tmp_path / "inf" / "scores.npy").shape == (100, 7) and len(inf["top_helpful"]) == 2
     assert (tmp_path / "inf" / "figures" / "top_influential.png").exists()
-    pr = run_prune(DataConfig("digits", n_train=100), model, train, tmp_path / "prune", methods="loss,grad-dot", ks=(10, 50),
-                   n_random=2, progress=False)
+    pr = execute(PRUNE, PruneSpec(DataConfig("digits", n_train=100), model, train, methods=("loss", "grad-dot"), ks=(10, 50),
+                                  n_random=2), tmp_path / "prune", progress=False)
     assert len(pr["accuracy"]["loss"]) == 2 and len(pr["random_accuracy"]) == 2
     masks = np.load(tmp_path / "prune" / "prune_masks.npz")["masks"]
     assert masks.shape == (2 * 2 + 2 * 2, 100) and set(masks.sum(1)) == {90, 50}
     loss_si = np.load(tmp_path / "prune" / "self_influence.npz")["loss"]
     assert set(np.flatnonzero(~masks[0])) == set(np.argsort(loss_si, kind="stable")[:10])  # lowest removed first
-    si = run_influence(DataConfig("digits", n_train=100, corruption_ratio=0.2), model, train, tmp_path / "self",
-                       method="loss", self_only=True, progress=False)
+    si = execute(INFLUENCE, InfluenceSpec(DataConfig("digits", n_train=100, corruption_ratio=0.2), model, train,
+                                          method="loss", self_only=True), tmp_path / "self", progress=False)
     assert np.load(tmp_path / "self" / "self_influence.npy").shape == (100,) and 0 <= si["auc"] <= 1
     with pytest.raises(ConfigError, match="corruption-ratio"):
-        run_noisy_labels(DataConfig("digits", n_train=100), model, train, tmp_path / "x", methods="loss", progress=False)
+        execute(NOISY_LABELS, NoisyLabelsSpec(DataConfig("digits", n_train=100), model, train, methods=("loss",)),
+                tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="self-influence only"):
-        run_lds(DataConfig("digits", n_train=100), model, train, tmp_path / "y", methods="loss", n_models=4, progress=False)
+        execute(LDS, LdsSpec(DataConfig("digits", n_train=100), model, train, methods=("loss",), n_models=4),
+                tmp_path / "y", progress=False)
 
 
 def test_influence_ensemble_averages_the_members_influence(problem):

@@ -30,7 +30,7 @@ def test_train_end_to_end_writes_run_directory(tmp_path, digits):
     assert {"train_accuracy", "test_accuracy", "test_nll"} <= set(metrics)
     assert metrics["test_accuracy"] > 0.85
     config = json.loads((out / "config.json").read_text())
-    assert config["command"] == "train" and config["train"]["epochs"] == 8 and config["seed"] == 0
+    assert config["command"] == "train" and config["train"]["epochs"] == 8 and config["train"]["seed"] == 0
     assert "torch" in config["versions"] and "modelsense" in config["versions"]
     assert (out / "figures" / "learning_curves.png").stat().st_size > 1000
     assert (out / "checkpoint_epoch_4.pt").exists() and (out / "checkpoint_iteration_5.pt").exists()
@@ -171,8 +171,8 @@ def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
 
 @pytest.mark.parametrize("flag,value,says", [("--memory-gb", "-1", "--memory-gb must be > 0 (a budget in GiB), received -1"),
                                              ("--memory-gb", "nan", "--memory-gb must be > 0"),
-                                             ("--bs-jacs", "0", "--bs-jacs must be >= 1, received 0"),
-                                             ("--proj-dim", "0", "--proj-dim must be >= 1, received 0")])
+                                             ("--bs-jacs", "0", "--bs-jacs must be an integer >= 1"),
+                                             ("--proj-dim", "0", "--proj-dim must be an integer >= 1, received 0")])
 def test_method_settings_are_reported_by_their_option_names(tmp_path, flag, value, says):
     from modelsense.errors import ConfigError
 

@@ -692,8 +692,77 @@ def test_compute_spectrum_summary():
     assert m["effective_dimension"] == pytest.approx(effective_dimension(lam[:5], 1.0), rel=1e-4)
     assert spec.effective_dimension[10.0] < spec.effective_dimension[1.0]
     assert abs(m["trace"] - float(H.trace())) <= 4 * m["trace_standard_error"]
-    with pytest.raises(ConfigError, match="every s > 0"):
+    with pytest.raises(ConfigError, match="every s must be a finite number > 0"):
         SpectrumConfig(s=(0.0,))
+
+
+def test_spectrum_config_default_s_is_declared_once_and_scales_with_reduction():
+    from modelsense.curvature import DEFAULT_S_SUM, SpectrumConfig, compute_spectrum
+
+    fm, x, y = mlp_problem()
+    assert DEFAULT_S_SUM == 100.0 and SpectrumConfig().s == ()  # empty: the default, resolved with N
+    summed = compute_spectrum(fm, x, y, SpectrumConfig(k=3))
+    assert summed.config.s == (DEFAULT_S_SUM,)
+    lam = torch.linalg.eigvalsh(dense_hessian(fm, x, y)).flip(0)[:3]
+    assert summed.effective_dimension[DEFAULT_S_SUM] == pytest.approx(effective_dimension(lam, DEFAULT_S_SUM), rel=1e-4)
+    mean = compute_spectrum(fm, x, y, SpectrumConfig(k=3, reduction="mean"))
+    assert mean.config.s == (DEFAULT_S_SUM / len(x),)
+    assert mean.effective_dimension[DEFAULT_S_SUM / len(x)] == pytest.approx(summed.effective_dimension[DEFAULT_S_SUM], rel=1e-4)
+
+
+def test_spectrum_default_is_eigenvalues_only_and_cost_is_counted_per_part():
+    from modelsense.curvature import SpectrumConfig, compute_spectrum
+
+    fm, x, y = mlp_problem()
+    cheap = compute_spectrum(fm, x, y, SpectrumConfig(k=3))
+    assert cheap.trace is None and cheap.density is None and set(cheap.cost) == {"eigenvalues"}
+    assert cheap.cost["eigenvalues"]["matvecs"] == cheap.num_matvecs > 0
+    full = compute_spectrum(fm, x, y, SpectrumConfig(k=3, trace_samples=6, density_probes=2, density_steps=5))
+    cost = full.cost
+    assert cost["trace"]["matvecs"] == 6 and cost["density"]["matvecs"] == 2 * 5
+    assert cost["eigenvalues"]["matvecs"] == cheap.cost["eigenvalues"]["matvecs"]  # same Lanczos run
+    assert sum(part["matvecs"] for part in cost.values()) == full.num_matvecs
+    assert all(part["seconds"] >= 0 for part in cost.values())
+    assert full.to_metrics()["cost"] == cost
+    with pytest.raises(ConfigError, match="density_probes must be >= 0"):
+        SpectrumConfig(density_probes=-1)
+
+
+def test_spectrum_progress_advances_per_lanczos_step_and_probe(monkeypatch):
+    import contextlib
+
+    from modelsense.curvature import SpectrumConfig, compute_spectrum
+    from modelsense.curvature import lanczos as lanczos_module
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, description):
+            self.total, self.description, self.steps, self.final_total = total, description, [], None
+
+        def advance(self, n=1, **fields):
+            self.steps.append(n)
+
+        def set_info(self, **fields):
+            pass
+
+        def set_total(self, total):
+            self.final_total = total
+
+    @contextlib.contextmanager
+    def recording_bar(total, description, enabled=True):
+        bars.append(Recorder(total, description))
+        yield bars[-1]
+
+    monkeypatch.setattr(lanczos_module, "progress_bar", recording_bar)
+    fm, x, y = mlp_problem()
+    spec = compute_spectrum(fm, x, y, SpectrumConfig(k=3, trace_samples=20, density_probes=3, density_steps=4),
+                            progress=True)
+    lanczos, trace, density = bars
+    steps = spec.cost["eigenvalues"]["matvecs"]
+    assert "Lanczos" in lanczos.description and lanczos.steps == [1] * steps and lanczos.final_total == steps
+    assert "Hutchinson" in trace.description and trace.total == 20 and sum(trace.steps) == 20 and len(trace.steps) == 2
+    assert "SLQ" in density.description and density.total == 3 and density.steps == [1, 1, 1]
 
 
 # --- bad input ------------------------------------------------------------------------------------------

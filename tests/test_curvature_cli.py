@@ -1,11 +1,11 @@
 """End-to-end tests of `modelsense spectrum`, `effdim width-sweep`, `effdim blr` (tiny settings)."""
 
-import inspect
 import json
 
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 import modelsense.cli.curvature as cli_curvature  # noqa: F401  (registers spectrum / effdim)
@@ -39,6 +39,14 @@ def ok(*args) -> dict:
 def error(res) -> str:
     assert res.exit_code != 0 and isinstance(res.exception, ConfigError), f"{res.output}\n{res.exception!r}"
     return str(res.exception)
+
+
+def cli_defaults(*command: str) -> dict:
+    """Option name -> default of a command of the command line."""
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands[name]
+    return {p.name: p.default for p in cmd.params}
 
 
 def neff(eigenvalues, s) -> float:
@@ -76,6 +84,38 @@ def test_spectrum_equals_dense_hessian_of_summed_loss(spectrum_run):
     assert {"density_grid", "density", "slq_nodes", "slq_weights", "converged"} <= set(arrays.files)
     assert (out / "figures" / "spectrum.png").stat().st_size > 0
     assert json.loads((out / "config.json").read_text())["spectrum"]["k"] == 4
+
+
+def test_spectrum_cost_per_part(spectrum_run):
+    _, m = spectrum_run
+    cost = m["cost"]
+    assert list(cost) == ["training", "eigenvalues", "trace", "density"] and "matvecs" not in cost["training"]
+    assert cost["trace"]["matvecs"] == 4 and cost["density"]["matvecs"] == 2 * 8
+    assert cost["eigenvalues"]["matvecs"] + 4 + 2 * 8 == m["num_matvecs"]
+    assert all(p["seconds"] >= 0 for p in cost.values()) and m["seconds"] >= cost["eigenvalues"]["seconds"]
+    assert "train_seconds" not in m and "spectrum_seconds" not in m  # one timing key: seconds (+ seconds_total)
+
+
+def test_spectrum_defaults_are_cheap_and_declared_once(spectrum_run, tmp_path):
+    from modelsense.curvature import DEFAULT_S_SUM, SpectrumConfig
+
+    cli = cli_defaults("spectrum")
+    assert exp.SpectrumSpec().spectrum == SpectrumConfig()
+    for name in ("k", "matrix", "reduction", "trace_samples", "density_probes", "density_steps", "lanczos_tol", "chunk_size"):
+        assert cli[name] == getattr(SpectrumConfig(), name), name
+    assert cli["trace_samples"] == 0 and cli["density_probes"] == 0 and cli["s"] == ""
+    help_text = runner.invoke(app, ["spectrum", "--help"], env={"COLUMNS": "400"}).output
+    assert f"default {DEFAULT_S_SUM:g} for --reduction sum" in " ".join(help_text.split())
+    out, _ = spectrum_run
+    res = invoke("spectrum", *DATA, "--checkpoint", out / "model.pt", "--k", 3, "--out", tmp_path)
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["trace"] is None and m["s"] == [DEFAULT_S_SUM] and list(m["cost"]) == ["eigenvalues"]
+    assert m["num_matvecs"] == m["cost"]["eigenvalues"]["matvecs"]
+    summary = " ".join(res.output.split())
+    assert f"cost: eigenvalues {m['num_matvecs']} products" in summary
+    assert "not computed: trace (--trace-samples N), density (--density-probes N)" in summary
+    assert "density" not in np.load(tmp_path / "spectrum.npz").files
 
 
 def test_spectrum_from_checkpoint_mean_reduction_scales_s(spectrum_run, tmp_path):
@@ -199,15 +239,15 @@ def test_width_sweep_other_datasets_and_models(args, tmp_path):
 
 
 def test_width_sweep_defaults_are_the_prototype():
-    params = inspect.signature(cli_curvature.width_sweep).parameters
-    d = {k: p.default for k, p in params.items()}
-    assert tuple(int(w) for w in d["widths"].split(",")) == exp.PROTOTYPE_WIDTHS
-    t, data = exp.PROTOTYPE_TRAIN, exp.PROTOTYPE_DATA
-    assert (d["optimizer"], d["lr"], d["lrmin"], d["epochs"], d["bs"], d["delta"]) == (
-        t.optimizer, t.lr, t.lrmin, t.epochs, t.bs, t.delta)
-    assert (d["dataset"], d["corruption_ratio"], d["standardize"]) == (data.name, data.corruption_ratio, data.standardize)
+    from modelsense.curvature import resolve_s
+
+    d = cli_defaults("effdim", "width-sweep")
+    assert d["widths"] == "2,4,8,12,16,24,32,64,128,256,512" and d["model"] == "mlp" and d["hidden_layers"] == 1
+    assert (d["optimizer"], d["lr"], d["lrmin"], d["epochs"], d["bs"], d["delta"]) == ("adam", 3e-3, 3e-3, 400, 128, 0.0)
+    assert (d["dataset"], d["corruption_ratio"], d["standardize"]) == ("digits", 0.2, True)
     assert d["k"] == 50 and d["s"] == "" and d["matrix"] == "hessian" and d["reduction"] == "sum"
-    assert exp.resolve_s((), "sum", 1297) == (100.0,) and exp.resolve_s((), "mean", 1000) == (0.1,)
+    assert "width" not in d and "trace_samples" not in d  # set by the sweep / not computed: not offered
+    assert resolve_s((), "sum", 1297) == (100.0,) and resolve_s((), "mean", 1000) == (0.1,)
 
 
 def test_summarize_counts_only_interpolating_models():
@@ -215,12 +255,14 @@ def test_summarize_counts_only_interpolating_models():
                 "test_error": 0.1, "k": 2, "eigenvalues": ev, "eigenvalues_converged": [True, c]}
                for w, p, tl, te, ev, c in [(1, 10, 0.5, 3.0, [5.0, 1.0], True), (2, 20, 0.001, 2.0, [300.0, 100.0], True),
                                           (3, 30, 0.001, 1.0, [100.0, 50.0], False), (4, 40, 0.002, 1.5, [200.0, 60.0], True)]]
-    m = exp.summarize_width_sweep(results, [100.0], 0.01)
+    from modelsense.curvature.effdim import width_sweep_summary
+
+    m = width_sweep_summary(results, [100.0], 0.01)
     assert m["interpolating"] == [False, True, True, True] and m["n_interpolating"] == 3
     assert m["effective_dimension"][2] == pytest.approx(0.5)  # the unconverged Ritz value is dropped
     assert m["spearman_effdim_test_loss"] == pytest.approx(1.0)
     assert m["spearman_params_test_loss"] == pytest.approx(-0.5)
-    assert exp.summarize_width_sweep(results[:2], [100.0], 0.01)["spearman_effdim_test_loss"] is None
+    assert width_sweep_summary(results[:2], [100.0], 0.01)["spearman_effdim_test_loss"] is None
 
 
 # -- blr ---------------------------------------------------------------------------------------

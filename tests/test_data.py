@@ -253,7 +253,8 @@ def test_idx_images_and_labels_disagree(tmp_path):
 def test_idx_labels_out_of_range(tmp_path):
     make_idx_set(tmp_path, gz=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([0, 1, 2, 3, 12], dtype=np.uint8))
-    with pytest.raises(DataError, match=r"y_test .* 1 label\(s\) >= num_classes=10 \(first: 12 at index 4\)"):
+    with pytest.raises(DataError, match=r"y_test: 1 label\(s\) >= num_classes=10, the first 12 at row 5 of y_test in "
+                                        r".* \(y_test\[4\]\)"):
         load_dataset("mnist", data_dir=tmp_path)
 
 
@@ -324,7 +325,7 @@ def test_cifar10_bad_batch_shape_and_missing_batch(tmp_path):
 
 def test_npz_given_split(tmp_path):
     arrays = good_split()
-    ds = load_dataset(str(save_npz(tmp_path / "toy.npz", **arrays)))
+    ds = load_dataset(str(save_npz(tmp_path / "toy.npz", **arrays)), standardize=False)
     assert ds.name == "toy" and ds.num_classes == 3 and ds.input_shape == (4,)
     assert np.array_equal(ds.x_train.numpy(), arrays["x_train"])
     assert np.array_equal(ds.y_test.numpy(), arrays["y_test"])
@@ -357,7 +358,7 @@ def test_csv(tmp_path):
     path = tmp_path / "table.csv"
     lines = ["a,label,b"] + [f"{i},{i % 2},{-i * 0.5}" for i in range(20)]
     path.write_text("\n".join(lines) + "\n")
-    ds = load_dataset(path)
+    ds = load_dataset(path, standardize=False)
     assert (ds.n_train, ds.n_test, ds.num_classes, ds.input_shape) == (16, 4, 2, (2,))
     assert ds.metadata["feature_names"] == ["a", "b"]
     x = torch.cat([ds.x_train, ds.x_test])
@@ -375,12 +376,15 @@ def test_csv(tmp_path):
     (dict(y_train=np.zeros((30, 3))), r"y_train .* must be 1-D .* got shape \(30, 3\).*argmax"),
     (dict(y_test=np.arange(9) % 3), r"x_test and y_test .* different lengths \(10 examples vs 9"),
     (dict(y_train=np.r_[np.arange(29) % 3, 1.5]),
-     r"y_train .* 1 label\(s\) that are not whole numbers \(first: (np.float64\()?1.5\)? at index 29\)"),
-    (dict(y_test=np.r_[-1, np.arange(9) % 3]), r"y_test .* 1 negative label\(s\) \(first: -1 at index 0\)"),
+     r"y_train: 1 label\(s\) that are not whole numbers, the first 1.5 at row 30 of y_train in .*bad.npz "
+     r"\(y_train\[29\]\)"),
+    (dict(y_test=np.r_[-1, np.arange(9) % 3]), r"y_test: 1 negative label\(s\), the first -1 at row 1 of y_test "
+                                               r"in .*bad.npz \(y_test\[0\]\)"),
     (dict(x_test=np.zeros((0, 4)), y_test=np.zeros(0)), r"the test split .* is empty"),
     (dict(x_test=np.zeros((10, 5))), r"different shapes per example: \(4,\) vs \(5,\)"),
     (dict(y_train=np.array(["a"] * 30)), r"y_train .* integer class ids .* got dtype <U1"),
-    (dict(num_classes=np.int64(2)), r"y_train .* label\(s\) >= num_classes=2 \(first: 2 at index 2\)"),
+    (dict(num_classes=np.int64(2)), r"y_train: .* label\(s\) >= num_classes=2, the first 2 at row 3 of y_train "
+                                    r"in .*bad.npz \(y_train\[2\]\)"),
 ])
 def test_npz_bad_arrays(tmp_path, change, pattern):
     arrays = good_split()
@@ -394,8 +398,8 @@ def test_nan_and_inf_reported_with_counts_and_split(tmp_path):
     arrays["x_test"][3, 1] = np.nan
     arrays["x_test"][3, 2] = np.nan
     arrays["x_test"][7, 0] = np.inf
-    with pytest.raises(DataError, match=r"x_test .* 2 NaN and 1 inf values in 2 example\(s\) of the "
-                                        r"test split \(first at index 3\)"):
+    with pytest.raises(DataError, match=r"x_test: 2 NaN and 1 inf values in 2 example\(s\), the first at "
+                                        r"row 4 of x_test in .*nan.npz \(x_test\[3\]\)"):
         load_dataset(save_npz(tmp_path / "nan.npz", **arrays))
 
 
@@ -424,17 +428,19 @@ def test_npz_table_checked_before_split(tmp_path):
         load_dataset(path)
     x = np.ones((10, 2))
     x[4, 0] = np.nan
-    with pytest.raises(DataError, match=r"X .* 1 NaN and 0 inf values .* \(first at index 4\)"):
+    with pytest.raises(DataError, match=r"X: 1 NaN and 0 inf values .* row 5 of X in .*t2.npz \(X\[4\]\)"):
         load_dataset(save_npz(tmp_path / "t2.npz", X=x, y=np.arange(10) % 2))
 
 
 @pytest.mark.parametrize("text,pattern", [
     ("a,b\n1,2\n", r"no 'label' column; found columns \['a', 'b'\]"),
     ("a,Label\n1,2\n", r"did you mean 'Label'"),
-    ("a,label\n1,0\nx,1\n", r"column 'a' must hold numbers, but line 3 holds 'x'"),
-    ("a,label\n1,0\n,1\n", r"column 'a' must hold numbers, but line 3 holds an empty cell"),
-    ("a,label\n1,0\n2,1.5\n3,1\n", r"the 'label' column .* not whole numbers \(first: (np.float64\()?1.5\)? at index 1\)"),
-    ("a,label\n1,0\n2,1,3\n", r"line 3 has 3 fields but the header has 2"),
+    ("a,label\n1,0\nx,1\n", r"column 'a' of .*bad.csv must hold numbers, but it holds 'x' at row 2 of "
+                            r".*bad.csv \(line 3; rows are counted from 1 after the header\)"),
+    ("a,label\n1,0\n,1\n", r"column 'a' .* holds an empty cell at row 2 of .*bad.csv \(line 3;"),
+    ("a,label\n1,0\n2,1.5\n3,1\n", r"the 'label' column: 1 label\(s\) that are not whole numbers, the first "
+                                  r"1.5 at row 2 of .*bad.csv \(line 3;"),
+    ("a,label\n1,0\n2,1,3\n", r"row 2 of .*bad.csv \(line 3; .*\) has 3 fields but the header has 2"),
     ("label\n1\n2\n", r"only the 'label' column"),
     ("", r"is empty"),
     ("a,label\n", r"no data rows"),
@@ -459,6 +465,99 @@ def test_unknown_name_and_paths(tmp_path):
         load_dataset("")
 
 
+def test_folder_as_dataset_says_it_is_a_folder(tmp_path):
+    for folder in (tmp_path / "plain", tmp_path / "data.npz"):
+        folder.mkdir()
+        with pytest.raises(DataError, match=r"is a folder, not a dataset; the dataset is a built-in name "
+                                            r"\(digits, .*\) or the path of one \.npz/\.csv file") as err:
+            load_dataset(folder)
+        assert "does not exist" not in str(err.value)
+    make_idx_set(tmp_path / "idx", gz=False)
+    with pytest.raises(DataError, match=r"holds the mnist files: .* --dataset mnist --data-dir .*idx"):
+        load_dataset(tmp_path / "idx")
+    save_npz(tmp_path / "plain" / "toy.npz", **good_split())
+    with pytest.raises(DataError, match=r"it holds toy.npz: pass one of those files"):
+        load_dataset(tmp_path / "plain")
+
+
+def test_csv_without_header_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "nohead.csv"
+    path.write_text("".join(f"{i},{i * 2},{i % 2}\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"nohead.csv has no header row: its first line holds only numbers "
+                                        r"\(0, 0, 0\)\. .* a column named 'label' \(when the last column "
+                                        r"holds them: x0,x1,label\)") as err:
+        load_dataset(path)
+    assert "columns ['0'" not in str(err.value)
+    path.write_text("a,b,label\n" + "".join(f"{i},{i * 2},{i % 2}\n" for i in range(10)))
+    assert load_dataset(path).n_train == 8
+
+
+@pytest.mark.parametrize("y_bad,pattern", [
+    (2**40, r"y: 1 label\(s\) larger than 2147483647, the first 1099511627776 at row 8 of y in .*big.npz "
+            r"\(y\[7\]\); .* renumber them"),
+    (np.uint64(2**63 + 5), r"larger than 2147483647, the first 9223372036854775813 at row 8"),
+    (1e30, r"larger than 2147483647, the first 1e\+30 at row 8"),
+    (500, r"y in .*big.npz go up to 500, which would mean 501 classes for 50 examples; .* renumber them"),
+])
+def test_huge_labels_refused_before_anything_is_allocated(tmp_path, y_bad, pattern):
+    y = (np.arange(50) % 2).astype(np.asarray(y_bad).dtype)
+    y[7] = y_bad
+    path = save_npz(tmp_path / "big.npz", X=np.random.default_rng(0).normal(size=(50, 3)), y=y)
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(path)
+    split = good_split()
+    split["y_train"][0] = 40  # 40 examples in all: labels up to 40 mean 41 classes
+    with pytest.raises(DataError, match=r"go up to 40, which would mean 41 classes for 40 examples"):
+        load_dataset(save_npz(tmp_path / "split.npz", **split))
+    with pytest.raises(DataError, match=r"num_classes in .*stated.npz is 1099511627776 for 40 examples"):
+        load_dataset(save_npz(tmp_path / "stated.npz", **good_split(), num_classes=np.int64(2**40)))
+    with pytest.raises(DataError, match=r"num_classes in .*table.npz is 51 for 50 examples"):
+        load_dataset(save_npz(tmp_path / "table.npz", X=np.ones((50, 2)), y=np.arange(50) % 2,
+                              num_classes=np.int64(51)))
+
+
+def test_half_precision_labels_load_without_warnings(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = load_dataset(save_npz(tmp_path / "h.npz", X=np.ones((20, 2)), y=(np.arange(20) % 2).astype(np.float16)))
+    assert ds.num_classes == 2
+
+
+def test_bad_values_are_located_as_row_of_file_everywhere(tmp_path):
+    """A NaN, an empty cell, a wrong field count and a bad label in a .csv are all reported as
+    'row N of FILE' (N counted from 1 after the header) with the file's line; blank lines skipped."""
+    lines = ["a,b,label"] + [f"{i},{-i},{i % 2}" for i in range(30)]
+    cases = {9: ("nan,1,0", "NaN"), 20: ("1,,0", "an empty cell"), 5: ("1,2", "fields"), 12: ("1,2,x", "'x'")}
+    for row, (text, what) in cases.items():
+        changed = list(lines)
+        changed[row] = text
+        path = tmp_path / f"bad{row}.csv"
+        path.write_text("\n".join(changed[:2] + [""] + changed[2:]) + "\n")  # a blank line 3
+        with pytest.raises(DataError, match=rf"row {row} of .*bad{row}.csv \(line {row + 2}; rows are "
+                                            r"counted from 1 after the header\)") as err:
+            load_dataset(path)
+        assert what in str(err.value)
+    x = np.ones((30, 2))
+    x[9, 1] = np.nan
+    with pytest.raises(DataError, match=r"NaN .* row 10 of X in .*nan.npz \(X\[9\]\)"):
+        load_dataset(save_npz(tmp_path / "nan.npz", X=x, y=np.arange(30) % 2))
+
+
+def test_numbers_in_messages_are_plain(tmp_path):
+    y = (np.arange(30) % 2).astype(np.float64)
+    y[3] = np.nan
+    with pytest.raises(DataError, match=r"not whole numbers, the first nan at row 4 of y") as err:
+        load_dataset(save_npz(tmp_path / "y.npz", X=np.ones((30, 2)), y=y))
+    assert "np." not in str(err.value) and "float64" not in str(err.value)
+    with pytest.raises(DataError, match=r"got 1.5;") as err:
+        load_dataset("digits", corruption_ratio=np.float64(1.5))
+    assert "np." not in str(err.value)
+    with pytest.raises(DataError, match=r"'num_classes' must be a positive integer scalar, got \[2, 3\]"):
+        load_dataset(save_npz(tmp_path / "nc.npz", **good_split(), num_classes=np.array([2, 3])))
+
+
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(corruption_ratio=-0.1), r"corruption_ratio must lie in \[0, 1\].*got -0.1"),
     (dict(corruption_ratio=1.5), r"corruption_ratio must lie in \[0, 1\].*got 1.5"),
@@ -472,7 +571,7 @@ def test_unknown_name_and_paths(tmp_path):
     (dict(drop_classes=(-1,)), r"drop_classes must be class ids"),
     (dict(drop_classes=(0, 1, 2, 3, 4, 5, 6, 7, 8), corruption_ratio=0.1), r"needs at least 2 classes"),
     (dict(seed=-1), r"seed must be a non-negative integer"),
-    (dict(standardize="yes"), r"standardize must be True or False"),
+    (dict(standardize="yes"), r"standardize must be True, False or None"),
 ])
 def test_bad_options(kwargs, pattern):
     with pytest.raises(DataError, match=pattern):
@@ -596,6 +695,77 @@ def test_standardize_uses_training_statistics(digits):
                                rtol=0, atol=1e-5)
 
 
+def scaled_table(n=200, d=6, seed=0):
+    """Features on scales 1e-3 .. 1e4 (one per column) with a large offset, 2 classes."""
+    rng = np.random.default_rng(seed)
+    scale = np.logspace(-3, 4, d)
+    x = (rng.normal(size=(n, d)) + 3.0) * scale
+    y = (x[:, -1] > np.median(x[:, -1])).astype(np.int64)
+    return x, y
+
+
+def write_csv(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    rows = [",".join([f"f{j}" for j in range(x.shape[1])] + ["label"])]
+    rows += [",".join([repr(float(v)) for v in row] + [str(int(c))]) for row, c in zip(x, y)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def assert_standardized_with_train_stats(ds: Dataset, raw: Dataset) -> None:
+    """ds = raw standardised with the mean/std (ddof 0) of raw's training set, on both splits."""
+    mean = raw.x_train.double().mean(0)
+    std = raw.x_train.double().std(0, unbiased=False)
+    torch.testing.assert_close(ds.metadata["feature_mean"].double(), mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ds.metadata["feature_std"].double(), std, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ds.x_train.double(), (raw.x_train.double() - mean) / std, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ds.x_test.double(), (raw.x_test.double() - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+def test_file_feature_vectors_are_standardized_by_default(tmp_path):
+    """A .npz split and a .csv table of raw features on scales 1e-3..1e4: by default both splits
+    are standardised with the training set's statistics; standardize=False keeps the raw values."""
+    x, y = scaled_table()
+    # a given split whose test set is shifted: its own statistics would differ from the training set's
+    npz = save_npz(tmp_path / "scaled.npz", x_train=x[:150], y_train=y[:150], x_test=x[150:] * 2.0 + 1.0,
+                   y_test=y[150:])
+    csv_path = write_csv(tmp_path / "scaled.csv", x, y)
+    for path in (npz, csv_path):
+        raw = load_dataset(path, standardize=False)
+        ds = load_dataset(path)
+        assert torch.equal(ds.y_train, raw.y_train) and torch.equal(ds.y_test, raw.y_test)
+        assert_standardized_with_train_stats(ds, raw)
+        assert ds.metadata["standardize"]["requested"] is None and ds.metadata["standardize"]["applied"]
+        assert "feature vectors from a file" in ds.metadata["standardize"]["reason"]
+        assert ds.summary()["standardize"] == ds.metadata["standardize"]
+        json.dumps(ds.summary())
+        forced = load_dataset(path, standardize=True)
+        assert torch.equal(forced.x_test, ds.x_test) and forced.metadata["standardize"]["reason"] == "requested"
+        assert raw.metadata["standardize"] == {"requested": False, "applied": False, "reason": "turned off"}
+        assert "feature_mean" not in raw.metadata
+    raw = load_dataset(npz, standardize=False)
+    assert np.array_equal(raw.x_test.numpy(), (x[150:] * 2.0 + 1.0).astype(np.float32))
+    # statistics of the final training set (after subsetting), applied to the whole test split
+    sub = load_dataset(npz, n_train=60, seed=1)
+    sub_raw = load_dataset(npz, n_train=60, seed=1, standardize=False)
+    assert_standardized_with_train_stats(sub, sub_raw)
+
+
+def test_builtin_and_image_files_keep_their_values_by_default(digits, tmp_path):
+    ds = load_dataset("digits")
+    assert torch.equal(ds.x_train, digits.x_train) and torch.equal(ds.x_test, digits.x_test)
+    assert float(ds.x_train.min()) == 0.0 and float(ds.x_train.max()) == 1.0  # pixels / 16
+    assert ds.metadata["standardize"]["applied"] is False
+    assert "digits keeps its usual normalisation" in ds.metadata["standardize"]["reason"]
+    assert "feature_mean" not in ds.metadata
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 1, 4, 4)).astype(np.float32)
+    path = save_npz(tmp_path / "images.npz", X=images, y=np.arange(40) % 2)
+    ds = load_dataset(path)
+    assert ds.metadata["standardize"]["applied"] is False and "(1, 4, 4)" in ds.metadata["standardize"]["reason"]
+    assert np.isin(ds.x_train.numpy(), images).all()
+    assert load_dataset(path, standardize=True).metadata["standardize"]["applied"] is True
+
+
 # ----------------------------------------------------------------------------------- config, listing
 
 
@@ -619,6 +789,8 @@ def test_available_datasets(tmp_path):
     assert "test_batch" in by_name["cifar10"]["files"]
     assert any(".npz" in d["name"] for d in listing)
     assert "found" not in by_name["mnist"]
+    assert by_name["digits"]["normalization"] == "pixels / 16, in [0, 1]"
+    assert "standardised" in by_name["PATH.npz / PATH.csv"]["normalization"]
     make_idx_set(tmp_path / "MNIST" / "raw", gz=True)
     by_name = {d["name"]: d for d in available_datasets(tmp_path)}
     assert by_name["mnist"]["found"] and by_name["mnist"]["location"] == str(tmp_path / "MNIST" / "raw")

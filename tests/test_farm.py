@@ -7,82 +7,40 @@ from typer.testing import CliRunner
 from modelsense.cli import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
-from modelsense.memorization.store import SubsetRunStore
-from modelsense.models import ModelConfig
-from modelsense.retraining import FarmSpec, model_masks, run_farm, train_chunk
-from modelsense.retraining import farm as farm_module
-from modelsense.training import TrainConfig
 from modelsense.memorization.estimators import subset_masks
+from modelsense.models import ModelConfig
+from modelsense.retraining.store import RetrainRecipe, subset_jobs, train_jobs
+from modelsense.training import TrainConfig
 
-SPEC = FarmSpec(DataConfig("digits", n_train=120), ModelConfig("mlp", widths=(16,)), TrainConfig(epochs=2, bs=32), 0.5)
+RECIPE = RetrainRecipe(DataConfig("digits", n_train=120), ModelConfig("mlp", widths=(16,)), TrainConfig(epochs=2, bs=32))
 runner = CliRunner()
 
 
-def test_masks_match_the_original_sampling():
+def test_subset_jobs_are_the_original_sampling():
     ref = subset_masks(50, 0.7, 6, seed0=3, warn=False).masks
-    assert np.array_equal(model_masks(50, 0.7, [2, 4, 5], seed0=3), ref[[2, 4, 5]])
-    assert model_masks(50, 0.7, [0], 0).sum() == 35
-
-
-def test_chunk_results_do_not_depend_on_chunk_composition():
-    whole = train_chunk(SPEC, [0, 1, 2, 3])
-    parts = [train_chunk(SPEC, [0, 1]), train_chunk(SPEC, [2, 3])]
-    for key in ("correct_train", "correct_test", "masks", "seeds"):
-        assert np.array_equal(whole[key], np.concatenate([p[key] for p in parts]))
-    np.testing.assert_allclose(whole["loss_test"], np.concatenate([p["loss_test"] for p in parts]), atol=1e-5)
-
-
-def test_resume_after_crash_and_extend(tmp_path, monkeypatch):
-    calls = []
-    real = farm_module.train_chunk
-
-    def counting(spec, ids, data=None, progress=False):
-        calls.append(list(ids))
-        return real(spec, ids, data, progress)
-
-    monkeypatch.setattr(farm_module, "train_chunk", counting)
-    full = run_farm(SPEC, tmp_path / "a", 6, chunk_size=2, progress=False).load_all()
-    assert calls == [[0, 1], [2, 3], [4, 5]]
-    # simulate a crash: the last chunk lost, a half-written file left behind
-    store = SubsetRunStore.open(tmp_path / "a")
-    victim = store.chunk_path(np.array([4, 5]))
-    victim.unlink()
-    (store.chunk_dir / ".tmp-models-0000004-0000005.npz").write_bytes(b"half")
-    calls.clear()
-    resumed = run_farm(SPEC, tmp_path / "a", 6, chunk_size=2, progress=False).load_all()
-    assert calls == [[4, 5]]
-    assert np.array_equal(resumed.model_ids, np.arange(6))
-    assert np.array_equal(resumed.correct_train, full.correct_train)
-    assert not list(store.chunk_dir.glob(".tmp-*"))
-    calls.clear()
-    extended = run_farm(SPEC, tmp_path / "a", 9, chunk_size=2, progress=False).load_all()
-    assert calls == [[6, 7], [8]] and len(extended.model_ids) == 9
-    assert np.array_equal(extended.correct_train[:6], full.correct_train)
-
-
-def test_farm_bad_input(tmp_path):
-    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
-        FarmSpec(SPEC.data, SPEC.model, SPEC.train, subset_ratio=1.0)
-    with pytest.raises(ConfigError, match="n-models must be >= 2"):
-        run_farm(SPEC, tmp_path / "x", 1)
-    with pytest.raises(ConfigError, match="unknown backend"):
-        run_farm(SPEC, tmp_path / "x", 4, backend="slurm")
+    jobs = subset_jobs(50, 0.7, [2, 4, 5], seed0=3)
+    assert np.array_equal(np.stack([j.mask for j in jobs]), ref[[2, 4, 5]]) and [j.seed for j in jobs] == [5, 7, 8]
+    assert subset_jobs(50, 0.7, [0])[0].mask.sum() == 35
+    with pytest.raises(ConfigError, match="keeps 50 of 50"):
+        subset_jobs(50, 1.0, [0])
 
 
 @pytest.mark.slow
 def test_ray_backend_equals_local(tmp_path):
     pytest.importorskip("ray")
-    local = run_farm(SPEC, tmp_path / "local", 4, chunk_size=2, progress=False).load_all()
-    remote = run_farm(SPEC, tmp_path / "ray", 4, chunk_size=2, backend="ray", ray_num_cpus=2, progress=False).load_all()
-    assert np.array_equal(local.masks, remote.masks)
-    assert np.array_equal(local.correct_train, remote.correct_train)
-    assert np.array_equal(local.correct_test, remote.correct_test)
-    np.testing.assert_allclose(local.loss_test, remote.loss_test, atol=1e-5)
+    jobs = subset_jobs(120, 0.5, range(4))
+    local = train_jobs(RECIPE, jobs, tmp_path / "local", chunk_models=2, progress=False)
+    remote = train_jobs(RECIPE, jobs, tmp_path / "ray", chunk_models=2, backend="ray", ray_num_cpus=2, progress=False)
+    assert np.array_equal(local["masks"], remote["masks"])
+    assert np.array_equal(local["train_correct"], remote["train_correct"])
+    assert np.array_equal(local["test_correct"], remote["test_correct"])
+    np.testing.assert_allclose(local["test_loss"], remote["test_loss"], atol=1e-5)
 
 
-def _cli(args):
+def _cli(args, min_held_out=("--min-held-out", "1")):
+    """The command on a tiny farm; 4-6 models are too few for the default minimum of 3 models per side."""
     return runner.invoke(app, ["memorization", "--dataset", "digits", "--n-train", "100", "--widths", "16", "--epochs", "2",
-                               "--bs", "32", "--quiet", *args])
+                               "--bs", "32", "--quiet", *min_held_out, *args])
 
 
 def test_memorization_command_end_to_end_and_extend(tmp_path):
@@ -102,8 +60,59 @@ def test_memorization_command_end_to_end_and_extend(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n_models"] == 6
     res = _cli(["--n-models", "6", "--corruption-ratio", "0.2", "--resume", "--out", str(out)])
     assert res.exit_code != 0 and "corruption_ratio" in str(res.exception)
+    # the 6 models are jobs of the run's ground-truth store: an LDS at α = ρ on the same recipe reuses them
+    chunks = list((out / "store").glob("*/chunks/*.npz"))
+    assert sum(len(np.load(c)["keys"]) for c in chunks) == 6
     res = _cli(["--subset-ratio", "1.5", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "strictly between 0 and 1" in str(res.exception)
+    res = _cli(["--n-models", "4", "--out", str(tmp_path / "few")], min_held_out=())  # default minimum 3
+    assert isinstance(res.exception, ConfigError) and "--min-held-out 3 needs at least 6 models" in str(res.exception)
+    assert not (tmp_path / "few").exists()  # refused before anything is written
+
+
+def test_estimate_and_save_flags_examples_held_out_by_too_few_models(tmp_path, monkeypatch):
+    """A synthetic farm: example 0 held out by 1 of 8 models, example 4 trained on by 2 (minimum 3)."""
+    import torch
+
+    from modelsense.data import Dataset
+    from modelsense.experiments.memorization import estimate_and_save
+    from modelsense.runs import RunDir
+
+    masks = np.zeros((8, 5), dtype=bool)
+    masks[1:, 0] = True
+    masks[:4, 1] = True
+    masks[[0, 2, 4, 6], 2] = True
+    masks[[1, 2, 5, 6], 3] = True
+    masks[[0, 1], 4] = True
+    correct_train, correct_test = np.ones((8, 5)), np.ones((8, 4))
+    correct_train[0] = correct_test[0] = 0.0  # model 0 gets everything wrong: raw mem(0) = infl(0, j) = 1
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset("tiny", torch.rand(5, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1, 0]),
+                   torch.rand(4, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1]), 2,
+                   metadata={"corrupted_indices": [0, 2]})
+    figures = {}
+    with RunDir.open(tmp_path / "run", "memorization", {}) as run:
+        monkeypatch.setattr(run, "save_figure", lambda fig, name: figures.setdefault(name, fig))
+        metrics = estimate_and_save(run, masks, correct_train, correct_test, data=data, top_k=3)
+    assert metrics["min_held_out"] == 3 and metrics["n_unreliable_train"] == 2
+    assert metrics["n_unreliable_pairs"] == 2 * 4 and metrics["n_undefined"] == 0
+    np.testing.assert_array_equal(np.load(run.path / "reliable.npy"), [False, True, True, True, False])
+    mem = np.load(run.path / "memorization.npy")
+    np.testing.assert_allclose(mem, [np.nan, -0.25, -0.25, 0.25, np.nan], equal_nan=True)
+    np.testing.assert_array_equal(np.load(run.path / "influence_top_indices.npy"), [[3, 1, 2]] * 4)
+    assert metrics["n_high_memorization"] == 1 and metrics["n_high_influence_pairs"] == 4  # example 3: 0.25
+    assert metrics["mean_memorization"] == pytest.approx(-0.25 / 3)
+    assert metrics["auc_corrupted"] == pytest.approx(0.25)  # examples 1-3 only: corrupted 2 ties 1, is below 3
+    shown = [ax.get_title() for ax in figures["most_memorized"].axes if ax.get_title()]
+    assert [t.split()[0] for t in shown] == ["#3", "#1", "#2"]  # never #0 (mem 1 from one model) or #4
+    assert "2 without a reliable estimate left out" in figures["memorization_histogram"].axes[0].get_title()
+    pairs = [ax.get_title() for ax in figures["influence_pairs"].axes]
+    assert not any("1.00" in t for t in pairs) and any("0.25" in t for t in pairs)
+    # the bare estimator (--min-held-out 1) puts example 0 first
+    with RunDir.open(tmp_path / "bare", "memorization", {}) as run:
+        bare = estimate_and_save(run, masks, correct_train, correct_test, data=None, top_k=3, min_held_out=1)
+    assert bare["n_unreliable_train"] == 0
+    assert np.load(tmp_path / "bare" / "influence_top_indices.npy")[:, 0].tolist() == [0, 0, 0, 0]
 
 
 def test_memorization_from_original_runs(tmp_path):
@@ -120,11 +129,14 @@ def test_memorization_from_original_runs(tmp_path):
                      correctness_test=rng.random(m) < 0.7, index_train=idx[:k], index_removed=idx[k:],
                      index_test=np.arange(m), subsample_idx=idx[:k])
     out = tmp_path / "est"
-    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(out), "--quiet"])
+    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(out), "--quiet", "--min-held-out", "2"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_models"] == 4 and metrics["subset_ratio"] == 0.7 and metrics["subset_ratios"] == [0.5, 0.7]
-    assert (out / "consistency.npy").exists()
+    assert (out / "consistency.npy").exists() and metrics["min_held_out"] == 2
+    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(tmp_path / "few"), "--quiet"])
+    assert isinstance(res.exception, ConfigError) and "needs at least 6 models" in str(res.exception)
+    assert not (tmp_path / "few").exists()
 
 
 def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch):
@@ -132,4 +144,19 @@ def test_ray_backend_without_ray_says_how_to_install(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ConfigError, match=r"pip install 'modelsense\[distributed\]'"):
-        run_farm(SPEC, tmp_path / "r", 2, backend="ray")
+        train_jobs(RECIPE, subset_jobs(120, 0.5, range(2)), tmp_path / "r", backend="ray")
+
+
+def test_lds_and_memorization_share_the_models_of_one_store(tmp_path):
+    store = tmp_path / "shared_store"
+    recipe = ["--dataset", "digits", "--n-train", "100", "--widths", "16", "--epochs", "2", "--bs", "32", "--lr", "0.1",
+              "--delta", "1.0", "--quiet", "--store", str(store)]
+    res = runner.invoke(app, ["memorization", *recipe, "--subset-ratio", "0.5", "--n-models", "4", "--min-held-out", "1",
+                              "--out", str(tmp_path / "mem")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["lds", *recipe, "--alpha", "0.5", "--n-models", "4", "--methods", "grad-dot", "--n-test", "5",
+                              "--out", str(tmp_path / "lds")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    log = (tmp_path / "lds" / "run.log").read_text()
+    assert "4 of 4 jobs stored, 0 to train" in log  # the memorization run's models, reused
+    assert not (tmp_path / "lds" / "store").exists()

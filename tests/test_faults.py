@@ -111,12 +111,13 @@ def test_kill_9_while_scores_fill_leaves_no_scores_file(tmp_path):
 
 
 def test_kill_9_during_the_farm_then_resume_gives_the_uninterrupted_result(tmp_path):
-    args = ["memorization", *DATA, "--widths", "16", "--epochs", "3", "--n-models", "6", "--chunk-size", "2"]
+    args = ["memorization", *DATA, "--widths", "16", "--epochs", "3", "--n-models", "6", "--chunk-size", "2",
+            "--min-held-out", "1"]
     clean = tmp_path / "clean"
     assert runner.invoke(app, [*args, "--out", str(clean), "--quiet"]).exit_code == 0
     out = tmp_path / "mem"
     proc = _start(*args, "--out", out)
-    _kill_when(proc, lambda: (out / "chunks").exists() and len(list((out / "chunks").glob("models-*.npz"))) >= 1)
+    _kill_when(proc, lambda: len(list(out.glob("store/*/chunks/*.npz"))) >= 1)
     assert_every_final_file_complete(out)
     assert run_status(out) == "crashed"
     refused(runner.invoke(app, [*args, "--out", str(out), "--quiet"]), "already holds a crashed", "--resume")
@@ -126,11 +127,12 @@ def test_kill_9_during_the_farm_then_resume_gives_the_uninterrupted_result(tmp_p
 
 
 def test_damaged_chunks_are_trained_again_on_resume(tmp_path):
-    args = ["memorization", *DATA, "--widths", "16", "--epochs", "2", "--n-models", "4", "--chunk-size", "2"]
+    args = ["memorization", *DATA, "--widths", "16", "--epochs", "2", "--n-models", "4", "--chunk-size", "2",
+            "--min-held-out", "1"]
     out = tmp_path / "mem"
     assert runner.invoke(app, [*args, "--out", str(out), "--quiet"]).exit_code == 0
     first = np.load(out / "memorization.npy")
-    chunks = sorted((out / "chunks").glob("models-*.npz"))
+    chunks = sorted(out.glob("store/*/chunks/*.npz"))
     data = chunks[0].read_bytes()
     chunks[0].write_bytes(data[: len(data) // 2])  # truncated
     flipped = bytearray(chunks[1].read_bytes())

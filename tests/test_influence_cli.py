@@ -46,7 +46,7 @@ def trained(tmp_path_factory):
 def test_grad_dot_of_a_checkpoint_is_the_gradient_inner_product(trained, tmp_path):
     out = tmp_path / "inf"
     ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot", "--n-test", 4,
-       "--proj-dim", 7, "--memory-gb", 0.5, "--out", out)
+       "--bs-jacs", 7, "--memory-gb", 0.5, "--out", out)
     scores = np.load(out / "scores.npy")
     module, _ = load_model(trained / "model.pt")
     data = load_dataset_from_config(DataConfig("digits", n_train=60))
@@ -62,9 +62,9 @@ def test_grad_dot_of_a_checkpoint_is_the_gradient_inner_product(trained, tmp_pat
     expected = (grads(data.x_train, data.y_train) @ grads(data.x_test[:4], data.y_test[:4]).T).numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
     config = json.loads((out / "config.json").read_text())
-    assert config["checkpoint"]["path"] == str(trained / "model.pt") and config["checkpoint"]["recipe"] == "config.json"
+    assert config["source"]["path"] == str(trained / "model.pt") and config["source"]["recipe"] == "config.json"
     assert config["train"]["epochs"] == 4 and config["model"]["widths"] == [8]  # the run's, not the command's
-    assert config["settings"] == {"proj_dim": 7, "loss": "cross_entropy", "memory_budget": 2**29}  # the option group
+    assert config["settings"]["bs_jacs"] == 7 and config["settings"]["memory_gb"] == 0.5  # the method settings
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test_accuracy"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test_accuracy"])
 
@@ -86,7 +86,9 @@ def test_lds_retrains_with_the_checkpoint_runs_recipe(trained, tmp_path):
            "--n-test", 5, "--out", out)
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["epochs"] == 4 and config["train"]["lr"] == 0.1  # not the command's defaults 50 / 0.1
-    assert set(m["lds"]) == {"grad-dot"} and np.load(out / "lds_ground_truth.npz")["losses"].shape == (3, 5)
+    assert set(m["lds"]) == {"grad-dot"} and np.load(out / "lds_per_test.npz")["grad_dot"].shape == (5,)
+    (chunk,) = (out / "store").glob("*/chunks/*.npz")  # the 3 retrained models, in the ground-truth store
+    assert np.load(chunk)["test_loss"].shape[0] == 3
 
 
 def test_checkpoint_of_another_dataset_is_an_error_with_exit_code_2(trained, tmp_path, monkeypatch, capsys):
@@ -120,7 +122,7 @@ def test_what_a_bare_model_pt_cannot_give_is_a_clear_error(trained, tmp_path):
     ok("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "loss", "--self", "--epochs", 7,
        "--out", tmp_path / "c")
     config = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert config["checkpoint"]["recipe"] == "options" and config["train"]["epochs"] == 7
+    assert config["source"]["recipe"] == "options" and config["train"]["epochs"] == 7
     # mpe after IVON/Adam training reads the optimizer state, which model.pt does not hold
     ivon = tmp_path / "ivon"
     shutil.copytree(trained, ivon)
@@ -131,3 +133,27 @@ def test_what_a_bare_model_pt_cannot_give_is_a_clear_error(trained, tmp_path):
     msg = error(invoke("noisy-labels", *DATA, "--checkpoint", ivon / "model.pt",
                        "--methods", "loss,mpe", "--out", tmp_path / "d"))
     assert "mpe reads the posterior of a model trained with adam from the optimizer state" in msg
+
+
+def test_a_setting_no_asked_method_takes_is_refused_by_its_option_name(tmp_path):
+    msg = error(invoke("influence", *DATA, *TRAIN, "--method", "grad-dot", "--proj-dim", 7, "--out", tmp_path / "a"))
+    assert "--proj-dim" in msg and "randproj" in msg and "'proj_dim'" not in msg
+    assert not (tmp_path / "a").exists()
+
+
+def test_save_state_then_state_scores_new_data_without_refitting(trained, tmp_path):
+    first = tmp_path / "first"
+    ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--n-test", 6, "--save-state",
+       "--out", first)
+    assert (first / "state" / "attributor.json").exists()
+    again = tmp_path / "again"
+    m = ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--n-test", 6,
+           "--state", first / "state", "--out", again)
+    assert m["state"] == "loaded"
+    np.testing.assert_allclose(np.load(again / "scores.npy"), np.load(first / "scores.npy"), rtol=1e-4, atol=1e-7)
+    msg = error(invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--damping", 3,
+                       "--state", first / "state", "--out", tmp_path / "x"))
+    assert "damping" in msg
+    msg = error(invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot",
+                       "--state", first / "state", "--out", tmp_path / "y"))
+    assert "holds a fitted 'if-ekfac'" in msg and not (tmp_path / "y").exists()

@@ -12,7 +12,7 @@ import torch
 
 from modelsense.errors import ConfigError, DataError
 from modelsense.memorization import (
-    SubsetRunStore,
+    MIN_HELD_OUT,
     UndefinedEstimateWarning,
     auc_corrupted,
     bootstrap_counts,
@@ -25,9 +25,9 @@ from modelsense.memorization import (
     memorization_by_number_of_models,
     open_influence_memmap,
     read_original_runs,
+    reliable_examples,
     subset_masks,
 )
-from modelsense.memorization import store as store_module
 
 # ------------------------------------------------------------------------------------------------
 # tiny tables and the slow, obvious definitions
@@ -97,7 +97,7 @@ def quiet(fn, *args, **kwargs):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_memorization_matches_loop(seed, binary):
     masks, train, _ = random_table(seed, binary=binary)
-    result = quiet(memorization, masks, train)
+    result = quiet(memorization, masks, train, min_held_out=1)  # the bare definition
     est, se = memorization_loop(masks, train)
     np.testing.assert_allclose(result.estimate, est, rtol=1e-12, atol=1e-12, equal_nan=True)
     np.testing.assert_allclose(result.standard_error, se, rtol=1e-10, atol=1e-12, equal_nan=True)
@@ -111,7 +111,7 @@ def test_memorization_matches_loop(seed, binary):
 def test_memorization_warns_with_count_and_accepts_tensors_and_bools():
     masks, train, _ = random_table(3)
     with pytest.warns(UndefinedEstimateWarning, match=r"2 of 11 training examples .* 14 models"):
-        result = memorization(torch.from_numpy(masks), torch.from_numpy(train.astype(bool)))
+        result = memorization(torch.from_numpy(masks), torch.from_numpy(train.astype(bool)), min_held_out=1)
     est, _ = memorization_loop(masks, train)
     np.testing.assert_allclose(result.estimate, est, equal_nan=True)
 
@@ -129,7 +129,7 @@ def test_memorization_blocks_do_not_change_result(monkeypatch):
 
 def test_bootstrap_interval_matches_loop_over_resamples():
     masks, train, _ = random_table(5, n_models=12)
-    result = quiet(memorization, masks, train, bootstrap=40, confidence=0.8, seed=7)
+    result = quiet(memorization, masks, train, bootstrap=40, confidence=0.8, seed=7, min_held_out=1)
     counts = bootstrap_counts(masks.shape[0], 40, seed=7)
     resampled = np.full((40, masks.shape[1]), np.nan)
     for b in range(40):
@@ -142,7 +142,7 @@ def test_bootstrap_interval_matches_loop_over_resamples():
             assert np.isnan(result.interval[i]).all()
             continue
         np.testing.assert_allclose(result.interval[i], np.quantile(values, [0.1, 0.9]), atol=1e-12)
-    again = quiet(memorization, masks, train, bootstrap=40, confidence=0.8, seed=7)
+    again = quiet(memorization, masks, train, bootstrap=40, confidence=0.8, seed=7, min_held_out=1)
     np.testing.assert_array_equal(again.interval, result.interval)
     assert np.all(counts.sum(1) == masks.shape[0])
 
@@ -178,12 +178,12 @@ def test_memorization_by_number_of_models_equals_prefix_estimates():
 def test_influence_matches_loop(binary):
     masks, _, test = random_table(7, binary=binary)
     expected, expected_se = influence_loop(masks, test)
-    result = quiet(influence, masks, test, standard_error=True, dtype=np.float64)
+    result = quiet(influence, masks, test, standard_error=True, dtype=np.float64, min_held_out=1)
     assert result.scores.shape == (test.shape[1], masks.shape[1])
     np.testing.assert_allclose(result.scores, expected, atol=1e-12, equal_nan=True)
     np.testing.assert_allclose(result.standard_error, expected_se, rtol=1e-9, atol=1e-9, equal_nan=True)
     blocked = quiet(influence, masks, test, standard_error=True, dtype=np.float64, block_size=4,
-                    train_block_size=3)
+                    train_block_size=3, min_held_out=1)
     np.testing.assert_allclose(blocked.scores, result.scores, atol=1e-12, equal_nan=True)
     np.testing.assert_allclose(blocked.standard_error, result.standard_error, atol=1e-12, equal_nan=True)
 
@@ -247,6 +247,69 @@ def test_influence_bad_out_shape():
     masks, _, test = random_table(11)
     with pytest.raises(ConfigError, match=r"expected shape \(6, 11\)"):
         quiet(influence, masks, test, out=np.empty((11, 6), np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# minimum number of models per side (min_held_out)
+
+
+def tiny_farm():
+    """8 models, 5 training and 4 test examples. Model 0 gets everything wrong, the others right.
+
+    Example 0 is held out by model 0 only (n_out = 1) and example 4 trained on by 2 models (n_in = 2):
+    both are below the default minimum of 3. Without the minimum, example 0 has memorization 1 and
+    is the top influence (1.0) on every test example: one model's outcome.
+    """
+    masks = np.zeros((8, 5), dtype=bool)
+    masks[1:, 0] = True
+    masks[:4, 1] = True
+    masks[[0, 2, 4, 6], 2] = True
+    masks[[1, 2, 5, 6], 3] = True
+    masks[[0, 1], 4] = True
+    train = np.ones((8, 5))
+    test = np.ones((8, 4))
+    train[0] = test[0] = 0.0
+    return masks, train, test
+
+
+def test_examples_below_min_held_out_are_flagged_and_never_top_k():
+    masks, train, test = tiny_farm()
+    bare = memorization(masks, train, min_held_out=1)
+    assert bare.estimate[0] == 1.0 and bare.n_unreliable == 0  # the noisy estimate the minimum removes
+    with pytest.warns(UndefinedEstimateWarning, match=r"2 of 5 training examples have fewer than 3 models"):
+        mem = memorization(masks, train, bootstrap=10)
+    assert MIN_HELD_OUT == 3 and mem.min_held_out == 3
+    np.testing.assert_array_equal(mem.reliable, [False, True, True, True, False])
+    np.testing.assert_array_equal(reliable_examples(mem.n_in, mem.n_out), mem.reliable)
+    assert mem.n_unreliable == 2 and mem.n_undefined == 0
+    # reliable examples keep their exact values: in-mean minus out-mean over the 8 models
+    np.testing.assert_allclose(mem.estimate, [np.nan, 0.75 - 1.0, 0.75 - 1.0, 1.0 - 0.75, np.nan], equal_nan=True)
+    assert np.isnan(mem.standard_error[[0, 4]]).all() and np.isnan(mem.interval[[0, 4]]).all()
+    np.testing.assert_array_equal(high_memorization(mem, threshold=0.0), [3])
+    np.testing.assert_allclose(memorization_by_number_of_models(masks, train, [8])[0], mem.estimate, equal_nan=True)
+
+    assert quiet(influence, masks, test, top_k=1, min_held_out=1).top_indices[:, 0].tolist() == [0, 0, 0, 0]
+    top = quiet(influence, masks, test, top_k=3)
+    np.testing.assert_array_equal(top.top_indices, [[3, 1, 2]] * 4)  # ties: lower index first
+    np.testing.assert_allclose(top.top_values, [[0.25, -0.25, -0.25]] * 4)
+    assert top.n_unreliable == 2 and top.reliable.tolist() == mem.reliable.tolist()
+    full = quiet(influence, masks, test, dtype=np.float64, standard_error=True)
+    assert np.isnan(full.scores[:, [0, 4]]).all() and np.isnan(full.standard_error[:, [0, 4]]).all()
+    np.testing.assert_allclose(full.scores[:, [1, 2, 3]], [[-0.25, -0.25, 0.25]] * 4)
+    # more places than reliable examples: the row ends with index -1 and NaN, never an unreliable index
+    every = quiet(influence, masks, test, top_k=5, standard_error=True)
+    np.testing.assert_array_equal(every.top_indices, [[3, 1, 2, -1, -1]] * 4)
+    assert np.isnan(every.top_values[:, 3:]).all() and np.isnan(every.top_standard_error[:, 3:]).all()
+    assert set(high_influence_pairs(every, threshold=-1.0).train_index.tolist()) == {1, 2, 3}
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3"])
+def test_min_held_out_must_be_a_positive_whole_number(bad):
+    masks, train, test = tiny_farm()
+    with pytest.raises(ConfigError, match="min_held_out: expected a whole number of models >= 1"):
+        memorization(masks, train, min_held_out=bad)
+    with pytest.raises(ConfigError, match="min_held_out"):
+        influence(masks, test, min_held_out=bad)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -427,85 +490,6 @@ def check_complete(store, n_models, masks, rows):
     return runs
 
 
-def test_store_resume_after_crash_loses_nothing_and_duplicates_nothing(tmp_path, monkeypatch):
-    masks, rows = farm_tables(24)
-    store = SubsetRunStore(tmp_path / "run", 17, 5, subset_ratio=0.6)
-    plan = store.missing_chunks(24, 8)
-    assert [c.tolist() for c in plan] == [list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
-    write_models(store, plan[0], masks, rows)
-    # crash 1: the process dies mid-write of chunk 2, leaving a half-written temp file
-    (store.chunk_dir / ".tmp-models-0000008-0000015.npz.999.abcd").write_bytes(b"PK\x03\x04 half")
-    # crash 2: an exception between writing and renaming chunk 3 (temp removed, nothing visible)
-    real_replace = store_module.os.replace
-
-    def failing_replace(src, dst):
-        raise OSError("disk vanished")
-
-    monkeypatch.setattr(store_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk vanished"):
-        write_models(store, plan[2], masks, rows)
-    monkeypatch.setattr(store_module.os, "replace", real_replace)
-
-    resumed = SubsetRunStore.open(tmp_path / "run")
-    assert resumed.subset_ratio == 0.6
-    np.testing.assert_array_equal(resumed.completed_models(), np.arange(8))  # temp file ignored
-    assert len(resumed.partial_files()) == 1
-    assert [p.name for p in resumed.remove_partial_files()] == [".tmp-models-0000008-0000015.npz.999.abcd"]
-    missing = resumed.missing_chunks(24, 8)
-    assert [c.tolist() for c in missing] == [list(range(8, 16)), list(range(16, 24))]
-    for chunk in missing:
-        write_models(resumed, chunk, masks, rows)
-    assert resumed.missing_chunks(24, 8) == []
-    assert resumed.partial_files() == []
-    check_complete(resumed, 24, masks, rows)
-
-
-def test_store_extend_with_more_models_and_other_chunk_size(tmp_path):
-    masks, rows = farm_tables(40)
-    store = SubsetRunStore(tmp_path, 17, 5, subset_ratio=0.6)
-    for chunk in store.missing_chunks(20, 8):  # 0-7, 8-15, 16-19
-        write_models(store, chunk, masks, rows)
-    check_complete(store, 20, masks, rows)
-    extension = store.missing_chunks(40, 16)
-    assert [c.tolist() for c in extension] == [list(range(20, 32)), list(range(32, 40))]
-    for chunk in extension:
-        write_models(store, chunk, masks, rows)
-    runs = check_complete(store, 40, masks, rows)
-    direct = quiet(memorization, masks[:40], np.stack([rows[r][0] for r in range(40)]))
-    np.testing.assert_array_equal(quiet(memorization, runs.masks, runs.correct_train).estimate, direct.estimate)
-
-
-def test_store_refuses_duplicates_and_mismatches(tmp_path):
-    masks, rows = farm_tables(10)
-    store = SubsetRunStore(tmp_path, 17, 5, subset_ratio=0.6)
-    path = write_models(store, np.arange(0, 5), masks, rows)
-    assert write_models(store, np.arange(0, 5), masks, rows) == path  # a retried chunk replaces itself
-    with pytest.raises(DataError, match=r"models \[3, 4\] are already stored"):
-        write_models(store, np.arange(3, 8), masks, rows)
-    shutil.copy(path, store.chunk_dir / "models-0000003-0000009.npz")
-    with pytest.raises(DataError, match=r"model 0 is stored twice, in .*models-0000000-0000004.npz and .*models-0000003-0000009.npz"):
-        store.load_all()
-    with pytest.raises(ConfigError, match="n_train = 17, the request has 18"):
-        SubsetRunStore(tmp_path, 18, 5, subset_ratio=0.6)
-    with pytest.raises(ConfigError, match="subset_ratio"):
-        SubsetRunStore(tmp_path, 17, 5, subset_ratio=0.5)
-    with pytest.raises(DataError, match=r"correct_test: expected shape \(2, 5\)"):
-        store.write_chunk([20, 21], [0, 1], masks[:2], masks[:2], np.zeros((2, 4)))
-    with pytest.raises(DataError, match="seeds: expected 2 seeds"):
-        store.write_chunk([20, 21], [0], masks[:2], masks[:2], np.zeros((2, 5)))
-    with pytest.raises(DataError, match="no store.json"):
-        SubsetRunStore.open(tmp_path / "elsewhere")
-
-
-def test_store_refuses_mixed_optional_tables(tmp_path):
-    masks, rows = farm_tables(6)
-    store = SubsetRunStore(tmp_path, 17, 5)
-    write_models(store, np.arange(3), masks, rows)
-    store.write_chunk([3, 4, 5], [3, 4, 5], masks[3:6], masks[3:6], np.zeros((3, 5)))
-    with pytest.raises(DataError, match="has no 'loss_train'"):
-        store.load_all()
-
-
 # ------------------------------------------------------------------------------------------------
 # the original's released layout
 
@@ -645,3 +629,34 @@ def test_most_memorized_figure_draws_color_images_and_signals(tmp_path, example_
     fig.savefig(tmp_path / "mem.png", dpi=30)
     with pytest.raises(DataError, match="cannot draw an example of shape"):
         plots.most_memorized_figure(np.zeros((2, 2, 3, 3, 3)), [0, 1], [0.5, 0.4])
+
+
+def _overlapping_tick_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of neighbouring x tick labels whose drawn boxes overlap, over every axes of `fig`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    clashes = []
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
+        boxes = sorted(((box.x0, box.x1), text) for box, text in
+                       ((t.get_window_extent(renderer), t.get_text()) for t in labels))
+        for ((_, right), left_text), ((left, _), right_text) in zip(boxes, boxes[1:]):
+            if left < right:
+                clashes.append((left_text, right_text))
+    return clashes
+
+
+@pytest.mark.parametrize("n_models", [6, 12, 32, 64, 256, 2000])
+def test_convergence_figure_tick_labels_never_overlap(tmp_path, n_models):
+    from modelsense.memorization import plots
+
+    masks = subset_masks(50, 0.7, n_models, warn=False).masks
+    correct = np.random.default_rng(n_models).random(masks.shape) < 0.8
+    for grid in (np.unique(np.linspace(6, n_models, num=min(12, n_models - 5)).astype(int)),  # as the command
+                 np.arange(6, n_models + 1)):  # every model count: the densest grid
+        fig = plots.memorization_convergence_figure(grid, memorization_by_number_of_models(masks, correct, grid))
+        assert _overlapping_tick_labels(fig) == []
+        fig.savefig(tmp_path / "conv.png", dpi=60)
+        assert (tmp_path / "conv.png").stat().st_size > 500

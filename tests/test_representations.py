@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -20,9 +21,17 @@ from torch import nn
 
 from modelsense.errors import ConfigError, DataError
 from modelsense.representations import (
+    RBFCKA,
+    SIMILARITIES,
+    AngularShape,
     BirkhoffStitch,
     LassoStitch,
+    LinearCKA,
     LinearStitch,
+    Procrustes,
+    ReLUCKA,
+    ReLUProcrustes,
+    RepresentationMetric,
     StitchConfig,
     StitchedModel,
     angular_shape_distance,
@@ -34,11 +43,14 @@ from modelsense.representations import (
     hungarian_permutation,
     is_doubly_stochastic,
     linear_cka,
+    make_metric,
     make_stitching_layer,
+    metric_options,
     permutation_matrix,
     procrustes_distance,
     procrustes_nuclear_similarity,
     procrustes_rotation,
+    procrustes_similarity,
     project_birkhoff,
     rbf_cka,
     relu_cka,
@@ -50,7 +62,6 @@ from modelsense.representations import (
     sinkhorn_normalize,
     stitch_models,
     stitching_penalty,
-    train_stitch,
     unbiased_cka,
 )
 from modelsense.representations.metrics import align_channel_shapes
@@ -171,7 +182,7 @@ def test_linear_cka_matches_centring_matrix_reference(shape_x, shape_y):
 
 
 def test_linear_cka_in_small_blocks_and_from_float32(monkeypatch):
-    import modelsense.representations.metrics as metrics
+    from modelsense.representations import metrics
 
     x, y = rand(10, 3, 2, 2, seed=1), rand(10, 7, seed=2) + 0.2 * rand(10, 12, seed=1)[:, :7]
     ref, ref_u = cka_reference(x, y), unbiased_cka(x, y)
@@ -402,8 +413,336 @@ def test_bad_inputs_raise_clear_errors():
         procrustes_distance([[1.0, 2.0]], rand(1, 2))
     with pytest.raises(ConfigError, match="unknown similarity 'nope'"):
         similarity_matrix([rand(5, 2)], [rand(5, 2)], "nope")
-    with pytest.raises(ConfigError, match="unknown relu kernel estimator"):
+    with pytest.raises(ConfigError, match="estimator must be one of max, median"):
         relu_cka(rand(5, 2), rand(5, 2), estimator="mean")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric objects: settings in __init__, fit on training data, score held-out data
+# ----------------------------------------------------------------------------------------------
+
+
+def random_orthogonal(c, seed):
+    q, r = torch.linalg.qr(rand(c, c, seed=seed))
+    return q * torch.sign(torch.diagonal(r))  # Haar-distributed
+
+
+def on_flat(x, q):
+    """x (n, ...) with each example's flattened vector multiplied by q (d x d)."""
+    return (x.reshape(len(x), -1) @ q).reshape(x.shape)
+
+
+def on_channels(x, q):
+    """x (n, C, ...) with the channel vector at every position multiplied by q (C x C)."""
+    return torch.einsum("nc...,cd->nd...", x, q)
+
+
+def per_channel(x, v):
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+# Each metric with a member of its invariance group, a function of the features x (n, ...) applied
+# identically to the training and the held-out features (the same draw for both).
+def group_transform(kind, shape, seed):
+    c, d = shape[0], int(np.prod(shape))
+    scale = 0.3 + 2.0 * float(torch.rand(1, generator=torch.Generator().manual_seed(seed)))
+    if kind == "flat-similarity":  # orthogonal map of the flattened vector, isotropic scale, shift
+        q, t = random_orthogonal(d, seed + 1), rand(d, seed=seed + 2)
+        return lambda x: scale * on_flat(x, q) + t.reshape(shape)
+    if kind == "channel-similarity":  # orthogonal map of the channels, isotropic scale, shift
+        q, t = random_orthogonal(c, seed + 1), rand(c, seed=seed + 2)
+        return lambda x: scale * on_channels(x, q) + per_channel(x, t)
+    if kind == "channel-rotation":  # orthogonal map of the channels and isotropic scale, no shift
+        q = random_orthogonal(c, seed + 1)
+        return lambda x: scale * on_channels(x, q)
+    if kind == "permutation-scale":  # G_ReLU: channel permutation x positive diagonal
+        perm, s = random_perm_scale(c, seed + 1)
+        return lambda x: act_on_channels(x, perm, s)
+    raise AssertionError(kind)
+
+
+GROUP_CASES = [
+    (LinearCKA(), "flat-similarity"),
+    (LinearCKA(debiased=True), "flat-similarity"),
+    (RBFCKA(), "flat-similarity"),
+    (RBFCKA(bandwidth=0.6, debiased=True), "flat-similarity"),
+    (ReLUCKA(), "permutation-scale"),
+    (ReLUCKA(centered=False, estimator="median"), "permutation-scale"),
+    (Procrustes(), "channel-rotation"),
+    (Procrustes(center=True), "channel-similarity"),
+    (AngularShape(), "channel-similarity"),
+    (AngularShape(center=False), "channel-rotation"),
+    (ReLUProcrustes(), "permutation-scale"),
+]
+SIZES = [(40, 25, (6,)), (30, 12, (4, 3, 3)), (150, 60, (16,))]  # n_train, n_test, per-example shape
+
+
+@pytest.mark.parametrize("metric, kind", GROUP_CASES, ids=lambda v: repr(v) if not isinstance(v, str) else v)
+@pytest.mark.parametrize("n_train, n_test, shape", SIZES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_held_out_data_transformed_by_the_invariance_group_scores_one(metric, kind, n_train, n_test, shape, seed):
+    x = torch.relu(rand(n_train + n_test, *shape, seed=seed))
+    g = group_transform(kind, shape, seed + 50)
+    x_train, x_test = x[:n_train], x[n_train:]
+    m = type(metric)(**metric.settings())
+    assert m.fit(x_train, g(x_train)) is m
+    assert m.score(x_test, g(x_test)) == pytest.approx(1.0, abs=1e-6)
+    assert m.score(x_train, g(x_train)) == pytest.approx(1.0, abs=1e-6)
+    if hasattr(m, "distance"):
+        assert m.distance(x_test, g(x_test)) == pytest.approx(0.0, abs=1e-6)
+
+
+# A transformation outside the metric's invariance group (applied to training and held-out data)
+OUTSIDE_CASES = [
+    (LinearCKA(), "stretch"),
+    (LinearCKA(debiased=True), "stretch"),
+    (RBFCKA(), "stretch"),
+    (ReLUCKA(), "channel-rotation"),
+    (ReLUCKA(estimator="median"), "channel-rotation"),
+    (Procrustes(), "stretch"),
+    (Procrustes(), "shift"),  # no centring: a translation is not a symmetry
+    (Procrustes(center=True), "stretch"),
+    (AngularShape(), "stretch"),
+    (ReLUProcrustes(), "channel-rotation"),
+]
+
+
+@pytest.mark.parametrize("metric, kind", OUTSIDE_CASES, ids=lambda v: repr(v) if not isinstance(v, str) else v)
+@pytest.mark.parametrize("n_train, n_test, shape", SIZES)
+def test_a_transformation_outside_the_group_scores_below_one(metric, kind, n_train, n_test, shape):
+    x = torch.relu(rand(n_train + n_test, *shape, seed=3))
+    c = shape[0]
+    if kind == "stretch":  # a non-isotropic scaling of the channels
+        stretch = torch.linspace(0.1, 3.0, c, dtype=f64)
+        g = lambda h: h * per_channel(h, stretch)
+    elif kind == "shift":
+        g = lambda h: h + 2.0
+    else:
+        q = random_orthogonal(c, 4)
+        g = lambda h: on_channels(h, q)
+    m = type(metric)(**metric.settings()).fit(x[:n_train], g(x[:n_train]))
+    assert m.score(x[n_train:], g(x[n_train:])) < 1 - 1e-3
+    assert m.fit_score(x[:n_train], g(x[:n_train])) < 1 - 1e-3
+
+
+def test_learned_metrics_are_fitted_on_training_data_not_on_the_scored_data():
+    # fitted on one rotation, scored on held-out data rotated by another: < 1 (while a fit on the
+    # held-out pair itself gives 1)
+    x = rand(60, 5, seed=1)
+    q1, q2 = random_orthogonal(5, 2), random_orthogonal(5, 3)
+    m = Procrustes().fit(x[:40], x[:40] @ q1)
+    assert m.score(x[40:], x[40:] @ q2) < 0.9
+    assert Procrustes().fit_score(x[40:], x[40:] @ q2) == pytest.approx(1.0, abs=1e-6)
+    h = torch.relu(rand(60, 5, seed=4))
+    perm1, s1 = random_perm_scale(5, 5)
+    perm2, s2 = random_perm_scale(5, 6)
+    assert not torch.equal(perm1, perm2)
+    r = ReLUProcrustes().fit(h[:40], act_on_channels(h[:40], perm1, s1))
+    assert r.score(h[40:], act_on_channels(h[40:], perm2, s2)) < 0.9
+
+
+def test_procrustes_on_held_out_data_matches_the_closed_form_by_hand():
+    q = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=f64)  # rotation by 90 degrees
+    # no centring: training pair y = x Q, so the fitted R is Q
+    x_train = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=f64)
+    y_train = torch.tensor([[0.0, 1.0], [-2.0, 0.0]], dtype=f64)
+    x_test = torch.eye(2, dtype=f64)  # A = I / sqrt(2), A R = Q / sqrt(2)
+    y_test = torch.tensor([[1.0, 1.0], [0.0, 1.0]], dtype=f64)  # B = y_test / sqrt(3)
+    # <A R, B> = <Q, y_test> / sqrt(6) = 1 / sqrt(6)
+    m = Procrustes().fit(x_train, y_train)
+    torch.testing.assert_close(m.rotation_, q, atol=1e-10, rtol=0)
+    assert m.score(x_test, y_test) == pytest.approx(1 - math.sqrt(2 - 2 / math.sqrt(6)) / 2, abs=1e-10)
+    assert m.distance(x_test, y_test) == pytest.approx(math.sqrt(2 - 2 / math.sqrt(6)) / 2, abs=1e-10)
+    a = AngularShape(center=False).fit(x_train, y_train)
+    assert a.score(x_test, y_test) == pytest.approx(1 / math.sqrt(6), abs=1e-10)
+    assert a.distance(x_test, y_test) == pytest.approx(math.acos(1 / math.sqrt(6)), abs=1e-10)
+
+    # centring: the training means (1, 1) and (5, -3) are learned and subtracted from held-out data
+    z = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, -2.0]], dtype=f64)  # centred columns
+    x_train, y_train = z + torch.tensor([1.0, 1.0], dtype=f64), z @ q + torch.tensor([5.0, -3.0], dtype=f64)
+    x_test = torch.tensor([[1.0, 1.0], [2.0, 1.0], [1.0, 2.0]], dtype=f64)  # A = [[0, 0], [1, 0], [0, 1]] / sqrt(2)
+    y_test = torch.tensor([[5.0, -3.0], [6.0, -2.0], [5.0, -2.0]], dtype=f64)  # B = [[0, 0], [1, 1], [0, 1]] / sqrt(3)
+    # A R = [[0, 0], [0, 1], [-1, 0]] / sqrt(2): cos(theta) = <A R, B> = 1 / sqrt(6) (the held-out data's own
+    # means would give 1/2), and the Procrustes distance is sin(theta / 2) = sqrt((1 - cos(theta)) / 2)
+    m = Procrustes(center=True).fit(x_train, y_train)
+    torch.testing.assert_close(m.rotation_, q, atol=1e-10, rtol=0)
+    torch.testing.assert_close(m.mean_x_, torch.tensor([1.0, 1.0], dtype=f64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(m.mean_y_, torch.tensor([5.0, -3.0], dtype=f64), atol=1e-10, rtol=0)
+    theta = math.acos(1 / math.sqrt(6))
+    assert m.score(x_test, y_test) == pytest.approx(1 - math.sin(theta / 2), abs=1e-10)
+    assert m.distance(x_test, y_test) == pytest.approx(math.sqrt((1 - 1 / math.sqrt(6)) / 2), abs=1e-10)
+    a = AngularShape().fit(x_train, y_train)
+    assert a.score(x_test, y_test) == pytest.approx(1 / math.sqrt(6), abs=1e-10)
+    assert a.distance(x_test, y_test) == pytest.approx(theta, abs=1e-10)
+
+
+def test_relu_procrustes_on_held_out_data_matches_the_closed_form_by_hand():
+    # training pair y = x P D: channel 0 of y is 2 * channel 1 of x, channel 1 of y is 3 * channel 0
+    x_train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=f64)  # channel norms sqrt(2), sqrt(2)
+    y_train = torch.tensor([[0.0, 3.0], [2.0, 0.0], [2.0, 3.0]], dtype=f64)  # 2 sqrt(2), 3 sqrt(2)
+    m = ReLUProcrustes().fit(x_train, y_train)
+    np.testing.assert_array_equal(m.matching_.permutation, [1, 0])
+    np.testing.assert_allclose(m.matching_.scale, [2.0, 3.0], rtol=1e-12)
+    assert m.fit_score(x_train, y_train) == pytest.approx(1.0, abs=1e-6)  # sqrt of a rounding error
+    # held out: A = x_test[:, perm] / (sqrt(2), sqrt(2)) -> norm^2 1 -> rescaled to norm^2 2 (two live
+    # channels): A = [[0, 1], [1, 0]]. B = y_test / (2 sqrt(2), 3 sqrt(2)) -> norm^2 13/36 -> rescaled:
+    # rows (3, 2) / sqrt(13). ||A - B||^2 = 2 + 2 - 2 (2 + 3) / sqrt(13); d = ||A - B|| / (2 sqrt(2)).
+    x_test = torch.eye(2, dtype=f64)
+    y_test = torch.ones(2, 2, dtype=f64)
+    d = math.sqrt(4 - 10 / math.sqrt(13)) / (2 * math.sqrt(2))
+    assert m.distance(x_test, y_test) == pytest.approx(d, abs=1e-10)
+    assert m.score(x_test, y_test) == pytest.approx(1 - d, abs=1e-10)
+
+
+FUNCTIONAL_FORMS = [
+    (LinearCKA(), linear_cka),
+    (LinearCKA(debiased=True), unbiased_cka),
+    (RBFCKA(bandwidth=0.8), lambda x, y: rbf_cka(x, y, bandwidth=0.8)),
+    (RBFCKA(debiased=True), lambda x, y: unbiased_cka(x, y, kernel="rbf")),
+    (ReLUCKA(estimator="median"), lambda x, y: relu_cka(x, y, estimator="median")),
+    (Procrustes(), lambda x, y: 1 - procrustes_distance(x, y)),
+    (Procrustes(center=True), lambda x, y: procrustes_similarity(x, y, center=True)),
+    (AngularShape(), lambda x, y: math.cos(angular_shape_distance(x, y))),
+    (AngularShape(center=False), procrustes_nuclear_similarity),
+    (ReLUProcrustes(), lambda x, y: 1 - relu_procrustes_distance(x, y)),
+]
+
+
+@pytest.mark.parametrize("metric, fn", FUNCTIONAL_FORMS, ids=lambda v: repr(v) if isinstance(v, RepresentationMetric) else "")
+@pytest.mark.parametrize("shape_x, shape_y", [((30, 6), (30, 4)), ((20, 3, 2, 2), (20, 5, 2, 2)), ((12, 8), (12, 2, 3, 3))])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_score_on_the_fit_data_equals_the_functional_form(metric, fn, shape_x, shape_y, seed):
+    x = torch.relu(rand(*shape_x, seed=seed))
+    y = torch.relu(rand(*shape_y, seed=seed + 10))
+    if shape_x == shape_y or shape_x[1:] == shape_y[1:]:
+        y = y + 0.5 * x
+    m = type(metric)(**metric.settings())
+    fitted = m.fit(x, y).score(x, y)  # the held-out path, on the fit's data
+    assert isinstance(fitted, float)
+    assert fitted == pytest.approx(fn(x, y), abs=1e-9)
+    assert m.fit_score(x, y) == pytest.approx(fitted, abs=1e-9)
+    # numpy float32 inputs give the same number to float32 precision
+    assert m.fit(x.numpy(), y.float().numpy()).score(x.float().numpy(), y.numpy()) == pytest.approx(fitted, abs=1e-5)
+
+
+def test_fitted_state_is_the_functional_forms_alignment():
+    x = rand(30, 6, seed=1)
+    y = rand(30, 6, seed=2) + 0.5 * x
+    for center in (False, True):
+        m = Procrustes(center=center).fit(x, y)
+        torch.testing.assert_close(m.rotation_, procrustes_rotation(x, y, center), atol=1e-12, rtol=0)
+        np.testing.assert_allclose(m.mean_x_.numpy(), x.numpy().mean(0) if center else 0.0, atol=1e-12)
+    h, g = torch.relu(rand(25, 5, 2, 2, seed=3)), torch.relu(rand(25, 5, 2, 2, seed=4))
+    r = ReLUProcrustes().fit(h, g)
+    ref = relu_procrustes_matching(h, g)
+    np.testing.assert_array_equal(r.matching_.permutation, ref.permutation)
+    np.testing.assert_allclose(r.matching_.scale, ref.scale, rtol=1e-12)
+    rows = lambda t: t.movedim(1, -1).reshape(-1, 5)
+    torch.testing.assert_close(r.channel_norms_x_, rows(h).norm(dim=0), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: LinearCKA(debiased="yes"), "LinearCKA: debiased must be True or False, received 'yes'"),
+        (lambda: LinearCKA(debiased=1), "debiased must be True or False, received 1"),
+        (lambda: RBFCKA(bandwidth=0.0), "RBFCKA: bandwidth must be a finite number > 0"),
+        (lambda: RBFCKA(bandwidth=-1), "bandwidth must be a finite number > 0"),
+        (lambda: RBFCKA(bandwidth=float("nan")), "bandwidth must be a finite number > 0"),
+        (lambda: RBFCKA(bandwidth=float("inf")), "bandwidth must be a finite number > 0"),
+        (lambda: RBFCKA(bandwidth=True), "bandwidth must be a finite number > 0"),
+        (lambda: RBFCKA(bandwidth="1"), "bandwidth must be a finite number > 0"),
+        (lambda: RBFCKA(debiased=None), "RBFCKA: debiased must be True or False"),
+        (lambda: ReLUCKA(estimator="mean"), "ReLUCKA: estimator must be one of max, median, received 'mean'"),
+        (lambda: ReLUCKA(centered="no"), "ReLUCKA: centered must be True or False"),
+        (lambda: Procrustes(center="true"), "Procrustes: center must be True or False"),
+        (lambda: AngularShape(center=2), "AngularShape: center must be True or False"),
+    ],
+)
+def test_bad_settings_are_refused_in_init(make, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make()
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("cka", {"bandwidth": 2.0},
+         "similarity 'cka' does not take option 'bandwidth' ('bandwidth' is an option of rbf-cka); it takes no options"),
+        ("unbiased-cka", {"debiased": False}, "similarity 'unbiased-cka' does not take option 'debiased'"),
+        ("procrustes", {"centered": True}, "'centered' is an option of relu-cka); it takes center"),
+        ("relu-cka", {"center": True, "bandwidth": 1.0},
+         ("does not take options 'center', 'bandwidth' ('center' is an option of procrustes; 'bandwidth' is an "
+          "option of rbf-cka); it takes centered, estimator")),
+        ("rbf-cka", {"estimator": "max"}, "similarity 'rbf-cka' does not take option 'estimator'"),
+        ("relu-procrustes", {"threshold": 1}, "'threshold' is an option of no similarity); it takes no options"),
+        ("rbf-cka", {"bandwidth": -1.0}, "similarity 'rbf-cka': RBFCKA: bandwidth must be a finite number > 0"),
+        ("nope", {}, "unknown similarity 'nope'"),
+    ],
+)
+def test_make_metric_refuses_options_the_metric_does_not_take(name, options, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_metric(name, **options)
+    if name != "nope":
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            similarity_matrix([rand(6, 2)], [rand(6, 2)], name, **options)
+
+
+def test_make_metric_builds_each_similarity_with_its_options():
+    assert repr(make_metric("cka")) == "LinearCKA(debiased=False)"
+    assert repr(make_metric("unbiased-cka")) == "LinearCKA(debiased=True)"
+    assert repr(make_metric("rbf-cka", bandwidth=2, debiased=True)) == "RBFCKA(bandwidth=2.0, debiased=True)"
+    assert repr(make_metric("relu-cka", estimator="median")) == "ReLUCKA(centered=True, estimator='median')"
+    assert repr(make_metric("procrustes", center=True)) == "Procrustes(center=True)"
+    assert repr(make_metric("relu-procrustes")) == "ReLUProcrustes()"
+    assert {name: metric_options(name) for name in SIMILARITIES} == {
+        "cka": (), "unbiased-cka": (), "rbf-cka": ("bandwidth", "debiased"), "procrustes": ("center",),
+        "relu-procrustes": (), "relu-cka": ("centered", "estimator"),
+    }
+
+
+@pytest.mark.parametrize("metric", [Procrustes(), AngularShape(), ReLUProcrustes()], ids=repr)
+def test_learned_metrics_refuse_to_score_before_fit_and_features_of_other_layers(metric):
+    x, y = rand(10, 4, seed=1), rand(10, 3, seed=2)
+    m = type(metric)()
+    for method in (m.score, m.distance):
+        with pytest.raises(ConfigError, match=f"{type(m).__name__} is not fitted; call .fit"):
+            method(x, y)
+    m.fit(x, y)
+    with pytest.raises(DataError, match=re.escape("fitted on features of per-example shapes (4,) and (3,), "
+                                                  "got (5,) and (3,)")):
+        m.score(rand(7, 5, seed=3), rand(7, 3, seed=4))
+    with pytest.raises(DataError, match="same examples in the same order"):
+        m.score(rand(7, 4, seed=3), rand(8, 3, seed=4))
+    assert m.learns and not LinearCKA.learns
+
+
+@pytest.mark.parametrize("metric", [LinearCKA(), RBFCKA(), ReLUCKA()], ids=repr)
+def test_cka_metrics_learn_nothing_and_score_unfitted(metric):
+    x, y = rand(12, 4, seed=1), rand(12, 3, seed=2)
+    m = type(metric)(**metric.settings())
+    unfitted = m.score(x, y)
+    assert m.fit(rand(20, 4, seed=5), rand(20, 3, seed=6)).score(x, y) == unfitted
+    assert vars(m) == metric.settings()  # no learned state
+    with pytest.raises(DataError, match=f"at least {m.min_examples} examples"):
+        m.fit(rand(m.min_examples - 1, 4), rand(m.min_examples - 1, 3))
+
+
+def test_similarity_matrix_with_options_and_metric_objects():
+    fa = [torch.relu(rand(20, 4, seed=1)), torch.relu(rand(20, 3, 2, 2, seed=2))]
+    fb = [torch.relu(rand(20, 5, seed=3)), torch.relu(rand(20, 4, 2, 2, seed=4))]
+    s = similarity_matrix(fa, fb, "rbf-cka", bandwidth=0.5, debiased=True)
+    ref = np.array([[RBFCKA(bandwidth=0.5, debiased=True).score(x, y) for y in fb] for x in fa])
+    np.testing.assert_allclose(s, ref, atol=1e-12)
+    assert np.abs(s - similarity_matrix(fa, fb, "rbf-cka")).max() > 1e-3  # the options are used
+    np.testing.assert_allclose(similarity_matrix(fa, fb, "procrustes", center=True),
+                               [[procrustes_similarity(x, y, center=True) for y in fb] for x in fa], atol=1e-12)
+    shape = AngularShape()
+    s = similarity_matrix(fa, fb, shape)
+    np.testing.assert_allclose(s, [[AngularShape().fit_score(x, y) for y in fb] for x in fa], atol=1e-12)
+    assert not hasattr(shape, "rotation_")  # each pair is fitted on a fresh copy
+    with pytest.raises(ConfigError, match="set the options on the object"):
+        similarity_matrix(fa, fb, shape, center=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import modelsense.cli.representations  # noqa: F401  (registers zoo / compare / 
 from modelsense.cli.app import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
-from modelsense.experiments.representations import train_zoo, zoo_member_path
 from modelsense.experiments.train import train_model
-from modelsense.models.checkpoint import load_model, save_model
 from modelsense.models import ModelConfig, build_model
+from modelsense.models.checkpoint import load_model, save_model
+from modelsense.retraining.zoo import train_zoo, zoo_member_path
 from modelsense.training.config import TrainConfig
 
 runner = CliRunner()
@@ -82,6 +82,15 @@ def test_zoo_reuses_members_and_refuses_other_settings(zoo_dir, tmp_path):
     with pytest.raises(ConfigError, match="was trained with train settings"):
         train_zoo(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
                   TrainConfig(epochs=4, lr=0.1, bs=32), None, tmp_path, seeds=[0], progress=False)
+
+
+def test_zoo_resume_adds_members_of_other_seeds_and_refuses_other_settings(tmp_path):
+    first = ok("zoo", *TINY, "--n-models", "1", "--out", tmp_path)
+    more = ok("zoo", *TINY, "--n-models", "1", "--seed", "1", "--resume", "--out", tmp_path)  # the seed is no setting
+    assert first["seeds"] == [0] and more["seeds"] == [1] and more["n_trained"] == 1
+    assert sorted(json.loads((tmp_path / "zoo" / "zoo.json").read_text())["members"]) == ["0", "1"]
+    res = invoke("zoo", *DATA, *MODEL, "--epochs", "4", "--lr", "0.1", "--bs", "32", "--resume", "--out", tmp_path)
+    assert isinstance(res.exception, ConfigError) and "zoo.train.epochs 4 (stored 3)" in str(res.exception)
 
 
 def test_zoo_trains_batch_norm_models_one_by_one(tmp_path):
@@ -159,8 +168,9 @@ def test_relu_symmetric_copy_is_identical_for_relu_metrics_and_permutation_stitc
     # permutation stitching initialised from the activations recovers P D exactly: no penalty
     m = ok("stitch", *DATA, "--model-a", a, "--model-b", path, "--kind", "permutation", "--init", "match",
            "--stitch-epochs", 0, "--layers", "act1", "--out", tmp_path / "stitch")
-    assert m["stitched_accuracy"] == [pytest.approx(m["clean_accuracy"][0])] and m["penalty"] == [pytest.approx(0.0)]
-    perm = m["by_kind"]["permutation"]["extra"][0]["permutation"]
+    assert m["stitched_accuracy"] == {"permutation": [pytest.approx(m["clean_accuracy"][0])]}
+    assert m["penalty"] == {"permutation": [pytest.approx(0.0)]}
+    perm = m["extra"]["permutation"][0]["permutation"]
     assert sorted(perm) == list(range(16))
 
 
@@ -178,7 +188,7 @@ def test_stitch_two_seeds_several_kinds(zoo_dir, tmp_path):
         acc, pen = m["stitched_accuracy"][kind], m["penalty"][kind]
         assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
         assert pen == pytest.approx([np.mean(clean) - a for a in acc])
-        assert m["by_kind"][kind]["penalty"] == pen
+        assert m["mean_penalty"][kind] == pytest.approx(np.mean(pen)) and len(m["layer_seconds"][kind]) == 2
     assert (out / "figures" / "stitching_penalty.png").stat().st_size > 1000
     arrays = np.load(out / "stitching.npz")
     assert arrays["penalty"].shape == (2, 2)
@@ -190,7 +200,9 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     out = tmp_path / "st"
     m = ok("stitch", *TINY, "--kind", "lowrank", "--rank", 2, "--layers", "act2", "--stitch-epochs", 1,
            "--seed-a", 3, "--seed-b", 4, "--out", out)
-    assert m["layers"] == ["act2"] and len(m["stitched_accuracy"]) == 1 and len(m["penalty"]) == 1
+    # one kind: the same shape as several, kind -> list over layers
+    assert m["layers"] == ["act2"] and list(m["stitched_accuracy"]) == list(m["penalty"]) == ["lowrank"]
+    assert len(m["stitched_accuracy"]["lowrank"]) == len(m["penalty"]["lowrank"]) == 1
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
 
 
@@ -222,6 +234,12 @@ def test_bad_input_gives_clear_messages(zoo_dir, tmp_path):
     assert "--n-examples must be >= 4" in msg
 
 
+def test_a_zoo_trained_with_other_settings_is_refused_before_anything_is_written(zoo_dir, tmp_path):
+    msg = _error(invoke("stitch", *DATA, *MODEL, "--epochs", "4", "--lr", "0.1", "--bs", "32", "--zoo", zoo_dir,
+                        "--out", tmp_path / "x"))
+    assert "was trained with train settings" in msg and not (tmp_path / "x").exists()
+
+
 def test_models_for_different_datasets_are_refused(zoo_dir, tmp_path):
     other = tmp_path / "mnist1d.pt"
     module = build_model("mlp", (40,), 10, widths=(16, 16), seed=0)
@@ -239,7 +257,7 @@ def test_demo_section(tmp_path):
     section = representations_section(tmp_path, progress=False)
     assert all(p.exists() for p in section.figures) and len(section.figures) == 2
     assert {"relu-cka act1", "relu-cka act2"} <= set(section.metrics) and "relu-cka is CKA of the kernel" in section.text
-    assert section.metrics["cka act1"] > 0.5 and set(k for k in section.metrics if k.startswith("penalty")) == {
+    assert section.metrics["cka act1"] > 0.5 and {k for k in section.metrics if k.startswith("penalty")} == {
         "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}
     # a second run reuses the zoo
     again = representations_section(tmp_path, progress=False)
@@ -247,7 +265,7 @@ def test_demo_section(tmp_path):
 
 
 def test_stitching_figure_legend_names_both_clean_accuracy_lines():
-    from modelsense.experiments.representations import stitching_penalty_figure
+    from modelsense.representations.plots import stitching_penalty_figure
 
     fig = stitching_penalty_figure(["act1", "act2"], {"linear": [0.1, 0.2]}, {"linear": [0.8, 0.7]}, [0.9, 0.85])
     ax_a = fig.axes[1]

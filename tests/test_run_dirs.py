@@ -46,8 +46,9 @@ COMMANDS = {
               [["--ks", "100000"], ["--remove", "middle"], ["--methods", "grad-cos"]]),
     "lds": ([*DATA, *NET, "--methods", "grad-dot", "--n-models", "3", "--n-test", "5"],
             [["--n-models", "2"], ["--alpha", "1.5"], ["--methods", "loss"]]),
-    "memorization": ([*DATA, *NET, "--n-models", "4", "--chunk-size", "2"],
-                     [["--n-models", "1"], ["--backend", "dask"], ["--influence", "most"], ["--chunk-size", "0"]]),
+    "memorization": ([*DATA, *NET, "--n-models", "4", "--chunk-size", "2", "--min-held-out", "1"],
+                     [["--n-models", "1"], ["--backend", "dask"], ["--influence", "most"], ["--chunk-size", "0"],
+                      ["--min-held-out", "0"], ["--min-held-out", "3"]]),
     "zoo": ([*DATA, *NET, "--n-models", "2"], [["--n-models", "0"], ["--method", "magic"]]),
     "compare": ([*DATA, *NET], [["--metric", "nope"], ["--layers", "relu9"], ["--n-examples", "1"]]),
     "stitch": ([*DATA, *NET, "--stitch-epochs", "1"], [["--kind", "nope"], ["--layers", "relu9"]]),
@@ -159,7 +160,7 @@ def test_two_processes_never_write_one_folder(tmp_path):
     from modelsense.runs import locked
 
     out = tmp_path / "busy"
-    with RunDir.open(out, "train", {"a": 1}) as run:
+    with RunDir.open(out, "train", {"a": 1}):
         assert run_status(out) == "running"
         refused(invoke("train", *DATA, *NET, "--overwrite", "--out", out), "in use by another modelsense process")
         with pytest.raises(ConfigError, match="in use"), locked(out):
@@ -203,14 +204,14 @@ def test_ctrl_c_prints_one_line_marks_the_run_and_resume_continues(tmp_path):
     args = ["memorization", *DATA, *NET, "--epochs", "40", "--n-models", "8", "--chunk-size", "2", "--quiet",
             "--out", str(out)]
     proc = _cli(*args)
-    _wait_for(lambda: len(list((out / "chunks").glob("models-*.npz"))) >= 1 if (out / "chunks").exists() else False, proc)
+    _wait_for(lambda: len(list(out.glob("store/*/chunks/*.npz"))) >= 1, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "interrupted" in lines[0] and "--resume" in lines[0] and "Traceback" not in err, err
     assert run_status(out) == "interrupted"
-    kept = len(list((out / "chunks").glob("models-*.npz")))
+    kept = len(list(out.glob("store/*/chunks/*.npz")))
     assert kept >= 1
     res = invoke(*args[:1], *args[1:-2], "--resume", "--out", out)
     assert res.exit_code == 0, (res.output, res.exception)

@@ -43,6 +43,11 @@ class _Task:
         if self._progress is not None:
             self._progress.update(self._id, info=_fmt(fields))
 
+    def set_total(self, total: float) -> None:
+        """Change the total, e.g. to the steps done when a loop stops early (the bar then ends full)."""
+        if self._progress is not None:
+            self._progress.update(self._id, total=total)
+
 
 def _fmt(fields: dict[str, object]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())

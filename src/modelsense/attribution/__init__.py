@@ -9,6 +9,8 @@ curvature of the *summed* training loss.
     >>> att = make_attributor("if-ekfac", damping=0.01).fit(model, x_train, y_train)
     >>> S = att.scores(x_test, y_test)          # (N, M)
     >>> si = att.self_scores()                  # (N,)
+    >>> att.save("state/")                      # factors, settings, model and data fingerprints
+    >>> att = load_attributor("state/", model, x_train, y_train)   # another process: no refit
 
 Methods by name: grad-dot, grad-cos, randproj, tracin, tracin-rp (gradient); if-explicit, if-cg,
 if-lissa, if-kfac, if-ekfac (influence functions); arnoldi; gex, la-kfac (ensemble covariance);
@@ -16,7 +18,10 @@ trak; loss, el2n (self-influence baselines); mpe (memory-perturbation sensitivit
 """
 
 from modelsense.attribution.base import (
+    COMPUTE_OPTIONS,
+    NEEDS,
     Attributor,
+    ComputeOptions,
     FeatureAttributor,
     as_functional,
     make_attributor,
@@ -50,9 +55,10 @@ from modelsense.attribution.laplace import LaplaceKfac  # noqa: F401
 from modelsense.attribution.trak import Trak, margin_grads, reinitialised_copy  # noqa: F401
 from modelsense.attribution.baselines import El2n, TrainingLoss  # noqa: F401
 from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
+from modelsense.attribution.state import load_attributor
 
 __all__ = [
-    "Attributor", "FeatureAttributor", "as_functional", "make_attributor", "method_class", "method_names",
+    "COMPUTE_OPTIONS", "NEEDS", "Attributor", "ComputeOptions", "FeatureAttributor", "load_attributor", "as_functional", "make_attributor", "method_class", "method_names",
     "method_settings", "parse_methods", "register", "GaussianProjector", "GradientCosine", "GradientDot",
     "RandomProjection", "TracIn", "TracInRandomProjection", "checkpoints_from_fit", "tracin_checkpoint_epochs",
     "ConjugateGradientInfluence", "EkfacInfluence", "ExplicitInfluence", "InfluenceFunction", "KfacInfluence",

@@ -14,7 +14,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from modelsense.attribution.base import FeatureAttributor, check_positive, register
+from modelsense.attribution.base import (
+    ComputeOptions,
+    FeatureAttributor,
+    check_choice,
+    check_int,
+    check_positive,
+    register,
+)
 from modelsense.errors import ConfigError
 
 
@@ -24,18 +31,17 @@ class ArnoldiInfluence(FeatureAttributor):
     damping (added to every kept eigenvalue), eig_floor (relative guard), lanczos_tol."""
 
     needs_curvature = True
+    state_attributes = ("eigenvalues_", "eigenvectors_", "dropped_", "num_matvecs_")
 
     def __init__(self, matrix: str = "hessian", rank: int = 20, damping: float = 0.0, eig_floor: float = 1e-6,
-                 lanczos_tol: float = 1e-4, **common) -> None:
-        super().__init__(**common)
-        if matrix not in ("hessian", "ggn", "ef"):
-            raise ConfigError(f"arnoldi: matrix must be hessian, ggn or ef, received {matrix!r}")
-        if int(rank) < 1:
-            raise ConfigError(f"arnoldi: rank must be >= 1, received {rank}")
-        check_positive("damping", damping, allow_zero=True)
-        check_positive("eig_floor", eig_floor)
-        self.matrix, self.rank, self.damping = matrix, int(rank), float(damping)
-        self.eig_floor, self.lanczos_tol = float(eig_floor), float(lanczos_tol)
+                 lanczos_tol: float = 1e-4, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
+        self.matrix = check_choice("arnoldi: matrix", matrix, ("hessian", "ggn", "ef"))
+        self.rank = check_int("arnoldi: rank", rank)
+        self.damping = check_positive("damping", damping, allow_zero=True)
+        self.eig_floor = check_positive("eig_floor", eig_floor)
+        self.lanczos_tol = check_positive("lanczos_tol", lanczos_tol)
 
     def _fit(self) -> None:
         from modelsense.curvature.operators import ImplicitCurvature

@@ -33,15 +33,28 @@ score(i, j) = Σ_c ⟨a_c(z_i), b_c(z_j)⟩ (c over components: checkpoints, ens
 training rows inner, train embeddings cached when they fit in a quarter of `memory_budget`. When
 the matrix itself exceeds `memory_budget` bytes it is written into a memory-mapped `.npy` file
 (`out=` path, or a temporary file under `scratch_dir`) and returned as a tensor backed by it.
+
+Settings, compute options, needs
+--------------------------------
+Every method's `__init__` names each of its settings (no `**kwargs`: a misspelt or foreign setting
+is a TypeError in Python and a ConfigError through `make_attributor`), stores each under its own
+name (`settings()` returns them) and validates it there. How a method computes, never what it
+computes (chunks, blocks, memory budget, scratch folder, progress bars), is one `ComputeOptions`
+passed as `compute=`; `make_attributor` also takes those five as flat settings (the CLI's one dict).
+What a method takes from the training run is declared, not guessed from its name: `needs` (a subset
+of `NEEDS`), each need filling the settings listed there; an orchestrator asks `method_class(m).needs`.
+`save(dir)` / `load(dir, model, x_train, y_train)` / `load_attributor(...)`: see `state`.
 """
 
 from __future__ import annotations
 
-import copy
+import inspect
 import math
+import numbers
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,14 +69,96 @@ from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
 
 LOSSES = ("cross_entropy", "sigmoid_bce")
-COMMON_SETTINGS = ("loss", "chunk_size", "block_size", "memory_budget", "scratch_dir", "progress", "seed")
+
+#: What a method can take from the training run that produced the model, and the settings of the
+#: method each one fills. An orchestrator (`experiments.influence.method_context`) supplies them for
+#: the methods whose class lists the need in `needs`; a method works without them (its defaults).
+NEEDS: dict[str, tuple[str, ...]] = {
+    # parameter snapshots θ_t of the training trajectory and the learning rate η_t of each (TracIn)
+    "checkpoints": ("checkpoints", "learning_rates"),
+    # the training recipe and a builder of fresh models, to train models from scratch (ensembles:
+    # trak, el2n, if-* with n_models > 1)
+    "recipe": ("train_config", "model_fn"),
+    # the training's δ as the prior precision of a Laplace posterior, > 0 (la-kfac, mpe)
+    "prior_precision": ("prior_precision",),
+    # the training's δ as the weight decay of a fine-tuning objective, >= 0 (gex)
+    "delta": ("delta",),
+    # the optimizer that trained the model, when its state is a posterior (mpe after ivon / adam)
+    "optimizer_state": ("source", "optimizer"),
+}
+
+
+def check_int(what: str, value: Any, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """`value` as an int >= minimum (an integral float such as 3.0 is accepted); ConfigError otherwise."""
+    if value is None and allow_none:
+        return None
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or int(value) < minimum:
+        raise ConfigError(f"{what} must be an integer >= {minimum}{' or None' if allow_none else ''}, "
+                          f"received {shown(value)}")
+    return int(value)
+
+
+def check_positive(what: str, value: Any, allow_zero: bool = False) -> float:
+    """`value` as a finite float > 0 (>= 0 with allow_zero); ConfigError otherwise."""
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not number or not math.isfinite(float(value)) or not (value >= 0 if allow_zero else value > 0):
+        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} (finite), received {shown(value)}")
+    return float(value)
+
+
+def check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(choices)}, received {shown(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """How a method computes, never what: the scores do not depend on these beyond rounding, so a
+    saved state loads under other compute options (`state`), and they are not compared there.
+
+    chunk_size: examples per vmapped per-example gradient pass; None: as many as fit in an eighth
+        of `memory_budget` as flat gradients (between 32 and 4096) — larger chunks are much faster
+        (digits MLP: 0.42 s per gradient pass with one chunk of 1297 vs 1.5 s in chunks of 256).
+    block_size: rows of a score block (train and test).
+    memory_budget: bytes; a score matrix larger than this goes to a memory-mapped file, and train
+        features are cached when they fit in a quarter of it.
+    scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir).
+    progress: show progress bars.
+    """
+
+    chunk_size: int | None = None
+    block_size: int = 2048
+    memory_budget: int = 2 * 2**30
+    scratch_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "chunk_size", check_int("chunk_size", self.chunk_size, allow_none=True))
+        set_(self, "block_size", check_int("block_size", self.block_size))
+        set_(self, "memory_budget", check_int("memory_budget", self.memory_budget))
+        if self.scratch_dir is not None:
+            if not isinstance(self.scratch_dir, (str, os.PathLike)):
+                raise ConfigError(f"scratch_dir must be a folder path or None, received {shown(self.scratch_dir)}")
+            set_(self, "scratch_dir", os.fspath(self.scratch_dir))
+        set_(self, "progress", bool(self.progress))
+
+
+#: the names of the compute options, which `make_attributor` also takes as flat settings
+COMPUTE_OPTIONS = tuple(f.name for f in fields(ComputeOptions))
 
 
 class _SigmoidBCEModel(FunctionalModel):
     """A `FunctionalModel` whose per-example loss is Σ_c BCE(sigmoid(f_ic), onehot(y_i)_c).
 
-    The GEX original's default (`problem_type=multitask`): one sigmoid per class, summed.
+    The GEX original's default (`problem_type=multitask`): one sigmoid per class, summed. Shares the
+    module, parameters and buffers of the `FunctionalModel` it is made from.
     """
+
+    def __init__(self, base: FunctionalModel) -> None:  # the base's state as is, nothing re-derived
+        vars(self).update(vars(base))
 
     def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         logits = self(params, x)
@@ -74,7 +169,7 @@ class _SigmoidBCEModel(FunctionalModel):
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
     """The model as a `FunctionalModel` (eval mode) with the requested loss.
 
-    `loss="sigmoid_bce"` returns a shallow copy whose per-example loss is the summed per-class
+    `loss="sigmoid_bce"` returns a model sharing its state whose per-example loss is the summed per-class
     sigmoid binary cross-entropy (the GEX original's default); the default keeps the model's own
     likelihood (softmax cross-entropy for `categorical`).
     """
@@ -90,8 +185,7 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
     if loss == "sigmoid_bce":
         if fm.likelihood != "categorical":
             raise ConfigError("loss 'sigmoid_bce' needs a classification model (likelihood 'categorical')")
-        fm = copy.copy(fm)
-        fm.__class__ = _SigmoidBCEModel
+        fm = _SigmoidBCEModel(fm)
     return fm
 
 
@@ -110,70 +204,106 @@ def detached_params(params: Params) -> Params:
 class Attributor:
     """Base of every influence estimator (see the module docstring for the sign and scale).
 
-    Settings go to `__init__` (validated there); `fit(model, x_train, y_train)` learns; learned state
-    ends with `_`; `scores(x_test, y_test)` returns the (N, M) matrix and `self_scores()` the (N,)
-    self-influences, both as tensors in the parameters' dtype on the CPU.
+    Settings go to `__init__` (each named there, validated there, stored under its own name);
+    `fit(model, x_train, y_train)` learns, or `load(dir, model, x_train, y_train)` restores what a
+    fit saved; learned state ends with `_`; `scores(x_test, y_test)` returns the (N, M) matrix and
+    `self_scores()` the (N,) self-influences, both as tensors in the parameters' dtype on the CPU.
 
-    Common settings:
+    Settings of every method:
         loss: `cross_entropy` (softmax, default) or `sigmoid_bce` (per-class sigmoid, GEX original).
-        chunk_size: examples per vmapped per-example gradient pass; None: as many as fit in an eighth
-            of `memory_budget` as flat gradients (between 32 and 4096) — larger chunks are much faster
-            (digits MLP: 0.42 s per gradient pass with one chunk of 1297 vs 1.5 s in chunks of 256).
-        block_size: rows of a score block (train and test).
-        memory_budget: bytes; a score matrix larger than this goes to a memory-mapped file.
-        scratch_dir: where such files go when `scores(..., out=None)` (default: system temp dir).
-        progress: show progress bars.
         seed: seed of every random draw of the method (projections, sampling, fine-tuning).
+        compute: `ComputeOptions` (chunks, blocks, memory budget, scratch folder, progress).
+
+    Class attributes: `pairwise` (False: self-influence only), `needs` (what the method takes from
+    the training run, keys of `NEEDS`), `needs_curvature` (builds a curvature operator of the
+    model's likelihood), `informative_self` (False where the self-score says nothing, grad-cos),
+    `state_attributes` (the fitted attributes `save` writes; subclasses with more than plain
+    tensors, lists and numbers override `_get_state` / `_set_state`).
     """
 
     name: ClassVar[str] = ""
     pairwise: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset()
     needs_curvature: ClassVar[bool] = False
     #: False where the self-score carries no information about the example (grad-cos: always 1)
     informative_self: ClassVar[bool] = True
+    state_attributes: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self,
-        *,
-        loss: str = "cross_entropy",
-        chunk_size: int | None = None,
-        block_size: int = 2048,
-        memory_budget: int = 2 * 2**30,
-        scratch_dir: str | os.PathLike | None = None,
-        progress: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if loss not in LOSSES:
-            raise ConfigError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+    def __init__(self, *, loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        self.loss = check_choice("loss", loss, LOSSES)
         if loss != "cross_entropy" and self.needs_curvature:
             raise ConfigError(
                 f"method {self.name!r} builds a curvature operator of the model's likelihood and supports "
                 "loss='cross_entropy' only; use a gradient or ensemble method for loss='sigmoid_bce'"
             )
-        for what, v in (("chunk_size", chunk_size or 1), ("block_size", block_size), ("memory_budget", memory_budget)):
-            if int(v) < 1:
-                raise ConfigError(f"{what} must be >= 1, received {v}")
-        self.loss = loss
-        self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.block_size = int(block_size)
-        self.memory_budget = int(memory_budget)
-        self.scratch_dir = scratch_dir
-        self.progress = bool(progress)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ConfigError(f"seed must be an integer, received {shown(seed)}")
         self.seed = int(seed)
+        if compute is None:
+            compute = ComputeOptions()
+        if not isinstance(compute, ComputeOptions):
+            raise ConfigError(f"compute must be a ComputeOptions, received {type(compute).__name__}")
+        self.compute = compute
+
+    @classmethod
+    def setting_names(cls) -> tuple[str, ...]:
+        """Names of the method's settings: the parameters of its `__init__` other than `compute`."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name not in ("self", "compute"))
+
+    def settings(self) -> dict[str, Any]:
+        """{name: value} of every setting (as stored by `__init__`)."""
+        return {name: getattr(self, name) for name in self.setting_names()}
+
+    def __repr__(self) -> str:
+        scalar = (int, float, str, bool, type(None))
+        shown_ = ", ".join(f"{k}={shown(v) if isinstance(v, scalar) else type(v).__name__}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({shown_})"
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, model: FunctionalModel | nn.Module, x_train: Tensor, y_train: Tensor) -> "Attributor":
         """Prepare the method for the trained `model` and its training data (N, ...), (N,)."""
+        self._bind(model, x_train, y_train)
+        self._fit()
+        return self
+
+    def _bind(self, model: FunctionalModel | nn.Module, x_train: Tensor, y_train: Tensor) -> None:
+        """The bookkeeping of `fit` and `load`: model, parameters, checked training data, chunk size."""
         self.model_ = as_functional(model, self.loss)
         self.params_ = detached_params(self.model_.params)
         self.x_train_, self.y_train_ = self._check_data(x_train, y_train, "training", fitted=False)
         row_bytes = self.model_.n_params * torch.empty(0, dtype=param_dtype(self.params_)).element_size()
-        self.chunk_size_ = self.chunk_size or int(min(4096, max(32, self.memory_budget // (8 * row_bytes))))
-        self._fit()
-        return self
+        budget = self.compute.memory_budget
+        self.chunk_size_ = self.compute.chunk_size or int(min(4096, max(32, budget // (8 * row_bytes))))
 
     def _fit(self) -> None:
         """Method-specific fitting (state in attributes ending with `_`)."""
+
+    # -- saved state --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the fitted state and the settings to the folder `path` (see `state`)."""
+        from modelsense.attribution.state import save_attributor
+
+        return save_attributor(self, path, overwrite=overwrite)
+
+    def load(self, path: str | os.PathLike, model: FunctionalModel | nn.Module, x_train: Tensor,
+             y_train: Tensor) -> Attributor:
+        """Instead of `fit`: restore the state `save` wrote to `path`. Refused (ConfigError, naming what
+        differs) when it is another method's, was fitted with other settings, on another model
+        (parameter names, shapes or values) or on other training data (see `state`)."""
+        from modelsense.attribution.state import load_state
+
+        load_state(self, path, model, x_train, y_train)
+        return self
+
+    def _get_state(self) -> dict[str, Any]:
+        """The fitted state to save: tensors, numbers, strings, None, in dicts, lists and tuples."""
+        return {k: getattr(self, k) for k in self.state_attributes if hasattr(self, k)}
+
+    def _set_state(self, state: dict[str, Any]) -> None:
+        """Restore `_get_state()` (tensors already on the parameters' device); rebuild what derives from it."""
+        for k, v in state.items():
+            setattr(self, k, v)
 
     @property
     def n_train(self) -> int:
@@ -185,7 +315,8 @@ class Attributor:
             raise ConfigError(f"{type(self).__name__} is not fitted; call .fit(model, x_train, y_train) first")
 
     def _check_data(self, x: Any, y: Any, what: str, fitted: bool = True) -> tuple[Tensor, Tensor]:
-        """Tensors on the parameters' device; DataError on a shape/label mismatch with the model."""
+        """Tensors on the parameters' device; DataError on a shape/label mismatch with the model or a
+        non-finite input."""
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
             raise DataError(
                 f"{what} data: expected torch tensors x and y, received {type(x).__name__} and {type(y).__name__}; "
@@ -202,6 +333,11 @@ class Attributor:
                 f"{what} data: examples of shape {tuple(x.shape[1:])} but the model was fitted on examples of shape "
                 f"{tuple(self.x_train_.shape[1:])}; pass test data with the training data's features"
             )
+        for name, t in (("inputs", x), ("targets", y)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
+                raise DataError(f"{what} data: {bad} of {len(t)} examples have NaN or infinite {name}; "
+                                "drop or impute them first")
         try:
             with torch.no_grad():
                 out = fm(self.params_, x[:1])
@@ -270,10 +406,10 @@ class Attributor:
                 raise ConfigError(f"out has dtype {out.dtype}, expected {np.dtype(np_dtype)}")
             return torch.from_numpy(out)
         nbytes = shape[0] * shape[1] * np.dtype(np_dtype).itemsize
-        if out is None and nbytes <= self.memory_budget:
+        if out is None and nbytes <= self.compute.memory_budget:
             return torch.zeros(shape, dtype=dtype)
         if out is None:
-            fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_", dir=self.scratch_dir)
+            fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_", dir=self.compute.scratch_dir)
             os.close(fd)
         else:
             path = Path(out)
@@ -317,8 +453,8 @@ class FeatureAttributor(Attributor):
     def _self_scores(self) -> Tensor:
         n = self.n_train
         out = torch.zeros(n, dtype=param_dtype(self.params_))
-        blocks = list(chunks(n, self.block_size))
-        with progress_bar(len(blocks), f"{self.name} self-influence", enabled=self.progress) as bar:
+        blocks = list(chunks(n, self.compute.block_size))
+        with progress_bar(len(blocks), f"{self.name} self-influence", enabled=self.compute.progress) as bar:
             for rows in blocks:
                 a, b = self._self_feature_pair(rows)
                 out[rows] = sum((ac * bc).sum(1) for ac, bc in zip(a, b)).detach().cpu()
@@ -344,16 +480,16 @@ class FeatureAttributor(Attributor):
         n, m = self.n_train, len(x_test)
         dtype = param_dtype(self.params_)
         result = self._allocate((n, m), dtype, out)
-        quarter = self.memory_budget // 4
+        quarter = self.compute.memory_budget // 4
         probe = self._train_features(slice(0, 1))
         item = probe[0].element_size()
         row_bytes = sum(f.shape[1] for f in probe) * item
         comp_bytes = max(f.shape[1] for f in probe) * item
-        train_blocks = list(chunks(n, self.block_size))
+        train_blocks = list(chunks(n, self.compute.block_size))
         if row_bytes * n > quarter and comp_bytes * m <= quarter:
-            with progress_bar(len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.progress) as bar:
+            with progress_bar(len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
                 for c in range(len(probe)):
-                    B = torch.cat([self._test_component(x_test[cols], y_test[cols], c) for cols in chunks(m, self.block_size)])
+                    B = torch.cat([self._test_component(x_test[cols], y_test[cols], c) for cols in chunks(m, self.compute.block_size)])
                     for rows in train_blocks:
                         block = (self._train_component(rows, c) @ B.T).detach().to("cpu", result.dtype)
                         if c == 0:
@@ -365,9 +501,9 @@ class FeatureAttributor(Attributor):
             self._flush()
             return result
         cache: dict[int, list[Tensor]] | None = {} if row_bytes * n <= quarter else None
-        test_rows = max(1, min(self.block_size, quarter // max(row_bytes, 1)))
+        test_rows = max(1, min(self.compute.block_size, quarter // max(row_bytes, 1)))
         test_blocks = list(chunks(m, test_rows))
-        with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.progress) as bar:
+        with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 for k, rows in enumerate(train_blocks):
@@ -389,11 +525,24 @@ _REGISTRY: dict[str, type[Attributor]] = {}
 
 
 def register(name: str) -> Callable[[type[Attributor]], type[Attributor]]:
-    """Class decorator: register an `Attributor` subclass under `name` (the CLI's method name)."""
+    """Class decorator: register an `Attributor` subclass under `name` (the CLI's method name).
+
+    Checks the class's declarations: an `__init__` that names every setting (no *args / **kwargs),
+    `needs` among `NEEDS`, and the settings each need fills among the method's settings.
+    """
 
     def deco(cls: type[Attributor]) -> type[Attributor]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ConfigError(f"attribution method {name!r} is registered twice")
+        params = inspect.signature(cls.__init__).parameters.values()
+        if any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+            raise TypeError(f"{cls.__name__}.__init__ must name each of its settings (no *args / **kwargs)")
+        unknown = sorted(set(cls.needs) - set(NEEDS))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.needs lists {unknown}, not among {sorted(NEEDS)}")
+        missing = [s for need in sorted(cls.needs) for s in NEEDS[need] if s not in cls.setting_names()]
+        if missing:
+            raise TypeError(f"{cls.__name__} needs {sorted(cls.needs)} but takes no setting {missing}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -418,34 +567,54 @@ def method_class(name: str) -> type[Attributor]:
 
 
 def method_settings(name: str) -> tuple[str, ...]:
-    """Names of the settings the method `name` accepts (its own and the common ones)."""
-    import inspect
-
-    names: list[str] = []
-    for klass in method_class(name).__mro__:  # subclasses pass **kwargs up: collect every level
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            break
-    return tuple(dict.fromkeys([*names, *COMMON_SETTINGS]))
+    """Names of the settings `make_attributor(name, ...)` takes: the method's own (its `__init__`'s)
+    and the compute options (`COMPUTE_OPTIONS`, flat)."""
+    return tuple(dict.fromkeys([*method_class(name).setting_names(), *COMPUTE_OPTIONS]))
 
 
-def make_attributor(name: str, settings: dict[str, Any] | None = None, strict: bool = True, **kw: Any) -> Attributor:
+def _takers(setting: str) -> str:
+    takers = [n for n, c in _REGISTRY.items() if setting in c.setting_names()]
+    return f"a setting of {', '.join(takers)}" if takers else "a setting of no method"
+
+
+def make_attributor(name: str, settings: Mapping[str, Any] | None = None, strict: bool = True, *,
+                    shared_with: Sequence[str] | None = None, **kw: Any) -> Attributor:
     """An unfitted attributor of method `name` with `settings` (and keyword settings).
 
-    strict: unknown settings raise ConfigError; otherwise settings the method does not take are
-    ignored (the CLI passes one shared settings dict to every method).
+    Settings: the method's own (`method_class(name).setting_names()`), and the compute options,
+    either as `compute=ComputeOptions(...)` or flat (`chunk_size=...`, ...; flat ones override).
+
+    strict: True: every setting must be one the method takes (ConfigError naming the others).
+        False: one settings dict is shared by several methods (the CLI's): a setting this method
+        does not take is passed over when one of the methods `shared_with` takes it (None: any
+        registered method); a setting that none of them takes is refused, naming the methods that
+        would take it. So a misspelt setting, or one for a method that was not asked for, never
+        disappears silently; pass only the settings the user gave (leave defaults out).
     """
     cls = method_class(name)
     given = {**(settings or {}), **kw}
-    accepted = method_settings(name)
-    unknown = sorted(set(given) - set(accepted))
-    if unknown and strict:
-        raise ConfigError(f"method {name!r} does not take settings {unknown}; it takes {list(accepted)}")
-    return cls(**{k: v for k, v in given.items() if k in accepted})
+    own = set(cls.setting_names())
+    foreign = [k for k in given if k not in own and k not in COMPUTE_OPTIONS and k != "compute"]
+    if foreign and strict:
+        listed = "; ".join(f"{k!r} is {_takers(k)}" for k in foreign)
+        raise ConfigError(f"method {name!r} does not take settings {foreign} ({listed}); "
+                          f"it takes {', '.join(method_settings(name))}")
+    if foreign:
+        pool = list(_REGISTRY) if shared_with is None else [method_class(m).name for m in shared_with]
+        orphans = [k for k in foreign if not any(k in _REGISTRY[m].setting_names() for m in pool)]
+        if orphans:
+            asked = "any method" if shared_with is None else f"the methods asked for ({', '.join(pool)})"
+            listed = "; ".join(f"{k!r} is {_takers(k)}" for k in orphans)
+            raise ConfigError(f"{'setting' if len(orphans) == 1 else 'settings'} {', '.join(map(repr, orphans))} would be unused: "
+                              f"not taken by {asked} ({listed}); drop {'it' if len(orphans) == 1 else 'them'} "
+                              "or ask for a method that takes it")
+    compute = given.get("compute")
+    if compute is not None and not isinstance(compute, ComputeOptions):
+        raise ConfigError(f"compute must be a ComputeOptions, received {type(compute).__name__}")
+    flat = {k: v for k, v in given.items() if k in COMPUTE_OPTIONS}
+    if flat or compute is None:
+        compute = replace(compute or ComputeOptions(), **flat)
+    return cls(**{k: v for k, v in given.items() if k in own}, compute=compute)
 
 
 def parse_methods(text: str | Sequence[str]) -> list[str]:
@@ -458,9 +627,3 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise ConfigError(f"method list {names} names a method twice")
     return names
-
-
-def check_positive(what: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok or not math.isfinite(float(value)):
-        raise ConfigError(f"{what} must be {'>= 0' if allow_zero else '> 0'} (finite), received {shown(value)}")

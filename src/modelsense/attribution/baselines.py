@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modelsense.attribution.base import Attributor, register
+from modelsense.attribution.base import Attributor, ComputeOptions, check_int, register
 from modelsense.errors import ConfigError
 
 
@@ -27,8 +27,8 @@ class TrainingLoss(Attributor):
 
     pairwise = False
 
-    def __init__(self, **common) -> None:
-        super().__init__(**common)
+    def __init__(self, *, loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
 
     def _self_scores(self) -> Tensor:
         return self._per_example_losses(self.params_, self.x_train_, self.y_train_).detach().cpu()
@@ -44,14 +44,15 @@ class El2n(Attributor):
     """
 
     pairwise = False
+    needs = frozenset({"recipe"})
+    state_attributes = ("el2n_",)
 
     def __init__(self, el2n_repeat: int = 5, el2n_epochs: int | None = None, train_config=None,
-                 model_fn: Callable[[int], nn.Module] | None = None, **common) -> None:
-        super().__init__(**common)
-        if int(el2n_repeat) < 1 or (el2n_epochs is not None and int(el2n_epochs) < 1):
-            raise ConfigError(f"el2n_repeat and el2n_epochs must be >= 1, received {el2n_repeat} and {el2n_epochs}")
-        self.el2n_repeat = int(el2n_repeat)
-        self.el2n_epochs = None if el2n_epochs is None else int(el2n_epochs)
+                 model_fn: Callable[[int], nn.Module] | None = None, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
+        self.el2n_repeat = check_int("el2n_repeat", el2n_repeat)
+        self.el2n_epochs = check_int("el2n_epochs", el2n_epochs, allow_none=True)
         self.train_config, self.model_fn = train_config, model_fn
 
     def _fit(self) -> None:
@@ -70,7 +71,7 @@ class El2n(Attributor):
         x, y = self.x_train_.cpu().float(), self.y_train_.cpu()
         masks = torch.ones(self.el2n_repeat, len(x), dtype=torch.bool)
         seeds = [base.seed + 5000 + self.seed * 7919 + r for r in range(self.el2n_repeat)]
-        res = train_ensemble(model_fn, x, y, masks, cfg, seeds=seeds, queries={"train": (x, y)}, progress=self.progress)
+        res = train_ensemble(model_fn, x, y, masks, cfg, seeds=seeds, queries={"train": (x, y)}, progress=self.compute.progress)
         logits = res.outputs["train"]["logits"]  # (R, N, C)
         err = torch.softmax(logits.double(), -1) - F.one_hot(y, logits.shape[-1]).double()
         self.el2n_ = err.norm(dim=-1).mean(0).to(next(iter(self.params_.values())).dtype)

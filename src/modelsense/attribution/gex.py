@@ -33,7 +33,14 @@ import math
 import torch
 from torch import Tensor
 
-from modelsense.attribution.base import FeatureAttributor, check_positive, register
+from modelsense.attribution.base import (
+    ComputeOptions,
+    FeatureAttributor,
+    check_choice,
+    check_int,
+    check_positive,
+    register,
+)
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.errors import ConfigError
 
@@ -47,10 +54,12 @@ class EnsembleCovariance(FeatureAttributor):
     centered: subtract each example's mean deviation over the members.
     """
 
-    def __init__(self, gex_eps: float = 0.0, centered: bool = False, **common) -> None:
-        super().__init__(**common)
-        check_positive("gex_eps", gex_eps, allow_zero=True)
-        self.gex_eps = float(gex_eps)
+    state_attributes = ("train_deviations_",)
+
+    def __init__(self, gex_eps: float = 0.0, centered: bool = False, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
+        self.gex_eps = check_positive("gex_eps", gex_eps, allow_zero=True)
         self.centered = bool(centered)
 
     def _member_losses(self, x: Tensor, y: Tensor) -> Tensor:
@@ -162,22 +171,24 @@ class GeometricEnsemble(EnsembleCovariance):
     score matrix has rank <= M. GEX is a self-influence method in practice (noisy labels, pruning).
     """
 
+    needs = frozenset({"delta"})
+    state_attributes = ("members_", "train_deviations_", "member_train_loss_")
+
     def __init__(self, num_ens: int = 8, ft_step: int = 200, ft_lr: float = 0.3, ft_lr_sched: str = "cosine",
-                 ft_bs: int = 64, delta: float = 1.0, gex_eps: float = 0.0, centered: bool = False, **common) -> None:
-        super().__init__(gex_eps, centered, **common)
-        if int(num_ens) < 1 or int(ft_step) < 1 or int(ft_bs) < 1:
-            raise ConfigError(f"num_ens, ft_step and ft_bs must be >= 1, received {num_ens}, {ft_step}, {ft_bs}")
-        if ft_lr_sched not in LR_SCHEDULES:
-            raise ConfigError(f"ft_lr_sched must be one of {LR_SCHEDULES}, received {ft_lr_sched!r}")
-        check_positive("ft_lr", ft_lr)
-        check_positive("delta", delta, allow_zero=True)
-        self.num_ens, self.ft_step, self.ft_lr = int(num_ens), int(ft_step), float(ft_lr)
-        self.ft_lr_sched, self.ft_bs, self.delta = ft_lr_sched, int(ft_bs), float(delta)
+                 ft_bs: int = 64, delta: float = 1.0, gex_eps: float = 0.0, centered: bool = False, *,
+                 loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        super().__init__(gex_eps, centered, loss=loss, seed=seed, compute=compute)
+        self.num_ens = check_int("num_ens", num_ens)
+        self.ft_step = check_int("ft_step", ft_step)
+        self.ft_lr = check_positive("ft_lr", ft_lr)
+        self.ft_lr_sched = check_choice("ft_lr_sched", ft_lr_sched, LR_SCHEDULES)
+        self.ft_bs = check_int("ft_bs", ft_bs)
+        self.delta = check_positive("delta", delta, allow_zero=True)
 
     def _fit(self) -> None:
         self.members_ = fine_tune_chain(
             self.model_, self.params_, self.x_train_, self.y_train_, self.num_ens, self.ft_step, self.ft_lr,
-            self.ft_lr_sched, self.ft_bs, self.delta, seed=self.seed, progress=self.progress, name=self.name,
+            self.ft_lr_sched, self.ft_bs, self.delta, seed=self.seed, progress=self.compute.progress, name=self.name,
         )
         self.train_deviations_ = self._deviations(self.x_train_, self.y_train_)
         if not bool(torch.isfinite(self.train_deviations_).all()):

@@ -23,12 +23,19 @@ models use vmapped per-example gradients (`factored=False` forces that path).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from modelsense.attribution.base import FeatureAttributor, check_positive, param_dtype, register
+from modelsense.attribution.base import (
+    ComputeOptions,
+    FeatureAttributor,
+    check_int,
+    check_positive,
+    param_dtype,
+    register,
+)
 from modelsense.core.functional import Params, chunks
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
@@ -59,6 +66,13 @@ class GaussianProjector:
         G = torch.randn(self.dim, cols.stop - cols.start, generator=gen, dtype=torch.float64)
         return (G / math.sqrt(self.dim)).to(self.device, self.dtype)
 
+    def head(self, cols: int = 8) -> Tensor:
+        """The first `cols` columns of G, (d, cols): a saved state keeps them to check that the G drawn
+        again from the seed at load is the same (another torch version could draw other numbers)."""
+        cols = min(int(cols), self.n_params)
+        G = self._cache[0] if self._cache else self._block(0, slice(0, min(self.block_cols, self.n_params)))
+        return G[:, :cols].clone()
+
     def matrix(self) -> Tensor:
         """G as a dense (d, P) tensor (tests and small problems)."""
         return torch.cat([self._cache[b] if self._cache else self._block(b, s)
@@ -73,6 +87,20 @@ class GaussianProjector:
             G = self._cache[b] if self._cache else self._block(b, s)
             out += x[:, s] @ G.T.to(x.dtype)
         return out
+
+
+def _projector(att: FeatureAttributor, seed: int) -> GaussianProjector:
+    """The Gaussian sketch (d = att.proj_dim) of the model's flat gradients, drawn from `seed`."""
+    p = att.params_
+    return GaussianProjector(att.model_.n_params, att.proj_dim, seed, dtype=param_dtype(p),
+                             device=next(iter(p.values())).device)
+
+
+def _check_projection(projector: GaussianProjector, saved_head: Tensor, name: str) -> None:
+    """ConfigError when the sketch drawn again from its seed is not the one a saved state was fitted with."""
+    if not torch.equal(projector.head(saved_head.shape[1]), saved_head.to(projector.device, projector.dtype)):
+        raise ConfigError(f"{name}: the projection drawn from seed {projector.seed} differs from the saved one (this "
+                          "torch draws other random numbers than the one that saved the state); fit again")
 
 
 class _FactoredGradients:
@@ -115,8 +143,8 @@ class _FactoredGradients:
         n, m = self.n_train, len(x_test)
         result = self._allocate((n, m), param_dtype(self.params_), out)
         comps = self._factored_components()
-        train_blocks, test_blocks = list(chunks(n, self.block_size)), list(chunks(m, self.block_size))
-        with progress_bar(len(comps) * len(train_blocks), f"{self.name} scores", enabled=self.progress) as bar:
+        train_blocks, test_blocks = list(chunks(n, self.compute.block_size)), list(chunks(m, self.compute.block_size))
+        with progress_bar(len(comps) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
             for c, (params, weight) in enumerate(comps):
                 tr = self._factors(params, self.x_train_, self.y_train_)
                 te = self._factors(params, x_test, y_test)
@@ -157,11 +185,16 @@ class GradientDot(_FactoredGradients, FeatureAttributor):
 
     symmetric = True
 
-    def __init__(self, factored: bool = True, **common) -> None:
-        super().__init__(**common)
+    def __init__(self, factored: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
         self.factored = bool(factored)
 
     def _fit(self) -> None:
+        self._setup_factored()
+
+    def _set_state(self, state) -> None:
+        super()._set_state(state)
         self._setup_factored()
 
     def _grads(self, x: Tensor, y: Tensor) -> Tensor:
@@ -201,17 +234,20 @@ class RandomProjection(GradientDot):
 
     supports_factored = False
 
-    def __init__(self, proj_dim: int = 256, **common) -> None:
-        common.pop("factored", None)
-        super().__init__(factored=False, **common)
-        if int(proj_dim) < 1:
-            raise ConfigError(f"proj_dim must be >= 1, received {proj_dim}")
-        self.proj_dim = int(proj_dim)
+    def __init__(self, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(factored=False, loss=loss, seed=seed, compute=compute)
+        self.proj_dim = check_int("proj_dim", proj_dim)
 
     def _fit(self) -> None:
-        p = self.params_
-        self.projector_ = GaussianProjector(self.model_.n_params, self.proj_dim, self.seed, dtype=param_dtype(p),
-                                            device=next(iter(p.values())).device)
+        self.projector_ = _projector(self, self.seed)
+
+    def _get_state(self):
+        return {"projection_head": self.projector_.head()}
+
+    def _set_state(self, state) -> None:
+        self._fit()
+        _check_projection(self.projector_, state["projection_head"], self.name)
 
     def _grads(self, x: Tensor, y: Tensor) -> Tensor:
         return self.projector_(self._per_example_grads(self.params_, x, y))
@@ -253,19 +289,23 @@ class TracIn(_FactoredGradients, FeatureAttributor):
         lr_weighted: False drops η_t (the GEX original's `tracinrp`).
     """
 
+    needs = frozenset({"checkpoints"})
+
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
-                 lr_weighted: bool = True, factored: bool = True, **common) -> None:
-        super().__init__(**common)
+                 lr_weighted: bool = True, factored: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
         self.factored = bool(factored)
         if checkpoints is not None and len(checkpoints) == 0:
             raise ConfigError("checkpoints is empty; pass at least one parameter dict or None")
+        if checkpoints is not None and not all(isinstance(c, Mapping) for c in checkpoints):
+            raise ConfigError("checkpoints must be parameter dicts (name -> tensor), e.g. from checkpoints_from_fit")
         if learning_rates is not None:
             if checkpoints is None or len(learning_rates) != len(checkpoints):
                 raise ConfigError(f"got {len(learning_rates)} learning rates for "
                                   f"{0 if checkpoints is None else len(checkpoints)} checkpoints")
-            for lr in learning_rates:
-                check_positive("a checkpoint learning rate", lr, allow_zero=True)
-        self.checkpoints = checkpoints
+            learning_rates = [check_positive("a checkpoint learning rate", lr, allow_zero=True) for lr in learning_rates]
+        self.checkpoints = None if checkpoints is None else list(checkpoints)
         self.learning_rates = learning_rates
         self.lr_weighted = bool(lr_weighted)
 
@@ -286,6 +326,10 @@ class TracIn(_FactoredGradients, FeatureAttributor):
         lrs = self.learning_rates if (self.learning_rates is not None and self.lr_weighted) else [1.0] * len(ckpts)
         self.weights_ = [float(lr) for lr in lrs]
         self._setup_factored()
+
+    def _set_state(self, state) -> None:
+        """Nothing fitted beyond the checkpoints (a setting, saved with the settings)."""
+        self._fit()
 
     def _factored_components(self) -> list[tuple[Params, float]]:
         return list(zip(self.checkpoint_params_, self.weights_))
@@ -322,17 +366,21 @@ class TracInRandomProjection(TracIn):
     supports_factored = False
 
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
-                 lr_weighted: bool = True, proj_dim: int = 256, **common) -> None:
-        common.pop("factored", None)
-        super().__init__(checkpoints, learning_rates, lr_weighted, factored=False, **common)
-        if int(proj_dim) < 1:
-            raise ConfigError(f"proj_dim must be >= 1, received {proj_dim}")
-        self.proj_dim = int(proj_dim)
+                 lr_weighted: bool = True, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(checkpoints, learning_rates, lr_weighted, factored=False, loss=loss, seed=seed, compute=compute)
+        self.proj_dim = check_int("proj_dim", proj_dim)
 
     def _fit(self) -> None:
         super()._fit()
-        self.projector_ = GaussianProjector(self.model_.n_params, self.proj_dim, self.seed,
-                                            dtype=param_dtype(self.params_), device=next(iter(self.params_.values())).device)
+        self.projector_ = _projector(self, self.seed)
+
+    def _get_state(self):
+        return {"projection_head": self.projector_.head()}
+
+    def _set_state(self, state) -> None:
+        self._fit()
+        _check_projection(self.projector_, state["projection_head"], self.name)
 
     def _project(self, g: Tensor) -> Tensor:
         return self.projector_(g)

@@ -34,7 +34,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from modelsense.attribution.base import FeatureAttributor, check_positive, register
+from modelsense.attribution.base import (
+    ComputeOptions,
+    FeatureAttributor,
+    check_choice,
+    check_int,
+    check_positive,
+    register,
+)
 from modelsense.errors import ConfigError
 
 DAMPING_MODES = ("absolute", "relative")
@@ -50,24 +57,21 @@ class InfluenceFunction(FeatureAttributor):
     """
 
     needs_curvature = True
+    needs = frozenset({"recipe"})
     structure = "implicit"
     matrices: tuple[str, ...] = ("ggn", "hessian", "ef")
     curvature_chunk = 1024  # examples per pass of the curvature (matrix-free products batch many columns)
+    state_attributes = ("members_", "dampings_", "curvatures_")
 
     def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative", n_models: int = 1,
-                 train_config=None, model_fn: Callable[[int], nn.Module] | None = None, **common) -> None:
-        super().__init__(**common)
-        if matrix not in self.matrices:
-            raise ConfigError(f"method {self.name!r}: matrix must be one of {self.matrices}, received {matrix!r}")
-        if damping_mode not in DAMPING_MODES:
-            raise ConfigError(f"damping_mode must be one of {DAMPING_MODES}, received {damping_mode!r}")
-        check_positive("damping", damping, allow_zero=True)
-        if int(n_models) < 1:
-            raise ConfigError(f"n_models must be >= 1, received {n_models}")
-        self.matrix = matrix
-        self.damping = float(damping)
-        self.damping_mode = damping_mode
-        self.n_models, self.train_config, self.model_fn = int(n_models), train_config, model_fn
+                 train_config=None, model_fn: Callable[[int], nn.Module] | None = None, *,
+                 loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
+        self.matrix = check_choice(f"method {self.name!r}: matrix", matrix, self.matrices)
+        self.damping = check_positive("damping", damping, allow_zero=True)
+        self.damping_mode = check_choice("damping_mode", damping_mode, DAMPING_MODES)
+        self.n_models = check_int("n_models", n_models)
+        self.train_config, self.model_fn = train_config, model_fn
 
     def _build_curvature(self, params):
         from modelsense.curvature.operators import build_curvature
@@ -81,7 +85,7 @@ class InfluenceFunction(FeatureAttributor):
 
         self.members_ = [self.params_] + train_members(
             self.model_, self.params_, self.x_train_, self.y_train_, self.n_models - 1, self.train_config,
-            self.model_fn, seed=self.seed, progress=self.progress)
+            self.model_fn, seed=self.seed, progress=self.compute.progress)
         self.curvatures_, self.dampings_ = [], []
         for params in self.members_:
             K = self._build_curvature(params)
@@ -91,6 +95,23 @@ class InfluenceFunction(FeatureAttributor):
                 damping = self.damping
             self.curvatures_.append(K)
             self.dampings_.append(damping)
+        self.curvature_, self.damping_ = self.curvatures_[0], self.dampings_[0]
+
+    def _get_state(self):
+        from modelsense.attribution.state import curvature_state
+
+        state = super()._get_state()
+        state["members_"] = self.members_[1:]  # members_[0] is the fitted model's parameters
+        state["curvatures_"] = [curvature_state(K) for K in self.curvatures_]
+        return state
+
+    def _set_state(self, state) -> None:
+        from modelsense.attribution.state import restore_curvature
+
+        self.members_ = [self.params_, *state.pop("members_")]
+        self.curvatures_ = [restore_curvature(d, self.model_, self.x_train_, self.y_train_, params, self.seed)
+                            for d, params in zip(state.pop("curvatures_"), self.members_)]
+        super()._set_state(state)
         self.curvature_, self.damping_ = self.curvatures_[0], self.dampings_[0]
 
     def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
@@ -138,11 +159,15 @@ class ExplicitInfluence(InfluenceFunction):
     """
 
     structure = "full"
+    state_attributes = (*InfluenceFunction.state_attributes, "structure_")
 
     def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative",
-                 max_params: int = 20_000, **kwargs) -> None:
-        super().__init__(matrix, damping, damping_mode, **kwargs)
-        self.max_params = int(max_params)
+                 max_params: int = 20_000, n_models: int = 1, train_config=None,
+                 model_fn: Callable[[int], nn.Module] | None = None, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(matrix, damping, damping_mode, n_models, train_config, model_fn, loss=loss, seed=seed,
+                         compute=compute)
+        self.max_params = check_int("max_params", max_params)
 
     def _build_curvature(self, params):
         from modelsense.curvature.operators import build_curvature
@@ -176,11 +201,13 @@ class ConjugateGradientInfluence(InfluenceFunction):
     curvature_chunk = 128
 
     def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative",
-                 cg_tol: float = 1e-6, cg_max_iter: int | None = 200, **kwargs) -> None:
-        super().__init__(matrix, damping, damping_mode, **kwargs)
-        check_positive("cg_tol", cg_tol)
-        self.cg_tol = float(cg_tol)
-        self.cg_max_iter = None if cg_max_iter is None else int(cg_max_iter)
+                 cg_tol: float = 1e-6, cg_max_iter: int | None = 200, n_models: int = 1, train_config=None,
+                 model_fn: Callable[[int], nn.Module] | None = None, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(matrix, damping, damping_mode, n_models, train_config, model_fn, loss=loss, seed=seed,
+                         compute=compute)
+        self.cg_tol = check_positive("cg_tol", cg_tol)
+        self.cg_max_iter = check_int("cg_max_iter", cg_max_iter, allow_none=True)
 
     def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
         return self.curvatures_[m].inverse_mv(G.T.contiguous(), self.dampings_[m], tol=self.cg_tol,
@@ -197,16 +224,17 @@ class LissaInfluence(InfluenceFunction):
     """
 
     structure = "implicit"
+    state_attributes = (*InfluenceFunction.state_attributes, "scales_")
 
     def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative",
-                 lissa_depth: int = 200, lissa_batch: int = 256, lissa_scale: float | None = None, **kwargs) -> None:
-        super().__init__(matrix, damping, damping_mode, **kwargs)
-        if int(lissa_depth) < 1 or int(lissa_batch) < 1:
-            raise ConfigError(f"lissa_depth and lissa_batch must be >= 1, received {lissa_depth} and {lissa_batch}")
-        if lissa_scale is not None:
-            check_positive("lissa_scale", lissa_scale)
-        self.lissa_depth, self.lissa_batch = int(lissa_depth), int(lissa_batch)
-        self.lissa_scale = lissa_scale
+                 lissa_depth: int = 200, lissa_batch: int = 256, lissa_scale: float | None = None, n_models: int = 1,
+                 train_config=None, model_fn: Callable[[int], nn.Module] | None = None, *,
+                 loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        super().__init__(matrix, damping, damping_mode, n_models, train_config, model_fn, loss=loss, seed=seed,
+                         compute=compute)
+        self.lissa_depth = check_int("lissa_depth", lissa_depth)
+        self.lissa_batch = check_int("lissa_batch", lissa_batch)
+        self.lissa_scale = None if lissa_scale is None else check_positive("lissa_scale", lissa_scale)
 
     def _fit(self) -> None:
         super()._fit()
@@ -217,6 +245,10 @@ class LissaInfluence(InfluenceFunction):
                 self.scales_.append(2.0 * (max(top, 0.0) + damping))
             else:
                 self.scales_.append(float(self.lissa_scale))
+        self.scale_ = self.scales_[0]
+
+    def _set_state(self, state) -> None:
+        super()._set_state(state)
         self.scale_ = self.scales_[0]
 
     def _inverse(self, G: Tensor, m: int = 0) -> Tensor:

@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vmap
 
-from modelsense.attribution.base import check_positive, register
+from modelsense.attribution.base import ComputeOptions, check_choice, check_int, check_positive, register
 from modelsense.attribution.gex import EnsembleCovariance
 from modelsense.core.functional import chunks, per_example_nll
-from modelsense.errors import ConfigError
 
 
 @register("la-kfac")
@@ -32,18 +31,17 @@ class LaplaceKfac(EnsembleCovariance):
     """Settings: num_ens M, prior_precision δ, sample_scale s, structure (kfac | ekfac | diag | full), gex_eps τ."""
 
     needs_curvature = True
+    needs = frozenset({"prior_precision"})
+    state_attributes = ("perturbations_", "train_deviations_", "curvature_")
 
     def __init__(self, num_ens: int = 32, prior_precision: float = 1.0, sample_scale: float = 1e-4,
-                 structure: str = "kfac", gex_eps: float = 0.0, centered: bool = False, **common) -> None:
-        super().__init__(gex_eps, centered, **common)
-        if int(num_ens) < 1:
-            raise ConfigError(f"num_ens must be >= 1, received {num_ens}")
-        if structure not in ("kfac", "ekfac", "diag", "full"):
-            raise ConfigError(f"la-kfac: structure must be kfac, ekfac, diag or full, received {structure!r}")
-        check_positive("prior_precision", prior_precision)
-        check_positive("sample_scale", sample_scale)
-        self.num_ens, self.prior_precision = int(num_ens), float(prior_precision)
-        self.sample_scale, self.structure = float(sample_scale), structure
+                 structure: str = "kfac", gex_eps: float = 0.0, centered: bool = False, *,
+                 loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        super().__init__(gex_eps, centered, loss=loss, seed=seed, compute=compute)
+        self.num_ens = check_int("num_ens", num_ens)
+        self.prior_precision = check_positive("prior_precision", prior_precision)
+        self.sample_scale = check_positive("sample_scale", sample_scale)
+        self.structure = check_choice("la-kfac: structure", structure, ("kfac", "ekfac", "diag", "full"))
 
     def _fit(self) -> None:
         from modelsense.curvature.operators import build_curvature
@@ -55,6 +53,18 @@ class LaplaceKfac(EnsembleCovariance):
         eps = torch.randn(self.model_.n_params, self.num_ens, generator=gen, dtype=torch.float64).to(p0.device, p0.dtype)
         self.perturbations_ = self.sample_scale * self.curvature_.inverse_sqrt_mv(eps, self.prior_precision)  # (P, M)
         self.train_deviations_ = self._deviations(self.x_train_, self.y_train_)
+
+    def _get_state(self):
+        from modelsense.attribution.state import curvature_state
+
+        return {**super()._get_state(), "curvature_": curvature_state(self.curvature_)}
+
+    def _set_state(self, state) -> None:
+        from modelsense.attribution.state import restore_curvature
+
+        self.curvature_ = restore_curvature(state.pop("curvature_"), self.model_, self.x_train_, self.y_train_,
+                                            self.params_, self.seed)
+        super()._set_state(state)
 
     def _deviations(self, x: Tensor, y: Tensor) -> Tensor:
         return super()._deviations(x, y) / self.sample_scale

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from modelsense.attribution.base import Attributor, check_positive, register
-from modelsense.errors import ConfigError
+from modelsense.attribution.base import Attributor, ComputeOptions, check_choice, check_positive, register
 
 
 @register("mpe")
@@ -26,21 +25,20 @@ class MemoryPerturbation(Attributor):
 
     pairwise = False
     needs_curvature = True
+    needs = frozenset({"prior_precision", "optimizer_state"})
+    state_attributes = ("result_",)
 
     def __init__(self, source: str = "laplace", structure: str = "kfac", prior_precision: float = 1.0,
-                 variant: str = "diag", optimizer=None, **common) -> None:
-        super().__init__(**common)
+                 variant: str = "diag", optimizer=None, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
         from modelsense.mpe import LAPLACE_STRUCTURES, SOURCES, VARIANTS
 
-        if source not in SOURCES:
-            raise ConfigError(f"mpe: source must be one of {SOURCES}, received {source!r}")
-        if structure not in LAPLACE_STRUCTURES:
-            raise ConfigError(f"mpe: structure must be one of {LAPLACE_STRUCTURES}, received {structure!r}")
-        if variant not in VARIANTS:
-            raise ConfigError(f"mpe: variant must be one of {VARIANTS}, received {variant!r}")
-        check_positive("prior_precision", prior_precision)
-        self.source, self.structure, self.variant = source, structure, variant
-        self.prior_precision, self.optimizer = float(prior_precision), optimizer
+        self.source = check_choice("mpe: source", source, SOURCES)
+        self.structure = check_choice("mpe: structure", structure, LAPLACE_STRUCTURES)
+        self.prior_precision = check_positive("prior_precision", prior_precision)
+        self.variant = check_choice("mpe: variant", variant, VARIANTS)
+        self.optimizer = optimizer
 
     def _fit(self) -> None:
         from modelsense.mpe import MPESettings, build_posterior, mpe_scores
@@ -50,6 +48,14 @@ class MemoryPerturbation(Attributor):
                                optimizer=self.optimizer, n_train=len(self.x_train_), chunk_size=min(self.chunk_size_, 256))
         self.result_ = mpe_scores(post, self.x_train_, self.y_train_, MPESettings(variant=self.variant),
                                   chunk_size=min(self.chunk_size_, 256))
+
+    def _get_state(self):
+        return {"result_": {k: getattr(self.result_, k) for k in type(self.result_).__dataclass_fields__}}
+
+    def _set_state(self, state) -> None:
+        from modelsense.mpe import MPEResult
+
+        self.result_ = MPEResult(**state["result_"])
 
     def _self_scores(self) -> Tensor:
         return self.result_.sensitivity.detach().cpu()

@@ -27,8 +27,17 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from modelsense.attribution.base import FeatureAttributor, check_positive, flat_per_example_grads, param_dtype, register
-from modelsense.attribution.gradient import GaussianProjector
+from modelsense.attribution.base import (
+    ComputeOptions,
+    FeatureAttributor,
+    check_choice,
+    check_int,
+    check_positive,
+    flat_per_example_grads,
+    param_dtype,
+    register,
+)
+from modelsense.attribution.gradient import _check_projection, _projector
 from modelsense.attribution.members import reinitialised_copy, train_members  # noqa: F401
 from modelsense.core.functional import FunctionalModel, Params, chunks
 from modelsense.errors import ConfigError
@@ -75,21 +84,23 @@ class Trak(FeatureAttributor):
         include_fitted: use the fitted model as one of the M members.
     """
 
+    needs = frozenset({"recipe"})
+    state_attributes = ("members_", "kernel_inverses_", "damping_")
+
     def __init__(self, n_models: int = 10, proj_dim: int = 512, damping: float = 0.3, damping_mode: str = "relative",
                  train_config=None, model_fn: Callable[[int], nn.Module] | None = None, subset_ratio: float = 1.0,
-                 include_fitted: bool = False, **common) -> None:
-        super().__init__(**common)
-        if int(n_models) < 1 or int(proj_dim) < 1:
-            raise ConfigError(f"n_models and proj_dim must be >= 1, received {n_models} and {proj_dim}")
-        if damping_mode not in ("absolute", "relative"):
-            raise ConfigError(f"damping_mode must be absolute or relative, received {damping_mode!r}")
-        check_positive("damping", damping, allow_zero=True)
-        if not 0 < subset_ratio <= 1:
-            raise ConfigError(f"subset_ratio must lie in (0, 1], received {subset_ratio}")
-        self.n_models, self.proj_dim = int(n_models), int(proj_dim)
-        self.damping, self.damping_mode = float(damping), damping_mode
+                 include_fitted: bool = False, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(loss=loss, seed=seed, compute=compute)
+        self.n_models = check_int("n_models", n_models)
+        self.proj_dim = check_int("proj_dim", proj_dim)
+        self.damping = check_positive("damping", damping, allow_zero=True)
+        self.damping_mode = check_choice("damping_mode", damping_mode, ("absolute", "relative"))
         self.train_config, self.model_fn = train_config, model_fn
-        self.subset_ratio, self.include_fitted = float(subset_ratio), bool(include_fitted)
+        self.subset_ratio = check_positive("subset_ratio", subset_ratio)
+        if self.subset_ratio > 1:
+            raise ConfigError(f"subset_ratio must lie in (0, 1], received {subset_ratio}")
+        self.include_fitted = bool(include_fitted)
 
     def _fit(self) -> None:
         if self.model_.likelihood != "categorical" or self.loss != "cross_entropy":
@@ -100,13 +111,12 @@ class Trak(FeatureAttributor):
             members += self._train_members(n_new)
         self.members_ = members
         dtype, device = param_dtype(self.params_), next(iter(self.params_.values())).device
-        self.projectors_ = [GaussianProjector(self.model_.n_params, self.proj_dim, self.seed + 31 * m, dtype=dtype, device=device)
-                            for m in range(len(members))]
+        self.projectors_ = [_projector(self, self.seed + 31 * m) for m in range(len(members))]
         self.kernel_inverses_ = []
         self.damping_ = []
         for params, proj in zip(self.members_, self.projectors_):
             K = torch.zeros(self.proj_dim, self.proj_dim, dtype=torch.float64, device=device)
-            for rows in chunks(self.n_train, self.block_size):
+            for rows in chunks(self.n_train, self.compute.block_size):
                 g, _ = margin_grads(self.model_, params, self.x_train_[rows], self.y_train_[rows], self.chunk_size_)
                 phi = proj(g).double()
                 K += phi.T @ phi
@@ -114,9 +124,19 @@ class Trak(FeatureAttributor):
             self.kernel_inverses_.append(_ridge_inverse(K, lam).to(dtype))
             self.damping_.append(lam)
 
+    def _get_state(self):
+        return {**super()._get_state(), "projection_heads": [p.head() for p in self.projectors_]}
+
+    def _set_state(self, state) -> None:
+        heads = state.pop("projection_heads")
+        super()._set_state(state)
+        self.projectors_ = [_projector(self, self.seed + 31 * m) for m in range(len(self.members_))]
+        for proj, head in zip(self.projectors_, heads):
+            _check_projection(proj, head, self.name)
+
     def _train_members(self, n_new: int) -> list[Params]:
         return train_members(self.model_, self.params_, self.x_train_, self.y_train_, n_new, self.train_config,
-                             self.model_fn, self.subset_ratio, self.seed, self.progress)
+                             self.model_fn, self.subset_ratio, self.seed, self.compute.progress)
 
     def _loss_projections(self, m: int, x: Tensor, y: Tensor) -> Tensor:
         g, p = margin_grads(self.model_, self.members_[m], x, y, self.chunk_size_)

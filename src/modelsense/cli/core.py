@@ -11,10 +11,9 @@ from rich.table import Table
 
 from modelsense.cli import options as o
 from modelsense.cli.app import app, console
-from modelsense.data import DataConfig
-from modelsense.models import ModelConfig
+from modelsense.cli.generate import add_command
+from modelsense.experiments.train import TRAIN
 from modelsense.progress import set_quiet
-from modelsense.training.config import TrainConfig
 
 
 @app.command()
@@ -41,17 +40,7 @@ def models() -> None:
     console.print(table)
 
 
-@app.command()
-@o.with_configs()
-def train(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, out: o.Out = Path("runs/train"),
-          overwrite: o.Overwrite = False, quiet: o.Quiet = False) -> None:
-    """Train one model; writes metrics.json (train_accuracy, test_accuracy, test_nll), model.pt, history, figures."""
-    from modelsense.experiments.train import run_train
-
-    set_quiet(quiet)
-    metrics = run_train(data_cfg, model_cfg, train_cfg, out, progress=not quiet, overwrite=overwrite)
-    console.print(f"train accuracy {metrics['train_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
-                  f"test NLL {metrics['test_nll']:.4f}  -> {out}")
+add_command(app, TRAIN)
 
 
 @app.command()

@@ -19,7 +19,7 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="directory w
 NTrain = Annotated[Optional[int], typer.Option("--n-train", help="use a seeded stratified subset of this many training examples")]
 Corruption = Annotated[float, typer.Option("--corruption-ratio", help="fraction of training labels flipped to another class (seeded)")]
 DropClasses = Annotated[str, typer.Option("--drop-classes", help="comma-separated class labels to remove, e.g. 3,5")]
-Standardize = Annotated[bool, typer.Option("--standardize/--no-standardize", help="standardise features with training-set mean and std")]
+Standardize = Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="standardise features with training-set mean and std; automatic where no default is shown: on for feature vectors from a .npz/.csv file, off for built-in datasets and images (they keep their usual normalisation)")]
 DataSeed = Annotated[int, typer.Option("--data-seed", help="seed of subsetting, splitting and label corruption")]
 
 Model = Annotated[str, typer.Option("--model", "-m", help="linear, mlp, small_mlp, large_mlp, lenet, cnn_deepobs, resnet20_frn, cnn, resnet18")]
@@ -81,7 +81,7 @@ def int_list(text: str | None, what: str) -> tuple[int, ...]:
 
 
 def data_config(dataset: str, data_dir: Path | None, n_train: int | None, corruption_ratio: float,
-                drop_classes: str, standardize: bool, data_seed: int) -> DataConfig:
+                drop_classes: str, standardize: bool | None, data_seed: int) -> DataConfig:
     return DataConfig(dataset, data_dir=None if data_dir is None else str(data_dir), n_train=n_train,
                       corruption_ratio=corruption_ratio, drop_classes=int_list(drop_classes, "--drop-classes"),
                       standardize=standardize, seed=data_seed)
@@ -135,7 +135,7 @@ Group = tuple[Callable[..., Any], list[tuple[str, Any, Any]]]
 GROUPS: dict[str, Group] = {
     "data_cfg": (data_config, [("dataset", Dataset, "digits"), ("data_dir", DataDir, None), ("n_train", NTrain, None),
                                ("corruption_ratio", Corruption, 0.0), ("drop_classes", DropClasses, ""),
-                               ("standardize", Standardize, False), ("data_seed", DataSeed, 0)]),
+                               ("standardize", Standardize, None), ("data_seed", DataSeed, 0)]),
     "model_cfg": (model_config, [("model", Model, "mlp"), ("widths", Widths, None), ("activation", Activation, None),
                                  ("width", Width, None), ("depth", Depth, None), ("norm", Norm, None)]),
     "train_cfg": (train_config, [("optimizer", Optimizer, "sgd"), ("lr", Lr, 0.05), ("lrmin", LrMin, 0.0),
@@ -173,7 +173,7 @@ def recipe_configs(checkpoint: Path, configs: dict[str, Any], given: set[str],
     its default; an option given on the command line that contradicts the recipe is refused."""
     from dataclasses import fields, replace
 
-    from modelsense.experiments.train import FREE_OF_RECIPE, checkpoint_recipe, recipe_differences
+    from modelsense.experiments.source import FREE_OF_RECIPE, checkpoint_recipe, recipe_differences
 
     recipe, _, _ = checkpoint_recipe(checkpoint)
     options_of = {g: {name for name, _, _ in table[g][1]} for g in configs}

@@ -4,7 +4,7 @@
     laplace / ivon_posterior / adam_posterior -> GaussianPosterior
     top_eigenpairs, hutchinson_trace, spectral_density   (any Curvature or matvec)
     effective_dimension, blr_posterior_contraction
-    compute_spectrum(model, x, y, SpectrumConfig(k, s, ...)) -> Spectrum (eigenvalues, trace, density, N_eff)
+    compute_spectrum(model, x, y, SpectrumConfig(k, s, ...)) -> Spectrum (eigenvalues, N_eff; trace, density on request)
 """
 
 from modelsense.curvature.dense import dense_empirical_fisher, dense_ggn, dense_hessian, dense_matrix
@@ -36,7 +36,7 @@ from modelsense.curvature.operators import (
     LowRankCurvature,
     build_curvature,
 )
-from modelsense.curvature.spectrum import Spectrum, SpectrumConfig, compute_spectrum
+from modelsense.curvature.spectrum import DEFAULT_S_SUM, Spectrum, SpectrumConfig, compute_spectrum, resolve_s
 from modelsense.curvature.posterior import (
     GaussianPosterior,
     LaplacePosterior,
@@ -52,5 +52,5 @@ __all__ = [
     "adam_posterior", "blr_posterior_contraction", "build_curvature", "dense_empirical_fisher",
     "dense_ggn", "dense_hessian", "dense_matrix", "effdim_scale", "effective_dimension",
     "fourier_features", "hutchinson_trace", "hutchpp_trace", "ivon_posterior", "laplace", "spectral_density",
-    "top_eigenpairs", "Spectrum", "SpectrumConfig", "compute_spectrum",
+    "top_eigenpairs", "DEFAULT_S_SUM", "Spectrum", "SpectrumConfig", "compute_spectrum", "resolve_s",
 ]

@@ -26,8 +26,12 @@ Treatment of computed eigenvalues (`effective_dimension`):
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,6 +60,64 @@ def effective_dimension(
         lam = lam[mask]
     lam = lam.clamp_min(0) if negative == "clip" else lam.abs()
     return float((lam / (lam + s)).sum())
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman rank correlation of a and b; None for fewer than 2 points or a constant input."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = float(spearmanr(a, b)[0])
+    return None if not math.isfinite(rho) else rho
+
+
+def width_sweep_summary(results: Sequence[dict[str, Any]], s: Sequence[float], threshold: float) -> dict[str, Any]:
+    """N_eff against generalisation over models of several widths (Maddox et al. 2020, Fig. 1).
+
+    `results`: one dict per model with width, n_params, train_loss, train_accuracy, test_loss,
+    test_error, k, eigenvalues and eigenvalues_converged (its top-k spectrum). Returns per-model
+    lists sorted by width, N_eff for every s (`effective_dimension` over the converged eigenvalues;
+    the first s is the headline), and the Spearman correlations with the test loss:
+    spearman_effdim_test_loss / spearman_params_test_loss over the models whose train loss is below
+    `threshold` (interpolating; None with fewer than two), the `_all` variants over every model.
+    """
+    results = sorted(results, key=lambda r: r["width"])
+    neff = {float(v): [effective_dimension(torch.tensor(r["eigenvalues"]), float(v),
+                                           converged=torch.tensor(r["eigenvalues_converged"])) for r in results]
+            for v in s}
+    head = neff[float(s[0])]
+    test_loss = [r["test_loss"] for r in results]
+    params = [r["n_params"] for r in results]
+    interp = [r["train_loss"] < threshold for r in results]
+    sel = [i for i, ok in enumerate(interp) if ok]
+
+    def pick(values: Sequence[float]) -> list[float]:
+        return [values[i] for i in sel]
+
+    return {
+        "widths": [r["width"] for r in results],
+        "n_params": params,
+        "train_loss": [r["train_loss"] for r in results],
+        "train_accuracy": [r["train_accuracy"] for r in results],
+        "test_loss": test_loss,
+        "test_error": [r["test_error"] for r in results],
+        "effective_dimension": head,
+        "effective_dimension_by_s": {str(v): vals for v, vals in neff.items()},
+        "s": [float(v) for v in s],
+        "k": [r["k"] for r in results],
+        "n_converged": [int(sum(r["eigenvalues_converged"])) for r in results],
+        "interpolating": interp,
+        "train_loss_threshold": threshold,
+        "n_interpolating": len(sel),
+        "spearman_effdim_test_loss": spearman(pick(head), pick(test_loss)),
+        "spearman_params_test_loss": spearman(pick(params), pick(test_loss)),
+        "spearman_effdim_test_loss_all": spearman(head, test_loss),
+        "spearman_params_test_loss_all": spearman(params, test_loss),
+    }
 
 
 def effdim_scale(weight_decay: float, n_train: int, reduction: str = "sum") -> float:
@@ -91,6 +153,11 @@ class BLRContraction:
     effdim_function: Tensor
     effdim_hessian: Tensor
     n_params: int
+
+
+def blr_regions(n_params: int) -> tuple[float, float]:
+    """Where the BLR posterior contracts: P ∓ P/8 points (175 and 225 for P = 200, as the notebook of Maddox et al. 2020)."""
+    return n_params - n_params / 8, n_params + n_params / 8
 
 
 def blr_posterior_contraction(

@@ -13,6 +13,11 @@ are used where they help) or a plain callable `matvec(v: (P,)) -> (P,)` together
   for unit probes v, vᵀ g(K) v ≈ Σ_i w_i g(θ_i) with Ritz values θ_i and weights w_i = (first
   component of the i-th eigenvector of T)²; the density is the probe average of Σ_i w_i δ(t − θ_i),
   so Σ_i w_i θ_i^j estimates tr(K^j)/P, exactly per probe for j ≤ 2m − 1.
+
+Each takes `progress=True` for a progress bar (`modelsense.progress`): per Lanczos step, per
+Hutchinson probe, per SLQ probe. Cost in matrix-vector products: Lanczos one per step (at most
+max(4k, k + 60), fewer when the k pairs converge early), Hutchinson one per probe, SLQ
+num_probes × num_steps.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor
 
 from modelsense.errors import ConfigError
+from modelsense.progress import progress_bar
 
 MatVec = Callable[[Tensor], Tensor]
 WHICH = ("largest", "magnitude")
@@ -86,6 +92,7 @@ def top_eigenpairs(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device=None,
+    progress: bool = False,
 ) -> EigenDecomposition:
     """Top-k eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -97,6 +104,7 @@ def top_eigenpairs(
         max_steps: most Lanczos steps (= matvecs); default min(P, max(4k, k + 60)). The run stops
             as soon as the k wanted pairs have converged (checked every `check_every` steps).
         which: "largest" (algebraic, the default, as for N_eff) or "magnitude" (|λ|).
+        progress: a progress bar over the Lanczos steps (one matvec each), with the converged count.
     Returns:
         EigenDecomposition sorted descending by `which`, with residuals and a converged mask;
         pairs that did not converge within max_steps are returned and flagged, not dropped.
@@ -115,32 +123,36 @@ def top_eigenpairs(
     Q[0] = _random_unit(P, dtype, device, generator)
     m = 0
     result = None
-    for j in range(steps):
-        q = Q[j]
-        w = matvec(q)
-        a = torch.dot(q, w)
-        w = w - a * q
-        if j > 0:
-            w = w - beta[j - 1].to(dtype) * Q[j - 1]
-        basis = Q[: j + 1]
-        for _ in range(2):  # full reorthogonalisation, twice is enough (Giraud et al. 2005)
-            w = w - basis.T @ (basis @ w)
-        b = w.norm()
-        alpha[j], beta[j] = float(a), float(b)
-        m = j + 1
-        scale = float(alpha[:m].abs().max()) + float(beta[:m].max()) + 1e-300
-        breakdown = float(b) <= 1e-10 * scale
-        if (m % check_every == 0 and m >= k) or m == steps or (breakdown and m >= k):
-            result = _ritz(alpha[:m], beta[:m], Q[:m], k, which, tol)
-            if bool(result.converged.all()) or m == steps:
+    with progress_bar(steps, f"Lanczos (top {k})", enabled=progress) as bar:
+        for j in range(steps):
+            q = Q[j]
+            w = matvec(q)
+            a = torch.dot(q, w)
+            w = w - a * q
+            if j > 0:
+                w = w - beta[j - 1].to(dtype) * Q[j - 1]
+            basis = Q[: j + 1]
+            for _ in range(2):  # full reorthogonalisation, twice is enough (Giraud et al. 2005)
+                w = w - basis.T @ (basis @ w)
+            b = w.norm()
+            alpha[j], beta[j] = float(a), float(b)
+            m = j + 1
+            bar.advance(1)
+            scale = float(alpha[:m].abs().max()) + float(beta[:m].max()) + 1e-300
+            breakdown = float(b) <= 1e-10 * scale
+            if (m % check_every == 0 and m >= k) or m == steps or (breakdown and m >= k):
+                result = _ritz(alpha[:m], beta[:m], Q[:m], k, which, tol)
+                bar.set_info(converged=f"{int(result.converged.sum())}/{k}")
+                if bool(result.converged.all()) or m == steps:
+                    break
+            if m == steps:
                 break
-        if m == steps:
-            break
-        if breakdown:  # invariant subspace found: continue from a fresh orthogonal direction
-            beta[j] = 0.0
-            Q[j + 1] = _random_unit(P, dtype, device, generator, basis)
-        else:
-            Q[j + 1] = w / b
+            if breakdown:  # invariant subspace found: continue from a fresh orthogonal direction
+                beta[j] = 0.0
+                Q[j + 1] = _random_unit(P, dtype, device, generator, basis)
+            else:
+                Q[j + 1] = w / b
+        bar.set_total(m)  # stopped early once converged: the bar ends full at the steps taken
     if result is None or result.eigenvalues.numel() == 0 or m != result.num_matvecs:
         result = _ritz(alpha[:m], beta[:m], Q[:m], k, which, tol)
     return result
@@ -177,22 +189,26 @@ def hutchinson_trace(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device=None,
+    progress: bool = False,
 ) -> TraceEstimate:
     """tr(K) ≈ (1/m) Σ_j z_jᵀ K z_j, z_j with independent ±1 entries; SE = std(z_jᵀKz_j, ddof=1)/√m.
 
     A Curvature is applied to `batch_size` probes at once (one pass over the data per batch).
+    Cost: num_samples matvecs. `progress`: a bar over the probes.
     """
     if num_samples < 2:
         raise ConfigError(f"need num_samples >= 2 for a standard error, received {num_samples}")
     matvec, matmat, P, dtype, device = _operator(op, dim, dtype, device)
     values = []
     done = 0
-    while done < num_samples:
-        b = min(batch_size, num_samples - done)
-        Z = _rademacher((P, b), dtype, device, generator)
-        KZ = matmat(Z) if matmat is not None else torch.stack([matvec(Z[:, i]) for i in range(b)], 1)
-        values.append((Z * KZ).sum(0).double().cpu())
-        done += b
+    with progress_bar(num_samples, "Hutchinson trace (probes)", enabled=progress) as bar:
+        while done < num_samples:
+            b = min(batch_size, num_samples - done)
+            Z = _rademacher((P, b), dtype, device, generator)
+            KZ = matmat(Z) if matmat is not None else torch.stack([matvec(Z[:, i]) for i in range(b)], 1)
+            values.append((Z * KZ).sum(0).double().cpu())
+            done += b
+            bar.advance(b)
     samples = torch.cat(values)
     return TraceEstimate(float(samples.mean()), float(samples.std() / math.sqrt(len(samples))), samples)
 
@@ -271,11 +287,13 @@ def spectral_density(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device=None,
+    progress: bool = False,
 ) -> SpectralDensity:
     """Spectral density of K by stochastic Lanczos quadrature (see module docstring).
 
     Each probe v = z/√P (z Rademacher, so ‖v‖ = 1 and E[vᵀ K v] = tr(K)/P) runs min(num_steps, P)
     Lanczos steps with full reorthogonalisation; cost num_probes · num_steps matvecs.
+    `progress`: a bar over the probes.
     """
     if num_probes < 1 or num_steps < 1:
         raise ConfigError(f"need num_probes >= 1 and num_steps >= 1, received {num_probes}, {num_steps}")
@@ -283,14 +301,16 @@ def spectral_density(
     m_max = min(num_steps, P)
     nodes = torch.zeros(num_probes, m_max, dtype=torch.float64)
     weights = torch.zeros(num_probes, m_max, dtype=torch.float64)
-    for r in range(num_probes):
-        v = _rademacher((P,), dtype, device, generator) / math.sqrt(P)
-        alpha, beta = _lanczos_coefficients(matvec, v, m_max)
-        m = alpha.numel()
-        T = torch.diag(alpha) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-        theta, S = torch.linalg.eigh(T)
-        nodes[r, :m] = theta
-        weights[r, :m] = S[0] ** 2
+    with progress_bar(num_probes, f"spectral density (SLQ probes of {m_max} steps)", enabled=progress) as bar:
+        for r in range(num_probes):
+            v = _rademacher((P,), dtype, device, generator) / math.sqrt(P)
+            alpha, beta = _lanczos_coefficients(matvec, v, m_max)
+            m = alpha.numel()
+            T = torch.diag(alpha) + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+            theta, S = torch.linalg.eigh(T)
+            nodes[r, :m] = theta
+            weights[r, :m] = S[0] ** 2
+            bar.advance(1)
     return SpectralDensity(nodes, weights, P)
 
 

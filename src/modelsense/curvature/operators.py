@@ -338,9 +338,11 @@ class ImplicitCurvature(DataOperator, Curvature):
             K.addmm_(R.T, R)
         return K * self.scale
 
-    def eigen(self, k: int, tol: float = 1e-5, max_steps: int | None = None, which: str = "largest") -> EigenDecomposition:
+    def eigen(self, k: int, tol: float = 1e-5, max_steps: int | None = None, which: str = "largest",
+              progress: bool = False) -> EigenDecomposition:
         """Top-k eigenpairs by Lanczos with full reorthogonalisation (lanczos.top_eigenpairs)."""
-        return top_eigenpairs(self, self._check_k(k), tol=tol, max_steps=max_steps, which=which, generator=self.generator)
+        return top_eigenpairs(self, self._check_k(k), tol=tol, max_steps=max_steps, which=which, generator=self.generator,
+                              progress=progress)
 
     def inverse_mv(self, v: Tensor, damping: float | Tensor, tol: float = 1e-10, max_iter: int | None = None,
                    preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:

@@ -21,7 +21,8 @@ class Dataset:
         source: where the data came from (a package, a directory, a file).
         metadata: provenance: seeds, options applied, `corrupted_indices` (training indices whose
             label actually changed under label corruption), `original_y_train`, `train_indices`
-            (positions in the full training set when subsetted), `class_names`, ...
+            (positions in the full training set when subsetted), `class_names`, `standardize`
+            (requested / applied / reason) with `feature_mean`, `feature_std` when applied, ...
     """
 
     name: str
@@ -63,8 +64,10 @@ class Dataset:
         )
 
     def summary(self) -> dict[str, Any]:
-        """Sizes, shapes and classes as plain Python values (for config.json and listings)."""
-        return {
+        """Sizes, shapes and classes as plain Python values (for config.json and listings), and
+        whether the features were standardised (`metadata["standardize"]`: requested, applied,
+        reason) when the loader recorded it."""
+        out = {
             "name": self.name,
             "n_train": self.n_train,
             "n_test": self.n_test,
@@ -72,3 +75,6 @@ class Dataset:
             "num_classes": self.num_classes,
             "source": self.source,
         }
+        if "standardize" in self.metadata:
+            out["standardize"] = dict(self.metadata["standardize"])
+        return out

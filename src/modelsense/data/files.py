@@ -21,6 +21,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from modelsense.data.validation import (
+    check_class_count,
+    check_features,
+    check_labels,
+    plain,
+    row_location,
+)
 from modelsense.errors import DataError
 
 # --------------------------------------------------------------------------------------------
@@ -353,7 +360,7 @@ def load_npz_arrays(path: Path) -> dict[str, Any]:
     if "num_classes" in arrays:
         nc = np.asarray(arrays["num_classes"])
         if nc.ndim != 0 or not np.issubdtype(nc.dtype, np.integer) or int(nc) < 1:
-            raise DataError(f"{path}: 'num_classes' must be a positive integer scalar, got {nc!r}.")
+            raise DataError(f"{path}: 'num_classes' must be a positive integer scalar, got {plain(nc)}.")
         out["num_classes"] = int(nc)
     if all(k in arrays for k in NPZ_SPLIT_KEYS):
         out.update({k: arrays[k] for k in NPZ_SPLIT_KEYS})
@@ -375,16 +382,18 @@ def load_npz_arrays(path: Path) -> dict[str, Any]:
 
 
 def _check_table(x: np.ndarray, y: np.ndarray, where: str, x_name: str, y_name: str,
-                 num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 num_classes: int | None = None, lines: Sequence[int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The checks of `validation.check_arrays` on one table before it is split (so messages
-    name the file's own arrays and row indices)."""
-    from modelsense.data.validation import check_features, check_labels
-
-    x = check_features(x, "", where, name=x_name)
-    y = check_labels(y, "", num_classes, where, name=y_name)
+    name the file's own arrays and rows; `lines`: the file line of each row of a text table)."""
+    x = check_features(x, "", where, name=x_name, lines=lines)
+    y = check_labels(y, "", num_classes, where, name=y_name, lines=lines)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"{x_name} and {y_name} in {where} have different lengths ({x.shape[0]} examples "
                         f"vs {y.shape[0]} labels); each example needs exactly one label.")
+    given = num_classes is not None
+    check_class_count(num_classes if given else int(y.max()) + 1, y.shape[0], where, labels=y_name,
+                      given=given)
     return x, y
 
 
@@ -393,37 +402,65 @@ def _split_note(stratified: bool) -> str:
     return f"{kind} random split, {TEST_FRACTION:.0%} test, random_state={SPLIT_SEED}"
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def load_csv_arrays(path: Path, label_column: str = "label") -> dict[str, Any]:
     """Features and labels from a `.csv` with a header row and a `label` column.
 
-    Every other column must be numeric; rows become examples of shape (n_columns - 1,); the
-    table is split with `split_train_test`.
+    The first non-blank line must be a header naming the columns; a file whose first row holds
+    only numbers is refused (it has no header, and which column holds the labels would be a
+    guess). Blank lines are skipped. Every other column must be numeric; rows become examples of
+    shape (n_columns - 1,); the table is split with `split_train_test`. Messages name a bad value
+    as "row N of FILE (line L; rows are counted from 1 after the header)": N counts the data rows
+    (header and blank lines not counted), L is the line of the file.
     """
+    rows: list[list[str]] = []
+    lines: list[int] = []  # line of the file where each kept row ends
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+            reader = csv.reader(f)
+            for row in reader:
+                if any(cell.strip() for cell in row):
+                    rows.append(row)
+                    lines.append(reader.line_num)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"could not read {path} as CSV: {err}.") from None
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise DataError(f"{path} is empty; expected a header row with a '{label_column}' column and "
                         "one row per example.")
     header = [h.strip() for h in rows[0]]
     if label_column not in header:
+        if all(_is_number(h) for h in header):
+            shown = ", ".join(header[:5]) + (", ..." if len(header) > 5 else "")
+            n = len(header) - 1
+            names = [f"x{j}" for j in range(n)] if n <= 4 else ["x0", "x1", "...", f"x{n - 1}"]
+            raise DataError(
+                f"{path} has no header row: its first line holds only numbers ({shown}). A .csv "
+                "dataset needs a first line naming the columns, with the class ids in a column named "
+                f"'{label_column}' (when the last column holds them: {','.join(names + [label_column])}); "
+                "add that line, or save the arrays as .npz with np.savez(path, X=..., y=...)."
+            )
         close = [h for h in header if h.lower() == label_column]
         hint = f" (did you mean {close[0]!r}? names are case-sensitive)" if close else ""
         raise DataError(f"{path} has no '{label_column}' column{hint}; found columns {header}. Name "
                         f"the column holding the class ids '{label_column}'.")
     if header.count(label_column) > 1:
         raise DataError(f"{path} has more than one '{label_column}' column.")
-    body = rows[1:]
+    body, body_lines = rows[1:], lines[1:]
     if not body:
         raise DataError(f"{path} has a header but no data rows.")
     bad_rows = [i for i, r in enumerate(body) if len(r) != len(header)]
     if bad_rows:
         i = bad_rows[0]
-        raise DataError(f"{path}: line {i + 2} has {len(body[i])} fields but the header has "
-                        f"{len(header)} ({len(bad_rows)} such line(s)).")
+        raise DataError(f"{row_location(i, '', str(path), body_lines)} has {len(body[i])} fields but "
+                        f"the header has {len(header)} ({len(bad_rows)} such row(s)); every row needs "
+                        "one value per column.")
     if len(header) < 2:
         raise DataError(f"{path} has only the '{label_column}' column; add at least one feature column.")
     table = np.asarray(body, dtype=str)
@@ -435,20 +472,19 @@ def load_csv_arrays(path: Path, label_column: str = "label") -> dict[str, Any]:
             columns[name] = cells.astype(np.float64)
         except ValueError:
             for i, cell in enumerate(cells):
-                try:
-                    float(cell)
-                except ValueError:
+                if not _is_number(cell):
                     what = "an empty cell" if cell == "" else f"{str(cell)!r}"
                     kind = "class ids" if j == label_at else "numbers"
                     raise DataError(
-                        f"{path}: column {name!r} must hold {kind}, but line {i + 2} holds {what}; "
+                        f"column {name!r} of {path} must hold {kind}, but it holds {what} at "
+                        f"{row_location(i, '', str(path), body_lines)}; "
                         + ("encode classes as integers 0..K-1." if j == label_at else
                            "encode categorical features numerically or drop the column.")
                     ) from None
     feature_names = [h for h in header if h != label_column]
     x = np.stack([columns[h] for h in feature_names], axis=1)
     x, y = _check_table(x, columns[label_column], str(path), "the feature columns",
-                        f"the {label_column!r} column")
+                        f"the {label_column!r} column", lines=body_lines)
     x_tr, y_tr, x_te, y_te, stratified = split_train_test(x, y)
     return {"x_train": x_tr, "y_train": y_tr, "x_test": x_te, "y_test": y_te, "source": str(path),
             "split": _split_note(stratified), "feature_names": feature_names}

@@ -19,7 +19,11 @@ Order of work:
    c. `corruption_ratio`: round(r * n_train) training labels, chosen uniformly without
       replacement, each moved to a class drawn uniformly from the *other* classes;
    d. `standardize`: per-feature (per pixel for images) mean and std of the final training set,
-      applied to both splits; a std of 0 becomes 1.
+      applied to both splits; a std of 0 becomes 1. `None` (the default) decides by the data:
+      on for feature vectors read from a .npz/.csv file (examples of shape (d,), as tabular data
+      needs: raw features on scales from 1e-3 to 1e4 make the default training recipe fail),
+      off for the built-in datasets (each keeps its usual normalisation, see `datasets`) and
+      for files of images or other multi-dimensional examples. True/False force it.
 
 `seed` drives b and c only (independent streams, numpy `default_rng([seed, 1])` and
 `default_rng([seed, 2])`); train/test splits that this module makes itself (digits, a `.npz`
@@ -31,8 +35,10 @@ changed; empty without corruption), `split`; when they
 apply: `kept_classes`, `train_indices` (int64 tensor, positions in the full training set as
 loaded, when the training set is a strict subset), `test_indices` (same for the test split when
 classes were dropped), `original_y_train` (labels before corruption, after relabelling),
-`feature_mean` / `feature_std` (tensors of shape input_shape), `normalization` (the fixed
-per-channel mean/std of the image datasets), `class_names`, `feature_names` (csv).
+`feature_mean` / `feature_std` (tensors of shape input_shape, when standardised), `normalization`
+(the fixed per-channel mean/std of the image datasets), `class_names`, `feature_names` (csv);
+and `standardize`: {"requested": None | bool, "applied": bool, "reason": str}, shown by
+`Dataset.summary()` (so a run's config.json says what was done).
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ from modelsense.data.transforms import (
     stratified_subset,
 )
 from modelsense.data.validation import check_arrays, check_data_options, check_options
+from modelsense.options import ints, joined, option
+from modelsense.data.user import load_user_arrays
+from modelsense.user import is_reference
 from modelsense.errors import DataError
 
 #: Environment variable read when `data_dir` is None.
@@ -76,17 +85,27 @@ class DataConfig:
         n_train: size of a stratified training subset; None keeps every training example.
         corruption_ratio: fraction in [0, 1] of training labels moved to another class.
         drop_classes: class ids removed from both splits.
-        standardize: per-feature standardisation with training statistics.
+        standardize: per-feature standardisation with training statistics: True, False, or None
+            (automatic: on for feature vectors from a .npz/.csv file, off for built-in datasets
+            and files of images; `Dataset.metadata["standardize"]` records what was done).
         seed: seed of the subset and the label corruption.
     """
 
-    name: str = "digits"
-    data_dir: str | None = None
-    n_train: int | None = None
-    corruption_ratio: float = 0.0
-    drop_classes: tuple[int, ...] = ()
-    standardize: bool = False
-    seed: int = 0
+    name: str = option("digits", "digits, mnist1d, mnist, fmnist, cifar10, or a path to a .npz/.csv file",
+                       flag="--dataset", short="-d")
+    data_dir: str | None = option(None, "directory with the MNIST/FMNIST IDX files or CIFAR-10 batches")
+    n_train: int | None = option(None, "use a seeded stratified subset of this many training examples")
+    corruption_ratio: float = option(0.0, "fraction of training labels flipped to another class (seeded)")
+    drop_classes: tuple[int, ...] = option((), "comma-separated class labels to remove, e.g. 3,5", parse=ints,
+                                           show=joined)
+    standardize: bool | None = option(None, "standardise features with training-set mean and std; automatic where "
+                                      "no default is shown: on for feature vectors from a .npz/.csv file, off for "
+                                      "built-in datasets and images (they keep their usual normalisation)",
+                                      flag="--standardize/--no-standardize")
+    seed: int = option(0, "seed of subsetting, splitting and label corruption", flag="--data-seed")
+
+    def __post_init__(self) -> None:
+        self.drop_classes = tuple(int(c) for c in self.drop_classes)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values (for config.json)."""
@@ -107,32 +126,37 @@ class DatasetInfo:
     num_classes: int
     source: str
     read: Callable[[str | None], dict[str, Any]]
+    normalization: str
     aliases: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
     subdirs: tuple[str, ...] = ()
     generated: bool = False  # sizes are exact and known without reading anything
 
 
+_IMAGE_NORMALIZATION = "pixels / 255, then the usual per-channel mean and std"
+
 _BUILTINS: tuple[DatasetInfo, ...] = (
     DatasetInfo("digits", 1297, 500, (1, 8, 8), 10,
                 "sklearn load_digits (bundled)",
-                lambda data_dir: builtin.load_digits_arrays(), generated=True),
+                lambda data_dir: builtin.load_digits_arrays(), "pixels / 16, in [0, 1]", generated=True),
     DatasetInfo("mnist1d", 4000, 1000, (40,), 10,
                 "mnist1d package, generated offline",
-                lambda data_dir: builtin.load_mnist1d_arrays(), aliases=("mnist-1d", "mnist_1d"),
+                lambda data_dir: builtin.load_mnist1d_arrays(), "standardised by its generator",
+                aliases=("mnist-1d", "mnist_1d"),
                 generated=True),
     DatasetInfo("mnist", 60000, 10000, (1, 28, 28), 10,
                 "IDX files in --data-dir (or its MNIST/raw)",
-                lambda data_dir: files.load_idx_arrays(data_dir, "mnist"),
+                lambda data_dir: files.load_idx_arrays(data_dir, "mnist"), _IMAGE_NORMALIZATION,
                 files=tuple(files.IDX_FILES.values()), subdirs=files.IDX_SUBDIRS["mnist"]),
     DatasetInfo("fmnist", 60000, 10000, (1, 28, 28), 10,
                 "IDX files in --data-dir (or its FashionMNIST/raw)",
-                lambda data_dir: files.load_idx_arrays(data_dir, "fmnist"),
+                lambda data_dir: files.load_idx_arrays(data_dir, "fmnist"), _IMAGE_NORMALIZATION,
                 aliases=("fashion-mnist", "fashion_mnist", "fashionmnist"),
                 files=tuple(files.IDX_FILES.values()), subdirs=files.IDX_SUBDIRS["fmnist"]),
     DatasetInfo("cifar10", 50000, 10000, (3, 32, 32), 10,
                 "python batches in --data-dir (or its cifar-10-batches-py)",
-                lambda data_dir: files.load_cifar10_arrays(data_dir), aliases=("cifar-10", "cifar"),
+                lambda data_dir: files.load_cifar10_arrays(data_dir), _IMAGE_NORMALIZATION,
+                aliases=("cifar-10", "cifar"),
                 files=files.CIFAR10_TRAIN_BATCHES + (files.CIFAR10_TEST_BATCH,),
                 subdirs=("cifar-10-batches-py",)),
 )
@@ -161,14 +185,20 @@ def _resolve(name: Any, data_dir: str | None) -> tuple[str, DatasetInfo | None, 
     info = _BY_NAME.get(text.lower())
     if info is not None:
         return info.name, info, None
+    if is_reference(text):
+        return text, None, None
     path = Path(text).expanduser()
+    candidates = [path]
+    if data_dir is not None and not path.is_absolute():
+        candidates.append(Path(data_dir).expanduser() / path)
     if path.suffix.lower() in FILE_SUFFIXES:
-        candidates = [path]
-        if data_dir is not None and not path.is_absolute():
-            candidates.append(Path(data_dir).expanduser() / path)
         for candidate in candidates:
             if candidate.is_file():
                 return path.stem, None, candidate
+    folder = next((c for c in candidates if c.is_dir()), None)
+    if folder is not None:
+        raise DataError(_folder_message(folder))
+    if path.suffix.lower() in FILE_SUFFIXES:
         looked = " or ".join(str(c) for c in candidates)
         raise DataError(f"dataset file {looked} does not exist; check the path (relative paths are "
                         "taken from the current folder, then from --data-dir).")
@@ -181,6 +211,42 @@ def _resolve(name: Any, data_dir: str | None) -> tuple[str, DatasetInfo | None, 
                     "(a 'label' column and numeric feature columns).")
 
 
+def _folder_message(folder: Path) -> str:
+    """What to say when the dataset name is a folder: what is expected, and what the folder
+    holds that could be meant (the files of a built-in dataset, .npz/.csv files)."""
+    text = (f"{folder} is a folder, not a dataset; the dataset is a built-in name "
+            f"({', '.join(known_dataset_names())}) or the path of one .npz/.csv file")
+    for info in _BUILTINS:
+        if not info.files:
+            continue
+        try:
+            files.find_files(folder, list(info.files), info.subdirs, info.name,
+                             allow_gz=info.name != "cifar10")
+        except DataError:
+            continue
+        return (f"{text}. It holds the {info.name} files: load them by name with the folder as "
+                f"data_dir (CLI: --dataset {info.name} --data-dir {folder}).")
+    inside = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in FILE_SUFFIXES)[:5]
+    if inside:
+        return f"{text}; it holds {', '.join(inside)}: pass one of those files."
+    return f"{text}; the folders of mnist, fmnist and cifar10 files are given as data_dir (CLI: --data-dir)."
+
+
+def standardize_choice(requested: bool | None, info: DatasetInfo | None,
+                       input_shape: tuple[int, ...]) -> tuple[bool, str]:
+    """Whether to standardise, and why: `requested` when True/False; None decides by the data
+    (on for feature vectors read from a file, off for built-in datasets and files of images or
+    other multi-dimensional examples)."""
+    if requested is not None:
+        return requested, "requested" if requested else "turned off"
+    if info is not None:
+        return False, f"automatic: off, {info.name} keeps its usual normalisation ({info.normalization})"
+    if len(input_shape) == 1:
+        return True, "automatic: feature vectors from a file, standardised with the training set's mean and std"
+    return False, (f"automatic: off, the file holds examples of shape {tuple(input_shape)} (images or "
+                   "signals keep their values); standardize=True standardises every entry")
+
+
 def load_dataset(
     name: str | os.PathLike,
     *,
@@ -188,7 +254,7 @@ def load_dataset(
     n_train: int | None = None,
     corruption_ratio: float = 0.0,
     drop_classes: Sequence[int] = (),
-    standardize: bool = False,
+    standardize: bool | None = None,
     seed: int = 0,
 ) -> Dataset:
     """Load a dataset and apply the options (order and metadata: see the module docstring).
@@ -199,7 +265,8 @@ def load_dataset(
         n_train: stratified training subset size; None for all.
         corruption_ratio: fraction of training labels to move to another class.
         drop_classes: class ids to remove from both splits.
-        standardize: per-feature standardisation with training mean/std.
+        standardize: per-feature standardisation with training mean/std; None (default) decides
+            by the data (`standardize_choice`: on for feature vectors from a .npz/.csv file).
         seed: seed of the subset and the corruption.
 
     Returns:
@@ -226,6 +293,8 @@ def load_dataset(
                            corruption_ratio, drop, display)
     if info is not None:
         raw = info.read(data_dir)
+    elif path is None:
+        raw = load_user_arrays(display)
     elif path.suffix.lower() == ".npz":
         raw = files.load_npz_arrays(path)
     else:
@@ -236,9 +305,11 @@ def load_dataset(
         where=raw["source"],
     )
     check_data_options(y_train, num_classes, n_train, corruption_ratio, drop, display)
-    config = DataConfig(display if info is not None else str(path.resolve()), data_dir, n_train,
+    config = DataConfig(display if path is None else str(path.resolve()), data_dir, n_train,
                         corruption_ratio, drop, standardize, seed)
     metadata: dict[str, Any] = {"config": config.to_dict(), "split": raw.get("split", "given")}
+    applied, reason = standardize_choice(standardize, info, x_train.shape[1:])
+    metadata["standardize"] = {"requested": standardize, "applied": applied, "reason": reason}
     for key in ("normalization", "class_names", "feature_names"):
         if key in raw:
             metadata[key] = raw[key]
@@ -274,7 +345,7 @@ def load_dataset(
         y_train, corrupted = corrupt_labels_symmetric(y_train, corruption_ratio, num_classes, rng)
     metadata["corrupted_indices"] = torch.from_numpy(corrupted)
 
-    if standardize:
+    if applied:
         x_train, x_test, mean, std = standardize_features(x_train, x_test)
         metadata["feature_mean"] = torch.from_numpy(mean)
         metadata["feature_std"] = torch.from_numpy(std)
@@ -305,8 +376,8 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
     """What can be loaded: one dict per built-in name, then one for user files.
 
     Keys: name, n_train, n_test, input_shape (list), num_classes, source, files (the files
-    needed, empty when none), aliases (the user-files row has "-" for sizes and a `details`
-    text), and -- for file-based datasets when a data folder is
+    needed, empty when none), aliases, normalization (what is done to the values by default; the
+    user-files row has "-" for sizes and a `details` text), and -- for file-based datasets when a data folder is
     known (argument or $MODELSENSE_DATA_DIR) -- found (bool) and location (folder or None).
     Sizes are the standard ones; nothing is read or generated.
     """
@@ -317,6 +388,7 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
             "name": info.name, "n_train": info.n_train, "n_test": info.n_test,
             "input_shape": list(info.input_shape), "num_classes": info.num_classes,
             "source": info.source, "files": list(info.files), "aliases": list(info.aliases),
+            "normalization": info.normalization,
         }
         if info.files and data_dir is not None:
             try:
@@ -331,7 +403,11 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[s
         "num_classes": "-", "aliases": [],
         "source": ".npz: x_train,y_train,x_test,y_test or X,y; .csv: a 'label' column",
         "files": [],
+        "normalization": "feature vectors: standardised with the training set's mean and std "
+                         "(--no-standardize keeps them raw); other shapes: as stored",
         "details": "X,y arrays and .csv tables are split 80/20 (stratified, random_state=0); "
-                   "other .csv columns must be numeric features",
+                   ".csv files need a header row, other .csv columns must be numeric features; "
+                   "feature vectors are standardised with the training set's mean and std "
+                   "unless --no-standardize",
     })
     return out

@@ -1,49 +1,35 @@
 """`modelsense spectrum`, `modelsense effdim width-sweep`, `modelsense effdim blr`.
 
 Maddox, Benton & Wilson (2020), "Rethinking parameter counting": the effective dimensionality
+N_eff(H, s) = Σ_i λ_i / (λ_i + s) of the Hessian H of the training loss at the trained parameters
+tracks generalisation better than the parameter count. The numbers come from `modelsense.curvature`
+(`compute_spectrum`, `width_sweep_summary`, `blr_posterior_contraction`), the figures from
+`modelsense.curvature.plots`; this module runs them.
 
-    N_eff(H, s) = Σ_i λ_i / (λ_i + s)
-
-of the Hessian H of the training loss at the trained parameters tracks generalisation better than
-the parameter count. This module composes `modelsense.curvature` into runs.
-
-Matrix, reduction and s (the conventions of every command here):
-  - the matrix is the Hessian (or GGN / empirical Fisher, `matrix`) of the training loss SUMMED over
-    the N training examples, L(θ) = Σ_i -log p(y_i | x_i, θ), at the trained parameters, with the
-    model in eval mode (batch norm uses its running statistics). `reduction="mean"` divides it by N.
-  - its eigenvalues grow with N, and so must s: N_eff(H_sum, s) = N_eff(H_mean, s / N). With s = 1
-    on the summed-loss Hessian every top eigenvalue of a digits MLP is far above s and N_eff
-    saturates at k. The default s = 100 (`DEFAULT_S_SUM`, ≈ 0.08 N on digits) is the value at which
-    the prototype saw the double-descent behaviour; with `reduction="mean"` the default is 100 / N,
-    the same regularisation. Several s may be given; the first is the headline value.
-  - N_eff is computed from the top-k Lanczos Ritz values (a lower bound of the full N_eff for a PSD
-    matrix); Ritz values that did not converge are dropped and negative ones count 0
-    (`modelsense.curvature.effective_dimension`).
-  - `weights_only=True` restricts the parameters to tensors with >= 2 dimensions (linear and conv
-    weights), as the original did; biases and normalisation parameters are then held fixed.
+Conventions (`modelsense.curvature.spectrum`): the matrix is of the training loss SUMMED over the N
+examples (`--reduction mean` divides it by N), at the trained parameters, in eval mode; s is on the
+scale of that matrix (default 100 for the sum, 100 / N for the mean); N_eff counts the converged
+top-k Ritz values (a lower bound of the full N_eff); the trace and the density are computed only on
+request (they cost far more products than the eigenvalues; metrics.json's `cost` says what each part
+cost); `weights_only` restricts the matrix to the parameters with >= 2 dimensions.
 
 Run directories:
-    spectrum:     config.json, metrics.json (eigenvalues (descending), eigenvalues_converged, trace,
-                  trace_standard_error, effective_dimension (first s), effective_dimension_by_s, s,
-                  n_params, matrix, reduction, train/test loss and accuracy), spectrum.npz
-                  (eigenvalues, converged, residuals, density_grid, density, slq_nodes, slq_weights),
-                  model.pt (when trained here), figures/spectrum.png
-    width-sweep:  config.json, widths/width_<w>.json (one per finished model: losses, eigenvalues,
-                  history), metrics.json, width_sweep.npz, figures/width_sweep.png,
-                  widths/model_<w>.pt with `save_models`. `resume` skips widths whose json exists,
-                  so a crash loses at most the model in flight; N_eff is recomputed from the saved
-                  eigenvalues, so a resumed run may change s, the widths and the threshold.
+    spectrum:     config.json, metrics.json (eigenvalues, eigenvalues_converged, trace and its
+                  standard error (None unless asked), effective_dimension (first s), effective_dimension_by_s,
+                  s, n_params, matrix, reduction, train/test loss and accuracy, cost {part: {matvecs,
+                  seconds}}, num_matvecs, seconds (the spectrum)), spectrum.npz, model.pt (trained here),
+                  figures/spectrum.png
+    width-sweep:  config.json, widths/width_<w>.json (one per finished model: losses, eigenvalues, history;
+                  the resumable state: `--resume` trains only the widths without one, and may change the
+                  widths, s and the threshold, since N_eff is recomputed from the saved eigenvalues),
+                  widths/model_<w>.pt (`save_models`), metrics.json, width_sweep.npz, figures/width_sweep.png
     blr:          config.json, metrics.json, blr.npz, figures/blr_effective_dimension.png
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
-import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,579 +37,342 @@ import numpy as np
 import torch
 from torch import nn
 
-from modelsense.core.functional import FunctionalModel
-from modelsense.curvature import (
-    BLRContraction,
-    Spectrum,
+from modelsense.curvature.effdim import blr_posterior_contraction, blr_regions, effective_dimension
+from modelsense.curvature.spectrum import (
+    DEFAULT_S_SUM,
+    S_HELP,
     SpectrumConfig,
-    blr_posterior_contraction,
     compute_spectrum,
-    effective_dimension,
+    count_params,
+    curvature_model,
+    density_on_grid,
+    resolve_s,
 )
-from modelsense.curvature.operators import MATRICES, REDUCTIONS
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments import plots  # noqa: F401  (selects the Agg backend before pyplot)
-from modelsense.experiments.train import check_checkpoint_data, check_recipe, checkpoint_recipe
-from modelsense.models.checkpoint import save_model
+from modelsense.experiments.command import Command, Prepared, execute
+from modelsense.experiments.source import check_checkpoint, check_model, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
+from modelsense.models.checkpoint import save_model
+from modelsense.options import floats, ints, joined, option
 from modelsense.progress import progress_bar
 from modelsense.runs import RunDir, finished_metrics, read_json, write_json
-from modelsense.training import evaluate, fit
+from modelsense.training import fit
 from modelsense.training.config import TrainConfig
 
-#: s for the Hessian of the summed loss (the prototype's value); divided by N for the mean loss.
-DEFAULT_S_SUM = 100.0
+CHECKPOINT_HELP = ("model.pt of `modelsense train` to use instead of training one (the data, model and training "
+                   "settings then come from the run that made it; --device aside)")
+WEIGHTS_ONLY_HELP = "only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020"
+
+
+# -- modelsense spectrum -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpectrumSpec:
+    """`modelsense spectrum`: a model (trained here, or `checkpoint`) and what of its curvature to compute."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
+    weights_only: bool = option(False, WEIGHTS_ONLY_HELP)
+
+
+def check_spectrum(spec: SpectrumSpec) -> Prepared:
+    data = load_dataset_from_config(spec.data)
+    trained = None if spec.checkpoint is None else check_checkpoint(spec.checkpoint, spec.data, data)
+    module = check_model(data, spec.model) if trained is None else trained.module
+    n_curv = count_params(module, spec.weights_only)
+    if spec.spectrum.k > n_curv:
+        raise ConfigError(f"--k {spec.spectrum.k} is larger than the number of parameters the matrix acts on ({n_curv}"
+                          f"{', weights only' if spec.weights_only else ''}); pass --k <= {n_curv}")
+    # the settings used: s resolved for this dataset, the seed of the run
+    used = replace(spec.spectrum, s=resolve_s(spec.spectrum.s, spec.spectrum.reduction, data.n_train),
+                   seed=spec.train.seed)
+    return Prepared(data, {"dataset": data.summary(), "spectrum": asdict(used)},
+                    {"trained": trained, "spectrum": used})
+
+
+def run_spectrum(spec: SpectrumSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Train (or load the checkpoint) and write the spectrum (see the module docstring)."""
+    from modelsense.curvature import plots
+
+    data, used, trained = prepared.data, prepared.extra["spectrum"], prepared.extra["trained"]
+    if trained is None:
+        run.log(f"training {spec.model.name} on {data.name}")
+    start = time.perf_counter()
+    got = obtain_model(data, spec.model, spec.train, trained=trained, run=run, progress=progress)
+    train_seconds = time.perf_counter() - start
+    module = got.module.eval()
+    run.log(f"spectrum: top {used.k} eigenvalues of the {used.matrix} ({used.reduction} loss) over {data.n_train} "
+            "examples")
+    start = time.perf_counter()
+    spectrum = compute_spectrum(curvature_model(module, spec.weights_only), data.x_train, data.y_train, used,
+                                progress=progress)
+    seconds = time.perf_counter() - start
+    arrays = {"eigenvalues": spectrum.eigenvalues, "converged": spectrum.converged, "residuals": spectrum.residuals}
+    grid = dens = None
+    if spectrum.density is not None:
+        grid, dens = density_on_grid(spectrum.density)
+        arrays.update(density_grid=grid, density=dens, slq_nodes=spectrum.density.nodes,
+                      slq_weights=spectrum.density.weights)
+    run.save_arrays("spectrum", **arrays)
+    summary = spectrum.to_metrics()
+    cost = summary.pop("cost")
+    if trained is None:
+        cost = {"training": {"seconds": train_seconds}, **cost}
+    final = got.fit.final
+    metrics = {**summary, "cost": cost, "s": list(used.s), "n_train": data.n_train, "weights_only": spec.weights_only,
+               "n_params_total": count_params(module),
+               **{k: final[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
+               "seconds": seconds}
+    run.save_figure(plots.spectrum_figure(spectrum, grid, dens, f"{got.model.name} on {data.name}"), "spectrum")
+    run.log(f"done: N_eff(s={used.s[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}; "
+            f"cost: {describe_cost(cost)}")
+    return metrics
+
+
+def describe_cost(cost: dict[str, dict[str, float]]) -> str:
+    """One line: what each part of a spectrum run cost, e.g. "training 9.1 s, eigenvalues 50 products 4.2 s"."""
+    parts = []
+    for part, values in cost.items():
+        products = f" {int(values['matvecs'])} products" if "matvecs" in values else ""
+        parts.append(f"{part}{products} {values['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def spectrum_summary(m: dict[str, Any]) -> str:
+    lam = m["eigenvalues"]
+    trace = "" if m["trace"] is None else f"  trace {m['trace']:.4g} ± {m['trace_standard_error']:.2g}"
+    skipped = [f"{what} (--{flag} N)" for what, flag in (("trace", "trace-samples"), ("density", "density-probes"))
+               if what not in m["cost"]]
+    return (f"{m['matrix']} ({m['reduction']} loss), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
+            f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
+            + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
+            + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else ""))
+
+
+SPECTRUM = Command("spectrum", SpectrumSpec, check_spectrum, run_spectrum, summary=spectrum_summary,
+                   help="Train (or load --checkpoint) and compute the top-k eigenvalues and N_eff of the loss curvature "
+                        "(the trace and spectral density on request: they cost far more products than the eigenvalues).")
+
+
+# -- modelsense effdim width-sweep ---------------------------------------------------------------
 #: Models with a width the sweep varies: mlp (every hidden layer), cnn and resnet18 (`width`).
 SWEEP_MODELS = ("mlp", "cnn", "resnet18")
-#: The prototype's sweep: one-hidden-layer ReLU MLPs on digits with 20% label noise.
 PROTOTYPE_WIDTHS = (2, 4, 8, 12, 16, 24, 32, 64, 128, 256, 512)
-PROTOTYPE_DATA = DataConfig("digits", corruption_ratio=0.2, standardize=True)
-PROTOTYPE_TRAIN = TrainConfig(optimizer="adam", lr=3e-3, lrmin=3e-3, epochs=400, bs=128, delta=0.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared pieces
-# ----------------------------------------------------------------------------------------------
-
-
-def weight_names(module: nn.Module) -> set[str]:
-    """Names of the parameters with >= 2 dimensions (linear / conv weights)."""
-    return {n for n, p in module.named_parameters() if p.ndim >= 2}
-
-
-def curvature_model(module: nn.Module, weights_only: bool = False) -> FunctionalModel:
-    """The categorical FunctionalModel of `module`, over all parameters or the weights only."""
-    if not weights_only:
-        return FunctionalModel(module)
-    names = weight_names(module)
-    if not names:
-        raise ConfigError("--weights-only: the model has no parameter with >= 2 dimensions")
-    return FunctionalModel(module, trainable=names.__contains__)
-
-
-def count_params(module: nn.Module, weights_only: bool = False) -> int:
-    names = weight_names(module) if weights_only else None
-    return sum(p.numel() for n, p in module.named_parameters() if names is None or n in names)
-
-
-def resolve_s(s: Sequence[float] | None, reduction: str, n_train: int) -> tuple[float, ...]:
-    """The s values to use: as given, or the default `DEFAULT_S_SUM` (sum) / `DEFAULT_S_SUM / N` (mean)."""
-    if s:
-        values = tuple(float(v) for v in s)
-        bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-        if bad:
-            raise ConfigError(f"every s must be a finite number > 0, received {list(values)}")
-        return values
-    return (DEFAULT_S_SUM if reduction == "sum" else DEFAULT_S_SUM / n_train,)
-
-
-def check_choices(matrix: str, reduction: str) -> None:
-    if matrix not in MATRICES:
-        raise ConfigError(f"unknown matrix {matrix!r}; expected one of {', '.join(MATRICES)} (--matrix)")
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"unknown reduction {reduction!r}; expected one of {', '.join(REDUCTIONS)} (--reduction)")
-
-
-def model_losses(module: nn.Module, data: Dataset, device: str | torch.device) -> dict[str, float]:
-    """Mean NLL and accuracy of `module` on the training and test sets."""
-    tr = evaluate(module, data.x_train.to(device), data.y_train.to(device))
-    te = evaluate(module, data.x_test.to(device), data.y_test.to(device)) if data.n_test else {}
-    return {"train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-            "test_loss": te.get("loss", float("nan")), "test_accuracy": te.get("accuracy", float("nan"))}
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman rank correlation of a and b; None for fewer than 2 points or a constant input."""
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rho = float(spearmanr(a, b)[0])
-    return None if not math.isfinite(rho) else rho
-
-
-# ----------------------------------------------------------------------------------------------
-# modelsense spectrum
-# ----------------------------------------------------------------------------------------------
-
-
-def density_on_grid(spectrum: Spectrum, points: int = 800) -> tuple[np.ndarray, np.ndarray]:
-    """The SLQ density on a grid spanning its nodes (5% margin each side): (grid, density)."""
-    nodes = spectrum.density.nodes.double()
-    weighted = nodes[spectrum.density.weights > 0]
-    lo, hi = float(weighted.min()), float(weighted.max())
-    margin = 0.05 * max(hi - lo, 1e-12)
-    grid = torch.linspace(lo - margin, hi + margin, points, dtype=torch.float64)
-    return grid.numpy(), spectrum.density.evaluate(grid).numpy()
-
-
-def spectrum_figure(spectrum: Spectrum, grid: np.ndarray | None, density: np.ndarray | None, title: str = ""):
-    """Top-k eigenvalues (converged filled, unconverged open) and the SLQ density (log scale)."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2 if grid is not None else 1, figsize=(10 if grid is not None else 5, 3.6), squeeze=False)
-    ax = axes[0, 0]
-    lam = spectrum.eigenvalues.double().cpu().numpy()
-    conv = spectrum.converged.cpu().numpy().astype(bool)
-    idx = np.arange(1, len(lam) + 1)
-    positive = bool((lam > 0).all())
-    ax.plot(idx[conv], lam[conv], "o", ms=4, label="converged")
-    if (~conv).any():
-        ax.plot(idx[~conv], lam[~conv], "o", ms=4, mfc="none", color="grey", label="not converged")
-    for s in spectrum.config.s:
-        ax.axhline(s, ls="--", lw=0.8, color="tab:red")
-        ax.annotate(f"s = {s:g}", (idx[-1], s), ha="right", va="bottom", fontsize=8, color="tab:red")
-    if positive:
-        ax.set_yscale("log")
-    ax.set_xlabel("index i")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"eigenvalue λ_i ({spectrum.config.matrix}, {spectrum.config.reduction} loss)")
-    ax.set_title(f"top {len(lam)} eigenvalues, N_eff = {spectrum.effective_dimension[spectrum.config.s[0]]:.3g}")
-    ax.legend(fontsize=8)
-    if grid is not None:
-        ax = axes[0, 1]
-        ax.semilogy(grid, np.maximum(density, 1e-300))
-        ax.set_ylim(bottom=max(float(density.max()) * 1e-8, 1e-300))
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density (SLQ)")
-        ax.set_title("spectral density (stochastic Lanczos quadrature)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def run_spectrum(
-    data_cfg: DataConfig,
-    model_cfg: ModelConfig,
-    train_cfg: TrainConfig,
-    out: str | Path,
-    *,
-    k: int = 20,
-    matrix: str = "hessian",
-    reduction: str = "sum",
-    s: Sequence[float] | None = None,
-    weights_only: bool = False,
-    checkpoint: str | Path | None = None,
-    trace_samples: int = 100,
-    density_probes: int = 5,
-    density_steps: int = 60,
-    lanczos_tol: float = 1e-5,
-    chunk_size: int = 2048,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train (or load `checkpoint`) and write the spectrum of `matrix` over the training set.
-
-    The matrix, reduction and s follow the module docstring; trace by Hutchinson with
-    `trace_samples` Rademacher probes (0 skips), density by SLQ with `density_probes` probes of
-    `density_steps` Lanczos steps (0 skips). Returns metrics.json's content.
-    """
-    check_choices(matrix, reduction)
-    if k < 1:
-        raise ConfigError(f"--k must be >= 1, received {k}")
-    data = load_dataset_from_config(data_cfg)
-    s_values = resolve_s(s, reduction, data.n_train)
-    device = train_cfg.device
-    if checkpoint is not None:
-        recipe, module, info = checkpoint_recipe(checkpoint)
-        check_recipe(checkpoint, recipe, data_cfg)
-        check_checkpoint_data(info, data, f"checkpoint {checkpoint}")
-        model_info = {"checkpoint": str(checkpoint), **info.get("model", {})}
-    else:
-        module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
-        model_info = asdict(model_cfg)
-    n_curv = count_params(module, weights_only)
-    if k > n_curv:
-        raise ConfigError(
-            f"--k {k} is larger than the number of parameters the matrix acts on ({n_curv}"
-            f"{', weights only' if weights_only else ''}); pass --k <= {n_curv}"
-        )
-    spec_cfg = SpectrumConfig(k=k, matrix=matrix, reduction=reduction, s=s_values, trace_samples=trace_samples,
-                              density_probes=density_probes, density_steps=density_steps, lanczos_tol=lanczos_tol,
-                              chunk_size=chunk_size, seed=train_cfg.seed)
-    config = {"data": data_cfg.to_dict(), "model": model_info, "train": train_cfg.to_dict(), "dataset": data.summary(),
-              "seed": train_cfg.seed, "weights_only": weights_only, "spectrum": {**asdict(spec_cfg), "s": list(s_values)}}
-    with RunDir.open(out, "spectrum", config, overwrite=overwrite) as run:
-        start = time.perf_counter()
-        if checkpoint is None:
-            run.log(f"training {model_cfg.name} on {data.name}")
-            fit(module, data, train_cfg, progress=progress)
-            save_model(run.path / "model.pt", module, model_cfg, data, train_cfg.seed)
-        module = module.to(device).eval()
-        train_seconds = time.perf_counter() - start
-        run.log(f"spectrum: top {k} eigenvalues of the {matrix} ({reduction} loss) over {data.n_train} examples")
-        start = time.perf_counter()
-        with progress_bar(1, f"spectrum ({matrix}, top {k})", enabled=progress) as bar:
-            spectrum = compute_spectrum(curvature_model(module, weights_only), data.x_train, data.y_train, spec_cfg)
-            bar.advance(1)
-        spectrum_seconds = time.perf_counter() - start
-        grid = dens = None
-        if spectrum.density is not None:
-            grid, dens = density_on_grid(spectrum)
-        arrays = {"eigenvalues": spectrum.eigenvalues, "converged": spectrum.converged, "residuals": spectrum.residuals}
-        if spectrum.density is not None:
-            arrays.update(density_grid=grid, density=dens, slq_nodes=spectrum.density.nodes,
-                          slq_weights=spectrum.density.weights)
-        run.save_arrays("spectrum", **arrays)
-        metrics = {
-            **spectrum.to_metrics(),
-            "s": list(s_values),
-            "n_train": data.n_train,
-            "weights_only": weights_only,
-            "n_params_total": count_params(module),
-            **model_losses(module, data, device),
-            "train_seconds": train_seconds,
-            "spectrum_seconds": spectrum_seconds,
-        }
-        run.save_figure(spectrum_figure(spectrum, grid, dens, f"{model_info.get('name', 'model')} on {data.name}"), "spectrum")
-        run.write_metrics(metrics)
-        run.log(f"done: N_eff(s={s_values[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}")
-        return metrics
-
-
-    # ----------------------------------------------------------------------------------------------
-    # modelsense effdim width-sweep
-    # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class WidthSweepConfig:
-    """A family of models that differ only in width, and what is measured on each.
+class WidthSweepSpec:
+    """`modelsense effdim width-sweep`: models that differ only in width (`widths`: every hidden layer of an
+    mlp, `hidden_layers` of them, or the `width` of cnn / resnet18), the top-k spectrum of each, and N_eff
+    against the test loss. The defaults are the prototype's sweep: one-hidden-layer ReLU MLPs on
+    standardised digits with 20% label noise, Adam at a constant 3e-3, 400 epochs, batch 128, no weight decay.
 
-    widths: hidden width of every hidden layer (`mlp`, `hidden_layers` of them) or `width` (cnn,
-        resnet18). k, matrix, reduction, s, weights_only, lanczos_tol, chunk_size: the spectrum
-        (see the module docstring; empty s: `DEFAULT_S_SUM`, divided by N for the mean loss). train_loss_threshold: models whose final mean training NLL is
-        below it count as interpolating. save_models: keep widths/model_<w>.pt.
+    What every width shares (data, model, train but the device, hidden_layers, spectrum, weights_only:
+    config.json's `sweep`) a resumed sweep must keep; widths, s, the threshold and save_models may
+    change (N_eff is recomputed from the saved eigenvalues). `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
     """
 
-    widths: tuple[int, ...] = PROTOTYPE_WIDTHS
-    model: str = "mlp"
-    hidden_layers: int = 1
-    activation: str | None = None
-    depth: int | None = None
-    norm: str | None = None
-    k: int = 50
-    matrix: str = "hessian"
-    reduction: str = "sum"
-    s: tuple[float, ...] = ()
-    weights_only: bool = False
-    train_loss_threshold: float = 0.01
-    lanczos_tol: float = 1e-5
-    chunk_size: int = 2048
-    save_models: bool = False
-
-    def __post_init__(self) -> None:
-        widths = tuple(self.widths)
-        if not widths or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in widths):
-            raise ConfigError(f"--widths must be positive integers, e.g. 2,4,8; received {list(widths)}")
-        if len(set(widths)) != len(widths):
-            raise ConfigError(f"--widths must be distinct, received {list(widths)}")
-        object.__setattr__(self, "widths", tuple(int(w) for w in widths))
-        if self.model not in SWEEP_MODELS:
-            raise ConfigError(f"width-sweep varies the width of {', '.join(SWEEP_MODELS)}; received --model {self.model!r}")
-        if self.hidden_layers < 1:
-            raise ConfigError(f"--hidden-layers must be >= 1, received {self.hidden_layers}")
-        check_choices(self.matrix, self.reduction)
-        if self.k < 1:
-            raise ConfigError(f"--k must be >= 1, received {self.k}")
-        if self.s:
-            object.__setattr__(self, "s", resolve_s(self.s, self.reduction, 1))
-        if not self.train_loss_threshold > 0:
-            raise ConfigError(f"--train-loss-threshold must be > 0, received {self.train_loss_threshold}")
+    data: DataConfig = field(default_factory=lambda: DataConfig("digits", corruption_ratio=0.2, standardize=True))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=3e-3, lrmin=3e-3, epochs=400,
+                                                                   bs=128, delta=0.0))
+    widths: tuple[int, ...] = option(PROTOTYPE_WIDTHS, "comma-separated widths to train", parse=ints, show=joined)
+    hidden_layers: int = option(1, "mlp: number of hidden layers, all of the width")
+    spectrum: SpectrumConfig = field(default_factory=lambda: SpectrumConfig(k=50))
+    weights_only: bool = option(False, WEIGHTS_ONLY_HELP)
+    s: tuple[float, ...] = option((), S_HELP, parse=floats, show=joined)
+    train_loss_threshold: float = option(0.01, "models with a final mean train NLL below it count as interpolating "
+                                               "(the Spearman correlations)")
+    save_models: bool = option(False, "keep each trained model as widths/model_<w>.pt")
 
     def model_config(self, width: int) -> ModelConfig:
-        if self.model == "mlp":
-            return ModelConfig("mlp", widths=(width,) * self.hidden_layers, activation=self.activation,
-                               depth=self.depth, norm=self.norm)
-        return ModelConfig(self.model, width=width, activation=self.activation, depth=self.depth, norm=self.norm)
+        if self.model.name == "mlp":
+            return replace(self.model, widths=(width,) * self.hidden_layers)
+        return replace(self.model, width=width)
 
-    def resume_key(self) -> dict[str, Any]:
-        """The settings every finished width must share (not widths, s, threshold, save_models)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("widths", "s", "train_loss_threshold", "save_models")}
+
+def check_width_sweep(spec: WidthSweepSpec) -> Prepared:
+    widths = tuple(spec.widths)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1 for w in widths):
+        raise ConfigError(f"--widths must be positive integers, e.g. 2,4,8; received {list(widths)}")
+    if len(set(widths)) != len(widths):
+        raise ConfigError(f"--widths must be distinct, received {list(widths)}")
+    if spec.model.name not in SWEEP_MODELS:
+        raise ConfigError(f"width-sweep varies the width of {', '.join(SWEEP_MODELS)}; received --model {spec.model.name!r}")
+    if spec.hidden_layers < 1:
+        raise ConfigError(f"--hidden-layers must be >= 1, received {spec.hidden_layers}")
+    if spec.spectrum.s or spec.spectrum.trace_samples or spec.spectrum.density_probes:
+        raise ConfigError("width-sweep computes the top-k eigenvalues only: give s as WidthSweepSpec.s, and no trace "
+                          "or density")
+    if not spec.train_loss_threshold > 0:
+        raise ConfigError(f"--train-loss-threshold must be > 0, received {spec.train_loss_threshold}")
+    data = load_dataset_from_config(spec.data)
+    for width in widths:  # the model options of every width
+        check_model(data, spec.model_config(width))
+    s = resolve_s(spec.s, spec.spectrum.reduction, data.n_train)
+    # what every width shares, which a resumed sweep must keep (the device aside: a crashed run may resume elsewhere)
+    sweep = {"data": asdict(spec.data), "model": asdict(spec.model),
+             "train": {k: v for k, v in asdict(spec.train).items() if k != "device"}, "hidden_layers": spec.hidden_layers,
+             "spectrum": asdict(spec.spectrum), "weights_only": spec.weights_only}
+    return Prepared(data, {"dataset": data.summary(), "s": list(s), "sweep": sweep}, {"s": s})
 
 
 def width_result_path(root: str | Path, width: int) -> Path:
     return Path(root) / "widths" / f"width_{int(width)}.json"
 
 
-def train_and_measure(
-    data: Dataset, train_cfg: TrainConfig, sweep: WidthSweepConfig, width: int, on_epoch=None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the model of `width` and measure losses and the top-k spectrum; returns (module, result)."""
-    model_cfg = sweep.model_config(width)
+def train_and_measure(data: Dataset, train_cfg: TrainConfig, spec: WidthSweepSpec, width: int,
+                      on_epoch=None) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the model of `width` and measure its losses and top-k spectrum; returns (module, result)."""
+    model_cfg = spec.model_config(width)
     module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
-    n_curv = count_params(module, sweep.weights_only)
+    n_curv = count_params(module, spec.weights_only)
     start = time.perf_counter()
     result = fit(module, data, train_cfg, progress=False, on_epoch=on_epoch)
     train_seconds = time.perf_counter() - start
     module = module.eval()
-    final = result.final
     start = time.perf_counter()
-    k = min(sweep.k, n_curv)  # a model with fewer parameters than k: all its eigenvalues (exact N_eff)
-    spectrum = compute_spectrum(
-        curvature_model(module, sweep.weights_only), data.x_train, data.y_train,
-        SpectrumConfig(k=k, matrix=sweep.matrix, reduction=sweep.reduction, s=sweep.s, trace_samples=0,
-                       density_probes=0, lanczos_tol=sweep.lanczos_tol, chunk_size=sweep.chunk_size,
-                       seed=train_cfg.seed),
-    )
+    # a model with fewer parameters than k: all its eigenvalues (the exact N_eff)
+    cfg = replace(spec.spectrum, k=min(spec.spectrum.k, n_curv), seed=train_cfg.seed)
+    spectrum = compute_spectrum(curvature_model(module, spec.weights_only), data.x_train, data.y_train, cfg)
+    final = result.final
     return module, {
-        "width": width,
-        "model": asdict(model_cfg),
-        "n_params": count_params(module),
+        "width": width, "model": asdict(model_cfg), "n_params": count_params(module),
         "n_params_curvature": n_curv,
-        "train_loss": final["train_loss"],
-        "train_accuracy": final["train_accuracy"],
-        "test_loss": final["test_loss"],
-        "test_accuracy": final["test_accuracy"],
-        "test_error": 1.0 - final["test_accuracy"],
-        "k": k,
+        **{k: final[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
+        "test_error": 1.0 - final["test_accuracy"], "k": cfg.k,
         "eigenvalues": [float(v) for v in spectrum.eigenvalues],
-        "eigenvalues_converged": [bool(c) for c in spectrum.converged],
-        "num_matvecs": spectrum.num_matvecs,
+        "eigenvalues_converged": [bool(c) for c in spectrum.converged], "num_matvecs": spectrum.num_matvecs,
         "history": {key: list(v) for key, v in result.history.items()},
-        "train_seconds": train_seconds,
-        "spectrum_seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds, "spectrum_seconds": time.perf_counter() - start,
     }
 
 
-def summarize_width_sweep(results: Sequence[dict[str, Any]], s: Sequence[float], threshold: float) -> dict[str, Any]:
-    """Per-model arrays, N_eff for every s (from the saved eigenvalues) and the Spearman correlations.
+def run_width_sweep(spec: WidthSweepSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """Train every width not finished in the run, then summarise all of them (see the module docstring)."""
+    from modelsense.curvature import plots
+    from modelsense.curvature.effdim import width_sweep_summary
 
-    spearman_effdim_test_loss / spearman_params_test_loss: over the models whose train loss is below
-    `threshold` (None with fewer than two); the `_all` variants over every model.
-    """
-    results = sorted(results, key=lambda r: r["width"])
-    neff = {float(v): [effective_dimension(torch.tensor(r["eigenvalues"]), float(v),
-                                           converged=torch.tensor(r["eigenvalues_converged"])) for r in results]
-            for v in s}
-    head = neff[float(s[0])]
-    test_loss = [r["test_loss"] for r in results]
-    params = [r["n_params"] for r in results]
-    interp = [r["train_loss"] < threshold for r in results]
-    sel = [i for i, ok in enumerate(interp) if ok]
-    pick = lambda values: [values[i] for i in sel]  # noqa: E731
-    return {
-        "widths": [r["width"] for r in results],
-        "n_params": params,
-        "train_loss": [r["train_loss"] for r in results],
-        "train_accuracy": [r["train_accuracy"] for r in results],
-        "test_loss": test_loss,
-        "test_error": [r["test_error"] for r in results],
-        "effective_dimension": head,
-        "effective_dimension_by_s": {str(v): vals for v, vals in neff.items()},
-        "s": [float(v) for v in s],
-        "k": [r["k"] for r in results],
-        "n_converged": [int(sum(r["eigenvalues_converged"])) for r in results],
-        "interpolating": interp,
-        "train_loss_threshold": threshold,
-        "n_interpolating": len(sel),
-        "spearman_effdim_test_loss": spearman(pick(head), pick(test_loss)),
-        "spearman_params_test_loss": spearman(pick(params), pick(test_loss)),
-        "spearman_effdim_test_loss_all": spearman(head, test_loss),
-        "spearman_params_test_loss_all": spearman(params, test_loss),
-    }
+    data, s = prepared.data, prepared.extra["s"]
+    (run.path / "widths").mkdir(exist_ok=True)
+    for width in spec.widths:  # stored state is checked first: a damaged width is trained again
+        path = width_result_path(run.path, width)
+        if path.exists():
+            try:
+                read_json(path)
+            except ConfigError as err:
+                path.unlink()
+                run.log(f"width {width}: its stored result was damaged ({err}); training it again")
+    todo = [w for w in spec.widths if not width_result_path(run.path, w).exists()]
+    if len(todo) < len(spec.widths):
+        run.log(f"resume: {len(spec.widths) - len(todo)} widths finished, {len(todo)} to train")
+    # a few evaluations per model (progress and learning curves) instead of one per epoch
+    cfg = replace(spec.train, eval_every=max(1, spec.train.epochs // 20))
+    start = time.perf_counter()
+    with progress_bar(len(todo) * cfg.epochs, "width sweep", enabled=progress) as bar:
+        for width in todo:
+            done = [0]
 
+            def on_epoch(epoch: int, row: dict[str, float], width: int = width, done: list[int] = done) -> None:
+                bar.advance(epoch - done[0], description=f"width {width}", loss=row["train_loss"])
+                done[0] = epoch
 
-def width_sweep_figure(summary: dict[str, Any], title: str = ""):
-    """Test/train loss, N_eff and parameter count against width (log x); filled = interpolating."""
-    import matplotlib.pyplot as plt
-
-    w = np.asarray(summary["widths"], dtype=float)
-    interp = np.asarray(summary["interpolating"], dtype=bool)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-
-    def mark(ax, y, color, label):
-        ax.plot(w, y, "-", color=color, lw=1.2, label=label)
-        ax.plot(w[interp], np.asarray(y)[interp], "o", color=color, ms=5)
-        ax.plot(w[~interp], np.asarray(y)[~interp], "o", color=color, mfc="white", ms=5)
-
-    ax = axes[0]
-    mark(ax, summary["test_loss"], "tab:blue", "test loss")
-    ax.set_ylabel("test loss (mean NLL)", color="tab:blue")
-    twin = ax.twinx()
-    mark(twin, summary["effective_dimension"], "tab:red", "N_eff")
-    twin.set_ylabel(f"N_eff (s = {summary['s'][0]:g})", color="tab:red")
-    rho = summary["spearman_effdim_test_loss"]
-    ax.set_title(f"Spearman(N_eff, test loss) = {'n/a' if rho is None else f'{rho:.2f}'} (interpolating)", fontsize=9)
-    ax = axes[1]
-    for key, vals in summary["effective_dimension_by_s"].items():
-        ax.plot(w, vals, "o-", ms=4, label=f"s = {float(key):g}")
-    ax.set_ylabel("effective dimension N_eff")
-    ax.legend(fontsize=8)
-    ax.set_title("N_eff for each s", fontsize=9)
-    ax = axes[2]
-    mark(ax, summary["n_params"], "tab:green", "parameters")
-    ax.set_yscale("log")
-    ax.set_ylabel("number of parameters", color="tab:green")
-    twin = ax.twinx()
-    twin.plot(w, summary["train_loss"], "s--", color="tab:grey", ms=3, lw=0.8)
-    twin.axhline(summary["train_loss_threshold"], color="tab:grey", lw=0.6, ls=":")
-    twin.set_yscale("log")
-    twin.set_ylabel("train loss", color="tab:grey")
-    rho = summary["spearman_params_test_loss"]
-    ax.set_title(f"Spearman(params, test loss) = {'n/a' if rho is None else f'{rho:.2f}'}", fontsize=9)
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width")
-    fig.suptitle(f"{title + ': ' if title else ''}filled markers = train loss < {summary['train_loss_threshold']:g}")
-    fig.tight_layout()
-    return fig
+            module, result = train_and_measure(data, cfg, spec, width, on_epoch)
+            bar.advance(cfg.epochs - done[0])
+            path = width_result_path(run.path, width)
+            if spec.save_models:
+                save_model(path.with_name(f"model_{width}.pt"), module, ModelConfig(**result["model"]), data, cfg.seed)
+            write_json(path, result)
+            neff = effective_dimension(torch.tensor(result["eigenvalues"]), s[0],
+                                       converged=torch.tensor(result["eigenvalues_converged"]))
+            run.log(f"width {width}: {result['n_params']} params, train loss {result['train_loss']:.4g}, "
+                    f"test loss {result['test_loss']:.4g}, N_eff {neff:.4g}")
+            bar.set_info(width=width, test_loss=result["test_loss"], N_eff=neff)
+    summary = width_sweep_summary([read_json(width_result_path(run.path, w)) for w in spec.widths], s,
+                                  spec.train_loss_threshold)
+    run.save_arrays("width_sweep", **{k: np.asarray(summary[k], dtype=float) for k in
+                                      ("widths", "n_params", "train_loss", "test_loss", "test_error",
+                                       "effective_dimension")})
+    name = spec.model.name if spec.model.name != "mlp" else f"{spec.hidden_layers}-hidden-layer MLP"
+    run.save_figure(plots.width_sweep_figure(summary, f"{name} on {data.name} (label noise "
+                                                      f"{spec.data.corruption_ratio:g})"), "width_sweep")
+    return {**summary, "matrix": spec.spectrum.matrix, "reduction": spec.spectrum.reduction, "n_train": data.n_train,
+            "weights_only": spec.weights_only, "n_trained": len(todo), "seconds": time.perf_counter() - start}
 
 
-def run_width_sweep(
-    data_cfg: DataConfig,
-    train_cfg: TrainConfig,
-    sweep: WidthSweepConfig,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train every width of `sweep` not finished in `out`, then summarise all of them (see module docstring)."""
-    data = load_dataset_from_config(data_cfg)
-    sweep = dataclasses.replace(sweep, s=resolve_s(sweep.s, sweep.reduction, data.n_train))
-    for width in sweep.widths:  # validates the model options of every width before anything is written
-        build_model_from_config(sweep.model_config(width), data.input_shape, data.num_classes, seed=train_cfg.seed)
-    train_key = {k: v for k, v in train_cfg.to_dict().items() if k != "device"}  # a crashed run may resume elsewhere
-    config = {"data": data_cfg.to_dict(), "train": train_key, "sweep": sweep.resume_key(), "dataset": data.summary(),
-              "device": train_cfg.device, "widths": list(sweep.widths), "s": list(sweep.s),
-              "train_loss_threshold": sweep.train_loss_threshold, "seed": train_cfg.seed}
-    with RunDir.open(out, "effdim width-sweep", config, resume=resume, overwrite=overwrite, keep=("widths",),
-                     resume_keys=["data", "train", "sweep"]) as run:
-        (run.path / "widths").mkdir(exist_ok=True)
-        for width in sweep.widths:  # stored state is checked first: a damaged width is trained again
-            path = width_result_path(out, width)
-            if path.exists():
-                try:
-                    read_json(path)
-                except ConfigError as err:
-                    path.unlink()
-                    run.log(f"width {width}: its stored result was damaged ({err}); training it again")
-        todo = [w for w in sweep.widths if not width_result_path(out, w).exists()]
-        if len(todo) < len(sweep.widths):
-            run.log(f"resume: {len(sweep.widths) - len(todo)} widths finished, {len(todo)} to train")
-        # a few evaluations per model (progress and learning curves) instead of one per epoch
-        cfg = dataclasses.replace(train_cfg, eval_every=max(1, train_cfg.epochs // 20))
-        start = time.perf_counter()
-        with progress_bar(len(todo) * cfg.epochs, "width sweep", enabled=progress) as bar:
-            for width in todo:
-                done = [0]
+def width_sweep_summary_lines(m: dict[str, Any]) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:+.2f}"
 
-                def on_epoch(epoch: int, row: dict[str, float], width: int = width) -> None:
-                    bar.advance(epoch - done[0], description=f"width {width}", loss=row["train_loss"])
-                    done[0] = epoch
-
-                module, result = train_and_measure(data, cfg, sweep, width, on_epoch)
-                bar.advance(cfg.epochs - done[0])
-                if sweep.save_models:
-                    save_model(width_result_path(out, width).with_name(f"model_{width}.pt"), module,
-                               ModelConfig(**result["model"]), data, cfg.seed)
-                write_json(width_result_path(out, width), result)
-                neff = effective_dimension(torch.tensor(result["eigenvalues"]), sweep.s[0],
-                                           converged=torch.tensor(result["eigenvalues_converged"]))
-                run.log(f"width {width}: {result['n_params']} params, train loss {result['train_loss']:.4g}, "
-                        f"test loss {result['test_loss']:.4g}, N_eff {neff:.4g}")
-                bar.set_info(width=width, test_loss=result["test_loss"], N_eff=neff)
-        results = [read_json(width_result_path(out, w)) for w in sweep.widths]
-        summary = summarize_width_sweep(results, sweep.s, sweep.train_loss_threshold)
-        run.save_arrays("width_sweep", **{k: np.asarray(summary[k], dtype=float) for k in
-                                          ("widths", "n_params", "train_loss", "test_loss", "test_error",
-                                           "effective_dimension")})
-        name = sweep.model if sweep.model != "mlp" else f"{sweep.hidden_layers}-hidden-layer MLP"
-        run.save_figure(width_sweep_figure(summary, f"{name} on {data.name} (label noise {data_cfg.corruption_ratio:g})"),
-                        "width_sweep")
-        metrics = {**summary, "matrix": sweep.matrix, "reduction": sweep.reduction, "n_train": data.n_train,
-                   "weights_only": sweep.weights_only, "n_trained": len(todo), "seconds": time.perf_counter() - start}
-        run.write_metrics(metrics)
-        return metrics
+    lines = [f"{'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'test err':>8} {'N_eff':>7}"]
+    lines += [f"{w:>6} {m['n_params'][i]:>8} {m['train_loss'][i]:>10.4g} {m['test_loss'][i]:>9.4g} "
+              f"{m['test_error'][i]:>8.3f} {m['effective_dimension'][i]:>7.3g}" for i, w in enumerate(m["widths"])]
+    lines.append(f"Spearman with test loss, {m['n_interpolating']} models with train loss < {m['train_loss_threshold']:g}: "
+                 f"N_eff {fmt(m['spearman_effdim_test_loss'])}, params {fmt(m['spearman_params_test_loss'])}; "
+                 f"all {len(m['widths'])}: N_eff {fmt(m['spearman_effdim_test_loss_all'])}, "
+                 f"params {fmt(m['spearman_params_test_loss_all'])}")
+    return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# modelsense effdim blr
-# ----------------------------------------------------------------------------------------------
+WIDTH_SWEEP = Command(
+    "effdim width-sweep", WidthSweepSpec, check_width_sweep, run_width_sweep, summary=width_sweep_summary_lines,
+    keep=("widths",), resume_keys=("sweep",),
+    hide=frozenset({"model.widths", "model.width", "spectrum.s", "spectrum.trace_samples", "spectrum.density_probes",
+                    "spectrum.density_steps"}),
+    help="Models from narrow to wide: test loss, parameter count and N_eff against width (double descent). The "
+         "default is the prototype: one-hidden-layer ReLU MLPs on standardised digits with 20% label noise, Adam at "
+         "a constant rate 3e-3 (--lrmin = --lr; set both to change it), 400 epochs, batch 128, no weight decay; "
+         "top-50 Hessian eigenvalues of the summed training loss, s = 100.")
 
 
+# -- modelsense effdim blr -----------------------------------------------------------------------
 @dataclass(frozen=True)
-class BLRConfig:
-    """The original notebook's Bayesian linear regression (see `blr_posterior_contraction`)."""
+class BLRSpec:
+    """`modelsense effdim blr`: Bayesian linear regression on Fourier features (`blr_posterior_contraction`,
+    the notebook of Maddox et al. 2020)."""
 
-    n_points: int = 300
-    n_frequencies: int = 100
-    x_max: float = 50.0
-    noise_variance: float = 0.1
-    prior_variance: float = 3.0
-    s_parameter: float = 5.0
-    s_function: float = 5.0
-    seed: int = 0
-    shuffle: bool = True
-
-    def __post_init__(self) -> None:
-        if self.n_points < 1 or self.n_frequencies < 1:
-            raise ConfigError(f"need --n-points >= 1 and --n-frequencies >= 1, received {self.n_points}, {self.n_frequencies}")
-        if not self.x_max > 0:
-            raise ConfigError(f"--x-max must be > 0, received {self.x_max}")
+    n_points: int = option(300, "inputs x = linspace(0, x-max, n-points), added one at a time")
+    n_frequencies: int = option(100, "F: features cos((f+1)πx), sin((f+1)πx), P = 2F")
+    x_max: float = option(50.0, "largest input x")
+    noise_variance: float = option(0.1, "σ² of the likelihood")
+    prior_variance: float = option(3.0, "τ² of the prior N(0, τ² I)")
+    s_parameter: float = option(5.0, "s of the posterior-covariance N_eff", flag="--s")
+    s_function: float = option(5.0, "s of the function-space-covariance N_eff")
+    seed: int = option(0, "seed of the order in which the points are added")
+    shuffle: bool = option(True, "add the points in a random order", flag="--shuffle/--no-shuffle")
 
 
-def blr_regions(n_params: int) -> tuple[float, float]:
-    """Boundaries of the shaded regions: P ∓ P/8 (the original's 175 and 225 for P = 200)."""
-    return n_params - n_params / 8, n_params + n_params / 8
+def check_blr(spec: BLRSpec) -> Prepared:
+    if spec.n_points < 1 or spec.n_frequencies < 1:
+        raise ConfigError(f"need --n-points >= 1 and --n-frequencies >= 1, received {spec.n_points}, {spec.n_frequencies}")
+    if not spec.x_max > 0:
+        raise ConfigError(f"--x-max must be > 0, received {spec.x_max}")
+    values = (spec.noise_variance, spec.prior_variance, spec.s_parameter, spec.s_function)
+    if not all(v > 0 for v in values):
+        raise ConfigError(f"--noise-variance, --prior-variance, --s and --s-function must all be > 0, received "
+                          f"{', '.join(f'{v:g}' for v in values)}")
+    return Prepared()
 
 
-def blr_figure(result: BLRContraction, cfg: BLRConfig):
-    """N_eff of the posterior, of the function-space covariance and of the data precision against n,
-    shaded red (n < P - P/8), yellow (around P) and green (n > P + P/8)."""
-    import matplotlib.pyplot as plt
+def run_blr(spec: BLRSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """The closed-form contraction; writes blr.npz and the figure."""
+    from modelsense.curvature import plots
 
-    n = result.n.numpy()
-    lo, hi = blr_regions(result.n_params)
-    panels = [
-        (result.effdim_posterior, f"posterior covariance Σ_n (s = {cfg.s_parameter:g})"),
-        (result.effdim_function, f"function space Φ_n Σ_n Φ_nᵀ (s = {cfg.s_function:g})"),
-        (result.effdim_hessian, f"data precision Φ_nᵀΦ_n/σ² (s = 1/τ² = {1 / cfg.prior_variance:.3g})"),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (values, label) in zip(axes, panels):
-        ax.axvspan(0, lo, color="tab:red", alpha=0.12, lw=0)
-        ax.axvspan(lo, hi, color="gold", alpha=0.2, lw=0)
-        ax.axvspan(hi, max(n[-1], hi), color="tab:green", alpha=0.12, lw=0)
-        ax.plot(n, values.numpy(), color="k", lw=1.4)
-        ax.axvline(result.n_params, color="grey", ls=":", lw=0.8)
-        ax.set_xlim(0, max(n[-1], hi))
-        ax.set_xlabel("number of data points n")
-        ax.set_ylabel("N_eff")
-        ax.set_title(label, fontsize=9)
-    fig.suptitle(f"Bayesian linear regression, P = {result.n_params} Fourier features: posterior contraction")
-    fig.tight_layout()
-    return fig
-
-
-def run_blr(cfg: BLRConfig, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Closed-form BLR contraction; writes blr.npz, the figure and metrics.json (returned)."""
-    result = blr_posterior_contraction(
-        n_points=cfg.n_points, n_frequencies=cfg.n_frequencies, x_max=cfg.x_max, noise_variance=cfg.noise_variance,
-        prior_variance=cfg.prior_variance, s_parameter=cfg.s_parameter, s_function=cfg.s_function, seed=cfg.seed,
-        shuffle=cfg.shuffle,
-    )
-    with RunDir.open(out, "effdim blr", {"blr": asdict(cfg), "seed": cfg.seed}, overwrite=overwrite) as run:
-        return _write_blr(run, result, cfg)
-
-
-def _write_blr(run: RunDir, result: BLRContraction, cfg: BLRConfig) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = blr_posterior_contraction(**asdict(spec))
+    seconds = time.perf_counter() - start
     run.log(f"BLR contraction of {result.n_params} features over {len(result.n)} points")
     run.save_arrays("blr", n=result.n, effdim_posterior=result.effdim_posterior, effdim_function=result.effdim_function,
                     effdim_hessian=result.effdim_hessian)
-    run.save_figure(blr_figure(result, cfg), "blr_effective_dimension")
+    run.save_figure(plots.blr_figure(result, spec.s_parameter, spec.s_function, spec.prior_variance),
+                    "blr_effective_dimension")
     P, N = result.n_params, len(result.n)
     lo, hi = blr_regions(P)
     at = {f"n={m}": m for m in (int(lo), P, int(hi)) if 1 <= m <= N}
-    metrics = {
+    return {
         "n_params": P,
         "n_points": N,
         "effdim_posterior_first": float(result.effdim_posterior[0]),
@@ -633,30 +382,34 @@ def _write_blr(run: RunDir, result: BLRContraction, cfg: BLRConfig) -> dict[str,
         "effdim_function_at": {k: float(result.effdim_function[m - 1]) for k, m in at.items()},
         "effdim_hessian_last": float(result.effdim_hessian[-1]),
         "effdim_hessian_at": {k: float(result.effdim_hessian[m - 1]) for k, m in at.items()},
-        "s_parameter": cfg.s_parameter,
-        "s_function": cfg.s_function,
-        "noise_variance": cfg.noise_variance,
-        "prior_variance": cfg.prior_variance,
+        "s_parameter": spec.s_parameter,
+        "s_function": spec.s_function,
+        "noise_variance": spec.noise_variance,
+        "prior_variance": spec.prior_variance,
+        "seconds": seconds,
     }
-    run.write_metrics(metrics)
-    return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# demo section
-# ----------------------------------------------------------------------------------------------
+BLR = Command("effdim blr", BLRSpec, check_blr, run_blr,
+              summary=lambda m: f"P = {m['n_params']}: posterior N_eff {m['effdim_posterior_first']:.4g} (n=1) -> "
+                                f"{m['effdim_posterior_last']:.4g} (n={m['n_points']}); function-space N_eff "
+                                f"{m['effdim_function_last']:.4g}; well-determined parameters "
+                                f"{m['effdim_hessian_last']:.4g}",
+              help="Bayesian linear regression (closed form): N_eff of the posterior contracts once n passes P.")
 
 
-def curvature_section(out: Path, progress: bool, resume: bool = False) -> "Section":  # noqa: F821
+# -- demo section --------------------------------------------------------------------------------
+def curvature_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: top-20 Hessian spectrum, trace, density and N_eff of a digits MLP; the BLR contraction."""
     from modelsense.experiments.report import Section
 
     root = Path(out) / "curvature"
-    spec = (resume and finished_metrics(root / "spectrum")) or run_spectrum(
-        DataConfig("digits"), ModelConfig("mlp"), TrainConfig(epochs=20), root / "spectrum", k=20,
-        s=(DEFAULT_S_SUM, 1297.0), trace_samples=30, density_probes=3, density_steps=40, lanczos_tol=1e-4,
-        progress=progress, overwrite=True)
-    blr = (resume and finished_metrics(root / "blr")) or run_blr(BLRConfig(), root / "blr", overwrite=True)
+    spectrum = SpectrumSpec(train=TrainConfig(epochs=20), spectrum=SpectrumConfig(
+        k=20, s=(DEFAULT_S_SUM, 1297.0), trace_samples=30, density_probes=3, density_steps=40, lanczos_tol=1e-4))
+    spec = (resume and finished_metrics(root / "spectrum")) or execute(SPECTRUM, spectrum, root / "spectrum",
+                                                                        overwrite=True, progress=progress)
+    blr = (resume and finished_metrics(root / "blr")) or execute(BLR, BLRSpec(), root / "blr", overwrite=True,
+                                                                 progress=progress)
     metrics = {
         "n_params": spec["n_params"],
         "top eigenvalue": spec["eigenvalues"][0],
@@ -683,26 +436,5 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> "Secti
     )
 
 
-__all__ = [
-    "DEFAULT_S_SUM",
-    "PROTOTYPE_DATA",
-    "PROTOTYPE_TRAIN",
-    "PROTOTYPE_WIDTHS",
-    "SWEEP_MODELS",
-    "BLRConfig",
-    "WidthSweepConfig",
-    "blr_figure",
-    "count_params",
-    "curvature_model",
-    "curvature_section",
-    "resolve_s",
-    "run_blr",
-    "run_spectrum",
-    "run_width_sweep",
-    "spearman",
-    "spectrum_figure",
-    "summarize_width_sweep",
-    "train_and_measure",
-    "width_result_path",
-    "width_sweep_figure",
-]
+__all__ = ["BLR", "SPECTRUM", "SWEEP_MODELS", "WIDTH_SWEEP", "BLRSpec", "SpectrumSpec", "WidthSweepSpec",
+           "curvature_section", "describe_cost", "train_and_measure", "width_result_path"]

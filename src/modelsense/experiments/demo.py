@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelsense.data import DataConfig
 from modelsense.errors import ConfigError, ModelsenseError
 from modelsense.experiments.curvature import curvature_section
 from modelsense.experiments.influence import noisy_labels_section
@@ -16,16 +15,14 @@ from modelsense.experiments.mpe import mpe_section
 from modelsense.experiments.report import Section, write_report
 from modelsense.experiments.representations import representations_section
 from modelsense.experiments.memorization import memorization_section
-from modelsense.experiments.train import run_train
-from modelsense.models import ModelConfig
+from modelsense.experiments.command import execute
+from modelsense.experiments.train import TRAIN, TrainSpec
 from modelsense.runs import RunDir, finished_metrics, read_json, write_json
-from modelsense.training.config import TrainConfig
 
 
 def training_section(out: Path, progress: bool, resume: bool = False) -> Section:
     run = out / "train"
-    metrics = (resume and finished_metrics(run)) or run_train(DataConfig("digits"), ModelConfig("mlp"), TrainConfig(), run,
-                                                             progress=progress, overwrite=True)
+    metrics = (resume and finished_metrics(run)) or execute(TRAIN, TrainSpec(), run, overwrite=True, progress=progress)
     return Section(
         "Training: MLP 64-128-128-10 on digits",
         "SGD with momentum 0.9, cosine schedule, prior precision δ = 1 (mean loss + δ/(2N)·||θ||²), "

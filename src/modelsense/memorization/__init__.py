@@ -1,14 +1,15 @@
 """Held-out subsample estimation (Feldman & Zhang 2020; Jiang et al. 2021).
 
 `estimators`: memorization, influence and consistency scores from (R, N) subset masks and
-per-model correctness tables, with standard errors and bootstrap intervals. `store`: the chunked,
-resumable results store of a subset-training farm, and a reader for the original's released runs.
+per-model correctness tables, with standard errors and bootstrap intervals. `store`: a reader for the released runs of
+Feldman & Zhang 2020.
 `plots` (imported on demand, it loads matplotlib): figures from those arrays.
 """
 
 from modelsense.memorization.estimators import (
     HIGH_INFLUENCE_THRESHOLD,
     HIGH_MEMORIZATION_THRESHOLD,
+    MIN_HELD_OUT,
     ConsistencyScores,
     HeldoutMean,
     InfluenceEstimate,
@@ -18,6 +19,7 @@ from modelsense.memorization.estimators import (
     UndefinedEstimateWarning,
     auc_corrupted,
     bootstrap_counts,
+    check_min_held_out,
     consistency,
     count_undefined,
     heldout_mean,
@@ -26,13 +28,12 @@ from modelsense.memorization.estimators import (
     influence,
     memorization,
     memorization_by_number_of_models,
+    reliable_examples,
     subset_masks,
     subset_size,
 )
 from modelsense.memorization.store import (
     OriginalRuns,
-    SubsetRuns,
-    SubsetRunStore,
     open_influence_memmap,
     read_original_runs,
 )
@@ -40,6 +41,7 @@ from modelsense.memorization.store import (
 __all__ = [
     "HIGH_INFLUENCE_THRESHOLD",
     "HIGH_MEMORIZATION_THRESHOLD",
+    "MIN_HELD_OUT",
     "ConsistencyScores",
     "HeldoutMean",
     "InfluenceEstimate",
@@ -47,11 +49,10 @@ __all__ = [
     "MemorizationEstimate",
     "OriginalRuns",
     "SubsetMasks",
-    "SubsetRunStore",
-    "SubsetRuns",
     "UndefinedEstimateWarning",
     "auc_corrupted",
     "bootstrap_counts",
+    "check_min_held_out",
     "consistency",
     "count_undefined",
     "heldout_mean",
@@ -62,6 +63,7 @@ __all__ = [
     "memorization_by_number_of_models",
     "open_influence_memmap",
     "read_original_runs",
+    "reliable_examples",
     "subset_masks",
     "subset_size",
 ]

@@ -19,8 +19,19 @@ mean) of masked means over models (sum over models, divided by the count: a mean
 The subsampled estimator targets the expected influence over random subsets of size m = rho*N
 (not leave-one-out at the full set). Standard errors are those of a difference of two independent
 means, SE = sqrt(s_in^2 / n_in + s_out^2 / n_out) with the unbiased sample variances (ddof = 1);
-they are NaN where n_in < 2 or n_out < 2. Estimates are NaN where n_in == 0 or n_out == 0, and such
-examples are counted (`count_undefined` warns with the count).
+they are NaN where n_in < 2 or n_out < 2.
+
+Minimum number of models (`min_held_out`, default `MIN_HELD_OUT` = 3). An example held out by one
+model gets a memorization/influence estimate from that one model's 0/1 outcome, extreme and noisy
+(in the demo's 32-model farm, an example held out by 1 model was the top influence for 6 test
+examples). So `memorization`, `influence` and `memorization_by_number_of_models` report an estimate
+for example i only when n_in(i) >= min_held_out AND n_out(i) >= min_held_out (the estimator is a
+difference of two means: both need the models); otherwise the estimate, its SE and interval are NaN,
+the example is flagged in `reliable` (False), never enters a top-k list or a selection, and is
+counted (`count_undefined` warns with the count). `min_held_out=1` gives the bare definition (NaN
+only where n_in == 0 or n_out == 0). At subset ratio rho, an example is held out by fewer than m of
+R models with probability P[Binomial(R, 1 - rho) < m]: with rho = 0.7 that is 0.12% for R = 32 and
+under 1e-6 for R = 64.
 
 Everything here is numbers in, numbers out (numpy; torch tensors are accepted and converted); file
 IO lives in `modelsense.memorization.store`.
@@ -28,7 +39,6 @@ IO lives in `modelsense.memorization.store`.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -36,6 +46,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from modelsense.retraining.store import subset_size  # the farm's sampling, defined once
 from modelsense.errors import ConfigError, DataError
 
 # Selection thresholds. SEEDS.md section 3.1 attributes them to Feldman & Zhang (2020): memorized
@@ -45,6 +56,10 @@ from modelsense.errors import ConfigError, DataError
 HIGH_MEMORIZATION_THRESHOLD = 0.25
 HIGH_INFLUENCE_THRESHOLD = 0.15
 
+#: Fewest models that held example i out, and fewest that trained on it, for its memorization and
+#: influence estimates to be reported (see the module docstring); fewer give NaN, flagged unreliable.
+MIN_HELD_OUT = 3
+
 # Elements per temporary (R x block) array; bounds memory whatever R and N.
 _BLOCK_ELEMENTS = 1 << 23
 # Largest model count for which float32 sums of 0/1 values are exact.
@@ -52,7 +67,8 @@ _FLOAT32_EXACT_COUNT = 1 << 24
 
 
 class UndefinedEstimateWarning(UserWarning):
-    """Some examples have no in-runs or no out-runs, so their estimate is NaN."""
+    """Some examples have fewer in-runs or out-runs than the minimum (`min_held_out`; at least one),
+    so their estimate is NaN."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,9 +79,10 @@ class UndefinedEstimateWarning(UserWarning):
 class MemorizationEstimate:
     """mem(i) per training example with its standard error and the counts behind it.
 
-    estimate, standard_error: (N,) float64 (NaN where undefined, see module docstring).
+    estimate, standard_error: (N,) float64, NaN where `reliable` is False (see module docstring).
     n_in, n_out: (N,) int64, number of models that did / did not train on example i.
-    interval: (N, 2) float64 bootstrap percentile interval (low, high), or None.
+    interval: (N, 2) float64 bootstrap percentile interval (low, high), or None; NaN where unreliable.
+    min_held_out: the minimum number of models on each side the estimate was computed with.
     """
 
     estimate: np.ndarray
@@ -73,11 +90,22 @@ class MemorizationEstimate:
     n_in: np.ndarray
     n_out: np.ndarray
     interval: np.ndarray | None = None
+    min_held_out: int = MIN_HELD_OUT
+
+    @property
+    def reliable(self) -> np.ndarray:
+        """(N,) bool: n_in >= min_held_out and n_out >= min_held_out (the estimate is reported)."""
+        return reliable_examples(self.n_in, self.n_out, self.min_held_out)
 
     @property
     def n_undefined(self) -> int:
-        """Examples whose estimate is NaN (no in-run or no out-run)."""
+        """Examples with no in-run or no out-run (NaN whatever the minimum)."""
         return int(np.count_nonzero((self.n_in == 0) | (self.n_out == 0)))
+
+    @property
+    def n_unreliable(self) -> int:
+        """Examples whose estimate is NaN: fewer than `min_held_out` models on a side (includes undefined)."""
+        return int(np.count_nonzero(~self.reliable))
 
 
 @dataclass(frozen=True)
@@ -112,9 +140,11 @@ class InfluenceEstimate:
     scores: (M, N) matrix (the `out` array when one was given), or None when only top-k was asked.
     standard_error: (M, N) or None (only with `standard_error=True` and a full matrix).
     top_indices: (M, k) int64 training indices with the k largest influences on each test example,
-        in decreasing order of influence, or None. Undefined (NaN) columns are never selected.
+        in decreasing order of influence, or None. Unreliable (NaN) columns are never selected: where
+        fewer than k training examples are reliable, the row ends with index -1 and value NaN.
     top_values, top_standard_error: (M, k) matching values / standard errors, or None.
     n_in, n_out: (N,) int64 counts per training example.
+    min_held_out: the minimum number of models on each side; columns below it are NaN.
     """
 
     scores: np.ndarray | None
@@ -124,6 +154,17 @@ class InfluenceEstimate:
     top_standard_error: np.ndarray | None
     n_in: np.ndarray
     n_out: np.ndarray
+    min_held_out: int = MIN_HELD_OUT
+
+    @property
+    def reliable(self) -> np.ndarray:
+        """(N,) bool: training examples whose influence columns are reported (not NaN)."""
+        return reliable_examples(self.n_in, self.n_out, self.min_held_out)
+
+    @property
+    def n_unreliable(self) -> int:
+        """Training examples whose influence column is NaN (fewer than `min_held_out` models on a side)."""
+        return int(np.count_nonzero(~self.reliable))
 
 
 class SubsetMasks(NamedTuple):
@@ -212,33 +253,58 @@ def _column_blocks(n: int, rows: int, block_size: int | None = None) -> Iterator
 # counts, subsets
 
 
-def count_undefined(n_in: np.ndarray, n_out: np.ndarray, *, what: str = "memorization",
-                    warn: bool = True) -> int:
-    """Number of examples with n_in == 0 or n_out == 0 (their estimate is NaN); warns if > 0.
+def check_min_held_out(min_held_out: Any) -> int:
+    """`min_held_out` as an int >= 1, or a ConfigError that says what is expected."""
+    if isinstance(min_held_out, bool) or not isinstance(min_held_out, (int, np.integer)) or min_held_out < 1:
+        raise ConfigError(
+            f"min_held_out: expected a whole number of models >= 1 (default {MIN_HELD_OUT}), got {min_held_out!r}"
+        )
+    return int(min_held_out)
 
-    The warning (`UndefinedEstimateWarning`) gives the count and how to fix it: with R models at
-    subset ratio rho an example lacks an in- or out-run with probability rho^R + (1 - rho)^R.
+
+def reliable_examples(n_in: Any, n_out: Any, min_held_out: int = MIN_HELD_OUT) -> np.ndarray:
+    """(N,) bool: True where n_in >= min_held_out and n_out >= min_held_out (an estimate is reported).
+
+    n_in, n_out: (N,) numbers of models that trained on / held out each example. Example:
+        >>> reliable_examples(np.array([5, 9, 2]), np.array([5, 1, 8]), 3)
+        array([ True, False, False])
+    """
+    m = check_min_held_out(min_held_out)
+    return (np.asarray(n_in) >= m) & (np.asarray(n_out) >= m)
+
+
+def count_undefined(n_in: np.ndarray, n_out: np.ndarray, *, what: str = "memorization",
+                    warn: bool = True, min_held_out: int = 1) -> int:
+    """Number of examples with n_in < min_held_out or n_out < min_held_out (their estimate is NaN).
+
+    With the default `min_held_out=1` these are the examples with no in-run or no out-run. Warns
+    (`UndefinedEstimateWarning`) when the count is > 0, with the count and how to fix it: with R
+    models at subset ratio rho an example lacks an in- or out-run with probability
+    rho^R + (1 - rho)^R, and has fewer than m out-runs with probability P[Binomial(R, 1 - rho) < m].
     """
     n_in = np.asarray(n_in)
     n_out = np.asarray(n_out)
-    missing = (n_in == 0) | (n_out == 0)
+    m = check_min_held_out(min_held_out)
+    missing = ~reliable_examples(n_in, n_out, m)
     count = int(np.count_nonzero(missing))
     if count and warn:
         n_models = int(n_in.flat[0] + n_out.flat[0]) if n_in.size else 0
+        if m == 1:
+            detail = (f"have no in-run or no out-run among the {n_models} models "
+                      f"({int(np.count_nonzero(n_in == 0))} never trained on, "
+                      f"{int(np.count_nonzero(n_out == 0))} never held out)")
+            fix = "Train more models (an example lacks one side with probability rho^R + (1-rho)^R)."
+        else:
+            detail = (f"have fewer than {m} models on a side among the {n_models} models "
+                      f"({int(np.count_nonzero(n_in < m))} trained on by fewer, "
+                      f"{int(np.count_nonzero(n_out < m))} held out by fewer; min_held_out = {m})")
+            fix = "Train more models, or lower min_held_out (estimates from fewer models are noisy)."
         warnings.warn(
-            f"{count} of {n_in.size} training examples have no in-run or no out-run among the "
-            f"{n_models} models ({int(np.count_nonzero(n_in == 0))} never trained on, "
-            f"{int(np.count_nonzero(n_out == 0))} never held out); their {what} estimate is NaN. "
-            "Train more models (an example lacks one side with probability rho^R + (1-rho)^R).",
+            f"{count} of {n_in.size} training examples {detail}; their {what} estimate is NaN. {fix}",
             UndefinedEstimateWarning,
             stacklevel=3,
         )
     return count
-
-
-def subset_size(n: int, ratio: float) -> int:
-    """floor(ratio * n) computed as the original did (`int(ratio * n)` in floating point)."""
-    return int(math.floor(float(ratio) * int(n)))
 
 
 def subset_masks(n: int, ratio: float, n_models: int, seed0: int = 0, *,
@@ -317,7 +383,7 @@ def _difference_of_means(m: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]
 
 
 def memorization(masks: Any, correct_train: Any, *, bootstrap: int = 0, confidence: float = 0.95,
-                 seed: int = 0, warn: bool = True) -> MemorizationEstimate:
+                 seed: int = 0, warn: bool = True, min_held_out: int = MIN_HELD_OUT) -> MemorizationEstimate:
     """Subsampled memorization mem(i) = mean_{r: i in S_r} c_r(i) - mean_{r: i notin S_r} c_r(i).
 
     masks: (R, N) bool, True where model r trained on example i. correct_train: (R, N) correctness
@@ -328,13 +394,20 @@ def memorization(masks: Any, correct_train: Any, *, bootstrap: int = 0, confiden
     sum_r w_br m_ri c_ri / sum_r w_br m_ri, vectorized over resamples. Resamples in which example i
     has no in- or out-run are left out of its interval.
 
+    Examples with fewer than `min_held_out` models on either side (n_in or n_out; default
+    `MIN_HELD_OUT` = 3) get NaN estimate, SE and interval and `reliable` False (module docstring);
+    `min_held_out=1` keeps every defined estimate.
+
     Example:
         >>> import numpy as np
-        >>> masks = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], bool)
+        >>> masks = np.array([[1, 0], [0, 1], [1, 1], [0, 1]], bool)  # example 1: held out by 1 model
         >>> correct = np.array([[1, 0], [0, 1], [1, 1], [0, 1]], float)
-        >>> memorization(masks, correct).estimate
-        array([1. , 0.5])
+        >>> memorization(masks, correct, min_held_out=1).estimate
+        array([1., 1.])
+        >>> memorization(masks, correct, min_held_out=2, warn=False).estimate
+        array([ 1., nan])
     """
+    min_held_out = check_min_held_out(min_held_out)
     m = _check_masks(masks)
     v = _check_values(correct_train, "correct_train", m.shape[0], m.shape[1])
     n_models, n = m.shape
@@ -344,11 +417,16 @@ def memorization(masks: Any, correct_train: Any, *, bootstrap: int = 0, confiden
     n_out = np.empty(n, dtype=np.int64)
     for block in _column_blocks(n, n_models):
         estimate[block], se[block], n_in[block], n_out[block] = _difference_of_means(m[:, block], v[:, block])
-    count_undefined(n_in, n_out, what="memorization", warn=warn)
+    count_undefined(n_in, n_out, what="memorization", warn=warn, min_held_out=min_held_out)
     interval = None
     if bootstrap:
         interval = _bootstrap_interval(m, v, int(bootstrap), confidence, seed)
-    return MemorizationEstimate(estimate, se, n_in, n_out, interval)
+    unreliable = ~reliable_examples(n_in, n_out, min_held_out)
+    estimate[unreliable] = np.nan
+    se[unreliable] = np.nan
+    if interval is not None:
+        interval[unreliable] = np.nan
+    return MemorizationEstimate(estimate, se, n_in, n_out, interval, min_held_out)
 
 
 def _bootstrap_interval(m: np.ndarray, v: np.ndarray, n_boot: int, confidence: float,
@@ -378,13 +456,15 @@ def _bootstrap_interval(m: np.ndarray, v: np.ndarray, n_boot: int, confidence: f
     return interval
 
 
-def memorization_by_number_of_models(masks: Any, correct_train: Any, n_models_grid: Any) -> np.ndarray:
+def memorization_by_number_of_models(masks: Any, correct_train: Any, n_models_grid: Any, *,
+                                     min_held_out: int = MIN_HELD_OUT) -> np.ndarray:
     """mem(i) from the first R' models for each R' in `n_models_grid`: (len(grid), N) float64.
 
-    Row k equals `memorization(masks[:R'_k], correct_train[:R'_k]).estimate` (NaN where the first
-    R'_k models give no in- or out-run), computed with cumulative sums over models. For the
-    convergence figure (memorization against the number of models).
+    Row k equals `memorization(masks[:R'_k], correct_train[:R'_k], min_held_out=...).estimate` (NaN
+    where the first R'_k models give fewer than `min_held_out` in- or out-runs), computed with
+    cumulative sums over models. For the convergence figure (memorization against the number of models).
     """
+    min_held_out = check_min_held_out(min_held_out)
     m = _check_masks(masks)
     v = _check_values(correct_train, "correct_train", m.shape[0], m.shape[1])
     grid = np.asarray(n_models_grid, dtype=np.int64).reshape(-1)
@@ -403,7 +483,7 @@ def memorization_by_number_of_models(masks: Any, correct_train: Any, n_models_gr
         out_n = grid[:, None] - in_n
         with np.errstate(divide="ignore", invalid="ignore"):
             est = in_sum / in_n - (all_sum - in_sum) / out_n
-        est[(in_n == 0) | (out_n == 0)] = np.nan
+        est[(in_n < min_held_out) | (out_n < min_held_out)] = np.nan
         out[:, block] = est
     return out
 
@@ -423,7 +503,8 @@ def _check_out(out: Any, shape: tuple[int, int], name: str) -> np.ndarray:
 
 
 def _top_k_rows(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k largest entries of each row (NaN never chosen), decreasing."""
+    """Indices and values of the k largest entries of each row, decreasing; NaN entries are never
+    chosen: a row with fewer than k numbers ends with index -1 and value NaN."""
     negated = -values  # ascending order of -value = descending value
     negated[np.isnan(negated)] = np.inf
     if k < values.shape[1]:
@@ -434,13 +515,16 @@ def _top_k_rows(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     candidate_values = np.take_along_axis(negated, candidates, axis=1)
     order = np.argsort(candidate_values, axis=1, kind="stable")
     indices = np.take_along_axis(candidates, order, axis=1)
-    return indices, np.take_along_axis(values, indices, axis=1)
+    chosen = np.take_along_axis(values, indices, axis=1)
+    indices[np.isnan(chosen)] = -1
+    return indices, chosen
 
 
 def influence(masks: Any, correct_test: Any, *, block_size: int | None = None,
               out: np.ndarray | None = None, dtype: Any = np.float32, top_k: int | None = None,
               standard_error: bool = False, standard_error_out: np.ndarray | None = None,
-              train_block_size: int = 16384, warn: bool = True) -> InfluenceEstimate:
+              train_block_size: int = 16384, warn: bool = True,
+              min_held_out: int = MIN_HELD_OUT) -> InfluenceEstimate:
     """Subsampled influence infl(i, j) = mean_{r: i in S_r} c_r(j) - mean_{r: i notin S_r} c_r(j).
 
     masks: (R, N) bool; correct_test: (R, M) correctness (or losses/margins) of each model on each
@@ -463,8 +547,11 @@ def influence(masks: Any, correct_test: Any, *, block_size: int | None = None,
         values and, with `standard_error`, their SEs), never holding more than one block of rows.
       - `standard_error_out`: an (M, N) array for the full SE matrix (implies standard_error).
     block_size: test rows per block (default: about 2^23 elements per block).
-    Columns of training examples with no in- or no out-run are NaN (counted, see `count_undefined`).
+    Columns of training examples with fewer than `min_held_out` in-runs or out-runs (default
+    `MIN_HELD_OUT` = 3; 1: only those with none) are NaN, in `out` too, and never enter a top-k list
+    (counted, see `count_undefined`; flagged by the result's `reliable`).
     """
+    min_held_out = check_min_held_out(min_held_out)
     m = _check_masks(masks)
     c = _check_values(correct_test, "correct_test", m.shape[0])
     n_models, n_train = m.shape
@@ -491,9 +578,9 @@ def influence(masks: Any, correct_test: Any, *, block_size: int | None = None,
 
     n_in = m.sum(0).astype(np.int64)
     n_out = n_models - n_in
-    count_undefined(n_in, n_out, what="influence", warn=warn)
-    undefined = (n_in == 0) | (n_out == 0)
-    se_undefined = (n_in < 2) | (n_out < 2)
+    count_undefined(n_in, n_out, what="influence", warn=warn, min_held_out=min_held_out)
+    undefined = ~reliable_examples(n_in, n_out, min_held_out)
+    se_undefined = undefined | (n_in < 2) | (n_out < 2)
 
     binary = _is_binary(c) and n_models < _FLOAT32_EXACT_COUNT
     if binary:
@@ -557,11 +644,13 @@ def influence(masks: Any, correct_test: Any, *, block_size: int | None = None,
             idx, vals = _top_k_rows(scores, top_k)
             top_indices[rows], top_values[rows] = idx, vals
             if top_se is not None:
-                top_se[rows] = np.take_along_axis(errors, idx, axis=1)
+                picked = np.take_along_axis(errors, np.maximum(idx, 0), axis=1)
+                picked[idx < 0] = np.nan
+                top_se[rows] = picked
     for array in (out, se_full):
         if array is not None and hasattr(array, "flush"):
             array.flush()
-    return InfluenceEstimate(out, se_full, top_indices, top_values, top_se, n_in, n_out)
+    return InfluenceEstimate(out, se_full, top_indices, top_values, top_se, n_in, n_out, min_held_out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import MaxNLocator
 
 from modelsense.errors import DataError
 from modelsense.memorization.estimators import HIGH_MEMORIZATION_THRESHOLD, InfluenceEstimate
@@ -55,7 +55,7 @@ def most_memorized_figure(examples: Any, labels: Any, mem: Any, *, n: int = 24, 
     """Grid of the n training examples with the highest memorization, titled "label  mem=...".
 
     examples: (N, ...) training inputs; labels: (N,) their (possibly corrupted) training labels;
-    mem: (N,) memorization estimates (NaN ignored).
+    mem: (N,) memorization estimates (NaN, i.e. undefined or unreliable, never shown).
     """
     x, y, values = _numpy(examples), _numpy(labels).reshape(-1), _numpy(mem).astype(np.float64).reshape(-1)
     if not (x.shape[0] == y.shape[0] == values.shape[0]):
@@ -104,7 +104,10 @@ def memorization_histogram(mem: Any, *, threshold: float = HIGH_MEMORIZATION_THR
     ax.set_xlabel("memorization estimate")
     ax.set_ylabel("training examples")
     ax.set_yscale("log")
-    ax.set_title(title or f"Memorization of {int(defined.sum())} training examples", fontsize=10)
+    left_out = int(values.size - defined.sum())
+    default_title = f"Memorization of {int(defined.sum())} training examples" + (
+        f"\n({left_out} without a reliable estimate left out: too few models)" if left_out else "")
+    ax.set_title(title or default_title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -118,6 +121,7 @@ def influence_pairs_figure(x_train: Any, y_train: Any, x_test: Any, y_test: Any,
     the test example, its `n_influential` most influential training examples (titled with label and
     influence) and `n_random` random training examples of the test example's class (seeded, unlike
     the original). `infl` is an (M, N) test x train matrix or an `InfluenceEstimate` (top-k or full).
+    NaN influences (training examples without a reliable estimate) are never shown.
     """
     xtr, ytr, xte, yte = _numpy(x_train), _numpy(y_train).reshape(-1), _numpy(x_test), _numpy(y_test).reshape(-1)
     if isinstance(infl, InfluenceEstimate) and infl.top_indices is not None:
@@ -146,6 +150,8 @@ def influence_pairs_figure(x_train: Any, y_train: Any, x_test: Any, y_test: Any,
         _draw_example(ax, xte[j])
         ax.set_title(f"test {_label_text(yte[j], class_names)}", fontsize=7, color="tab:blue")
         for col, (i, value) in enumerate(zip(top_idx[j], top_val[j]), start=1):
+            if np.isnan(value):  # fewer reliable training examples than columns
+                continue
             _draw_example(axes[row, col], xtr[i])
             axes[row, col].set_title(f"{_label_text(ytr[i], class_names)} {value:.2f}", fontsize=7)
         same_class = np.flatnonzero(ytr == yte[j])
@@ -166,7 +172,8 @@ def memorization_convergence_figure(n_models_grid: Any, mem_by_models: Any, *,
 
     n_models_grid: (K,) model counts; mem_by_models: (K, N) estimates from the first R' models.
     Panels: mean |mem_R' - mem_R| and Pearson correlation with the last row (R = most models), over
-    examples defined at both; and the number of examples with mem >= threshold.
+    examples defined at both; and the number of examples with mem >= threshold. The x axis is linear
+    with at most 6 integer ticks (`MaxNLocator`), so its labels never overlap, whatever the grid.
     """
     grid = _numpy(n_models_grid).astype(np.int64).reshape(-1)
     table = _numpy(mem_by_models).astype(np.float64)
@@ -190,10 +197,8 @@ def memorization_convergence_figure(n_models_grid: Any, mem_by_models: Any, *,
     ax3.set_ylabel(f"examples with mem >= {threshold:g}")
     for ax in (ax1, ax2, ax3):
         ax.set_xlabel("number of models R'")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xticks(grid)
-        ax.set_xticklabels([str(g) for g in grid], fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+        ax.tick_params(axis="x", labelsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle("Memorization estimates against the number of models", fontsize=10)
     fig.tight_layout()

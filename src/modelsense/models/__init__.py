@@ -40,6 +40,8 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError, shown
+from modelsense.user import call, is_reference, load_callable
+from modelsense.options import ints, joined, option
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
 from modelsense.models.deepobs import DeepOBS3c3d
@@ -85,13 +87,17 @@ class ModelConfig:
     Options that a model does not take must stay None (see `available_models()[i]["options"]`).
     """
 
-    name: str = "mlp"
-    widths: tuple[int, ...] | None = None
-    activation: str | None = None
-    width: int | None = None
-    depth: int | None = None
-    norm: str | None = None
-    patch: int | None = None
+    name: str = option("mlp", "architecture: a name of `modelsense models`", flag="--model", short="-m")
+    widths: tuple[int, ...] | None = option(None, "hidden widths of mlp, e.g. 128,128", parse=ints, show=joined)
+    activation: str | None = option(None, "mlp activation: relu, tanh, gelu, ...")
+    width: int | None = option(None, "width k of cnn / resnet18 / vit")
+    depth: int | None = option(None, "depth of cnn; transformer blocks of vit")
+    norm: str | None = option(None, "normalisation of cnn / resnet18: gn, bn, frn, none")
+    patch: int | None = option(None, "vit: side p of its p x p image patches (image sides must be multiples of p)")
+
+    def __post_init__(self) -> None:
+        if self.widths is not None:
+            self.widths = tuple(int(w) for w in self.widths)
 
     def options(self) -> dict[str, Any]:
         """The options that are set (not None), as keyword arguments for `build_model`."""
@@ -227,9 +233,14 @@ def build_model(
         ConfigError: unknown name, bad option value, option not taken by the model, a vector
             input to a convolutional model, or an image too small for the model.
     """
+    if is_reference(name):
+        given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm, "patch": patch}
+        return build_user_model(name, input_shape, num_classes, seed=seed,
+                                **{k: v for k, v in given.items() if v is not None})
     key = str(name).lower()
     if key not in _SPECS:
-        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}")
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}, or give your own as "
+                          "path/to/file.py:make_model")
     spec = _SPECS[key]
     given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm, "patch": patch}
     unused = [k for k, v in given.items() if v is not None and k not in spec.defaults]
@@ -251,6 +262,39 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return spec.build(key, shape, num_classes, **options)
+
+
+def build_user_model(reference: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int | None = None,
+                     **options: Any) -> nn.Module:
+    """A user's model: `reference` ("file.py:make_model" or "package.module:make_model") names a callable
+    called as `make_model(input_shape=..., num_classes=...)` (it may ignore them) under `seed`; it must
+    return an `nn.Module` mapping (n, *input_shape) to (n, num_classes) outputs (checked on zeros)."""
+    if options:
+        raise ConfigError(f"the model options {', '.join('--' + k for k in options)} are for the built-in models; "
+                          f"{reference} builds its own model: give its settings in its code")
+    factory = load_callable(reference, "--model")
+    shape = check_input_shape(input_shape)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        module = call(factory, f"--model {reference}", input_shape=shape, num_classes=int(num_classes))
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"--model {reference} returned a {type(module).__name__}, not a torch.nn.Module")
+    was_training = module.training
+    try:
+        with torch.no_grad():
+            out = module.eval()(torch.zeros(2, *shape))
+    except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(f"--model {reference}: its forward pass fails on inputs of shape (n, {', '.join(map(str, shape))}): "
+                          f"{type(exc).__name__}: {first}") from None
+    finally:
+        module.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, int(num_classes)):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"--model {reference} maps inputs (n, {', '.join(map(str, shape))}) to {got} for n = 2; "
+                          f"expected (n, {num_classes}) outputs (one per class)")
+    return module
 
 
 def build_model_from_config(

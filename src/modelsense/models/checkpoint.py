@@ -83,3 +83,27 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def _tuple(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
+
+
+def load_weights(path: str | Path, module: nn.Module, what: str = "--weights") -> nn.Module:
+    """Load a plain state_dict (a model trained elsewhere: `torch.save(model.state_dict(), path)`, or
+    the `state_dict` of a modelsense checkpoint) into `module`; every key must match (names and shapes)."""
+    state = load_file(path, what)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{what} {path} is not a state_dict (a dict of tensors saved with "
+                          "torch.save(model.state_dict(), path))")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's {tuple(own[k].shape)})" for k in sorted(set(own) & set(state))
+              if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or shapes:
+        parts = [f"missing {', '.join(missing[:8])}" if missing else "", f"unexpected {', '.join(extra[:8])}" if extra else "",
+                 f"other shapes: {'; '.join(shapes[:8])}" if shapes else ""]
+        raise ConfigError(f"{what} {path} does not fit the model: {'; '.join(p for p in parts if p)}; pass the "
+                          "--model (and its options) these weights were trained for")
+    module.load_state_dict(state)
+    return module.eval()
+

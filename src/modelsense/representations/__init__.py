@@ -1,7 +1,10 @@
 """Representations and their symmetries: similarity metrics, feature extraction, model stitching.
 
 - `metrics`: CKA (linear, RBF, unbiased HSIC), orthogonal Procrustes, angular shape metric, and the
-  G_ReLU (permutation x positive scaling) Procrustes distance / CKA of Godfrey et al. (2022).
+  G_ReLU (permutation x positive scaling) Procrustes distance / CKA of Godfrey et al. (2022), each
+  a class with settings in `__init__`, `fit(X, Y)` and `score(X, Y)` (`LinearCKA`, `RBFCKA`,
+  `ReLUCKA`, `Procrustes`, `AngularShape`, `ReLUProcrustes`; `make_metric(name, **options)`), and
+  one-shot functions (`linear_cka`, `procrustes_distance`, ...).
 - `features`: activations of named modules (every ReLU by default) of any `nn.Module`.
 - `stitching`: stitching layers (linear, birkhoff, permutation, lowrank, lasso), `StitchedModel`,
   `train_stitch`.
@@ -9,8 +12,15 @@
 
 from modelsense.representations.features import extract_features, relu_module_names
 from modelsense.representations.metrics import (
+    RBFCKA,
     SIMILARITIES,
+    AngularShape,
     ChannelMatching,
+    LinearCKA,
+    Procrustes,
+    ReLUCKA,
+    ReLUProcrustes,
+    RepresentationMetric,
     align_channel_shapes,
     angular_shape_distance,
     cka_from_grams,
@@ -19,6 +29,8 @@ from modelsense.representations.metrics import (
     hsic_biased,
     hsic_unbiased,
     linear_cka,
+    make_metric,
+    metric_options,
     procrustes_distance,
     procrustes_nuclear_similarity,
     procrustes_rotation,
@@ -56,13 +68,20 @@ from modelsense.representations.stitching import (
 )
 
 __all__ = [
+    "RBFCKA",
     "SIMILARITIES",
     "STITCH_KINDS",
+    "AngularShape",
     "BirkhoffStitch",
     "ChannelMatching",
     "LassoStitch",
+    "LinearCKA",
     "LinearStitch",
     "LowRankStitch",
+    "Procrustes",
+    "ReLUCKA",
+    "ReLUProcrustes",
+    "RepresentationMetric",
     "StitchConfig",
     "StitchHistory",
     "StitchedModel",
@@ -80,7 +99,9 @@ __all__ = [
     "initialize_from_activations",
     "is_doubly_stochastic",
     "linear_cka",
+    "make_metric",
     "make_stitching_layer",
+    "metric_options",
     "permutation_matrix",
     "procrustes_distance",
     "procrustes_nuclear_similarity",

@@ -29,15 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from modelsense.core.device import check_device
 from modelsense.core.functional import chunks
 from modelsense.errors import ConfigError, DataError
+from modelsense.options import option
 from modelsense.representations.features import extract_features
 from modelsense.representations.metrics import channel_rows, relu_procrustes_matching
 
@@ -84,6 +83,8 @@ def _newton_direction(m: Tensor, gu: Tensor, gv: Tensor, mu: float) -> tuple[Ten
     s = torch.diag(m.sum(0) + mu) - m.T @ (m / dr[:, None])
     rhs = -gv + m.T @ (gu / dr)
     if s.device.type == "cpu":  # LAPACK directly: torch's thread pool costs more than a small solve
+        import scipy.linalg  # here: `modelsense --help` does not load scipy
+
         try:
             factor = scipy.linalg.cho_factor(s.numpy(), check_finite=False)
             dv = torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), check_finite=False))
@@ -177,6 +178,8 @@ def is_doubly_stochastic(w: Tensor, atol: float = 1e-6) -> bool:
 
 def hungarian_permutation(w: Tensor) -> np.ndarray:
     """The permutation pi maximising sum_j w[j, pi[j]] (Hungarian algorithm); shape (C,)."""
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(w.detach().cpu().double().numpy(), maximize=True)
     perm = np.empty(w.shape[0], dtype=np.int64)
     perm[rows] = cols
@@ -408,21 +411,22 @@ class StitchConfig:
     """
 
     kind: str = "linear"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    optimizer: str = "sgd"
+    epochs: int = option(20, "epochs of stitching-layer training", flag="--stitch-epochs")
+    batch_size: int = option(32, "stitching minibatch size", flag="--stitch-bs")
+    lr: float = option(1e-3, "stitching learning rate", flag="--stitch-lr")
+    optimizer: str = option("sgd", "sgd (no momentum, as Godfrey et al. 2022) or adam", flag="--stitch-optimizer")
     momentum: float = 0.0
     weight_decay: float = 1e-4
-    alpha: float = 0.1
-    projection: str = "sinkhorn"
+    alpha: float = option(0.1, "weight of -alpha·||W||_F pushing Birkhoff layers towards permutations")
+    projection: str = option("sinkhorn", "Birkhoff projection after each step: sinkhorn (as Godfrey et al. 2022) or "
+                                         "exact")
     sinkhorn_iters: int = 16
     perm_warmup: bool = True
     scales_lr_factor: float = 1.0
-    rank: int = 4
-    lasso_multiplier: float = 1e-3
+    rank: int = option(4, "rank of lowrank stitching")
+    lasso_multiplier: float = option(1e-3, "L1 multiplier of lasso stitching", flag="--multiplier")
     bias: bool = False
-    init: str = "default"
+    init: str = option("default", "default (random, as Godfrey et al. 2022) or match (closed form from activations)")
     init_examples: int = 2048
     seed: int = 0
     device: str = "cpu"

@@ -25,34 +25,46 @@ from torch import Tensor
 
 from modelsense.core.device import check_device
 from modelsense.errors import ConfigError
+from modelsense.options import joined, ints, option
 
 OPTIMIZERS = ("sgd", "adam", "ivon")
+#: other names of an optimizer: the MPE code calls IVON `iblr`
+OPTIMIZER_ALIASES = {"iblr": "ivon"}
 
 
 @dataclass
 class TrainConfig:
     """Settings of one training run (flag names follow the MPE code: --lr --lrmin --bs ...)."""
 
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    lrmin: float = 0.0
-    epochs: int = 30
-    bs: int = 64
-    delta: float = 1.0
-    hess_init: float = 0.1
+    optimizer: str = option("sgd", "sgd (momentum 0.9), adam or ivon (iblr, the MPE code's name, is ivon)")
+    lr: float = option(0.05, "initial learning rate")
+    lrmin: float = option(0.0, "final learning rate of the cosine schedule")
+    epochs: int = option(30, "training epochs")
+    bs: int = option(64, "minibatch size")
+    delta: float = option(1.0, "prior precision δ: loss = mean NLL + δ/(2N)·||θ||²")
+    hess_init: float = option(0.1, "IVON's initial Hessian estimate h0")
     momentum: float = 0.9
     beta2: float = 0.999
-    seed: int = 0
-    device: str = "cpu"
-    fixed_batches: bool = False
+    seed: int = option(0, "init and batch-order seed")
+    device: str = option("cpu", "cpu or cuda (cuda:K for GPU K)")
+    fixed_batches: bool = option(False, "never reshuffle minibatches (as the MPE code of Nickl et al. 2023)",
+                                 flag="--fixed-batches")
     mc_samples: int = 1
-    checkpoint_epochs: tuple[int, ...] = ()
-    checkpoint_iterations: tuple[int, ...] = ()
+    checkpoint_epochs: tuple[int, ...] = option((), "comma-separated epochs at which to save parameters",
+                                                parse=ints, show=joined)
+    checkpoint_iterations: tuple[int, ...] = option((), "comma-separated iterations (optimizer steps) at which to "
+                                                    "save parameters", parse=ints, show=joined)
     eval_every: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.optimizer = self.optimizer.lower()
+        self.optimizer = OPTIMIZER_ALIASES.get(self.optimizer.lower(), self.optimizer.lower())
+        if self.optimizer == "adamw":
+            raise ConfigError("--optimizer adamw is not offered: the AdamW of the MPE code (Nickl et al. 2023) added "
+                              "weight decay 0.01 on top of the L2 term; use --optimizer adam (L2 = δ/(2N)·||θ||² in "
+                              "the loss)")
+        self.checkpoint_epochs = tuple(int(e) for e in self.checkpoint_epochs)
+        self.checkpoint_iterations = tuple(int(i) for i in self.checkpoint_iterations)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         # written so that NaN fails every check (comparisons with NaN are False)

@@ -1,0 +1,66 @@
+"""Figures of the representation commands: numbers in, a matplotlib `Figure` out.
+
+Built with `matplotlib.figure.Figure` (no pyplot, no global state, rendered by Agg on `fig.savefig`),
+as `modelsense.memorization.plots`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def similarity_heatmap(matrix: np.ndarray, layers_a: Sequence[str], layers_b: Sequence[str], title: str = "",
+                       label_a: str = "A", label_b: str = "B") -> Figure:
+    """Heatmap of a layer x layer similarity matrix (rows: A's layers, columns: B's), colour scale [0, 1]."""
+    la, lb = len(layers_a), len(layers_b)
+    fig = Figure(figsize=(1.6 + 0.55 * max(lb, 3), 1.2 + 0.5 * max(la, 3)))
+    ax = fig.subplots()
+    im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
+    ax.set_xticks(range(lb), list(layers_b), rotation=45, ha="right")
+    ax.set_yticks(range(la), list(layers_a))
+    ax.set_xlabel(f"layer of {label_b}")
+    ax.set_ylabel(f"layer of {label_a}")
+    if la * lb <= 144:
+        for i in range(la):
+            for j in range(lb):
+                v = matrix[i, j]
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="black" if v > 0.6 else "white")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="similarity")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def stitching_penalty_figure(layers: Sequence[str], penalty: dict[str, Sequence[float]],
+                             stitched_accuracy: dict[str, Sequence[float]], clean_accuracy: Sequence[float],
+                             title: str = "") -> Figure:
+    """Penalty by layer (one line per kind, as the figures of Godfrey et al. 2022) and stitched accuracy
+    by layer with the clean accuracies of A (dashed) and B (dotted)."""
+    x = np.arange(len(layers))
+    fig = Figure(figsize=(max(7.0, 2.5 + 0.9 * len(layers) * 2), 3.4))
+    ax_p, ax_a = fig.subplots(1, 2)
+    for kind, values in penalty.items():
+        ax_p.plot(x, values, marker="o", label=kind)
+        ax_a.plot(x, stitched_accuracy[kind], marker="o", label=kind)
+    ax_p.axhline(0.0, color="gray", lw=0.8)
+    for acc, style, name in zip(clean_accuracy, ("--", ":"), ("A", "B")):
+        ax_a.axhline(acc, color="gray", ls=style, lw=0.9, label=f"clean {name}")
+    for ax, ylabel in ((ax_p, "stitching penalty"), (ax_a, "stitched test accuracy")):
+        ax.set_xticks(x, list(layers), rotation=30 if len(layers) > 4 else 0)
+        ax.set_xlabel("stitched after layer")
+        ax.set_ylabel(ylabel)
+    ax_p.legend()
+    ax_a.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["similarity_heatmap", "stitching_penalty_figure"]

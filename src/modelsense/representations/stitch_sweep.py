@@ -1,0 +1,125 @@
+"""Stitching over layers and kinds (Godfrey, Brown, Emerson and Kvinge 2022).
+
+    stitching_sweep(model_a, model_b, layers, [StitchConfig(kind=k) for k in kinds], x_train, y_train,
+                    x_test, y_test) -> StitchSweep
+
+For every chosen layer and stitching kind: train only the stitching layer on the training set
+(`stitch_models`: both networks frozen, in eval mode), then measure the stitched test accuracy and
+the stitching penalty = mean clean test accuracy of A and B - stitched test accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from modelsense.errors import ConfigError
+from modelsense.progress import progress_bar
+from modelsense.representations.stitching import (
+    STITCH_KINDS,
+    BirkhoffStitch,
+    LassoStitch,
+    StitchConfig,
+    evaluate_accuracy,
+    stitch_models,
+    stitching_penalty,
+)
+
+
+def stitch_kinds(kinds: str | Sequence[str], what: str = "--kind") -> tuple[str, ...]:
+    """"linear,permutation" or a sequence -> the distinct kind names, each one of STITCH_KINDS."""
+    items = [k.strip().lower() for k in kinds.split(",")] if isinstance(kinds, str) else [str(k).lower() for k in kinds]
+    items = list(dict.fromkeys(k for k in items if k))
+    if not items:
+        raise ConfigError(f"{what} needs at least one stitching kind ({', '.join(STITCH_KINDS)})")
+    for k in items:
+        StitchConfig(kind=k)  # raises ConfigError for an unknown kind
+    return tuple(items)
+
+
+@dataclass
+class StitchSweep:
+    """Results of `stitching_sweep`: per kind, lists over `layers`.
+
+    Attributes:
+        clean_accuracy: (accuracy of A, accuracy of B) on the evaluation set.
+        stitched_accuracy, penalty, final_loss, seconds: kind -> list over layers; penalty =
+            mean(clean_accuracy) - stitched accuracy; final_loss = last epoch's mean training loss
+            (cross-entropy + the layer's penalty term).
+        extra: kind -> list over layers of per-layer extras (lasso: sparsity = fraction |W| <= 1e-3;
+            birkhoff/permutation: the Hungarian permutation and the mean row entropy of W).
+        states: (kind, layer) -> state dict of the trained stitching layer.
+    """
+
+    layers: list[str]
+    kinds: list[str]
+    clean_accuracy: tuple[float, float]
+    stitched_accuracy: dict[str, list[float]] = field(default_factory=dict)
+    penalty: dict[str, list[float]] = field(default_factory=dict)
+    final_loss: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    states: dict[tuple[str, str], dict[str, Tensor]] = field(default_factory=dict)
+
+
+def stitching_sweep(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    layers: Sequence[str],
+    configs: Sequence[StitchConfig],
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    progress: bool = True,
+) -> StitchSweep:
+    """Stitch A into B at every layer in `layers` with every config (one per kind), train the
+    stitching layer on (x_train, y_train) (`stitch_models`: networks frozen, eval mode) and measure
+    the stitched accuracy on (x_test, y_test) and the stitching penalty
+        penalty = (acc(A) + acc(B)) / 2 - acc(stitched).
+    """
+    kinds = [c.kind for c in configs]
+    if len(set(kinds)) != len(kinds):
+        raise ConfigError(f"one config per stitching kind, got kinds {kinds}")
+    model_a.eval()
+    model_b.eval()
+    device = configs[0].device if configs else "cpu"
+    acc_a = evaluate_accuracy(model_a.to(device), x_test, y_test)
+    acc_b = evaluate_accuracy(model_b.to(device), x_test, y_test)
+    sweep = StitchSweep(list(layers), kinds, (acc_a, acc_b))
+    with progress_bar(len(configs) * len(layers), "stitching", enabled=progress) as bar:
+        for cfg in configs:
+            for key in ("stitched_accuracy", "penalty", "final_loss", "seconds", "extra"):
+                getattr(sweep, key)[cfg.kind] = []
+            for layer in layers:
+                start = time.perf_counter()
+                stitched, hist = stitch_models(model_a, model_b, layer, x_train, y_train, cfg)
+                acc = evaluate_accuracy(stitched, x_test, y_test)
+                sweep.stitched_accuracy[cfg.kind].append(acc)
+                sweep.penalty[cfg.kind].append(stitching_penalty(acc_a, acc_b, acc))
+                sweep.final_loss[cfg.kind].append(hist.loss[-1] if hist.loss else float("nan"))
+                sweep.seconds[cfg.kind].append(time.perf_counter() - start)
+                layer_mod = stitched.stitch
+                extra: dict[str, Any] = {}
+                if isinstance(layer_mod, LassoStitch):
+                    extra["sparsity"] = layer_mod.sparsity()
+                if isinstance(layer_mod, BirkhoffStitch):
+                    extra["permutation"] = layer_mod.permutation().tolist()
+                    extra["perm_entropy_rows"] = _row_entropy(layer_mod.perm.detach())
+                sweep.extra[cfg.kind].append(extra)
+                sweep.states[(cfg.kind, layer)] = {k: v.detach().cpu().clone() for k, v in layer_mod.state_dict().items()}
+                bar.advance(1, description=f"stitching {cfg.kind} at {layer}")
+    return sweep
+
+
+def _row_entropy(w: Tensor) -> float:
+    """Mean entropy (nats) of the rows of a nonnegative matrix (0 for a permutation)."""
+    p = w.clamp_min(0) / w.clamp_min(0).sum(1, keepdim=True).clamp_min(1e-12)
+    return float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
+
+
+__all__ = ["StitchSweep", "stitch_kinds", "stitching_sweep"]

@@ -1,0 +1,113 @@
+"""The one ground-truth store of retrained models (modelsense.retraining.store)."""
+
+import numpy as np
+import pytest
+import torch
+
+from modelsense.data import DataConfig
+from modelsense.errors import ConfigError, DataError
+from modelsense.models import ModelConfig
+from modelsense.retraining import store as store_module
+from modelsense.retraining.store import (
+    GroundTruthStore,
+    Job,
+    RetrainRecipe,
+    jobs_from,
+    params_digest,
+    train_chunk,
+    train_jobs,
+)
+from modelsense.training.config import TrainConfig
+
+RECIPE = RetrainRecipe(DataConfig("digits", n_train=60), ModelConfig("mlp", widths=(8,)), TrainConfig(epochs=2, bs=16))
+
+
+def _jobs(n: int = 5, seed: int = 0) -> list[Job]:
+    rng = np.random.default_rng(seed)
+    return jobs_from(rng.random((n, 60)) < 0.7, list(range(100, 100 + n)))
+
+
+def _count_trained(monkeypatch) -> list[int]:
+    trained: list[int] = []
+    real = store_module.train_chunk
+
+    def counting(recipe, jobs, *args, **kwargs):
+        trained.append(len(jobs))
+        return real(recipe, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "train_chunk", counting)
+    return trained
+
+
+def test_a_job_does_not_depend_on_the_jobs_trained_beside_it():
+    jobs = _jobs(4)
+    whole = train_chunk(RECIPE, jobs)
+    parts = [train_chunk(RECIPE, jobs[:1]), train_chunk(RECIPE, jobs[1:])]
+    for name, table in whole.items():
+        np.testing.assert_allclose(np.concatenate([p[name] for p in parts]), table, rtol=1e-4, atol=1e-5)
+
+
+def test_stored_jobs_are_reused_in_any_order_and_only_missing_ones_trained(tmp_path, monkeypatch):
+    trained = _count_trained(monkeypatch)
+    jobs = _jobs(5)
+    first = train_jobs(RECIPE, jobs, tmp_path, chunk_models=2, progress=False)
+    assert trained == [2, 2, 1] and first["masks"].shape == (5, 60) and first["test_loss"].shape == (5, 500)
+    np.testing.assert_array_equal(first["seeds"], [j.seed for j in jobs])
+    again = train_jobs(RECIPE, jobs[::-1] + jobs[:1], tmp_path, progress=False)  # reordered, with a duplicate
+    assert trained == [2, 2, 1]
+    np.testing.assert_array_equal(again["test_loss"][:5], first["test_loss"][::-1])
+    more = train_jobs(RECIPE, jobs + _jobs(2, seed=1), tmp_path, progress=False)  # extension: 2 new jobs
+    assert trained == [2, 2, 1, 2] and len(more["seeds"]) == 7
+
+
+def test_the_recipe_key_ignores_where_and_how_the_run_is_computed():
+    moved = RetrainRecipe(DataConfig("digits", n_train=60, data_dir="/elsewhere"), RECIPE.model,
+                          TrainConfig(epochs=2, bs=16, device="cpu", eval_every=5, seed=9))
+    assert moved.digest() == RECIPE.digest()
+    other = RetrainRecipe(RECIPE.data, RECIPE.model, TrainConfig(epochs=3, bs=16))
+    assert other.digest() != RECIPE.digest()
+
+
+def test_a_crash_loses_only_the_chunk_in_flight_and_damaged_chunks_are_trained_again(tmp_path, monkeypatch):
+    jobs = _jobs(4)
+    real = store_module.train_chunk
+    calls = []
+
+    def crash_on_second(recipe, chunk, *args, **kwargs):
+        calls.append(len(chunk))
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(recipe, chunk, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "train_chunk", crash_on_second)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_jobs(RECIPE, jobs, tmp_path, chunk_models=2, progress=False)
+    store = GroundTruthStore(tmp_path, RECIPE, 60, 500)
+    assert len(store.missing(jobs)) == 2
+    trained = _count_trained(monkeypatch)
+    done = train_jobs(RECIPE, jobs, tmp_path, chunk_models=2, progress=False)
+    assert trained == [2]
+    chunk = store.chunk_files()[0]
+    chunk.write_bytes(chunk.read_bytes()[:200])  # truncated
+    again = train_jobs(RECIPE, jobs, tmp_path, chunk_models=2, progress=False)
+    assert trained == [2, 2]
+    np.testing.assert_allclose(again["test_loss"], done["test_loss"], rtol=1e-5)
+
+
+def test_warm_starts_need_their_parameters():
+    params = {"w": torch.ones(2)}
+    recipe = RetrainRecipe(RECIPE.data, RECIPE.model, RECIPE.train, init=f"warm:{params_digest(params)}")
+    with pytest.raises(ConfigError, match="initial parameters"):
+        train_chunk(recipe, _jobs(1), init_params={"w": torch.zeros(2)})
+    assert params_digest(params) != params_digest({"w": torch.zeros(2)})
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ConfigError, match="backend"):
+        train_jobs(RECIPE, _jobs(1), tmp_path, backend="slurm")
+    with pytest.raises(ConfigError, match="batch plan"):
+        RetrainRecipe(RECIPE.data, RECIPE.model, RECIPE.train, batch_plan="mixed")
+    with pytest.raises(ConfigError, match="sgd or adam"):
+        RetrainRecipe(RECIPE.data, RECIPE.model, TrainConfig(optimizer="ivon"))
+    with pytest.raises(DataError, match="not in the store"):
+        GroundTruthStore(tmp_path, RECIPE, 60, 500).gather(_jobs(1))
