@@ -476,6 +476,19 @@ def test_kronecker_inverses_with_diagonal_inputs_and_fallback_blocks(structure):
     assert torch.allclose(diag.jacobian_quadratic_form(fm, fm.params, x[:5], 0.3, chunk_size=2), expected, atol=1e-10)
 
 
+def test_kronecker_fitted_state_restores_the_operator_without_refitting():
+    fm, x, y = sequence_problem(attention=True, padding_idx=0)
+    K = build_curvature(fm, x, y, structure="ekfac", kfac_approx="reduce", max_dense_block=12)
+    state = K.fitted_state()
+    back = KroneckerCurvature.from_fitted_state(state, fm, x, y)
+    V = torch.randn(fm.n_params, 3, dtype=DT)
+    assert torch.equal(back.mv(V), K.mv(V)) and torch.equal(back.inverse_mv(V, 0.1), K.inverse_mv(V, 0.1))
+    assert (back.structure, back.kfac_approx, back.describe()) == ("ekfac", "reduce", K.describe())
+    other = {**state, "max_dense_block": 1024}  # another block plan: refused, naming both
+    with pytest.raises(ConfigError, match=r"saved ekfac blocks are .*'diag', 'attn.in_proj_weight'.*the model's are"):
+        KroneckerCurvature.from_fitted_state(other, fm, x, y)
+
+
 def test_curvature_refuses_models_in_training_mode():
     """Batch norm in training mode couples the examples (and would update its running statistics);
     dropout draws random masks: a clear error, and in eval mode everything runs."""

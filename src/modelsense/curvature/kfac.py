@@ -51,12 +51,13 @@ from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.curvature._common import DataOperator, as_matrix, check_choice, check_damping
-from modelsense.curvature.kfac_layers import (
+from modelsense.curvature.kfac_layers import (  # find_layers: imported from here by callers
     FALLBACKS,
     KFAC_APPROXIMATIONS,
     Block,
     FallbackBlock,
     KroneckerLayer,
+    find_layers,
     fallback_square_sums,
     hooked_norms,
     layer_backward_passes,
@@ -79,8 +80,12 @@ class KroneckerCurvature(DataOperator, Curvature):
     Attributes: `layers` (Kronecker layers), `fallbacks` (fallback blocks), `blocks` = layers +
     fallbacks; per block, in `blocks` order: `factors` [(A, G)] (A a vector when diagonal; a
     fallback block has A = its exact block or diagonal, G = [[1]]), `eigenbases` [(Q_A, λ_A, Q_G, λ_G)]
-    (Q_A None when A is diagonal), `eigenvalue_grids` [S (d_out, d_in)].
+    (Q_A None when A is diagonal), `eigenvalue_grids` [S (d_out, d_in)]. `fitted_state()` /
+    `from_fitted_state(...)` save and restore them without refitting.
     """
+
+    fallbacks: list[FallbackBlock] = []  # noqa: RUF012 - read only; set per instance by the fit
+    kfac_approx, fallback, max_dense_block = "expand", "auto", 1024
 
     def __init__(
         self,
@@ -102,10 +107,8 @@ class KroneckerCurvature(DataOperator, Curvature):
         check_choice("fallback", fallback, FALLBACKS)
         self._bind_data(model, x, y, matrix, ("ggn", "ef"), params, reduction, chunk_size)
         self.structure = "ekfac" if eigen_corrected else "kfac"
-        self.kfac_approx = kfac_approx
-        self.layers, self.fallbacks = plan_blocks(model, self.params, x, fallback, int(max_dense_block))
-        self.blocks: list[Block] = [*self.layers, *self.fallbacks]
-        self._indices = [b.flat_indices().to(self.device) for b in self.blocks]
+        self.kfac_approx, self.fallback, self.max_dense_block = kfac_approx, fallback, int(max_dense_block)
+        self.layers, self.fallbacks = plan_blocks(model, self.params, x, fallback, self.max_dense_block)
         self.factors = self._fit_factors()
         self.eigenbases = []
         self.eigenvalue_grids = []
@@ -121,6 +124,46 @@ class KroneckerCurvature(DataOperator, Curvature):
             self.eigenvalue_grids.append(torch.outer(lam_g, lam_a))
         if eigen_corrected and self.layers:
             self.eigenvalue_grids[: len(self.layers)] = self._fit_eigenvalues()
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [*self.layers, *self.fallbacks]
+
+    @property
+    def _indices(self) -> list[Tensor]:
+        if getattr(self, "_index_cache", None) is None:
+            self._index_cache = [b.flat_indices().to(self.device) for b in self.blocks]
+        return self._index_cache
+
+    # --- saved state --------------------------------------------------------------------------
+    def fitted_state(self) -> dict:
+        """What the fit produced, as nested dicts / lists of tensors, numbers, strings and None: the
+        settings, the blocks [kind, name, d_out, d_in] and, per block, [A, G], [Q_A, λ_A, Q_G, λ_G], S."""
+        return {"structure": self.structure, "matrix": self.matrix, "reduction": self.reduction,
+                "kfac_approx": self.kfac_approx, "fallback": self.fallback, "max_dense_block": self.max_dense_block,
+                "blocks": self._block_summary(), "factors": [list(f) for f in self.factors],
+                "eigenbases": [list(e) for e in self.eigenbases], "eigenvalue_grids": list(self.eigenvalue_grids)}
+
+    def _block_summary(self) -> list[list]:
+        return [[row["kind"], row["name"], *row["shape"]] for row in self.describe()]
+
+    @classmethod
+    def from_fitted_state(cls, state: dict, model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None,
+                          chunk_size: int = 256) -> KroneckerCurvature:
+        """The operator `fitted_state()` described, bound to `model`, its parameters and the data without
+        refitting; the block plan is made again (one probe forward pass) and must be the saved one."""
+        K = cls.__new__(cls)
+        K._bind_data(model, x, y, state["matrix"], ("ggn", "ef"), params, state["reduction"], chunk_size)
+        K.structure, K.kfac_approx = state["structure"], state["kfac_approx"]
+        K.fallback, K.max_dense_block = state["fallback"], int(state["max_dense_block"])
+        K.layers, K.fallbacks = plan_blocks(model, K.params, x, K.fallback, K.max_dense_block)
+        found = K._block_summary()
+        if found != [list(b) for b in state["blocks"]]:
+            raise ConfigError(f"the saved {K.structure} blocks are {state['blocks']}, the model's are {found}")
+        K.factors = [tuple(f) for f in state["factors"]]
+        K.eigenbases = [tuple(e) for e in state["eigenbases"]]
+        K.eigenvalue_grids = list(state["eigenvalue_grids"])
+        return K
 
     # --- passes over the data -----------------------------------------------------------------
     def _backward_passes(self, norms=()):
