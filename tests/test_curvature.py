@@ -62,11 +62,61 @@ def layernorm_problem(n=12, seed=0):
     return FunctionalModel(net), torch.randn(n, 4, dtype=DT), torch.randint(0, 3, (n,))
 
 
+class MeanPool(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+class TinySequenceNet(nn.Module):
+    """Tokens -> Embedding + positions (bare parameter) -> LayerNorm -> [nn.MultiheadAttention] ->
+    residual GELU MLP on (n, T, d) -> mean over tokens -> out: every kind of Kronecker layer but conv,
+    and fallback parameters (positions, LayerNorm affine, MultiheadAttention's in_proj and out_proj)."""
+
+    def __init__(self, vocabulary=7, d=4, T=5, C=3, attention=False, padding_idx=None):
+        super().__init__()
+        self.tok = nn.Embedding(vocabulary, d, padding_idx=padding_idx)
+        self.pos = nn.Parameter(0.3 * torch.randn(1, T, d))
+        self.ln = nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True) if attention else None
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 6), nn.GELU(), nn.Linear(6, d)
+        self.out = nn.Linear(d, C)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos
+        a = self.ln(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0] if self.attn is not None else a
+        h = h + self.fc2(self.act(self.fc1(h)))
+        return self.out(h.mean(1))
+
+
+def sequence_problem(n=8, seed=0, attention=False, padding_idx=None):
+    """Token sequences (n, 5) of a 7-word vocabulary (nn.MultiheadAttention has no forward-mode AD
+    in torch 2.13, and padding_idx masks only the reverse-mode derivative: both stay out of the
+    problems that the implicit, jvp-based structures see)."""
+    torch.manual_seed(seed)
+    net = TinySequenceNet(attention=attention, padding_idx=padding_idx).to(DT).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters
+        net.ln.weight.add_(0.3 * torch.randn(4, dtype=DT))
+        net.ln.bias.add_(0.3 * torch.randn(4, dtype=DT))
+    return FunctionalModel(net), torch.randint(0, 7, (n, 5)), torch.randint(0, 3, (n,))
+
+
+def conv1d_problem(n=6, seed=0):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv1d(2, 3, 3, padding="same", dilation=2), nn.Tanh(),
+        nn.Conv1d(3, 2, 2, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(14, 3),
+    ).to(DT)
+    return FunctionalModel(net), torch.randn(n, 2, 13, dtype=DT), torch.randint(0, 3, (n,))
+
+
 PROBLEMS = {
     "mlp": lambda: mlp_problem(),
     "layernorm": lambda: layernorm_problem(),
     "mlp_gaussian": lambda: mlp_problem(likelihood="gaussian"),
     "cnn": lambda: cnn_problem(),
+    "conv1d": lambda: conv1d_problem(),
+    "sequence": lambda: sequence_problem(),
 }
 
 
@@ -236,16 +286,261 @@ def test_kfac_exact_for_one_example_conv_with_one_output_location():
         assert torch.allclose(approx, exact, atol=1e-12)
 
 
-@pytest.mark.parametrize("problem", ["mlp", "cnn", "cnn_same"])
-def test_ekfac_eigenvalues_are_the_exact_block_in_the_kfac_eigenbasis(problem):
-    fm, x, y = cnn_problem(padding="same") if problem == "cnn_same" else PROBLEMS[problem]()
+# K-FAC on sequences (Eschenhagen et al. 2023). Expand is exact, for any number of sequences, when
+# the network is linear and acts position by position up to per-position outputs under the gaussian
+# likelihood (g_itu = e_u backpropagated through fixed linear maps: the same for every i and t).
+# Reduce is exact for one sequence when linear position-wise layers are followed by a mean over
+# positions (g_tu the same for every t), for any likelihood; expand is not exact there.
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("structure", ["kfac", "ekfac"])
+def test_kfac_expand_exact_for_position_wise_linear_layers_on_sequences(structure, n):
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Flatten()).to(DT)  # (n, T, 3) -> (n, T·2)
+    fm = FunctionalModel(net, "gaussian")
+    x, y = torch.randn(n, 5, 3, dtype=DT), torch.randn(n, 10, dtype=DT)
+    K = build_curvature(fm, x, y, structure=structure, fallback="error")
     D = dense_ggn(fm, x, y)
-    kfac = build_curvature(fm, x, y, structure="kfac", chunk_size=4)
-    ekfac = build_curvature(fm, x, y, structure="ekfac", chunk_size=4)
+    assert [layer.name for layer in K.layers] == ["0", "1"]
+    for layer in K.layers:
+        approx, exact = _block(K.to_dense(), D, layer)
+        assert torch.allclose(approx, exact, atol=1e-10)
+
+
+def test_kfac_reduce_exact_for_one_mean_pooled_sequence_and_expand_is_not():
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5), MeanPool(), nn.Linear(5, 3)).to(DT)
+    fm = FunctionalModel(net)
+    x, y = torch.randn(1, 6, 3, dtype=DT), torch.tensor([1])
+    D = dense_ggn(fm, x, y)
+    reduce = build_curvature(fm, x, y, structure="kfac", kfac_approx="reduce")
+    expand = build_curvature(fm, x, y, structure="kfac", kfac_approx="expand")
+    for layer in reduce.layers:
+        approx, exact = _block(reduce.to_dense(), D, layer)
+        assert torch.allclose(approx, exact, atol=1e-10)
+        other, _ = _block(expand.to_dense(), D, layer)
+        if layer.name == "3":  # T = 1 after the pooling: both variants are the same
+            assert torch.allclose(other, exact, atol=1e-10)
+        else:
+            assert torch.linalg.norm(other - exact) > 0.1 * torch.linalg.norm(exact)
+    # EK-FAC on the exact eigenbasis of reduce is exact too
+    ekfac = build_curvature(fm, x, y, structure="ekfac", kfac_approx="reduce")
+    for layer in ekfac.layers:
+        approx, exact = _block(ekfac.to_dense(), D, layer)
+        assert torch.allclose(approx, exact, atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "ekfac"])
+def test_kfac_exact_for_embedding_then_position_wise_linear(structure):
+    """The embedding is linear in the one-hot token; its A factor is diagonal: the token counts / (N T),
+    padding tokens left out (they get no gradient) but counted in N T (their positions are in G)."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Linear(3, 2), nn.Flatten()).to(DT)
+    fm = FunctionalModel(net, "gaussian")
+    x = torch.tensor([[1, 2, 0, 2, 5], [3, 3, 3, 0, 0], [6, 1, 2, 4, 4], [5, 5, 1, 0, 6]])
+    y = torch.randn(4, 10, dtype=DT)
+    K = build_curvature(fm, x, y, structure=structure, fallback="error")
+    D = dense_ggn(fm, x, y)
+    emb = K.layers[0]
+    assert emb.kind == "embedding" and (emb.d_out, emb.d_in) == (3, 7)
+    for layer in K.layers:
+        approx, exact = _block(K.to_dense(), D, layer)
+        assert torch.allclose(approx, exact, atol=1e-10)
+    counts = torch.bincount(x[x != 0], minlength=7).to(DT)
+    assert torch.allclose(K.factors[0][0], counts / 20)
+    assert K.eigenbases[0][0] is None  # a diagonal A keeps no basis (never vocabulary x vocabulary)
+
+
+def test_kfac_exact_for_conv1d_feeding_the_outputs():
+    torch.manual_seed(13)
+    one = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1, stride=2), nn.Flatten()).to(DT)
+    fm = FunctionalModel(one, "gaussian")
+    x, y = torch.randn(5, 2, 7, dtype=DT), torch.randn(5, 12, dtype=DT)
+    for structure in ("kfac", "ekfac"):
+        K = build_curvature(fm, x, y, structure=structure)
+        assert torch.allclose(K.to_dense(), dense_ggn(fm, x, y), atol=1e-10)
+    two = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same"), nn.Tanh(), nn.Conv1d(3, 2, 2, dilation=2), nn.Flatten()).to(DT)
+    fm2 = FunctionalModel(two, "gaussian")
+    y2 = torch.randn(5, 10, dtype=DT)
+    K2 = build_curvature(fm2, x, y2, structure="kfac")
+    approx, exact = _block(K2.to_dense(), dense_ggn(fm2, x, y2), K2.layers[-1])
+    assert torch.allclose(approx, exact, atol=1e-10)
+
+
+@pytest.mark.parametrize("matrix", ["ggn", "ef"])
+def test_fallback_blocks_are_the_exact_dense_blocks_or_diagonals(matrix):
+    """Parameters outside Kronecker layers: positions, LayerNorm affine, nn.MultiheadAttention's
+    in_proj and out_proj (its out_proj Linear is never called as a module)."""
+    fm, x, y = sequence_problem(attention=True, padding_idx=0)
+    D = dense_matrix(fm, x, y, matrix)
+    for structure in ("kfac", "ekfac"):
+        K = build_curvature(fm, x, y, matrix=matrix, structure=structure, max_dense_block=20)
+        Kd = K.to_dense()
+        kinds = {row["name"]: row["kind"] for row in K.describe()}
+        assert kinds == {
+            "tok": "embedding", "fc1": "linear", "fc2": "linear", "out": "linear", "pos": "dense",
+            "ln.weight": "dense", "ln.bias": "dense", "attn.in_proj_weight": "diag", "attn.in_proj_bias": "dense",
+            "attn.out_proj.weight": "dense", "attn.out_proj.bias": "dense",
+        }
+        reasons = {b.name: b.reason for b in K.fallbacks}
+        assert "not called" in reasons["attn.out_proj.weight"] and "not in an nn.Linear" in reasons["pos"]
+        for b in K.fallbacks:
+            approx, exact = _block(Kd, D, b)
+            if b.dense:
+                assert torch.allclose(approx, exact, atol=1e-10)
+            else:
+                assert torch.allclose(approx, torch.diag(exact.diagonal()), atol=1e-10)
+        # block-diagonal: nothing between blocks, and every parameter in exactly one block
+        owner = torch.full((fm.n_params,), -1)
+        for k, b in enumerate(K.blocks):
+            assert bool((owner[b.flat_indices()] == -1).all())
+            owner[b.flat_indices()] = k
+        assert bool((owner >= 0).all())
+        assert torch.equal(Kd != 0, (owner[:, None] == owner[None, :]) & (Kd != 0))
+    # fallback "diag": every fallback block is the exact diagonal
+    K = build_curvature(fm, x, y, matrix=matrix, structure="kfac", fallback="diag")
+    for b in K.fallbacks:
+        assert not b.dense
+        approx, exact = _block(K.to_dense(), D, b)
+        assert torch.allclose(approx, torch.diag(exact.diagonal()), atol=1e-10)
+
+
+class ToSequence(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], 3, 4)
+
+
+class Twice(nn.Module):
+    """One normalisation module applied twice (its per-example gradient sums over both calls)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(torch.tanh(self.norm(x)))
+
+
+def _norm_net(norm):  # (n, 5) -> (n, 3, 4) -> norm twice -> (n, 3)
+    return nn.Sequential(nn.Linear(5, 12), ToSequence(), Twice(norm), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3))
+
+
+NORM_NETS = {
+    "layernorm_2d": lambda: _norm_net(nn.LayerNorm((3, 4))),  # over the last two dims, parameters (3, 4)
+    "rmsnorm": lambda: _norm_net(nn.RMSNorm(4)),
+    "groupnorm": lambda: _norm_net(nn.GroupNorm(1, 3)),
+    "batchnorm": lambda: _norm_net(nn.BatchNorm1d(3)),
+}
+
+
+@pytest.mark.parametrize("norm", list(NORM_NETS))
+def test_normalisation_parameters_get_exact_blocks_from_hooks(norm):
+    """y = x̂ ⊙ w + b: the per-example rows of w and b come from the hooked backward passes (no
+    per-example Jacobians) and give the exact dense blocks and diagonals; the norm is used twice."""
+    torch.manual_seed(14)
+    net = NORM_NETS[norm]().to(DT)
+    if norm == "batchnorm":
+        net.train()(torch.randn(32, 5, dtype=DT))  # running statistics
+    net.eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    fm = FunctionalModel(net)
+    x, y = torch.randn(7, 5, dtype=DT), torch.randint(0, 3, (7,))
+    D = dense_ggn(fm, x, y)
+    K = build_curvature(fm, x, y, structure="ekfac", chunk_size=3)
+    assert [b.name for b in K.fallbacks] == [n for n in fm.spec.names if n.startswith("2.")]
+    assert all(b.source is not None and b.dense for b in K.fallbacks)
+    for b in K.fallbacks:
+        approx, exact = _block(K.to_dense(), D, b)
+        assert torch.allclose(approx, exact, atol=1e-10)
+    exact_diag = ImplicitCurvature(fm, x, y, chunk_size=3).diag()  # kfac_layers.layer_diagonal
+    assert torch.allclose(exact_diag, D.diagonal(), atol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "ekfac"])
+def test_kronecker_inverses_with_diagonal_inputs_and_fallback_blocks(structure):
+    fm, x, y = sequence_problem(attention=True, padding_idx=0)
+    K = build_curvature(fm, x, y, structure=structure, max_dense_block=12)
+    A = K.to_dense() + 0.3 * torch.eye(fm.n_params, dtype=DT)
+    B = torch.randn(fm.n_params, 2, dtype=DT)
+    assert torch.allclose(K.inverse_mv(B, 0.3), torch.linalg.solve(A, B), atol=1e-9)
+    assert torch.allclose(K.inverse_sqrt_mv(K.inverse_sqrt_mv(B, 0.3), 0.3), torch.linalg.solve(A, B), atol=1e-9)
+    assert torch.allclose(K.inverse_diag(0.3), torch.linalg.inv(A).diagonal(), atol=1e-10)
+    assert math.isclose(K.log_det(0.3), float(torch.linalg.slogdet(A)[1]), rel_tol=1e-10)
+    # the predictive quadratic form through the blocks = explicit Jacobians through the dense inverse
+    J = fm.jacobians(fm.params, x[:5])
+    expected = J @ torch.linalg.inv(A) @ J.transpose(1, 2)
+    assert torch.allclose(K.jacobian_quadratic_form(fm, fm.params, x[:5], 0.3, chunk_size=2), expected, atol=1e-10)
+    diag = build_curvature(fm, x, y, structure="diag")
+    expected = J @ torch.diag(1.0 / (diag.diag() + 0.3)) @ J.transpose(1, 2)
+    assert torch.allclose(diag.jacobian_quadratic_form(fm, fm.params, x[:5], 0.3, chunk_size=2), expected, atol=1e-10)
+
+
+def test_kronecker_fitted_state_restores_the_operator_without_refitting():
+    fm, x, y = sequence_problem(attention=True, padding_idx=0)
+    K = build_curvature(fm, x, y, structure="ekfac", kfac_approx="reduce", max_dense_block=12)
+    state = K.fitted_state()
+    back = KroneckerCurvature.from_fitted_state(state, fm, x, y)
+    V = torch.randn(fm.n_params, 3, dtype=DT)
+    assert torch.equal(back.mv(V), K.mv(V)) and torch.equal(back.inverse_mv(V, 0.1), K.inverse_mv(V, 0.1))
+    assert (back.structure, back.kfac_approx, back.describe()) == ("ekfac", "reduce", K.describe())
+    other = {**state, "max_dense_block": 1024}  # another block plan: refused, naming both
+    with pytest.raises(ConfigError, match=r"saved ekfac blocks are .*'diag', 'attn.in_proj_weight'.*the model's are"):
+        KroneckerCurvature.from_fitted_state(other, fm, x, y)
+
+
+def test_curvature_refuses_models_in_training_mode():
+    """Batch norm in training mode couples the examples (and would update its running statistics);
+    dropout draws random masks: a clear error, and in eval mode everything runs."""
+    from modelsense.models import build_model
+
+    net = build_model("cnn", (1, 8, 8), 3, width=4, depth=1, norm="bn", seed=0).to(DT)
+    fm = FunctionalModel(net)
+    x, y = torch.randn(6, 1, 8, 8, dtype=DT), torch.randint(0, 3, (6,))
+    before = net.stem.norm.running_mean.clone()
+    for structure in ("kfac", "implicit", "diag"):
+        with pytest.raises(ConfigError, match=r"need the model in eval mode.*stem.norm \(batch norm\).*model.eval\(\)"):
+            build_curvature(fm, x, y, structure=structure)
+    assert torch.equal(net.stem.norm.running_mean, before)
+    net.eval()
+    K = build_curvature(fm, x, y, structure="ekfac")
+    assert {b.name for b in K.fallbacks} == {n for n in fm.spec.names if ".norm." in n}
+    D = dense_ggn(fm, x, y)
+    for b in K.fallbacks:  # the batch-norm affine parameters: exact dense blocks
+        approx, exact = _block(K.to_dense(), D, b)
+        assert torch.allclose(approx, exact, atol=1e-10)
+    dropout = FunctionalModel(nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.2), nn.Linear(5, 3)).to(DT))
+    with pytest.raises(ConfigError, match=r"'1 \(dropout\)'"):
+        build_curvature(dropout, torch.randn(4, 4, dtype=DT), torch.randint(0, 3, (4,)), structure="kfac")
+
+
+def _dense_factor(A):
+    """A Kronecker factor as a matrix (diagonal factors are stored as vectors)."""
+    return torch.diag(A) if A.ndim == 1 else A
+
+
+def _input_basis(Q_a, d_in):
+    return torch.eye(d_in, dtype=DT) if Q_a is None else Q_a
+
+
+EKFAC_PROBLEMS = {
+    **PROBLEMS,
+    "cnn_same": lambda: cnn_problem(padding="same"),
+    "attention": lambda: sequence_problem(attention=True, padding_idx=0),
+}
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("problem", ["mlp", "cnn", "cnn_same", "conv1d", "sequence", "attention"])
+def test_ekfac_eigenvalues_are_the_exact_block_in_the_kfac_eigenbasis(problem, approx):
+    fm, x, y = EKFAC_PROBLEMS[problem]()
+    D = dense_ggn(fm, x, y)
+    kfac = build_curvature(fm, x, y, structure="kfac", chunk_size=4, kfac_approx=approx)
+    ekfac = build_curvature(fm, x, y, structure="ekfac", chunk_size=4, kfac_approx=approx)
     Kk, Ke = kfac.to_dense(), ekfac.to_dense()
     for l, layer in enumerate(ekfac.layers):
         Q_a, _, Q_g, _ = ekfac.eigenbases[l]
-        basis = torch.kron(Q_g, Q_a)
+        basis = torch.kron(Q_g.contiguous(), _input_basis(Q_a, layer.d_in).contiguous())
         approx_k, exact = _block(Kk, D, layer)
         approx_e, _ = _block(Ke, D, layer)
         S = torch.diagonal(basis.T @ exact @ basis).reshape(layer.d_out, layer.d_in)
@@ -254,13 +549,14 @@ def test_ekfac_eigenvalues_are_the_exact_block_in_the_kfac_eigenbasis(problem):
         assert torch.linalg.norm(approx_e - exact) <= torch.linalg.norm(approx_k - exact) + 1e-12
         # KFAC itself is G ⊗ A in the row-major layout
         A, G = kfac.factors[l]
-        assert torch.allclose(approx_k, torch.kron(G, A), atol=1e-10)
+        assert torch.allclose(approx_k, torch.kron(G, _dense_factor(A)), atol=1e-10)
 
 
+@pytest.mark.parametrize("problem", ["cnn", "attention"])
 @pytest.mark.parametrize("structure", ["kfac", "ekfac"])
-def test_kronecker_operator_is_self_consistent(structure):
-    fm, x, y = cnn_problem()
-    K = build_curvature(fm, x, y, structure=structure)
+def test_kronecker_operator_is_self_consistent(structure, problem):
+    fm, x, y = EKFAC_PROBLEMS[problem]()
+    K = build_curvature(fm, x, y, structure=structure, max_dense_block=12)  # dense and diagonal fallback blocks
     D = K.to_dense()
     assert torch.allclose(D, D.T, atol=1e-12)
     assert torch.allclose(K.diag(), D.diagonal(), atol=1e-12)
@@ -511,11 +807,16 @@ def test_bad_input_raises_config_errors():
     with pytest.raises(ConfigError, match="KFAC/EK-FAC approximate matrix 'ggn' or 'ef', received 'hessian'"):
         KroneckerCurvature(fm, x, y, matrix="hessian")
     net = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).to(DT)
-    with pytest.raises(ConfigError, match=r"not covered: \['1.weight', '1.bias'\]"):
-        build_curvature(FunctionalModel(net), x, y, structure="kfac")
-    # excluding them with trainable= makes KFAC available
-    K = build_curvature(FunctionalModel(net, trainable=lambda n: n.startswith("0.")), x, y, structure="kfac")
-    assert K.n_params == 15
+    with pytest.raises(ConfigError, match=r"do not cover \['1.weight', '1.bias'\] \(1.weight: not in an nn.Linear"):
+        build_curvature(FunctionalModel(net), x, y, structure="kfac", fallback="error")
+    # excluding them with trainable= makes KFAC cover every parameter
+    K = build_curvature(FunctionalModel(net, trainable=lambda n: n.startswith("0.")), x, y, structure="kfac",
+                        fallback="error")
+    assert K.n_params == 15 and K.fallbacks == []
+    with pytest.raises(ConfigError, match="unknown fallback 'skip'"):
+        CurvatureConfig(structure="kfac", fallback="skip")
+    with pytest.raises(ConfigError, match="unknown kfac_approx 'mean'"):
+        KroneckerCurvature(fm, x, y, kfac_approx="mean")
     with pytest.raises(ConfigError, match="k >= 1"):
         DenseCurvature(torch.eye(3, dtype=DT)).eigen(0)
 

@@ -29,8 +29,9 @@ IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 VECTOR_SHAPES = [(40,)]
 CONV_MODELS = ["lenet", "cnn_deepobs", "resnet20_frn", "cnn", "resnet18"]
 VECTOR_MODELS = ["linear", "mlp", "small_mlp", "large_mlp"]
+IMAGE_MODELS = CONV_MODELS + ["vit"]
 # small widths keep the wide models fast
-SMALL = {"cnn": {"width": 4}, "resnet18": {"width": 2}, "resnet20_frn": {"width": 4}}
+SMALL = {"cnn": {"width": 4}, "resnet18": {"width": 2}, "resnet20_frn": {"width": 4}, "vit": {"width": 8, "depth": 1}}
 
 
 def _compatible(name: str, shape: tuple[int, ...]) -> bool:
@@ -45,7 +46,7 @@ def _n_params(model: nn.Module) -> int:
 
 CASES = [
     (name, shape, c)
-    for name in VECTOR_MODELS + CONV_MODELS
+    for name in VECTOR_MODELS + IMAGE_MODELS
     for shape in IMAGE_SHAPES + VECTOR_SHAPES
     for c in (3, 10)
     if _compatible(name, shape)
@@ -53,7 +54,7 @@ CASES = [
 
 
 def test_registry_lists_every_model():
-    assert model_names() == VECTOR_MODELS + CONV_MODELS
+    assert model_names() == VECTOR_MODELS + IMAGE_MODELS
     info = available_models()
     assert [m["name"] for m in info] == model_names()
     for m in info:
@@ -69,7 +70,7 @@ def test_output_shape(name, shape, num_classes):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", CONV_MODELS)
+@pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_vector_input_to_conv_model_raises(name):
     with pytest.raises(ConfigError, match=r"needs image inputs of shape \(C, H, W\).*\(40,\).*'mlp'"):
         build_model(name, (40,), 10)
@@ -115,9 +116,9 @@ def test_bad_options_raise():
         build_model("mlp", (), 10)
 
 
-@pytest.mark.parametrize("name", VECTOR_MODELS + CONV_MODELS)
+@pytest.mark.parametrize("name", VECTOR_MODELS + IMAGE_MODELS)
 def test_seed_reproducible(name):
-    shape = (1, 28, 28) if name in CONV_MODELS else (40,)
+    shape = (1, 28, 28) if name in IMAGE_MODELS else (40,)
     kw = SMALL.get(name, {})
     a = build_model(name, shape, 3, seed=7, **kw).state_dict()
     b = build_model(name, shape, 3, seed=7, **kw).state_dict()
@@ -355,3 +356,22 @@ def test_batchnorm_option_works_under_vmap_in_eval_mode():
     x = torch.randn(4, 1, 8, 8)
     per_example = vmap(lambda xi: functional_call(model, {**params, **buffers}, (xi.unsqueeze(0),))[0])(x)
     torch.testing.assert_close(per_example, model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_per_example_grads_in_eval_mode_match_loop_and_train_mode_is_refused():
+    model = build_model("cnn", (1, 8, 8), 3, width=4, norm="bn", seed=0).double()
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    model.train()
+    model(torch.randn(16, 1, 8, 8, dtype=torch.float64))  # non-trivial running statistics
+    fm = FunctionalModel(model)
+    with pytest.raises(ConfigError, match=r"eval mode; modules \['stem.norm \(batch norm\)'"):
+        fm.per_example_grads(fm.params, x, y, flat=True)
+    model.eval()
+    fm = FunctionalModel(model)
+    vmapped = fm.per_example_grads(fm.params, x, y, flat=True)
+    loop = []
+    for i in range(4):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        loop.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-9, atol=1e-10)

@@ -210,10 +210,7 @@ def curvature_state(K: Any) -> dict[str, Any]:
     )
 
     if isinstance(K, KroneckerCurvature):
-        return {"kind": "kronecker", "structure": K.structure, "matrix": K.matrix, "reduction": K.reduction,
-                "layers": [[layer.name, layer.d_in, layer.d_out] for layer in K.layers],
-                "factors": [list(f) for f in K.factors], "eigenbases": [list(e) for e in K.eigenbases],
-                "eigenvalue_grids": list(K.eigenvalue_grids)}
+        return {"kind": "kronecker", **K.fitted_state()}
     if isinstance(K, ImplicitCurvature):  # matrix-free: nothing fitted
         return {"kind": "implicit", "matrix": K.matrix, "reduction": K.reduction}
     if isinstance(K, DenseCurvature):
@@ -236,7 +233,6 @@ def restore_curvature(state: dict[str, Any], model: FunctionalModel, x: Tensor, 
         KroneckerCurvature,
         LowRankCurvature,
     )
-    from modelsense.curvature.kfac import find_layers
     from modelsense.curvature.lanczos import EigenDecomposition
 
     kind = state["kind"]
@@ -255,18 +251,8 @@ def restore_curvature(state: dict[str, Any], model: FunctionalModel, x: Tensor, 
         if state["structure"] != K.structure:
             K.structure = state["structure"]  # "gram": the exact GGN / EF through its Gram matrix
         return K
-    if kind == "kronecker":
-        # KroneckerCurvature's constructor fits; bind the model and data and set what the fit produced
-        K = KroneckerCurvature.__new__(KroneckerCurvature)
-        K._bind_data(model, x, y, state["matrix"], ("ggn", "ef"), params, state["reduction"], chunk_size)
-        K.structure, K.layers = state["structure"], find_layers(model)
-        found = [[layer.name, layer.d_in, layer.d_out] for layer in K.layers]
-        if found != state["layers"]:
-            raise ConfigError(f"the saved {K.structure} factors are of layers {state['layers']}, the model's are {found}")
-        K.factors = [tuple(f) for f in state["factors"]]
-        K.eigenbases = [tuple(e) for e in state["eigenbases"]]
-        K.eigenvalue_grids = list(state["eigenvalue_grids"])
-        return K
+    if kind == "kronecker":  # the factors of the fit, not refitted
+        return KroneckerCurvature.from_fitted_state(state, model, x, y, params, chunk_size)
     raise ConfigError(f"the saved state holds a curvature of unknown kind {kind!r}")
 
 

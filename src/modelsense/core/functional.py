@@ -78,6 +78,27 @@ class ParamSpec:
         return {n: c.reshape(*batch, *s) for n, s, c in zip(self.names, self.shapes, chunks)}
 
 
+def check_per_example_mode(module: nn.Module) -> None:
+    """ConfigError when a submodule makes per-example quantities ill-defined: batch norm in training
+    mode or without running statistics (batch statistics couple the examples of a batch, and the
+    running statistics would be updated), or dropout (p > 0) in training mode (random masks).
+    Call `module.eval()` first: batch norm then uses its running statistics and dropout is off."""
+    bad = []
+    for name, m in module.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            bad.append(f"{name or type(m).__name__} (batch norm)")
+        elif isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            bad.append(f"{name or type(m).__name__} (dropout)")
+        elif isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
+            bad.append(f"{name or type(m).__name__} (attention dropout)")
+    if bad:
+        raise ConfigError(
+            f"per-example gradients, Jacobians and curvature need the model in eval mode; modules {bad[:4]} "
+            "are in training mode (batch norm would couple the examples of a batch, dropout draws random "
+            "masks); call model.eval() first (batch norm without running statistics cannot be used at all)"
+        )
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     """Slices covering range(n) in pieces of at most `size`."""
     size = max(int(size), 1)
@@ -151,12 +172,14 @@ class FunctionalModel:
             return flat_per_example_grads(self, self._single_loss, params, x, y, chunk_size, out=out)
         if out is not None:
             raise ConfigError("out= takes the flat (n, P) gradients; pass flat=True or drop out")
+        check_per_example_mode(self.module)
         g = vmap(grad(self._single_loss), in_dims=(None, 0, 0))
         parts = [g(params, x[s], y[s]) for s in chunks(len(x), chunk_size)]
         return {n: torch.cat([o[n] for o in parts]) for n in self.spec.names}
 
     def jacobians(self, params: Params, x: Tensor, chunk_size: int = 128) -> Tensor:
         """Per-example Jacobians of the outputs w.r.t. the parameters, flat (n, C, P)."""
+        check_per_example_mode(self.module)
 
         def single(p: Params, xi: Tensor) -> Tensor:
             return self(p, xi.unsqueeze(0))[0]
@@ -186,6 +209,7 @@ def flat_per_example_grads(
     back, aux stacked over the examples. `FunctionalModel.per_example_grads(flat=True)` is this with
     fn = the model's per-example loss.
     """
+    check_per_example_mode(model.module)
     n, P = len(x), model.n_params
     first = next(iter(params.values()))
     if out is None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.core.functional import FunctionalModel, Params, check_per_example_mode, chunks
 from modelsense.errors import ConfigError, DataError, shown
 
 REDUCTIONS = ("sum", "mean")
@@ -24,7 +24,9 @@ def param_dtype_device(params: Params) -> tuple[torch.dtype, torch.device]:
 
 
 def check_data(model: FunctionalModel, x: Tensor, y: Tensor) -> None:
-    """Raise DataError unless x, y are tensors with the same number of examples (at least one)."""
+    """Raise DataError unless x, y are tensors with the same number of examples (at least one);
+    ConfigError when the model is not in eval mode where that matters (`check_per_example_mode`:
+    batch norm, dropout)."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise DataError(
             f"expected x and y as torch tensors, received {type(x).__name__} and {type(y).__name__}; "
@@ -36,6 +38,7 @@ def check_data(model: FunctionalModel, x: Tensor, y: Tensor) -> None:
         )
     if model.likelihood == "categorical" and y.dtype not in (torch.int64, torch.int32, torch.long):
         raise DataError(f"categorical likelihood expects integer labels, received dtype {y.dtype}")
+    check_per_example_mode(model.module)
 
 
 def data_chunks(

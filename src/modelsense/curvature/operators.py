@@ -16,7 +16,8 @@ Structures (`build_curvature(..., structure=...)`):
               chunk's autograd graph, kept between products when the data is one chunk.
     full      the dense P x P matrix (small nets)
     diag      the exact diagonal
-    kfac      Kronecker factors per nn.Linear / nn.Conv2d layer (see kfac.py)
+    kfac      Kronecker factors per nn.Linear (any leading dims) / Conv1d / Conv2d / Embedding layer,
+              exact dense or diagonal blocks for the other parameters (see kfac.py, kfac_layers.py)
     ekfac     KFAC eigenbasis with eigenvalues refitted to the exact second moments (see kfac.py)
     lowrank   top-k eigenpairs by Lanczos: U diag(λ) Uᵀ
     gram      GGN / EF exactly, as U diag(λ) Uᵀ from the eigendecomposition of the m x m Gram
@@ -52,6 +53,7 @@ from modelsense.curvature._common import (
     data_chunks,
     output_hessian_sqrt,
 )
+from modelsense.curvature.kfac_layers import FALLBACKS, KFAC_APPROXIMATIONS
 from modelsense.curvature.lanczos import EigenDecomposition, top_eigenpairs
 from modelsense.errors import ConfigError
 
@@ -309,16 +311,17 @@ class ImplicitCurvature(DataOperator, Curvature):
 
     def diag(self) -> Tensor:
         """Exact diagonal. GGN: Σ_i Σ_c ((L_iᵀ J_i)_c)²; EF: Σ_i g_i²; Hessian: from P products with
-        identity columns (cost P matvecs). When every selected parameter sits in an nn.Linear /
-        nn.Conv2d, GGN and EF use layer inputs and backpropagated output gradients (kfac.layer_diagonal:
-        C backward passes of each chunk instead of C per-example gradient passes)."""
+        identity columns (cost P matvecs). GGN and EF go through the layer structure
+        (kfac_layers.layer_diagonal): layer inputs and backpropagated output gradients for the
+        parameters of Linear/Conv/Embedding layers (C backward passes of each chunk instead of C
+        per-example gradient passes), per-example Jacobians restricted to the other parameters."""
         if self.matrix == "hessian":
             return torch.diagonal(self.to_dense()).clone()
-        from modelsense.curvature.kfac import layer_diagonal
+        from modelsense.curvature.kfac_layers import layer_diagonal
 
         try:
             return layer_diagonal(self.model, self.matrix, self.params, self.x, self.y, self.chunk_size) * self.scale
-        except ConfigError:  # parameters outside Linear/Conv2d, or a layer used twice
+        except ConfigError:  # a layer whose calls change between chunks: the per-example path
             pass
         d = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
         for R in self._factor_rows():
@@ -513,15 +516,16 @@ class DiagonalCurvature(Curvature):
     def jacobian_quadratic_form(self, model, params, x, damping, chunk_size: int = 64):
         """J_i diag(1/(d + δ)) J_iᵀ = Σ_p J_icp J_idp / (d_p + δ), shape (n, C, C).
 
-        When every selected parameter sits in an nn.Linear / nn.Conv2d this goes through the layer
-        structure (kfac.layer_quadratic_form, no per-example Jacobians), else through Jacobians."""
+        Goes through the layer structure (kfac_layers.layer_quadratic_form: no per-example Jacobians
+        for Linear/Conv/Embedding parameters, restricted ones for the others), else through Jacobians."""
         w = 1.0 / self._shifted(damping)
-        from modelsense.curvature.kfac import find_layers, layer_grid, layer_quadratic_form
+        from modelsense.curvature.kfac_layers import block_grid, layer_quadratic_form, plan_blocks
 
         try:
-            layers = find_layers(model)
-            grids = [layer_grid(layer, w) for layer in layers]
-            return layer_quadratic_form(model, layers, params, x, [(None, None)] * len(layers), grids, chunk_size)
+            layers, fallbacks = plan_blocks(model, params, x, "diag")
+            blocks = [*layers, *fallbacks]
+            grids = [block_grid(b, w) for b in blocks]
+            return layer_quadratic_form(model, blocks, params, x, [(None, None)] * len(blocks), grids, chunk_size)
         except ConfigError:
             pass
         out = []
@@ -620,7 +624,10 @@ class CurvatureConfig:
     reduction: sum (K of Σ_i l_i, default) | mean (K / N).  chunk_size: examples per pass.
     rank: eigenpairs kept by `lowrank`; lanczos_tol / lanczos_max_steps: see lanczos.top_eigenpairs.
     max_full_params: `full` refuses larger P (a P x P matrix), `gram` more factor rows m (an m x m
-    matrix). seed: Lanczos start vectors.
+    matrix). seed: Lanczos start vectors. kfac/ekfac only (see kfac.py): kfac_approx expand | reduce
+    (sequences, conv positions); fallback auto | diag | error for parameters outside Linear/Conv/
+    Embedding layers (auto: exact dense block up to max_dense_block entries per tensor, else its
+    exact diagonal; error: refuse them).
     """
 
     matrix: str = "ggn"
@@ -632,11 +639,18 @@ class CurvatureConfig:
     lanczos_max_steps: int | None = None
     max_full_params: int = 20_000
     seed: int = 0
+    kfac_approx: str = "expand"
+    fallback: str = "auto"
+    max_dense_block: int = 1024
 
     def __post_init__(self) -> None:
         check_choice("matrix", self.matrix, MATRICES)
+        check_choice("kfac_approx", self.kfac_approx, KFAC_APPROXIMATIONS)
+        check_choice("fallback", self.fallback, FALLBACKS)
         check_choice("structure", self.structure, STRUCTURES)
         check_choice("reduction", self.reduction, REDUCTIONS)
+        if self.max_dense_block < 0:
+            raise ConfigError(f"max_dense_block must be >= 0 (entries of a parameter tensor), received {self.max_dense_block}")
         if self.chunk_size < 1 or self.rank < 1:
             raise ConfigError(f"chunk_size and rank must be >= 1, received {self.chunk_size} and {self.rank}")
         if self.matrix == "hessian" and self.structure in ("kfac", "ekfac", "gram"):
@@ -668,6 +682,7 @@ def build_curvature(
         return KroneckerCurvature(
             model, x, y, matrix=config.matrix, params=params, reduction=config.reduction,
             chunk_size=config.chunk_size, eigen_corrected=config.structure == "ekfac",
+            kfac_approx=config.kfac_approx, fallback=config.fallback, max_dense_block=config.max_dense_block,
         )
     exact = ImplicitCurvature(model, x, y, config.matrix, params, config.reduction, config.chunk_size, generator)
     if config.structure == "implicit":

@@ -11,12 +11,15 @@
 | `resnet20_frn` | ResNet-20 with Filter Response Norm (MPE/BNN-HMC), width 16     | images              |
 | `cnn`          | depth/width-scalable 5-layer CNN (eff-dim ConvNetDepth, mCNN)   | images >= 2^min(depth,3) |
 | `resnet18`     | PreAct ResNet-18 of width k (Nakkiran; eff-dim)                 | images              |
+| `vit`          | tiny vision transformer: p x p patches, `depth` blocks of width | images, sides % p = 0 |
+|                | `width` (64, 2 blocks, p = `patch` = 2), mean pool              |                     |
 
 Shapes adapt to the data: `input_shape` is one example's shape, (C, H, W) for images, (d,) for
 vectors; the output layer has `num_classes` units. Every model's last layer is an `nn.Linear`
 named `out`; layers are standard modules (`nn.Linear`, `nn.Conv2d`, activation modules such as
 `nn.ReLU`), so forward hooks (representations, KFAC) work, and normalisation/FRN parameters are
-1-d (left out of "weights only" = tensors with >= 2 dims). `cnn` and `resnet18` default to
+1-d (left out of "weights only" = tensors with >= 2 dims), except the positions `pos.weight`
+(1, T, width) of `vit`. `cnn` and `resnet18` default to
 GroupNorm instead of the papers' BatchNorm (per-example normalisation keeps per-example gradients
 and vmapped ensembles exact); `norm="bn"` restores the original.
 
@@ -54,6 +57,7 @@ from modelsense.models.lenet import LeNet5
 from modelsense.models.mlp import MLP, check_widths
 from modelsense.models.preact_resnet import PreActResNet18
 from modelsense.models.resnet20_frn import ResNet20FRN
+from modelsense.models.vit import ViT
 
 __all__ = [
     "ACTIVATIONS",
@@ -66,6 +70,7 @@ __all__ = [
     "ModelConfig",
     "PreActResNet18",
     "ResNet20FRN",
+    "ViT",
     "available_models",
     "build_model",
     "build_model_from_config",
@@ -85,9 +90,10 @@ class ModelConfig:
     name: str = option("mlp", "architecture: a name of `modelsense models`", flag="--model", short="-m")
     widths: tuple[int, ...] | None = option(None, "hidden widths of mlp, e.g. 128,128", parse=ints, show=joined)
     activation: str | None = option(None, "mlp activation: relu, tanh, gelu, ...")
-    width: int | None = option(None, "width k of cnn / resnet18")
-    depth: int | None = option(None, "depth of cnn")
+    width: int | None = option(None, "width k of cnn / resnet18 / vit")
+    depth: int | None = option(None, "depth of cnn; transformer blocks of vit")
     norm: str | None = option(None, "normalisation of cnn / resnet18: gn, bn, frn, none")
+    patch: int | None = option(None, "vit: side p of its p x p image patches (image sides must be multiples of p)")
 
     def __post_init__(self) -> None:
         if self.widths is not None:
@@ -96,7 +102,7 @@ class ModelConfig:
     def options(self) -> dict[str, Any]:
         """The options that are set (not None), as keyword arguments for `build_model`."""
         opts = {"widths": self.widths, "activation": self.activation, "width": self.width,
-                "depth": self.depth, "norm": self.norm}
+                "depth": self.depth, "norm": self.norm, "patch": self.patch}
         return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -170,6 +176,15 @@ _SPECS: dict[str, _ModelSpec] = {
                 shape, c, _positive_int(width, "width", name), check_norm(norm)
             ),
         ),
+        _ModelSpec(
+            "vit", "tiny vision transformer: patch x patch patches, depth pre-norm blocks (4-head self-attention, "
+            "GELU MLP, LayerNorm, dropout 0.1), mean pool", "images (C, H, W), H and W multiples of patch", True,
+            {"width": 64, "depth": 2, "patch": 2},
+            lambda name, shape, c, width, depth, patch: ViT(
+                shape, c, _positive_int(width, "width", name), _positive_int(depth, "depth", name),
+                _positive_int(patch, "patch", name)
+            ),
+        ),
     )
 }
 
@@ -199,6 +214,7 @@ def build_model(
     width: int | None = None,
     depth: int | None = None,
     norm: str | None = None,
+    patch: int | None = None,
     seed: int | None = None,
 ) -> nn.Module:
     """Build the model `name` for examples of shape `input_shape` and `num_classes` outputs.
@@ -207,7 +223,7 @@ def build_model(
         name: one of `model_names()`.
         input_shape: one example's shape: (C, H, W) for images, (d,) for vectors.
         num_classes: number of outputs C (classes; for regression the target dimension).
-        widths, activation, width, depth, norm: model options (see `available_models()`); None
+        widths, activation, width, depth, norm, patch: model options (see `available_models()`); None
             means the model's default; a non-None option that the model does not take raises.
         seed: if given, parameters are initialised from `torch.manual_seed(seed)` (reproducible);
             the global RNG state is restored afterwards. None: drawn from the global RNG.
@@ -218,7 +234,7 @@ def build_model(
             input to a convolutional model, or an image too small for the model.
     """
     if is_reference(name):
-        given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm}
+        given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm, "patch": patch}
         return build_user_model(name, input_shape, num_classes, seed=seed,
                                 **{k: v for k, v in given.items() if v is not None})
     key = str(name).lower()
@@ -226,7 +242,7 @@ def build_model(
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}, or give your own as "
                           "path/to/file.py:make_model")
     spec = _SPECS[key]
-    given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm}
+    given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm, "patch": patch}
     unused = [k for k, v in given.items() if v is not None and k not in spec.defaults]
     if unused:
         takes = ", ".join(spec.defaults) if spec.defaults else "no options"

@@ -31,7 +31,7 @@ def require_image(model_name: str, input_shape: tuple[int, ...]) -> tuple[int, i
     if len(input_shape) != 3:
         kind = "a vector" if len(input_shape) == 1 else f"a {len(input_shape)}-d array"
         raise ConfigError(
-            f"model {model_name!r} is convolutional and needs image inputs of shape (C, H, W); "
+            f"model {model_name!r} needs image inputs of shape (C, H, W); "
             f"the data gives {kind} of shape {tuple(input_shape)}. Use 'mlp' (or 'linear', "
             f"'small_mlp', 'large_mlp') for vector data, or reshape the features into images."
         )
