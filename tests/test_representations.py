@@ -695,9 +695,10 @@ def test_make_metric_builds_each_similarity_with_its_options():
     assert repr(make_metric("relu-cka", estimator="median")) == "ReLUCKA(centered=True, estimator='median')"
     assert repr(make_metric("procrustes", center=True)) == "Procrustes(center=True)"
     assert repr(make_metric("relu-procrustes")) == "ReLUProcrustes()"
+    assert repr(make_metric("angular-shape")) == "AngularShape(center=True)"
     assert {name: metric_options(name) for name in SIMILARITIES} == {
         "cka": (), "unbiased-cka": (), "rbf-cka": ("bandwidth", "debiased"), "procrustes": ("center",),
-        "relu-procrustes": (), "relu-cka": ("centered", "estimator"),
+        "angular-shape": ("center",), "relu-procrustes": (), "relu-cka": ("centered", "estimator"),
     }
 
 

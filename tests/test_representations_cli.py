@@ -206,6 +206,43 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
 
 
+# -- probe -----------------------------------------------------------------------------------------
+
+
+def test_probe_a_checkpoint_prints_the_invariance_table(zoo_dir, tmp_path):
+    out = tmp_path / "probe"
+    res = invoke("probe", "--checkpoint", zoo_member_path(zoo_dir, 0), "--repeats", 2, "--n-examples", 60, "--out", out)
+    assert res.exit_code == 0, (res.output, res.exception)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["layers"] == ["act1", "act2"] and m["sites"] == ["pre", "post"] and m["n_examples"] == 60
+    assert m["max_deviation_invariant"] < 1e-5 and m["min_similarity_not_invariant"] < 0.99
+    for layer in m["layers"]:
+        assert m["table"][layer]["orthogonal"]["pre"]["cka"] == pytest.approx(1.0, abs=1e-5)
+        assert m["table"][layer]["grelu"]["post"]["relu-procrustes"] == pytest.approx(1.0, abs=1e-5)
+        assert m["table"][layer]["grelu"]["pre"]["cka"] < 0.99 and m["table"][layer]["orthogonal"]["pre"]["relu-cka"] < 0.99
+        assert m["output_change"][layer]["grelu"] < 1e-4 < m["output_change"][layer]["orthogonal"]
+        assert m["accuracy"][layer]["grelu"] == m["clean_accuracy"]
+    arrays = np.load(out / "probe.npz")
+    assert arrays["similarity"].shape == (2, 3, 2, 7, 2) and (out / "figures" / "probe_table.png").exists()
+    assert "relu-procrustes" in res.output and "orthogonal  pre" in res.output  # the printed table
+    # the model's state_dict given as --weights: the same table
+    torch.save(load_model(zoo_member_path(zoo_dir, 0))[0].state_dict(), tmp_path / "state.pt")
+    ok("probe", *DATA, *MODEL, "--weights", tmp_path / "state.pt", "--repeats", 2, "--n-examples", 60,
+       "--out", tmp_path / "w")
+    np.testing.assert_allclose(np.load(tmp_path / "w" / "probe.npz")["similarity"], arrays["similarity"], atol=1e-9)
+
+
+def test_probe_trains_its_model_and_refuses_bad_options(tmp_path):
+    m = ok("probe", *TINY, "--layers", "act2", "--transforms", "grelu", "--repeats", 1, "--n-examples", 40,
+           "--out", tmp_path / "p")
+    assert m["layers"] == ["act2"] and m["transforms"] == ["grelu"] and (tmp_path / "p" / "model.pt").exists()
+    for bad, message in ((["--transforms", "rotation"], "unknown transform 'rotation'"),
+                         (["--layers", "relu9"], "'relu9' not found"), (["--repeats", 0], "--repeats must be >= 1"),
+                         (["--n-examples", 3], "--n-examples must be >= 4")):
+        assert message in _error(invoke("probe", *TINY, *bad, "--out", tmp_path / "x"))
+        assert not (tmp_path / "x").exists()
+
+
 # -- bad input -------------------------------------------------------------------------------------
 
 
@@ -255,7 +292,9 @@ def test_demo_section(tmp_path):
     from modelsense.experiments.representations import representations_section
 
     section = representations_section(tmp_path, progress=False)
-    assert all(p.exists() for p in section.figures) and len(section.figures) == 2
+    assert all(p.exists() for p in section.figures) and len(section.figures) == 3
+    assert section.metrics["probe: largest |1 - s| of the invariant metrics"] < 1e-5
+    assert section.metrics["probe act1 orthogonal pre: cka"] == pytest.approx(1.0, abs=1e-5)
     assert {"relu-cka act1", "relu-cka act2"} <= set(section.metrics) and "relu-cka is CKA of the kernel" in section.text
     assert section.metrics["cka act1"] > 0.5 and {k for k in section.metrics if k.startswith("penalty")} == {
         "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}

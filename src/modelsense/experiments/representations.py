@@ -35,9 +35,10 @@ from modelsense.experiments.command import Command, Prepared, execute
 from modelsense.experiments.source import check_checkpoint_data, check_model
 from modelsense.models import ModelConfig
 from modelsense.models.checkpoint import load_model
-from modelsense.options import ints, joined, option
+from modelsense.options import ints, joined, names, option
 from modelsense.representations.compare import METRIC_NOTES, check_metric, choose_layers, layer_list
 from modelsense.representations.metrics import SIMILARITIES
+from modelsense.representations.probes import TRANSFORMS
 from modelsense.representations.stitch_sweep import stitch_kinds
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
 from modelsense.retraining.zoo import (
@@ -47,6 +48,7 @@ from modelsense.retraining.zoo import (
     check_zoo_index,
     read_zoo_index,
     train_zoo,
+    zoo_member_path,
     zoo_settings,
 )
 from modelsense.runs import RunDir, finished_metrics, locked
@@ -300,9 +302,144 @@ STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitch_
                  help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per layer.")
 
 
+# -- modelsense probe ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeSpec:
+    """`modelsense probe`: transform layers of one trained network by random orthogonal, G_ReLU and invertible
+    maps (`modelsense.representations.probes`) and measure every similarity metric between the original's and
+    the transformed network's features, with the change of the network's outputs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: str | None = option(None, "model.pt of `modelsense train` / `zoo` to probe instead of training one "
+                                          "(its data and model recipe are used)")
+    weights: str | None = option(None, "a state_dict of --model trained elsewhere (torch.save(model.state_dict(), "
+                                       "path)) to probe instead of training one")
+    layers: str = option("all", "'all' (every nn.ReLU module) or comma-separated activation module names, e.g. act1")
+    transforms: tuple[str, ...] = option(TRANSFORMS, "comma-separated transforms: " + ", ".join(TRANSFORMS),
+                                         parse=names, show=joined)
+    repeats: int = option(3, "random transforms per layer and kind (--repeats of Godfrey et al. 2022)")
+    sigma: float = option(1.0, "sigma of the G_ReLU scales exp(sigma g) / exp(sigma^2 / 2) (Godfrey et al. 2022: 1)")
+    n_examples: int | None = option(500, "a seeded random subset of this many test examples (n x n kernels); "
+                                         "none: all")
+
+
+def check_probe(spec: ProbeSpec) -> Prepared:
+    from modelsense.experiments.source import check_checkpoint, load_weights_run
+
+    for t in spec.transforms:
+        if t not in TRANSFORMS:
+            raise ConfigError(f"unknown transform {t!r} in --transforms; expected {', '.join(TRANSFORMS)}")
+    if not spec.transforms:
+        raise ConfigError(f"--transforms needs at least one of {', '.join(TRANSFORMS)}")
+    if spec.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {spec.repeats}")
+    if not spec.sigma >= 0:
+        raise ConfigError(f"--sigma must be >= 0, got {spec.sigma}")
+    if spec.n_examples is not None and spec.n_examples < 4:
+        raise ConfigError(f"--n-examples must be >= 4 (the unbiased HSIC of unbiased-cka and relu-cka), got "
+                          f"{spec.n_examples}")
+    if spec.checkpoint is not None and spec.weights is not None:
+        raise ConfigError("give --checkpoint (a modelsense model.pt) or --weights (a state_dict of --model), not both")
+    data = load_dataset_from_config(spec.data)
+    trained = (check_checkpoint(spec.checkpoint, spec.data, data) if spec.checkpoint is not None
+               else load_weights_run(spec.weights, spec.model, data) if spec.weights is not None else None)
+    module = check_model(data, spec.model) if trained is None else trained.module
+    layers = choose_layers(module, spec.layers, "the model")
+    config = {"dataset": data.summary(), "layers_used": layers}
+    if trained is not None:
+        config["source"] = trained.summary()
+    return Prepared(data, config, {"trained": trained, "layers": layers})
+
+
+def run_probe(spec: ProbeSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """The network (trained here, or the checkpoint), the probe on a seeded subset of the test set, the table."""
+    from modelsense.experiments.source import obtain_model
+    from modelsense.representations import plots
+    from modelsense.representations.compare import subsample_indices
+    from modelsense.representations.probes import INVARIANT, SITES, invariance_probe
+
+    data, layers = prepared.data, prepared.extra["layers"]
+    got = obtain_model(data, spec.model, spec.train, trained=prepared.extra["trained"], run=run, progress=progress)
+    idx = subsample_indices(data.n_test, spec.n_examples, spec.data.seed)
+    start = time.perf_counter()
+    res = invariance_probe(got.module.eval(), layers, data.x_test[idx], data.y_test[idx], transforms=spec.transforms,
+                           repeats=spec.repeats, seed=spec.train.seed, sigma=spec.sigma,
+                           device=spec.train.device)
+    seconds = time.perf_counter() - start
+    transforms, metric_names = res.transforms, res.metrics
+    sim = np.asarray([[[[res.similarity[(layer, t, site)][m] for m in metric_names] for site in SITES]
+                       for t in transforms] for layer in layers])  # (L, T, S, M, R)
+    change = np.asarray([[res.output_change[(layer, t)] for t in transforms] for layer in layers])  # (L, T, R)
+    accuracy = np.asarray([[res.accuracy[(layer, t)] for t in transforms] for layer in layers])
+    run.save_arrays("probe", similarity=sim, output_change=change, accuracy=accuracy, layers=np.asarray(layers),
+                    transforms=np.asarray(transforms), sites=np.asarray(SITES), metrics=np.asarray(metric_names))
+    mean, std = sim.mean(-1), (sim.std(-1, ddof=1) if spec.repeats > 1 else np.zeros(sim.shape[:-1]))
+    invariant = np.zeros(sim.shape[:-1], dtype=bool)  # (L, T, S, M): the metric must give 1
+    for ti, t in enumerate(transforms):
+        for mi, m in enumerate(metric_names):
+            invariant[:, ti, SITES.index("pre"), mi] = m in INVARIANT[t]
+            invariant[:, ti, SITES.index("post"), mi] = t == "grelu" and m in INVARIANT[t]
+
+    def nested(values: np.ndarray) -> dict[str, Any]:
+        return {layer: {t: {site: {m: float(values[li, ti, si, mi]) for mi, m in enumerate(metric_names)}
+                            for si, site in enumerate(SITES)} for ti, t in enumerate(transforms)}
+                for li, layer in enumerate(layers)}
+
+    rows = [f"{layer} {t} {site}" for layer in layers for t in transforms for site in SITES]
+    run.save_figure(plots.probe_table_figure(mean.reshape(len(rows), -1), rows, metric_names,
+                                             invariant.reshape(len(rows), -1),
+                                             f"invariance probe: {got.model.name} on {data.name}, mean of "
+                                             f"{spec.repeats} transform(s) (framed: must give 1)"), "probe_table")
+    deviation = np.abs(1.0 - sim[invariant])
+    metrics = {
+        "layers": layers, "transforms": transforms, "sites": list(SITES), "metrics": metric_names,
+        "repeats": spec.repeats, "n_examples": len(idx), "channels": res.channels,
+        "table": nested(mean), "table_std": nested(std),
+        "invariant": {t: list(INVARIANT[t]) for t in transforms},
+        "max_deviation_invariant": float(deviation.max()) if deviation.size else None,
+        "min_similarity_not_invariant": float(sim[~invariant].min()) if (~invariant).any() else None,
+        "output_change": {layer: {t: float(change[li, ti].max()) for ti, t in enumerate(transforms)}
+                          for li, layer in enumerate(layers)},
+        "clean_accuracy": res.clean_accuracy,
+        "accuracy": {layer: {t: float(accuracy[li, ti].mean()) for ti, t in enumerate(transforms)}
+                     for li, layer in enumerate(layers)},
+        "seconds": seconds,
+    }
+    run.log(f"probe: max |1 - s| over the invariant cells {metrics['max_deviation_invariant']}, in {seconds:.1f}s")
+    return metrics
+
+
+def probe_summary(m: dict[str, Any]) -> str:
+    """The table the original prints: per layer, one row per transform and site, one column per metric; then
+    how much each transform changed the network's outputs and its accuracy."""
+    names = m["metrics"]
+    widths = [max(len(n), 6) + 1 for n in names]
+    lines = []
+    for layer in m["layers"]:
+        lines.append(f"{layer:18s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
+        for t in m["transforms"]:
+            for site in m["sites"]:
+                row = m["table"][layer][t][site]
+                lines.append(f"  {t:11s} {site:4s}" + "".join(f"{row[n]:{w}.4f}" for n, w in zip(names, widths)))
+        lines.append("  outputs: " + "; ".join(f"{t} max|Δ| {m['output_change'][layer][t]:.1e} accuracy "
+                                               f"{m['accuracy'][layer][t]:.4f}" for t in m["transforms"]))
+    lines.append(f"clean accuracy {m['clean_accuracy']:.4f}; must give 1 at pre: "
+                 + "; ".join(f"{t}: {', '.join(v) or 'none'}" for t, v in m["invariant"].items())
+                 + f"; largest |1 - s| among them {m['max_deviation_invariant']:.1e}")
+    return "\n".join(lines)
+
+
+PROBE = Command("probe", ProbeSpec, check_probe, run_probe, summary=probe_summary,
+                help="Invariance probes: transform a layer of a trained network by random orthogonal, G_ReLU "
+                     "(compensated in the next layer: the function is unchanged) and invertible maps and report every "
+                     "similarity metric between the features before and after (Godfrey et al. 2022).")
+
+
 # -- demo ----------------------------------------------------------------------------------------
 def representations_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
-    """Demo: CKA of two digits MLPs (seeds 0, 1) and stitching penalties at both hidden layers."""
+    """Demo: CKA of two digits MLPs (seeds 0, 1), stitching penalties at both hidden layers, the invariance probe."""
     from modelsense.experiments.report import Section
 
     root = Path(out) / "representations"
@@ -313,6 +450,9 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     cmp, relu, st = ((resume and finished_metrics(root / name)) or execute(command, spec, root / name, overwrite=True,
                                                                             progress=progress)
                      for name, (command, spec) in runs.items())
+    probe_spec = ProbeSpec(checkpoint=str(zoo_member_path(root, 0)), repeats=1, n_examples=200)
+    probe = (resume and finished_metrics(root / "probe")) or execute(PROBE, probe_spec, root / "probe", overwrite=True,
+                                                                      progress=progress)
     metrics: dict[str, Any] = {"clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]]}
     for i, layer in enumerate(cmp["layers"]):
         metrics[f"cka {layer}"] = cmp["diagonal"][i]
@@ -321,6 +461,13 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     for k in st["kinds"]:
         for layer, p in zip(st["layers"], st["penalty"][k]):
             metrics[f"penalty {k} {layer}"] = p
+    table = probe["table"]["act1"]
+    for t, site, m in (("orthogonal", "pre", "cka"), ("orthogonal", "pre", "relu-cka"), ("grelu", "post", "cka"),
+                       ("grelu", "post", "relu-procrustes"), ("invertible", "pre", "procrustes")):
+        metrics[f"probe act1 {t} {site}: {m}"] = table[t][site][m]
+    metrics["probe: largest |1 - s| of the invariant metrics"] = probe["max_deviation_invariant"]
+    metrics["probe act1: output change under G_ReLU / orthogonal"] = [probe["output_change"]["act1"][t]
+                                                                      for t in ("grelu", "orthogonal")]
     return Section(
         "Representations: CKA and stitching of two MLPs trained from different seeds",
         "Linear CKA between every pair of ReLU layers of two digits MLPs (64-128-128-10) that differ only in "
@@ -329,12 +476,18 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
         "a trained 128x128 layer, then model B; penalty = mean clean accuracy - stitched accuracy. 'linear' is an "
         "unconstrained matrix, 'permutation' a permutation times a positive diagonal (the ReLU symmetry group "
         "G_ReLU, Godfrey et al. 2022), trained on the Birkhoff polytope and rounded by the Hungarian algorithm. "
-        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code for G_ReLU layers).",
+        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code for G_ReLU layers). "
+        "Invariance probe (model A): a random orthogonal, G_ReLU (permutation x positive scaling) or invertible M "
+        "multiplies a layer's pre-activations, M^-1 is applied after its ReLU (absorbed by the next layer): G_ReLU "
+        "leaves the network's outputs unchanged, the others do not; 'pre' compares the pre-activations z with M z, "
+        "'post' the ReLU outputs. A metric invariant to the group gives 1 (CKA and Procrustes for orthogonal at pre; "
+        "the G_ReLU metrics for G_ReLU, also at post).",
         metrics,
-        [root / "compare" / "figures" / "similarity_cka.png", root / "stitch" / "figures" / "stitching_penalty.png"],
+        [root / "compare" / "figures" / "similarity_cka.png", root / "stitch" / "figures" / "stitching_penalty.png",
+         root / "probe" / "figures" / "probe_table.png"],
         str(root),
     )
 
 
-__all__ = ["COMPARE", "STITCH", "ZOO", "CompareSpec", "LoadedModel", "ModelPair", "StitchSpec", "ZooSpec",
-           "representations_section"]
+__all__ = ["COMPARE", "PROBE", "STITCH", "ZOO", "CompareSpec", "LoadedModel", "ModelPair", "ProbeSpec", "StitchSpec",
+           "ZooSpec", "representations_section"]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 
 def similarity_heatmap(matrix: np.ndarray, layers_a: Sequence[str], layers_b: Sequence[str], title: str = "",
@@ -63,4 +64,30 @@ def stitching_penalty_figure(layers: Sequence[str], penalty: dict[str, Sequence[
     return fig
 
 
-__all__ = ["similarity_heatmap", "stitching_penalty_figure"]
+def probe_table_figure(table: np.ndarray, rows: Sequence[str], metrics: Sequence[str],
+                       invariant: np.ndarray | None = None, title: str = "") -> Figure:
+    """The invariance-probe table as a heatmap: rows (e.g. "act1 orthogonal pre"), columns the metrics,
+    colour scale [0, 1], each cell annotated with its similarity; cells where `invariant` (same shape,
+    bool) is True, the metrics that must give 1, are framed."""
+    table = np.asarray(table, dtype=np.float64)
+    n_rows, n_cols = table.shape
+    fig = Figure(figsize=(2.6 + 0.95 * n_cols, 1.0 + 0.38 * n_rows))
+    ax = fig.subplots()
+    im = ax.imshow(table, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(n_cols), list(metrics), rotation=30, ha="right")
+    ax.set_yticks(range(n_rows), list(rows), fontsize=8)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = table[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
+            if invariant is not None and invariant[i, j]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="similarity (original vs transformed)")
+    ax.set_title(title or "Invariance probe (framed: the metric is invariant to the transform, so must give 1)",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ = ["probe_table_figure", "similarity_heatmap", "stitching_penalty_figure"]
