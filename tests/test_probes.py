@@ -36,7 +36,7 @@ def inputs(n, *shape, seed=0):
 
 @pytest.mark.parametrize("c", [1, 5, 16])
 def test_random_transforms_are_elements_of_their_groups(c):
-    g = lambda: torch.Generator().manual_seed(c)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(c)
     q = random_transform("orthogonal", c, g())
     torch.testing.assert_close(q.T @ q, torch.eye(c, dtype=f64), atol=1e-12, rtol=0)
     m = random_transform("grelu", c, g())

@@ -191,7 +191,8 @@ def test_stitch_two_seeds_several_kinds(zoo_dir, tmp_path):
         assert m["mean_penalty"][kind] == pytest.approx(np.mean(pen)) and len(m["layer_seconds"][kind]) == 2
     assert (out / "figures" / "stitching_penalty.png").stat().st_size > 1000
     arrays = np.load(out / "stitching.npz")
-    assert arrays["penalty"].shape == (2, 2)
+    assert arrays["penalty"].shape == (1, 2, 2) and arrays["clean_accuracy"].shape == (1, 2)
+    np.testing.assert_array_equal(arrays["pairs"], [[0, 1]])
     states = torch.load(out / "stitching_layers.pt")
     assert set(states) == {"linear/act1", "linear/act2", "permutation/act1", "permutation/act2"}
 
@@ -204,6 +205,53 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     assert m["layers"] == ["act2"] and list(m["stitched_accuracy"]) == list(m["penalty"]) == ["lowrank"]
     assert len(m["stitched_accuracy"]["lowrank"]) == len(m["penalty"]["lowrank"]) == 1
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
+
+
+def test_stitch_over_random_zoo_pairs_reports_mean_and_standard_deviation(zoo_dir, tmp_path):
+    """--repeats 2 draws 2 of the 3 pairs of the zoo seeds 0, 1, 2 (seed 2 trained into --zoo); the means and
+    standard deviations are those of the pairs' own stitching runs."""
+    out = tmp_path / "rep"
+    m = ok("stitch", *TINY, "--kind", "linear,permutation", "--stitch-epochs", 1, "--stitch-lr", 0.01, "--repeats", 2,
+           "--zoo-size", 3, "--zoo", zoo_dir, "--out", out)
+    pairs = [tuple(p) for p in m["pairs"]]
+    assert m["repeats"] == 2 and len(set(pairs)) == 2 and all(a < b and {a, b} <= {0, 1, 2} for a, b in pairs)
+    assert json.loads((out / "config.json").read_text())["pairs"] == m["pairs"]
+    arrays = np.load(out / "stitching.npz")
+    assert arrays["penalty"].shape == (2, 2, 2) and arrays["pairs"].tolist() == m["pairs"]
+    for i, kind in enumerate(m["kinds"]):
+        by_pair = np.asarray(m["penalty_by_pair"][kind])
+        np.testing.assert_allclose(by_pair, arrays["penalty"][:, i])
+        np.testing.assert_allclose(m["penalty"][kind], by_pair.mean(0))
+        np.testing.assert_allclose(m["penalty_std"][kind], by_pair.std(0, ddof=1))
+        np.testing.assert_allclose(m["stitched_accuracy"][kind], arrays["stitched_accuracy"][:, i].mean(0))
+        assert m["mean_penalty"][kind] == pytest.approx(by_pair.mean())
+        assert m["mean_penalty_std"][kind] == pytest.approx(by_pair.mean(1).std(ddof=1))
+        clean = np.asarray(m["clean_accuracy_by_pair"])
+        np.testing.assert_allclose(by_pair, clean.mean(1)[:, None] - arrays["stitched_accuracy"][:, i], atol=1e-12)
+    assert len(m["final_loss"]) == len(m["model_a"]) == 2 and zoo_member_path(zoo_dir, 2).exists()
+    assert set(torch.load(out / "stitching_layers.pt")) == {f"pair{r}/{k}/{layer}" for r in (0, 1)
+                                                            for k in m["kinds"] for layer in m["layers"]}
+    assert "±" in invoke("stitch", *TINY, "--kind", "linear", "--stitch-epochs", 1, "--repeats", 2, "--zoo-size", 3,
+                         "--zoo", zoo_dir, "--layers", "act2", "--out", tmp_path / "printed").output
+    for bad, message in ((["--repeats", 4, "--zoo-size", 3], "cannot draw 4 distinct pairs from 3 zoo models"),
+                         (["--repeats", 2, "--seed-a", 0], "cannot be combined with --seed-a"),
+                         (["--repeats", 0], "--repeats must be >= 1"), (["--zoo-size", 1], "--zoo-size must be >= 2")):
+        assert message in _error(invoke("stitch", *TINY, *bad, "--zoo", zoo_dir, "--out", tmp_path / "x"))
+        assert not (tmp_path / "x").exists()
+
+
+def test_stitch_options_of_the_original_batch_norm_schedule_and_warmup(zoo_dir, tmp_path):
+    out = tmp_path / "opts"
+    m = ok("stitch", *TINY, "--kind", "permutation", "--stitch-epochs", 4, "--stitch-bn", "both", "--stitch-schedule",
+           "step", "--no-perm-warmup", "--zoo", zoo_dir, "--layers", "act1", "--out", out)
+    used = json.loads((out / "config.json").read_text())["stitch"]
+    assert (used["batch_norm"], used["schedule"], used["perm_warmup"]) == ("both", "step", False)
+    states = torch.load(out / "stitching_layers.pt")
+    assert {"norm_before.running_mean", "norm_after.running_var"} <= set(states["permutation/act1"])
+    assert 0.0 <= m["stitched_accuracy"]["permutation"][0] <= 1.0
+    for bad, message in ((["--stitch-bn", "middle"], "unknown --stitch-bn 'middle'"),
+                         (["--stitch-schedule", "cosine"], "unknown --stitch-schedule 'cosine'")):
+        assert message in _error(invoke("stitch", *TINY, *bad, "--zoo", zoo_dir, "--out", tmp_path / "x"))
 
 
 # -- probe -----------------------------------------------------------------------------------------

@@ -48,10 +48,11 @@ COMMANDS = {
             [["--n-models", "2"], ["--alpha", "1.5"], ["--methods", "loss"]]),
     "memorization": ([*DATA, *NET, "--n-models", "4", "--chunk-size", "2", "--min-held-out", "1"],
                      [["--n-models", "1"], ["--backend", "dask"], ["--influence", "most"], ["--chunk-size", "0"],
-                      ["--min-held-out", "0"], ["--min-held-out", "3"]]),
+                      ["--min-held-out", "0"], ["--min-held-out", "3"], ["--subset-ratios", "0.5,1.5"]]),
     "zoo": ([*DATA, *NET, "--n-models", "2"], [["--n-models", "0"], ["--method", "magic"]]),
     "compare": ([*DATA, *NET], [["--metric", "nope"], ["--layers", "relu9"], ["--n-examples", "1"]]),
-    "stitch": ([*DATA, *NET, "--stitch-epochs", "1"], [["--kind", "nope"], ["--layers", "relu9"]]),
+    "stitch": ([*DATA, *NET, "--stitch-epochs", "1"], [["--kind", "nope"], ["--layers", "relu9"], ["--repeats", "0"],
+                                                       ["--stitch-bn", "middle"], ["--repeats", "3", "--zoo-size", "2"]]),
     "probe": ([*DATA, *NET, "--repeats", "1", "--n-examples", "20"],
               [["--transforms", "rotation"], ["--layers", "relu9"], ["--repeats", "0"]]),
     # + --checkpoint of a tiny trained model (the fixture `verify_checkpoint`)

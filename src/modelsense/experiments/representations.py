@@ -15,7 +15,14 @@ Run directories:
              figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
     stitch:  config.json, metrics.json (layers, kinds, clean_accuracy [A, B], and per kind a list over
              layers: stitched_accuracy, penalty, final_loss, extra, layer_seconds; mean_penalty per kind),
-             stitching.npz, stitching_layers.pt, figures/stitching_penalty.png, zoo/
+             stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
+             (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt, figures/stitching_penalty.png, zoo/.
+             With --repeats R > 1 (R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1, as
+             the --retrain_repeats of Godfrey et al. 2022): clean_accuracy, stitched_accuracy, penalty and
+             mean_penalty are means over the pairs, with penalty_std, stitched_accuracy_std,
+             mean_penalty_std (sd over pairs, ddof 1), pairs, clean_accuracy_by_pair, penalty_by_pair;
+             final_loss, extra, layer_seconds, model_a, model_b become lists over the pairs, and the
+             layers of stitching_layers.pt are keyed pair<r>/<kind>/<layer>.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from modelsense.retraining.zoo import (
     ZOO_SUBDIR,
     check_seeds,
     check_zoo_index,
+    draw_pairs,
     read_zoo_index,
     train_zoo,
     zoo_member_path,
@@ -166,13 +174,20 @@ def pair_models(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir,
     loaded = dict(prepared.extra["loaded"])
     seeds = {which: s for which, s in (("model-a", seed_a), ("model-b", seed_b)) if which not in loaded}
     if seeds:
-        zoo = run.path if p.zoo is None else Path(p.zoo)
-        with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
-            res = train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds.values())), progress,
-                            data=prepared.data)
+        paths = zoo_member_paths(spec, prepared, run, progress, list(seeds.values()))
         for which, s in seeds.items():
-            loaded[which] = load_member(which, res.paths[res.seeds.index(s)], prepared.data)
+            loaded[which] = load_member(which, paths[s], prepared.data)
     return loaded["model-a"], loaded["model-b"]
+
+
+def zoo_member_paths(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir, progress: bool,
+                     seeds: list[int]) -> dict[int, Path]:
+    """The checkpoints of the zoo members `seeds`, trained into `pair.zoo` (default the run; a zoo elsewhere is
+    locked while they train) where missing."""
+    zoo = run.path if spec.pair.zoo is None else Path(spec.pair.zoo)
+    with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
+        res = train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress, data=prepared.data)
+    return {s: res.paths[res.seeds.index(s)] for s in set(seeds)}
 
 
 # -- modelsense compare --------------------------------------------------------------------------
@@ -249,48 +264,111 @@ class StitchSpec:
     kinds: tuple[str, ...] = option(("linear",), f"{', '.join(STITCH_KINDS)}, or a comma list of them", flag="--kind",
                                     parse=stitch_kinds, show=joined)
     stitch: StitchConfig = field(default_factory=StitchConfig)
+    repeats: int = option(1, "random pairs of zoo models (--retrain_repeats of Godfrey et al. 2022); more than one: "
+                             "the mean and standard deviation over the pairs")
+    zoo_size: int | None = option(None, "draw the pairs from the zoo seeds --seed ... --seed + zoo_size - 1 (trained "
+                                        "where missing; default --repeats + 1)")
 
 
 def check_stitch(spec: StitchSpec) -> Prepared:
     kinds = stitch_kinds(spec.kinds)
     base = replace(spec.stitch, seed=spec.train.seed, device=spec.train.device)
+    pairs = None
+    if spec.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {spec.repeats}")
+    if spec.repeats > 1 or spec.zoo_size is not None:
+        p = spec.pair
+        named = [f for f, v in (("--model-a", p.model_a), ("--model-b", p.model_b), ("--seed-a", p.seed_a),
+                                ("--seed-b", p.seed_b)) if v is not None]
+        if named:
+            raise ConfigError(f"--repeats / --zoo-size draw random pairs of zoo models; they cannot be combined with "
+                              f"{', '.join(named)}")
+        size = spec.repeats + 1 if spec.zoo_size is None else spec.zoo_size
+        if size < 2:
+            raise ConfigError(f"--zoo-size must be >= 2 (a pair), got {size}")
+        pairs = draw_pairs(range(spec.train.seed, spec.train.seed + size), spec.repeats, seed=spec.train.seed)
     prepared = check_pair(spec)
     prepared.config["stitch"] = asdict(base)  # the settings used
+    if pairs is not None:
+        prepared.config["pairs"] = [list(pair) for pair in pairs]
     prepared.extra["configs"] = [replace(base, kind=k) for k in kinds]
+    prepared.extra["pairs"] = pairs
     return prepared
 
 
 def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """The stitching sweep over the layers and kinds; metrics per kind, a list over the layers."""
+    """The stitching sweep over the layers and kinds, for one pair (A, B) or `repeats` random zoo pairs;
+    metrics per kind, a list over the layers (the mean over the pairs, and their standard deviation)."""
     from modelsense.representations import plots
     from modelsense.representations.stitch_sweep import stitching_sweep
 
-    data, configs = prepared.data, prepared.extra["configs"]
-    a, b = pair_models(spec, prepared, run, progress)
-    names = choose_layers(a.module, spec.pair.layers, "model-a")
-    choose_layers(b.module, names, "model-b")
+    data, configs, pairs = prepared.data, prepared.extra["configs"], prepared.extra["pairs"]
+    if pairs is None:
+        members = [pair_models(spec, prepared, run, progress)]
+    else:
+        paths = zoo_member_paths(spec, prepared, run, progress, [s for pair in pairs for s in pair])
+        members = [(load_member("model-a", paths[sa], data), load_member("model-b", paths[sb], data)) for sa, sb in pairs]
+    names = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
     start = time.perf_counter()
-    sweep = stitching_sweep(a.module, b.module, names, configs, data.x_train, data.y_train, data.x_test, data.y_test,
-                            progress=progress)
+    sweeps = []
+    for r, (a, b) in enumerate(members):
+        choose_layers(b.module, names, "model-b")
+        sweeps.append(stitching_sweep(a.module, b.module, names, configs, data.x_train, data.y_train, data.x_test,
+                                      data.y_test, progress=progress))
+        if pairs is not None:
+            run.log(f"pair {r + 1}/{len(pairs)} (seeds {a.seed}, {b.seed}): penalties "
+                    f"{ {k: np.round(v, 4).tolist() for k, v in sweeps[-1].penalty.items()} }")
     seconds = time.perf_counter() - start
-    kinds = sweep.kinds
-    run.save_arrays("stitching", layers=np.asarray(names), kinds=np.asarray(kinds),
-                    clean_accuracy=np.asarray(sweep.clean_accuracy),
-                    stitched_accuracy=np.asarray([sweep.stitched_accuracy[k] for k in kinds]),
-                    penalty=np.asarray([sweep.penalty[k] for k in kinds]))
-    run.save_torch("stitching_layers", {f"{k}/{layer}": s for (k, layer), s in sweep.states.items()})
-    run.save_figure(plots.stitching_penalty_figure(names, sweep.penalty, sweep.stitched_accuracy, sweep.clean_accuracy,
-                                                   f"stitching A -> B on {data.name}"), "stitching_penalty")
-    metrics = {"layers": names, "kinds": kinds, "stitched_accuracy": sweep.stitched_accuracy, "penalty": sweep.penalty,
-               "clean_accuracy": list(sweep.clean_accuracy), "mean_clean_accuracy": float(np.mean(sweep.clean_accuracy)),
-               "mean_penalty": {k: float(np.mean(sweep.penalty[k])) for k in kinds}, "final_loss": sweep.final_loss,
-               "extra": sweep.extra, "layer_seconds": sweep.seconds, "model_a": a.source, "model_b": b.source,
-               "seconds": seconds}
+    kinds = sweeps[0].kinds
+    accuracy = np.asarray([[sw.stitched_accuracy[k] for k in kinds] for sw in sweeps])  # (R, K, L)
+    penalty = np.asarray([[sw.penalty[k] for k in kinds] for sw in sweeps])
+    clean = np.asarray([sw.clean_accuracy for sw in sweeps])  # (R, 2)
+    run.save_arrays("stitching", layers=np.asarray(names), kinds=np.asarray(kinds), clean_accuracy=clean,
+                    stitched_accuracy=accuracy, penalty=penalty,
+                    pairs=np.asarray([[-1 if m.seed is None else m.seed for m in pair] for pair in members]))
+    prefix = (lambda r: "") if len(sweeps) == 1 else (lambda r: f"pair{r}/")
+    run.save_torch("stitching_layers", {f"{prefix(r)}{k}/{layer}": st for r, sw in enumerate(sweeps)
+                                        for (k, layer), st in sw.states.items()})
+
+    def per_kind(values: np.ndarray) -> dict[str, list[float]]:
+        return {k: values[i].tolist() for i, k in enumerate(kinds)}
+
+    several = len(sweeps) > 1
+    std = (lambda v: v.std(0, ddof=1)) if several else (lambda v: np.zeros(v.shape[1:]))
+    run.save_figure(plots.stitching_penalty_figure(
+        names, per_kind(penalty.mean(0)), per_kind(accuracy.mean(0)), clean.mean(0).tolist(),
+        f"stitching A -> B on {data.name}" + (f", mean ± sd over {len(sweeps)} random pairs" if several else ""),
+        penalty_std=per_kind(std(penalty)) if several else None,
+        accuracy_std=per_kind(std(accuracy)) if several else None), "stitching_penalty")
+    metrics: dict[str, Any] = {
+        "layers": names, "kinds": kinds, "stitched_accuracy": per_kind(accuracy.mean(0)), "penalty": per_kind(penalty.mean(0)),
+        "clean_accuracy": clean.mean(0).tolist(), "mean_clean_accuracy": float(clean.mean()),
+        "mean_penalty": {k: float(penalty[:, i].mean()) for i, k in enumerate(kinds)}, "seconds": seconds}
+    if several:
+        metrics.update(
+            repeats=len(sweeps), pairs=[[a.seed, b.seed] for a, b in members], clean_accuracy_by_pair=clean.tolist(),
+            penalty_std=per_kind(std(penalty)), stitched_accuracy_std=per_kind(std(accuracy)),
+            mean_penalty_std={k: float(penalty[:, i].mean(-1).std(ddof=1)) for i, k in enumerate(kinds)},
+            penalty_by_pair={k: penalty[:, i].tolist() for i, k in enumerate(kinds)},
+            final_loss=[sw.final_loss for sw in sweeps], extra=[sw.extra for sw in sweeps],
+            layer_seconds=[sw.seconds for sw in sweeps], model_a=[a.source for a, _ in members],
+            model_b=[b.source for _, b in members])
+    else:
+        sw, (a, b) = sweeps[0], members[0]
+        metrics.update(final_loss=sw.final_loss, extra=sw.extra, layer_seconds=sw.seconds, model_a=a.source,
+                       model_b=b.source)
     run.log(f"stitching penalties {metrics['mean_penalty']} in {seconds:.1f}s")
     return metrics
 
 
 def stitch_summary(m: dict[str, Any]) -> str:
+    if "repeats" in m:
+        lines = [(f"{m['repeats']} random pairs {m['pairs']}: clean accuracy A {m['clean_accuracy'][0]:.4f}  B "
+                  f"{m['clean_accuracy'][1]:.4f} (means)")]
+        lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}±{sd:.4f}" for layer, p, sd in
+                                                 zip(m["layers"], m["penalty"][k], m["penalty_std"][k]))
+                  for k in m["kinds"]]
+        return "\n".join(lines)
     lines = [f"clean accuracy A {m['clean_accuracy'][0]:.4f}  B {m['clean_accuracy'][1]:.4f}"]
     lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}" for layer, p in zip(m["layers"], m["penalty"][k]))
               for k in m["kinds"]]

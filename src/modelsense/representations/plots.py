@@ -40,15 +40,19 @@ def similarity_heatmap(matrix: np.ndarray, layers_a: Sequence[str], layers_b: Se
 
 def stitching_penalty_figure(layers: Sequence[str], penalty: dict[str, Sequence[float]],
                              stitched_accuracy: dict[str, Sequence[float]], clean_accuracy: Sequence[float],
-                             title: str = "") -> Figure:
+                             title: str = "", penalty_std: dict[str, Sequence[float]] | None = None,
+                             accuracy_std: dict[str, Sequence[float]] | None = None) -> Figure:
     """Penalty by layer (one line per kind, as the figures of Godfrey et al. 2022) and stitched accuracy
-    by layer with the clean accuracies of A (dashed) and B (dotted)."""
+    by layer with the clean accuracies of A (dashed) and B (dotted); with `penalty_std` / `accuracy_std`
+    (over random model pairs) as ± 1 sd error bars."""
     x = np.arange(len(layers))
     fig = Figure(figsize=(max(7.0, 2.5 + 0.9 * len(layers) * 2), 3.4))
     ax_p, ax_a = fig.subplots(1, 2)
     for kind, values in penalty.items():
-        ax_p.plot(x, values, marker="o", label=kind)
-        ax_a.plot(x, stitched_accuracy[kind], marker="o", label=kind)
+        ax_p.errorbar(x, values, yerr=None if penalty_std is None else penalty_std[kind], marker="o", capsize=3,
+                      label=kind)
+        ax_a.errorbar(x, stitched_accuracy[kind], yerr=None if accuracy_std is None else accuracy_std[kind], marker="o",
+                      capsize=3, label=kind)
     ax_p.axhline(0.0, color="gray", lw=0.8)
     for acc, style, name in zip(clean_accuracy, ("--", ":"), ("A", "B")):
         ax_a.axhline(acc, color="gray", ls=style, lw=0.9, label=f"clean {name}")
