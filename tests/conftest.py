@@ -1,7 +1,25 @@
+"""Fixtures shared by every test file.
+
+Every test starts from the same process state whatever ran before it (test order, `-n` workers): the
+torch thread count and the global RNG seeds of torch, numpy and `random`. Two environment variables
+change that state for the whole suite, to check that no test depends on it:
+- MODELSENSE_TEST_THREADS (default 1): torch threads (`make test THREADS=2`, which also sets
+  OMP_NUM_THREADS and MKL_NUM_THREADS): other sums in torch's and the BLAS's kernels.
+- MODELSENSE_TEST_SEED (default 0): the global seeds: other random draws where a test takes them
+  from the global generators.
+"""
+
+import os
+import random
+
+import numpy as np
 import pytest
 import torch
 
 from modelsense.data import load_dataset
+
+TORCH_THREADS = int(os.environ.get("MODELSENSE_TEST_THREADS", "1"))
+GLOBAL_SEED = int(os.environ.get("MODELSENSE_TEST_SEED", "0"))
 
 
 @pytest.fixture(scope="session")
@@ -10,6 +28,9 @@ def digits():
 
 
 @pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+def _same_start():
+    torch.set_num_threads(TORCH_THREADS)
+    torch.manual_seed(GLOBAL_SEED)
+    np.random.seed(GLOBAL_SEED)
+    random.seed(GLOBAL_SEED)
     yield

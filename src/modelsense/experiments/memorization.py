@@ -445,8 +445,7 @@ def memorization_section(out: Path, progress: bool, resume: bool = False) -> Sec
 
     run = out / "memorization"
     spec = MemorizationSpec(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
-                            TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01), n_models=32,
-                            retrain=RetrainOptions(chunk_size=32))
+                            TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01), n_models=32)
     go_on = resume and run_status(run) is not None
     metrics = (resume and finished_metrics(run)) or execute(MEMORIZATION, spec, run, resume=go_on, overwrite=not go_on,
                                                             progress=progress)
