@@ -134,6 +134,7 @@ def test_memorization_from_original_runs(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_models"] == 4 and metrics["subset_ratio"] == 0.7 and metrics["subset_ratios"] == [0.5, 0.7]
     assert (out / "consistency.npy").exists() and metrics["min_held_out"] == 2
+    assert (out / "figures" / "consistency_curves.png").exists() and len(metrics["heldout_accuracy_by_ratio"]) == 2
     res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(tmp_path / "few"), "--quiet"])
     assert isinstance(res.exception, ConfigError) and "needs at least 6 models" in str(res.exception)
     assert not (tmp_path / "few").exists()
@@ -160,3 +161,50 @@ def test_lds_and_memorization_share_the_models_of_one_store(tmp_path):
     log = (tmp_path / "lds" / "run.log").read_text()
     assert "4 of 4 jobs stored, 0 to train" in log  # the memorization run's models, reused
     assert not (tmp_path / "lds" / "store").exists()
+
+
+def test_cscore_curves_over_ratios_share_the_store_with_single_ratio_runs(tmp_path):
+    """--subset-ratios trains one farm per ratio in one store; a single-ratio run at a listed ratio (same
+    recipe, same --store) reuses its models and finds the same held-out accuracies."""
+    store = tmp_path / "store"
+    multi = tmp_path / "multi"
+    res = _cli(["--n-models", "4", "--subset-ratios", "0.7,0.3", "--corruption-ratio", "0.1", "--store", str(store),
+                "--out", str(multi)])
+    assert res.exit_code == 0, (res.output, res.exception)
+    m = json.loads((multi / "metrics.json").read_text())
+    assert m["subset_ratios"] == [0.3, 0.7] and m["subset_ratio"] == 0.7 and m["n_models"] == 4
+    by_ratio = np.load(multi / "heldout_accuracy_by_ratio.npy")
+    assert by_ratio.shape == (2, 100) and np.load(multi / "subset_ratios.npy").tolist() == [0.3, 0.7]
+    held = ~np.isnan(by_ratio)  # the C-score: the mean over the ratios at which an example was held out
+    expected = np.where(held.any(0), np.nansum(by_ratio, axis=0) / np.maximum(held.sum(0), 1), np.nan)
+    np.testing.assert_allclose(np.load(multi / "consistency.npy"), expected, equal_nan=True)
+    assert m["heldout_accuracy_by_ratio"] == pytest.approx(np.nanmean(by_ratio, axis=1).tolist())
+    assert set(m["consistency_curves"]) >= {"corrupted vs clean labels: clean", "corrupted vs clean labels: corrupted"}
+    assert 0.0 <= m["auc_corrupted_consistency"] <= 1.0 and (multi / "figures" / "consistency_curves.png").exists()
+    for k, ratio in enumerate(("0.3", "0.7")):
+        single = tmp_path / f"single_{ratio}"
+        res = _cli(["--n-models", "4", "--subset-ratio", ratio, "--corruption-ratio", "0.1", "--store", str(store),
+                    "--out", str(single)])
+        assert res.exit_code == 0, (res.output, res.exception)
+        assert "4 of 4 jobs stored, 0 to train" in (single / "run.log").read_text()
+        np.testing.assert_array_equal(np.load(single / "heldout_accuracy.npy"), by_ratio[k])
+    # memorization and influence are those of the ratio nearest --subset-ratio (0.7)
+    np.testing.assert_array_equal(np.load(multi / "memorization.npy"), np.load(tmp_path / "single_0.7" / "memorization.npy"))
+
+
+def test_cscore_ratios_are_nested_subsets_of_one_permutation_per_model():
+    small, large = subset_jobs(50, 0.3, range(3), seed0=2), subset_jobs(50, 0.7, range(3), seed0=2)
+    for a, b in zip(small, large):
+        assert a.seed == b.seed and not (a.mask & ~b.mask).any() and a.mask.sum() == 15 and b.mask.sum() == 35
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--subset-ratios", "0.5,1.0"], "--subset-ratios must lie strictly between 0 and 1, got 1"),
+    (["--subset-ratios", "0.5,0.5"], "lists a ratio twice"),
+    (["--subset-ratios", "0.5,x"], "comma-separated numbers"),
+    (["--subset-ratios", "0.5", "--from-runs", "runs"], "give one of them"),
+])
+def test_cscore_bad_ratios_are_refused_before_writing(tmp_path, args, message):
+    res = _cli(["--n-models", "4", *args, "--out", str(tmp_path / "bad")])
+    assert isinstance(res.exception, ConfigError) and message in str(res.exception), (res.output, res.exception)
+    assert not (tmp_path / "bad").exists()

@@ -17,6 +17,7 @@ from modelsense.memorization import (
     auc_corrupted,
     bootstrap_counts,
     consistency,
+    group_curves,
     heldout_mean,
     high_influence_pairs,
     high_memorization,
@@ -24,6 +25,7 @@ from modelsense.memorization import (
     memorization,
     memorization_by_number_of_models,
     open_influence_memmap,
+    quantile_groups,
     read_original_runs,
     reliable_examples,
     subset_masks,
@@ -343,6 +345,45 @@ def test_consistency_matches_loop():
         np.testing.assert_allclose(result.standard_error[i], expected_se, atol=1e-12, equal_nan=True)
         assert result.n_ratios[i] == len(defined)
     assert result.n_ratios[2] == 0 and np.isnan(result.score[2])  # never held out
+
+
+def test_consistency_of_correlated_ratios_bounds_the_error_by_the_sum():
+    """Farms whose model r shares its seed and a nested subset across ratios: SE = sum_k SE_k / K."""
+    tables = {ratio: random_table(seed, n_models=9, binary=False)[:2] for ratio, seed in ((0.3, 0), (0.5, 1), (0.7, 2))}
+    dependent = quiet(consistency, tables, independent=False)
+    independent = quiet(consistency, tables)
+    np.testing.assert_array_equal(dependent.score, independent.score)
+    for i in range(11):
+        ses = [dependent.per_ratio[r].standard_error[i] for r in tables if not np.isnan(dependent.per_ratio[r].estimate[i])]
+        expected = sum(ses) / len(ses) if ses else np.nan
+        np.testing.assert_allclose(dependent.standard_error[i], expected, atol=1e-12, equal_nan=True)
+        if ses and not np.isnan(expected) and len(ses) > 1:  # the bound is never below the independent SE
+            assert dependent.standard_error[i] >= independent.standard_error[i] - 1e-12
+
+
+def test_group_curves_and_quantile_groups_match_loops():
+    rng = np.random.default_rng(3)
+    per_ratio = {0.7: rng.random(20), 0.2: rng.random(20)}
+    per_ratio[0.2][[1, 5]] = np.nan  # never held out at 0.2
+    groups = {"a": np.arange(10), "b": np.arange(20) >= 10, "one": [5]}
+    curves = group_curves(per_ratio, groups)
+    for name, members in (("a", range(10)), ("b", range(10, 20)), ("one", [5])):
+        mean, se, n = curves[name]
+        for k, ratio in enumerate([0.2, 0.7]):  # increasing ratios
+            vals = [per_ratio[ratio][i] for i in members if not np.isnan(per_ratio[ratio][i])]
+            assert n[k] == len(vals)
+            np.testing.assert_allclose(mean[k], np.mean(vals) if vals else np.nan, atol=1e-12, equal_nan=True)
+            expected_se = np.std(vals, ddof=1) / math.sqrt(len(vals)) if len(vals) > 1 else np.nan
+            np.testing.assert_allclose(se[k], expected_se, atol=1e-12, equal_nan=True)
+    assert np.isnan(curves["one"][0][0]) and curves["one"][2].tolist() == [0, 1]
+    score = np.array([0.9, np.nan, 0.1, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
+    q = quantile_groups(score, 4)
+    assert [idx.tolist() for idx in q.values()] == [[2, 6], [4, 8], [3, 5], [0, 7]]
+    assert list(q)[0] == "C-score q1 (0.10-0.20)" and sum(len(v) for v in q.values()) == 8  # NaN left out
+    with pytest.raises(DataError, match="indices in"):
+        group_curves(per_ratio, {"bad": [20]})
+    with pytest.raises(ConfigError, match="n_groups must be >= 1"):
+        quantile_groups(score, 0)
 
 
 def test_consistency_bad_input():

@@ -25,6 +25,7 @@ from modelsense.representations import (
     SIMILARITIES,
     AngularShape,
     BirkhoffStitch,
+    ChannelBatchNorm,
     LassoStitch,
     LinearCKA,
     LinearStitch,
@@ -65,6 +66,7 @@ from modelsense.representations import (
     unbiased_cka,
 )
 from modelsense.representations.metrics import align_channel_shapes
+from modelsense.representations.stitching import _param_groups
 
 f64 = torch.float64
 
@@ -672,7 +674,7 @@ def test_bad_settings_are_refused_in_init(make, message):
         ("unbiased-cka", {"debiased": False}, "similarity 'unbiased-cka' does not take option 'debiased'"),
         ("procrustes", {"centered": True}, "'centered' is an option of relu-cka); it takes center"),
         ("relu-cka", {"center": True, "bandwidth": 1.0},
-         ("does not take options 'center', 'bandwidth' ('center' is an option of procrustes; 'bandwidth' is an "
+         ("does not take options 'center', 'bandwidth' ('center' is an option of procrustes, angular-shape; 'bandwidth' is an "
           "option of rbf-cka); it takes centered, estimator")),
         ("rbf-cka", {"estimator": "max"}, "similarity 'rbf-cka' does not take option 'estimator'"),
         ("relu-procrustes", {"threshold": 1}, "'threshold' is an option of no similarity); it takes no options"),
@@ -695,9 +697,10 @@ def test_make_metric_builds_each_similarity_with_its_options():
     assert repr(make_metric("relu-cka", estimator="median")) == "ReLUCKA(centered=True, estimator='median')"
     assert repr(make_metric("procrustes", center=True)) == "Procrustes(center=True)"
     assert repr(make_metric("relu-procrustes")) == "ReLUProcrustes()"
+    assert repr(make_metric("angular-shape")) == "AngularShape(center=True)"
     assert {name: metric_options(name) for name in SIMILARITIES} == {
         "cka": (), "unbiased-cka": (), "rbf-cka": ("bandwidth", "debiased"), "procrustes": ("center",),
-        "relu-procrustes": (), "relu-cka": ("centered", "estimator"),
+        "angular-shape": ("center",), "relu-procrustes": (), "relu-cka": ("centered", "estimator"),
     }
 
 
@@ -1001,6 +1004,89 @@ def test_birkhoff_training_keeps_w_doubly_stochastic_under_both_projections():
         assert is_doubly_stochastic(w, atol=1e-3 if projection == "sinkhorn" else 1e-5)
         assert hist.phase == ["permutation", "scales"]
         assert torch.all(stitched.stitch.scales >= 0)
+
+
+@pytest.mark.parametrize("shape, reference", [((12, 4), nn.BatchNorm1d), ((12, 4, 5), nn.BatchNorm1d),
+                                              ((12, 4, 3, 3), nn.BatchNorm2d)])
+@pytest.mark.parametrize("affine", [False, True])
+def test_channel_batch_norm_equals_torch_batch_norm(shape, reference, affine):
+    torch.manual_seed(0)
+    ours, ref = ChannelBatchNorm(4, affine=affine), reference(4, affine=affine)
+    if affine:
+        with torch.no_grad():
+            for m in (ours, ref):
+                m.weight.copy_(torch.arange(1.0, 5.0))
+                m.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    for step in range(3):  # training mode: batch statistics, running statistics updated alike
+        x = torch.randn(*shape) * 3 + step
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    x = torch.randn(*shape)
+    torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(DataError, match="batch norm of 4 channels got activations of shape"):
+        ours(torch.randn(3, 5))
+
+
+def test_stitching_layer_between_batch_norms():
+    torch.manual_seed(0)
+    cfg = StitchConfig(kind="linear", batch_norm="both")
+    layer = make_stitching_layer(cfg, 3, 2).eval()
+    with torch.no_grad():
+        layer.norm_before.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5]))
+        layer.norm_before.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+        layer.norm_after.running_mean.copy_(torch.tensor([0.2, 0.3]))
+    x = torch.randn(7, 3, 2, 2)
+    eps = 1e-5
+    z = (x - layer.norm_before.running_mean[:, None, None]) / torch.sqrt(layer.norm_before.running_var + eps)[:, None, None]
+    w = torch.einsum("jk,nkhw->njhw", layer.weight, z)
+    expected = (w - layer.norm_after.running_mean[:, None, None]) / torch.sqrt(1 + torch.tensor(eps))
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.norm_before.weight is None  # affine only with a bias, as the original
+    assert make_stitching_layer(StitchConfig(kind="permutation", batch_norm="after"), 3).norm_before is None
+    assert not make_stitching_layer(StitchConfig(kind="lowrank", rank=1), 3).has_batch_norm
+    for bad, message in (({"batch_norm": "middle"}, "unknown --stitch-bn 'middle'"),
+                         ({"schedule": "cosine"}, "unknown --stitch-schedule 'cosine'"),
+                         ({"batch_norm": "before", "init": "match"}, "cannot be combined with --stitch-bn")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            StitchConfig(**bad)
+
+
+def test_stitch_training_with_batch_norm_skips_a_last_batch_of_one_and_evaluates_with_running_stats():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, y = torch.randn(33, 5), torch.randint(0, 3, (33,))  # batches of 16, 16, 1
+    for kind in ("linear", "permutation"):
+        stitched, hist = stitch_models(a, copy.deepcopy(a), "1", x, y, StitchConfig(kind=kind, batch_norm="both",
+                                                                                      epochs=2, batch_size=16, lr=0.05))
+        assert all(np.isfinite(hist.loss))
+        bn = stitched.stitch.norm_before
+        assert not torch.allclose(bn.running_mean, torch.zeros(6))  # updated while training
+        stitched.eval()
+        before = stitched(x[:4])
+        torch.testing.assert_close(stitched(x[:1]), before[:1])  # eval: running statistics, per example
+        groups = _param_groups(stitched.stitch, 1e-4)  # every parameter trains (the norms without weight decay)
+        assert sum(len(g["params"]) for g in groups) == len(list(stitched.stitch.parameters()))
+
+
+@pytest.mark.parametrize("kind, warmup, schedule, expected", [
+    ("permutation", True, "step", ([1, 1 / 2, 1 / 4, 1 / 8], [1 / 16, 1 / 32, 1 / 64, 1 / 128])),
+    ("permutation", True, "constant", ([1] * 4, [1] * 4)),
+    ("permutation", False, "step", ([1, 1, 1 / 2, 1 / 2, 1 / 4, 1 / 4, 1 / 8, 1 / 8], [])),
+    ("linear", True, "step", ([1, 1, 1 / 2, 1 / 2, 1 / 4, 1 / 4, 1 / 8, 1 / 8], [])),
+])
+def test_stitching_schedule_and_permutation_warmup_follow_the_original(kind, warmup, schedule, expected):
+    """StepLR(max(1, epochs of the phase // 4), 0.5) per phase; the scales phase of the warm-up at lr / 16."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+    cfg = StitchConfig(kind=kind, epochs=8, batch_size=16, lr=0.04, perm_warmup=warmup, schedule=schedule)
+    _, hist = stitch_models(a, copy.deepcopy(a), "1", x, y, cfg)
+    first, second = expected
+    np.testing.assert_allclose(hist.lr, [0.04 * f for f in first + second], rtol=1e-12)
+    names = ["permutation"] * 4 + ["scales"] * 4 if second else ["all"] * 8
+    assert hist.phase == names
 
 
 @pytest.fixture(scope="module")

@@ -191,7 +191,8 @@ def test_stitch_two_seeds_several_kinds(zoo_dir, tmp_path):
         assert m["mean_penalty"][kind] == pytest.approx(np.mean(pen)) and len(m["layer_seconds"][kind]) == 2
     assert (out / "figures" / "stitching_penalty.png").stat().st_size > 1000
     arrays = np.load(out / "stitching.npz")
-    assert arrays["penalty"].shape == (2, 2)
+    assert arrays["penalty"].shape == (1, 2, 2) and arrays["clean_accuracy"].shape == (1, 2)
+    np.testing.assert_array_equal(arrays["pairs"], [[0, 1]])
     states = torch.load(out / "stitching_layers.pt")
     assert set(states) == {"linear/act1", "linear/act2", "permutation/act1", "permutation/act2"}
 
@@ -204,6 +205,90 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     assert m["layers"] == ["act2"] and list(m["stitched_accuracy"]) == list(m["penalty"]) == ["lowrank"]
     assert len(m["stitched_accuracy"]["lowrank"]) == len(m["penalty"]["lowrank"]) == 1
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
+
+
+def test_stitch_over_random_zoo_pairs_reports_mean_and_standard_deviation(zoo_dir, tmp_path):
+    """--repeats 2 draws 2 of the 3 pairs of the zoo seeds 0, 1, 2 (seed 2 trained into --zoo); the means and
+    standard deviations are those of the pairs' own stitching runs."""
+    out = tmp_path / "rep"
+    m = ok("stitch", *TINY, "--kind", "linear,permutation", "--stitch-epochs", 1, "--stitch-lr", 0.01, "--repeats", 2,
+           "--zoo-size", 3, "--zoo", zoo_dir, "--out", out)
+    pairs = [tuple(p) for p in m["pairs"]]
+    assert m["repeats"] == 2 and len(set(pairs)) == 2 and all(a < b and {a, b} <= {0, 1, 2} for a, b in pairs)
+    assert json.loads((out / "config.json").read_text())["pairs"] == m["pairs"]
+    arrays = np.load(out / "stitching.npz")
+    assert arrays["penalty"].shape == (2, 2, 2) and arrays["pairs"].tolist() == m["pairs"]
+    for i, kind in enumerate(m["kinds"]):
+        by_pair = np.asarray(m["penalty_by_pair"][kind])
+        np.testing.assert_allclose(by_pair, arrays["penalty"][:, i])
+        np.testing.assert_allclose(m["penalty"][kind], by_pair.mean(0))
+        np.testing.assert_allclose(m["penalty_std"][kind], by_pair.std(0, ddof=1))
+        np.testing.assert_allclose(m["stitched_accuracy"][kind], arrays["stitched_accuracy"][:, i].mean(0))
+        assert m["mean_penalty"][kind] == pytest.approx(by_pair.mean())
+        assert m["mean_penalty_std"][kind] == pytest.approx(by_pair.mean(1).std(ddof=1))
+        clean = np.asarray(m["clean_accuracy_by_pair"])
+        np.testing.assert_allclose(by_pair, clean.mean(1)[:, None] - arrays["stitched_accuracy"][:, i], atol=1e-12)
+    assert len(m["final_loss"]) == len(m["model_a"]) == 2 and zoo_member_path(zoo_dir, 2).exists()
+    assert set(torch.load(out / "stitching_layers.pt")) == {f"pair{r}/{k}/{layer}" for r in (0, 1)
+                                                            for k in m["kinds"] for layer in m["layers"]}
+    assert "±" in invoke("stitch", *TINY, "--kind", "linear", "--stitch-epochs", 1, "--repeats", 2, "--zoo-size", 3,
+                         "--zoo", zoo_dir, "--layers", "act2", "--out", tmp_path / "printed").output
+    for bad, message in ((["--repeats", 4, "--zoo-size", 3], "cannot draw 4 distinct pairs from 3 zoo models"),
+                         (["--repeats", 2, "--seed-a", 0], "cannot be combined with --seed-a"),
+                         (["--repeats", 0], "--repeats must be >= 1"), (["--zoo-size", 1], "--zoo-size must be >= 2")):
+        assert message in _error(invoke("stitch", *TINY, *bad, "--zoo", zoo_dir, "--out", tmp_path / "x"))
+        assert not (tmp_path / "x").exists()
+
+
+def test_stitch_options_of_the_original_batch_norm_schedule_and_warmup(zoo_dir, tmp_path):
+    out = tmp_path / "opts"
+    m = ok("stitch", *TINY, "--kind", "permutation", "--stitch-epochs", 4, "--stitch-bn", "both", "--stitch-schedule",
+           "step", "--no-perm-warmup", "--zoo", zoo_dir, "--layers", "act1", "--out", out)
+    used = json.loads((out / "config.json").read_text())["stitch"]
+    assert (used["batch_norm"], used["schedule"], used["perm_warmup"]) == ("both", "step", False)
+    states = torch.load(out / "stitching_layers.pt")
+    assert {"norm_before.running_mean", "norm_after.running_var"} <= set(states["permutation/act1"])
+    assert 0.0 <= m["stitched_accuracy"]["permutation"][0] <= 1.0
+    for bad, message in ((["--stitch-bn", "middle"], "unknown --stitch-bn 'middle'"),
+                         (["--stitch-schedule", "cosine"], "unknown --stitch-schedule 'cosine'")):
+        assert message in _error(invoke("stitch", *TINY, *bad, "--zoo", zoo_dir, "--out", tmp_path / "x"))
+
+
+# -- probe -----------------------------------------------------------------------------------------
+
+
+def test_probe_a_checkpoint_prints_the_invariance_table(zoo_dir, tmp_path):
+    out = tmp_path / "probe"
+    res = invoke("probe", "--checkpoint", zoo_member_path(zoo_dir, 0), "--repeats", 2, "--n-examples", 60, "--out", out)
+    assert res.exit_code == 0, (res.output, res.exception)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["layers"] == ["act1", "act2"] and m["sites"] == ["pre", "post"] and m["n_examples"] == 60
+    assert m["max_deviation_invariant"] < 1e-5 and m["min_similarity_not_invariant"] < 0.99
+    for layer in m["layers"]:
+        assert m["table"][layer]["orthogonal"]["pre"]["cka"] == pytest.approx(1.0, abs=1e-5)
+        assert m["table"][layer]["grelu"]["post"]["relu-procrustes"] == pytest.approx(1.0, abs=1e-5)
+        assert m["table"][layer]["grelu"]["pre"]["cka"] < 0.99 and m["table"][layer]["orthogonal"]["pre"]["relu-cka"] < 0.99
+        assert m["output_change"][layer]["grelu"] < 1e-4 < m["output_change"][layer]["orthogonal"]
+        assert m["accuracy"][layer]["grelu"] == m["clean_accuracy"]
+    arrays = np.load(out / "probe.npz")
+    assert arrays["similarity"].shape == (2, 3, 2, 7, 2) and (out / "figures" / "probe_table.png").exists()
+    assert "relu-procrustes" in res.output and "orthogonal  pre" in res.output  # the printed table
+    # the model's state_dict given as --weights: the same table
+    torch.save(load_model(zoo_member_path(zoo_dir, 0))[0].state_dict(), tmp_path / "state.pt")
+    ok("probe", *DATA, *MODEL, "--weights", tmp_path / "state.pt", "--repeats", 2, "--n-examples", 60,
+       "--out", tmp_path / "w")
+    np.testing.assert_allclose(np.load(tmp_path / "w" / "probe.npz")["similarity"], arrays["similarity"], atol=1e-9)
+
+
+def test_probe_trains_its_model_and_refuses_bad_options(tmp_path):
+    m = ok("probe", *TINY, "--layers", "act2", "--transforms", "grelu", "--repeats", 1, "--n-examples", 40,
+           "--out", tmp_path / "p")
+    assert m["layers"] == ["act2"] and m["transforms"] == ["grelu"] and (tmp_path / "p" / "model.pt").exists()
+    for bad, message in ((["--transforms", "rotation"], "unknown transform 'rotation'"),
+                         (["--layers", "relu9"], "'relu9' not found"), (["--repeats", 0], "--repeats must be >= 1"),
+                         (["--n-examples", 3], "--n-examples must be >= 4")):
+        assert message in _error(invoke("probe", *TINY, *bad, "--out", tmp_path / "x"))
+        assert not (tmp_path / "x").exists()
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -255,7 +340,9 @@ def test_demo_section(tmp_path):
     from modelsense.experiments.representations import representations_section
 
     section = representations_section(tmp_path, progress=False)
-    assert all(p.exists() for p in section.figures) and len(section.figures) == 2
+    assert all(p.exists() for p in section.figures) and len(section.figures) == 3
+    assert section.metrics["probe: largest |1 - s| of the invariant metrics"] < 1e-5
+    assert section.metrics["probe act1 orthogonal pre: cka"] == pytest.approx(1.0, abs=1e-5)
     assert {"relu-cka act1", "relu-cka act2"} <= set(section.metrics) and "relu-cka is CKA of the kernel" in section.text
     assert section.metrics["cka act1"] > 0.5 and {k for k in section.metrics if k.startswith("penalty")} == {
         "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}

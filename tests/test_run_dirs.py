@@ -52,11 +52,24 @@ COMMANDS = {
             [["--n-models", "2"], ["--alpha", "1.5"], ["--methods", "loss"]]),
     "memorization": ([*DATA, *NET, "--n-models", "4", "--chunk-size", "2", "--min-held-out", "1"],
                      [["--n-models", "1"], ["--backend", "dask"], ["--influence", "most"], ["--chunk-size", "0"],
-                      ["--min-held-out", "0"], ["--min-held-out", "3"]]),
+                      ["--min-held-out", "0"], ["--min-held-out", "3"], ["--subset-ratios", "0.5,1.5"]]),
     "zoo": ([*DATA, *NET, "--n-models", "2"], [["--n-models", "0"], ["--method", "magic"]]),
     "compare": ([*DATA, *NET], [["--metric", "nope"], ["--layers", "relu9"], ["--n-examples", "1"]]),
-    "stitch": ([*DATA, *NET, "--stitch-epochs", "1"], [["--kind", "nope"], ["--layers", "relu9"]]),
+    "stitch": ([*DATA, *NET, "--stitch-epochs", "1"], [["--kind", "nope"], ["--layers", "relu9"], ["--repeats", "0"],
+                                                       ["--stitch-bn", "middle"], ["--repeats", "3", "--zoo-size", "2"]]),
+    "probe": ([*DATA, *NET, "--repeats", "1", "--n-examples", "20"],
+              [["--transforms", "rotation"], ["--layers", "relu9"], ["--repeats", "0"]]),
+    # + --checkpoint of a tiny trained model (the fixture `verify_checkpoint`)
+    "verify": (["--expected-accuracy", "0.5", "--tolerance", "1"],
+               [["--tolerance", "-1"], ["--split", "val"], ["--expected-accuracy", "2"]]),
 }
+
+
+@pytest.fixture(scope="module")
+def verify_checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("verify") / "train"
+    assert invoke("train", *DATA, *NET, "--out", out).exit_code == 0
+    return out / "model.pt"
 
 
 def invoke(command: str, *args) -> object:
@@ -79,8 +92,10 @@ def refused(res, *words: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_every_command_never_mixes_overwrites_or_writes_before_validating(command, tmp_path):
+def test_every_command_never_mixes_overwrites_or_writes_before_validating(command, tmp_path, request):
     args, bad_options = COMMANDS[command]
+    if command == "verify":
+        args = [*args, "--checkpoint", request.getfixturevalue("verify_checkpoint")]
     out = tmp_path / "run"
     res = invoke(command, *args, "--out", out)
     assert res.exit_code == 0, (res.output, res.exception)

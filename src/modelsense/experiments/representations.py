@@ -15,7 +15,14 @@ Run directories:
              figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
     stitch:  config.json, metrics.json (layers, kinds, clean_accuracy [A, B], and per kind a list over
              layers: stitched_accuracy, penalty, final_loss, extra, layer_seconds; mean_penalty per kind),
-             stitching.npz, stitching_layers.pt, figures/stitching_penalty.png, zoo/
+             stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
+             (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt, figures/stitching_penalty.png, zoo/.
+             With --repeats R > 1 (R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1, as
+             the --retrain_repeats of Godfrey et al. 2022): clean_accuracy, stitched_accuracy, penalty and
+             mean_penalty are means over the pairs, with penalty_std, stitched_accuracy_std,
+             mean_penalty_std (sd over pairs, ddof 1), pairs, clean_accuracy_by_pair, penalty_by_pair;
+             final_loss, extra, layer_seconds, model_a, model_b become lists over the pairs, and the
+             layers of stitching_layers.pt are keyed pair<r>/<kind>/<layer>.
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ from modelsense.experiments.command import Command, Prepared, execute
 from modelsense.experiments.source import check_checkpoint_data, check_model
 from modelsense.models import ModelConfig
 from modelsense.models.checkpoint import load_model
-from modelsense.options import ints, joined, option
+from modelsense.options import ints, joined, names, option
 from modelsense.representations.compare import METRIC_NOTES, check_metric, choose_layers, layer_list
 from modelsense.representations.metrics import SIMILARITIES
+from modelsense.representations.probes import TRANSFORMS
 from modelsense.representations.stitch_sweep import stitch_kinds
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
 from modelsense.retraining.zoo import (
@@ -45,8 +53,10 @@ from modelsense.retraining.zoo import (
     ZOO_SUBDIR,
     check_seeds,
     check_zoo_index,
+    draw_pairs,
     read_zoo_index,
     train_zoo,
+    zoo_member_path,
     zoo_settings,
 )
 from modelsense.runs import RunDir, finished_metrics, locked
@@ -164,13 +174,20 @@ def pair_models(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir,
     loaded = dict(prepared.extra["loaded"])
     seeds = {which: s for which, s in (("model-a", seed_a), ("model-b", seed_b)) if which not in loaded}
     if seeds:
-        zoo = run.path if p.zoo is None else Path(p.zoo)
-        with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
-            res = train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds.values())), progress,
-                            data=prepared.data)
+        paths = zoo_member_paths(spec, prepared, run, progress, list(seeds.values()))
         for which, s in seeds.items():
-            loaded[which] = load_member(which, res.paths[res.seeds.index(s)], prepared.data)
+            loaded[which] = load_member(which, paths[s], prepared.data)
     return loaded["model-a"], loaded["model-b"]
+
+
+def zoo_member_paths(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir, progress: bool,
+                     seeds: list[int]) -> dict[int, Path]:
+    """The checkpoints of the zoo members `seeds`, trained into `pair.zoo` (default the run; a zoo elsewhere is
+    locked while they train) where missing."""
+    zoo = run.path if spec.pair.zoo is None else Path(spec.pair.zoo)
+    with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
+        res = train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress, data=prepared.data)
+    return {s: res.paths[res.seeds.index(s)] for s in set(seeds)}
 
 
 # -- modelsense compare --------------------------------------------------------------------------
@@ -247,48 +264,111 @@ class StitchSpec:
     kinds: tuple[str, ...] = option(("linear",), f"{', '.join(STITCH_KINDS)}, or a comma list of them", flag="--kind",
                                     parse=stitch_kinds, show=joined)
     stitch: StitchConfig = field(default_factory=StitchConfig)
+    repeats: int = option(1, "random pairs of zoo models (--retrain_repeats of Godfrey et al. 2022); more than one: "
+                             "the mean and standard deviation over the pairs")
+    zoo_size: int | None = option(None, "draw the pairs from the zoo seeds --seed ... --seed + zoo_size - 1 (trained "
+                                        "where missing; default --repeats + 1)")
 
 
 def check_stitch(spec: StitchSpec) -> Prepared:
     kinds = stitch_kinds(spec.kinds)
     base = replace(spec.stitch, seed=spec.train.seed, device=spec.train.device)
+    pairs = None
+    if spec.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {spec.repeats}")
+    if spec.repeats > 1 or spec.zoo_size is not None:
+        p = spec.pair
+        named = [f for f, v in (("--model-a", p.model_a), ("--model-b", p.model_b), ("--seed-a", p.seed_a),
+                                ("--seed-b", p.seed_b)) if v is not None]
+        if named:
+            raise ConfigError(f"--repeats / --zoo-size draw random pairs of zoo models; they cannot be combined with "
+                              f"{', '.join(named)}")
+        size = spec.repeats + 1 if spec.zoo_size is None else spec.zoo_size
+        if size < 2:
+            raise ConfigError(f"--zoo-size must be >= 2 (a pair), got {size}")
+        pairs = draw_pairs(range(spec.train.seed, spec.train.seed + size), spec.repeats, seed=spec.train.seed)
     prepared = check_pair(spec)
     prepared.config["stitch"] = asdict(base)  # the settings used
+    if pairs is not None:
+        prepared.config["pairs"] = [list(pair) for pair in pairs]
     prepared.extra["configs"] = [replace(base, kind=k) for k in kinds]
+    prepared.extra["pairs"] = pairs
     return prepared
 
 
 def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """The stitching sweep over the layers and kinds; metrics per kind, a list over the layers."""
+    """The stitching sweep over the layers and kinds, for one pair (A, B) or `repeats` random zoo pairs;
+    metrics per kind, a list over the layers (the mean over the pairs, and their standard deviation)."""
     from modelsense.representations import plots
     from modelsense.representations.stitch_sweep import stitching_sweep
 
-    data, configs = prepared.data, prepared.extra["configs"]
-    a, b = pair_models(spec, prepared, run, progress)
-    names = choose_layers(a.module, spec.pair.layers, "model-a")
-    choose_layers(b.module, names, "model-b")
+    data, configs, pairs = prepared.data, prepared.extra["configs"], prepared.extra["pairs"]
+    if pairs is None:
+        members = [pair_models(spec, prepared, run, progress)]
+    else:
+        paths = zoo_member_paths(spec, prepared, run, progress, [s for pair in pairs for s in pair])
+        members = [(load_member("model-a", paths[sa], data), load_member("model-b", paths[sb], data)) for sa, sb in pairs]
+    names = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
     start = time.perf_counter()
-    sweep = stitching_sweep(a.module, b.module, names, configs, data.x_train, data.y_train, data.x_test, data.y_test,
-                            progress=progress)
+    sweeps = []
+    for r, (a, b) in enumerate(members):
+        choose_layers(b.module, names, "model-b")
+        sweeps.append(stitching_sweep(a.module, b.module, names, configs, data.x_train, data.y_train, data.x_test,
+                                      data.y_test, progress=progress))
+        if pairs is not None:
+            run.log(f"pair {r + 1}/{len(pairs)} (seeds {a.seed}, {b.seed}): penalties "
+                    f"{ {k: np.round(v, 4).tolist() for k, v in sweeps[-1].penalty.items()} }")
     seconds = time.perf_counter() - start
-    kinds = sweep.kinds
-    run.save_arrays("stitching", layers=np.asarray(names), kinds=np.asarray(kinds),
-                    clean_accuracy=np.asarray(sweep.clean_accuracy),
-                    stitched_accuracy=np.asarray([sweep.stitched_accuracy[k] for k in kinds]),
-                    penalty=np.asarray([sweep.penalty[k] for k in kinds]))
-    run.save_torch("stitching_layers", {f"{k}/{layer}": s for (k, layer), s in sweep.states.items()})
-    run.save_figure(plots.stitching_penalty_figure(names, sweep.penalty, sweep.stitched_accuracy, sweep.clean_accuracy,
-                                                   f"stitching A -> B on {data.name}"), "stitching_penalty")
-    metrics = {"layers": names, "kinds": kinds, "stitched_accuracy": sweep.stitched_accuracy, "penalty": sweep.penalty,
-               "clean_accuracy": list(sweep.clean_accuracy), "mean_clean_accuracy": float(np.mean(sweep.clean_accuracy)),
-               "mean_penalty": {k: float(np.mean(sweep.penalty[k])) for k in kinds}, "final_loss": sweep.final_loss,
-               "extra": sweep.extra, "layer_seconds": sweep.seconds, "model_a": a.source, "model_b": b.source,
-               "seconds": seconds}
+    kinds = sweeps[0].kinds
+    accuracy = np.asarray([[sw.stitched_accuracy[k] for k in kinds] for sw in sweeps])  # (R, K, L)
+    penalty = np.asarray([[sw.penalty[k] for k in kinds] for sw in sweeps])
+    clean = np.asarray([sw.clean_accuracy for sw in sweeps])  # (R, 2)
+    run.save_arrays("stitching", layers=np.asarray(names), kinds=np.asarray(kinds), clean_accuracy=clean,
+                    stitched_accuracy=accuracy, penalty=penalty,
+                    pairs=np.asarray([[-1 if m.seed is None else m.seed for m in pair] for pair in members]))
+    prefix = (lambda r: "") if len(sweeps) == 1 else (lambda r: f"pair{r}/")
+    run.save_torch("stitching_layers", {f"{prefix(r)}{k}/{layer}": st for r, sw in enumerate(sweeps)
+                                        for (k, layer), st in sw.states.items()})
+
+    def per_kind(values: np.ndarray) -> dict[str, list[float]]:
+        return {k: values[i].tolist() for i, k in enumerate(kinds)}
+
+    several = len(sweeps) > 1
+    std = (lambda v: v.std(0, ddof=1)) if several else (lambda v: np.zeros(v.shape[1:]))
+    run.save_figure(plots.stitching_penalty_figure(
+        names, per_kind(penalty.mean(0)), per_kind(accuracy.mean(0)), clean.mean(0).tolist(),
+        f"stitching A -> B on {data.name}" + (f", mean ± sd over {len(sweeps)} random pairs" if several else ""),
+        penalty_std=per_kind(std(penalty)) if several else None,
+        accuracy_std=per_kind(std(accuracy)) if several else None), "stitching_penalty")
+    metrics: dict[str, Any] = {
+        "layers": names, "kinds": kinds, "stitched_accuracy": per_kind(accuracy.mean(0)), "penalty": per_kind(penalty.mean(0)),
+        "clean_accuracy": clean.mean(0).tolist(), "mean_clean_accuracy": float(clean.mean()),
+        "mean_penalty": {k: float(penalty[:, i].mean()) for i, k in enumerate(kinds)}, "seconds": seconds}
+    if several:
+        metrics.update(
+            repeats=len(sweeps), pairs=[[a.seed, b.seed] for a, b in members], clean_accuracy_by_pair=clean.tolist(),
+            penalty_std=per_kind(std(penalty)), stitched_accuracy_std=per_kind(std(accuracy)),
+            mean_penalty_std={k: float(penalty[:, i].mean(-1).std(ddof=1)) for i, k in enumerate(kinds)},
+            penalty_by_pair={k: penalty[:, i].tolist() for i, k in enumerate(kinds)},
+            final_loss=[sw.final_loss for sw in sweeps], extra=[sw.extra for sw in sweeps],
+            layer_seconds=[sw.seconds for sw in sweeps], model_a=[a.source for a, _ in members],
+            model_b=[b.source for _, b in members])
+    else:
+        sw, (a, b) = sweeps[0], members[0]
+        metrics.update(final_loss=sw.final_loss, extra=sw.extra, layer_seconds=sw.seconds, model_a=a.source,
+                       model_b=b.source)
     run.log(f"stitching penalties {metrics['mean_penalty']} in {seconds:.1f}s")
     return metrics
 
 
 def stitch_summary(m: dict[str, Any]) -> str:
+    if "repeats" in m:
+        lines = [(f"{m['repeats']} random pairs {m['pairs']}: clean accuracy A {m['clean_accuracy'][0]:.4f}  B "
+                  f"{m['clean_accuracy'][1]:.4f} (means)")]
+        lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}±{sd:.4f}" for layer, p, sd in
+                                                 zip(m["layers"], m["penalty"][k], m["penalty_std"][k]))
+                  for k in m["kinds"]]
+        return "\n".join(lines)
     lines = [f"clean accuracy A {m['clean_accuracy'][0]:.4f}  B {m['clean_accuracy'][1]:.4f}"]
     lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}" for layer, p in zip(m["layers"], m["penalty"][k]))
               for k in m["kinds"]]
@@ -300,9 +380,144 @@ STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitch_
                  help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per layer.")
 
 
+# -- modelsense probe ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbeSpec:
+    """`modelsense probe`: transform layers of one trained network by random orthogonal, G_ReLU and invertible
+    maps (`modelsense.representations.probes`) and measure every similarity metric between the original's and
+    the transformed network's features, with the change of the network's outputs."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: str | None = option(None, "model.pt of `modelsense train` / `zoo` to probe instead of training one "
+                                          "(its data and model recipe are used)")
+    weights: str | None = option(None, "a state_dict of --model trained elsewhere (torch.save(model.state_dict(), "
+                                       "path)) to probe instead of training one")
+    layers: str = option("all", "'all' (every nn.ReLU module) or comma-separated activation module names, e.g. act1")
+    transforms: tuple[str, ...] = option(TRANSFORMS, "comma-separated transforms: " + ", ".join(TRANSFORMS),
+                                         parse=names, show=joined)
+    repeats: int = option(3, "random transforms per layer and kind (--repeats of Godfrey et al. 2022)")
+    sigma: float = option(1.0, "sigma of the G_ReLU scales exp(sigma g) / exp(sigma^2 / 2) (Godfrey et al. 2022: 1)")
+    n_examples: int | None = option(500, "a seeded random subset of this many test examples (n x n kernels); "
+                                         "none: all")
+
+
+def check_probe(spec: ProbeSpec) -> Prepared:
+    from modelsense.experiments.source import check_checkpoint, load_weights_run
+
+    for t in spec.transforms:
+        if t not in TRANSFORMS:
+            raise ConfigError(f"unknown transform {t!r} in --transforms; expected {', '.join(TRANSFORMS)}")
+    if not spec.transforms:
+        raise ConfigError(f"--transforms needs at least one of {', '.join(TRANSFORMS)}")
+    if spec.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {spec.repeats}")
+    if not spec.sigma >= 0:
+        raise ConfigError(f"--sigma must be >= 0, got {spec.sigma}")
+    if spec.n_examples is not None and spec.n_examples < 4:
+        raise ConfigError(f"--n-examples must be >= 4 (the unbiased HSIC of unbiased-cka and relu-cka), got "
+                          f"{spec.n_examples}")
+    if spec.checkpoint is not None and spec.weights is not None:
+        raise ConfigError("give --checkpoint (a modelsense model.pt) or --weights (a state_dict of --model), not both")
+    data = load_dataset_from_config(spec.data)
+    trained = (check_checkpoint(spec.checkpoint, spec.data, data) if spec.checkpoint is not None
+               else load_weights_run(spec.weights, spec.model, data) if spec.weights is not None else None)
+    module = check_model(data, spec.model) if trained is None else trained.module
+    layers = choose_layers(module, spec.layers, "the model")
+    config = {"dataset": data.summary(), "layers_used": layers}
+    if trained is not None:
+        config["source"] = trained.summary()
+    return Prepared(data, config, {"trained": trained, "layers": layers})
+
+
+def run_probe(spec: ProbeSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """The network (trained here, or the checkpoint), the probe on a seeded subset of the test set, the table."""
+    from modelsense.experiments.source import obtain_model
+    from modelsense.representations import plots
+    from modelsense.representations.compare import subsample_indices
+    from modelsense.representations.probes import INVARIANT, SITES, invariance_probe
+
+    data, layers = prepared.data, prepared.extra["layers"]
+    got = obtain_model(data, spec.model, spec.train, trained=prepared.extra["trained"], run=run, progress=progress)
+    idx = subsample_indices(data.n_test, spec.n_examples, spec.data.seed)
+    start = time.perf_counter()
+    res = invariance_probe(got.module.eval(), layers, data.x_test[idx], data.y_test[idx], transforms=spec.transforms,
+                           repeats=spec.repeats, seed=spec.train.seed, sigma=spec.sigma,
+                           device=spec.train.device)
+    seconds = time.perf_counter() - start
+    transforms, metric_names = res.transforms, res.metrics
+    sim = np.asarray([[[[res.similarity[(layer, t, site)][m] for m in metric_names] for site in SITES]
+                       for t in transforms] for layer in layers])  # (L, T, S, M, R)
+    change = np.asarray([[res.output_change[(layer, t)] for t in transforms] for layer in layers])  # (L, T, R)
+    accuracy = np.asarray([[res.accuracy[(layer, t)] for t in transforms] for layer in layers])
+    run.save_arrays("probe", similarity=sim, output_change=change, accuracy=accuracy, layers=np.asarray(layers),
+                    transforms=np.asarray(transforms), sites=np.asarray(SITES), metrics=np.asarray(metric_names))
+    mean, std = sim.mean(-1), (sim.std(-1, ddof=1) if spec.repeats > 1 else np.zeros(sim.shape[:-1]))
+    invariant = np.zeros(sim.shape[:-1], dtype=bool)  # (L, T, S, M): the metric must give 1
+    for ti, t in enumerate(transforms):
+        for mi, m in enumerate(metric_names):
+            invariant[:, ti, SITES.index("pre"), mi] = m in INVARIANT[t]
+            invariant[:, ti, SITES.index("post"), mi] = t == "grelu" and m in INVARIANT[t]
+
+    def nested(values: np.ndarray) -> dict[str, Any]:
+        return {layer: {t: {site: {m: float(values[li, ti, si, mi]) for mi, m in enumerate(metric_names)}
+                            for si, site in enumerate(SITES)} for ti, t in enumerate(transforms)}
+                for li, layer in enumerate(layers)}
+
+    rows = [f"{layer} {t} {site}" for layer in layers for t in transforms for site in SITES]
+    run.save_figure(plots.probe_table_figure(mean.reshape(len(rows), -1), rows, metric_names,
+                                             invariant.reshape(len(rows), -1),
+                                             f"invariance probe: {got.model.name} on {data.name}, mean of "
+                                             f"{spec.repeats} transform(s) (framed: must give 1)"), "probe_table")
+    deviation = np.abs(1.0 - sim[invariant])
+    metrics = {
+        "layers": layers, "transforms": transforms, "sites": list(SITES), "metrics": metric_names,
+        "repeats": spec.repeats, "n_examples": len(idx), "channels": res.channels,
+        "table": nested(mean), "table_std": nested(std),
+        "invariant": {t: list(INVARIANT[t]) for t in transforms},
+        "max_deviation_invariant": float(deviation.max()) if deviation.size else None,
+        "min_similarity_not_invariant": float(sim[~invariant].min()) if (~invariant).any() else None,
+        "output_change": {layer: {t: float(change[li, ti].max()) for ti, t in enumerate(transforms)}
+                          for li, layer in enumerate(layers)},
+        "clean_accuracy": res.clean_accuracy,
+        "accuracy": {layer: {t: float(accuracy[li, ti].mean()) for ti, t in enumerate(transforms)}
+                     for li, layer in enumerate(layers)},
+        "seconds": seconds,
+    }
+    run.log(f"probe: max |1 - s| over the invariant cells {metrics['max_deviation_invariant']}, in {seconds:.1f}s")
+    return metrics
+
+
+def probe_summary(m: dict[str, Any]) -> str:
+    """The table the original prints: per layer, one row per transform and site, one column per metric; then
+    how much each transform changed the network's outputs and its accuracy."""
+    names = m["metrics"]
+    widths = [max(len(n), 6) + 1 for n in names]
+    lines = []
+    for layer in m["layers"]:
+        lines.append(f"{layer:18s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
+        for t in m["transforms"]:
+            for site in m["sites"]:
+                row = m["table"][layer][t][site]
+                lines.append(f"  {t:11s} {site:4s}" + "".join(f"{row[n]:{w}.4f}" for n, w in zip(names, widths)))
+        lines.append("  outputs: " + "; ".join(f"{t} max|Δ| {m['output_change'][layer][t]:.1e} accuracy "
+                                               f"{m['accuracy'][layer][t]:.4f}" for t in m["transforms"]))
+    lines.append(f"clean accuracy {m['clean_accuracy']:.4f}; must give 1 at pre: "
+                 + "; ".join(f"{t}: {', '.join(v) or 'none'}" for t, v in m["invariant"].items())
+                 + f"; largest |1 - s| among them {m['max_deviation_invariant']:.1e}")
+    return "\n".join(lines)
+
+
+PROBE = Command("probe", ProbeSpec, check_probe, run_probe, summary=probe_summary,
+                help="Invariance probes: transform a layer of a trained network by random orthogonal, G_ReLU "
+                     "(compensated in the next layer: the function is unchanged) and invertible maps and report every "
+                     "similarity metric between the features before and after (Godfrey et al. 2022).")
+
+
 # -- demo ----------------------------------------------------------------------------------------
 def representations_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
-    """Demo: CKA of two digits MLPs (seeds 0, 1) and stitching penalties at both hidden layers."""
+    """Demo: CKA of two digits MLPs (seeds 0, 1), stitching penalties at both hidden layers, the invariance probe."""
     from modelsense.experiments.report import Section
 
     root = Path(out) / "representations"
@@ -313,6 +528,9 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     cmp, relu, st = ((resume and finished_metrics(root / name)) or execute(command, spec, root / name, overwrite=True,
                                                                             progress=progress)
                      for name, (command, spec) in runs.items())
+    probe_spec = ProbeSpec(checkpoint=str(zoo_member_path(root, 0)), repeats=1, n_examples=200)
+    probe = (resume and finished_metrics(root / "probe")) or execute(PROBE, probe_spec, root / "probe", overwrite=True,
+                                                                      progress=progress)
     metrics: dict[str, Any] = {"clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]]}
     for i, layer in enumerate(cmp["layers"]):
         metrics[f"cka {layer}"] = cmp["diagonal"][i]
@@ -321,6 +539,13 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     for k in st["kinds"]:
         for layer, p in zip(st["layers"], st["penalty"][k]):
             metrics[f"penalty {k} {layer}"] = p
+    table = probe["table"]["act1"]
+    for t, site, m in (("orthogonal", "pre", "cka"), ("orthogonal", "pre", "relu-cka"), ("grelu", "post", "cka"),
+                       ("grelu", "post", "relu-procrustes"), ("invertible", "pre", "procrustes")):
+        metrics[f"probe act1 {t} {site}: {m}"] = table[t][site][m]
+    metrics["probe: largest |1 - s| of the invariant metrics"] = probe["max_deviation_invariant"]
+    metrics["probe act1: output change under G_ReLU / orthogonal"] = [probe["output_change"]["act1"][t]
+                                                                      for t in ("grelu", "orthogonal")]
     return Section(
         "Representations: CKA and stitching of two MLPs trained from different seeds",
         "Linear CKA between every pair of ReLU layers of two digits MLPs (64-128-128-10) that differ only in "
@@ -329,12 +554,18 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
         "a trained 128x128 layer, then model B; penalty = mean clean accuracy - stitched accuracy. 'linear' is an "
         "unconstrained matrix, 'permutation' a permutation times a positive diagonal (the ReLU symmetry group "
         "G_ReLU, Godfrey et al. 2022), trained on the Birkhoff polytope and rounded by the Hungarian algorithm. "
-        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code for G_ReLU layers).",
+        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code for G_ReLU layers). "
+        "Invariance probe (model A): a random orthogonal, G_ReLU (permutation x positive scaling) or invertible M "
+        "multiplies a layer's pre-activations, M^-1 is applied after its ReLU (absorbed by the next layer): G_ReLU "
+        "leaves the network's outputs unchanged, the others do not; 'pre' compares the pre-activations z with M z, "
+        "'post' the ReLU outputs. A metric invariant to the group gives 1 (CKA and Procrustes for orthogonal at pre; "
+        "the G_ReLU metrics for G_ReLU, also at post).",
         metrics,
-        [root / "compare" / "figures" / "similarity_cka.png", root / "stitch" / "figures" / "stitching_penalty.png"],
+        [root / "compare" / "figures" / "similarity_cka.png", root / "stitch" / "figures" / "stitching_penalty.png",
+         root / "probe" / "figures" / "probe_table.png"],
         str(root),
     )
 
 
-__all__ = ["COMPARE", "STITCH", "ZOO", "CompareSpec", "LoadedModel", "ModelPair", "StitchSpec", "ZooSpec",
-           "representations_section"]
+__all__ = ["COMPARE", "PROBE", "STITCH", "ZOO", "CompareSpec", "LoadedModel", "ModelPair", "ProbeSpec", "StitchSpec",
+           "ZooSpec", "representations_section"]

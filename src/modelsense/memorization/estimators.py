@@ -682,14 +682,20 @@ def heldout_mean(masks: Any, values: Any) -> HeldoutMean:
     return HeldoutMean(estimate, se, n_out)
 
 
-def consistency(masks_by_ratio: Mapping[float, tuple[Any, Any]], *, warn: bool = True) -> ConsistencyScores:
+def consistency(masks_by_ratio: Mapping[float, tuple[Any, Any]], *, warn: bool = True,
+                independent: bool = True) -> ConsistencyScores:
     """C-scores (Jiang et al. 2021): held-out accuracy per subset ratio, then the mean over ratios.
 
     masks_by_ratio: {ratio: (masks (R_k, N), correct (R_k, N))}, one entry per subset ratio (the
     number of models R_k may differ between ratios; N may not). Per ratio k,
     C_k(i) = mean_{r: i notin S_r} c_r(i) with SE_k(i) = s_out / sqrt(n_out); the aggregate is
     C(i) = (1 / K_i) sum_k C_k(i) over the K_i ratios at which i was held out at least once, with
-    SE = sqrt(sum_k SE_k(i)^2) / K_i (independent runs per ratio).
+
+        SE = sqrt(sum_k SE_k(i)^2) / K_i     independent=True: the ratios' runs are independent
+        SE = (sum_k SE_k(i)) / K_i           independent=False: the bound that holds whatever the
+                                             correlation between ratios (sd of a sum <= sum of sds),
+                                             e.g. for `subset_jobs` farms, whose model r shares its
+                                             seed and a nested subset across ratios.
     """
     if not isinstance(masks_by_ratio, Mapping) or not masks_by_ratio:
         raise ConfigError(
@@ -716,7 +722,10 @@ def consistency(masks_by_ratio: Mapping[float, tuple[Any, Any]], *, warn: bool =
     n_ratios = present.sum(0)
     with np.errstate(divide="ignore", invalid="ignore"):
         score = np.where(present, estimates, 0.0).sum(0) / n_ratios
-        se = np.sqrt(np.where(present, errors * errors, 0.0).sum(0)) / n_ratios
+        if independent:
+            se = np.sqrt(np.where(present, errors * errors, 0.0).sum(0)) / n_ratios
+        else:
+            se = np.where(present, errors, 0.0).sum(0) / n_ratios
         se = np.where(np.any(present & np.isnan(errors), axis=0), np.nan, se)
     score = np.where(n_ratios > 0, score, np.nan)
     se = np.where(n_ratios > 0, se, np.nan)
@@ -729,6 +738,59 @@ def consistency(masks_by_ratio: Mapping[float, tuple[Any, Any]], *, warn: bool =
             stacklevel=2,
         )
     return ConsistencyScores(score, se, n_ratios.astype(np.int64), per_ratio)
+
+
+def group_curves(per_ratio: Mapping[float, Any], groups: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Held-out accuracy against subset ratio per group of examples (the C-score curves of Jiang et al. 2021).
+
+    per_ratio: {ratio: (N,) held-out means C_k} (a `HeldoutMean` or an array; e.g.
+    `ConsistencyScores.per_ratio`); groups: {name: indices or (N,) bool mask of the group's examples}.
+    For every group G and ratio k (ratios in increasing order), over the examples i of G with a
+    defined C_k(i) (n_k of them):
+
+        mean_k = (1 / n_k) sum_i C_k(i),    se_k = sd_i(C_k(i)) / sqrt(n_k)   (ddof = 1; NaN if n_k < 2)
+
+    Returns {name: (mean (K,), se (K,), n (K,))}; mean is NaN where n_k = 0.
+    """
+    ratios = sorted(per_ratio)
+    if not ratios:
+        raise ConfigError("group_curves: expected at least one subset ratio")
+    table = np.stack([np.asarray(getattr(per_ratio[r], "estimate", per_ratio[r]), dtype=np.float64).reshape(-1)
+                      for r in ratios])  # (K, N)
+    n = table.shape[1]
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for name, members in groups.items():
+        members = np.asarray(_to_numpy(members, f"groups[{name!r}]")).reshape(-1)
+        if members.dtype == bool:
+            if members.size != n:
+                raise DataError(f"groups[{name!r}]: a mask of {members.size} entries for {n} examples")
+            members = np.flatnonzero(members)
+        elif members.size and (not np.issubdtype(members.dtype, np.integer) or members.min() < 0 or members.max() >= n):
+            raise DataError(f"groups[{name!r}]: expected indices in [0, {n}) or an (N,) bool mask")
+        block = table[:, members.astype(np.int64)]
+        defined = ~np.isnan(block)
+        count = defined.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(defined, block, 0.0).sum(1) / count
+            dev = np.where(defined, block - mean[:, None], 0.0)
+            se = np.sqrt((dev * dev).sum(1) / (count - 1) / count)
+        out[str(name)] = (np.where(count > 0, mean, np.nan), np.where(count > 1, se, np.nan), count.astype(np.int64))
+    return out
+
+
+def quantile_groups(score: Any, n_groups: int = 4) -> dict[str, np.ndarray]:
+    """The examples in `n_groups` equal-count bins of `score` (N,) (NaN left out), lowest first:
+    {"C-score q1 (0.12-0.45)": indices, ...}; ties broken by index (a stable sort)."""
+    values = np.asarray(_to_numpy(score, "score"), dtype=np.float64).reshape(-1)
+    if int(n_groups) < 1:
+        raise ConfigError(f"quantile_groups: n_groups must be >= 1, got {n_groups}")
+    defined = np.flatnonzero(~np.isnan(values))
+    ordered = defined[np.argsort(values[defined], kind="stable")]
+    out = {}
+    for q, part in enumerate(np.array_split(ordered, min(int(n_groups), max(len(ordered), 1))), start=1):
+        if part.size:
+            out[f"C-score q{q} ({values[part].min():.2f}-{values[part].max():.2f})"] = np.sort(part)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -203,3 +203,35 @@ def memorization_convergence_figure(n_models_grid: Any, mem_by_models: Any, *,
     fig.suptitle("Memorization estimates against the number of models", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def consistency_curves_figure(ratios: Any, panels: dict[str, dict[str, tuple[Any, Any, Any]]], *,
+                              title: str | None = None) -> Figure:
+    """Held-out accuracy against subset ratio, one line per group of examples (from `group_curves`).
+
+    ratios: (K,) subset ratios in increasing order; panels: {panel title: {group name: (mean (K,),
+    se (K,), n (K,))}}, e.g. "corrupted vs clean" and "C-score quantiles". Each line carries +- 1 SE
+    bars and its group size in the legend; the C-score of an example is the mean of its points.
+    """
+    x = _numpy(ratios).astype(np.float64).reshape(-1)
+    if not panels:
+        raise DataError("consistency_curves_figure: expected at least one panel of curves")
+    fig = Figure(figsize=(4.6 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, curves) in zip(axes, panels.items()):
+        for group, (mean, se, n) in curves.items():
+            mean, se = _numpy(mean).astype(np.float64), _numpy(se).astype(np.float64)
+            if mean.shape != x.shape:
+                raise DataError(f"curve {group!r}: expected {x.size} points (one per ratio), got {mean.shape}")
+            size = int(np.max(_numpy(n))) if np.size(n) else 0
+            ax.errorbar(x, mean, yerr=np.nan_to_num(se), marker="o", markersize=3, capsize=2,
+                        label=f"{group} (n={size})")
+        ax.set_xlabel("subset ratio (fraction of the training set each model saw)")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "Consistency (C-score) curves: accuracy on an example when it is held out", fontsize=10)
+    fig.tight_layout()
+    return fig

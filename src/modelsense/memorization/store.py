@@ -167,3 +167,31 @@ def read_original_runs(root: str | os.PathLike) -> dict[float, OriginalRuns]:
         result[ratio] = OriginalRuns(ratio, [d.name for d in run_dirs], np.stack(masks), np.stack(train),
                                      np.stack(test), paths)
     return result
+
+
+SPLITS = ("train", "test")
+
+
+def read_recorded_correctness(path: str | os.PathLike, split: str = "test") -> np.ndarray:
+    """The per-example correctness an aux_arrays.npz recorded for `split`, ordered by example index.
+
+    split "test": correctness_test placed at index_test; "train": the full training set,
+    correctness_train at index_train and correctness_removed at index_removed (the examples the
+    run trained on and those it held out), as the original demo.py compares them. Returns (n,) bool.
+    Raises DataError naming the file on a missing key or indices that do not cover 0..n-1 once.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file; expected an {ORIGINAL_FILE} with correctness_<split> and index_<split>")
+    a = _load_aux(path)
+    parts = ("train", "removed") if split == "train" else ("test",)
+    correct = np.concatenate([a[f"correctness_{p}"] for p in parts])
+    index = np.concatenate([a[f"index_{p}"] for p in parts]).astype(np.int64)
+    if not _is_permutation(index, index.size):
+        raise DataError(f"{path}: index_{' and index_'.join(parts)} must list each of the {index.size} {split} "
+                        f"examples 0..{index.size - 1} exactly once")
+    out = np.zeros(index.size, dtype=bool)
+    out[index] = np.asarray(correct).astype(bool)
+    return out

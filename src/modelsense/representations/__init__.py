@@ -6,8 +6,10 @@
   `ReLUCKA`, `Procrustes`, `AngularShape`, `ReLUProcrustes`; `make_metric(name, **options)`), and
   one-shot functions (`linear_cka`, `procrustes_distance`, ...).
 - `features`: activations of named modules (every ReLU by default) of any `nn.Module`.
-- `stitching`: stitching layers (linear, birkhoff, permutation, lowrank, lasso), `StitchedModel`,
-  `train_stitch`.
+- `stitching`: stitching layers (linear, birkhoff, permutation, lowrank, lasso; batch norm around them),
+  `StitchedModel`, `train_stitch`.
+- `probes` (`invariance_probe`): a random orthogonal, G_ReLU or invertible map at one layer of a network,
+  and every metric between the features before and after.
 """
 
 from modelsense.representations.features import extract_features, relu_module_names
@@ -45,8 +47,11 @@ from modelsense.representations.metrics import (
     unbiased_cka,
 )
 from modelsense.representations.stitching import (
+    BATCH_NORMS,
+    SCHEDULES,
     STITCH_KINDS,
     BirkhoffStitch,
+    ChannelBatchNorm,
     LassoStitch,
     LinearStitch,
     LowRankStitch,
@@ -68,11 +73,14 @@ from modelsense.representations.stitching import (
 )
 
 __all__ = [
+    "BATCH_NORMS",
     "RBFCKA",
+    "SCHEDULES",
     "SIMILARITIES",
     "STITCH_KINDS",
     "AngularShape",
     "BirkhoffStitch",
+    "ChannelBatchNorm",
     "ChannelMatching",
     "LassoStitch",
     "LinearCKA",

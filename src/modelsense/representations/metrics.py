@@ -966,13 +966,14 @@ _NAMED: dict[str, tuple[type[RepresentationMetric], dict[str, Any]]] = {
     "unbiased-cka": (LinearCKA, {"debiased": True}),
     "rbf-cka": (RBFCKA, {}),
     "procrustes": (Procrustes, {}),
+    "angular-shape": (AngularShape, {}),
     "relu-procrustes": (ReLUProcrustes, {}),
     "relu-cka": (ReLUCKA, {}),
 }
 
 #: Names accepted by `make_metric` and `similarity_matrix` (all similarities: larger means more
 #: alike, 1 = identical up to the metric's invariances).
-SIMILARITIES = ("cka", "unbiased-cka", "rbf-cka", "procrustes", "relu-procrustes", "relu-cka")
+SIMILARITIES = ("cka", "unbiased-cka", "rbf-cka", "procrustes", "angular-shape", "relu-procrustes", "relu-cka")
 
 
 def metric_options(name: str) -> tuple[str, ...]:
@@ -991,6 +992,7 @@ def make_metric(name: str, **options: Any) -> RepresentationMetric:
         rbf-cka         RBFCKA(...)                   bandwidth, debiased
         relu-cka        ReLUCKA(...)                  centered, estimator
         procrustes      Procrustes(...)               center
+        angular-shape   AngularShape(...)             center (the similarity is cos(theta), theta the angle)
         relu-procrustes ReLUProcrustes()              no options
     An option the name does not take is a ConfigError naming the metric, the options it takes and
     the names that take the option; a bad value is a ConfigError from the class.

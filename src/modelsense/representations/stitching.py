@@ -20,6 +20,16 @@ approximation) or `project_birkhoff` (the exact Euclidean projection onto the Bi
 
 Both networks stay frozen and in eval mode all along (the original put their batch norms in train
 mode, so running statistics drifted); only the stitching layer's parameters train.
+
+Options of the original (`Stitcher`, `cifar10_stitching.py`, `train.py`), in `StitchConfig`:
+- batch norm around the layer (`batch_norm`: "before", "after" or "both"; the original's `batch_norm`
+  flag puts one before and one after, affine only with a bias): `ChannelBatchNorm` over the channel
+  axis, trained with the layer, its running statistics used at evaluation;
+- the permutation warm-up of birkhoff/permutation layers (`perm_warmup`, the original's default; off
+  with its `--nopermwarmup`): W alone for epochs // 2, then W and the scales;
+- the learning-rate schedule (`schedule`): "constant" (every configuration of the paper, `--noschedule`)
+  or "step", the original's default: in each phase StepLR(step = max(1, epochs of the phase // 4),
+  gamma = 0.5) stepped once per epoch, and the second warm-up phase starting at lr / 16.
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ from modelsense.representations.metrics import channel_rows, relu_procrustes_mat
 STITCH_KINDS = ("linear", "birkhoff", "permutation", "lowrank", "lasso")
 PROJECTIONS = ("sinkhorn", "exact")
 INITS = ("default", "match")
+#: where batch norm goes around a stitching layer
+BATCH_NORMS = ("none", "before", "after", "both")
+#: learning-rate schedules of stitching-layer training
+SCHEDULES = ("constant", "step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +228,34 @@ def apply_channel_matrix(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Te
     return out if bias is None else out + bias.reshape(1, -1, *([1] * (x.ndim - 2)))
 
 
+class ChannelBatchNorm(nn.Module):
+    """Batch norm over the channel axis of (n, C, *S) activations (n, C) included: nn.BatchNorm1d /
+    nn.BatchNorm2d for any number of positions. Training: each channel normalised by its mean and
+    (biased) variance over the batch's examples and positions, running statistics updated with
+    `momentum` (unbiased variance, as PyTorch); evaluation: the running statistics. `affine`: a
+    learned scale and shift per channel."""
+
+    def __init__(self, channels: int, affine: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.channels, self.momentum, self.eps = int(channels), float(momentum), float(eps)
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim < 2 or x.shape[1] != self.channels:
+            raise DataError(f"batch norm of {self.channels} channels got activations of shape {tuple(x.shape)}")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                            self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, affine={self.weight is not None}"
+
+
 class StitchingLayer(nn.Module):
-    """Base class: a channel matrix `weight_matrix()` (C_out, C_in) applied at every position.
+    """Base class: a channel matrix `weight_matrix()` (C_out, C_in) applied at every position,
+    optionally between batch norms (`add_batch_norm`): x -> norm_after(W norm_before(x) + b).
 
     Subclasses may add a training `penalty()` (added to the loss) and a `project()` (called
     without gradient after every optimizer step).
@@ -230,12 +270,31 @@ class StitchingLayer(nn.Module):
         self.channels_in = int(channels_in)
         self.channels_out = int(channels_out)
         self.bias = None
+        self.norm_before: ChannelBatchNorm | None = None
+        self.norm_after: ChannelBatchNorm | None = None
+
+    def add_batch_norm(self, where: str, affine: bool = False) -> StitchingLayer:
+        """Batch norm `where` ("none", "before", "after", "both") the channel map; returns self."""
+        if where not in BATCH_NORMS:
+            raise ConfigError(f"unknown batch norm placement {where!r}; expected one of {', '.join(BATCH_NORMS)}")
+        if where in ("before", "both"):
+            self.norm_before = ChannelBatchNorm(self.channels_in, affine)
+        if where in ("after", "both"):
+            self.norm_after = ChannelBatchNorm(self.channels_out, affine)
+        return self
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return self.norm_before is not None or self.norm_after is not None
 
     def weight_matrix(self) -> Tensor:
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return apply_channel_matrix(x, self.weight_matrix(), self.bias)
+        if self.norm_before is not None:
+            x = self.norm_before(x)
+        out = apply_channel_matrix(x, self.weight_matrix(), self.bias)
+        return out if self.norm_after is None else self.norm_after(out)
 
     def penalty(self) -> Tensor:
         return torch.zeros((), device=next(self.parameters()).device)
@@ -403,7 +462,9 @@ class StitchConfig:
     (other kinds), never on W. alpha: weight of -||W||_F (birkhoff/permutation). projection:
     "sinkhorn" (original, `sinkhorn_iters` steps) or "exact". perm_warmup: birkhoff/permutation
     train W alone (s = 1) for epochs // 2, then W and s for the rest at lr * scales_lr_factor
-    (only with init "default").
+    (/ 16 with schedule "step") (only with init "default"; other kinds train in one phase). schedule:
+    "constant" or "step" (see the module docstring). batch_norm: "none", "before", "after" or "both"
+    (`ChannelBatchNorm`, affine iff `bias`; not with init "match").
     rank: lowrank. lasso_multiplier: lasso. bias: linear/lowrank/lasso. init: "default" (the
     original's random init) or "match" (closed form from the activations of the first
     `init_examples` training inputs, see `initialize_from_activations`; not in the original).
@@ -421,8 +482,15 @@ class StitchConfig:
     projection: str = option("sinkhorn", "Birkhoff projection after each step: sinkhorn (as Godfrey et al. 2022) or "
                                          "exact")
     sinkhorn_iters: int = 16
-    perm_warmup: bool = True
+    perm_warmup: bool = option(True, "birkhoff/permutation: train the permutation alone (scales 1) for half the "
+                                     "epochs, then with the scales (Godfrey et al. 2022; off: their --nopermwarmup)",
+                               flag="--perm-warmup/--no-perm-warmup")
     scales_lr_factor: float = 1.0
+    schedule: str = option("constant", "constant (the configurations of Godfrey et al. 2022, --noschedule) or step "
+                                       "(their default: StepLR halving the rate every quarter of a phase; the second "
+                                       "warm-up phase starts at lr/16)", flag="--stitch-schedule")
+    batch_norm: str = option("none", "batch norm before, after or both around the stitching layer (Godfrey et al. "
+                                     "2022's batch_norm: both), or none", flag="--stitch-bn")
     rank: int = option(4, "rank of lowrank stitching")
     lasso_multiplier: float = option(1e-3, "L1 multiplier of lasso stitching", flag="--multiplier")
     bias: bool = False
@@ -442,6 +510,13 @@ class StitchConfig:
             raise ConfigError(f"unknown stitching init {self.init!r}; expected one of {INITS}")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; expected 'sgd' or 'adam'")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown --stitch-schedule {self.schedule!r}; expected {' or '.join(SCHEDULES)}")
+        if self.batch_norm not in BATCH_NORMS:
+            raise ConfigError(f"unknown --stitch-bn {self.batch_norm!r}; expected one of {', '.join(BATCH_NORMS)}")
+        if self.batch_norm != "none" and self.init == "match":
+            raise ConfigError("--init match computes the stitching layer from raw activations; it cannot be combined "
+                              "with --stitch-bn (batch norm changes what the layer sees)")
         self.device = check_device(self.device)
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ConfigError(
@@ -453,7 +528,12 @@ class StitchConfig:
 def make_stitching_layer(
     config: StitchConfig, channels_in: int, channels_out: int | None = None
 ) -> StitchingLayer:
-    """The stitching layer `config.kind` from C_in to C_out (default C_out = C_in) channels."""
+    """The stitching layer `config.kind` from C_in to C_out (default C_out = C_in) channels, with the
+    batch norms of `config.batch_norm`."""
+    return _make_layer(config, channels_in, channels_out).add_batch_norm(config.batch_norm, affine=config.bias)
+
+
+def _make_layer(config: StitchConfig, channels_in: int, channels_out: int | None) -> StitchingLayer:
     c_out = channels_in if channels_out is None else channels_out
     gen = torch.Generator().manual_seed(config.seed)
     if config.kind == "linear":
@@ -672,23 +752,31 @@ class StitchedModel(nn.Module):
 
 @dataclass
 class StitchHistory:
-    """Per-epoch mean training loss (cross-entropy + penalty) and phase name of each epoch."""
+    """Per-epoch mean training loss (cross-entropy + penalty), phase name and learning rate of each epoch."""
 
     loss: list[float] = field(default_factory=list)
     phase: list[str] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
 
 
 def _param_groups(layer: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the scales (birkhoff/permutation) or the weights (other kinds); none on W, the
+    bias and the batch norms' scale and shift."""
+    norms = [p for n, p in layer.named_parameters() if n.startswith(("norm_before.", "norm_after."))]
     if isinstance(layer, BirkhoffStitch):
-        return [
+        groups = [
             {"params": [layer.perm], "weight_decay": 0.0},
             {"params": [layer.scales], "weight_decay": weight_decay},
         ]
-    decay = [p for n, p in layer.named_parameters() if n != "bias" and p.requires_grad]
-    rest = [p for n, p in layer.named_parameters() if n == "bias" and p.requires_grad]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
+    else:
+        own = [(n, p) for n, p in layer.named_parameters() if not n.startswith(("norm_before.", "norm_after."))]
+        decay = [p for n, p in own if n != "bias" and p.requires_grad]
+        rest = [p for n, p in own if n == "bias" and p.requires_grad]
+        groups = [{"params": decay, "weight_decay": weight_decay}]
+        if rest:
+            groups.append({"params": rest, "weight_decay": 0.0})
+    if norms:
+        groups.append({"params": norms, "weight_decay": 0.0})
     return groups
 
 
@@ -713,8 +801,11 @@ def train_stitch(
 
     Phases: for birkhoff/permutation layers with `perm_warmup` (and init "default": a matched
     layer already has its scales), W alone (scales fixed to 1) for
-    epochs // 2 epochs at lr, then W and scales for the remaining epochs at lr * scales_lr_factor;
-    otherwise one phase. Batches are reshuffled each epoch from `config.seed`. `progress=True`
+    epochs // 2 epochs at lr, then W and scales for the remaining epochs at lr * scales_lr_factor
+    (divided by 16 with schedule "step", as the original); otherwise one phase. Schedule "step":
+    in each phase the rate halves every max(1, epochs of the phase // 4) epochs (StepLR, stepped
+    after each epoch). Batches are reshuffled each epoch from `config.seed`; with batch norm a last
+    batch of a single example is skipped (its batch statistics are undefined). `progress=True`
     shows a progress bar; a callable gets (epoch, mean loss) after every epoch.
     """
     config = config or StitchConfig()
@@ -732,9 +823,10 @@ def train_stitch(
     birkhoff = isinstance(layer, BirkhoffStitch)
     if birkhoff and config.perm_warmup and config.init == "default":
         first = config.epochs // 2
+        second = config.lr * config.scales_lr_factor / (16.0 if config.schedule == "step" else 1.0)
         phases = [
             ("permutation", first, config.lr, False),
-            ("scales", config.epochs - first, config.lr * config.scales_lr_factor, True),
+            ("scales", config.epochs - first, second, True),
         ]
     else:
         phases = [("all", config.epochs, config.lr, True)]
@@ -762,12 +854,17 @@ def train_stitch(
                 opt = torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
             else:
                 opt = torch.optim.Adam(groups, lr=lr)
+            scheduler = (torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, n_epochs // 4), gamma=0.5)
+                         if config.schedule == "step" else None)
             model.train()
             for _ in range(n_epochs):
                 order = torch.randperm(x.shape[0], generator=gen)
                 total, count = 0.0, 0
+                rate = opt.param_groups[0]["lr"]
                 for sl in chunks(x.shape[0], config.batch_size):
                     idx = order[sl]
+                    if len(idx) == 1 and getattr(layer, "has_batch_norm", False) and count:
+                        continue
                     xb, yb = x[idx].to(device), y[idx].to(device)
                     loss = loss_fn(model(xb), yb) + layer.penalty()
                     opt.zero_grad(set_to_none=True)
@@ -778,6 +875,9 @@ def train_stitch(
                     count += len(idx)
                 history.loss.append(total / count)
                 history.phase.append(phase)
+                history.lr.append(rate)
+                if scheduler is not None:
+                    scheduler.step()
                 epoch += 1
                 if bar is not None:
                     bar.update(task, advance=1)

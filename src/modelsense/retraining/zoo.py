@@ -111,6 +111,23 @@ def check_seeds(seeds: Sequence[int]) -> list[int]:
     return out
 
 
+def draw_pairs(seeds: Sequence[int], n_pairs: int, seed: int = 0) -> list[tuple[int, int]]:
+    """`n_pairs` distinct pairs (a, b), a before b in `seeds`, drawn uniformly without replacement from
+    the len(seeds) (len(seeds) - 1) / 2 pairs of distinct members (generator seeded by `seed`): the
+    random model pairs of Godfrey et al. 2022 (--retrain_repeats). With two seeds: their one pair."""
+    import itertools
+
+    import numpy as np
+
+    seeds = check_seeds(seeds)
+    pairs = list(itertools.combinations(seeds, 2))
+    if not 1 <= int(n_pairs) <= len(pairs):
+        raise ConfigError(f"cannot draw {n_pairs} distinct pairs from {len(seeds)} zoo models ({len(pairs)} pairs); "
+                          "give a larger zoo or fewer pairs")
+    chosen = np.random.default_rng(int(seed)).choice(len(pairs), size=int(n_pairs), replace=False)
+    return [pairs[i] for i in chosen]
+
+
 def train_zoo(
     data_cfg: DataConfig,
     model_cfg: ModelConfig,
@@ -211,5 +228,5 @@ def train_zoo(
     )
 
 
-__all__ = ["ZOO_INDEX", "ZOO_METHODS", "ZOO_SUBDIR", "ZooResult", "check_seeds", "check_zoo_index", "has_batch_norm",
-           "read_zoo_index", "train_zoo", "zoo_member_path", "zoo_settings"]
+__all__ = ["ZOO_INDEX", "ZOO_METHODS", "ZOO_SUBDIR", "ZooResult", "check_seeds", "check_zoo_index", "draw_pairs",
+           "has_batch_norm", "read_zoo_index", "train_zoo", "zoo_member_path", "zoo_settings"]
