@@ -60,15 +60,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
 from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
-
-LOSSES = ("cross_entropy", "sigmoid_bce")
+from modelsense.training.objective import LOSSES, per_example_loss
 
 #: What a method can take from the training run that produced the model, and the settings of the
 #: method each one fills. An orchestrator (`experiments.influence.method_context`) supplies them for
@@ -161,9 +159,7 @@ class _SigmoidBCEModel(FunctionalModel):
         vars(self).update(vars(base))
 
     def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        logits = self(params, x)
-        target = F.one_hot(y.long(), logits.shape[-1]).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+        return per_example_loss(self(params, x), y, self.likelihood, "sigmoid_bce")
 
 
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:

@@ -75,6 +75,7 @@ from modelsense.retraining.store import (
 )
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
+from modelsense.training.objective import LOSSES
 
 #: training that memorises 10% label noise on digits with the MLP (train accuracy 0.999, ~10 s)
 NOISY_TRAIN = {"lr": 0.1, "epochs": 200, "bs": 64, "delta": 1.0}
@@ -107,8 +108,8 @@ class MethodSettings:
     ensemble_models: int | None = option(None, "trak and if-*: models trained from scratch whose scores are averaged "
                                                 "(trak default 10, if-* 1 = the trained model only)")
     el2n_repeat: int | None = option(None, "el2n: early-trained models")
-    loss: str = option("cross_entropy", "cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of "
-                                        "the GEX code of Kim et al. 2023; gradient/ensemble methods only)")
+    loss: str | None = option(None, "loss the methods score with: cross_entropy or sigmoid_bce (gradient/ensemble "
+                                    "methods only); default: the model's training loss (--loss)", flag="--score-loss")
     bs_jacs: int | None = option(None, "examples per vmapped per-example gradient pass (default: as many as fit in "
                                        "memory-gb / 8)")
     memory_gb: float = option(2.0, "memory budget in GiB: score matrices larger than this go to a memory-mapped file")
@@ -271,7 +272,7 @@ def make_method(method: str, settings: dict[str, Any], context: dict[str, Any], 
 
 #: attribution setting -> the option that sets it, where the names differ (`MethodSettings.as_dict`)
 _SETTING_FLAGS = {"rank": "--arnoldi-rank", "n_models": "--ensemble-models", "chunk_size": "--bs-jacs",
-                  "memory_budget": "--memory-gb"}
+                  "memory_budget": "--memory-gb", "loss": "--score-loss"}
 
 
 def check_settings(methods: list[str], settings: dict[str, Any]) -> None:
@@ -308,10 +309,15 @@ def _prepare(spec: Any, methods: list[str], config: dict[str, Any] | None = None
     the checkpoint (its recipe and what the methods need from it)."""
     data = load_dataset_from_config(spec.data)
     _check_data_for_methods(data, methods)
-    settings = spec.settings.as_dict()
-    check_settings(methods, settings)
     trained, model_cfg, train_cfg = attribution_model(spec.checkpoint, spec.data, data, spec.model, spec.train, methods,
                                                       spec.weights)
+    settings = {"loss": train_cfg.loss, **spec.settings.as_dict()}  # the methods score the loss the model trained with
+    try:
+        check_settings(methods, settings)
+    except ConfigError as exc:
+        if spec.settings.loss is None and train_cfg.loss != "cross_entropy" and "--score-loss" in str(exc):
+            raise ConfigError(f"{exc} (the model trains with --loss {train_cfg.loss}, which the methods score by default)") from None
+        raise
     return Prepared(data, {"dataset": data.summary(), "source": None if trained is None else trained.summary(),
                            **(config or {})},
                     {"trained": trained, "model": model_cfg, "train": train_cfg, "methods": methods,
@@ -615,17 +621,19 @@ def _prune_summary(m: dict[str, Any]) -> str:
 
 
 NOISY_LABELS = Command("noisy-labels", NoisyLabelsSpec, check_noisy_labels, run_noisy_labels, summary=_noisy_summary,
+                       training_losses=LOSSES,
                        help="Noisy-label detection: rank training examples by each method's self-influence; AUC/AP "
                             "with standard errors, histograms.")
 PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summary, keep=(STORE_DIR,),
                 resume_keys=("data", "model", "train", "methods", "ks", "remove", "n_random", "settings"),
+                training_losses=LOSSES,
                 help="Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random "
                      "removal.")
 LDS = Command("lds", LdsSpec, check_lds, run_lds, summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
-              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
+              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"), training_losses=LOSSES,
               help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
                    "ground-truth store of --out, or --store, for --resume and other runs).")
-INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence,
+INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence, training_losses=LOSSES,
                     summary=lambda m: f"{m['method']}: scores of shape {m['shape']} in {m['seconds']:.1f}s",
                     help="One method's influence scores (score(i, j) ≈ rise of test loss j when training example i "
                          "is removed).")
