@@ -1,6 +1,7 @@
 """The GEX paper's baselines (`el2n`, `fscore`, `cl`, `knn`, `random`, `tracinrp-fge`) and the selection
 rules (Otsu's threshold, the pruning set) against their definitions computed the slow way."""
 
+import itertools
 import math
 
 import numpy as np
@@ -86,7 +87,7 @@ def test_fscore_counts_forgetting_events_of_the_recipe_run(problem):
         with torch.no_grad():
             correct.append(torch.func.functional_call(snap, res.checkpoints[f"epoch_{e}"], (x,)).argmax(1) == y)
     events = torch.zeros(len(x))
-    for before, after in zip(correct, correct[1:]):
+    for before, after in itertools.pairwise(correct):
         events += (before & ~after).float()
     assert events.sum() > 0  # the case has forgetting events
     torch.testing.assert_close(att.self_scores().double(), events.double())

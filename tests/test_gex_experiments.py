@@ -14,8 +14,19 @@ from modelsense.data import DataConfig, load_dataset_from_config
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import execute
-from modelsense.experiments.influence import NOISY_LABELS, PRUNE, MethodSettings, NoisyLabelsSpec, PruneSpec
-from modelsense.experiments.relabel import RELABEL, RelabelSpec, relabel_targets, relabeled
+from modelsense.experiments.influence import (
+    NOISY_LABELS,
+    PRUNE,
+    MethodSettings,
+    NoisyLabelsSpec,
+    PruneSpec,
+)
+from modelsense.experiments.relabel import (
+    RELABEL,
+    RelabelSpec,
+    relabel_targets,
+    relabeled,
+)
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.models.checkpoint import load_model
 from modelsense.training import TrainConfig, fit

@@ -75,11 +75,11 @@ NEEDS: dict[str, tuple[str, ...]] = {
     # parameter snapshots θ_t of the training trajectory and the learning rate η_t of each (TracIn)
     "checkpoints": ("checkpoints", "learning_rates"),
     # the training recipe and a builder of fresh models, to train models from scratch (ensembles:
-    # trak, el2n, if-* with n_models > 1)
+    # trak, el2n, fscore, cl, if-* with n_models > 1)
     "recipe": ("train_config", "model_fn"),
     # the training's δ as the prior precision of a Laplace posterior, > 0 (la-kfac, mpe)
     "prior_precision": ("prior_precision",),
-    # the training's δ as the weight decay of a fine-tuning objective, >= 0 (gex)
+    # the training's δ as the weight decay of a fine-tuning objective, >= 0 (gex, tracinrp-fge)
     "delta": ("delta",),
     # the optimizer that trained the model, when its state is a posterior (mpe after ivon / adam)
     "optimizer_state": ("source", "optimizer"),

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from modelsense.attribution.base import Attributor, ComputeOptions, check_choice, check_int, param_dtype, register
+from modelsense.attribution.base import (
+    Attributor,
+    ComputeOptions,
+    check_choice,
+    check_int,
+    param_dtype,
+    register,
+)
 from modelsense.core.functional import chunks
 from modelsense.errors import ConfigError
 

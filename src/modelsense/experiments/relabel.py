@@ -62,7 +62,13 @@ from modelsense.experiments.influence import (
 )
 from modelsense.models import ModelConfig
 from modelsense.options import joined, names, option
-from modelsense.retraining.store import STORE_DIR, Job, RetrainOptions, RetrainRecipe, retrain
+from modelsense.retraining.store import (
+    STORE_DIR,
+    Job,
+    RetrainOptions,
+    RetrainRecipe,
+    retrain,
+)
 from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
 from modelsense.training.objective import LOSSES
@@ -175,7 +181,7 @@ def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bo
     got = _obtain(prepared, run, progress)
     seed = got.train.seed
     metrics: dict[str, Any] = {"train_accuracy": got.fit.final.get("train_accuracy"), "n_train": n,
-                               "n_corrupted": int(len(corrupted)), "target": spec.target, "budgets": budgets,
+                               "n_corrupted": len(corrupted), "target": spec.target, "budgets": budgets,
                                "seconds": {}, "accuracy": {}, "otsu": {}}
     fitted, ranks = {}, {}
     for m in prepared.extra["ranked"]:
@@ -207,7 +213,7 @@ def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bo
         if prepared.config["otsu"]:
             t = otsu_threshold(s)
             flagged = np.flatnonzero(s > t)
-            metrics["otsu"][m] = {"threshold": t, "budget": int(len(flagged))}
+            metrics["otsu"][m] = {"threshold": t, "budget": len(flagged)}
             if len(flagged):
                 add("otsu", m, len(flagged), flagged)
     random_budgets = sorted({*budgets, *(o["budget"] for o in metrics["otsu"].values() if o["budget"])})
