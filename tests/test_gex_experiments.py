@@ -85,6 +85,14 @@ def test_relabel_retrains_on_the_relabeled_sets_and_compares(tmp_path):
     # jobs: 1 budget + Otsu, 2 x (1 + 1) random, none, clean
     assert len(saved["job_test_accuracy"]) == 2 + 4 + 2
     assert (out / "figures" / "relabel.png").exists() and list((out / "store").glob("*/chunks/*.npz"))
+    # the retrained models are jobs of the ground-truth store: another run given it trains none again
+    from modelsense.retraining.store import RetrainOptions
+
+    again = execute(RELABEL, RelabelSpec(NOISY, MODEL, TRAIN, methods=("loss",), budgets=("5", "otsu"), target="other",
+                                         n_random=2, retrain=RetrainOptions(store=str(out / "store"))),
+                    tmp_path / "again", progress=False)
+    assert "8 of 8 jobs stored, 0 to train" in (tmp_path / "again" / "run.log").read_text()
+    assert again["accuracy"] == m["accuracy"] and again["random_accuracy"] == m["random_accuracy"]
 
 
 def test_relabel_out_of_fold_targets_are_the_cl_models_predictions(tmp_path):

@@ -743,7 +743,7 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
     from modelsense.experiments.report import Section
 
     run = Path(out) / "noisy_labels"
-    spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot"),
+    spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot", "knn", "random"),
                            settings=MethodSettings(num_ens=8, ft_step=200, ft_lr=0.3))
     metrics = (resume and finished_metrics(run)) or execute(NOISY_LABELS, spec, run, overwrite=True, progress=progress)
     shown = {"train_accuracy": metrics["train_accuracy"], "n_corrupted": metrics["n_corrupted"]}
@@ -757,8 +757,9 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
         "(lr 0.1, 200 epochs) until it fits the noise. Each method scores every training example by its "
         "self-influence (how much its own loss would rise if it were left out): GEX (8 chained fine-tuning "
         "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and the squared gradient norm "
-        "(grad-dot). AUC / AP of ranking the corrupted labels first; histograms of the self-influence of clean "
-        "and corrupted examples.",
+        "(grad-dot), beside two baselines of the GEX paper: the label disagreement of the k = N/10 nearest neighbours "
+        "in the network's penultimate features (knn) and random scores (chance). AUC / AP of ranking the corrupted "
+        "labels first; histograms of the self-influence of clean and corrupted examples.",
         shown,
         [run / "figures" / "self_influence_histograms.png", run / "figures" / "detection_curves.png"],
         str(run),
