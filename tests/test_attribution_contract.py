@@ -6,10 +6,10 @@ Checks: declarations (named settings, `needs`), settings validated in `__init__`
 setting refuses NaN and -1, every string setting an unknown choice), not-fitted errors, shapes and
 dtypes of `scores` (N, M) and `self_scores` (N,), `self_scores()[i] == scores(train)[i, i]`, bad input
 (wrong feature shape, labels out of range, NaN inputs), and the save / load round trip with its
-refusals. Exempt: `loss`, `el2n`, `mpe` have no pairwise scores (self-influence only), so the
+refusals. Exempt: `loss`, `el2n`, `fscore`, `cl`, `knn`, `random`, `mpe` have no pairwise scores (self-influence only), so the
 diagonal check and the pairwise shape and input checks of `scores` do not apply to them; their
 self-scores and fitting inputs are checked. Stochastic methods (randproj, tracin-rp, if-lissa,
-arnoldi's start vector, gex, la-kfac, trak, el2n) are seeded: self-scores and scores of one fit
+arnoldi's start vector, gex, tracinrp-fge, la-kfac, trak, el2n, cl, random) are seeded: self-scores and scores of one fit
 use the same draws, so they are held to the same diagonal tolerance as the exact methods, and a
 second fit with the same seed must give the same self-scores.
 """
@@ -45,6 +45,7 @@ FAST = {
     "if-kfac": {"n_models": 2},  # an ensemble: the trained members and their curvatures are saved too
     "arnoldi": {"rank": 6},
     "gex": {"num_ens": 3, "ft_step": 5, "ft_lr": 0.05, "ft_bs": 8},
+    "tracinrp-fge": {"num_ens": 2, "ft_step": 5, "ft_lr": 0.05, "ft_bs": 8, "proj_dim": 5},
     "la-kfac": {"num_ens": 6},
     "trak": {"n_models": 2, "proj_dim": 5},
     "el2n": {"el2n_repeat": 2},

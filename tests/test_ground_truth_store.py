@@ -68,6 +68,40 @@ def test_the_recipe_key_ignores_where_and_how_the_run_is_computed():
     assert other.digest() != RECIPE.digest()
 
 
+def test_the_training_loss_is_in_the_key_only_when_it_is_not_the_default():
+    """Stores written before `--loss` existed keep their digest; a sigmoid-trained recipe is another store."""
+    assert "loss" not in RECIPE.key()["train"]
+    sigmoid = RetrainRecipe(RECIPE.data, RECIPE.model, TrainConfig(epochs=2, bs=16, loss="sigmoid_bce"))
+    assert sigmoid.key()["train"]["loss"] == "sigmoid_bce" and sigmoid.digest() != RECIPE.digest()
+
+
+def test_relabeled_jobs_train_on_their_own_labels_and_are_stored_by_them(tmp_path, monkeypatch):
+    from modelsense.data import load_dataset_from_config
+    from modelsense.training import train_ensemble
+
+    data = load_dataset_from_config(RECIPE.data)
+    y = data.y_train.numpy()
+    flipped = (y + 1) % 10
+    mask = np.ones(60, dtype=bool)
+    plain, relabeled = Job(mask, 3), Job(mask, 3, flipped)
+    assert plain.key() == jobs_from(mask[None], [3])[0].key() == f"{plain.key().split('-')[0]}-60-3"  # unchanged
+    assert relabeled.key() != plain.key() and Job(mask, 3, flipped.copy()).key() == relabeled.key()
+    trained = _count_trained(monkeypatch)
+    tables = train_jobs(RECIPE, [plain, relabeled], tmp_path, progress=False)
+    assert trained == [2]
+    ref = train_ensemble(lambda s: store_module.build_model_from_config(RECIPE.model, data.input_shape, 10, seed=s),
+                         data.x_train, data.y_train, torch.ones(2, 60, dtype=torch.bool), RECIPE.train, seeds=[3, 3],
+                         labels=torch.from_numpy(np.stack([y, flipped])), progress=False,
+                         queries={"test": (data.x_test, data.y_test)})
+    np.testing.assert_allclose(tables["test_loss"], ref.outputs["test"]["loss"].numpy(), rtol=1e-4, atol=1e-5)
+    assert tables["test_correct"][1].mean() < tables["test_correct"][0].mean()  # every label wrong: worse
+    again = train_jobs(RECIPE, [relabeled, Job(mask, 3, y)], tmp_path, progress=False)  # stored; y given = a new key
+    assert trained == [2, 1]
+    np.testing.assert_array_equal(again["test_loss"][0], tables["test_loss"][1])
+    with pytest.raises(ConfigError, match="label rows"):
+        jobs_from(mask[None], [3], [flipped[:10]])
+
+
 def test_a_crash_loses_only_the_chunk_in_flight_and_damaged_chunks_are_trained_again(tmp_path, monkeypatch):
     jobs = _jobs(4)
     real = store_module.train_chunk

@@ -47,7 +47,8 @@ def test_epoch_batches_reshuffle_and_fixed():
                                      ({"checkpoint_epochs": (5,), "epochs": 3}, "checkpoint epochs"),
                                      ({"lr": float("inf")}, "lr must be"), ({"lrmin": float("nan")}, "lrmin"),
                                      ({"delta": float("nan")}, "delta"), ({"delta": float("inf")}, "delta"),
-                                     ({"optimizer": "ivon", "hess_init": float("nan")}, "hess_init")])
+                                     ({"optimizer": "ivon", "hess_init": float("nan")}, "hess_init"),
+                                     ({"loss": "hinge"}, "unknown loss 'hinge'")])
 def test_train_config_rejects_bad_values(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**bad)
@@ -106,15 +107,40 @@ def test_fit_reaches_95_percent_on_digits(digits):
     assert res.final["test_accuracy"] >= 0.95
 
 
-@pytest.mark.parametrize("optimizer,tol", [("sgd", 1e-5), ("adam", 2e-3)])
-def test_ensemble_equals_one_by_one_loop(optimizer, tol):
+def test_fit_objective_with_the_sigmoid_loss():
+    """--loss sigmoid_bce: one full-batch SGD step equals θ - lr (∇ mean_i Σ_c BCE(σ(f_ic), e_ic) + δ/N θ)."""
+    data = small_data()
+    module = mlp(1)
+    theta0 = {k: v.detach().clone() for k, v in module.named_parameters()}
+    cfg = TrainConfig(lr=0.5, epochs=1, bs=90, delta=3.0, momentum=0.0, fixed_batches=True, loss="sigmoid_bce")
+    res = fit(module, data, cfg, progress=False)
+    ref = mlp(1)
+    f, e = ref(data.x_train), nn.functional.one_hot(data.y_train, 3).float()
+    per_example = -(e * torch.log(torch.sigmoid(f)) + (1 - e) * torch.log(1 - torch.sigmoid(f))).sum(1)
+    grads = torch.autograd.grad(per_example.mean(), list(ref.parameters()))
+    for (k, p), g in zip(ref.named_parameters(), grads):
+        expected = theta0[k] - 0.5 * (g + 3.0 / 90 * theta0[k])
+        torch.testing.assert_close(dict(module.named_parameters())[k].detach(), expected, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # the history reports the training loss
+        f = module(data.x_train)
+        loss = -(e * torch.log(torch.sigmoid(f)) + (1 - e) * torch.log(1 - torch.sigmoid(f))).sum(1).mean()
+    assert res.history["train_loss"][-1] == pytest.approx(float(loss), rel=1e-5)
+    with pytest.raises(ConfigError, match="classification model"):
+        fit(nn.Linear(6, 1), Dataset("r", data.x_train, data.x_train[:, 0], data.x_test, data.x_test[:, 0], 0), cfg,
+            likelihood="gaussian", progress=False)
+
+
+@pytest.mark.parametrize("optimizer,tol,loss", [("sgd", 1e-5, "cross_entropy"), ("adam", 2e-3, "cross_entropy"),
+                                                ("sgd", 1e-5, "sigmoid_bce")])
+def test_ensemble_equals_one_by_one_loop(optimizer, tol, loss):
     """M models trained at once equal M calls of fit with the same seeds, masks and batch order."""
     data = small_data()
     g = torch.Generator().manual_seed(3)
     masks = torch.rand(4, 90, generator=g) < 0.6
     masks[3] = False
     masks[3, :7] = True  # a model with fewer batches per epoch than the others
-    cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0)
+    cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0,
+                      loss=loss)
     seeds = [5, 6, 7, 8]
     res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds,
                          queries={"test": (data.x_test, data.y_test)}, progress=False, return_params=True)
@@ -125,6 +151,27 @@ def test_ensemble_equals_one_by_one_loop(optimizer, tol):
             torch.testing.assert_close(res.outputs["test"]["logits"][m], ref.module(data.x_test), atol=tol, rtol=tol)
         for k, v in ref.params.items():
             torch.testing.assert_close(res.params[k][m], v, atol=tol, rtol=tol)
+
+
+def test_ensemble_with_labels_per_model_equals_fit_on_the_relabeled_data():
+    """labels (M, N): model m trains on its own labels (a relabeled training set); queries keep theirs."""
+    data = small_data()
+    labels = torch.stack([data.y_train, (data.y_train + 1) % 3, torch.where(torch.arange(90) < 20, 0, data.y_train)])
+    cfg = TrainConfig(lr=0.1, epochs=3, bs=16, delta=2.0)
+    masks = torch.ones(3, 90, dtype=torch.bool)
+    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=[4, 4, 4], labels=labels, return_params=True,
+                         queries={"train": (data.x_train, data.y_train)}, progress=False)
+    for m in range(3):
+        relabeled = Dataset("toy", data.x_train, labels[m], data.x_test, data.y_test, 3)
+        ref = fit(mlp(4), relabeled, TrainConfig(**{**cfg.to_dict(), "seed": 4, "eval_every": 0}), progress=False)
+        for k, v in ref.params.items():
+            torch.testing.assert_close(res.params[k][m], v, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # the train query is scored against y, not the model's labels
+            expected = nn.functional.cross_entropy(ref.module(data.x_train), data.y_train, reduction="none")
+        torch.testing.assert_close(res.outputs["train"]["loss"][m], expected, atol=1e-5, rtol=1e-5)
+    for bad in (labels[:2], labels.float(), labels[:, :10]):
+        with pytest.raises(ConfigError, match="labels must be integer class labels of shape"):
+            train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, labels=bad, progress=False)
 
 
 def shared_plan_reference(module, x, y, keep, cfg):

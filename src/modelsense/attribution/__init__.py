@@ -13,8 +13,9 @@ curvature of the *summed* training loss.
     >>> att = load_attributor("state/", model, x_train, y_train)   # another process: no refit
 
 Methods by name: grad-dot, grad-cos, randproj, tracin, tracin-rp (gradient); if-explicit, if-cg,
-if-lissa, if-kfac, if-ekfac (influence functions); arnoldi; gex, la-kfac (ensemble covariance);
-trak; loss, el2n (self-influence baselines); mpe (memory-perturbation sensitivity, self only).
+if-lissa, if-kfac, if-ekfac (influence functions); arnoldi; gex, la-kfac (ensemble covariance),
+tracinrp-fge (TracIn-RP over gex's members); trak; loss, el2n, fscore, cl, knn, random
+(self-influence baselines of the GEX paper); mpe (memory-perturbation sensitivity, self only).
 """
 
 from modelsense.attribution.base import (
@@ -50,10 +51,22 @@ from modelsense.attribution.influence_functions import (  # noqa: F401
     LissaInfluence,
 )
 from modelsense.attribution.arnoldi import ArnoldiInfluence  # noqa: F401
-from modelsense.attribution.gex import EnsembleCovariance, GeometricEnsemble, fine_tune_chain  # noqa: F401
+from modelsense.attribution.gex import (  # noqa: F401
+    EnsembleCovariance,
+    GeometricEnsemble,
+    TracInRandomProjectionFge,
+    fine_tune_chain,
+)
 from modelsense.attribution.laplace import LaplaceKfac  # noqa: F401
 from modelsense.attribution.trak import Trak, margin_grads, reinitialised_copy  # noqa: F401
-from modelsense.attribution.baselines import El2n, TrainingLoss  # noqa: F401
+from modelsense.attribution.baselines import (  # noqa: F401
+    ConfidentLearning,
+    El2n,
+    ForgettingScore,
+    NearestNeighbourDisagreement,
+    RandomScores,
+    TrainingLoss,
+)
 from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
 from modelsense.attribution.state import load_attributor
 
@@ -64,4 +77,5 @@ __all__ = [
     "ConjugateGradientInfluence", "EkfacInfluence", "ExplicitInfluence", "InfluenceFunction", "KfacInfluence",
     "LissaInfluence", "ArnoldiInfluence", "EnsembleCovariance", "GeometricEnsemble", "fine_tune_chain",
     "LaplaceKfac", "Trak", "margin_grads", "reinitialised_copy", "El2n", "TrainingLoss", "MemoryPerturbation",
+    "TracInRandomProjectionFge", "ConfidentLearning", "ForgettingScore", "NearestNeighbourDisagreement", "RandomScores",
 ]

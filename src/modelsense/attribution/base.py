@@ -60,15 +60,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
 from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
-
-LOSSES = ("cross_entropy", "sigmoid_bce")
+from modelsense.training.objective import LOSSES, per_example_loss
 
 #: What a method can take from the training run that produced the model, and the settings of the
 #: method each one fills. An orchestrator (`experiments.influence.method_context`) supplies them for
@@ -77,11 +75,11 @@ NEEDS: dict[str, tuple[str, ...]] = {
     # parameter snapshots θ_t of the training trajectory and the learning rate η_t of each (TracIn)
     "checkpoints": ("checkpoints", "learning_rates"),
     # the training recipe and a builder of fresh models, to train models from scratch (ensembles:
-    # trak, el2n, if-* with n_models > 1)
+    # trak, el2n, fscore, cl, if-* with n_models > 1)
     "recipe": ("train_config", "model_fn"),
     # the training's δ as the prior precision of a Laplace posterior, > 0 (la-kfac, mpe)
     "prior_precision": ("prior_precision",),
-    # the training's δ as the weight decay of a fine-tuning objective, >= 0 (gex)
+    # the training's δ as the weight decay of a fine-tuning objective, >= 0 (gex, tracinrp-fge)
     "delta": ("delta",),
     # the optimizer that trained the model, when its state is a posterior (mpe after ivon / adam)
     "optimizer_state": ("source", "optimizer"),
@@ -161,9 +159,7 @@ class _SigmoidBCEModel(FunctionalModel):
         vars(self).update(vars(base))
 
     def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        logits = self(params, x)
-        target = F.one_hot(y.long(), logits.shape[-1]).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+        return per_example_loss(self(params, x), y, self.likelihood, "sigmoid_bce")
 
 
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:

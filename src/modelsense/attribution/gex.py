@@ -23,7 +23,8 @@ returns the influence on the *average* test loss), `scores` gives one column per
 the average-test-loss vector is `scores(x, y).mean(1)`.
 
 `EnsembleCovariance` is the shared machinery (also used by `la-kfac`): subclasses produce the
-member deviations Δl (n, M) of any examples.
+member deviations Δl (n, M) of any examples. `tracinrp-fge` scores with TracIn-RP over the same
+members (the GEX code's `--tracinrp_fge`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from modelsense.attribution.base import (
     check_positive,
     register,
 )
+from modelsense.attribution.gradient import TracInRandomProjection, _check_projection
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.errors import ConfigError
 
@@ -216,3 +218,52 @@ class GeometricEnsemble(EnsembleCovariance):
     def _member_losses(self, x: Tensor, y: Tensor) -> Tensor:
         return torch.stack([self._per_example_losses(p, x, y) for p in self.members_], dim=1)
 
+
+
+@register("tracinrp-fge")
+class TracInRandomProjectionFge(TracInRandomProjection):
+    """TracIn-RP over the geometric ensemble (the GEX code's `tracinrp` with `--tracinrp_fge`):
+
+        score(i, j) = Σ_m (G g_i(θ_m))ᵀ (G g_j(θ_m))
+
+    over the chained fine-tuning members θ_1..θ_M of `gex` (`fine_tune_chain`, same settings and
+    seed, so the members equal those of a `gex` fit with the same settings) instead of checkpoints
+    of the training trajectory, with one Gaussian sketch G (d × P, N(0, 1/d)) and no learning-rate
+    weights (the members have one peak learning rate). Settings: num_ens, ft_step, ft_lr,
+    ft_lr_sched, ft_bs, delta (as `gex`), proj_dim d (the GEX code's `--tracinrp_dim` 20; 256 here,
+    as `tracin-rp`).
+    """
+
+    needs = frozenset({"delta"})
+
+    def __init__(self, num_ens: int = 8, ft_step: int = 200, ft_lr: float = 0.3, ft_lr_sched: str = "cosine",
+                 ft_bs: int = 64, delta: float = 1.0, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
+                 compute: ComputeOptions | None = None) -> None:
+        super().__init__(None, None, False, proj_dim, loss=loss, seed=seed, compute=compute)
+        self.num_ens = check_int("num_ens", num_ens)
+        self.ft_step = check_int("ft_step", ft_step)
+        self.ft_lr = check_positive("ft_lr", ft_lr)
+        self.ft_lr_sched = check_choice("ft_lr_sched", ft_lr_sched, LR_SCHEDULES)
+        self.ft_bs = check_int("ft_bs", ft_bs)
+        self.delta = check_positive("delta", delta, allow_zero=True)
+
+    def _trajectory(self) -> list[Params]:
+        return self.members_
+
+    def _fit(self) -> None:
+        self.members_ = fine_tune_chain(
+            self.model_, self.params_, self.x_train_, self.y_train_, self.num_ens, self.ft_step, self.ft_lr,
+            self.ft_lr_sched, self.ft_bs, self.delta, seed=self.seed, progress=self.compute.progress, name=self.name,
+        )
+        if not all(bool(torch.isfinite(v).all()) for member in self.members_ for v in member.values()):
+            raise ConfigError(f"{self.name}: fine-tuning diverged (non-finite parameters) at ft_lr={self.ft_lr}; "
+                              "lower --ft-lr")
+        super()._fit()
+
+    def _get_state(self):
+        return {"members_": self.members_, **super()._get_state()}
+
+    def _set_state(self, state) -> None:
+        self.members_ = list(state["members_"])
+        TracInRandomProjection._fit(self)  # the members are restored: no fine-tuning again
+        _check_projection(self.projector_, state["projection_head"], self.name)

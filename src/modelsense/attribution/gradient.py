@@ -309,10 +309,14 @@ class TracIn(_FactoredGradients, FeatureAttributor):
         self.learning_rates = learning_rates
         self.lr_weighted = bool(lr_weighted)
 
+    def _trajectory(self) -> list[Params]:
+        """The parameter snapshots θ_t: the `checkpoints` setting, else the trained parameters."""
+        return self.checkpoints or [self.params_]
+
     def _fit(self) -> None:
         names = list(self.params_)
         dtype, device = param_dtype(self.params_), next(iter(self.params_.values())).device
-        ckpts = self.checkpoints or [self.params_]
+        ckpts = self._trajectory()
         self.checkpoint_params_ = []
         for k, c in enumerate(ckpts):
             missing = [n for n in names if n not in c]

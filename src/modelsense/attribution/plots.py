@@ -16,7 +16,7 @@ from typing import Any  # noqa: E402
 from modelsense.attribution.evaluation import detection_curve  # noqa: E402
 
 
-def self_influence_histograms(scores: dict[str, np.ndarray], corrupted: np.ndarray):
+def self_influence_histograms(scores: dict[str, np.ndarray], corrupted: np.ndarray, what: str = "self-influence"):
     """One panel per method: histogram of self-influence, clean vs corrupted labels (log-spaced
     bins on the positive scores, where the GEX paper contrasts multi-modal and χ²-like shapes)."""
     n = len(scores)
@@ -37,7 +37,7 @@ def self_influence_histograms(scores: dict[str, np.ndarray], corrupted: np.ndarr
         ax.hist(s[~mask], bins=bins, alpha=0.6, label="clean", color="tab:blue")
         ax.hist(s[mask], bins=bins, alpha=0.7, label="corrupted", color="tab:red")
         ax.set_title(name)
-        ax.set_xlabel("self-influence")
+        ax.set_xlabel(what)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     axes.flat[0].legend()
@@ -139,3 +139,27 @@ def top_k_figure(x_train: Any, y_train: Any, x_test: Any, y_test: Any, helpful: 
 
 __all__ = ["detection_curves", "image_grid", "is_image", "lds_figure", "pruning_figure", "self_influence_histograms",
            "show_image", "top_k_figure"]
+
+
+def relabel_figure(metrics: dict[str, Any]):
+    """Test accuracy after retraining on the relabeled training set against the number of examples
+    relabeled: per method (Otsu's budget as a star), at random (mean ± std), none and clean labels."""
+    fig, ax = plt.subplots(figsize=(5.6, 4))
+    budgets = metrics["budgets"]
+    colors = plt.get_cmap("tab10").colors
+    for k, (m, acc) in enumerate(metrics["accuracy"].items()):
+        ax.plot(budgets, acc, marker="o", color=colors[k % 10], label=m)
+        o = metrics["otsu"].get(m, {})
+        if "accuracy" in o:
+            ax.plot([o["budget"]], [o["accuracy"]], marker="*", ms=13, color=colors[k % 10], ls="none",
+                    label=f"{m}, Otsu ({o['budget']})")
+    ax.errorbar(budgets, metrics["random_accuracy"], yerr=metrics["random_accuracy_std"], color="grey", ls=":",
+                marker="s", label="random")
+    ax.axhline(metrics["none_accuracy"], color="black", lw=0.8, ls="--", label="no relabeling")
+    if "clean_accuracy" in metrics:
+        ax.axhline(metrics["clean_accuracy"], color="tab:green", lw=0.8, ls="-.", label="clean labels")
+    ax.set_xlabel(f"training examples relabeled (highest score first; target: {metrics['target']})")
+    ax.set_ylabel("test accuracy after retraining")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

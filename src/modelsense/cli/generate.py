@@ -141,7 +141,7 @@ def add_command(target: typer.Typer, command: Any, name: str | None = None) -> N
     from modelsense.cli import options as o
 
     defaults = command.spec()
-    opts = leaves(command.spec, defaults, command.hide)
+    opts = leaves(command.spec, defaults, command.hidden)
     seen: dict[str, Leaf] = {}
     for leaf in opts:
         if leaf.param in seen or leaf.param in _ALWAYS:

@@ -55,6 +55,9 @@ class Command:
         resume_keys: the config keys a resumed run must share with the stored one (None: all).
         hide: dotted spec paths not offered on the command line (e.g. "data.corruption_ratio").
         help: the command's help text.
+        training_losses: the training losses (`TrainConfig.loss`) the command's computations follow;
+            with one, `--loss` is not offered, and `execute` refuses a spec (or a checkpoint's recipe)
+            with another (e.g. curvature of the softmax likelihood on a sigmoid-trained model).
     """
 
     name: str
@@ -66,10 +69,26 @@ class Command:
     resume_keys: tuple[str, ...] | None = None
     hide: frozenset[str] = frozenset()
     help: str = ""
+    training_losses: tuple[str, ...] = ("cross_entropy",)
 
     @property
     def resumable(self) -> bool:
         return bool(self.keep)
+
+    @property
+    def hidden(self) -> frozenset[str]:
+        """The spec paths not offered on the command line: `hide`, and `train.loss` where the command
+        follows one training loss only."""
+        return self.hide | (frozenset({"train.loss"}) if len(self.training_losses) == 1 else frozenset())
+
+    def check_training_loss(self, spec: Any) -> None:
+        """ConfigError when the spec trains (or scores a checkpoint trained) with a loss the command
+        does not follow."""
+        loss = getattr(getattr(spec, "train", None), "loss", None)
+        if loss is not None and loss not in self.training_losses:
+            raise ConfigError(f"{self.name} computes with the {' or '.join(self.training_losses)} loss, but the model "
+                              f"is trained with loss {loss!r} (a checkpoint's recipe or --loss); train it with "
+                              f"--loss {self.training_losses[0]}")
 
 
 def spec_config(spec: Any) -> dict[str, Any]:
@@ -80,6 +99,7 @@ def spec_config(spec: Any) -> dict[str, Any]:
 def execute(command: Command, spec: Any, out: str | Path, *, resume: bool = False, overwrite: bool = False,
             progress: bool = True) -> dict[str, Any]:
     """Check `spec`, then run `command` into the run directory `out` (see the module docstring)."""
+    command.check_training_loss(spec)
     prepared = command.check(spec)
     config = {**spec_config(spec), **_jsonable(prepared.config)}
     with RunDir.open(out, command.name, config, resume=resume, overwrite=overwrite, keep=command.keep,

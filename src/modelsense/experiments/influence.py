@@ -6,12 +6,18 @@ half of training when a TracIn method is asked for) or loads it (`checkpoint=`: 
 checkpoint_epoch_*.pt files for TracIn; see `attribution_model`), fits each attribution method on it
 (`modelsense.attribution.make_attributor`) and writes a run directory:
 
-    noisy-labels  self-influence of every training example ranks the corrupted labels:
-                  metrics `auc`, `ap`, `seconds` (objects keyed by method); self_influence.npz;
-                  figures/self_influence_histograms.png, figures/detection_curves.png
-    prune         remove the k lowest (or highest) self-influence examples, retrain from scratch with
-                  the retraining engine (all k and methods at once), test accuracy vs random removal:
-                  metrics `accuracy` {method: [per k]}, `random_accuracy` (mean over repeats)
+    noisy-labels  self-influence of every training example ranks the corrupted labels (or, with
+                  `--score negated-test`, minus its influence on the mean loss of clean validation
+                  examples: the first `--validation-size` test examples, the whole test set by
+                  default as the GEX code): metrics `auc`, `ap`, `seconds` (objects keyed by method);
+                  self_influence.npz (the ranking scores); figures/self_influence_histograms.png,
+                  figures/detection_curves.png
+    prune         remove the k lowest (or highest) self-influence examples (`--class-balance-ratio` r:
+                  ⌊r k / C⌋ of them from each class, as the GEX code; `--iterative`: the examples
+                  removed between consecutive k are ranked by the model retrained without the earlier
+                  ones), retrain from scratch with the retraining engine (all k and methods at once),
+                  test accuracy vs random removal: metrics `accuracy` {method: [per k]},
+                  `random_accuracy` (mean over repeats)
     lds           the linear datamodeling score: M models on random α-subsets S_m (retraining engine);
                   for test example j, Spearman over m between its actual loss l_j(S_m) and the
                   prediction −Σ_{i∈S_m} score(i, j) (score = loss increase on removal, so including
@@ -20,7 +26,8 @@ checkpoint_epoch_*.pt files for TracIn; see `attribution_model`), fits each attr
                   top-k most helpful / harmful training images per test example (image data)
 
 Method settings shared across methods (CLI options) go in one dict; each method takes what it
-understands (`make_attributor(..., strict=False)`). Context the methods need from training
+understands (`make_attributor(..., strict=False)`); the methods score the model's training loss
+(`--loss`, from a checkpoint's recipe) unless `--score-loss` says otherwise. Context the methods need from training
 (TracIn checkpoints and learning rates; the TRAK / EL2N ensembles' training config and model
 builder; δ as the prior precision of the Laplace-based methods) is filled in here.
 """
@@ -75,6 +82,7 @@ from modelsense.retraining.store import (
 )
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
+from modelsense.training.objective import LOSSES
 
 #: training that memorises 10% label noise on digits with the MLP (train accuracy 0.999, ~10 s)
 NOISY_TRAIN = {"lr": 0.1, "epochs": 200, "bs": 64, "delta": 1.0}
@@ -107,8 +115,16 @@ class MethodSettings:
     ensemble_models: int | None = option(None, "trak and if-*: models trained from scratch whose scores are averaged "
                                                 "(trak default 10, if-* 1 = the trained model only)")
     el2n_repeat: int | None = option(None, "el2n: early-trained models")
-    loss: str = option("cross_entropy", "cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of "
-                                        "the GEX code of Kim et al. 2023; gradient/ensemble methods only)")
+    el2n_epochs: int | None = option(None, "el2n: epochs of each early-trained model (default 10% of --epochs)")
+    el2n_score: str | None = option(None, "el2n: brier (summed squared error, the GEX code's; default) or l2 (the norm "
+                                          "of the error, Paul et al. 2021)")
+    cl_folds: int | None = option(None, "cl: folds of the out-of-fold predictions (default 2, as the GEX code)")
+    cl_score: str | None = option(None, "cl: self_confidence (1 − p of the given label, the GEX code's; default) or "
+                                        "margin (with the per-class thresholds of Northcutt et al. 2021)")
+    knn_k: int | None = option(None, "knn: neighbours (default N / classes, as the GEX code)")
+    knn_space: str | None = option(None, "knn: features (penultimate layer; default) or logits (the GEX code's)")
+    loss: str | None = option(None, "loss the methods score with: cross_entropy or sigmoid_bce (gradient/ensemble "
+                                    "methods only); default: the model's training loss (--loss)", flag="--score-loss")
     bs_jacs: int | None = option(None, "examples per vmapped per-example gradient pass (default: as many as fit in "
                                        "memory-gb / 8)")
     memory_gb: float = option(2.0, "memory budget in GiB: score matrices larger than this go to a memory-mapped file")
@@ -124,7 +140,9 @@ class MethodSettings:
         out = {"num_ens": self.num_ens, "ft_lr": self.ft_lr, "ft_step": self.ft_step, "ft_lr_sched": self.ft_lr_sched,
                "gex_eps": self.gex_eps, "proj_dim": self.proj_dim, "damping": self.damping,
                "damping_mode": self.damping_mode, "matrix": self.matrix, "rank": self.arnoldi_rank,
-               "n_models": self.ensemble_models, "el2n_repeat": self.el2n_repeat, "loss": self.loss,
+               "n_models": self.ensemble_models, "el2n_repeat": self.el2n_repeat, "el2n_epochs": self.el2n_epochs,
+               "el2n_score": self.el2n_score, "cl_folds": self.cl_folds, "cl_score": self.cl_score, "knn_k": self.knn_k,
+               "knn_space": self.knn_space, "loss": self.loss,
                "chunk_size": self.bs_jacs, "memory_budget": max(1, int(self.memory_gb * 2**30))}
         return {k: v for k, v in out.items() if v is not None}
 
@@ -141,9 +159,17 @@ class NoisyLabelsSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**NOISY_TRAIN))
     methods: tuple[str, ...] = option(DEFAULT_NOISY_METHODS, _methods_help(""), parse=names, show=joined)
+    score: str = option("self", "what ranks the labels: self (self-influence) or negated-test (minus the influence on "
+                                "the mean loss of clean validation examples, the GEX code's --self_influence=False; "
+                                "pairwise methods)")
+    validation_size: int | None = option(None, "negated-test: the first n test examples are the validation set "
+                                               "(default: the whole test set, as the GEX code)")
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
     weights: str | None = option(None, WEIGHTS_HELP)
+
+
+NOISY_SCORES = ("self", "negated-test")
 
 
 @dataclass(frozen=True)
@@ -157,6 +183,11 @@ class PruneSpec:
     ks: tuple[int, ...] = option((), "comma-separated numbers of examples to remove (default 10-40% of N)", parse=ints,
                                  show=joined)
     remove: str = option("lowest", "lowest (as Kim et al. 2023, GEX) or highest self-influence first")
+    class_balance_ratio: float = option(0.0, "fraction r of each k removed class-wise (⌊r k / classes⌋ lowest of each "
+                                             "class), the rest globally (the GEX code's --class_balance_ratio)")
+    iterative: bool = option(False, "rescore after each k: the next examples are removed by the self-influence of the "
+                                    "model retrained without the previous ones (the GEX code's --iterative_pruning)",
+                             flag="--iterative")
     n_random: int = option(3, "random-removal repeats per k")
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
     settings: MethodSettings = field(default_factory=MethodSettings)
@@ -271,7 +302,7 @@ def make_method(method: str, settings: dict[str, Any], context: dict[str, Any], 
 
 #: attribution setting -> the option that sets it, where the names differ (`MethodSettings.as_dict`)
 _SETTING_FLAGS = {"rank": "--arnoldi-rank", "n_models": "--ensemble-models", "chunk_size": "--bs-jacs",
-                  "memory_budget": "--memory-gb"}
+                  "memory_budget": "--memory-gb", "loss": "--score-loss"}
 
 
 def check_settings(methods: list[str], settings: dict[str, Any]) -> None:
@@ -308,10 +339,15 @@ def _prepare(spec: Any, methods: list[str], config: dict[str, Any] | None = None
     the checkpoint (its recipe and what the methods need from it)."""
     data = load_dataset_from_config(spec.data)
     _check_data_for_methods(data, methods)
-    settings = spec.settings.as_dict()
-    check_settings(methods, settings)
     trained, model_cfg, train_cfg = attribution_model(spec.checkpoint, spec.data, data, spec.model, spec.train, methods,
                                                       spec.weights)
+    settings = {"loss": train_cfg.loss, **spec.settings.as_dict()}  # the methods score the loss the model trained with
+    try:
+        check_settings(methods, settings)
+    except ConfigError as exc:
+        if spec.settings.loss is None and train_cfg.loss != "cross_entropy" and "--score-loss" in str(exc):
+            raise ConfigError(f"{exc} (the model trains with --loss {train_cfg.loss}, which the methods score by default)") from None
+        raise
     return Prepared(data, {"dataset": data.summary(), "source": None if trained is None else trained.summary(),
                            **(config or {})},
                     {"trained": trained, "model": model_cfg, "train": train_cfg, "methods": methods,
@@ -349,7 +385,21 @@ def _by_method(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # -- noisy labels -------------------------------------------------------------------------------
 def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
     methods = parse_methods(list(spec.methods))
-    _check_self_influence(methods)
+    if spec.score not in NOISY_SCORES:
+        raise ConfigError(f"--score must be {' or '.join(NOISY_SCORES)}, received {spec.score!r}")
+    if spec.score == "self":
+        _check_self_influence(methods)
+        if spec.validation_size is not None:
+            raise ConfigError("--validation-size is the validation set of --score negated-test; drop it or pass "
+                              "--score negated-test")
+    else:
+        single = [m for m in methods if not method_class(m).pairwise]
+        if single:
+            raise ConfigError(f"--score negated-test needs train-test influence; {', '.join(single)} "
+                              f"{'gives' if len(single) == 1 else 'give'} a self-influence only: drop "
+                              f"{'it' if len(single) == 1 else 'them'} or use --score self")
+        if spec.validation_size is not None and spec.validation_size < 1:
+            raise ConfigError(f"--validation-size must be >= 1, received {spec.validation_size}")
     if spec.data.corruption_ratio <= 0 and spec.checkpoint is not None:
         raise ConfigError(f"noisy-labels needs a model trained on corrupted labels, but checkpoint {spec.checkpoint} "
                           "was trained on clean labels (its data recipe has corruption ratio 0); train one with "
@@ -357,10 +407,21 @@ def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
     if spec.data.corruption_ratio <= 0:
         raise ConfigError("noisy-labels needs corrupted labels: pass --corruption-ratio > 0 (e.g. 0.1)")
     prepared = _prepare(spec, methods)
-    if len(prepared.data.metadata["corrupted_indices"]) == 0:
+    data = prepared.data
+    if len(data.metadata["corrupted_indices"]) == 0:
         raise ConfigError(f"--corruption-ratio {spec.data.corruption_ratio} changed no label of "
-                          f"{prepared.data.n_train} examples; raise it")
+                          f"{data.n_train} examples; raise it")
+    if spec.score == "negated-test":
+        if spec.validation_size is not None and spec.validation_size > data.n_test:
+            raise ConfigError(f"--validation-size {spec.validation_size} exceeds the {data.n_test} test examples")
+        prepared.config["validation_size"] = data.n_test if spec.validation_size is None else spec.validation_size
     return prepared
+
+
+def negated_test_influence(att, x_val, y_val) -> np.ndarray:
+    """−(1/V) Σ_j score(i, j) over V validation examples, (N,): minus the influence of each training
+    example on the mean validation loss (high = removing it would lower that loss: harmful)."""
+    return -att.scores(x_val, y_val).double().mean(1).numpy()
 
 
 def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
@@ -377,16 +438,25 @@ def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, pro
                                "auc": {}, "auc_se": {}, "ap": {}, "ap_se": {}, "seconds": {}}
     run.log(f"model: train accuracy {metrics['train_accuracy']:.4f}")
     self_scores: dict[str, np.ndarray] = {}
+    if spec.score == "negated-test":
+        v = prepared.config["validation_size"]
+        metrics["validation_size"] = v
     for m in prepared.extra["methods"]:
         att, seconds = _fit_method(m, got, prepared, progress)
-        s = self_scores[m] = att.self_scores().double().numpy()
+        if spec.score == "negated-test":
+            start = time.perf_counter()
+            s = self_scores[m] = negated_test_influence(att, data.x_test[:v], data.y_test[:v])
+            seconds += time.perf_counter() - start
+        else:
+            s = self_scores[m] = att.self_scores().double().numpy()
         (auc, auc_se), (ap, ap_se) = auc_ap_with_errors(s, corrupted, seed=got.train.seed)
         for key, value in (("auc", auc), ("auc_se", auc_se), ("ap", ap), ("ap_se", ap_se), ("seconds", seconds)):
             metrics[key][m] = value
         run.log(f"{m}: AUC {auc:.4f} ± {auc_se:.3f}, AP {ap:.4f} ± {ap_se:.3f} ({seconds:.1f}s)")
         run.save_arrays("self_influence", corrupted=corrupted, **_by_method(self_scores))
         run.write_metrics(metrics)
-    run.save_figure(plots.self_influence_histograms(self_scores, corrupted), "self_influence_histograms")
+    what = "self-influence" if spec.score == "self" else "negated train-test influence"
+    run.save_figure(plots.self_influence_histograms(self_scores, corrupted, what), "self_influence_histograms")
     run.save_figure(plots.detection_curves(self_scores, corrupted), "detection_curves")
     return metrics
 
@@ -399,12 +469,17 @@ def check_prune(spec: PruneSpec) -> Prepared:
         raise ConfigError(f"--remove must be lowest or highest, received {spec.remove!r}")
     if spec.n_random < 1:
         raise ConfigError(f"--n-random must be >= 1, received {spec.n_random}")
+    if not 0.0 <= spec.class_balance_ratio <= 1.0:
+        raise ConfigError(f"--class-balance-ratio must lie in [0, 1], received {spec.class_balance_ratio}")
     prepared = _prepare(spec, methods)
     n = prepared.data.n_train
     ks = tuple(spec.ks) or tuple(int(round(f * n)) for f in (0.1, 0.2, 0.3, 0.4))
     bad = [k for k in ks if not 0 < k < n]
     if bad:
         raise ConfigError(f"--ks must lie in (0, N={n}), received {bad}")
+    if spec.iterative and (len(ks) < 2 or list(ks) != sorted(set(ks))):
+        raise ConfigError(f"--iterative removes more examples at each k and rescores in between: give at least two "
+                          f"increasing --ks, received {list(ks)}")
     prepared.config["ks"] = list(ks)
     RetrainRecipe(spec.data, spec.model, spec.train)  # retraining is the engine's (sgd or adam)
     return prepared
@@ -415,21 +490,31 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     store: `--resume` continues an interrupted retraining), compare with random removal."""
     from modelsense.attribution import plots
 
+    from modelsense.attribution.selection import pruning_set
+
     data, ks = prepared.data, prepared.config["ks"]
     n = data.n_train
     got = _obtain(prepared, run, progress)
     metrics: dict[str, Any] = {"full_test_accuracy": got.fit.final.get("test_accuracy"), "ks": list(ks),
-                               "remove": spec.remove, "seconds": {}, "accuracy": {}}
+                               "remove": spec.remove, "class_balance_ratio": spec.class_balance_ratio,
+                               "iterative": spec.iterative, "seconds": {}, "accuracy": {}}
     masks, labels, self_scores = [], [], {}
+    y = data.y_train.numpy()
+    removed_first = -np.inf if spec.remove == "lowest" else np.inf
     for m in prepared.extra["methods"]:
         att, metrics["seconds"][m] = _fit_method(m, got, prepared, progress)
         s = self_scores[m] = att.self_scores().double().numpy()
-        order = np.argsort(s if spec.remove == "lowest" else -s, kind="stable")
-        for k in ks:
+        for step, k in enumerate(ks):
             keep = np.ones(n, dtype=bool)
-            keep[order[:k]] = False
+            keep[pruning_set(s, k, y, data.num_classes, spec.class_balance_ratio, spec.remove)] = False
             masks.append(keep)
             labels.append((m, k))
+            if spec.iterative and step + 1 < len(ks):  # rescore on the model retrained without them
+                start = time.perf_counter()
+                s = np.full(n, removed_first)
+                s[keep] = _self_scores_without(m, keep, got, prepared, progress)
+                metrics["seconds"][m] += time.perf_counter() - start
+                run.log(f"{m}: rescored after removing {k} examples")
     rng = np.random.default_rng(got.train.seed + 99)
     for _ in range(spec.n_random):
         for k in ks:
@@ -448,8 +533,24 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     metrics["random_accuracy_std"] = rand.std(0).tolist()
     run.save_arrays("self_influence", **_by_method(self_scores))
     run.save_arrays("prune_masks", masks=np.stack(masks), test_accuracy=acc)
-    run.save_figure(plots.pruning_figure(ks, metrics, spec.remove), "pruning")
+    run.save_figure(plots.pruning_figure(ks, metrics, spec.remove + (", iterative" if spec.iterative else "")),
+                    "pruning")
     return metrics
+
+
+def _self_scores_without(method: str, keep: np.ndarray, got: Obtained, prepared: Prepared, progress: bool) -> np.ndarray:
+    """Self-influence of the kept examples under the model trained on them alone (the recipe and seed
+    of `got`, so the model of the retraining job with mask `keep`), by `method` fitted on them."""
+    data = prepared.data
+    rows = torch.from_numpy(np.flatnonzero(keep))
+    kept = Dataset(data.name, data.x_train[rows], data.y_train[rows], data.x_test, data.y_test, data.num_classes,
+                   data.source, {})
+    tracin = "checkpoints" in method_class(method).needs
+    sub = obtain_model(kept, got.model, got.train, progress=progress,
+                       checkpoint_epochs=tracin_checkpoint_epochs(got.train.epochs) if tracin else ())
+    ctx = method_context(method, sub.fit, sub.train, sub.model, kept)
+    att = make_method(method, prepared.extra["settings"], ctx, progress, got.train.seed, prepared.extra["methods"])
+    return att.fit(sub.module, kept.x_train, kept.y_train).self_scores().double().numpy()
 
 
 # -- linear datamodeling score ----------------------------------------------------------------
@@ -615,17 +716,20 @@ def _prune_summary(m: dict[str, Any]) -> str:
 
 
 NOISY_LABELS = Command("noisy-labels", NoisyLabelsSpec, check_noisy_labels, run_noisy_labels, summary=_noisy_summary,
+                       training_losses=LOSSES,
                        help="Noisy-label detection: rank training examples by each method's self-influence; AUC/AP "
                             "with standard errors, histograms.")
 PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summary, keep=(STORE_DIR,),
-                resume_keys=("data", "model", "train", "methods", "ks", "remove", "n_random", "settings"),
+                resume_keys=("data", "model", "train", "methods", "ks", "remove", "class_balance_ratio", "iterative",
+                             "n_random", "settings"),
+                training_losses=LOSSES,
                 help="Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random "
                      "removal.")
 LDS = Command("lds", LdsSpec, check_lds, run_lds, summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
-              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
+              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"), training_losses=LOSSES,
               help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
                    "ground-truth store of --out, or --store, for --resume and other runs).")
-INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence,
+INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence, training_losses=LOSSES,
                     summary=lambda m: f"{m['method']}: scores of shape {m['shape']} in {m['seconds']:.1f}s",
                     help="One method's influence scores (score(i, j) ≈ rise of test loss j when training example i "
                          "is removed).")
@@ -639,7 +743,7 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
     from modelsense.experiments.report import Section
 
     run = Path(out) / "noisy_labels"
-    spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot"),
+    spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot", "knn", "random"),
                            settings=MethodSettings(num_ens=8, ft_step=200, ft_lr=0.3))
     metrics = (resume and finished_metrics(run)) or execute(NOISY_LABELS, spec, run, overwrite=True, progress=progress)
     shown = {"train_accuracy": metrics["train_accuracy"], "n_corrupted": metrics["n_corrupted"]}
@@ -653,8 +757,9 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
         "(lr 0.1, 200 epochs) until it fits the noise. Each method scores every training example by its "
         "self-influence (how much its own loss would rise if it were left out): GEX (8 chained fine-tuning "
         "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and the squared gradient norm "
-        "(grad-dot). AUC / AP of ranking the corrupted labels first; histograms of the self-influence of clean "
-        "and corrupted examples.",
+        "(grad-dot), beside two baselines of the GEX paper: the label disagreement of the k = N/10 nearest neighbours "
+        "in the network's penultimate features (knn) and random scores (chance). AUC / AP of ranking the corrupted "
+        "labels first; histograms of the self-influence of clean and corrupted examples.",
         shown,
         [run / "figures" / "self_influence_histograms.png", run / "figures" / "detection_curves.png"],
         str(run),

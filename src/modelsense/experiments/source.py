@@ -70,13 +70,13 @@ class TrainedRun:
                 "data": None if self.data_cfg is None else self.data_cfg.to_dict(), "snapshots": sorted(self.snapshots)}
 
     def as_fit(self, data: Dataset, train_cfg: TrainConfig) -> Fit:
-        """The run as a `Fit` of `train_cfg` on `data`: the module on `train_cfg.device`, its mean NLL and
+        """The run as a `Fit` of `train_cfg` on `data`: the module on `train_cfg.device`, its mean loss and
         accuracy on data's train and test sets as a one-row history, the snapshots as checkpoints, and
         no optimizer (`optimizer` is None: model.pt holds no optimizer state)."""
         module = self.module.to(train_cfg.device).eval()
         device = next(module.parameters()).device
-        train = evaluate(module, data.x_train.to(device), data.y_train.to(device))
-        test = evaluate(module, data.x_test.to(device), data.y_test.to(device))
+        train = evaluate(module, data.x_train.to(device), data.y_train.to(device), loss=train_cfg.loss)
+        test = evaluate(module, data.x_test.to(device), data.y_test.to(device), loss=train_cfg.loss)
         history = {"train_loss": [train["loss"]], "train_accuracy": [train["accuracy"]],
                    "test_loss": [test["loss"]], "test_accuracy": [test["accuracy"]]}
         checkpoints = {k: load_file(p, "parameter snapshot") for k, p in self.snapshots.items()}

@@ -15,6 +15,7 @@ from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
 from modelsense.training.fit import Fit, fit
+from modelsense.training.objective import LOSSES
 
 
 def train_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module, Fit]:
@@ -65,7 +66,7 @@ def run_train(spec: TrainSpec, prepared: Prepared, run: RunDir, progress: bool =
     return metrics
 
 
-TRAIN = Command("train", TrainSpec, check_train, run_train,
+TRAIN = Command("train", TrainSpec, check_train, run_train, training_losses=LOSSES,
                 summary=lambda m: f"train accuracy {m['train_accuracy']:.4f}  test accuracy {m['test_accuracy']:.4f}  "
                                   f"test NLL {m['test_nll']:.4f}",
                 help="Train one model; writes metrics.json (train_accuracy, test_accuracy, test_nll), model.pt, "

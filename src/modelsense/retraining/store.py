@@ -2,8 +2,9 @@
 
 Every ground truth of the package is models retrained on chosen example sets: random subsets
 (memorization, LDS), the training set minus some examples (pruning, leave-one-out, leave-one-class-
-out), all of it with other seeds (a zoo). A *job* is one such model: an example set (a boolean mask
-over the N training examples) and a seed (init and batch order). A *recipe* says how every job is
+out), all of it with other seeds (a zoo), relabeled training sets. A *job* is one such model: an example
+set (a boolean mask over the N training examples), a seed (init and batch order) and, for a relabeled
+training set, its labels (N,) (part of the job's key; the chunk keeps the key, not the labels). A *recipe* says how every job is
 trained: data, model, training options, the batch plan of the engine, and the initial parameters
 (fresh from the seed, or a warm start). A job's results depend on the recipe, its mask and its
 seed only — not on which other jobs were trained beside it (the engine trains each model exactly
@@ -54,6 +55,9 @@ QUERIES = ("train", "test")
 OUTPUTS = ("loss", "correct", "margin")
 #: training options that do not change what a job computes (left out of the recipe's key)
 _NOT_IN_KEY = ("device", "checkpoint_epochs", "checkpoint_iterations", "eval_every", "seed")
+#: training options added after stores were written, left out of the key at these values (their
+#: behaviour before the option existed), so the stores written before keep their digests
+_KEY_DEFAULTS = {"loss": "cross_entropy"}
 #: where the jobs are trained
 BACKENDS = ("local", "ray")
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
@@ -114,7 +118,8 @@ class RetrainRecipe:
             raise ConfigError(f"retrained models train with sgd or adam (the engine), not {self.train.optimizer!r}")
 
     def key(self) -> dict[str, Any]:
-        train = {k: v for k, v in self.train.to_dict().items() if k not in _NOT_IN_KEY}
+        train = {k: v for k, v in self.train.to_dict().items()
+                 if k not in _NOT_IN_KEY and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         return _jsonable({"data": {k: v for k, v in asdict(self.data).items() if k != "data_dir"},
                           "model": asdict(self.model), "train": train, "batch_plan": self.batch_plan,
                           "init": self.init, "logits": self.logits})
@@ -136,14 +141,19 @@ def params_digest(params: dict[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class Job:
-    """One retrained model: trained on the examples where `mask` (N,) is True, from seed `seed`."""
+    """One retrained model: trained on the examples where `mask` (N,) is True, from seed `seed`, with
+    the dataset's labels or, when `labels` (N,) is given, with these (a relabeled training set)."""
 
     mask: np.ndarray = field(repr=False)
     seed: int
+    labels: np.ndarray | None = field(default=None, repr=False)
 
     def key(self) -> str:
         bits = np.packbits(np.asarray(self.mask, dtype=bool))
-        return f"{hashlib.sha1(bits.tobytes()).hexdigest()[:20]}-{len(self.mask)}-{int(self.seed)}"
+        key = f"{hashlib.sha1(bits.tobytes()).hexdigest()[:20]}-{len(self.mask)}-{int(self.seed)}"
+        if self.labels is not None:
+            key += "-y" + hashlib.sha1(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes()).hexdigest()[:20]
+        return key
 
 
 def subset_size(n: int, ratio: float) -> int:
@@ -169,11 +179,16 @@ def subset_jobs(n: int, ratio: float, model_ids: Sequence[int], seed0: int = 0) 
     return jobs
 
 
-def jobs_from(masks: np.ndarray, seeds: Sequence[int]) -> list[Job]:
+def jobs_from(masks: np.ndarray, seeds: Sequence[int], labels: Sequence[np.ndarray | None] | None = None) -> list[Job]:
+    """Jobs of the rows of `masks` (M, N) with `seeds` (M,) and, optionally, their own labels (M rows of
+    (N,) labels, or None for the dataset's)."""
     masks = np.asarray(masks, dtype=bool)
     if masks.ndim != 2 or len(masks) != len(seeds):
         raise ConfigError(f"expected (M, N) masks and M seeds, got {masks.shape} and {len(seeds)}")
-    return [Job(m, int(s)) for m, s in zip(masks, seeds)]
+    labels = [None] * len(masks) if labels is None else list(labels)
+    if len(labels) != len(masks) or any(y is not None and np.shape(y) != (masks.shape[1],) for y in labels):
+        raise ConfigError(f"expected {len(masks)} label rows of shape ({masks.shape[1]},) or None")
+    return [Job(m, int(s), None if y is None else np.asarray(y, dtype=np.int64)) for m, s, y in zip(masks, seeds, labels)]
 
 
 class GroundTruthStore:
@@ -307,9 +322,14 @@ def train_chunk(recipe: RetrainRecipe, jobs: Sequence[Job], data: Dataset | None
         return build_model_from_config(recipe.model, data.input_shape, data.num_classes, seed=seed)
 
     masks = torch.from_numpy(np.stack([np.asarray(j.mask, dtype=bool) for j in jobs]))
+    labels = None
+    if any(j.labels is not None for j in jobs):
+        own = data.y_train.numpy()
+        labels = torch.from_numpy(np.stack([own if j.labels is None else np.asarray(j.labels, dtype=np.int64)
+                                            for j in jobs]).astype(np.int64))
     res = train_ensemble(model_fn, data.x_train, data.y_train, masks, recipe.train,
                          seeds=torch.tensor([j.seed for j in jobs]), init_params=init_params,
-                         batch_plan=recipe.batch_plan, keep_logits=recipe.logits, progress=progress,
+                         batch_plan=recipe.batch_plan, keep_logits=recipe.logits, progress=progress, labels=labels,
                          queries={"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)})
     out = {}
     for q in QUERIES:
@@ -323,9 +343,9 @@ def train_chunk(recipe: RetrainRecipe, jobs: Sequence[Job], data: Dataset | None
 
 
 def _ray_task(root: str, recipe: RetrainRecipe, masks: np.ndarray, seeds: list[int], n_train: int, n_test: int,
-              init_params: dict[str, torch.Tensor] | None) -> int:
+              init_params: dict[str, torch.Tensor] | None, labels: list[np.ndarray | None] | None = None) -> int:
     store = GroundTruthStore(root, recipe, n_train, n_test)
-    jobs = jobs_from(masks, seeds)
+    jobs = jobs_from(masks, seeds, labels)
     store.write(jobs, train_chunk(recipe, jobs, init_params=init_params))
     return len(jobs)
 
@@ -379,7 +399,7 @@ def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[l
         root = str(store.path.parent.resolve())
         params = None if init_params is None else ray.put({k: v.cpu() for k, v in init_params.items()})
         pending = [task.remote(root, recipe, np.stack([j.mask for j in c]), [j.seed for j in c], store.n_train,
-                               store.n_test, params) for c in chunks]
+                               store.n_test, params, [j.labels for j in c]) for c in chunks]
         with progress_bar(sum(len(c) for c in chunks), "retrained models (ray)", enabled=progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)

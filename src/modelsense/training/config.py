@@ -4,7 +4,8 @@ Objective (the MPE convention, SEEDS.md section 0.2): for a model trained on n e
 
     L(θ) = mean_{i in batch} l_i(θ) + δ / (2 n) · ||θ||²
 
-with l_i the per-example negative log-likelihood and δ = `delta` the prior precision. IVON optimises
+with l_i the per-example loss (`loss`: the negative log-likelihood, or the per-class sigmoid loss;
+`modelsense.training.objective`) and δ = `delta` the prior precision. IVON optimises
 the same objective as a variational one with `ess = n` and `weight_decay = δ / n` (no L2 term in the
 loss). The learning rate follows a cosine schedule from `lr` to `lrmin` over `epochs`, stepped once per
 epoch (PyTorch's `CosineAnnealingLR(T_max=epochs, eta_min=lrmin)`).
@@ -26,6 +27,7 @@ from torch import Tensor
 from modelsense.core.device import check_device
 from modelsense.errors import ConfigError
 from modelsense.options import joined, ints, option
+from modelsense.training.objective import check_loss
 
 OPTIMIZERS = ("sgd", "adam", "ivon")
 #: other names of an optimizer: the MPE code calls IVON `iblr`
@@ -42,6 +44,8 @@ class TrainConfig:
     epochs: int = option(30, "training epochs")
     bs: int = option(64, "minibatch size")
     delta: float = option(1.0, "prior precision δ: loss = mean NLL + δ/(2N)·||θ||²")
+    loss: str = option("cross_entropy", "training loss: cross_entropy (softmax NLL) or sigmoid_bce (one sigmoid per "
+                                        "class, summed: the GEX code of Kim et al. 2023)")
     hess_init: float = option(0.1, "IVON's initial Hessian estimate h0")
     momentum: float = 0.9
     beta2: float = 0.999
@@ -64,6 +68,7 @@ class TrainConfig:
                               "weight decay 0.01 on top of the L2 term; use --optimizer adam (L2 = δ/(2N)·||θ||² in "
                               "the loss)")
         self.checkpoint_epochs = tuple(int(e) for e in self.checkpoint_epochs)
+        check_loss(self.loss)
         self.checkpoint_iterations = tuple(int(i) for i in self.checkpoint_iterations)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -40,10 +40,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from modelsense.core.functional import Params, chunks, per_example_nll
+from modelsense.core.functional import Params, chunks
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
+from modelsense.training.objective import check_loss, per_example_loss
 
 QueryOutputs = dict[str, Tensor]
 BATCH_PLANS = ("own", "shared")
@@ -163,8 +164,10 @@ def query_outputs(
     likelihood: str = "categorical",
     chunk_size: int = 1024,
     keep_logits: bool = True,
+    loss: str = "cross_entropy",
 ) -> QueryOutputs:
-    """Outputs of stacked models (params name -> (M, *shape)) on (x, y), in chunks of examples."""
+    """Outputs of stacked models (params name -> (M, *shape)) on (x, y), in chunks of examples; "loss"
+    is the training loss `loss` (`objective.per_example_loss`)."""
 
     def forward(p: Params, xb: Tensor) -> Tensor:
         return functional_call(module, {**buffers, **p}, (xb,))
@@ -178,7 +181,7 @@ def query_outputs(
     m, n = f.shape[:2]
     out: QueryOutputs = {}
     yy = y.expand(m, *y.shape)
-    out["loss"] = per_example_nll(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:]), likelihood).view(m, n)
+    out["loss"] = per_example_loss(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:]), likelihood, loss).view(m, n)
     if likelihood == "categorical":
         out["correct"] = f.argmax(-1) == y
         true = f.gather(-1, yy.unsqueeze(-1)).squeeze(-1)
@@ -206,12 +209,15 @@ def train_ensemble(
     progress: bool = True,
     on_chunk: Callable[[slice, EnsembleResult], None] | None = None,
     batch_plan: str = "own",
+    labels: Tensor | None = None,
 ) -> EnsembleResult:
     """Train M = len(masks) models at once and return their outputs on `queries`.
 
     Args:
         model_fn: seed -> freshly initialised module (e.g. `lambda s: build_model(..., seed=s)`).
         x, y: training inputs (N, ...) and labels (N,).
+        labels: (M, N) class labels, one row per model, that model m trains on instead of y
+            (relabeled training sets); the queries keep their own labels (default: y for every model).
         masks: (M, N) bool (model m trains on examples with True) or non-negative float weights w_m
             (the objective in the module docstring: a weighted minibatch mean, prior δ/(2 Σ_i w_mi)).
         cfg: optimizer (`sgd` or `adam`), lr schedule, bs, epochs, delta, fixed_batches, device.
@@ -235,6 +241,13 @@ def train_ensemble(
         raise ConfigError(f"masks must have shape (M, N={len(x)}), got {tuple(masks.shape)}")
     if len(y) != len(x):
         raise ConfigError(f"x has {len(x)} examples but y has {len(y)}")
+    check_loss(cfg.loss, likelihood)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if tuple(labels.shape) != tuple(masks.shape) or labels.is_floating_point():
+            raise ConfigError(f"labels must be integer class labels of shape (M, N) = {tuple(masks.shape)}, "
+                              f"got {labels.dtype} {tuple(labels.shape)}")
+        labels = labels.long().to(cfg.device)
     weights = masks.float()
     if (weights < 0).any():
         raise ConfigError("mask weights must be non-negative")
@@ -255,7 +268,8 @@ def train_ensemble(
     with progress_bar(n_chunks * cfg.epochs, f"ensemble of {n_models}", enabled=progress) as bar:
         for ids in chunks(n_models, chunk_models):
             part = _train_chunk(model_fn, x, y, weights[ids], seeds[ids], cfg, queries, init_params, ids,
-                                keep_logits, return_params, likelihood, device, bar, batch_plan)
+                                keep_logits, return_params, likelihood, device, bar, batch_plan,
+                                None if labels is None else labels[ids])
             if on_chunk is not None:
                 on_chunk(ids, part)
             parts.append(part)
@@ -263,7 +277,8 @@ def train_ensemble(
 
 
 def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids, keep_logits, return_params,
-                 likelihood, device, bar, batch_plan) -> EnsembleResult:
+                 likelihood, device, bar, batch_plan, labels=None) -> EnsembleResult:
+    """Train one chunk of models on y, or on their own rows of `labels` (M, N)."""
     modules = [model_fn(int(s)) for s in seeds]
     base = modules[0].to(device)
     _check_module(base)
@@ -292,7 +307,7 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
 
     def model_loss(p: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
         out = functional_call(base, {**consts, **p}, (xb,))
-        nll = per_example_nll(out, yb, likelihood)
+        nll = per_example_loss(out, yb, likelihood, cfg.loss)
         total = wb.sum()  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
         return (wb * nll).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -306,9 +321,11 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
         for t in range(index.shape[1]):
             it, vt = index[:, t], valid[:, t]
             wb = weights[rows, it] * vt
-            opt.step(params, grad_fn(params, x[it], y[it], wb), lr, (wb > 0).any(1))
+            yb = y[it] if labels is None else labels[rows, it]
+            opt.step(params, grad_fn(params, x[it], yb, wb), lr, (wb > 0).any(1))
         bar.advance(1)
-    outputs = {q: query_outputs(base, params, consts, qx.to(device), qy.to(device), likelihood, keep_logits=keep_logits)
+    outputs = {q: query_outputs(base, params, consts, qx.to(device), qy.to(device), likelihood, keep_logits=keep_logits,
+                                loss=cfg.loss)
                for q, (qx, qy) in queries.items()}
     outputs = {q: {k: v.cpu() for k, v in o.items()} for q, o in outputs.items()}
     return EnsembleResult(seeds.cpu(), outputs, {k: v.cpu() for k, v in params.items()} if return_params else None)

@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from modelsense.core.functional import chunks, per_example_nll
+from modelsense.core.functional import chunks
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
+from modelsense.training.objective import check_loss, per_example_loss
 
 
 @dataclass
@@ -26,7 +27,8 @@ class Fit:
         optimizer: the optimizer with its state (IVON's Hessian estimate, Adam's moments), which the
             posteriors of the curvature layer read.
         history: per evaluated epoch: `epoch`, `lr`, `train_loss`, `train_accuracy`, `test_loss`,
-            `test_accuracy`, `seconds` (loss = mean NLL at the mean parameters, no prior term).
+            `test_accuracy`, `seconds` (loss = mean training loss `cfg.loss` at the mean parameters, no
+            prior term: the NLL of the model's likelihood).
         checkpoints: parameter snapshots keyed `epoch_E` / `iteration_T`.
         n_train: number of training examples the objective was built on.
     """
@@ -45,14 +47,15 @@ class Fit:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048) -> dict[str, float]:
-    """Mean NLL and accuracy (classification) of `module` in eval mode on (x, y)."""
+def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048,
+             loss: str = "cross_entropy") -> dict[str, float]:
+    """Mean loss (`loss`, see `objective`) and accuracy (classification) of `module` in eval mode on (x, y)."""
     was_training = module.training
     module.eval()
     total, correct = 0.0, 0
     for s in chunks(len(x), chunk_size):
         out = module(x[s])
-        total += float(per_example_nll(out, y[s], likelihood).sum())
+        total += float(per_example_loss(out, y[s], likelihood, loss).sum())
         if likelihood == "categorical":
             correct += int((out.argmax(-1) == y[s]).sum())
     module.train(was_training)
@@ -101,10 +104,12 @@ def fit(
 ) -> Fit:
     """Train `module` on `data.x_train[train_indices]` (all by default) with the settings `cfg`.
 
-    Minimises mean minibatch NLL + δ/(2n)·||θ||² (SGD/Adam) or the equivalent IVON objective, with a
+    Minimises the mean minibatch loss (`cfg.loss`: the NLL of `likelihood`, or the per-class sigmoid
+    loss) + δ/(2n)·||θ||² (SGD/Adam) or the equivalent IVON objective, with a
     per-epoch cosine schedule; see `modelsense.training.config` for the conventions. The module is
     trained in place and returned in eval mode inside a `Fit`.
     """
+    check_loss(cfg.loss, likelihood)
     device = torch.device(cfg.device)
     module.to(device).train()
     x, y = data.x_train.to(device), data.y_train.to(device)
@@ -138,10 +143,10 @@ def fit(
                     for _ in range(cfg.mc_samples):
                         with optimizer.sampled_params(train=True):
                             optimizer.zero_grad()
-                            per_example_nll(module(xb), yb, likelihood).mean().backward()
+                            per_example_loss(module(xb), yb, likelihood, cfg.loss).mean().backward()
                 else:
                     optimizer.zero_grad()
-                    loss = per_example_nll(module(xb), yb, likelihood).mean() + l2_penalty(params, cfg.delta, n)
+                    loss = per_example_loss(module(xb), yb, likelihood, cfg.loss).mean() + l2_penalty(params, cfg.delta, n)
                     loss.backward()
                 optimizer.step()
                 iteration += 1
@@ -151,8 +156,8 @@ def fit(
                 snapshot(f"epoch_{epoch + 1}")
             last = epoch + 1 == cfg.epochs
             if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
-                tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood)
-                te = evaluate(module, x_test, y_test, likelihood) if len(x_test) else {}
+                tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood, loss=cfg.loss)
+                te = evaluate(module, x_test, y_test, likelihood, loss=cfg.loss) if len(x_test) else {}
                 row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr.get("accuracy", float("nan")),
                        "test_loss": te.get("loss", float("nan")), "test_accuracy": te.get("accuracy", float("nan")),
                        "seconds": time.perf_counter() - start}
