@@ -254,7 +254,7 @@ class PerturbSpec:
     use_test: bool = option(False, USE_TEST_HELP)
     n_top: int = option(3, "top eigenvectors v_1 ... v_n to move along")
     n_bottom: int = option(3, "low-curvature directions: unit Gaussian directions projected off the top-k "
-                              "eigenvectors (the original's)")
+                              "eigenvectors (as in Maddox, Benton & Wilson 2020)")
     n_random: int = option(3, "unit Gaussian directions in parameter space")
     t_max: float = option(1.0, "largest |t| (directions have unit length)")
     n_points: int = option(21, "values of t, evenly spaced in [-t_max, t_max]; odd, so that t = 0 is one")
