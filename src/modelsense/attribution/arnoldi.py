@@ -30,6 +30,11 @@ class ArnoldiInfluence(FeatureAttributor):
     """Settings: matrix (hessian | ggn | ef), rank (eigenpairs, the original's `--arnoldi_dim` 20),
     damping (added to every kept eigenvalue), eig_floor (relative guard), lanczos_tol."""
 
+    def streams(self) -> bool:
+        """Reads the training data in batches by position (a Dataset is never read whole)."""
+        return True
+
+
     needs_curvature = True
     state_attributes = ("eigenvalues_", "eigenvectors_", "dropped_", "num_matvecs_")
 

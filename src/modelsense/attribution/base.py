@@ -64,6 +64,8 @@ from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
 from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
+from modelsense.core.functional import input_tensors, take_rows
+from modelsense.data.stream import BatchAdapter, Rows, as_examples
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
 from modelsense.training.objective import LOSSES, per_example_loss
@@ -257,17 +259,40 @@ class Attributor:
         return f"{type(self).__name__}({shown_})"
 
     # -- fitting ------------------------------------------------------------------------------
-    def fit(self, model: FunctionalModel | nn.Module, x_train: Tensor, y_train: Tensor) -> "Attributor":
-        """Prepare the method for the trained `model` and its training data (N, ...), (N,)."""
-        self._bind(model, x_train, y_train)
+    def fit(self, model: FunctionalModel | nn.Module, data: Any, y: Tensor | None = None, *,
+            adapter: BatchAdapter | None = None) -> "Attributor":
+        """Prepare the method for the trained `model` and its training data: `fit(model, x, y)` with
+        tensors (N, ...), (N,), or `fit(model, data)` with an (x, y) pair, a map-style `Dataset` or a
+        `DataLoader` (shuffle=False), items found by `adapter` (see `modelsense.data.stream`)."""
+        self._bind(model, data, y, adapter)
         self._fit()
         return self
 
-    def _bind(self, model: FunctionalModel | nn.Module, x_train: Tensor, y_train: Tensor) -> None:
+    def streams(self) -> bool:
+        """True when the method reads the training data only in batches (by position), so a Dataset or
+        DataLoader is never read whole; False: such data is read into tensors when it fits
+        `memory_budget` (refused otherwise). Methods override it."""
+        return False
+
+    def _examples(self, data: Any, y: Any, adapter: BatchAdapter | None, what: str, fitted: bool) -> tuple[Any, Any]:
+        """Checked data of the forms `as_examples` takes: tensors on the parameters' device (tensor data,
+        or a Dataset read whole when the method does not stream), else lazy `Rows` (a first batch checked)."""
+        ex = as_examples(data, y, adapter, what)
+        if ex.in_memory:
+            return self._check_data(*ex.tensors, what, fitted=fitted)
+        ex = ex.on(param_device(self.params_), param_dtype(self.params_))
+        if not self.streams():
+            return self._check_data(*ex.materialize(self.compute.memory_budget, f"method {self.name!r}"), what,
+                                    fitted=fitted)
+        self._check_data(*ex.get(slice(0, min(len(ex), 64))), what, fitted=fitted)
+        return ex.inputs, ex.labels
+
+    def _bind(self, model: FunctionalModel | nn.Module, data: Any, y: Any = None,
+              adapter: BatchAdapter | None = None) -> None:
         """The bookkeeping of `fit` and `load`: model, parameters, checked training data, chunk size."""
         self.model_ = as_functional(model, self.loss)
         self.params_ = detached_params(self.model_.params)
-        self.x_train_, self.y_train_ = self._check_data(x_train, y_train, "training", fitted=False)
+        self.x_train_, self.y_train_ = self._examples(data, y, adapter, "training", fitted=False)
         row_bytes = self.model_.n_params * torch.empty(0, dtype=param_dtype(self.params_)).element_size()
         budget = self.compute.memory_budget
         self.chunk_size_ = self.compute.chunk_size or int(min(4096, max(32, budget // (8 * row_bytes))))
@@ -282,14 +307,14 @@ class Attributor:
 
         return save_attributor(self, path, overwrite=overwrite)
 
-    def load(self, path: str | os.PathLike, model: FunctionalModel | nn.Module, x_train: Tensor,
-             y_train: Tensor) -> Attributor:
+    def load(self, path: str | os.PathLike, model: FunctionalModel | nn.Module, x_train: Any,
+             y_train: Tensor | None = None, *, adapter: BatchAdapter | None = None) -> Attributor:
         """Instead of `fit`: restore the state `save` wrote to `path`. Refused (ConfigError, naming what
         differs) when it is another method's, was fitted with other settings, on another model
         (parameter names, shapes or values) or on other training data (see `state`)."""
         from modelsense.attribution.state import load_state
 
-        load_state(self, path, model, x_train, y_train)
+        load_state(self, path, model, x_train, y_train, adapter=adapter)
         return self
 
     def _get_state(self) -> dict[str, Any]:
@@ -310,35 +335,47 @@ class Attributor:
         if not hasattr(self, "model_"):
             raise ConfigError(f"{type(self).__name__} is not fitted; call .fit(model, x_train, y_train) first")
 
-    def _check_data(self, x: Any, y: Any, what: str, fitted: bool = True) -> tuple[Tensor, Tensor]:
+    def _check_data(self, x: Any, y: Any, what: str, fitted: bool = True) -> tuple[Any, Tensor]:
         """Tensors on the parameters' device; DataError on a shape/label mismatch with the model or a
-        non-finite input."""
-        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        non-finite input. Inputs may be a tensor or a dict / tuple of tensors (a collate_fn's)."""
+        if not isinstance(y, Tensor) or not (isinstance(x, Tensor) or isinstance(x, (dict, tuple, list))):
             raise DataError(
                 f"{what} data: expected torch tensors x and y, received {type(x).__name__} and {type(y).__name__}; "
                 "convert with torch.as_tensor"
             )
-        if len(x) == 0 or len(x) != len(y):
-            raise DataError(f"{what} data: expected x and y with the same number (>= 1) of rows, received {len(x)} and {len(y)}")
+        tensors = input_tensors(x) if not isinstance(x, Tensor) else [x]
+        if not tensors or any(not isinstance(t, Tensor) for t in tensors):
+            raise DataError(f"{what} data: inputs hold no tensors")
+        rows = {len(t) for t in tensors}
+        if len(rows) != 1 or rows == {0} or len(y) != tensors[0].shape[0]:
+            raise DataError(f"{what} data: expected x and y with the same number (>= 1) of rows, received "
+                            f"{sorted(rows)} and {len(y)}")
         fm, device = self.model_, param_device(self.params_)
         dtype = param_dtype(self.params_)
-        x = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        from modelsense.core.functional import to_device
+
+        x = to_device(x, device, dtype)
         y = y.to(device)
-        if fitted and tuple(x.shape[1:]) != tuple(self.x_train_.shape[1:]):
+        reference = None
+        if fitted:
+            ref = self.x_train_
+            reference = tuple(ref.shape[1:]) if isinstance(ref, Tensor) else ref.example_shape if isinstance(ref, Rows) else None
+        if isinstance(x, Tensor) and reference is not None and tuple(x.shape[1:]) != reference:
             raise DataError(
                 f"{what} data: examples of shape {tuple(x.shape[1:])} but the model was fitted on examples of shape "
-                f"{tuple(self.x_train_.shape[1:])}; pass test data with the training data's features"
+                f"{reference}; pass test data with the training data's features"
             )
-        for name, t in (("inputs", x), ("targets", y)):
+        for name, t in [*(("inputs", t) for t in input_tensors(x)), ("targets", y)]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
                 raise DataError(f"{what} data: {bad} of {len(t)} examples have NaN or infinite {name}; "
                                 "drop or impute them first")
+        shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else type(x).__name__
         try:
             with torch.no_grad():
-                out = fm(self.params_, x[:1])
+                out = fm(self.params_, take_rows(x, slice(0, 1)))
         except Exception as exc:  # noqa: BLE001 - any failure means the input does not fit the model
-            raise DataError(f"{what} data: the model cannot take examples of shape {tuple(x.shape[1:])} ({exc})") from exc
+            raise DataError(f"{what} data: the model cannot take examples of shape {shape} ({exc})") from exc
         if fm.likelihood == "categorical":
             if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
                 raise DataError(f"{what} data: classification labels must be integers, received dtype {y.dtype}")
@@ -354,11 +391,14 @@ class Attributor:
         return x, y
 
     # -- results ------------------------------------------------------------------------------
-    def scores(self, x_test: Tensor, y_test: Tensor, out: str | os.PathLike | np.ndarray | None = None) -> Tensor:
+    def scores(self, data: Any, y: Tensor | None = None, out: str | os.PathLike | np.ndarray | None = None, *,
+               adapter: BatchAdapter | None = None) -> Tensor:
         """score(i, j) for every training example i and test example j, shape (N, M).
 
         Args:
-            x_test, y_test: test examples (M, ...) with the training data's feature shape, labels (M,).
+            data, y: test examples (M, ...) with the training data's feature shape and labels (M,); or,
+                with y None, an (x, y) pair, a map-style Dataset or a DataLoader (shuffle=False) whose
+                items `adapter` reads (see `modelsense.data.stream`).
             out: a `.npy` path (written as a memory map) or a writable (N, M) array to fill; None:
                 in memory, or a temporary memory map when N·M·itemsize > memory_budget.
         """
@@ -368,7 +408,7 @@ class Attributor:
                 f"method {self.name!r} gives a self-influence only; call self_scores(), or choose a pairwise "
                 f"method ({', '.join(_pairwise_names())})"
             )
-        x_test, y_test = self._check_data(x_test, y_test, "test")
+        x_test, y_test = self._examples(data, y, adapter, "test", fitted=True)
         return self._scores(x_test, y_test, out)
 
     def self_scores(self) -> Tensor:
@@ -390,7 +430,7 @@ class Attributor:
 
     def _per_example_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([self.model_.per_example_loss(params, x[s], y[s]) for s in chunks(len(x), 4 * self.chunk_size_)])
+            return torch.cat([self.model_.per_example_loss(params, take_rows(x, s), y[s]) for s in chunks(len(y), 4 * self.chunk_size_)])
 
     def _allocate(self, shape: tuple[int, int], dtype: torch.dtype, out) -> Tensor:
         """The result matrix: in memory, or backed by a memory-mapped .npy file."""

@@ -54,6 +54,11 @@ KNN_SPACES = ("features", "logits")
 class TrainingLoss(Attributor):
     """self_score(i) = l_i(θ*), the per-example training loss of the fitted model."""
 
+    def streams(self) -> bool:
+        """Reads the training data in batches by position (a Dataset is never read whole)."""
+        return True
+
+
     pairwise = False
 
     def __init__(self, *, loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
@@ -301,6 +306,11 @@ class NearestNeighbourDisagreement(Attributor):
 class RandomScores(Attributor):
     """self_score(i) ~ U(0, 1) i.i.d., drawn from `seed`: the ranking of chance (AUC 1/2 in expectation;
     the GEX code draws N(0, 1), the same random ranking)."""
+
+    def streams(self) -> bool:
+        """Reads the training data in batches by position (a Dataset is never read whole)."""
+        return True
+
 
     pairwise = False
     state_attributes = ("random_",)

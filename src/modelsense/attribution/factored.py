@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.core.functional import FunctionalModel, Params, chunks, n_rows, take_rows
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
     inputs: list[list[Tensor]] = [[] for _ in layers]
     grads: list[list[Tensor]] = [[] for _ in layers]
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    for s in chunks(len(x), chunk_size):
+    for s in chunks(n_rows(x), chunk_size):
         records: dict[int, list] = {k: [] for k in range(len(layers))}
 
         def make_hook(k):
@@ -76,7 +76,7 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
         handles = [layer.module.register_forward_hook(make_hook(k)) for k, layer in enumerate(layers)]
         try:
             with torch.enable_grad():
-                loss = model.per_example_loss(p, x[s], y[s]).sum()
+                loss = model.per_example_loss(p, take_rows(x, s), y[s]).sum()
         finally:
             for h in handles:
                 h.remove()

@@ -107,6 +107,11 @@ class _FactoredGradients:
     """Exact gradient inner products through the Linear-layer factorisation (`factored.py`) when every
     trained parameter belongs to an nn.Linear with vector inputs; else the generic feature path."""
 
+    def streams(self) -> bool:
+        """Reads the training data in batches by position (a Dataset is never read whole)."""
+        return True
+
+
     supports_factored = True
 
     def _setup_factored(self) -> None:

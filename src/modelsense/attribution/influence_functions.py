@@ -56,6 +56,12 @@ class InfluenceFunction(FeatureAttributor):
         damping_mode: absolute | relative.
     """
 
+    def streams(self) -> bool:
+        """Reads the training data in batches by position, unless models are trained from scratch on it
+        (n_models > 1: the engine takes tensors)."""
+        return self.n_models == 1
+
+
     needs_curvature = True
     needs = frozenset({"recipe"})
     structure = "implicit"

@@ -85,13 +85,33 @@ def model_fingerprint(model: FunctionalModel, params: Params) -> dict[str, Any]:
     return out
 
 
-def data_fingerprint(x: Tensor, y: Tensor) -> dict[str, Any]:
-    """N, the shape and dtype of one example and of one label, and a SHA-256 of (x, y)."""
+def data_fingerprint(x: Any, y: Any) -> dict[str, Any]:
+    """N, the shape and dtype of one example and of one label, and a SHA-256 of (x, y).
+
+    x, y: tensors, or the lazy `Rows` of a Dataset / DataLoader (read in batches, two passes; the same
+    digest as the tensors they gather into). Dict / tuple inputs: each tensor in turn, per batch."""
+    from modelsense.core.functional import chunks, input_tensors
+    from modelsense.data.stream import Rows
+
     h = hashlib.sha256()
-    _digest(h, x)
-    _digest(h, y)
-    return {"n": len(x), "x_shape": list(x.shape[1:]), "x_dtype": str(x.dtype).removeprefix("torch."),
-            "y_shape": list(y.shape[1:]), "y_dtype": str(y.dtype).removeprefix("torch."), "sha256": h.hexdigest()}
+    if not isinstance(x, Rows):
+        _digest(h, x)
+        _digest(h, y)
+        return {"n": len(x), "x_shape": list(x.shape[1:]), "x_dtype": str(x.dtype).removeprefix("torch."),
+                "y_shape": list(y.shape[1:]), "y_dtype": str(y.dtype).removeprefix("torch."), "sha256": h.hexdigest()}
+    n = len(x)
+    x0, y0 = x[0:1], y[0:1]
+    shape = list(x0.shape[1:]) if isinstance(x0, Tensor) else [list(t.shape[1:]) for t in input_tensors(x0)]
+    dtype = str(x0.dtype).removeprefix("torch.") if isinstance(x0, Tensor) else [
+        str(t.dtype).removeprefix("torch.") for t in input_tensors(x0)]
+    for side, first in ((x, x0), (y, y0)):
+        for k, t0 in enumerate(input_tensors(first)):
+            h.update(f"{t0.dtype}{(n, *t0.shape[1:])}".encode())
+            for s in chunks(n, 1024):
+                t = input_tensors(side[s])[k].detach().to("cpu").contiguous()
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return {"n": n, "x_shape": shape, "x_dtype": dtype, "y_shape": list(y0.shape[1:]),
+            "y_dtype": str(y0.dtype).removeprefix("torch."), "sha256": h.hexdigest()}
 
 
 # -- nested values <-> JSON + a flat dict of tensors ---------------------------------------------
@@ -342,8 +362,8 @@ def _data_differences(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     return None
 
 
-def load_state(att: Attributor, path: str | os.PathLike, model: Any, x_train: Tensor, y_train: Tensor,
-               check_settings: bool = True) -> None:
+def load_state(att: Attributor, path: str | os.PathLike, model: Any, x_train: Any, y_train: Tensor | None = None,
+               check_settings: bool = True, adapter: Any = None) -> None:
     """Restore the state saved in `path` into the unfitted or fitted `att` (see the module docstring)."""
     from safetensors.torch import load_file
 
@@ -357,7 +377,7 @@ def load_state(att: Attributor, path: str | os.PathLike, model: Any, x_train: Te
                               "(load_attributor reads them) or fit again")
     before = dict(vars(att))
     try:
-        att._bind(model, x_train, y_train)
+        att._bind(model, x_train, y_train, adapter)
         problem = _model_differences(config["model"], model_fingerprint(att.model_, att.params_))
         if problem:
             raise ConfigError(f"{path} was fitted on another model: {problem}")
@@ -377,8 +397,8 @@ def load_state(att: Attributor, path: str | os.PathLike, model: Any, x_train: Te
         raise
 
 
-def load_attributor(path: str | os.PathLike, model: Any, x_train: Tensor, y_train: Tensor,
-                    compute: Any = None) -> Attributor:
+def load_attributor(path: str | os.PathLike, model: Any, x_train: Any, y_train: Tensor | None = None,
+                    compute: Any = None, adapter: Any = None) -> Attributor:
     """The attributor saved in `path`, built from its stored settings and restored for `model` and its
     training data (refused when they are not the ones it was fitted on). Settings that cannot be
     stored (callables, optimizer objects) are None. compute: `ComputeOptions` (default: the defaults)."""
@@ -397,5 +417,5 @@ def load_attributor(path: str | os.PathLike, model: Any, x_train: Tensor, y_trai
         raise ConfigError(f"{path} holds settings {unknown} that method {cls.name!r} does not take (saved by another "
                           "modelsense version); fit again")
     att = cls(**settings, compute=compute)
-    load_state(att, path, model, x_train, y_train, check_settings=False)
+    load_state(att, path, model, x_train, y_train, check_settings=False, adapter=adapter)
     return att

@@ -39,7 +39,7 @@ from modelsense.attribution.base import (
 )
 from modelsense.attribution.gradient import _check_projection, _projector
 from modelsense.attribution.members import reinitialised_copy, train_members  # noqa: F401
-from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.core.functional import FunctionalModel, Params, chunks, map_inputs
 from modelsense.errors import ConfigError
 
 
@@ -47,7 +47,7 @@ def margin_grads(model: FunctionalModel, params: Params, x: Tensor, y: Tensor, c
     """Flat per-example gradients of the margin f_y − logsumexp_{c≠y} f_c, (n, P), and p_y, (n,)."""
 
     def margin(p: Params, xi: Tensor, yi: Tensor):
-        logits = model(p, xi.unsqueeze(0))[0]
+        logits = model(p, map_inputs(lambda t: t.unsqueeze(0), xi))[0]
         is_label = torch.arange(logits.shape[-1], device=logits.device) == yi
         others = logits.masked_fill(is_label, float("-inf"))
         m = (logits * is_label).sum() - torch.logsumexp(others, dim=-1)
@@ -83,6 +83,12 @@ class Trak(FeatureAttributor):
         subset_ratio: each model trains on a random subset of this fraction (1: all examples).
         include_fitted: use the fitted model as one of the M members.
     """
+
+    def streams(self) -> bool:
+        """Reads the training data in batches by position, unless models are trained from scratch on it
+        (n_models > 1: the engine takes tensors)."""
+        return self.n_models == 1
+
 
     needs = frozenset({"recipe"})
     state_attributes = ("members_", "kernel_inverses_", "damping_")

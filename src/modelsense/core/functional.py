@@ -11,8 +11,9 @@ Losses (per example, before any reduction):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,55 @@ def check_per_example_mode(module: nn.Module) -> None:
         )
 
 
+#: a model's input for a batch: a tensor (n, ...), or a dict / tuple / list of such tensors (a user's
+#: `collate_fn`); the model's forward receives it as its one argument
+Inputs = Any
+
+
+def map_inputs(fn: Callable[[Tensor], Tensor], x: Inputs) -> Inputs:
+    """`fn` applied to every tensor of `x` (a tensor, or a dict / tuple / list of them), structure kept."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: map_inputs(fn, v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(map_inputs(fn, v) for v in x)
+    raise ConfigError(f"inputs must be a tensor or a dict / tuple / list of tensors, received {type(x).__name__}")
+
+
+def input_tensors(x: Inputs) -> list[Tensor]:
+    """The tensors of `x` in a fixed order (dict keys in insertion order)."""
+    out: list[Tensor] = []
+    map_inputs(lambda t: out.append(t) or t, x)
+    return out
+
+
+def n_rows(x: Inputs) -> int:
+    """Number of examples of `x`: its length (a tensor, or an object with len() and [rows] such as
+    `modelsense.data.stream.Rows`), or the common first dimension of a dict / tuple of tensors."""
+    if isinstance(x, Tensor) or not isinstance(x, (Mapping, tuple, list)):
+        return len(x)
+    sizes = {len(t) for t in input_tensors(x)}
+    if len(sizes) != 1:
+        raise ConfigError(f"the tensors of one batch of inputs have different numbers of rows {sorted(sizes)}")
+    return sizes.pop()
+
+
+def take_rows(x: Inputs, rows: slice | Tensor) -> Inputs:
+    """Rows `rows` of `x` (a tensor, a lazy `Rows`, or a dict / tuple / list of tensors)."""
+    if isinstance(x, Tensor) or not isinstance(x, (Mapping, tuple, list)):
+        return x[rows]
+    return map_inputs(lambda t: t[rows], x)
+
+
+def to_device(x: Inputs, device: torch.device | str, dtype: torch.dtype | None = None) -> Inputs:
+    """`x` on `device`; floating tensors cast to `dtype` when given (integer ones, e.g. tokens, kept)."""
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+
+    return map_inputs(move, x)
+
+
 def chunks(n: int, size: int) -> Iterator[slice]:
     """Slices covering range(n) in pieces of at most `size`."""
     size = max(int(size), 1)
@@ -158,10 +208,10 @@ class FunctionalModel:
     @torch.no_grad()
     def predict(self, params: Params, x: Tensor, chunk_size: int = 1024) -> Tensor:
         """Outputs for many inputs, computed in chunks, shape (n, C)."""
-        return torch.cat([self(params, x[s]) for s in chunks(len(x), chunk_size)])
+        return torch.cat([self(params, take_rows(x, s)) for s in chunks(n_rows(x), chunk_size)])
 
     def _single_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return self.per_example_loss(params, x.unsqueeze(0), y.unsqueeze(0))[0]
+        return self.per_example_loss(params, map_inputs(lambda t: t.unsqueeze(0), x), y.unsqueeze(0))[0]
 
     def per_example_grads(
         self, params: Params, x: Tensor, y: Tensor, chunk_size: int = 256, flat: bool = False, out: Tensor | None = None
@@ -174,7 +224,7 @@ class FunctionalModel:
             raise ConfigError("out= takes the flat (n, P) gradients; pass flat=True or drop out")
         check_per_example_mode(self.module)
         g = vmap(grad(self._single_loss), in_dims=(None, 0, 0))
-        parts = [g(params, x[s], y[s]) for s in chunks(len(x), chunk_size)]
+        parts = [g(params, take_rows(x, s), y[s]) for s in chunks(n_rows(x), chunk_size)]
         return {n: torch.cat([o[n] for o in parts]) for n in self.spec.names}
 
     def jacobians(self, params: Params, x: Tensor, chunk_size: int = 128) -> Tensor:
@@ -182,10 +232,10 @@ class FunctionalModel:
         check_per_example_mode(self.module)
 
         def single(p: Params, xi: Tensor) -> Tensor:
-            return self(p, xi.unsqueeze(0))[0]
+            return self(p, map_inputs(lambda t: t.unsqueeze(0), xi))[0]
 
         jac = vmap(jacrev(single), in_dims=(None, 0))
-        out = [self.spec.flatten(jac(params, x[s]), batch_dims=2) for s in chunks(len(x), chunk_size)]
+        out = [self.spec.flatten(jac(params, take_rows(x, s)), batch_dims=2) for s in chunks(n_rows(x), chunk_size)]
         return torch.cat(out)
 
 
@@ -210,7 +260,7 @@ def flat_per_example_grads(
     fn = the model's per-example loss.
     """
     check_per_example_mode(model.module)
-    n, P = len(x), model.n_params
+    n, P = n_rows(x), model.n_params
     first = next(iter(params.values()))
     if out is None:
         out = torch.empty(n, P, dtype=first.dtype, device=first.device)
@@ -222,7 +272,7 @@ def flat_per_example_grads(
     g = vmap(grad(fn, has_aux=has_aux), in_dims=(None, 0, 0))
     aux = []
     for s in chunks(n, chunk_size):
-        res = g(params, x[s], y[s])
+        res = g(params, take_rows(x, s), y[s])
         grads = res[0] if has_aux else res
         for name, cols in slices.items():
             out[s, cols] = grads[name].reshape(s.stop - s.start, -1)

@@ -12,7 +12,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params, check_per_example_mode, chunks
+from typing import Any
+
+from modelsense.core.functional import FunctionalModel, Params, check_per_example_mode, chunks, n_rows, take_rows, to_device
+from modelsense.data.stream import BatchAdapter, Rows, as_examples, is_stream
 from modelsense.errors import ConfigError, DataError, shown
 
 REDUCTIONS = ("sum", "mean")
@@ -23,18 +26,31 @@ def param_dtype_device(params: Params) -> tuple[torch.dtype, torch.device]:
     return first.dtype, first.device
 
 
-def check_data(model: FunctionalModel, x: Tensor, y: Tensor) -> None:
-    """Raise DataError unless x, y are tensors with the same number of examples (at least one);
-    ConfigError when the model is not in eval mode where that matters (`check_per_example_mode`:
-    batch norm, dropout)."""
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+def resolve_data(x: Any, y: Any = None, adapter: BatchAdapter | None = None) -> tuple[Any, Any]:
+    """The training data of a curvature operator as (x, y): tensors as given, or the lazy `Rows` of a
+    map-style Dataset / DataLoader (`modelsense.data.stream`), read one chunk at a time by every pass."""
+    if isinstance(x, Rows) or (is_stream(x) and y is None):
+        ex = as_examples(x, y, adapter)
+        if ex.in_memory:
+            return ex.tensors
+        return ex.inputs, ex.labels
+    return x, y
+
+
+def check_data(model: FunctionalModel, x: Any, y: Any) -> None:
+    """Raise DataError unless x, y are tensors (or the lazy `Rows` of a Dataset) with the same number of
+    examples (at least one); ConfigError when the model is not in eval mode where that matters
+    (`check_per_example_mode`: batch norm, dropout)."""
+    tensor_like = (Tensor, Rows, dict, tuple, list)
+    if not isinstance(x, tensor_like) or not isinstance(y, (Tensor, Rows)):
         raise DataError(
-            f"expected x and y as torch tensors, received {type(x).__name__} and {type(y).__name__}; "
-            "convert with torch.as_tensor"
+            f"expected x and y as torch tensors (or a Dataset / DataLoader as x with y=None), received "
+            f"{type(x).__name__} and {type(y).__name__}; convert with torch.as_tensor"
         )
-    if len(x) == 0 or len(x) != len(y):
+    n = n_rows(x)
+    if n == 0 or n != len(y):
         raise DataError(
-            f"expected x and y with the same number (>= 1) of examples, received {len(x)} and {len(y)}"
+            f"expected x and y with the same number (>= 1) of examples, received {n} and {len(y)}"
         )
     if model.likelihood == "categorical" and y.dtype not in (torch.int64, torch.int32, torch.long):
         raise DataError(f"categorical likelihood expects integer labels, received dtype {y.dtype}")
@@ -42,14 +58,13 @@ def check_data(model: FunctionalModel, x: Tensor, y: Tensor) -> None:
 
 
 def data_chunks(
-    x: Tensor, y: Tensor | None, chunk_size: int, params: Params
-) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield (x, y) chunks moved to the parameters' device; floating inputs cast to their dtype."""
+    x: Any, y: Any, chunk_size: int, params: Params
+) -> Iterator[tuple[Any, Tensor | None]]:
+    """Yield (x, y) chunks moved to the parameters' device; floating inputs cast to their dtype.
+    x may be a tensor, a dict / tuple of tensors, or lazy `Rows` (gathered chunk by chunk)."""
     dtype, device = param_dtype_device(params)
-    for s in chunks(len(x), chunk_size):
-        xb = x[s].to(device)
-        if xb.is_floating_point():
-            xb = xb.to(dtype)
+    for s in chunks(n_rows(x), chunk_size):
+        xb = to_device(take_rows(x, s), device, dtype)
         yb = None
         if y is not None:
             yb = y[s].to(device)
@@ -85,6 +100,7 @@ class DataOperator:
         reduction: str,
         chunk_size: int,
     ) -> None:
+        x, y = resolve_data(x, y)
         check_data(model, x, y)
         check_choice("matrix", matrix, matrices)
         check_choice("reduction", reduction, REDUCTIONS)
@@ -93,7 +109,7 @@ class DataOperator:
         self.spec, self.n_params = model.spec, model.n_params
         self.dtype, self.device = param_dtype_device(self.params)
         self.reduction = reduction
-        self.scale = 1.0 if reduction == "sum" else 1.0 / len(x)
+        self.scale = 1.0 if reduction == "sum" else 1.0 / n_rows(x)
         self.chunk_size = int(chunk_size)
 
     def _data_chunks(self) -> Iterator[tuple[Tensor, Tensor]]:

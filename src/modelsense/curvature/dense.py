@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params
+from modelsense.core.functional import FunctionalModel, Params, n_rows
 from modelsense.curvature._common import check_data, data_chunks, output_hessian
 from modelsense.errors import ConfigError
 
@@ -38,7 +38,7 @@ def dense_ggn(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | Non
     P = model.n_params
     G = None
     for xb, _ in data_chunks(x, y, chunk_size, params):
-        J = model.jacobians(params, xb, chunk_size=len(xb))
+        J = model.jacobians(params, xb, chunk_size=n_rows(xb))
         with torch.no_grad():
             lam = output_hessian(model(params, xb), model.likelihood)
         part = torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
@@ -53,7 +53,7 @@ def dense_empirical_fisher(model: FunctionalModel, x: Tensor, y: Tensor, params:
     params = params if params is not None else model.params
     F = None
     for xb, yb in data_chunks(x, y, chunk_size, params):
-        g = model.per_example_grads(params, xb, yb, chunk_size=len(xb), flat=True)
+        g = model.per_example_grads(params, xb, yb, chunk_size=n_rows(xb), flat=True)
         F = g.T @ g if F is None else F + g.T @ g
     return F
 

@@ -91,7 +91,7 @@ class KroneckerCurvature(DataOperator, Curvature):
         self,
         model: FunctionalModel,
         x: Tensor,
-        y: Tensor,
+        y: Tensor | None = None,
         matrix: str = "ggn",
         params: Params | None = None,
         reduction: str = "sum",
@@ -108,7 +108,7 @@ class KroneckerCurvature(DataOperator, Curvature):
         self._bind_data(model, x, y, matrix, ("ggn", "ef"), params, reduction, chunk_size)
         self.structure = "ekfac" if eigen_corrected else "kfac"
         self.kfac_approx, self.fallback, self.max_dense_block = kfac_approx, fallback, int(max_dense_block)
-        self.layers, self.fallbacks = plan_blocks(model, self.params, x, fallback, self.max_dense_block)
+        self.layers, self.fallbacks = plan_blocks(model, self.params, self.x, fallback, self.max_dense_block)
         self.factors = self._fit_factors()
         self.eigenbases = []
         self.eigenvalue_grids = []

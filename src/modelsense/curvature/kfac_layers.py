@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.core.functional import FunctionalModel, Params, chunks, map_inputs, n_rows, take_rows
 from modelsense.curvature._common import data_chunks, loss_output_grad, output_hessian_sqrt
 from modelsense.errors import ConfigError
 
@@ -321,7 +321,7 @@ def plan_blocks(
     hooked: list[Hooked] = [*candidates, *norm_candidates]
     layers, norms = [], {}
     if hooked:
-        xb, _ = next(data_chunks(x[:2], None, 2, params))
+        xb, _ = next(data_chunks(take_rows(x, slice(0, 2)), None, 2, params))
         records = _record_calls(hooked)
         handles = [layer.module.register_forward_hook(records.hook(layer)) for layer in hooked]
         try:
@@ -331,7 +331,7 @@ def plan_blocks(
             for h in handles:
                 h.remove()
         for layer in hooked:
-            why = _call_problem(layer, records.calls[layer.name], len(xb))
+            why = _call_problem(layer, records.calls[layer.name], n_rows(xb))
             if why:
                 reasons.update({n: why for n in layer.params})
             elif isinstance(layer, KroneckerLayer):
@@ -460,7 +460,7 @@ def layer_forward(model: FunctionalModel, layers: list[KroneckerLayer], params: 
         for h in handles:
             h.remove()
     for layer in hooked:
-        why = _call_problem(layer, records.calls[layer.name], len(xb))
+        why = _call_problem(layer, records.calls[layer.name], n_rows(xb))
         if why:
             raise ConfigError(f"module {layer.name!r}: {why}; exclude its parameters with trainable=")
     inputs = [torch.cat([layer_inputs(layer, inp.detach()) for inp, _, _ in records.calls[layer.name]], dim=1)
@@ -576,14 +576,14 @@ def fallback_jacobians(model: FunctionalModel, params: Params, names: list[str],
     sub = {k: params[k] for k in names}
 
     def single(s: Params, xi: Tensor) -> Tensor:
-        return model({**rest, **s}, xi.unsqueeze(0))[0]
+        return model({**rest, **s}, map_inputs(lambda t: t.unsqueeze(0), xi))[0]
 
     jac = vmap(jacrev(single), in_dims=(None, 0))
     with torch.no_grad():
-        C = model(params, xb[:1]).reshape(1, -1).shape[1]
+        C = model(params, take_rows(xb, slice(0, 1))).reshape(1, -1).shape[1]
     p = sum(v.numel() for v in sub.values())
-    for s in chunks(len(xb), max(1, _ELEMENTS // (C * p))):
-        J = jac(sub, xb[s])
+    for s in chunks(n_rows(xb), max(1, _ELEMENTS // (C * p))):
+        J = jac(sub, take_rows(xb, s))
         yield s, torch.cat([J[k].reshape(s.stop - s.start, C, -1) for k in names], dim=-1)
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
-from modelsense.core.functional import FunctionalModel, Params
+from modelsense.core.functional import FunctionalModel, Params, map_inputs, n_rows, take_rows
 from modelsense.curvature._common import (
     REDUCTIONS,
     DataOperator,
@@ -139,7 +139,7 @@ class Curvature:
         """
         out = []
         for xb, _ in data_chunks(x, None, chunk_size, params):
-            J = model.jacobians(params, xb, chunk_size=len(xb))  # (n, C, P)
+            J = model.jacobians(params, xb, chunk_size=n_rows(xb))  # (n, C, P)
             n, C, P = J.shape
             S = self.inverse_mv(J.reshape(n * C, P).T, damping)  # (P, nC)
             out.append(torch.einsum("ncp,pnd->ncd", J, S.reshape(P, n, C)))
@@ -174,7 +174,7 @@ class ImplicitCurvature(DataOperator, Curvature):
         self,
         model: FunctionalModel,
         x: Tensor,
-        y: Tensor,
+        y: Tensor | None = None,
         matrix: str = "ggn",
         params: Params | None = None,
         reduction: str = "sum",
@@ -187,7 +187,7 @@ class ImplicitCurvature(DataOperator, Curvature):
         self.num_matvecs = 0
         # keep each chunk's autograd graph between single-vector products (Lanczos): by default
         # only when the data is one chunk (the memory of one pass); True keeps every chunk's graph
-        self.cache_graph = len(x) <= self.chunk_size if cache_graph is None else bool(cache_graph)
+        self.cache_graph = len(self.y) <= self.chunk_size if cache_graph is None else bool(cache_graph)
         self._graph_cache: dict[int, tuple] = {}
 
     # --- products ---------------------------------------------------------------------------
@@ -292,7 +292,7 @@ class ImplicitCurvature(DataOperator, Curvature):
         model, params = self.model, self.params
 
         def single(p, xi, ui):
-            return (model(p, xi.unsqueeze(0))[0] * ui).sum()
+            return (model(p, map_inputs(lambda t: t.unsqueeze(0), xi))[0] * ui).sum()
 
         g = vmap(grad(single), in_dims=(None, 0, 0))(params, xb, cotangent)
         return self.spec.flatten(g, batch_dims=1)
@@ -301,7 +301,7 @@ class ImplicitCurvature(DataOperator, Curvature):
         """Yield (n, P) blocks R with K = scale · Σ RᵀR (GGN: rows L_iᵀ J_i per class; EF: g_i)."""
         for xb, yb in self._data_chunks():
             if self.matrix == "ef":
-                yield self.model.per_example_grads(self.params, xb, yb, chunk_size=len(xb), flat=True)
+                yield self.model.per_example_grads(self.params, xb, yb, chunk_size=n_rows(xb), flat=True)
                 continue
             with torch.no_grad():
                 logits = self.model(self.params, xb)
@@ -530,7 +530,7 @@ class DiagonalCurvature(Curvature):
             pass
         out = []
         for xb, _ in data_chunks(x, None, chunk_size, params):
-            J = model.jacobians(params, xb, chunk_size=len(xb))
+            J = model.jacobians(params, xb, chunk_size=n_rows(xb))
             out.append(torch.einsum("ncp,p,ndp->ncd", J, w, J))
         return torch.cat(out)
 
@@ -597,10 +597,10 @@ def gram_curvature(exact: ImplicitCurvature, max_rows: int = 20_000) -> LowRankC
     """
     if exact.matrix == "hessian":
         raise ConfigError("structure 'gram' needs a factored matrix (ggn or ef); the Hessian has no factor rows")
-    rows = len(exact.x)
+    rows = len(exact.y)
     if exact.matrix == "ggn":
         with torch.no_grad():
-            rows *= exact.model(exact.params, exact.x[:1]).reshape(1, -1).shape[1]
+            rows *= exact.model(exact.params, take_rows(exact.x, slice(0, 1))).reshape(1, -1).shape[1]
     if rows > max_rows:  # checked before the m x P factor is built
         raise ConfigError(f"structure 'gram' stores an m x m matrix; m = {rows} factor rows exceed "
                           f"max_full_params={max_rows}; use fewer examples, kfac/ekfac, or raise max_full_params")
@@ -663,12 +663,13 @@ class CurvatureConfig:
 def build_curvature(
     model: FunctionalModel,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None = None,
     config: CurvatureConfig | None = None,
     params: Params | None = None,
     **overrides,
 ) -> Curvature:
-    """Build the curvature operator `config.matrix` in `config.structure` over data (x, y).
+    """Build the curvature operator `config.matrix` in `config.structure` over data (x, y): tensors, or
+    x a map-style Dataset / DataLoader with y None (`modelsense.data.stream`; read chunk by chunk).
 
     Example:
         >>> K = build_curvature(FunctionalModel(net), x, y, matrix="ggn", structure="kfac")
