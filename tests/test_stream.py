@@ -188,3 +188,15 @@ def test_examples_gather_by_index():
     assert torch.equal(xb, X[idx]) and torch.equal(yb, Y[idx])
     assert torch.equal(torch.cat([b[0] for b in ex.batches(7)]), X)
     assert method_class("if-ekfac")().streams() and not method_class("el2n")().streams()
+
+
+def test_feature_blocks_shrink_to_the_memory_budget():
+    # P = 38 float64 gradients: 304 bytes a row; a budget of 8 x 3 rows makes blocks of 3 rows (not 50)
+    adapter = Batches()
+    att = build("if-ekfac", chunk_size=4, block_size=50, memory_budget=8 * 304 * 3)
+    assert att._block_rows(304) == 3
+    att.fit(MODEL, Counting(X, Y), adapter=adapter)
+    ref = build("if-ekfac").fit(MODEL, X, Y)
+    assert close(att.self_scores(), ref.self_scores())
+    assert close(att.scores(XT, YT), ref.scores(XT, YT))
+    assert max(adapter.sizes[1:]) <= 4

@@ -486,10 +486,20 @@ class FeatureAttributor(Attributor):
             return a, a
         return a, self._test_features(self.x_train_[rows], self.y_train_[rows])
 
+    def _block_rows(self, row_bytes: int) -> int:
+        """Rows of a block of per-example features: `block_size`, fewer when one block of features
+        (row_bytes each) would take more than an eighth of `memory_budget` (a block of gradients of a
+        large model: 2048 x 700k parameters would be 5.7 GB)."""
+        return max(1, min(self.compute.block_size, self.compute.memory_budget // (8 * max(int(row_bytes), 1))))
+
+    def _feature_row_bytes(self) -> tuple[list[Tensor], int]:
+        probe = self._train_features(slice(0, 1))
+        return probe, sum(f.shape[1] for f in probe) * probe[0].element_size()
+
     def _self_scores(self) -> Tensor:
         n = self.n_train
         out = torch.zeros(n, dtype=param_dtype(self.params_))
-        blocks = list(chunks(n, self.compute.block_size))
+        blocks = list(chunks(n, self._block_rows(self._feature_row_bytes()[1])))
         with progress_bar(len(blocks), f"{self.name} self-influence", enabled=self.compute.progress) as bar:
             for rows in blocks:
                 a, b = self._self_feature_pair(rows)
@@ -517,15 +527,14 @@ class FeatureAttributor(Attributor):
         dtype = param_dtype(self.params_)
         result = self._allocate((n, m), dtype, out)
         quarter = self.compute.memory_budget // 4
-        probe = self._train_features(slice(0, 1))
-        item = probe[0].element_size()
-        row_bytes = sum(f.shape[1] for f in probe) * item
-        comp_bytes = max(f.shape[1] for f in probe) * item
-        train_blocks = list(chunks(n, self.compute.block_size))
+        probe, row_bytes = self._feature_row_bytes()
+        comp_bytes = max(f.shape[1] for f in probe) * probe[0].element_size()
+        train_blocks = list(chunks(n, self._block_rows(row_bytes)))
         if row_bytes * n > quarter and comp_bytes * m <= quarter:
             with progress_bar(len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
                 for c in range(len(probe)):
-                    B = torch.cat([self._test_component(x_test[cols], y_test[cols], c) for cols in chunks(m, self.compute.block_size)])
+                    B = torch.cat([self._test_component(x_test[cols], y_test[cols], c)
+                                   for cols in chunks(m, self._block_rows(comp_bytes))])
                     for rows in train_blocks:
                         block = (self._train_component(rows, c) @ B.T).detach().to("cpu", result.dtype)
                         if c == 0:

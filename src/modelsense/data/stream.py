@@ -241,8 +241,10 @@ class Rows:
 
 def is_stream(data: Any) -> bool:
     """True for the forms `as_examples` gathers lazily (a Dataset, a DataLoader, `Examples`, `Rows`)."""
-    return isinstance(data, (Dataset, DataLoader, Examples, Rows)) or (
-        not isinstance(data, (Tensor, tuple, list, Mapping)) and hasattr(data, "__len__") and hasattr(data, "__getitem__"))
+    if isinstance(data, (Dataset, DataLoader, Examples, Rows)):
+        return True
+    array_like = isinstance(data, (Tensor, tuple, list, Mapping, str, bytes)) or hasattr(data, "shape")
+    return not array_like and hasattr(data, "__len__") and hasattr(data, "__getitem__")
 
 
 def _tensor_examples(x: Inputs, y: Tensor, what: str) -> Examples:
