@@ -1,0 +1,154 @@
+"""Scale benchmark: `if-ekfac` on a CIFAR-10-shaped set that is never held in memory.
+
+Setting (defaults, the issue's): a synthetic set of 50,000 training and 200 test images of shape
+3 x 32 x 32 in 10 classes, each image made on the fly from its index (a seeded class pattern plus
+noise; the set is a map-style `torch.utils.data.Dataset`, read in batches by position, never whole:
+50,000 float32 images would be 614 MB); the registered `resnet18` (PreAct ResNet-18, GroupNorm) at
+base width 16 (about 0.7M parameters), initialised from `--seed` and optionally trained for `--epochs`
+with SGD through a `DataLoader`; then, with `--memory-gb 4` as the memory budget:
+
+    fit      EK-FAC factors and eigenvalues of the GGN over all training examples (`if-ekfac`)
+    scores   the 50,000 x 200 score matrix (memory-mapped when above the budget)
+    self     the self-influence of all 50,000 training examples
+
+Printed: the time of each stage (wall seconds), the peak resident memory of the process
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`), and a last JSON line with both. `--n-train` /
+`--n-test` make a small run take seconds (e.g. `--n-train 500 --n-test 20`). `--device cuda` runs
+the same on a GPU (the paper-scale run at `--width 64`).
+
+Run: PYTHONPATH=src .venv/bin/python bench/scale.py [--n-train 50000 --n-test 200 --memory-gb 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from modelsense.attribution import ComputeOptions, make_attributor
+from modelsense.models import build_model
+
+
+class SyntheticImages(Dataset):
+    """n images (3, 32, 32) made from their index: x_i = pattern[y_i] + noise_i, y_i = (i·7919) mod 10.
+
+    The 10 class patterns are drawn once from `seed` (smooth, so a small CNN learns them); the noise of
+    image i from the generator seeded (seed, i), so an image is the same whenever it is read.
+    `offset` separates the test images' noise streams from the training images'.
+    """
+
+    def __init__(self, n: int, seed: int = 0, offset: int = 0, noise: float = 1.0) -> None:
+        self.n, self.seed, self.offset, self.noise = int(n), int(seed), int(offset), float(noise)
+        g = torch.Generator().manual_seed(seed)
+        coarse = torch.randn(10, 3, 4, 4, generator=g)
+        self.patterns = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        label = (i * 7919) % 10
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + i)
+        x = self.patterns[label] + self.noise * torch.randn(3, 32, 32, generator=g)
+        return x, label
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process in GiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def train(model: torch.nn.Module, data: Dataset, epochs: int, lr: float, bs: int, device: str, seed: int) -> float:
+    """Plain SGD (momentum 0.9) on the mean cross-entropy, data read by a shuffled DataLoader; the
+    training loss of the last epoch."""
+    g = torch.Generator().manual_seed(seed)
+    loader = DataLoader(data, batch_size=bs, shuffle=True, generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    last = math.nan
+    for _ in range(epochs):
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            total, count = total + float(loss) * len(y), count + len(y)
+        last = total / count
+    return last
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-train", type=int, default=50_000)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--width", type=int, default=16, help="base width k of the ResNet-18 (64: the standard one)")
+    p.add_argument("--memory-gb", type=float, default=4.0, help="memory budget in GiB (ComputeOptions.memory_budget)")
+    p.add_argument("--matrix", default="ggn", choices=("ggn", "ef"),
+                   help="curvature of if-ekfac: ggn (the method's default; C backward passes per example in the fit) "
+                        "or ef (empirical Fisher, one)")
+    p.add_argument("--epochs", type=int, default=0, help="SGD epochs before scoring (0: the initialised model)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--bs", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scratch", default=None, help="folder of memory-mapped score files (default: the temp dir)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    train_set = SyntheticImages(args.n_train, seed=args.seed)
+    test_set = SyntheticImages(args.n_test, seed=args.seed, offset=10**9)
+    model = build_model("resnet18", (3, 32, 32), 10, width=args.width, norm="gn", seed=args.seed).to(args.device)
+    n_params = sum(q.numel() for q in model.parameters())
+    print(f"resnet18 width {args.width} (GroupNorm): {n_params} parameters; {args.n_train} train / {args.n_test} test "
+          f"images 3x32x32 made on the fly; memory budget {args.memory_gb:g} GiB; {torch.get_num_threads()} threads",
+          flush=True)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train_loss = train(model, train_set, args.epochs, args.lr, args.bs, args.device, args.seed) if args.epochs else None
+    times["train"] = time.perf_counter() - t0
+    model.eval()
+    compute = ComputeOptions(memory_budget=int(args.memory_gb * 2**30), scratch_dir=args.scratch, progress=False)
+    att = make_attributor("if-ekfac", matrix=args.matrix, compute=compute)
+    loader = DataLoader(train_set, batch_size=256, shuffle=False)
+    t0 = time.perf_counter()
+    att.fit(model, loader)
+    times["fit"] = time.perf_counter() - t0
+    print(f"fit (EK-FAC over {args.n_train} examples): {times['fit']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True)
+    t0 = time.perf_counter()
+    scores = att.scores(DataLoader(test_set, batch_size=256, shuffle=False))
+    times["scores"] = time.perf_counter() - t0
+    where = f"memory-mapped at {att.scores_path_}" if hasattr(att, "scores_path_") else "in memory"
+    print(f"scores {tuple(scores.shape)} ({where}): {times['scores']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True)
+    t0 = time.perf_counter()
+    self_scores = att.self_scores()
+    times["self"] = time.perf_counter() - t0
+    print(f"self-influence ({len(self_scores)}): {times['self']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True)
+    finite = bool(torch.isfinite(self_scores).all()) and bool(torch.isfinite(torch.as_tensor(scores[:100])).all())
+    result = {
+        "n_train": args.n_train, "n_test": args.n_test, "width": args.width, "n_params": n_params,
+        "memory_gb": args.memory_gb, "matrix": args.matrix, "device": args.device, "threads": torch.get_num_threads(), "epochs": args.epochs,
+        "train_loss": train_loss, "seconds": {k: round(v, 2) for k, v in times.items()},
+        "total_seconds": round(time.perf_counter() - t_start, 2), "peak_rss_gb": round(peak_rss_gb(), 3),
+        "scores_shape": list(scores.shape), "finite": finite,
+        "self_influence_mean": float(self_scores.double().mean()),
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
