@@ -200,3 +200,29 @@ def test_feature_blocks_shrink_to_the_memory_budget():
     assert close(att.self_scores(), ref.self_scores())
     assert close(att.scores(XT, YT), ref.scores(XT, YT))
     assert max(adapter.sizes[1:]) <= 4
+
+
+def test_engine_gathers_batches_from_a_dataset():
+    """The retraining engine on a Dataset (batches gathered by index) equals it on tensors, for a
+    DataLoader too (queries as a Dataset and a DataLoader)."""
+    from modelsense.training import TrainConfig
+    from modelsense.training.ensemble import train_ensemble
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    xt, yt = torch.randn(9, 3, generator=g), torch.randint(0, 3, (9,), generator=g)
+    masks = torch.rand(3, 40, generator=g) < 0.6
+    cfg = TrainConfig(lr=0.1, epochs=3, bs=8, delta=1.0)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    ref = train_ensemble(net, x, y, masks, cfg, queries={"test": (xt, yt), "train": (x, y)}, progress=False)
+    lazy = train_ensemble(net, TensorDataset(x, y), None, masks, cfg,
+                          queries={"test": TensorDataset(xt, yt), "train": loader(x, y)}, progress=False)
+    for q in ("test", "train"):
+        for k in ("logits", "loss", "correct"):
+            torch.testing.assert_close(lazy.outputs[q][k], ref.outputs[q][k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(DataError, match="shuffle=False"):
+        train_ensemble(net, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), None, masks, cfg, progress=False)

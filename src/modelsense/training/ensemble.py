@@ -40,7 +40,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from modelsense.core.functional import Params, chunks
+from modelsense.core.functional import Params, chunks, map_inputs
+from modelsense.data.stream import Rows, as_examples, is_stream
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
@@ -173,11 +174,13 @@ def query_outputs(
         return functional_call(module, {**buffers, **p}, (xb,))
 
     batched = vmap(forward, in_dims=(0, None))
-    logits = []
+    logits, labels = [], []
     with torch.no_grad():
         for s in chunks(len(x), chunk_size):
             logits.append(batched(params, x[s]))
+            labels.append(y[s])  # lazy `Rows`: the labels of the batch just gathered
     f = torch.cat(logits, dim=1) if logits else torch.zeros(next(iter(params.values())).shape[0], 0, 0)
+    y = torch.cat(labels) if isinstance(y, Rows) else y
     m, n = f.shape[:2]
     out: QueryOutputs = {}
     yy = y.expand(m, *y.shape)
@@ -215,7 +218,9 @@ def train_ensemble(
 
     Args:
         model_fn: seed -> freshly initialised module (e.g. `lambda s: build_model(..., seed=s)`).
-        x, y: training inputs (N, ...) and labels (N,).
+        x, y: training inputs (N, ...) and labels (N,); or x a map-style Dataset / DataLoader (shuffle=False)
+            of (x_i, y_i) items with y None (`modelsense.data.stream`): each step gathers its
+            batches by index, so the set is never held whole. Queries take the same forms.
         labels: (M, N) class labels, one row per model, that model m trains on instead of y
             (relabeled training sets); the queries keep their own labels (default: y for every model).
         masks: (M, N) bool (model m trains on examples with True) or non-negative float weights w_m
@@ -236,6 +241,11 @@ def train_ensemble(
         raise ConfigError(f"the retraining engine trains with sgd or adam, not {cfg.optimizer!r}; use fit() for IVON")
     if batch_plan not in BATCH_PLANS:
         raise ConfigError(f"unknown batch_plan {batch_plan!r}; expected one of {BATCH_PLANS}")
+    device = torch.device(cfg.device)
+    lazy = isinstance(x, Rows) or is_stream(x)
+    if lazy:
+        ex = as_examples(x, y if isinstance(y, Rows) else None).on(device, None)
+        x, y = ex.inputs, ex.labels
     masks = torch.as_tensor(masks)
     if masks.dim() != 2 or masks.shape[1] != len(x):
         raise ConfigError(f"masks must have shape (M, N={len(x)}), got {tuple(masks.shape)}")
@@ -259,9 +269,10 @@ def train_ensemble(
     if len(seeds) != n_models:
         raise ConfigError(f"got {len(seeds)} seeds for {n_models} models")
     queries = {"train": (x, y)} if queries is None else queries
-    device = torch.device(cfg.device)
+    queries = {q: _query_pair(v, device) for q, v in queries.items()}
     chunk_models = n_models if chunk_models is None else max(1, int(chunk_models))
-    x, y = x.to(device), y.to(device)
+    if not lazy:
+        x, y = x.to(device), y.to(device)
     weights = weights.to(device)
     parts = []
     n_chunks = (n_models + chunk_models - 1) // chunk_models
@@ -274,6 +285,23 @@ def train_ensemble(
                 on_chunk(ids, part)
             parts.append(part)
     return EnsembleResult.concat(parts)
+
+
+def _query_pair(value, device: torch.device) -> tuple:
+    """A query as (x, y): tensors as given, or the lazy `Rows` of a Dataset / DataLoader."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Rows):
+        return value
+    if is_stream(value):
+        ex = as_examples(value, what="query").on(device, None)
+        return ex.inputs, ex.labels
+    return value
+
+
+def _rows_of(x, it: Tensor):
+    """x[it] for an (M, bs) index: tensors index directly; lazy `Rows` gather the M·bs examples at once."""
+    if not isinstance(x, Rows):
+        return x[it]
+    return map_inputs(lambda t: t.reshape(*it.shape, *t.shape[1:]), x[it.reshape(-1)])
 
 
 def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids, keep_logits, return_params,
@@ -321,10 +349,14 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
         for t in range(index.shape[1]):
             it, vt = index[:, t], valid[:, t]
             wb = weights[rows, it] * vt
-            yb = y[it] if labels is None else labels[rows, it]
-            opt.step(params, grad_fn(params, x[it], yb, wb), lr, (wb > 0).any(1))
+            xb = _rows_of(x, it)
+            yb = _rows_of(y, it) if labels is None else labels[rows, it]
+            opt.step(params, grad_fn(params, xb, yb, wb), lr, (wb > 0).any(1))
         bar.advance(1)
-    outputs = {q: query_outputs(base, params, consts, qx.to(device), qy.to(device), likelihood, keep_logits=keep_logits,
+    def moved(t):
+        return t if isinstance(t, Rows) else t.to(device)
+
+    outputs = {q: query_outputs(base, params, consts, moved(qx), moved(qy), likelihood, keep_logits=keep_logits,
                                 loss=cfg.loss)
                for q, (qx, qy) in queries.items()}
     outputs = {q: {k: v.cpu() for k, v in o.items()} for q, o in outputs.items()}
