@@ -226,3 +226,17 @@ def test_engine_gathers_batches_from_a_dataset():
             torch.testing.assert_close(lazy.outputs[q][k], ref.outputs[q][k], rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match="shuffle=False"):
         train_ensemble(net, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), None, masks, cfg, progress=False)
+
+
+@pytest.mark.parametrize("structure", ["kfac", "diag"])
+def test_laplace_posterior_and_mpe_from_a_dataloader(structure):
+    from modelsense.curvature.posterior import laplace
+    from modelsense.mpe import mpe_scores
+
+    fm = FunctionalModel(MODEL)
+    post = laplace(fm, loader(X, Y), structure=structure, prior_precision=1.0, chunk_size=5)
+    ref = laplace(fm, X, Y, structure=structure, prior_precision=1.0, chunk_size=5)
+    assert post.log_marginal_likelihood() == pytest.approx(ref.log_marginal_likelihood(), rel=1e-9)
+    assert close(post.predictive_covariance(XT), ref.predictive_covariance(XT))
+    got, want = mpe_scores(post, loader(X, Y), chunk_size=5), mpe_scores(ref, X, Y, chunk_size=5)
+    assert close(got.loo_nll, want.loo_nll)

@@ -23,6 +23,11 @@ class MemoryPerturbation(Attributor):
     """Settings: source (laplace | ivon | adam), structure (Laplace: kfac | diag | ekfac | full),
     prior_precision δ, variant (diag | full | loo), optimizer (for ivon/adam)."""
 
+    def streams(self) -> bool:
+        """Reads the training data in batches by position (posterior and MPE passes)."""
+        return True
+
+
     pairwise = False
     needs_curvature = True
     needs = frozenset({"prior_precision", "optimizer_state"})

@@ -24,8 +24,8 @@ import math
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params, per_example_nll
-from modelsense.curvature._common import check_data, data_chunks
+from modelsense.core.functional import FunctionalModel, Params, n_rows, per_example_nll
+from modelsense.curvature._common import check_data, data_chunks, resolve_data
 from modelsense.curvature.operators import Curvature, CurvatureConfig, DiagonalCurvature, build_curvature
 from modelsense.errors import ConfigError, shown
 
@@ -174,7 +174,7 @@ class LaplacePosterior(GaussianPosterior):
 def laplace(
     model: FunctionalModel,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None = None,
     structure: str = "kfac",
     prior_precision: float = 1.0,
     matrix: str = "ggn",
@@ -183,7 +183,8 @@ def laplace(
     chunk_size: int = 256,
 ) -> LaplacePosterior:
     """Laplace posterior N(θ*, (K + δI)^{-1}) at θ* = params (default model.params), K the `matrix`
-    (ggn by default) of the loss summed over (x, y) in `structure` (full | diag | kfac | ekfac | lowrank).
+    (ggn by default) of the loss summed over (x, y) in `structure` (full | diag | kfac | ekfac | lowrank);
+    x may be a map-style Dataset / DataLoader with y None (`modelsense.data.stream`, read by chunks).
 
     Example:
         >>> post = laplace(FunctionalModel(net), x_train, y_train, structure="kfac", prior_precision=1.0)
@@ -192,6 +193,7 @@ def laplace(
     """
     if structure == "implicit":
         raise ConfigError("a Laplace posterior needs a structure with inverses: full, diag, kfac, ekfac or lowrank")
+    x, y = resolve_data(x, y)
     base = config or CurvatureConfig(chunk_size=chunk_size)
     K = build_curvature(model, x, y, base, params=params, matrix=matrix, structure=structure, reduction="sum")
     check_data(model, x, y)
@@ -202,7 +204,7 @@ def laplace(
             logits = model(theta, xb)
             log_lik -= float(per_example_nll(logits, yb, model.likelihood).double().sum())
             if model.likelihood == "gaussian":  # the constant per_example_nll leaves out
-                log_lik -= 0.5 * logits[0].numel() * len(xb) * math.log(2 * math.pi)
+                log_lik -= 0.5 * logits[0].numel() * n_rows(xb) * math.log(2 * math.pi)
     return LaplacePosterior(model, K, prior_precision, log_lik, mean=theta)
 
 

@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, chunks
+from modelsense.core.functional import FunctionalModel, chunks, n_rows
 from modelsense.errors import ConfigError, DataError
+from modelsense.data.stream import is_stream
 
 VARIANTS = ("diag", "full", "loo")
 LIKELIHOODS = ("categorical", "gaussian")
@@ -374,8 +375,8 @@ def build_posterior(
     if source == "laplace":
         if structure not in LAPLACE_STRUCTURES:
             raise ConfigError(f"unknown Laplace structure (--var-version) {structure!r}; expected one of {', '.join(LAPLACE_STRUCTURES)}")
-        if x is None or y is None:
-            raise ConfigError("a Laplace posterior needs the training data (x, y)")
+        if x is None or (y is None and not is_stream(x)):
+            raise ConfigError("a Laplace posterior needs the training data (x, y), or a Dataset / DataLoader as x")
         return laplace(model, x, y, structure=structure, prior_precision=float(prior_precision), chunk_size=chunk_size)
     if optimizer is None:
         raise ConfigError(f"the {source} posterior reads the optimizer state: pass the optimizer that trained the model")
@@ -393,7 +394,7 @@ def build_posterior(
 def mpe_scores(
     posterior,
     x: Tensor,
-    y: Tensor,
+    y: Tensor | None = None,
     settings: MPESettings | None = None,
     chunk_size: int = 500,
     return_covariance: bool = False,
@@ -403,9 +404,12 @@ def mpe_scores(
 
     Returns the concatenated MPEResult (and V (n, C, C) when `return_covariance`).
     """
+    from modelsense.curvature._common import resolve_data
+
+    x, y = resolve_data(x, y)
     model = posterior.model
     parts, covs = [], []
-    for s in chunks(len(x), chunk_size):
+    for s in chunks(n_rows(x), chunk_size):
         xb = x[s]
         with torch.no_grad():
             logits = model(posterior.mean, xb).detach()
