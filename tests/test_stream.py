@@ -240,3 +240,16 @@ def test_laplace_posterior_and_mpe_from_a_dataloader(structure):
     assert close(post.predictive_covariance(XT), ref.predictive_covariance(XT))
     got, want = mpe_scores(post, loader(X, Y), chunk_size=5), mpe_scores(ref, X, Y, chunk_size=5)
     assert close(got.loo_nll, want.loo_nll)
+
+
+def test_spectrum_and_features_from_a_dataloader():
+    from modelsense.curvature.spectrum import SpectrumConfig, compute_spectrum
+    from modelsense.representations.features import extract_features
+
+    fm = FunctionalModel(MODEL)
+    cfg = SpectrumConfig(k=3, trace_samples=4, chunk_size=5)
+    got, want = compute_spectrum(fm, loader(X, Y), config=cfg), compute_spectrum(fm, X, Y, cfg)
+    assert close(got.eigenvalues, want.eigenvalues)
+    assert got.trace.estimate == pytest.approx(want.trace.estimate, rel=1e-9)
+    feats, ref = extract_features(MODEL, loader(X, Y), ["1"], batch_size=5), extract_features(MODEL, X, ["1"], batch_size=5)
+    assert close(feats["1"], ref["1"])

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.curvature.effdim import effective_dimension
 from modelsense.curvature.lanczos import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
+from modelsense.curvature._common import resolve_data
 from modelsense.curvature.operators import MATRICES, REDUCTIONS, CurvatureConfig, build_curvature
 from modelsense.errors import ConfigError
 from modelsense.options import floats, joined, option
@@ -170,17 +171,19 @@ def density_on_grid(density: SpectralDensity, points: int = 800) -> tuple[np.nda
 
 
 def compute_spectrum(
-    model: FunctionalModel, x: Tensor, y: Tensor, config: SpectrumConfig | None = None, params: Params | None = None,
-    *, progress: bool = False,
+    model: FunctionalModel, x: Tensor, y: Tensor | None = None, config: SpectrumConfig | None = None,
+    params: Params | None = None, *, progress: bool = False,
 ) -> Spectrum:
-    """Top-k eigenpairs and N_eff (and, if asked, trace and density) of `config.matrix` over (x, y).
+    """Top-k eigenpairs and N_eff (and, if asked, trace and density) of `config.matrix` over (x, y)
+    (tensors, or x a map-style Dataset / DataLoader with y None: every product reads it by chunks).
 
     The returned config has s resolved (the default when empty, with N = len(x)); `cost` holds the
     matrix-vector products and seconds of each part. `progress`: a bar per Lanczos step, per
     Hutchinson probe, per SLQ probe.
     """
+    x, y = resolve_data(x, y)
     config = config or SpectrumConfig()
-    config = dataclasses.replace(config, s=resolve_s(config.s, config.reduction, len(x)))
+    config = dataclasses.replace(config, s=resolve_s(config.s, config.reduction, len(y)))
     K = build_curvature(
         model, x, y,
         CurvatureConfig(matrix=config.matrix, structure="implicit", reduction=config.reduction,

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from modelsense.core.functional import chunks
+from modelsense.core.functional import chunks, to_device
+from modelsense.data.stream import as_examples, is_stream
 from modelsense.errors import ConfigError, DataError
 
 
@@ -58,7 +59,8 @@ def extract_features(
 
     Args:
         model: any `nn.Module`; put in eval mode for the pass (its mode is restored after).
-        x: inputs (n, *input shape), a tensor or numpy array.
+        x: inputs (n, *input shape), a tensor or numpy array; or a map-style Dataset / DataLoader
+            (shuffle=False) of (x_i, y_i) items, read batch by batch (`modelsense.data.stream`).
         names: module names from `model.named_modules()`; default every `nn.ReLU`.
         batch_size: examples per forward pass.
         device: where the forward passes run (default: the device of the model's parameters).
@@ -70,9 +72,14 @@ def extract_features(
         k > 1 times per forward pass: `name#0` ... `name#{k-1}`). Activations are copies, so later
         in-place operations of the model cannot change them.
     """
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[0] == 0:
+    if is_stream(x):
+        examples = as_examples(x, what="feature")
+        n, take = len(examples), (lambda sl: examples.get(sl)[0])
+    else:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(np.ascontiguousarray(x))
+        n, take = (x.shape[0] if isinstance(x, Tensor) and x.ndim >= 1 else 0), (lambda sl: x[sl])
+    if n == 0:
         raise DataError(
             f"expected inputs as a non-empty tensor/array of shape (n, ...), got "
             f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
@@ -102,13 +109,10 @@ def extract_features(
     model.eval()
     try:
         with torch.no_grad():
-            for sl in chunks(x.shape[0], batch_size):
+            for sl in chunks(n, batch_size):
                 for lst in calls.values():
                     lst.clear()
-                xb = x[sl].to(device)
-                if xb.is_floating_point():
-                    xb = xb.to(in_dtype)
-                model(xb)
+                model(to_device(take(sl), device, in_dtype))
                 for n, lst in calls.items():
                     if not lst:
                         raise DataError(
