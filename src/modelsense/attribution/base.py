@@ -206,6 +206,11 @@ class Attributor:
     `fit(model, x_train, y_train)` learns, or `load(dir, model, x_train, y_train)` restores what a
     fit saved; learned state ends with `_`; `scores(x_test, y_test)` returns the (N, M) matrix and
     `self_scores()` the (N,) self-influences, both as tensors in the parameters' dtype on the CPU.
+    Data: tensors as above, or `fit(model, data)` / `scores(data)` / `load(dir, model, data)` with
+    `data` a map-style Dataset or a DataLoader (shuffle=False), `adapter=` a `BatchAdapter` for
+    other item layouts (`modelsense.data.stream`). A method whose `streams()` is True reads such data
+    batch by batch (row i of the result is item i); the others read it into tensors within
+    `memory_budget` (DataError above it, or for dict / tuple inputs).
 
     Settings of every method:
         loss: `cross_entropy` (softmax, default) or `sigmoid_bce` (per-class sigmoid, GEX original).

@@ -3,9 +3,14 @@
 
     >>> from modelsense.data import load_dataset
     >>> ds = load_dataset("digits", n_train=500, corruption_ratio=0.1)
+
+Data of any size: `as_examples(data)` takes (x, y) tensors, a map-style `torch.utils.data.Dataset` or a
+`DataLoader` (shuffle=False), with a `BatchAdapter` saying where inputs and labels are in an item; every
+numerical layer reads it batch by batch (see `modelsense.data.stream`).
 """
 
 from modelsense.data.dataset import Dataset
+from modelsense.data.stream import BatchAdapter, Examples, as_examples
 from modelsense.data.loaders import (
     DataConfig,
     available_datasets,
@@ -15,6 +20,9 @@ from modelsense.data.loaders import (
 )
 
 __all__ = [
+    "BatchAdapter",
+    "Examples",
+    "as_examples",
     "Dataset",
     "DataConfig",
     "load_dataset",
