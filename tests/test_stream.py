@@ -13,15 +13,21 @@ state loads with the Dataset of the tensors it was fitted on.
 
 import pytest
 import torch
+from test_attribution_contract import MODEL, XT, YT, X, Y, build
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from modelsense.attribution import ComputeOptions, load_attributor, make_attributor, method_class, method_names
+from modelsense.attribution import (
+    ComputeOptions,
+    load_attributor,
+    make_attributor,
+    method_class,
+    method_names,
+)
 from modelsense.core.functional import FunctionalModel
 from modelsense.curvature.operators import build_curvature
 from modelsense.data.stream import BatchAdapter, as_examples
 from modelsense.errors import DataError
-from test_attribution_contract import MODEL, XT, YT, X, Y, build
 
 METHODS = method_names()
 

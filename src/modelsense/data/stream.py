@@ -44,7 +44,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from torch.utils.data.dataloader import default_collate
 
-from modelsense.core.functional import Inputs, chunks, input_tensors, map_inputs, n_rows, take_rows, to_device
+from modelsense.core.functional import (
+    Inputs,
+    chunks,
+    input_tensors,
+    map_inputs,
+    n_rows,
+    take_rows,
+    to_device,
+)
 from modelsense.errors import DataError
 
 
@@ -124,7 +132,7 @@ class Examples:
         """True when the data came as tensors (nothing to gather)."""
         return self.tensors is not None
 
-    def on(self, device: torch.device | str | None, dtype: torch.dtype | None) -> "Examples":
+    def on(self, device: torch.device | str | None, dtype: torch.dtype | None) -> Examples:
         """The same examples, gathered onto `device` with floating tensors in `dtype`."""
         return Examples(self.n, self._gather, self.tensors, self.what, device, dtype)
 
@@ -159,11 +167,11 @@ class Examples:
             yield self.get(s)
 
     @property
-    def inputs(self) -> "Rows":
+    def inputs(self) -> Rows:
         return Rows(self, 0)
 
     @property
-    def labels(self) -> "Rows":
+    def labels(self) -> Rows:
         return Rows(self, 1)
 
     def example_bytes(self) -> int:
