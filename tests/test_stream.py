@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_attribution_contract import MODEL, XT, YT, X, Y, build
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SubsetRandomSampler, TensorDataset
 
 from modelsense.attribution import (
     ComputeOptions,
@@ -106,6 +106,9 @@ def test_shuffled_dataloader_is_refused():
     shuffled = DataLoader(TensorDataset(X, Y), batch_size=7, shuffle=True)
     with pytest.raises(DataError, match="shuffle=False"):
         att.fit(MODEL, shuffled)
+    order = BatchSampler(SubsetRandomSampler(range(len(X))), batch_size=5, drop_last=False)
+    with pytest.raises(DataError, match="shuffle=False"):
+        att.fit(MODEL, DataLoader(TensorDataset(X, Y), batch_sampler=order))
     fitted = build("grad-dot").fit(MODEL, X, Y)
     with pytest.raises(DataError, match="shuffle=False"):
         fitted.scores(DataLoader(TensorDataset(XT, YT), batch_size=2, shuffle=True))

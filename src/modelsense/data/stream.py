@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
 from torch.utils.data.dataloader import default_collate
 
 from modelsense.core.functional import (
@@ -294,7 +294,10 @@ def as_examples(data: Any, y: Tensor | None = None, adapter: BatchAdapter | None
         if isinstance(data.dataset, IterableDataset):
             raise DataError(f"{what} data: a DataLoader over an iterable-style dataset has no positions to gather "
                             "by; give a map-style Dataset (len() and [i])")
-        if not isinstance(data.sampler, SequentialSampler):
+        batches = data.batch_sampler
+        custom = batches is not None and not (isinstance(batches, BatchSampler)
+                                              and isinstance(batches.sampler, SequentialSampler))
+        if not isinstance(data.sampler, SequentialSampler) or custom:
             raise DataError(f"{what} data: the DataLoader draws examples in a {type(data.sampler).__name__} order "
                             "(shuffle=True or a custom sampler); results are indexed by each example's position in the "
                             "dataset, so pass shuffle=False (no result depends on the order) or the dataset itself")
