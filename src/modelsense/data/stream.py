@@ -30,6 +30,10 @@ data (row i of a score matrix is training example i), so the order must be the d
 the loader's dataset, or `shuffle=False`; shuffling does not change any result here (every pass
 sums or stacks over all examples).
 
+Checks: tensors are checked whole as before (shapes, finite values, labels in range); a Dataset or
+DataLoader read by batches has its first batch (up to 64 examples) checked when it goes in, so a bad
+label further on fails in the pass that reads it (the loss raises), not at the door.
+
 Materialising: `Examples.materialize(budget)` reads everything into tensors only when the inputs are
 tensors and N x (bytes of one example) fits the memory budget; otherwise DataError saying so.
 """
