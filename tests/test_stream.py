@@ -15,7 +15,13 @@ import pytest
 import torch
 from test_attribution_contract import MODEL, XT, YT, X, Y, build
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Dataset, SubsetRandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 from modelsense.attribution import (
     ComputeOptions,

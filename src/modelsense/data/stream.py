@@ -6,7 +6,9 @@ operators, posteriors, MPE, the retraining engine) they accept
     (x, y) tensors          x (N, ...) or a dict / tuple of (N, ...) tensors, y (N,) labels;
     a map-style Dataset     `len(ds)` and `ds[i]`, items (x_i, y_i) by default;
     a DataLoader            over a map-style Dataset, `shuffle=False` (a sequential sampler): its
-                            `dataset` and `collate_fn` are used, batches gathered by index.
+                            `dataset` and `collate_fn` are used, batches gathered by index (in
+                            this process: its `num_workers` and `batch_size` are not used; the
+                            method's chunk size sets the batches).
 
 `as_examples(data, y=None, adapter=None)` turns any of them into `Examples`: N known, batches gathered
 by position (`examples.get(rows)`), so per-example passes (gradients, projections, K-FAC factor sums,
@@ -40,12 +42,18 @@ tensors and N x (bytes of one example) fits the memory budget; otherwise DataErr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SequentialSampler,
+)
 from torch.utils.data.dataloader import default_collate
 
 from modelsense.core.functional import (
@@ -101,9 +109,9 @@ class _LoaderAdapter(BatchAdapter):
         return self.collate_fn(items)
 
 
-def _index(rows: slice | Tensor | list[int] | int, n: int) -> list[int]:
+def _index(rows: slice | Tensor | list[int] | int, n: int) -> Sequence[int]:
     if isinstance(rows, slice):
-        return list(range(n))[rows]
+        return range(n)[rows]
     if isinstance(rows, Tensor):
         if rows.dtype == torch.bool:
             rows = rows.nonzero().flatten()
