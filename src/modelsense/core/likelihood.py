@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +59,7 @@ def _one_hot(y: Tensor, c: int, dtype: torch.dtype) -> Tensor:
     return (y.long().unsqueeze(-1) == torch.arange(c, device=y.device)).to(dtype)
 
 
-class Likelihood:
+class Likelihood(ABC):
     """The output model p(y | f): per-example NLL and its output-space derivatives (module docstring)."""
 
     #: the family's name (a model's `likelihood`: categorical or gaussian)
@@ -66,32 +67,32 @@ class Likelihood:
     #: the training loss it stands for (`LOSSES`)
     loss: str = "cross_entropy"
 
-    def nll(self, f: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def nll(self, f: Tensor, y: Tensor) -> Tensor: ...
 
-    def output_grad(self, f: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def output_grad(self, f: Tensor, y: Tensor) -> Tensor: ...
 
-    def output_hessian_diag(self, f: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def output_hessian_diag(self, f: Tensor) -> Tensor: ...
 
-    def output_hessian(self, f: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def output_hessian(self, f: Tensor) -> Tensor: ...
 
-    def output_hessian_sqrt(self, f: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def output_hessian_sqrt(self, f: Tensor) -> Tensor: ...
 
-    def output_hvp(self, f: Tensor, u: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def output_hvp(self, f: Tensor, u: Tensor) -> Tensor: ...
 
-    def mean(self, f: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def mean(self, f: Tensor) -> Tensor: ...
 
-    def sample(self, f: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def sample(self, f: Tensor, generator: torch.Generator | None = None) -> Tensor: ...
 
-    def check_targets(self, f: Tensor, y: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def check_targets(self, f: Tensor, y: Tensor) -> Tensor: ...
 
     def nll_constant(self, numel: int) -> float:
         """The constant `nll` leaves out, summed over `numel` output entries (0 but for `Gaussian`)."""
