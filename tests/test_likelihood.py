@@ -96,7 +96,8 @@ def test_samples_follow_the_predictive(name):
     lik, f, _ = case(name, seed=4)
     S = 20000
     g = torch.Generator().manual_seed(5)
-    draws = torch.stack([lik.sample(f, generator=g) for _ in range(S)])  # (S, N) labels or (S, N, C)
+    draws = lik.sample(f.repeat(S, 1), generator=g)  # S copies of the N examples in one call
+    draws = draws.reshape(S, N, *draws.shape[1:])  # (S, N) labels or (S, N, C)
     if name == "categorical":
         assert draws.dtype == torch.int64 and draws.shape == (S, N) and int(draws.min()) >= 0 and int(draws.max()) < C
         freq = torch.nn.functional.one_hot(draws, C).to(DT).mean(0)
