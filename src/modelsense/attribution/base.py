@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
-from modelsense.training.objective import LOSSES, per_example_loss
+from modelsense.training.objective import LOSSES
 
 #: What a method can take from the training run that produced the model, and the settings of the
 #: method each one fills. An orchestrator (`experiments.influence.method_context`) supplies them for
@@ -148,26 +148,12 @@ class ComputeOptions:
 COMPUTE_OPTIONS = tuple(f.name for f in fields(ComputeOptions))
 
 
-class _SigmoidBCEModel(FunctionalModel):
-    """A `FunctionalModel` whose per-example loss is Σ_c BCE(sigmoid(f_ic), onehot(y_i)_c).
-
-    The GEX original's default (`problem_type=multitask`): one sigmoid per class, summed. Shares the
-    module, parameters and buffers of the `FunctionalModel` it is made from.
-    """
-
-    def __init__(self, base: FunctionalModel) -> None:  # the base's state as is, nothing re-derived
-        vars(self).update(vars(base))
-
-    def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return per_example_loss(self(params, x), y, self.likelihood, "sigmoid_bce")
-
-
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
     """The model as a `FunctionalModel` (eval mode) with the requested loss.
 
     `loss="sigmoid_bce"` returns a model sharing its state whose per-example loss is the summed per-class
-    sigmoid binary cross-entropy (the GEX original's default); the default keeps the model's own
-    likelihood (softmax cross-entropy for `categorical`).
+    sigmoid binary cross-entropy (`FunctionalModel.with_loss`; the GEX original's default); the default
+    keeps the model's own likelihood (softmax cross-entropy for `categorical`).
     """
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; expected one of {LOSSES}")
@@ -178,11 +164,7 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
     else:
         raise ConfigError(f"expected an nn.Module or a FunctionalModel, received {type(model).__name__}")
     fm.module.eval()
-    if loss == "sigmoid_bce":
-        if fm.likelihood != "categorical":
-            raise ConfigError("loss 'sigmoid_bce' needs a classification model (likelihood 'categorical')")
-        fm = _SigmoidBCEModel(fm)
-    return fm
+    return fm.with_loss(loss)
 
 
 def param_dtype(params: Params) -> torch.dtype:

@@ -48,7 +48,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from modelsense.core.functional import Params, per_example_nll
+from modelsense.core.functional import Params
+from modelsense.core.likelihood import likelihood_for
 from modelsense.errors import ConfigError
 from modelsense.training.config import TrainConfig, cosine_lr
 from modelsense.training.ensemble import EnsembleResult, train_ensemble
@@ -245,9 +246,11 @@ def refit_without_lbfgs(
     def unflat(t: Tensor) -> Params:
         return {n: c.reshape(s) for n, c, s in zip(names, t.split(sizes), shapes)}
 
+    nll = likelihood_for(likelihood).nll
+
     def objective(t: Tensor, wm: Tensor) -> Tensor:
         out = functional_call(module, {**consts, **unflat(t)}, (x,))
-        return ((wm * per_example_nll(out, y, likelihood)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
+        return ((wm * nll(out, y)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
 
     batched = vmap(objective)
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, history_size=history_size, tolerance_grad=tol,
@@ -270,7 +273,7 @@ def refit_without_lbfgs(
             c64 = {n: b.double() if b.is_floating_point() else b for n, b in consts.items()}
             x64 = x.double() if x.is_floating_point() else x
             out64 = functional_call(module, {**c64, **unflat(t)}, (x64,))
-            return ((wm * per_example_nll(out64, y, likelihood)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
+            return ((wm * nll(out64, y)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
 
         theta64, taken = _newton_finish(objective64, out.double(), w.double(), newton_steps, tol)
         out = theta64.to(dtype)

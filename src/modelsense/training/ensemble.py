@@ -41,10 +41,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from modelsense.core.functional import Params, chunks
+from modelsense.core.likelihood import likelihood_for
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
-from modelsense.training.objective import check_loss, per_example_loss
 
 QueryOutputs = dict[str, Tensor]
 BATCH_PLANS = ("own", "shared")
@@ -167,7 +167,7 @@ def query_outputs(
     loss: str = "cross_entropy",
 ) -> QueryOutputs:
     """Outputs of stacked models (params name -> (M, *shape)) on (x, y), in chunks of examples; "loss"
-    is the training loss `loss` (`objective.per_example_loss`)."""
+    is the training loss `loss` (`likelihood_for(likelihood, loss).nll`)."""
 
     def forward(p: Params, xb: Tensor) -> Tensor:
         return functional_call(module, {**buffers, **p}, (xb,))
@@ -181,7 +181,7 @@ def query_outputs(
     m, n = f.shape[:2]
     out: QueryOutputs = {}
     yy = y.expand(m, *y.shape)
-    out["loss"] = per_example_loss(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:]), likelihood, loss).view(m, n)
+    out["loss"] = likelihood_for(likelihood, loss).nll(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:])).view(m, n)
     if likelihood == "categorical":
         out["correct"] = f.argmax(-1) == y
         true = f.gather(-1, yy.unsqueeze(-1)).squeeze(-1)
@@ -241,7 +241,7 @@ def train_ensemble(
         raise ConfigError(f"masks must have shape (M, N={len(x)}), got {tuple(masks.shape)}")
     if len(y) != len(x):
         raise ConfigError(f"x has {len(x)} examples but y has {len(y)}")
-    check_loss(cfg.loss, likelihood)
+    likelihood_for(likelihood, cfg.loss)  # ConfigError for a loss that does not fit
     if labels is not None:
         labels = torch.as_tensor(labels)
         if tuple(labels.shape) != tuple(masks.shape) or labels.is_floating_point():
@@ -304,10 +304,11 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
         indices = [row.nonzero().flatten().cpu() for row in weights]
     gens = [batch_generator(int(s)) for s in seeds]
     consts = {**buffers, **fixed}
+    objective = likelihood_for(likelihood, cfg.loss)
 
     def model_loss(p: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
         out = functional_call(base, {**consts, **p}, (xb,))
-        nll = per_example_loss(out, yb, likelihood, cfg.loss)
+        nll = objective.nll(out, yb)
         total = wb.sum()  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
         return (wb * nll).sum() / torch.where(total > 0, total, torch.ones_like(total))
 

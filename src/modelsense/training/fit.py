@@ -10,11 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from modelsense.core.functional import chunks
+from modelsense.core.likelihood import likelihood_for
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
-from modelsense.training.objective import check_loss, per_example_loss
 
 
 @dataclass
@@ -50,12 +50,13 @@ class Fit:
 def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048,
              loss: str = "cross_entropy") -> dict[str, float]:
     """Mean loss (`loss`, see `objective`) and accuracy (classification) of `module` in eval mode on (x, y)."""
+    nll = likelihood_for(likelihood, loss).nll
     was_training = module.training
     module.eval()
     total, correct = 0.0, 0
     for s in chunks(len(x), chunk_size):
         out = module(x[s])
-        total += float(per_example_loss(out, y[s], likelihood, loss).sum())
+        total += float(nll(out, y[s]).sum())
         if likelihood == "categorical":
             correct += int((out.argmax(-1) == y[s]).sum())
     module.train(was_training)
@@ -109,7 +110,7 @@ def fit(
     per-epoch cosine schedule; see `modelsense.training.config` for the conventions. The module is
     trained in place and returned in eval mode inside a `Fit`.
     """
-    check_loss(cfg.loss, likelihood)
+    nll = likelihood_for(likelihood, cfg.loss).nll  # ConfigError for a loss that does not fit
     device = torch.device(cfg.device)
     module.to(device).train()
     x, y = data.x_train.to(device), data.y_train.to(device)
@@ -143,10 +144,10 @@ def fit(
                     for _ in range(cfg.mc_samples):
                         with optimizer.sampled_params(train=True):
                             optimizer.zero_grad()
-                            per_example_loss(module(xb), yb, likelihood, cfg.loss).mean().backward()
+                            nll(module(xb), yb).mean().backward()
                 else:
                     optimizer.zero_grad()
-                    loss = per_example_loss(module(xb), yb, likelihood, cfg.loss).mean() + l2_penalty(params, cfg.delta, n)
+                    loss = nll(module(xb), yb).mean() + l2_penalty(params, cfg.delta, n)
                     loss.backward()
                 optimizer.step()
                 iteration += 1
