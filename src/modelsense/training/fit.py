@@ -1,4 +1,4 @@
-"""Train one model: SGD (momentum), Adam or IVON, cosine schedule, checkpoints, history."""
+"""Train one model: SGD (momentum), Adam, AdamW or IVON, a learning-rate schedule, checkpoints, history."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from modelsense.core.functional import chunks
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
-from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
+from modelsense.training.config import TrainConfig, batch_generator, epoch_batches, learning_rate, steps_per_epoch
 from modelsense.training.objective import check_loss, per_example_loss
 
 
@@ -67,12 +67,15 @@ def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categor
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, n: int) -> torch.optim.Optimizer:
-    """The optimizer for `cfg`; IVON gets ess = n and weight_decay = δ / n (MPE's convention)."""
+    """The optimizer for `cfg`; IVON gets ess = n and weight_decay = δ / n, AdamW the decoupled weight
+    decay δ / n (MPE's convention)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.delta / n)
     import ivon
 
     return ivon.IVON(
@@ -105,8 +108,9 @@ def fit(
     """Train `module` on `data.x_train[train_indices]` (all by default) with the settings `cfg`.
 
     Minimises the mean minibatch loss (`cfg.loss`: the NLL of `likelihood`, or the per-class sigmoid
-    loss) + δ/(2n)·||θ||² (SGD/Adam) or the equivalent IVON objective, with a
-    per-epoch cosine schedule; see `modelsense.training.config` for the conventions. The module is
+    loss) + δ/(2n)·||θ||² (SGD/Adam), with AdamW's decoupled weight decay δ/n, or the equivalent IVON
+    objective, under the learning-rate schedule `cfg.schedule`; see `modelsense.training.config` for
+    the conventions. The module is
     trained in place and returned in eval mode inside a `Fit`.
     """
     check_loss(cfg.loss, likelihood)
@@ -131,12 +135,13 @@ def fit(
         snapshot("epoch_0")
     iteration, start = 0, time.perf_counter()
     it_marks = set(cfg.checkpoint_iterations)
+    steps = steps_per_epoch(n, cfg.bs)
     with progress_bar(cfg.epochs, f"train {cfg.optimizer}", enabled=progress) as bar:
         for epoch in range(cfg.epochs):
-            lr = cosine_lr(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for batch in epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches):
+            lr = learning_rate(cfg, epoch, 0, steps)
+            for step, batch in enumerate(epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches)):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch, step, steps)
                 bi = batch.to(device)
                 xb, yb = x[bi], y[bi]
                 if cfg.optimizer == "ivon":
@@ -146,7 +151,9 @@ def fit(
                             per_example_loss(module(xb), yb, likelihood, cfg.loss).mean().backward()
                 else:
                     optimizer.zero_grad()
-                    loss = per_example_loss(module(xb), yb, likelihood, cfg.loss).mean() + l2_penalty(params, cfg.delta, n)
+                    loss = per_example_loss(module(xb), yb, likelihood, cfg.loss).mean()
+                    if cfg.optimizer != "adamw":  # AdamW decays the weights itself (decoupled)
+                        loss = loss + l2_penalty(params, cfg.delta, n)
                     loss.backward()
                 optimizer.step()
                 iteration += 1
