@@ -117,6 +117,9 @@ class RetrainRecipe:
             raise ConfigError(f"init must be 'scratch' or 'warm:<digest>', received {self.init!r}")
         if self.train.optimizer not in ("sgd", "adam", "adamw"):
             raise ConfigError(f"retrained models train with sgd, adam or adamw (the engine), not {self.train.optimizer!r}")
+        if self.train.mixup_alpha > 0:
+            raise ConfigError("retrained models train without mixup (the engine would mix a model's examples with those "
+                              "it leaves out): use --mixup-alpha 0")
 
     def key(self) -> dict[str, Any]:
         train = {k: v for k, v in self.train.to_dict().items()

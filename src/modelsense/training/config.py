@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,6 +92,14 @@ class TrainConfig:
     milestones: tuple[int, ...] = option((), "step schedule: comma-separated epochs after which the learning rate "
                                          "is multiplied by --gamma", parse=ints, show=joined)
     gamma: float = option(0.1, "step schedule: factor at each milestone")
+    crop_padding: int = option(0, "random crop of image minibatches: pad by this many zero pixels per side and crop "
+                                  "back at a random offset, per example (4 on CIFAR: He et al., GEX, Maddox et al.); "
+                                  "0: off")
+    hflip: bool = option(False, "random horizontal flip of image minibatches, per example with probability 1/2",
+                         flag="--hflip/--no-hflip")
+    mixup_alpha: float = option(0.0, "mixup (Zhang et al. 2018; GEX's --mixup_alpha): train on λx_i + (1-λ)x_j with "
+                                     "loss λl(y_i) + (1-λ)l(y_j), λ ~ Beta(α, α) per batch; 0: off; not in the "
+                                     "retraining engine")
 
     def __post_init__(self) -> None:
         self.optimizer = OPTIMIZER_ALIASES.get(self.optimizer.lower(), self.optimizer.lower())
@@ -132,6 +141,11 @@ class TrainConfig:
             raise ConfigError(f"gamma must be finite and > 0, got {self.gamma}")
         if not (0 <= self.warmup_ratio < 1):
             raise ConfigError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if isinstance(self.crop_padding, bool) or int(self.crop_padding) != self.crop_padding or self.crop_padding < 0:
+            raise ConfigError(f"crop_padding must be an int >= 0 (pixels), got {self.crop_padding!r}")
+        self.crop_padding = int(self.crop_padding)
+        if not (0 <= self.mixup_alpha < math.inf):
+            raise ConfigError(f"mixup_alpha must be finite and >= 0 (0: no mixup), got {self.mixup_alpha}")
         if self.schedule == "step" and self.lrmin != 0:
             raise ConfigError(f"the step schedule has no final learning rate (it ends at lr·gamma^k); drop --lrmin "
                               f"({self.lrmin})")
@@ -172,8 +186,13 @@ def steps_per_epoch(n: int, bs: int) -> int:
 
 
 def augment_generator(seed: int) -> torch.Generator:
-    """The generator of the random crops, flips and mixup draws of a model trained with `seed`."""
+    """The generator of the random crops and flips of a model trained with `seed`."""
     return torch.Generator().manual_seed(int(seed) + 104729)
+
+
+def mixup_rng(seed: int) -> np.random.Generator:
+    """The generator of the mixup draws (λ and pairing per batch) of a model trained with `seed`."""
+    return np.random.default_rng(int(seed) + 104729)
 
 
 def batch_generator(seed: int) -> torch.Generator:

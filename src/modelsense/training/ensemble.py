@@ -13,7 +13,10 @@ instead of the prior term) on
 
 at the learning rate `learning_rate(cfg, e, t, T_m)` (T_m = ceil(|plan of m| / bs) steps per epoch:
 only the warmup_cosine schedule depends on t and T_m), where B_mt is the t-th minibatch of model m's
-batch plan.
+batch plan. Images are cropped and flipped as in `fit` (`cfg.crop_padding`, `cfg.hflip`: model m
+draws once per epoch, from `augment_generator(seed_m)`, for its plan's order of examples, so with the
+"own" plan it sees the crops and flips `fit` draws); mixup (`cfg.mixup_alpha`) is refused: it would
+mix a model's examples with those it leaves out.
 A step whose batch carries no weight (Σ_{i ∈ B_mt} w_mi = 0, or no batch t in this epoch) is
 skipped: the model's parameters and optimizer state (momentum, Adam's moments and step count) are
 left unchanged. The batch plan (`batch_plan=`) is
@@ -44,9 +47,17 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from modelsense.core.functional import Params, chunks
+from modelsense.data.augment import check_images, crop_flip, draw_crop_flip
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
-from modelsense.training.config import TrainConfig, batch_generator, epoch_batches, learning_rate, steps_per_epoch
+from modelsense.training.config import (
+    TrainConfig,
+    augment_generator,
+    batch_generator,
+    epoch_batches,
+    learning_rate,
+    steps_per_epoch,
+)
 from modelsense.training.objective import check_loss, per_example_loss
 
 QueryOutputs = dict[str, Tensor]
@@ -103,6 +114,22 @@ def _epoch_plan(indices: Sequence[Tensor], bs: int, gens: Sequence[torch.Generat
         index[m, : len(order)] = order
         valid[m, : len(order)] = True
     return index.view(len(per_model), steps, bs), valid.view(len(per_model), steps, bs)
+
+
+def _epoch_augment(lengths: Sequence[int], shape: torch.Size, gens: Sequence[torch.Generator],
+                   cfg: TrainConfig) -> tuple[Tensor | None, Tensor | None]:
+    """Crop offsets (M, T, bs, 2) and flips (M, T, bs) of one epoch laid out as `_epoch_plan`'s index
+    (M, T, bs): model m's draws (`draw_crop_flip` for its plan's `lengths[m]` examples) first."""
+    m, t, bs = shape
+    offsets = torch.zeros(m, t * bs, 2, dtype=torch.long) if cfg.crop_padding > 0 else None
+    flips = torch.zeros(m, t * bs, dtype=torch.bool) if cfg.hflip else None
+    for row, (length, g) in enumerate(zip(lengths, gens)):
+        off, flip = draw_crop_flip(length, cfg.crop_padding, cfg.hflip, g)
+        if offsets is not None:
+            offsets[row, :length] = off
+        if flips is not None:
+            flips[row, :length] = flip
+    return (None if offsets is None else offsets.view(m, t, bs, 2)), (None if flips is None else flips.view(m, t, bs))
 
 
 class _FunctionalOptimizer:
@@ -265,6 +292,12 @@ def train_ensemble(
     if len(y) != len(x):
         raise ConfigError(f"x has {len(x)} examples but y has {len(y)}")
     check_loss(cfg.loss, likelihood)
+    if cfg.crop_padding > 0 or cfg.hflip:
+        check_images(x, "--crop-padding / --hflip")
+    if cfg.mixup_alpha > 0:
+        raise ConfigError("the retraining engine does not train with mixup (--mixup-alpha): it would mix a model's "
+                          "examples with those it leaves out; retrain with --mixup-alpha 0, or train single models "
+                          "with fit")
     if labels is not None:
         labels = torch.as_tensor(labels)
         if tuple(labels.shape) != tuple(masks.shape) or labels.is_floating_point():
@@ -326,6 +359,8 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
     else:
         indices = [row.nonzero().flatten().cpu() for row in weights]
     gens = [batch_generator(int(s)) for s in seeds]
+    augment = cfg.crop_padding > 0 or cfg.hflip
+    aug_gens = [augment_generator(int(s)) for s in seeds]
     consts = {**buffers, **fixed}
 
     def model_loss(p: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
@@ -340,12 +375,18 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
     plan_steps = [steps_per_epoch(len(idx), cfg.bs) for idx in indices]
     for epoch in range(cfg.epochs):
         index, valid = _epoch_plan(indices, cfg.bs, gens, cfg.fixed_batches)
+        if augment:
+            offsets, flips = _epoch_augment([len(i) for i in indices], index.shape, aug_gens, cfg)
         index, valid = index.to(device), valid.to(device)
         for t in range(index.shape[1]):
             it, vt = index[:, t], valid[:, t]
             wb = weights[rows, it] * vt
             yb = y[it] if labels is None else labels[rows, it]
-            opt.step(params, grad_fn(params, x[it], yb, wb), _step_lr(cfg, epoch, t, plan_steps, device),
+            xb = x[it]
+            if augment:  # every model's batch at once: (M * bs, C, H, W)
+                xb = crop_flip(xb.flatten(0, 1), cfg.crop_padding, None if offsets is None else offsets[:, t].flatten(0, 1),
+                               None if flips is None else flips[:, t].flatten(0, 1)).view_as(xb)
+            opt.step(params, grad_fn(params, xb, yb, wb), _step_lr(cfg, epoch, t, plan_steps, device),
                      (wb > 0).any(1))
         bar.advance(1)
     outputs = {q: query_outputs(base, params, consts, qx.to(device), qy.to(device), likelihood, keep_logits=keep_logits,
