@@ -409,7 +409,7 @@ def _resnet_count(c_in: int, k: int, blocks: tuple[int, ...], num_classes: int, 
 
 
 def _inception_count(c_in: int, num_classes: int) -> int:
-    unit = lambda i, o, k: _conv(i, o, k) + 2 * o  # noqa: E731
+    unit = lambda i, o, k: _conv(i, o, k) + 2 * o
     total, channels = unit(c_in, 96, 3), 96
     for blocks, down in ((((32, 32), (32, 48)), 160), (((112, 48), (96, 64), (80, 80), (48, 96)), 240),
                          (((176, 160), (176, 160)), 0)):
@@ -454,7 +454,7 @@ def test_recipe_models_forward_backward_and_norm_option(name):
     gn = build_model(name, (3, 32, 32), 3, seed=0, **SMALL[name])
     bn = build_model(name, (3, 32, 32), 3, seed=0, norm="bn", **SMALL[name])
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gn.modules())
-    kinds = lambda m, k: [n for n, mod in m.named_modules() if isinstance(mod, k)]  # noqa: E731
+    kinds = lambda m, k: [n for n, mod in m.named_modules() if isinstance(mod, k)]
     assert kinds(gn, nn.GroupNorm) == kinds(bn, nn.BatchNorm2d) and kinds(gn, nn.GroupNorm)
     assert [k for k, _ in gn.named_parameters()] == [k for k, _ in bn.named_parameters()]
 

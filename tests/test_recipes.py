@@ -230,7 +230,11 @@ def test_fit_feeds_the_augmented_batches_drawn_from_the_seed():
     """The inputs the model sees = crop_flip of each batch with the draws of augment_generator(seed)
     over the epoch's order; the batch order is the one without augmentation."""
     from modelsense.data.augment import draw_crop_flip
-    from modelsense.training.config import augment_generator, batch_generator, epoch_batches
+    from modelsense.training.config import (
+        augment_generator,
+        batch_generator,
+        epoch_batches,
+    )
 
     data = image_data()
     cfg = TrainConfig(lr=0.05, epochs=2, bs=16, crop_padding=2, hflip=True, seed=3, eval_every=0)
