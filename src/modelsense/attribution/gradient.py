@@ -257,15 +257,19 @@ def checkpoints_from_fit(result) -> tuple[list[Params], list[float]]:
     """(parameters, learning rate) of every epoch checkpoint of a `modelsense.training.Fit`.
 
     The checkpoint after epoch E (key `epoch_E`, E >= 1) is weighted by the learning rate used in
-    that epoch, cosine_lr(cfg, E - 1); `epoch_0` (the initialisation) is left out.
+    that epoch (its mean over the epoch's steps where the schedule changes within an epoch,
+    `training.config.learning_rate`); `epoch_0` (the initialisation) is left out.
     """
-    from modelsense.training.config import cosine_lr
+    from modelsense.training.config import learning_rate, steps_per_epoch
 
+    cfg = result.config
+    steps = steps_per_epoch(result.n_train, cfg.bs)
     items = []
     for key, params in result.checkpoints.items():
         if key.startswith("epoch_") and int(key.split("_")[1]) >= 1:
             e = int(key.split("_")[1])
-            items.append((e, params, cosine_lr(result.config, e - 1)))
+            rates = [learning_rate(cfg, e - 1, s, steps) for s in range(steps if cfg.schedule == "warmup_cosine" else 1)]
+            items.append((e, params, sum(rates) / len(rates)))
     if not items:
         raise ConfigError("the fit has no epoch checkpoints after epoch 0; train with checkpoint_epochs=(...)")
     items.sort(key=lambda t: t[0])
