@@ -184,6 +184,7 @@ class GradientDot(_FactoredGradients, FeatureAttributor):
     """
 
     symmetric = True
+    splits_by_module = True
 
     def __init__(self, factored: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
                  compute: ComputeOptions | None = None) -> None:
@@ -233,6 +234,7 @@ class RandomProjection(GradientDot):
     """
 
     supports_factored = False
+    splits_by_module = False  # G mixes the parameters of every module
 
     def __init__(self, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
                  compute: ComputeOptions | None = None) -> None:
@@ -290,6 +292,7 @@ class TracIn(_FactoredGradients, FeatureAttributor):
     """
 
     needs = frozenset({"checkpoints"})
+    splits_by_module = True
 
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, factored: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
@@ -368,6 +371,7 @@ class TracInRandomProjection(TracIn):
     """TracIn on Gaussian sketches: score(i, j) = Σ_t η_t (G g_i(θ_t))ᵀ (G g_j(θ_t)), one G for all t."""
 
     supports_factored = False
+    splits_by_module = False  # G mixes the parameters of every module
 
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,

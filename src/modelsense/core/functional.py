@@ -63,6 +63,19 @@ class ParamSpec:
             start += numel
         return out
 
+    @property
+    def modules(self) -> dict[str, Tensor]:
+        """module name -> the flat positions (ascending) of that module's own parameters.
+
+        A parameter `a.b.weight` belongs to the module `a.b`; a parameter registered on the root
+        module (no dot in its name) to the module `(root)`. Modules in order of their first parameter.
+        """
+        out: dict[str, list[Tensor]] = {}
+        for name, s in self.slices.items():
+            owner = name.rpartition(".")[0] or "(root)"
+            out.setdefault(owner, []).append(torch.arange(s.start, s.stop))
+        return {m: torch.cat(parts) for m, parts in out.items()}
+
     def flatten(self, tensors: Params, batch_dims: int = 0) -> Tensor:
         """Concatenate a dict of tensors (with `batch_dims` leading dims) into (*batch, P)."""
         parts = []
