@@ -72,9 +72,13 @@ class ParamSpec:
         """
         out: dict[str, list[Tensor]] = {}
         for name, s in self.slices.items():
-            owner = name.rpartition(".")[0] or "(root)"
-            out.setdefault(owner, []).append(torch.arange(s.start, s.stop))
+            out.setdefault(self.module_of(name), []).append(torch.arange(s.start, s.stop))
         return {m: torch.cat(parts) for m, parts in out.items()}
+
+    @staticmethod
+    def module_of(name: str) -> str:
+        """The module a parameter name belongs to: `a.b.weight` -> `a.b`, `scale` -> `(root)`."""
+        return name.rpartition(".")[0] or "(root)"
 
     def flatten(self, tensors: Params, batch_dims: int = 0) -> Tensor:
         """Concatenate a dict of tensors (with `batch_dims` leading dims) into (*batch, P)."""
