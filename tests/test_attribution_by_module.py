@@ -51,12 +51,14 @@ def test_param_spec_modules_are_the_flat_positions_of_each_module():
     assert list(ParamSpec.of({"scale": torch.ones(2), "a.w": torch.ones(3)}).modules) == ["(root)", "a"]
 
 
-def test_grad_dot_and_grad_cos_blocks_are_the_module_gradient_products():
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "per-example-grads"])
+def test_grad_dot_and_grad_cos_blocks_are_the_module_gradient_products(factored):
     G, Gt = grads_by_loop(PARAMS, X, Y), grads_by_loop(PARAMS, XT, YT)
     norm = torch.cat(list(G.values()), 1).norm(dim=1)
     norm_t = torch.cat(list(Gt.values()), 1).norm(dim=1)
     for method in ("grad-dot", "grad-cos"):
-        att = make_attributor(method, compute=QUIET).fit(NET, X, Y)
+        att = make_attributor(method, factored=factored, compute=QUIET).fit(NET, X, Y)
+        assert (att.layers_ is not None) == factored
         parts, selfs = att.scores(XT, YT, by_module=True), att.self_scores(by_module=True)
         for m in MODULES:
             want = G[m] @ Gt[m].T
@@ -67,10 +69,13 @@ def test_grad_dot_and_grad_cos_blocks_are_the_module_gradient_products():
             torch.testing.assert_close(selfs[m], want_self, rtol=1e-10, atol=1e-12)
 
 
-def test_tracin_blocks_sum_over_checkpoints():
-    ckpts = [{k: v + 0.1 * torch.randn_like(v) for k, v in PARAMS.items()}, PARAMS]
+@pytest.mark.parametrize("factored", [True, False], ids=["factored", "per-example-grads"])
+def test_tracin_blocks_sum_over_checkpoints(factored):
+    gen = torch.Generator().manual_seed(3)
+    ckpts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in PARAMS.items()}, PARAMS]
     lrs = [0.5, 0.2]
-    att = make_attributor("tracin", checkpoints=ckpts, learning_rates=lrs, compute=QUIET).fit(NET, X, Y)
+    att = make_attributor("tracin", checkpoints=ckpts, learning_rates=lrs, factored=factored,
+                          compute=QUIET).fit(NET, X, Y)
     parts = att.scores(XT, YT, by_module=True)
     for m in MODULES:
         want = sum(lr * grads_by_loop(c, X, Y)[m] @ grads_by_loop(c, XT, YT)[m].T for c, lr in zip(ckpts, lrs))
@@ -105,9 +110,10 @@ def test_full_matrix_methods_refuse_by_module_naming_the_ones_that_split():
         att.self_scores(by_module=True)
 
 
-def test_by_module_over_the_memory_budget_goes_to_memory_maps(tmp_path):
-    att = make_attributor("grad-dot", compute=ComputeOptions(progress=False, memory_budget=64,
-                                                               scratch_dir=str(tmp_path))).fit(NET, X, Y)
+@pytest.mark.parametrize("method", ["grad-dot", "if-ekfac"])
+def test_by_module_over_the_memory_budget_goes_to_memory_maps(method, tmp_path):
+    att = make_attributor(method, compute=ComputeOptions(progress=False, memory_budget=64,
+                                                         scratch_dir=str(tmp_path))).fit(NET, X, Y)
     parts = att.scores(XT, YT, by_module=True)
-    assert len(list(tmp_path.glob("scores_grad-dot_module_*.npy"))) == 2
+    assert len(list(tmp_path.glob(f"scores_{method}_module_*.npy"))) == 2
     torch.testing.assert_close(sum(parts.values()), att.scores(XT, YT), rtol=1e-10, atol=1e-12)

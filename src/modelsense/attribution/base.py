@@ -559,25 +559,32 @@ class FeatureAttributor(Attributor):
                               f"parameter space (P = {P}); it cannot split by module")
         return {m: idx.to(features[0].device) for m, idx in self.model_.spec.modules.items()}
 
-    def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
-        """{module: (N, M)} with block[i, j] = Σ_c a_c(z_i)[m]ᵀ b_c(z_j)[m]: blocks of test rows outer,
-        train rows inner, the features of each block split by the columns of each module (the
-        per-example-gradient path; exact, the factored MLP shortcut is not used here)."""
-        n, m = self.n_train, len(x_test)
+    def _module_results(self, shape: tuple[int, int]) -> tuple[dict[str, Tensor], list[np.memmap]]:
+        """A zero (N, M) matrix per module: in memory when all fit the memory budget, else each a
+        temporary memory map under scratch_dir (flush the maps returned once filled)."""
         dtype = param_dtype(self.params_)
         modules = list(self.model_.spec.modules)
-        total_bytes = len(modules) * n * m * torch.empty(0, dtype=dtype).element_size()
+        total_bytes = len(modules) * shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
         results: dict[str, Tensor] = {}
         maps = []
-        for name in modules:  # in memory when all fit the budget, else one memory map per module
+        for name in modules:
             if total_bytes <= self.compute.memory_budget:
-                results[name] = torch.zeros((n, m), dtype=dtype)
+                results[name] = torch.zeros(shape, dtype=dtype)
             else:
                 fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_module_", dir=self.compute.scratch_dir)
                 os.close(fd)
                 maps.append(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64 if dtype == torch.float64
-                                                      else np.float32, shape=(n, m)))
+                                                      else np.float32, shape=shape))
                 results[name] = torch.from_numpy(maps[-1])
+        return results, maps
+
+    def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
+        """{module: (N, M)} with block[i, j] = Σ_c a_c(z_i)[m]ᵀ b_c(z_j)[m]: blocks of test rows outer,
+        train rows inner, the features of each block split by the columns of each module (the
+        per-example-gradient path; `grad-dot`, `grad-cos` and `tracin` take their factored MLP path)."""
+        n, m = self.n_train, len(x_test)
+        dtype = param_dtype(self.params_)
+        results, maps = self._module_results((n, m))
         train_blocks = list(chunks(n, self.compute.block_size))
         test_blocks = list(chunks(m, self.compute.block_size))
         with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores by module",

@@ -162,6 +162,33 @@ class _FactoredGradients:
         self._flush()
         return result
 
+    def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
+        """Per module (one per Linear layer here): the layer's term of `factored_gram`, normalised and
+        weighted as the total."""
+        if getattr(self, "layers_", None) is None:
+            return super()._module_scores(x_test, y_test)
+        from modelsense.attribution.factored import LinearFactors, factored_gram, factored_sq_norms
+
+        names = {id(mod): name for name, mod in self.model_.module.named_modules()}
+        n, m = self.n_train, len(x_test)
+        results, maps = self._module_results((n, m))
+        train_blocks, test_blocks = list(chunks(n, self.compute.block_size)), list(chunks(m, self.compute.block_size))
+        for params, weight in self._factored_components():
+            tr = self._factors(params, self.x_train_, self.y_train_)
+            te = self._factors(params, x_test, y_test)
+            tr_norm, te_norm = factored_sq_norms(self.layers_, tr).sqrt(), factored_sq_norms(self.layers_, te).sqrt()
+            for k, layer in enumerate(self.layers_):
+                out = results[names[id(layer.module)]]
+                for rows in train_blocks:
+                    for cols in test_blocks:
+                        left = LinearFactors([tr.inputs[k][rows]], [tr.grads[k][rows]])
+                        right = LinearFactors([te.inputs[k][cols]], [te.grads[k][cols]])
+                        block = self._normalise(factored_gram([layer], left, right), tr_norm[rows], te_norm[cols])
+                        out[rows, cols] += (weight * block).detach().to("cpu", out.dtype)
+        for mm in maps:
+            mm.flush()
+        return results
+
     def _self_scores(self) -> Tensor:
         if getattr(self, "layers_", None) is None:
             return super()._self_scores()
