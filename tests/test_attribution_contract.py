@@ -6,7 +6,8 @@ Checks: declarations (named settings, `needs`), settings validated in `__init__`
 setting refuses NaN and -1, every string setting an unknown choice), not-fitted errors, shapes and
 dtypes of `scores` (N, M) and `self_scores` (N,), `self_scores()[i] == scores(train)[i, i]`, bad input
 (wrong feature shape, labels out of range, NaN inputs), and the save / load round trip with its
-refusals; `by_module=True` sums to the total where the method splits over modules, else is refused. Exempt: `loss`, `el2n`, `fscore`, `cl`, `knn`, `random`, `mpe` have no pairwise scores (self-influence only), so the
+refusals; `by_module=True` sums to the total where the method splits over modules, else is refused.
+Exempt: `loss`, `el2n`, `fscore`, `cl`, `knn`, `random`, `mpe` have no pairwise scores (self-influence only), so the
 diagonal check and the pairwise shape and input checks of `scores` do not apply to them; their
 self-scores and fitting inputs are checked. Stochastic methods (randproj, tracin-rp, if-lissa,
 arnoldi's start vector, gex, tracinrp-fge, la-kfac, trak, el2n, cl, random) are seeded: self-scores and scores of one fit

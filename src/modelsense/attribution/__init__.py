@@ -72,7 +72,8 @@ from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
 from modelsense.attribution.state import load_attributor
 
 __all__ = [
-    "COMPUTE_OPTIONS", "NEEDS", "Attributor", "ComputeOptions", "FeatureAttributor", "load_attributor", "as_functional", "by_module_names", "make_attributor", "method_class", "method_names",
+    "COMPUTE_OPTIONS", "NEEDS", "Attributor", "ComputeOptions", "FeatureAttributor", "load_attributor", "as_functional",
+    "by_module_names", "make_attributor", "method_class", "method_names",
     "method_settings", "parse_methods", "register", "GaussianProjector", "GradientCosine", "GradientDot",
     "RandomProjection", "TracIn", "TracInRandomProjection", "checkpoints_from_fit", "tracin_checkpoint_epochs",
     "ConjugateGradientInfluence", "EkfacInfluence", "ExplicitInfluence", "InfluenceFunction", "KfacInfluence",

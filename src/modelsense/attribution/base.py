@@ -571,7 +571,8 @@ class FeatureAttributor(Attributor):
             if total_bytes <= self.compute.memory_budget:
                 results[name] = torch.zeros(shape, dtype=dtype)
             else:
-                fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_module_", dir=self.compute.scratch_dir)
+                fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_module_",
+                                            dir=self.compute.scratch_dir)
                 os.close(fd)
                 maps.append(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64 if dtype == torch.float64
                                                       else np.float32, shape=shape))

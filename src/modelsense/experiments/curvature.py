@@ -243,8 +243,8 @@ def spectrum_summary(m: dict[str, Any]) -> str:
             f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
             + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
             + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else "")
-            + "".join(f"\n  {name}: {b['n_params']} parameters, λ_1 {b['eigenvalues'][0]:.4g}, N_eff {b['effective_dimension']:.4g}"
-                      for name, b in m.get("by_module", {}).items()))
+            + "".join(f"\n  {name}: {b['n_params']} parameters, λ_1 {b['eigenvalues'][0]:.4g}, "
+                      f"N_eff {b['effective_dimension']:.4g}" for name, b in m.get("by_module", {}).items()))
 
 
 SPECTRUM = Command("spectrum", SpectrumSpec, check_spectrum, run_spectrum, summary=spectrum_summary,
