@@ -21,6 +21,11 @@ and the sum reduction (no method divides by N or by a projection dimension where
 Scales agree exactly inside the influence-function family (`if-*`, `arnoldi` at full rank); across
 families only signs and rankings are comparable.
 
+Per module (`scores(..., by_module=True)`, `self_scores(by_module=True)`): when g_i and the
+preconditioner M (block-diagonal over modules: identity, K-FAC / EK-FAC blocks) live in parameter
+space, score(i, j) = Σ_m g_i[m]ᵀ M[m, m] g_j[m] exactly, m over the modules owning parameters
+(`ParamSpec.modules`); methods whose M, projection or ensemble couples modules refuse it.
+
 `self_scores()[i] = score(i, i)`: the self-influence of training example i (how much its own loss
 would rise if it were left out). Large self-influence marks atypical or mislabeled examples.
 Methods with only a self-influence (`loss`, `el2n`, `mpe`) raise on `scores`.
