@@ -117,3 +117,15 @@ def test_by_module_over_the_memory_budget_goes_to_memory_maps(method, tmp_path):
     parts = att.scores(XT, YT, by_module=True)
     assert len(list(tmp_path.glob(f"scores_{method}_module_*.npy"))) == 2
     torch.testing.assert_close(sum(parts.values()), att.scores(XT, YT), rtol=1e-10, atol=1e-12)
+
+
+def test_module_shares_of_the_top_pairs():
+    from modelsense.attribution.evaluation import module_shares
+
+    parts = {"a": [[3.0, -1.0], [0.0, 1.0]], "b": [[1.0, 0.0], [0.0, -3.0]]}  # total [[4, -1], [0, -2]]
+    shares = module_shares(parts, 0.25)  # one pair each: (0, 0) helpful, (1, 1) harmful
+    assert shares == {"helpful": {"a": 0.75, "b": 0.25}, "harmful": {"a": -0.5, "b": 1.5}}
+    both = module_shares(parts, 0.5)  # (0, 0), (1, 0) with total 4; (1, 1), (0, 1) with total -3
+    assert both["helpful"] == {"a": 0.75, "b": 0.25} and both["harmful"] == pytest.approx({"a": 0.0, "b": 1.0})
+    with pytest.raises(ValueError, match="fraction"):
+        module_shares(parts, 0.0)

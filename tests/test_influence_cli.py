@@ -175,6 +175,8 @@ def test_by_module_writes_the_exact_split_and_the_module_shares(trained, tmp_pat
     out = tmp_path / "self"
     ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot", "--self", "--by-module",
        "--out", out)
+    assert abs(sum(json.loads((out / "metrics.json").read_text())["module_share"]["highest self-influence"].values())
+               - 1) < 1e-6
     selfs = np.load(out / "self_influence_by_module.npz")
     np.testing.assert_allclose(sum(selfs[k] for k in selfs.files), np.load(out / "self_influence.npy"), rtol=1e-6)
     res = invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "trak", "--by-module",

@@ -169,7 +169,7 @@ def module_share_figure(shares: dict[str, dict[str, float]], param_shares: dict[
     """Bars per module: its share of the parameters and of the top helpful / harmful influence pairs
     (`evaluation.module_shares`)."""
     names = list(param_shares)
-    series = {"parameters": param_shares, **{f"top {k} pairs": v for k, v in shares.items()}}
+    series = {"parameters": param_shares, **{k if "self" in k else f"top {k} pairs": v for k, v in shares.items()}}
     width = 0.8 / len(series)
     pos = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.2))

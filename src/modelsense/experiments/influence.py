@@ -719,14 +719,16 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
 def _module_results(parts: dict[str, np.ndarray], att, method: str, what: str, run: RunDir,
                     metrics: dict[str, Any]) -> None:
     """Metrics and figure of a per-module breakdown: each module's share of the parameters and of the
-    top 1% most helpful / harmful entries."""
+    top 1% most helpful / harmful pairs (scores) or of the top 1% self-influences."""
     from modelsense.attribution import plots
     from modelsense.attribution.evaluation import module_shares
 
     modules = att.model_.spec.modules
     n_params = sum(len(v) for v in modules.values())
     metrics["module_params"] = {m: len(v) for m, v in modules.items()}
-    metrics["module_share"] = module_shares(parts, 0.01)
+    shares = module_shares(parts, 0.01)
+    # self-influence: the highest 1% only (the lowest are the least remarkable examples, not harmful ones)
+    metrics["module_share"] = shares if what == "influence" else {"highest self-influence": shares["helpful"]}
     param_shares = {m: len(v) / n_params for m, v in modules.items()}
     run.save_figure(plots.module_share_figure(metrics["module_share"], param_shares,
                                               f"{method}: module shares of the top 1% {what}"), "module_shares")
