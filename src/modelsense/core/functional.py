@@ -61,6 +61,23 @@ class ParamSpec:
             start += numel
         return out
 
+    @property
+    def modules(self) -> dict[str, Tensor]:
+        """module name -> the flat positions (ascending) of that module's own parameters.
+
+        A parameter `a.b.weight` belongs to the module `a.b`; a parameter registered on the root
+        module (no dot in its name) to the module `(root)`. Modules in order of their first parameter.
+        """
+        out: dict[str, list[Tensor]] = {}
+        for name, s in self.slices.items():
+            out.setdefault(self.module_of(name), []).append(torch.arange(s.start, s.stop))
+        return {m: torch.cat(parts) for m, parts in out.items()}
+
+    @staticmethod
+    def module_of(name: str) -> str:
+        """The module a parameter name belongs to: `a.b.weight` -> `a.b`, `scale` -> `(root)`."""
+        return name.rpartition(".")[0] or "(root)"
+
     def flatten(self, tensors: Params, batch_dims: int = 0) -> Tensor:
         """Concatenate a dict of tensors (with `batch_dims` leading dims) into (*batch, P)."""
         parts = []
