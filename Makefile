@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 THREADS ?= 1
 TEST_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) MODELSENSE_TEST_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: venv demo test test-fast test-random bench clean
+.PHONY: venv demo test test-fast test-random lint bench clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# ruff (the rules in pyproject.toml) over the package, its tests, benchmarks and examples.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench examples
 
 # The suite in shuffled order (pytest-random-order: the modules and the tests in each); the header
 # prints the seed, and PYTEST_ARGS=--random-order-seed=N repeats an order.
