@@ -34,7 +34,7 @@ def _default(param: Any) -> str:
 
 
 def _type(param: Any) -> str:
-    if param.is_flag:
+    if getattr(param, "is_flag", False):
         return "flag"
     if hasattr(param, "bare_type"):  # typer >= 0.2x (its own click)
         return _cell(param.bare_type())
@@ -58,7 +58,12 @@ def _command(cmd: Any, path: list[str], lines: list[str], depth: int) -> None:
     options = [p for p in cmd.params if _is_option(p) and not p.hidden]
     arguments = [p for p in cmd.params if getattr(p, "param_type_name", "") == "argument"]
     if arguments:
-        lines.append("Arguments: " + ", ".join(f"`{a.human_readable_name}`" for a in arguments) + "\n")
+        lines.append("| argument | type | help |")
+        lines.append("|---|---|---|")
+        for a in arguments:
+            name = (a.metavar or a.name.upper()) + (" ..." if a.nargs == -1 else "")
+            lines.append(f"| `{name}` | {_type(a)} | {_cell(getattr(a, 'help', None) or '')} |")
+        lines.append("")
     if options:
         lines.append("| option | type | default | help |")
         lines.append("|---|---|---|---|")

@@ -90,6 +90,9 @@ def test_cli_reference_lists_every_command_and_option():
         for param in cmd.params:
             if getattr(param, "param_type_name", "") == "option" and not param.hidden:
                 assert f"`{param.opts[0]}`" in text
+        for param in cmd.params:
+            if getattr(param, "param_type_name", "") == "argument":
+                assert f"`{param.metavar or param.name.upper()}" in text
     assert "prior precision δ" in text  # a help text declared on a spec field (TrainConfig.delta)
 
 
