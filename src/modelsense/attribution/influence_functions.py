@@ -274,6 +274,7 @@ class KfacInfluence(InfluenceFunction):
 
     structure = "kfac"
     matrices = ("ggn", "ef")
+    splits_by_module = True  # one block per layer, fallback blocks per parameter tensor: within a module
 
 
 @register("if-ekfac")
@@ -282,3 +283,4 @@ class EkfacInfluence(InfluenceFunction):
 
     structure = "ekfac"
     matrices = ("ggn", "ef")
+    splits_by_module = True  # block-diagonal over layers like if-kfac

@@ -163,3 +163,24 @@ def relabel_figure(metrics: dict[str, Any]):
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def module_share_figure(shares: dict[str, dict[str, float]], param_shares: dict[str, float], title: str):
+    """Bars per module: its share of the parameters and of the top helpful / harmful influence pairs
+    (`evaluation.module_shares`)."""
+    names = list(param_shares)
+    series = {"parameters": param_shares, **{k if "self" in k else f"top {k} pairs": v for k, v in shares.items()}}
+    width = 0.8 / len(series)
+    pos = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.2))
+    for k, (label, values) in enumerate(series.items()):
+        ax.bar(pos + (k - (len(series) - 1) / 2) * width, [values[m] for m in names], width, label=label)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    ax.set_ylabel("share")
+    ax.set_xlabel("module")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -53,6 +53,34 @@ def spectrum_figure(spectrum: Spectrum, grid: np.ndarray | None = None, density:
     return fig
 
 
+def module_spectra_figure(whole: Spectrum, modules: dict[str, Spectrum], title: str = "") -> Figure:
+    """Top eigenvalues of each module's diagonal block (one line each) next to the whole matrix's
+    (black), log scale when all are > 0, with a line at the first s; the legend gives each N_eff."""
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
+    s0 = whole.config.s[0]
+    series = {"whole": whole, **modules}
+    positive = True
+    for k, (name, spec) in enumerate(series.items()):
+        lam = spec.eigenvalues.double().cpu().numpy()
+        positive = positive and bool((lam > 0).all())
+        style = {"color": "black", "lw": 1.8} if k == 0 else {"lw": 1.0}
+        ax.plot(np.arange(1, len(lam) + 1), lam, "o-", ms=3, label=f"{name} ({spec.n_params} params, "
+                f"N_eff {spec.effective_dimension[s0]:.3g})", **style)
+    ax.axhline(s0, ls="--", lw=0.8, color="tab:red")
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"eigenvalue λ_i ({whole.config.matrix})")
+    ax.set_title(f"diagonal blocks per module (s = {s0:g} dashed)")
+    ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def width_sweep_figure(summary: dict[str, Any], title: str = "") -> Figure:
     """Test/train loss, N_eff and parameter count against width (log x) from the summary of a width
     sweep (`effdim.width_sweep_summary`); filled markers = interpolating models."""
