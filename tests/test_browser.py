@@ -36,12 +36,17 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def check_page(page: Path, shots: Path, name: str) -> dict:
-    """Open `page` in Chromium: images loaded, no uncaught errors; a screenshot `shots/name.png`."""
-    probe = page.with_name(f".probe-{page.name}")
+def check_page(page: Path, shots: Path, name: str, base_url: str | None = None, root: Path | None = None) -> dict:
+    """Open `page` in Chromium: images loaded, no uncaught errors; a screenshot `shots/name.png`. With
+    `base_url` (a server of the folder `root`) the page is loaded over HTTP, as a user browses a site."""
+    probe = page.with_name(f"probe-{page.name}")
     probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+
+    def url(path: Path) -> str:
+        return path.as_uri() if base_url is None else f"{base_url}/{path.relative_to(root).as_posix()}"
+
     try:
-        done = _chromium("--dump-dom", probe.as_uri())
+        done = _chromium("--dump-dom", url(probe))
     finally:
         probe.unlink()
     assert done.returncode == 0, done.stderr[-2000:]
@@ -53,7 +58,7 @@ def check_page(page: Path, shots: Path, name: str) -> dict:
     assert not errors, errors
     shots.mkdir(parents=True, exist_ok=True)
     shot = shots / f"{name}.png"
-    _chromium(f"--screenshot={shot}", "--window-size=1280,6000", page.as_uri())
+    _chromium(f"--screenshot={shot}", "--window-size=1280,6000", url(page))
     assert shot.is_file() and shot.stat().st_size > 0
     return result
 
@@ -94,5 +99,17 @@ def test_docs_start_page_in_a_browser(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    check_page(site / "index.html", _shots(tmp_path), "docs_index")
-    check_page(site / "tutorials" / "mpe" / "index.html", _shots(tmp_path), "docs_mpe")
+    # over HTTP, as the site is browsed (from file:// the theme's search index cannot load)
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        check_page(site / "index.html", _shots(tmp_path), "docs_index", base, site)
+        check_page(site / "tutorials" / "mpe" / "index.html", _shots(tmp_path), "docs_mpe", base, site)
+    finally:
+        server.shutdown()

@@ -53,7 +53,7 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
         x, y = detection_curve(s, corrupted)
         ax.plot(x, y, label=name, color=colors[(2 * k) % 20 + (k // 10) % 2], ls=("-", "--")[(k // 10) % 2])
     frac = len(corrupted) / len(next(iter(scores.values())))
-    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="random")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="chance (expected)")
     ax.plot([0, frac, 1], [0, 1, 1], color="black", ls="--", lw=0.8, label="oracle")
     ax.set_xlim(0, min(1, 4 * frac))
     ax.set_xlabel("fraction of training set inspected")
