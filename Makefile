@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
 TORCH := torch==2.13.0
 PYTEST_ARGS ?=
 # Threads for torch (tests/conftest.py), OpenMP and MKL in the test targets, e.g. `make test THREADS=2`;
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 THREADS ?= 1
 TEST_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) MODELSENSE_TEST_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: venv demo test test-fast test-random bench clean
+.PHONY: venv demo test test-fast test-random lint bench docs clean
 
 venv: $(STAMP)
 
@@ -34,6 +35,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
+# ruff (the rules in pyproject.toml) over the package, its tests, benchmarks and examples.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench examples
+
 # The suite in shuffled order (pytest-random-order: the modules and the tests in each); the header
 # prints the seed, and PYTEST_ARGS=--random-order-seed=N repeats an order.
 test-random: $(STAMP)
@@ -47,5 +52,14 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
+# The documentation site into site/ (strict: a warning, e.g. a broken link or a docstring griffe cannot
+# read, fails the build); the tutorials it shows are scripts under docs/tutorials/ that tests/test_docs.py runs.
+$(DOCS_STAMP): $(STAMP)
+	$(PIP) install --quiet -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out site .pytest_cache

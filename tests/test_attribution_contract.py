@@ -6,7 +6,8 @@ Checks: declarations (named settings, `needs`), settings validated in `__init__`
 setting refuses NaN and -1, every string setting an unknown choice), not-fitted errors, shapes and
 dtypes of `scores` (N, M) and `self_scores` (N,), `self_scores()[i] == scores(train)[i, i]`, bad input
 (wrong feature shape, labels out of range, NaN inputs), and the save / load round trip with its
-refusals. Exempt: `loss`, `el2n`, `fscore`, `cl`, `knn`, `random`, `mpe` have no pairwise scores (self-influence only), so the
+refusals; `by_module=True` sums to the total where the method splits over modules, else is refused.
+Exempt: `loss`, `el2n`, `fscore`, `cl`, `knn`, `random`, `mpe` have no pairwise scores (self-influence only), so the
 diagonal check and the pairwise shape and input checks of `scores` do not apply to them; their
 self-scores and fitting inputs are checked. Stochastic methods (randproj, tracin-rp, if-lissa,
 arnoldi's start vector, gex, tracinrp-fge, la-kfac, trak, el2n, cl, random) are seeded: self-scores and scores of one fit
@@ -217,6 +218,31 @@ def test_bad_input(method):
     for x, y, says in ((XT[:, :2], YT, "shape"), (XT, YT - 1, r"labels must lie in \[0, 3\)"), (nan_xt, YT, "NaN")):
         with pytest.raises(DataError, match=says):
             att.scores(x, y)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_by_module_sums_to_the_total_or_is_refused(method):
+    """by_module=True: {module: (N, M)} / {module: (N,)} summing to scores / self_scores, where the method
+    splits exactly over modules; elsewhere a ConfigError naming the methods that do."""
+    att = fitted(method)
+    if not method_class(method).splits_by_module:
+        calls = [lambda: att.self_scores(by_module=True)]
+        if method_class(method).pairwise:
+            calls.append(lambda: att.scores(XT, YT, by_module=True))
+        for call in calls:
+            with pytest.raises(ConfigError, match="by_module is available for grad-dot, grad-cos, tracin"):
+                call()
+        return
+    parts = att.scores(XT, YT, by_module=True)
+    assert list(parts) == ["0", "2"]  # the two Linear layers of tiny_mlp
+    total = att.scores(XT, YT)
+    assert all(p.shape == total.shape and p.dtype == total.dtype for p in parts.values())
+    scale = float(total.abs().max())
+    torch.testing.assert_close(sum(parts.values()), total, rtol=1e-9, atol=1e-12 * scale)
+    self_parts = att.self_scores(by_module=True)
+    torch.testing.assert_close(sum(self_parts.values()), att.self_scores(), rtol=1e-9, atol=1e-12 * scale)
+    with pytest.raises(ConfigError, match="drop out="):
+        att.scores(XT, YT, out=torch.zeros(len(X), len(XT), dtype=torch.float64).numpy(), by_module=True)
 
 
 # -- saved state -------------------------------------------------------------------------------------

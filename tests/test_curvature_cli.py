@@ -154,6 +154,28 @@ def test_spectrum_weights_only(spectrum_run, tmp_path):
     np.testing.assert_allclose(m["eigenvalues"], top, rtol=1e-4)
 
 
+def test_spectrum_by_module_is_each_module_block_of_the_dense_hessian(spectrum_run, tmp_path):
+    out, whole = spectrum_run
+    m = ok("spectrum", *DATA, "--checkpoint", out / "model.pt", "--k", 3, "--by-module", "--trace-samples", 0,
+           "--density-probes", 0, "--out", tmp_path)
+    module, _ = load_model(out / "model.pt")
+    data = load_dataset_from_config(DataConfig("digits", n_train=N_TRAIN))
+    fm = FunctionalModel(module.double())
+    H = dense_hessian(fm, data.x_train.double(), data.y_train)
+    assert list(m["by_module"]) == list(fm.spec.modules) == ["fc1", "out"]
+    arrays = np.load(tmp_path / "spectrum_by_module.npz")
+    for name, idx in fm.spec.modules.items():
+        top = torch.linalg.eigvalsh(H[idx][:, idx]).flip(0)[:3].numpy()
+        block = m["by_module"][name]
+        assert block["n_params"] == len(idx)
+        np.testing.assert_allclose(block["eigenvalues"], top, rtol=1e-4)
+        np.testing.assert_allclose(arrays[name], top, rtol=1e-4)
+        assert block["effective_dimension"] == pytest.approx(neff(block["eigenvalues"], m["s"][0]))
+    np.testing.assert_allclose(m["eigenvalues"], whole["eigenvalues"][:3], rtol=1e-4)  # the whole matrix as before
+    assert m["cost"]["by_module"]["matvecs"] > 0
+    assert (tmp_path / "figures" / "spectrum_by_module.png").stat().st_size > 0
+
+
 def test_spectrum_bad_input(spectrum_run, tmp_path):
     out, _ = spectrum_run
     msg = error(invoke("spectrum", *TINY_SPECTRUM, "--matrix", "fisher", "--out", tmp_path / "a"))

@@ -141,7 +141,7 @@ def test_bad_input(tmp_path):
         train_jobs(RECIPE, _jobs(1), tmp_path, backend="slurm")
     with pytest.raises(ConfigError, match="batch plan"):
         RetrainRecipe(RECIPE.data, RECIPE.model, RECIPE.train, batch_plan="mixed")
-    with pytest.raises(ConfigError, match="sgd or adam"):
+    with pytest.raises(ConfigError, match="sgd, adam or adamw"):
         RetrainRecipe(RECIPE.data, RECIPE.model, TrainConfig(optimizer="ivon"))
     with pytest.raises(DataError, match="not in the store"):
         GroundTruthStore(tmp_path, RECIPE, 60, 500).gather(_jobs(1))

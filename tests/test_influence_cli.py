@@ -157,3 +157,29 @@ def test_save_state_then_state_scores_new_data_without_refitting(trained, tmp_pa
     msg = error(invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot",
                        "--state", first / "state", "--out", tmp_path / "y"))
     assert "holds a fitted 'if-ekfac'" in msg and not (tmp_path / "y").exists()
+
+
+def test_by_module_writes_the_exact_split_and_the_module_shares(trained, tmp_path):
+    out = tmp_path / "mod"
+    m = ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--n-test", 6,
+           "--by-module", "--out", out)
+    parts = np.load(out / "scores_by_module.npz")
+    assert parts.files == ["fc1", "out"]  # the Linear modules of the width-8 MLP
+    total = np.load(out / "scores.npy")
+    np.testing.assert_allclose(sum(parts[k] for k in parts.files), total, rtol=1e-5, atol=1e-6 * np.abs(total).max())
+    for kind in ("helpful", "harmful"):
+        assert sorted(m["module_share"][kind]) == sorted(parts.files)
+        assert abs(sum(m["module_share"][kind].values()) - 1) < 1e-6
+    assert sum(m["module_params"].values()) == sum(p.numel() for p in load_model(trained / "model.pt")[0].parameters())
+    assert (out / "figures" / "module_shares.png").exists()
+    out = tmp_path / "self"
+    ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "grad-dot", "--self", "--by-module",
+       "--out", out)
+    assert abs(sum(json.loads((out / "metrics.json").read_text())["module_share"]["highest self-influence"].values())
+               - 1) < 1e-6
+    selfs = np.load(out / "self_influence_by_module.npz")
+    np.testing.assert_allclose(sum(selfs[k] for k in selfs.files), np.load(out / "self_influence.npy"), rtol=1e-6)
+    res = invoke("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "trak", "--by-module",
+                 "--out", tmp_path / "no")
+    assert "does not split exactly over modules" in error(res) and "if-ekfac" in error(res)
+    assert not (tmp_path / "no").exists()

@@ -27,11 +27,14 @@ from modelsense.models import (
 
 IMAGE_SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 VECTOR_SHAPES = [(40,)]
+RECIPE_MODELS = ["vgg11", "vgg16", "resnet20", "resnet18_v1", "small_inception"]
 CONV_MODELS = ["lenet", "cnn_deepobs", "resnet20_frn", "cnn", "resnet18"]
 VECTOR_MODELS = ["linear", "mlp", "small_mlp", "large_mlp"]
-IMAGE_MODELS = CONV_MODELS + ["vit"]
+IMAGE_MODELS = CONV_MODELS + ["vit"] + RECIPE_MODELS
 # small widths keep the wide models fast
-SMALL = {"cnn": {"width": 4}, "resnet18": {"width": 2}, "resnet20_frn": {"width": 4}, "vit": {"width": 8, "depth": 1}}
+SMALL = {"cnn": {"width": 4}, "resnet18": {"width": 2}, "resnet20_frn": {"width": 4}, "vit": {"width": 8, "depth": 1},
+         "vgg11": {"width": 2}, "vgg16": {"width": 2}, "resnet20": {"width": 4}, "resnet18_v1": {"width": 2},
+         "small_inception": {"width": 8}}
 
 
 def _compatible(name: str, shape: tuple[int, ...]) -> bool:
@@ -260,10 +263,10 @@ def test_frn_matches_direct_formula():
     assert all(p.dim() == 1 for p in frn.parameters())
 
 
-@pytest.mark.parametrize("name", VECTOR_MODELS + CONV_MODELS)
+@pytest.mark.parametrize("name", VECTOR_MODELS + CONV_MODELS + RECIPE_MODELS)
 def test_modules_are_standard(name):
     """Every >=2-dim parameter belongs to nn.Linear/nn.Conv2d; the classifier is `out`."""
-    shape = (1, 28, 28) if name in CONV_MODELS else (40,)
+    shape = (40,) if name in VECTOR_MODELS else (1, 28, 28)
     model = build_model(name, shape, 3, **SMALL.get(name, {}))
     allowed = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d, FilterResponseNorm2d)
     for mod in model.modules():
@@ -375,3 +378,126 @@ def test_batchnorm_per_example_grads_in_eval_mode_match_loop_and_train_mode_is_r
         nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         loop.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-9, atol=1e-10)
+
+
+# -- the architectures of the originals' recipes (VGG, ResNet-20 option A, ResNet-18 v1, small Inception)
+def _conv(i: int, o: int, k: int, bias: bool = False) -> int:
+    return i * o * k * k + (o if bias else 0)
+
+
+def _vgg_count(cfg: tuple[int, ...], c_in: int, k: int, num_classes: int) -> int:
+    """conv (bias) + norm (scale, shift) per conv layer, linear head."""
+    total, channels = 0, c_in
+    for mult in cfg:
+        if mult:
+            total += _conv(channels, k * mult, 3, bias=True) + 2 * k * mult
+            channels = k * mult
+    return total + channels * num_classes + num_classes
+
+
+def _resnet_count(c_in: int, k: int, blocks: tuple[int, ...], num_classes: int, projection: bool) -> int:
+    """no conv bias; a norm (2 per channel) after each conv; option-A shortcuts have no parameters."""
+    total, channels = _conv(c_in, k, 3) + 2 * k, k
+    for s, n in enumerate(blocks):
+        out = k * 2**s
+        for b in range(n):
+            total += _conv(channels, out, 3) + _conv(out, out, 3) + 4 * out
+            if projection and channels != out:
+                total += _conv(channels, out, 1) + 2 * out
+            channels = out
+    return total + channels * num_classes + num_classes
+
+
+def _inception_count(c_in: int, num_classes: int) -> int:
+    unit = lambda i, o, k: _conv(i, o, k) + 2 * o
+    total, channels = unit(c_in, 96, 3), 96
+    for blocks, down in ((((32, 32), (32, 48)), 160), (((112, 48), (96, 64), (80, 80), (48, 96)), 240),
+                         (((176, 160), (176, 160)), 0)):
+        for a, b in blocks:
+            total += unit(channels, a, 1) + unit(channels, b, 3)
+            channels = a + b
+        if down:
+            total, channels = total + unit(channels, down, 3), down
+    return total + channels * num_classes + num_classes
+
+
+def test_recipe_models_parameter_counts_at_full_width():
+    """The counts the papers and the usual CIFAR ports give, and the formula per layer."""
+    from modelsense.models.vgg import CONFIGS
+
+    counts = {"vgg11": 9_231_114, "vgg16": 14_728_266, "resnet20": 269_722, "resnet18_v1": 11_173_962,
+              "small_inception": 1_895_786}
+    for name, expected in counts.items():
+        for norm in ("gn", "bn"):
+            assert _n_params(build_model(name, (3, 32, 32), 10, norm=norm)) == expected, (name, norm)
+    assert _vgg_count(CONFIGS["vgg11"], 3, 64, 10) == counts["vgg11"]
+    assert _vgg_count(CONFIGS["vgg16"], 3, 64, 10) == counts["vgg16"]
+    assert _resnet_count(3, 16, (3, 3, 3), 10, projection=False) == counts["resnet20"]  # He et al.: 0.27M
+    assert _resnet_count(3, 64, (2, 2, 2, 2), 10, projection=True) == counts["resnet18_v1"]
+    assert _inception_count(3, 10) == counts["small_inception"]
+    # other widths and inputs follow the same formulas
+    assert _n_params(build_model("vgg16", (1, 8, 8), 3, width=2)) == _vgg_count(CONFIGS["vgg16"], 1, 2, 3)
+    assert _n_params(build_model("resnet20", (1, 8, 8), 3, width=4)) == _resnet_count(1, 4, (3, 3, 3), 3, False)
+    assert _n_params(build_model("resnet18_v1", (1, 8, 8), 3, width=2)) == _resnet_count(1, 2, (2, 2, 2, 2), 3, True)
+
+
+@pytest.mark.parametrize("name", RECIPE_MODELS)
+def test_recipe_models_forward_backward_and_norm_option(name):
+    """Tiny input (2 examples, 1x8x8 and 3x32x32): logits of shape (n, C), finite gradients for every
+    parameter; norm="bn" puts BatchNorm where GroupNorm is by default (and nothing else changes)."""
+    for shape in ((1, 8, 8), (3, 32, 32)):
+        model = build_model(name, shape, 3, seed=0, **SMALL[name])
+        out = model(torch.randn(2, *shape))
+        assert out.shape == (2, 3)
+        nn.functional.cross_entropy(out, torch.tensor([0, 2])).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    gn = build_model(name, (3, 32, 32), 3, seed=0, **SMALL[name])
+    bn = build_model(name, (3, 32, 32), 3, seed=0, norm="bn", **SMALL[name])
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gn.modules())
+    kinds = lambda m, k: [n for n, mod in m.named_modules() if isinstance(mod, k)]
+    assert kinds(gn, nn.GroupNorm) == kinds(bn, nn.BatchNorm2d) and kinds(gn, nn.GroupNorm)
+    assert [k for k, _ in gn.named_parameters()] == [k for k, _ in bn.named_parameters()]
+
+
+def test_resnet20_option_a_shortcut_is_zero_padding():
+    model = build_model("resnet20", (3, 32, 32), 10, width=4, seed=0)
+    block = model.stage2[0]
+    assert not list(block.shortcut.parameters())
+    x = torch.randn(2, 4, 32, 32)
+    expected = torch.zeros(2, 8, 16, 16)
+    expected[:, 2:6] = x[:, :, ::2, ::2]  # 4 new channels: 2 zero channels before, 2 after
+    torch.testing.assert_close(block.shortcut(x), expected, rtol=0, atol=0)
+    assert isinstance(model.stage1[0].shortcut, nn.Identity)
+    h = {}
+    model.stage3[2].register_forward_hook(lambda mod, i, o: h.__setitem__("s3", o.shape))
+    model(torch.randn(2, 3, 32, 32))
+    assert h["s3"] == (2, 16, 8, 8)
+    # the two ReLUs of a block are modules (representation hooks, stitching), kaiming-normal init
+    assert isinstance(block.act1, nn.ReLU) and isinstance(block.act2, nn.ReLU)
+
+
+def test_resnet18_v1_and_inception_structure():
+    r = build_model("resnet18_v1", (3, 32, 32), 10, width=2)
+    assert isinstance(r.stage2[0].shortcut[0], nn.Conv2d) and r.stage2[0].conv1.stride == (2, 2)
+    assert isinstance(r.stage1[0].shortcut, nn.Identity) and r.out.in_features == 16
+    assert not hasattr(r, "maxpool")
+    inc = build_model("small_inception", (3, 32, 32), 10)
+    assert inc.out.in_features == 336 and inc.stage2.block4.conv3x3.conv.out_channels == 96
+    assert inc.stage1.downsample.conv.stride == (2, 2) and isinstance(inc.pool, nn.AdaptiveMaxPool2d)
+    v = build_model("vgg11", (3, 32, 32), 10)
+    assert sum(isinstance(m, nn.Conv2d) for m in v.modules()) == 8
+    assert sum(isinstance(m, nn.Conv2d) for m in build_model("vgg16", (3, 32, 32), 10, width=2).modules()) == 13
+
+
+@pytest.mark.parametrize("name", RECIPE_MODELS)
+def test_recipe_models_train_in_the_engine_without_bn_and_are_refused_with_bn(name):
+    from modelsense.training import TrainConfig, train_ensemble
+
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = TrainConfig(lr=0.01, epochs=1, bs=3)
+    res = train_ensemble(lambda s: build_model(name, (1, 8, 8), 3, seed=s, **SMALL[name]), x, y,
+                         torch.ones(2, 6, dtype=torch.bool), cfg, progress=False)
+    assert res.outputs["train"]["loss"].shape == (2, 6) and torch.isfinite(res.outputs["train"]["loss"]).all()
+    with pytest.raises(ConfigError, match="cannot train models with batch norm"):
+        train_ensemble(lambda s: build_model(name, (1, 8, 8), 3, seed=s, norm="bn", **SMALL[name]), x, y,
+                       torch.ones(2, 6, dtype=torch.bool), cfg, progress=False)

@@ -42,7 +42,7 @@ COMMANDS = {
     "mpe loco": ([*MPE, "--epochs-retrain", "1"], [["--epochs-retrain", "0"]]),
     "influence": ([*DATA, *NET, "--method", "grad-dot", "--n-test", "5"],
                   [["--method", "nope"], ["--method", "randproj", "--proj-dim", "0"], ["--memory-gb", "-1"],
-                   ["--top-k", "0"]]),
+                   ["--top-k", "0"], ["--method", "if-cg", "--by-module"]]),
     "noisy-labels": ([*DATA, *NET, "--corruption-ratio", "0.2", "--methods", "loss"],
                      [["--methods", "loss,nope"], ["--methods", "randproj", "--proj-dim", "0"],
                       ["--corruption-ratio", "0"]]),

@@ -9,6 +9,7 @@ curvature of the *summed* training loss.
     >>> att = make_attributor("if-ekfac", damping=0.01).fit(model, x_train, y_train)
     >>> S = att.scores(x_test, y_test)          # (N, M)
     >>> si = att.self_scores()                  # (N,)
+    >>> parts = att.scores(x_test, y_test, by_module=True)   # {module: (N, M)}, summing to S exactly
     >>> att.save("state/")                      # factors, settings, model and data fingerprints
     >>> att = load_attributor("state/", model, x_train, y_train)   # another process: no refit
 
@@ -16,6 +17,8 @@ Methods by name: grad-dot, grad-cos, randproj, tracin, tracin-rp (gradient); if-
 if-lissa, if-kfac, if-ekfac (influence functions); arnoldi; gex, la-kfac (ensemble covariance),
 tracinrp-fge (TracIn-RP over gex's members); trak; loss, el2n, fscore, cl, knn, random
 (self-influence baselines of the GEX paper); mpe (memory-perturbation sensitivity, self only).
+`by_module=True` (scores and self-scores split over modules) where the split is exact:
+`by_module_names()` = grad-dot, grad-cos, tracin, if-kfac, if-ekfac; the others refuse it.
 """
 
 from modelsense.attribution.base import (
@@ -25,6 +28,7 @@ from modelsense.attribution.base import (
     ComputeOptions,
     FeatureAttributor,
     as_functional,
+    by_module_names,
     make_attributor,
     method_class,
     method_names,
@@ -71,7 +75,8 @@ from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
 from modelsense.attribution.state import load_attributor
 
 __all__ = [
-    "COMPUTE_OPTIONS", "NEEDS", "Attributor", "ComputeOptions", "FeatureAttributor", "load_attributor", "as_functional", "make_attributor", "method_class", "method_names",
+    "COMPUTE_OPTIONS", "NEEDS", "Attributor", "ComputeOptions", "FeatureAttributor", "load_attributor", "as_functional",
+    "by_module_names", "make_attributor", "method_class", "method_names",
     "method_settings", "parse_methods", "register", "GaussianProjector", "GradientCosine", "GradientDot",
     "RandomProjection", "TracIn", "TracInRandomProjection", "checkpoints_from_fit", "tracin_checkpoint_epochs",
     "ConjugateGradientInfluence", "EkfacInfluence", "ExplicitInfluence", "InfluenceFunction", "KfacInfluence",

@@ -21,6 +21,11 @@ and the sum reduction (no method divides by N or by a projection dimension where
 Scales agree exactly inside the influence-function family (`if-*`, `arnoldi` at full rank); across
 families only signs and rankings are comparable.
 
+Per module (`scores(..., by_module=True)`, `self_scores(by_module=True)`): when g_i and the
+preconditioner M (block-diagonal over modules: identity, K-FAC / EK-FAC blocks) live in parameter
+space, score(i, j) = Σ_m g_i[m]ᵀ M[m, m] g_j[m] exactly, m over the modules owning parameters
+(`ParamSpec.modules`); methods whose M, projection or ensemble couples modules refuse it.
+
 `self_scores()[i] = score(i, i)`: the self-influence of training example i (how much its own loss
 would rise if it were left out). Large self-influence marks atypical or mislabeled examples.
 Methods with only a self-influence (`loss`, `el2n`, `mpe`) raise on `scores`.
@@ -69,7 +74,7 @@ from modelsense.core.functional import input_tensors, map_inputs, take_rows
 from modelsense.data.stream import BatchAdapter, Rows, as_examples
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
-from modelsense.training.objective import LOSSES, per_example_loss
+from modelsense.training.objective import LOSSES
 
 #: What a method can take from the training run that produced the model, and the settings of the
 #: method each one fills. An orchestrator (`experiments.influence.method_context`) supplies them for
@@ -162,26 +167,12 @@ class ComputeOptions:
 COMPUTE_OPTIONS = tuple(f.name for f in fields(ComputeOptions))
 
 
-class _SigmoidBCEModel(FunctionalModel):
-    """A `FunctionalModel` whose per-example loss is Σ_c BCE(sigmoid(f_ic), onehot(y_i)_c).
-
-    The GEX original's default (`problem_type=multitask`): one sigmoid per class, summed. Shares the
-    module, parameters and buffers of the `FunctionalModel` it is made from.
-    """
-
-    def __init__(self, base: FunctionalModel) -> None:  # the base's state as is, nothing re-derived
-        vars(self).update(vars(base))
-
-    def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return per_example_loss(self(params, x), y, self.likelihood, "sigmoid_bce")
-
-
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
     """The model as a `FunctionalModel` (eval mode) with the requested loss.
 
     `loss="sigmoid_bce"` returns a model sharing its state whose per-example loss is the summed per-class
-    sigmoid binary cross-entropy (the GEX original's default); the default keeps the model's own
-    likelihood (softmax cross-entropy for `categorical`).
+    sigmoid binary cross-entropy (`FunctionalModel.with_loss`; the GEX original's default); the default
+    keeps the model's own likelihood (softmax cross-entropy for `categorical`).
     """
     if loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; expected one of {LOSSES}")
@@ -192,11 +183,7 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
     else:
         raise ConfigError(f"expected an nn.Module or a FunctionalModel, received {type(model).__name__}")
     fm.module.eval()
-    if loss == "sigmoid_bce":
-        if fm.likelihood != "categorical":
-            raise ConfigError("loss 'sigmoid_bce' needs a classification model (likelihood 'categorical')")
-        fm = _SigmoidBCEModel(fm)
-    return fm
+    return fm.with_loss(loss)
 
 
 def param_dtype(params: Params) -> torch.dtype:
@@ -232,6 +219,7 @@ class Attributor:
     Class attributes: `pairwise` (False: self-influence only), `needs` (what the method takes from
     the training run, keys of `NEEDS`), `needs_curvature` (builds a curvature operator of the
     model's likelihood), `informative_self` (False where the self-score says nothing, grad-cos),
+    `splits_by_module` (scores and self-scores split exactly over modules: `by_module=True`),
     `state_attributes` (the fitted attributes `save` writes; subclasses with more than plain
     tensors, lists and numbers override `_get_state` / `_set_state`).
     """
@@ -242,6 +230,10 @@ class Attributor:
     needs_curvature: ClassVar[bool] = False
     #: False where the self-score carries no information about the example (grad-cos: always 1)
     informative_self: ClassVar[bool] = True
+    #: True where score(i, j) = Σ_c a_cᵀ b_c with a_c, b_c in parameter space (P,) and b_c = M_c g_j
+    #: for a preconditioner M_c block-diagonal over modules: then the score is exactly the sum over
+    #: modules m of a_c[m]ᵀ b_c[m] (`scores(..., by_module=True)`)
+    splits_by_module: ClassVar[bool] = False
     state_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
@@ -408,8 +400,8 @@ class Attributor:
         return x, y
 
     # -- results ------------------------------------------------------------------------------
-    def scores(self, data: Any, y: Tensor | None = None, out: str | os.PathLike | np.ndarray | None = None, *,
-               adapter: BatchAdapter | None = None) -> Tensor:
+    def scores(self, data: Any, y: Tensor | None = None, out: str | os.PathLike | np.ndarray | None = None,
+               by_module: bool = False, *, adapter: BatchAdapter | None = None) -> Tensor | dict[str, Tensor]:
         """score(i, j) for every training example i and test example j, shape (N, M).
 
         Args:
@@ -418,6 +410,9 @@ class Attributor:
                 items `adapter` reads (see `modelsense.data.stream`).
             out: a `.npy` path (written as a memory map) or a writable (N, M) array to fill; None:
                 in memory, or a temporary memory map when N·M·itemsize > memory_budget.
+            by_module: return {module name: (N, M)} instead, the part of each score that comes from
+                the parameters of each module (`ParamSpec.modules`); the parts sum to the score
+                exactly. Methods with `splits_by_module` only (see `module_scores`).
         """
         self._check_fitted()
         if not self.pairwise:
@@ -425,13 +420,38 @@ class Attributor:
                 f"method {self.name!r} gives a self-influence only; call self_scores(), or choose a pairwise "
                 f"method ({', '.join(_pairwise_names())})"
             )
+        if by_module:
+            self._check_by_module()
+            if out is not None:
+                raise ConfigError("out= is where the total (N, M) matrix goes; with by_module=True each module's "
+                                  "matrix is in memory or in a temporary memory map under scratch_dir: drop out=")
         x_test, y_test = self._examples(data, y, adapter, "test", fitted=True)
+        if by_module:
+            return self._module_scores(x_test, y_test)
         return self._scores(x_test, y_test, out)
 
-    def self_scores(self) -> Tensor:
-        """score(i, i) for every training example i, shape (N,)."""
+    def self_scores(self, by_module: bool = False) -> Tensor | dict[str, Tensor]:
+        """score(i, i) for every training example i, shape (N,); by_module: {module name: (N,)}
+        summing to it (see `scores`)."""
         self._check_fitted()
+        if by_module:
+            self._check_by_module()
+            return self._module_self_scores()
         return self._self_scores()
+
+    def _check_by_module(self) -> None:
+        if not self.splits_by_module:
+            raise ConfigError(
+                f"method {self.name!r} does not split exactly over modules (its preconditioner, projection or "
+                "ensemble mixes the parameters of different modules); by_module is available for "
+                f"{', '.join(by_module_names())}"
+            )
+
+    def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _module_self_scores(self) -> dict[str, Tensor]:
+        raise NotImplementedError
 
     def _scores(self, x_test: Tensor, y_test: Tensor, out) -> Tensor:
         raise NotImplementedError
@@ -598,6 +618,74 @@ class FeatureAttributor(Attributor):
         return result
 
 
+    # -- per-module breakdown (methods with splits_by_module) --------------------------------------
+    def _module_columns(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """module name -> its columns of the (parameter-space) features; checks they are (n, P)."""
+        P = self.model_.n_params
+        if any(f.shape[1] != P for f in features):
+            raise ConfigError(f"method {self.name!r}: features of width {[f.shape[1] for f in features]} are not in "
+                              f"parameter space (P = {P}); it cannot split by module")
+        return {m: idx.to(features[0].device) for m, idx in self.model_.spec.modules.items()}
+
+    def _module_results(self, shape: tuple[int, int]) -> tuple[dict[str, Tensor], list[np.memmap]]:
+        """A zero (N, M) matrix per module: in memory when all fit the memory budget, else each a
+        temporary memory map under scratch_dir (flush the maps returned once filled)."""
+        dtype = param_dtype(self.params_)
+        modules = list(self.model_.spec.modules)
+        total_bytes = len(modules) * shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
+        results: dict[str, Tensor] = {}
+        maps = []
+        for name in modules:
+            if total_bytes <= self.compute.memory_budget:
+                results[name] = torch.zeros(shape, dtype=dtype)
+            else:
+                fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_module_",
+                                            dir=self.compute.scratch_dir)
+                os.close(fd)
+                maps.append(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64 if dtype == torch.float64
+                                                      else np.float32, shape=shape))
+                results[name] = torch.from_numpy(maps[-1])
+        return results, maps
+
+    def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
+        """{module: (N, M)} with block[i, j] = Σ_c a_c(z_i)[m]ᵀ b_c(z_j)[m]: blocks of test rows outer,
+        train rows inner, the features of each block split by the columns of each module (the
+        per-example-gradient path; `grad-dot`, `grad-cos` and `tracin` take their factored MLP path)."""
+        n, m = self.n_train, len(x_test)
+        dtype = param_dtype(self.params_)
+        results, maps = self._module_results((n, m))
+        train_blocks = list(chunks(n, self.compute.block_size))
+        test_blocks = list(chunks(m, self.compute.block_size))
+        with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores by module",
+                          enabled=self.compute.progress) as bar:
+            for cols in test_blocks:
+                b = self._test_features(x_test[cols], y_test[cols])
+                columns = self._module_columns(b)
+                for rows in train_blocks:
+                    a = self._train_features(rows)
+                    for name, idx in columns.items():
+                        block = sum(ac[:, idx] @ bc[:, idx].T for ac, bc in zip(a, b))
+                        results[name][rows, cols] = block.detach().to("cpu", dtype)
+                    bar.advance(1)
+        for mm in maps:
+            mm.flush()
+        return results
+
+    def _module_self_scores(self) -> dict[str, Tensor]:
+        """{module: (N,)} with entry i = Σ_c a_c(z_i)[m]ᵀ b_c(z_i)[m]."""
+        n = self.n_train
+        dtype = param_dtype(self.params_)
+        results = {name: torch.zeros(n, dtype=dtype) for name in self.model_.spec.modules}
+        blocks = list(chunks(n, self.compute.block_size))
+        with progress_bar(len(blocks), f"{self.name} self-influence by module", enabled=self.compute.progress) as bar:
+            for rows in blocks:
+                a, b = self._self_feature_pair(rows)
+                for name, idx in self._module_columns(a).items():
+                    results[name][rows] = sum((ac[:, idx] * bc[:, idx]).sum(1) for ac, bc in zip(a, b)).detach().cpu()
+                bar.advance(1)
+        return results
+
+
 # -- registry ---------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Attributor]] = {}
 
@@ -635,6 +723,11 @@ def method_names() -> list[str]:
 
 def _pairwise_names() -> list[str]:
     return [n for n, c in _REGISTRY.items() if c.pairwise]
+
+
+def by_module_names() -> list[str]:
+    """The methods whose scores split exactly over modules (`scores(..., by_module=True)`)."""
+    return [n for n, c in _REGISTRY.items() if c.splits_by_module]
 
 
 def method_class(name: str) -> type[Attributor]:

@@ -86,9 +86,8 @@ class _RecipeModels(Attributor):
         return cfg, self.model_fn or (lambda s: reinitialised_copy(module, s))
 
     def _probabilities(self, logits: Tensor) -> Tensor:
-        from modelsense.training.objective import class_probabilities
-
-        return class_probabilities(logits.double(), self.loss)
+        """The class probabilities of the scoring loss (`Likelihood.mean`: softmax, or sigmoid for sigmoid_bce)."""
+        return self.model_.objective.mean(logits.double())
 
 
 @register("el2n")

@@ -1,5 +1,6 @@
 """How good are attribution scores: noisy-label detection (ROC AUC, average precision, the detection
-curve) and the linear datamodeling score (LDS), each with its standard error.
+curve) and the linear datamodeling score (LDS), each with its standard error; the share of each
+module in the most helpful / harmful pairs of a per-module breakdown (`module_shares`).
 
     >>> auc, ap = auc_ap(self_scores, corrupted)
     >>> (auc, auc_se), (ap, ap_se) = auc_ap_with_errors(self_scores, corrupted, n_bootstrap=200)
@@ -89,3 +90,29 @@ def lds_standard_error(per_test: np.ndarray) -> float:
 
 
 __all__ = ["auc_ap", "auc_ap_with_errors", "detection_curve", "lds_standard_error", "linear_datamodeling_score"]
+
+
+def module_shares(parts: dict[str, np.ndarray], fraction: float = 0.01) -> dict[str, dict[str, float]]:
+    """The share of each module in the most helpful and the most harmful scores.
+
+    `parts`: {module: scores of any one shape} summing to the total S (`scores(..., by_module=True)`).
+    With T the `fraction` of entries (at least one) with the largest total S ("helpful") or the most
+    negative ("harmful"):  share_m = Σ_{(i,j) ∈ T} part_m(i, j) / Σ_{(i,j) ∈ T} S(i, j),
+    so the shares of one set sum to 1 (a module pulling the other way has a negative share).
+    Returns {"helpful": {module: share}, "harmful": {module: share}}.
+    """
+    if not parts:
+        raise ValueError("no modules given")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], received {fraction}")
+    names = list(parts)
+    flat = np.stack([np.asarray(parts[m], dtype=np.float64).reshape(-1) for m in names])  # (modules, pairs)
+    total = flat.sum(0)
+    k = max(1, int(round(fraction * total.size)))
+    order = np.argsort(total, kind="stable")
+    out = {}
+    for kind, chosen in (("helpful", order[-k:]), ("harmful", order[:k])):
+        denominator = total[chosen].sum()
+        out[kind] = {m: float(flat[r, chosen].sum() / denominator) if denominator != 0 else float("nan")
+                     for r, m in enumerate(names)}
+    return out

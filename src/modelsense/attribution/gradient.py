@@ -167,6 +167,33 @@ class _FactoredGradients:
         self._flush()
         return result
 
+    def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
+        """Per module (one per Linear layer here): the layer's term of `factored_gram`, normalised and
+        weighted as the total."""
+        if getattr(self, "layers_", None) is None:
+            return super()._module_scores(x_test, y_test)
+        from modelsense.attribution.factored import LinearFactors, factored_gram, factored_sq_norms
+
+        names = {id(mod): name for name, mod in self.model_.module.named_modules()}
+        n, m = self.n_train, len(x_test)
+        results, maps = self._module_results((n, m))
+        train_blocks, test_blocks = list(chunks(n, self.compute.block_size)), list(chunks(m, self.compute.block_size))
+        for params, weight in self._factored_components():
+            tr = self._factors(params, self.x_train_, self.y_train_)
+            te = self._factors(params, x_test, y_test)
+            tr_norm, te_norm = factored_sq_norms(self.layers_, tr).sqrt(), factored_sq_norms(self.layers_, te).sqrt()
+            for k, layer in enumerate(self.layers_):
+                out = results[names[id(layer.module)]]
+                for rows in train_blocks:
+                    for cols in test_blocks:
+                        left = LinearFactors([tr.inputs[k][rows]], [tr.grads[k][rows]])
+                        right = LinearFactors([te.inputs[k][cols]], [te.grads[k][cols]])
+                        block = self._normalise(factored_gram([layer], left, right), tr_norm[rows], te_norm[cols])
+                        out[rows, cols] += (weight * block).detach().to("cpu", out.dtype)
+        for mm in maps:
+            mm.flush()
+        return results
+
     def _self_scores(self) -> Tensor:
         if getattr(self, "layers_", None) is None:
             return super()._self_scores()
@@ -189,6 +216,7 @@ class GradientDot(_FactoredGradients, FeatureAttributor):
     """
 
     symmetric = True
+    splits_by_module = True
 
     def __init__(self, factored: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
                  compute: ComputeOptions | None = None) -> None:
@@ -238,6 +266,7 @@ class RandomProjection(GradientDot):
     """
 
     supports_factored = False
+    splits_by_module = False  # G mixes the parameters of every module
 
     def __init__(self, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
                  compute: ComputeOptions | None = None) -> None:
@@ -262,15 +291,19 @@ def checkpoints_from_fit(result) -> tuple[list[Params], list[float]]:
     """(parameters, learning rate) of every epoch checkpoint of a `modelsense.training.Fit`.
 
     The checkpoint after epoch E (key `epoch_E`, E >= 1) is weighted by the learning rate used in
-    that epoch, cosine_lr(cfg, E - 1); `epoch_0` (the initialisation) is left out.
+    that epoch (its mean over the epoch's steps where the schedule changes within an epoch,
+    `training.config.learning_rate`); `epoch_0` (the initialisation) is left out.
     """
-    from modelsense.training.config import cosine_lr
+    from modelsense.training.config import learning_rate, steps_per_epoch
 
+    cfg = result.config
+    steps = steps_per_epoch(result.n_train, cfg.bs)
     items = []
     for key, params in result.checkpoints.items():
         if key.startswith("epoch_") and int(key.split("_")[1]) >= 1:
             e = int(key.split("_")[1])
-            items.append((e, params, cosine_lr(result.config, e - 1)))
+            rates = [learning_rate(cfg, e - 1, s, steps) for s in range(steps if cfg.schedule == "warmup_cosine" else 1)]
+            items.append((e, params, sum(rates) / len(rates)))
     if not items:
         raise ConfigError("the fit has no epoch checkpoints after epoch 0; train with checkpoint_epochs=(...)")
     items.sort(key=lambda t: t[0])
@@ -295,6 +328,7 @@ class TracIn(_FactoredGradients, FeatureAttributor):
     """
 
     needs = frozenset({"checkpoints"})
+    splits_by_module = True
 
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, factored: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
@@ -373,6 +407,7 @@ class TracInRandomProjection(TracIn):
     """TracIn on Gaussian sketches: score(i, j) = Σ_t η_t (G g_i(θ_t))ᵀ (G g_j(θ_t)), one G for all t."""
 
     supports_factored = False
+    splits_by_module = False  # G mixes the parameters of every module
 
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,

@@ -280,6 +280,7 @@ class KfacInfluence(InfluenceFunction):
 
     structure = "kfac"
     matrices = ("ggn", "ef")
+    splits_by_module = True  # one block per layer, fallback blocks per parameter tensor: within a module
 
 
 @register("if-ekfac")
@@ -288,3 +289,4 @@ class EkfacInfluence(InfluenceFunction):
 
     structure = "ekfac"
     matrices = ("ggn", "ef")
+    splits_by_module = True  # block-diagonal over layers like if-kfac

@@ -23,7 +23,7 @@ from torch.func import jvp, vmap
 
 from modelsense.attribution.base import ComputeOptions, check_choice, check_int, check_positive, register
 from modelsense.attribution.gex import EnsembleCovariance
-from modelsense.core.functional import chunks, per_example_nll
+from modelsense.core.functional import chunks
 
 
 @register("la-kfac")
@@ -85,5 +85,5 @@ class LaplaceKfac(EnsembleCovariance):
                 lin = logits.unsqueeze(0) + jv
                 M, n, C = lin.shape
                 yy = yb.unsqueeze(0).expand(M, *yb.shape).reshape(M * n, *yb.shape[1:])
-                out.append(per_example_nll(lin.reshape(M * n, C), yy, fm.likelihood).reshape(M, n).T)
+                out.append(fm.objective.nll(lin.reshape(M * n, C), yy).reshape(M, n).T)
         return torch.cat(out)

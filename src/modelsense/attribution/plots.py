@@ -53,7 +53,7 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
         x, y = detection_curve(s, corrupted)
         ax.plot(x, y, label=name, color=colors[(2 * k) % 20 + (k // 10) % 2], ls=("-", "--")[(k // 10) % 2])
     frac = len(corrupted) / len(next(iter(scores.values())))
-    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="random")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="chance (expected)")
     ax.plot([0, frac, 1], [0, 1, 1], color="black", ls="--", lw=0.8, label="oracle")
     ax.set_xlim(0, min(1, 4 * frac))
     ax.set_xlabel("fraction of training set inspected")
@@ -161,5 +161,26 @@ def relabel_figure(metrics: dict[str, Any]):
     ax.set_xlabel(f"training examples relabeled (highest score first; target: {metrics['target']})")
     ax.set_ylabel("test accuracy after retraining")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def module_share_figure(shares: dict[str, dict[str, float]], param_shares: dict[str, float], title: str):
+    """Bars per module: its share of the parameters and of the top helpful / harmful influence pairs
+    (`evaluation.module_shares`)."""
+    names = list(param_shares)
+    series = {"parameters": param_shares, **{k if "self" in k else f"top {k} pairs": v for k, v in shares.items()}}
+    width = 0.8 / len(series)
+    pos = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.2))
+    for k, (label, values) in enumerate(series.items()):
+        ax.bar(pos + (k - (len(series) - 1) / 2) * width, [values[m] for m in names], width, label=label)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(pos)
+    ax.set_xticklabels(names, rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
+    ax.set_ylabel("share")
+    ax.set_xlabel("module")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -12,8 +12,10 @@ from rich.table import Table
 from modelsense.cli import options as o
 from modelsense.cli.app import app, console
 from modelsense.cli.generate import add_command
+from modelsense.experiments.runs_report import REPORT, report_runs
 from modelsense.experiments.train import TRAIN
 from modelsense.progress import set_quiet
+from modelsense.runs import RunDir
 
 
 @app.command()
@@ -53,3 +55,15 @@ def demo(out: o.Out = Path("demo_out"), resume: o.Resume = False, overwrite: o.O
     path = run_demo(out, progress=not quiet, sections=[s.strip() for s in sections.split(",") if s.strip()],
                     resume=resume, overwrite=overwrite)
     console.print(f"report written to {path}")
+
+
+@app.command(help=REPORT.help)
+def report(runs: Annotated[list[Path], typer.Argument(help="run directories (the --out of modelsense commands; a demo "
+                                                           "folder stands for the runs it holds)", show_default=False,
+                                                      metavar="RUN_DIR")],
+           out: o.Out = Path("runs/report"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
+           title: Annotated[str, typer.Option("--title", help="title of the report")] = "modelsense report") -> None:
+    set_quiet(quiet)
+    path = report_runs(runs, out, title=title, overwrite=overwrite, progress=not quiet)
+    console.print(REPORT.summary(RunDir(out).read_metrics()), highlight=False)
+    console.print(f"report written to {path}", highlight=False)

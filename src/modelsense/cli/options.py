@@ -97,9 +97,6 @@ def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, 
                  seed: int, device: str, fixed_batches: bool, checkpoint_epochs: str = "",
                  checkpoint_iterations: str = "") -> TrainConfig:
     optimizer = OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer.lower())
-    if optimizer == "adamw":
-        raise ConfigError("--optimizer adamw is not offered: the MPE code's AdamW added weight decay 0.01 on top of the "
-                          "L2 term; use --optimizer adam (L2 = δ/(2N)·||θ||² in the loss)")
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,
                        checkpoint_epochs=int_list(checkpoint_epochs, "--checkpoint-epochs"),

@@ -4,36 +4,34 @@ Every numerical layer above works on `FunctionalModel`: logits, per-example loss
 Jacobians are computed with `torch.func` (`functional_call`, `vmap`, `grad`, `jacrev`) in chunks of
 `chunk_size` examples, so memory stays bounded whatever the dataset size.
 
-Losses (per example, before any reduction):
+Losses (per example, before any reduction) are the NLL of the model's likelihood object
+(`core.likelihood`, `FunctionalModel.objective`):
     categorical:  l_i = -log softmax(f_i)[y_i]
     gaussian:     l_i = 0.5 * ||f_i - y_i||^2   (unit noise precision)
+    sigmoid_bce:  l_i = Σ_c BCE(sigmoid(f_ic), onehot(y_i)_c)   (`with_loss("sigmoid_bce")`)
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from modelsense.core.likelihood import LIKELIHOODS, Likelihood, likelihood_for  # noqa: F401 (LIKELIHOODS: re-exported)
 from modelsense.errors import ConfigError
 
-LIKELIHOODS = ("categorical", "gaussian")
 Params = dict[str, Tensor]
 
 
 def per_example_nll(logits: Tensor, y: Tensor, likelihood: str = "categorical") -> Tensor:
-    """Negative log-likelihood of each example, shape (n,) (up to constants for `gaussian`)."""
-    if likelihood == "categorical":
-        return F.cross_entropy(logits, y, reduction="none")
-    if likelihood == "gaussian":
-        target = y.reshape(logits.shape) if y.numel() == logits.numel() else y
-        return 0.5 * (logits - target).pow(2).reshape(logits.shape[0], -1).sum(-1)
-    raise ConfigError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+    """Negative log-likelihood of each example, shape (n,) (up to constants for `gaussian`):
+    `likelihood_for(likelihood).nll(logits, y)`."""
+    return likelihood_for(likelihood).nll(logits, y)
 
 
 @dataclass(frozen=True)
@@ -63,6 +61,23 @@ class ParamSpec:
             out[name] = slice(start, start + numel)
             start += numel
         return out
+
+    @property
+    def modules(self) -> dict[str, Tensor]:
+        """module name -> the flat positions (ascending) of that module's own parameters.
+
+        A parameter `a.b.weight` belongs to the module `a.b`; a parameter registered on the root
+        module (no dot in its name) to the module `(root)`. Modules in order of their first parameter.
+        """
+        out: dict[str, list[Tensor]] = {}
+        for name, s in self.slices.items():
+            out.setdefault(self.module_of(name), []).append(torch.arange(s.start, s.stop))
+        return {m: torch.cat(parts) for m, parts in out.items()}
+
+    @staticmethod
+    def module_of(name: str) -> str:
+        """The module a parameter name belongs to: `a.b.weight` -> `a.b`, `scale` -> `(root)`."""
+        return name.rpartition(".")[0] or "(root)"
 
     def flatten(self, tensors: Params, batch_dims: int = 0) -> Tensor:
         """Concatenate a dict of tensors (with `batch_dims` leading dims) into (*batch, P)."""
@@ -161,7 +176,9 @@ class FunctionalModel:
 
     Args:
         module: the network; its parameters are copied (detached) into `params`.
-        likelihood: `categorical` (softmax cross-entropy) or `gaussian` (squared error / 2).
+        likelihood: `categorical` (softmax cross-entropy) or `gaussian` (squared error / 2); the
+            likelihood object `objective` (`core.likelihood`) holds its maths (`with_loss` swaps it
+            for the per-class sigmoid loss).
         trainable: optional predicate on parameter names; parameters for which it is False are
             held fixed with the buffers (e.g. `lambda n: n.endswith("weight")`).
 
@@ -177,8 +194,7 @@ class FunctionalModel:
         likelihood: str = "categorical",
         trainable: Callable[[str], bool] | None = None,
     ) -> None:
-        if likelihood not in LIKELIHOODS:
-            raise ConfigError(f"unknown likelihood {likelihood!r}; expected one of {LIKELIHOODS}")
+        self.objective: Likelihood = likelihood_for(likelihood)
         self.module = module
         self.likelihood = likelihood
         named = dict(module.named_parameters())
@@ -198,8 +214,20 @@ class FunctionalModel:
         """Model outputs (logits) for a batch x, shape (n, C)."""
         return functional_call(self.module, {**self.fixed, **params}, (x,))
 
+    def with_loss(self, loss: str) -> FunctionalModel:
+        """This model (sharing its module, parameters and buffers) with the per-example loss `loss`
+        (`core.likelihood.LOSSES`: cross_entropy = the likelihood's NLL, sigmoid_bce = one sigmoid per
+        class); itself when the loss is already that one."""
+        objective = likelihood_for(self.likelihood, loss)
+        if objective == self.objective:
+            return self
+        other = copy.copy(self)
+        other.objective = objective
+        return other
+
     def per_example_loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        return per_example_nll(self(params, x), y, self.likelihood)
+        """l_i = `objective.nll`(f(x_i), y_i), shape (n,)."""
+        return self.objective.nll(self(params, x), y)
 
     def loss(self, params: Params, x: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
         losses = self.per_example_loss(params, x, y)

@@ -36,7 +36,14 @@ from modelsense.curvature.operators import (
     LowRankCurvature,
     build_curvature,
 )
-from modelsense.curvature.spectrum import DEFAULT_S_SUM, Spectrum, SpectrumConfig, compute_spectrum, resolve_s
+from modelsense.curvature.spectrum import (
+    DEFAULT_S_SUM,
+    Spectrum,
+    SpectrumConfig,
+    compute_spectrum,
+    module_spectra,
+    resolve_s,
+)
 from modelsense.curvature.posterior import (
     GaussianPosterior,
     LaplacePosterior,
@@ -52,5 +59,5 @@ __all__ = [
     "adam_posterior", "blr_posterior_contraction", "build_curvature", "dense_empirical_fisher",
     "dense_ggn", "dense_hessian", "dense_matrix", "effdim_scale", "effective_dimension",
     "fourier_features", "hutchinson_trace", "hutchpp_trace", "ivon_posterior", "laplace", "spectral_density",
-    "top_eigenpairs", "DEFAULT_S_SUM", "Spectrum", "SpectrumConfig", "compute_spectrum", "resolve_s",
+    "top_eigenpairs", "DEFAULT_S_SUM", "Spectrum", "SpectrumConfig", "compute_spectrum", "module_spectra", "resolve_s",
 ]

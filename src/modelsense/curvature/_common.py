@@ -1,8 +1,10 @@
-"""Shared plumbing of the curvature layer: data chunks, output-space Hessians, validation, and
-`DataOperator`, the state every operator built from (model, x, y) keeps for its passes over the data.
+"""Shared plumbing of the curvature layer: data chunks, validation, and `DataOperator`, the state every
+operator built from (model, x, y) keeps for its passes over the data.
 
 Notation used across the package: N examples, C outputs, P parameters; f_i = f(x_i; θ) ∈ R^C;
 l_i = per-example loss of `FunctionalModel` (categorical: cross-entropy; gaussian: ½‖f_i − y_i‖²).
+The output-space maths (∂l_i/∂f_i, Λ_i = ∂²l_i/∂f_i², its square root L_i, Λ_i u) is the model's
+likelihood object, `model.objective` (`core.likelihood`).
 """
 
 from __future__ import annotations
@@ -115,45 +117,6 @@ class DataOperator:
     def _data_chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The training data (x, y) in chunks of `chunk_size` on the parameters' device and dtype."""
         return data_chunks(self.x, self.y, self.chunk_size, self.params)
-
-
-def output_hessian(logits: Tensor, likelihood: str) -> Tensor:
-    """Λ_i = ∂²l_i/∂f_i², shape (n, C, C): diag(p_i) − p_i p_iᵀ (categorical) or I (gaussian)."""
-    n, c = logits.shape[0], logits.shape[-1]
-    if likelihood == "categorical":
-        p = torch.softmax(logits, dim=-1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
-
-
-def output_hessian_sqrt(logits: Tensor, likelihood: str) -> Tensor:
-    """L_i with L_i L_iᵀ = Λ_i, shape (n, C, C).
-
-    categorical: L = diag(√p) − p √pᵀ, since (diag(√p) − p√pᵀ)(diag(√p) − √p pᵀ) = diag(p) − p pᵀ
-    (using Σ_k p_k = 1); gaussian: L = I.
-    """
-    n, c = logits.shape[0], logits.shape[-1]
-    if likelihood == "categorical":
-        p = torch.softmax(logits, dim=-1)
-        sp = p.sqrt()
-        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
-    return torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
-
-
-def apply_output_hessian(logits: Tensor, u: Tensor, likelihood: str) -> Tensor:
-    """Λ_i u_i for each example without forming Λ: p ⊙ u − p (pᵀu) (categorical) or u (gaussian)."""
-    if likelihood == "categorical":
-        p = torch.softmax(logits, dim=-1)
-        return p * u - p * (p * u).sum(-1, keepdim=True)
-    return u
-
-
-def loss_output_grad(logits: Tensor, y: Tensor, likelihood: str) -> Tensor:
-    """∂l_i/∂f_i, shape (n, C): p_i − onehot(y_i) (categorical) or f_i − y_i (gaussian)."""
-    if likelihood == "categorical":
-        p = torch.softmax(logits, dim=-1)
-        return p - torch.nn.functional.one_hot(y.long(), logits.shape[-1]).to(p.dtype)
-    return logits - y.reshape(logits.shape)
 
 
 def check_damping(damping: float | Tensor, strictly_positive: bool, what: str) -> None:

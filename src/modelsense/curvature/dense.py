@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params, n_rows
-from modelsense.curvature._common import check_data, data_chunks, output_hessian
+from modelsense.curvature._common import check_data, data_chunks
 from modelsense.errors import ConfigError
 
 
@@ -32,7 +32,7 @@ def dense_hessian(model: FunctionalModel, x: Tensor, y: Tensor, params: Params |
 
 
 def dense_ggn(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256) -> Tensor:
-    """Σ_i J_iᵀ Λ_i J_i, shape (P, P) (Λ_i: diag(p) − ppᵀ categorical, I gaussian)."""
+    """Σ_i J_iᵀ Λ_i J_i, shape (P, P) (Λ_i = `model.objective.output_hessian`: diag(p) − ppᵀ categorical, I gaussian)."""
     check_data(model, x, y)
     params = params if params is not None else model.params
     P = model.n_params
@@ -40,7 +40,7 @@ def dense_ggn(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | Non
     for xb, _ in data_chunks(x, y, chunk_size, params):
         J = model.jacobians(params, xb, chunk_size=n_rows(xb))
         with torch.no_grad():
-            lam = output_hessian(model(params, xb), model.likelihood)
+            lam = model.objective.output_hessian(model(params, xb))
         part = torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
         G = part if G is None else G + part
     assert G is not None and G.shape == (P, P)

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 from modelsense.core.functional import FunctionalModel, Params, chunks, map_inputs, n_rows, take_rows
-from modelsense.curvature._common import data_chunks, loss_output_grad, output_hessian_sqrt
+from modelsense.curvature._common import data_chunks
 from modelsense.errors import ConfigError
 
 FALLBACKS = ("auto", "diag", "error")
@@ -475,8 +475,8 @@ def backward_directions(model: FunctionalModel, matrix: str, logits: Tensor, yb:
     L_i (L_i L_iᵀ = Λ_i) for the GGN, or ∂l_i/∂f_i for the empirical Fisher."""
     logits = logits.detach()
     if matrix == "ef":
-        return [loss_output_grad(logits, yb, model.likelihood)]
-    L = output_hessian_sqrt(logits, model.likelihood)
+        return [model.objective.output_grad(logits, yb)]
+    L = model.objective.output_hessian_sqrt(logits)
     return [L[:, :, c].contiguous() for c in range(L.shape[-1])]
 
 

@@ -46,12 +46,10 @@ from modelsense.core.functional import FunctionalModel, Params, map_inputs, n_ro
 from modelsense.curvature._common import (
     REDUCTIONS,
     DataOperator,
-    apply_output_hessian,
     as_matrix,
     check_choice,
     check_damping,
     data_chunks,
-    output_hessian_sqrt,
 )
 from modelsense.curvature.kfac_layers import FALLBACKS, KFAC_APPROXIMATIONS
 from modelsense.curvature.lanczos import EigenDecomposition, top_eigenpairs
@@ -212,7 +210,7 @@ class ImplicitCurvature(DataOperator, Curvature):
             return self._single_gauss_newton(xb, yb, tangents, index)
         logits, vjp_fn = vjp(f, params)
         jv = vmap(lambda t: jvp(f, (params,), (t,))[1])(tangents)  # (m, n, C)
-        lam_jv = apply_output_hessian(logits.detach(), jv, model.likelihood)
+        lam_jv = model.objective.output_hvp(logits.detach(), jv)
         return vmap(vjp_fn)(lam_jv)[0]
 
     def _hessian_chunk(self, xb, yb, tangents, index):
@@ -282,7 +280,7 @@ class ImplicitCurvature(DataOperator, Curvature):
         vs = list(tangents.values())
         rv = torch.autograd.grad([ru[i] for i in used], u, [vs[i][0] for i in used], retain_graph=True)[0]
         if self.matrix == "ggn":
-            rv = apply_output_hessian(out.detach(), rv, model.likelihood)
+            rv = model.objective.output_hvp(out.detach(), rv)
         res = torch.autograd.grad(out, leaves, rv, retain_graph=self.cache_graph, materialize_grads=True)
         return {k: r.unsqueeze(0) for k, r in zip(params, res)}
 
@@ -305,7 +303,7 @@ class ImplicitCurvature(DataOperator, Curvature):
                 continue
             with torch.no_grad():
                 logits = self.model(self.params, xb)
-            L = output_hessian_sqrt(logits, self.model.likelihood)  # (n, C, C)
+            L = self.model.objective.output_hessian_sqrt(logits)  # (n, C, C)
             for c in range(L.shape[-1]):
                 yield self._per_example_vjps(xb, L[:, :, c].contiguous())
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params, chunks, per_example_nll
+from modelsense.core.functional import FunctionalModel, Params, chunks
 from modelsense.errors import ConfigError
 
 KINDS = ("top", "bottom", "random")
@@ -105,7 +105,7 @@ def scan_directions(model: FunctionalModel, directions: Tensor, t: Tensor, x: Te
         for j in range(T):
             moved = model.spec.unflatten(theta + float(t[j]) * D[:, i])
             logits = _predict(model, moved, x, chunk_size)
-            loss[i, j] = float(per_example_nll(logits, y, model.likelihood).double().mean())
+            loss[i, j] = float(model.objective.nll(logits, y).double().mean())
             pred = logits.argmax(-1)
             accuracy[i, j] = float((pred == y).double().mean())
             agreement[i, j] = float((pred == base).double().mean())

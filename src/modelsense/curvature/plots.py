@@ -53,6 +53,34 @@ def spectrum_figure(spectrum: Spectrum, grid: np.ndarray | None = None, density:
     return fig
 
 
+def module_spectra_figure(whole: Spectrum, modules: dict[str, Spectrum], title: str = "") -> Figure:
+    """Top eigenvalues of each module's diagonal block (one line each) next to the whole matrix's
+    (black), log scale when all are > 0, with a line at the first s; the legend gives each N_eff."""
+    fig = Figure(figsize=(6, 3.8))
+    ax = fig.subplots()
+    s0 = whole.config.s[0]
+    series = {"whole": whole, **modules}
+    positive = True
+    for k, (name, spec) in enumerate(series.items()):
+        lam = spec.eigenvalues.double().cpu().numpy()
+        positive = positive and bool((lam > 0).all())
+        style = {"color": "black", "lw": 1.8} if k == 0 else {"lw": 1.0}
+        ax.plot(np.arange(1, len(lam) + 1), lam, "o-", ms=3, label=f"{name} ({spec.n_params} params, "
+                f"N_eff {spec.effective_dimension[s0]:.3g})", **style)
+    ax.axhline(s0, ls="--", lw=0.8, color="tab:red")
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"eigenvalue λ_i ({whole.config.matrix})")
+    ax.set_title(f"diagonal blocks per module (s = {s0:g} dashed)")
+    ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def width_sweep_figure(summary: dict[str, Any], title: str = "") -> Figure:
     """Test/train loss, N_eff and parameter count against width (log x) from the summary of a width
     sweep (`effdim.width_sweep_summary`); filled markers = interpolating models."""
@@ -178,8 +206,9 @@ def perturbation_figure(t: np.ndarray, names: Sequence[str], kinds: Sequence[str
     train (solid) and test (dashed) loss, test accuracy, and the agreement of the train predictions
     with those at t = 0 (the original's classification homogeneity). `train` / `test`: dicts of
     (m, T) arrays "loss", "accuracy", "agreement" (`perturbation.LineScan`)."""
-    fig = Figure(figsize=(15, 3.8))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(10, 7.4))  # 2 x 2 (the fourth cell holds the legend): readable at a page's width
+    grid = fig.subplots(2, 2)
+    axes, legend_ax = [grid[0, 0], grid[0, 1], grid[1, 0]], grid[1, 1]
     seen: dict[str, int] = {}
     for i, (name, kind) in enumerate(zip(names, kinds)):
         palette = _KIND_COLORS.get(kind, ("k",))
@@ -196,10 +225,11 @@ def perturbation_figure(t: np.ndarray, names: Sequence[str], kinds: Sequence[str
     for ax in axes:
         ax.set_xlabel("t (θ + t·d, ‖d‖ = 1)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8)
+    legend_ax.axis("off")
+    legend_ax.legend(handles, labels, loc="center", ncol=2, title="direction d (train solid, test dashed)")
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.92, 1))
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 
@@ -213,7 +243,7 @@ def blr_figure(result: BLRContraction, s_parameter: float, s_function: float, pr
         (result.effdim_function, f"function space Φ_n Σ_n Φ_nᵀ (s = {s_function:g})"),
         (result.effdim_hessian, f"data precision Φ_nᵀΦ_n/σ² (s = 1/τ² = {1 / prior_variance:.3g})"),
     ]
-    fig = Figure(figsize=(13, 3.6))
+    fig = Figure(figsize=(12, 4))
     for ax, (values, label) in zip(fig.subplots(1, 3), panels):
         ax.axvspan(0, lo, color="tab:red", alpha=0.12, lw=0)
         ax.axvspan(lo, hi, color="gold", alpha=0.2, lw=0)
@@ -223,7 +253,7 @@ def blr_figure(result: BLRContraction, s_parameter: float, s_function: float, pr
         ax.set_xlim(0, max(n[-1], hi))
         ax.set_xlabel("number of data points n")
         ax.set_ylabel("N_eff")
-        ax.set_title(label, fontsize=9)
+        ax.set_title(label, fontsize=10.5)
     fig.suptitle(f"Bayesian linear regression, P = {result.n_params} Fourier features: posterior contraction")
     fig.tight_layout()
     return fig

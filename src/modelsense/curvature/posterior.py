@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params, n_rows, per_example_nll
+from modelsense.core.functional import FunctionalModel, Params, n_rows
 from modelsense.curvature._common import check_data, data_chunks, resolve_data
 from modelsense.curvature.operators import Curvature, CurvatureConfig, DiagonalCurvature, build_curvature
 from modelsense.errors import ConfigError, shown
@@ -202,9 +202,8 @@ def laplace(
     with torch.no_grad():
         for xb, yb in data_chunks(x, y, base.chunk_size, theta):
             logits = model(theta, xb)
-            log_lik -= float(per_example_nll(logits, yb, model.likelihood).double().sum())
-            if model.likelihood == "gaussian":  # the constant per_example_nll leaves out
-                log_lik -= 0.5 * logits[0].numel() * n_rows(xb) * math.log(2 * math.pi)
+            log_lik -= float(model.objective.nll(logits, yb).double().sum())
+            log_lik -= model.objective.nll_constant(logits[0].numel() * n_rows(xb))  # what nll leaves out
     return LaplacePosterior(model, K, prior_precision, log_lik, mean=theta)
 
 

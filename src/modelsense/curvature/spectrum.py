@@ -1,6 +1,7 @@
 """One call for the spectrum summary the `spectrum` and `effdim` commands report.
 
     compute_spectrum(model, x, y, SpectrumConfig(k=20)) -> Spectrum
+    module_spectra(model, x, y, SpectrumConfig(k=20)) -> {module name: Spectrum}
 
 top-k eigenvalues (Lanczos) and N_eff(s) of the chosen matrix (default: the Hessian of the loss
 summed over (x, y)); on request (they cost far more than the eigenvalues) the Hutchinson trace with
@@ -210,3 +211,31 @@ def compute_spectrum(
                                                                generator=gen, progress=progress))
     return Spectrum(eig.eigenvalues, eig.converged, eig.residuals, K.n_params, neff, trace, density, K.num_matvecs,
                     config, cost, eig.eigenvectors)
+
+
+def module_model(model: FunctionalModel, module_name: str) -> FunctionalModel:
+    """`model` with only the parameters of module `module_name` (`ParamSpec.modules`) trainable, the
+    others held at their values: its curvature (Hessian, GGN or EF) is the diagonal block of `model`'s
+    curvature on that module's parameters."""
+    names = {n for n in model.spec.names if model.spec.module_of(n) == module_name}
+    if not names:
+        raise ConfigError(f"module {module_name!r} holds none of the parameters the matrix acts on; modules: "
+                          f"{', '.join(model.spec.modules)}")
+    return FunctionalModel(model.module, model.likelihood, trainable=names.__contains__)
+
+
+def module_spectra(
+    model: FunctionalModel, x: Tensor, y: Tensor, config: SpectrumConfig | None = None, *, progress: bool = False,
+) -> dict[str, Spectrum]:
+    """{module: the spectrum of the diagonal block K[m, m] of `config.matrix` over (x, y)}, for every
+    module m of `model.spec.modules` (with P_m parameters: the top min(k, P_m) eigenvalues, N_eff of
+    the block with the same s, trace and density as asked). Each block is a matrix of its own: its
+    eigenvalues interlace nothing in particular with the whole matrix's, but Σ_m tr(K[m, m]) = tr(K).
+    """
+    config = config or SpectrumConfig()
+    out = {}
+    for name, idx in model.spec.modules.items():
+        sub = module_model(model, name)
+        k = min(config.k, len(idx))
+        out[name] = compute_spectrum(sub, x, y, dataclasses.replace(config, k=k), progress=progress)
+    return out

@@ -244,6 +244,9 @@ class Rows:
             raise DataError(f"the {self.examples.what} inputs are a {type(first).__name__}, they have no one shape")
         return torch.Size((self.examples.n, *first.shape[1:]))
 
+    def dim(self) -> int:
+        return len(self.shape)
+
     @property
     def dtype(self) -> torch.dtype:
         return input_tensors(self._probe())[0].dtype

@@ -22,7 +22,10 @@ Run directories:
                   {part: {matvecs, seconds}}, num_matvecs, seconds (the spectrum)), spectrum.npz, model.pt
                   (trained here), figures/spectrum.png; with `save_vectors` eigenvectors.npz (eigenvectors
                   (P, k) float32, eigenvalues, converged, key: the JSON of what they were computed with,
-                  the sha256 of the parameters included, which `perturb --vectors` checks)
+                  the sha256 of the parameters included, which `perturb --vectors` checks); with
+                  `by_module` metrics.json's by_module {module: eigenvalues, N_eff, ... of its diagonal
+                  block}, spectrum_by_module.npz (<module>: eigenvalues, <module>:converged) and
+                  figures/spectrum_by_module.png
     perturb:      config.json, metrics.json (names and kinds of the directions, their curvature dᵀKd,
                   train/test loss at t = 0, t_double: where the symmetrised train-loss rise
                   (L(t) + L(-t))/2 - L(0) along v_1 first reaches L(0), the relative rise of every
@@ -75,6 +78,7 @@ from modelsense.curvature.spectrum import (
     count_params,
     curvature_model,
     density_on_grid,
+    module_spectra,
     resolve_s,
 )
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
@@ -110,6 +114,9 @@ class SpectrumSpec:
     use_test: bool = option(False, USE_TEST_HELP)
     save_vectors: bool = option(False, "keep the top-k eigenvectors in eigenvectors.npz (P x k float32, for "
                                        "`modelsense perturb --vectors`)")
+    by_module: bool = option(False, "also the spectrum of each module's diagonal block of the matrix (its "
+                                    "parameters alone, the others fixed): top min(k, P_m) eigenvalues, N_eff (and "
+                                    "trace / density when asked) per module", flag="--by-module")
 
 
 def check_spectrum(spec: SpectrumSpec) -> Prepared:
@@ -200,6 +207,18 @@ def run_spectrum(spec: SpectrumSpec, prepared: Prepared, run: RunDir, progress: 
                **{k: final[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
                "seconds": seconds}
     run.save_figure(plots.spectrum_figure(spectrum, grid, dens, f"{got.model.name} on {data.name}"), "spectrum")
+    if spec.by_module:
+        start = time.perf_counter()
+        spectra = module_spectra(model, x, y, used, progress=progress)
+        run.save_arrays("spectrum_by_module", **{m: sp.eigenvalues for m, sp in spectra.items()},
+                        **{f"{m}:converged": sp.converged for m, sp in spectra.items()})
+        keep = ("eigenvalues", "eigenvalues_converged", "trace", "trace_standard_error", "effective_dimension",
+                "effective_dimension_by_s", "n_params", "num_matvecs")
+        metrics["by_module"] = {m: {k: v for k, v in sp.to_metrics().items() if k in keep} for m, sp in spectra.items()}
+        metrics["cost"]["by_module"] = {"matvecs": sum(sp.num_matvecs for sp in spectra.values()),
+                                        "seconds": time.perf_counter() - start}
+        run.save_figure(plots.module_spectra_figure(spectrum, spectra, f"{got.model.name} on {data.name}"),
+                        "spectrum_by_module")
     run.log(f"done: N_eff(s={used.s[0]:g}) = {metrics['effective_dimension']:.4g}, trace = {metrics['trace']}; "
             f"cost: {describe_cost(cost)}")
     return metrics
@@ -223,7 +242,9 @@ def spectrum_summary(m: dict[str, Any]) -> str:
     return (f"{m['matrix']} ({m['reduction']} loss{over}), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
             f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
             + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
-            + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else ""))
+            + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else "")
+            + "".join(f"\n  {name}: {b['n_params']} parameters, λ_1 {b['eigenvalues'][0]:.4g}, "
+                      f"N_eff {b['effective_dimension']:.4g}" for name, b in m.get("by_module", {}).items()))
 
 
 SPECTRUM = Command("spectrum", SpectrumSpec, check_spectrum, run_spectrum, summary=spectrum_summary,

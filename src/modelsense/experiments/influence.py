@@ -23,7 +23,9 @@ checkpoint_epoch_*.pt files for TracIn; see `attribution_model`), fits each attr
                   prediction −Σ_{i∈S_m} score(i, j) (score = loss increase on removal, so including
                   i lowers the loss by score(i, j)); `lds` = mean over test examples, per method
     influence     one method's (N, M) scores (memory-mapped scores.npy) or self-influence, and the
-                  top-k most helpful / harmful training images per test example (image data)
+                  top-k most helpful / harmful training images per test example (image data);
+                  --by-module: the exact split over modules (scores_by_module.npz or
+                  self_influence_by_module.npz) and figures/module_shares.png
 
 Method settings shared across methods (CLI options) go in one dict; each method takes what it
 understands (`make_attributor(..., strict=False)`); the methods score the model's training loss
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 
 from modelsense.attribution import (
+    by_module_names,
     checkpoints_from_fit,
     make_attributor,
     method_class,
@@ -230,6 +233,10 @@ class InfluenceSpec:
                                      "in OUT/state, to score new test data later with --state", flag="--save-state")
     state: str | None = option(None, "a folder written by --save-state: score with that fitted method instead of "
                                      "fitting it (its method, settings, model and training data must match)")
+    by_module: bool = option(False, "also split the scores (or, with --self, the self-influence) over the model's "
+                                    "modules, exactly: scores_by_module.npz and the share of each module in the top "
+                                    "1% helpful / harmful pairs (methods: " + ", ".join(by_module_names()) + ")",
+                             flag="--by-module")
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
     weights: str | None = option(None, WEIGHTS_HELP)
@@ -630,6 +637,10 @@ def check_influence(spec: InfluenceSpec) -> Prepared:
         _check_self_influence([method])
     if spec.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1, received {spec.top_k}")
+    if spec.by_module and not method_class(method).splits_by_module:
+        raise ConfigError(f"--by-module: method {method!r} does not split exactly over modules (its preconditioner, "
+                          "projection or ensemble mixes the parameters of different modules); choose one of "
+                          f"{', '.join(by_module_names())}")
     if spec.state is not None:
         from modelsense.attribution.state import read_saved
 
@@ -667,7 +678,13 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
                                "fit_seconds": fit_seconds, "state": "loaded" if spec.state else "fitted"}
     image = plots.is_image(tuple(data.input_shape))
     if spec.self_only:
-        s = att.self_scores().numpy()
+        if spec.by_module:
+            parts = {k: v.numpy() for k, v in att.self_scores(by_module=True).items()}
+            run.save_arrays("self_influence_by_module", **parts)
+            _module_results(parts, att, method, "self-influence", run, metrics)
+            s = sum(parts.values())
+        else:
+            s = att.self_scores().numpy()
         run.save_array("self_influence", s)
         order = np.argsort(-s)
         metrics.update(shape=[len(s)], top_self_influence=order[:top_k].tolist())
@@ -679,8 +696,17 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
     else:
         dtype = np.float64 if next(iter(att.params_.values())).dtype == torch.float64 else np.float32
         shown = min(spec.n_show, n_test)
+        if spec.by_module:
+            parts = {k: v.numpy() for k, v in att.scores(data.x_test[:n_test], data.y_test[:n_test],
+                                                          by_module=True).items()}
+            run.save_arrays("scores_by_module", **parts)
+            _module_results(parts, att, method, "influence", run, metrics)
         with run.memmap("scores", (data.n_train, n_test), dtype) as mm:  # named scores.npy once filled
-            S = att.scores(data.x_test[:n_test], data.y_test[:n_test], out=mm)
+            if spec.by_module:
+                mm[:] = sum(parts.values())
+                S = torch.from_numpy(np.asarray(mm))
+            else:
+                S = att.scores(data.x_test[:n_test], data.y_test[:n_test], out=mm)
             block = S[:, :shown].numpy().copy()
         helpful = np.argsort(-block, axis=0)[:top_k].T
         harmful = np.argsort(block, axis=0)[:top_k].T
@@ -690,6 +716,24 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
                                                block), "top_influential")
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+def _module_results(parts: dict[str, np.ndarray], att, method: str, what: str, run: RunDir,
+                    metrics: dict[str, Any]) -> None:
+    """Metrics and figure of a per-module breakdown: each module's share of the parameters and of the
+    top 1% most helpful / harmful pairs (scores) or of the top 1% self-influences."""
+    from modelsense.attribution import plots
+    from modelsense.attribution.evaluation import module_shares
+
+    modules = att.model_.spec.modules
+    n_params = sum(len(v) for v in modules.values())
+    metrics["module_params"] = {m: len(v) for m, v in modules.items()}
+    shares = module_shares(parts, 0.01)
+    # self-influence: the highest 1% only (the lowest are the least remarkable examples, not harmful ones)
+    metrics["module_share"] = shares if what == "influence" else {"highest self-influence": shares["helpful"]}
+    param_shares = {m: len(v) / n_params for m, v in modules.items()}
+    run.save_figure(plots.module_share_figure(metrics["module_share"], param_shares,
+                                              f"{method}: module shares of the top 1% {what}"), "module_shares")
 
 
 # -- the commands ---------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ Conventions and where the results differ from the original code (SEEDS.md 0.7):
   * objective: mean minibatch NLL + δ/(2N)‖θ‖² (IVON: ess = N, weight_decay = δ/N); posterior
     precision Σ_i J_iᵀΛ_iJ_i + δI (Laplace) or N·h + δ (IVON), N·sqrt(v) + δ (Adam).
   * minibatches are reshuffled every epoch (the original never reshuffles; `--fixed-batches` restores it).
-  * AdamW is not offered: the original's `AdamW(params, lr)` added weight decay 0.01 on top of the L2
-    term; use `--optimizer adam` (L2 in the loss only).
+  * `--optimizer adamw` is AdamW with decoupled weight decay δ/N and no L2 term in the loss (the
+    original's first script); the original's loo-l2reg built `AdamW(params, lr)`, whose default weight
+    decay 0.01 came on top of the L2 term: that is not reproduced.
   * output sizes follow the data (the original hard-coded 10 classes for LeNet/ResNet).
   * evolving: a checkpoint labelled t is taken after t optimizer steps (the original labelled it t+1),
     and the last default checkpoint is the end of training; bins use `np.array_split`, so N need not be

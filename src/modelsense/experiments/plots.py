@@ -28,3 +28,21 @@ def learning_curves(history: dict[str, list[float]], title: str = "") -> Figure:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def learning_curves_compared(histories: dict[str, dict[str, list[float]]], title: str = "") -> Figure:
+    """Test loss and accuracy per epoch of several runs, one line per run (label -> history)."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label, history in histories.items():
+        ax_loss.plot(history["epoch"], history["test_loss"], label=label)
+        ax_acc.plot(history["epoch"], history["test_accuracy"], label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("test NLL")
+    ax_loss.set_yscale("log")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

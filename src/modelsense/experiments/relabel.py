@@ -153,7 +153,7 @@ def check_relabel(spec: RelabelSpec) -> Prepared:
 def _targets(spec: RelabelSpec, got, prepared: Prepared, progress: bool, fitted: dict[str, Any]) -> np.ndarray:
     """The target label of every training example (see the module docstring)."""
     from modelsense.core.functional import chunks
-    from modelsense.training.objective import class_probabilities
+    from modelsense.core.likelihood import likelihood_for
 
     data = prepared.data
     if spec.target == "out-of-fold":
@@ -163,7 +163,7 @@ def _targets(spec: RelabelSpec, got, prepared: Prepared, progress: bool, fitted:
         module, device = got.module.eval(), next(got.module.parameters()).device
         with torch.no_grad():
             logits = torch.cat([module(data.x_train[s].to(device)).cpu() for s in chunks(data.n_train, 4096)])
-        probabilities = class_probabilities(logits.double(), got.train.loss).numpy()
+        probabilities = likelihood_for("categorical", got.train.loss).mean(logits.double()).numpy()
     return relabel_targets(probabilities, data.y_train.numpy(), spec.target)
 
 

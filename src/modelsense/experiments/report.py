@@ -22,6 +22,8 @@ class Section:
     metrics: dict[str, Any] = field(default_factory=dict)
     figures: list[Path] = field(default_factory=list)
     run_dir: str = ""
+    #: a table with a header row (e.g. metrics of several runs side by side), shown before the metrics
+    table: list[list[Any]] = field(default_factory=list)
 
 
 def _plain(v: Any) -> str:
@@ -58,6 +60,11 @@ def render(title: str, sections: list[Section]) -> str:
             parts.append(f"<p class='dir'>run directory: {html.escape(s.run_dir)}</p>")
         if s.text:
             parts.append(f"<p>{html.escape(s.text)}</p>")
+        if s.table:
+            head, *body = s.table
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in head) + "</tr>"
+                         + "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in body)
+                         + "</table>")
         if s.metrics:
             rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{_fmt(v)}</td></tr>" for k, v in s.metrics.items())
             parts.append(f"<table>{rows}</table>")

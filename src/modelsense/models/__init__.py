@@ -13,14 +13,19 @@
 | `resnet18`     | PreAct ResNet-18 of width k (Nakkiran; eff-dim)                 | images              |
 | `vit`          | tiny vision transformer: p x p patches, `depth` blocks of width | images, sides % p = 0 |
 |                | `width` (64, 2 blocks, p = `patch` = 2), mean pool              |                     |
+| `vgg11`        | VGG-11 (config A) of width k = 64, CIFAR head                    | images              |
+| `vgg16`        | VGG-16 (config D) of width k = 64, CIFAR head                    | images              |
+| `resnet20`     | ResNet-20 with option-A (zero-padding) shortcuts, width 16      | images              |
+| `resnet18_v1`  | standard (post-activation) CIFAR ResNet-18, width 64            | images              |
+| `small_inception` | the small Inception of Zhang et al. 2017 (Feldman & Zhang), width 96 | images     |
 
 Shapes adapt to the data: `input_shape` is one example's shape, (C, H, W) for images, (d,) for
 vectors; the output layer has `num_classes` units. Every model's last layer is an `nn.Linear`
 named `out`; layers are standard modules (`nn.Linear`, `nn.Conv2d`, activation modules such as
 `nn.ReLU`), so forward hooks (representations, KFAC) work, and normalisation/FRN parameters are
 1-d (left out of "weights only" = tensors with >= 2 dims), except the positions `pos.weight`
-(1, T, width) of `vit`. `cnn` and `resnet18` default to
-GroupNorm instead of the papers' BatchNorm (per-example normalisation keeps per-example gradients
+(1, T, width) of `vit`. `cnn`, `resnet18`, `vgg11`, `vgg16`, `resnet20`, `resnet18_v1` and
+`small_inception` default to GroupNorm instead of the papers' BatchNorm (per-example normalisation keeps per-example gradients
 and vmapped ensembles exact); `norm="bn"` restores the original.
 
 Example:
@@ -45,6 +50,7 @@ from modelsense.options import ints, joined, option
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
 from modelsense.models.deepobs import DeepOBS3c3d
+from modelsense.models.inception import SmallInception
 from modelsense.models.layers import (
     ACTIVATIONS,
     NORMS,
@@ -56,7 +62,9 @@ from modelsense.models.layers import (
 from modelsense.models.lenet import LeNet5
 from modelsense.models.mlp import MLP, check_widths
 from modelsense.models.preact_resnet import PreActResNet18
+from modelsense.models.resnet import ResNet, resnet18_v1, resnet20
 from modelsense.models.resnet20_frn import ResNet20FRN
+from modelsense.models.vgg import VGG
 from modelsense.models.vit import ViT
 
 __all__ = [
@@ -69,7 +77,10 @@ __all__ = [
     "MLP",
     "ModelConfig",
     "PreActResNet18",
+    "ResNet",
     "ResNet20FRN",
+    "SmallInception",
+    "VGG",
     "ViT",
     "available_models",
     "build_model",
@@ -90,9 +101,11 @@ class ModelConfig:
     name: str = option("mlp", "architecture: a name of `modelsense models`", flag="--model", short="-m")
     widths: tuple[int, ...] | None = option(None, "hidden widths of mlp, e.g. 128,128", parse=ints, show=joined)
     activation: str | None = option(None, "mlp activation: relu, tanh, gelu, ...")
-    width: int | None = option(None, "width k of cnn / resnet18 / vit")
+    width: int | None = option(None, "width k of cnn / resnet18 / vit / vgg11 / vgg16 / resnet20 / resnet18_v1 / "
+                                     "small_inception (its stem's channels)")
     depth: int | None = option(None, "depth of cnn; transformer blocks of vit")
-    norm: str | None = option(None, "normalisation of cnn / resnet18: gn, bn, frn, none")
+    norm: str | None = option(None, "normalisation of the convolutional networks with a width: gn, bn (fit "
+                                    "only), frn, none")
     patch: int | None = option(None, "vit: side p of its p x p image patches (image sides must be multiples of p)")
 
     def __post_init__(self) -> None:
@@ -184,6 +197,31 @@ _SPECS: dict[str, _ModelSpec] = {
                 shape, c, _positive_int(width, "width", name), _positive_int(depth, "depth", name),
                 _positive_int(patch, "patch", name)
             ),
+        ),
+        *(
+            _ModelSpec(
+                key, f"{label} (Simonyan & Zisserman) of width k (k = 64: the standard network), CIFAR head, "
+                "GroupNorm by default", "images (C, H, W)", True, {"width": 64, "norm": "gn"},
+                lambda name, shape, c, width, norm: VGG(shape, c, name, _positive_int(width, "width", name), check_norm(norm)),
+            )
+            for key, label in (("vgg11", "VGG-11"), ("vgg16", "VGG-16"))
+        ),
+        _ModelSpec(
+            "resnet20", "ResNet-20 (He et al.) with option-A zero-padding shortcuts, width 16, GroupNorm by default",
+            "images (C, H, W)", True, {"width": 16, "norm": "gn"},
+            lambda name, shape, c, width, norm: resnet20(shape, c, _positive_int(width, "width", name), check_norm(norm)),
+        ),
+        _ModelSpec(
+            "resnet18_v1", "standard (post-activation) CIFAR ResNet-18 of width k (He et al.; GEX), 1x1-conv "
+            "shortcuts, GroupNorm by default", "images (C, H, W)", True, {"width": 64, "norm": "gn"},
+            lambda name, shape, c, width, norm: resnet18_v1(shape, c, _positive_int(width, "width", name), check_norm(norm)),
+        ),
+        _ModelSpec(
+            "small_inception", "the small Inception of Zhang et al. 2017 as Feldman & Zhang 2020 use it; width = the "
+            "stem's channels (96: the original), GroupNorm by default", "images (C, H, W)", True,
+            {"width": 96, "norm": "gn"},
+            lambda name, shape, c, width, norm: SmallInception(shape, c, _positive_int(width, "width", name),
+                                                               check_norm(norm)),
         ),
     )
 }

@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, chunks, n_rows
+from modelsense.core.likelihood import LIKELIHOODS, Categorical, Likelihood, likelihood_for
 from modelsense.errors import ConfigError, DataError
 from modelsense.data.stream import is_stream
 
 VARIANTS = ("diag", "full", "loo")
-LIKELIHOODS = ("categorical", "gaussian")
 
 
 @dataclass(frozen=True)
@@ -118,68 +118,37 @@ class MPEResult:
 
 
 # --- building blocks -------------------------------------------------------------------------
-def _check_likelihood(likelihood: str) -> None:
+def _likelihood(likelihood: str, noise_precision: float = 1.0) -> Likelihood:
+    """The likelihood object (`core.likelihood`) of `likelihood` with noise precision τ (gaussian)."""
     if likelihood not in LIKELIHOODS:
         raise ConfigError(f"unknown likelihood {likelihood!r}; expected one of {', '.join(LIKELIHOODS)}")
+    return likelihood_for(likelihood, noise_precision=noise_precision)
 
 
-def _targets(logits: Tensor, y: Tensor, likelihood: str) -> Tensor:
-    """Validated targets: int labels (n,) in [0, C) (categorical) or float (n, C) (gaussian)."""
-    n, c = logits.shape
-    if len(y) != n:
-        raise DataError(f"expected {n} targets (one per row of logits), received {len(y)}")
-    if likelihood == "categorical":
-        if c < 2:
-            raise DataError(
-                f"the categorical likelihood needs C >= 2 outputs (a classification head), received logits of "
-                f"shape {tuple(logits.shape)}; use likelihood='gaussian' for regression"
-            )
-        if y.dtype.is_floating_point or y.dim() != 1:
-            raise DataError(f"categorical targets must be integer labels of shape (n,), received dtype {y.dtype} shape {tuple(y.shape)}")
-        if n and (int(y.min()) < 0 or int(y.max()) >= c):
-            raise DataError(f"labels must lie in [0, {c}), received range [{int(y.min())}, {int(y.max())}]")
-        return y.long()
-    if y.numel() != logits.numel():
-        raise DataError(f"gaussian targets must have shape {tuple(logits.shape)} (or (n,) for C = 1), received {tuple(y.shape)}")
-    return y.reshape(logits.shape).to(logits.dtype)
+def _checked(logits: Tensor, y: Tensor, likelihood: str, noise_precision: float = 1.0) -> tuple[Likelihood, Tensor]:
+    """The likelihood object and the validated targets: int labels (n,) in [0, C) (categorical) or
+    float (n, C) (gaussian); DataError otherwise."""
+    lik = _likelihood(likelihood, noise_precision)
+    return lik, lik.check_targets(logits, y)
 
 
 def prediction_error(logits: Tensor, y: Tensor, likelihood: str = "categorical", noise_precision: float = 1.0) -> Tensor:
-    """e_i = ∂l_i/∂f_i, shape (n, C): softmax(f_i) − onehot(y_i), or τ (f_i − y_i) for gaussian."""
-    _check_likelihood(likelihood)
-    y = _targets(logits, y, likelihood)
-    if likelihood == "categorical":
-        return torch.softmax(logits, -1) - F.one_hot(y, logits.shape[-1]).to(logits.dtype)
-    return noise_precision * (logits - y)
+    """e_i = ∂l_i/∂f_i, shape (n, C): softmax(f_i) − onehot(y_i), or τ (f_i − y_i) for gaussian
+    (`Likelihood.output_grad`, targets checked)."""
+    lik, y = _checked(logits, y, likelihood, noise_precision)
+    return lik.output_grad(logits, y)
 
 
 def output_hessian(logits: Tensor, likelihood: str = "categorical", noise_precision: float = 1.0) -> Tensor:
-    """Λ_i = ∂²l_i/∂f_i², shape (n, C, C): diag(p_i) − p_i p_iᵀ, or τ I for gaussian."""
-    _check_likelihood(likelihood)
-    n, c = logits.shape
-    if likelihood == "categorical":
-        p = torch.softmax(logits, -1)
-        return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-    return noise_precision * torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
-
-
-def _output_hessian_sqrt(logits: Tensor, likelihood: str, noise_precision: float) -> Tensor:
-    """L_i with L_i L_iᵀ = Λ_i: diag(√p) − p √pᵀ (uses Σ p = 1), or √τ I."""
-    n, c = logits.shape
-    if likelihood == "categorical":
-        p = torch.softmax(logits, -1)
-        sp = p.sqrt()
-        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
-    return math.sqrt(noise_precision) * torch.eye(c, dtype=logits.dtype, device=logits.device).expand(n, c, c)
+    """Λ_i = ∂²l_i/∂f_i², shape (n, C, C): diag(p_i) − p_i p_iᵀ, or τ I for gaussian (`Likelihood.output_hessian`)."""
+    return _likelihood(likelihood, noise_precision).output_hessian(logits)
 
 
 def per_example_nll(logits: Tensor, y: Tensor, likelihood: str = "categorical", noise_precision: float = 1.0) -> Tensor:
-    """−log softmax(f_i)[y_i], or τ/2 ‖f_i − y_i‖² (no constant) for gaussian; shape (n,)."""
-    _check_likelihood(likelihood)
-    y = _targets(logits, y, likelihood)
-    if likelihood == "categorical":
-        return F.cross_entropy(logits, y, reduction="none")
-    return 0.5 * noise_precision * (logits - y).pow(2).sum(-1)
+    """−log softmax(f_i)[y_i], or τ/2 ‖f_i − y_i‖² (no constant) for gaussian; shape (n,) (`Likelihood.nll`,
+    targets checked)."""
+    lik, y = _checked(logits, y, likelihood, noise_precision)
+    return lik.nll(logits, y)
 
 
 def softmax_deviation(logits: Tensor, other_logits: Tensor) -> Tensor:
@@ -205,7 +174,7 @@ def logit_shift(error: Tensor, V: Tensor, logits: Tensor, settings: MPESettings,
         return Ve
     a = float(settings.loo_damping)
     dtype = torch.float64
-    L = _output_hessian_sqrt(logits.to(dtype), likelihood, settings.noise_precision)
+    L = _likelihood(likelihood, settings.noise_precision).output_hessian_sqrt(logits.to(dtype))
     Vd = 0.5 * (V + V.transpose(-1, -2)).to(dtype)
     H = L.transpose(-1, -2) @ Vd @ L  # leverage, (n, C, C) symmetric PSD for PSD V
     h, Q = torch.linalg.eigh(0.5 * (H + H.transpose(-1, -2)))
@@ -240,31 +209,28 @@ def memory_perturbation(
             `mc_prediction_error` (the evolving-sensitivities experiment).
     """
     settings = settings or MPESettings()
-    _check_likelihood(likelihood)
+    tau = settings.noise_precision
+    lik = _likelihood(likelihood, tau)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise DataError(f"expected logits of shape (n, C), received {tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
     _check_covariance(V, logits)
     V = V.to(logits.dtype)
-    tau = settings.noise_precision
-    e = prediction_error(logits, y, likelihood, tau) if error is None else error.to(logits.dtype)
+    y = lik.check_targets(logits, y)
+    e = lik.output_grad(logits, y) if error is None else error.to(logits.dtype)
     if e.shape != logits.shape:
         raise DataError(f"error must have the shape of logits {tuple(logits.shape)}, received {tuple(e.shape)}")
     shift = logit_shift(e, V, logits, settings, likelihood)
     loo_logits = logits + shift
-    loo_nll = per_example_nll(loo_logits, y, likelihood, tau)
+    loo_nll = lik.nll(loo_logits, y)
     if settings.variant == "loo":
-        if likelihood == "categorical":
-            deviation = torch.softmax(loo_logits, -1) - torch.softmax(logits, -1)
+        if likelihood == "categorical":  # through the exact link
+            deviation = lik.mean(loo_logits) - lik.mean(logits)
         else:
             deviation = tau * shift
     elif settings.variant == "diag":
-        if likelihood == "categorical":
-            p = torch.softmax(logits, -1)
-            deviation = (p - p * p) * shift
-        else:
-            deviation = tau * shift
+        deviation = lik.output_hessian_diag(logits) * shift
     else:
-        deviation = (output_hessian(logits, likelihood, tau) @ shift.unsqueeze(-1)).squeeze(-1)
+        deviation = (lik.output_hessian(logits) @ shift.unsqueeze(-1)).squeeze(-1)
     return MPEResult(logits, e, shift, loo_logits, loo_nll, deviation, deviation.abs().sum(-1))
 
 
@@ -283,7 +249,8 @@ def mc_prediction_error(
     """
     if n_samples < 1:
         raise ConfigError(f"n_samples must be >= 1, received {n_samples}")
-    y = _targets(logits, y, "categorical")
+    lik = Categorical()
+    y = lik.check_targets(logits, y)
     _check_covariance(V, logits)
     n, c = logits.shape
     eps = torch.randn(n_samples, n, c, generator=generator, dtype=torch.float64).to(logits.dtype)
@@ -293,7 +260,7 @@ def mc_prediction_error(
         lam, Q = torch.linalg.eigh(0.5 * (V + V.transpose(-1, -2)).double())
         root = (Q * lam.clamp(min=0).sqrt().unsqueeze(-2)).to(logits.dtype)  # (n, C, C), root rootᵀ = V
         noise = torch.einsum("ncd,snd->snc", root, eps)
-    probs = torch.softmax(logits + noise, -1).mean(0)
+    probs = lik.mean(logits + noise).mean(0)
     return probs - F.one_hot(y, c).to(logits.dtype)
 
 

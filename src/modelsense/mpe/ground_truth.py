@@ -48,9 +48,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from modelsense.core.functional import Params, per_example_nll
+from modelsense.core.functional import Params
+from modelsense.core.likelihood import likelihood_for
 from modelsense.errors import ConfigError
-from modelsense.training.config import TrainConfig, cosine_lr
+from modelsense.training.config import TrainConfig, learning_rate
 from modelsense.training.ensemble import EnsembleResult, train_ensemble
 
 #: warm-started retraining shorter than this (`retraining_relaxation`) underestimates the true deviations
@@ -59,7 +60,7 @@ MIN_RELAXATION = 3.0
 
 def retraining_relaxation(cfg: TrainConfig, n: int) -> float:
     """R = δ Σ_t η_t / ((1 − β) n): e-folds by which SGD retraining with `cfg` (momentum β, lr η_t of
-    step t on the cosine schedule, ceil(n / bs) steps per epoch) on n examples contracts the slowest
+    step t on its schedule, ceil(n / bs) steps per epoch) on n examples contracts the slowest
     (prior-only, curvature δ) component of its distance to the optimum (see the module docstring).
     The distance left is about e^{−R} of the start: R >= MIN_RELAXATION for a converged ground truth.
     """
@@ -70,7 +71,10 @@ def retraining_relaxation(cfg: TrainConfig, n: int) -> float:
     if not 0.0 <= cfg.momentum < 1.0:
         raise ConfigError(f"the relaxation of retraining needs a momentum in [0, 1), received {cfg.momentum}")
     steps = math.ceil(n / cfg.bs)
-    lr_sum = steps * sum(cosine_lr(cfg, epoch) for epoch in range(cfg.epochs))
+    if cfg.schedule == "warmup_cosine":  # changes within an epoch
+        lr_sum = sum(learning_rate(cfg, e, s, steps) for e in range(cfg.epochs) for s in range(steps))
+    else:
+        lr_sum = steps * sum(learning_rate(cfg, epoch) for epoch in range(cfg.epochs))
     return float(cfg.delta * lr_sum / ((1.0 - cfg.momentum) * n))
 
 
@@ -245,9 +249,11 @@ def refit_without_lbfgs(
     def unflat(t: Tensor) -> Params:
         return {n: c.reshape(s) for n, c, s in zip(names, t.split(sizes), shapes)}
 
+    nll = likelihood_for(likelihood).nll
+
     def objective(t: Tensor, wm: Tensor) -> Tensor:
         out = functional_call(module, {**consts, **unflat(t)}, (x,))
-        return ((wm * per_example_nll(out, y, likelihood)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
+        return ((wm * nll(out, y)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
 
     batched = vmap(objective)
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, history_size=history_size, tolerance_grad=tol,
@@ -270,7 +276,7 @@ def refit_without_lbfgs(
             c64 = {n: b.double() if b.is_floating_point() else b for n, b in consts.items()}
             x64 = x.double() if x.is_floating_point() else x
             out64 = functional_call(module, {**c64, **unflat(t)}, (x64,))
-            return ((wm * per_example_nll(out64, y, likelihood)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
+            return ((wm * nll(out64, y)).sum() + 0.5 * delta * t.pow(2).sum()) / n_total
 
         theta64, taken = _newton_finish(objective64, out.double(), w.double(), newton_steps, tol)
         out = theta64.to(dtype)

@@ -57,7 +57,8 @@ OUTPUTS = ("loss", "correct", "margin")
 _NOT_IN_KEY = ("device", "checkpoint_epochs", "checkpoint_iterations", "eval_every", "seed")
 #: training options added after stores were written, left out of the key at these values (their
 #: behaviour before the option existed), so the stores written before keep their digests
-_KEY_DEFAULTS = {"loss": "cross_entropy"}
+_KEY_DEFAULTS = {"loss": "cross_entropy", "schedule": "cosine", "warmup_ratio": 0.1, "milestones": (), "gamma": 0.1,
+                 "crop_padding": 0, "hflip": False, "mixup_alpha": 0.0}
 #: where the jobs are trained
 BACKENDS = ("local", "ray")
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)
@@ -114,8 +115,11 @@ class RetrainRecipe:
             raise ConfigError(f"unknown batch plan {self.batch_plan!r}; expected one of {BATCH_PLANS}")
         if not (self.init == "scratch" or self.init.startswith("warm:")):
             raise ConfigError(f"init must be 'scratch' or 'warm:<digest>', received {self.init!r}")
-        if self.train.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"retrained models train with sgd or adam (the engine), not {self.train.optimizer!r}")
+        if self.train.optimizer not in ("sgd", "adam", "adamw"):
+            raise ConfigError(f"retrained models train with sgd, adam or adamw (the engine), not {self.train.optimizer!r}")
+        if self.train.mixup_alpha > 0:
+            raise ConfigError("retrained models train without mixup (the engine would mix a model's examples with those "
+                              "it leaves out): use --mixup-alpha 0")
 
     def key(self) -> dict[str, Any]:
         train = {k: v for k, v in self.train.to_dict().items()

@@ -5,12 +5,18 @@ retraining, random-subset farms (memorization, influence, consistency, LDS) and 
 M models are trained together with stacked parameters and `torch.func.vmap` over the model axis:
 each model m has its own example mask (or non-negative weights) w_m ∈ R^N, its own init seed, its
 own batch order. In step t of epoch e, model m takes one step of functional SGD (momentum, PyTorch's
-update) or Adam (PyTorch's update, bias-corrected) on
+update), Adam (PyTorch's update, bias-corrected) or AdamW (PyTorch's, decoupled weight decay δ / n_m
+instead of the prior term) on
 
     L_mt(θ) = Σ_{i ∈ B_mt} w_mi l_i(θ) / Σ_{i ∈ B_mt} w_mi  +  δ / (2 n_m) · ||θ||²,
     n_m = Σ_i w_mi,
 
-at the learning rate `cosine_lr(cfg, e)`, where B_mt is the t-th minibatch of model m's batch plan.
+at the learning rate `learning_rate(cfg, e, t, T_m)` (T_m = ceil(|plan of m| / bs) steps per epoch:
+only the warmup_cosine schedule depends on t and T_m), where B_mt is the t-th minibatch of model m's
+batch plan. Images are cropped and flipped as in `fit` (`cfg.crop_padding`, `cfg.hflip`: model m
+draws once per epoch, from `augment_generator(seed_m)`, for its plan's order of examples, so with the
+"own" plan it sees the crops and flips `fit` draws); mixup (`cfg.mixup_alpha`) is refused: it would
+mix a model's examples with those it leaves out.
 A step whose batch carries no weight (Σ_{i ∈ B_mt} w_mi = 0, or no batch t in this epoch) is
 skipped: the model's parameters and optimizer state (momentum, Adam's moments and step count) are
 left unchanged. The batch plan (`batch_plan=`) is
@@ -41,11 +47,19 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from modelsense.core.functional import Params, chunks, map_inputs
+from modelsense.core.likelihood import likelihood_for
+from modelsense.data.augment import check_images, crop_flip, draw_crop_flip
 from modelsense.data.stream import Rows, as_examples, is_stream
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
-from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
-from modelsense.training.objective import check_loss, per_example_loss
+from modelsense.training.config import (
+    TrainConfig,
+    augment_generator,
+    batch_generator,
+    epoch_batches,
+    learning_rate,
+    steps_per_epoch,
+)
 
 QueryOutputs = dict[str, Tensor]
 BATCH_PLANS = ("own", "shared")
@@ -103,27 +117,45 @@ def _epoch_plan(indices: Sequence[Tensor], bs: int, gens: Sequence[torch.Generat
     return index.view(len(per_model), steps, bs), valid.view(len(per_model), steps, bs)
 
 
+def _epoch_augment(lengths: Sequence[int], shape: torch.Size, gens: Sequence[torch.Generator],
+                   cfg: TrainConfig) -> tuple[Tensor | None, Tensor | None]:
+    """Crop offsets (M, T, bs, 2) and flips (M, T, bs) of one epoch laid out as `_epoch_plan`'s index
+    (M, T, bs): model m's draws (`draw_crop_flip` for its plan's `lengths[m]` examples) first."""
+    m, t, bs = shape
+    offsets = torch.zeros(m, t * bs, 2, dtype=torch.long) if cfg.crop_padding > 0 else None
+    flips = torch.zeros(m, t * bs, dtype=torch.bool) if cfg.hflip else None
+    for row, (length, g) in enumerate(zip(lengths, gens)):
+        off, flip = draw_crop_flip(length, cfg.crop_padding, cfg.hflip, g)
+        if offsets is not None:
+            offsets[row, :length] = off
+        if flips is not None:
+            flips[row, :length] = flip
+    return (None if offsets is None else offsets.view(m, t, bs, 2)), (None if flips is None else flips.view(m, t, bs))
+
+
 class _FunctionalOptimizer:
-    """SGD with momentum or Adam on stacked parameters (M, *shape), matching torch.optim's updates.
+    """SGD with momentum, Adam or AdamW on stacked parameters (M, *shape), matching torch.optim's updates.
 
     The prior term's gradient (δ / n_m) θ is added here rather than differentiated under vmap (it
-    costs as much as the data gradient there). Updates are in place; models whose `active` flag is
-    False in a step keep their parameters and optimizer state.
+    costs as much as the data gradient there); AdamW instead multiplies θ by 1 − lr δ / n_m before its
+    step. Updates are in place; models whose `active` flag is False in a step keep their parameters and
+    optimizer state. `lr` is a number, or one per model (M,).
     """
 
     def __init__(self, cfg: TrainConfig, params: Params, prior_coef: Tensor) -> None:
         self.cfg = cfg
         self.prior_coef = prior_coef  # (M,) = δ / n_m
         self.buf = {k: torch.zeros_like(v) for k, v in params.items()}
-        if cfg.optimizer == "adam":
+        if cfg.optimizer in ("adam", "adamw"):
             self.sq = {k: torch.zeros_like(v) for k, v in params.items()}
             self.steps = torch.zeros_like(prior_coef)
 
     @torch.no_grad()
-    def step(self, params: Params, grads: Params, lr: float, active: Tensor) -> None:
+    def step(self, params: Params, grads: Params, lr: float | Tensor, active: Tensor) -> None:
         cfg = self.cfg
         every = bool(active.all())
-        if cfg.optimizer == "adam":
+        per_model = isinstance(lr, Tensor)
+        if cfg.optimizer in ("adam", "adamw"):
             self.steps += active.to(self.steps.dtype)
             t = self.steps.clamp(min=1)
             step_size = lr / (1 - cfg.momentum**t)
@@ -132,17 +164,25 @@ class _FunctionalOptimizer:
             shape = (-1, *([1] * (p.dim() - 1)))
             coef = self.prior_coef.view(shape)
             g = grads[k]
+            rate = lr.view(shape) if per_model else lr
             if cfg.optimizer == "sgd":
                 buf = self.buf[k]
                 if every:  # buf = μ buf + g + (δ/n) p ; p -= lr buf, in place
                     buf.mul_(cfg.momentum).add_(g).addcmul_(p, coef)
-                    p.add_(buf, alpha=-lr)
+                    if per_model:
+                        p.sub_(buf * rate)
+                    else:
+                        p.add_(buf, alpha=-lr)
                 else:
                     on = active.view(shape)
                     buf.copy_(torch.where(on, buf * cfg.momentum + g + coef * p, buf))
-                    p.sub_(lr * buf * on)
+                    p.sub_(rate * buf * on)
             else:
-                g.addcmul_(p, coef)
+                if cfg.optimizer == "adamw":  # decoupled: p *= 1 - lr δ/n (skipped models keep p)
+                    decay = 1 - rate * coef
+                    p.mul_(decay if every else torch.where(active.view(shape), decay, torch.ones_like(decay)))
+                else:
+                    g.addcmul_(p, coef)
                 m, v = self.buf[k], self.sq[k]
                 if every:
                     m.lerp_(g, 1 - cfg.momentum)
@@ -154,6 +194,15 @@ class _FunctionalOptimizer:
                 denom = (v.sqrt() / bc2_sqrt.view(shape)).add_(1e-8)
                 update = (m / denom).mul_(step_size.view(shape))
                 p.sub_(update if every else update * active.view(shape))
+
+
+def _step_lr(cfg: TrainConfig, epoch: int, t: int, plan_steps: list[int], device: torch.device) -> float | Tensor:
+    """The learning rate of step t of `epoch`: one number, or one per model (M,) where the schedule
+    changes within an epoch and the models' plans have different numbers of steps."""
+    if cfg.schedule != "warmup_cosine" or len(set(plan_steps)) == 1:
+        return learning_rate(cfg, epoch, t, plan_steps[0])
+    rate = {s: learning_rate(cfg, epoch, t, s) for s in set(plan_steps)}
+    return torch.tensor([rate[s] for s in plan_steps], dtype=torch.float64, device=device)
 
 
 def query_outputs(
@@ -168,7 +217,7 @@ def query_outputs(
     loss: str = "cross_entropy",
 ) -> QueryOutputs:
     """Outputs of stacked models (params name -> (M, *shape)) on (x, y), in chunks of examples; "loss"
-    is the training loss `loss` (`objective.per_example_loss`)."""
+    is the training loss `loss` (`likelihood_for(likelihood, loss).nll`)."""
 
     def forward(p: Params, xb: Tensor) -> Tensor:
         return functional_call(module, {**buffers, **p}, (xb,))
@@ -184,7 +233,7 @@ def query_outputs(
     m, n = f.shape[:2]
     out: QueryOutputs = {}
     yy = y.expand(m, *y.shape)
-    out["loss"] = per_example_loss(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:]), likelihood, loss).view(m, n)
+    out["loss"] = likelihood_for(likelihood, loss).nll(f.reshape(m * n, -1), yy.reshape(m * n, *y.shape[1:])).view(m, n)
     if likelihood == "categorical":
         out["correct"] = f.argmax(-1) == y
         true = f.gather(-1, yy.unsqueeze(-1)).squeeze(-1)
@@ -237,8 +286,9 @@ def train_ensemble(
             subset) or "shared" (every model's batches over all N examples; examples with w_mi = 0
             stay in the batches with no loss contribution); see the module docstring.
     """
-    if cfg.optimizer not in ("sgd", "adam"):
-        raise ConfigError(f"the retraining engine trains with sgd or adam, not {cfg.optimizer!r}; use fit() for IVON")
+    if cfg.optimizer not in ("sgd", "adam", "adamw"):
+        raise ConfigError(f"the retraining engine trains with sgd, adam or adamw, not {cfg.optimizer!r}; use fit() "
+                          "for IVON")
     if batch_plan not in BATCH_PLANS:
         raise ConfigError(f"unknown batch_plan {batch_plan!r}; expected one of {BATCH_PLANS}")
     device = torch.device(cfg.device)
@@ -251,7 +301,13 @@ def train_ensemble(
         raise ConfigError(f"masks must have shape (M, N={len(x)}), got {tuple(masks.shape)}")
     if len(y) != len(x):
         raise ConfigError(f"x has {len(x)} examples but y has {len(y)}")
-    check_loss(cfg.loss, likelihood)
+    likelihood_for(likelihood, cfg.loss)  # ConfigError for a loss that does not fit
+    if cfg.crop_padding > 0 or cfg.hflip:
+        check_images(x, "--crop-padding / --hflip")
+    if cfg.mixup_alpha > 0:
+        raise ConfigError("the retraining engine does not train with mixup (--mixup-alpha): it would mix a model's "
+                          "examples with those it leaves out; retrain with --mixup-alpha 0, or train single models "
+                          "with fit")
     if labels is not None:
         labels = torch.as_tensor(labels)
         if tuple(labels.shape) != tuple(masks.shape) or labels.is_floating_point():
@@ -331,27 +387,36 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
     else:
         indices = [row.nonzero().flatten().cpu() for row in weights]
     gens = [batch_generator(int(s)) for s in seeds]
+    augment = cfg.crop_padding > 0 or cfg.hflip
+    aug_gens = [augment_generator(int(s)) for s in seeds]
     consts = {**buffers, **fixed}
+    objective = likelihood_for(likelihood, cfg.loss)
 
     def model_loss(p: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
         out = functional_call(base, {**consts, **p}, (xb,))
-        nll = per_example_loss(out, yb, likelihood, cfg.loss)
+        nll = objective.nll(out, yb)
         total = wb.sum()  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
         return (wb * nll).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
     grad_fn = vmap(grad(model_loss))
     opt = _FunctionalOptimizer(cfg, params, cfg.delta / n_m)
     rows = torch.arange(len(seeds), device=device).unsqueeze(1)
+    plan_steps = [steps_per_epoch(len(idx), cfg.bs) for idx in indices]
     for epoch in range(cfg.epochs):
-        lr = cosine_lr(cfg, epoch)
         index, valid = _epoch_plan(indices, cfg.bs, gens, cfg.fixed_batches)
+        if augment:
+            offsets, flips = _epoch_augment([len(i) for i in indices], index.shape, aug_gens, cfg)
         index, valid = index.to(device), valid.to(device)
         for t in range(index.shape[1]):
             it, vt = index[:, t], valid[:, t]
             wb = weights[rows, it] * vt
             xb = _rows_of(x, it)
             yb = _rows_of(y, it) if labels is None else labels[rows, it]
-            opt.step(params, grad_fn(params, xb, yb, wb), lr, (wb > 0).any(1))
+            if augment:  # every model's batch at once: (M * bs, C, H, W)
+                xb = crop_flip(xb.flatten(0, 1), cfg.crop_padding, None if offsets is None else offsets[:, t].flatten(0, 1),
+                               None if flips is None else flips[:, t].flatten(0, 1)).view_as(xb)
+            opt.step(params, grad_fn(params, xb, yb, wb), _step_lr(cfg, epoch, t, plan_steps, device),
+                     (wb > 0).any(1))
         bar.advance(1)
     def moved(t):
         return t if isinstance(t, Rows) else t.to(device)

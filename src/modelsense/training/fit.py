@@ -1,4 +1,4 @@
-"""Train one model: SGD (momentum), Adam or IVON, cosine schedule, checkpoints, history."""
+"""Train one model: SGD (momentum), Adam, AdamW or IVON, a learning-rate schedule, checkpoints, history."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ import torch
 from torch import Tensor, nn
 
 from modelsense.core.functional import chunks
+from modelsense.core.likelihood import likelihood_for
+from modelsense.data.augment import check_images, crop_flip, draw_crop_flip, draw_mixup
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.progress import progress_bar
-from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
-from modelsense.training.objective import check_loss, per_example_loss
+from modelsense.training.config import (
+    TrainConfig,
+    augment_generator,
+    batch_generator,
+    epoch_batches,
+    learning_rate,
+    mixup_rng,
+    steps_per_epoch,
+)
 
 
 @dataclass
@@ -50,12 +59,13 @@ class Fit:
 def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048,
              loss: str = "cross_entropy") -> dict[str, float]:
     """Mean loss (`loss`, see `objective`) and accuracy (classification) of `module` in eval mode on (x, y)."""
+    nll = likelihood_for(likelihood, loss).nll
     was_training = module.training
     module.eval()
     total, correct = 0.0, 0
     for s in chunks(len(x), chunk_size):
         out = module(x[s])
-        total += float(per_example_loss(out, y[s], likelihood, loss).sum())
+        total += float(nll(out, y[s]).sum())
         if likelihood == "categorical":
             correct += int((out.argmax(-1) == y[s]).sum())
     module.train(was_training)
@@ -67,12 +77,15 @@ def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categor
 
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig, n: int) -> torch.optim.Optimizer:
-    """The optimizer for `cfg`; IVON gets ess = n and weight_decay = δ / n (MPE's convention)."""
+    """The optimizer for `cfg`; IVON gets ess = n and weight_decay = δ / n, AdamW the decoupled weight
+    decay δ / n (MPE's convention)."""
     params = [p for p in module.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2))
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), weight_decay=cfg.delta / n)
     import ivon
 
     return ivon.IVON(
@@ -105,11 +118,19 @@ def fit(
     """Train `module` on `data.x_train[train_indices]` (all by default) with the settings `cfg`.
 
     Minimises the mean minibatch loss (`cfg.loss`: the NLL of `likelihood`, or the per-class sigmoid
-    loss) + δ/(2n)·||θ||² (SGD/Adam) or the equivalent IVON objective, with a
-    per-epoch cosine schedule; see `modelsense.training.config` for the conventions. The module is
+    loss) + δ/(2n)·||θ||² (SGD/Adam), with AdamW's decoupled weight decay δ/n, or the equivalent IVON
+    objective, under the learning-rate schedule `cfg.schedule`; see `modelsense.training.config` for
+    the conventions. Image minibatches are cropped and flipped (`cfg.crop_padding`, `cfg.hflip`; draws
+    once per epoch for its order of examples) and mixed (`cfg.mixup_alpha`), see
+    `modelsense.data.augment`; evaluation uses the data as they are. The module is
     trained in place and returned in eval mode inside a `Fit`.
     """
-    check_loss(cfg.loss, likelihood)
+    nll = likelihood_for(likelihood, cfg.loss).nll  # ConfigError for a loss that does not fit
+    augment = cfg.crop_padding > 0 or cfg.hflip
+    if augment:
+        check_images(data.x_train, "--crop-padding / --hflip")
+    if cfg.mixup_alpha > 0 and likelihood != "categorical":
+        raise ConfigError("mixup (--mixup-alpha) needs a classification model (likelihood 'categorical')")
     device = torch.device(cfg.device)
     module.to(device).train()
     x, y = data.x_train.to(device), data.y_train.to(device)
@@ -120,7 +141,7 @@ def fit(
         raise ConfigError("cannot train on an empty set of training examples")
     optimizer = make_optimizer(module, cfg, n)
     params = [p for p in module.parameters() if p.requires_grad]
-    gen = batch_generator(cfg.seed)
+    gen, aug_gen, mix_rng = batch_generator(cfg.seed), augment_generator(cfg.seed), mixup_rng(cfg.seed)
     result = Fit(module, {}, optimizer, cfg, n, history={k: [] for k in
                  ("epoch", "lr", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "seconds")})
 
@@ -131,22 +152,44 @@ def fit(
         snapshot("epoch_0")
     iteration, start = 0, time.perf_counter()
     it_marks = set(cfg.checkpoint_iterations)
+    steps = steps_per_epoch(n, cfg.bs)
+
+    def batch_loss(xb: Tensor, yb: Tensor, mix: tuple[float, Tensor] | None) -> Tensor:
+        """Mean loss of the minibatch; with mix = (λ, pairing) the mixup loss."""
+        if mix is not None:
+            lam, pair = mix[0], mix[1].to(device)
+            out = module(lam * xb + (1 - lam) * xb[pair])
+            return (lam * nll(out, yb)
+                    + (1 - lam) * nll(out, yb[pair])).mean()
+        return nll(module(xb), yb).mean()
+
     with progress_bar(cfg.epochs, f"train {cfg.optimizer}", enabled=progress) as bar:
         for epoch in range(cfg.epochs):
-            lr = cosine_lr(cfg, epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for batch in epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches):
+            lr = learning_rate(cfg, epoch, 0, steps)
+            batches = epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches)
+            offsets, flips = draw_crop_flip(n, cfg.crop_padding, cfg.hflip, aug_gen) if augment else (None, None)
+            start_of = 0
+            for step, batch in enumerate(batches):
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch, step, steps)
                 bi = batch.to(device)
                 xb, yb = x[bi], y[bi]
+                if augment:
+                    here = slice(start_of, start_of + len(batch))
+                    xb = crop_flip(xb, cfg.crop_padding, None if offsets is None else offsets[here],
+                                   None if flips is None else flips[here])
+                start_of += len(batch)
+                mix = draw_mixup(len(xb), cfg.mixup_alpha, mix_rng) if cfg.mixup_alpha > 0 else None
                 if cfg.optimizer == "ivon":
                     for _ in range(cfg.mc_samples):
                         with optimizer.sampled_params(train=True):
                             optimizer.zero_grad()
-                            per_example_loss(module(xb), yb, likelihood, cfg.loss).mean().backward()
+                            batch_loss(xb, yb, mix).backward()
                 else:
                     optimizer.zero_grad()
-                    loss = per_example_loss(module(xb), yb, likelihood, cfg.loss).mean() + l2_penalty(params, cfg.delta, n)
+                    loss = batch_loss(xb, yb, mix)
+                    if cfg.optimizer != "adamw":  # AdamW decays the weights itself (decoupled)
+                        loss = loss + l2_penalty(params, cfg.delta, n)
                     loss.backward()
                 optimizer.step()
                 iteration += 1
