@@ -260,3 +260,32 @@ def test_ensemble_bad_input():
     bn = lambda s: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # noqa: E731
     with pytest.raises(ConfigError, match="batch norm"):
         train_ensemble(bn, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False)
+
+
+def test_engine_trains_models_with_dropout_reproducibly():
+    """Dropout inside the vmapped engine: each model draws its own masks (vmap refused random ops
+    before), from the chunk's seeds, so the same chunk retrains the same; the queries are evaluated
+    without dropout (eval mode), and the caller's global generator is left as it was."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+    def make(seed):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+
+    masks = torch.ones(3, 40, dtype=torch.bool)
+    masks[1, :10] = False
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, epochs=3, bs=8)
+    state = torch.get_rng_state()
+    runs = [train_ensemble(make, x, y, masks, cfg, queries={"train": (x, y)}, return_params=True) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    for name in runs[0].params:
+        assert torch.equal(runs[0].params[name], runs[1].params[name])
+    a, b = runs[0].params["0.weight"], runs[0].params["0.weight"][[1, 0, 2]]
+    assert not torch.equal(a, b)  # the models differ (their own masks, subsets and seeds)
+    # the queries are the eval-mode outputs of the trained parameters (no dropout)
+    module = make(0).eval()
+    logits = torch.func.functional_call(module, {k: v[2] for k, v in runs[0].params.items()}, (x,))
+    expected = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(runs[0].outputs["train"]["loss"][2], expected, atol=1e-6)

@@ -398,10 +398,34 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
         total = wb.sum()  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
         return (wb * nll).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
-    grad_fn = vmap(grad(model_loss))
+    # dropout: each model draws its own masks (vmap's randomness="different") from a generator seeded by
+    # the chunk's seeds, so a chunk retrains the same (the masks differ from those `fit` draws alone)
+    base.train()
+    stochastic = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in base.modules())
+    grad_fn = vmap(grad(model_loss), randomness="different" if stochastic else "error")
     opt = _FunctionalOptimizer(cfg, params, cfg.delta / n_m)
     rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     plan_steps = [steps_per_epoch(len(idx), cfg.bs) for idx in indices]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if stochastic:
+            torch.manual_seed(int(seeds[0]) * 1_000_003 + len(seeds))
+        _train_epochs(cfg, params, opt, grad_fn, x, y, labels, weights, indices, gens, aug_gens, augment, rows,
+                      plan_steps, device, bar)
+    base.eval()  # the queries see the trained models as they predict (no dropout)
+
+    def moved(t):
+        return t if isinstance(t, Rows) else t.to(device)
+
+    outputs = {q: query_outputs(base, params, consts, moved(qx), moved(qy), likelihood, keep_logits=keep_logits,
+                                loss=cfg.loss)
+               for q, (qx, qy) in queries.items()}
+    outputs = {q: {k: v.cpu() for k, v in o.items()} for q, o in outputs.items()}
+    return EnsembleResult(seeds.cpu(), outputs, {k: v.cpu() for k, v in params.items()} if return_params else None)
+
+
+def _train_epochs(cfg, params, opt, grad_fn, x, y, labels, weights, indices, gens, aug_gens, augment, rows, plan_steps,
+                  device, bar) -> None:
+    """The engine's training loop: every model's minibatch of each step at once."""
     for epoch in range(cfg.epochs):
         index, valid = _epoch_plan(indices, cfg.bs, gens, cfg.fixed_batches)
         if augment:
@@ -418,11 +442,3 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
             opt.step(params, grad_fn(params, xb, yb, wb), _step_lr(cfg, epoch, t, plan_steps, device),
                      (wb > 0).any(1))
         bar.advance(1)
-    def moved(t):
-        return t if isinstance(t, Rows) else t.to(device)
-
-    outputs = {q: query_outputs(base, params, consts, moved(qx), moved(qy), likelihood, keep_logits=keep_logits,
-                                loss=cfg.loss)
-               for q, (qx, qy) in queries.items()}
-    outputs = {q: {k: v.cpu() for k, v in o.items()} for q, o in outputs.items()}
-    return EnsembleResult(seeds.cpu(), outputs, {k: v.cpu() for k, v in params.items()} if return_params else None)
