@@ -30,36 +30,63 @@ Conventions and where the results differ from the original code (SEEDS.md 0.7):
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from modelsense.core.functional import FunctionalModel, Params
+from modelsense.curvature.posterior import in_float64_on_failure
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.report import Section
 from modelsense.experiments.source import TrainedRun, check_checkpoint
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.mpe import (LAPLACE_STRUCTURES, VARIANTS, MPEResult, MPESettings, build_posterior, group_logit_shift,
-                            group_loo_nll, mc_prediction_error, memory_perturbation, per_example_nll, softmax_deviation)
-from modelsense.mpe.ground_truth import MIN_RELAXATION, leave_out_masks, retraining_relaxation
-from modelsense.progress import progress_bar
+from modelsense.mpe import (
+    LAPLACE_STRUCTURES,
+    VARIANTS,
+    MPESettings,
+    build_posterior,
+    group_logit_shift,
+    group_loo_nll,
+    mc_prediction_error,
+    memory_perturbation,
+    per_example_nll,
+    softmax_deviation,
+)
+from modelsense.mpe.evaluation import (
+    binned_by_rank,
+    correlations,
+    default_checkpoint_iterations,
+    retrain_indices,
+)
+from modelsense.mpe.ground_truth import (
+    MIN_RELAXATION,
+    leave_out_masks,
+    retraining_relaxation,
+)
+from modelsense.mpe.predictive import all_variants, predictive_covariances
 from modelsense.options import ints, joined, option
-from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe, jobs_from, params_digest, retrain
+from modelsense.progress import progress_bar
+from modelsense.retraining.store import (
+    STORE_DIR,
+    RetrainOptions,
+    RetrainRecipe,
+    jobs_from,
+    params_digest,
+    retrain,
+)
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
 from modelsense.training.ensemble import train_ensemble
 from modelsense.training.fit import Fit, fit
+from modelsense.training.recorder import OptimizerStateRecorder, stand_in_optimizer
 
 EXPERIMENTS = ("loo-iterations", "loo-l2reg", "validation", "evolving", "loco")
 REFERENCES = ("control", "trained")
@@ -200,61 +227,6 @@ def _check_head(module: nn.Module, data: Dataset) -> None:
         )
 
 
-class OptimizerStateRecorder:
-    """Copies the optimizer state that the posteriors read (IVON: hess, ess, weight_decay; Adam:
-    exp_avg_sq) and the parameters after given optimizer steps, through torch's global optimizer
-    step hook (so `fit` needs no changes). Use as a context manager around `fit`.
-
-    `snapshots[f"iteration_{t}"]` is taken after t steps; `take(key)` snapshots on demand (e.g. in
-    `fit`'s `on_epoch`). Each snapshot: {"params": name -> tensor, "state": ..., "kind": ivon|adam|sgd}.
-    """
-
-    def __init__(self, module: nn.Module, iterations: tuple[int, ...] = ()) -> None:
-        self.names = {id(p): n for n, p in module.named_parameters()}
-        self.iterations = set(iterations)
-        self.optimizer = None
-        self.steps = 0
-        self.snapshots: dict[str, dict[str, Any]] = {}
-        self._handle = None
-
-    def __enter__(self) -> "OptimizerStateRecorder":
-        self._handle = register_optimizer_step_post_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-    def _ours(self, optimizer) -> bool:
-        return any(id(p) in self.names for g in optimizer.param_groups for p in g["params"])
-
-    def _hook(self, optimizer, args, kwargs) -> None:
-        if not self._ours(optimizer):
-            return
-        self.optimizer = optimizer
-        self.steps += 1
-        if self.steps in self.iterations:
-            self.take(f"iteration_{self.steps}")
-
-    def take(self, key: str) -> dict[str, Any]:
-        opt = self.optimizer
-        if opt is None:
-            raise ConfigError("no optimizer step was recorded yet")
-        params = {self.names[id(p)]: p.detach().clone() for g in opt.param_groups for p in g["params"]}
-        if all("hess" in g for g in opt.param_groups):
-            state = [{"hess": g["hess"].detach().clone(), "ess": g["ess"], "weight_decay": g["weight_decay"],
-                      "names": [self.names[id(p)] for p in g["params"]]} for g in opt.param_groups]
-            kind = "ivon"
-        elif all("exp_avg_sq" in opt.state.get(p, {}) for g in opt.param_groups for p in g["params"]):
-            state = {self.names[id(p)]: opt.state[p]["exp_avg_sq"].detach().clone() for g in opt.param_groups for p in g["params"]}
-            kind = "adam"
-        else:
-            state, kind = None, "sgd"
-        snap = {"params": params, "state": state, "kind": kind, "step": self.steps}
-        self.snapshots[key] = snap
-        return snap
-
-
 def _module_with(model_fn, seed: int, params: Params, device: str) -> nn.Module:
     module = model_fn(seed).to(device)
     with torch.no_grad():
@@ -263,70 +235,18 @@ def _module_with(model_fn, seed: int, params: Params, device: str) -> nn.Module:
     return module.eval()
 
 
-def _stand_in_optimizer(module: nn.Module, snapshot: dict[str, Any]):
-    """An object with the optimizer attributes the curvature posteriors read, rebuilt from a snapshot."""
-    named = dict(module.named_parameters())
-    if snapshot["kind"] == "ivon":
-        groups = [{"params": [named[n] for n in g["names"]], "hess": g["hess"], "ess": g["ess"],
-                   "weight_decay": g["weight_decay"]} for g in snapshot["state"]]
-        return SimpleNamespace(param_groups=groups, state={})
-    if snapshot["kind"] == "adam":
-        return SimpleNamespace(param_groups=[{"params": list(named.values())}],
-                               state={named[n]: {"exp_avg_sq": v} for n, v in snapshot["state"].items()})
-    raise ConfigError("--optim-var needs an IVON or Adam optimizer state")
-
-
 def posterior_at(cfg: MPEExperimentConfig, module: nn.Module, data: Dataset, optimizer=None, n_train: int | None = None):
-    """The posterior the flags select, at the module's current parameters."""
-    model = FunctionalModel(module)
+    """The posterior the flags select, at the module's current parameters (a Laplace posterior is
+    retried in float64 when float32 fails: `curvature.posterior.in_float64_on_failure`)."""
     device = next(module.parameters()).device
     if cfg.optim_var:
-        return build_posterior(cfg.train.optimizer, model, prior_precision=cfg.train.delta, optimizer=optimizer,
-                               n_train=n_train or data.n_train, chunk_size=cfg.bs_jacs)
-    try:
-        return build_posterior("laplace", model, data.x_train.to(device), data.y_train.to(device), prior_precision=cfg.train.delta,
-                               structure=cfg.var_version, chunk_size=cfg.bs_jacs)
-    except torch.linalg.LinAlgError:
-        # float32 eigh of a KFAC factor with many (near-)repeated eigenvalues, e.g. dead ReLU units,
-        # can fail to converge; the same posterior in float64 is robust
-        model = FunctionalModel(copy.deepcopy(module).double())
-        return build_posterior("laplace", model, data.x_train.to(device, torch.float64), data.y_train.to(device),
-                               prior_precision=cfg.train.delta, structure=cfg.var_version, chunk_size=cfg.bs_jacs)
-
-
-def predictive_covariances(posterior, x: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Logits at the posterior mean (n, C) and V = J Σ Jᵀ (n, C, C), on the CPU, in chunks."""
-    device = posterior.mean_flat.device
-    logits, covs = [], []
-    for start in range(0, len(x), chunk_size):
-        xb = x[start : start + chunk_size].to(device)
-        with torch.no_grad():
-            logits.append(posterior.model(posterior.mean, xb.to(posterior.mean_flat.dtype)).detach().cpu().float())
-        covs.append(posterior.predictive_covariance(xb, chunk_size=chunk_size).detach().cpu().float())
-    return torch.cat(logits), torch.cat(covs)
-
-
-def _all_variants(logits: Tensor, y: Tensor, V: Tensor, cfg: MPEExperimentConfig, error: Tensor | None = None) -> dict[str, MPEResult]:
-    out = {}
-    for v in VARIANTS:
-        damping = cfg.loo_damping if v == "loo" else 1.0
-        out[v] = memory_perturbation(logits, y, V, MPESettings(v, damping), error=error)
-    return out
-
-
-def _correlations(est: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Pearson and Spearman between estimated and true values, and `slope`, the least-squares slope
-    of est ≈ slope · true through the origin, Σ est·true / Σ true² (1 when the estimates have the
-    right scale; a correlation cannot see a wrong scale)."""
-    est, true = np.asarray(est, dtype=float), np.asarray(true, dtype=float)
-    denom = float(true @ true)
-    slope = float(est @ true) / denom if len(true) and denom > 0 else float("nan")
-    if len(est) < 2 or np.std(est) == 0 or np.std(true) == 0:
-        return {"pearson": float("nan"), "spearman": float("nan"), "slope": slope}
-    from scipy import stats
-
-    return {"pearson": float(stats.pearsonr(est, true)[0]), "spearman": float(stats.spearmanr(est, true)[0]),
-            "slope": slope}
+        return build_posterior(cfg.train.optimizer, FunctionalModel(module), prior_precision=cfg.train.delta,
+                               optimizer=optimizer, n_train=n_train or data.n_train, chunk_size=cfg.bs_jacs)
+    y = data.y_train.to(device)
+    return in_float64_on_failure(
+        lambda model, x: build_posterior("laplace", model, x, y, prior_precision=cfg.train.delta,
+                                         structure=cfg.var_version, chunk_size=cfg.bs_jacs),
+        module, data.x_train.to(device))
 
 
 def _evolving_iterations(cfg: MPEExperimentConfig, data: Dataset) -> tuple[int, ...]:
@@ -401,6 +321,8 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
     metrics: `checkpoint_epochs`, `estimated_nll` and `test_nll` at them, `final_abs_gap` =
     |estimated − test| at the last checkpoint, `test_nll_per_epoch`.
     """
+    from modelsense.mpe import plots
+
     marks = sorted({e for e in cfg.checkpoint_epochs if 1 <= e <= cfg.train.epochs} | {cfg.train.epochs})
     est: dict[int, float] = {}
     est_by_variant: dict[int, dict[str, float]] = {}
@@ -412,7 +334,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
         module.eval()
         post = posterior_at(cfg, module, data, optimizer=recorder.optimizer, n_train=data.n_train)
         logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-        by_variant = {v: r.estimated_loo_nll for v, r in _all_variants(logits, data.y_train, V, cfg).items()}
+        by_variant = {v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, cfg.loo_damping).items()}
         est[epoch] = by_variant[cfg.mpe_variant]
         est_by_variant[epoch] = by_variant
         module.train()
@@ -433,7 +355,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
     }
     run.save_arrays("loo_iterations", epochs=np.array(hist["epoch"]), test_nll=np.array(hist["test_loss"]),
                     train_nll=np.array(hist["train_loss"]), checkpoint_epochs=np.array(marks), estimated_nll=np.array(estimated))
-    run.save_figure(plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated,
+    run.save_figure(plots.plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated,
                                         f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "loo_iterations")
     run.write_metrics(metrics)
     return metrics
@@ -449,6 +371,8 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
     δ_max/(2 Σ_i w_mi)‖θ‖² into δ_m/(2N)‖θ‖² (same init seed and batch order for every δ).
     metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`.
     """
+    from modelsense.mpe import plots
+
     deltas = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp)
     d_max = float(deltas.max())
     weights = torch.tensor(d_max / deltas, dtype=torch.float32).unsqueeze(1).expand(len(deltas), data.n_train).contiguous()
@@ -469,7 +393,7 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
             mcfg = replace(cfg, train=replace(cfg.train, delta=float(delta)))
             post = posterior_at(mcfg, module, data)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            by_variant = {v: r.estimated_loo_nll for v, r in _all_variants(logits, data.y_train, V, mcfg).items()}
+            by_variant = {v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, mcfg.loo_damping).items()}
             estimated.append(by_variant[cfg.mpe_variant])
             for v in VARIANTS:
                 est_by_variant[v].append(by_variant[v])
@@ -478,25 +402,18 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
     metrics = {
         "deltas": deltas.tolist(), "estimated_nll": estimated, "test_nll": test_nll, "test_accuracy": test_acc,
         "best_delta_estimated": float(deltas[int(np.argmin(estimated))]), "best_delta_test": float(deltas[int(np.argmin(test_nll))]),
-        "spearman": _correlations(np.array(estimated), np.array(test_nll))["spearman"],
+        "spearman": correlations(np.array(estimated), np.array(test_nll))["spearman"],
         "estimated_nll_by_variant": est_by_variant,
         "best_delta_estimated_by_variant": {v: float(deltas[int(np.argmin(e))]) for v, e in est_by_variant.items()},
         "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "seconds": time.perf_counter() - start,
     }
     run.save_arrays("loo_l2reg", deltas=deltas, estimated_nll=np.array(estimated), test_nll=np.array(test_nll))
-    run.save_figure(plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}"), "loo_l2reg")
+    run.save_figure(plots.plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}"), "loo_l2reg")
     run.write_metrics(metrics)
     return metrics
 
 
 # --- 3. validation: estimated vs true deviation ----------------------------------------------
-def retrain_indices(n: int, n_retrain: int) -> np.ndarray:
-    """The examples to retrain without: the first n_retrain of a permutation seeded with 1 (as the original)."""
-    order = np.arange(n)
-    np.random.RandomState(1).shuffle(order)
-    return order[: min(n_retrain, n)]
-
-
 def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
                    trained: TrainedRun | None = None) -> dict[str, Any]:
     """Estimated (MPE sensitivity) vs true softmax deviation ‖softmax(f_i^{\\i}) − softmax(f_i)‖₁ for
@@ -512,13 +429,15 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     small, and so is everything measured against them. Arrays: validation.npz also holds V of the
     retrained examples (`covariances`).
     """
+    from modelsense.mpe import plots
+
     start = time.perf_counter()
     module, result, _ = _train(cfg, data, progress, trained=trained)
     t_train = time.perf_counter() - start
     t0 = time.perf_counter()
     post = _final_posterior(cfg, module, result, data)
     logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-    variants = _all_variants(logits, data.y_train, V, cfg)
+    variants = all_variants(logits, data.y_train, V, cfg.loo_damping)
     t_mpe = time.perf_counter() - t0
     idx = torch.as_tensor(retrain_indices(data.n_train, cfg.n_retrain))
     params = {k: v.detach().cpu() for k, v in module.named_parameters()}
@@ -531,9 +450,9 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     loo_logits, control_logits = logits_all[torch.arange(len(idx)), idx], logits_all[-1, idx]
     reference = control_logits if cfg.reference == "control" else logits[idx]
     true = softmax_deviation(reference, loo_logits).numpy()
-    by_variant = {v: {**_correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
+    by_variant = {v: {**correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
                   for v, r in variants.items()}
-    by_loo_damping = {str(a): _correlations(memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a))
+    by_loo_damping = {str(a): correlations(memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a))
                                             .sensitivity.numpy(), true) for a in LOO_DAMPING_SWEEP}
     chosen = variants[cfg.mpe_variant]
     est = chosen.sensitivity[idx].numpy()
@@ -552,20 +471,15 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=est, loo_logits=loo_logits,
                     control_logits=control_logits, logits=logits, covariances=V[idx],
                     **{f"sensitivity_{v}": r.sensitivity for v, r in variants.items()})
-    run.save_figure(plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining R = {relaxation:.1f}",
+    run.save_figure(plots.plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining R = {relaxation:.1f}",
                                     slope=metrics["slope"], pearson=metrics["pearson"]), "validation")
     if len(data.input_shape) == 3:
-        run.save_figure(plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
+        run.save_figure(plots.plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
     run.write_metrics(metrics)
     return metrics
 
 
 # --- 4. sensitivities during IVON training ---------------------------------------------------
-def default_checkpoint_iterations(total: int) -> tuple[int, ...]:
-    """(10, 10 %, 40 %, 100 %) of the training steps, like the original's {10, 1000, 5000, 12250}."""
-    return tuple(sorted({min(10, total), max(1, round(0.1 * total)), max(1, round(0.4 * total)), total}))
-
-
 def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Sensitivities at several iterations of training (IVON in the original), with the Monte-Carlo
     residual ē_i = mean_s softmax(f̃_s) − y_i, f̃_s ~ N(f_i, diag V_i) (`--mc-samples`), ranked by the
@@ -575,6 +489,8 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
     the last one's), `top_decile_overlap_to_last`.
     """
     from scipy import stats
+
+    from modelsense.mpe import plots
 
     its = _evolving_iterations(cfg, data)
     start = time.perf_counter()
@@ -586,16 +502,14 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
         for it in its:
             snap = recorder.snapshots[f"iteration_{it}"]
             m = _module_with(model_fn, cfg.train.seed, snap["params"], cfg.train.device)
-            opt = _stand_in_optimizer(m, snap) if cfg.optim_var else None
+            opt = stand_in_optimizer(m, snap) if cfg.optim_var else None
             post = posterior_at(cfg, m, data, optimizer=opt)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
             err = mc_prediction_error(logits, data.y_train, V, cfg.mc_samples, diagonal=cfg.mpe_variant == "diag", generator=gen)
             sens.append(memory_perturbation(logits, data.y_train, V, cfg.settings, error=err).sensitivity.numpy())
             bar.advance(1)
     sens = np.stack(sens)  # (K, N)
-    order = np.argsort(-sens[-1], kind="stable")
-    bins = np.array_split(order, min(cfg.n_bins, data.n_train))
-    binned = np.stack([[s[b].mean() for b in bins] for s in sens])  # (K, n_bins)
+    order, binned = binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
     top = order[: max(1, len(order) // 10)]
     metrics = {
         "iterations": list(its), "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs, "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
@@ -604,7 +518,7 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
         **_train_metrics(result), "seconds": time.perf_counter() - start,
     }
     run.save_arrays("evolving", iterations=np.array(its), sensitivities=sens, binned=binned, order=order)
-    run.save_figure(plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving")
+    run.save_figure(plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving")
     run.write_metrics(metrics)
     return metrics
 
@@ -622,6 +536,8 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     of the removed training examples under the retrained models (`true_removed_train_nll`, what the
     estimates predict directly) with `spearman_removed`, `spearman_joint_removed`.
     """
+    from modelsense.mpe import plots
+
     start = time.perf_counter()
     module, result, _ = _train(cfg, data, progress, trained=trained)
     post = _final_posterior(cfg, module, result, data)
@@ -655,18 +571,18 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
         "true_test_accuracy": true_acc.tolist(), "accuracy_drop": acc_drop.tolist(),
         "control_test_nll": float(tables["test_loss"][-1].mean()), "control_test_accuracy": control_acc,
         "retrain_relaxation": relaxation, "ground_truth_converged": relaxation >= MIN_RELAXATION,
-        "spearman": _correlations(estimated.numpy(), true_nll)["spearman"],
-        "pearson": _correlations(estimated.numpy(), true_nll)["pearson"],
-        "spearman_joint": _correlations(np.array(joint), true_nll)["spearman"],
+        "spearman": correlations(estimated.numpy(), true_nll)["spearman"],
+        "pearson": correlations(estimated.numpy(), true_nll)["pearson"],
+        "spearman_joint": correlations(np.array(joint), true_nll)["spearman"],
         "true_removed_train_nll": removed_nll.tolist(),
-        "spearman_removed": _correlations(estimated.numpy(), removed_nll)["spearman"],
-        "spearman_joint_removed": _correlations(np.array(joint), removed_nll)["spearman"],
+        "spearman_removed": correlations(estimated.numpy(), removed_nll)["spearman"],
+        "spearman_joint_removed": correlations(np.array(joint), removed_nll)["spearman"],
         "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, **_train_metrics(result),
         "seconds_retrain": seconds_retrain, "seconds": time.perf_counter() - start,
     }
     run.save_arrays("loco", classes=np.array(present), estimated_nll=estimated, estimated_nll_joint=np.array(joint),
                     true_test_nll=true_nll, true_test_accuracy=true_acc)
-    run.save_figure(plot_loco(true_nll, estimated.numpy(), acc_drop, present, f"{cfg.model.name} on {data.name}"), "loco")
+    run.save_figure(plots.plot_loco(true_nll, estimated.numpy(), acc_drop, present, f"{cfg.model.name} on {data.name}"), "loco")
     run.write_metrics(metrics)
     return metrics
 
@@ -835,124 +751,3 @@ def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
         str(run),
     )
 
-
-# --- figures ------------------------------------------------------------------------------------
-def plot_loo_iterations(epochs, test_nll, checkpoints, estimated, title: str = ""):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(epochs, test_nll, color="0.6", label="test NLL")
-    ax.plot(checkpoints, estimated, "ks", label="LOO-CV estimate (MPE)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("NLL")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _moving_average(values, window: int) -> np.ndarray:
-    v = np.asarray(values, dtype=float)
-    if window <= 1 or len(v) < window:
-        return v
-    return np.convolve(v, np.ones(window) / window, mode="valid")
-
-
-def plot_loo_l2reg(deltas, estimated, test_nll, title: str = "", window: int = 1):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    d = np.asarray(deltas)[: len(_moving_average(test_nll, window))]
-    ax.plot(d, _moving_average(test_nll, window), "-o", color="0.5", ms=3, label="test NLL")
-    ax.plot(d, _moving_average(estimated, window), "-s", color="k", ms=3, label="LOO-CV estimate (MPE)")
-    ax.axvline(d[int(np.argmin(_moving_average(test_nll, window)))], color="0.5", ls=":")
-    ax.axvline(d[int(np.argmin(_moving_average(estimated, window)))], color="k", ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("prior precision δ")
-    ax.set_ylabel("NLL")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_validation(true, estimated, title: str = "", slope: float | None = None, pearson: float | None = None):
-    """Scatter of estimated vs true deviation. Each axis fits its own data (0 to 1.05 x its maximum),
-    so a wrong scale shows: the y = x line (dashed) and the fitted y = slope · x (solid) are drawn
-    across the x range and clipped at the top."""
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    true, estimated = np.asarray(true, dtype=float), np.asarray(estimated, dtype=float)
-    fig, ax = plt.subplots(figsize=(4.4, 4.0))
-    ax.scatter(true, estimated, s=10, alpha=0.7, color="tab:blue", edgecolors="none")
-    x_top = float(max(np.max(true), 1e-12)) * 1.05
-    y_top = float(max(np.max(estimated), 1e-12)) * 1.05
-    ax.plot([0, x_top], [0, x_top], "k--", lw=1, label="y = x")
-    if slope is not None and np.isfinite(slope):
-        label = f"y = {slope:.3g} x (slope)" + (f", Pearson {pearson:.3f}" if pearson is not None else "")
-        ax.plot([0, x_top], [0, slope * x_top], color="tab:red", lw=1, label=label)
-    ax.set_xlim(0, x_top)
-    ax.set_ylim(0, y_top)
-    ax.set_xlabel("true deviation (retrained without i)")
-    ax.set_ylabel("estimated deviation (MPE)")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_most_sensitive(data: Dataset, mpe: MPEResult, n_show: int = 16):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    n_show = max(1, min(n_show, data.n_train))
-    top = torch.argsort(mpe.sensitivity, descending=True)[:n_show]
-    cols = min(8, n_show)
-    rows = math.ceil(n_show / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.95 * rows), squeeze=False)
-    probs = torch.softmax(mpe.logits, -1)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, top.tolist()):
-        img = data.x_train[i]
-        img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-        img = (img - img.min()) / (img.max() - img.min() + 1e-12)
-        ax.imshow(img.numpy(), cmap="gray_r" if img.dim() == 2 else None)
-        label = int(data.y_train[i])
-        pred = int(probs[i].argmax())
-        ax.set_title(f"y={label} ŷ={pred}\ns={float(mpe.sensitivity[i]):.2g}", fontsize=7)
-    fig.suptitle("most sensitive training examples", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_evolving(binned: np.ndarray, iterations, title: str = ""):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    x = np.arange(binned.shape[1])
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(iterations)))
-    for row, it, c in zip(binned, iterations, colors):
-        ax.plot(x, row, color=c, label=f"iteration {it}")
-    ax.set_yscale("log")
-    ax.set_xlabel("examples ranked by the last checkpoint's sensitivity (bins, most sensitive first)")
-    ax.set_ylabel("mean sensitivity in bin")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_loco(true_nll, estimated, acc_drop, classes, title: str = ""):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    fig, ax = plt.subplots(figsize=(4.8, 4.0))
-    sizes = 10 + 1800 * np.clip(np.asarray(acc_drop), 0, None)
-    ax.scatter(true_nll, estimated, s=sizes, color="tab:red", alpha=0.6, edgecolors="k")
-    for t, e, c in zip(true_nll, estimated, classes):
-        ax.annotate(str(c), (t, e), fontsize=8, ha="center", va="center")
-    ax.set_xlabel("true test NLL after removing the class")
-    ax.set_ylabel("estimated NLL of the removed class (MPE)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig

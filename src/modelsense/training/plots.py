@@ -1,4 +1,4 @@
-"""Figures shared by the experiments (matplotlib, Agg backend; arrays in, Figure out)."""
+"""Figures of training (matplotlib, Agg backend; arrays in, Figure out)."""
 
 from __future__ import annotations
 
