@@ -80,7 +80,7 @@ from modelsense.curvature.spectrum import (
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
-from modelsense.experiments.source import check_checkpoint, check_model, obtain_model
+from modelsense.experiments.source import CHECKPOINT_HELP, check_checkpoint, check_model, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.models.checkpoint import save_model
 from modelsense.options import floats, ints, joined, option
@@ -91,8 +91,6 @@ from modelsense.training.config import TrainConfig
 
 USE_TEST_HELP = "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality code of Maddox, Benton & Wilson 2020)"
 VECTORS_FILE = "eigenvectors"
-CHECKPOINT_HELP = ("model.pt of `modelsense train` to use instead of training one (the data, model and training "
-                   "settings then come from the run that made it; --device aside)")
 WEIGHTS_ONLY_HELP = "only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020"
 
 

@@ -60,6 +60,8 @@ from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.source import (
+    CHECKPOINT_HELP,
+    WEIGHTS_HELP,
     Obtained,
     Recipe,
     TrainedRun,
@@ -90,10 +92,6 @@ NOISY_TRAIN = {"lr": 0.1, "epochs": 200, "bs": 64, "delta": 1.0}
 CLEAN_TRAIN = {"lr": 0.1, "epochs": 50, "bs": 64, "delta": 1.0}
 DEFAULT_NOISY_METHODS = ("gex", "loss", "grad-dot", "el2n", "randproj", "tracin-rp", "if-ekfac", "mpe")
 DEFAULT_LDS_METHODS = ("grad-dot", "randproj", "tracin", "if-ekfac", "if-kfac", "arnoldi", "trak", "gex")
-CHECKPOINT_HELP = ("model.pt of `modelsense train` to score instead of training one; the data, model and training "
-                   "recipe come from its run (options that contradict it are refused)")
-WEIGHTS_HELP = ("a state_dict of --model trained elsewhere (torch.save(model.state_dict(), path)) to score instead of "
-                "training one; the command's data and training options stand for its recipe")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.report import Section
-from modelsense.experiments.source import TrainedRun, check_checkpoint
+from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.mpe import (
     LAPLACE_STRUCTURES,
@@ -134,9 +134,8 @@ class MPEExperimentConfig:
     n_bins: int = option(100, "bins of the ranking")
     n_show: int = 16
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
-    checkpoint: str | None = option(None, "model.pt of `modelsense train` to study instead of training one (its "
-                                          "data, model and training recipe; a Laplace posterior: the optimizer "
-                                          "state is not in model.pt)")
+    checkpoint: str | None = option(None, CHECKPOINT_HELP + " (a Laplace posterior: the "
+                                          "optimizer state is not in model.pt)")
 
     def __post_init__(self) -> None:
         if self.var_version not in LAPLACE_STRUCTURES:
