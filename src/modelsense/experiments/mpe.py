@@ -65,6 +65,7 @@ from modelsense.mpe.evaluation import (
     correlations,
     default_checkpoint_iterations,
     retrain_indices,
+    smoothed_curves,
 )
 from modelsense.mpe.ground_truth import (
     MIN_RELAXATION,
@@ -72,7 +73,7 @@ from modelsense.mpe.ground_truth import (
     retraining_relaxation,
 )
 from modelsense.mpe.predictive import all_variants, predictive_covariances
-from modelsense.options import ints, joined, option
+from modelsense.options import ints, joined, names, option
 from modelsense.progress import progress_bar
 from modelsense.retraining.store import (
     STORE_DIR,
@@ -90,6 +91,7 @@ from modelsense.training.recorder import OptimizerStateRecorder, stand_in_optimi
 
 EXPERIMENTS = ("loo-iterations", "loo-l2reg", "validation", "evolving", "loco")
 REFERENCES = ("control", "trained")
+TRUTHS = ("warm", "scratch")
 LOO_DAMPING_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 PAPER_CHECKPOINT_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 250, 300)
 
@@ -120,6 +122,10 @@ class MPEExperimentConfig:
     lr_retrain: float = option(0.01, "initial learning rate of the retraining")
     lrmin_retrain: float = option(0.0, "final learning rate of the retraining's cosine schedule")
     bs_retrain: int | None = option(None, "batch size of retraining (default: --bs)")
+    truth: str = option("warm", "validation's ground truth: warm (retrain from the trained parameters with the "
+                                "--*-retrain options, as Nickl et al. 2023) or scratch (train each leave-one-out "
+                                "model from the initialisation with the training recipe; the --*-retrain options "
+                                "are unused)")
     reference: str = option("control", "true deviation against the control model retrained on all data (control) or "
                                        "against the trained model (trained, as Nickl et al. 2023's code)")
     checkpoint_epochs: tuple[int, ...] = option(PAPER_CHECKPOINT_EPOCHS, "comma-separated epochs at which to estimate "
@@ -128,6 +134,8 @@ class MPEExperimentConfig:
     n_exp: int = option(8, "number of δ values")
     deltas_start: float = option(-1.0, "δ = logspace(start, stop, n_exp)")
     deltas_stop: float = option(3.0, "δ = logspace(start, stop, n_exp)")
+    smooth: int = option(1, "loo-l2reg: moving-average window over the δ grid for the figure and the smoothed best δ "
+                            "(Nickl et al. 2023's code: 4; 1 = none)")
     checkpoint_iterations: tuple[int, ...] = option((), "comma-separated optimizer steps (default: 10, 10%, 40%, 100% "
                                                     "of training)", parse=ints, show=joined)
     mc_samples: int = option(150, "Monte-Carlo samples of the residual")
@@ -158,6 +166,10 @@ class MPEExperimentConfig:
         except ConfigError as exc:
             raise ConfigError(f"bad retraining option: {exc} (the retraining's lr, lrmin, epochs, bs are --lr-retrain, "
                               "--lrmin-retrain, --epochs-retrain, --bs-retrain)") from None
+        if self.truth not in TRUTHS:
+            raise ConfigError(f"--truth must be one of {', '.join(TRUTHS)}, received {self.truth!r}")
+        if not 1 <= int(self.smooth) <= int(self.n_exp):
+            raise ConfigError(f"--smooth must lie in [1, --n-exp = {self.n_exp}], received {self.smooth}")
         if self.reference not in REFERENCES:
             raise ConfigError(f"--reference must be one of {', '.join(REFERENCES)}, received {self.reference!r}")
         if self.deltas_stop < self.deltas_start:
@@ -180,6 +192,14 @@ class MPEExperimentConfig:
         return TrainConfig(optimizer="sgd", lr=self.lr_retrain, lrmin=self.lrmin_retrain, epochs=self.epochs_retrain,
                            bs=t.bs if self.bs_retrain is None else self.bs_retrain, delta=t.delta, momentum=t.momentum,
                            seed=t.seed, device=t.device, fixed_batches=t.fixed_batches, eval_every=0)
+
+    def truth_config(self, trained: TrainedRun | None = None) -> TrainConfig:
+        """The recipe of the ground-truth models: `retrain_config()` (warm), or the training recipe (scratch:
+        the checkpoint's where one is studied) without evaluations or snapshots."""
+        if self.truth == "warm":
+            return self.retrain_config()
+        recipe = self.train if trained is None else trained.recipe(self.train)
+        return replace(recipe, eval_every=0, checkpoint_epochs=(), checkpoint_iterations=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,17 +310,19 @@ def _train(cfg: MPEExperimentConfig, data: Dataset, progress: bool, train_cfg: T
 
 
 def _retrain_without(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, params: Params, removed: list[Tensor] | Tensor,
-                     progress: bool) -> tuple[dict[str, np.ndarray], float]:
-    """The warm-started retraining without each removed set (shared minibatches; `mpe.ground_truth`),
-    plus a control model on all data as the last row, as jobs of the ground-truth store (resumable,
-    local or Ray): (tables with train/test logits and losses, seconds)."""
-    retrain_cfg = cfg.retrain_config()
+                     progress: bool, trained: TrainedRun | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """The retraining without each removed set (shared minibatches; `mpe.ground_truth`), plus a control
+    model on all data as the last row, as jobs of the ground-truth store (resumable, local or Ray):
+    warm-started from `params` with `retrain_config()`, or (`--truth scratch`) from the initialisation of
+    the training seed with the training recipe. Returns (tables with train/test logits and losses, seconds)."""
+    retrain_cfg = cfg.truth_config(trained)
     masks = torch.cat([leave_out_masks(data.n_train, removed), torch.ones(1, data.n_train, dtype=torch.bool)])
-    recipe = RetrainRecipe(cfg.data, cfg.model, retrain_cfg, batch_plan="shared", init=f"warm:{params_digest(params)}",
-                           logits=True)
+    init = f"warm:{params_digest(params)}" if cfg.truth == "warm" else "scratch"
+    recipe = RetrainRecipe(cfg.data, cfg.model, retrain_cfg,
+                           batch_plan="shared", init=init, logits=True)
     start = time.perf_counter()
     tables = retrain(recipe, jobs_from(masks.numpy(), [retrain_cfg.seed] * len(masks)), cfg.retrain, run.path,
-                     data=data, init_params=params, progress=progress, log=run.log)
+                     data=data, init_params=params if cfg.truth == "warm" else None, progress=progress, log=run.log)
     return tables, time.perf_counter() - start
 
 
@@ -368,7 +390,10 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
     All δ are trained at once by the retraining engine: model m gets uniform example weights
     s_m = δ_max/δ_m, which leave its mean minibatch loss unchanged and turn the engine's prior term
     δ_max/(2 Σ_i w_mi)‖θ‖² into δ_m/(2N)‖θ‖² (same init seed and batch order for every δ).
-    metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`.
+    metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`; with
+    `--smooth w` > 1 also both curves after a moving average of window w (`smoothed`: `deltas` the
+    geometric mean of each window's δ, `estimated_nll`, `test_nll`, `best_delta_estimated`,
+    `best_delta_test`), which the figure draws (Nickl et al. 2023's code: w = 4).
     """
     from modelsense.mpe import plots
 
@@ -404,10 +429,19 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
         "spearman": correlations(np.array(estimated), np.array(test_nll))["spearman"],
         "estimated_nll_by_variant": est_by_variant,
         "best_delta_estimated_by_variant": {v: float(deltas[int(np.argmin(e))]) for v, e in est_by_variant.items()},
-        "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "seconds": time.perf_counter() - start,
+        "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "smooth": cfg.smooth,
+        "seconds": time.perf_counter() - start,
     }
-    run.save_arrays("loo_l2reg", deltas=deltas, estimated_nll=np.array(estimated), test_nll=np.array(test_nll))
-    run.save_figure(plots.plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}"), "loo_l2reg")
+    arrays = {"deltas": deltas, "estimated_nll": np.array(estimated), "test_nll": np.array(test_nll)}
+    if cfg.smooth > 1:
+        smoothed = smoothed_curves(deltas, estimated, test_nll, cfg.smooth)
+        metrics["smoothed"] = {k: v.tolist() for k, v in smoothed.items()} | {
+            "best_delta_estimated": float(smoothed["deltas"][int(np.argmin(smoothed["estimated_nll"]))]),
+            "best_delta_test": float(smoothed["deltas"][int(np.argmin(smoothed["test_nll"]))])}
+        arrays.update({f"smoothed_{k}": v for k, v in smoothed.items()})
+    run.save_arrays("loo_l2reg", **arrays)
+    run.save_figure(plots.plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}",
+                                         window=cfg.smooth), "loo_l2reg")
     run.write_metrics(metrics)
     return metrics
 
@@ -416,7 +450,8 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
 def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
                    trained: TrainedRun | None = None) -> dict[str, Any]:
     """Estimated (MPE sensitivity) vs true softmax deviation ‖softmax(f_i^{\\i}) − softmax(f_i)‖₁ for
-    n_retrain examples, the truth from warm-started retraining without each (all at once).
+    n_retrain examples, the truth from warm-started retraining without each (all at once; `--truth
+    scratch`: each trained from the initialisation with the training recipe, `truth_config`).
 
     metrics: `pearson`, `spearman`, `slope` (least squares est ≈ slope · true through the origin: 1
     for the right scale), `n_retrain` for `--mpe-variant`, `by_variant` for all three (with
@@ -440,11 +475,13 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     t_mpe = time.perf_counter() - t0
     idx = torch.as_tensor(retrain_indices(data.n_train, cfg.n_retrain))
     params = {k: v.detach().cpu() for k, v in module.named_parameters()}
-    relaxation = retraining_relaxation(cfg.retrain_config(), data.n_train - 1)
-    if relaxation < MIN_RELAXATION:
+    truth_cfg = cfg.truth_config(trained)
+    relaxation = retraining_relaxation(truth_cfg, data.n_train - 1) if truth_cfg.optimizer == "sgd" else None
+    if relaxation is not None and relaxation < MIN_RELAXATION:
+        raise_ = "--epochs-retrain or --lr-retrain" if cfg.truth == "warm" else "--epochs or --lr"
         run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< {MIN_RELAXATION}): "
-                "the true deviations are underestimated; raise --epochs-retrain or --lr-retrain")
-    tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress)
+                f"the true deviations are underestimated; raise {raise_}")
+    tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress, trained)
     logits_all = torch.from_numpy(tables["train_logits"])
     loo_logits, control_logits = logits_all[torch.arange(len(idx)), idx], logits_all[-1, idx]
     reference = control_logits if cfg.reference == "control" else logits[idx]
@@ -458,11 +495,12 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     metrics = {
         **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")}, "n_retrain": int(len(idx)),
         "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name,
-        "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference,
+        "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference, "truth": cfg.truth,
         "mean_true_deviation": float(true.mean()), "mean_estimated_deviation": float(est.mean()),
         "true_loo_nll": float(per_example_nll(loo_logits, data.y_train[idx]).mean()),
         "estimated_loo_nll": by_variant[cfg.mpe_variant]["loo_nll"], "estimated_loo_nll_all": chosen.estimated_loo_nll,
-        "retrain_relaxation": relaxation, "ground_truth_converged": relaxation >= MIN_RELAXATION,
+        "retrain_relaxation": relaxation,
+        "ground_truth_converged": None if relaxation is None else relaxation >= MIN_RELAXATION,
         "mean_control_drift": float(softmax_deviation(logits[idx], control_logits).mean()), **_train_metrics(result),
         "seconds_train": t_train, "seconds_mpe": t_mpe, "seconds_retrain": t_retrain, "seconds": time.perf_counter() - start,
     }
@@ -470,7 +508,9 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=est, loo_logits=loo_logits,
                     control_logits=control_logits, logits=logits, covariances=V[idx],
                     **{f"sensitivity_{v}": r.sensitivity for v, r in variants.items()})
-    run.save_figure(plots.plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining R = {relaxation:.1f}",
+    truth = "from scratch" if cfg.truth == "scratch" else "warm"
+    converged = "" if relaxation is None else f" R = {relaxation:.1f}"
+    run.save_figure(plots.plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}{converged}",
                                     slope=metrics["slope"], pearson=metrics["pearson"]), "validation")
     if len(data.input_shape) == 3:
         run.save_figure(plots.plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
@@ -581,7 +621,8 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     }
     run.save_arrays("loco", classes=np.array(present), estimated_nll=estimated, estimated_nll_joint=np.array(joint),
                     true_test_nll=true_nll, true_test_accuracy=true_acc)
-    run.save_figure(plots.plot_loco(true_nll, estimated.numpy(), acc_drop, present, f"{cfg.model.name} on {data.name}"), "loco")
+    points = {"true_test_nll": true_nll, "estimated_nll": estimated.numpy(), "accuracy_drop": acc_drop, "classes": present}
+    run.save_figure(plots.plot_loco([points], f"{cfg.model.name} on {data.name}"), "loco")
     run.write_metrics(metrics)
     return metrics
 
@@ -615,6 +656,11 @@ def _check(experiment: str):
             trained = check_checkpoint(cfg.checkpoint, cfg.data, data)
         if experiment in CHECKPOINT_EXPERIMENTS:
             RetrainRecipe(cfg.data, cfg.model, cfg.retrain_config())  # the engine retrains (sgd)
+        if experiment == "validation" and cfg.truth == "scratch":
+            try:
+                RetrainRecipe(cfg.data, cfg.model, cfg.truth_config(trained))
+            except ConfigError as exc:
+                raise ConfigError(f"--truth scratch retrains with the training recipe: {exc}") from None
         return Prepared(data, {"experiment": experiment, "dataset": data.summary(), "posterior": cfg.posterior_name,
                                "source": None if trained is None else trained.summary()}, {"trained": trained})
 
@@ -655,9 +701,9 @@ CHECKPOINT_EXPERIMENTS = ("validation", "loco")
 _POSTERIOR = {"optim_var", "var_version", "bs_jacs", "mpe_variant", "loo_damping"}
 _RETRAIN = {"epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "retrain", "checkpoint"}
 #: the options of each experiment beside data / model / training (the rest are hidden)
-_OPTIONS = {"validation": _POSTERIOR | _RETRAIN | {"n_retrain", "reference"},
+_OPTIONS = {"validation": _POSTERIOR | _RETRAIN | {"n_retrain", "reference", "truth"},
             "loo-iterations": _POSTERIOR | {"checkpoint_epochs"},
-            "loo-l2reg": (_POSTERIOR - {"optim_var"}) | {"n_exp", "deltas_start", "deltas_stop"},
+            "loo-l2reg": (_POSTERIOR - {"optim_var"}) | {"n_exp", "deltas_start", "deltas_stop", "smooth"},
             "evolving": _POSTERIOR | {"checkpoint_iterations", "mc_samples", "n_bins"},
             "loco": _POSTERIOR | _RETRAIN}
 _HIDDEN_ALWAYS = {"data.corruption_ratio", "data.drop_classes", "model.width", "model.depth", "model.norm",
@@ -695,7 +741,9 @@ def _validation_summary(m: dict[str, Any]) -> str:
             f"slope {m['slope']:.3g} ({m['mpe_variant']}; mean deviation estimated {m['mean_estimated_deviation']:.4g} "
             f"vs true {m['mean_true_deviation']:.4g}, LOO NLL {m['estimated_loo_nll']:.4f} vs {m['true_loo_nll']:.4f}) "
             f"| {by}")
-    if not m["ground_truth_converged"]:
+    if m.get("truth") == "scratch":
+        line += " | ground truth retrained from scratch"
+    if m["ground_truth_converged"] is False:
         line += (f"\nwarning: the retraining relaxed the slowest directions by only R = {m['retrain_relaxation']:.2f} "
                  f"e-folds: the true deviations are underestimated; raise --epochs-retrain or --lr-retrain "
                  f"(R >= {MIN_RELAXATION:g})")
@@ -708,13 +756,16 @@ _SUMMARIES = {
                                  f"{m['test_nll'][-1]:.4f} (|gap| {m['final_abs_gap']:.4f}) at epoch "
                                  f"{m['checkpoint_epochs'][-1]}"),
     "loo-l2reg": lambda m: (f"best δ by LOO estimate {m['best_delta_estimated']:.4g}, by test NLL "
-                            f"{m['best_delta_test']:.4g}"),
+                            f"{m['best_delta_test']:.4g}" + ("" if "smoothed" not in m else
+                            f"; after a moving average of {m['smooth']}: {m['smoothed']['best_delta_estimated']:.4g}, "
+                            f"{m['smoothed']['best_delta_test']:.4g}")),
     "evolving": lambda m: "Spearman to the last checkpoint by iteration: " + "  ".join(
         f"{k}: {v:.3f}" for k, v in m["spearman_to_last"].items()),
     "loco": lambda m: (f"Spearman over classes: {m['spearman']:.3f} (per-example estimate), {m['spearman_joint']:.3f} "
                        f"(joint)"),
 }
-_RESUME_KEYS = ("data", "model", "train", "epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "n_retrain")
+_RESUME_KEYS = ("data", "model", "train", "epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "n_retrain",
+                "truth")
 
 COMMANDS = {e: Command(f"mpe {e}", spec_class(e), _check(e), _run(e), summary=_SUMMARIES[e], hide=_hidden(e),
                        keep=(STORE_DIR,) if e in CHECKPOINT_EXPERIMENTS else (),
@@ -749,4 +800,56 @@ def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
         [run / "figures" / "validation.png", run / "figures" / "most_sensitive.png"],
         str(run),
     )
+
+
+# --- several loco runs in one figure -------------------------------------------------------------
+@dataclass(frozen=True)
+class LocoOverlaySpec:
+    """`modelsense mpe loco-overlay`: finished `mpe loco` runs (e.g. an MLP's and a LeNet's) in one figure,
+    as Nickl et al. 2023's Fig. 3a (their plot_loco.py --names_exp)."""
+
+    runs: tuple[str, ...] = option((), "comma-separated run directories of finished `mpe loco` runs (two or more)",
+                                   parse=names, show=joined)
+    labels: tuple[str, ...] = option((), "comma-separated legend labels, one per run (default: each run's model "
+                                         "and dataset)", parse=names, show=joined)
+
+
+def check_loco_overlay(spec: LocoOverlaySpec) -> Prepared:
+    from modelsense.runs import read_json, require_finished
+
+    if len(spec.runs) < 2:
+        raise ConfigError(f"--runs takes two or more `mpe loco` run directories, received {len(spec.runs)}")
+    if spec.labels and len(spec.labels) != len(spec.runs):
+        raise ConfigError(f"--labels gives {len(spec.labels)} labels for {len(spec.runs)} runs; give one per run")
+    runs = []
+    for k, path in enumerate(spec.runs):
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--runs {path}: not a run directory (no config.json); pass `mpe loco --out` folders")
+        config = read_json(path / "config.json", "the config of an `mpe loco` run")
+        if config.get("command") != COMMANDS["loco"].name:
+            raise ConfigError(f"--runs {path} holds a {config.get('command')!r} run, not {COMMANDS['loco'].name!r}")
+        require_finished(path, f"--runs {path}")
+        m = read_json(path / "metrics.json", "the metrics of an `mpe loco` run")
+        label = spec.labels[k] if spec.labels else (f"{config['model']['name']} on "
+                                                    f"{config.get('dataset', {}).get('name', config['data']['name'])}")
+        runs.append({"path": str(path.resolve()), "label": label,
+                     **{key: m[key] for key in ("classes", "true_test_nll", "estimated_nll", "accuracy_drop",
+                                                "spearman", "pearson")}})
+    return Prepared(None, {"runs": [{"path": r["path"], "label": r["label"]} for r in runs]}, {"runs": runs})
+
+
+def run_loco_overlay(spec: LocoOverlaySpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """figures/loco_overlay.png; metrics: per run its label, path, Spearman and Pearson over classes."""
+    from modelsense.mpe import plots
+
+    runs = prepared.extra["runs"]
+    run.save_figure(plots.plot_loco(runs, "leave one class out"), "loco_overlay")
+    return {"runs": [{k: r[k] for k in ("label", "path", "spearman", "pearson")} for r in runs]}
+
+
+COMMANDS["loco-overlay"] = Command(
+    "mpe loco-overlay", LocoOverlaySpec, check_loco_overlay, run_loco_overlay,
+    summary=lambda m: "  ".join(f"{r['label']}: Spearman {r['spearman']:.3f}" for r in m["runs"]),
+    help="Finished `mpe loco` runs (e.g. an MLP and a LeNet) in one figure (Nickl et al. 2023, Fig. 3a).")
 

@@ -33,6 +33,15 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
+def smoothed_curves(deltas: Sequence[float], estimated: Sequence[float], test_nll: Sequence[float],
+                    window: int) -> dict[str, np.ndarray]:
+    """The loo-l2reg curves over the δ grid after a moving average of `window` (`moving_average`):
+    `deltas`, the geometric mean of each window's δ (its centre on the log axis), `estimated_nll` and
+    `test_nll`, each (len - window + 1,) (unchanged for window <= 1)."""
+    return {"deltas": 10.0 ** moving_average(np.log10(np.asarray(deltas, dtype=float)), window),
+            "estimated_nll": moving_average(estimated, window), "test_nll": moving_average(test_nll, window)}
+
+
 def retrain_indices(n: int, n_retrain: int) -> np.ndarray:
     """The examples to retrain without: the first n_retrain of a permutation seeded with 1 (as the original)."""
     order = np.arange(n)

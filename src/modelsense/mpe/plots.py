@@ -17,7 +17,7 @@ import torch
 
 from modelsense.data import Dataset
 from modelsense.mpe.estimator import MPEResult
-from modelsense.mpe.evaluation import moving_average
+from modelsense.mpe.evaluation import smoothed_curves
 
 
 def plot_loo_iterations(epochs, test_nll, checkpoints, estimated, title: str = ""):
@@ -34,14 +34,17 @@ def plot_loo_iterations(epochs, test_nll, checkpoints, estimated, title: str = "
 
 
 def plot_loo_l2reg(deltas, estimated, test_nll, title: str = "", window: int = 1):
+    """Test NLL and LOO-CV estimate over δ (log axis), each after a moving average of `window`
+    (`smoothed_curves`, Nickl et al. 2023: 4), with their minima marked."""
+    c = smoothed_curves(deltas, estimated, test_nll, window)
+    d = c["deltas"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    d = np.asarray(deltas)[: len(moving_average(test_nll, window))]
-    ax.plot(d, moving_average(test_nll, window), "-o", color="0.5", ms=3, label="test NLL")
-    ax.plot(d, moving_average(estimated, window), "-s", color="k", ms=3, label="LOO-CV estimate (MPE)")
-    ax.axvline(d[int(np.argmin(moving_average(test_nll, window)))], color="0.5", ls=":")
-    ax.axvline(d[int(np.argmin(moving_average(estimated, window)))], color="k", ls="--")
+    ax.plot(d, c["test_nll"], "-o", color="0.5", ms=3, label="test NLL")
+    ax.plot(d, c["estimated_nll"], "-s", color="k", ms=3, label="LOO-CV estimate (MPE)")
+    ax.axvline(d[int(np.argmin(c["test_nll"]))], color="0.5", ls=":")
+    ax.axvline(d[int(np.argmin(c["estimated_nll"]))], color="k", ls="--")
     ax.set_xscale("log")
-    ax.set_xlabel("prior precision δ")
+    ax.set_xlabel("prior precision δ" + (f" (moving average of {window})" if window > 1 else ""))
     ax.set_ylabel("NLL")
     ax.legend()
     ax.set_title(title, fontsize=9)
@@ -109,12 +112,25 @@ def plot_evolving(binned: np.ndarray, iterations, title: str = ""):
     return fig
 
 
-def plot_loco(true_nll, estimated, acc_drop, classes, title: str = ""):
+#: marker and colour of each overlaid loco run: the original's MLP red circles, LeNet blue squares
+LOCO_STYLES = (("o", "tab:red"), ("s", "tab:blue"), ("^", "tab:green"), ("D", "tab:purple"))
+
+
+def plot_loco(runs, title: str = ""):
+    """Leave one class out: estimated NLL (y) vs true test NLL after retraining without the class (x), one
+    point per class, annotated with the class, of size 10 + 1800 · (accuracy drop). `runs`: one dict per
+    run (keys `true_test_nll`, `estimated_nll`, `accuracy_drop`, `classes`, and `label` for the legend
+    where there are several), drawn with LOCO_STYLES in turn."""
     fig, ax = plt.subplots(figsize=(4.8, 4.0))
-    sizes = 10 + 1800 * np.clip(np.asarray(acc_drop), 0, None)
-    ax.scatter(true_nll, estimated, s=sizes, color="tab:red", alpha=0.6, edgecolors="k")
-    for t, e, c in zip(true_nll, estimated, classes):
-        ax.annotate(str(c), (t, e), fontsize=8, ha="center", va="center")
+    for k, r in enumerate(runs):
+        marker, color = LOCO_STYLES[k % len(LOCO_STYLES)]
+        sizes = 10 + 1800 * np.clip(np.asarray(r["accuracy_drop"]), 0, None)
+        ax.scatter(r["true_test_nll"], r["estimated_nll"], s=sizes, marker=marker, color=color, alpha=0.6,
+                   edgecolors="k", label=r.get("label"))
+        for t, e, c in zip(r["true_test_nll"], r["estimated_nll"], r["classes"]):
+            ax.annotate(str(c), (t, e), fontsize=8, ha="center", va="center")
+    if len(runs) > 1:
+        ax.legend(fontsize=8, markerscale=0.5)
     ax.set_xlabel("true test NLL after removing the class")
     ax.set_ylabel("estimated NLL of the removed class (MPE)")
     ax.set_title(title, fontsize=9)
