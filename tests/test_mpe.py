@@ -449,8 +449,8 @@ def test_experiment_config_errors():
 
 
 def test_recorder_snapshots_match_fit_checkpoints(digits):
-    from modelsense.training.recorder import OptimizerStateRecorder
     from modelsense.models import build_model
+    from modelsense.training.recorder import OptimizerStateRecorder
 
     data = digits.subset(range(100)) if hasattr(digits, "subset") else digits
     module = build_model("mlp", data.input_shape, data.num_classes, widths=(8,), seed=0)
