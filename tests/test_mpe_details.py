@@ -114,3 +114,17 @@ def test_validation_truth_scratch_needs_an_engine_optimizer(tmp_path):
     res = invoke("validation", *TINY, "--truth", "cold", "--out", tmp_path / "x")
     assert isinstance(res.exception, ConfigError) and "--truth must be one of warm, scratch" in str(res.exception)
     assert not (tmp_path / "x").exists()
+
+
+def test_agreement_with_last_and_binned_by_rank_by_hand():
+    from modelsense.mpe.evaluation import agreement_with_last, binned_by_rank
+
+    last = np.arange(20.0)  # example 19 most sensitive
+    sens = np.stack([-last, last])
+    a = agreement_with_last(sens)
+    assert a["spearman_to_last"] == pytest.approx([-1.0, 1.0])
+    assert a["top_decile_overlap_to_last"] == [0.0, 1.0]  # top 2 of the last row: 19, 18
+    order, binned = binned_by_rank(sens, 4)
+    assert order[:3].tolist() == [19, 18, 17]
+    np.testing.assert_allclose(binned[1], [17.0, 12.0, 7.0, 2.0])  # means of 19..15, 14..10, ...
+    np.testing.assert_allclose(binned[0], -binned[1])

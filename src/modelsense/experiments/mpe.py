@@ -53,7 +53,6 @@ from modelsense.mpe import (
     VARIANTS,
     MPESettings,
     build_posterior,
-    group_logit_shift,
     group_loo_nll,
     mc_prediction_error,
     memory_perturbation,
@@ -61,6 +60,7 @@ from modelsense.mpe import (
     softmax_deviation,
 )
 from modelsense.mpe.evaluation import (
+    agreement_with_last,
     binned_by_rank,
     correlations,
     default_checkpoint_iterations,
@@ -72,7 +72,11 @@ from modelsense.mpe.ground_truth import (
     leave_out_masks,
     retraining_relaxation,
 )
-from modelsense.mpe.predictive import all_variants, predictive_covariances
+from modelsense.mpe.predictive import (
+    all_variants,
+    group_removal_nll,
+    predictive_covariances,
+)
 from modelsense.options import ints, joined, names, option
 from modelsense.progress import progress_bar
 from modelsense.retraining.store import (
@@ -527,8 +531,6 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
     metrics: `iterations`, `spearman_to_last` (Spearman between each checkpoint's sensitivities and
     the last one's), `top_decile_overlap_to_last`.
     """
-    from scipy import stats
-
     from modelsense.mpe import plots
 
     its = _evolving_iterations(cfg, data)
@@ -549,11 +551,9 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
             bar.advance(1)
     sens = np.stack(sens)  # (K, N)
     order, binned = binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
-    top = order[: max(1, len(order) // 10)]
     metrics = {
         "iterations": list(its), "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs, "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
-        "spearman_to_last": {str(it): float(stats.spearmanr(s, sens[-1])[0]) for it, s in zip(its, sens)},
-        "top_decile_overlap_to_last": {str(it): float(len(np.intersect1d(np.argsort(-s)[: len(top)], top)) / len(top)) for it, s in zip(its, sens)},
+        **{k: dict(zip(map(str, its), v)) for k, v in agreement_with_last(sens).items()},
         **_train_metrics(result), "seconds": time.perf_counter() - start,
     }
     run.save_arrays("evolving", iterations=np.array(its), sensitivities=sens, binned=binned, order=order)
@@ -585,15 +585,9 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     classes = torch.arange(data.num_classes)
     present = [int(c) for c in classes if bool((data.y_train == c).any())]
     estimated = group_loo_nll(mpe.loo_nll, data.y_train, data.num_classes)[present]
-    joint = []
-    for c in present:
-        group = (data.y_train == c).nonzero().flatten()
-        like = post.mean_flat
-        shift = group_logit_shift(post.model, post.mean, post.covariance_mv, data.x_train.to(like.device, like.dtype),
-                                  mpe.error.to(like.device, like.dtype), group, chunk_size=cfg.bs_jacs).cpu().float()
-        joint.append(float(per_example_nll(logits[group] + shift, data.y_train[group]).mean()))
-    params = {k: v.detach().cpu() for k, v in module.named_parameters()}
     removed = [(data.y_train == c).nonzero().flatten() for c in present]
+    joint = group_removal_nll(post, data.x_train, logits, data.y_train, mpe.error, removed, cfg.bs_jacs)
+    params = {k: v.detach().cpu() for k, v in module.named_parameters()}
     relaxation = retraining_relaxation(cfg.retrain_config(), data.n_train - max(len(r) for r in removed))
     if relaxation < MIN_RELAXATION:
         run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "

@@ -61,3 +61,17 @@ def binned_by_rank(sensitivities: np.ndarray, n_bins: int) -> tuple[np.ndarray, 
     order = np.argsort(-sensitivities[-1], kind="stable")
     bins = np.array_split(order, min(n_bins, sensitivities.shape[1]))
     return order, np.stack([[s[b].mean() for b in bins] for s in sensitivities])
+
+
+def agreement_with_last(sensitivities: np.ndarray) -> dict[str, list[float]]:
+    """How each row of `sensitivities` (K, N) ranks the examples like the last row: `spearman_to_last`
+    (Spearman correlation) and `top_decile_overlap_to_last` (the fraction of the last row's top
+    max(1, N // 10) examples among the row's own top as many), one value per row."""
+    from scipy import stats
+
+    last = sensitivities[-1]
+    top = np.argsort(-last, kind="stable")[: max(1, len(last) // 10)]
+    return {"spearman_to_last": [float(stats.spearmanr(s, last)[0]) for s in sensitivities],
+            "top_decile_overlap_to_last": [float(len(np.intersect1d(np.argsort(-s)[: len(top)], top)) / len(top))
+                                           for s in sensitivities]}
+
