@@ -88,4 +88,12 @@ def lds_standard_error(per_test: np.ndarray) -> float:
     return float(rho.std(ddof=1) / np.sqrt(len(rho))) if len(rho) > 1 else float("nan")
 
 
-__all__ = ["auc_ap", "auc_ap_with_errors", "detection_curve", "lds_standard_error", "linear_datamodeling_score"]
+def negated_test_influence(attributor, x_val, y_val) -> np.ndarray:
+    """−(1/V) Σ_j score(i, j) over V validation examples, (N,): minus the influence of each training
+    example on the mean validation loss (high = removing it would lower that loss: harmful), from a
+    fitted attributor's pairwise `scores`."""
+    return -attributor.scores(x_val, y_val).double().mean(1).numpy()
+
+
+__all__ = ["auc_ap", "auc_ap_with_errors", "detection_curve", "lds_standard_error", "linear_datamodeling_score",
+           "negated_test_influence"]

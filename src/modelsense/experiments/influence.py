@@ -55,6 +55,7 @@ from modelsense.attribution.evaluation import (
     auc_ap_with_errors,
     lds_standard_error,
     linear_datamodeling_score,
+    negated_test_influence,
 )
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
@@ -414,12 +415,6 @@ def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
             raise ConfigError(f"--validation-size {spec.validation_size} exceeds the {data.n_test} test examples")
         prepared.config["validation_size"] = data.n_test if spec.validation_size is None else spec.validation_size
     return prepared
-
-
-def negated_test_influence(att, x_val, y_val) -> np.ndarray:
-    """−(1/V) Σ_j score(i, j) over V validation examples, (N,): minus the influence of each training
-    example on the mean validation loss (high = removing it would lower that loss: harmful)."""
-    return -att.scores(x_val, y_val).double().mean(1).numpy()
 
 
 def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
