@@ -5,6 +5,11 @@
     validation      estimated vs true softmax deviation when one example is removed (Fig. 2)
     evolving        sensitivities at several iterations of IVON training, ranked and binned (Fig. 3b/11)
     loco            leave-one-class-out: estimated vs true test NLL after retraining without a class (Fig. 3a)
+    loco-overlay    finished loco runs (e.g. an MLP's and a LeNet's) in one figure (Fig. 3a)
+
+The numbers come from `modelsense.mpe` (the estimator, its ground truth, `predictive` covariances,
+`evaluation` against the truth), the figures from `modelsense.mpe.plots`, the optimizer-state snapshots
+of `evolving` from `modelsense.training.recorder`; this module runs them.
 
 Each writes a run directory (config.json, metrics.json, arrays, figures/). The defaults run on
 `digits` in minutes on a CPU; the original's hyper-parameters (e.g. `--dataset fmnist --model lenet
@@ -22,7 +27,11 @@ Conventions and where the results differ from the original code (SEEDS.md 0.7):
     divisible by the number of bins.
   * validation/loco ground truth: the retraining engine trains all leave-out models at once, with
     shared minibatches and a control model retrained on all data (`--reference control`); the
-    original retrained one model at a time with its own shuffling and compared with θ*. The
+    original retrained one model at a time with its own shuffling and compared with θ*.
+    `validation --truth scratch` trains them from the initialisation with the training recipe instead
+    of warm-starting them.
+  * loo-l2reg: `--smooth 4` draws both curves after the original's moving average of window 4 (at the
+    geometric mean of each window's δ) and reports the smoothed best δ beside the raw one. The
     retraining must run long enough to converge: validation reports its relaxation R
     (`mpe.ground_truth.retraining_relaxation`) and warns below 3; the defaults give R ≈ 3.3.
   * `--optim-var` with `--optimizer sgd` is an error (the original silently fell back to Laplace).
