@@ -375,7 +375,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
         run.log(f"epoch {epoch}: estimated LOO NLL {est[epoch]:.4f}, test NLL {row['test_loss']:.4f}")
 
     start = time.perf_counter()
-    module, result, _ = _train(cfg, data, progress, train_cfg, on_epoch)
+    _, result, _ = _train(cfg, data, progress, train_cfg, on_epoch)
     hist = result.history
     test_by_epoch = dict(zip(hist["epoch"], hist["test_loss"]))
     estimated = [est[e] for e in marks]
@@ -506,7 +506,7 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     chosen = variants[cfg.mpe_variant]
     est = chosen.sensitivity[idx].numpy()
     metrics = {
-        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")}, "n_retrain": int(len(idx)),
+        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")}, "n_retrain": len(idx),
         "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name,
         "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference, "truth": cfg.truth,
         "mean_true_deviation": float(true.mean()), "mean_estimated_deviation": float(est.mean()),
@@ -544,7 +544,7 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
 
     its = _evolving_iterations(cfg, data)
     start = time.perf_counter()
-    module, result, recorder = _train(cfg, data, progress, iterations=its)
+    _, result, recorder = _train(cfg, data, progress, iterations=its)
     model_fn = _model_fn(cfg, data)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     sens = []
