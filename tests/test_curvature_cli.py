@@ -10,6 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 import modelsense.cli.curvature as cli_curvature  # noqa: F401  (registers spectrum / effdim)
+import modelsense.curvature.sweep as sweep
 import modelsense.experiments.curvature as exp
 from modelsense.cli.app import app
 from modelsense.core.functional import FunctionalModel
@@ -301,7 +302,7 @@ def test_width_sweep_end_to_end(tmp_path):
 
 def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
     calls = []
-    real_fit = exp.fit
+    real_fit = sweep.fit
 
     def counting_fit(module, data, cfg, **kw):
         calls.append(sum(p.numel() for p in module.parameters()))
@@ -310,7 +311,7 @@ def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
         return real_fit(module, data, cfg, **kw)
 
     crash = [True]
-    monkeypatch.setattr(exp, "fit", counting_fit)
+    monkeypatch.setattr(sweep, "fit", counting_fit)
     res = invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path)
     assert isinstance(res.exception, RuntimeError)  # crash while training width 4: width 2 is kept
     assert (tmp_path / "widths" / "width_2.json").exists() and not (tmp_path / "widths" / "width_4.json").exists()
@@ -426,7 +427,7 @@ def test_grid_end_to_end(tmp_path):
 
 def test_grid_resumes_per_model(tmp_path, monkeypatch):
     calls = []
-    real_fit = exp.fit
+    real_fit = sweep.fit
 
     def counting_fit(module, data, cfg, **kw):
         calls.append((sum(p.numel() for p in module.parameters()), cfg.seed))
@@ -435,7 +436,7 @@ def test_grid_resumes_per_model(tmp_path, monkeypatch):
         return real_fit(module, data, cfg, **kw)
 
     crash = [True]
-    monkeypatch.setattr(exp, "fit", counting_fit)
+    monkeypatch.setattr(sweep, "fit", counting_fit)
     grid = [*TINY_GRID, "--widths", "2,3", "--depths", "1,2"]
     res = invoke("effdim", "grid", *grid, "--out", tmp_path)
     assert isinstance(res.exception, RuntimeError)  # the third model crashed: two are kept

@@ -8,7 +8,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from modelsense.attribution.selection import otsu_threshold, pruning_set
+from modelsense.attribution.selection import (
+    otsu_threshold,
+    pruning_set,
+    relabel_targets,
+    relabeled,
+)
 from modelsense.cli import app
 from modelsense.data import DataConfig, load_dataset_from_config
 from modelsense.data.dataset import Dataset
@@ -21,12 +26,7 @@ from modelsense.experiments.influence import (
     NoisyLabelsSpec,
     PruneSpec,
 )
-from modelsense.experiments.relabel import (
-    RELABEL,
-    RelabelSpec,
-    relabel_targets,
-    relabeled,
-)
+from modelsense.experiments.relabel import RELABEL, RelabelSpec
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.models.checkpoint import load_model
 from modelsense.training import TrainConfig, fit

@@ -336,11 +336,12 @@ def test_retraining_relaxation_formula():
 
 def test_validation_figure_axes_fit_each_side():
     """A 13x scale mismatch stays visible: each axis fits its own data, y = x and the slope are drawn."""
-    from modelsense.experiments.mpe import _correlations, plot_validation
+    from modelsense.mpe.evaluation import correlations
+    from modelsense.mpe.plots import plot_validation
 
     true = np.linspace(0.001, 0.004, 30)
     est = 13.0 * true
-    agreement = _correlations(est, true)
+    agreement = correlations(est, true)
     assert agreement["slope"] == pytest.approx(13.0) and agreement["pearson"] == pytest.approx(1.0)
     fig = plot_validation(true, est, slope=agreement["slope"], pearson=agreement["pearson"])
     ax = fig.axes[0]
@@ -448,8 +449,8 @@ def test_experiment_config_errors():
 
 
 def test_recorder_snapshots_match_fit_checkpoints(digits):
-    from modelsense.experiments.mpe import OptimizerStateRecorder
     from modelsense.models import build_model
+    from modelsense.training.recorder import OptimizerStateRecorder
 
     data = digits.subset(range(100)) if hasattr(digits, "subset") else digits
     module = build_model("mlp", data.input_shape, data.num_classes, widths=(8,), seed=0)

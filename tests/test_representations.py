@@ -1134,3 +1134,15 @@ def test_permutation_stitching_by_projected_gradient_from_the_original_init(digi
     stitched, _ = stitch_models(model, twin, "1", xtr, ytr, cfg)
     np.testing.assert_array_equal(stitched.stitch.permutation()[alive], perms[0].numpy()[alive])
     assert evaluate_accuracy(stitched, xte, yte) == pytest.approx(clean, abs=0.01)
+
+
+def test_over_pairs_is_mean_sd_and_standard_error_by_hand():
+    from modelsense.representations.stitch_sweep import over_pairs
+
+    values = np.array([[1.0, 0.0], [2.0, 0.0], [6.0, 3.0]])  # 3 repeats of 2 layers
+    mean, sd, se = over_pairs(values)
+    np.testing.assert_allclose(mean, [3.0, 1.0])
+    np.testing.assert_allclose(sd, [np.sqrt(7.0), np.sqrt(3.0)])  # Σ(x - mean)² / (R - 1): 14/2, 6/2
+    np.testing.assert_allclose(se, sd / np.sqrt(3))
+    with pytest.raises(ConfigError, match="at least 2"):
+        over_pairs(values[:1])

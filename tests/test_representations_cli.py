@@ -223,6 +223,8 @@ def test_stitch_over_random_zoo_pairs_reports_mean_and_standard_deviation(zoo_di
         np.testing.assert_allclose(by_pair, arrays["penalty"][:, i])
         np.testing.assert_allclose(m["penalty"][kind], by_pair.mean(0))
         np.testing.assert_allclose(m["penalty_std"][kind], by_pair.std(0, ddof=1))
+        np.testing.assert_allclose(m["penalty_se"][kind], by_pair.std(0, ddof=1) / np.sqrt(2))
+        assert m["mean_penalty_se"][kind] == pytest.approx(by_pair.mean(1).std(ddof=1) / np.sqrt(2))
         np.testing.assert_allclose(m["stitched_accuracy"][kind], arrays["stitched_accuracy"][:, i].mean(0))
         assert m["mean_penalty"][kind] == pytest.approx(by_pair.mean())
         assert m["mean_penalty_std"][kind] == pytest.approx(by_pair.mean(1).std(ddof=1))
@@ -231,8 +233,9 @@ def test_stitch_over_random_zoo_pairs_reports_mean_and_standard_deviation(zoo_di
     assert len(m["final_loss"]) == len(m["model_a"]) == 2 and zoo_member_path(zoo_dir, 2).exists()
     assert set(torch.load(out / "stitching_layers.pt")) == {f"pair{r}/{k}/{layer}" for r in (0, 1)
                                                             for k in m["kinds"] for layer in m["layers"]}
-    assert "±" in invoke("stitch", *TINY, "--kind", "linear", "--stitch-epochs", 1, "--repeats", 2, "--zoo-size", 3,
-                         "--zoo", zoo_dir, "--layers", "act2", "--out", tmp_path / "printed").output
+    printed = invoke("stitch", *TINY, "--kind", "linear", "--stitch-epochs", 1, "--repeats", 2, "--zoo-size", 3,
+                     "--zoo", zoo_dir, "--layers", "act2", "--out", tmp_path / "printed").output
+    assert "±" in printed and "(se " in printed
     for bad, message in ((["--repeats", 4, "--zoo-size", 3], "cannot draw 4 distinct pairs from 3 zoo models"),
                          (["--repeats", 2, "--seed-a", 0], "cannot be combined with --seed-a"),
                          (["--repeats", 0], "--repeats must be >= 1"), (["--zoo-size", 1], "--zoo-size must be >= 2")):

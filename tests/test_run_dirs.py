@@ -40,6 +40,8 @@ COMMANDS = {
     "mpe loo-l2reg": ([*MPE, "--n-exp", "2"], [["--optimizer", "ivon"], ["--deltas-stop", "-3"]]),
     "mpe evolving": ([*MPE, "--mc-samples", "4", "--n-bins", "4"], [["--checkpoint-iterations", "1000000"]]),
     "mpe loco": ([*MPE, "--epochs-retrain", "1"], [["--epochs-retrain", "0"]]),
+    # + --runs of two tiny loco runs (the fixture `loco_runs`)
+    "mpe loco-overlay": ([], [["--labels", "one"], ["--labels", "a,b,c"]]),
     "influence": ([*DATA, *NET, "--method", "grad-dot", "--n-test", "5"],
                   [["--method", "nope"], ["--method", "randproj", "--proj-dim", "0"], ["--memory-gb", "-1"],
                    ["--top-k", "0"], ["--method", "if-cg", "--by-module"]]),
@@ -67,6 +69,14 @@ COMMANDS = {
     "verify": (["--expected-accuracy", "0.5", "--tolerance", "1"],
                [["--tolerance", "-1"], ["--split", "val"], ["--expected-accuracy", "2"]]),
 }
+
+
+@pytest.fixture(scope="module")
+def loco_runs(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("loco")
+    for name in ("a", "b"):
+        assert invoke("mpe loco", *COMMANDS["mpe loco"][0], "--out", root / name).exit_code == 0
+    return f"{root / 'a'},{root / 'b'}"
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +110,8 @@ def test_every_command_never_mixes_overwrites_or_writes_before_validating(comman
     args, bad_options = COMMANDS[command]
     if command == "verify":
         args = [*args, "--checkpoint", request.getfixturevalue("verify_checkpoint")]
+    if command == "mpe loco-overlay":
+        args = [*args, "--runs", request.getfixturevalue("loco_runs")]
     out = tmp_path / "run"
     res = invoke(command, *args, "--out", out)
     assert res.exit_code == 0, (res.output, res.exception)

@@ -64,6 +64,13 @@ def detection_curve(scores: np.ndarray, corrupted: np.ndarray) -> tuple[np.ndarr
     return np.arange(1, len(scores) + 1) / len(scores), found
 
 
+def negated_test_influence(attributor, x_val, y_val) -> np.ndarray:
+    """−(1/V) Σ_j score(i, j) over V validation examples, (N,): minus the influence of each training
+    example on the mean validation loss (high = removing it would lower that loss: harmful), from a
+    fitted attributor's pairwise `scores`."""
+    return -attributor.scores(x_val, y_val).double().mean(1).numpy()
+
+
 def linear_datamodeling_score(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray) -> tuple[float, np.ndarray]:
     """LDS: mean over test examples j of Spearman_m(losses[m, j], −Σ_i masks[m, i] scores[i, j]).
 

@@ -1,5 +1,6 @@
-"""Which training examples to act on, from a score per example: Otsu's threshold (relabeling) and
-the pruning set (the lowest or highest scores, optionally class-balanced).
+"""Which training examples to act on, from a score per example: Otsu's threshold (relabeling), the
+pruning set (the lowest or highest scores, optionally class-balanced), and the relabeling maths
+(`relabel_targets`, `relabeled`, `relabel_quality`, `best_budgets`).
 
     >>> t = otsu_threshold(self_scores)            # flag the examples with score > t
     >>> removed = pruning_set(self_scores, k=100, labels=y, n_classes=10, class_balance_ratio=0.5)
@@ -82,3 +83,47 @@ def pruning_set(scores: np.ndarray, k: int, labels: np.ndarray | None = None, n_
 
 
 __all__ = ["otsu_threshold", "pruning_set"]
+
+
+def relabel_targets(probabilities: np.ndarray, labels: np.ndarray, target: str) -> np.ndarray:
+    """The label each example would get, (N,): the most probable class of `probabilities` (N, C)
+    (`prediction`, `out-of-fold`), or the most probable class other than its label (`other`)."""
+    p = np.array(probabilities, dtype=np.float64)
+    if target == "other":
+        p[np.arange(len(p)), np.asarray(labels)] = -np.inf
+    return p.argmax(1)
+
+
+def relabeled(labels: np.ndarray, chosen: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`labels` with the examples `chosen` (indices) set to their `targets`."""
+    out = np.array(labels, dtype=np.int64)
+    out[chosen] = targets[chosen]
+    return out
+
+
+def relabel_quality(chosen: np.ndarray, labels: np.ndarray, corrupted: np.ndarray,
+                    clean: np.ndarray) -> tuple[float, float]:
+    """(precision, corrected) of relabeling the examples `chosen` (indices) to `labels` (N,): the
+    fraction of the chosen examples that are corrupted (NaN when none is chosen), and the fraction of
+    the `corrupted` examples (indices) whose label is now their `clean` label (N,)."""
+    is_corrupted = np.zeros(len(labels), dtype=bool)
+    is_corrupted[corrupted] = True
+    precision = float(is_corrupted[chosen].mean()) if len(chosen) else float("nan")
+    return precision, float((labels[corrupted] == clean[corrupted]).mean())
+
+
+def best_budgets(accuracy: dict[str, list[float]], budgets: list[int], random_accuracy: list[float],
+                 none_accuracy: float, otsu: dict[str, dict]) -> dict[str, dict]:
+    """Per method: the budget (one of `budgets`, or Otsu's where `otsu[method]` has an `accuracy`) with
+    the highest test accuracy, and its gains over no relabeling and over relabeling as many examples
+    at random: method -> {budget, otsu, accuracy, gain_over_none, gain_over_random}."""
+    out = {}
+    for m, accs in accuracy.items():
+        points = [(a, b, r, False) for a, b, r in zip(accs, budgets, random_accuracy)]
+        o = otsu.get(m, {})
+        if "accuracy" in o:
+            points.append((o["accuracy"], o["budget"], o["random_accuracy"], True))
+        a, b, r, is_otsu = max(points, key=lambda p: p[0])
+        out[m] = {"budget": b, "otsu": is_otsu, "accuracy": a, "gain_over_none": a - none_accuracy,
+                  "gain_over_random": a - r}
+    return out

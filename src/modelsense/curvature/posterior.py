@@ -19,10 +19,11 @@ marginal variances diag Σ, and parameter samples θ* + Σ^{1/2} ε.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from modelsense.core.functional import FunctionalModel, Params, n_rows
 from modelsense.curvature._common import check_data, data_chunks, resolve_data
@@ -267,3 +268,17 @@ def _diagonal_from_state(model, named, curv, damp, source) -> GaussianPosterior:
     mean = {n: named[n].detach().clone() for n in model.spec.names}
     prior = float(delta[0]) if bool((delta == delta[0]).all()) else delta
     return GaussianPosterior(model, DiagonalCurvature(d, "optimizer"), prior, mean=mean, source=source)
+
+
+def in_float64_on_failure(build, module: nn.Module, x: Tensor):
+    """`build(FunctionalModel(module), x)`; when that raises `torch.linalg.LinAlgError`, the same in
+    float64: `build(FunctionalModel(copy of module in float64), x in float64)`.
+
+    A float32 eigendecomposition of a KFAC factor with many (near-)repeated eigenvalues, e.g. of dead
+    ReLU units, can fail to converge; the same posterior in float64 is robust. The module itself is
+    left as it is.
+    """
+    try:
+        return build(FunctionalModel(module), x)
+    except torch.linalg.LinAlgError:
+        return build(FunctionalModel(copy.deepcopy(module).double()), x.to(torch.float64))

@@ -84,19 +84,17 @@ from modelsense.curvature.spectrum import (
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
-from modelsense.experiments.source import check_checkpoint, check_model, obtain_model
-from modelsense.models import ModelConfig, build_model_from_config
+from modelsense.curvature.sweep import curvature_data, train_and_measure
+from modelsense.experiments.source import CHECKPOINT_HELP, check_checkpoint, check_model, obtain_model
+from modelsense.models import ModelConfig
 from modelsense.models.checkpoint import save_model
 from modelsense.options import floats, ints, joined, option
 from modelsense.progress import progress_bar
 from modelsense.runs import RunDir, finished_metrics, read_json, write_json
-from modelsense.training import fit
 from modelsense.training.config import TrainConfig
 
 USE_TEST_HELP = "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality code of Maddox, Benton & Wilson 2020)"
 VECTORS_FILE = "eigenvectors"
-CHECKPOINT_HELP = ("model.pt of `modelsense train` to use instead of training one (the data, model and training "
-                   "settings then come from the run that made it; --device aside)")
 WEIGHTS_ONLY_HELP = "only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020"
 
 
@@ -138,11 +136,6 @@ def check_k(k: int, module: nn.Module, weights_only: bool) -> int:
         raise ConfigError(f"--k {k} is larger than the number of parameters the matrix acts on ({n_curv}"
                           f"{', weights only' if weights_only else ''}); pass --k <= {n_curv}")
     return n_curv
-
-
-def curvature_data(data: Dataset, use_test: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples the matrix is over: the training set, or the test set with `use_test`."""
-    return (data.x_test, data.y_test) if use_test else (data.x_train, data.y_train)
 
 
 def curvature_examples(data: Dataset, use_test: bool) -> int:
@@ -537,35 +530,6 @@ def width_result_path(root: str | Path, width: int) -> Path:
     return Path(root) / "widths" / f"width_{int(width)}.json"
 
 
-def train_and_measure(data: Dataset, train_cfg: TrainConfig, model_cfg: ModelConfig, spectrum: SpectrumConfig,
-                      weights_only: bool = False, use_test: bool = False,
-                      on_epoch=None) -> tuple[nn.Module, dict[str, Any]]:
-    """Train `model_cfg` with `train_cfg` and measure its losses and top-k spectrum (over the training
-    set, or the test set with `use_test`); returns (module, result)."""
-    module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
-    n_curv = count_params(module, weights_only)
-    start = time.perf_counter()
-    result = fit(module, data, train_cfg, progress=False, on_epoch=on_epoch)
-    train_seconds = time.perf_counter() - start
-    module = module.eval()
-    start = time.perf_counter()
-    # a model with fewer parameters than k: all its eigenvalues (the exact N_eff)
-    cfg = replace(spectrum, k=min(spectrum.k, n_curv), seed=train_cfg.seed)
-    x, y = curvature_data(data, use_test)
-    spectrum = compute_spectrum(curvature_model(module, weights_only), x, y, cfg)
-    final = result.final
-    return module, {
-        "model": asdict(model_cfg), "seed": train_cfg.seed, "n_params": count_params(module),
-        "n_params_curvature": n_curv,
-        **{k: final[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy")},
-        "test_error": 1.0 - final["test_accuracy"], "k": cfg.k, "use_test": use_test,
-        "eigenvalues": [float(v) for v in spectrum.eigenvalues],
-        "eigenvalues_converged": [bool(c) for c in spectrum.converged], "num_matvecs": spectrum.num_matvecs,
-        "history": {key: list(v) for key, v in result.history.items()},
-        "train_seconds": train_seconds, "spectrum_seconds": time.perf_counter() - start,
-    }
-
-
 @dataclass(frozen=True)
 class SweepModel:
     """One model of a sweep: where its result goes (a JSON file; the resumable state), its
@@ -927,5 +891,5 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> Sectio
 
 
 __all__ = ["BLR", "GRID", "GRID_MODELS", "PERTURB", "SPECTRUM", "SWEEP_MODELS", "WIDTH_SWEEP", "BLRSpec", "GridSpec",
-           "PerturbSpec", "SpectrumSpec", "WidthSweepSpec", "curvature_section", "describe_cost", "train_and_measure",
+           "PerturbSpec", "SpectrumSpec", "WidthSweepSpec", "curvature_section", "describe_cost",
            "width_result_path"]

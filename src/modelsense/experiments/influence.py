@@ -58,11 +58,14 @@ from modelsense.attribution.evaluation import (
     auc_ap_with_errors,
     lds_standard_error,
     linear_datamodeling_score,
+    negated_test_influence,
 )
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.source import (
+    CHECKPOINT_HELP,
+    WEIGHTS_HELP,
     Obtained,
     Recipe,
     TrainedRun,
@@ -93,10 +96,6 @@ NOISY_TRAIN = {"lr": 0.1, "epochs": 200, "bs": 64, "delta": 1.0}
 CLEAN_TRAIN = {"lr": 0.1, "epochs": 50, "bs": 64, "delta": 1.0}
 DEFAULT_NOISY_METHODS = ("gex", "loss", "grad-dot", "el2n", "randproj", "tracin-rp", "if-ekfac", "mpe")
 DEFAULT_LDS_METHODS = ("grad-dot", "randproj", "tracin", "if-ekfac", "if-kfac", "arnoldi", "trak", "gex")
-CHECKPOINT_HELP = ("model.pt of `modelsense train` to score instead of training one; the data, model and training "
-                   "recipe come from its run (options that contradict it are refused)")
-WEIGHTS_HELP = ("a state_dict of --model trained elsewhere (torch.save(model.state_dict(), path)) to score instead of "
-                "training one; the command's data and training options stand for its recipe")
 
 
 @dataclass(frozen=True)
@@ -425,12 +424,6 @@ def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
             raise ConfigError(f"--validation-size {spec.validation_size} exceeds the {data.n_test} test examples")
         prepared.config["validation_size"] = data.n_test if spec.validation_size is None else spec.validation_size
     return prepared
-
-
-def negated_test_influence(att, x_val, y_val) -> np.ndarray:
-    """−(1/V) Σ_j score(i, j) over V validation examples, (N,): minus the influence of each training
-    example on the mean validation loss (high = removing it would lower that loss: harmful)."""
-    return -att.scores(x_val, y_val).double().mean(1).numpy()
 
 
 def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:

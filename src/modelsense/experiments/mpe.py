@@ -5,6 +5,11 @@
     validation      estimated vs true softmax deviation when one example is removed (Fig. 2)
     evolving        sensitivities at several iterations of IVON training, ranked and binned (Fig. 3b/11)
     loco            leave-one-class-out: estimated vs true test NLL after retraining without a class (Fig. 3a)
+    loco-overlay    finished loco runs (e.g. an MLP's and a LeNet's) in one figure (Fig. 3a)
+
+The numbers come from `modelsense.mpe` (the estimator, its ground truth, `predictive` covariances,
+`evaluation` against the truth), the figures from `modelsense.mpe.plots`, the optimizer-state snapshots
+of `evolving` from `modelsense.training.recorder`; this module runs them.
 
 Each writes a run directory (config.json, metrics.json, arrays, figures/). The defaults run on
 `digits` in minutes on a CPU; the original's hyper-parameters (e.g. `--dataset fmnist --model lenet
@@ -23,7 +28,11 @@ Conventions and where the results differ from the original code (SEEDS.md 0.7):
     divisible by the number of bins.
   * validation/loco ground truth: the retraining engine trains all leave-out models at once, with
     shared minibatches and a control model retrained on all data (`--reference control`); the
-    original retrained one model at a time with its own shuffling and compared with θ*. The
+    original retrained one model at a time with its own shuffling and compared with θ*.
+    `validation --truth scratch` trains them from the initialisation with the training recipe instead
+    of warm-starting them.
+  * loo-l2reg: `--smooth 4` draws both curves after the original's moving average of window 4 (at the
+    geometric mean of each window's δ) and reports the smoothed best δ beside the raw one. The
     retraining must run long enough to converge: validation reports its relaxation R
     (`mpe.ground_truth.retraining_relaxation`) and warns below 3; the defaults give R ≈ 3.3.
   * `--optim-var` with `--optimizer sgd` is an error (the original silently fell back to Laplace).
@@ -31,39 +40,72 @@ Conventions and where the results differ from the original code (SEEDS.md 0.7):
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from modelsense.core.functional import FunctionalModel, Params
+from modelsense.curvature.posterior import in_float64_on_failure
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.report import Section
-from modelsense.experiments.source import TrainedRun, check_checkpoint
+from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.mpe import (LAPLACE_STRUCTURES, VARIANTS, MPEResult, MPESettings, build_posterior, group_logit_shift,
-                            group_loo_nll, mc_prediction_error, memory_perturbation, per_example_nll, softmax_deviation)
-from modelsense.mpe.ground_truth import MIN_RELAXATION, leave_out_masks, retraining_relaxation
+from modelsense.mpe import (
+    LAPLACE_STRUCTURES,
+    VARIANTS,
+    MPESettings,
+    build_posterior,
+    group_loo_nll,
+    mc_prediction_error,
+    memory_perturbation,
+    per_example_nll,
+    softmax_deviation,
+)
+from modelsense.mpe.evaluation import (
+    agreement_with_last,
+    binned_by_rank,
+    correlations,
+    default_checkpoint_iterations,
+    retrain_indices,
+    smoothed_curves,
+)
+from modelsense.mpe.ground_truth import (
+    MIN_RELAXATION,
+    leave_out_masks,
+    retraining_relaxation,
+)
+from modelsense.mpe.predictive import (
+    all_variants,
+    group_removal_nll,
+    predictive_covariances,
+)
+from modelsense.options import ints, joined, names, option
 from modelsense.progress import progress_bar
-from modelsense.options import ints, joined, option
-from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe, jobs_from, params_digest, retrain
+from modelsense.retraining.store import (
+    STORE_DIR,
+    RetrainOptions,
+    RetrainRecipe,
+    jobs_from,
+    params_digest,
+    retrain,
+)
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
 from modelsense.training.ensemble import train_ensemble
 from modelsense.training.fit import Fit, fit
+from modelsense.training.recorder import OptimizerStateRecorder, stand_in_optimizer
 
 EXPERIMENTS = ("loo-iterations", "loo-l2reg", "validation", "evolving", "loco")
 REFERENCES = ("control", "trained")
+TRUTHS = ("warm", "scratch")
 LOO_DAMPING_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 PAPER_CHECKPOINT_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 250, 300)
 
@@ -94,6 +136,10 @@ class MPEExperimentConfig:
     lr_retrain: float = option(0.01, "initial learning rate of the retraining")
     lrmin_retrain: float = option(0.0, "final learning rate of the retraining's cosine schedule")
     bs_retrain: int | None = option(None, "batch size of retraining (default: --bs)")
+    truth: str = option("warm", "validation's ground truth: warm (retrain from the trained parameters with the "
+                                "--*-retrain options, as Nickl et al. 2023) or scratch (train each leave-one-out "
+                                "model from the initialisation with the training recipe; the --*-retrain options "
+                                "are unused)")
     reference: str = option("control", "true deviation against the control model retrained on all data (control) or "
                                        "against the trained model (trained, as Nickl et al. 2023's code)")
     checkpoint_epochs: tuple[int, ...] = option(PAPER_CHECKPOINT_EPOCHS, "comma-separated epochs at which to estimate "
@@ -102,15 +148,16 @@ class MPEExperimentConfig:
     n_exp: int = option(8, "number of δ values")
     deltas_start: float = option(-1.0, "δ = logspace(start, stop, n_exp)")
     deltas_stop: float = option(3.0, "δ = logspace(start, stop, n_exp)")
+    smooth: int = option(1, "loo-l2reg: moving-average window over the δ grid for the figure and the smoothed best δ "
+                            "(Nickl et al. 2023's code: 4; 1 = none)")
     checkpoint_iterations: tuple[int, ...] = option((), "comma-separated optimizer steps (default: 10, 10%, 40%, 100% "
                                                     "of training)", parse=ints, show=joined)
     mc_samples: int = option(150, "Monte-Carlo samples of the residual")
     n_bins: int = option(100, "bins of the ranking")
     n_show: int = 16
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
-    checkpoint: str | None = option(None, "model.pt of `modelsense train` to study instead of training one (its "
-                                          "data, model and training recipe; a Laplace posterior: the optimizer "
-                                          "state is not in model.pt)")
+    checkpoint: str | None = option(None, CHECKPOINT_HELP + " (a Laplace posterior: the "
+                                          "optimizer state is not in model.pt)")
 
     def __post_init__(self) -> None:
         if self.var_version not in LAPLACE_STRUCTURES:
@@ -133,6 +180,10 @@ class MPEExperimentConfig:
         except ConfigError as exc:
             raise ConfigError(f"bad retraining option: {exc} (the retraining's lr, lrmin, epochs, bs are --lr-retrain, "
                               "--lrmin-retrain, --epochs-retrain, --bs-retrain)") from None
+        if self.truth not in TRUTHS:
+            raise ConfigError(f"--truth must be one of {', '.join(TRUTHS)}, received {self.truth!r}")
+        if not 1 <= int(self.smooth) <= int(self.n_exp):
+            raise ConfigError(f"--smooth must lie in [1, --n-exp = {self.n_exp}], received {self.smooth}")
         if self.reference not in REFERENCES:
             raise ConfigError(f"--reference must be one of {', '.join(REFERENCES)}, received {self.reference!r}")
         if self.deltas_stop < self.deltas_start:
@@ -155,6 +206,14 @@ class MPEExperimentConfig:
         return TrainConfig(optimizer="sgd", lr=self.lr_retrain, lrmin=self.lrmin_retrain, epochs=self.epochs_retrain,
                            bs=t.bs if self.bs_retrain is None else self.bs_retrain, delta=t.delta, momentum=t.momentum,
                            seed=t.seed, device=t.device, fixed_batches=t.fixed_batches, eval_every=0)
+
+    def truth_config(self, trained: TrainedRun | None = None) -> TrainConfig:
+        """The recipe of the ground-truth models: `retrain_config()` (warm), or the training recipe (scratch:
+        the checkpoint's where one is studied) without evaluations or snapshots."""
+        if self.truth == "warm":
+            return self.retrain_config()
+        recipe = self.train if trained is None else trained.recipe(self.train)
+        return replace(recipe, eval_every=0, checkpoint_epochs=(), checkpoint_iterations=())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,61 +260,6 @@ def _check_head(module: nn.Module, data: Dataset) -> None:
         )
 
 
-class OptimizerStateRecorder:
-    """Copies the optimizer state that the posteriors read (IVON: hess, ess, weight_decay; Adam:
-    exp_avg_sq) and the parameters after given optimizer steps, through torch's global optimizer
-    step hook (so `fit` needs no changes). Use as a context manager around `fit`.
-
-    `snapshots[f"iteration_{t}"]` is taken after t steps; `take(key)` snapshots on demand (e.g. in
-    `fit`'s `on_epoch`). Each snapshot: {"params": name -> tensor, "state": ..., "kind": ivon|adam|sgd}.
-    """
-
-    def __init__(self, module: nn.Module, iterations: tuple[int, ...] = ()) -> None:
-        self.names = {id(p): n for n, p in module.named_parameters()}
-        self.iterations = set(iterations)
-        self.optimizer = None
-        self.steps = 0
-        self.snapshots: dict[str, dict[str, Any]] = {}
-        self._handle = None
-
-    def __enter__(self) -> "OptimizerStateRecorder":
-        self._handle = register_optimizer_step_post_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-    def _ours(self, optimizer) -> bool:
-        return any(id(p) in self.names for g in optimizer.param_groups for p in g["params"])
-
-    def _hook(self, optimizer, args, kwargs) -> None:
-        if not self._ours(optimizer):
-            return
-        self.optimizer = optimizer
-        self.steps += 1
-        if self.steps in self.iterations:
-            self.take(f"iteration_{self.steps}")
-
-    def take(self, key: str) -> dict[str, Any]:
-        opt = self.optimizer
-        if opt is None:
-            raise ConfigError("no optimizer step was recorded yet")
-        params = {self.names[id(p)]: p.detach().clone() for g in opt.param_groups for p in g["params"]}
-        if all("hess" in g for g in opt.param_groups):
-            state = [{"hess": g["hess"].detach().clone(), "ess": g["ess"], "weight_decay": g["weight_decay"],
-                      "names": [self.names[id(p)] for p in g["params"]]} for g in opt.param_groups]
-            kind = "ivon"
-        elif all("exp_avg_sq" in opt.state.get(p, {}) for g in opt.param_groups for p in g["params"]):
-            state = {self.names[id(p)]: opt.state[p]["exp_avg_sq"].detach().clone() for g in opt.param_groups for p in g["params"]}
-            kind = "adam"
-        else:
-            state, kind = None, "sgd"
-        snap = {"params": params, "state": state, "kind": kind, "step": self.steps}
-        self.snapshots[key] = snap
-        return snap
-
-
 def _module_with(model_fn, seed: int, params: Params, device: str) -> nn.Module:
     module = model_fn(seed).to(device)
     with torch.no_grad():
@@ -264,70 +268,18 @@ def _module_with(model_fn, seed: int, params: Params, device: str) -> nn.Module:
     return module.eval()
 
 
-def _stand_in_optimizer(module: nn.Module, snapshot: dict[str, Any]):
-    """An object with the optimizer attributes the curvature posteriors read, rebuilt from a snapshot."""
-    named = dict(module.named_parameters())
-    if snapshot["kind"] == "ivon":
-        groups = [{"params": [named[n] for n in g["names"]], "hess": g["hess"], "ess": g["ess"],
-                   "weight_decay": g["weight_decay"]} for g in snapshot["state"]]
-        return SimpleNamespace(param_groups=groups, state={})
-    if snapshot["kind"] == "adam":
-        return SimpleNamespace(param_groups=[{"params": list(named.values())}],
-                               state={named[n]: {"exp_avg_sq": v} for n, v in snapshot["state"].items()})
-    raise ConfigError("--optim-var needs an IVON or Adam optimizer state")
-
-
 def posterior_at(cfg: MPEExperimentConfig, module: nn.Module, data: Dataset, optimizer=None, n_train: int | None = None):
-    """The posterior the flags select, at the module's current parameters."""
-    model = FunctionalModel(module)
+    """The posterior the flags select, at the module's current parameters (a Laplace posterior is
+    retried in float64 when float32 fails: `curvature.posterior.in_float64_on_failure`)."""
     device = next(module.parameters()).device
     if cfg.optim_var:
-        return build_posterior(cfg.train.optimizer, model, prior_precision=cfg.train.delta, optimizer=optimizer,
-                               n_train=n_train or data.n_train, chunk_size=cfg.bs_jacs)
-    try:
-        return build_posterior("laplace", model, data.x_train.to(device), data.y_train.to(device), prior_precision=cfg.train.delta,
-                               structure=cfg.var_version, chunk_size=cfg.bs_jacs)
-    except torch.linalg.LinAlgError:
-        # float32 eigh of a KFAC factor with many (near-)repeated eigenvalues, e.g. dead ReLU units,
-        # can fail to converge; the same posterior in float64 is robust
-        model = FunctionalModel(copy.deepcopy(module).double())
-        return build_posterior("laplace", model, data.x_train.to(device, torch.float64), data.y_train.to(device),
-                               prior_precision=cfg.train.delta, structure=cfg.var_version, chunk_size=cfg.bs_jacs)
-
-
-def predictive_covariances(posterior, x: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Logits at the posterior mean (n, C) and V = J Σ Jᵀ (n, C, C), on the CPU, in chunks."""
-    device = posterior.mean_flat.device
-    logits, covs = [], []
-    for start in range(0, len(x), chunk_size):
-        xb = x[start : start + chunk_size].to(device)
-        with torch.no_grad():
-            logits.append(posterior.model(posterior.mean, xb.to(posterior.mean_flat.dtype)).detach().cpu().float())
-        covs.append(posterior.predictive_covariance(xb, chunk_size=chunk_size).detach().cpu().float())
-    return torch.cat(logits), torch.cat(covs)
-
-
-def _all_variants(logits: Tensor, y: Tensor, V: Tensor, cfg: MPEExperimentConfig, error: Tensor | None = None) -> dict[str, MPEResult]:
-    out = {}
-    for v in VARIANTS:
-        damping = cfg.loo_damping if v == "loo" else 1.0
-        out[v] = memory_perturbation(logits, y, V, MPESettings(v, damping), error=error)
-    return out
-
-
-def _correlations(est: np.ndarray, true: np.ndarray) -> dict[str, float]:
-    """Pearson and Spearman between estimated and true values, and `slope`, the least-squares slope
-    of est ≈ slope · true through the origin, Σ est·true / Σ true² (1 when the estimates have the
-    right scale; a correlation cannot see a wrong scale)."""
-    est, true = np.asarray(est, dtype=float), np.asarray(true, dtype=float)
-    denom = float(true @ true)
-    slope = float(est @ true) / denom if len(true) and denom > 0 else float("nan")
-    if len(est) < 2 or np.std(est) == 0 or np.std(true) == 0:
-        return {"pearson": float("nan"), "spearman": float("nan"), "slope": slope}
-    from scipy import stats
-
-    return {"pearson": float(stats.pearsonr(est, true)[0]), "spearman": float(stats.spearmanr(est, true)[0]),
-            "slope": slope}
+        return build_posterior(cfg.train.optimizer, FunctionalModel(module), prior_precision=cfg.train.delta,
+                               optimizer=optimizer, n_train=n_train or data.n_train, chunk_size=cfg.bs_jacs)
+    y = data.y_train.to(device)
+    return in_float64_on_failure(
+        lambda model, x: build_posterior("laplace", model, x, y, prior_precision=cfg.train.delta,
+                                         structure=cfg.var_version, chunk_size=cfg.bs_jacs),
+        module, data.x_train.to(device))
 
 
 def _evolving_iterations(cfg: MPEExperimentConfig, data: Dataset) -> tuple[int, ...]:
@@ -372,17 +324,19 @@ def _train(cfg: MPEExperimentConfig, data: Dataset, progress: bool, train_cfg: T
 
 
 def _retrain_without(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, params: Params, removed: list[Tensor] | Tensor,
-                     progress: bool) -> tuple[dict[str, np.ndarray], float]:
-    """The warm-started retraining without each removed set (shared minibatches; `mpe.ground_truth`),
-    plus a control model on all data as the last row, as jobs of the ground-truth store (resumable,
-    local or Ray): (tables with train/test logits and losses, seconds)."""
-    retrain_cfg = cfg.retrain_config()
+                     progress: bool, trained: TrainedRun | None = None) -> tuple[dict[str, np.ndarray], float]:
+    """The retraining without each removed set (shared minibatches; `mpe.ground_truth`), plus a control
+    model on all data as the last row, as jobs of the ground-truth store (resumable, local or Ray):
+    warm-started from `params` with `retrain_config()`, or (`--truth scratch`) from the initialisation of
+    the training seed with the training recipe. Returns (tables with train/test logits and losses, seconds)."""
+    retrain_cfg = cfg.truth_config(trained)
     masks = torch.cat([leave_out_masks(data.n_train, removed), torch.ones(1, data.n_train, dtype=torch.bool)])
-    recipe = RetrainRecipe(cfg.data, cfg.model, retrain_cfg, batch_plan="shared", init=f"warm:{params_digest(params)}",
-                           logits=True)
+    init = f"warm:{params_digest(params)}" if cfg.truth == "warm" else "scratch"
+    recipe = RetrainRecipe(cfg.data, cfg.model, retrain_cfg,
+                           batch_plan="shared", init=init, logits=True)
     start = time.perf_counter()
     tables = retrain(recipe, jobs_from(masks.numpy(), [retrain_cfg.seed] * len(masks)), cfg.retrain, run.path,
-                     data=data, init_params=params, progress=progress, log=run.log)
+                     data=data, init_params=params if cfg.truth == "warm" else None, progress=progress, log=run.log)
     return tables, time.perf_counter() - start
 
 
@@ -402,6 +356,8 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
     metrics: `checkpoint_epochs`, `estimated_nll` and `test_nll` at them, `final_abs_gap` =
     |estimated − test| at the last checkpoint, `test_nll_per_epoch`.
     """
+    from modelsense.mpe import plots
+
     marks = sorted({e for e in cfg.checkpoint_epochs if 1 <= e <= cfg.train.epochs} | {cfg.train.epochs})
     est: dict[int, float] = {}
     est_by_variant: dict[int, dict[str, float]] = {}
@@ -413,14 +369,14 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
         module.eval()
         post = posterior_at(cfg, module, data, optimizer=recorder.optimizer, n_train=data.n_train)
         logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-        by_variant = {v: r.estimated_loo_nll for v, r in _all_variants(logits, data.y_train, V, cfg).items()}
+        by_variant = {v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, cfg.loo_damping).items()}
         est[epoch] = by_variant[cfg.mpe_variant]
         est_by_variant[epoch] = by_variant
         module.train()
         run.log(f"epoch {epoch}: estimated LOO NLL {est[epoch]:.4f}, test NLL {row['test_loss']:.4f}")
 
     start = time.perf_counter()
-    module, result, _ = _train(cfg, data, progress, train_cfg, on_epoch)
+    _, result, _ = _train(cfg, data, progress, train_cfg, on_epoch)
     hist = result.history
     test_by_epoch = dict(zip(hist["epoch"], hist["test_loss"]))
     estimated = [est[e] for e in marks]
@@ -434,7 +390,7 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
     }
     run.save_arrays("loo_iterations", epochs=np.array(hist["epoch"]), test_nll=np.array(hist["test_loss"]),
                     train_nll=np.array(hist["train_loss"]), checkpoint_epochs=np.array(marks), estimated_nll=np.array(estimated))
-    run.save_figure(plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated,
+    run.save_figure(plots.plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated,
                                         f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "loo_iterations")
     run.write_metrics(metrics)
     return metrics
@@ -448,8 +404,13 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
     All δ are trained at once by the retraining engine: model m gets uniform example weights
     s_m = δ_max/δ_m, which leave its mean minibatch loss unchanged and turn the engine's prior term
     δ_max/(2 Σ_i w_mi)‖θ‖² into δ_m/(2N)‖θ‖² (same init seed and batch order for every δ).
-    metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`.
+    metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`; with
+    `--smooth w` > 1 also both curves after a moving average of window w (`smoothed`: `deltas` the
+    geometric mean of each window's δ, `estimated_nll`, `test_nll`, `best_delta_estimated`,
+    `best_delta_test`), which the figure draws (Nickl et al. 2023's code: w = 4).
     """
+    from modelsense.mpe import plots
+
     deltas = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp)
     d_max = float(deltas.max())
     weights = torch.tensor(d_max / deltas, dtype=torch.float32).unsqueeze(1).expand(len(deltas), data.n_train).contiguous()
@@ -470,7 +431,7 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
             mcfg = replace(cfg, train=replace(cfg.train, delta=float(delta)))
             post = posterior_at(mcfg, module, data)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            by_variant = {v: r.estimated_loo_nll for v, r in _all_variants(logits, data.y_train, V, mcfg).items()}
+            by_variant = {v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, mcfg.loo_damping).items()}
             estimated.append(by_variant[cfg.mpe_variant])
             for v in VARIANTS:
                 est_by_variant[v].append(by_variant[v])
@@ -479,29 +440,32 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
     metrics = {
         "deltas": deltas.tolist(), "estimated_nll": estimated, "test_nll": test_nll, "test_accuracy": test_acc,
         "best_delta_estimated": float(deltas[int(np.argmin(estimated))]), "best_delta_test": float(deltas[int(np.argmin(test_nll))]),
-        "spearman": _correlations(np.array(estimated), np.array(test_nll))["spearman"],
+        "spearman": correlations(np.array(estimated), np.array(test_nll))["spearman"],
         "estimated_nll_by_variant": est_by_variant,
         "best_delta_estimated_by_variant": {v: float(deltas[int(np.argmin(e))]) for v, e in est_by_variant.items()},
-        "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "seconds": time.perf_counter() - start,
+        "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "smooth": cfg.smooth,
+        "seconds": time.perf_counter() - start,
     }
-    run.save_arrays("loo_l2reg", deltas=deltas, estimated_nll=np.array(estimated), test_nll=np.array(test_nll))
-    run.save_figure(plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}"), "loo_l2reg")
+    arrays = {"deltas": deltas, "estimated_nll": np.array(estimated), "test_nll": np.array(test_nll)}
+    if cfg.smooth > 1:
+        smoothed = smoothed_curves(deltas, estimated, test_nll, cfg.smooth)
+        metrics["smoothed"] = {k: v.tolist() for k, v in smoothed.items()} | {
+            "best_delta_estimated": float(smoothed["deltas"][int(np.argmin(smoothed["estimated_nll"]))]),
+            "best_delta_test": float(smoothed["deltas"][int(np.argmin(smoothed["test_nll"]))])}
+        arrays.update({f"smoothed_{k}": v for k, v in smoothed.items()})
+    run.save_arrays("loo_l2reg", **arrays)
+    run.save_figure(plots.plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}",
+                                         window=cfg.smooth), "loo_l2reg")
     run.write_metrics(metrics)
     return metrics
 
 
 # --- 3. validation: estimated vs true deviation ----------------------------------------------
-def retrain_indices(n: int, n_retrain: int) -> np.ndarray:
-    """The examples to retrain without: the first n_retrain of a permutation seeded with 1 (as the original)."""
-    order = np.arange(n)
-    np.random.RandomState(1).shuffle(order)
-    return order[: min(n_retrain, n)]
-
-
 def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
                    trained: TrainedRun | None = None) -> dict[str, Any]:
     """Estimated (MPE sensitivity) vs true softmax deviation ‖softmax(f_i^{\\i}) − softmax(f_i)‖₁ for
-    n_retrain examples, the truth from warm-started retraining without each (all at once).
+    n_retrain examples, the truth from warm-started retraining without each (all at once; `--truth
+    scratch`: each trained from the initialisation with the training recipe, `truth_config`).
 
     metrics: `pearson`, `spearman`, `slope` (least squares est ≈ slope · true through the origin: 1
     for the right scale), `n_retrain` for `--mpe-variant`, `by_variant` for all three (with
@@ -513,39 +477,44 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     small, and so is everything measured against them. Arrays: validation.npz also holds V of the
     retrained examples (`covariances`).
     """
+    from modelsense.mpe import plots
+
     start = time.perf_counter()
     module, result, _ = _train(cfg, data, progress, trained=trained)
     t_train = time.perf_counter() - start
     t0 = time.perf_counter()
     post = _final_posterior(cfg, module, result, data)
     logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-    variants = _all_variants(logits, data.y_train, V, cfg)
+    variants = all_variants(logits, data.y_train, V, cfg.loo_damping)
     t_mpe = time.perf_counter() - t0
     idx = torch.as_tensor(retrain_indices(data.n_train, cfg.n_retrain))
     params = {k: v.detach().cpu() for k, v in module.named_parameters()}
-    relaxation = retraining_relaxation(cfg.retrain_config(), data.n_train - 1)
-    if relaxation < MIN_RELAXATION:
+    truth_cfg = cfg.truth_config(trained)
+    relaxation = retraining_relaxation(truth_cfg, data.n_train - 1) if truth_cfg.optimizer == "sgd" else None
+    if relaxation is not None and relaxation < MIN_RELAXATION:
+        raise_ = "--epochs-retrain or --lr-retrain" if cfg.truth == "warm" else "--epochs or --lr"
         run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< {MIN_RELAXATION}): "
-                "the true deviations are underestimated; raise --epochs-retrain or --lr-retrain")
-    tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress)
+                f"the true deviations are underestimated; raise {raise_}")
+    tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress, trained)
     logits_all = torch.from_numpy(tables["train_logits"])
     loo_logits, control_logits = logits_all[torch.arange(len(idx)), idx], logits_all[-1, idx]
     reference = control_logits if cfg.reference == "control" else logits[idx]
     true = softmax_deviation(reference, loo_logits).numpy()
-    by_variant = {v: {**_correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
+    by_variant = {v: {**correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
                   for v, r in variants.items()}
-    by_loo_damping = {str(a): _correlations(memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a))
+    by_loo_damping = {str(a): correlations(memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a))
                                             .sensitivity.numpy(), true) for a in LOO_DAMPING_SWEEP}
     chosen = variants[cfg.mpe_variant]
     est = chosen.sensitivity[idx].numpy()
     metrics = {
-        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")}, "n_retrain": int(len(idx)),
+        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")}, "n_retrain": len(idx),
         "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name,
-        "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference,
+        "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference, "truth": cfg.truth,
         "mean_true_deviation": float(true.mean()), "mean_estimated_deviation": float(est.mean()),
         "true_loo_nll": float(per_example_nll(loo_logits, data.y_train[idx]).mean()),
         "estimated_loo_nll": by_variant[cfg.mpe_variant]["loo_nll"], "estimated_loo_nll_all": chosen.estimated_loo_nll,
-        "retrain_relaxation": relaxation, "ground_truth_converged": relaxation >= MIN_RELAXATION,
+        "retrain_relaxation": relaxation,
+        "ground_truth_converged": None if relaxation is None else relaxation >= MIN_RELAXATION,
         "mean_control_drift": float(softmax_deviation(logits[idx], control_logits).mean()), **_train_metrics(result),
         "seconds_train": t_train, "seconds_mpe": t_mpe, "seconds_retrain": t_retrain, "seconds": time.perf_counter() - start,
     }
@@ -553,20 +522,17 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=est, loo_logits=loo_logits,
                     control_logits=control_logits, logits=logits, covariances=V[idx],
                     **{f"sensitivity_{v}": r.sensitivity for v, r in variants.items()})
-    run.save_figure(plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining R = {relaxation:.1f}",
+    truth = "from scratch" if cfg.truth == "scratch" else "warm"
+    converged = "" if relaxation is None else f" R = {relaxation:.1f}"
+    run.save_figure(plots.plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}{converged}",
                                     slope=metrics["slope"], pearson=metrics["pearson"]), "validation")
     if len(data.input_shape) == 3:
-        run.save_figure(plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
+        run.save_figure(plots.plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
     run.write_metrics(metrics)
     return metrics
 
 
 # --- 4. sensitivities during IVON training ---------------------------------------------------
-def default_checkpoint_iterations(total: int) -> tuple[int, ...]:
-    """(10, 10 %, 40 %, 100 %) of the training steps, like the original's {10, 1000, 5000, 12250}."""
-    return tuple(sorted({min(10, total), max(1, round(0.1 * total)), max(1, round(0.4 * total)), total}))
-
-
 def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Sensitivities at several iterations of training (IVON in the original), with the Monte-Carlo
     residual ē_i = mean_s softmax(f̃_s) − y_i, f̃_s ~ N(f_i, diag V_i) (`--mc-samples`), ranked by the
@@ -575,11 +541,11 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
     metrics: `iterations`, `spearman_to_last` (Spearman between each checkpoint's sensitivities and
     the last one's), `top_decile_overlap_to_last`.
     """
-    from scipy import stats
+    from modelsense.mpe import plots
 
     its = _evolving_iterations(cfg, data)
     start = time.perf_counter()
-    module, result, recorder = _train(cfg, data, progress, iterations=its)
+    _, result, recorder = _train(cfg, data, progress, iterations=its)
     model_fn = _model_fn(cfg, data)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     sens = []
@@ -587,25 +553,21 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
         for it in its:
             snap = recorder.snapshots[f"iteration_{it}"]
             m = _module_with(model_fn, cfg.train.seed, snap["params"], cfg.train.device)
-            opt = _stand_in_optimizer(m, snap) if cfg.optim_var else None
+            opt = stand_in_optimizer(m, snap) if cfg.optim_var else None
             post = posterior_at(cfg, m, data, optimizer=opt)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
             err = mc_prediction_error(logits, data.y_train, V, cfg.mc_samples, diagonal=cfg.mpe_variant == "diag", generator=gen)
             sens.append(memory_perturbation(logits, data.y_train, V, cfg.settings, error=err).sensitivity.numpy())
             bar.advance(1)
     sens = np.stack(sens)  # (K, N)
-    order = np.argsort(-sens[-1], kind="stable")
-    bins = np.array_split(order, min(cfg.n_bins, data.n_train))
-    binned = np.stack([[s[b].mean() for b in bins] for s in sens])  # (K, n_bins)
-    top = order[: max(1, len(order) // 10)]
+    order, binned = binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
     metrics = {
         "iterations": list(its), "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs, "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
-        "spearman_to_last": {str(it): float(stats.spearmanr(s, sens[-1])[0]) for it, s in zip(its, sens)},
-        "top_decile_overlap_to_last": {str(it): float(len(np.intersect1d(np.argsort(-s)[: len(top)], top)) / len(top)) for it, s in zip(its, sens)},
+        **{k: dict(zip(map(str, its), v)) for k, v in agreement_with_last(sens).items()},
         **_train_metrics(result), "seconds": time.perf_counter() - start,
     }
     run.save_arrays("evolving", iterations=np.array(its), sensitivities=sens, binned=binned, order=order)
-    run.save_figure(plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving")
+    run.save_figure(plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving")
     run.write_metrics(metrics)
     return metrics
 
@@ -623,6 +585,8 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     of the removed training examples under the retrained models (`true_removed_train_nll`, what the
     estimates predict directly) with `spearman_removed`, `spearman_joint_removed`.
     """
+    from modelsense.mpe import plots
+
     start = time.perf_counter()
     module, result, _ = _train(cfg, data, progress, trained=trained)
     post = _final_posterior(cfg, module, result, data)
@@ -631,15 +595,9 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     classes = torch.arange(data.num_classes)
     present = [int(c) for c in classes if bool((data.y_train == c).any())]
     estimated = group_loo_nll(mpe.loo_nll, data.y_train, data.num_classes)[present]
-    joint = []
-    for c in present:
-        group = (data.y_train == c).nonzero().flatten()
-        like = post.mean_flat
-        shift = group_logit_shift(post.model, post.mean, post.covariance_mv, data.x_train.to(like.device, like.dtype),
-                                  mpe.error.to(like.device, like.dtype), group, chunk_size=cfg.bs_jacs).cpu().float()
-        joint.append(float(per_example_nll(logits[group] + shift, data.y_train[group]).mean()))
-    params = {k: v.detach().cpu() for k, v in module.named_parameters()}
     removed = [(data.y_train == c).nonzero().flatten() for c in present]
+    joint = group_removal_nll(post, data.x_train, logits, data.y_train, mpe.error, removed, cfg.bs_jacs)
+    params = {k: v.detach().cpu() for k, v in module.named_parameters()}
     relaxation = retraining_relaxation(cfg.retrain_config(), data.n_train - max(len(r) for r in removed))
     if relaxation < MIN_RELAXATION:
         run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
@@ -656,18 +614,19 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
         "true_test_accuracy": true_acc.tolist(), "accuracy_drop": acc_drop.tolist(),
         "control_test_nll": float(tables["test_loss"][-1].mean()), "control_test_accuracy": control_acc,
         "retrain_relaxation": relaxation, "ground_truth_converged": relaxation >= MIN_RELAXATION,
-        "spearman": _correlations(estimated.numpy(), true_nll)["spearman"],
-        "pearson": _correlations(estimated.numpy(), true_nll)["pearson"],
-        "spearman_joint": _correlations(np.array(joint), true_nll)["spearman"],
+        "spearman": correlations(estimated.numpy(), true_nll)["spearman"],
+        "pearson": correlations(estimated.numpy(), true_nll)["pearson"],
+        "spearman_joint": correlations(np.array(joint), true_nll)["spearman"],
         "true_removed_train_nll": removed_nll.tolist(),
-        "spearman_removed": _correlations(estimated.numpy(), removed_nll)["spearman"],
-        "spearman_joint_removed": _correlations(np.array(joint), removed_nll)["spearman"],
+        "spearman_removed": correlations(estimated.numpy(), removed_nll)["spearman"],
+        "spearman_joint_removed": correlations(np.array(joint), removed_nll)["spearman"],
         "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, **_train_metrics(result),
         "seconds_retrain": seconds_retrain, "seconds": time.perf_counter() - start,
     }
     run.save_arrays("loco", classes=np.array(present), estimated_nll=estimated, estimated_nll_joint=np.array(joint),
                     true_test_nll=true_nll, true_test_accuracy=true_acc)
-    run.save_figure(plot_loco(true_nll, estimated.numpy(), acc_drop, present, f"{cfg.model.name} on {data.name}"), "loco")
+    points = {"true_test_nll": true_nll, "estimated_nll": estimated.numpy(), "accuracy_drop": acc_drop, "classes": present}
+    run.save_figure(plots.plot_loco([points], f"{cfg.model.name} on {data.name}"), "loco")
     run.write_metrics(metrics)
     return metrics
 
@@ -701,6 +660,11 @@ def _check(experiment: str):
             trained = check_checkpoint(cfg.checkpoint, cfg.data, data)
         if experiment in CHECKPOINT_EXPERIMENTS:
             RetrainRecipe(cfg.data, cfg.model, cfg.retrain_config())  # the engine retrains (sgd)
+        if experiment == "validation" and cfg.truth == "scratch":
+            try:
+                RetrainRecipe(cfg.data, cfg.model, cfg.truth_config(trained))
+            except ConfigError as exc:
+                raise ConfigError(f"--truth scratch retrains with the training recipe: {exc}") from None
         return Prepared(data, {"experiment": experiment, "dataset": data.summary(), "posterior": cfg.posterior_name,
                                "source": None if trained is None else trained.summary()}, {"trained": trained})
 
@@ -741,9 +705,9 @@ CHECKPOINT_EXPERIMENTS = ("validation", "loco")
 _POSTERIOR = {"optim_var", "var_version", "bs_jacs", "mpe_variant", "loo_damping"}
 _RETRAIN = {"epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "retrain", "checkpoint"}
 #: the options of each experiment beside data / model / training (the rest are hidden)
-_OPTIONS = {"validation": _POSTERIOR | _RETRAIN | {"n_retrain", "reference"},
+_OPTIONS = {"validation": _POSTERIOR | _RETRAIN | {"n_retrain", "reference", "truth"},
             "loo-iterations": _POSTERIOR | {"checkpoint_epochs"},
-            "loo-l2reg": (_POSTERIOR - {"optim_var"}) | {"n_exp", "deltas_start", "deltas_stop"},
+            "loo-l2reg": (_POSTERIOR - {"optim_var"}) | {"n_exp", "deltas_start", "deltas_stop", "smooth"},
             "evolving": _POSTERIOR | {"checkpoint_iterations", "mc_samples", "n_bins"},
             "loco": _POSTERIOR | _RETRAIN}
 _HIDDEN_ALWAYS = {"data.corruption_ratio", "data.drop_classes", "model.width", "model.depth", "model.norm",
@@ -781,7 +745,9 @@ def _validation_summary(m: dict[str, Any]) -> str:
             f"slope {m['slope']:.3g} ({m['mpe_variant']}; mean deviation estimated {m['mean_estimated_deviation']:.4g} "
             f"vs true {m['mean_true_deviation']:.4g}, LOO NLL {m['estimated_loo_nll']:.4f} vs {m['true_loo_nll']:.4f}) "
             f"| {by}")
-    if not m["ground_truth_converged"]:
+    if m.get("truth") == "scratch":
+        line += " | ground truth retrained from scratch"
+    if m["ground_truth_converged"] is False:
         line += (f"\nwarning: the retraining relaxed the slowest directions by only R = {m['retrain_relaxation']:.2f} "
                  f"e-folds: the true deviations are underestimated; raise --epochs-retrain or --lr-retrain "
                  f"(R >= {MIN_RELAXATION:g})")
@@ -794,13 +760,16 @@ _SUMMARIES = {
                                  f"{m['test_nll'][-1]:.4f} (|gap| {m['final_abs_gap']:.4f}) at epoch "
                                  f"{m['checkpoint_epochs'][-1]}"),
     "loo-l2reg": lambda m: (f"best δ by LOO estimate {m['best_delta_estimated']:.4g}, by test NLL "
-                            f"{m['best_delta_test']:.4g}"),
+                            f"{m['best_delta_test']:.4g}" + ("" if "smoothed" not in m else
+                            f"; after a moving average of {m['smooth']}: {m['smoothed']['best_delta_estimated']:.4g}, "
+                            f"{m['smoothed']['best_delta_test']:.4g}")),
     "evolving": lambda m: "Spearman to the last checkpoint by iteration: " + "  ".join(
         f"{k}: {v:.3f}" for k, v in m["spearman_to_last"].items()),
     "loco": lambda m: (f"Spearman over classes: {m['spearman']:.3f} (per-example estimate), {m['spearman_joint']:.3f} "
                        f"(joint)"),
 }
-_RESUME_KEYS = ("data", "model", "train", "epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "n_retrain")
+_RESUME_KEYS = ("data", "model", "train", "epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "n_retrain",
+                "truth")
 
 COMMANDS = {e: Command(f"mpe {e}", spec_class(e), _check(e), _run(e), summary=_SUMMARIES[e], hide=_hidden(e),
                        keep=(STORE_DIR,) if e in CHECKPOINT_EXPERIMENTS else (),
@@ -837,123 +806,54 @@ def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
     )
 
 
-# --- figures ------------------------------------------------------------------------------------
-def plot_loo_iterations(epochs, test_nll, checkpoints, estimated, title: str = ""):
-    from modelsense.experiments.plots import plt  # the Agg backend
+# --- several loco runs in one figure -------------------------------------------------------------
+@dataclass(frozen=True)
+class LocoOverlaySpec:
+    """`modelsense mpe loco-overlay`: finished `mpe loco` runs (e.g. an MLP's and a LeNet's) in one figure,
+    as Nickl et al. 2023's Fig. 3a (their plot_loco.py --names_exp)."""
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(epochs, test_nll, color="0.6", label="test NLL")
-    ax.plot(checkpoints, estimated, "ks", label="LOO-CV estimate (MPE)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("NLL")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    runs: tuple[str, ...] = option((), "comma-separated run directories of finished `mpe loco` runs (two or more)",
+                                   parse=names, show=joined)
+    labels: tuple[str, ...] = option((), "comma-separated legend labels, one per run (default: each run's model "
+                                         "and dataset)", parse=names, show=joined)
 
 
-def _moving_average(values, window: int) -> np.ndarray:
-    v = np.asarray(values, dtype=float)
-    if window <= 1 or len(v) < window:
-        return v
-    return np.convolve(v, np.ones(window) / window, mode="valid")
+def check_loco_overlay(spec: LocoOverlaySpec) -> Prepared:
+    from modelsense.runs import read_json, require_finished
+
+    if len(spec.runs) < 2:
+        raise ConfigError(f"--runs takes two or more `mpe loco` run directories, received {len(spec.runs)}")
+    if spec.labels and len(spec.labels) != len(spec.runs):
+        raise ConfigError(f"--labels gives {len(spec.labels)} labels for {len(spec.runs)} runs; give one per run")
+    runs = []
+    for k, path in enumerate(spec.runs):
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--runs {path}: not a run directory (no config.json); pass `mpe loco --out` folders")
+        config = read_json(path / "config.json", "the config of an `mpe loco` run")
+        if config.get("command") != COMMANDS["loco"].name:
+            raise ConfigError(f"--runs {path} holds a {config.get('command')!r} run, not {COMMANDS['loco'].name!r}")
+        require_finished(path, f"--runs {path}")
+        m = read_json(path / "metrics.json", "the metrics of an `mpe loco` run")
+        label = spec.labels[k] if spec.labels else (f"{config['model']['name']} on "
+                                                    f"{config.get('dataset', {}).get('name', config['data']['name'])}")
+        runs.append({"path": str(path.resolve()), "label": label,
+                     **{key: m[key] for key in ("classes", "true_test_nll", "estimated_nll", "accuracy_drop",
+                                                "spearman", "pearson")}})
+    return Prepared(None, {"runs": [{"path": r["path"], "label": r["label"]} for r in runs]}, {"runs": runs})
 
 
-def plot_loo_l2reg(deltas, estimated, test_nll, title: str = "", window: int = 1):
-    from modelsense.experiments.plots import plt  # the Agg backend
+def run_loco_overlay(spec: LocoOverlaySpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
+    """figures/loco_overlay.png; metrics: per run its label, path, Spearman and Pearson over classes."""
+    from modelsense.mpe import plots
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    d = np.asarray(deltas)[: len(_moving_average(test_nll, window))]
-    ax.plot(d, _moving_average(test_nll, window), "-o", color="0.5", ms=3, label="test NLL")
-    ax.plot(d, _moving_average(estimated, window), "-s", color="k", ms=3, label="LOO-CV estimate (MPE)")
-    ax.axvline(d[int(np.argmin(_moving_average(test_nll, window)))], color="0.5", ls=":")
-    ax.axvline(d[int(np.argmin(_moving_average(estimated, window)))], color="k", ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("prior precision δ")
-    ax.set_ylabel("NLL")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    runs = prepared.extra["runs"]
+    run.save_figure(plots.plot_loco(runs, "leave one class out"), "loco_overlay")
+    return {"runs": [{k: r[k] for k in ("label", "path", "spearman", "pearson")} for r in runs]}
 
 
-def plot_validation(true, estimated, title: str = "", slope: float | None = None, pearson: float | None = None):
-    """Scatter of estimated vs true deviation. Each axis fits its own data (0 to 1.05 x its maximum),
-    so a wrong scale shows: the y = x line (dashed) and the fitted y = slope · x (solid) are drawn
-    across the x range and clipped at the top."""
-    from modelsense.experiments.plots import plt  # the Agg backend
+COMMANDS["loco-overlay"] = Command(
+    "mpe loco-overlay", LocoOverlaySpec, check_loco_overlay, run_loco_overlay,
+    summary=lambda m: "  ".join(f"{r['label']}: Spearman {r['spearman']:.3f}" for r in m["runs"]),
+    help="Finished `mpe loco` runs (e.g. an MLP and a LeNet) in one figure (Nickl et al. 2023, Fig. 3a).")
 
-    true, estimated = np.asarray(true, dtype=float), np.asarray(estimated, dtype=float)
-    fig, ax = plt.subplots(figsize=(4.4, 4.0))
-    ax.scatter(true, estimated, s=10, alpha=0.7, color="tab:blue", edgecolors="none")
-    x_top = float(max(np.max(true), 1e-12)) * 1.05
-    y_top = float(max(np.max(estimated), 1e-12)) * 1.05
-    ax.plot([0, x_top], [0, x_top], "k--", lw=1, label="y = x")
-    if slope is not None and np.isfinite(slope):
-        label = f"y = {slope:.3g} x (slope)" + (f", Pearson {pearson:.3f}" if pearson is not None else "")
-        ax.plot([0, x_top], [0, slope * x_top], color="tab:red", lw=1, label=label)
-    ax.set_xlim(0, x_top)
-    ax.set_ylim(0, y_top)
-    ax.set_xlabel("true deviation (retrained without i)")
-    ax.set_ylabel("estimated deviation (MPE)")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_most_sensitive(data: Dataset, mpe: MPEResult, n_show: int = 16):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    n_show = max(1, min(n_show, data.n_train))
-    top = torch.argsort(mpe.sensitivity, descending=True)[:n_show]
-    cols = min(8, n_show)
-    rows = math.ceil(n_show / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.95 * rows), squeeze=False)
-    probs = torch.softmax(mpe.logits, -1)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, top.tolist()):
-        img = data.x_train[i]
-        img = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
-        img = (img - img.min()) / (img.max() - img.min() + 1e-12)
-        ax.imshow(img.numpy(), cmap="gray_r" if img.dim() == 2 else None)
-        label = int(data.y_train[i])
-        pred = int(probs[i].argmax())
-        ax.set_title(f"y={label} ŷ={pred}\ns={float(mpe.sensitivity[i]):.2g}", fontsize=7)
-    fig.suptitle("most sensitive training examples", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_evolving(binned: np.ndarray, iterations, title: str = ""):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    x = np.arange(binned.shape[1])
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(iterations)))
-    for row, it, c in zip(binned, iterations, colors):
-        ax.plot(x, row, color=c, label=f"iteration {it}")
-    ax.set_yscale("log")
-    ax.set_xlabel("examples ranked by the last checkpoint's sensitivity (bins, most sensitive first)")
-    ax.set_ylabel("mean sensitivity in bin")
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def plot_loco(true_nll, estimated, acc_drop, classes, title: str = ""):
-    from modelsense.experiments.plots import plt  # the Agg backend
-
-    fig, ax = plt.subplots(figsize=(4.8, 4.0))
-    sizes = 10 + 1800 * np.clip(np.asarray(acc_drop), 0, None)
-    ax.scatter(true_nll, estimated, s=sizes, color="tab:red", alpha=0.6, edgecolors="k")
-    for t, e, c in zip(true_nll, estimated, classes):
-        ax.annotate(str(c), (t, e), fontsize=8, ha="center", va="center")
-    ax.set_xlabel("true test NLL after removing the class")
-    ax.set_ylabel("estimated NLL of the removed class (MPE)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig

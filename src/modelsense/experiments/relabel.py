@@ -46,13 +46,18 @@ import numpy as np
 import torch
 
 from modelsense.attribution import parse_methods
+from modelsense.attribution.selection import (
+    best_budgets,
+    otsu_threshold,
+    relabel_quality,
+    relabel_targets,
+    relabeled,
+)
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared
 from modelsense.experiments.influence import (
-    CHECKPOINT_HELP,
     NOISY_TRAIN,
-    WEIGHTS_HELP,
     MethodSettings,
     _check_self_influence,
     _fit_method,
@@ -60,6 +65,7 @@ from modelsense.experiments.influence import (
     _obtain,
     _prepare,
 )
+from modelsense.experiments.source import CHECKPOINT_HELP, WEIGHTS_HELP
 from modelsense.models import ModelConfig
 from modelsense.options import joined, names, option
 from modelsense.retraining.store import (
@@ -99,22 +105,6 @@ class RelabelSpec:
     settings: MethodSettings = field(default_factory=MethodSettings)
     checkpoint: str | None = option(None, CHECKPOINT_HELP)
     weights: str | None = option(None, WEIGHTS_HELP)
-
-
-def relabel_targets(probabilities: np.ndarray, labels: np.ndarray, target: str) -> np.ndarray:
-    """The label each example would get, (N,): the most probable class of `probabilities` (N, C)
-    (`prediction`, `out-of-fold`), or the most probable class other than its label (`other`)."""
-    p = np.array(probabilities, dtype=np.float64)
-    if target == "other":
-        p[np.arange(len(p)), np.asarray(labels)] = -np.inf
-    return p.argmax(1)
-
-
-def relabeled(labels: np.ndarray, chosen: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """`labels` with the examples `chosen` (indices) set to their `targets`."""
-    out = np.array(labels, dtype=np.int64)
-    out[chosen] = targets[chosen]
-    return out
 
 
 def check_relabel(spec: RelabelSpec) -> Prepared:
@@ -170,7 +160,6 @@ def _targets(spec: RelabelSpec, got, prepared: Prepared, progress: bool, fitted:
 def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Rank, relabel at each budget, retrain (jobs of the ground-truth store), compare (module docstring)."""
     from modelsense.attribution import plots
-    from modelsense.attribution.selection import otsu_threshold
 
     data = prepared.data
     n, budgets = data.n_train, prepared.config["budgets"]
@@ -249,42 +238,22 @@ def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bo
             b = metrics["otsu"][m]["budget"]
             metrics["otsu"][m].update(accuracy=accuracy("otsu", m, b)[0], random_accuracy=float(rand[b].mean()))
     if len(corrupted):
-        is_corrupted = np.zeros(n, dtype=bool)
-        is_corrupted[corrupted] = True
-        restored = clean.numpy()
-        for key in ("precision", "corrected"):
-            metrics[key] = {}
+        metrics["precision"], metrics["corrected"] = {}, {}
         for (what, m, b), chosen, labels in zip(labelled, chosen_sets, sets):
             if what not in ("method", "otsu"):
                 continue
-            labels = y if labels is None else labels
-            precision = float(is_corrupted[chosen].mean()) if len(chosen) else float("nan")
-            corrected = float((labels[corrupted] == restored[corrupted]).mean())
+            precision, corrected = relabel_quality(chosen, y if labels is None else labels, corrupted, clean.numpy())
             if what == "otsu":
                 metrics["otsu"][m].update(precision=precision, corrected=corrected)
             else:
                 metrics["precision"].setdefault(m, []).append(precision)
                 metrics["corrected"].setdefault(m, []).append(corrected)
-    metrics["best"] = _best(metrics, budgets)
+    metrics["best"] = best_budgets(metrics["accuracy"], budgets, metrics["random_accuracy"], metrics["none_accuracy"],
+                                   metrics["otsu"])
     run.save_arrays("relabel", **{k.replace("-", "_"): v[0] for k, v in ranks.items()}, targets=targets,
                     job_test_accuracy=acc, corrupted=corrupted)
     run.save_figure(plots.relabel_figure(metrics), "relabel")
     return metrics
-
-
-def _best(metrics: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
-    """Per method: the budget (a number or Otsu's) with the highest test accuracy, and its gains over no
-    relabeling and over relabeling as many examples at random."""
-    out = {}
-    for m, accs in metrics["accuracy"].items():
-        points = [(a, b, r, False) for a, b, r in zip(accs, budgets, metrics["random_accuracy"])]
-        o = metrics["otsu"].get(m, {})
-        if "accuracy" in o:
-            points.append((o["accuracy"], o["budget"], o["random_accuracy"], True))
-        a, b, r, is_otsu = max(points, key=lambda p: p[0])
-        out[m] = {"budget": b, "otsu": is_otsu, "accuracy": a, "gain_over_none": a - metrics["none_accuracy"],
-                  "gain_over_random": a - r}
-    return out
 
 
 def _summary(m: dict[str, Any]) -> Any:

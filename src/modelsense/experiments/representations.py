@@ -20,7 +20,8 @@ Run directories:
              With --repeats R > 1 (R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1, as
              the --retrain_repeats of Godfrey et al. 2022): clean_accuracy, stitched_accuracy, penalty and
              mean_penalty are means over the pairs, with penalty_std, stitched_accuracy_std,
-             mean_penalty_std (sd over pairs, ddof 1), pairs, clean_accuracy_by_pair, penalty_by_pair;
+             mean_penalty_std (sd over pairs, ddof 1), penalty_se and mean_penalty_se (standard errors of
+             the means, sd / sqrt(R)), pairs, clean_accuracy_by_pair, penalty_by_pair;
              final_loss, extra, layer_seconds, model_a, model_b become lists over the pairs, and the
              layers of stitching_layers.pt are keyed pair<r>/<kind>/<layer>.
 """
@@ -300,7 +301,7 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
     """The stitching sweep over the layers and kinds, for one pair (A, B) or `repeats` random zoo pairs;
     metrics per kind, a list over the layers (the mean over the pairs, and their standard deviation)."""
     from modelsense.representations import plots
-    from modelsense.representations.stitch_sweep import stitching_sweep
+    from modelsense.representations.stitch_sweep import over_pairs, stitching_sweep
 
     data, configs, pairs = prepared.data, prepared.extra["configs"], prepared.extra["pairs"]
     if pairs is None:
@@ -347,8 +348,10 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
     if several:
         metrics.update(
             repeats=len(sweeps), pairs=[[a.seed, b.seed] for a, b in members], clean_accuracy_by_pair=clean.tolist(),
-            penalty_std=per_kind(std(penalty)), stitched_accuracy_std=per_kind(std(accuracy)),
+            penalty_std=per_kind(std(penalty)), penalty_se=per_kind(over_pairs(penalty)[2]),
+            stitched_accuracy_std=per_kind(std(accuracy)),
             mean_penalty_std={k: float(penalty[:, i].mean(-1).std(ddof=1)) for i, k in enumerate(kinds)},
+            mean_penalty_se={k: float(over_pairs(penalty[:, i].mean(-1))[2]) for i, k in enumerate(kinds)},
             penalty_by_pair={k: penalty[:, i].tolist() for i, k in enumerate(kinds)},
             final_loss=[sw.final_loss for sw in sweeps], extra=[sw.extra for sw in sweeps],
             layer_seconds=[sw.seconds for sw in sweeps], model_a=[a.source for a, _ in members],
@@ -365,9 +368,10 @@ def stitch_summary(m: dict[str, Any]) -> str:
     if "repeats" in m:
         lines = [(f"{m['repeats']} random pairs {m['pairs']}: clean accuracy A {m['clean_accuracy'][0]:.4f}  B "
                   f"{m['clean_accuracy'][1]:.4f} (means)")]
-        lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}±{sd:.4f}" for layer, p, sd in
-                                                 zip(m["layers"], m["penalty"][k], m["penalty_std"][k]))
+        lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}±{sd:.4f} (se {se:.4f})" for layer, p, sd, se in
+                                                 zip(m["layers"], m["penalty"][k], m["penalty_std"][k], m["penalty_se"][k]))
                   for k in m["kinds"]]
+        lines.append("± the standard deviation over the pairs; se: the standard error of the mean penalty (sd / √R)")
         return "\n".join(lines)
     lines = [f"clean accuracy A {m['clean_accuracy'][0]:.4f}  B {m['clean_accuracy'][1]:.4f}"]
     lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}" for layer, p in zip(m["layers"], m["penalty"][k]))

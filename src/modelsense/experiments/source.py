@@ -26,6 +26,13 @@ from modelsense.training.config import TrainConfig
 from modelsense.training.fit import Fit, evaluate, fit
 
 
+#: the help of every command's --checkpoint and --weights (the commands that train a model otherwise)
+CHECKPOINT_HELP = ("model.pt of `modelsense train` to study instead of training one; the data, model and training "
+                   "recipe come from its run (options that contradict it are refused; --device aside)")
+WEIGHTS_HELP = ("a state_dict of --model trained elsewhere (torch.save(model.state_dict(), path)) to study instead of "
+                "training one; the command's data and training options stand for its recipe")
+
+
 def check_checkpoint_data(info: dict[str, Any], data: Dataset, source: str,
                           fix: str = "pass the dataset the model was trained on") -> None:
     """Raise ConfigError unless the checkpoint `info` (of `load_model`) was trained on `data`: the same

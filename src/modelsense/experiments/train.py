@@ -54,7 +54,7 @@ def check_train(spec: TrainSpec) -> Prepared:
 
 def run_train(spec: TrainSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Train; write model.pt (and checkpoint_<key>.pt snapshots), history.npz, the learning curves."""
-    from modelsense.experiments import plots
+    from modelsense.training import plots
 
     data = prepared.data
     run.log(f"training {spec.model.name} on {data.name}")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import Tensor, nn
 
 from modelsense.errors import ConfigError
@@ -116,10 +117,20 @@ def stitching_sweep(
     return sweep
 
 
+def over_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, standard deviation (ddof 1), standard error of the mean sd / sqrt(R)) over the first axis
+    of `values` (R, ...): R repeats, e.g. random model pairs, R >= 2."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        raise ConfigError(f"a standard deviation over repeats needs at least 2, received {len(values)}")
+    sd = values.std(0, ddof=1)
+    return values.mean(0), sd, sd / np.sqrt(len(values))
+
+
 def _row_entropy(w: Tensor) -> float:
     """Mean entropy (nats) of the rows of a nonnegative matrix (0 for a permutation)."""
     p = w.clamp_min(0) / w.clamp_min(0).sum(1, keepdim=True).clamp_min(1e-12)
     return float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
 
 
-__all__ = ["StitchSweep", "stitch_kinds", "stitching_sweep"]
+__all__ = ["StitchSweep", "over_pairs", "stitch_kinds", "stitching_sweep"]

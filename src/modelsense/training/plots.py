@@ -1,12 +1,12 @@
-"""Figures shared by the experiments (matplotlib, Agg backend; arrays in, Figure out)."""
+"""Figures of training (matplotlib, Agg backend; arrays in, Figure out)."""
 
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def learning_curves(history: dict[str, list[float]], title: str = "") -> Figure:
