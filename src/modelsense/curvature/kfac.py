@@ -51,13 +51,12 @@ from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params
 from modelsense.curvature._common import DataOperator, as_matrix, check_choice, check_damping
-from modelsense.curvature.kfac_layers import (  # find_layers: imported from here by callers
+from modelsense.curvature.kfac_layers import (
     FALLBACKS,
     KFAC_APPROXIMATIONS,
     Block,
     FallbackBlock,
     KroneckerLayer,
-    find_layers,
     fallback_square_sums,
     hooked_norms,
     layer_backward_passes,
