@@ -30,7 +30,17 @@ import math
 import sys
 
 import torch
-from _common import add_device_arg, check_bench_device, machine, median, peak_rss_mb, timed
+from _common import (
+    add_device_arg,
+    bmm_limit,
+    check_bench_device,
+    machine,
+    median,
+    mlp_dims,
+    peak_rss_mb,
+    step_flops,
+    timed,
+)
 
 from modelsense.data import load_dataset
 from modelsense.data.dataset import Dataset
@@ -40,49 +50,12 @@ from modelsense.training.ensemble import train_ensemble
 from modelsense.training.fit import fit
 
 
-def mlp_dims(data: Dataset, widths: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(d_in, d_out) of each Linear layer of the MLP."""
-    sizes = [math.prod(data.input_shape), *widths, data.num_classes]
-    return list(zip(sizes[:-1], sizes[1:]))
-
-
-def step_flops(dims: list[tuple[int, int]], n_models: int, bs: int) -> int:
-    """Matmul FLOPs of one forward + backward step of M models at batch size bs: forward and weight
-    gradient in every layer, input gradient in every layer but the first."""
-    per_example = sum(2 * a * b * (3 if layer else 2) for layer, (a, b) in enumerate(dims))
-    return per_example * bs * n_models
-
-
-def bmm_limit(dims: list[tuple[int, int]], n_models: int, bs: int, steps: int, device: str) -> float:
-    """Seconds for `steps` steps of the engine's matmuls issued as batched matmuls over the M models."""
-    g = torch.Generator(device=device).manual_seed(0)
-    kw = {"device": device, "generator": g}
-    ws = [torch.randn(n_models, b, a, **kw) for a, b in dims]
-    bias = [torch.randn(n_models, 1, b, **kw) for _, b in dims]
-    hs = [torch.randn(n_models, bs, a, **kw) for a, _ in dims]  # layer inputs
-    outs = [torch.empty(n_models, bs, b, device=device) for _, b in dims]
-    grads_out = [torch.randn(n_models, bs, b, **kw) for _, b in dims]
-    grads_w = [torch.empty(n_models, b, a, device=device) for a, b in dims]
-    grads_in = [torch.empty(n_models, bs, a, device=device) for a, _ in dims]
-
-    def run() -> None:
-        for _ in range(steps):
-            for layer in range(len(dims)):  # forward
-                torch.baddbmm(bias[layer], hs[layer], ws[layer].transpose(1, 2), out=outs[layer])
-            for layer in reversed(range(len(dims))):  # backward
-                torch.bmm(grads_out[layer].transpose(1, 2), hs[layer], out=grads_w[layer])
-                if layer:
-                    torch.bmm(grads_out[layer], ws[layer], out=grads_in[layer])
-
-    return timed(run, device)[0]
-
-
 def setting(name: str, data: Dataset, widths: tuple[int, ...], n_models: int, bs: int, epochs: int, repeats: int,
             device: str, loop_models: int) -> dict:
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(n_models, data.n_train, generator=g) < 0.7
     cfg = TrainConfig(lr=0.05, epochs=epochs, bs=bs, eval_every=0, device=device)
-    dims = mlp_dims(data, widths)
+    dims = mlp_dims(data.input_shape, data.num_classes, widths)
     steps = epochs * max(math.ceil(int(k) / bs) for k in masks.sum(1))  # the engine's steps (all models in each)
     flops = step_flops(dims, n_models, bs) * steps
 
