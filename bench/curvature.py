@@ -22,12 +22,12 @@ import time
 
 import numpy as np
 import torch
+from _common import peak_rss_mb
 from sklearn.datasets import load_digits
 from torch import nn
 
 from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import Curvature, build_curvature, hutchinson_trace, hutchpp_trace, laplace
-
 
 CPU_SECONDS: dict[str, float] = {}  # process CPU time of the last `timed` call per label
 
@@ -127,6 +127,7 @@ def main() -> None:
         if f"laplace_{structure}" in c:
             cpu_ratios[f"laplace_{structure}_fit_predictive"] = c[f"laplace_{structure}"] / sum(c[k] for k in ours_keys)
     res["cpu_ratios"] = cpu_ratios
+    res["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
 
 

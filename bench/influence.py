@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import peak_rss_mb
 from torch import nn
 
 from modelsense.attribution import make_attributor
+from modelsense.attribution.evaluation import linear_datamodeling_score
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import DataConfig, load_dataset_from_config
-from modelsense.attribution.evaluation import linear_datamodeling_score
 from modelsense.experiments.influence import lds_ground_truth, method_context
 from modelsense.experiments.source import obtain_model
 from modelsense.models import ModelConfig
@@ -300,7 +301,8 @@ def main() -> None:
                 ratios[f"{n}/fastest_peer"] = seconds[n] / fastest_peer
     summary = {"dataset": args.dataset, "widths": args.widths, "n_params": n_params, "n_train": data.n_train,
                "n_test": n_test, "threads": args.threads, "n_models_lds": args.n_models, "seconds": seconds,
-               "cpu_seconds": {k: CPU[k] for k in seconds}, "lds": lds, "ratios": ratios, "errors": errors}
+               "cpu_seconds": {k: CPU[k] for k in seconds}, "lds": lds, "ratios": ratios, "errors": errors,
+               "peak_rss_mb": peak_rss_mb()}
     (out / f"summary_{args.dataset}_{args.widths.replace(',', '-')}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
 

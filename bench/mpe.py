@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from _common import peak_rss_mb
 
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import load_dataset
@@ -153,6 +154,7 @@ def main(n_retrain: int = 200, loop_models: int = 20) -> dict:
     log(f"ground truth for {n_retrain}: engine {t_engine:.1f}s ({cpu_engine:.1f}s CPU), loop {t_loop_all:.1f}s "
         f"({cpu_loop:.1f}s CPU) (extrapolated from {loop_models})")
     report["speedup_vs_laplace_torch"] = speedups or "laplace-torch not installed; see jacobian baseline"
+    report["peak_rss_mb"] = peak_rss_mb()
     return report
 
 

@@ -27,6 +27,7 @@ import time
 import warnings
 
 import torch
+from _common import peak_rss_mb
 
 from modelsense.representations import linear_cka, relu_kernel, unbiased_cka
 
@@ -161,6 +162,7 @@ def main() -> None:
                 "linear_cka_float32_gram_abs_diff": abs(v_lin - v_lin_b32),
                 "unbiased_cka_abs_diff": abs(v_unb - v_ref),
                 "relu_kernel_max_abs_diff": err_rk,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     )
