@@ -19,7 +19,9 @@ to agree (max |logit difference| on a held-out set).
 Last line: a JSON object with, per setting, `engine_gflops`, `bmm_limit_gflops`,
 `engine_over_bmm_limit`, `speedup_vs_loop`, the median seconds of each arm, and `peak_rss_mb`.
 
-Run: PYTHONPATH=src python bench/ensemble.py [--device cuda] [--repeats 3] [--settings digits,mnist]
+Run: PYTHONPATH=src python bench/ensemble.py [--device cuda] [--repeats 3] [--settings digits,mnist] [--threads 1]
+On a shared machine whose load exceeds its cores, compare at --threads 1: with 2 threads under a load of
+~10 on 2 cores every arm ran 2-15x slower (BLAS threads waiting for descheduled peers), the loop most.
 """
 
 from __future__ import annotations
