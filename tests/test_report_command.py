@@ -149,7 +149,7 @@ def test_cli_report(runs, tmp_path):
 
 
 def test_learning_curves_compared_is_a_library_function():
-    from modelsense.experiments.plots import learning_curves_compared
+    from modelsense.training.plots import learning_curves_compared
 
     history = {"epoch": [1, 2, 3], "test_loss": [1.0, 0.5, 0.4], "test_accuracy": [0.5, 0.7, 0.8]}
     fig = learning_curves_compared({"a": history, "b": {**history, "test_loss": list(np.array([2.0, 1.0, 0.9]))}})

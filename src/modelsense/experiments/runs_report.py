@@ -57,7 +57,7 @@ class StoredRun:
 
 # -- re-renderers: (stored run) -> [(figure name, Figure)], from arrays and metrics only ---------------
 def _train(run: StoredRun) -> list[tuple[str, Any]]:
-    from modelsense.experiments import plots
+    from modelsense.training import plots
 
     if not run.has("history.npz"):
         return []
@@ -124,7 +124,7 @@ def _compare(run: StoredRun) -> list[tuple[str, Any]]:
 
 
 def _mpe_validation(run: StoredRun) -> list[tuple[str, Any]]:
-    from modelsense.experiments.mpe import plot_validation
+    from modelsense.mpe.plots import plot_validation
 
     if not run.has("validation.npz"):
         return []
@@ -136,7 +136,7 @@ def _mpe_validation(run: StoredRun) -> list[tuple[str, Any]]:
 
 
 def _mpe_l2reg(run: StoredRun) -> list[tuple[str, Any]]:
-    from modelsense.experiments.mpe import plot_loo_l2reg
+    from modelsense.mpe.plots import plot_loo_l2reg
 
     if not run.has("loo_l2reg.npz"):
         return []
@@ -238,7 +238,7 @@ def side_by_side(runs: list[StoredRun]) -> list[list[Any]]:
 
 def run_report(spec: ReportSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Draw each run's figures again (or take the ones it wrote), then write report.html."""
-    from modelsense.experiments import plots
+    from modelsense.training import plots
     from modelsense.experiments.report import Section, write_report
 
     runs: list[StoredRun] = prepared.extra["runs"]
