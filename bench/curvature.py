@@ -28,7 +28,6 @@ from torch import nn
 from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import Curvature, build_curvature, hutchinson_trace, hutchpp_trace, laplace
 
-
 CPU_SECONDS: dict[str, float] = {}  # process CPU time of the last `timed` call per label
 
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelsense.attribution import make_attributor
+from modelsense.attribution.evaluation import linear_datamodeling_score
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import DataConfig, load_dataset_from_config
-from modelsense.attribution.evaluation import linear_datamodeling_score
 from modelsense.experiments.influence import lds_ground_truth, method_context
 from modelsense.experiments.source import obtain_model
 from modelsense.models import ModelConfig

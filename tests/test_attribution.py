@@ -109,7 +109,7 @@ def test_a_setting_no_asked_method_takes_is_refused_naming_the_methods_that_take
     assert make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "gex"]).name == "grad-dot"
     # ... refused where none of them does, and a misspelt setting is refused even without the list
     with pytest.raises(ConfigError, match=r"not taken by the methods asked for \(grad-dot, loss\) \('num_ens' is a setting "
-                                          "of gex, tracinrp-fge, la-kfac\)"):
+                                          r"of gex, tracinrp-fge, la-kfac\)"):
         make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "loss"])
     with pytest.raises(ConfigError, match="'num_ensembles' is a setting of no method"):
         make_attributor("gex", {"num_ensembles": 3}, strict=False)

@@ -13,7 +13,6 @@ state loads with the Dataset of the tensors it was fitted on.
 
 import pytest
 import torch
-from test_attribution_contract import MODEL, XT, YT, X, Y, build
 from torch import nn
 from torch.utils.data import (
     BatchSampler,
@@ -34,6 +33,7 @@ from modelsense.core.functional import FunctionalModel
 from modelsense.curvature.operators import build_curvature
 from modelsense.data.stream import BatchAdapter, as_examples
 from modelsense.errors import DataError
+from test_attribution_contract import MODEL, XT, YT, X, Y, build
 
 METHODS = method_names()
 

@@ -3,7 +3,7 @@
 import torch
 
 from modelsense.core.functional import FunctionalModel
-from modelsense.curvature import (SpectrumConfig, compute_spectrum, dense_hessian, effective_dimension, laplace)
+from modelsense.curvature import SpectrumConfig, compute_spectrum, dense_hessian, effective_dimension, laplace
 from modelsense.data import load_dataset
 from modelsense.models import build_model
 from modelsense.progress import set_quiet

@@ -69,8 +69,15 @@ import torch
 from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
-from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
-from modelsense.core.functional import input_tensors, map_inputs, take_rows
+from modelsense.core.functional import (  # noqa: F401
+    FunctionalModel,
+    Params,
+    chunks,
+    flat_per_example_grads,
+    input_tensors,
+    map_inputs,
+    take_rows,
+)
 from modelsense.data.stream import BatchAdapter, Rows, as_examples
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
@@ -269,7 +276,7 @@ class Attributor:
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, model: FunctionalModel | nn.Module, data: Any, y: Tensor | None = None, *,
-            adapter: BatchAdapter | None = None) -> "Attributor":
+            adapter: BatchAdapter | None = None) -> Attributor:
         """Prepare the method for the trained `model` and its training data: `fit(model, x, y)` with
         tensors (N, ...), (N,), or `fit(model, data)` with an (x, y) pair, a map-style `Dataset` or a
         `DataLoader` (shuffle=False), items found by `adapter` (see `modelsense.data.stream`)."""

@@ -37,7 +37,7 @@ class LinearFactors:
     inputs: list[Tensor]
     grads: list[Tensor]
 
-    def rows(self, s: slice) -> "LinearFactors":
+    def rows(self, s: slice) -> LinearFactors:
         return LinearFactors([a[s] for a in self.inputs], [d[s] for d in self.grads])
 
 

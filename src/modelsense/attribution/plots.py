@@ -9,9 +9,10 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+from typing import Any  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from typing import Any  # noqa: E402
 
 from modelsense.attribution.evaluation import detection_curve  # noqa: E402
 

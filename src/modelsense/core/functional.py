@@ -42,7 +42,7 @@ class ParamSpec:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def of(cls, params: Params) -> "ParamSpec":
+    def of(cls, params: Params) -> ParamSpec:
         return cls(tuple(params), tuple(p.shape for p in params.values()))
 
     @property

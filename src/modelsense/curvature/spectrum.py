@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from modelsense.core.functional import FunctionalModel, Params
+from modelsense.curvature._common import resolve_data
 from modelsense.curvature.effdim import effective_dimension
 from modelsense.curvature.lanczos import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
-from modelsense.curvature._common import resolve_data
 from modelsense.curvature.operators import MATRICES, REDUCTIONS, CurvatureConfig, build_curvature
 from modelsense.errors import ConfigError
 from modelsense.options import floats, joined, option

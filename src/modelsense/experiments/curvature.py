@@ -81,10 +81,10 @@ from modelsense.curvature.spectrum import (
     module_spectra,
     resolve_s,
 )
+from modelsense.curvature.sweep import curvature_data, train_and_measure
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
-from modelsense.curvature.sweep import curvature_data, train_and_measure
 from modelsense.experiments.source import CHECKPOINT_HELP, check_checkpoint, check_model, obtain_model
 from modelsense.models import ModelConfig
 from modelsense.models.checkpoint import save_model

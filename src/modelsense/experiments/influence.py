@@ -75,7 +75,7 @@ from modelsense.experiments.source import (
     obtain_model,
 )
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.options import joined, names, ints, option
+from modelsense.options import ints, joined, names, option
 from modelsense.retraining.store import (
     STORE_DIR,
     RetrainOptions,
@@ -491,7 +491,6 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     """Remove the k lowest (or highest) self-influence examples, retrain (jobs of the ground-truth
     store: `--resume` continues an interrupted retraining), compare with random removal."""
     from modelsense.attribution import plots
-
     from modelsense.attribution.selection import pruning_set
 
     data, ks = prepared.data, prepared.config["ks"]

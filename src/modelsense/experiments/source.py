@@ -25,7 +25,6 @@ from modelsense.runs import RunDir, read_json
 from modelsense.training.config import TrainConfig
 from modelsense.training.fit import Fit, evaluate, fit
 
-
 #: the help of every command's --checkpoint and --weights (the commands that train a model otherwise)
 CHECKPOINT_HELP = ("model.pt of `modelsense train` to study instead of training one; the data, model and training "
                    "recipe come from its run (options that contradict it are refused; --device aside)")

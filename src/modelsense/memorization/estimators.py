@@ -46,8 +46,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from modelsense.retraining.store import subset_size  # the farm's sampling, defined once
 from modelsense.errors import ConfigError, DataError
+from modelsense.retraining.store import subset_size  # the farm's sampling, defined once
 
 # Selection thresholds. SEEDS.md section 3.1 attributes them to Feldman & Zhang (2020): memorized
 # training examples mem >= 0.25, high-influence train/test pairs infl >= 0.15. We could not check

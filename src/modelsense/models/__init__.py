@@ -45,8 +45,6 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError, shown
-from modelsense.user import call, is_reference, load_callable
-from modelsense.options import ints, joined, option
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
 from modelsense.models.deepobs import DeepOBS3c3d
@@ -66,6 +64,8 @@ from modelsense.models.resnet import ResNet, resnet18_v1, resnet20
 from modelsense.models.resnet20_frn import ResNet20FRN
 from modelsense.models.vgg import VGG
 from modelsense.models.vit import ViT
+from modelsense.options import ints, joined, option
+from modelsense.user import call, is_reference, load_callable
 
 __all__ = [
     "ACTIVATIONS",

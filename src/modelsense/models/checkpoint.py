@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError
-from modelsense.runs import require_finished, torch_save
-
 from modelsense.models import ModelConfig, build_model_from_config
+from modelsense.runs import require_finished, torch_save
 
 REQUIRED_KEYS = ("state_dict", "model", "input_shape", "num_classes")
 

@@ -47,8 +47,8 @@ from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, chunks, n_rows
 from modelsense.core.likelihood import LIKELIHOODS, Categorical, Likelihood, likelihood_for
-from modelsense.errors import ConfigError, DataError
 from modelsense.data.stream import is_stream
+from modelsense.errors import ConfigError, DataError
 
 VARIANTS = ("diag", "full", "loo")
 
@@ -113,7 +113,7 @@ class MPEResult:
         return float(self.loo_nll.mean())
 
     @staticmethod
-    def concat(parts: list["MPEResult"]) -> "MPEResult":
+    def concat(parts: list[MPEResult]) -> MPEResult:
         return MPEResult(*(torch.cat([getattr(p, k) for p in parts]) for k in MPEResult.__dataclass_fields__))
 
 

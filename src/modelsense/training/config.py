@@ -48,7 +48,7 @@ from torch import Tensor
 
 from modelsense.core.device import check_device
 from modelsense.errors import ConfigError
-from modelsense.options import joined, ints, option
+from modelsense.options import ints, joined, option
 from modelsense.training.objective import check_loss
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon")

@@ -81,7 +81,7 @@ class EnsembleResult:
     params: Params | None = None
 
     @staticmethod
-    def concat(parts: Sequence["EnsembleResult"]) -> "EnsembleResult":
+    def concat(parts: Sequence[EnsembleResult]) -> EnsembleResult:
         """Join the results of consecutive chunks of models along the model axis."""
         out = EnsembleResult(torch.cat([p.seeds for p in parts]))
         for q in parts[0].outputs:
