@@ -271,7 +271,9 @@ class Attributor:
 
     def __repr__(self) -> str:
         scalar = (int, float, str, bool, type(None))
-        shown_ = ", ".join(f"{k}={shown(v) if isinstance(v, scalar) else type(v).__name__}" for k, v in self.settings().items())
+        shown_ = ", ".join(
+            f"{k}={shown(v) if isinstance(v, scalar) else type(v).__name__}" for k, v in self.settings().items()
+        )
         return f"{type(self).__name__}({shown_})"
 
     # -- fitting ------------------------------------------------------------------------------
@@ -375,7 +377,13 @@ class Attributor:
         reference = None
         if fitted:
             ref = self.x_train_
-            reference = tuple(ref.shape[1:]) if isinstance(ref, Tensor) else ref.example_shape if isinstance(ref, Rows) else None
+            reference = (
+                tuple(ref.shape[1:])
+                if isinstance(ref, Tensor)
+                else ref.example_shape
+                if isinstance(ref, Rows)
+                else None
+            )
         if isinstance(x, Tensor) and reference is not None and tuple(x.shape[1:]) != reference:
             raise DataError(
                 f"{what} data: examples of shape {tuple(x.shape[1:])} but the model was fitted on examples of shape "
@@ -490,7 +498,12 @@ class Attributor:
 
     def _per_example_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([self.model_.per_example_loss(params, take_rows(x, s), y[s]) for s in chunks(len(y), 4 * self.chunk_size_)])
+            return torch.cat(
+                [
+                    self.model_.per_example_loss(params, take_rows(x, s), y[s])
+                    for s in chunks(len(y), 4 * self.chunk_size_)
+                ]
+            )
 
     def _allocate(self, shape: tuple[int, int], dtype: torch.dtype, out) -> Tensor:
         """The result matrix: in memory, or backed by a memory-mapped .npy file."""
@@ -591,7 +604,9 @@ class FeatureAttributor(Attributor):
         comp_bytes = max(f.shape[1] for f in probe) * probe[0].element_size()
         train_blocks = list(chunks(n, self._block_rows(row_bytes)))
         if row_bytes * n > quarter and comp_bytes * m <= quarter:
-            with progress_bar(len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
+            with progress_bar(
+                len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress
+            ) as bar:
                 for c in range(len(probe)):
                     B = torch.cat([self._test_component(x_test[cols], y_test[cols], c)
                                    for cols in chunks(m, self._block_rows(comp_bytes))])
@@ -608,7 +623,9 @@ class FeatureAttributor(Attributor):
         cache: dict[int, list[Tensor]] | None = {} if row_bytes * n <= quarter else None
         test_rows = max(1, min(self.compute.block_size, quarter // max(row_bytes, 1)))
         test_blocks = list(chunks(m, test_rows))
-        with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
+        with progress_bar(
+            len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress
+        ) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 for k, rows in enumerate(train_blocks):
@@ -783,9 +800,11 @@ def make_attributor(name: str, settings: Mapping[str, Any] | None = None, strict
         if orphans:
             asked = "any method" if shared_with is None else f"the methods asked for ({', '.join(pool)})"
             listed = "; ".join(f"{k!r} is {_takers(k)}" for k in orphans)
-            raise ConfigError(f"{'setting' if len(orphans) == 1 else 'settings'} {', '.join(map(repr, orphans))} would be unused: "
-                              f"not taken by {asked} ({listed}); drop {'it' if len(orphans) == 1 else 'them'} "
-                              "or ask for a method that takes it")
+            raise ConfigError(
+                f"{'setting' if len(orphans) == 1 else 'settings'} {', '.join(map(repr, orphans))} would be unused: "
+                f"not taken by {asked} ({listed}); drop {'it' if len(orphans) == 1 else 'them'} "
+                "or ask for a method that takes it"
+            )
     compute = given.get("compute")
     if compute is not None and not isinstance(compute, ComputeOptions):
         raise ConfigError(f"compute must be a ComputeOptions, received {type(compute).__name__}")

@@ -86,7 +86,11 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
         for k in range(len(layers)):
             a, d = records[k][0][0], outs[k]
             inputs[k].append(a)
-            grads[k].append(torch.zeros(a.shape[0], layers[k].module.out_features, dtype=a.dtype, device=a.device) if d is None else d.detach())
+            grads[k].append(
+                torch.zeros(a.shape[0], layers[k].module.out_features, dtype=a.dtype, device=a.device)
+                if d is None
+                else d.detach()
+            )
     return LinearFactors([torch.cat(a) for a in inputs], [torch.cat(d) for d in grads])
 
 

@@ -84,7 +84,14 @@ def lds_figure(metrics: dict[str, Any]):
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 1.5), 3.6))
     ax.bar(names, [metrics["lds"][n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
-        ax.text(i, metrics["lds"][n], f"{metrics['lds'][n]:.3f}\n{metrics['seconds'][n]:.1f}s", ha="center", va="bottom", fontsize=7)
+        ax.text(
+            i,
+            metrics["lds"][n],
+            f"{metrics['lds'][n]:.3f}\n{metrics['seconds'][n]:.1f}s",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_ylabel(f"LDS (α = {metrics['alpha']}, {metrics['n_models']} models)")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()

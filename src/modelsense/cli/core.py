@@ -45,8 +45,19 @@ add_command(app, TRAIN)
 
 
 @app.command()
-def demo(out: o.Out = Path("demo_out"), resume: o.Resume = False, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
-         sections: Annotated[str, typer.Option("--sections", help="comma-separated subset of the sections (default: all); report.html keeps the other sections an earlier demo wrote into --out")] = "") -> None:
+def demo(
+    out: o.Out = Path("demo_out"),
+    resume: o.Resume = False,
+    overwrite: o.Overwrite = False,
+    quiet: o.Quiet = False,
+    sections: Annotated[
+        str,
+        typer.Option(
+            "--sections",
+            help="comma-separated subset of the sections (default: all); report.html keeps the other sections an earlier demo wrote into --out",
+        ),
+    ] = "",
+) -> None:
     """The main job: a short tour on digits that writes OUT/report.html (--resume reuses finished sections)."""
     from modelsense.experiments.demo import run_demo
 

@@ -101,7 +101,11 @@ class KroneckerLayer:
         """Flat positions of the (d_out, d_in) grid [W | b] in row-major order, shape (d_out·d_in,)
         (an Embedding's grid is weightᵀ: the weight is stored (vocabulary, dim))."""
         if self.kind == "embedding":
-            return torch.arange(self.weight_slice.start, self.weight_slice.stop).reshape(self.d_in, self.d_out).T.reshape(-1)
+            return (
+                torch.arange(self.weight_slice.start, self.weight_slice.stop)
+                .reshape(self.d_in, self.d_out)
+                .T.reshape(-1)
+            )
         cols = []
         if self.weight:
             cols.append(torch.arange(self.weight_slice.start, self.weight_slice.stop).reshape(self.d_out, -1))
@@ -138,7 +142,9 @@ class FallbackBlock:
         return torch.arange(self.param_slice.start, self.param_slice.stop)
 
 
-NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 @dataclass
@@ -569,7 +575,9 @@ def squared_example_grids(layer: KroneckerLayer, g: Tensor, a: Tensor) -> Tensor
 
 
 # --- fallback blocks: per-example Jacobians of the uncovered parameters ------------------------------------
-def fallback_jacobians(model: FunctionalModel, params: Params, names: list[str], xb: Tensor) -> Iterator[tuple[slice, Tensor]]:
+def fallback_jacobians(
+    model: FunctionalModel, params: Params, names: list[str], xb: Tensor
+) -> Iterator[tuple[slice, Tensor]]:
     """Per-example Jacobians of the outputs w.r.t. the parameters `names` only, flat (m, C, p) in the
     order of `names`, for sub-chunks (slices of xb) of at most about 2^24 entries."""
     rest = {k: v for k, v in params.items() if k not in names}
@@ -622,7 +630,9 @@ def fallback_square_sums(fallbacks: list[FallbackBlock], step: ChunkPass, rows: 
                 accumulate(index[id(b)], R[:, cols])
 
 
-def layer_diagonal(model: FunctionalModel, matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
+def layer_diagonal(
+    model: FunctionalModel, matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int
+) -> Tensor:
     """Exact diag of the GGN or EF (summed loss), flat (P,): for Kronecker layers from layer inputs and
     backpropagated output gradients, diag = Σ_{i,u} (Σ_t g_itu ⊙ a_it)² (for T = 1: Σ_{i,u} g_iu² a_iu²ᵀ,
     no per-example gradients); for every other parameter from its per-example rows (fallback)."""

@@ -278,7 +278,9 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     return trained, trained.model_cfg, recipe
 
 
-def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset) -> dict[str, Any]:
+def method_context(
+    method: str, result, train_cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset
+) -> dict[str, Any]:
     """Settings a method takes from the training run, by what its class declares it needs
     (`method_class(method).needs`, see `modelsense.attribution.NEEDS`)."""
     needs = method_class(method).needs
@@ -288,8 +290,10 @@ def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: Model
         ctx.update(checkpoints=ckpts, learning_rates=lrs)
     if "recipe" in needs:
         base = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
-        ctx.update(train_config=base,
-                   model_fn=lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)))
+        ctx.update(
+            train_config=base,
+            model_fn=lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)),
+        )
     if "prior_precision" in needs:
         ctx["prior_precision"] = max(train_cfg.delta, 1e-8)
     if "delta" in needs:
@@ -354,7 +358,9 @@ def _prepare(spec: Any, methods: list[str], config: dict[str, Any] | None = None
         check_settings(methods, settings)
     except ConfigError as exc:
         if spec.settings.loss is None and train_cfg.loss != "cross_entropy" and "--score-loss" in str(exc):
-            raise ConfigError(f"{exc} (the model trains with --loss {train_cfg.loss}, which the methods score by default)") from None
+            raise ConfigError(
+                f"{exc} (the model trains with --loss {train_cfg.loss}, which the methods score by default)"
+            ) from None
         raise
     return Prepared(data, {"dataset": data.summary(), "source": None if trained is None else trained.summary(),
                            **(config or {})},
@@ -539,7 +545,9 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     return metrics
 
 
-def _self_scores_without(method: str, keep: np.ndarray, got: Obtained, prepared: Prepared, progress: bool) -> np.ndarray:
+def _self_scores_without(
+    method: str, keep: np.ndarray, got: Obtained, prepared: Prepared, progress: bool
+) -> np.ndarray:
     """Self-influence of the kept examples under the model trained on them alone (the recipe and seed
     of `got`, so the model of the retraining job with mask `keep`), by `method` fitted on them."""
     data = prepared.data
@@ -555,10 +563,20 @@ def _self_scores_without(method: str, keep: np.ndarray, got: Obtained, prepared:
 
 
 # -- linear datamodeling score ----------------------------------------------------------------
-def lds_ground_truth(data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, n_test: int, *,
-                     n_models: int,
-                     alpha: float, root: str | Path, retrain_options: RetrainOptions | None = None,
-                     progress: bool = True, log=None) -> tuple[np.ndarray, np.ndarray]:
+def lds_ground_truth(
+    data_cfg: DataConfig,
+    data: Dataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    n_test: int,
+    *,
+    n_models: int,
+    alpha: float,
+    root: str | Path,
+    retrain_options: RetrainOptions | None = None,
+    progress: bool = True,
+    log=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(masks (M, N) bool, test losses (M, n_test)) of M models trained from scratch on random α-subsets:
     the jobs `subset_jobs(N, α, range(M), seed0=train_cfg.seed)` of the ground-truth store under `root`
     (shared with memorization at ρ = α on the same recipe)."""
@@ -763,10 +781,18 @@ PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summa
                 training_losses=LOSSES,
                 help="Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random "
                      "removal.")
-LDS = Command("lds", LdsSpec, check_lds, run_lds, summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
-              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"), training_losses=LOSSES,
-              help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
-                   "ground-truth store of --out, or --store, for --resume and other runs).")
+LDS = Command(
+    "lds",
+    LdsSpec,
+    check_lds,
+    run_lds,
+    summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
+    keep=(STORE_DIR,),
+    resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
+    training_losses=LOSSES,
+    help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
+    "ground-truth store of --out, or --store, for --resume and other runs).",
+)
 INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence, training_losses=LOSSES,
                     summary=lambda m: f"{m['method']}: scores of shape {m['shape']} in {m['seconds']:.1f}s",
                     help="One method's influence scores (score(i, j) ≈ rise of test loss j when training example i "

@@ -18,7 +18,9 @@ from modelsense.training.fit import Fit, fit
 from modelsense.training.objective import LOSSES
 
 
-def train_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module, Fit]:
+def train_model(
+    data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True
+) -> tuple[nn.Module, Fit]:
     """Build the model for `data` with init seed `train_cfg.seed` and fit it."""
     module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
     return module, fit(module, data, train_cfg, progress=progress)

@@ -116,10 +116,14 @@ class RetrainRecipe:
         if not (self.init == "scratch" or self.init.startswith("warm:")):
             raise ConfigError(f"init must be 'scratch' or 'warm:<digest>', received {self.init!r}")
         if self.train.optimizer not in ("sgd", "adam", "adamw"):
-            raise ConfigError(f"retrained models train with sgd, adam or adamw (the engine), not {self.train.optimizer!r}")
+            raise ConfigError(
+                f"retrained models train with sgd, adam or adamw (the engine), not {self.train.optimizer!r}"
+            )
         if self.train.mixup_alpha > 0:
-            raise ConfigError("retrained models train without mixup (the engine would mix a model's examples with those "
-                              "it leaves out): use --mixup-alpha 0")
+            raise ConfigError(
+                "retrained models train without mixup (the engine would mix a model's examples with those "
+                "it leaves out): use --mixup-alpha 0"
+            )
 
     def key(self) -> dict[str, Any]:
         train = {k: v for k, v in self.train.to_dict().items()
@@ -192,7 +196,9 @@ def jobs_from(masks: np.ndarray, seeds: Sequence[int], labels: Sequence[np.ndarr
     labels = [None] * len(masks) if labels is None else list(labels)
     if len(labels) != len(masks) or any(y is not None and np.shape(y) != (masks.shape[1],) for y in labels):
         raise ConfigError(f"expected {len(masks)} label rows of shape ({masks.shape[1]},) or None")
-    return [Job(m, int(s), None if y is None else np.asarray(y, dtype=np.int64)) for m, s, y in zip(masks, seeds, labels)]
+    return [
+        Job(m, int(s), None if y is None else np.asarray(y, dtype=np.int64)) for m, s, y in zip(masks, seeds, labels)
+    ]
 
 
 class GroundTruthStore:
@@ -389,7 +395,9 @@ def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[l
     try:
         import ray
     except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install 'modelsense[distributed]' (or pip install ray)") from None
+        raise ConfigError(
+            "--backend ray needs Ray: pip install 'modelsense[distributed]' (or pip install ray)"
+        ) from None
     started = not ray.is_initialized()
     if started:
         try:
@@ -412,8 +420,10 @@ def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[l
                         bar.advance(ray.get(ref))
                     except ray.exceptions.RayError as err:
                         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                        raise FarmError(f"a Ray task failed after its retries ({type(err).__name__}: {first[:300]}); "
-                                        f"the finished chunks in {store.path} are kept: run again with --resume") from None
+                        raise FarmError(
+                            f"a Ray task failed after its retries ({type(err).__name__}: {first[:300]}); "
+                            f"the finished chunks in {store.path} are kept: run again with --resume"
+                        ) from None
     finally:
         for ref in pending:  # on an error or Ctrl-C: no task keeps writing after the driver is gone
             ray.cancel(ref, force=True)

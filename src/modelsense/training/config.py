@@ -177,7 +177,10 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: 
     k = epoch * steps_per_epoch + step
     if k < warmup:
         return cfg.lr * k / warmup
-    return cfg.lrmin + (cfg.lr - cfg.lrmin) * (1 + math.cos(math.pi * min(k - warmup, total - warmup) / (total - warmup))) / 2
+    return (
+        cfg.lrmin
+        + (cfg.lr - cfg.lrmin) * (1 + math.cos(math.pi * min(k - warmup, total - warmup) / (total - warmup))) / 2
+    )
 
 
 def steps_per_epoch(n: int, bs: int) -> int:
