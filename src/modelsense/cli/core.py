@@ -54,7 +54,8 @@ def demo(
         str,
         typer.Option(
             "--sections",
-            help="comma-separated subset of the sections (default: all); report.html keeps the other sections an earlier demo wrote into --out",
+            help="comma-separated subset of the sections (default: all); report.html keeps the other sections an "
+            "earlier demo wrote into --out",
         ),
     ] = "",
 ) -> None:

@@ -31,7 +31,9 @@ Standardize = Annotated[
     bool | None,
     typer.Option(
         "--standardize/--no-standardize",
-        help="standardise features with training-set mean and std; automatic where no default is shown: on for feature vectors from a .npz/.csv file, off for built-in datasets and images (they keep their usual normalisation)",
+        help="standardise features with training-set mean and std; automatic where no default is shown: on for "
+        "feature vectors from a .npz/.csv file, off for built-in datasets and images (they keep their usual "
+        "normalisation)",
     ),
 ]
 DataSeed = Annotated[int, typer.Option("--data-seed", help="seed of subsetting, splitting and label corruption")]
@@ -74,7 +76,8 @@ Checkpoint = Annotated[
     Path | None,
     typer.Option(
         "--checkpoint",
-        help="model.pt of `modelsense train` to use instead of training one (the model options are then unused; the training recipe, --device aside, comes from its run's config.json when there)",
+        help="model.pt of `modelsense train` to use instead of training one (the model options are then unused; the "
+        "training recipe, --device aside, comes from its run's config.json when there)",
     ),
 ]
 
@@ -91,7 +94,8 @@ GexEps = Annotated[
     float | None,
     typer.Option(
         "--gex-eps",
-        help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (the GEX code of Kim et al. 2023: 0.05)",
+        help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (the GEX code of Kim et al. 2023: "
+        "0.05)",
     ),
 ]
 ProjDim = Annotated[int | None, typer.Option("--proj-dim", help="projection dimension of randproj, tracin-rp, trak")]
@@ -106,7 +110,8 @@ EnsembleModels = Annotated[
     int | None,
     typer.Option(
         "--ensemble-models",
-        help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the trained model only)",
+        help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the "
+        "trained model only)",
     ),
 ]
 El2nRepeat = Annotated[int | None, typer.Option("--el2n-repeat", help="el2n: early-trained models")]
@@ -114,7 +119,8 @@ LossType = Annotated[
     str,
     typer.Option(
         "--loss",
-        help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of the GEX code of Kim et al. 2023; gradient/ensemble methods only)",
+        help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of the GEX code of Kim et al. "
+        "2023; gradient/ensemble methods only)",
     ),
 ]
 GradChunk = Annotated[

@@ -38,7 +38,8 @@ def dense_hessian(
 def dense_ggn(
     model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256
 ) -> Tensor:
-    """Σ_i J_iᵀ Λ_i J_i, shape (P, P) (Λ_i = `model.objective.output_hessian`: diag(p) − ppᵀ categorical, I gaussian)."""
+    """Σ_i J_iᵀ Λ_i J_i, shape (P, P) (Λ_i = `model.objective.output_hessian`: diag(p) − ppᵀ categorical, I "
+    "gaussian)."""
     check_data(model, x, y)
     params = params if params is not None else model.params
     P = model.n_params

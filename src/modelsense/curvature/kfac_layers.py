@@ -218,7 +218,8 @@ def _owners(module: nn.Module) -> dict[int, list[str]]:
 def _unsupported(mod: nn.Module) -> str | None:
     """Why a Linear/Conv/Embedding cannot be a Kronecker layer (None if it can)."""
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (mod.groups != 1 or mod.padding_mode != "zeros"):
-        return f"a convolution with groups={mod.groups}, padding_mode={mod.padding_mode!r} (KFAC needs groups=1, zero padding)"
+        return (f"a convolution with groups={mod.groups}, padding_mode={mod.padding_mode!r} "
+                "(KFAC needs groups=1, zero padding)")
     if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse):
         return "an embedding with max_norm, scale_grad_by_freq or sparse gradients"
     return None
@@ -284,7 +285,8 @@ def find_layers(model: FunctionalModel) -> list[KroneckerLayer]:
     missing = [n for n in model.spec.names if n not in covered]
     if missing:
         raise ConfigError(
-            f"KFAC/EK-FAC Kronecker layers are nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding; not covered: {missing}. "
+            "KFAC/EK-FAC Kronecker layers are nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding; not covered: "
+            f"{missing}. "
             "Use fallback='auto' or 'diag' (exact dense/diagonal blocks for them), exclude them with "
             "FunctionalModel(..., trainable=...), or use structure diag/full/lowrank"
         )

@@ -392,7 +392,8 @@ def conjugate_gradient(apply: Callable[[Tensor], Tensor], B: Tensor, tol: float,
         curv = (P_a * AP).sum(0)
         if bool((curv <= 0).any()):
             raise ConfigError(
-                "conjugate gradients met non-positive curvature: K + damping·I is not positive definite; increase the damping"
+                "conjugate gradients met non-positive curvature: K + damping·I is not positive definite; increase the "
+                "damping"
             )
         a = rz[active] / curv
         X[:, active] += a * P_a
@@ -437,7 +438,8 @@ class DenseCurvature(Curvature):
         shifted = lam + damping
         if bool((shifted <= 0).any()):
             raise ConfigError(
-                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the damping"
+                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
+                "damping"
             )
         V, was_vector = as_matrix(v, self.n_params)
         out = Q @ (shifted.pow(power).unsqueeze(1) * (Q.T @ V))
@@ -458,7 +460,8 @@ class DenseCurvature(Curvature):
         shifted = lam + damping
         if bool((shifted <= 0).any()):
             raise ConfigError(
-                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the damping"
+                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
+                "damping"
             )
         return Q.pow(2) @ (1.0 / shifted)
 
@@ -582,7 +585,8 @@ class LowRankCurvature(Curvature):
         shifted = self.lam + damping
         if bool((shifted <= 0).any()):
             raise ConfigError(
-                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the damping"
+                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
+                "damping"
             )
         return shifted
 

@@ -268,7 +268,8 @@ def _diagonal_from_state(model, named, curv, damp, source) -> GaussianPosterior:
     missing = [n for n in model.spec.names if n not in curv]
     if missing:
         raise ConfigError(
-            f"the optimizer holds no state for the selected parameters {missing}; pass the optimizer that trained this module"
+            f"the optimizer holds no state for the selected parameters {missing}; pass the optimizer that trained "
+            "this module"
         )
     d = model.spec.flatten(curv)
     delta = model.spec.flatten(damp)

@@ -93,7 +93,10 @@ from modelsense.progress import progress_bar
 from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 from modelsense.training.config import TrainConfig
 
-USE_TEST_HELP = "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality code of Maddox, Benton & Wilson 2020)"
+USE_TEST_HELP = (
+    "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality "
+    "code of Maddox, Benton & Wilson 2020)"
+)
 VECTORS_FILE = "eigenvectors"
 WEIGHTS_ONLY_HELP = "only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020"
 
@@ -483,7 +486,8 @@ class WidthSweepSpec:
 
     What every width shares (data, model, train but the device, hidden_layers, spectrum, weights_only:
     config.json's `sweep`) a resumed sweep must keep; widths, s, the threshold and save_models may
-    change (N_eff is recomputed from the saved eigenvalues). `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
+    change (N_eff is recomputed from the saved eigenvalues).
+    `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
     """
 
     data: DataConfig = field(default_factory=lambda: DataConfig("digits", corruption_ratio=0.2, standardize=True))

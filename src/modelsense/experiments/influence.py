@@ -820,7 +820,8 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
         "digits with 10% of the training labels moved to another class; MLP 64-128-128-10 trained with SGD "
         "(lr 0.1, 200 epochs) until it fits the noise. Each method scores every training example by its "
         "self-influence (how much its own loss would rise if it were left out): GEX (8 chained fine-tuning "
-        "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and the squared gradient norm "
+        "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and "
+        "the squared gradient norm "
         "(grad-dot), beside two baselines of the GEX paper: the label disagreement of the k = N/10 nearest neighbours "
         "in the network's penultimate features (knn) and random scores (chance). AUC / AP of ranking the corrupted "
         "labels first; histograms of the self-influence of clean and corrupted examples.",

@@ -295,7 +295,8 @@ def _evolving_iterations(cfg: MPEExperimentConfig, data: Dataset) -> tuple[int, 
     late = [i for i in its if i > total]
     if late:
         raise ConfigError(
-            f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x {steps_per_epoch})"
+            f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x "
+            f"{steps_per_epoch})"
         )
     return its
 
@@ -532,7 +533,8 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     if relaxation is not None and relaxation < MIN_RELAXATION:
         raise_ = "--epochs-retrain or --lr-retrain" if cfg.truth == "warm" else "--epochs or --lr"
         run.log(
-            f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< {MIN_RELAXATION}): "
+            f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
+            f"{MIN_RELAXATION}): "
             f"the true deviations are underestimated; raise {raise_}"
         )
     tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress, trained)

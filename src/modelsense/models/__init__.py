@@ -25,8 +25,8 @@ named `out`; layers are standard modules (`nn.Linear`, `nn.Conv2d`, activation m
 `nn.ReLU`), so forward hooks (representations, KFAC) work, and normalisation/FRN parameters are
 1-d (left out of "weights only" = tensors with >= 2 dims), except the positions `pos.weight`
 (1, T, width) of `vit`. `cnn`, `resnet18`, `vgg11`, `vgg16`, `resnet20`, `resnet18_v1` and
-`small_inception` default to GroupNorm instead of the papers' BatchNorm (per-example normalisation keeps per-example gradients
-and vmapped ensembles exact); `norm="bn"` restores the original.
+`small_inception` default to GroupNorm instead of the papers' BatchNorm
+(per-example normalisation keeps per-example gradients and vmapped ensembles exact); `norm="bn"` restores the original.
 
 Example:
     >>> model = build_model("mlp", (1, 8, 8), 10, widths=(32,), seed=0)

@@ -22,7 +22,8 @@ Variants (`variant=`):
           V e + α V L (I − α H)^{-1} Lᵀ V e with Λ = L Lᵀ and the leverage H = Lᵀ V L (C x C,
           symmetric); α = `loo_damping` ∈ [0, 1] (1: the plain correction, 0: `full`). Along an
           eigenvector of H with eigenvalue h the correction multiplies by 1/(1 − αh); where αh exceeds
-          `max_leverage` = c < 1 (an approximate V that overshoots) by 1/(1 − c) instead. The deviation is taken through the exact link:
+          `max_leverage` = c < 1 (an approximate V that overshoots) by 1/(1 − c) instead.
+          The deviation is taken through the exact link:
           softmax(f_i + Δf_i) − softmax(f_i) (gaussian: Λ Δf, exact). For a linear model with a
           gaussian likelihood and the exact posterior this is exact LOO; for logistic regression it is
           one Newton step from θ* of the LOO objective.
@@ -219,7 +220,8 @@ def memory_perturbation(
     lik = _likelihood(likelihood, tau)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         raise DataError(
-            f"expected logits of shape (n, C), received {tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+            "expected logits of shape (n, C), received "
+            f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
         )
     _check_covariance(V, logits)
     V = V.to(logits.dtype)
@@ -356,7 +358,8 @@ def build_posterior(
     if source == "laplace":
         if structure not in LAPLACE_STRUCTURES:
             raise ConfigError(
-                f"unknown Laplace structure (--var-version) {structure!r}; expected one of {', '.join(LAPLACE_STRUCTURES)}"
+                f"unknown Laplace structure (--var-version) {structure!r}; expected one of "
+                f"{', '.join(LAPLACE_STRUCTURES)}"
             )
         if x is None or (y is None and not is_stream(x)):
             raise ConfigError("a Laplace posterior needs the training data (x, y), or a Dataset / DataLoader as x")

@@ -4,9 +4,9 @@ Every ground truth of the package is models retrained on chosen example sets: ra
 (memorization, LDS), the training set minus some examples (pruning, leave-one-out, leave-one-class-
 out), all of it with other seeds (a zoo), relabeled training sets. A *job* is one such model: an example
 set (a boolean mask over the N training examples), a seed (init and batch order) and, for a relabeled
-training set, its labels (N,) (part of the job's key; the chunk keeps the key, not the labels). A *recipe* says how every job is
-trained: data, model, training options, the batch plan of the engine, and the initial parameters
-(fresh from the seed, or a warm start). A job's results depend on the recipe, its mask and its
+training set, its labels (N,) (part of the job's key; the chunk keeps the key, not the labels).
+A *recipe* says how every job is trained: data, model, training options, the batch plan of the engine, and
+the initial parameters (fresh from the seed, or a warm start). A job's results depend on the recipe, its mask and its
 seed only — not on which other jobs were trained beside it (the engine trains each model exactly
 as `fit` would; tested) — so they are stored once and reused by every command that asks for them.
 

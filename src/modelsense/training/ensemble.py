@@ -322,7 +322,8 @@ def train_ensemble(
     empty = (weights > 0).sum(1) == 0
     if empty.any():
         raise ConfigError(
-            f"{int(empty.sum())} models have no training example (an all-False mask row), e.g. model {int(empty.nonzero()[0])}"
+            f"{int(empty.sum())} models have no training example (an all-False mask row), e.g. model "
+            f"{int(empty.nonzero()[0])}"
         )
     n_models = len(masks)
     seeds = torch.as_tensor(cfg.seed + torch.arange(n_models) if seeds is None else seeds, dtype=torch.long)
