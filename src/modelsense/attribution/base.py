@@ -121,6 +121,7 @@ def check_positive(what: str, value: Any, allow_zero: bool = False) -> float:
 
 
 def check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
+    """`value` when it is one of `choices`; ConfigError naming `what` otherwise."""
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{what} must be one of {', '.join(choices)}, received {shown(value)}")
     return value
@@ -194,14 +195,17 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
 
 
 def param_dtype(params: Params) -> torch.dtype:
+    """The dtype of the first tensor of `params`."""
     return next(iter(params.values())).dtype
 
 
 def param_device(params: Params) -> torch.device:
+    """The device of the first tensor of `params`."""
     return next(iter(params.values())).device
 
 
 def detached_params(params: Params) -> Params:
+    """A detached copy (clone) of every tensor of `params`."""
     return {k: v.detach().clone() for k, v in params.items()}
 
 
@@ -755,6 +759,7 @@ def by_module_names() -> list[str]:
 
 
 def method_class(name: str) -> type[Attributor]:
+    """The Attributor class registered under `name` (case and surrounding spaces ignored); ConfigError if none."""
     key = str(name).strip().lower()
     if key not in _REGISTRY:
         raise ConfigError(f"unknown attribution method {name!r}; choose one of {', '.join(_REGISTRY)}")

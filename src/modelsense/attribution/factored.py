@@ -25,6 +25,8 @@ from modelsense.core.functional import FunctionalModel, Params, chunks, n_rows, 
 
 @dataclass(frozen=True)
 class LinearLayer:
+    """An nn.Linear layer whose weight and/or bias are trained parameters."""
+
     module: nn.Linear
     weight: bool
     bias: bool
@@ -67,7 +69,7 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
     for s in chunks(n_rows(x), chunk_size):
         records: dict[int, list] = {k: [] for k in range(len(layers))}
 
-        def make_hook(k):
+        def make_hook(k, records=records):
             def hook(module, inp, out):
                 records[k].append((inp[0].detach(), out))
 

@@ -65,6 +65,8 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
 
 
 def pruning_figure(ks, metrics: dict[str, Any], remove: str):
+    """Test accuracy after retraining against the number `ks` of examples removed, per method and for
+    random removal (± std)."""
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for m, acc in metrics["accuracy"].items():
         ax.plot(ks, acc, marker="o", label=m)
@@ -80,6 +82,7 @@ def pruning_figure(ks, metrics: dict[str, Any], remove: str):
 
 
 def lds_figure(metrics: dict[str, Any]):
+    """Bar chart of each method's LDS, annotated with its value and seconds."""
     names = list(metrics["lds"])
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 1.5), 3.6))
     ax.bar(names, [metrics["lds"][n] for n in names], color="tab:blue")

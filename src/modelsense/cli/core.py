@@ -74,6 +74,7 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directories (the
                                                       metavar="RUN_DIR")],
            out: o.Out = Path("runs/report"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
            title: Annotated[str, typer.Option("--title", help="title of the report")] = "modelsense report") -> None:
+    """Figures and an HTML report (OUT/report.html) from finished run directories."""
     set_quiet(quiet)
     path = report_runs(runs, out, title=title, overwrite=overwrite, progress=not quiet)
     console.print(REPORT.summary(RunDir(out).read_metrics()), highlight=False)

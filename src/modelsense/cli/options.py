@@ -154,6 +154,7 @@ OPTIMIZER_ALIASES = {"iblr": "ivon"}
 
 
 def int_list(text: str | None, what: str) -> tuple[int, ...]:
+    """The integers of the comma-separated `text` (() when empty or None); ConfigError naming `what` otherwise."""
     if not text:
         return ()
     try:
@@ -164,6 +165,7 @@ def int_list(text: str | None, what: str) -> tuple[int, ...]:
 
 def data_config(dataset: str, data_dir: Path | None, n_train: int | None, corruption_ratio: float,
                 drop_classes: str, standardize: bool | None, data_seed: int) -> DataConfig:
+    """The DataConfig of the data options (`--drop-classes` parsed into a tuple)."""
     return DataConfig(dataset, data_dir=None if data_dir is None else str(data_dir), n_train=n_train,
                       corruption_ratio=corruption_ratio, drop_classes=int_list(drop_classes, "--drop-classes"),
                       standardize=standardize, seed=data_seed)
@@ -171,6 +173,7 @@ def data_config(dataset: str, data_dir: Path | None, n_train: int | None, corrup
 
 def model_config(model: str, widths: str | None, activation: str | None, width: int | None, depth: int | None,
                  norm: str | None) -> ModelConfig:
+    """The ModelConfig of the model options (`--widths` parsed; empty means the model's default)."""
     return ModelConfig(model, widths=int_list(widths, "--widths") or None, activation=activation, width=width,
                        depth=depth, norm=norm)
 
@@ -178,6 +181,7 @@ def model_config(model: str, widths: str | None, activation: str | None, width: 
 def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, delta: float, hess_init: float,
                  seed: int, device: str, fixed_batches: bool, checkpoint_epochs: str = "",
                  checkpoint_iterations: str = "") -> TrainConfig:
+    """The TrainConfig of the training options (optimizer aliases resolved, checkpoint lists parsed)."""
     optimizer = OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer.lower())
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,

@@ -30,7 +30,7 @@ def dense_hessian(
     H = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
     for xb, yb in data_chunks(x, y, chunk_size, params):
         H += torch.func.jacrev(
-            torch.func.grad(lambda t: model.per_example_loss(model.spec.unflatten(t), xb, yb).sum())
+            torch.func.grad(lambda t, xb=xb, yb=yb: model.per_example_loss(model.spec.unflatten(t), xb, yb).sum())
         )(flat)
     return H
 

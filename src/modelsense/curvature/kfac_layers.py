@@ -189,10 +189,16 @@ class RowsLayer:
             return {self.custom[k]: rows[k].reshape(n, -1) for k in self.custom}
         if isinstance(self.module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):  # parameters on dim 1
             channels = g.shape[1]
-            fold = lambda t: t.reshape(n, channels, -1).sum(-1)
+
+            def fold(t: Tensor) -> Tensor:
+                return t.reshape(n, channels, -1).sum(-1)
+
         else:  # LayerNorm / RMSNorm: parameters over the trailing normalized_shape
             p = int(torch.tensor(self.module.normalized_shape).prod())
-            fold = lambda t: t.reshape(n, -1, p).sum(1)
+
+            def fold(t: Tensor) -> Tensor:
+                return t.reshape(n, -1, p).sum(1)
+
         out = {}
         if self.weight:
             out[self.weight] = fold(g * x_hat)

@@ -102,6 +102,8 @@ class SpectrumConfig:
 
 @dataclass(frozen=True)
 class Spectrum:
+    """The result of `compute_spectrum`: top-k eigenvalues, N_eff per s, and trace / density when asked."""
+
     eigenvalues: Tensor  # (k,) descending
     converged: Tensor  # (k,) bool
     residuals: Tensor  # (k,)

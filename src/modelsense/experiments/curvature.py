@@ -545,6 +545,7 @@ def check_width_sweep(spec: WidthSweepSpec) -> Prepared:
 
 
 def width_result_path(root: str | Path, width: int) -> Path:
+    """The result file of width `width` in the sweep folder `root`: widths/width_<width>.json."""
     return Path(root) / "widths" / f"width_{int(width)}.json"
 
 

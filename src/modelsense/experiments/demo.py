@@ -21,6 +21,7 @@ from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 
 
 def training_section(out: Path, progress: bool, resume: bool = False) -> Section:
+    """The demo's training section: trains the MLP into out/train (or reuses it with `resume` when finished)."""
     run = out / "train"
     metrics = (resume and finished_metrics(run)) or execute(TRAIN, TrainSpec(), run, overwrite=True, progress=progress)
     return Section(

@@ -398,6 +398,7 @@ def _by_method(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # -- noisy labels -------------------------------------------------------------------------------
 def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
+    """Validate the noisy-labels options (score kind against the methods) and load the data."""
     methods = parse_methods(list(spec.methods))
     if spec.score not in NOISY_SCORES:
         raise ConfigError(f"--score must be {' or '.join(NOISY_SCORES)}, received {spec.score!r}")
@@ -471,6 +472,7 @@ def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, pro
 
 # -- pruning ------------------------------------------------------------------------------------
 def check_prune(spec: PruneSpec) -> Prepared:
+    """Validate the pruning options and the budgets `--ks` (default 10-40% of N) and load the data."""
     methods = parse_methods(list(spec.methods))
     _check_self_influence(methods)
     if spec.remove not in ("lowest", "highest"):
@@ -589,6 +591,7 @@ def lds_ground_truth(
 
 
 def check_lds(spec: LdsSpec) -> Prepared:
+    """Validate the LDS options (pairwise methods, >= 3 models, subset size in (0, N)) and load the data."""
     methods = parse_methods(list(spec.methods))
     for m in methods:
         if not method_class(m).pairwise:
@@ -640,6 +643,7 @@ def run_lds(spec: LdsSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
 
 # -- one method's scores ----------------------------------------------------------------------
 def check_influence(spec: InfluenceSpec) -> Prepared:
+    """Validate the influence options (pairwise or --self, --top-k, --by-module, a saved state) and load the data."""
     (method,) = parse_methods([spec.method])
     if not spec.self_only and not method_class(method).pairwise:
         raise ConfigError(f"method {method!r} has a self-influence only; pass --self")

@@ -908,6 +908,7 @@ class LocoOverlaySpec:
 
 
 def check_loco_overlay(spec: LocoOverlaySpec) -> Prepared:
+    """Validate the finished `mpe loco` runs of `--runs` and read each one's label and metrics."""
     from modelsense.runs import read_json, require_finished
 
     if len(spec.runs) < 2:

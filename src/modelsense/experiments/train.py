@@ -27,6 +27,7 @@ def train_model(
 
 
 def fit_metrics(result: Fit, module: nn.Module, seconds: float) -> dict[str, Any]:
+    """The metrics of a training run: final train/test accuracy and NLL, parameter count, epochs, seconds."""
     final = result.final
     return {
         "train_accuracy": final["train_accuracy"],
@@ -49,6 +50,7 @@ class TrainSpec:
 
 
 def check_train(spec: TrainSpec) -> Prepared:
+    """Load the dataset and check the model fits it."""
     data = load_dataset_from_config(spec.data)
     check_model(data, spec.model)
     return Prepared(data, {"dataset": data.summary()})

@@ -312,13 +312,13 @@ def group_logit_shift(
     xg, eg = x[idx], error[idx]
     grad_sum = torch.zeros(model.n_params, dtype=error.dtype, device=error.device)
     for s in chunks(len(xg), chunk_size):
-        _, vjp_fn = torch.func.vjp(lambda p: model(p, xg[s]), params)
+        _, vjp_fn = torch.func.vjp(lambda p, s=s: model(p, xg[s]), params)
         grad_sum += model.spec.flatten(vjp_fn(eg[s].to(error.dtype))[0])
     delta = model.spec.unflatten(covariance_mv(grad_sum).to(error.dtype))
     xe = xg if x_eval is None else x_eval
     out = []
     for s in chunks(len(xe), chunk_size):
-        out.append(torch.func.jvp(lambda p: model(p, xe[s]), (params,), (delta,))[1])
+        out.append(torch.func.jvp(lambda p, s=s: model(p, xe[s]), (params,), (delta,))[1])
     return torch.cat(out).detach()
 
 

@@ -181,7 +181,7 @@ def invariance_probe(model: nn.Module, layers: Sequence[str], x: Tensor, y: Tens
             )
         channels = base[names[0]].shape[1]
         res.channels[layer] = int(channels)
-        for ti, kind in enumerate(transforms):
+        for kind in transforms:
             key = (layer, kind)
             res.output_change[key], res.accuracy[key] = [], []
             for site in SITES:
