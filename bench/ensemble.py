@@ -35,7 +35,13 @@ def main(n_models: int = 64, epochs: int = 3, batch_sizes: tuple[int, ...] = (64
         cfg = TrainConfig(lr=0.05, epochs=epochs, bs=bs, eval_every=0)
         # warm-up of both paths (first-call costs of torch.func and of the optimizer)
         train_ensemble(model_fn, data.x_train, data.y_train, masks[:2], TrainConfig(epochs=1, bs=bs), progress=False)
-        fit(model_fn(0), data, TrainConfig(epochs=1, bs=bs, eval_every=0), train_indices=masks[0].nonzero().flatten(), progress=False)
+        fit(
+            model_fn(0),
+            data,
+            TrainConfig(epochs=1, bs=bs, eval_every=0),
+            train_indices=masks[0].nonzero().flatten(),
+            progress=False,
+        )
 
         start = time.perf_counter()
         res = train_ensemble(model_fn, data.x_train, data.y_train, masks, cfg,
@@ -51,12 +57,20 @@ def main(n_models: int = 64, epochs: int = 3, batch_sizes: tuple[int, ...] = (64
                 logits.append(f.module(data.x_test))
         t_loop = time.perf_counter() - start
         diff = (torch.stack(logits) - res.outputs["test"]["logits"]).abs().max().item()
-        row = {"engine_s": round(t_engine, 3), "loop_s": round(t_loop, 3), "speedup_vs_loop": round(t_loop / t_engine, 2),
-               "engine_models_per_s": round(n_models / t_engine, 2), "loop_models_per_s": round(n_models / t_loop, 2),
-               "max_abs_logit_diff": diff}
+        row = {
+            "engine_s": round(t_engine, 3),
+            "loop_s": round(t_loop, 3),
+            "speedup_vs_loop": round(t_loop / t_engine, 2),
+            "engine_models_per_s": round(n_models / t_engine, 2),
+            "loop_models_per_s": round(n_models / t_loop, 2),
+            "max_abs_logit_diff": diff,
+        }
         figures["by_batch_size"][bs] = row
-        print(f"bs={bs}: engine {t_engine:.2f}s, loop {t_loop:.2f}s, speedup {t_loop / t_engine:.1f}x, max |Δlogit| {diff:.2e}",
-              file=sys.stderr)
+        print(
+            f"bs={bs}: engine {t_engine:.2f}s, loop {t_loop:.2f}s, speedup {t_loop / t_engine:.1f}x, max |Δlogit| "
+            f"{diff:.2e}",
+            file=sys.stderr,
+        )
     figures["speedup_vs_loop"] = figures["by_batch_size"][batch_sizes[0]]["speedup_vs_loop"]
     return figures
 

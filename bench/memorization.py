@@ -31,7 +31,9 @@ from modelsense.training.ensemble import train_ensemble
 
 def farm_vs_loop(n_models: int = 256, chunk: int = 256, epochs: int = 2, loop_models: int = 32) -> dict:
     data = load_dataset("digits")
-    spec = FarmSpec(DataConfig("digits"), ModelConfig("mlp", widths=(128,)), TrainConfig(epochs=epochs, bs=64, eval_every=0), 0.7)
+    spec = FarmSpec(
+        DataConfig("digits"), ModelConfig("mlp", widths=(128,)), TrainConfig(epochs=epochs, bs=64, eval_every=0), 0.7
+    )
     train_chunk(spec, [0, 1], data)  # warm-up
     start = time.perf_counter()
     for lo in range(0, n_models, chunk):
@@ -91,6 +93,10 @@ def mnist_setting(chunk: int = 16, steps: int = 40) -> dict:
 if __name__ == "__main__":
     torch.set_num_threads(2)
     figures = farm_vs_loop()
-    print(f"farm: engine {figures['engine_s']}s, loop {figures['loop_s_extrapolated']}s, speedup {figures['speedup_vs_loop']}x", file=sys.stderr)
+    print(
+        f"farm: engine {figures['engine_s']}s, loop {figures['loop_s_extrapolated']}s, speedup "
+        f"{figures['speedup_vs_loop']}x",
+        file=sys.stderr,
+    )
     figures.update(mnist_setting())
     print(json.dumps(figures))
