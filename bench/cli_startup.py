@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from _common import peak_rss_mb
+
 HEAVY = ("matplotlib", "scipy", "sklearn", "ray", "pandas", "ivon", "mnist1d")
 
 COMMANDS = {
@@ -76,6 +78,8 @@ def main() -> None:
         "repeats": args.repeats,
         "heavy_modules_loaded_by_help": heavy,
         "load_average_1min": round(os.getloadavg()[0], 2),
+        "peak_rss_mb_children": peak_rss_mb(children=True),
+        "peak_rss_mb": peak_rss_mb(),
     }))
 
 

@@ -22,12 +22,14 @@ import time
 
 import numpy as np
 import torch
+from _common import add_device_arg, check_bench_device, peak_rss_mb, sync
 from sklearn.datasets import load_digits
 from torch import nn
 
 from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import Curvature, build_curvature, hutchinson_trace, hutchpp_trace, laplace
 
+DEVICE = "cpu"  # set by --device
 CPU_SECONDS: dict[str, float] = {}  # process CPU time of the last `timed` call per label
 
 
@@ -36,8 +38,10 @@ def timed(fn, repeat=1, label=None):
     which is steadier than wall time on a shared machine)."""
     best, out, cpu = float("inf"), None, float("inf")
     for _ in range(repeat):
+        sync(DEVICE)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        sync(DEVICE)
         wall, used = time.perf_counter() - t0, time.process_time() - c0
         if wall < best:
             best, cpu = wall, used
@@ -68,17 +72,26 @@ def digits_mlp(seed=0, epochs=100):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    global DEVICE
+    parser = add_device_arg(argparse.ArgumentParser())
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-laplace-diag", action="store_true", help="laplace-torch's diag takes minutes")
     parser.add_argument("--k", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    net, x, y, x_pred = digits_mlp()
+    DEVICE = check_bench_device(args.device)
+    net, x, y, x_pred = digits_mlp()  # trained on the CPU, then moved
+    net, x, y, x_pred = net.to(DEVICE), x.to(DEVICE), y.to(DEVICE), x_pred.to(DEVICE)
     fm = FunctionalModel(net)
     delta = 1.0
-    res: dict = {"n_params": fm.n_params, "n_train": len(x), "n_predict": len(x_pred), "threads": args.threads}
+    res: dict = {
+        "n_params": fm.n_params,
+        "n_train": len(x),
+        "n_predict": len(x_pred),
+        "threads": args.threads,
+        "device": DEVICE,
+    }
     ratios: dict = {}
 
     # 1. predictive covariance -------------------------------------------------------------------
@@ -107,7 +120,7 @@ def main() -> None:
         fm, x, y, matrix="hessian", structure="implicit", chunk_size=len(x), reduction="mean", lanczos_tol=1e-4
     )
     t_eig, eig = timed(lambda: H.eigen(args.k, tol=1e-4), label="ours_eigen")
-    ours = eig.eigenvalues.double().numpy()
+    ours = eig.eigenvalues.double().cpu().numpy()
     res["eigen"] = {
         "ours_s": t_eig,
         "matvecs": eig.num_matvecs,
@@ -172,6 +185,7 @@ def main() -> None:
         if f"laplace_{structure}" in c:
             cpu_ratios[f"laplace_{structure}_fit_predictive"] = c[f"laplace_{structure}"] / sum(c[k] for k in ours_keys)
     res["cpu_ratios"] = cpu_ratios
+    res["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(res))
 
 
@@ -218,7 +232,7 @@ def peers(
 
         warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
 
-        hc = pyhessian(net, criterion, data=(x, y), cuda=False)
+        hc = pyhessian(net, criterion, data=(x, y), cuda=DEVICE.startswith("cuda"))
         t, (vals, _) = timed(lambda: hc.eigenvalues(maxIter=100, tol=1e-3, top_n=k), label="pyhessian_eigen")
         vals = np.sort(np.array(vals))[::-1]
         res["eigen"]["pyhessian_s"] = t

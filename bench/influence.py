@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import add_device_arg, check_bench_device, peak_rss_mb, sync
 from torch import nn
 
 from modelsense.attribution import make_attributor
@@ -41,14 +43,17 @@ from modelsense.models import ModelConfig
 from modelsense.progress import set_quiet
 from modelsense.training import TrainConfig
 
+DEVICE = "cpu"  # set by --device
 CPU: dict[str, float] = {}
 
 
 def timed(label: str, fn, repeats: int = 1):
     best, out = float("inf"), None
     for _ in range(repeats):
+        sync(DEVICE)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        sync(DEVICE)
         wall = time.perf_counter() - t0
         if wall < best:
             best, CPU[label] = wall, time.process_time() - c0
@@ -63,7 +68,7 @@ def ours(name, module, data, result, train_cfg, model_cfg, settings, xt, yt):
         ctx = method_context(method, result, train_cfg, model_cfg, data)
         extra = {"n_models": int(ens)} if ens else {}
         att = make_attributor(method, {**settings.get(method, {}), **ctx, **extra, "progress": False}, strict=False)
-        return att.fit(module, data.x_train, data.y_train).scores(xt, yt).double().numpy()
+        return att.fit(module, data.x_train, data.y_train).scores(xt, yt).double().cpu().numpy()
 
     return run
 
@@ -75,7 +80,7 @@ def floor(module, data, xt, yt):
     def run():
         g = fm.per_example_grads(fm.params, data.x_train, data.y_train, chunk_size=2048, flat=True)
         gt = fm.per_example_grads(fm.params, xt, yt, chunk_size=2048, flat=True)
-        return (g @ gt.T).double().numpy()
+        return (g @ gt.T).double().cpu().numpy()
 
     return run
 
@@ -123,7 +128,7 @@ def kronfluence_ekfac(module, data, xt, yt, strategy="ekfac"):
         with tempfile.TemporaryDirectory() as tmp:
             task = Classification()
             model = prepare_model(copy.deepcopy(module).eval(), task)
-            an = Analyzer("bench", model=model, task=task, cpu=True, disable_tqdm=True, output_dir=tmp)
+            an = Analyzer("bench", model=model, task=task, cpu=DEVICE == "cpu", disable_tqdm=True, output_dir=tmp)
             an.fit_all_factors(
                 "f",
                 dataset=train,
@@ -142,7 +147,7 @@ def kronfluence_ekfac(module, data, xt, yt, strategy="ekfac"):
                 overwrite_output_dir=True,
             )
             return (
-                an.load_pairwise_scores("s")["all_modules"].T.detach().double().numpy()
+                an.load_pairwise_scores("s")["all_modules"].T.detach().double().cpu().numpy()
             )  # (n_query, N) -> (N, n_query)
 
     return run
@@ -168,15 +173,15 @@ def dattri_method(kind, module, data, xt, yt, checkpoints, lrs, rank, damping):
         train_loader, test_loader = _loaders(data, xt, yt, bs=256)
         if kind == "tracin":
             task = AttributionTask(loss_func=loss, model=model, checkpoints=[{**final, **c} for c in checkpoints])
-            att = TracInAttributor(task, weight_list=torch.tensor(lrs), normalized_grad=False, device="cpu")
-            return att.attribute(train_loader, test_loader).detach().double().numpy()
+            att = TracInAttributor(task, weight_list=torch.tensor(lrs), normalized_grad=False, device=DEVICE)
+            return att.attribute(train_loader, test_loader).detach().double().cpu().numpy()
         task = AttributionTask(loss_func=loss, model=model, checkpoints=final)
         if kind == "ekfac":
-            att = IFAttributorEKFAC(task, device="cpu", damping=damping)
+            att = IFAttributorEKFAC(task, device=DEVICE, damping=damping)
         else:
-            att = IFAttributorArnoldi(task, device="cpu", proj_dim=rank)
+            att = IFAttributorArnoldi(task, device=DEVICE, proj_dim=rank)
         att.cache(train_loader)
-        return att.attribute(train_loader, test_loader).detach().double().numpy()
+        return att.attribute(train_loader, test_loader).detach().double().cpu().numpy()
 
     return run
 
@@ -206,16 +211,17 @@ def captum_method(kind, module, data, xt, yt, checkpoints, lrs, rank, tmp):
         if kind == "tracin":
             tr = TracInCP(model, train, paths, checkpoints_load_func=load, loss_fn=loss_fn, batch_size=len(train),
                           sample_wise_grads_per_batch=True)
-            return tr.influence((xt, yt)).T.detach().double().numpy()
+            return tr.influence((xt, yt)).T.detach().double().cpu().numpy()
         af = ArnoldiInfluenceFunction(model, train, str(final), checkpoints_load_func=load, loss_fn=loss_fn,
                                       batch_size=256, projection_dim=rank, sample_wise_grads_per_batch=True)
-        return af.influence((xt, yt)).T.detach().double().numpy()
+        return af.influence((xt, yt)).T.detach().double().cpu().numpy()
 
     return run
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global DEVICE
+    ap = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--widths", default="128,128")
     ap.add_argument("--epochs", type=int, default=50)
@@ -233,6 +239,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated run names to leave out, e.g. captum-arnoldi")
     ap.add_argument("--out", default="bench_out/influence")
     args = ap.parse_args()
+    DEVICE = check_bench_device(args.device)
     torch.set_num_threads(args.threads)
     set_quiet(True)
     out = Path(args.out)
@@ -240,8 +247,10 @@ def main() -> None:
 
     data_cfg = DataConfig(args.dataset)
     model_cfg = ModelConfig("mlp", widths=tuple(int(w) for w in args.widths.split(",")))
-    train_cfg = TrainConfig(lr=args.lr, epochs=args.epochs, bs=64, delta=1.0, eval_every=0)
+    train_cfg = TrainConfig(lr=args.lr, epochs=args.epochs, bs=64, delta=1.0, eval_every=0, device=DEVICE)
     data = load_dataset_from_config(data_cfg)
+    data = dataclasses.replace(data, **{k: getattr(data, k).to(DEVICE)
+                                        for k in ("x_train", "y_train", "x_test", "y_test")})
     n_test = min(args.n_test, data.n_test)
     xt, yt = data.x_test[:n_test], data.y_test[:n_test]
     from modelsense.attribution import tracin_checkpoint_epochs
@@ -322,9 +331,22 @@ def main() -> None:
             ratios[f"{n}/floor"] = seconds[n] / seconds["floor"] if "floor" in seconds else None
             if fastest_peer:
                 ratios[f"{n}/fastest_peer"] = seconds[n] / fastest_peer
-    summary = {"dataset": args.dataset, "widths": args.widths, "n_params": n_params, "n_train": data.n_train,
-               "n_test": n_test, "threads": args.threads, "n_models_lds": args.n_models, "seconds": seconds,
-               "cpu_seconds": {k: CPU[k] for k in seconds}, "lds": lds, "ratios": ratios, "errors": errors}
+    summary = {
+        "dataset": args.dataset,
+        "widths": args.widths,
+        "n_params": n_params,
+        "n_train": data.n_train,
+        "n_test": n_test,
+        "threads": args.threads,
+        "device": DEVICE,
+        "n_models_lds": args.n_models,
+        "seconds": seconds,
+        "cpu_seconds": {k: CPU[k] for k in seconds},
+        "lds": lds,
+        "ratios": ratios,
+        "errors": errors,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     (out / f"summary_{args.dataset}_{args.widths.replace(',', '-')}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
 

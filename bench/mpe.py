@@ -15,11 +15,14 @@ Last line: a JSON object with `speedup_vs_laplace_torch` per structure and the d
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 import time
 
 import torch
+from _common import add_device_arg, check_bench_device, peak_rss_mb, sync
 
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import load_dataset
@@ -29,6 +32,7 @@ from modelsense.mpe.ground_truth import true_loo_logits, true_loo_logits_loop
 from modelsense.training import TrainConfig, fit
 
 DELTA = 10.0
+DEVICE = "cpu"  # set by --device
 
 
 def log(msg: str) -> None:
@@ -36,13 +40,16 @@ def log(msg: str) -> None:
 
 
 def ours(source: str, model: FunctionalModel, data, optimizer=None, structure: str = "kfac", bs_jacs: int = 500):
+    sync(DEVICE)
     start = time.perf_counter()
     post = build_posterior(source, model, data.x_train, data.y_train, prior_precision=DELTA, structure=structure,
                            optimizer=optimizer, n_train=data.n_train, chunk_size=bs_jacs)
+    sync(DEVICE)
     t_post = time.perf_counter() - start
     res, V = mpe_scores(
         post, data.x_train, data.y_train, MPESettings("diag"), chunk_size=bs_jacs, return_covariance=True
     )
+    sync(DEVICE)
     total = time.perf_counter() - start
     return post, V, {"posterior_s": round(t_post, 3), "total_s": round(total, 3)}
 
@@ -50,6 +57,7 @@ def ours(source: str, model: FunctionalModel, data, optimizer=None, structure: s
 def jacobian_baseline(post, data, chunk: int = 128) -> tuple[torch.Tensor, float]:
     """V_i = J_i Σ J_iᵀ with explicit per-example Jacobians and Σ applied to their rows."""
     model = post.model
+    sync(DEVICE)
     start = time.perf_counter()
     out = []
     for s in range(0, data.n_train, chunk):
@@ -57,7 +65,9 @@ def jacobian_baseline(post, data, chunk: int = 128) -> tuple[torch.Tensor, float
         n, C, P = J.shape
         S = post.covariance_mv(J.reshape(n * C, P).T)  # (P, nC)
         out.append(torch.einsum("ncp,pnd->ncd", J, S.reshape(P, n, C)))
-    return torch.cat(out), time.perf_counter() - start
+    out = torch.cat(out)
+    sync(DEVICE)
+    return out, time.perf_counter() - start
 
 
 def laplace_torch(module, data, structure: str):
@@ -68,14 +78,17 @@ def laplace_torch(module, data, structure: str):
 
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=500)
+    sync(DEVICE)
     start = time.perf_counter()
     la = Laplace(module, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=DELTA)
     la.fit(loader)
+    sync(DEVICE)
     t_fit = time.perf_counter() - start
     covs = []
     for s in range(0, data.n_train, 500):
         _, f_var = la._glm_predictive_distribution(data.x_train[s : s + 500])
         covs.append(f_var.detach())
+    sync(DEVICE)
     total = time.perf_counter() - start
     return torch.cat(covs), {"version": _version("laplace-torch"), "fit_s": round(t_fit, 3), "total_s": round(total, 3)}
 
@@ -96,16 +109,14 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(n_retrain: int = 200, loop_models: int = 20) -> dict:
     torch.manual_seed(0)
     data = load_dataset("digits")
-    report: dict = {"threads": torch.get_num_threads(), "n_train": data.n_train, "structures": {}}
+    data = dataclasses.replace(data, **{k: getattr(data, k).to(DEVICE)
+                                        for k in ("x_train", "y_train", "x_test", "y_test")})
+    report: dict = {"device": DEVICE, "threads": torch.get_num_threads(), "n_train": data.n_train, "structures": {}}
 
     def train(optimizer: str, lr: float, epochs: int):
         module = build_model("mlp", data.input_shape, data.num_classes, seed=0)
-        res = fit(
-            module,
-            data,
-            TrainConfig(optimizer=optimizer, lr=lr, epochs=epochs, bs=64, delta=DELTA, eval_every=0),
-            progress=False,
-        )
+        res = fit(module, data, TrainConfig(optimizer=optimizer, lr=lr, epochs=epochs, bs=64, delta=DELTA,
+                                                 eval_every=0, device=DEVICE), progress=False)
         return res
 
     sgd = train("sgd", 0.05, 20)
@@ -141,7 +152,7 @@ def main(n_retrain: int = 200, loop_models: int = 20) -> dict:
 
     # ground truth: engine (all at once) vs one-by-one loop
     idx = torch.randperm(data.n_train, generator=torch.Generator().manual_seed(1))[:n_retrain]
-    cfg = TrainConfig(lr=0.01, lrmin=0.0, epochs=10, bs=128, delta=DELTA, eval_every=0)
+    cfg = TrainConfig(lr=0.01, lrmin=0.0, epochs=10, bs=128, delta=DELTA, eval_every=0, device=DEVICE)
     params = {k: v.detach() for k, v in sgd.module.named_parameters()}
 
     def model_fn(seed: int):
@@ -169,8 +180,11 @@ def main(n_retrain: int = 200, loop_models: int = 20) -> dict:
     log(f"ground truth for {n_retrain}: engine {t_engine:.1f}s ({cpu_engine:.1f}s CPU), loop {t_loop_all:.1f}s "
         f"({cpu_loop:.1f}s CPU) (extrapolated from {loop_models})")
     report["speedup_vs_laplace_torch"] = speedups or "laplace-torch not installed; see jacobian baseline"
+    report["peak_rss_mb"] = peak_rss_mb()
     return report
 
 
 if __name__ == "__main__":
+    args = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0])).parse_args()
+    DEVICE = check_bench_device(args.device)
     print(json.dumps(main()))

@@ -27,15 +27,20 @@ import time
 import warnings
 
 import torch
+from _common import add_device_arg, check_bench_device, peak_rss_mb, sync
 
 from modelsense.representations import linear_cka, relu_kernel, unbiased_cka
+
+DEVICE = "cpu"  # set by --device
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeats):
+        sync(DEVICE)
         t0 = time.perf_counter()
         out = fn()
+        sync(DEVICE)
         best = min(best, time.perf_counter() - t0)
     return best, out
 
@@ -107,22 +112,25 @@ def original_relu_kernel_loop(h: torch.Tensor) -> torch.Tensor:
     nrm = h.pow(2).sum(dim=d, keepdim=True).sqrt()
     h /= torch.where(nrm == 0, torch.ones_like(nrm), nrm)
     n = h.shape[0]
-    k = torch.zeros(n, n)
+    k = torch.zeros(n, n, device=h.device)
     for j in range(1, n):
         k[:j, j], _ = (h[:j] * h[j]).sum(dim=(-2, -1)).max(dim=1)
     return k + k.T
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    global DEVICE
+    ap = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--n-relu", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    DEVICE = check_bench_device(args.device)
     torch.manual_seed(0)
     x = torch.randn(args.n, args.d)
     y = torch.relu(x @ torch.randn(args.d, args.d) / args.d**0.5 + 0.5 * torch.randn(args.n, args.d))
+    x, y = x.to(DEVICE), y.to(DEVICE)
     print(f"threads={torch.get_num_threads()} n={args.n} d={args.d} (float32 inputs; ours computes in float64)")
 
     t_lin, v_lin = best_time(lambda: linear_cka(x, y), args.repeats)
@@ -138,7 +146,7 @@ def main() -> None:
     t_ref, (v_ref, ref_name) = best_time(lambda: torch_cka_unbiased(x, y), max(1, args.repeats - 1))
     print(f"unbiased CKA  ours {t_unb:8.3f}s  {ref_name} {t_ref:8.3f}s  values {v_unb:.6f} {v_ref:.6f}")
 
-    h = torch.relu(torch.randn(args.n_relu, 32, 8, 8))
+    h = torch.relu(torch.randn(args.n_relu, 32, 8, 8)).to(DEVICE)
     t_rk, k_ours = best_time(lambda: relu_kernel(h), args.repeats)
     t_rk_loop, k_loop = best_time(lambda: original_relu_kernel_loop(h), 1)
     err_rk = float((k_ours.float() - k_loop).abs().max())
@@ -152,6 +160,7 @@ def main() -> None:
             {
                 "n": args.n,
                 "d": args.d,
+                "device": DEVICE,
                 "linear_cka_speedup": round(t_lin_base / t_lin, 2),
                 "linear_cka_speedup_vs_float32_gram": round(t_lin_b32 / t_lin, 2),
                 "unbiased_cka_speedup": round(t_ref / t_unb, 2),
@@ -164,6 +173,7 @@ def main() -> None:
                 "linear_cka_float32_gram_abs_diff": abs(v_lin - v_lin_b32),
                 "unbiased_cka_abs_diff": abs(v_unb - v_ref),
                 "relu_kernel_max_abs_diff": err_rk,
+                "peak_rss_mb": peak_rss_mb(),
             }
         )
     )

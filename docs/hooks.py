@@ -1,4 +1,5 @@
-"""MkDocs hooks: the command-line reference page is generated from the typer app while the site builds."""
+"""MkDocs hooks: the command-line reference (from the typer app) and the measured-numbers page (from the
+benchmarks' recorded JSON, bench/results/) are generated while the site builds."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ if _SRC not in sys.path:  # the package of this checkout, installed or not
     sys.path.insert(0, _SRC)
 
 
-def _gen_cli():
-    spec = importlib.util.spec_from_file_location("modelsense_docs_gen_cli", _HERE / "gen_cli.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"modelsense_docs_{name}", _HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - the MkDocs hook signature
-    gen = _gen_cli()
-    return markdown.replace(gen.PLACEHOLDER, gen.cli_markdown()) if gen.PLACEHOLDER in markdown else markdown
+    for name, render in (("gen_cli", "cli_markdown"), ("gen_numbers", "numbers_markdown")):
+        gen = _load(name)
+        if gen.PLACEHOLDER in markdown:
+            markdown = markdown.replace(gen.PLACEHOLDER, getattr(gen, render)())
+    return markdown

@@ -119,3 +119,40 @@ def test_site_builds_strict(tmp_path):
     assert "modelsense" in start
     cli = (tmp_path / "site" / "cli" / "index.html").read_text()
     assert "modelsense noisy-labels" in cli and "--corruption-ratio" in cli
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recorded_benchmark_becomes_the_measured_numbers_page(tmp_path, monkeypatch):
+    """bench/record.py keeps a script's last JSON line with its command, date, machine and load;
+    docs/gen_numbers.py turns the kept files into the page's tables; a failing script or one without
+    a JSON line records nothing."""
+    record = _load(ROOT / "bench" / "record.py", "bench_record")
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "fake.py").write_text(
+        'import sys, json\nprint("warming up")\n'
+        'print(json.dumps({"arm": {"seconds": 1.5, "n": int(sys.argv[1])}, "ratio": 2.0}))\n'
+    )
+    (bench / "broken.py").write_text('print("no json here")\n')
+    (bench / "failing.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.setattr(record, "HERE", bench)
+    monkeypatch.setattr(record, "RESULTS", bench / "results")
+    out = record.record("fake.py", ["7"])
+    entry = __import__("json").loads(out.read_text())
+    assert entry["command"] == "python bench/fake.py 7" and entry["figures"]["arm"]["n"] == 7
+    assert entry["machine"]["cpu_count"] == os.cpu_count() and len(entry["load_before"]) == 3
+    for bad in ("broken.py", "failing.py", "missing.py"):
+        with pytest.raises(SystemExit):
+            record.record(bad, [])
+    assert [p.name for p in (bench / "results").iterdir()] == ["fake.json"]
+    page = _load(DOCS / "gen_numbers.py", "docs_gen_numbers").numbers_markdown(bench / "results")
+    assert "`python bench/fake.py 7`" in page and "| arm.seconds | 1.5 |" in page and "| ratio | 2 |" in page
+    empty = tmp_path / "none"
+    empty.mkdir()
+    assert "No benchmark has been recorded" in _load(DOCS / "gen_numbers.py", "g2").numbers_markdown(empty)

@@ -1,0 +1,100 @@
+"""Shared helpers of the bench scripts: the --device option, timers that wait for the GPU, peak RSS.
+
+Every bench script imports these (run as `python bench/<name>.py`, so `bench/` is on sys.path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `--device` (cpu, cuda or cuda:K) to a bench's argument parser."""
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K: where the measured arms run")
+    return parser
+
+
+def check_bench_device(device: str) -> str:
+    """The device string, refused with a clear message when CUDA is asked for but absent."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {device}: no CUDA device is available here")
+    return device
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on CPU), so a timer measures finished work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[float, Any]:
+    """Wall-clock seconds of `fn()` (synchronising the device before and after) and its result."""
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def median(values: list[float]) -> float:
+    """The median of the repeats of one arm."""
+    return statistics.median(values)
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size of this process so far (or, with `children`, of the largest of its waited-for
+    child processes), in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
+def machine() -> dict:
+    """Threads and 1-minute load average, printed beside every measured figure."""
+    return {"threads": torch.get_num_threads(), "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def mlp_dims(input_shape: tuple[int, ...], num_classes: int, widths: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(d_in, d_out) of each Linear layer of the MLP."""
+    sizes = [math.prod(input_shape), *widths, num_classes]
+    return list(zip(sizes[:-1], sizes[1:]))
+
+
+def step_flops(dims: list[tuple[int, int]], n_models: int, bs: int) -> int:
+    """Matmul FLOPs of one forward + backward step of M models at batch size bs: forward and weight
+    gradient in every layer, input gradient in every layer but the first."""
+    per_example = sum(2 * a * b * (3 if layer else 2) for layer, (a, b) in enumerate(dims))
+    return per_example * bs * n_models
+
+
+def bmm_limit(dims: list[tuple[int, int]], n_models: int, bs: int, steps: int, device: str) -> float:
+    """Seconds for `steps` steps of the engine's matmuls issued as batched matmuls over the M models."""
+    g = torch.Generator(device=device).manual_seed(0)
+    kw = {"device": device, "generator": g}
+    ws = [torch.randn(n_models, b, a, **kw) for a, b in dims]
+    bias = [torch.randn(n_models, 1, b, **kw) for _, b in dims]
+    hs = [torch.randn(n_models, bs, a, **kw) for a, _ in dims]  # layer inputs
+    outs = [torch.empty(n_models, bs, b, device=device) for _, b in dims]
+    grads_out = [torch.randn(n_models, bs, b, **kw) for _, b in dims]
+    grads_w = [torch.empty(n_models, b, a, device=device) for a, b in dims]
+    grads_in = [torch.empty(n_models, bs, a, device=device) for a, _ in dims]
+
+    def run() -> None:
+        for _ in range(steps):
+            for layer in range(len(dims)):  # forward
+                torch.baddbmm(bias[layer], hs[layer], ws[layer].transpose(1, 2), out=outs[layer])
+            for layer in reversed(range(len(dims))):  # backward
+                torch.bmm(grads_out[layer].transpose(1, 2), hs[layer], out=grads_w[layer])
+                if layer:
+                    torch.bmm(grads_out[layer], ws[layer], out=grads_in[layer])
+
+    return timed(run, device)[0]
