@@ -21,7 +21,6 @@ tracinrp-fge (TracIn-RP over gex's members); trak; loss, el2n, fscore, cl, knn, 
 `by_module_names()` = grad-dot, grad-cos, tracin, if-kfac, if-ekfac; the others refuse it.
 """
 
-from modelsense.attribution.arnoldi import ArnoldiInfluence  # noqa: F401
 from modelsense.attribution.base import (
     COMPUTE_OPTIONS,
     NEEDS,
@@ -37,20 +36,9 @@ from modelsense.attribution.base import (
     parse_methods,
     register,
 )
-from modelsense.attribution.baselines import (  # noqa: F401
-    ConfidentLearning,
-    El2n,
-    ForgettingScore,
-    NearestNeighbourDisagreement,
-    RandomScores,
-    TrainingLoss,
-)
-from modelsense.attribution.gex import (  # noqa: F401
-    EnsembleCovariance,
-    GeometricEnsemble,
-    TracInRandomProjectionFge,
-    fine_tune_chain,
-)
+
+# importing a module registers its methods: this order is the order of `method_names()`
+# isort: off
 from modelsense.attribution.gradient import (  # noqa: F401  (registers the methods)
     GaussianProjector,
     GradientCosine,
@@ -69,10 +57,26 @@ from modelsense.attribution.influence_functions import (  # noqa: F401
     KfacInfluence,
     LissaInfluence,
 )
+from modelsense.attribution.arnoldi import ArnoldiInfluence  # noqa: F401
+from modelsense.attribution.gex import (  # noqa: F401
+    EnsembleCovariance,
+    GeometricEnsemble,
+    TracInRandomProjectionFge,
+    fine_tune_chain,
+)
 from modelsense.attribution.laplace import LaplaceKfac  # noqa: F401
-from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
-from modelsense.attribution.state import load_attributor
 from modelsense.attribution.trak import Trak, margin_grads, reinitialised_copy  # noqa: F401
+from modelsense.attribution.baselines import (  # noqa: F401
+    ConfidentLearning,
+    El2n,
+    ForgettingScore,
+    NearestNeighbourDisagreement,
+    RandomScores,
+    TrainingLoss,
+)
+from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
+# isort: on
+from modelsense.attribution.state import load_attributor
 
 __all__ = [
     "COMPUTE_OPTIONS", "NEEDS", "Attributor", "ComputeOptions", "FeatureAttributor", "load_attributor", "as_functional",
