@@ -85,13 +85,26 @@ def main() -> None:
     net, x, y, x_pred = net.to(DEVICE), x.to(DEVICE), y.to(DEVICE), x_pred.to(DEVICE)
     fm = FunctionalModel(net)
     delta = 1.0
-    res: dict = {"n_params": fm.n_params, "n_train": len(x), "n_predict": len(x_pred), "threads": args.threads, "device": DEVICE}
+    res: dict = {
+        "n_params": fm.n_params,
+        "n_train": len(x),
+        "n_predict": len(x_pred),
+        "threads": args.threads,
+        "device": DEVICE,
+    }
     ratios: dict = {}
 
     # 1. predictive covariance -------------------------------------------------------------------
-    t_fit, post = timed(lambda: laplace(fm, x, y, structure="kfac", prior_precision=delta), repeat=2, label="ours_kfac_fit")
-    t_kron, V_kron = timed(lambda: post.predictive_covariance(x_pred, chunk_size=500), repeat=2, label="ours_kfac_predictive")
-    t_jac, V_jac = timed(lambda: Curvature.jacobian_quadratic_form(post.curvature, fm, fm.params, x_pred, delta, chunk_size=100), label="ours_kfac_predictive_jacobians")
+    t_fit, post = timed(
+        lambda: laplace(fm, x, y, structure="kfac", prior_precision=delta), repeat=2, label="ours_kfac_fit"
+    )
+    t_kron, V_kron = timed(
+        lambda: post.predictive_covariance(x_pred, chunk_size=500), repeat=2, label="ours_kfac_predictive"
+    )
+    t_jac, V_jac = timed(
+        lambda: Curvature.jacobian_quadratic_form(post.curvature, fm, fm.params, x_pred, delta, chunk_size=100),
+        label="ours_kfac_predictive_jacobians",
+    )
     rel = float((V_kron - V_jac).norm() / V_jac.norm())
     res["kfac"] = {"fit_s": t_fit, "predictive_kron_s": t_kron, "predictive_jacobians_s": t_jac, "rel_diff": rel}
     ratios["kfac_predictive_jacobians_vs_kron"] = t_jac / t_kron
@@ -103,21 +116,53 @@ def main() -> None:
     print(f"diag fit {t_dfit:.2f}s; predictive {t_dpred:.2f}s", flush=True)
 
     # 2. top-k Hessian eigenvalues, 3. trace --------------------------------------------------------
-    H = build_curvature(fm, x, y, matrix="hessian", structure="implicit", chunk_size=len(x), reduction="mean", lanczos_tol=1e-4)
+    H = build_curvature(
+        fm, x, y, matrix="hessian", structure="implicit", chunk_size=len(x), reduction="mean", lanczos_tol=1e-4
+    )
     t_eig, eig = timed(lambda: H.eigen(args.k, tol=1e-4), label="ours_eigen")
     ours = eig.eigenvalues.double().cpu().numpy()
-    res["eigen"] = {"ours_s": t_eig, "matvecs": eig.num_matvecs, "converged": int(eig.converged.sum()), "top": ours[:5].tolist()}
+    res["eigen"] = {
+        "ours_s": t_eig,
+        "matvecs": eig.num_matvecs,
+        "converged": int(eig.converged.sum()),
+        "top": ours[:5].tolist(),
+    }
     print(f"top-{args.k} Hessian eigenvalues (mean loss): ours {t_eig:.2f}s, {eig.num_matvecs} matvecs, "
           f"{int(eig.converged.sum())}/{args.k} converged", flush=True)
-    t_tr, tr = timed(lambda: hutchinson_trace(H, 100, batch_size=20, generator=torch.Generator().manual_seed(0)), label="ours_trace")
-    res["trace"] = {"ours_s": t_tr, "estimate": tr.estimate, "se": tr.standard_error, "probe_std": float(tr.samples.std())}
+    t_tr, tr = timed(
+        lambda: hutchinson_trace(H, 100, batch_size=20, generator=torch.Generator().manual_seed(0)), label="ours_trace"
+    )
+    res["trace"] = {
+        "ours_s": t_tr,
+        "estimate": tr.estimate,
+        "se": tr.standard_error,
+        "probe_std": float(tr.samples.std()),
+    }
     print(f"Hutchinson trace (100 probes) {t_tr:.2f}s: {tr.estimate:.3f} ± {tr.standard_error:.3f}", flush=True)
     t_pp, pp = timed(lambda: hutchpp_trace(H, 30, generator=torch.Generator().manual_seed(0)), label="ours_hutchpp")
     res["trace"].update({"hutchpp_s": t_pp, "hutchpp_estimate": pp.estimate, "hutchpp_se": pp.standard_error})
     print(f"Hutch++ trace (30 matvecs) {t_pp:.2f}s: {pp.estimate:.3f} ± {pp.standard_error:.3f}", flush=True)
 
     if not args.skip_peers:
-        peers(net, fm, x, y, x_pred, delta, args.k, res, ratios, ours, V_kron, V_diag, t_fit + t_kron, t_dfit + t_dpred, t_eig, t_tr, args.skip_laplace_diag)
+        peers(
+            net,
+            fm,
+            x,
+            y,
+            x_pred,
+            delta,
+            args.k,
+            res,
+            ratios,
+            ours,
+            V_kron,
+            V_diag,
+            t_fit + t_kron,
+            t_dfit + t_dpred,
+            t_eig,
+            t_tr,
+            args.skip_laplace_diag,
+        )
     res["ratios"] = ratios
     res["cpu_seconds"] = CPU_SECONDS
     c = CPU_SECONDS
@@ -126,10 +171,17 @@ def main() -> None:
         cpu_ratios["eigen_curvlinops_scipy"] = c["curvlinops_eigen"] / c["ours_eigen"]
     if "pyhessian_eigen" in c:
         cpu_ratios["eigen_pyhessian"] = c["pyhessian_eigen"] / c["ours_eigen"]
-        cpu_ratios["trace_pyhessian_per_probe"] = (c["pyhessian_trace"] / res["trace"]["pyhessian_probes"]) / (c["ours_trace"] / 100)
+        cpu_ratios["trace_pyhessian_per_probe"] = (c["pyhessian_trace"] / res["trace"]["pyhessian_probes"]) / (
+            c["ours_trace"] / 100
+        )
         probes_needed = (res["trace"]["probe_std"] / res["trace"]["hutchpp_se"]) ** 2
-        cpu_ratios["trace_pyhessian_equal_se_vs_hutchpp"] = (c["pyhessian_trace"] / res["trace"]["pyhessian_probes"]) * probes_needed / c["ours_hutchpp"]
-    for structure, ours_keys in (("kron", ("ours_kfac_fit", "ours_kfac_predictive")), ("diag", ("ours_diag_fit", "ours_diag_predictive"))):
+        cpu_ratios["trace_pyhessian_equal_se_vs_hutchpp"] = (
+            (c["pyhessian_trace"] / res["trace"]["pyhessian_probes"]) * probes_needed / c["ours_hutchpp"]
+        )
+    for structure, ours_keys in (
+        ("kron", ("ours_kfac_fit", "ours_kfac_predictive")),
+        ("diag", ("ours_diag_fit", "ours_diag_predictive")),
+    ):
         if f"laplace_{structure}" in c:
             cpu_ratios[f"laplace_{structure}_fit_predictive"] = c[f"laplace_{structure}"] / sum(c[k] for k in ours_keys)
     res["cpu_ratios"] = cpu_ratios
@@ -137,7 +189,25 @@ def main() -> None:
     print(json.dumps(res))
 
 
-def peers(net, fm, x, y, x_pred, delta, k, res, ratios, ours, V_kron, V_diag, t_kfac, t_diag, t_eig, t_tr, skip_laplace_diag=False) -> None:
+def peers(
+    net,
+    fm,
+    x,
+    y,
+    x_pred,
+    delta,
+    k,
+    res,
+    ratios,
+    ours,
+    V_kron,
+    V_diag,
+    t_kfac,
+    t_diag,
+    t_eig,
+    t_tr,
+    skip_laplace_diag=False,
+) -> None:
     criterion = nn.CrossEntropyLoss()
     try:
         from curvlinops import HessianLinearOperator
@@ -183,17 +253,28 @@ def peers(net, fm, x, y, x_pred, delta, k, res, ratios, ours, V_kron, V_diag, t_
         from laplace import Laplace
 
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
-        for structure, ours_t, V_ours in (("kron", t_kfac, V_kron), ("diag", t_diag, V_diag))[: 1 if skip_laplace_diag else 2]:
-            def run():
-                la = Laplace(net, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=delta)
+        for structure, ours_t, V_ours in (("kron", t_kfac, V_kron), ("diag", t_diag, V_diag))[
+            : 1 if skip_laplace_diag else 2
+        ]:
+
+            def run(structure=structure):
+                la = Laplace(
+                    net, "classification", subset_of_weights="all", hessian_structure=structure, prior_precision=delta
+                )
                 la.fit(loader)
-                return torch.cat([la._glm_predictive_distribution(x_pred[s:s + 250])[1] for s in range(0, len(x_pred), 250)])
+                return torch.cat(
+                    [la._glm_predictive_distribution(x_pred[s : s + 250])[1] for s in range(0, len(x_pred), 250)]
+                )
 
             t, V = timed(run, label=f"laplace_{structure}")
             rel = float((V - V_ours).norm() / V.norm())
             res.setdefault("laplace_torch", {})[structure] = {"fit_plus_predictive_s": t, "rel_diff_vs_ours": rel}
             ratios[f"laplace_{structure}_fit_predictive"] = t / ours_t
-            print(f"  laplace-torch {structure}: fit+predictive {t:.2f}s vs ours {ours_t:.2f}s (x{t / ours_t:.1f}); rel diff {rel:.1e}", flush=True)
+            print(
+                f"  laplace-torch {structure}: fit+predictive {t:.2f}s vs ours {ours_t:.2f}s (x{t / ours_t:.1f}); rel "
+                f"diff {rel:.1e}",
+                flush=True,
+            )
     except Exception as e:
         print(f"  laplace-torch skipped: {e!r}")
 

@@ -129,11 +129,26 @@ def kronfluence_ekfac(module, data, xt, yt, strategy="ekfac"):
             task = Classification()
             model = prepare_model(copy.deepcopy(module).eval(), task)
             an = Analyzer("bench", model=model, task=task, cpu=DEVICE == "cpu", disable_tqdm=True, output_dir=tmp)
-            an.fit_all_factors("f", dataset=train, per_device_batch_size=len(train), factor_args=FactorArguments(strategy=strategy),
-                               overwrite_output_dir=True)
-            an.compute_pairwise_scores("s", "f", query_dataset=query, train_dataset=train, per_device_query_batch_size=len(query),
-                                       per_device_train_batch_size=len(train), score_args=ScoreArguments(), overwrite_output_dir=True)
-            return an.load_pairwise_scores("s")["all_modules"].T.detach().double().cpu().numpy()  # (n_query, N) -> (N, n_query)
+            an.fit_all_factors(
+                "f",
+                dataset=train,
+                per_device_batch_size=len(train),
+                factor_args=FactorArguments(strategy=strategy),
+                overwrite_output_dir=True,
+            )
+            an.compute_pairwise_scores(
+                "s",
+                "f",
+                query_dataset=query,
+                train_dataset=train,
+                per_device_query_batch_size=len(query),
+                per_device_train_batch_size=len(train),
+                score_args=ScoreArguments(),
+                overwrite_output_dir=True,
+            )
+            return (
+                an.load_pairwise_scores("s")["all_modules"].T.detach().double().cpu().numpy()
+            )  # (n_query, N) -> (N, n_query)
 
     return run
 
@@ -240,7 +255,9 @@ def main() -> None:
     xt, yt = data.x_test[:n_test], data.y_test[:n_test]
     from modelsense.attribution import tracin_checkpoint_epochs
 
-    got = obtain_model(data, model_cfg, train_cfg, progress=False, checkpoint_epochs=tracin_checkpoint_epochs(args.epochs))
+    got = obtain_model(
+        data, model_cfg, train_cfg, progress=False, checkpoint_epochs=tracin_checkpoint_epochs(args.epochs)
+    )
     module, result, train_cfg = got.module.eval(), got.fit, got.train
     from modelsense.attribution import checkpoints_from_fit
 
@@ -259,7 +276,10 @@ def main() -> None:
         runs["kronfluence-ekfac"] = ("peer", kronfluence_ekfac(module, data, xt, yt))
     if "dattri" in peers:
         for kind in ("ekfac", "arnoldi", "tracin"):
-            runs[f"dattri-{kind}"] = ("peer", dattri_method(kind, module, data, xt, yt, ckpts, lrs, args.rank, args.dattri_damping))
+            runs[f"dattri-{kind}"] = (
+                "peer",
+                dattri_method(kind, module, data, xt, yt, ckpts, lrs, args.rank, args.dattri_damping),
+            )
     if "captum" in peers:
         for kind in ("tracin", "arnoldi"):
             runs[f"captum-{kind}"] = ("peer", captum_method(kind, module, data, xt, yt, ckpts, lrs, args.rank, tmp))
@@ -291,8 +311,12 @@ def main() -> None:
     for name in scores:
         print(f"{name:>18s}  {seconds[name]:8.2f}  {lds[name]:7.4f}")
 
-    pairs = {"if-ekfac": ["kronfluence-ekfac", "dattri-ekfac"], "if-ekfac-x5": ["kronfluence-ekfac", "dattri-ekfac"], "tracin": ["dattri-tracin", "captum-tracin"],
-             "arnoldi": ["dattri-arnoldi", "captum-arnoldi"]}
+    pairs = {
+        "if-ekfac": ["kronfluence-ekfac", "dattri-ekfac"],
+        "if-ekfac-x5": ["kronfluence-ekfac", "dattri-ekfac"],
+        "tracin": ["dattri-tracin", "captum-tracin"],
+        "arnoldi": ["dattri-arnoldi", "captum-arnoldi"],
+    }
     ratios = {}
     for ours_name, peer_names in pairs.items():
         if ours_name not in seconds:
@@ -307,10 +331,22 @@ def main() -> None:
             ratios[f"{n}/floor"] = seconds[n] / seconds["floor"] if "floor" in seconds else None
             if fastest_peer:
                 ratios[f"{n}/fastest_peer"] = seconds[n] / fastest_peer
-    summary = {"dataset": args.dataset, "widths": args.widths, "n_params": n_params, "n_train": data.n_train,
-               "n_test": n_test, "threads": args.threads, "device": DEVICE, "n_models_lds": args.n_models, "seconds": seconds,
-               "cpu_seconds": {k: CPU[k] for k in seconds}, "lds": lds, "ratios": ratios, "errors": errors,
-               "peak_rss_mb": peak_rss_mb()}
+    summary = {
+        "dataset": args.dataset,
+        "widths": args.widths,
+        "n_params": n_params,
+        "n_train": data.n_train,
+        "n_test": n_test,
+        "threads": args.threads,
+        "device": DEVICE,
+        "n_models_lds": args.n_models,
+        "seconds": seconds,
+        "cpu_seconds": {k: CPU[k] for k in seconds},
+        "lds": lds,
+        "ratios": ratios,
+        "errors": errors,
+        "peak_rss_mb": peak_rss_mb(),
+    }
     (out / f"summary_{args.dataset}_{args.widths.replace(',', '-')}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
 

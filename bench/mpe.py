@@ -46,7 +46,9 @@ def ours(source: str, model: FunctionalModel, data, optimizer=None, structure: s
                            optimizer=optimizer, n_train=data.n_train, chunk_size=bs_jacs)
     sync(DEVICE)
     t_post = time.perf_counter() - start
-    res, V = mpe_scores(post, data.x_train, data.y_train, MPESettings("diag"), chunk_size=bs_jacs, return_covariance=True)
+    res, V = mpe_scores(
+        post, data.x_train, data.y_train, MPESettings("diag"), chunk_size=bs_jacs, return_covariance=True
+    )
     sync(DEVICE)
     total = time.perf_counter() - start
     return post, V, {"posterior_s": round(t_post, 3), "total_s": round(total, 3)}
@@ -120,7 +122,9 @@ def main(n_retrain: int = 200, loop_models: int = 20) -> dict:
     sgd = train("sgd", 0.05, 20)
     model = FunctionalModel(sgd.module)
     # warm-up (first-call costs of torch.func)
-    build_posterior("laplace", model, data.x_train[:64], data.y_train[:64], prior_precision=DELTA, structure="kfac").predictive_covariance(data.x_train[:8])
+    build_posterior(
+        "laplace", model, data.x_train[:64], data.y_train[:64], prior_precision=DELTA, structure="kfac"
+    ).predictive_covariance(data.x_train[:8])
 
     speedups = {}
     for structure, lt_name in (("kfac", "kron"), ("diag", "diag")):
@@ -162,10 +166,17 @@ def main(n_retrain: int = 200, loop_models: int = 20) -> dict:
     _, t_loop = true_loo_logits_loop(model_fn, data, idx[:loop_models], cfg, params)
     cpu_loop = (time.process_time() - cpu) / loop_models * n_retrain
     t_loop_all = t_loop / loop_models * n_retrain
-    report["ground_truth"] = {"n_retrain": n_retrain, "epochs_retrain": cfg.epochs, "engine_s": round(t_engine, 2),
-                              "loop_s_extrapolated": round(t_loop_all, 2), "loop_models_timed": loop_models,
-                              "speedup_vs_loop": round(t_loop_all / t_engine, 2), "engine_cpu_s": round(cpu_engine, 2),
-                              "loop_cpu_s_extrapolated": round(cpu_loop, 2), "cpu_speedup_vs_loop": round(cpu_loop / cpu_engine, 2)}
+    report["ground_truth"] = {
+        "n_retrain": n_retrain,
+        "epochs_retrain": cfg.epochs,
+        "engine_s": round(t_engine, 2),
+        "loop_s_extrapolated": round(t_loop_all, 2),
+        "loop_models_timed": loop_models,
+        "speedup_vs_loop": round(t_loop_all / t_engine, 2),
+        "engine_cpu_s": round(cpu_engine, 2),
+        "loop_cpu_s_extrapolated": round(cpu_loop, 2),
+        "cpu_speedup_vs_loop": round(cpu_loop / cpu_engine, 2),
+    }
     log(f"ground truth for {n_retrain}: engine {t_engine:.1f}s ({cpu_engine:.1f}s CPU), loop {t_loop_all:.1f}s "
         f"({cpu_loop:.1f}s CPU) (extrapolated from {loop_models})")
     report["speedup_vs_laplace_torch"] = speedups or "laplace-torch not installed; see jacobian baseline"

@@ -150,7 +150,10 @@ def main() -> None:
     t_rk, k_ours = best_time(lambda: relu_kernel(h), args.repeats)
     t_rk_loop, k_loop = best_time(lambda: original_relu_kernel_loop(h), 1)
     err_rk = float((k_ours.float() - k_loop).abs().max())
-    print(f"G_ReLU kernel ours {t_rk:8.3f}s  original loop {t_rk_loop:8.3f}s  (n={args.n_relu}, 32x8x8) max|diff| {err_rk:.2e}")
+    print(
+        f"G_ReLU kernel ours {t_rk:8.3f}s  original loop {t_rk_loop:8.3f}s  (n={args.n_relu}, 32x8x8) max|diff| "
+        f"{err_rk:.2e}"
+    )
 
     print(
         json.dumps(

@@ -127,23 +127,37 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     att.fit(model, loader)
     times["fit"] = time.perf_counter() - t0
-    print(f"fit (EK-FAC over {args.n_train} examples): {times['fit']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True)
+    print(
+        f"fit (EK-FAC over {args.n_train} examples): {times['fit']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True
+    )
     t0 = time.perf_counter()
     scores = att.scores(DataLoader(test_set, batch_size=256, shuffle=False))
     times["scores"] = time.perf_counter() - t0
     where = f"memory-mapped at {att.scores_path_}" if hasattr(att, "scores_path_") else "in memory"
-    print(f"scores {tuple(scores.shape)} ({where}): {times['scores']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True)
+    print(
+        f"scores {tuple(scores.shape)} ({where}): {times['scores']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True
+    )
     t0 = time.perf_counter()
     self_scores = att.self_scores()
     times["self"] = time.perf_counter() - t0
     print(f"self-influence ({len(self_scores)}): {times['self']:.1f} s, peak RSS {peak_rss_gb():.2f} GiB", flush=True)
     finite = bool(torch.isfinite(self_scores).all()) and bool(torch.isfinite(torch.as_tensor(scores[:100])).all())
     result = {
-        "n_train": args.n_train, "n_test": args.n_test, "width": args.width, "n_params": n_params,
-        "memory_gb": args.memory_gb, "matrix": args.matrix, "device": args.device, "threads": torch.get_num_threads(), "epochs": args.epochs,
-        "train_loss": train_loss, "seconds": {k: round(v, 2) for k, v in times.items()},
-        "total_seconds": round(time.perf_counter() - t_start, 2), "peak_rss_gb": round(peak_rss_gb(), 3),
-        "scores_shape": list(scores.shape), "finite": finite,
+        "n_train": args.n_train,
+        "n_test": args.n_test,
+        "width": args.width,
+        "n_params": n_params,
+        "memory_gb": args.memory_gb,
+        "matrix": args.matrix,
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "epochs": args.epochs,
+        "train_loss": train_loss,
+        "seconds": {k: round(v, 2) for k, v in times.items()},
+        "total_seconds": round(time.perf_counter() - t_start, 2),
+        "peak_rss_gb": round(peak_rss_gb(), 3),
+        "scores_shape": list(scores.shape),
+        "finite": finite,
         "self_influence_mean": float(self_scores.double().mean()),
     }
     print(json.dumps(result), flush=True)

@@ -47,7 +47,9 @@ def trained(module, x, y, delta=0.1, steps=200):
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(module(x), y, reduction="sum") + 0.5 * delta * sum(p.pow(2).sum() for p in module.parameters())
+        loss = F.cross_entropy(module(x), y, reduction="sum") + 0.5 * delta * sum(
+            p.pow(2).sum() for p in module.parameters()
+        )
         loss.backward()
         return loss
 
@@ -108,13 +110,18 @@ def test_a_setting_no_asked_method_takes_is_refused_naming_the_methods_that_take
     # one settings dict shared by the methods asked for (the CLI's): passed over where another takes it ...
     assert make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "gex"]).name == "grad-dot"
     # ... refused where none of them does, and a misspelt setting is refused even without the list
-    with pytest.raises(ConfigError, match=r"not taken by the methods asked for \(grad-dot, loss\) \('num_ens' is a setting "
-                                          "of gex, tracinrp-fge, la-kfac\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"not taken by the methods asked for \(grad-dot, loss\) \('num_ens' is a setting "
+        r"of gex, tracinrp-fge, la-kfac\)",
+    ):
         make_attributor("grad-dot", {"num_ens": 3}, strict=False, shared_with=["grad-dot", "loss"])
     with pytest.raises(ConfigError, match="'num_ensembles' is a setting of no method"):
         make_attributor("gex", {"num_ensembles": 3}, strict=False)
     # compute options: flat (the CLI's dict) or one ComputeOptions, flat ones override, validated once
-    assert make_attributor("grad-dot", {"block_size": 7, "progress": False}).compute == ComputeOptions(block_size=7, progress=False)
+    assert make_attributor("grad-dot", {"block_size": 7, "progress": False}).compute == ComputeOptions(
+        block_size=7, progress=False
+    )
     att = make_attributor("grad-dot", compute=ComputeOptions(block_size=5), memory_budget=100)
     assert (att.compute.block_size, att.compute.memory_budget, att.compute.progress) == (5, 100, True)
     for bad in ({"memory_budget": 0}, {"chunk_size": 2.5}, {"block_size": float("nan")}, {"scratch_dir": 3}):
@@ -129,7 +136,9 @@ def test_grad_dot_and_cos_match_explicit_per_example_gradients(problem):
     torch.testing.assert_close(att.scores(xt, yt), G @ Gt.T)
     torch.testing.assert_close(att.self_scores(), G.pow(2).sum(1))
     cos = make_attributor("grad-cos", **QUIET).fit(model, x, y)
-    torch.testing.assert_close(cos.scores(xt, yt), (G / G.norm(dim=1, keepdim=True)) @ (Gt / Gt.norm(dim=1, keepdim=True)).T)
+    torch.testing.assert_close(
+        cos.scores(xt, yt), (G / G.norm(dim=1, keepdim=True)) @ (Gt / Gt.norm(dim=1, keepdim=True)).T
+    )
     torch.testing.assert_close(cos.self_scores(), torch.ones(len(x), dtype=torch.float64))
 
 
@@ -163,12 +172,16 @@ def test_tracin_is_the_lr_weighted_sum_over_checkpoints(problem):
     ref = sum(lr * loop_grads(model, x, y, c) @ loop_grads(model, xt, yt, c).T for c, lr in zip(ckpts, lrs))
     att = make_attributor("tracin", checkpoints=ckpts, learning_rates=lrs, **QUIET).fit(model, x, y)
     torch.testing.assert_close(att.scores(xt, yt), ref)
-    unweighted = make_attributor("tracin", checkpoints=ckpts, learning_rates=lrs, lr_weighted=False, **QUIET).fit(model, x, y)
+    unweighted = make_attributor("tracin", checkpoints=ckpts, learning_rates=lrs, lr_weighted=False, **QUIET).fit(
+        model, x, y
+    )
     ref1 = sum(loop_grads(model, x, y, c) @ loop_grads(model, xt, yt, c).T for c in ckpts)
     torch.testing.assert_close(unweighted.scores(xt, yt), ref1)
     rp = make_attributor("tracin-rp", checkpoints=ckpts, learning_rates=lrs, proj_dim=5, **QUIET).fit(model, x, y)
     P = rp.projector_.matrix()
-    ref_rp = sum(lr * (loop_grads(model, x, y, c) @ P.T) @ (loop_grads(model, xt, yt, c) @ P.T).T for c, lr in zip(ckpts, lrs))
+    ref_rp = sum(
+        lr * (loop_grads(model, x, y, c) @ P.T) @ (loop_grads(model, xt, yt, c) @ P.T).T for c, lr in zip(ckpts, lrs)
+    )
     torch.testing.assert_close(rp.scores(xt, yt), ref_rp)
     with pytest.raises(ConfigError, match="learning rates for"):
         make_attributor("tracin", checkpoints=ckpts, learning_rates=[1.0])
@@ -181,7 +194,9 @@ def test_if_explicit_equals_dense_inverse_hessian():
     lam = 1.0 + max(0.0, -float(torch.linalg.eigvalsh(H).min()))
     G, Gt = loop_grads(model, x, y), loop_grads(model, xt, yt)
     Hinv = torch.linalg.inv(H + lam * torch.eye(len(H), dtype=H.dtype))
-    att = make_attributor("if-explicit", matrix="hessian", damping=lam, damping_mode="absolute", **QUIET).fit(model, x, y)
+    att = make_attributor("if-explicit", matrix="hessian", damping=lam, damping_mode="absolute", **QUIET).fit(
+        model, x, y
+    )
     torch.testing.assert_close(att.scores(xt, yt), G @ Hinv @ Gt.T)
     torch.testing.assert_close(att.self_scores(), ((G @ Hinv) * G).sum(1))
 
@@ -274,7 +289,9 @@ def test_gex_is_the_hand_computed_ensemble_covariance(problem):
     assert all((att.members_[0][k] - att.members_[1][k]).abs().max() > 0 for k in att.members_[0])
 
     def losses(params, xx, yy):
-        return torch.stack([F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None]) for xi, yi in zip(xx, yy)])
+        return torch.stack(
+            [F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None]) for xi, yi in zip(xx, yy)]
+        )
 
     star = {k: v.detach() for k, v in model.named_parameters()}
     dev_tr = torch.stack([losses(m, x, y) - losses(star, x, y).clamp_min(tau) for m in att.members_], 1)
@@ -316,7 +333,7 @@ def test_trak_matches_its_formula(problem):
                           model_fn=lambda s: linear_model(seed=s).float(), **QUIET).fit(model, x, y)
     ref = 0
     for params, proj in zip(att.members_, att.projectors_):
-        def margin_grad(xx, yy):
+        def margin_grad(xx, yy, params=params):
             rows, probs = [], []
             for xi, yi in zip(xx, yy):
                 p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
@@ -378,7 +395,9 @@ def test_signs_agree_with_actual_leave_one_out_retraining():
         m.load_state_dict(model.state_dict())
         trained(m, x[keep], y[keep], delta=delta)
         actual[i] = F.cross_entropy(m(xt), yt, reduction="none").detach() - base
-    inf = make_attributor("if-explicit", matrix="hessian", damping=delta, damping_mode="absolute", **QUIET).fit(model, x, y)
+    inf = make_attributor("if-explicit", matrix="hessian", damping=delta, damping_mode="absolute", **QUIET).fit(
+        model, x, y
+    )
     est = inf.scores(xt, yt)
     assert np.corrcoef(est.flatten(), actual.flatten())[0, 1] > 0.98
     big = actual.abs() > 0.2 * actual.abs().max()
@@ -391,7 +410,9 @@ def test_signs_agree_with_actual_leave_one_out_retraining():
     gs = g.scores(xt, yt)
     assert np.corrcoef(gs.flatten(), actual.flatten())[0, 1] > 0.3
     assert float((torch.sign(gs[big]) == torch.sign(actual[big])).double().mean()) >= 0.75
-    la = make_attributor("la-kfac", structure="full", num_ens=200, sample_scale=1.0, prior_precision=delta, **QUIET).fit(model, x, y)
+    la = make_attributor(
+        "la-kfac", structure="full", num_ens=200, sample_scale=1.0, prior_precision=delta, **QUIET
+    ).fit(model, x, y)
     assert np.corrcoef(la.scores(xt, yt).flatten(), actual.flatten())[0, 1] > 0.8
 
 
@@ -514,8 +535,14 @@ def test_noisy_labels_lds_and_influence_runs_write_their_directories(tmp_path):
                                            top_k=2, n_show=2), tmp_path / "inf", progress=False)
     assert np.load(tmp_path / "inf" / "scores.npy").shape == (100, 7) and len(inf["top_helpful"]) == 2
     assert (tmp_path / "inf" / "figures" / "top_influential.png").exists()
-    pr = execute(PRUNE, PruneSpec(DataConfig("digits", n_train=100), model, train, methods=("loss", "grad-dot"), ks=(10, 50),
-                                  n_random=2), tmp_path / "prune", progress=False)
+    pr = execute(
+        PRUNE,
+        PruneSpec(
+            DataConfig("digits", n_train=100), model, train, methods=("loss", "grad-dot"), ks=(10, 50), n_random=2
+        ),
+        tmp_path / "prune",
+        progress=False,
+    )
     assert len(pr["accuracy"]["loss"]) == 2 and len(pr["random_accuracy"]) == 2
     masks = np.load(tmp_path / "prune" / "prune_masks.npz")["masks"]
     assert masks.shape == (2 * 2 + 2 * 2, 100) and set(masks.sum(1)) == {90, 50}
@@ -578,7 +605,11 @@ def test_factored_linear_gradients_equal_the_per_example_path(method):
     x, y, xt, yt = toy_data(n=20, m=5)
     net = tiny_mlp(seed=3).eval()
     base = {k: v.detach() for k, v in net.named_parameters()}
-    kw = {"checkpoints": [base, {k: v * 0.9 for k, v in base.items()}], "learning_rates": [0.2, 0.1]} if method == "tracin" else {}
+    kw = (
+        {"checkpoints": [base, {k: v * 0.9 for k, v in base.items()}], "learning_rates": [0.2, 0.1]}
+        if method == "tracin"
+        else {}
+    )
     fast = make_attributor(method, **kw, **QUIET).fit(net, x, y)
     slow = make_attributor(method, factored=False, **kw, **QUIET).fit(net, x, y)
     assert fast.layers_ is not None and slow.layers_ is None

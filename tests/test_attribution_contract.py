@@ -10,8 +10,8 @@ refusals; `by_module=True` sums to the total where the method splits over module
 Exempt: `loss`, `el2n`, `fscore`, `cl`, `knn`, `random`, `mpe` have no pairwise scores (self-influence only), so the
 diagonal check and the pairwise shape and input checks of `scores` do not apply to them; their
 self-scores and fitting inputs are checked. Stochastic methods (randproj, tracin-rp, if-lissa,
-arnoldi's start vector, gex, tracinrp-fge, la-kfac, trak, el2n, cl, random) are seeded: self-scores and scores of one fit
-use the same draws, so they are held to the same diagonal tolerance as the exact methods, and a
+arnoldi's start vector, gex, tracinrp-fge, la-kfac, trak, el2n, cl, random) are seeded: self-scores and scores of
+one fit use the same draws, so they are held to the same diagonal tolerance as the exact methods, and a
 second fit with the same seed must give the same self-scores.
 """
 
@@ -69,7 +69,9 @@ def _problem():
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(model(x[:24]), y[:24], reduction="sum") + 0.5 * sum(p.pow(2).sum() for p in model.parameters())
+        loss = F.cross_entropy(model(x[:24]), y[:24], reduction="sum") + 0.5 * sum(
+            p.pow(2).sum() for p in model.parameters()
+        )
         loss.backward()
         return loss
 

@@ -230,10 +230,14 @@ def test_otsu_threshold_maximises_the_between_class_variance_and_splits_two_mode
     between = {}
     for i in range(63):  # the slow way: every split of the histogram
         lo, hi = counts[: i + 1], counts[i + 1:]
-        between[centres[i]] = lo.sum() * hi.sum() * ((lo @ centres[: i + 1]) / lo.sum() - (hi @ centres[i + 1:]) / hi.sum()) ** 2
+        between[centres[i]] = (
+            lo.sum() * hi.sum() * ((lo @ centres[: i + 1]) / lo.sum() - (hi @ centres[i + 1 :]) / hi.sum()) ** 2
+        )
     chosen = min(between, key=lambda c: abs(c - t))
     assert chosen == pytest.approx(t)  # a bin centre ...
-    assert between[chosen] == pytest.approx(max(between.values()), rel=1e-9)  # ... of the largest variance (empty bins tie)
+    assert between[chosen] == pytest.approx(
+        max(between.values()), rel=1e-9
+    )  # ... of the largest variance (empty bins tie)
     assert 2 < t < 6 and (finite > t).sum() == pytest.approx(100, abs=3)
 
 
@@ -252,8 +256,12 @@ def test_pruning_set_global_class_balanced_and_iterative_marks():
     marked[[4, 6]] = -np.inf
     assert pruning_set(marked, 3).tolist() == [4, 5, 6]
     assert pruning_set(s, 0).tolist() == []
-    for bad, says in (({"k": 9}, "cannot remove 9 of 8"), ({"k": 2, "class_balance_ratio": 1.5}, r"\[0, 1\]"),
-                      ({"k": 2, "remove": "middle"}, "lowest or highest"), ({"k": 2, "class_balance_ratio": 0.5}, "labels")):
+    for bad, says in (
+        ({"k": 9}, "cannot remove 9 of 8"),
+        ({"k": 2, "class_balance_ratio": 1.5}, r"\[0, 1\]"),
+        ({"k": 2, "remove": "middle"}, "lowest or highest"),
+        ({"k": 2, "class_balance_ratio": 0.5}, "labels"),
+    ):
         with pytest.raises(ConfigError, match=says):
             pruning_set(s, **bad)
     with pytest.raises(ConfigError, match="NaN"):

@@ -23,8 +23,29 @@ def test_datasets_and_models_list():
 
 def test_train_end_to_end_writes_run_directory(tmp_path, digits):
     out = tmp_path / "run"
-    res = runner.invoke(app, ["train", "--dataset", "digits", "--model", "mlp", "--widths", "32", "--epochs", "8",
-                              "--lr", "0.1", "--checkpoint-epochs", "4", "--checkpoint-iterations", "5", "--out", str(out), "--quiet"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            "--dataset",
+            "digits",
+            "--model",
+            "mlp",
+            "--widths",
+            "32",
+            "--epochs",
+            "8",
+            "--lr",
+            "0.1",
+            "--checkpoint-epochs",
+            "4",
+            "--checkpoint-iterations",
+            "5",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"train_accuracy", "test_accuracy", "test_nll"} <= set(metrics)
@@ -108,7 +129,9 @@ def test_run_dir_atomic_and_resume_checks(tmp_path):
     with pytest.raises(ConfigError, match="already holds a finished 'x' run"):
         RunDir.check_out(tmp_path / "r", "x", {"a": 1})
     assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".tmp")]
-    assert (tmp_path / "r" / "arr.npy").stat().st_mode & 0o777 == (tmp_path / "r" / "metrics.json").stat().st_mode & 0o777
+    assert (tmp_path / "r" / "arr.npy").stat().st_mode & 0o777 == (
+        tmp_path / "r" / "metrics.json"
+    ).stat().st_mode & 0o777
 
 
 @pytest.mark.parametrize("args", [["--help"], ["mpe", "validation", "--help"], ["stitch", "--help"]])
@@ -147,7 +170,9 @@ def test_option_groups_omit_defaults_and_clashes():
     assert "corruption_ratio" not in names and names.count("checkpoint_epochs") == 1 and "optimizer" in names
     defaults = {k: p.default for k, p in inspect.signature(command).parameters.items()}
     data_cfg, train_cfg, own = command(**defaults)
-    assert data_cfg.corruption_ratio == 0.3 and train_cfg.epochs == 7 and train_cfg.checkpoint_epochs == () and own == "x"
+    assert (
+        data_cfg.corruption_ratio == 0.3 and train_cfg.epochs == 7 and train_cfg.checkpoint_epochs == () and own == "x"
+    )
     with pytest.raises(TypeError, match="unknown options"):
         o.with_configs(epochs=3)(lambda data_cfg: None)
     with pytest.raises(TypeError, match=r"\['epochs'\] are both"):
@@ -170,10 +195,15 @@ def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
         assert flag in str(res.exception) and not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("flag,value,says", [("--memory-gb", "-1", "--memory-gb must be > 0 (a budget in GiB), received -1"),
-                                             ("--memory-gb", "nan", "--memory-gb must be > 0"),
-                                             ("--bs-jacs", "0", "--bs-jacs must be an integer >= 1"),
-                                             ("--proj-dim", "0", "--proj-dim must be an integer >= 1, received 0")])
+@pytest.mark.parametrize(
+    "flag,value,says",
+    [
+        ("--memory-gb", "-1", "--memory-gb must be > 0 (a budget in GiB), received -1"),
+        ("--memory-gb", "nan", "--memory-gb must be > 0"),
+        ("--bs-jacs", "0", "--bs-jacs must be an integer >= 1"),
+        ("--proj-dim", "0", "--proj-dim must be an integer >= 1, received 0"),
+    ],
+)
 def test_method_settings_are_reported_by_their_option_names(tmp_path, flag, value, says):
     from modelsense.errors import ConfigError
 
@@ -195,10 +225,15 @@ def test_checkpoint_that_is_not_ours_is_explained(tmp_path):
     from modelsense.errors import ConfigError
 
     module = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
-    cases = {"module.pt": (module, "holds pickled Python objects (such as a whole module saved with torch.save(model))"),
-             "state_dict.pt": (module.state_dict(), "is not a modelsense checkpoint: it lacks state_dict, model, input_shape"),
-             "list.pt": ([1, 2], "is not a modelsense checkpoint"),
-             "partial.pt": ({"model": {"name": "mlp"}}, "it lacks state_dict, input_shape, num_classes")}
+    cases = {
+        "module.pt": (module, "holds pickled Python objects (such as a whole module saved with torch.save(model))"),
+        "state_dict.pt": (
+            module.state_dict(),
+            "is not a modelsense checkpoint: it lacks state_dict, model, input_shape",
+        ),
+        "list.pt": ([1, 2], "is not a modelsense checkpoint"),
+        "partial.pt": ({"model": {"name": "mlp"}}, "it lacks state_dict, input_shape, num_classes"),
+    }
     for name, (obj, says) in cases.items():
         torch.save(obj, tmp_path / name)
         with pytest.raises(ConfigError) as info:

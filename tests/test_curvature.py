@@ -358,7 +358,9 @@ def test_kfac_exact_for_conv1d_feeding_the_outputs():
     for structure in ("kfac", "ekfac"):
         K = build_curvature(fm, x, y, structure=structure)
         assert torch.allclose(K.to_dense(), dense_ggn(fm, x, y), atol=1e-10)
-    two = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same"), nn.Tanh(), nn.Conv1d(3, 2, 2, dilation=2), nn.Flatten()).to(DT)
+    two = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same"), nn.Tanh(), nn.Conv1d(3, 2, 2, dilation=2), nn.Flatten()).to(
+        DT
+    )
     fm2 = FunctionalModel(two, "gaussian")
     y2 = torch.randn(5, 10, dtype=DT)
     K2 = build_curvature(fm2, x, y2, structure="kfac")
@@ -578,7 +580,9 @@ def test_lanczos_top_k_matches_eigvalsh_of_the_dense_hessian():
     e = K.eigen(8)
     assert bool(e.converged.all())
     assert torch.allclose(e.eigenvalues, lam.flip(0)[:8], rtol=1e-4, atol=0)
-    assert torch.allclose((H @ e.eigenvectors - e.eigenvectors * e.eigenvalues).norm(dim=0), e.residuals.to(DT), atol=1e-8)
+    assert torch.allclose(
+        (H @ e.eigenvectors - e.eigenvectors * e.eigenvalues).norm(dim=0), e.residuals.to(DT), atol=1e-8
+    )
     mag = top_eigenpairs(K, 4, which="magnitude")
     ref = lam[torch.argsort(lam.abs(), descending=True)[:4]]
     assert torch.allclose(mag.eigenvalues, ref, rtol=1e-4)
@@ -616,7 +620,9 @@ def test_slq_density_integrates_to_one_and_moments_match():
     fm, x, y = mlp_problem()
     H = dense_hessian(fm, x, y)
     P = fm.n_params
-    dens = spectral_density(DenseCurvature(H, "hessian"), num_probes=30, num_steps=P, generator=torch.Generator().manual_seed(1))
+    dens = spectral_density(
+        DenseCurvature(H, "hessian"), num_probes=30, num_steps=P, generator=torch.Generator().manual_seed(1)
+    )
     lam = torch.linalg.eigvalsh(H)
     grid = torch.linspace(float(lam.min()) - 1, float(lam.max()) + 1, 20001, dtype=DT)
     assert math.isclose(float(torch.trapezoid(dens.evaluate(grid), grid)), 1.0, abs_tol=1e-6)
@@ -643,10 +649,14 @@ def test_slq_quadrature_is_exact_per_probe():
         probes.append(v) if not probes else None
         return A @ v
 
-    dens = spectral_density(matvec, num_probes=1, num_steps=12, dim=12, dtype=DT, generator=torch.Generator().manual_seed(0))
+    dens = spectral_density(
+        matvec, num_probes=1, num_steps=12, dim=12, dtype=DT, generator=torch.Generator().manual_seed(0)
+    )
     v = probes[0]
     for j in (1, 2, 3, 5):
-        assert math.isclose(float(dens.probe_moments(j)[0]), float(v @ torch.linalg.matrix_power(A, j) @ v), rel_tol=1e-8)
+        assert math.isclose(
+            float(dens.probe_moments(j)[0]), float(v @ torch.linalg.matrix_power(A, j) @ v), rel_tol=1e-8
+        )
 
 
 # --- effective dimension ----------------------------------------------------------------------------------
@@ -670,7 +680,9 @@ def test_effective_dimension_scales_with_reduction():
 
 def test_blr_contraction_matches_explicit_inverses():
     phi = fourier_features(torch.linspace(0, 5, 40, dtype=DT), 10)  # P = 20
-    res = blr_posterior_contraction(phi, noise_variance=0.1, prior_variance=3.0, s_parameter=5.0, s_function=2.0, seed=0)
+    res = blr_posterior_contraction(
+        phi, noise_variance=0.1, prior_variance=3.0, s_parameter=5.0, s_function=2.0, seed=0
+    )
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     assert res.n_params == 20 and res.n.tolist() == list(range(1, 41))
     for n in (1, 7, 20, 33, 40):
@@ -680,7 +692,9 @@ def test_blr_contraction_matches_explicit_inverses():
         func = torch.linalg.eigvalsh(Pn @ Sigma @ Pn.T).clamp_min(0)
         data = torch.linalg.eigvalsh(Pn.T @ Pn / 0.1).clamp_min(0)
         assert math.isclose(float(res.effdim_posterior[n - 1]), effective_dimension(post, 5.0), rel_tol=1e-9)
-        assert math.isclose(float(res.effdim_function[n - 1]), effective_dimension(func, 2.0), rel_tol=1e-7, abs_tol=1e-9)
+        assert math.isclose(
+            float(res.effdim_function[n - 1]), effective_dimension(func, 2.0), rel_tol=1e-7, abs_tol=1e-9
+        )
         assert math.isclose(float(res.effdim_hessian[n - 1]), effective_dimension(data, 1 / 3.0), rel_tol=1e-9)
         assert math.isclose(float(res.effdim_hessian[n - 1]), 20 - float(Sigma.trace()) / 3.0, rel_tol=1e-9)
     assert bool((res.effdim_posterior[1:] <= res.effdim_posterior[:-1] + 1e-12).all())  # contraction
@@ -698,7 +712,9 @@ def test_compute_spectrum_summary():
     fm, x, y = mlp_problem()
     H = dense_hessian(fm, x, y)
     lam = torch.linalg.eigvalsh(H).flip(0)
-    spec = compute_spectrum(fm, x, y, SpectrumConfig(k=5, s=(1.0, 10.0), trace_samples=50, density_probes=2, density_steps=10))
+    spec = compute_spectrum(
+        fm, x, y, SpectrumConfig(k=5, s=(1.0, 10.0), trace_samples=50, density_probes=2, density_steps=10)
+    )
     assert torch.allclose(spec.eigenvalues, lam[:5], rtol=1e-4)
     m = spec.to_metrics()
     assert m["n_params"] == fm.n_params and len(m["eigenvalues"]) == 5
@@ -720,7 +736,9 @@ def test_spectrum_config_default_s_is_declared_once_and_scales_with_reduction():
     assert summed.effective_dimension[DEFAULT_S_SUM] == pytest.approx(effective_dimension(lam, DEFAULT_S_SUM), rel=1e-4)
     mean = compute_spectrum(fm, x, y, SpectrumConfig(k=3, reduction="mean"))
     assert mean.config.s == (DEFAULT_S_SUM / len(x),)
-    assert mean.effective_dimension[DEFAULT_S_SUM / len(x)] == pytest.approx(summed.effective_dimension[DEFAULT_S_SUM], rel=1e-4)
+    assert mean.effective_dimension[DEFAULT_S_SUM / len(x)] == pytest.approx(
+        summed.effective_dimension[DEFAULT_S_SUM], rel=1e-4
+    )
 
 
 def test_spectrum_default_is_eigenvalues_only_and_cost_is_counted_per_part():
@@ -792,7 +810,9 @@ def test_bad_input_raises_config_errors():
     with pytest.raises(ConfigError, match="damping > 0"):
         build_curvature(fm, x, y, structure="lowrank", rank=3).inverse_mv(torch.ones(fm.n_params, dtype=DT), 0.0)
     with pytest.raises(ConfigError, match="not positive definite"):
-        DenseCurvature(torch.diag(torch.tensor([1.0, -1.0], dtype=DT)), "hessian").inverse_mv(torch.ones(2, dtype=DT), 0.5)
+        DenseCurvature(torch.diag(torch.tensor([1.0, -1.0], dtype=DT)), "hessian").inverse_mv(
+            torch.ones(2, dtype=DT), 0.5
+        )
     with pytest.raises(ConfigError, match="shape"):
         build_curvature(fm, x, y, structure="diag").mv(torch.ones(3, dtype=DT))
     with pytest.raises(ConfigError, match="max_full_params"):

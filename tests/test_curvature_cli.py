@@ -112,7 +112,16 @@ def test_spectrum_defaults_are_cheap_and_declared_once(spectrum_run, tmp_path):
 
     cli = cli_defaults("spectrum")
     assert exp.SpectrumSpec().spectrum == SpectrumConfig()
-    for name in ("k", "matrix", "reduction", "trace_samples", "density_probes", "density_steps", "lanczos_tol", "chunk_size"):
+    for name in (
+        "k",
+        "matrix",
+        "reduction",
+        "trace_samples",
+        "density_probes",
+        "density_steps",
+        "lanczos_tol",
+        "chunk_size",
+    ):
         assert cli[name] == getattr(SpectrumConfig(), name), name
     assert cli["trace_samples"] == 0 and cli["density_probes"] == 0 and cli["s"] == ""
     help_text = runner.invoke(app, ["spectrum", "--help"], env={"COLUMNS": "400"}).output
@@ -355,7 +364,14 @@ def test_width_sweep_defaults_are_the_prototype():
 
     d = cli_defaults("effdim", "width-sweep")
     assert d["widths"] == "2,4,8,12,16,24,32,64,128,256,512" and d["model"] == "mlp" and d["hidden_layers"] == 1
-    assert (d["optimizer"], d["lr"], d["lrmin"], d["epochs"], d["bs"], d["delta"]) == ("adam", 3e-3, 3e-3, 400, 128, 0.0)
+    assert (d["optimizer"], d["lr"], d["lrmin"], d["epochs"], d["bs"], d["delta"]) == (
+        "adam",
+        3e-3,
+        3e-3,
+        400,
+        128,
+        0.0,
+    )
     assert (d["dataset"], d["corruption_ratio"], d["standardize"]) == ("digits", 0.2, True)
     assert d["k"] == 50 and d["s"] == "" and d["matrix"] == "hessian" and d["reduction"] == "sum"
     assert "width" not in d and "trace_samples" not in d  # set by the sweep / not computed: not offered
@@ -363,10 +379,25 @@ def test_width_sweep_defaults_are_the_prototype():
 
 
 def test_summarize_counts_only_interpolating_models():
-    results = [{"width": w, "n_params": p, "train_loss": tl, "train_accuracy": 1.0, "test_loss": te,
-                "test_error": 0.1, "k": 2, "eigenvalues": ev, "eigenvalues_converged": [True, c]}
-               for w, p, tl, te, ev, c in [(1, 10, 0.5, 3.0, [5.0, 1.0], True), (2, 20, 0.001, 2.0, [300.0, 100.0], True),
-                                          (3, 30, 0.001, 1.0, [100.0, 50.0], False), (4, 40, 0.002, 1.5, [200.0, 60.0], True)]]
+    results = [
+        {
+            "width": w,
+            "n_params": p,
+            "train_loss": tl,
+            "train_accuracy": 1.0,
+            "test_loss": te,
+            "test_error": 0.1,
+            "k": 2,
+            "eigenvalues": ev,
+            "eigenvalues_converged": [True, c],
+        }
+        for w, p, tl, te, ev, c in [
+            (1, 10, 0.5, 3.0, [5.0, 1.0], True),
+            (2, 20, 0.001, 2.0, [300.0, 100.0], True),
+            (3, 30, 0.001, 1.0, [100.0, 50.0], False),
+            (4, 40, 0.002, 1.5, [200.0, 60.0], True),
+        ]
+    ]
     from modelsense.curvature.effdim import width_sweep_summary
 
     m = width_sweep_summary(results, [100.0], 0.01)

@@ -17,10 +17,10 @@ from modelsense.data import (
     DataConfig,
     Dataset,
     available_datasets,
+    builtin,
     load_dataset,
     load_dataset_from_config,
 )
-from modelsense.data import builtin
 from modelsense.data.files import read_idx
 from modelsense.data.transforms import stratified_allocation
 from modelsense.errors import DataError

@@ -135,8 +135,10 @@ def test_recorded_benchmark_becomes_the_measured_numbers_page(tmp_path, monkeypa
     record = _load(ROOT / "bench" / "record.py", "bench_record")
     bench = tmp_path / "bench"
     bench.mkdir()
-    (bench / "fake.py").write_text('import sys, json\nprint("warming up")\n'
-                                   'print(json.dumps({"arm": {"seconds": 1.5, "n": int(sys.argv[1])}, "ratio": 2.0}))\n')
+    (bench / "fake.py").write_text(
+        'import sys, json\nprint("warming up")\n'
+        'print(json.dumps({"arm": {"seconds": 1.5, "n": int(sys.argv[1])}, "ratio": 2.0}))\n'
+    )
     (bench / "broken.py").write_text('print("no json here")\n')
     (bench / "failing.py").write_text("raise SystemExit(3)\n")
     monkeypatch.setattr(record, "HERE", bench)

@@ -12,7 +12,9 @@ from modelsense.models import ModelConfig
 from modelsense.retraining.store import RetrainRecipe, subset_jobs, train_jobs
 from modelsense.training import TrainConfig
 
-RECIPE = RetrainRecipe(DataConfig("digits", n_train=120), ModelConfig("mlp", widths=(16,)), TrainConfig(epochs=2, bs=32))
+RECIPE = RetrainRecipe(
+    DataConfig("digits", n_train=120), ModelConfig("mlp", widths=(16,)), TrainConfig(epochs=2, bs=32)
+)
 runner = CliRunner()
 
 
@@ -39,8 +41,25 @@ def test_ray_backend_equals_local(tmp_path):
 
 def _cli(args, min_held_out=("--min-held-out", "1")):
     """The command on a tiny farm; 4-6 models are too few for the default minimum of 3 models per side."""
-    return runner.invoke(app, ["memorization", "--dataset", "digits", "--n-train", "100", "--widths", "16", "--epochs", "2",
-                               "--bs", "32", "--quiet", *min_held_out, *args])
+    return runner.invoke(
+        app,
+        [
+            "memorization",
+            "--dataset",
+            "digits",
+            "--n-train",
+            "100",
+            "--widths",
+            "16",
+            "--epochs",
+            "2",
+            "--bs",
+            "32",
+            "--quiet",
+            *min_held_out,
+            *args,
+        ],
+    )
 
 
 def test_memorization_command_end_to_end_and_extend(tmp_path):
@@ -50,8 +69,15 @@ def test_memorization_command_end_to_end_and_extend(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_models"] == 4 and "mean_memorization" in metrics and "n_high_memorization" in metrics
     assert 0.0 <= metrics["auc_corrupted"] <= 1.0
-    for name in ("memorization.npy", "memorization_se.npy", "influence_top_indices.npy", "figures/memorization_histogram.png",
-                 "figures/most_memorized.png", "figures/memorization_convergence.png", "figures/influence_pairs.png"):
+    for name in (
+        "memorization.npy",
+        "memorization_se.npy",
+        "influence_top_indices.npy",
+        "figures/memorization_histogram.png",
+        "figures/most_memorized.png",
+        "figures/memorization_convergence.png",
+        "figures/influence_pairs.png",
+    ):
         assert (out / name).exists(), name
     res = _cli(["--n-models", "6", "--chunk-size", "2", "--corruption-ratio", "0.1", "--out", str(out)])
     assert res.exit_code != 0 and "--resume" in str(res.exception)
@@ -125,11 +151,20 @@ def test_memorization_from_original_runs(tmp_path):
             k = int(float(ratio) * n)
             d = root / ratio / str(r)
             d.mkdir(parents=True)
-            np.savez(d / "aux_arrays.npz", correctness_train=rng.random(k) < 0.9, correctness_removed=rng.random(n - k) < 0.5,
-                     correctness_test=rng.random(m) < 0.7, index_train=idx[:k], index_removed=idx[k:],
-                     index_test=np.arange(m), subsample_idx=idx[:k])
+            np.savez(
+                d / "aux_arrays.npz",
+                correctness_train=rng.random(k) < 0.9,
+                correctness_removed=rng.random(n - k) < 0.5,
+                correctness_test=rng.random(m) < 0.7,
+                index_train=idx[:k],
+                index_removed=idx[k:],
+                index_test=np.arange(m),
+                subsample_idx=idx[:k],
+            )
     out = tmp_path / "est"
-    res = runner.invoke(app, ["memorization", "--from-runs", str(root), "--out", str(out), "--quiet", "--min-held-out", "2"])
+    res = runner.invoke(
+        app, ["memorization", "--from-runs", str(root), "--out", str(out), "--quiet", "--min-held-out", "2"]
+    )
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_models"] == 4 and metrics["subset_ratio"] == 0.7 and metrics["subset_ratios"] == [0.5, 0.7]
@@ -152,11 +187,39 @@ def test_lds_and_memorization_share_the_models_of_one_store(tmp_path):
     store = tmp_path / "shared_store"
     recipe = ["--dataset", "digits", "--n-train", "100", "--widths", "16", "--epochs", "2", "--bs", "32", "--lr", "0.1",
               "--delta", "1.0", "--quiet", "--store", str(store)]
-    res = runner.invoke(app, ["memorization", *recipe, "--subset-ratio", "0.5", "--n-models", "4", "--min-held-out", "1",
-                              "--out", str(tmp_path / "mem")])
+    res = runner.invoke(
+        app,
+        [
+            "memorization",
+            *recipe,
+            "--subset-ratio",
+            "0.5",
+            "--n-models",
+            "4",
+            "--min-held-out",
+            "1",
+            "--out",
+            str(tmp_path / "mem"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["lds", *recipe, "--alpha", "0.5", "--n-models", "4", "--methods", "grad-dot", "--n-test", "5",
-                              "--out", str(tmp_path / "lds")])
+    res = runner.invoke(
+        app,
+        [
+            "lds",
+            *recipe,
+            "--alpha",
+            "0.5",
+            "--n-models",
+            "4",
+            "--methods",
+            "grad-dot",
+            "--n-test",
+            "5",
+            "--out",
+            str(tmp_path / "lds"),
+        ],
+    )
     assert res.exit_code == 0, (res.output, res.exception)
     log = (tmp_path / "lds" / "run.log").read_text()
     assert "4 of 4 jobs stored, 0 to train" in log  # the memorization run's models, reused
@@ -189,7 +252,9 @@ def test_cscore_curves_over_ratios_share_the_store_with_single_ratio_runs(tmp_pa
         assert "4 of 4 jobs stored, 0 to train" in (single / "run.log").read_text()
         np.testing.assert_array_equal(np.load(single / "heldout_accuracy.npy"), by_ratio[k])
     # memorization and influence are those of the ratio nearest --subset-ratio (0.7)
-    np.testing.assert_array_equal(np.load(multi / "memorization.npy"), np.load(tmp_path / "single_0.7" / "memorization.npy"))
+    np.testing.assert_array_equal(
+        np.load(multi / "memorization.npy"), np.load(tmp_path / "single_0.7" / "memorization.npy")
+    )
 
 
 def test_cscore_ratios_are_nested_subsets_of_one_permutation_per_model():

@@ -93,17 +93,34 @@ def test_kill_9_during_train_leaves_no_partial_file_and_no_usable_run(point, tmp
         refused(runner.invoke(app, ["influence", *DATA, "--checkpoint", str(out / "model.pt"), "--method", "loss",
                                     "--self", "--out", str(tmp_path / "x"), "--quiet"]), "did not finish")
     refused(runner.invoke(app, ["train", *DATA, "--out", str(out), "--quiet"]), "already holds a crashed")
-    res = runner.invoke(app, ["train", *DATA, "--widths", "8", "--epochs", "2", "--overwrite", "--out", str(out), "--quiet"])
+    res = runner.invoke(
+        app, ["train", *DATA, "--widths", "8", "--epochs", "2", "--overwrite", "--out", str(out), "--quiet"]
+    )
     assert res.exit_code == 0 and run_status(out) == "finished"
     assert not list(out.rglob(f"{TEMP_PREFIX}*"))
 
 
 def test_kill_9_while_scores_fill_leaves_no_scores_file(tmp_path):
     model = tmp_path / "m"
-    assert runner.invoke(app, ["train", *DATA, "--widths", "64", "--epochs", "2", "--out", str(model), "--quiet"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app, ["train", *DATA, "--widths", "64", "--epochs", "2", "--out", str(model), "--quiet"]
+        ).exit_code
+        == 0
+    )
     out = tmp_path / "inf"
-    proc = _start("influence", *DATA, "--checkpoint", model / "model.pt", "--method", "grad-dot", "--memory-gb", "0.0001",
-                  "--out", out)
+    proc = _start(
+        "influence",
+        *DATA,
+        "--checkpoint",
+        model / "model.pt",
+        "--method",
+        "grad-dot",
+        "--memory-gb",
+        "0.0001",
+        "--out",
+        out,
+    )
     _kill_when(proc, _temp_named(out, "scores.npy"))
     assert not (out / "scores.npy").exists()  # the partly filled matrix never carries the final name
     assert_every_final_file_complete(out)
@@ -149,8 +166,26 @@ def test_damaged_snapshot_is_one_message(tmp_path):
                                "--out", str(model), "--quiet"]).exit_code == 0
     snap = model / "checkpoint_epoch_1.pt"
     snap.write_bytes(snap.read_bytes()[:100])
-    refused(runner.invoke(app, ["influence", *DATA, "--checkpoint", str(model / "model.pt"), "--method", "grad-dot",
-                                "--n-test", "3", "--out", str(tmp_path / "x"), "--quiet"]), "checkpoint_epoch_1.pt", "damaged")
+    refused(
+        runner.invoke(
+            app,
+            [
+                "influence",
+                *DATA,
+                "--checkpoint",
+                str(model / "model.pt"),
+                "--method",
+                "grad-dot",
+                "--n-test",
+                "3",
+                "--out",
+                str(tmp_path / "x"),
+                "--quiet",
+            ],
+        ),
+        "checkpoint_epoch_1.pt",
+        "damaged",
+    )
 
 
 @pytest.mark.parametrize("command", ["train", "influence"])

@@ -104,7 +104,9 @@ def test_relabel_out_of_fold_targets_are_the_cl_models_predictions(tmp_path):
     data = load_dataset_from_config(NOISY)
     module, _ = load_model(tmp_path / "rl" / "model.pt")
     ctx = method_context("cl", None, TRAIN, MODEL, data)
-    cl = make_attributor("cl", cl_folds=3, seed=TRAIN.seed, progress=False, **ctx).fit(module, data.x_train, data.y_train)
+    cl = make_attributor("cl", cl_folds=3, seed=TRAIN.seed, progress=False, **ctx).fit(
+        module, data.x_train, data.y_train
+    )
     targets = np.load(tmp_path / "rl" / "relabel.npz")["targets"]
     np.testing.assert_array_equal(targets, cl.oof_probabilities_.numpy().argmax(1))
     assert m["target"] == "out-of-fold" and 0 <= m["target_accuracy"] <= 1

@@ -66,7 +66,9 @@ def test_grad_dot_of_a_checkpoint_is_the_gradient_inner_product(trained, tmp_pat
     assert config["train"]["epochs"] == 4 and config["model"]["widths"] == [8]  # the run's, not the command's
     assert config["settings"]["bs_jacs"] == 7 and config["settings"]["memory_gb"] == 0.5  # the method settings
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["test_accuracy"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["test_accuracy"])
+    assert metrics["test_accuracy"] == pytest.approx(
+        json.loads((trained / "metrics.json").read_text())["test_accuracy"]
+    )
 
 
 def test_tracin_of_a_checkpoint_equals_tracin_trained_in_the_command(trained, tmp_path):
@@ -111,12 +113,16 @@ def test_what_a_bare_model_pt_cannot_give_is_a_clear_error(trained, tmp_path):
     bare = tmp_path / "bare"  # model.pt alone: no config.json, no epoch checkpoints
     bare.mkdir()
     shutil.copy(trained / "model.pt", bare / "model.pt")
-    msg = error(invoke("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "tracin", "--out", tmp_path / "a"))
+    msg = error(
+        invoke("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "tracin", "--out", tmp_path / "a")
+    )
     assert "no checkpoint_epoch_<E>.pt" in msg and "--checkpoint-epochs" in msg and "another method" in msg
     assert not (tmp_path / "a").exists()
     for f in trained.glob("checkpoint_epoch_*.pt"):  # snapshots but no config.json: learning rates unknown
         shutil.copy(f, bare / f.name)
-    msg = error(invoke("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "tracin-rp", "--out", tmp_path / "b"))
+    msg = error(
+        invoke("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "tracin-rp", "--out", tmp_path / "b")
+    )
     assert "no config.json" in msg and "learning rates" in msg
     # without config.json the command's training options are the recipe
     ok("influence", *DATA, "--checkpoint", bare / "model.pt", "--method", "loss", "--self", "--epochs", 7,

@@ -50,7 +50,9 @@ def test_gradient_and_hessian_are_the_derivatives_of_the_nll(name):
     hess = per_row(torch.func.hessian(nll_i), f, y)
     torch.testing.assert_close(lik.output_grad(f, y), grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lik.output_hessian(f), hess, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(lik.output_hessian_diag(f), torch.diagonal(hess, dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        lik.output_hessian_diag(f), torch.diagonal(hess, dim1=-2, dim2=-1), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -113,7 +115,9 @@ def test_samples_follow_the_predictive(name):
         assert bool(((r.pow(2).mean(0) * 2.5 - 1).abs() <= 5 * math.sqrt(2 / S)).all())
     grads = torch.stack([lik.output_grad(f, d) for d in draws[:4000]])  # (S', N, C)
     fisher = torch.einsum("snc,snd->ncd", grads, grads) / len(grads)
-    torch.testing.assert_close(fisher, lik.output_hessian(f), atol=0.1 * float(lik.output_hessian(f).abs().max()), rtol=0)
+    torch.testing.assert_close(
+        fisher, lik.output_hessian(f), atol=0.1 * float(lik.output_hessian(f).abs().max()), rtol=0
+    )
 
 
 def test_likelihood_for_names_and_the_model_objective():
@@ -123,7 +127,12 @@ def test_likelihood_for_names_and_the_model_objective():
     fm = FunctionalModel(torch.nn.Linear(3, C).to(DT))
     assert fm.objective == Categorical() and fm.with_loss("cross_entropy") is fm
     sig = fm.with_loss("sigmoid_bce")
-    assert sig.objective == SigmoidBCE() and sig.params is fm.params and sig.module is fm.module and fm.objective == Categorical()
+    assert (
+        sig.objective == SigmoidBCE()
+        and sig.params is fm.params
+        and sig.module is fm.module
+        and fm.objective == Categorical()
+    )
     x, y = torch.randn(N, 3, dtype=DT), torch.randint(0, C, (N,))
     torch.testing.assert_close(sig.per_example_loss(sig.params, x, y), SigmoidBCE().nll(fm(fm.params, x), y))
     # per-example gradients (vmap over single examples) go through the same object
@@ -168,7 +177,9 @@ def test_bad_labels_say_what_was_expected(lik):
 def test_bad_gaussian_targets_and_sigmoid_matrices():
     f = torch.randn(N, C, dtype=DT)
     for method in (Gaussian().nll, Gaussian().output_grad, Gaussian().check_targets):
-        with pytest.raises(DataError, match=r"gaussian targets must have shape \(5, 4\) \(or \(n,\) for C = 1\), received \(5, 3\)"):
+        with pytest.raises(
+            DataError, match=r"gaussian targets must have shape \(5, 4\) \(or \(n,\) for C = 1\), received \(5, 3\)"
+        ):
             method(f, torch.zeros(N, 3, dtype=DT))
     with pytest.raises(DataError, match="NaN or inf"):
         Gaussian().check_targets(f, torch.full((N, C), float("nan"), dtype=DT))

@@ -354,7 +354,9 @@ def test_consistency_of_correlated_ratios_bounds_the_error_by_the_sum():
     independent = quiet(consistency, tables)
     np.testing.assert_array_equal(dependent.score, independent.score)
     for i in range(11):
-        ses = [dependent.per_ratio[r].standard_error[i] for r in tables if not np.isnan(dependent.per_ratio[r].estimate[i])]
+        ses = [
+            dependent.per_ratio[r].standard_error[i] for r in tables if not np.isnan(dependent.per_ratio[r].estimate[i])
+        ]
         expected = sum(ses) / len(ses) if ses else np.nan
         np.testing.assert_allclose(dependent.standard_error[i], expected, atol=1e-12, equal_nan=True)
         if ses and not np.isnan(expected) and len(ses) > 1:  # the bound is never below the independent SE

@@ -65,7 +65,9 @@ def test_registry_lists_every_model():
         assert m["accepts_vectors"] == (m["name"] in VECTOR_MODELS)
 
 
-@pytest.mark.parametrize("name,shape,num_classes", CASES, ids=[f"{n}-{'x'.join(map(str, s))}-C{c}" for n, s, c in CASES])
+@pytest.mark.parametrize(
+    "name,shape,num_classes", CASES, ids=[f"{n}-{'x'.join(map(str, s))}-C{c}" for n, s, c in CASES]
+)
 def test_output_shape(name, shape, num_classes):
     model = build_model(name, shape, num_classes, seed=0, **SMALL.get(name, {}))
     out = model(torch.randn(3, *shape))
@@ -168,12 +170,13 @@ def test_parameter_counts():
 
 
 def _resnet20_frn_count(c_in: int, w: int, num_classes: int) -> int:
-    conv = lambda i, o, k: i * o * k * k + o + 3 * o  # weight, bias, FRN gamma/beta/tau
+    def conv(i, o, k):
+        return i * o * k * k + o + 3 * o  # weight, bias, FRN gamma/beta/tau
     total = conv(c_in, w, 3)
     channels = w
     for s in range(3):
         out = w * 2**s
-        for b in range(3):
+        for _b in range(3):
             total += conv(channels, out, 3) + conv(out, out, 3)
             if channels != out:
                 total += conv(channels, out, 1)
@@ -235,7 +238,12 @@ def test_cnn_depth_structure(depth):
 
 
 def test_cnn_norm_options():
-    for norm, kind in [("gn", nn.GroupNorm), ("bn", nn.BatchNorm2d), ("frn", FilterResponseNorm2d), ("none", nn.Identity)]:
+    for norm, kind in [
+        ("gn", nn.GroupNorm),
+        ("bn", nn.BatchNorm2d),
+        ("frn", FilterResponseNorm2d),
+        ("none", nn.Identity),
+    ]:
         m = build_model("cnn", (1, 8, 8), 3, width=4, norm=norm)
         assert isinstance(m.block1.norm, kind)
         r = build_model("resnet18", (1, 8, 8), 3, width=2, norm=norm)
@@ -332,7 +340,9 @@ def test_flat_per_example_grads_chunks_buffer_and_aux():
     grads, aux = flat_per_example_grads(fm, loss_and_label, fm.params, x, y, chunk_size=3, has_aux=True)
     torch.testing.assert_close(grads, flat, rtol=0, atol=0)
     assert aux.tolist() == (y * 10).tolist()
-    with pytest.raises(ConfigError, match=rf"out must have shape \(n, P\) = \(7, {fm.n_params}\), received \(6, {fm.n_params}\)"):
+    with pytest.raises(
+        ConfigError, match=rf"out must have shape \(n, P\) = \(7, {fm.n_params}\), received \(6, {fm.n_params}\)"
+    ):
         fm.per_example_grads(fm.params, x, y, flat=True, out=buf[:6])
     with pytest.raises(ConfigError, match="pass flat=True"):
         fm.per_example_grads(fm.params, x, y, out=buf)
@@ -400,7 +410,7 @@ def _resnet_count(c_in: int, k: int, blocks: tuple[int, ...], num_classes: int, 
     total, channels = _conv(c_in, k, 3) + 2 * k, k
     for s, n in enumerate(blocks):
         out = k * 2**s
-        for b in range(n):
+        for _b in range(n):
             total += _conv(channels, out, 3) + _conv(out, out, 3) + 4 * out
             if projection and channels != out:
                 total += _conv(channels, out, 1) + 2 * out
@@ -409,7 +419,8 @@ def _resnet_count(c_in: int, k: int, blocks: tuple[int, ...], num_classes: int, 
 
 
 def _inception_count(c_in: int, num_classes: int) -> int:
-    unit = lambda i, o, k: _conv(i, o, k) + 2 * o
+    def unit(i, o, k):
+        return _conv(i, o, k) + 2 * o
     total, channels = unit(c_in, 96, 3), 96
     for blocks, down in ((((32, 32), (32, 48)), 160), (((112, 48), (96, 64), (80, 80), (48, 96)), 240),
                          (((176, 160), (176, 160)), 0)):
@@ -454,7 +465,8 @@ def test_recipe_models_forward_backward_and_norm_option(name):
     gn = build_model(name, (3, 32, 32), 3, seed=0, **SMALL[name])
     bn = build_model(name, (3, 32, 32), 3, seed=0, norm="bn", **SMALL[name])
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gn.modules())
-    kinds = lambda m, k: [n for n, mod in m.named_modules() if isinstance(mod, k)]
+    def kinds(m, k):
+        return [n for n, mod in m.named_modules() if isinstance(mod, k)]
     assert kinds(gn, nn.GroupNorm) == kinds(bn, nn.BatchNorm2d) and kinds(gn, nn.GroupNorm)
     assert [k for k, _ in gn.named_parameters()] == [k for k, _ in bn.named_parameters()]
 

@@ -78,7 +78,12 @@ def trained_with(optimizer_name, net, x, y, delta):
 
     data = Dataset("tiny", x.float(), y, x[:2].float(), y[:2], int(y.max()) + 1, "test", {})
     net = net.float()
-    res = fit(net, data, TrainConfig(optimizer=optimizer_name, lr=0.05, epochs=3, bs=4, delta=delta, eval_every=0), progress=False)
+    res = fit(
+        net,
+        data,
+        TrainConfig(optimizer=optimizer_name, lr=0.05, epochs=3, bs=4, delta=delta, eval_every=0),
+        progress=False,
+    )
     return res.module.to(DTYPE), res.optimizer
 
 
@@ -161,7 +166,9 @@ def test_woodbury_form_equals_direct_solve_with_damping():
 
 def test_leverage_clip_keeps_the_correction_finite():
     f = torch.zeros(1, 2, dtype=DTYPE)
-    V = torch.full((1, 2, 2), 50.0, dtype=DTYPE) * torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=DTYPE)  # leverage 50 >> 1
+    V = torch.full((1, 2, 2), 50.0, dtype=DTYPE) * torch.tensor(
+        [[1.0, -1.0], [-1.0, 1.0]], dtype=DTYPE
+    )  # leverage 50 >> 1
     res = memory_perturbation(f, torch.tensor([0]), V, MPESettings("loo", max_leverage=0.9))
     assert torch.isfinite(res.shift).all()
     # the clipped correction multiplies V e by 1 / (1 - 0.9) along the leverage direction
@@ -314,8 +321,12 @@ def test_warm_started_retraining_reaches_the_converged_truth_only_with_enough_re
     for epochs, lr in ((1, 0.05), (40, 0.5)):
         cfg = TrainConfig(lr=lr, epochs=epochs, bs=16, delta=delta, eval_every=0)
         relaxation = retraining_relaxation(cfg, len(x) - 1)
-        res = retrain_without(model_fn, x.float(), y, removed, cfg, init, {"q": (x[removed].float(), y[removed])}, progress=False)
-        retrained = softmax_deviation(res.control["q"]["logits"][0], res.outputs["q"]["logits"][removed, removed]).numpy()
+        res = retrain_without(
+            model_fn, x.float(), y, removed, cfg, init, {"q": (x[removed].float(), y[removed])}, progress=False
+        )
+        retrained = softmax_deviation(
+            res.control["q"]["logits"][0], res.outputs["q"]["logits"][removed, removed]
+        ).numpy()
         slopes[relaxation >= MIN_RELAXATION] = slope_through_origin(retrained, exact)
         if relaxation >= MIN_RELAXATION:
             assert stats.pearsonr(retrained, exact)[0] > 0.95
@@ -466,8 +477,10 @@ def test_recorder_snapshots_match_fit_checkpoints(digits):
 # --- commands end to end --------------------------------------------------------------------------
 TINY = ["--n-train", "150", "--widths", "16", "--epochs", "2", "--quiet", "--bs-jacs", "64"]
 COMMANDS = {
-    "validation": (["--n-retrain", "6", "--epochs-retrain", "1"], ("pearson", "spearman", "slope", "n_retrain", "by_variant",
-                                                                  "retrain_relaxation", "ground_truth_converged")),
+    "validation": (
+        ["--n-retrain", "6", "--epochs-retrain", "1"],
+        ("pearson", "spearman", "slope", "n_retrain", "by_variant", "retrain_relaxation", "ground_truth_converged"),
+    ),
     "loo-iterations": ([], ("estimated_nll", "test_nll", "final_abs_gap")),
     "loo-l2reg": (["--n-exp", "3"], ("best_delta_estimated", "best_delta_test")),
     "evolving": (["--mc-samples", "8", "--n-bins", "10"], ("spearman_to_last",)),
@@ -505,7 +518,9 @@ def test_cli_rejects_an_adamw_posterior_and_unknown_variant(tmp_path):
     import modelsense.cli.mpe  # noqa: F401
     from modelsense.cli.app import app
 
-    res = CliRunner().invoke(app, ["mpe", "validation", "--optimizer", "adamw", "--optim-var", "--out", str(tmp_path / "a")])
+    res = CliRunner().invoke(
+        app, ["mpe", "validation", "--optimizer", "adamw", "--optim-var", "--out", str(tmp_path / "a")]
+    )
     assert isinstance(res.exception, ConfigError) and "needs --optimizer ivon or adam" in str(res.exception)
     assert not (tmp_path / "a").exists()
     res = CliRunner().invoke(app, ["mpe", "validation", "--mpe-variant", "exact", "--out", str(tmp_path / "b")])

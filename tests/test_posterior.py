@@ -29,7 +29,9 @@ def mlp_problem(n=24, seed=0):
 
 def cnn_problem(n=10, seed=0):
     torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 2, stride=2), nn.Flatten(), nn.Linear(18, 3)).to(DT)
+    net = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 2, 2, stride=2), nn.Flatten(), nn.Linear(18, 3)
+    ).to(DT)
     return FunctionalModel(net), torch.randn(n, 1, 6, 6, dtype=DT), torch.randint(0, 3, (n,))
 
 
@@ -93,7 +95,9 @@ def test_log_marginal_likelihood_matches_linear_gaussian_closed_form():
         net.weight.copy_(torch.linalg.solve(X.T @ X + delta * torch.eye(d, dtype=DT), X.T @ Y).T)
     fm = FunctionalModel(net, "gaussian")
     cov = X @ X.T / delta + torch.eye(n, dtype=DT)
-    exact = float(sum(torch.distributions.MultivariateNormal(torch.zeros(n, dtype=DT), cov).log_prob(Y[:, k]) for k in range(c)))
+    exact = float(
+        sum(torch.distributions.MultivariateNormal(torch.zeros(n, dtype=DT), cov).log_prob(Y[:, k]) for k in range(c))
+    )
     for structure in ("full", "kfac"):  # KFAC is exact for a linear layer under the gaussian likelihood
         post = laplace(fm, X, Y, structure=structure, prior_precision=delta)
         assert math.isclose(post.log_marginal_likelihood(), exact, rel_tol=1e-10)

@@ -36,13 +36,16 @@ def inputs(n, *shape, seed=0):
 
 @pytest.mark.parametrize("c", [1, 5, 16])
 def test_random_transforms_are_elements_of_their_groups(c):
-    g = lambda: torch.Generator().manual_seed(c)
+    def g():
+        return torch.Generator().manual_seed(c)
     q = random_transform("orthogonal", c, g())
     torch.testing.assert_close(q.T @ q, torch.eye(c, dtype=f64), atol=1e-12, rtol=0)
     m = random_transform("grelu", c, g())
     assert (m >= 0).all() and ((m > 0).sum(0) == 1).all() and ((m > 0).sum(1) == 1).all()  # P D: one entry per row/col
     a = random_transform("invertible", c, g())
-    assert torch.linalg.matrix_rank(a) == c and (c == 1 or not torch.allclose(a.T @ a, torch.eye(c, dtype=f64), atol=1e-3))
+    assert torch.linalg.matrix_rank(a) == c and (
+        c == 1 or not torch.allclose(a.T @ a, torch.eye(c, dtype=f64), atol=1e-3)
+    )
     torch.testing.assert_close(random_transform("grelu", c, g()), m, atol=0, rtol=0)  # seeded
     # the original's scales exp(sigma g) / exp(sigma^2 / 2); sigma = 0 leaves a bare permutation
     p = random_transform("grelu", c, g(), sigma=0.0)

@@ -85,7 +85,9 @@ def test_fit_uses_the_schedule_at_every_step(schedule, extra):
     data = small_data()
     cfg = TrainConfig(lr=0.1, epochs=4, bs=32, schedule=schedule, eval_every=0, **extra)
     seen = lrs_seen_by_fit(cfg, data)
-    assert seen == pytest.approx([learning_rate(cfg, e, s, 3) for e in range(4) for s in range(3)], rel=1e-12, abs=1e-15)
+    assert seen == pytest.approx(
+        [learning_rate(cfg, e, s, 3) for e in range(4) for s in range(3)], rel=1e-12, abs=1e-15
+    )
     if schedule == "warmup_cosine":  # W = floor(0.3 · 12) = 3 warm-up steps from 0
         assert seen[:4] == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1])
     if schedule == "step":
@@ -211,7 +213,9 @@ def test_crop_and_flip_equal_the_slow_reference():
     assert (out[:, :, 4:] == 0).all() and (out[:, :, :, :2] == 0).all()
     # identity: no draws, the centre crop, no flips
     assert crop_flip(x, 0, None, None) is x
-    torch.testing.assert_close(crop_flip(x, 2, torch.full((7, 2), 2), torch.zeros(7, dtype=torch.bool)), x, rtol=0, atol=0)
+    torch.testing.assert_close(
+        crop_flip(x, 2, torch.full((7, 2), 2), torch.zeros(7, dtype=torch.bool)), x, rtol=0, atol=0
+    )
     assert draw_crop_flip(7, 0, False, torch.Generator()) == (None, None)
 
 
@@ -296,8 +300,12 @@ def test_augmentation_and_mixup_refuse_what_they_cannot_do():
     with pytest.raises(ConfigError, match="does not train with mixup"):
         train_ensemble(mlp, data.x_train, data.y_train, torch.ones(1, 90, dtype=torch.bool),
                        TrainConfig(epochs=1, mixup_alpha=0.2), progress=False)
-    for bad, msg in (({"crop_padding": -1}, "crop_padding must be an int >= 0"), ({"crop_padding": 1.5}, "crop_padding"),
-                     ({"mixup_alpha": -0.1}, "mixup_alpha"), ({"mixup_alpha": float("nan")}, "mixup_alpha")):
+    for bad, msg in (
+        ({"crop_padding": -1}, "crop_padding must be an int >= 0"),
+        ({"crop_padding": 1.5}, "crop_padding"),
+        ({"mixup_alpha": -0.1}, "mixup_alpha"),
+        ({"mixup_alpha": float("nan")}, "mixup_alpha"),
+    ):
         with pytest.raises(ConfigError, match=msg):
             TrainConfig(**bad)
     with pytest.raises(ConfigError, match="classification"):
@@ -323,7 +331,9 @@ def test_mixup_step_equals_the_mixed_objective():
     ref = mlp(1)
     x = data.x_train
     out = ref(lam * x + (1 - lam) * x[pair])
-    loss = lam * nn.functional.cross_entropy(out, data.y_train) + (1 - lam) * nn.functional.cross_entropy(out, data.y_train[pair])
+    loss = lam * nn.functional.cross_entropy(out, data.y_train) + (1 - lam) * nn.functional.cross_entropy(
+        out, data.y_train[pair]
+    )
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     for (k, _), g in zip(ref.named_parameters(), grads):
         expected = theta0[k] - 0.5 * (g + 3.0 / 90 * theta0[k])
@@ -362,6 +372,8 @@ def test_the_recipe_records_the_new_options_and_checkpoint_runs_follow_it(tmp_pa
     key = RetrainRecipe(recipe.data, recipe.model, no_mixup).key()["train"]
     assert key["crop_padding"] == 2 and key["schedule"] == "step" and "mixup_alpha" not in key
     default_key = RetrainRecipe(recipe.data, recipe.model, TrainConfig()).key()["train"]
-    assert not {"schedule", "warmup_ratio", "milestones", "gamma", "crop_padding", "hflip", "mixup_alpha"} & set(default_key)
+    assert not {"schedule", "warmup_ratio", "milestones", "gamma", "crop_padding", "hflip", "mixup_alpha"} & set(
+        default_key
+    )
     with pytest.raises(ConfigError, match="without mixup"):
         RetrainRecipe(recipe.data, recipe.model, t)

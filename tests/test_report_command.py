@@ -89,7 +89,9 @@ def test_runs_side_by_side(runs, tmp_path):
     assert row.group(3) == ""  # blr has no test accuracy
     metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     # two learning curves drawn again + their overlay; blr has no re-renderer: its figure as written
-    assert metrics["figures_redrawn"] == 2 and metrics["figures_as_written"] == len(list((runs["blr"] / "figures").glob("*.png")))
+    assert metrics["figures_redrawn"] == 2 and metrics["figures_as_written"] == len(
+        list((runs["blr"] / "figures").glob("*.png"))
+    )
     assert (tmp_path / "rep" / "figures" / "compared" / "learning_curves.png").is_file()
     assert len(images(html)) == 3 + metrics["figures_as_written"]
 

@@ -340,7 +340,9 @@ def test_relu_metrics_are_invariant_to_permutation_times_positive_diagonal(shape
 def test_relu_cka_is_low_for_a_rotated_copy_that_linear_cka_calls_identical(seed):
     # the claim of METRIC_NOTES["relu-cka"] (printed by `compare`, in the demo report)
     g = torch.Generator().manual_seed(seed)
-    x = torch.relu(torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64))
+    x = torch.relu(
+        torch.randn(300, 64, generator=g, dtype=torch.float64) @ torch.randn(64, 64, generator=g, dtype=torch.float64)
+    )
     q, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
     perm, scale = torch.randperm(64, generator=g), torch.rand(64, generator=g, dtype=torch.float64) + 0.5
     assert linear_cka(x, x @ q) == pytest.approx(1.0, abs=1e-10)
@@ -516,12 +518,15 @@ def test_a_transformation_outside_the_group_scores_below_one(metric, kind, n_tra
     c = shape[0]
     if kind == "stretch":  # a non-isotropic scaling of the channels
         stretch = torch.linspace(0.1, 3.0, c, dtype=f64)
-        g = lambda h: h * per_channel(h, stretch)
+        def g(h):
+            return h * per_channel(h, stretch)
     elif kind == "shift":
-        g = lambda h: h + 2.0
+        def g(h):
+            return h + 2.0
     else:
         q = random_orthogonal(c, 4)
-        g = lambda h: on_channels(h, q)
+        def g(h):
+            return on_channels(h, q)
     m = type(metric)(**metric.settings()).fit(x[:n_train], g(x[:n_train]))
     assert m.score(x[n_train:], g(x[n_train:])) < 1 - 1e-3
     assert m.fit_score(x[:n_train], g(x[:n_train])) < 1 - 1e-3
@@ -610,8 +615,12 @@ FUNCTIONAL_FORMS = [
 ]
 
 
-@pytest.mark.parametrize("metric, fn", FUNCTIONAL_FORMS, ids=lambda v: repr(v) if isinstance(v, RepresentationMetric) else "")
-@pytest.mark.parametrize("shape_x, shape_y", [((30, 6), (30, 4)), ((20, 3, 2, 2), (20, 5, 2, 2)), ((12, 8), (12, 2, 3, 3))])
+@pytest.mark.parametrize(
+    "metric, fn", FUNCTIONAL_FORMS, ids=lambda v: repr(v) if isinstance(v, RepresentationMetric) else ""
+)
+@pytest.mark.parametrize(
+    "shape_x, shape_y", [((30, 6), (30, 4)), ((20, 3, 2, 2), (20, 5, 2, 2)), ((12, 8), (12, 2, 3, 3))]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_score_on_the_fit_data_equals_the_functional_form(metric, fn, shape_x, shape_y, seed):
     x = torch.relu(rand(*shape_x, seed=seed))
@@ -639,7 +648,8 @@ def test_fitted_state_is_the_functional_forms_alignment():
     ref = relu_procrustes_matching(h, g)
     np.testing.assert_array_equal(r.matching_.permutation, ref.permutation)
     np.testing.assert_allclose(r.matching_.scale, ref.scale, rtol=1e-12)
-    rows = lambda t: t.movedim(1, -1).reshape(-1, 5)
+    def rows(t):
+        return t.movedim(1, -1).reshape(-1, 5)
     torch.testing.assert_close(r.channel_norms_x_, rows(h).norm(dim=0), atol=1e-12, rtol=0)
 
 
@@ -669,13 +679,23 @@ def test_bad_settings_are_refused_in_init(make, message):
 @pytest.mark.parametrize(
     "name, options, message",
     [
-        ("cka", {"bandwidth": 2.0},
-         "similarity 'cka' does not take option 'bandwidth' ('bandwidth' is an option of rbf-cka); it takes no options"),
+        (
+            "cka",
+            {"bandwidth": 2.0},
+            "similarity 'cka' does not take option 'bandwidth' ('bandwidth' is an option of rbf-cka); it takes no "
+            "options",
+        ),
         ("unbiased-cka", {"debiased": False}, "similarity 'unbiased-cka' does not take option 'debiased'"),
         ("procrustes", {"centered": True}, "'centered' is an option of relu-cka); it takes center"),
-        ("relu-cka", {"center": True, "bandwidth": 1.0},
-         ("does not take options 'center', 'bandwidth' ('center' is an option of procrustes, angular-shape; 'bandwidth' is an "
-          "option of rbf-cka); it takes centered, estimator")),
+        (
+            "relu-cka",
+            {"center": True, "bandwidth": 1.0},
+            (
+                "does not take options 'center', 'bandwidth' ('center' is an option of procrustes, angular-shape; "
+                "'bandwidth' is an "
+                "option of rbf-cka); it takes centered, estimator"
+            ),
+        ),
         ("rbf-cka", {"estimator": "max"}, "similarity 'rbf-cka' does not take option 'estimator'"),
         ("relu-procrustes", {"threshold": 1}, "'threshold' is an option of no similarity); it takes no options"),
         ("rbf-cka", {"bandwidth": -1.0}, "similarity 'rbf-cka': RBFCKA: bandwidth must be a finite number > 0"),
@@ -1039,7 +1059,9 @@ def test_stitching_layer_between_batch_norms():
         layer.norm_after.running_mean.copy_(torch.tensor([0.2, 0.3]))
     x = torch.randn(7, 3, 2, 2)
     eps = 1e-5
-    z = (x - layer.norm_before.running_mean[:, None, None]) / torch.sqrt(layer.norm_before.running_var + eps)[:, None, None]
+    z = (x - layer.norm_before.running_mean[:, None, None]) / torch.sqrt(layer.norm_before.running_var + eps)[
+        :, None, None
+    ]
     w = torch.einsum("jk,nkhw->njhw", layer.weight, z)
     expected = (w - layer.norm_after.running_mean[:, None, None]) / torch.sqrt(1 + torch.tensor(eps))
     torch.testing.assert_close(layer(x), expected)

@@ -130,7 +130,9 @@ def test_compare_model_with_itself_has_unit_diagonal(zoo_dir, tmp_path, metric):
 
 def test_compare_explains_relu_cka_next_to_linear_cka(zoo_dir, tmp_path):
     res = invoke("compare", *TINY, "--metric", "relu-cka", "--zoo", zoo_dir, "--out", tmp_path / "relu")
-    assert res.exit_code == 0 and "invariant only to permuting and positively rescaling channels" in " ".join(res.output.split())
+    assert res.exit_code == 0 and "invariant only to permuting and positively rescaling channels" in " ".join(
+        res.output.split()
+    )
     res = invoke("compare", *TINY, "--metric", "cka", "--zoo", zoo_dir, "--out", tmp_path / "cka")
     assert res.exit_code == 0 and "invariant only" not in res.output
 
@@ -270,7 +272,10 @@ def test_probe_a_checkpoint_prints_the_invariance_table(zoo_dir, tmp_path):
     for layer in m["layers"]:
         assert m["table"][layer]["orthogonal"]["pre"]["cka"] == pytest.approx(1.0, abs=1e-5)
         assert m["table"][layer]["grelu"]["post"]["relu-procrustes"] == pytest.approx(1.0, abs=1e-5)
-        assert m["table"][layer]["grelu"]["pre"]["cka"] < 0.99 and m["table"][layer]["orthogonal"]["pre"]["relu-cka"] < 0.99
+        assert (
+            m["table"][layer]["grelu"]["pre"]["cka"] < 0.99
+            and m["table"][layer]["orthogonal"]["pre"]["relu-cka"] < 0.99
+        )
         assert m["output_change"][layer]["grelu"] < 1e-4 < m["output_change"][layer]["orthogonal"]
         assert m["accuracy"][layer]["grelu"] == m["clean_accuracy"]
     arrays = np.load(out / "probe.npz")
@@ -306,7 +311,9 @@ def test_bad_input_gives_clear_messages(zoo_dir, tmp_path):
     a = zoo_member_path(zoo_dir, 0)
     msg = _error(invoke("compare", *DATA, "--model-a", a, "--model-b", a, "--metric", "svcca", "--out", tmp_path / "x"))
     assert "unknown metric 'svcca'" in msg and "relu-procrustes" in msg
-    msg = _error(invoke("stitch", *DATA, "--model-a", a, "--model-b", a, "--kind", "linear,rotation", "--out", tmp_path / "x"))
+    msg = _error(
+        invoke("stitch", *DATA, "--model-a", a, "--model-b", a, "--kind", "linear,rotation", "--out", tmp_path / "x")
+    )
     assert "unknown stitching kind 'rotation'" in msg
     msg = _error(invoke("stitch", *DATA, "--model-a", a, "--model-b", a, "--layers", "fc9", "--out", tmp_path / "x"))
     assert "'fc9' not found" in msg and "act1, act2" in msg
@@ -315,7 +322,9 @@ def test_bad_input_gives_clear_messages(zoo_dir, tmp_path):
     assert "'relu3' not found" in msg and not (tmp_path / "y" / "zoo").exists()
     msg = _error(invoke("compare", *DATA, "--model-a", a, "--seed-a", 0, "--out", tmp_path / "x"))
     assert "either --model-a PATH or --seed-a N" in msg
-    msg = _error(invoke("compare", *DATA, "--model-a", tmp_path / "missing.pt", "--model-b", a, "--out", tmp_path / "x"))
+    msg = _error(
+        invoke("compare", *DATA, "--model-a", tmp_path / "missing.pt", "--model-b", a, "--out", tmp_path / "x")
+    )
     assert "no such checkpoint" in msg
     msg = _error(invoke("compare", *DATA, "--model-a", a, "--model-b", a, "--metric", "relu-cka", "--n-examples", 3,
                         "--out", tmp_path / "x"))
@@ -346,7 +355,9 @@ def test_demo_section(tmp_path):
     assert all(p.exists() for p in section.figures) and len(section.figures) == 3
     assert section.metrics["probe: largest |1 - s| of the invariant metrics"] < 1e-5
     assert section.metrics["probe act1 orthogonal pre: cka"] == pytest.approx(1.0, abs=1e-5)
-    assert {"relu-cka act1", "relu-cka act2"} <= set(section.metrics) and "relu-cka is CKA of the kernel" in section.text
+    assert {"relu-cka act1", "relu-cka act2"} <= set(
+        section.metrics
+    ) and "relu-cka is CKA of the kernel" in section.text
     assert section.metrics["cka act1"] > 0.5 and {k for k in section.metrics if k.startswith("penalty")} == {
         "penalty linear act1", "penalty linear act2", "penalty permutation act1", "penalty permutation act2"}
     # a second run reuses the zoo
@@ -359,7 +370,9 @@ def test_stitching_figure_legend_names_both_clean_accuracy_lines():
 
     fig = stitching_penalty_figure(["act1", "act2"], {"linear": [0.1, 0.2]}, {"linear": [0.8, 0.7]}, [0.9, 0.85])
     ax_a = fig.axes[1]
-    entries = {t.get_text(): h.get_linestyle() for t, h in zip(ax_a.get_legend().get_texts(), ax_a.get_legend().legend_handles)}
+    entries = {
+        t.get_text(): h.get_linestyle() for t, h in zip(ax_a.get_legend().get_texts(), ax_a.get_legend().legend_handles)
+    }
     assert entries["clean A"] == "--" and entries["clean B"] == ":"
     drawn = {line.get_linestyle() for line in ax_a.get_lines() if line.get_label().startswith("clean")}
     assert drawn == {"--", ":"}

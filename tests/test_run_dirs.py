@@ -25,49 +25,111 @@ MPE = ["--n-train", "80", "--widths", "8", "--epochs", "2", "--bs-jacs", "64"]
 #: command -> (arguments of a tiny run, [bad options, each validated before anything is written])
 COMMANDS = {
     "train": ([*DATA, *NET], [["--epochs", "0"], ["--model", "mpl"], ["--widths", "8,x"]]),
-    "spectrum": ([*DATA, *NET, "--k", "2", "--trace-samples", "0", "--density-probes", "0"],
-                 [["--k", "0"], ["--matrix", "fim"], ["--k", "100000"]]),
-    "effdim width-sweep": ([*DATA, "--widths", "2,4", "--epochs", "2", "--k", "2"],
-                           [["--widths", "2,0"], ["--model", "lenet"]]),
+    "spectrum": (
+        [*DATA, *NET, "--k", "2", "--trace-samples", "0", "--density-probes", "0"],
+        [["--k", "0"], ["--matrix", "fim"], ["--k", "100000"]],
+    ),
+    "effdim width-sweep": (
+        [*DATA, "--widths", "2,4", "--epochs", "2", "--k", "2"],
+        [["--widths", "2,0"], ["--model", "lenet"]],
+    ),
     "effdim blr": (["--n-points", "20", "--n-frequencies", "4"], [["--n-points", "0"], ["--x-max", "-1"]]),
-    "effdim grid": ([*DATA, "--widths", "2,3", "--depths", "1", "--epochs", "2", "--k", "2"],
-                    [["--depths", "0"], ["--model", "lenet"], ["--repeats", "0"]]),
-    "perturb": ([*DATA, *NET, "--k", "3", "--n-top", "2", "--n-bottom", "1", "--n-random", "1", "--n-points", "5"],
-                [["--n-points", "4"], ["--t-max", "0"], ["--n-top", "4"], ["--vectors", "nowhere"]]),
-    "mpe validation": ([*MPE, "--n-retrain", "4", "--epochs-retrain", "1"],
-                       [["--mpe-variant", "exact"], ["--n-retrain", "0"], ["--bs-retrain", "0"]]),
+    "effdim grid": (
+        [*DATA, "--widths", "2,3", "--depths", "1", "--epochs", "2", "--k", "2"],
+        [["--depths", "0"], ["--model", "lenet"], ["--repeats", "0"]],
+    ),
+    "perturb": (
+        [*DATA, *NET, "--k", "3", "--n-top", "2", "--n-bottom", "1", "--n-random", "1", "--n-points", "5"],
+        [["--n-points", "4"], ["--t-max", "0"], ["--n-top", "4"], ["--vectors", "nowhere"]],
+    ),
+    "mpe validation": (
+        [*MPE, "--n-retrain", "4", "--epochs-retrain", "1"],
+        [["--mpe-variant", "exact"], ["--n-retrain", "0"], ["--bs-retrain", "0"]],
+    ),
     "mpe loo-iterations": (MPE, [["--var-version", "kron"]]),
     "mpe loo-l2reg": ([*MPE, "--n-exp", "2"], [["--optimizer", "ivon"], ["--deltas-stop", "-3"]]),
     "mpe evolving": ([*MPE, "--mc-samples", "4", "--n-bins", "4"], [["--checkpoint-iterations", "1000000"]]),
     "mpe loco": ([*MPE, "--epochs-retrain", "1"], [["--epochs-retrain", "0"]]),
     # + --runs of two tiny loco runs (the fixture `loco_runs`)
     "mpe loco-overlay": ([], [["--labels", "one"], ["--labels", "a,b,c"]]),
-    "influence": ([*DATA, *NET, "--method", "grad-dot", "--n-test", "5"],
-                  [["--method", "nope"], ["--method", "randproj", "--proj-dim", "0"], ["--memory-gb", "-1"],
-                   ["--top-k", "0"], ["--method", "if-cg", "--by-module"]]),
-    "noisy-labels": ([*DATA, *NET, "--corruption-ratio", "0.2", "--methods", "loss"],
-                     [["--methods", "loss,nope"], ["--methods", "randproj", "--proj-dim", "0"],
-                      ["--corruption-ratio", "0"]]),
-    "prune": ([*DATA, *NET, "--methods", "loss", "--ks", "10", "--n-random", "1"],
-              [["--ks", "100000"], ["--remove", "middle"], ["--methods", "grad-cos"]]),
-    "relabel": ([*DATA, *NET, "--corruption-ratio", "0.2", "--methods", "loss", "--budgets", "5,otsu",
-                 "--target", "other", "--n-random", "1"],
-                [["--budgets", "5,lots"], ["--budgets", "100000"], ["--target", "oracle"], ["--methods", "grad-cos"],
-                 ["--n-random", "0"]]),
-    "lds": ([*DATA, *NET, "--methods", "grad-dot", "--n-models", "3", "--n-test", "5"],
-            [["--n-models", "2"], ["--alpha", "1.5"], ["--methods", "loss"]]),
-    "memorization": ([*DATA, *NET, "--n-models", "4", "--chunk-size", "2", "--min-held-out", "1"],
-                     [["--n-models", "1"], ["--backend", "dask"], ["--influence", "most"], ["--chunk-size", "0"],
-                      ["--min-held-out", "0"], ["--min-held-out", "3"], ["--subset-ratios", "0.5,1.5"]]),
+    "influence": (
+        [*DATA, *NET, "--method", "grad-dot", "--n-test", "5"],
+        [
+            ["--method", "nope"],
+            ["--method", "randproj", "--proj-dim", "0"],
+            ["--memory-gb", "-1"],
+            ["--top-k", "0"],
+            ["--method", "if-cg", "--by-module"],
+        ],
+    ),
+    "noisy-labels": (
+        [*DATA, *NET, "--corruption-ratio", "0.2", "--methods", "loss"],
+        [["--methods", "loss,nope"], ["--methods", "randproj", "--proj-dim", "0"], ["--corruption-ratio", "0"]],
+    ),
+    "prune": (
+        [*DATA, *NET, "--methods", "loss", "--ks", "10", "--n-random", "1"],
+        [["--ks", "100000"], ["--remove", "middle"], ["--methods", "grad-cos"]],
+    ),
+    "relabel": (
+        [
+            *DATA,
+            *NET,
+            "--corruption-ratio",
+            "0.2",
+            "--methods",
+            "loss",
+            "--budgets",
+            "5,otsu",
+            "--target",
+            "other",
+            "--n-random",
+            "1",
+        ],
+        [
+            ["--budgets", "5,lots"],
+            ["--budgets", "100000"],
+            ["--target", "oracle"],
+            ["--methods", "grad-cos"],
+            ["--n-random", "0"],
+        ],
+    ),
+    "lds": (
+        [*DATA, *NET, "--methods", "grad-dot", "--n-models", "3", "--n-test", "5"],
+        [["--n-models", "2"], ["--alpha", "1.5"], ["--methods", "loss"]],
+    ),
+    "memorization": (
+        [*DATA, *NET, "--n-models", "4", "--chunk-size", "2", "--min-held-out", "1"],
+        [
+            ["--n-models", "1"],
+            ["--backend", "dask"],
+            ["--influence", "most"],
+            ["--chunk-size", "0"],
+            ["--min-held-out", "0"],
+            ["--min-held-out", "3"],
+            ["--subset-ratios", "0.5,1.5"],
+        ],
+    ),
     "zoo": ([*DATA, *NET, "--n-models", "2"], [["--n-models", "0"], ["--method", "magic"]]),
     "compare": ([*DATA, *NET], [["--metric", "nope"], ["--layers", "relu9"], ["--n-examples", "1"]]),
-    "stitch": ([*DATA, *NET, "--stitch-epochs", "1"], [["--kind", "nope"], ["--layers", "relu9"], ["--repeats", "0"],
-                                                       ["--stitch-bn", "middle"], ["--repeats", "3", "--zoo-size", "2"]]),
-    "probe": ([*DATA, *NET, "--repeats", "1", "--n-examples", "20"],
-              [["--transforms", "rotation"], ["--layers", "relu9"], ["--repeats", "0"]]),
+    "stitch": (
+        [*DATA, *NET, "--stitch-epochs", "1"],
+        [
+            ["--kind", "nope"],
+            ["--layers", "relu9"],
+            ["--repeats", "0"],
+            ["--stitch-bn", "middle"],
+            ["--repeats", "3", "--zoo-size", "2"],
+        ],
+    ),
+    "probe": (
+        [*DATA, *NET, "--repeats", "1", "--n-examples", "20"],
+        [["--transforms", "rotation"], ["--layers", "relu9"], ["--repeats", "0"]],
+    ),
     # + --checkpoint of a tiny trained model (the fixture `verify_checkpoint`)
-    "verify": (["--expected-accuracy", "0.5", "--tolerance", "1"],
-               [["--tolerance", "-1"], ["--split", "val"], ["--expected-accuracy", "2"]]),
+    "verify": (
+        ["--expected-accuracy", "0.5", "--tolerance", "1"],
+        [["--tolerance", "-1"], ["--split", "val"], ["--expected-accuracy", "2"]],
+    ),
 }
 
 
@@ -146,7 +208,9 @@ def test_every_command_never_mixes_overwrites_or_writes_before_validating(comman
 def test_overwrite_never_empties_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    refused(invoke("train", *DATA, *NET, "--overwrite", "--out", tmp_path / "mine"), "not a modelsense run", "never emptied")
+    refused(
+        invoke("train", *DATA, *NET, "--overwrite", "--out", tmp_path / "mine"), "not a modelsense run", "never emptied"
+    )
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     (tmp_path / "file").write_text("x")
     refused(invoke("train", *DATA, *NET, "--out", tmp_path / "file"), "not a directory")
@@ -156,11 +220,26 @@ def test_resume_says_which_options_differ_and_non_resumable_commands_refuse_it(t
     out = tmp_path / "mem"
     assert invoke("memorization", *COMMANDS["memorization"][0], "--out", out).exit_code == 0
     before = snapshot(out)
-    msg = refused(invoke("memorization", *COMMANDS["memorization"][0], "--subset-ratio", "0.5", "--lr", "0.2", "--resume",
-                         "--out", out), "subset_ratio 0.5 (stored 0.7)", "train.lr 0.2 (stored")
+    msg = refused(
+        invoke(
+            "memorization",
+            *COMMANDS["memorization"][0],
+            "--subset-ratio",
+            "0.5",
+            "--lr",
+            "0.2",
+            "--resume",
+            "--out",
+            out,
+        ),
+        "subset_ratio 0.5 (stored 0.7)",
+        "train.lr 0.2 (stored",
+    )
     assert "{" not in msg  # names the options, does not dump the config
     assert snapshot(out) == before
-    res = invoke("train", *DATA, *NET, "--resume", "--out", tmp_path / "t")  # a command that cannot resume has no --resume
+    res = invoke(
+        "train", *DATA, *NET, "--resume", "--out", tmp_path / "t"
+    )  # a command that cannot resume has no --resume
     assert res.exit_code == 2 and "No such option: --resume" in res.output and not (tmp_path / "t").exists()
     with pytest.raises(ConfigError, match="cannot continue a run"):
         RunDir.check_out(tmp_path / "t", "train", {}, resume=True)
@@ -182,7 +261,12 @@ def test_checkpoint_of_an_unfinished_run_is_refused(tmp_path):
     run = tmp_path / "t"
     assert invoke("train", *DATA, *NET, "--out", run).exit_code == 0
     ckpt = run / "model.pt"
-    assert invoke("influence", *DATA, "--checkpoint", ckpt, "--method", "loss", "--self", "--out", tmp_path / "ok").exit_code == 0
+    assert (
+        invoke(
+            "influence", *DATA, "--checkpoint", ckpt, "--method", "loss", "--self", "--out", tmp_path / "ok"
+        ).exit_code
+        == 0
+    )
     metrics = json.loads((run / "metrics.json").read_text())
     for status, words in (("failed", "failed"), ("interrupted", "was interrupted"), ("running", "did not finish")):
         (run / "metrics.json").write_text(json.dumps({**metrics, "status": status}))

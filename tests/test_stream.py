@@ -13,7 +13,6 @@ state loads with the Dataset of the tensors it was fitted on.
 
 import pytest
 import torch
-from test_attribution_contract import MODEL, XT, YT, X, Y, build
 from torch import nn
 from torch.utils.data import (
     BatchSampler,
@@ -34,6 +33,7 @@ from modelsense.core.functional import FunctionalModel
 from modelsense.curvature.operators import build_curvature
 from modelsense.data.stream import BatchAdapter, as_examples
 from modelsense.errors import DataError
+from test_attribution_contract import MODEL, XT, YT, X, Y, build
 
 METHODS = method_names()
 
@@ -240,7 +240,9 @@ def test_engine_gathers_batches_from_a_dataset():
         for k in ("logits", "loss", "correct"):
             torch.testing.assert_close(lazy.outputs[q][k], ref.outputs[q][k], rtol=1e-5, atol=1e-6)
     with pytest.raises(DataError, match="shuffle=False"):
-        train_ensemble(net, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), None, masks, cfg, progress=False)
+        train_ensemble(
+            net, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True), None, masks, cfg, progress=False
+        )
 
 
 @pytest.mark.parametrize("structure", ["kfac", "diag"])
@@ -266,7 +268,10 @@ def test_spectrum_and_features_from_a_dataloader():
     got, want = compute_spectrum(fm, loader(X, Y), config=cfg), compute_spectrum(fm, X, Y, cfg)
     assert close(got.eigenvalues, want.eigenvalues)
     assert got.trace.estimate == pytest.approx(want.trace.estimate, rel=1e-9)
-    feats, ref = extract_features(MODEL, loader(X, Y), ["1"], batch_size=5), extract_features(MODEL, X, ["1"], batch_size=5)
+    feats, ref = (
+        extract_features(MODEL, loader(X, Y), ["1"], batch_size=5),
+        extract_features(MODEL, X, ["1"], batch_size=5),
+    )
     assert close(feats["1"], ref["1"])
 
 

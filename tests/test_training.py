@@ -97,7 +97,7 @@ def test_fit_objective_is_mean_loss_plus_scaled_l2():
     ref = mlp(1)
     loss = nn.functional.cross_entropy(ref(data.x_train), data.y_train)
     grads = torch.autograd.grad(loss, list(ref.parameters()))
-    for (k, p), g in zip(ref.named_parameters(), grads):
+    for (k, _p), g in zip(ref.named_parameters(), grads):
         expected = theta0[k] - 0.5 * (g + 3.0 / 90 * theta0[k])
         torch.testing.assert_close(dict(module.named_parameters())[k].detach(), expected, atol=1e-6, rtol=1e-5)
 
@@ -118,7 +118,7 @@ def test_fit_objective_with_the_sigmoid_loss():
     f, e = ref(data.x_train), nn.functional.one_hot(data.y_train, 3).float()
     per_example = -(e * torch.log(torch.sigmoid(f)) + (1 - e) * torch.log(1 - torch.sigmoid(f))).sum(1)
     grads = torch.autograd.grad(per_example.mean(), list(ref.parameters()))
-    for (k, p), g in zip(ref.named_parameters(), grads):
+    for (k, _p), g in zip(ref.named_parameters(), grads):
         expected = theta0[k] - 0.5 * (g + 3.0 / 90 * theta0[k])
         torch.testing.assert_close(dict(module.named_parameters())[k].detach(), expected, atol=1e-6, rtol=1e-5)
     with torch.no_grad():  # the history reports the training loss
@@ -139,8 +139,9 @@ def test_ensemble_equals_one_by_one_loop(optimizer, tol, loss):
     masks = torch.rand(4, 90, generator=g) < 0.6
     masks[3] = False
     masks[3, :7] = True  # a model with fewer batches per epoch than the others
-    cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0,
-                      loss=loss)
+    cfg = TrainConfig(
+        optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0, loss=loss
+    )
     seeds = [5, 6, 7, 8]
     res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds,
                          queries={"test": (data.x_test, data.y_test)}, progress=False, return_params=True)
@@ -159,8 +160,18 @@ def test_ensemble_with_labels_per_model_equals_fit_on_the_relabeled_data():
     labels = torch.stack([data.y_train, (data.y_train + 1) % 3, torch.where(torch.arange(90) < 20, 0, data.y_train)])
     cfg = TrainConfig(lr=0.1, epochs=3, bs=16, delta=2.0)
     masks = torch.ones(3, 90, dtype=torch.bool)
-    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=[4, 4, 4], labels=labels, return_params=True,
-                         queries={"train": (data.x_train, data.y_train)}, progress=False)
+    res = train_ensemble(
+        mlp,
+        data.x_train,
+        data.y_train,
+        masks,
+        cfg,
+        seeds=[4, 4, 4],
+        labels=labels,
+        return_params=True,
+        queries={"train": (data.x_train, data.y_train)},
+        progress=False,
+    )
     for m in range(3):
         relabeled = Dataset("toy", data.x_train, labels[m], data.x_test, data.y_test, 3)
         ref = fit(mlp(4), relabeled, TrainConfig(**{**cfg.to_dict(), "seed": 4, "eval_every": 0}), progress=False)
@@ -206,10 +217,22 @@ def test_shared_batch_plan_equals_subset_training_with_the_full_schedule(optimiz
     masks[2] = True  # the control: all examples
     masks[3] = False
     masks[3, [5, 40, 41, 80]] = True  # most of its batches hold none of its examples: skipped steps
-    cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=3, bs=8, delta=2.0)
+    cfg = TrainConfig(
+        optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=3, bs=8, delta=2.0
+    )
     seeds = [5, 5, 5, 6]
-    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds, queries={"test": (data.x_test, data.y_test)},
-                         progress=False, return_params=True, batch_plan="shared")
+    res = train_ensemble(
+        mlp,
+        data.x_train,
+        data.y_train,
+        masks,
+        cfg,
+        seeds=seeds,
+        queries={"test": (data.x_test, data.y_test)},
+        progress=False,
+        return_params=True,
+        batch_plan="shared",
+    )
     for m, seed in enumerate(seeds):
         ref = shared_plan_reference(mlp(seed), data.x_train, data.y_train, masks[m],
                                     TrainConfig(**{**cfg.to_dict(), "seed": seed}))
@@ -235,7 +258,9 @@ def test_ensemble_outputs_chunks_and_warm_start():
     f = out["logits"]
     true = f.gather(-1, data.y_train.expand(5, 90).unsqueeze(-1)).squeeze(-1)
     assert torch.equal(out["correct"], f.argmax(-1) == data.y_train)
-    assert torch.all((out["margin"] > 0) == out["correct"]) and torch.all(out["margin"] <= true - f.min(-1).values + 1e-6)
+    assert torch.all((out["margin"] > 0) == out["correct"]) and torch.all(
+        out["margin"] <= true - f.min(-1).values + 1e-6
+    )
     # warm start with zero epochs of change: lr tiny -> outputs equal the initial model's
     base = mlp(0)
     init = {k: v.detach() for k, v in base.named_parameters()}
@@ -256,7 +281,14 @@ def test_ensemble_bad_input():
         train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False,
                        batch_plan="common")
     with pytest.raises(ConfigError, match="use fit"):
-        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), TrainConfig(optimizer="ivon"), progress=False)
+        train_ensemble(
+            mlp,
+            data.x_train,
+            data.y_train,
+            torch.ones(2, 90, dtype=torch.bool),
+            TrainConfig(optimizer="ivon"),
+            progress=False,
+        )
     bn = lambda s: nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))  # noqa: E731
     with pytest.raises(ConfigError, match="batch norm"):
         train_ensemble(bn, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False)

@@ -38,7 +38,16 @@ def _block(K, D, block):
 def test_vit_structure_and_parameter_count():
     model = build_model("vit", (1, 8, 8), 10, seed=0)
     assert isinstance(model.out, nn.Linear) and model.out.out_features == 10
-    assert [name for name, _ in model.named_children()] == ["patches", "embed", "pos", "drop", "blocks", "norm", "pool", "out"]
+    assert [name for name, _ in model.named_children()] == [
+        "patches",
+        "embed",
+        "pos",
+        "drop",
+        "blocks",
+        "norm",
+        "pool",
+        "out",
+    ]
     assert len(model.blocks) == 2 and all(isinstance(b, Block) for b in model.blocks)
     assert isinstance(model.blocks[0].attn, SelfAttention) and isinstance(model.blocks[0].mlp.act, nn.GELU)
     assert model.pos.weight.shape == (1, 16, 64)  # 2x2 patches of an 8x8 image
@@ -85,7 +94,9 @@ def test_vit_checkpoint_round_trip(tmp_path):
     model = build_model_from_config(cfg, (1, 8, 8), 3, seed=1)
     with torch.no_grad():
         model.pos.weight.add_(1.0)  # the trained state, not the initialisation, comes back
-    save_model(tmp_path / "model.pt", model, cfg, SimpleNamespace(name="digits", input_shape=(1, 8, 8), num_classes=3), 1)
+    save_model(
+        tmp_path / "model.pt", model, cfg, SimpleNamespace(name="digits", input_shape=(1, 8, 8), num_classes=3), 1
+    )
     back, info = load_model(tmp_path / "model.pt")
     x = torch.randn(2, 1, 8, 8)
     assert info["model"]["patch"] == 4 and torch.equal(back(x), model.eval()(x))
@@ -119,7 +130,9 @@ def test_vit_in_train_mode_is_refused_with_a_clear_message():
     fm = tiny_vit(dropout=0.1)
     fm.module.train()
     x, y = torch.randn(3, 1, 8, 8, dtype=DT), torch.tensor([0, 1, 2])
-    with pytest.raises(ConfigError, match=r"need the model in eval mode; modules \['drop \(dropout\)'.*call model.eval\(\)"):
+    with pytest.raises(
+        ConfigError, match=r"need the model in eval mode; modules \['drop \(dropout\)'.*call model.eval\(\)"
+    ):
         fm.per_example_grads(fm.params, x, y)
     fm.module.eval()
     fm.per_example_grads(fm.params, x, y)  # no dropout mask drawn in eval mode
@@ -137,8 +150,15 @@ def test_vit_kfac_blocks_against_the_dense_ggn():
     ekfac = build_curvature(fm, x, y, structure="ekfac")
     assert [layer.name for layer in kfac.layers] == [
         "embed", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "out"]
-    assert {b.name for b in kfac.fallbacks} == {"pos.weight", "blocks.0.ln1.weight", "blocks.0.ln1.bias", "blocks.0.ln2.weight",
-                                                "blocks.0.ln2.bias", "norm.weight", "norm.bias"}
+    assert {b.name for b in kfac.fallbacks} == {
+        "pos.weight",
+        "blocks.0.ln1.weight",
+        "blocks.0.ln1.bias",
+        "blocks.0.ln2.weight",
+        "blocks.0.ln2.bias",
+        "norm.weight",
+        "norm.bias",
+    }
     assert all(b.dense for b in kfac.fallbacks)
     assert all(b.source is not None for b in kfac.fallbacks)  # rows from hooks (LayerNorm, Positions.per_example_rows)
     Kk, Ke = kfac.to_dense(), ekfac.to_dense()

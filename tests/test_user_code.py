@@ -94,8 +94,15 @@ def test_a_bad_model_factory_is_one_message_and_nothing_is_written(reference, us
     assert not (user_files / "out").exists()
 
 
-@pytest.mark.parametrize("name, words", [("one", "expected a (train, test) pair"), ("singles", "expected a pair (x, y)"),
-                                         ("ragged", "every input must have one shape"), ("nan", "row 1")])
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("one", "expected a (train, test) pair"),
+        ("singles", "expected a pair (x, y)"),
+        ("ragged", "every input must have one shape"),
+        ("nan", "row 1"),
+    ],
+)
 def test_a_bad_data_factory_is_one_message_and_nothing_is_written(name, words, user_files):
     res = invoke("train", "--dataset", f"{user_files / 'd.py'}:{name}", "--out", user_files / "out")
     assert res.exit_code != 0 and isinstance(res.exception, (ConfigError, DataError)), res.exception

@@ -23,8 +23,9 @@ DATA = ["--dataset", "digits", "--n-train", "120"]
 def trained(tmp_path_factory):
     """A tiny MLP trained by `modelsense train`: its run folder, test correctness and a plain state_dict."""
     root = tmp_path_factory.mktemp("verify")
-    res = runner.invoke(app, ["train", *DATA, "--widths", "16", "--epochs", "3", "--lr", "0.1", "--out", str(root / "t"),
-                              "--quiet"])
+    res = runner.invoke(
+        app, ["train", *DATA, "--widths", "16", "--epochs", "3", "--lr", "0.1", "--out", str(root / "t"), "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     module, _ = load_model(root / "t" / "model.pt")
     torch.save(module.state_dict(), root / "state.pt")
@@ -69,7 +70,11 @@ def test_a_checkpoint_below_the_expected_accuracy_fails_with_its_numbers_kept(tr
     assert isinstance(res.exception, VerificationFailed), (res.output, res.exception)
     assert "differs from the expected" in str(res.exception) and "> --tolerance 0.01" in str(res.exception)
     m = json.loads((tmp_path / "v" / "metrics.json").read_text())
-    assert m["passed"] is False and m["accuracy"] == pytest.approx(correct.mean()) and run_status(tmp_path / "v") == "failed"
+    assert (
+        m["passed"] is False
+        and m["accuracy"] == pytest.approx(correct.mean())
+        and run_status(tmp_path / "v") == "failed"
+    )
     assert m["difference"] == pytest.approx(-0.05)
 
 
@@ -79,8 +84,19 @@ def test_plain_state_dict_of_a_model_is_verified_like_its_checkpoint(trained, tm
                  correct.mean(), "--tolerance", "0", "--out", tmp_path / "w")
     assert res.exit_code == 0, (res.output, res.exception)
     assert json.loads((tmp_path / "w" / "metrics.json").read_text())["accuracy"] == correct.mean()
-    res = verify("--weights", root / "state.pt", *DATA, "--model", "mlp", "--widths", "32", "--expected-accuracy", "0.5",
-                 "--out", tmp_path / "other")
+    res = verify(
+        "--weights",
+        root / "state.pt",
+        *DATA,
+        "--model",
+        "mlp",
+        "--widths",
+        "32",
+        "--expected-accuracy",
+        "0.5",
+        "--out",
+        tmp_path / "other",
+    )
     assert isinstance(res.exception, ConfigError) and "does not fit the model" in str(res.exception)
     assert not (tmp_path / "other").exists()
 
@@ -94,7 +110,11 @@ def test_recorded_correctness_is_matched_example_by_example(trained, tmp_path, s
                  "--out", tmp_path / "same")
     assert res.exit_code == 0, (res.output, res.exception)
     m = json.loads((tmp_path / "same" / "metrics.json").read_text())
-    assert m["n_match"] == ours.size and m["mismatch_fraction"] == 0 and m["expected_accuracy"] == pytest.approx(ours.mean())
+    assert (
+        m["n_match"] == ours.size
+        and m["mismatch_fraction"] == 0
+        and m["expected_accuracy"] == pytest.approx(ours.mean())
+    )
     flipped = ours.copy()
     flipped[[0, 3, 7]] = ~flipped[[0, 3, 7]]
     test_rec, train_rec = (flipped, train_correct) if split == "test" else (correct, flipped)
@@ -113,8 +133,15 @@ def test_bad_input_is_refused_before_writing(trained, tmp_path):
     root, correct, train_correct, _ = trained
     ckpt = root / "t" / "model.pt"
     small = tmp_path / "small.npz"
-    np.savez(small, correctness_test=correct[:10], index_test=np.arange(10), correctness_train=train_correct,
-             index_train=np.arange(train_correct.size), correctness_removed=np.zeros(0, bool), index_removed=np.zeros(0, int))
+    np.savez(
+        small,
+        correctness_test=correct[:10],
+        index_test=np.arange(10),
+        correctness_train=train_correct,
+        index_train=np.arange(train_correct.size),
+        correctness_removed=np.zeros(0, bool),
+        index_removed=np.zeros(0, int),
+    )
     broken = tmp_path / "broken.npz"
     np.savez(broken, correctness_test=correct)
     cases = [

@@ -3,7 +3,7 @@
 import torch
 
 from modelsense.core.functional import FunctionalModel
-from modelsense.curvature import (SpectrumConfig, compute_spectrum, dense_hessian, effective_dimension, laplace)
+from modelsense.curvature import SpectrumConfig, compute_spectrum, dense_hessian, effective_dimension, laplace
 from modelsense.data import load_dataset
 from modelsense.models import build_model
 from modelsense.progress import set_quiet
@@ -36,7 +36,12 @@ print(f"trace exact {float(exact.sum()):.1f}; N_eff over all eigenvalues {effect
 # a Laplace posterior: precision GGN + delta I in K-FAC form; predictive covariance J S J^T per example
 posterior = laplace(FunctionalModel(model), data.x_train, data.y_train, structure="kfac", prior_precision=1.0)
 V = posterior.predictive_covariance(data.x_test[:4])
-print("predictive covariance", tuple(V.shape), "variances of example 0:", [round(float(v), 3) for v in V[0].diagonal()[:3]])
+print(
+    "predictive covariance",
+    tuple(V.shape),
+    "variances of example 0:",
+    [round(float(v), 3) for v in V[0].diagonal()[:3]],
+)
 # --8<-- [end:posterior]
 
 assert (spectrum.eigenvalues.double() - exact[:10]).abs().max() < 1e-3 * exact[0]

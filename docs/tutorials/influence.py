@@ -1,4 +1,5 @@
 """Influence estimation: find flipped labels by self-influence, and compare methods on one model."""
+# ruff: noqa: E402  (each snippet section shows the imports it needs)
 
 import torch
 

@@ -30,7 +30,9 @@ print(f"train accuracy on the subsets {(correct_train * masks).sum() / masks.sum
 # --8<-- [start:estimates]
 mem = memorization(masks, correct_train)         # mean over in-runs minus mean over held-out runs
 print(f"mean memorization {np.nanmean(mem.estimate):.3f}; reliable estimates {mem.reliable.sum()} of {data.n_train}")
-print(f"AUC of memorization for the flipped labels {auc_corrupted(mem.estimate, data.metadata['corrupted_indices']):.3f}")
+print(
+    f"AUC of memorization for the flipped labels {auc_corrupted(mem.estimate, data.metadata['corrupted_indices']):.3f}"
+)
 infl = influence(masks, correct_test, top_k=3)   # (n_test, N) scores, here only the top 3 per test example
 print("highest-influence training examples of test example 0:", infl.top_indices[0].tolist(),
       [round(float(v), 2) for v in infl.top_values[0]])

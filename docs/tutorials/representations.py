@@ -5,8 +5,15 @@ import torch
 from modelsense.data import load_dataset
 from modelsense.models import build_model
 from modelsense.progress import set_quiet
-from modelsense.representations import (StitchConfig, evaluate_accuracy, extract_features, linear_cka, relu_cka,
-                                        relu_procrustes_similarity, stitch_models)
+from modelsense.representations import (
+    StitchConfig,
+    evaluate_accuracy,
+    extract_features,
+    linear_cka,
+    relu_cka,
+    relu_procrustes_similarity,
+    stitch_models,
+)
 from modelsense.training import TrainConfig, fit
 
 set_quiet(True)

@@ -1,3 +1,5 @@
+"""`python -m modelsense`: the command-line interface."""
+
 from modelsense.cli import main
 
 main()

@@ -25,6 +25,7 @@ def set_quiet(quiet: bool) -> None:
 
 
 def is_quiet() -> bool:
+    """Whether progress bars are off (`set_quiet`)."""
     return _QUIET
 
 

@@ -157,10 +157,12 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[IO[bytes]], Any]) ->
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_write`)."""
     atomic_write(path, lambda f: f.write(data))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as indented JSON to `path` atomically (dataclasses, arrays, tensors, paths made plain; NaN null)."""
     atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n").encode())
 
 
@@ -205,12 +207,16 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(stored: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[str]:
+def config_differences(
+    stored: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str] | None = None
+) -> list[str]:
     """'key: new (stored old)' for every (dotted) setting under `keys` that differs."""
     keys = list(new) if keys is None else list(keys)
     old = flatten({k: stored.get(k) for k in keys})
     now = flatten({k: _jsonable(new.get(k)) for k in keys})
-    return [f"{k} {now.get(k)!r} (stored {old.get(k)!r})" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    return [
+        f"{k} {now.get(k)!r} (stored {old.get(k)!r})" for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)
+    ]
 
 
 # -- status of a run directory -------------------------------------------------------------------
@@ -376,7 +382,9 @@ class RunDir:
             run.path.mkdir(parents=True, exist_ok=True)
             run._lock = open(run.path / LOCK_FILE, "ab")
         except OSError as exc:
-            raise ConfigError(f"cannot write --out {run.path}: {exc.strerror}; choose a directory you can write") from None
+            raise ConfigError(
+                f"cannot write --out {run.path}: {exc.strerror}; choose a directory you can write"
+            ) from None
         try:
             fcntl.flock(run._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -40,7 +40,9 @@ def load_callable(text: str, what: str) -> Callable[..., Any]:
     module = _module(where, what)
     if not hasattr(module, name):
         defined = sorted(n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n)))
-        raise ConfigError(f"{what} {text!r}: {where} defines no {name!r} (it defines: {', '.join(defined) or 'nothing callable'})")
+        raise ConfigError(
+            f"{what} {text!r}: {where} defines no {name!r} (it defines: {', '.join(defined) or 'nothing callable'})"
+        )
     fn = getattr(module, name)
     if not callable(fn):
         raise ConfigError(f"{what} {text!r}: {name} is a {type(fn).__name__}, not a function or class")

@@ -36,6 +36,9 @@ from modelsense.attribution.base import (
     parse_methods,
     register,
 )
+
+# importing a module registers its methods: this order is the order of `method_names()`
+# isort: off
 from modelsense.attribution.gradient import (  # noqa: F401  (registers the methods)
     GaussianProjector,
     GradientCosine,
@@ -72,6 +75,7 @@ from modelsense.attribution.baselines import (  # noqa: F401
     TrainingLoss,
 )
 from modelsense.attribution.mpe import MemoryPerturbation  # noqa: F401
+# isort: on
 from modelsense.attribution.state import load_attributor
 
 __all__ = [

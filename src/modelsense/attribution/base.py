@@ -69,8 +69,15 @@ import torch
 from torch import Tensor, nn
 
 # flat_per_example_grads lives in the core; re-exported here for the methods that import it from base (trak)
-from modelsense.core.functional import FunctionalModel, Params, chunks, flat_per_example_grads  # noqa: F401
-from modelsense.core.functional import input_tensors, map_inputs, take_rows
+from modelsense.core.functional import (  # noqa: F401
+    FunctionalModel,
+    Params,
+    chunks,
+    flat_per_example_grads,
+    input_tensors,
+    map_inputs,
+    take_rows,
+)
 from modelsense.data.stream import BatchAdapter, Rows, as_examples
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
@@ -114,6 +121,7 @@ def check_positive(what: str, value: Any, allow_zero: bool = False) -> float:
 
 
 def check_choice(what: str, value: Any, choices: Sequence[str]) -> str:
+    """`value` when it is one of `choices`; ConfigError naming `what` otherwise."""
     if not isinstance(value, str) or value not in choices:
         raise ConfigError(f"{what} must be one of {', '.join(choices)}, received {shown(value)}")
     return value
@@ -187,14 +195,17 @@ def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy
 
 
 def param_dtype(params: Params) -> torch.dtype:
+    """The dtype of the first tensor of `params`."""
     return next(iter(params.values())).dtype
 
 
 def param_device(params: Params) -> torch.device:
+    """The device of the first tensor of `params`."""
     return next(iter(params.values())).device
 
 
 def detached_params(params: Params) -> Params:
+    """A detached copy (clone) of every tensor of `params`."""
     return {k: v.detach().clone() for k, v in params.items()}
 
 
@@ -264,12 +275,14 @@ class Attributor:
 
     def __repr__(self) -> str:
         scalar = (int, float, str, bool, type(None))
-        shown_ = ", ".join(f"{k}={shown(v) if isinstance(v, scalar) else type(v).__name__}" for k, v in self.settings().items())
+        shown_ = ", ".join(
+            f"{k}={shown(v) if isinstance(v, scalar) else type(v).__name__}" for k, v in self.settings().items()
+        )
         return f"{type(self).__name__}({shown_})"
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, model: FunctionalModel | nn.Module, data: Any, y: Tensor | None = None, *,
-            adapter: BatchAdapter | None = None) -> "Attributor":
+            adapter: BatchAdapter | None = None) -> Attributor:
         """Prepare the method for the trained `model` and its training data: `fit(model, x, y)` with
         tensors (N, ...), (N,), or `fit(model, data)` with an (x, y) pair, a map-style `Dataset` or a
         `DataLoader` (shuffle=False), items found by `adapter` (see `modelsense.data.stream`)."""
@@ -368,7 +381,13 @@ class Attributor:
         reference = None
         if fitted:
             ref = self.x_train_
-            reference = tuple(ref.shape[1:]) if isinstance(ref, Tensor) else ref.example_shape if isinstance(ref, Rows) else None
+            reference = (
+                tuple(ref.shape[1:])
+                if isinstance(ref, Tensor)
+                else ref.example_shape
+                if isinstance(ref, Rows)
+                else None
+            )
         if isinstance(x, Tensor) and reference is not None and tuple(x.shape[1:]) != reference:
             raise DataError(
                 f"{what} data: examples of shape {tuple(x.shape[1:])} but the model was fitted on examples of shape "
@@ -483,7 +502,12 @@ class Attributor:
 
     def _per_example_losses(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            return torch.cat([self.model_.per_example_loss(params, take_rows(x, s), y[s]) for s in chunks(len(y), 4 * self.chunk_size_)])
+            return torch.cat(
+                [
+                    self.model_.per_example_loss(params, take_rows(x, s), y[s])
+                    for s in chunks(len(y), 4 * self.chunk_size_)
+                ]
+            )
 
     def _allocate(self, shape: tuple[int, int], dtype: torch.dtype, out) -> Tensor:
         """The result matrix: in memory, or backed by a memory-mapped .npy file."""
@@ -584,7 +608,9 @@ class FeatureAttributor(Attributor):
         comp_bytes = max(f.shape[1] for f in probe) * probe[0].element_size()
         train_blocks = list(chunks(n, self._block_rows(row_bytes)))
         if row_bytes * n > quarter and comp_bytes * m <= quarter:
-            with progress_bar(len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
+            with progress_bar(
+                len(probe) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress
+            ) as bar:
                 for c in range(len(probe)):
                     B = torch.cat([self._test_component(x_test[cols], y_test[cols], c)
                                    for cols in chunks(m, self._block_rows(comp_bytes))])
@@ -601,7 +627,9 @@ class FeatureAttributor(Attributor):
         cache: dict[int, list[Tensor]] | None = {} if row_bytes * n <= quarter else None
         test_rows = max(1, min(self.compute.block_size, quarter // max(row_bytes, 1)))
         test_blocks = list(chunks(m, test_rows))
-        with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress) as bar:
+        with progress_bar(
+            len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress
+        ) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 for k, rows in enumerate(train_blocks):
@@ -731,6 +759,7 @@ def by_module_names() -> list[str]:
 
 
 def method_class(name: str) -> type[Attributor]:
+    """The Attributor class registered under `name` (case and surrounding spaces ignored); ConfigError if none."""
     key = str(name).strip().lower()
     if key not in _REGISTRY:
         raise ConfigError(f"unknown attribution method {name!r}; choose one of {', '.join(_REGISTRY)}")
@@ -776,9 +805,11 @@ def make_attributor(name: str, settings: Mapping[str, Any] | None = None, strict
         if orphans:
             asked = "any method" if shared_with is None else f"the methods asked for ({', '.join(pool)})"
             listed = "; ".join(f"{k!r} is {_takers(k)}" for k in orphans)
-            raise ConfigError(f"{'setting' if len(orphans) == 1 else 'settings'} {', '.join(map(repr, orphans))} would be unused: "
-                              f"not taken by {asked} ({listed}); drop {'it' if len(orphans) == 1 else 'them'} "
-                              "or ask for a method that takes it")
+            raise ConfigError(
+                f"{'setting' if len(orphans) == 1 else 'settings'} {', '.join(map(repr, orphans))} would be unused: "
+                f"not taken by {asked} ({listed}); drop {'it' if len(orphans) == 1 else 'them'} "
+                "or ask for a method that takes it"
+            )
     compute = given.get("compute")
     if compute is not None and not isinstance(compute, ComputeOptions):
         raise ConfigError(f"compute must be a ComputeOptions, received {type(compute).__name__}")

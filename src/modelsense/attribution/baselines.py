@@ -103,9 +103,18 @@ class El2n(_RecipeModels):
 
     state_attributes = ("el2n_",)
 
-    def __init__(self, el2n_repeat: int = 5, el2n_epochs: int | None = None, el2n_score: str = "brier", train_config=None,
-                 model_fn: Callable[[int], nn.Module] | None = None, *, loss: str = "cross_entropy", seed: int = 0,
-                 compute: ComputeOptions | None = None) -> None:
+    def __init__(
+        self,
+        el2n_repeat: int = 5,
+        el2n_epochs: int | None = None,
+        el2n_score: str = "brier",
+        train_config=None,
+        model_fn: Callable[[int], nn.Module] | None = None,
+        *,
+        loss: str = "cross_entropy",
+        seed: int = 0,
+        compute: ComputeOptions | None = None,
+    ) -> None:
         super().__init__(loss=loss, seed=seed, compute=compute)
         self.el2n_repeat = check_int("el2n_repeat", el2n_repeat)
         self.el2n_epochs = check_int("el2n_epochs", el2n_epochs, allow_none=True)
@@ -120,7 +129,9 @@ class El2n(_RecipeModels):
         x, y = self.x_train_.cpu().float(), self.y_train_.cpu()
         masks = torch.ones(self.el2n_repeat, len(x), dtype=torch.bool)
         seeds = [base.seed + 5000 + self.seed * 7919 + r for r in range(self.el2n_repeat)]
-        res = train_ensemble(model_fn, x, y, masks, cfg, seeds=seeds, queries={"train": (x, y)}, progress=self.compute.progress)
+        res = train_ensemble(
+            model_fn, x, y, masks, cfg, seeds=seeds, queries={"train": (x, y)}, progress=self.compute.progress
+        )
         logits = res.outputs["train"]["logits"]  # (R, N, C)
         err = self._probabilities(logits) - F.one_hot(y, logits.shape[-1]).double()
         per_model = err.pow(2).sum(-1) if self.el2n_score == "brier" else err.norm(dim=-1)
@@ -215,7 +226,9 @@ class ConfidentLearning(_RecipeModels):
         fold[torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + 31))] = torch.arange(n) % k
         masks = fold.unsqueeze(0) != torch.arange(k).unsqueeze(1)  # (k, N): model f trains without fold f
         seeds = [base.seed + 3000 + self.seed * 7919 + f for f in range(k)]
-        res = train_ensemble(model_fn, x, y, masks, base, seeds=seeds, queries={"train": (x, y)}, progress=self.compute.progress)
+        res = train_ensemble(
+            model_fn, x, y, masks, base, seeds=seeds, queries={"train": (x, y)}, progress=self.compute.progress
+        )
         logits = res.outputs["train"]["logits"]  # (k, N, C)
         self.folds_ = fold
         self.oof_probabilities_ = self._probabilities(logits[fold, torch.arange(n)]).to(param_dtype(self.params_))

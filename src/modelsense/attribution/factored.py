@@ -25,6 +25,8 @@ from modelsense.core.functional import FunctionalModel, Params, chunks, n_rows, 
 
 @dataclass(frozen=True)
 class LinearLayer:
+    """An nn.Linear layer whose weight and/or bias are trained parameters."""
+
     module: nn.Linear
     weight: bool
     bias: bool
@@ -37,7 +39,7 @@ class LinearFactors:
     inputs: list[Tensor]
     grads: list[Tensor]
 
-    def rows(self, s: slice) -> "LinearFactors":
+    def rows(self, s: slice) -> LinearFactors:
         return LinearFactors([a[s] for a in self.inputs], [d[s] for d in self.grads])
 
 
@@ -67,7 +69,7 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
     for s in chunks(n_rows(x), chunk_size):
         records: dict[int, list] = {k: [] for k in range(len(layers))}
 
-        def make_hook(k):
+        def make_hook(k, records=records):
             def hook(module, inp, out):
                 records[k].append((inp[0].detach(), out))
 
@@ -86,7 +88,11 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
         for k in range(len(layers)):
             a, d = records[k][0][0], outs[k]
             inputs[k].append(a)
-            grads[k].append(torch.zeros(a.shape[0], layers[k].module.out_features, dtype=a.dtype, device=a.device) if d is None else d.detach())
+            grads[k].append(
+                torch.zeros(a.shape[0], layers[k].module.out_features, dtype=a.dtype, device=a.device)
+                if d is None
+                else d.detach()
+            )
     return LinearFactors([torch.cat(a) for a in inputs], [torch.cat(d) for d in grads])
 
 

@@ -236,9 +236,20 @@ class TracInRandomProjectionFge(TracInRandomProjection):
 
     needs = frozenset({"delta"})
 
-    def __init__(self, num_ens: int = 8, ft_step: int = 200, ft_lr: float = 0.3, ft_lr_sched: str = "cosine",
-                 ft_bs: int = 64, delta: float = 1.0, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
-                 compute: ComputeOptions | None = None) -> None:
+    def __init__(
+        self,
+        num_ens: int = 8,
+        ft_step: int = 200,
+        ft_lr: float = 0.3,
+        ft_lr_sched: str = "cosine",
+        ft_bs: int = 64,
+        delta: float = 1.0,
+        proj_dim: int = 256,
+        *,
+        loss: str = "cross_entropy",
+        seed: int = 0,
+        compute: ComputeOptions | None = None,
+    ) -> None:
         super().__init__(None, None, False, proj_dim, loss=loss, seed=seed, compute=compute)
         self.num_ens = check_int("num_ens", num_ens)
         self.ft_step = check_int("ft_step", ft_step)

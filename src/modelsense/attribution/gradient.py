@@ -153,7 +153,10 @@ class _FactoredGradients:
             for c, (params, weight) in enumerate(comps):
                 tr = self._factors(params, self.x_train_, self.y_train_)
                 te = self._factors(params, x_test, y_test)
-                tr_norm, te_norm = factored_sq_norms(self.layers_, tr).sqrt(), factored_sq_norms(self.layers_, te).sqrt()
+                tr_norm, te_norm = (
+                    factored_sq_norms(self.layers_, tr).sqrt(),
+                    factored_sq_norms(self.layers_, te).sqrt(),
+                )
                 for rows in train_blocks:
                     for cols in test_blocks:
                         block = factored_gram(self.layers_, tr.rows(rows), te.rows(cols))
@@ -302,7 +305,9 @@ def checkpoints_from_fit(result) -> tuple[list[Params], list[float]]:
     for key, params in result.checkpoints.items():
         if key.startswith("epoch_") and int(key.split("_")[1]) >= 1:
             e = int(key.split("_")[1])
-            rates = [learning_rate(cfg, e - 1, s, steps) for s in range(steps if cfg.schedule == "warmup_cosine" else 1)]
+            rates = [
+                learning_rate(cfg, e - 1, s, steps) for s in range(steps if cfg.schedule == "warmup_cosine" else 1)
+            ]
             items.append((e, params, sum(rates) / len(rates)))
     if not items:
         raise ConfigError("the fit has no epoch checkpoints after epoch 0; train with checkpoint_epochs=(...)")
@@ -343,7 +348,9 @@ class TracIn(_FactoredGradients, FeatureAttributor):
             if checkpoints is None or len(learning_rates) != len(checkpoints):
                 raise ConfigError(f"got {len(learning_rates)} learning rates for "
                                   f"{0 if checkpoints is None else len(checkpoints)} checkpoints")
-            learning_rates = [check_positive("a checkpoint learning rate", lr, allow_zero=True) for lr in learning_rates]
+            learning_rates = [
+                check_positive("a checkpoint learning rate", lr, allow_zero=True) for lr in learning_rates
+            ]
         self.checkpoints = None if checkpoints is None else list(checkpoints)
         self.learning_rates = learning_rates
         self.lr_weighted = bool(lr_weighted)
@@ -412,7 +419,9 @@ class TracInRandomProjection(TracIn):
     def __init__(self, checkpoints: Sequence[Params] | None = None, learning_rates: Sequence[float] | None = None,
                  lr_weighted: bool = True, proj_dim: int = 256, *, loss: str = "cross_entropy", seed: int = 0,
                  compute: ComputeOptions | None = None) -> None:
-        super().__init__(checkpoints, learning_rates, lr_weighted, factored=False, loss=loss, seed=seed, compute=compute)
+        super().__init__(
+            checkpoints, learning_rates, lr_weighted, factored=False, loss=loss, seed=seed, compute=compute
+        )
         self.proj_dim = check_int("proj_dim", proj_dim)
 
     def _fit(self) -> None:

@@ -50,7 +50,9 @@ class LaplaceKfac(EnsembleCovariance):
                                           structure=self.structure, chunk_size=self.chunk_size_, seed=self.seed)
         p0 = next(iter(self.params_.values()))
         gen = torch.Generator().manual_seed(self.seed + 7)
-        eps = torch.randn(self.model_.n_params, self.num_ens, generator=gen, dtype=torch.float64).to(p0.device, p0.dtype)
+        eps = torch.randn(self.model_.n_params, self.num_ens, generator=gen, dtype=torch.float64).to(
+            p0.device, p0.dtype
+        )
         self.perturbations_ = self.sample_scale * self.curvature_.inverse_sqrt_mv(eps, self.prior_precision)  # (P, M)
         self.train_deviations_ = self._deviations(self.x_train_, self.y_train_)
 

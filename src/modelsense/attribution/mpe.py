@@ -48,9 +48,17 @@ class MemoryPerturbation(Attributor):
     def _fit(self) -> None:
         from modelsense.mpe import MPESettings, build_posterior, mpe_scores
 
-        post = build_posterior(self.source, self.model_, self.x_train_, self.y_train_,
-                               prior_precision=self.prior_precision, structure=self.structure,
-                               optimizer=self.optimizer, n_train=len(self.x_train_), chunk_size=min(self.chunk_size_, 256))
+        post = build_posterior(
+            self.source,
+            self.model_,
+            self.x_train_,
+            self.y_train_,
+            prior_precision=self.prior_precision,
+            structure=self.structure,
+            optimizer=self.optimizer,
+            n_train=len(self.x_train_),
+            chunk_size=min(self.chunk_size_, 256),
+        )
         self.result_ = mpe_scores(post, self.x_train_, self.y_train_, MPESettings(variant=self.variant),
                                   chunk_size=min(self.chunk_size_, 256))
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+from typing import Any  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from typing import Any  # noqa: E402
 
 from modelsense.attribution.evaluation import detection_curve  # noqa: E402
 
@@ -64,6 +65,8 @@ def detection_curves(scores: dict[str, np.ndarray], corrupted: np.ndarray):
 
 
 def pruning_figure(ks, metrics: dict[str, Any], remove: str):
+    """Test accuracy after retraining against the number `ks` of examples removed, per method and for
+    random removal (± std)."""
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     for m, acc in metrics["accuracy"].items():
         ax.plot(ks, acc, marker="o", label=m)
@@ -79,11 +82,19 @@ def pruning_figure(ks, metrics: dict[str, Any], remove: str):
 
 
 def lds_figure(metrics: dict[str, Any]):
+    """Bar chart of each method's LDS, annotated with its value and seconds."""
     names = list(metrics["lds"])
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(names) + 1.5), 3.6))
     ax.bar(names, [metrics["lds"][n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
-        ax.text(i, metrics["lds"][n], f"{metrics['lds'][n]:.3f}\n{metrics['seconds'][n]:.1f}s", ha="center", va="bottom", fontsize=7)
+        ax.text(
+            i,
+            metrics["lds"][n],
+            f"{metrics['lds'][n]:.3f}\n{metrics['seconds'][n]:.1f}s",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_ylabel(f"LDS (α = {metrics['alpha']}, {metrics['n_models']} models)")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()

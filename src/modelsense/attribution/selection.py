@@ -21,7 +21,8 @@ def otsu_threshold(scores: np.ndarray, bins: int = 256) -> float:
         w_0(t) w_1(t) (μ_0(t) − μ_1(t))²,   w_0 = Σ_{b<=t} n_b, w_1 = Σ_{b>t} n_b,
         μ_0 = Σ_{b<=t} n_b c_b / w_0,      μ_1 = Σ_{b>t} n_b c_b / w_1
 
-    (on ties, as over the empty bins between two modes, the first up to rounding). The examples above the threshold (score > t) form the upper class.
+    (on ties, as over the empty bins between two modes, the first up to rounding).
+    The examples above the threshold (score > t) form the upper class.
     Non-finite scores are left out; all scores equal: that value.
     """
     s = np.asarray(scores, dtype=np.float64).ravel()

@@ -127,7 +127,9 @@ def pack(value: Any, key: str, tensors: dict[str, Tensor] | None) -> Any:
                                            "sha256": tensor_digest(value)}}
         if tensors is not None:
             t = value.detach().to("cpu").contiguous()
-            if any(t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in tensors.values() if s.numel()):
+            if any(
+                t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in tensors.values() if s.numel()
+            ):
                 t = t.clone()  # safetensors refuses two names on one storage
             tensors[key] = t
             node["key"] = key
@@ -163,7 +165,9 @@ def unpack(node: Any, tensors: dict[str, Tensor], device: torch.device | str = "
     if tag == "tensor":
         key = node.get("key")
         if key not in tensors:
-            raise ConfigError(f"the saved state lacks tensor {key!r} in {TENSOR_FILE}; the folder is damaged, save again")
+            raise ConfigError(
+                f"the saved state lacks tensor {key!r} in {TENSOR_FILE}; the folder is damaged, save again"
+            )
         return tensors[key].to(device)
     if tag == "float":
         return float(inner)
@@ -214,8 +218,11 @@ def differences(stored: Any, now: Any, what: str) -> list[str]:
     """'path: now (saved: stored)' for every leaf of two packed values that differs."""
     a, b = _described(stored, "", {}), _described(now, "", {})
     missing = "(none)"
-    return [f"{what} {k.removesuffix('#len').removesuffix('#type')}: {b.get(k, missing)!r} "
-            f"(saved: {a.get(k, missing)!r})" for k in sorted(set(a) | set(b), key=str) if a.get(k, missing) != b.get(k, missing)]
+    return [
+        f"{what} {k.removesuffix('#len').removesuffix('#type')}: {b.get(k, missing)!r} (saved: {a.get(k, missing)!r})"
+        for k in sorted(set(a) | set(b), key=str)
+        if a.get(k, missing) != b.get(k, missing)
+    ]
 
 
 # -- curvature operators ------------------------------------------------------------------------
@@ -294,7 +301,9 @@ def save_attributor(att: Attributor, path: str | os.PathLike, overwrite: bool = 
     entries = sorted(p.name for p in path.iterdir()) if path.exists() else []
     if entries:
         if CONFIG_FILE not in entries:
-            raise ConfigError(f"{path} holds other files ({', '.join(entries[:3])}); save the state into a new or empty folder")
+            raise ConfigError(
+                f"{path} holds other files ({', '.join(entries[:3])}); save the state into a new or empty folder"
+            )
         if not overwrite:
             raise ConfigError(f"{path} already holds a saved attributor state; pass overwrite=True to replace it")
         foreign = [e for e in entries if e not in (CONFIG_FILE, TENSOR_FILE)]
@@ -325,7 +334,9 @@ def read_saved(path: str | os.PathLike) -> dict[str, Any]:
 
     config_path = _config_path(path)
     if not config_path.is_file():
-        raise ConfigError(f"{path} holds no saved attributor state (no {CONFIG_FILE}); save one with att.save({str(path)!r})")
+        raise ConfigError(
+            f"{path} holds no saved attributor state (no {CONFIG_FILE}); save one with att.save({str(path)!r})"
+        )
     config = read_json(config_path, "a saved attributor state")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ConfigError(f"{config_path} is not a saved attributor state")

@@ -43,7 +43,9 @@ from modelsense.core.functional import FunctionalModel, Params, chunks, map_inpu
 from modelsense.errors import ConfigError
 
 
-def margin_grads(model: FunctionalModel, params: Params, x: Tensor, y: Tensor, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+def margin_grads(
+    model: FunctionalModel, params: Params, x: Tensor, y: Tensor, chunk_size: int = 256
+) -> tuple[Tensor, Tensor]:
     """Flat per-example gradients of the margin f_y − logsumexp_{c≠y} f_c, (n, P), and p_y, (n,)."""
 
     def margin(p: Params, xi: Tensor, yi: Tensor):
@@ -110,7 +112,9 @@ class Trak(FeatureAttributor):
 
     def _fit(self) -> None:
         if self.model_.likelihood != "categorical" or self.loss != "cross_entropy":
-            raise ConfigError("trak uses the classification margin; it needs a categorical model with loss='cross_entropy'")
+            raise ConfigError(
+                "trak uses the classification margin; it needs a categorical model with loss='cross_entropy'"
+            )
         members = [self.params_] if self.include_fitted else []
         n_new = self.n_models - len(members)
         if n_new > 0:
@@ -126,7 +130,11 @@ class Trak(FeatureAttributor):
                 g, _ = margin_grads(self.model_, params, self.x_train_[rows], self.y_train_[rows], self.chunk_size_)
                 phi = proj(g).double()
                 K += phi.T @ phi
-            lam = self.damping * float(torch.trace(K)) / self.proj_dim if self.damping_mode == "relative" else self.damping
+            lam = (
+                self.damping * float(torch.trace(K)) / self.proj_dim
+                if self.damping_mode == "relative"
+                else self.damping
+            )
             self.kernel_inverses_.append(_ridge_inverse(K, lam).to(dtype))
             self.damping_.append(lam)
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-
 from rich.table import Table
 
 from modelsense.cli import options as o
@@ -46,8 +45,20 @@ add_command(app, TRAIN)
 
 
 @app.command()
-def demo(out: o.Out = Path("demo_out"), resume: o.Resume = False, overwrite: o.Overwrite = False, quiet: o.Quiet = False,
-         sections: Annotated[str, typer.Option("--sections", help="comma-separated subset of the sections (default: all); report.html keeps the other sections an earlier demo wrote into --out")] = "") -> None:
+def demo(
+    out: o.Out = Path("demo_out"),
+    resume: o.Resume = False,
+    overwrite: o.Overwrite = False,
+    quiet: o.Quiet = False,
+    sections: Annotated[
+        str,
+        typer.Option(
+            "--sections",
+            help="comma-separated subset of the sections (default: all); report.html keeps the other sections an "
+            "earlier demo wrote into --out",
+        ),
+    ] = "",
+) -> None:
     """The main job: a short tour on digits that writes OUT/report.html (--resume reuses finished sections)."""
     from modelsense.experiments.demo import run_demo
 
@@ -63,6 +74,7 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directories (the
                                                       metavar="RUN_DIR")],
            out: o.Out = Path("runs/report"), overwrite: o.Overwrite = False, quiet: o.Quiet = False,
            title: Annotated[str, typer.Option("--title", help="title of the report")] = "modelsense report") -> None:
+    """Figures and an HTML report (OUT/report.html) from finished run directories."""
     set_quiet(quiet)
     path = report_runs(runs, out, title=title, overwrite=overwrite, progress=not quiet)
     console.print(REPORT.summary(RunDir(out).read_metrics()), highlight=False)

@@ -24,9 +24,12 @@ from modelsense.cli.app import app
 from modelsense.cli.generate import add_command
 from modelsense.experiments.curvature import BLR, GRID, PERTURB, SPECTRUM, WIDTH_SWEEP
 
-effdim_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                         help="Effective dimensionality N_eff = Σ λ/(λ + s): width sweeps, width x depth grids and Bayesian "
-                              "linear regression.")
+effdim_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Effective dimensionality N_eff = Σ λ/(λ + s): width sweeps, width x depth grids and Bayesian "
+    "linear regression.",
+)
 app.add_typer(effdim_app, name="effdim")
 
 add_command(app, SPECTRUM)

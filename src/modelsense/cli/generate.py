@@ -17,7 +17,7 @@ import dataclasses
 import inspect
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -71,13 +71,13 @@ def leaves(cls: type, instance: Any, hide: frozenset[str] = frozenset(), prefix:
         parse = f.metadata.get("parse")
         if parse is not None:
             show = f.metadata.get("show") or str
-            inner_hint = Optional[str] if value is None else str
+            inner_hint = str | None if value is None else str
             default = None if value is None else show(value)
         else:
             inner_hint, default = hint, value
             inner, optional = _optional_inner(hint)
             if inner is Path or (isinstance(inner, type) and issubclass(inner, Path)):
-                inner_hint = Optional[Path] if optional else Path
+                inner_hint = Path | None if optional else Path
         out.append(Leaf(path, param, flags, inner_hint, default, f.metadata["help"], parse))
     return out
 
@@ -145,7 +145,9 @@ def add_command(target: typer.Typer, command: Any, name: str | None = None) -> N
     seen: dict[str, Leaf] = {}
     for leaf in opts:
         if leaf.param in seen or leaf.param in _ALWAYS:
-            raise TypeError(f"{command.name}: option {leaf.flags[0]} is declared twice ({seen[leaf.param].path} and {leaf.path})")
+            raise TypeError(
+                f"{command.name}: option {leaf.flags[0]} is declared twice ({seen[leaf.param].path} and {leaf.path})"
+            )
         seen[leaf.param] = leaf
     leaf_of = {leaf.path: leaf for leaf in opts}
     params = [inspect.Parameter(leaf.param, inspect.Parameter.KEYWORD_ONLY, default=leaf.default,

@@ -18,8 +18,11 @@ from modelsense.cli.app import app
 from modelsense.cli.generate import add_command
 from modelsense.experiments.mpe import COMMANDS
 
-mpe_app = typer.Typer(no_args_is_help=True, add_completion=False,
-                      help="Memory-perturbation equation: LOO estimates, sensitivities, the five experiments of Nickl et al. 2023.")
+mpe_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Memory-perturbation equation: LOO estimates, sensitivities, the five experiments of Nickl et al. 2023.",
+)
 app.add_typer(mpe_app, name="mpe")
 
 for _experiment, _command in COMMANDS.items():

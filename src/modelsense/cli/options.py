@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -14,20 +14,41 @@ from modelsense.errors import ConfigError
 from modelsense.models import ModelConfig
 from modelsense.training.config import TrainConfig
 
-Dataset = Annotated[str, typer.Option("--dataset", "-d", help="digits, mnist1d, mnist, fmnist, cifar10, or a path to a .npz/.csv file")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="directory with the MNIST/FMNIST IDX files or CIFAR-10 batches")]
-NTrain = Annotated[Optional[int], typer.Option("--n-train", help="use a seeded stratified subset of this many training examples")]
-Corruption = Annotated[float, typer.Option("--corruption-ratio", help="fraction of training labels flipped to another class (seeded)")]
+Dataset = Annotated[
+    str, typer.Option("--dataset", "-d", help="digits, mnist1d, mnist, fmnist, cifar10, or a path to a .npz/.csv file")
+]
+DataDir = Annotated[
+    Path | None, typer.Option("--data-dir", help="directory with the MNIST/FMNIST IDX files or CIFAR-10 batches")
+]
+NTrain = Annotated[
+    int | None, typer.Option("--n-train", help="use a seeded stratified subset of this many training examples")
+]
+Corruption = Annotated[
+    float, typer.Option("--corruption-ratio", help="fraction of training labels flipped to another class (seeded)")
+]
 DropClasses = Annotated[str, typer.Option("--drop-classes", help="comma-separated class labels to remove, e.g. 3,5")]
-Standardize = Annotated[Optional[bool], typer.Option("--standardize/--no-standardize", help="standardise features with training-set mean and std; automatic where no default is shown: on for feature vectors from a .npz/.csv file, off for built-in datasets and images (they keep their usual normalisation)")]
+Standardize = Annotated[
+    bool | None,
+    typer.Option(
+        "--standardize/--no-standardize",
+        help="standardise features with training-set mean and std; automatic where no default is shown: on for "
+        "feature vectors from a .npz/.csv file, off for built-in datasets and images (they keep their usual "
+        "normalisation)",
+    ),
+]
 DataSeed = Annotated[int, typer.Option("--data-seed", help="seed of subsetting, splitting and label corruption")]
 
-Model = Annotated[str, typer.Option("--model", "-m", help="linear, mlp, small_mlp, large_mlp, lenet, cnn_deepobs, resnet20_frn, cnn, resnet18")]
-Widths = Annotated[Optional[str], typer.Option("--widths", help="hidden widths of mlp, e.g. 128,128")]
-Activation = Annotated[Optional[str], typer.Option("--activation", help="mlp activation: relu, tanh, gelu, ...")]
-Width = Annotated[Optional[int], typer.Option("--width", help="width k of cnn / resnet18")]
-Depth = Annotated[Optional[int], typer.Option("--depth", help="depth of cnn")]
-Norm = Annotated[Optional[str], typer.Option("--norm", help="normalisation of cnn / resnet18: gn, bn, frn, none")]
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="linear, mlp, small_mlp, large_mlp, lenet, cnn_deepobs, resnet20_frn, cnn, resnet18"
+    ),
+]
+Widths = Annotated[str | None, typer.Option("--widths", help="hidden widths of mlp, e.g. 128,128")]
+Activation = Annotated[str | None, typer.Option("--activation", help="mlp activation: relu, tanh, gelu, ...")]
+Width = Annotated[int | None, typer.Option("--width", help="width k of cnn / resnet18")]
+Depth = Annotated[int | None, typer.Option("--depth", help="depth of cnn")]
+Norm = Annotated[str | None, typer.Option("--norm", help="normalisation of cnn / resnet18: gn, bn, frn, none")]
 
 Optimizer = Annotated[str, typer.Option("--optimizer", help="sgd (momentum 0.9), adam or ivon")]
 Lr = Annotated[float, typer.Option("--lr", help="initial learning rate")]
@@ -38,32 +59,93 @@ Delta = Annotated[float, typer.Option("--delta", help="prior precision δ: loss 
 HessInit = Annotated[float, typer.Option("--hess-init", help="IVON's initial Hessian estimate h0")]
 Seed = Annotated[int, typer.Option("--seed", help="init and batch-order seed")]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda")]
-FixedBatches = Annotated[bool, typer.Option("--fixed-batches", help="never reshuffle minibatches (as the code of Nickl et al. 2023)")]
-CheckpointEpochs = Annotated[str, typer.Option("--checkpoint-epochs", help="comma-separated epochs at which to save parameters")]
-CheckpointIterations = Annotated[str, typer.Option("--checkpoint-iterations", help="comma-separated iterations (optimizer steps) at which to save parameters")]
+FixedBatches = Annotated[
+    bool, typer.Option("--fixed-batches", help="never reshuffle minibatches (as the code of Nickl et al. 2023)")
+]
+CheckpointEpochs = Annotated[
+    str, typer.Option("--checkpoint-epochs", help="comma-separated epochs at which to save parameters")
+]
+CheckpointIterations = Annotated[
+    str,
+    typer.Option(
+        "--checkpoint-iterations", help="comma-separated iterations (optimizer steps) at which to save parameters"
+    ),
+]
 
-Checkpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="model.pt of `modelsense train` to use instead of training one (the model options are then unused; the training recipe, --device aside, comes from its run's config.json when there)")]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="model.pt of `modelsense train` to use instead of training one (the model options are then unused; the "
+        "training recipe, --device aside, comes from its run's config.json when there)",
+    ),
+]
 
 # attribution method settings (`method_settings`; each method takes those it understands)
-NumEns = Annotated[Optional[int], typer.Option("--num-ens", help="ensemble members: gex fine-tuning runs, la-kfac samples")]
-FtLr = Annotated[Optional[float], typer.Option("--ft-lr", help="gex: peak learning rate of each fine-tuning run")]
-FtStep = Annotated[Optional[int], typer.Option("--ft-step", help="gex: SGD steps per fine-tuning run")]
-FtLrSched = Annotated[Optional[str], typer.Option("--ft-lr-sched", help="gex: cosine (restarted, to 0) or constant (with clipping)")]
-GexEps = Annotated[Optional[float], typer.Option("--gex-eps", help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (the GEX code of Kim et al. 2023: 0.05)")]
-ProjDim = Annotated[Optional[int], typer.Option("--proj-dim", help="projection dimension of randproj, tracin-rp, trak")]
-Damping = Annotated[Optional[float], typer.Option("--damping", help="if-*/trak/arnoldi damping (if-*/trak: relative to the mean eigenvalue)")]
-DampingMode = Annotated[Optional[str], typer.Option("--damping-mode", help="relative (× mean eigenvalue) or absolute")]
-CurvatureMatrix = Annotated[Optional[str], typer.Option("--matrix", help="curvature of if-*/arnoldi: ggn, hessian or ef")]
-ArnoldiRank = Annotated[Optional[int], typer.Option("--arnoldi-rank", help="arnoldi: number of eigendirections")]
-EnsembleModels = Annotated[Optional[int], typer.Option("--ensemble-models", help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the trained model only)")]
-El2nRepeat = Annotated[Optional[int], typer.Option("--el2n-repeat", help="el2n: early-trained models")]
-LossType = Annotated[str, typer.Option("--loss", help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of the GEX code of Kim et al. 2023; gradient/ensemble methods only)")]
-GradChunk = Annotated[Optional[int], typer.Option("--bs-jacs", help="examples per vmapped per-example gradient pass (default: as many as fit in memory-gb / 8)")]
-MemoryGb = Annotated[float, typer.Option("--memory-gb", help="memory budget in GiB: score matrices larger than this go to a memory-mapped file")]
+NumEns = Annotated[
+    int | None, typer.Option("--num-ens", help="ensemble members: gex fine-tuning runs, la-kfac samples")
+]
+FtLr = Annotated[float | None, typer.Option("--ft-lr", help="gex: peak learning rate of each fine-tuning run")]
+FtStep = Annotated[int | None, typer.Option("--ft-step", help="gex: SGD steps per fine-tuning run")]
+FtLrSched = Annotated[
+    str | None, typer.Option("--ft-lr-sched", help="gex: cosine (restarted, to 0) or constant (with clipping)")
+]
+GexEps = Annotated[
+    float | None,
+    typer.Option(
+        "--gex-eps",
+        help="gex/la-kfac: floor τ of the reference loss max(l(θ*), τ); 0 = none (the GEX code of Kim et al. 2023: "
+        "0.05)",
+    ),
+]
+ProjDim = Annotated[int | None, typer.Option("--proj-dim", help="projection dimension of randproj, tracin-rp, trak")]
+Damping = Annotated[
+    float | None,
+    typer.Option("--damping", help="if-*/trak/arnoldi damping (if-*/trak: relative to the mean eigenvalue)"),
+]
+DampingMode = Annotated[str | None, typer.Option("--damping-mode", help="relative (× mean eigenvalue) or absolute")]
+CurvatureMatrix = Annotated[str | None, typer.Option("--matrix", help="curvature of if-*/arnoldi: ggn, hessian or ef")]
+ArnoldiRank = Annotated[int | None, typer.Option("--arnoldi-rank", help="arnoldi: number of eigendirections")]
+EnsembleModels = Annotated[
+    int | None,
+    typer.Option(
+        "--ensemble-models",
+        help="trak and if-*: models trained from scratch whose scores are averaged (trak default 10, if-* 1 = the "
+        "trained model only)",
+    ),
+]
+El2nRepeat = Annotated[int | None, typer.Option("--el2n-repeat", help="el2n: early-trained models")]
+LossType = Annotated[
+    str,
+    typer.Option(
+        "--loss",
+        help="cross_entropy (softmax) or sigmoid_bce (per-class sigmoid, the default of the GEX code of Kim et al. "
+        "2023; gradient/ensemble methods only)",
+    ),
+]
+GradChunk = Annotated[
+    int | None,
+    typer.Option(
+        "--bs-jacs", help="examples per vmapped per-example gradient pass (default: as many as fit in memory-gb / 8)"
+    ),
+]
+MemoryGb = Annotated[
+    float,
+    typer.Option(
+        "--memory-gb", help="memory budget in GiB: score matrices larger than this go to a memory-mapped file"
+    ),
+]
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="run directory to write (refused if it holds anything, unless --overwrite or --resume)")]
+Out = Annotated[
+    Path,
+    typer.Option(
+        "--out", "-o", help="run directory to write (refused if it holds anything, unless --overwrite or --resume)"
+    ),
+]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="empty --out first if it holds a modelsense run")]
-Resume = Annotated[bool, typer.Option("--resume", help="continue (or extend) the run in --out; its stored settings must match")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="continue (or extend) the run in --out; its stored settings must match")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 
@@ -72,6 +154,7 @@ OPTIMIZER_ALIASES = {"iblr": "ivon"}
 
 
 def int_list(text: str | None, what: str) -> tuple[int, ...]:
+    """The integers of the comma-separated `text` (() when empty or None); ConfigError naming `what` otherwise."""
     if not text:
         return ()
     try:
@@ -82,6 +165,7 @@ def int_list(text: str | None, what: str) -> tuple[int, ...]:
 
 def data_config(dataset: str, data_dir: Path | None, n_train: int | None, corruption_ratio: float,
                 drop_classes: str, standardize: bool | None, data_seed: int) -> DataConfig:
+    """The DataConfig of the data options (`--drop-classes` parsed into a tuple)."""
     return DataConfig(dataset, data_dir=None if data_dir is None else str(data_dir), n_train=n_train,
                       corruption_ratio=corruption_ratio, drop_classes=int_list(drop_classes, "--drop-classes"),
                       standardize=standardize, seed=data_seed)
@@ -89,6 +173,7 @@ def data_config(dataset: str, data_dir: Path | None, n_train: int | None, corrup
 
 def model_config(model: str, widths: str | None, activation: str | None, width: int | None, depth: int | None,
                  norm: str | None) -> ModelConfig:
+    """The ModelConfig of the model options (`--widths` parsed; empty means the model's default)."""
     return ModelConfig(model, widths=int_list(widths, "--widths") or None, activation=activation, width=width,
                        depth=depth, norm=norm)
 
@@ -96,6 +181,7 @@ def model_config(model: str, widths: str | None, activation: str | None, width: 
 def train_config(optimizer: str, lr: float, lrmin: float, epochs: int, bs: int, delta: float, hess_init: float,
                  seed: int, device: str, fixed_batches: bool, checkpoint_epochs: str = "",
                  checkpoint_iterations: str = "") -> TrainConfig:
+    """The TrainConfig of the training options (optimizer aliases resolved, checkpoint lists parsed)."""
     optimizer = OPTIMIZER_ALIASES.get(optimizer.lower(), optimizer.lower())
     return TrainConfig(optimizer=optimizer, lr=lr, lrmin=lrmin, epochs=epochs, bs=bs, delta=delta, hess_init=hess_init,
                        seed=seed, device=device, fixed_batches=fixed_batches,
@@ -115,10 +201,23 @@ def method_settings(num_ens: int | None, ft_lr: float | None, ft_step: int | Non
                           ("--el2n-repeat", el2n_repeat), ("--bs-jacs", bs_jacs)):
         if value is not None and value < 1:
             raise ConfigError(f"{option} must be >= 1, received {value}")
-    return {"num_ens": num_ens, "ft_lr": ft_lr, "ft_step": ft_step, "ft_lr_sched": ft_lr_sched, "gex_eps": gex_eps,
-            "proj_dim": proj_dim, "damping": damping, "damping_mode": damping_mode, "matrix": matrix, "rank": arnoldi_rank,
-            "n_models": ensemble_models, "el2n_repeat": el2n_repeat, "loss": loss, "chunk_size": bs_jacs,
-            "memory_budget": max(1, int(memory_gb * 2**30))}
+    return {
+        "num_ens": num_ens,
+        "ft_lr": ft_lr,
+        "ft_step": ft_step,
+        "ft_lr_sched": ft_lr_sched,
+        "gex_eps": gex_eps,
+        "proj_dim": proj_dim,
+        "damping": damping,
+        "damping_mode": damping_mode,
+        "matrix": matrix,
+        "rank": arnoldi_rank,
+        "n_models": ensemble_models,
+        "el2n_repeat": el2n_repeat,
+        "loss": loss,
+        "chunk_size": bs_jacs,
+        "memory_budget": max(1, int(memory_gb * 2**30)),
+    }
 
 
 # -- option groups -----------------------------------------------------------------------------
@@ -223,7 +322,9 @@ def with_configs(*, groups: Mapping[str, Group] | None = None, omit: Iterable[st
         added.append(inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
         clash = {p.name for p in own} & {p.name for p in added}
         if clash:
-            raise TypeError(f"options {sorted(clash)} are both the command's own and a group's; omit them from the group")
+            raise TypeError(
+                f"options {sorted(clash)} are both the command's own and a group's; omit them from the group"
+            )
 
         @functools.wraps(fn)
         def command(**kwargs):

@@ -42,7 +42,7 @@ class ParamSpec:
     shapes: tuple[torch.Size, ...]
 
     @classmethod
-    def of(cls, params: Params) -> "ParamSpec":
+    def of(cls, params: Params) -> ParamSpec:
         return cls(tuple(params), tuple(p.shape for p in params.values()))
 
     @property
@@ -294,7 +294,8 @@ def flat_per_example_grads(
         out = torch.empty(n, P, dtype=first.dtype, device=first.device)
     elif tuple(out.shape) != (n, P):
         raise ConfigError(
-            f"out must have shape (n, P) = ({n}, {P}), received {tuple(out.shape)}; pass a buffer of that shape or out=None"
+            f"out must have shape (n, P) = ({n}, {P}), received {tuple(out.shape)}; pass a buffer of that shape or "
+            "out=None"
         )
     slices = model.spec.slices
     g = vmap(grad(fn, has_aux=has_aux), in_dims=(None, 0, 0))

@@ -110,7 +110,9 @@ class Likelihood(ABC):
     # --- shared checks -------------------------------------------------------------------------
     def _check_outputs(self, f: Tensor, min_classes: int = 1) -> None:
         if not isinstance(f, Tensor) or f.dim() != 2:
-            raise DataError(f"the {self.family} likelihood ({self.loss}) expects outputs of shape (n, C), received {_shape(f)}")
+            raise DataError(
+                f"the {self.family} likelihood ({self.loss}) expects outputs of shape (n, C), received {_shape(f)}"
+            )
         if f.shape[-1] < min_classes:
             raise DataError(
                 f"the {self.family} likelihood needs C >= {min_classes} outputs (a classification head), received "
@@ -317,7 +319,9 @@ class Gaussian(Likelihood):
         return t.to(f.dtype)
 
 
-def likelihood_for(likelihood: str = "categorical", loss: str = "cross_entropy", noise_precision: float = 1.0) -> Likelihood:
+def likelihood_for(
+    likelihood: str = "categorical", loss: str = "cross_entropy", noise_precision: float = 1.0
+) -> Likelihood:
     """The likelihood object of a model with `likelihood` (categorical | gaussian) trained with `loss`
     (cross_entropy: the likelihood's own NLL; sigmoid_bce: one sigmoid per class, classification only).
     ConfigError for an unknown name or a combination that does not fit."""

@@ -36,6 +36,13 @@ from modelsense.curvature.operators import (
     LowRankCurvature,
     build_curvature,
 )
+from modelsense.curvature.posterior import (
+    GaussianPosterior,
+    LaplacePosterior,
+    adam_posterior,
+    ivon_posterior,
+    laplace,
+)
 from modelsense.curvature.spectrum import (
     DEFAULT_S_SUM,
     Spectrum,
@@ -43,13 +50,6 @@ from modelsense.curvature.spectrum import (
     compute_spectrum,
     module_spectra,
     resolve_s,
-)
-from modelsense.curvature.posterior import (
-    GaussianPosterior,
-    LaplacePosterior,
-    adam_posterior,
-    ivon_posterior,
-    laplace,
 )
 
 __all__ = [

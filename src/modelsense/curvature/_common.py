@@ -10,13 +10,20 @@ likelihood object, `model.objective` (`core.likelihood`).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from typing import Any
-
-from modelsense.core.functional import FunctionalModel, Params, check_per_example_mode, chunks, n_rows, take_rows, to_device
+from modelsense.core.functional import (
+    FunctionalModel,
+    Params,
+    check_per_example_mode,
+    chunks,
+    n_rows,
+    take_rows,
+    to_device,
+)
 from modelsense.data.stream import BatchAdapter, Rows, as_examples, is_stream
 from modelsense.errors import ConfigError, DataError, shown
 

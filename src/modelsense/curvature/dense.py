@@ -20,19 +20,26 @@ from modelsense.curvature._common import check_data, data_chunks
 from modelsense.errors import ConfigError
 
 
-def dense_hessian(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256) -> Tensor:
+def dense_hessian(
+    model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256
+) -> Tensor:
     """∂²(Σ_i l_i)/∂θ², shape (P, P)."""
     check_data(model, x, y)
     params = params if params is not None else model.params
     flat = model.spec.flatten(params)
     H = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype, device=flat.device)
     for xb, yb in data_chunks(x, y, chunk_size, params):
-        H += torch.func.jacrev(torch.func.grad(lambda t: model.per_example_loss(model.spec.unflatten(t), xb, yb).sum()))(flat)
+        H += torch.func.jacrev(
+            torch.func.grad(lambda t, xb=xb, yb=yb: model.per_example_loss(model.spec.unflatten(t), xb, yb).sum())
+        )(flat)
     return H
 
 
-def dense_ggn(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256) -> Tensor:
-    """Σ_i J_iᵀ Λ_i J_i, shape (P, P) (Λ_i = `model.objective.output_hessian`: diag(p) − ppᵀ categorical, I gaussian)."""
+def dense_ggn(
+    model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256
+) -> Tensor:
+    """Σ_i J_iᵀ Λ_i J_i, shape (P, P) (Λ_i = `model.objective.output_hessian`: diag(p) − ppᵀ categorical, I "
+    "gaussian)."""
     check_data(model, x, y)
     params = params if params is not None else model.params
     P = model.n_params
@@ -47,7 +54,9 @@ def dense_ggn(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | Non
     return G
 
 
-def dense_empirical_fisher(model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256) -> Tensor:
+def dense_empirical_fisher(
+    model: FunctionalModel, x: Tensor, y: Tensor, params: Params | None = None, chunk_size: int = 256
+) -> Tensor:
     """Σ_i g_i g_iᵀ, g_i = ∂l_i/∂θ, shape (P, P)."""
     check_data(model, x, y)
     params = params if params is not None else model.params
@@ -58,7 +67,9 @@ def dense_empirical_fisher(model: FunctionalModel, x: Tensor, y: Tensor, params:
     return F
 
 
-def dense_matrix(model: FunctionalModel, x: Tensor, y: Tensor, matrix: str = "ggn", params: Params | None = None) -> Tensor:
+def dense_matrix(
+    model: FunctionalModel, x: Tensor, y: Tensor, matrix: str = "ggn", params: Params | None = None
+) -> Tensor:
     """One of the three matrices by name: ggn | hessian | ef."""
     table = {"ggn": dense_ggn, "hessian": dense_hessian, "ef": dense_empirical_fisher}
     if matrix not in table:

@@ -221,7 +221,8 @@ class BLRContraction:
 
 
 def blr_regions(n_params: int) -> tuple[float, float]:
-    """Where the BLR posterior contracts: P ∓ P/8 points (175 and 225 for P = 200, as the notebook of Maddox et al. 2020)."""
+    """Where the BLR posterior contracts: P ∓ P/8 points (175 and 225 for P = 200, as the notebook of Maddox et al. "
+    "2020)."""
     return n_params - n_params / 8, n_params + n_params / 8
 
 

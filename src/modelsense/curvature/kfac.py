@@ -325,7 +325,14 @@ class KroneckerCurvature(DataOperator, Curvature):
                 rows.append({"name": b.name, "kind": b.kind, "params": list(b.params), "shape": (b.d_out, b.d_in)})
             else:
                 assert isinstance(b, FallbackBlock)
-                rows.append({"name": b.name, "kind": "dense" if b.dense else "diag", "params": [b.name],
-                             "shape": (1, b.d_in), "reason": b.reason,
-                             "rows": f"hooks on {b.source.name!r}" if b.source is not None else "per-example Jacobians"})
+                rows.append(
+                    {
+                        "name": b.name,
+                        "kind": "dense" if b.dense else "diag",
+                        "params": [b.name],
+                        "shape": (1, b.d_in),
+                        "reason": b.reason,
+                        "rows": f"hooks on {b.source.name!r}" if b.source is not None else "per-example Jacobians",
+                    }
+                )
         return rows

@@ -101,7 +101,11 @@ class KroneckerLayer:
         """Flat positions of the (d_out, d_in) grid [W | b] in row-major order, shape (d_out·d_in,)
         (an Embedding's grid is weightᵀ: the weight is stored (vocabulary, dim))."""
         if self.kind == "embedding":
-            return torch.arange(self.weight_slice.start, self.weight_slice.stop).reshape(self.d_in, self.d_out).T.reshape(-1)
+            return (
+                torch.arange(self.weight_slice.start, self.weight_slice.stop)
+                .reshape(self.d_in, self.d_out)
+                .T.reshape(-1)
+            )
         cols = []
         if self.weight:
             cols.append(torch.arange(self.weight_slice.start, self.weight_slice.stop).reshape(self.d_out, -1))
@@ -138,7 +142,9 @@ class FallbackBlock:
         return torch.arange(self.param_slice.start, self.param_slice.stop)
 
 
-NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+NORM_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 @dataclass
@@ -183,10 +189,16 @@ class RowsLayer:
             return {self.custom[k]: rows[k].reshape(n, -1) for k in self.custom}
         if isinstance(self.module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):  # parameters on dim 1
             channels = g.shape[1]
-            fold = lambda t: t.reshape(n, channels, -1).sum(-1)
+
+            def fold(t: Tensor) -> Tensor:
+                return t.reshape(n, channels, -1).sum(-1)
+
         else:  # LayerNorm / RMSNorm: parameters over the trailing normalized_shape
             p = int(torch.tensor(self.module.normalized_shape).prod())
-            fold = lambda t: t.reshape(n, -1, p).sum(1)
+
+            def fold(t: Tensor) -> Tensor:
+                return t.reshape(n, -1, p).sum(1)
+
         out = {}
         if self.weight:
             out[self.weight] = fold(g * x_hat)
@@ -212,7 +224,8 @@ def _owners(module: nn.Module) -> dict[int, list[str]]:
 def _unsupported(mod: nn.Module) -> str | None:
     """Why a Linear/Conv/Embedding cannot be a Kronecker layer (None if it can)."""
     if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and (mod.groups != 1 or mod.padding_mode != "zeros"):
-        return f"a convolution with groups={mod.groups}, padding_mode={mod.padding_mode!r} (KFAC needs groups=1, zero padding)"
+        return (f"a convolution with groups={mod.groups}, padding_mode={mod.padding_mode!r} "
+                "(KFAC needs groups=1, zero padding)")
     if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse):
         return "an embedding with max_norm, scale_grad_by_freq or sparse gradients"
     return None
@@ -278,7 +291,8 @@ def find_layers(model: FunctionalModel) -> list[KroneckerLayer]:
     missing = [n for n in model.spec.names if n not in covered]
     if missing:
         raise ConfigError(
-            f"KFAC/EK-FAC Kronecker layers are nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding; not covered: {missing}. "
+            "KFAC/EK-FAC Kronecker layers are nn.Linear, nn.Conv1d, nn.Conv2d and nn.Embedding; not covered: "
+            f"{missing}. "
             "Use fallback='auto' or 'diag' (exact dense/diagonal blocks for them), exclude them with "
             "FunctionalModel(..., trainable=...), or use structure diag/full/lowrank"
         )
@@ -569,7 +583,9 @@ def squared_example_grids(layer: KroneckerLayer, g: Tensor, a: Tensor) -> Tensor
 
 
 # --- fallback blocks: per-example Jacobians of the uncovered parameters ------------------------------------
-def fallback_jacobians(model: FunctionalModel, params: Params, names: list[str], xb: Tensor) -> Iterator[tuple[slice, Tensor]]:
+def fallback_jacobians(
+    model: FunctionalModel, params: Params, names: list[str], xb: Tensor
+) -> Iterator[tuple[slice, Tensor]]:
     """Per-example Jacobians of the outputs w.r.t. the parameters `names` only, flat (m, C, p) in the
     order of `names`, for sub-chunks (slices of xb) of at most about 2^24 entries."""
     rest = {k: v for k, v in params.items() if k not in names}
@@ -622,7 +638,9 @@ def fallback_square_sums(fallbacks: list[FallbackBlock], step: ChunkPass, rows: 
                 accumulate(index[id(b)], R[:, cols])
 
 
-def layer_diagonal(model: FunctionalModel, matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int) -> Tensor:
+def layer_diagonal(
+    model: FunctionalModel, matrix: str, params: Params, x: Tensor, y: Tensor, chunk_size: int
+) -> Tensor:
     """Exact diag of the GGN or EF (summed loss), flat (P,): for Kronecker layers from layer inputs and
     backpropagated output gradients, diag = Σ_{i,u} (Σ_t g_itu ⊙ a_it)² (for T = 1: Σ_{i,u} g_iu² a_iu²ᵀ,
     no per-example gradients); for every other parameter from its per-example rows (fallback)."""

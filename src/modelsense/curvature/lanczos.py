@@ -51,7 +51,9 @@ class EigenDecomposition:
     num_matvecs: int = 0
 
 
-def _operator(op, dim: int | None, dtype: torch.dtype | None, device) -> tuple[MatVec, MatVec | None, int, torch.dtype, torch.device]:
+def _operator(
+    op, dim: int | None, dtype: torch.dtype | None, device
+) -> tuple[MatVec, MatVec | None, int, torch.dtype, torch.device]:
     """(matvec, matmat or None, P, dtype, device) of a Curvature or a callable."""
     if hasattr(op, "mv") and hasattr(op, "n_params"):
         return op.mv, op.mv, op.n_params, op.dtype, op.device

@@ -82,7 +82,9 @@ class Curvature:
 
     def inverse_sqrt_mv(self, v: Tensor, damping: float | Tensor) -> Tensor:
         """(K + damping · I)^{-1/2} v (symmetric square root); used to sample N(0, (K + δI)^{-1})."""
-        raise ConfigError(f"structure {self.structure!r} offers no inverse square root; use full, diag, kfac, ekfac or lowrank")
+        raise ConfigError(
+            f"structure {self.structure!r} offers no inverse square root; use full, diag, kfac, ekfac or lowrank"
+        )
 
     def diag(self) -> Tensor:
         """The diagonal of K, shape (P,)."""
@@ -115,7 +117,9 @@ class Curvature:
         """log det(K + damping · I) = Σ_i log(λ_i + damping); needs λ_i + damping > 0."""
         lam = self.eigenvalues().double() + torch.as_tensor(damping, dtype=torch.float64)
         if bool((lam <= 0).any()):
-            raise ConfigError(f"K + damping·I is not positive definite (min eigenvalue {float(lam.min()):.3g}); increase the damping")
+            raise ConfigError(
+                f"K + damping·I is not positive definite (min eigenvalue {float(lam.min()):.3g}); increase the damping"
+            )
         return float(torch.log(lam).sum())
 
     def to_dense(self, block: int = 256) -> Tensor:
@@ -229,7 +233,9 @@ class ImplicitCurvature(DataOperator, Curvature):
 
             leaves, g, used = self._graph(index, build)
             vs = list(tangents.values())
-            hv = torch.autograd.grad(g, leaves, grad_outputs=[vs[i][0] for i in used], retain_graph=self.cache_graph, materialize_grads=True)
+            hv = torch.autograd.grad(
+                g, leaves, grad_outputs=[vs[i][0] for i in used], retain_graph=self.cache_graph, materialize_grads=True
+            )
             return {k: h.unsqueeze(0) for k, h in zip(params, hv)}
         # several vectors: vmap of forward-over-reverse (5.4 ms per vector vs 8.4 ms batched backward)
         grad_fn = grad(lambda p: model.per_example_loss(p, xb, yb).sum())
@@ -339,8 +345,15 @@ class ImplicitCurvature(DataOperator, Curvature):
     def eigen(self, k: int, tol: float = 1e-5, max_steps: int | None = None, which: str = "largest",
               progress: bool = False) -> EigenDecomposition:
         """Top-k eigenpairs by Lanczos with full reorthogonalisation (lanczos.top_eigenpairs)."""
-        return top_eigenpairs(self, self._check_k(k), tol=tol, max_steps=max_steps, which=which, generator=self.generator,
-                              progress=progress)
+        return top_eigenpairs(
+            self,
+            self._check_k(k),
+            tol=tol,
+            max_steps=max_steps,
+            which=which,
+            generator=self.generator,
+            progress=progress,
+        )
 
     def inverse_mv(self, v: Tensor, damping: float | Tensor, tol: float = 1e-10, max_iter: int | None = None,
                    preconditioner: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -378,7 +391,10 @@ def conjugate_gradient(apply: Callable[[Tensor], Tensor], B: Tensor, tol: float,
         AP = apply(P_a)
         curv = (P_a * AP).sum(0)
         if bool((curv <= 0).any()):
-            raise ConfigError("conjugate gradients met non-positive curvature: K + damping·I is not positive definite; increase the damping")
+            raise ConfigError(
+                "conjugate gradients met non-positive curvature: K + damping·I is not positive definite; increase the "
+                "damping"
+            )
         a = rz[active] / curv
         X[:, active] += a * P_a
         R_a = R[:, active] - a * AP
@@ -421,7 +437,10 @@ class DenseCurvature(Curvature):
         lam, Q = self.eigh
         shifted = lam + damping
         if bool((shifted <= 0).any()):
-            raise ConfigError(f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the damping")
+            raise ConfigError(
+                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
+                "damping"
+            )
         V, was_vector = as_matrix(v, self.n_params)
         out = Q @ (shifted.pow(power).unsqueeze(1) * (Q.T @ V))
         return out[:, 0] if was_vector else out
@@ -440,7 +459,10 @@ class DenseCurvature(Curvature):
         lam, Q = self.eigh
         shifted = lam + damping
         if bool((shifted <= 0).any()):
-            raise ConfigError(f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the damping")
+            raise ConfigError(
+                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
+                "damping"
+            )
         return Q.pow(2) @ (1.0 / shifted)
 
     def eigenvalues(self):
@@ -477,7 +499,9 @@ class DiagonalCurvature(Curvature):
         check_damping(damping, strictly_positive=False, what="diag inverse")
         shifted = self.d + torch.as_tensor(damping, dtype=self.dtype, device=self.device)
         if bool((shifted <= 0).any()):
-            raise ConfigError(f"diag(d) + damping has a non-positive entry ({float(shifted.min()):.3g}); increase the damping")
+            raise ConfigError(
+                f"diag(d) + damping has a non-positive entry ({float(shifted.min()):.3g}); increase the damping"
+            )
         return shifted
 
     def mv(self, v):
@@ -555,10 +579,15 @@ class LowRankCurvature(Curvature):
         return out[:, 0] if was_vector else out
 
     def _shifted(self, damping):
-        check_damping(damping, strictly_positive=True, what="lowrank inverse (the complement of span(U) has eigenvalue 0)")
+        check_damping(
+            damping, strictly_positive=True, what="lowrank inverse (the complement of span(U) has eigenvalue 0)"
+        )
         shifted = self.lam + damping
         if bool((shifted <= 0).any()):
-            raise ConfigError(f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the damping")
+            raise ConfigError(
+                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
+                "damping"
+            )
         return shifted
 
     def mv(self, v):
@@ -648,7 +677,9 @@ class CurvatureConfig:
         check_choice("structure", self.structure, STRUCTURES)
         check_choice("reduction", self.reduction, REDUCTIONS)
         if self.max_dense_block < 0:
-            raise ConfigError(f"max_dense_block must be >= 0 (entries of a parameter tensor), received {self.max_dense_block}")
+            raise ConfigError(
+                f"max_dense_block must be >= 0 (entries of a parameter tensor), received {self.max_dense_block}"
+            )
         if self.chunk_size < 1 or self.rank < 1:
             raise ConfigError(f"chunk_size and rank must be >= 1, received {self.chunk_size} and {self.rank}")
         if self.matrix == "hessian" and self.structure in ("kfac", "ekfac", "gram"):

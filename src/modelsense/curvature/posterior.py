@@ -144,7 +144,12 @@ class LaplacePosterior(GaussianPosterior):
             raise ConfigError(f"prior precision must be > 0, received {shown(delta)}")
         theta_sq, lam = self._terms()
         P = self.n_params
-        return self.log_likelihood - 0.5 * delta * theta_sq + 0.5 * P * math.log(delta) - 0.5 * float(torch.log(lam + delta).sum())
+        return (
+            self.log_likelihood
+            - 0.5 * delta * theta_sq
+            + 0.5 * P * math.log(delta)
+            - 0.5 * float(torch.log(lam + delta).sum())
+        )
 
     def optimize_prior_precision(self, max_iter: int = 100, tol: float = 1e-10) -> float:
         """Maximise the evidence over δ (θ* fixed) by Newton's method on u = log δ; sets and returns δ.
@@ -262,7 +267,10 @@ def adam_posterior(model: FunctionalModel, optimizer, n_train: int, prior_precis
 def _diagonal_from_state(model, named, curv, damp, source) -> GaussianPosterior:
     missing = [n for n in model.spec.names if n not in curv]
     if missing:
-        raise ConfigError(f"the optimizer holds no state for the selected parameters {missing}; pass the optimizer that trained this module")
+        raise ConfigError(
+            f"the optimizer holds no state for the selected parameters {missing}; pass the optimizer that trained "
+            "this module"
+        )
     d = model.spec.flatten(curv)
     delta = model.spec.flatten(damp)
     mean = {n: named[n].detach().clone() for n in model.spec.names}

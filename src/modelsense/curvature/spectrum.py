@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from modelsense.core.functional import FunctionalModel, Params
+from modelsense.curvature._common import resolve_data
 from modelsense.curvature.effdim import effective_dimension
 from modelsense.curvature.lanczos import SpectralDensity, TraceEstimate, hutchinson_trace, spectral_density
-from modelsense.curvature._common import resolve_data
 from modelsense.curvature.operators import MATRICES, REDUCTIONS, CurvatureConfig, build_curvature
 from modelsense.errors import ConfigError
 from modelsense.options import floats, joined, option
@@ -102,6 +102,8 @@ class SpectrumConfig:
 
 @dataclass(frozen=True)
 class Spectrum:
+    """The result of `compute_spectrum`: top-k eigenvalues, N_eff per s, and trace / density when asked."""
+
     eigenvalues: Tensor  # (k,) descending
     converged: Tensor  # (k,) bool
     residuals: Tensor  # (k,)

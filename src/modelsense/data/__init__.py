@@ -10,7 +10,6 @@ numerical layer reads it batch by batch (see `modelsense.data.stream`).
 """
 
 from modelsense.data.dataset import Dataset
-from modelsense.data.stream import BatchAdapter, Examples, as_examples
 from modelsense.data.loaders import (
     DataConfig,
     available_datasets,
@@ -18,6 +17,7 @@ from modelsense.data.loaders import (
     load_dataset,
     load_dataset_from_config,
 )
+from modelsense.data.stream import BatchAdapter, Examples, as_examples
 
 __all__ = [
     "BatchAdapter",

@@ -50,7 +50,7 @@ class Dataset:
     def is_classification(self) -> bool:
         return self.num_classes > 0
 
-    def to(self, device: str | torch.device) -> "Dataset":
+    def to(self, device: str | torch.device) -> Dataset:
         """A copy with every tensor on `device` (metadata shared)."""
         return Dataset(
             self.name,

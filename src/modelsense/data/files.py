@@ -16,8 +16,9 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,11 +61,11 @@ from modelsense.data.transforms import (
     standardize_features,
     stratified_subset,
 )
-from modelsense.data.validation import check_arrays, check_data_options, check_options
-from modelsense.options import ints, joined, option
 from modelsense.data.user import load_user_arrays
-from modelsense.user import is_reference
+from modelsense.data.validation import check_arrays, check_data_options, check_options
 from modelsense.errors import DataError
+from modelsense.options import ints, joined, option
+from modelsense.user import is_reference
 
 #: Environment variable read when `data_dir` is None.
 DATA_DIR_ENV = "MODELSENSE_DATA_DIR"

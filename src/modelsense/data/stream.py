@@ -204,9 +204,11 @@ class Examples:
                             "that streams the data")
         need = self.n * self.example_bytes()
         if need > budget:
-            raise DataError(f"{why} reads the {self.what} data whole: {self.n} examples take {need / 2**30:.2f} GiB, above "
-                            f"the memory budget of {budget / 2**30:.2f} GiB; raise the budget (--memory-gb, "
-                            "ComputeOptions.memory_budget), use fewer examples, or a method that streams the data")
+            raise DataError(
+                f"{why} reads the {self.what} data whole: {self.n} examples take {need / 2**30:.2f} GiB, above "
+                f"the memory budget of {budget / 2**30:.2f} GiB; raise the budget (--memory-gb, "
+                "ComputeOptions.memory_budget), use fewer examples, or a method that streams the data"
+            )
         parts = [self.get(s) for s in chunks(self.n, 1024)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 

@@ -81,10 +81,10 @@ from modelsense.curvature.spectrum import (
     module_spectra,
     resolve_s,
 )
+from modelsense.curvature.sweep import curvature_data, train_and_measure
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
-from modelsense.curvature.sweep import curvature_data, train_and_measure
 from modelsense.experiments.source import CHECKPOINT_HELP, check_checkpoint, check_model, obtain_model
 from modelsense.models import ModelConfig
 from modelsense.models.checkpoint import save_model
@@ -93,7 +93,10 @@ from modelsense.progress import progress_bar
 from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 from modelsense.training.config import TrainConfig
 
-USE_TEST_HELP = "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality code of Maddox, Benton & Wilson 2020)"
+USE_TEST_HELP = (
+    "the matrix of the loss over the test set instead of the training set (--use_test of the effective-dimensionality "
+    "code of Maddox, Benton & Wilson 2020)"
+)
 VECTORS_FILE = "eigenvectors"
 WEIGHTS_ONLY_HELP = "only parameters with >= 2 dims (weights; no biases / norm parameters), as Maddox et al. 2020"
 
@@ -240,9 +243,15 @@ def spectrum_summary(m: dict[str, Any]) -> str:
                       f"N_eff {b['effective_dimension']:.4g}" for name, b in m.get("by_module", {}).items()))
 
 
-SPECTRUM = Command("spectrum", SpectrumSpec, check_spectrum, run_spectrum, summary=spectrum_summary,
-                   help="Train (or load --checkpoint) and compute the top-k eigenvalues and N_eff of the loss curvature "
-                        "(the trace and spectral density on request: they cost far more products than the eigenvalues).")
+SPECTRUM = Command(
+    "spectrum",
+    SpectrumSpec,
+    check_spectrum,
+    run_spectrum,
+    summary=spectrum_summary,
+    help="Train (or load --checkpoint) and compute the top-k eigenvalues and N_eff of the loss curvature "
+    "(the trace and spectral density on request: they cost far more products than the eigenvalues).",
+)
 
 
 # -- modelsense perturb --------------------------------------------------------------------------
@@ -477,7 +486,8 @@ class WidthSweepSpec:
 
     What every width shares (data, model, train but the device, hidden_layers, spectrum, weights_only:
     config.json's `sweep`) a resumed sweep must keep; widths, s, the threshold and save_models may
-    change (N_eff is recomputed from the saved eigenvalues). `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
+    change (N_eff is recomputed from the saved eigenvalues).
+    `spectrum` gives k and how the eigenvalues are computed; its s, trace and density are unused.
     """
 
     data: DataConfig = field(default_factory=lambda: DataConfig("digits", corruption_ratio=0.2, standardize=True))
@@ -507,7 +517,9 @@ def check_width_sweep(spec: WidthSweepSpec) -> Prepared:
     if len(set(widths)) != len(widths):
         raise ConfigError(f"--widths must be distinct, received {list(widths)}")
     if spec.model.name not in SWEEP_MODELS:
-        raise ConfigError(f"width-sweep varies the width of {', '.join(SWEEP_MODELS)}; received --model {spec.model.name!r}")
+        raise ConfigError(
+            f"width-sweep varies the width of {', '.join(SWEEP_MODELS)}; received --model {spec.model.name!r}"
+        )
     if spec.hidden_layers < 1:
         raise ConfigError(f"--hidden-layers must be >= 1, received {spec.hidden_layers}")
     if spec.spectrum.s or spec.spectrum.trace_samples or spec.spectrum.density_probes:
@@ -520,13 +532,20 @@ def check_width_sweep(spec: WidthSweepSpec) -> Prepared:
         check_model(data, spec.model_config(width))
     s = resolve_s(spec.s, spec.spectrum.reduction, curvature_examples(data, spec.use_test))
     # what every width shares, which a resumed sweep must keep (the device aside: a crashed run may resume elsewhere)
-    sweep = {"data": asdict(spec.data), "model": asdict(spec.model),
-             "train": {k: v for k, v in asdict(spec.train).items() if k != "device"}, "hidden_layers": spec.hidden_layers,
-             "spectrum": asdict(spec.spectrum), "weights_only": spec.weights_only, "use_test": spec.use_test}
+    sweep = {
+        "data": asdict(spec.data),
+        "model": asdict(spec.model),
+        "train": {k: v for k, v in asdict(spec.train).items() if k != "device"},
+        "hidden_layers": spec.hidden_layers,
+        "spectrum": asdict(spec.spectrum),
+        "weights_only": spec.weights_only,
+        "use_test": spec.use_test,
+    }
     return Prepared(data, {"dataset": data.summary(), "s": list(s), "sweep": sweep}, {"s": s})
 
 
 def width_result_path(root: str | Path, width: int) -> Path:
+    """The result file of width `width` in the sweep folder `root`: widths/width_<width>.json."""
     return Path(root) / "widths" / f"width_{int(width)}.json"
 
 
@@ -618,10 +637,12 @@ def width_sweep_summary_lines(m: dict[str, Any]) -> str:
     lines = [f"{'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'test err':>8} {'N_eff':>7}"]
     lines += [f"{w:>6} {m['n_params'][i]:>8} {m['train_loss'][i]:>10.4g} {m['test_loss'][i]:>9.4g} "
               f"{m['test_error'][i]:>8.3f} {m['effective_dimension'][i]:>7.3g}" for i, w in enumerate(m["widths"])]
-    lines.append(f"Spearman with test loss, {m['n_interpolating']} models with train loss < {m['train_loss_threshold']:g}: "
-                 f"N_eff {fmt(m['spearman_effdim_test_loss'])}, params {fmt(m['spearman_params_test_loss'])}; "
-                 f"all {len(m['widths'])}: N_eff {fmt(m['spearman_effdim_test_loss_all'])}, "
-                 f"params {fmt(m['spearman_params_test_loss_all'])}")
+    lines.append(
+        f"Spearman with test loss, {m['n_interpolating']} models with train loss < {m['train_loss_threshold']:g}: "
+        f"N_eff {fmt(m['spearman_effdim_test_loss'])}, params {fmt(m['spearman_params_test_loss'])}; "
+        f"all {len(m['widths'])}: N_eff {fmt(m['spearman_effdim_test_loss_all'])}, "
+        f"params {fmt(m['spearman_params_test_loss_all'])}"
+    )
     return "\n".join(lines)
 
 
@@ -788,7 +809,9 @@ class BLRSpec:
 
 def check_blr(spec: BLRSpec) -> Prepared:
     if spec.n_points < 1 or spec.n_frequencies < 1:
-        raise ConfigError(f"need --n-points >= 1 and --n-frequencies >= 1, received {spec.n_points}, {spec.n_frequencies}")
+        raise ConfigError(
+            f"need --n-points >= 1 and --n-frequencies >= 1, received {spec.n_points}, {spec.n_frequencies}"
+        )
     if not spec.x_max > 0:
         raise ConfigError(f"--x-max must be > 0, received {spec.x_max}")
     values = (spec.noise_variance, spec.prior_variance, spec.s_parameter, spec.s_function)
@@ -867,10 +890,11 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> Sectio
         "N_eff (s = N = 1297)": spec["effective_dimension_by_s"]["1297.0"],
         "test_accuracy": spec["test_accuracy"],
         "t at which v_1 doubles the train loss": pert["t_double"],
-        "train-loss rise there: v_1 / low-curvature / random": "n/a" if rises is None else (
-            f"{100 * rises['top'][0]:.3g}% / {100 * rises['bottom']:.3g}% / {100 * rises['random']:.3g}%"),
+        "train-loss rise there: v_1 / low-curvature / random": "n/a"
+        if rises is None
+        else (f"{100 * rises['top'][0]:.3g}% / {100 * rises['bottom']:.3g}% / {100 * rises['random']:.3g}%"),
         "BLR posterior N_eff at n = 1 / P / 300": f"{blr['effdim_posterior_first']:.3g} / "
-                                                 f"{blr['effdim_posterior_at']['n=200']:.3g} / {blr['effdim_posterior_last']:.3g}",
+        f"{blr['effdim_posterior_at']['n=200']:.3g} / {blr['effdim_posterior_last']:.3g}",
     }
     return Section(
         "Curvature: Hessian spectrum and effective dimensionality",

@@ -9,18 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelsense.errors import ConfigError, ModelsenseError
+from modelsense.experiments.command import execute
 from modelsense.experiments.curvature import curvature_section
 from modelsense.experiments.influence import noisy_labels_section
+from modelsense.experiments.memorization import memorization_section
 from modelsense.experiments.mpe import mpe_section
 from modelsense.experiments.report import Section, write_report
 from modelsense.experiments.representations import representations_section
-from modelsense.experiments.memorization import memorization_section
-from modelsense.experiments.command import execute
 from modelsense.experiments.train import TRAIN, TrainSpec
 from modelsense.runs import RunDir, finished_metrics, read_json, write_json
 
 
 def training_section(out: Path, progress: bool, resume: bool = False) -> Section:
+    """The demo's training section: trains the MLP into out/train (or reuses it with `resume` when finished)."""
     run = out / "train"
     metrics = (resume and finished_metrics(run)) or execute(TRAIN, TrainSpec(), run, overwrite=True, progress=progress)
     return Section(

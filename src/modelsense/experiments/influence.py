@@ -75,7 +75,7 @@ from modelsense.experiments.source import (
     obtain_model,
 )
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.options import joined, names, ints, option
+from modelsense.options import ints, joined, names, option
 from modelsense.retraining.store import (
     STORE_DIR,
     RetrainOptions,
@@ -278,7 +278,9 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     return trained, trained.model_cfg, recipe
 
 
-def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset) -> dict[str, Any]:
+def method_context(
+    method: str, result, train_cfg: TrainConfig, model_cfg: ModelConfig, data: Dataset
+) -> dict[str, Any]:
     """Settings a method takes from the training run, by what its class declares it needs
     (`method_class(method).needs`, see `modelsense.attribution.NEEDS`)."""
     needs = method_class(method).needs
@@ -288,8 +290,10 @@ def method_context(method: str, result, train_cfg: TrainConfig, model_cfg: Model
         ctx.update(checkpoints=ckpts, learning_rates=lrs)
     if "recipe" in needs:
         base = replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=())
-        ctx.update(train_config=base,
-                   model_fn=lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)))
+        ctx.update(
+            train_config=base,
+            model_fn=lambda s: build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=int(s)),
+        )
     if "prior_precision" in needs:
         ctx["prior_precision"] = max(train_cfg.delta, 1e-8)
     if "delta" in needs:
@@ -354,7 +358,9 @@ def _prepare(spec: Any, methods: list[str], config: dict[str, Any] | None = None
         check_settings(methods, settings)
     except ConfigError as exc:
         if spec.settings.loss is None and train_cfg.loss != "cross_entropy" and "--score-loss" in str(exc):
-            raise ConfigError(f"{exc} (the model trains with --loss {train_cfg.loss}, which the methods score by default)") from None
+            raise ConfigError(
+                f"{exc} (the model trains with --loss {train_cfg.loss}, which the methods score by default)"
+            ) from None
         raise
     return Prepared(data, {"dataset": data.summary(), "source": None if trained is None else trained.summary(),
                            **(config or {})},
@@ -392,6 +398,7 @@ def _by_method(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # -- noisy labels -------------------------------------------------------------------------------
 def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
+    """Validate the noisy-labels options (score kind against the methods) and load the data."""
     methods = parse_methods(list(spec.methods))
     if spec.score not in NOISY_SCORES:
         raise ConfigError(f"--score must be {' or '.join(NOISY_SCORES)}, received {spec.score!r}")
@@ -465,6 +472,7 @@ def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, pro
 
 # -- pruning ------------------------------------------------------------------------------------
 def check_prune(spec: PruneSpec) -> Prepared:
+    """Validate the pruning options and the budgets `--ks` (default 10-40% of N) and load the data."""
     methods = parse_methods(list(spec.methods))
     _check_self_influence(methods)
     if spec.remove not in ("lowest", "highest"):
@@ -491,7 +499,6 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     """Remove the k lowest (or highest) self-influence examples, retrain (jobs of the ground-truth
     store: `--resume` continues an interrupted retraining), compare with random removal."""
     from modelsense.attribution import plots
-
     from modelsense.attribution.selection import pruning_set
 
     data, ks = prepared.data, prepared.config["ks"]
@@ -540,7 +547,9 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     return metrics
 
 
-def _self_scores_without(method: str, keep: np.ndarray, got: Obtained, prepared: Prepared, progress: bool) -> np.ndarray:
+def _self_scores_without(
+    method: str, keep: np.ndarray, got: Obtained, prepared: Prepared, progress: bool
+) -> np.ndarray:
     """Self-influence of the kept examples under the model trained on them alone (the recipe and seed
     of `got`, so the model of the retraining job with mask `keep`), by `method` fitted on them."""
     data = prepared.data
@@ -556,10 +565,20 @@ def _self_scores_without(method: str, keep: np.ndarray, got: Obtained, prepared:
 
 
 # -- linear datamodeling score ----------------------------------------------------------------
-def lds_ground_truth(data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, n_test: int, *,
-                     n_models: int,
-                     alpha: float, root: str | Path, retrain_options: RetrainOptions | None = None,
-                     progress: bool = True, log=None) -> tuple[np.ndarray, np.ndarray]:
+def lds_ground_truth(
+    data_cfg: DataConfig,
+    data: Dataset,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    n_test: int,
+    *,
+    n_models: int,
+    alpha: float,
+    root: str | Path,
+    retrain_options: RetrainOptions | None = None,
+    progress: bool = True,
+    log=None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(masks (M, N) bool, test losses (M, n_test)) of M models trained from scratch on random α-subsets:
     the jobs `subset_jobs(N, α, range(M), seed0=train_cfg.seed)` of the ground-truth store under `root`
     (shared with memorization at ρ = α on the same recipe)."""
@@ -572,6 +591,7 @@ def lds_ground_truth(data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig
 
 
 def check_lds(spec: LdsSpec) -> Prepared:
+    """Validate the LDS options (pairwise methods, >= 3 models, subset size in (0, N)) and load the data."""
     methods = parse_methods(list(spec.methods))
     for m in methods:
         if not method_class(m).pairwise:
@@ -623,6 +643,7 @@ def run_lds(spec: LdsSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
 
 # -- one method's scores ----------------------------------------------------------------------
 def check_influence(spec: InfluenceSpec) -> Prepared:
+    """Validate the influence options (pairwise or --self, --top-k, --by-module, a saved state) and load the data."""
     (method,) = parse_methods([spec.method])
     if not spec.self_only and not method_class(method).pairwise:
         raise ConfigError(f"method {method!r} has a self-influence only; pass --self")
@@ -764,10 +785,18 @@ PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summa
                 training_losses=LOSSES,
                 help="Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random "
                      "removal.")
-LDS = Command("lds", LdsSpec, check_lds, run_lds, summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
-              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"), training_losses=LOSSES,
-              help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
-                   "ground-truth store of --out, or --store, for --resume and other runs).")
+LDS = Command(
+    "lds",
+    LdsSpec,
+    check_lds,
+    run_lds,
+    summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
+    keep=(STORE_DIR,),
+    resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
+    training_losses=LOSSES,
+    help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
+    "ground-truth store of --out, or --store, for --resume and other runs).",
+)
 INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence, training_losses=LOSSES,
                     summary=lambda m: f"{m['method']}: scores of shape {m['shape']} in {m['seconds']:.1f}s",
                     help="One method's influence scores (score(i, j) ≈ rise of test loss j when training example i "
@@ -795,7 +824,8 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
         "digits with 10% of the training labels moved to another class; MLP 64-128-128-10 trained with SGD "
         "(lr 0.1, 200 epochs) until it fits the noise. Each method scores every training example by its "
         "self-influence (how much its own loss would rise if it were left out): GEX (8 chained fine-tuning "
-        "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and the squared gradient norm "
+        "members of 200 SGD steps with cosine lr from 0.3, covariance of the loss deviations), the training loss and "
+        "the squared gradient norm "
         "(grad-dot), beside two baselines of the GEX paper: the label disagreement of the k = N/10 nearest neighbours "
         "in the network's penultimate features (knn) and random scores (chance). AUC / AP of ranking the corrupted "
         "labels first; histograms of the self-influence of clean and corrupted examples.",

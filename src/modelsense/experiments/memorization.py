@@ -72,10 +72,21 @@ def check_min_held_out(min_held_out: int, n_models: int) -> int:
     return min_held_out
 
 
-def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray, correct_test: np.ndarray,
-                      *, data: Dataset | None, influence: str = "topk", top_k: int = 10, influence_dtype: str = "float16",
-                      bootstrap: int = 0, extra_ratios: dict[float, tuple[np.ndarray, np.ndarray]] | None = None,
-                      independent_ratios: bool = True, min_held_out: int = est.MIN_HELD_OUT) -> dict[str, Any]:
+def estimate_and_save(
+    run: RunDir,
+    masks: np.ndarray,
+    correct_train: np.ndarray,
+    correct_test: np.ndarray,
+    *,
+    data: Dataset | None,
+    influence: str = "topk",
+    top_k: int = 10,
+    influence_dtype: str = "float16",
+    bootstrap: int = 0,
+    extra_ratios: dict[float, tuple[np.ndarray, np.ndarray]] | None = None,
+    independent_ratios: bool = True,
+    min_held_out: int = est.MIN_HELD_OUT,
+) -> dict[str, Any]:
     """Estimators from (R, N) masks and correctness tables; saves arrays and figures; returns metrics.
 
     Estimates of training examples with fewer than `min_held_out` models on a side are NaN, flagged
@@ -134,7 +145,9 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
             run.save_array("influence_top_indices", infl.top_indices)
             run.save_array("influence_top_values", infl.top_values)
         values = infl.scores if infl.scores is not None else infl.top_values
-        metrics["n_high_influence_pairs"] = int(np.count_nonzero(np.nan_to_num(np.asarray(values, np.float32)) >= est.HIGH_INFLUENCE_THRESHOLD))
+        metrics["n_high_influence_pairs"] = int(
+            np.count_nonzero(np.nan_to_num(np.asarray(values, np.float32)) >= est.HIGH_INFLUENCE_THRESHOLD)
+        )
         metrics["high_influence_threshold"] = est.HIGH_INFLUENCE_THRESHOLD
         metrics["n_unreliable_pairs"] = infl.n_unreliable * int(correct_test.shape[1])
     # figures
@@ -149,8 +162,18 @@ def estimate_and_save(run: RunDir, masks: np.ndarray, correct_train: np.ndarray,
         run.save_figure(plots.most_memorized_figure(data.x_train, data.y_train, mem.estimate, class_names=names),
                         "most_memorized")
         if infl is not None:
-            run.save_figure(plots.influence_pairs_figure(data.x_train, data.y_train, data.x_test, data.y_test, infl,
-                                                         n_influential=min(4, top_k), class_names=names), "influence_pairs")
+            run.save_figure(
+                plots.influence_pairs_figure(
+                    data.x_train,
+                    data.y_train,
+                    data.x_test,
+                    data.y_test,
+                    infl,
+                    n_influential=min(4, top_k),
+                    class_names=names,
+                ),
+                "influence_pairs",
+            )
     return metrics
 
 
@@ -226,9 +249,12 @@ class MemorizationSpec:
     top_k: int = option(10, "influential training examples kept per test example")
     influence_dtype: str = option("float16", "float16 or float32 for --influence full")
     bootstrap: int = option(0, "bootstrap resamples for memorization intervals (0: none)")
-    min_held_out: int = option(est.MIN_HELD_OUT, "fewest models that held an example out (and that trained on it) for "
-                                                 "its estimates to count; fewer: NaN, False in reliable.npy, left out of "
-                                                 "top-k and figures, counted as n_unreliable_train")
+    min_held_out: int = option(
+        est.MIN_HELD_OUT,
+        "fewest models that held an example out (and that trained on it) for "
+        "its estimates to count; fewer: NaN, False in reliable.npy, left out of "
+        "top-k and figures, counted as n_unreliable_train",
+    )
 
 
 def check_memorization(spec: MemorizationSpec) -> Prepared:
@@ -281,8 +307,15 @@ def run_memorization(spec: MemorizationSpec, prepared: Prepared, run: RunDir, pr
             run.log(f"dataset {data.name} has {data.n_train}/{data.n_test} examples, the runs {main.masks.shape[1]}/"
                     f"{main.correct_test.shape[1]}: no example images (give the runs' --dataset and --data-dir)")
             data = None
-        metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data,
-                                    extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()}, **options)
+        metrics = estimate_and_save(
+            run,
+            main.masks,
+            main.correct_train,
+            main.correct_test,
+            data=data,
+            extra_ratios={r: (v.masks, v.correct_train) for r, v in by_ratio.items()},
+            **options,
+        )
         return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": ratio}
     jobs = prepared.extra["jobs"]
     tables = retrain(prepared.extra["recipe"], [j for r in jobs for j in jobs[r]], spec.retrain, run.path, data=data,
@@ -431,7 +464,9 @@ def run_verify(spec: VerifySpec, prepared: Prepared, run: RunDir, progress: bool
 def verify_summary(m: dict[str, Any]) -> str:
     line = (f"passed: accuracy {m['accuracy']:.4f} on {m['split']} ({m['n_examples']} examples), expected "
             f"{m['expected_accuracy']:.4f} ± {m['tolerance']:g}")
-    return line + (f"; {m['n_match']} of {m['n_examples']} predictions match the recorded ones" if "n_match" in m else "")
+    return line + (
+        f"; {m['n_match']} of {m['n_examples']} predictions match the recorded ones" if "n_match" in m else ""
+    )
 
 
 VERIFY = Command("verify", VerifySpec, check_verify, run_verify, summary=verify_summary,

@@ -123,7 +123,9 @@ class MPEExperimentConfig:
 
     data: DataConfig = field(default_factory=lambda: DataConfig("digits"))
     model: ModelConfig = field(default_factory=lambda: ModelConfig("mlp"))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="sgd", lr=0.05, lrmin=0.0, epochs=100, bs=64, delta=10.0))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(optimizer="sgd", lr=0.05, lrmin=0.0, epochs=100, bs=64, delta=10.0)
+    )
     optim_var: bool = option(False, "posterior from the optimizer state (IVON: 1/(N h + δ), Adam: 1/(N sqrt(v) + δ)) "
                                     "instead of Laplace", flag="--optim-var/--no-optim-var")
     var_version: str = option("kfac", "Laplace GGN structure: kfac, diag, full (small models), ekfac")
@@ -161,7 +163,9 @@ class MPEExperimentConfig:
 
     def __post_init__(self) -> None:
         if self.var_version not in LAPLACE_STRUCTURES:
-            raise ConfigError(f"--var-version must be one of {', '.join(LAPLACE_STRUCTURES)}, received {self.var_version!r}")
+            raise ConfigError(
+                f"--var-version must be one of {', '.join(LAPLACE_STRUCTURES)}, received {self.var_version!r}"
+            )
         MPESettings(self.mpe_variant, self.loo_damping)  # validates variant and damping
         if self.optim_var and self.train.optimizer not in ("ivon", "adam"):
             raise ConfigError(
@@ -268,7 +272,9 @@ def _module_with(model_fn, seed: int, params: Params, device: str) -> nn.Module:
     return module.eval()
 
 
-def posterior_at(cfg: MPEExperimentConfig, module: nn.Module, data: Dataset, optimizer=None, n_train: int | None = None):
+def posterior_at(
+    cfg: MPEExperimentConfig, module: nn.Module, data: Dataset, optimizer=None, n_train: int | None = None
+):
     """The posterior the flags select, at the module's current parameters (a Laplace posterior is
     retried in float64 when float32 fails: `curvature.posterior.in_float64_on_failure`)."""
     device = next(module.parameters()).device
@@ -288,7 +294,10 @@ def _evolving_iterations(cfg: MPEExperimentConfig, data: Dataset) -> tuple[int, 
     its = cfg.checkpoint_iterations or default_checkpoint_iterations(total)
     late = [i for i in its if i > total]
     if late:
-        raise ConfigError(f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x {steps_per_epoch})")
+        raise ConfigError(
+            f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x "
+            f"{steps_per_epoch})"
+        )
     return its
 
 
@@ -297,7 +306,9 @@ def check_experiment(experiment: str, cfg: MPEExperimentConfig, data: Dataset) -
     if experiment not in RUNNERS:
         raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
     if experiment == "loo-l2reg" and cfg.train.optimizer == "ivon":
-        raise ConfigError("loo-l2reg trains with sgd or adam (as the code of Nickl et al. 2023); IVON is not supported here")
+        raise ConfigError(
+            "loo-l2reg trains with sgd or adam (as the code of Nickl et al. 2023); IVON is not supported here"
+        )
     if experiment == "loo-l2reg" and cfg.optim_var:
         raise ConfigError("loo-l2reg uses Laplace posteriors (as the code of Nickl et al. 2023); drop --optim-var")
     if experiment == "evolving":
@@ -323,8 +334,15 @@ def _train(cfg: MPEExperimentConfig, data: Dataset, progress: bool, train_cfg: T
     return result.module, result, recorder
 
 
-def _retrain_without(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, params: Params, removed: list[Tensor] | Tensor,
-                     progress: bool, trained: TrainedRun | None = None) -> tuple[dict[str, np.ndarray], float]:
+def _retrain_without(
+    cfg: MPEExperimentConfig,
+    data: Dataset,
+    run: RunDir,
+    params: Params,
+    removed: list[Tensor] | Tensor,
+    progress: bool,
+    trained: TrainedRun | None = None,
+) -> tuple[dict[str, np.ndarray], float]:
     """The retraining without each removed set (shared minibatches; `mpe.ground_truth`), plus a control
     model on all data as the last row, as jobs of the ground-truth store (resumable, local or Ray):
     warm-started from `params` with `retrain_config()`, or (`--truth scratch`) from the initialisation of
@@ -346,7 +364,12 @@ def _final_posterior(cfg, module, result: Fit, data):
 
 def _train_metrics(result: Fit) -> dict[str, float]:
     f = result.final
-    return {"train_accuracy": f["train_accuracy"], "test_accuracy": f["test_accuracy"], "train_nll": f["train_loss"], "test_nll": f["test_loss"]}
+    return {
+        "train_accuracy": f["train_accuracy"],
+        "test_accuracy": f["test_accuracy"],
+        "train_nll": f["train_loss"],
+        "test_nll": f["test_loss"],
+    }
 
 
 # --- 1. LOO-CV during training ---------------------------------------------------------------
@@ -388,8 +411,14 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
         "test_nll_per_epoch": hist["test_loss"], **{f"final_{k}": v for k, v in _train_metrics(result).items()},
         "seconds": time.perf_counter() - start,
     }
-    run.save_arrays("loo_iterations", epochs=np.array(hist["epoch"]), test_nll=np.array(hist["test_loss"]),
-                    train_nll=np.array(hist["train_loss"]), checkpoint_epochs=np.array(marks), estimated_nll=np.array(estimated))
+    run.save_arrays(
+        "loo_iterations",
+        epochs=np.array(hist["epoch"]),
+        test_nll=np.array(hist["test_loss"]),
+        train_nll=np.array(hist["train_loss"]),
+        checkpoint_epochs=np.array(marks),
+        estimated_nll=np.array(estimated),
+    )
     run.save_figure(plots.plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated,
                                         f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "loo_iterations")
     run.write_metrics(metrics)
@@ -413,7 +442,9 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
 
     deltas = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp)
     d_max = float(deltas.max())
-    weights = torch.tensor(d_max / deltas, dtype=torch.float32).unsqueeze(1).expand(len(deltas), data.n_train).contiguous()
+    weights = (
+        torch.tensor(d_max / deltas, dtype=torch.float32).unsqueeze(1).expand(len(deltas), data.n_train).contiguous()
+    )
     model_fn = _model_fn(cfg, data)
     _check_head(model_fn(cfg.train.seed), data)
     tcfg = replace(cfg.train, delta=d_max, eval_every=0)
@@ -431,19 +462,27 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
             mcfg = replace(cfg, train=replace(cfg.train, delta=float(delta)))
             post = posterior_at(mcfg, module, data)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            by_variant = {v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, mcfg.loo_damping).items()}
+            by_variant = {
+                v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, mcfg.loo_damping).items()
+            }
             estimated.append(by_variant[cfg.mpe_variant])
             for v in VARIANTS:
                 est_by_variant[v].append(by_variant[v])
             run.log(f"delta {delta:.4g}: estimated LOO NLL {estimated[-1]:.4f}, test NLL {test_nll[m]:.4f}")
             bar.advance(1)
     metrics = {
-        "deltas": deltas.tolist(), "estimated_nll": estimated, "test_nll": test_nll, "test_accuracy": test_acc,
-        "best_delta_estimated": float(deltas[int(np.argmin(estimated))]), "best_delta_test": float(deltas[int(np.argmin(test_nll))]),
+        "deltas": deltas.tolist(),
+        "estimated_nll": estimated,
+        "test_nll": test_nll,
+        "test_accuracy": test_acc,
+        "best_delta_estimated": float(deltas[int(np.argmin(estimated))]),
+        "best_delta_test": float(deltas[int(np.argmin(test_nll))]),
         "spearman": correlations(np.array(estimated), np.array(test_nll))["spearman"],
         "estimated_nll_by_variant": est_by_variant,
         "best_delta_estimated_by_variant": {v: float(deltas[int(np.argmin(e))]) for v, e in est_by_variant.items()},
-        "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "smooth": cfg.smooth,
+        "posterior": cfg.posterior_name,
+        "mpe_variant": cfg.mpe_variant,
+        "smooth": cfg.smooth,
         "seconds": time.perf_counter() - start,
     }
     arrays = {"deltas": deltas, "estimated_nll": np.array(estimated), "test_nll": np.array(test_nll)}
@@ -493,8 +532,11 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     relaxation = retraining_relaxation(truth_cfg, data.n_train - 1) if truth_cfg.optimizer == "sgd" else None
     if relaxation is not None and relaxation < MIN_RELAXATION:
         raise_ = "--epochs-retrain or --lr-retrain" if cfg.truth == "warm" else "--epochs or --lr"
-        run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< {MIN_RELAXATION}): "
-                f"the true deviations are underestimated; raise {raise_}")
+        run.log(
+            f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
+            f"{MIN_RELAXATION}): "
+            f"the true deviations are underestimated; raise {raise_}"
+        )
     tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress, trained)
     logits_all = torch.from_numpy(tables["train_logits"])
     loo_logits, control_logits = logits_all[torch.arange(len(idx)), idx], logits_all[-1, idx]
@@ -502,21 +544,36 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     true = softmax_deviation(reference, loo_logits).numpy()
     by_variant = {v: {**correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
                   for v, r in variants.items()}
-    by_loo_damping = {str(a): correlations(memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a))
-                                            .sensitivity.numpy(), true) for a in LOO_DAMPING_SWEEP}
+    by_loo_damping = {
+        str(a): correlations(
+            memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a)).sensitivity.numpy(), true
+        )
+        for a in LOO_DAMPING_SWEEP
+    }
     chosen = variants[cfg.mpe_variant]
     est = chosen.sensitivity[idx].numpy()
     metrics = {
-        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")}, "n_retrain": len(idx),
-        "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name,
-        "by_variant": by_variant, "by_loo_damping": by_loo_damping, "reference": cfg.reference, "truth": cfg.truth,
-        "mean_true_deviation": float(true.mean()), "mean_estimated_deviation": float(est.mean()),
+        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")},
+        "n_retrain": len(idx),
+        "mpe_variant": cfg.mpe_variant,
+        "posterior": cfg.posterior_name,
+        "by_variant": by_variant,
+        "by_loo_damping": by_loo_damping,
+        "reference": cfg.reference,
+        "truth": cfg.truth,
+        "mean_true_deviation": float(true.mean()),
+        "mean_estimated_deviation": float(est.mean()),
         "true_loo_nll": float(per_example_nll(loo_logits, data.y_train[idx]).mean()),
-        "estimated_loo_nll": by_variant[cfg.mpe_variant]["loo_nll"], "estimated_loo_nll_all": chosen.estimated_loo_nll,
+        "estimated_loo_nll": by_variant[cfg.mpe_variant]["loo_nll"],
+        "estimated_loo_nll_all": chosen.estimated_loo_nll,
         "retrain_relaxation": relaxation,
         "ground_truth_converged": None if relaxation is None else relaxation >= MIN_RELAXATION,
-        "mean_control_drift": float(softmax_deviation(logits[idx], control_logits).mean()), **_train_metrics(result),
-        "seconds_train": t_train, "seconds_mpe": t_mpe, "seconds_retrain": t_retrain, "seconds": time.perf_counter() - start,
+        "mean_control_drift": float(softmax_deviation(logits[idx], control_logits).mean()),
+        **_train_metrics(result),
+        "seconds_train": t_train,
+        "seconds_mpe": t_mpe,
+        "seconds_retrain": t_retrain,
+        "seconds": time.perf_counter() - start,
     }
     run.save_array("sensitivities", chosen.sensitivity)
     run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=est, loo_logits=loo_logits,
@@ -524,8 +581,16 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
                     **{f"sensitivity_{v}": r.sensitivity for v, r in variants.items()})
     truth = "from scratch" if cfg.truth == "scratch" else "warm"
     converged = "" if relaxation is None else f" R = {relaxation:.1f}"
-    run.save_figure(plots.plot_validation(true, est, f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}{converged}",
-                                    slope=metrics["slope"], pearson=metrics["pearson"]), "validation")
+    run.save_figure(
+        plots.plot_validation(
+            true,
+            est,
+            f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}{converged}",
+            slope=metrics["slope"],
+            pearson=metrics["pearson"],
+        ),
+        "validation",
+    )
     if len(data.input_shape) == 3:
         run.save_figure(plots.plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
     run.write_metrics(metrics)
@@ -556,18 +621,26 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
             opt = stand_in_optimizer(m, snap) if cfg.optim_var else None
             post = posterior_at(cfg, m, data, optimizer=opt)
             logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            err = mc_prediction_error(logits, data.y_train, V, cfg.mc_samples, diagonal=cfg.mpe_variant == "diag", generator=gen)
+            err = mc_prediction_error(
+                logits, data.y_train, V, cfg.mc_samples, diagonal=cfg.mpe_variant == "diag", generator=gen
+            )
             sens.append(memory_perturbation(logits, data.y_train, V, cfg.settings, error=err).sensitivity.numpy())
             bar.advance(1)
     sens = np.stack(sens)  # (K, N)
     order, binned = binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
     metrics = {
-        "iterations": list(its), "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs, "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
+        "iterations": list(its),
+        "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs,
+        "posterior": cfg.posterior_name,
+        "mpe_variant": cfg.mpe_variant,
         **{k: dict(zip(map(str, its), v)) for k, v in agreement_with_last(sens).items()},
-        **_train_metrics(result), "seconds": time.perf_counter() - start,
+        **_train_metrics(result),
+        "seconds": time.perf_counter() - start,
     }
     run.save_arrays("evolving", iterations=np.array(its), sensitivities=sens, binned=binned, order=order)
-    run.save_figure(plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving")
+    run.save_figure(
+        plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving"
+    )
     run.write_metrics(metrics)
     return metrics
 
@@ -610,22 +683,36 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     control_acc = float(tables["test_correct"][-1].mean())
     acc_drop = control_acc - true_acc
     metrics = {
-        "classes": present, "estimated_nll": estimated.tolist(), "estimated_nll_joint": joint, "true_test_nll": true_nll.tolist(),
-        "true_test_accuracy": true_acc.tolist(), "accuracy_drop": acc_drop.tolist(),
-        "control_test_nll": float(tables["test_loss"][-1].mean()), "control_test_accuracy": control_acc,
-        "retrain_relaxation": relaxation, "ground_truth_converged": relaxation >= MIN_RELAXATION,
+        "classes": present,
+        "estimated_nll": estimated.tolist(),
+        "estimated_nll_joint": joint,
+        "true_test_nll": true_nll.tolist(),
+        "true_test_accuracy": true_acc.tolist(),
+        "accuracy_drop": acc_drop.tolist(),
+        "control_test_nll": float(tables["test_loss"][-1].mean()),
+        "control_test_accuracy": control_acc,
+        "retrain_relaxation": relaxation,
+        "ground_truth_converged": relaxation >= MIN_RELAXATION,
         "spearman": correlations(estimated.numpy(), true_nll)["spearman"],
         "pearson": correlations(estimated.numpy(), true_nll)["pearson"],
         "spearman_joint": correlations(np.array(joint), true_nll)["spearman"],
         "true_removed_train_nll": removed_nll.tolist(),
         "spearman_removed": correlations(estimated.numpy(), removed_nll)["spearman"],
         "spearman_joint_removed": correlations(np.array(joint), removed_nll)["spearman"],
-        "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, **_train_metrics(result),
-        "seconds_retrain": seconds_retrain, "seconds": time.perf_counter() - start,
+        "posterior": cfg.posterior_name,
+        "mpe_variant": cfg.mpe_variant,
+        **_train_metrics(result),
+        "seconds_retrain": seconds_retrain,
+        "seconds": time.perf_counter() - start,
     }
     run.save_arrays("loco", classes=np.array(present), estimated_nll=estimated, estimated_nll_joint=np.array(joint),
                     true_test_nll=true_nll, true_test_accuracy=true_acc)
-    points = {"true_test_nll": true_nll, "estimated_nll": estimated.numpy(), "accuracy_drop": acc_drop, "classes": present}
+    points = {
+        "true_test_nll": true_nll,
+        "estimated_nll": estimated.numpy(),
+        "accuracy_drop": acc_drop,
+        "classes": present,
+    }
     run.save_figure(plots.plot_loco([points], f"{cfg.model.name} on {data.name}"), "loco")
     run.write_metrics(metrics)
     return metrics
@@ -655,8 +742,10 @@ def _check(experiment: str):
                 raise ConfigError(f"mpe {experiment} follows the training itself; --checkpoint is for "
                                   f"{' and '.join(CHECKPOINT_EXPERIMENTS)}")
             if cfg.optim_var:
-                raise ConfigError("--optim-var reads the optimizer state, which a model.pt does not hold; use a Laplace "
-                                  "posterior (drop --optim-var) or train here")
+                raise ConfigError(
+                    "--optim-var reads the optimizer state, which a model.pt does not hold; use a Laplace "
+                    "posterior (drop --optim-var) or train here"
+                )
             trained = check_checkpoint(cfg.checkpoint, cfg.data, data)
         if experiment in CHECKPOINT_EXPERIMENTS:
             RetrainRecipe(cfg.data, cfg.model, cfg.retrain_config())  # the engine retrains (sgd)
@@ -819,6 +908,7 @@ class LocoOverlaySpec:
 
 
 def check_loco_overlay(spec: LocoOverlaySpec) -> Prepared:
+    """Validate the finished `mpe loco` runs of `--runs` and read each one's label and metrics."""
     from modelsense.runs import read_json, require_finished
 
     if len(spec.runs) < 2:

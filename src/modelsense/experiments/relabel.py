@@ -108,6 +108,7 @@ class RelabelSpec:
 
 
 def check_relabel(spec: RelabelSpec) -> Prepared:
+    """Validate the relabel options (target, budgets in (0, N] or otsu) and load the data."""
     methods = parse_methods(list(spec.methods))
     _check_self_influence(methods)
     if spec.target not in TARGETS:
@@ -239,7 +240,7 @@ def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bo
             metrics["otsu"][m].update(accuracy=accuracy("otsu", m, b)[0], random_accuracy=float(rand[b].mean()))
     if len(corrupted):
         metrics["precision"], metrics["corrected"] = {}, {}
-        for (what, m, b), chosen, labels in zip(labelled, chosen_sets, sets):
+        for (what, m, _b), chosen, labels in zip(labelled, chosen_sets, sets):
             if what not in ("method", "otsu"):
                 continue
             precision, corrected = relabel_quality(chosen, y if labels is None else labels, corrupted, clean.numpy())

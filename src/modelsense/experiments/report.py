@@ -44,6 +44,8 @@ def _fmt(v: Any) -> str:
 
 
 def render(title: str, sections: list[Section]) -> str:
+    """The HTML page of a report: `title`, then per section its heading, run directory, text, tables
+    and figures (PNG inline)."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -76,6 +78,7 @@ def render(title: str, sections: list[Section]) -> str:
 
 
 def write_report(path: str | Path, title: str, sections: list[Section]) -> Path:
+    """Write the HTML of `render(title, sections)` atomically to `path`; return `path`."""
     path = Path(path)
     atomic_write_bytes(path, render(title, sections).encode())
     return path

@@ -73,7 +73,9 @@ class ZooSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     n_models: int = option(8, "number of models (seeds --seed, --seed + 1, ...)")
-    seeds: tuple[int, ...] = option((), "explicit comma-separated seeds (overrides --n-models)", parse=ints, show=joined)
+    seeds: tuple[int, ...] = option(
+        (), "explicit comma-separated seeds (overrides --n-models)", parse=ints, show=joined
+    )
     method: str = option("auto", "auto (vmapped engine unless batch norm / ivon), ensemble or fit")
     chunk_size: int | None = option(None, "models trained together (vmapped) per chunk")
 
@@ -97,16 +99,32 @@ def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
                     spec.seeds or None, progress, data=prepared.data, method=spec.method, chunk_models=spec.chunk_size)
     acc = np.asarray(zoo.test_accuracy)
     run.log(f"zoo of {len(zoo.seeds)} ({len(zoo.trained)} trained by {zoo.method}) in {zoo.seconds:.1f}s")
-    return {"seeds": zoo.seeds, "test_accuracy": zoo.test_accuracy, "train_accuracy": zoo.train_accuracy,
-            "mean_test_accuracy": float(acc.mean()), "std_test_accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-            "n_trained": len(zoo.trained), "method": zoo.method, "seconds": zoo.seconds,
-            "paths": [str(p) for p in zoo.paths]}
+    return {
+        "seeds": zoo.seeds,
+        "test_accuracy": zoo.test_accuracy,
+        "train_accuracy": zoo.train_accuracy,
+        "mean_test_accuracy": float(acc.mean()),
+        "std_test_accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        "n_trained": len(zoo.trained),
+        "method": zoo.method,
+        "seconds": zoo.seconds,
+        "paths": [str(p) for p in zoo.paths],
+    }
 
 
-ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(ZOO_SUBDIR,), resume_keys=("zoo",),
-              summary=lambda m: f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
-                                f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}",
-              help="Train N models of one architecture from different seeds (a model zoo), reused by compare and stitch.")
+ZOO = Command(
+    "zoo",
+    ZooSpec,
+    check_zoo,
+    run_zoo,
+    keep=(ZOO_SUBDIR,),
+    resume_keys=("zoo",),
+    summary=lambda m: (
+        f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
+        f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}"
+    ),
+    help="Train N models of one architecture from different seeds (a model zoo), reused by compare and stitch.",
+)
 
 
 # -- the two models of compare and stitch --------------------------------------------------------
@@ -244,8 +262,9 @@ def run_compare(spec: CompareSpec, prepared: Prepared, run: RunDir, progress: bo
 
 def compare_summary(m: dict[str, Any]) -> str:
     diag = " ".join(f"{layer}={v:.4f}" for layer, v in zip(m["layers"], m["diagonal"]))
-    return f"{m['metric']} (similarity) diagonal: {diag}" + (f"\n{METRIC_NOTES[m['metric']]}" if m["metric"] in METRIC_NOTES
-                                                            else "")
+    return f"{m['metric']} (similarity) diagonal: {diag}" + (
+        f"\n{METRIC_NOTES[m['metric']]}" if m["metric"] in METRIC_NOTES else ""
+    )
 
 
 COMPARE = Command("compare", CompareSpec, check_compare, run_compare, summary=compare_summary,
@@ -308,7 +327,9 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
         members = [pair_models(spec, prepared, run, progress)]
     else:
         paths = zoo_member_paths(spec, prepared, run, progress, [s for pair in pairs for s in pair])
-        members = [(load_member("model-a", paths[sa], data), load_member("model-b", paths[sb], data)) for sa, sb in pairs]
+        members = [
+            (load_member("model-a", paths[sa], data), load_member("model-b", paths[sb], data)) for sa, sb in pairs
+        ]
     names = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
     start = time.perf_counter()
     sweeps = []
@@ -342,9 +363,15 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
         penalty_std=per_kind(std(penalty)) if several else None,
         accuracy_std=per_kind(std(accuracy)) if several else None), "stitching_penalty")
     metrics: dict[str, Any] = {
-        "layers": names, "kinds": kinds, "stitched_accuracy": per_kind(accuracy.mean(0)), "penalty": per_kind(penalty.mean(0)),
-        "clean_accuracy": clean.mean(0).tolist(), "mean_clean_accuracy": float(clean.mean()),
-        "mean_penalty": {k: float(penalty[:, i].mean()) for i, k in enumerate(kinds)}, "seconds": seconds}
+        "layers": names,
+        "kinds": kinds,
+        "stitched_accuracy": per_kind(accuracy.mean(0)),
+        "penalty": per_kind(penalty.mean(0)),
+        "clean_accuracy": clean.mean(0).tolist(),
+        "mean_clean_accuracy": float(clean.mean()),
+        "mean_penalty": {k: float(penalty[:, i].mean()) for i, k in enumerate(kinds)},
+        "seconds": seconds,
+    }
     if several:
         metrics.update(
             repeats=len(sweeps), pairs=[[a.seed, b.seed] for a, b in members], clean_accuracy_by_pair=clean.tolist(),
@@ -368,9 +395,14 @@ def stitch_summary(m: dict[str, Any]) -> str:
     if "repeats" in m:
         lines = [(f"{m['repeats']} random pairs {m['pairs']}: clean accuracy A {m['clean_accuracy'][0]:.4f}  B "
                   f"{m['clean_accuracy'][1]:.4f} (means)")]
-        lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}±{sd:.4f} (se {se:.4f})" for layer, p, sd, se in
-                                                 zip(m["layers"], m["penalty"][k], m["penalty_std"][k], m["penalty_se"][k]))
-                  for k in m["kinds"]]
+        lines += [
+            f"{k:12s} penalty "
+            + " ".join(
+                f"{layer}={p:+.4f}±{sd:.4f} (se {se:.4f})"
+                for layer, p, sd, se in zip(m["layers"], m["penalty"][k], m["penalty_std"][k], m["penalty_se"][k])
+            )
+            for k in m["kinds"]
+        ]
         lines.append("± the standard deviation over the pairs; se: the standard error of the mean penalty (sd / √R)")
         return "\n".join(lines)
     lines = [f"clean accuracy A {m['clean_accuracy'][0]:.4f}  B {m['clean_accuracy'][1]:.4f}"]
@@ -379,9 +411,15 @@ def stitch_summary(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitch_summary,
-                 hide=frozenset({"stitch.kind"}),
-                 help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per layer.")
+STITCH = Command(
+    "stitch",
+    StitchSpec,
+    check_stitch,
+    run_stitch,
+    summary=stitch_summary,
+    hide=frozenset({"stitch.kind"}),
+    help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per layer.",
+)
 
 
 # -- modelsense probe ----------------------------------------------------------------------------
@@ -558,15 +596,19 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
         "a trained 128x128 layer, then model B; penalty = mean clean accuracy - stitched accuracy. 'linear' is an "
         "unconstrained matrix, 'permutation' a permutation times a positive diagonal (the ReLU symmetry group "
         "G_ReLU, Godfrey et al. 2022), trained on the Birkhoff polytope and rounded by the Hungarian algorithm. "
-        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code for G_ReLU layers). "
+        "Stitching layers train for 20 epochs with plain SGD at lr 0.01 (the default of Godfrey et al. 2022's code "
+        "for G_ReLU layers). "
         "Invariance probe (model A): a random orthogonal, G_ReLU (permutation x positive scaling) or invertible M "
         "multiplies a layer's pre-activations, M^-1 is applied after its ReLU (absorbed by the next layer): G_ReLU "
         "leaves the network's outputs unchanged, the others do not; 'pre' compares the pre-activations z with M z, "
         "'post' the ReLU outputs. A metric invariant to the group gives 1 (CKA and Procrustes for orthogonal at pre; "
         "the G_ReLU metrics for G_ReLU, also at post).",
         metrics,
-        [root / "compare" / "figures" / "similarity_cka.png", root / "stitch" / "figures" / "stitching_penalty.png",
-         root / "probe" / "figures" / "probe_table.png"],
+        [
+            root / "compare" / "figures" / "similarity_cka.png",
+            root / "stitch" / "figures" / "stitching_penalty.png",
+            root / "probe" / "figures" / "probe_table.png",
+        ],
         str(root),
     )
 

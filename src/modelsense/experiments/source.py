@@ -25,7 +25,6 @@ from modelsense.runs import RunDir, read_json
 from modelsense.training.config import TrainConfig
 from modelsense.training.fit import Fit, evaluate, fit
 
-
 #: the help of every command's --checkpoint and --weights (the commands that train a model otherwise)
 CHECKPOINT_HELP = ("model.pt of `modelsense train` to study instead of training one; the data, model and training "
                    "recipe come from its run (options that contradict it are refused; --device aside)")
@@ -39,7 +38,9 @@ def check_checkpoint_data(info: dict[str, Any], data: Dataset, source: str,
     dataset name, input shape and number of classes. `source` names the checkpoint in the message
     (e.g. "checkpoint runs/a/model.pt"), `fix` says what to do about a different dataset."""
     if info.get("dataset") != data.name:
-        raise ConfigError(f"{source} was trained on dataset {info.get('dataset')!r}, but --dataset is {data.name!r}; {fix}")
+        raise ConfigError(
+            f"{source} was trained on dataset {info.get('dataset')!r}, but --dataset is {data.name!r}; {fix}"
+        )
     if tuple(info.get("input_shape", ())) != tuple(data.input_shape) or info.get("num_classes") != data.num_classes:
         raise ConfigError(
             f"{source} takes inputs {tuple(info.get('input_shape', ()))} with {info.get('num_classes')} "
@@ -108,7 +109,9 @@ def checkpoint_recipe(path: str | Path) -> tuple[Recipe, nn.Module, dict[str, An
     module, info = load_model(path)
     model_cfg = ModelConfig(**{**info["model"], "widths": _tuple(info["model"].get("widths"))})
     config_path = path.parent / "config.json"
-    config = read_json(config_path, "the config of the run that trained the checkpoint") if config_path.is_file() else {}
+    config = (
+        read_json(config_path, "the config of the run that trained the checkpoint") if config_path.is_file() else {}
+    )
     train = config.get("train") if isinstance(config, dict) else None
     if not (isinstance(train, dict) and config.get("model") == json.loads(json.dumps(info["model"]))
             and train.get("seed") == info.get("seed")):
@@ -217,7 +220,9 @@ def obtain_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, 
         return Obtained(trained.module.to(recipe.device), trained.as_fit(data, recipe), trained.model_cfg, recipe,
                         trained)
     if checkpoint_epochs:
-        train_cfg = replace(train_cfg, checkpoint_epochs=tuple(sorted({*train_cfg.checkpoint_epochs, *checkpoint_epochs})))
+        train_cfg = replace(
+            train_cfg, checkpoint_epochs=tuple(sorted({*train_cfg.checkpoint_epochs, *checkpoint_epochs}))
+        )
     module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
     with setup(module) if setup is not None else contextlib.nullcontext():
         result = fit(module, data, train_cfg, progress=progress, on_epoch=on_epoch)

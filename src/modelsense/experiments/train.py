@@ -18,13 +18,16 @@ from modelsense.training.fit import Fit, fit
 from modelsense.training.objective import LOSSES
 
 
-def train_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module, Fit]:
+def train_model(
+    data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, progress: bool = True
+) -> tuple[nn.Module, Fit]:
     """Build the model for `data` with init seed `train_cfg.seed` and fit it."""
     module = build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=train_cfg.seed)
     return module, fit(module, data, train_cfg, progress=progress)
 
 
 def fit_metrics(result: Fit, module: nn.Module, seconds: float) -> dict[str, Any]:
+    """The metrics of a training run: final train/test accuracy and NLL, parameter count, epochs, seconds."""
     final = result.final
     return {
         "train_accuracy": final["train_accuracy"],
@@ -47,6 +50,7 @@ class TrainSpec:
 
 
 def check_train(spec: TrainSpec) -> Prepared:
+    """Load the dataset and check the model fits it."""
     data = load_dataset_from_config(spec.data)
     check_model(data, spec.model)
     return Prepared(data, {"dataset": data.summary()})

@@ -46,8 +46,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from modelsense.retraining.store import subset_size  # the farm's sampling, defined once
 from modelsense.errors import ConfigError, DataError
+from modelsense.retraining.store import subset_size  # the farm's sampling, defined once
 
 # Selection thresholds. SEEDS.md section 3.1 attributes them to Feldman & Zhang (2020): memorized
 # training examples mem >= 0.25, high-influence train/test pairs infl >= 0.15. We could not check
@@ -740,7 +740,9 @@ def consistency(masks_by_ratio: Mapping[float, tuple[Any, Any]], *, warn: bool =
     return ConsistencyScores(score, se, n_ratios.astype(np.int64), per_ratio)
 
 
-def group_curves(per_ratio: Mapping[float, Any], groups: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def group_curves(
+    per_ratio: Mapping[float, Any], groups: Mapping[str, Any]
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Held-out accuracy against subset ratio per group of examples (the C-score curves of Jiang et al. 2021).
 
     per_ratio: {ratio: (N,) held-out means C_k} (a `HeldoutMean` or an array; e.g.

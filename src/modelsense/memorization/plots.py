@@ -59,7 +59,9 @@ def most_memorized_figure(examples: Any, labels: Any, mem: Any, *, n: int = 24, 
     """
     x, y, values = _numpy(examples), _numpy(labels).reshape(-1), _numpy(mem).astype(np.float64).reshape(-1)
     if not (x.shape[0] == y.shape[0] == values.shape[0]):
-        raise DataError(f"examples, labels, mem: expected the same length, got {x.shape[0]}, {y.shape[0]}, {values.shape[0]}")
+        raise DataError(
+            f"examples, labels, mem: expected the same length, got {x.shape[0]}, {y.shape[0]}, {values.shape[0]}"
+        )
     ranked = np.argsort(-np.where(np.isnan(values), -np.inf, values), kind="stable")
     chosen = ranked[: min(n, int(np.count_nonzero(~np.isnan(values))))]
     n_rows = max(1, int(np.ceil(len(chosen) / n_columns)))
@@ -133,7 +135,9 @@ def influence_pairs_figure(x_train: Any, y_train: Any, x_test: Any, y_test: Any,
         matrix = infl.scores if isinstance(infl, InfluenceEstimate) else infl
         matrix = np.asarray(matrix, dtype=np.float64)
         if matrix.shape != (xte.shape[0], xtr.shape[0]):
-            raise DataError(f"infl: expected shape (n_test, n_train) = {(xte.shape[0], xtr.shape[0])}, got {matrix.shape}")
+            raise DataError(
+                f"infl: expected shape (n_test, n_train) = {(xte.shape[0], xtr.shape[0])}, got {matrix.shape}"
+            )
         filled = np.where(np.isnan(matrix), -np.inf, matrix)
         top_idx = np.argsort(-filled, axis=1, kind="stable")[:, :n_influential]
         top_val = np.take_along_axis(matrix, top_idx, axis=1)

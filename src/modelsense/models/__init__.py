@@ -25,8 +25,8 @@ named `out`; layers are standard modules (`nn.Linear`, `nn.Conv2d`, activation m
 `nn.ReLU`), so forward hooks (representations, KFAC) work, and normalisation/FRN parameters are
 1-d (left out of "weights only" = tensors with >= 2 dims), except the positions `pos.weight`
 (1, T, width) of `vit`. `cnn`, `resnet18`, `vgg11`, `vgg16`, `resnet20`, `resnet18_v1` and
-`small_inception` default to GroupNorm instead of the papers' BatchNorm (per-example normalisation keeps per-example gradients
-and vmapped ensembles exact); `norm="bn"` restores the original.
+`small_inception` default to GroupNorm instead of the papers' BatchNorm
+(per-example normalisation keeps per-example gradients and vmapped ensembles exact); `norm="bn"` restores the original.
 
 Example:
     >>> model = build_model("mlp", (1, 8, 8), 10, widths=(32,), seed=0)
@@ -45,8 +45,6 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError, shown
-from modelsense.user import call, is_reference, load_callable
-from modelsense.options import ints, joined, option
 from modelsense.models._shapes import check_input_shape, require_image, tf_same_padding
 from modelsense.models.convnet import ConvNet
 from modelsense.models.deepobs import DeepOBS3c3d
@@ -66,6 +64,8 @@ from modelsense.models.resnet import ResNet, resnet18_v1, resnet20
 from modelsense.models.resnet20_frn import ResNet20FRN
 from modelsense.models.vgg import VGG
 from modelsense.models.vit import ViT
+from modelsense.options import ints, joined, option
+from modelsense.user import call, is_reference, load_callable
 
 __all__ = [
     "ACTIVATIONS",
@@ -143,85 +143,141 @@ _SPECS: dict[str, _ModelSpec] = {
     s.name: s
     for s in (
         _ModelSpec(
-            "linear", "multinomial logistic regression: Flatten + Linear(d -> C)", "any shape (flattened)",
-            False, {}, lambda name, shape, c: MLP(shape, c, widths=()),
+            "linear",
+            "multinomial logistic regression: Flatten + Linear(d -> C)",
+            "any shape (flattened)",
+            False,
+            {},
+            lambda name, shape, c: MLP(shape, c, widths=()),
         ),
         _ModelSpec(
-            "mlp", "Flatten + Linear/activation per hidden width + Linear -> C", "any shape (flattened)",
-            False, {"widths": (128, 128), "activation": "relu"}, _build_mlp,
+            "mlp",
+            "Flatten + Linear/activation per hidden width + Linear -> C",
+            "any shape (flattened)",
+            False,
+            {"widths": (128, 128), "activation": "relu"},
+            _build_mlp,
         ),
         _ModelSpec(
-            "small_mlp", "MLP d-32-16-C with tanh (MPE small_mlp)", "any shape (flattened)",
-            False, {"activation": "tanh"},
+            "small_mlp",
+            "MLP d-32-16-C with tanh (MPE small_mlp)",
+            "any shape (flattened)",
+            False,
+            {"activation": "tanh"},
             lambda name, shape, c, activation: _build_mlp(name, shape, c, (32, 16), activation),
         ),
         _ModelSpec(
-            "large_mlp", "MLP d-500-300-C with tanh (MPE large_mlp)", "any shape (flattened)",
-            False, {"activation": "tanh"},
+            "large_mlp",
+            "MLP d-500-300-C with tanh (MPE large_mlp)",
+            "any shape (flattened)",
+            False,
+            {"activation": "tanh"},
             lambda name, shape, c, activation: _build_mlp(name, shape, c, (500, 300), activation),
         ),
         _ModelSpec(
-            "lenet", "LeNet-5 with tanh and average pooling (MPE); exact for 28x28, adapted to other sizes",
-            "images (C, H, W), H, W >= 4", True, {"activation": "tanh"},
+            "lenet",
+            "LeNet-5 with tanh and average pooling (MPE); exact for 28x28, adapted to other sizes",
+            "images (C, H, W), H, W >= 4",
+            True,
+            {"activation": "tanh"},
             lambda name, shape, c, activation: LeNet5(shape, c, check_activation(activation)),
         ),
         _ModelSpec(
-            "cnn_deepobs", "DeepOBS 3c3d: 3 conv + 3 dense layers, ReLU, TF-same max pooling (MPE cnn_deepobs)",
-            "images (C, H, W), H, W >= 9", True, {},
+            "cnn_deepobs",
+            "DeepOBS 3c3d: 3 conv + 3 dense layers, ReLU, TF-same max pooling (MPE cnn_deepobs)",
+            "images (C, H, W), H, W >= 9",
+            True,
+            {},
             lambda name, shape, c: DeepOBS3c3d(shape, c),
         ),
         _ModelSpec(
-            "resnet20_frn", "ResNet-20 with Filter Response Normalisation + TLU, width 16 (MPE/BNN-HMC)",
-            "images (C, H, W)", True, {"width": 16},
+            "resnet20_frn",
+            "ResNet-20 with Filter Response Normalisation + TLU, width 16 (MPE/BNN-HMC)",
+            "images (C, H, W)",
+            True,
+            {"width": 16},
             lambda name, shape, c, width: ResNet20FRN(shape, c, _positive_int(width, "width", name)),
         ),
         _ModelSpec(
-            "cnn", "depth/width-scalable 5-layer CNN (eff-dim ConvNetDepth / mCNN), GroupNorm by default",
-            "images (C, H, W), H, W >= 2^min(depth, 3)", True, {"width": 16, "depth": 3, "norm": "gn"},
+            "cnn",
+            "depth/width-scalable 5-layer CNN (eff-dim ConvNetDepth / mCNN), GroupNorm by default",
+            "images (C, H, W), H, W >= 2^min(depth, 3)",
+            True,
+            {"width": 16, "depth": 3, "norm": "gn"},
             lambda name, shape, c, width, depth, norm: ConvNet(
                 shape, c, _positive_int(width, "width", name), _positive_int(depth, "depth", name, 0), check_norm(norm)
             ),
         ),
         _ModelSpec(
-            "resnet18", "PreAct ResNet-18 of width k (Nakkiran double descent), GroupNorm by default",
-            "images (C, H, W)", True, {"width": 16, "norm": "gn"},
+            "resnet18",
+            "PreAct ResNet-18 of width k (Nakkiran double descent), GroupNorm by default",
+            "images (C, H, W)",
+            True,
+            {"width": 16, "norm": "gn"},
             lambda name, shape, c, width, norm: PreActResNet18(
                 shape, c, _positive_int(width, "width", name), check_norm(norm)
             ),
         ),
         _ModelSpec(
-            "vit", "tiny vision transformer: patch x patch patches, depth pre-norm blocks (4-head self-attention, "
-            "GELU MLP, LayerNorm, dropout 0.1), mean pool", "images (C, H, W), H and W multiples of patch", True,
+            "vit",
+            "tiny vision transformer: patch x patch patches, depth pre-norm blocks (4-head self-attention, "
+            "GELU MLP, LayerNorm, dropout 0.1), mean pool",
+            "images (C, H, W), H and W multiples of patch",
+            True,
             {"width": 64, "depth": 2, "patch": 2},
             lambda name, shape, c, width, depth, patch: ViT(
-                shape, c, _positive_int(width, "width", name), _positive_int(depth, "depth", name),
-                _positive_int(patch, "patch", name)
+                shape,
+                c,
+                _positive_int(width, "width", name),
+                _positive_int(depth, "depth", name),
+                _positive_int(patch, "patch", name),
             ),
         ),
         *(
             _ModelSpec(
-                key, f"{label} (Simonyan & Zisserman) of width k (k = 64: the standard network), CIFAR head, "
-                "GroupNorm by default", "images (C, H, W)", True, {"width": 64, "norm": "gn"},
-                lambda name, shape, c, width, norm: VGG(shape, c, name, _positive_int(width, "width", name), check_norm(norm)),
+                key,
+                f"{label} (Simonyan & Zisserman) of width k (k = 64: the standard network), CIFAR head, "
+                "GroupNorm by default",
+                "images (C, H, W)",
+                True,
+                {"width": 64, "norm": "gn"},
+                lambda name, shape, c, width, norm: VGG(
+                    shape, c, name, _positive_int(width, "width", name), check_norm(norm)
+                ),
             )
             for key, label in (("vgg11", "VGG-11"), ("vgg16", "VGG-16"))
         ),
         _ModelSpec(
-            "resnet20", "ResNet-20 (He et al.) with option-A zero-padding shortcuts, width 16, GroupNorm by default",
-            "images (C, H, W)", True, {"width": 16, "norm": "gn"},
-            lambda name, shape, c, width, norm: resnet20(shape, c, _positive_int(width, "width", name), check_norm(norm)),
+            "resnet20",
+            "ResNet-20 (He et al.) with option-A zero-padding shortcuts, width 16, GroupNorm by default",
+            "images (C, H, W)",
+            True,
+            {"width": 16, "norm": "gn"},
+            lambda name, shape, c, width, norm: resnet20(
+                shape, c, _positive_int(width, "width", name), check_norm(norm)
+            ),
         ),
         _ModelSpec(
-            "resnet18_v1", "standard (post-activation) CIFAR ResNet-18 of width k (He et al.; GEX), 1x1-conv "
-            "shortcuts, GroupNorm by default", "images (C, H, W)", True, {"width": 64, "norm": "gn"},
-            lambda name, shape, c, width, norm: resnet18_v1(shape, c, _positive_int(width, "width", name), check_norm(norm)),
+            "resnet18_v1",
+            "standard (post-activation) CIFAR ResNet-18 of width k (He et al.; GEX), 1x1-conv "
+            "shortcuts, GroupNorm by default",
+            "images (C, H, W)",
+            True,
+            {"width": 64, "norm": "gn"},
+            lambda name, shape, c, width, norm: resnet18_v1(
+                shape, c, _positive_int(width, "width", name), check_norm(norm)
+            ),
         ),
         _ModelSpec(
-            "small_inception", "the small Inception of Zhang et al. 2017 as Feldman & Zhang 2020 use it; width = the "
-            "stem's channels (96: the original), GroupNorm by default", "images (C, H, W)", True,
+            "small_inception",
+            "the small Inception of Zhang et al. 2017 as Feldman & Zhang 2020 use it; width = the "
+            "stem's channels (96: the original), GroupNorm by default",
+            "images (C, H, W)",
+            True,
             {"width": 96, "norm": "gn"},
-            lambda name, shape, c, width, norm: SmallInception(shape, c, _positive_int(width, "width", name),
-                                                               check_norm(norm)),
+            lambda name, shape, c, width, norm: SmallInception(
+                shape, c, _positive_int(width, "width", name), check_norm(norm)
+            ),
         ),
     )
 }
@@ -272,7 +328,14 @@ def build_model(
             input to a convolutional model, or an image too small for the model.
     """
     if is_reference(name):
-        given = {"widths": widths, "activation": activation, "width": width, "depth": depth, "norm": norm, "patch": patch}
+        given = {
+            "widths": widths,
+            "activation": activation,
+            "width": width,
+            "depth": depth,
+            "norm": norm,
+            "patch": patch,
+        }
         return build_user_model(name, input_shape, num_classes, seed=seed,
                                 **{k: v for k, v in given.items() if v is not None})
     key = str(name).lower()
@@ -324,8 +387,10 @@ def build_user_model(reference: str, input_shape: tuple[int, ...], num_classes: 
             out = module.eval()(torch.zeros(2, *shape))
     except Exception as exc:  # noqa: BLE001 - the user's forward may raise anything
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(f"--model {reference}: its forward pass fails on inputs of shape (n, {', '.join(map(str, shape))}): "
-                          f"{type(exc).__name__}: {first}") from None
+        raise ConfigError(
+            f"--model {reference}: its forward pass fails on inputs of shape (n, {', '.join(map(str, shape))}): "
+            f"{type(exc).__name__}: {first}"
+        ) from None
     finally:
         module.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, int(num_classes)):

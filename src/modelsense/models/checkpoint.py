@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from modelsense.errors import ConfigError
-from modelsense.runs import require_finished, torch_save
-
 from modelsense.models import ModelConfig, build_model_from_config
+from modelsense.runs import require_finished, torch_save
 
 REQUIRED_KEYS = ("state_dict", "model", "input_shape", "num_classes")
 
@@ -50,17 +49,24 @@ def load_file(path: str | Path, what: str = "checkpoint") -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():  # a pickled object, e.g. torch.save(model)
-            raise ConfigError(f"{what} {path} holds pickled Python objects (such as a whole module saved with "
-                              "torch.save(model)), which modelsense does not unpickle; pass a model.pt written by "
-                              "`modelsense train` or `modelsense zoo` (tensors and plain values only)") from None
-        raise ConfigError(f"{what} {path} cannot be read: it is damaged or not a PyTorch file "
-                          f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'UnpicklingError'})") from None
+            raise ConfigError(
+                f"{what} {path} holds pickled Python objects (such as a whole module saved with "
+                "torch.save(model)), which modelsense does not unpickle; pass a model.pt written by "
+                "`modelsense train` or `modelsense zoo` (tensors and plain values only)"
+            ) from None
+        raise ConfigError(
+            f"{what} {path} cannot be read: it is damaged or not a PyTorch file "
+            f"({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'UnpicklingError'})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{what} {path} cannot be read: it is damaged or not a PyTorch file ({first[:200]})") from None
+        raise ConfigError(
+            f"{what} {path} cannot be read: it is damaged or not a PyTorch file ({first[:200]})"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - the unpickler fails in many ways on a foreign file (KeyError, ...)
-        raise ConfigError(f"{what} {path} cannot be read: it is damaged or not a PyTorch file "
-                          f"({type(exc).__name__} while unpickling)") from None
+        raise ConfigError(
+            f"{what} {path} cannot be read: it is damaged or not a PyTorch file ({type(exc).__name__} while unpickling)"
+        ) from None
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -77,7 +83,9 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                                          seed=ckpt.get("seed", 0))
         module.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"{path}: the weights do not fit the architecture it names ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"{path}: the weights do not fit the architecture it names ({str(exc).splitlines()[0]})"
+        ) from None
     return module.eval(), ckpt
 
 
@@ -100,8 +108,11 @@ def load_weights(path: str | Path, module: nn.Module, what: str = "--weights") -
     shapes = [f"{k} {tuple(state[k].shape)} (the model's {tuple(own[k].shape)})" for k in sorted(set(own) & set(state))
               if tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or extra or shapes:
-        parts = [f"missing {', '.join(missing[:8])}" if missing else "", f"unexpected {', '.join(extra[:8])}" if extra else "",
-                 f"other shapes: {'; '.join(shapes[:8])}" if shapes else ""]
+        parts = [
+            f"missing {', '.join(missing[:8])}" if missing else "",
+            f"unexpected {', '.join(extra[:8])}" if extra else "",
+            f"other shapes: {'; '.join(shapes[:8])}" if shapes else "",
+        ]
         raise ConfigError(f"{what} {path} does not fit the model: {'; '.join(p for p in parts if p)}; pass the "
                           "--model (and its options) these weights were trained for")
     module.load_state_dict(state)

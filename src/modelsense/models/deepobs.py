@@ -27,7 +27,9 @@ def _same_pool(h: int, w: int) -> tuple[nn.Module, nn.Module, int, int]:
     """(pad module, max-pool module, out h, out w) for a 3x3 stride-2 TF-'same' max-pool."""
     top, bottom = tf_same_padding(h, 3, 2)
     left, right = tf_same_padding(w, 3, 2)
-    pad: nn.Module = nn.ZeroPad2d((left, right, top, bottom)) if (top, bottom, left, right) != (0, 0, 0, 0) else nn.Identity()
+    pad: nn.Module = (
+        nn.ZeroPad2d((left, right, top, bottom)) if (top, bottom, left, right) != (0, 0, 0, 0) else nn.Identity()
+    )
     return pad, nn.MaxPool2d(3, stride=2), conv_out(h, 3, 2, top + bottom), conv_out(w, 3, 2, left + right)
 
 

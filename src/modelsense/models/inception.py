@@ -57,7 +57,9 @@ class SmallInception(nn.Module):
     """See the module docstring. Children `stem`, `stage1` ... `stage3` (nn.Sequential of blocks and
     `downsample`), `pool`, `flatten`, `out`. Input (n, C_in, H, W), output (n, num_classes)."""
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = STEM, norm: str = "gn") -> None:
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, width: int = STEM, norm: str = "gn"
+    ) -> None:
         super().__init__()
         self.input_shape = tuple(input_shape)
 

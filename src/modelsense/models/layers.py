@@ -23,6 +23,7 @@ NORMS = ("gn", "bn", "frn", "none")
 
 
 def check_activation(name: str) -> str:
+    """The lower-cased activation name; ConfigError when it is not in ACTIVATIONS."""
     key = str(name).lower()
     if key not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -35,6 +36,7 @@ def activation_module(name: str) -> nn.Module:
 
 
 def check_norm(norm: str) -> str:
+    """The lower-cased norm name; ConfigError when it is not in NORMS."""
     key = str(norm).lower()
     if key not in NORMS:
         raise ConfigError(

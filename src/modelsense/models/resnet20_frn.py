@@ -80,7 +80,9 @@ class ResNet20FRN(nn.Module):
     `pool`, `flatten`, `out`. Input (n, C_in, H, W), output (n, num_classes).
     """
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 16, blocks_per_stage: int = 3) -> None:
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, width: int = 16, blocks_per_stage: int = 3
+    ) -> None:
         super().__init__()
         c_in, h, w = input_shape
         self.input_shape = tuple(input_shape)

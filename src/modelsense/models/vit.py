@@ -137,7 +137,9 @@ class ViT(nn.Module):
                 f"got {h}x{w}; choose a patch size that divides both sides"
             )
         if width % heads:
-            raise ConfigError(f"vit splits the width over {heads} attention heads; width must be a multiple of {heads}, got {width}")
+            raise ConfigError(
+                f"vit splits the width over {heads} attention heads; width must be a multiple of {heads}, got {width}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"vit dropout must be in [0, 1), got {dropout}")
         tokens = (h // patch) * (w // patch)

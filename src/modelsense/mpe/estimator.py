@@ -22,7 +22,8 @@ Variants (`variant=`):
           V e + α V L (I − α H)^{-1} Lᵀ V e with Λ = L Lᵀ and the leverage H = Lᵀ V L (C x C,
           symmetric); α = `loo_damping` ∈ [0, 1] (1: the plain correction, 0: `full`). Along an
           eigenvector of H with eigenvalue h the correction multiplies by 1/(1 − αh); where αh exceeds
-          `max_leverage` = c < 1 (an approximate V that overshoots) by 1/(1 − c) instead. The deviation is taken through the exact link:
+          `max_leverage` = c < 1 (an approximate V that overshoots) by 1/(1 − c) instead.
+          The deviation is taken through the exact link:
           softmax(f_i + Δf_i) − softmax(f_i) (gaussian: Λ Δf, exact). For a linear model with a
           gaussian likelihood and the exact posterior this is exact LOO; for logistic regression it is
           one Newton step from θ* of the LOO objective.
@@ -47,8 +48,8 @@ from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, chunks, n_rows
 from modelsense.core.likelihood import LIKELIHOODS, Categorical, Likelihood, likelihood_for
-from modelsense.errors import ConfigError, DataError
 from modelsense.data.stream import is_stream
+from modelsense.errors import ConfigError, DataError
 
 VARIANTS = ("diag", "full", "loo")
 
@@ -81,7 +82,9 @@ class MPESettings:
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown MPE variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if not 0.0 <= float(self.loo_damping) <= 1.0:
-            raise ConfigError(f"loo_damping must lie in [0, 1] (1 = plain Sherman-Morrison), received {self.loo_damping}")
+            raise ConfigError(
+                f"loo_damping must lie in [0, 1] (1 = plain Sherman-Morrison), received {self.loo_damping}"
+            )
         if not 0.0 < float(self.max_leverage) < 1.0:
             raise ConfigError(f"max_leverage must lie in (0, 1), received {self.max_leverage}")
         if not (math.isfinite(self.noise_precision) and self.noise_precision > 0):
@@ -113,7 +116,7 @@ class MPEResult:
         return float(self.loo_nll.mean())
 
     @staticmethod
-    def concat(parts: list["MPEResult"]) -> "MPEResult":
+    def concat(parts: list[MPEResult]) -> MPEResult:
         return MPEResult(*(torch.cat([getattr(p, k) for p in parts]) for k in MPEResult.__dataclass_fields__))
 
 
@@ -132,7 +135,9 @@ def _checked(logits: Tensor, y: Tensor, likelihood: str, noise_precision: float 
     return lik, lik.check_targets(logits, y)
 
 
-def prediction_error(logits: Tensor, y: Tensor, likelihood: str = "categorical", noise_precision: float = 1.0) -> Tensor:
+def prediction_error(
+    logits: Tensor, y: Tensor, likelihood: str = "categorical", noise_precision: float = 1.0
+) -> Tensor:
     """e_i = ∂l_i/∂f_i, shape (n, C): softmax(f_i) − onehot(y_i), or τ (f_i − y_i) for gaussian
     (`Likelihood.output_grad`, targets checked)."""
     lik, y = _checked(logits, y, likelihood, noise_precision)
@@ -165,7 +170,9 @@ def _check_covariance(V: Tensor, logits: Tensor) -> None:
         raise DataError("predictive covariances contain NaN or inf")
 
 
-def logit_shift(error: Tensor, V: Tensor, logits: Tensor, settings: MPESettings, likelihood: str = "categorical") -> Tensor:
+def logit_shift(
+    error: Tensor, V: Tensor, logits: Tensor, settings: MPESettings, likelihood: str = "categorical"
+) -> Tensor:
     """Δf_i (n, C) of removing example i, per `settings.variant` (see the module docstring)."""
     if settings.variant == "diag":
         return torch.diagonal(V, dim1=-2, dim2=-1) * error
@@ -212,7 +219,10 @@ def memory_perturbation(
     tau = settings.noise_precision
     lik = _likelihood(likelihood, tau)
     if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise DataError(f"expected logits of shape (n, C), received {tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+        raise DataError(
+            "expected logits of shape (n, C), received "
+            f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}"
+        )
     _check_covariance(V, logits)
     V = V.to(logits.dtype)
     y = lik.check_targets(logits, y)
@@ -270,10 +280,14 @@ def group_loo_nll(loo_nll: Tensor, groups: Tensor, num_groups: int | None = None
     groups: (n,) int group id of each example (e.g. its class). Empty groups give NaN.
     """
     if loo_nll.shape != groups.shape:
-        raise DataError(f"loo_nll {tuple(loo_nll.shape)} and groups {tuple(groups.shape)} must have the same shape (n,)")
+        raise DataError(
+            f"loo_nll {tuple(loo_nll.shape)} and groups {tuple(groups.shape)} must have the same shape (n,)"
+        )
     g = int(num_groups if num_groups is not None else int(groups.max()) + 1)
     total = torch.zeros(g, dtype=torch.float64).index_add_(0, groups.long(), loo_nll.double())
-    count = torch.zeros(g, dtype=torch.float64).index_add_(0, groups.long(), torch.ones_like(loo_nll, dtype=torch.float64))
+    count = torch.zeros(g, dtype=torch.float64).index_add_(
+        0, groups.long(), torch.ones_like(loo_nll, dtype=torch.float64)
+    )
     return (total / count).to(loo_nll.dtype)
 
 
@@ -298,13 +312,13 @@ def group_logit_shift(
     xg, eg = x[idx], error[idx]
     grad_sum = torch.zeros(model.n_params, dtype=error.dtype, device=error.device)
     for s in chunks(len(xg), chunk_size):
-        _, vjp_fn = torch.func.vjp(lambda p: model(p, xg[s]), params)
+        _, vjp_fn = torch.func.vjp(lambda p, s=s: model(p, xg[s]), params)
         grad_sum += model.spec.flatten(vjp_fn(eg[s].to(error.dtype))[0])
     delta = model.spec.unflatten(covariance_mv(grad_sum).to(error.dtype))
     xe = xg if x_eval is None else x_eval
     out = []
     for s in chunks(len(xe), chunk_size):
-        out.append(torch.func.jvp(lambda p: model(p, xe[s]), (params,), (delta,))[1])
+        out.append(torch.func.jvp(lambda p, s=s: model(p, xe[s]), (params,), (delta,))[1])
     return torch.cat(out).detach()
 
 
@@ -338,15 +352,22 @@ def build_posterior(
         raise ConfigError(f"unknown posterior source {source!r}; expected one of {', '.join(SOURCES)}")
     if source != "ivon":
         if prior_precision is None or not (math.isfinite(float(prior_precision)) and float(prior_precision) > 0):
-            raise ConfigError(f"the prior precision δ (--delta) must be > 0 for a {source} posterior, received {prior_precision}")
+            raise ConfigError(
+                f"the prior precision δ (--delta) must be > 0 for a {source} posterior, received {prior_precision}"
+            )
     if source == "laplace":
         if structure not in LAPLACE_STRUCTURES:
-            raise ConfigError(f"unknown Laplace structure (--var-version) {structure!r}; expected one of {', '.join(LAPLACE_STRUCTURES)}")
+            raise ConfigError(
+                f"unknown Laplace structure (--var-version) {structure!r}; expected one of "
+                f"{', '.join(LAPLACE_STRUCTURES)}"
+            )
         if x is None or (y is None and not is_stream(x)):
             raise ConfigError("a Laplace posterior needs the training data (x, y), or a Dataset / DataLoader as x")
         return laplace(model, x, y, structure=structure, prior_precision=float(prior_precision), chunk_size=chunk_size)
     if optimizer is None:
-        raise ConfigError(f"the {source} posterior reads the optimizer state: pass the optimizer that trained the model")
+        raise ConfigError(
+            f"the {source} posterior reads the optimizer state: pass the optimizer that trained the model"
+        )
     if source == "ivon":
         if not all("hess" in g for g in optimizer.param_groups):
             raise ConfigError("the ivon posterior needs an ivon.IVON optimizer (train with --optimizer ivon)")

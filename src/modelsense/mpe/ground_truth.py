@@ -89,7 +89,9 @@ def leave_out_masks(n: int, removed: list[Tensor] | Tensor) -> Tensor:
     for m, idx in enumerate(removed):
         idx = torch.as_tensor(idx).long().flatten()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise ConfigError(f"removed indices must lie in [0, {n}), received range [{int(idx.min())}, {int(idx.max())}]")
+            raise ConfigError(
+                f"removed indices must lie in [0, {n}), received range [{int(idx.min())}, {int(idx.max())}]"
+            )
         masks[m, idx] = False
     return masks
 
@@ -163,8 +165,19 @@ def true_loo_logits(
     """Logits of each removed example i under the model retrained without it, (M, C), the control
     model's logits on the same examples (M, C), and the seconds the retraining took."""
     indices = torch.as_tensor(indices).long().flatten()
-    res = retrain_without(model_fn, x, y, indices, cfg, init_params, {"removed": (x[indices], y[indices])},
-                          shared_batches=shared_batches, chunk_models=chunk_models, likelihood=likelihood, progress=progress)
+    res = retrain_without(
+        model_fn,
+        x,
+        y,
+        indices,
+        cfg,
+        init_params,
+        {"removed": (x[indices], y[indices])},
+        shared_batches=shared_batches,
+        chunk_models=chunk_models,
+        likelihood=likelihood,
+        progress=progress,
+    )
     logits = res.outputs["removed"]["logits"]  # (M, M, C): model m on removed example j
     diag = logits[torch.arange(len(indices)), torch.arange(len(indices))]
     return diag, res.control["removed"]["logits"][0], res.seconds

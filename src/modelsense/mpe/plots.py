@@ -21,6 +21,7 @@ from modelsense.mpe.evaluation import smoothed_curves
 
 
 def plot_loo_iterations(epochs, test_nll, checkpoints, estimated, title: str = ""):
+    """Test NLL over epochs and the MPE's LOO-CV estimate at the checkpoints (log scale)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ax.plot(epochs, test_nll, color="0.6", label="test NLL")
     ax.plot(checkpoints, estimated, "ks", label="LOO-CV estimate (MPE)")
@@ -76,6 +77,7 @@ def plot_validation(true, estimated, title: str = "", slope: float | None = None
 
 
 def plot_most_sensitive(data: Dataset, mpe: MPEResult, n_show: int = 16):
+    """The `n_show` training images of highest sensitivity titled with label y, prediction ŷ and sensitivity s."""
     n_show = max(1, min(n_show, data.n_train))
     top = torch.argsort(mpe.sensitivity, descending=True)[:n_show]
     cols = min(8, n_show)
@@ -98,6 +100,7 @@ def plot_most_sensitive(data: Dataset, mpe: MPEResult, n_show: int = 16):
 
 
 def plot_evolving(binned: np.ndarray, iterations, title: str = ""):
+    """Binned sensitivity per checkpoint iteration, examples ranked by the last checkpoint (log scale)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     x = np.arange(binned.shape[1])
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(iterations)))

@@ -22,13 +22,13 @@ from modelsense.representations.metrics import SIMILARITIES, similarity_matrix
 #: What a reader needs to know to read a metric's values next to linear CKA's (printed by `compare`, in the demo).
 METRIC_NOTES = {
     "relu-cka": "relu-cka is CKA of the kernel K_ab = max over channels k of (centred, unit-norm) channel k of example "
-                "a times that of example b: it is invariant only to permuting and positively rescaling channels (the "
-                "ReLU symmetry group), not to rotating them as linear CKA is, so two networks whose representations "
-                "agree up to a rotation (linear CKA near 1) but whose single neurons do not match one to one score "
-                "much lower (on random ReLU features of 64 channels a randomly rotated copy scores about 0.33 while its "
-                "linear CKA is 1; a permuted and positively rescaled copy scores exactly 1).",
+    "a times that of example b: it is invariant only to permuting and positively rescaling channels (the "
+    "ReLU symmetry group), not to rotating them as linear CKA is, so two networks whose representations "
+    "agree up to a rotation (linear CKA near 1) but whose single neurons do not match one to one score "
+    "much lower (on random ReLU features of 64 channels a randomly rotated copy scores about 0.33 while its "
+    "linear CKA is 1; a permuted and positively rescaled copy scores exactly 1).",
     "relu-procrustes": "relu-procrustes aligns the two layers' unit-norm channels by the best permutation only "
-                       "(no rotation), so it is below procrustes (best rotation) unless single neurons match one to one.",
+    "(no rotation), so it is below procrustes (best rotation) unless single neurons match one to one.",
 }
 
 
@@ -112,4 +112,11 @@ def compare_representations(
     return {"matrix": matrix, "layers": list(fa), "layers_b": list(fb)}
 
 
-__all__ = ["METRIC_NOTES", "check_metric", "choose_layers", "compare_representations", "layer_list", "subsample_indices"]
+__all__ = [
+    "METRIC_NOTES",
+    "check_metric",
+    "choose_layers",
+    "compare_representations",
+    "layer_list",
+    "subsample_indices",
+]

@@ -163,9 +163,10 @@ def align_channel_shapes(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     cx, cy = x.shape[1], y.shape[1]
     if cx != cy:
         c = max(cx, cy)
-        pad = lambda t: torch.cat(
-            [t, t.new_zeros((t.shape[0], c - t.shape[1], *t.shape[2:]))], dim=1
-        )
+
+        def pad(t: Tensor) -> Tensor:
+            return torch.cat([t, t.new_zeros((t.shape[0], c - t.shape[1], *t.shape[2:]))], dim=1)
+
         x = pad(x) if cx < c else x
         y = pad(y) if cy < c else y
     return x, y

@@ -175,17 +175,21 @@ def invariance_probe(model: nn.Module, layers: Sequence[str], x: Tensor, y: Tens
         if set(base) != set(names):
             raise ConfigError(f"module {layer!r} is called more than once per forward pass; probe a module used once")
         if base[names[0]].shape != base[names[1]].shape:
-            raise ConfigError(f"module {layer!r} maps {tuple(base[names[0]].shape[1:])} to {tuple(base[names[1]].shape[1:])}; "
-                              "probe an activation module (an nn.ReLU: its output has its input's shape)")
+            raise ConfigError(
+                f"module {layer!r} maps {tuple(base[names[0]].shape[1:])} to {tuple(base[names[1]].shape[1:])}; "
+                "probe an activation module (an nn.ReLU: its output has its input's shape)"
+            )
         channels = base[names[0]].shape[1]
         res.channels[layer] = int(channels)
-        for ti, kind in enumerate(transforms):
+        for kind in transforms:
             key = (layer, kind)
             res.output_change[key], res.accuracy[key] = [], []
             for site in SITES:
                 res.similarity[(layer, kind, site)] = {m: [] for m in metrics}
             for r in range(int(repeats)):
-                gen = torch.Generator().manual_seed(int(seed) + r + 1_000_003 * (li * len(TRANSFORMS) + TRANSFORMS.index(kind)))
+                gen = torch.Generator().manual_seed(
+                    int(seed) + r + 1_000_003 * (li * len(TRANSFORMS) + TRANSFORMS.index(kind))
+                )
                 matrix = random_transform(kind, channels, gen, sigma)
                 changed = intertwine(model, layer, matrix)
                 feats = extract_features(changed, x, names, batch_size=batch_size, device=device)

@@ -112,7 +112,9 @@ def stitching_sweep(
                     extra["permutation"] = layer_mod.permutation().tolist()
                     extra["perm_entropy_rows"] = _row_entropy(layer_mod.perm.detach())
                 sweep.extra[cfg.kind].append(extra)
-                sweep.states[(cfg.kind, layer)] = {k: v.detach().cpu().clone() for k, v in layer_mod.state_dict().items()}
+                sweep.states[(cfg.kind, layer)] = {
+                    k: v.detach().cpu().clone() for k, v in layer_mod.state_dict().items()
+                }
                 bar.advance(1, description=f"stitching {cfg.kind} at {layer}")
     return sweep
 

@@ -684,7 +684,7 @@ class StitchedModel(nn.Module):
     def mode(self) -> str:
         return "sequential" if self._prefix_a is not None and self._suffix_b is not None else "hooks"
 
-    def train(self, mode: bool = True) -> "StitchedModel":
+    def train(self, mode: bool = True) -> StitchedModel:
         super().train(mode)
         self.model_a.eval()
         self.model_b.eval()

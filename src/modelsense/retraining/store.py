@@ -4,9 +4,9 @@ Every ground truth of the package is models retrained on chosen example sets: ra
 (memorization, LDS), the training set minus some examples (pruning, leave-one-out, leave-one-class-
 out), all of it with other seeds (a zoo), relabeled training sets. A *job* is one such model: an example
 set (a boolean mask over the N training examples), a seed (init and batch order) and, for a relabeled
-training set, its labels (N,) (part of the job's key; the chunk keeps the key, not the labels). A *recipe* says how every job is
-trained: data, model, training options, the batch plan of the engine, and the initial parameters
-(fresh from the seed, or a warm start). A job's results depend on the recipe, its mask and its
+training set, its labels (N,) (part of the job's key; the chunk keeps the key, not the labels).
+A *recipe* says how every job is trained: data, model, training options, the batch plan of the engine, and
+the initial parameters (fresh from the seed, or a warm start). A job's results depend on the recipe, its mask and its
 seed only — not on which other jobs were trained beside it (the engine trains each model exactly
 as `fit` would; tested) — so they are stored once and reused by every command that asks for them.
 
@@ -116,10 +116,14 @@ class RetrainRecipe:
         if not (self.init == "scratch" or self.init.startswith("warm:")):
             raise ConfigError(f"init must be 'scratch' or 'warm:<digest>', received {self.init!r}")
         if self.train.optimizer not in ("sgd", "adam", "adamw"):
-            raise ConfigError(f"retrained models train with sgd, adam or adamw (the engine), not {self.train.optimizer!r}")
+            raise ConfigError(
+                f"retrained models train with sgd, adam or adamw (the engine), not {self.train.optimizer!r}"
+            )
         if self.train.mixup_alpha > 0:
-            raise ConfigError("retrained models train without mixup (the engine would mix a model's examples with those "
-                              "it leaves out): use --mixup-alpha 0")
+            raise ConfigError(
+                "retrained models train without mixup (the engine would mix a model's examples with those "
+                "it leaves out): use --mixup-alpha 0"
+            )
 
     def key(self) -> dict[str, Any]:
         train = {k: v for k, v in self.train.to_dict().items()
@@ -192,7 +196,9 @@ def jobs_from(masks: np.ndarray, seeds: Sequence[int], labels: Sequence[np.ndarr
     labels = [None] * len(masks) if labels is None else list(labels)
     if len(labels) != len(masks) or any(y is not None and np.shape(y) != (masks.shape[1],) for y in labels):
         raise ConfigError(f"expected {len(masks)} label rows of shape ({masks.shape[1]},) or None")
-    return [Job(m, int(s), None if y is None else np.asarray(y, dtype=np.int64)) for m, s, y in zip(masks, seeds, labels)]
+    return [
+        Job(m, int(s), None if y is None else np.asarray(y, dtype=np.int64)) for m, s, y in zip(masks, seeds, labels)
+    ]
 
 
 class GroundTruthStore:
@@ -389,7 +395,9 @@ def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[l
     try:
         import ray
     except ImportError:
-        raise ConfigError("--backend ray needs Ray: pip install 'modelsense[distributed]' (or pip install ray)") from None
+        raise ConfigError(
+            "--backend ray needs Ray: pip install 'modelsense[distributed]' (or pip install ray)"
+        ) from None
     started = not ray.is_initialized()
     if started:
         try:
@@ -412,8 +420,10 @@ def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[l
                         bar.advance(ray.get(ref))
                     except ray.exceptions.RayError as err:
                         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                        raise FarmError(f"a Ray task failed after its retries ({type(err).__name__}: {first[:300]}); "
-                                        f"the finished chunks in {store.path} are kept: run again with --resume") from None
+                        raise FarmError(
+                            f"a Ray task failed after its retries ({type(err).__name__}: {first[:300]}); "
+                            f"the finished chunks in {store.path} are kept: run again with --resume"
+                        ) from None
     finally:
         for ref in pending:  # on an error or Ctrl-C: no task keeps writing after the driver is gone
             ray.cancel(ref, force=True)

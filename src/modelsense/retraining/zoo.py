@@ -75,6 +75,7 @@ def zoo_settings(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainC
 
 
 def has_batch_norm(module: nn.Module) -> bool:
+    """Whether `module` holds a BatchNorm layer."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
 

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from modelsense.core.device import check_device
 from modelsense.errors import ConfigError
-from modelsense.options import joined, ints, option
+from modelsense.options import ints, joined, option
 from modelsense.training.objective import check_loss
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "ivon")
@@ -177,7 +177,10 @@ def learning_rate(cfg: TrainConfig, epoch: int, step: int = 0, steps_per_epoch: 
     k = epoch * steps_per_epoch + step
     if k < warmup:
         return cfg.lr * k / warmup
-    return cfg.lrmin + (cfg.lr - cfg.lrmin) * (1 + math.cos(math.pi * min(k - warmup, total - warmup) / (total - warmup))) / 2
+    return (
+        cfg.lrmin
+        + (cfg.lr - cfg.lrmin) * (1 + math.cos(math.pi * min(k - warmup, total - warmup) / (total - warmup))) / 2
+    )
 
 
 def steps_per_epoch(n: int, bs: int) -> int:

@@ -81,7 +81,7 @@ class EnsembleResult:
     params: Params | None = None
 
     @staticmethod
-    def concat(parts: Sequence["EnsembleResult"]) -> "EnsembleResult":
+    def concat(parts: Sequence[EnsembleResult]) -> EnsembleResult:
         """Join the results of consecutive chunks of models along the model axis."""
         out = EnsembleResult(torch.cat([p.seeds for p in parts]))
         for q in parts[0].outputs:
@@ -105,7 +105,9 @@ def _stack(dicts: Sequence[Params]) -> Params:
     return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
 
 
-def _epoch_plan(indices: Sequence[Tensor], bs: int, gens: Sequence[torch.Generator], fixed: bool) -> tuple[Tensor, Tensor]:
+def _epoch_plan(
+    indices: Sequence[Tensor], bs: int, gens: Sequence[torch.Generator], fixed: bool
+) -> tuple[Tensor, Tensor]:
     """Batch indices (M, T, bs) and validity (M, T, bs) of one epoch for every model."""
     per_model = [torch.cat(epoch_batches(idx, bs, g, fixed)) if len(idx) else idx for idx, g in zip(indices, gens)]
     steps = max((len(o) + bs - 1) // bs for o in per_model)
@@ -319,7 +321,10 @@ def train_ensemble(
         raise ConfigError("mask weights must be non-negative")
     empty = (weights > 0).sum(1) == 0
     if empty.any():
-        raise ConfigError(f"{int(empty.sum())} models have no training example (an all-False mask row), e.g. model {int(empty.nonzero()[0])}")
+        raise ConfigError(
+            f"{int(empty.sum())} models have no training example (an all-False mask row), e.g. model "
+            f"{int(empty.nonzero()[0])}"
+        )
     n_models = len(masks)
     seeds = torch.as_tensor(cfg.seed + torch.arange(n_models) if seeds is None else seeds, dtype=torch.long)
     if len(seeds) != n_models:
@@ -437,8 +442,12 @@ def _train_epochs(cfg, params, opt, grad_fn, x, y, labels, weights, indices, gen
             xb = _rows_of(x, it)
             yb = _rows_of(y, it) if labels is None else labels[rows, it]
             if augment:  # every model's batch at once: (M * bs, C, H, W)
-                xb = crop_flip(xb.flatten(0, 1), cfg.crop_padding, None if offsets is None else offsets[:, t].flatten(0, 1),
-                               None if flips is None else flips[:, t].flatten(0, 1)).view_as(xb)
+                xb = crop_flip(
+                    xb.flatten(0, 1),
+                    cfg.crop_padding,
+                    None if offsets is None else offsets[:, t].flatten(0, 1),
+                    None if flips is None else flips[:, t].flatten(0, 1),
+                ).view_as(xb)
             opt.step(params, grad_fn(params, xb, yb, wb), _step_lr(cfg, epoch, t, plan_steps, device),
                      (wb > 0).any(1))
         bar.advance(1)

@@ -201,9 +201,15 @@ def fit(
             if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
                 tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood, loss=cfg.loss)
                 te = evaluate(module, x_test, y_test, likelihood, loss=cfg.loss) if len(x_test) else {}
-                row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr.get("accuracy", float("nan")),
-                       "test_loss": te.get("loss", float("nan")), "test_accuracy": te.get("accuracy", float("nan")),
-                       "seconds": time.perf_counter() - start}
+                row = {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": tr["loss"],
+                    "train_accuracy": tr.get("accuracy", float("nan")),
+                    "test_loss": te.get("loss", float("nan")),
+                    "test_accuracy": te.get("accuracy", float("nan")),
+                    "seconds": time.perf_counter() - start,
+                }
                 for k, v in row.items():
                     result.history[k].append(v)
                 bar.advance(1, loss=row["train_loss"], test_acc=row["test_accuracy"])

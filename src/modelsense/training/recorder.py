@@ -60,7 +60,11 @@ class OptimizerStateRecorder:
                       "names": [self.names[id(p)] for p in g["params"]]} for g in opt.param_groups]
             kind = "ivon"
         elif all("exp_avg_sq" in opt.state.get(p, {}) for g in opt.param_groups for p in g["params"]):
-            state = {self.names[id(p)]: opt.state[p]["exp_avg_sq"].detach().clone() for g in opt.param_groups for p in g["params"]}
+            state = {
+                self.names[id(p)]: opt.state[p]["exp_avg_sq"].detach().clone()
+                for g in opt.param_groups
+                for p in g["params"]
+            }
             kind = "adam"
         else:
             state, kind = None, "sgd"
