@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 
 # ruff (the rules in pyproject.toml) over the package, its tests, benchmarks and examples.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests bench examples
+	$(VENV)/bin/ruff check src tests bench examples docs
 
 # The suite in shuffled order (pytest-random-order: the modules and the tests in each); the header
 # prints the seed, and PYTEST_ARGS=--random-order-seed=N repeats an order.
