@@ -155,34 +155,16 @@ def test_unknown_command_is_a_usage_error_not_a_traceback():
     assert proc.returncode == 2 and "No such command" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_option_groups_omit_defaults_and_clashes():
-    from modelsense.cli import options as o
-    from modelsense.data import DataConfig
+def test_train_config_names_optimizers_as_the_cli_takes_them():
+    """The MPE code's name `iblr` is IVON, adamw is accepted and an unknown optimizer is refused (the
+    options are declared on TrainConfig, so the CLI and Python share these rules)."""
+    from modelsense.errors import ConfigError
     from modelsense.training import TrainConfig
 
-    @o.with_configs(omit=("corruption_ratio", "checkpoint_epochs"), corruption_ratio=0.3, epochs=7)
-    def command(data_cfg: DataConfig, train_cfg: TrainConfig, checkpoint_epochs: str = "x"):
-        return data_cfg, train_cfg, checkpoint_epochs
-
-    import inspect
-
-    names = list(inspect.signature(command).parameters)
-    assert "corruption_ratio" not in names and names.count("checkpoint_epochs") == 1 and "optimizer" in names
-    defaults = {k: p.default for k, p in inspect.signature(command).parameters.items()}
-    data_cfg, train_cfg, own = command(**defaults)
-    assert (
-        data_cfg.corruption_ratio == 0.3 and train_cfg.epochs == 7 and train_cfg.checkpoint_epochs == () and own == "x"
-    )
-    with pytest.raises(TypeError, match="unknown options"):
-        o.with_configs(epochs=3)(lambda data_cfg: None)
-    with pytest.raises(TypeError, match=r"\['epochs'\] are both"):
-        o.with_configs()(lambda train_cfg, epochs=1: None)
-    assert o.train_config("IBLR", 0.1, 0.0, 1, 8, 1.0, 0.1, 0, "cpu", False).optimizer == "ivon"
-    from modelsense.errors import ConfigError
-
-    assert o.train_config("adamw", 0.1, 0.0, 1, 8, 1.0, 0.1, 0, "cpu", False).optimizer == "adamw"
+    assert TrainConfig(optimizer="IBLR").optimizer == "ivon"
+    assert TrainConfig(optimizer="adamw").optimizer == "adamw"
     with pytest.raises(ConfigError, match="unknown optimizer 'lamb'"):
-        o.train_config("lamb", 0.1, 0.0, 1, 8, 1.0, 0.1, 0, "cpu", False)
+        TrainConfig(optimizer="lamb")
 
 
 def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
