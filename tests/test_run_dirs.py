@@ -130,6 +130,8 @@ COMMANDS = {
         ["--expected-accuracy", "0.5", "--tolerance", "1"],
         [["--tolerance", "-1"], ["--split", "val"], ["--expected-accuracy", "2"]],
     ),
+    # + the run directory of a tiny trained model (the fixture `verify_checkpoint`) as its input
+    "report": (["--title", "tiny"], [["no-such-run"]]),
 }
 
 
@@ -174,6 +176,8 @@ def test_every_command_never_mixes_overwrites_or_writes_before_validating(comman
         args = [*args, "--checkpoint", request.getfixturevalue("verify_checkpoint")]
     if command == "mpe loco-overlay":
         args = [*args, "--runs", request.getfixturevalue("loco_runs")]
+    if command == "report":
+        args = [request.getfixturevalue("verify_checkpoint").parent, *args]
     out = tmp_path / "run"
     res = invoke(command, *args, "--out", out)
     assert res.exit_code == 0, (res.output, res.exception)
