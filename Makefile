@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 THREADS ?= 1
 TEST_ENV = OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) MODELSENSE_TEST_THREADS=$(THREADS) OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: venv demo test test-fast test-random lint bench docs clean
+.PHONY: venv demo test test-fast test-random lint bench bench-scale docs clean
 
 venv: $(STAMP)
 
@@ -49,8 +49,15 @@ $(BENCH_STAMP): $(STAMP)
 	bash bench/install.sh $(PY)
 	touch $(BENCH_STAMP)
 
+# Every benchmark at its default size, each recorded by bench/record.py into bench/results/<name>.json
+# (the documentation's "Measured numbers" page reads them). The 50,000-image scale run is separate
+# (`make bench-scale`: the longest).
+BENCHES ?= ensemble memorization influence curvature mpe representations memory cli_startup
 bench: $(BENCH_STAMP)
-	@for f in bench/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/record.py $$b.py || exit 1; done
+
+bench-scale: $(STAMP)
+	$(PY) bench/record.py scale.py
 
 # The documentation site into site/ (strict: a warning, e.g. a broken link or a docstring griffe cannot
 # read, fails the build); the tutorials it shows are scripts under docs/tutorials/ that tests/test_docs.py runs.

@@ -1,0 +1,127 @@
+"""Memory benchmark: does peak memory grow with the number of training examples N faster than the output?
+
+Each workload runs in a fresh Python process (so its peak RSS is its own) at two sizes, N and
+`--factor` x N, on a map-style dataset made on the fly (never held whole: 64 features, 10 classes; an
+MLP 64-256-256-10, ~85k parameters). Printed per workload: the peak RSS at both sizes, the growth
+between them, the growth of what the workload returns (its output array), and their ratio
+`rss_growth_over_output_growth` (<= 1 plus noise: memory follows the output; >> 1: something else
+grows with N). A workload whose output does not grow with N (self-influence: N numbers; spectrum: k
+eigenvalues) reports its RSS growth in MiB instead. The issue's rule (#15): no bench may grow with N
+faster than the output it writes.
+
+The attributors keep per-example caches (e.g. the training gradients for self-influence) while they
+fit the memory budget, so with a budget above them memory grows with N up to the budget by design;
+the default `--memory-gb 0.5` lies below the caches of the larger size, so what is measured is what
+the budget does not bound.
+
+    scores    if-ekfac fit + the (N, 500) score matrix, in memory (`--memory-gb` above it)
+    self      if-ekfac fit + the self-influence of all N examples
+    spectrum  top-5 GGN eigenvalues by Lanczos over the N examples (products read the data by chunks)
+
+Run: PYTHONPATH=src .venv/bin/python bench/memory.py [--n 2000 --factor 4 --memory-gb 0.5]
+The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from _common import add_device_arg, check_bench_device, peak_rss_mb
+from torch.utils.data import DataLoader, Dataset
+
+WORKLOADS = ("scores", "self", "spectrum")
+N_TEST = 500
+
+
+class SyntheticVectors(Dataset):
+    """n feature vectors (64,) made from their index: a class mean plus seeded noise, label (i·7919) mod 10."""
+
+    def __init__(self, n: int, offset: int = 0) -> None:
+        self.n, self.offset = int(n), int(offset)
+        self.means = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        label = (i * 7919) % 10
+        g = torch.Generator().manual_seed(self.offset + i)
+        return self.means[label] + torch.randn(64, generator=g), label
+
+
+def run_one(workload: str, n: int, device: str, memory_gb: float) -> dict:
+    """Run `workload` at size n in this process; its output's size (bytes) and this process's peak RSS."""
+    from modelsense.attribution import ComputeOptions, make_attributor
+    from modelsense.core.functional import FunctionalModel
+    from modelsense.curvature import SpectrumConfig, compute_spectrum
+    from modelsense.models import build_model
+
+    model = build_model("mlp", (64,), 10, widths=(256, 256), seed=0).to(device).eval()
+    train = DataLoader(SyntheticVectors(n), batch_size=512)
+    start = time.perf_counter()
+    if workload == "spectrum":
+        spectrum = compute_spectrum(FunctionalModel(model), train, config=SpectrumConfig(k=5))
+        output = spectrum.eigenvalues
+    else:
+        compute = ComputeOptions(memory_budget=int(memory_gb * 2**30), progress=False)
+        att = make_attributor("if-ekfac", compute=compute).fit(model, train)
+        if workload == "scores":
+            output = torch.as_tensor(att.scores(DataLoader(SyntheticVectors(N_TEST, offset=10**9), batch_size=512)))
+        else:
+            output = att.self_scores()
+    return {"workload": workload, "n": n, "seconds": round(time.perf_counter() - start, 2),
+            "output_mb": output.numel() * output.element_size() / 2**20, "peak_rss_mb": peak_rss_mb()}
+
+
+def measure(workload: str, n: int, device: str, memory_gb: float) -> dict:
+    """`run_one` in a fresh process (its peak RSS alone); its JSON result."""
+    cmd = [sys.executable, __file__, "--one", workload, "--n", str(n), "--device", device,
+           "--memory-gb", str(memory_gb)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    p.add_argument("--n", type=int, default=2_000, help="the smaller number of training examples")
+    p.add_argument("--factor", type=int, default=4, help="the larger size is factor x n")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    p.add_argument("--memory-gb", type=float, default=0.5, help="the attributors' memory budget")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one workload here
+    args = p.parse_args(argv)
+    device = check_bench_device(args.device)
+    if args.one:
+        result = run_one(args.one, args.n, device, args.memory_gb)
+        print(json.dumps(result), flush=True)
+        return result
+    figures: dict[str, dict] = {}
+    for workload in args.workloads.split(","):
+        small = measure(workload, args.n, device, args.memory_gb)
+        large = measure(workload, args.n * args.factor, device, args.memory_gb)
+        rss_growth = large["peak_rss_mb"] - small["peak_rss_mb"]
+        output_growth = large["output_mb"] - small["output_mb"]
+        row = {"n": [small["n"], large["n"]], "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
+               "seconds": [small["seconds"], large["seconds"]], "output_mb": [round(small["output_mb"], 2),
+                                                                           round(large["output_mb"], 2)],
+               "rss_growth_mb": round(rss_growth, 1)}
+        if output_growth > 1.0:
+            row["rss_growth_over_output_growth"] = round(rss_growth / output_growth, 2)
+        figures[workload] = row
+        print(f"{workload:9s} N {small['n']:>7} -> {large['n']:>7}: peak RSS {small['peak_rss_mb']:.0f} -> "
+              f"{large['peak_rss_mb']:.0f} MiB (+{rss_growth:.0f}); output {small['output_mb']:.1f} -> "
+              f"{large['output_mb']:.1f} MiB" + (f"; ratio {row['rss_growth_over_output_growth']}"
+                                                 if "rss_growth_over_output_growth" in row else ""), flush=True)
+    result = {"device": device, "threads": torch.get_num_threads(), "factor": args.factor, "figures": figures}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
