@@ -177,7 +177,7 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     return trained, trained.model_cfg, recipe
 
 
-def _prepare(spec: Any, methods: list[str]) -> Prepared:
+def prepare(spec: Any, methods: list[str]) -> Prepared:
     """The shared checks of the influence commands (nothing written): data, methods, settings, and
     the model's source (its recipe and what the methods need from it)."""
     data = load_dataset_from_config(spec.data)
@@ -198,7 +198,7 @@ def _snapshot_epochs(methods: list[str], train: TrainConfig) -> tuple[int, ...]:
     return tracin_checkpoint_epochs(train.epochs) if tracin else ()
 
 
-def _obtain(prepared: Prepared, run: RunDir, progress: bool) -> source.Obtained:
+def obtain(prepared: Prepared, run: RunDir, progress: bool) -> source.Obtained:
     """The model the methods score (trained here and saved in the run, or the checkpoint's)."""
     x = prepared.extra
     epochs = () if x["train"].checkpoint_epochs else _snapshot_epochs(x["methods"], x["train"])
@@ -213,7 +213,7 @@ def _method(method: str, got: source.Obtained, prepared: Prepared, progress: boo
                           progress, prepared.extra["methods"])
 
 
-def _fit_method(method: str, got: source.Obtained, prepared: Prepared, progress: bool):
+def fit_method(method: str, got: source.Obtained, prepared: Prepared, progress: bool):
     """(fitted attributor, seconds)."""
     data, start = prepared.data, time.perf_counter()
     att = _method(method, got, prepared, progress).fit(got.module, data.x_train, data.y_train)
@@ -241,7 +241,7 @@ def check_noisy_labels(spec: NoisyLabelsSpec) -> Prepared:
                           "`modelsense train --corruption-ratio 0.1 --checkpoint-epochs ...` and score that")
     if spec.data.corruption_ratio <= 0:
         raise ConfigError("noisy-labels needs corrupted labels: pass --corruption-ratio > 0 (e.g. 0.1)")
-    prepared = _prepare(spec, methods)
+    prepared = prepare(spec, methods)
     data = prepared.data
     if len(data.metadata["corrupted_indices"]) == 0:
         raise ConfigError(f"--corruption-ratio {spec.data.corruption_ratio} changed no label of "
@@ -259,7 +259,7 @@ def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, pro
 
     data, start, v = prepared.data, time.perf_counter(), prepared.config.get("validation_size")
     corrupted = data.metadata["corrupted_indices"].numpy()
-    got = _obtain(prepared, run, progress)
+    got = obtain(prepared, run, progress)
     metrics: dict[str, Any] = {"train_accuracy": got.fit.final.get("train_accuracy"),
                                "test_accuracy": got.fit.final.get("test_accuracy"), "n_train": data.n_train,
                                "n_corrupted": int(len(corrupted)), "train_seconds": time.perf_counter() - start,
@@ -268,7 +268,7 @@ def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, pro
     run.log(f"model: train accuracy {metrics['train_accuracy']:.4f}")
     self_scores: dict[str, np.ndarray] = {}
     for m in prepared.extra["methods"]:
-        att, seconds = _fit_method(m, got, prepared, progress)
+        att, seconds = fit_method(m, got, prepared, progress)
         start = time.perf_counter()
         s = self_scores[m] = (att.self_scores().double().numpy() if v is None
                               else ev.negated_test_influence(att, data.x_test[:v], data.y_test[:v]))
@@ -290,7 +290,7 @@ def check_prune(spec: PruneSpec) -> Prepared:
     """Validate the pruning options and the budgets `--ks` (default 10-40% of N) and load the data."""
     methods = parse_methods(list(spec.methods))
     check_self_influence(methods)
-    prepared = _prepare(spec, methods)
+    prepared = prepare(spec, methods)
     n = prepared.data.n_train
     ks = tuple(spec.ks) or tuple(int(round(f * n)) for f in (0.1, 0.2, 0.3, 0.4))
     bad = [k for k in ks if not 0 < k < n]
@@ -311,13 +311,13 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
     from modelsense.attribution.selection import pruning_masks, random_removal_masks
 
     data, ks = prepared.data, prepared.config["ks"]
-    got = _obtain(prepared, run, progress)
+    got = obtain(prepared, run, progress)
     metrics: dict[str, Any] = {"full_test_accuracy": got.fit.final.get("test_accuracy"), "ks": list(ks),
                                "remove": spec.remove, "class_balance_ratio": spec.class_balance_ratio,
                                "iterative": spec.iterative, "seconds": {}, "accuracy": {}}
     masks, self_scores = [], {}
     for m in prepared.extra["methods"]:
-        att, metrics["seconds"][m] = _fit_method(m, got, prepared, progress)
+        att, metrics["seconds"][m] = fit_method(m, got, prepared, progress)
         self_scores[m] = att.self_scores().double().numpy()
 
         def rescore(keep: np.ndarray, m: str = m) -> np.ndarray:  # on the model retrained without the removed
@@ -364,7 +364,7 @@ def check_lds(spec: LdsSpec) -> Prepared:
     """Validate the LDS options (pairwise methods, subset size in (0, N)) and load the data."""
     methods = parse_methods(list(spec.methods))
     check_pairwise(methods, "the LDS", "drop {it} or ask for pairwise methods")
-    prepared = _prepare(spec, methods)
+    prepared = prepare(spec, methods)
     n = prepared.data.n_train
     if not 0 < subset_size(n, spec.alpha) < n:
         raise ConfigError(f"--alpha {spec.alpha} gives subsets of {subset_size(n, spec.alpha)} of {n} examples; "
@@ -380,13 +380,13 @@ def run_lds(spec: LdsSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
     from modelsense.attribution import plots
 
     data, n_test = prepared.data, prepared.config["n_test"]
-    got = _obtain(prepared, run, progress)
+    got = obtain(prepared, run, progress)
     metrics: dict[str, Any] = {"test_accuracy": got.fit.final.get("test_accuracy"), "n_models": spec.n_models,
                                "alpha": spec.alpha, "n_test": n_test, "lds": {}, "lds_se": {}, "seconds": {}}
     all_scores, per_test = {}, {}
     for m in prepared.extra["methods"]:
         start = time.perf_counter()
-        att, _ = _fit_method(m, got, prepared, progress)
+        att, _ = fit_method(m, got, prepared, progress)
         all_scores[m] = att.scores(data.x_test[:n_test], data.y_test[:n_test]).double().numpy()
         metrics["seconds"][m] = time.perf_counter() - start
         run.log(f"{m}: scores in {metrics['seconds'][m]:.1f}s")
@@ -426,7 +426,7 @@ def check_influence(spec: InfluenceSpec) -> Prepared:
         if spec.checkpoint is None and spec.weights is None:
             raise ConfigError("--state scores the model it was fitted on: pass that model as --checkpoint RUN/model.pt "
                               "or --weights")
-    return _prepare(spec, [method])
+    return prepare(spec, [method])
 
 
 def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
@@ -436,14 +436,14 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
 
     data, n_test, top_k = prepared.data, prepared.config["n_test"], spec.top_k
     (method,) = prepared.extra["methods"]
-    got = _obtain(prepared, run, progress)
+    got = obtain(prepared, run, progress)
     start = time.perf_counter()
     if spec.state is not None:
         att = _method(method, got, prepared, progress).load(spec.state, got.module, data.x_train, data.y_train)
         fit_seconds = time.perf_counter() - start
         run.log(f"{method}: state loaded from {spec.state}")
     else:
-        att, fit_seconds = _fit_method(method, got, prepared, progress)
+        att, fit_seconds = fit_method(method, got, prepared, progress)
     if spec.save_state:
         att.save(run.path / "state")
     metrics: dict[str, Any] = {"method": method, "test_accuracy": got.fit.final.get("test_accuracy"),
@@ -451,11 +451,18 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
     image = plots.is_image(tuple(data.input_shape))
     x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
     parts = None
-    if spec.by_module:
+    if spec.by_module:  # the exact split, each module's share of the parameters and of the top 1%
         split = att.self_scores(by_module=True) if spec.self_only else att.scores(x_test, y_test, by_module=True)
         parts = {k: v.numpy() for k, v in split.items()}
         run.save_arrays(("self_influence" if spec.self_only else "scores") + "_by_module", **parts)
-        _module_results(parts, att, method, "self-influence" if spec.self_only else "influence", run, metrics)
+        metrics["module_params"] = {m: len(v) for m, v in att.model_.spec.modules.items()}
+        shares = ev.module_shares(parts, 0.01)
+        # self-influence: the highest 1% only (the lowest are the least remarkable examples, not harmful ones)
+        metrics["module_share"] = {"highest self-influence": shares["helpful"]} if spec.self_only else shares
+        n_params, what = sum(metrics["module_params"].values()), "self-influence" if spec.self_only else "influence"
+        param_shares = {m: k / n_params for m, k in metrics["module_params"].items()}
+        run.save_figure(plots.module_share_figure(metrics["module_share"], param_shares,
+                                                  f"{method}: module shares of the top 1% {what}"), "module_shares")
     if spec.self_only:
         s = sum(parts.values()) if parts else att.self_scores().numpy()
         run.save_array("self_influence", s)
@@ -482,21 +489,6 @@ def run_influence(spec: InfluenceSpec, prepared: Prepared, run: RunDir, progress
     return metrics
 
 
-def _module_results(parts: dict[str, np.ndarray], att, method: str, what: str, run: RunDir,
-                    metrics: dict[str, Any]) -> None:
-    """Metrics and figure of a per-module breakdown: each module's share of the parameters and of the
-    top 1% most helpful / harmful pairs (scores) or of the top 1% self-influences."""
-    from modelsense.attribution import plots
-
-    modules = att.model_.spec.modules
-    metrics["module_params"] = {m: len(v) for m, v in modules.items()}
-    shares = ev.module_shares(parts, 0.01)
-    # self-influence: the highest 1% only (the lowest are the least remarkable examples, not harmful ones)
-    metrics["module_share"] = shares if what == "influence" else {"highest self-influence": shares["helpful"]}
-    n_params = sum(metrics["module_params"].values())
-    param_shares = {m: k / n_params for m, k in metrics["module_params"].items()}
-    run.save_figure(plots.module_share_figure(metrics["module_share"], param_shares,
-                                              f"{method}: module shares of the top 1% {what}"), "module_shares")
 # -- the commands ---------------------------------------------------------------------------------
 def _table(metrics: dict[str, Any], keys: tuple[str, ...]) -> Any:
     from rich.table import Table
@@ -532,18 +524,11 @@ PRUNE = Command("prune", PruneSpec, check_prune, run_prune, summary=_prune_summa
                 training_losses=LOSSES,
                 help="Dataset pruning: remove the k lowest self-influence examples, retrain, test accuracy vs random "
                      "removal.")
-LDS = Command(
-    "lds",
-    LdsSpec,
-    check_lds,
-    run_lds,
-    summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
-    keep=(STORE_DIR,),
-    resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
-    training_losses=LOSSES,
-    help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
-    "ground-truth store of --out, or --store, for --resume and other runs).",
-)
+LDS = Command("lds", LdsSpec, check_lds, run_lds, summary=lambda m: _table(m, ("lds", "lds_se", "seconds")),
+              keep=(STORE_DIR,), resume_keys=("data", "model", "train", "n_models", "alpha", "n_test"),
+              training_losses=LOSSES,
+              help="Linear datamodeling score per method (ground truth: models on random α-subsets, in the "
+                   "ground-truth store of --out, or --store, for --resume and other runs).")
 INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence, training_losses=LOSSES,
                     summary=lambda m: f"{m['method']}: scores of shape {m['shape']} in {m['seconds']:.1f}s",
                     help="One method's influence scores (score(i, j) ≈ rise of test loss j when training example i "

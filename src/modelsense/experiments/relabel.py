@@ -4,24 +4,13 @@ from scratch, and compare the test accuracy with relabeling at random and with n
 For each method (ranking by self-influence, as `noisy-labels`) and each budget b — a number of
 examples, or `otsu`: the examples whose score exceeds Otsu's threshold of the method's score
 histogram (`attribution.selection.otsu_threshold`) — the b highest-ranked training examples get the
-target label (`--target`, `attribution.selection.relabel_targets`):
-
-    out-of-fold   (default) the most probable label under out-of-fold predictions: the `cl` method's
-                  k models of the training recipe (`--cl-folds`, default 2), each trained without
-                  the fold it predicts, so no model saw the example it relabels; a flagged example
-                  whose out-of-fold prediction is its own label keeps it.
-    other         the trained model's most probable label other than the given one (no training;
-                  the label always changes).
-    prediction    the trained model's most probable label. A model that memorised its training
-                  labels predicts them: on digits with 10% noise (MLP, 200 epochs, train accuracy
-                  0.999) it changes 1 of 130 corrupted labels, where `other` restores 89% and
-                  `out-of-fold` 92% of them. Ensembles of models that trained on the example
-                  (gex's fine-tuned members, trak's) memorise it the same way, hence out-of-fold.
-
-Each relabeled training set (`attribution.selection.RelabelPlan`: the budgets, Otsu's, `--n-random`
-random draws of each budget, no relabeling and, with corrupted labels, the clean labels) is a job of
-the ground-truth store (all N examples, the recipe's seed, its own labels), so `--resume` and a shared
-`--store` reuse the models.
+target label (`--target`): out-of-fold (default: the predictions of `cl`'s k models, each trained
+without the fold it predicts), other (the trained model's most probable other label) or prediction
+(its most probable label, which a model that memorised its labels rarely changes); see
+`attribution.selection.relabel_targets`. Each relabeled training set (`RelabelPlan`: the budgets,
+Otsu's, `--n-random` random draws of each budget, no relabeling and, with corrupted labels, the clean
+labels) is a job of the ground-truth store (all N examples, the recipe's seed, its own labels), so
+`--resume` and a shared `--store` reuse the models.
 
 The GEX code (relabel/main.py) computes the Otsu mask and then leaves it unused: it retrains on the
 pretrained model's predicted probabilities of *every* example as soft labels (self-distillation,
@@ -92,7 +81,7 @@ def check_relabel(spec: RelabelSpec) -> Prepared:
                 raise ConfigError(f"--budgets takes numbers of examples and otsu, received {b!r}") from None
     # out-of-fold targets come from the `cl` method: its settings (--cl-folds) are asked for too
     cl = ["cl"] if spec.target == "out-of-fold" and "cl" not in methods else []
-    prepared = influence._prepare(spec, methods + cl)
+    prepared = influence.prepare(spec, methods + cl)
     n = prepared.data.n_train
     otsu = len(numbers) < len(spec.budgets) or not spec.budgets
     numbers = numbers if spec.budgets else [max(1, round(f * n)) for f in DEFAULT_FRACTIONS]
@@ -114,7 +103,7 @@ def _targets(spec: RelabelSpec, got, prepared: Prepared, progress: bool, fitted:
 
     data = prepared.data
     if spec.target == "out-of-fold":
-        att = fitted.get("cl") or influence._fit_method("cl", got, prepared, progress)[0]
+        att = fitted.get("cl") or influence.fit_method("cl", got, prepared, progress)[0]
         probabilities = att.oof_probabilities_.detach().cpu().double().numpy()
     else:
         module, device = got.module.eval(), next(got.module.parameters()).device
@@ -134,12 +123,12 @@ def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bo
     corrupted = np.asarray(corrupted if corrupted is not None else [], dtype=np.int64)
     clean = data.metadata.get("original_y_train")
     clean = None if clean is None else clean.numpy()
-    got = influence._obtain(prepared, run, progress)
+    got = influence.obtain(prepared, run, progress)
     metrics: dict[str, Any] = {"train_accuracy": got.fit.final.get("train_accuracy"), "n_train": data.n_train,
                                "n_corrupted": len(corrupted), "target": spec.target, "budgets": budgets, "seconds": {}}
     fitted, scores = {}, {}
     for m in prepared.extra["ranked"]:
-        fitted[m], metrics["seconds"][m] = influence._fit_method(m, got, prepared, progress)
+        fitted[m], metrics["seconds"][m] = influence.fit_method(m, got, prepared, progress)
         scores[m] = fitted[m].self_scores().double().numpy()
         run.log(f"{m}: self-influence in {metrics['seconds'][m]:.1f}s")
     start = time.perf_counter()
