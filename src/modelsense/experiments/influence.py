@@ -185,6 +185,8 @@ def prepare(spec: Any, methods: list[str]) -> Prepared:
         raise ConfigError(f"influence experiments need a classification dataset; {data.name} has no classes")
     trained, model_cfg, train_cfg = attribution_model(spec.checkpoint, spec.data, data, spec.model, spec.train, methods,
                                                       spec.weights)
+    if hasattr(spec, "retrain"):  # prune, lds, relabel: retraining is the engine's (sgd or adam)
+        RetrainRecipe(spec.data, spec.model, spec.train)
     config = {"dataset": data.summary(), "source": None if trained is None else trained.summary()}
     if hasattr(spec, "n_test"):  # lds, influence: the first n test examples
         config["n_test"] = data.n_test if spec.n_test is None else min(int(spec.n_test), data.n_test)
@@ -220,7 +222,8 @@ def fit_method(method: str, got: source.Obtained, prepared: Prepared, progress: 
     return att, time.perf_counter() - start
 
 
-def _by_method(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def arrays_by_method(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{method: array} keyed as .npz names (grad-dot -> grad_dot)."""
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
@@ -277,7 +280,7 @@ def run_noisy_labels(spec: NoisyLabelsSpec, prepared: Prepared, run: RunDir, pro
         for key, value in (("auc", auc), ("auc_se", auc_se), ("ap", ap), ("ap_se", ap_se), ("seconds", seconds)):
             metrics[key][m] = value
         run.log(f"{m}: AUC {auc:.4f} ± {auc_se:.3f}, AP {ap:.4f} ± {ap_se:.3f} ({seconds:.1f}s)")
-        run.save_arrays("self_influence", corrupted=corrupted, **_by_method(self_scores))
+        run.save_arrays("self_influence", corrupted=corrupted, **arrays_by_method(self_scores))
         run.write_metrics(metrics)
     what = "self-influence" if v is None else "negated train-test influence"
     run.save_figure(plots.self_influence_histograms(self_scores, corrupted, what), "self_influence_histograms")
@@ -300,7 +303,6 @@ def check_prune(spec: PruneSpec) -> Prepared:
         raise ConfigError(f"--iterative removes more examples at each k and rescores in between: give at least two "
                           f"increasing --ks, received {list(ks)}")
     prepared.config["ks"] = list(ks)
-    RetrainRecipe(spec.data, spec.model, spec.train)  # retraining is the engine's (sgd or adam)
     return prepared
 
 
@@ -339,7 +341,7 @@ def run_prune(spec: PruneSpec, prepared: Prepared, run: RunDir, progress: bool =
         metrics["accuracy"][m] = acc[i * len(ks):(i + 1) * len(ks)].tolist()
     rand = acc[len(self_scores) * len(ks):].reshape(spec.n_random, len(ks))
     metrics["random_accuracy"], metrics["random_accuracy_std"] = rand.mean(0).tolist(), rand.std(0).tolist()
-    run.save_arrays("self_influence", **_by_method(self_scores))
+    run.save_arrays("self_influence", **arrays_by_method(self_scores))
     run.save_arrays("prune_masks", masks=masks, test_accuracy=acc)
     run.save_figure(plots.pruning_figure(ks, metrics, spec.remove + (", iterative" if spec.iterative else "")),
                     "pruning")
@@ -369,7 +371,6 @@ def check_lds(spec: LdsSpec) -> Prepared:
     if not 0 < subset_size(n, spec.alpha) < n:
         raise ConfigError(f"--alpha {spec.alpha} gives subsets of {subset_size(n, spec.alpha)} of {n} examples; "
                           "choose alpha in (0, 1)")
-    RetrainRecipe(spec.data, spec.model, spec.train)  # the ground truth trains with the engine (sgd or adam)
     return prepared
 
 
@@ -399,7 +400,7 @@ def run_lds(spec: LdsSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
         metrics["lds"][m], per_test[m] = ev.linear_datamodeling_score(s, masks, losses)
         metrics["lds_se"][m] = ev.lds_standard_error(per_test[m])
         run.log(f"{m}: LDS {metrics['lds'][m]:.4f} ± {metrics['lds_se'][m]:.4f}")
-    run.save_arrays("lds_per_test", **_by_method(per_test))
+    run.save_arrays("lds_per_test", **arrays_by_method(per_test))
     run.save_figure(plots.lds_figure(metrics), "lds")
     return metrics
 
@@ -546,11 +547,9 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
     spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot", "knn", "random"),
                            settings=MethodSettings(num_ens=8, ft_step=200, ft_lr=0.3))
     metrics = (resume and finished_metrics(run)) or execute(NOISY_LABELS, spec, run, overwrite=True, progress=progress)
-    shown = {"train_accuracy": metrics["train_accuracy"], "n_corrupted": metrics["n_corrupted"]}
-    for m in metrics["auc"]:
-        shown[f"AUC {m}"] = metrics["auc"][m]
-        shown[f"AP {m}"] = metrics["ap"][m]
-        shown[f"seconds {m}"] = metrics["seconds"][m]
+    shown = {"train_accuracy": metrics["train_accuracy"], "n_corrupted": metrics["n_corrupted"],
+             **{f"{name} {m}": metrics[key][m] for m in metrics["auc"]
+                for name, key in (("AUC", "auc"), ("AP", "ap"), ("seconds", "seconds"))}}
     return Section(
         "Noisy labels: self-influence ranks corrupted training labels",
         "digits with 10% of the training labels moved to another class; MLP 64-128-128-10 trained with SGD "

@@ -90,7 +90,6 @@ def check_relabel(spec: RelabelSpec) -> Prepared:
         raise ConfigError(f"--budgets must lie in (0, N={n}], received {bad}")
     if len(set(numbers)) != len(numbers):
         raise ConfigError(f"--budgets names a budget twice: {numbers}")
-    RetrainRecipe(spec.data, spec.model, spec.train)  # retraining is the engine's (sgd or adam)
     prepared.config.update(budgets=sorted(numbers), otsu=otsu)
     prepared.extra["ranked"] = methods
     return prepared
@@ -145,7 +144,7 @@ def run_relabel(spec: RelabelSpec, prepared: Prepared, run: RunDir, progress: bo
     acc = retrain(recipe, jobs, spec.retrain, run.path, data=data, progress=progress,
                   log=run.log)["test_correct"].astype(np.float64).mean(1)
     metrics.update(plan.results(acc, corrupted, clean))
-    run.save_arrays("relabel", **{k.replace("-", "_"): v for k, v in scores.items()}, targets=targets,
+    run.save_arrays("relabel", **influence.arrays_by_method(scores), targets=targets,
                     job_test_accuracy=acc, corrupted=corrupted)
     run.save_figure(plots.relabel_figure(metrics), "relabel")
     return metrics
