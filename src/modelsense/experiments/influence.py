@@ -62,15 +62,13 @@ def methods_help(what: str = "") -> str:
 
 @dataclass(frozen=True)
 class InfluenceCommandSpec:
-    """What every influence command's spec holds: the data, model and training recipe (or the model's
-    source: `checkpoint`, `weights`) and the methods' shared settings; its fields' checks are run."""
+    """What every influence command's spec starts with: the data, model and training recipe; each spec
+    ends with the methods' shared `settings` and the model's source (`checkpoint`, `weights`), so the
+    command's own options come first in `--help`. Every field's declared checks are run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**CLEAN_TRAIN))
-    settings: MethodSettings = field(default_factory=MethodSettings)
-    checkpoint: str | None = option(None, source.CHECKPOINT_HELP)
-    weights: str | None = option(None, source.WEIGHTS_HELP)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -88,6 +86,9 @@ class NoisyLabelsSpec(InfluenceCommandSpec):
                                 "pairwise methods)", choices=NOISY_SCORES)
     validation_size: int | None = option(None, "negated-test: the first n test examples are the validation set "
                                                "(default: the whole test set, as the GEX code)", low=1)
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    checkpoint: str | None = option(None, source.CHECKPOINT_HELP)
+    weights: str | None = option(None, source.WEIGHTS_HELP)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class PruneSpec(InfluenceCommandSpec):
                              flag="--iterative")
     n_random: int = option(3, "random-removal repeats per k", low=1)
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    checkpoint: str | None = option(None, source.CHECKPOINT_HELP)
+    weights: str | None = option(None, source.WEIGHTS_HELP)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,9 @@ class LdsSpec(InfluenceCommandSpec):
     alpha: float = option(0.5, "fraction of the training set in each subset")
     n_test: int | None = option(None, "first n test examples (default all)")
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    checkpoint: str | None = option(None, source.CHECKPOINT_HELP)
+    weights: str | None = option(None, source.WEIGHTS_HELP)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,9 @@ class InfluenceSpec(InfluenceCommandSpec):
                                     "modules, exactly: scores_by_module.npz and the share of each module in the top "
                                     "1% helpful / harmful pairs (methods: " + ", ".join(by_module_names()) + ")",
                              flag="--by-module")
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    checkpoint: str | None = option(None, source.CHECKPOINT_HELP)
+    weights: str | None = option(None, source.WEIGHTS_HELP)
 
 
 # -- shared steps -------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ import torch
 
 from modelsense.attribution import parse_methods
 from modelsense.attribution.selection import RelabelPlan, relabel_targets
-from modelsense.attribution.settings import check_self_influence
+from modelsense.attribution.settings import MethodSettings, check_self_influence
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
-from modelsense.experiments import influence
+from modelsense.experiments import influence, source
 from modelsense.experiments.command import Command, Prepared
 from modelsense.options import joined, names, option
 from modelsense.retraining.store import STORE_DIR, Job, RetrainOptions, RetrainRecipe, retrain
@@ -66,6 +66,9 @@ class RelabelSpec(influence.InfluenceCommandSpec):
                                         "(the model's most probable label)", choices=TARGETS)
     n_random: int = option(3, "random-relabeling repeats per budget", low=1)
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    checkpoint: str | None = option(None, source.CHECKPOINT_HELP)
+    weights: str | None = option(None, source.WEIGHTS_HELP)
 
 
 def check_relabel(spec: RelabelSpec) -> Prepared:
