@@ -34,10 +34,10 @@ from _common import add_device_arg, check_bench_device, peak_rss_mb, sync
 from torch import nn
 
 from modelsense.attribution import make_attributor
-from modelsense.attribution.evaluation import linear_datamodeling_score
+from modelsense.attribution.evaluation import lds_ground_truth, linear_datamodeling_score
+from modelsense.attribution.settings import method_context
 from modelsense.core.functional import FunctionalModel
 from modelsense.data import DataConfig, load_dataset_from_config
-from modelsense.experiments.influence import lds_ground_truth, method_context
 from modelsense.experiments.source import obtain_model
 from modelsense.models import ModelConfig
 from modelsense.progress import set_quiet

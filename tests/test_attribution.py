@@ -500,6 +500,31 @@ def test_lds_and_detection_metrics_on_constructed_examples():
     assert found[1] == 1.0 and frac[-1] == 1.0
 
 
+def test_most_influential_by_hand():
+    from modelsense.attribution.evaluation import most_influential
+
+    helpful, harmful = most_influential(np.array([[1.0, -1], [3, 0], [2, 5]]), 2)
+    assert helpful.tolist() == [[1, 2], [2, 1]] and harmful.tolist() == [[0, 2], [0, 1]]
+
+
+def test_method_settings_names_flags_and_checks():
+    from modelsense.attribution.settings import MethodSettings, check_pairwise
+
+    settings = MethodSettings(arnoldi_rank=4, bs_jacs=8, memory_gb=0.5, loss="sigmoid_bce")
+    assert settings.as_dict() == {"rank": 4, "chunk_size": 8, "memory_budget": 2**29, "loss": "sigmoid_bce"}
+    flags = MethodSettings.flags()
+    assert flags["rank"] == "--arnoldi-rank" and flags["loss"] == "--score-loss" and flags["proj_dim"] == "--proj-dim"
+    assert MethodSettings().for_methods(["grad-dot"], "sigmoid_bce")["loss"] == "sigmoid_bce"  # the training loss
+    with pytest.raises(ConfigError, match="--proj-dim") as err:
+        MethodSettings(proj_dim=8).for_methods(["grad-dot"])  # a setting no asked-for method takes
+    assert "'proj_dim'" not in str(err.value)
+    with pytest.raises(ConfigError, match="--memory-gb must be > 0, received 0"):
+        MethodSettings(memory_gb=0)
+    with pytest.raises(ConfigError, match="loss, el2n give a self-influence only: drop them or use x"):
+        check_pairwise(["grad-dot", "loss", "el2n"], "y", "drop {it} or use x")
+    check_pairwise(["grad-dot", "if-ekfac"], "y", "z")
+
+
 def test_noisy_labels_lds_and_influence_runs_write_their_directories(tmp_path):
     import json
 

@@ -11,7 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelsense.attribution import GaussianProjector, fine_tune_chain, make_attributor
-from modelsense.attribution.selection import otsu_threshold, pruning_set
+from modelsense.attribution.selection import (
+    RelabelPlan,
+    otsu_threshold,
+    pruning_masks,
+    pruning_set,
+    random_removal_masks,
+)
 from modelsense.core.functional import FunctionalModel
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
@@ -266,3 +272,56 @@ def test_pruning_set_global_class_balanced_and_iterative_marks():
             pruning_set(s, **bad)
     with pytest.raises(ConfigError, match="NaN"):
         pruning_set(np.array([1.0, math.nan]), 1)
+
+
+def test_pruning_masks_rescore_between_steps_and_remove_the_earlier_ones_first():
+    s = np.array([5.0, 1, 3, 2, 4])
+    np.testing.assert_array_equal(pruning_masks(s, [1, 3]), [[1, 0, 1, 1, 1], [1, 0, 0, 0, 1]])
+    seen = []
+
+    def rescore(keep):  # the kept examples' new scores: 0, 9, 8, 7 for examples 0, 2, 3, 4
+        seen.append(keep.tolist())
+        return np.array([0.0, 9, 8, 7])
+
+    masks = pruning_masks(s, [1, 3], rescore=rescore)
+    assert seen == [[True, False, True, True, True]]  # once, between the two steps
+    # second step: example 1 (removed first: −inf), then the lowest new scores 0 (example 0) and 7 (example 4)
+    np.testing.assert_array_equal(masks, [[1, 0, 1, 1, 1], [0, 0, 1, 1, 0]])
+    highest = pruning_masks(s, [1, 2], remove="highest", rescore=lambda keep: np.array([0.0, 9, 8, 7]))
+    np.testing.assert_array_equal(highest, [[0, 1, 1, 1, 1], [0, 1, 0, 1, 1]])  # 0 (+inf), then 9 (example 2)
+
+
+def test_random_removal_masks_draw_each_repeat_and_k_in_turn():
+    masks = random_removal_masks(10, [2, 5], 3, np.random.default_rng(7))
+    rng = np.random.default_rng(7)  # the slow way: one draw after the other
+    for row, k in enumerate([2, 5] * 3):
+        expected = np.ones(10, dtype=bool)
+        expected[rng.choice(10, size=k, replace=False)] = False
+        np.testing.assert_array_equal(masks[row], expected)
+
+
+def test_relabel_plan_jobs_and_results_by_hand():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    clean = np.array([1, 1, 1, 1, 2, 2])  # examples 0 and 1 are corrupted
+    targets = np.array([1, 2, 2, 0, 0, 1])
+    plan = RelabelPlan.build({"a": np.array([6.0, 5, 4, 3, 2, 1])}, y, targets, [1, 2], rng=np.random.default_rng(0),
+                             otsu=False, n_random=1, corrupted=np.array([0, 1]), clean=clean)
+    assert plan.keys == [("method", "a", 1), ("method", "a", 2), ("random", "random", 1), ("random", "random", 2),
+                         ("none", "none", 0), ("clean", "clean", 2)]
+    assert plan.labels[0].tolist() == [1, 0, 1, 1, 2, 2] and plan.labels[1].tolist() == [1, 2, 1, 1, 2, 2]
+    assert plan.labels[4].tolist() == y.tolist() and plan.labels[5].tolist() == clean.tolist()
+    r = plan.results(np.array([0.6, 0.8, 0.5, 0.4, 0.3, 0.9]), np.array([0, 1]), clean)
+    assert r["none_accuracy"] == 0.3 and r["clean_accuracy"] == 0.9 and r["accuracy"] == {"a": [0.6, 0.8]}
+    assert r["random_accuracy"] == [0.5, 0.4] and r["random_accuracy_std"] == [0.0, 0.0]
+    # budget 1 relabels example 0 to its clean label; budget 2 also example 1, to 2 (not its clean 1)
+    assert r["precision"] == {"a": [1.0, 1.0]} and r["corrected"] == {"a": [0.5, 0.5]}
+    assert r["best"]["a"] == {"budget": 2, "otsu": False, "accuracy": 0.8, "gain_over_none": pytest.approx(0.5),
+                              "gain_over_random": pytest.approx(0.4)}
+    s = np.array([9.0, 8, 1, 1, 1, 1])
+    plan = RelabelPlan.build({"a": s}, y, targets, [3], rng=np.random.default_rng(0), n_random=2)
+    assert plan.otsu["a"] == {"threshold": otsu_threshold(s), "budget": 2} and plan.random_budgets == [2, 3]
+    assert [k for k in plan.keys if k[0] == "otsu"] == [("otsu", "a", 2)] and len(plan.keys) == 1 + 1 + 2 * 2 + 1
+    r = plan.results(np.array([0.5, 0.7, 0.1, 0.2, 0.3, 0.4, 0.6]))
+    assert r["otsu"]["a"] == {"threshold": otsu_threshold(s), "budget": 2, "accuracy": 0.7,
+                              "random_accuracy": pytest.approx(0.2)}
+    assert r["random_accuracy"] == [pytest.approx(0.3)] and r["best"]["a"]["otsu"] and "precision" not in r

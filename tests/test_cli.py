@@ -180,7 +180,8 @@ def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
 @pytest.mark.parametrize(
     "flag,value,says",
     [
-        ("--memory-gb", "-1", "--memory-gb must be > 0 (a budget in GiB), received -1"),
+        ("--memory-gb", "-1", "--memory-gb must be > 0, received -1"),
+        ("--memory-gb", "inf", "--memory-gb must be < inf, received inf"),
         ("--memory-gb", "nan", "--memory-gb must be > 0"),
         ("--bs-jacs", "0", "--bs-jacs must be an integer >= 1"),
         ("--proj-dim", "0", "--proj-dim must be an integer >= 1, received 0"),

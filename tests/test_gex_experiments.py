@@ -97,7 +97,7 @@ def test_relabel_retrains_on_the_relabeled_sets_and_compares(tmp_path):
 
 def test_relabel_out_of_fold_targets_are_the_cl_models_predictions(tmp_path):
     from modelsense.attribution import make_attributor
-    from modelsense.experiments.influence import method_context
+    from modelsense.attribution.settings import method_context
 
     m = execute(RELABEL, RelabelSpec(NOISY, MODEL, TRAIN, methods=("loss",), budgets=("10",), n_random=1,
                                      settings=MethodSettings(cl_folds=3)), tmp_path / "rl", progress=False)
@@ -118,9 +118,9 @@ def test_relabel_out_of_fold_targets_are_the_cl_models_predictions(tmp_path):
                                       ({"methods": ("grad-cos",)}, "cannot rank"),
                                       ({"settings": MethodSettings(cl_folds=1)}, "--cl-folds")])
 def test_relabel_refuses_bad_options_before_writing(tmp_path, bad, says):
-    spec = RelabelSpec(NOISY, MODEL, TRAIN, **{"methods": ("loss",), **bad})
-    with pytest.raises(ConfigError, match=says):
-        execute(RELABEL, spec, tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match=says):  # the spec's field checks, or the command's check
+        execute(RELABEL, RelabelSpec(NOISY, MODEL, TRAIN, **{"methods": ("loss",), **bad}), tmp_path / "x",
+                progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -149,8 +149,8 @@ def test_negated_test_influence_is_minus_the_mean_gradient_inner_product(tmp_pat
                                       ({"validation_size": 10_000}, "exceeds the 500 test examples"),
                                       ({"score": "self", "validation_size": 5}, "drop it")])
 def test_negated_test_refuses_bad_options_before_writing(tmp_path, bad, says):
-    spec = NoisyLabelsSpec(NOISY, MODEL, TRAIN, **{"methods": ("grad-dot",), "score": "negated-test", **bad})
     with pytest.raises(ConfigError, match=says):
+        spec = NoisyLabelsSpec(NOISY, MODEL, TRAIN, **{"methods": ("grad-dot",), "score": "negated-test", **bad})
         execute(NOISY_LABELS, spec, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
 
@@ -186,10 +186,11 @@ def test_class_balanced_and_iterative_pruning(tmp_path):
 
 @pytest.mark.parametrize("bad,says", [({"ks": (30, 10), "iterative": True}, "increasing --ks"),
                                       ({"ks": (10,), "iterative": True}, "at least two"),
-                                      ({"class_balance_ratio": 1.5}, r"\[0, 1\]")])
+                                      ({"class_balance_ratio": 1.5}, "must be <= 1, received 1.5"),
+                                      ({"class_balance_ratio": -0.1}, "--class-balance-ratio must be >= 0")])
 def test_pruning_refuses_bad_options_before_writing(tmp_path, bad, says):
-    spec = PruneSpec(DataConfig("digits", n_train=100), MODEL, TRAIN, **{"methods": ("loss",), "ks": (10,), **bad})
     with pytest.raises(ConfigError, match=says):
+        spec = PruneSpec(DataConfig("digits", n_train=100), MODEL, TRAIN, **{"methods": ("loss",), "ks": (10,), **bad})
         execute(PRUNE, spec, tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
 

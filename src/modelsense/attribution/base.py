@@ -84,7 +84,7 @@ from modelsense.progress import progress_bar
 from modelsense.training.objective import LOSSES
 
 #: What a method can take from the training run that produced the model, and the settings of the
-#: method each one fills. An orchestrator (`experiments.influence.method_context`) supplies them for
+#: method each one fills. An orchestrator (`attribution.settings.method_context`) supplies them for
 #: the methods whose class lists the need in `needs`; a method works without them (its defaults).
 NEEDS: dict[str, tuple[str, ...]] = {
     # parameter snapshots θ_t of the training trajectory and the learning rate η_t of each (TracIn)

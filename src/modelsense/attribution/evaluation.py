@@ -6,6 +6,9 @@ module in the most helpful / harmful pairs of a per-module breakdown (`module_sh
     >>> (auc, auc_se), (ap, ap_se) = auc_ap_with_errors(self_scores, corrupted, n_bootstrap=200)
     >>> lds, per_test = linear_datamodeling_score(scores, masks, losses)
     >>> lds_standard_error(per_test)
+    >>> masks, losses = lds_ground_truth(data_cfg, data, model_cfg, train_cfg, n_test, n_models=50, alpha=0.5,
+    ...                                  root="store")   # the M retrained models of the LDS
+    >>> helpful, harmful = most_influential(scores, k=5)  # (n_test, k) training indices
 
 Standard errors: AUC and AP by the bootstrap over training examples (resampled with replacement,
 stratified by clean / corrupted, so every resample has both); LDS as the standard error of the mean
@@ -14,7 +17,17 @@ over test examples (std / sqrt(n) of the per-test Spearman correlations).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from modelsense.data import DataConfig, Dataset
+    from modelsense.models import ModelConfig
+    from modelsense.retraining.store import RetrainOptions
+    from modelsense.training.config import TrainConfig
 
 
 def _labels(n: int, corrupted: np.ndarray) -> np.ndarray:
@@ -96,9 +109,6 @@ def lds_standard_error(per_test: np.ndarray) -> float:
     return float(rho.std(ddof=1) / np.sqrt(len(rho))) if len(rho) > 1 else float("nan")
 
 
-__all__ = ["auc_ap", "auc_ap_with_errors", "detection_curve", "lds_standard_error", "linear_datamodeling_score"]
-
-
 def module_shares(parts: dict[str, np.ndarray], fraction: float = 0.01) -> dict[str, dict[str, float]]:
     """The share of each module in the most helpful and the most harmful scores.
 
@@ -123,3 +133,32 @@ def module_shares(parts: dict[str, np.ndarray], fraction: float = 0.01) -> dict[
         out[kind] = {m: float(flat[r, chosen].sum() / denominator) if denominator != 0 else float("nan")
                      for r, m in enumerate(names)}
     return out
+
+
+def lds_ground_truth(data_cfg: DataConfig, data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, n_test: int,
+                     *, n_models: int, alpha: float, root: str | Path, retrain_options: RetrainOptions | None = None,
+                     progress: bool = True, log: Callable[[str], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(masks (M, N) bool, test losses (M, n_test)) of M models trained from scratch on random α-subsets:
+    the jobs `subset_jobs(N, α, range(M), seed0=train_cfg.seed)` of the ground-truth store under `root`
+    (shared with memorization at ρ = α on the same recipe), trained where `retrain_options` say."""
+    from dataclasses import replace
+
+    from modelsense.retraining.store import RetrainOptions, RetrainRecipe, subset_jobs, train_jobs
+
+    options = retrain_options or RetrainOptions()
+    recipe = RetrainRecipe(data_cfg, model_cfg, replace(train_cfg, checkpoint_epochs=(), checkpoint_iterations=()))
+    jobs = subset_jobs(data.n_train, alpha, range(n_models), seed0=train_cfg.seed)
+    tables = train_jobs(recipe, jobs, root, data=data, backend=options.backend, address=options.address,
+                        chunk_models=options.chunk_size, progress=progress, log=log)
+    return tables["masks"], tables["test_loss"][:, :n_test].astype(np.float64)
+
+
+def most_influential(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(helpful, harmful), each (n_test, k): per test column j of `scores` (N, n_test), the training
+    indices of the k highest scores (most helpful first) and of the k lowest (most harmful first)."""
+    s = np.asarray(scores)
+    return np.argsort(-s, axis=0)[:k].T, np.argsort(s, axis=0)[:k].T
+
+
+__all__ = ["auc_ap", "auc_ap_with_errors", "detection_curve", "lds_ground_truth", "lds_standard_error",
+           "linear_datamodeling_score", "module_shares", "most_influential", "negated_test_influence"]
