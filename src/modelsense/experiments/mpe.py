@@ -7,13 +7,10 @@
     loco            leave-one-class-out: estimated vs true test NLL after retraining without a class (Fig. 3a)
     loco-overlay    finished loco runs (e.g. an MLP's and a LeNet's) in one figure (Fig. 3a)
 
-The numbers come from `modelsense.mpe` (the estimator, its ground truth, `predictive` posteriors and
-covariances, `evaluation` over grids and against the truth), the figures from `modelsense.mpe.plots`, the
-optimizer-state snapshots of `evolving` from `modelsense.training.recorder`; this module runs them. Each
-writes a run directory (config.json, metrics.json, arrays, figures/). The defaults run on `digits` in
-minutes on a CPU; the original's hyper-parameters (e.g. `--dataset fmnist --model lenet --epochs 300
---delta 100 --bs 256 --device cuda`) give the paper's settings. Where the results differ from the
-original code: the "Conventions" of `modelsense.mpe`.
+The numbers come from `modelsense.mpe` (`predictive`, `evaluation`, `ground_truth`; its docstring lists
+where they differ from the original code), the figures from `modelsense.mpe.plots`; this module runs them
+into run directories. The defaults run on `digits` in minutes on a CPU; the original's hyper-parameters
+(e.g. `--dataset fmnist --model lenet --epochs 300 --delta 100 --bs 256 --device cuda`) give the paper's.
 """
 
 from __future__ import annotations
@@ -33,21 +30,7 @@ from modelsense.experiments.command import Command, Prepared, execute
 from modelsense.experiments.report import Section
 from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.mpe import LAPLACE_STRUCTURES, VARIANTS, MPESettings
-from modelsense.mpe.evaluation import (
-    agreement_with_last,
-    binned_by_rank,
-    checkpoint_iterations,
-    loco_metrics,
-    loo_nll_over_deltas,
-    retrain_indices,
-    sensitivities_over_training,
-    smoothed_best_deltas,
-    training_steps,
-    validation_metrics,
-)
-from modelsense.mpe.ground_truth import MIN_RELAXATION, mpe_recipe, retrain_without_in_store, retraining_relaxation
-from modelsense.mpe.predictive import class_removal_estimates, loo_estimates, posterior_at
+from modelsense.mpe import LAPLACE_STRUCTURES, VARIANTS, MPESettings, evaluation, ground_truth, predictive
 from modelsense.options import check_fields, ints, joined, names, option
 from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe
 from modelsense.runs import RunDir, finished_metrics
@@ -163,17 +146,15 @@ class MPEExperimentConfig:
         return replace(recipe, eval_every=0, checkpoint_epochs=(), checkpoint_iterations=())
 
 
+_SGD = {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "bs": 64, "delta": 10.0}
+_RETRAIN_40 = {"epochs_retrain": 40, "lr_retrain": 0.1, "lrmin_retrain": 0.0, "bs_retrain": 64}
 #: CPU defaults on digits per experiment (what the CLI shows); everything else as in MPEExperimentConfig.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "loo-iterations": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 50, "bs": 64, "delta": 10.0}},
-    "loo-l2reg": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 50, "bs": 64, "delta": 10.0},
-                  "n_exp": 8, "deltas_start": -1.0, "deltas_stop": 2.5},
-    "validation": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 100, "bs": 64, "delta": 10.0},
-                   "n_retrain": 200, "epochs_retrain": 40, "lr_retrain": 0.1, "lrmin_retrain": 0.0, "bs_retrain": 64},
-    "evolving": {"train": {"optimizer": "ivon", "lr": 0.3, "lrmin": 0.0, "epochs": 30, "bs": 64, "delta": 10.0,
-                           "hess_init": 1.0}, "optim_var": True},
-    "loco": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 100, "bs": 64, "delta": 10.0},
-             "epochs_retrain": 40, "lr_retrain": 0.1, "lrmin_retrain": 0.0, "bs_retrain": 64},
+    "loo-iterations": {"train": {**_SGD, "epochs": 50}},
+    "loo-l2reg": {"train": {**_SGD, "epochs": 50}, "n_exp": 8, "deltas_start": -1.0, "deltas_stop": 2.5},
+    "validation": {"train": {**_SGD, "epochs": 100}, "n_retrain": 200, **_RETRAIN_40},
+    "evolving": {"train": {**_SGD, "optimizer": "ivon", "lr": 0.3, "epochs": 30, "hess_init": 1.0}, "optim_var": True},
+    "loco": {"train": {**_SGD, "epochs": 100}, **_RETRAIN_40},
 }
 
 
@@ -201,58 +182,47 @@ def _model_fn(cfg: MPEExperimentConfig, data: Dataset):
     return lambda seed: build_model_from_config(cfg.model, data.input_shape, data.num_classes, seed=seed)
 
 
-def _obtain(cfg: MPEExperimentConfig, data: Dataset, progress: bool, trained: TrainedRun | None = None,
-            iterations: tuple[int, ...] = (), train: TrainConfig | None = None, on_epoch=None):
+def _obtain(cfg: MPEExperimentConfig, prepared: Prepared, progress: bool, iterations: tuple[int, ...] = (),
+            train: TrainConfig | None = None, on_epoch=None):
     """The model (`obtain_model`: trained with the optimizer state recorded at `iterations`, `on_epoch(epoch,
-    row, recorder)` after each epoch; or the checked checkpoint `trained`) and the recorder."""
+    row, recorder)` after each epoch; or the checked checkpoint of `check`) and the recorder."""
     recorder = OptimizerStateRecorder(iterations=iterations)
-    got = obtain_model(data, cfg.model, train or cfg.train, trained=trained, progress=progress, setup=recorder.watch,
+    got = obtain_model(prepared.data, cfg.model, train or cfg.train, trained=prepared.extra.get("trained"),
+                       progress=progress, setup=recorder.watch,
                        on_epoch=on_epoch and (lambda epoch, row: on_epoch(epoch, row, recorder)))
     return got, recorder
 
 
 def _posterior(cfg: MPEExperimentConfig, module, data: Dataset, optimizer=None):
-    return posterior_at(module, data.x_train, data.y_train, optimizer=optimizer, **cfg.posterior_options)
+    return predictive.posterior_at(module, data.x_train, data.y_train, optimizer=optimizer, **cfg.posterior_options)
 
 
-def _relaxation(run: RunDir, train_cfg: TrainConfig, n: int, consequence: str, remedy: str) -> float:
-    """`retraining_relaxation` of the ground truth, with a warning in the log below MIN_RELAXATION."""
-    relaxation = retraining_relaxation(train_cfg, n)
-    if relaxation < MIN_RELAXATION:
-        run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
-                f"{MIN_RELAXATION}): {consequence}; raise {remedy}")
-    return relaxation
-
-
-def _ground_truth(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, module, removed, progress: bool,
-                  trained: TrainedRun | None = None) -> tuple[dict[str, np.ndarray], float]:
-    """`retrain_without_in_store` with the ground-truth recipe (`truth_config`), warm-started from the
-    module's parameters unless `--truth scratch`: (tables, seconds)."""
+def _ground_truth(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, module, removed, progress: bool,
+                  truth_cfg: TrainConfig, left: int, consequence: str, remedy: str):
+    """`retrain_without_in_store` with the recipe `truth_cfg`, warm-started from the module's parameters unless
+    `--truth scratch`, and the relaxation R of SGD retraining on `left` examples (None for another optimizer;
+    a warning in the log below MIN_RELAXATION): (tables, seconds, R)."""
+    relaxation = None
+    if truth_cfg.optimizer == "sgd":
+        relaxation = ground_truth.retraining_relaxation(truth_cfg, left)
+        if relaxation < ground_truth.MIN_RELAXATION:
+            run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
+                    f"{ground_truth.MIN_RELAXATION}): {consequence}; raise {remedy}")
     params = {k: v.detach().cpu() for k, v in module.named_parameters()} if cfg.truth == "warm" else None
     start = time.perf_counter()
-    tables = retrain_without_in_store(mpe_recipe(cfg.data, cfg.model, cfg.truth_config(trained), params), data,
-                                      removed, cfg.retrain, run.path, init_params=params, progress=progress,
-                                      log=run.log)
-    return tables, time.perf_counter() - start
+    tables = ground_truth.retrain_without_in_store(
+        ground_truth.mpe_recipe(cfg.data, cfg.model, truth_cfg, params), prepared.data, removed, cfg.retrain, run.path,
+        init_params=params, progress=progress, log=run.log)
+    return tables, time.perf_counter() - start, relaxation
 
 
-def _train_metrics(result) -> dict[str, float]:
-    f = result.final
-    return {"train_accuracy": f["train_accuracy"], "test_accuracy": f["test_accuracy"], "train_nll": f["train_loss"],
-            "test_nll": f["test_loss"]}
-
-
-def _check_head(cfg: MPEExperimentConfig, data: Dataset) -> None:
-    module = _model_fn(cfg, data)(cfg.train.seed)
-    with torch.no_grad():
-        out = module(data.x_train[:2].to(next(module.parameters()).device))
-    if out.dim() != 2 or out.shape[-1] != data.num_classes or data.num_classes < 2:
-        raise ConfigError(f"the MPE experiments need a classification head with one logit per class: "
-                          f"{data.num_classes} classes, but the model outputs shape {tuple(out.shape[1:])}")
+def _converged(relaxation: float | None) -> dict[str, Any]:
+    return {"retrain_relaxation": relaxation,
+            "ground_truth_converged": None if relaxation is None else relaxation >= ground_truth.MIN_RELAXATION}
 
 
 # --- the five experiments ------------------------------------------------------------------------
-def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
+def run_loo_iterations(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
     """Train; at the checkpoint epochs (and the last) estimate the LOO-CV NLL with the MPE.
 
     metrics: `checkpoint_epochs`, `estimated_nll` and `test_nll` at them, `final_abs_gap` =
@@ -260,20 +230,20 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
     """
     from modelsense.mpe import plots
 
+    data, start = prepared.data, time.perf_counter()
     marks = sorted({e for e in cfg.checkpoint_epochs if 1 <= e <= cfg.train.epochs} | {cfg.train.epochs})
     est: dict[int, dict[str, float]] = {}
 
     def on_epoch(epoch, row, recorder):
         if epoch in marks:
             post = _posterior(cfg, recorder.module.eval(), data, recorder.optimizer)
-            variants = loo_estimates(post, data.x_train, data.y_train, cfg.bs_jacs, cfg.loo_damping)[2]
+            variants = predictive.loo_estimates(post, data.x_train, data.y_train, cfg.bs_jacs, cfg.loo_damping)[2]
             est[epoch] = {v: r.estimated_loo_nll for v, r in variants.items()}
             recorder.module.train()
             run.log(f"epoch {epoch}: estimated LOO NLL {est[epoch][cfg.mpe_variant]:.4f}, "
                     f"test NLL {row['test_loss']:.4f}")
 
-    start = time.perf_counter()
-    got, _ = _obtain(cfg, data, progress, train=replace(cfg.train, eval_every=1), on_epoch=on_epoch)
+    got, _ = _obtain(cfg, prepared, progress, train=replace(cfg.train, eval_every=1), on_epoch=on_epoch)
     hist = got.fit.history
     test_by_epoch = dict(zip(hist["epoch"], hist["test_loss"]))
     estimated, test = [est[e][cfg.mpe_variant] for e in marks], [test_by_epoch[e] for e in marks]
@@ -287,11 +257,11 @@ def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, pro
             "final_abs_gap": abs(estimated[-1] - test[-1]), "posterior": cfg.posterior_name,
             "mpe_variant": cfg.mpe_variant,
             "estimated_nll_by_variant": {v: [est[e][v] for e in marks] for v in VARIANTS},
-            "test_nll_per_epoch": hist["test_loss"], **{f"final_{k}": v for k, v in _train_metrics(got.fit).items()},
+            "test_nll_per_epoch": hist["test_loss"], **{f"final_{k}": v for k, v in got.fit.final_metrics.items()},
             "seconds": time.perf_counter() - start}
 
 
-def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
+def run_loo_l2reg(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
     """`mpe.evaluation.loo_nll_over_deltas` for δ in logspace(deltas_start, deltas_stop, n_exp) (one model per δ
     from the same init). metrics: its `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`,
     `best_delta_test`, ...; with `--smooth w` > 1 also both curves after a moving average of window w
@@ -300,25 +270,25 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress
     """
     from modelsense.mpe import plots
 
-    deltas = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp)
-    start = time.perf_counter()
-    metrics = loo_nll_over_deltas(_model_fn(cfg, data), data, cfg.train, deltas, structure=cfg.var_version,
-                                  chunk_size=cfg.bs_jacs, variant=cfg.mpe_variant, loo_damping=cfg.loo_damping,
-                                  progress=progress, log=run.log)
+    deltas, start = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp), time.perf_counter()
+    metrics = evaluation.loo_nll_over_deltas(
+        _model_fn(cfg, prepared.data), prepared.data, cfg.train, deltas, structure=cfg.var_version,
+        chunk_size=cfg.bs_jacs, variant=cfg.mpe_variant, loo_damping=cfg.loo_damping, progress=progress, log=run.log)
     metrics |= {"posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "smooth": cfg.smooth,
                 "seconds": time.perf_counter() - start}
-    arrays = {k: np.array(metrics[k]) for k in ("deltas", "estimated_nll", "test_nll")}
+    curves = ("deltas", "estimated_nll", "test_nll")
+    arrays = {k: np.array(metrics[k]) for k in curves}
     if cfg.smooth > 1:
-        metrics["smoothed"] = smoothed_best_deltas(deltas, metrics["estimated_nll"], metrics["test_nll"], cfg.smooth)
-        arrays |= {f"smoothed_{k}": np.array(metrics["smoothed"][k]) for k in ("deltas", "estimated_nll", "test_nll")}
+        metrics["smoothed"] = evaluation.smoothed_best_deltas(deltas, metrics["estimated_nll"], metrics["test_nll"],
+                                                              cfg.smooth)
+        arrays |= {f"smoothed_{k}": np.array(metrics["smoothed"][k]) for k in curves}
     run.save_arrays("loo_l2reg", **arrays)
     run.save_figure(plots.plot_loo_l2reg(deltas, metrics["estimated_nll"], metrics["test_nll"],
-                                         f"{cfg.model.name} on {data.name}", window=cfg.smooth), "loo_l2reg")
+                                         f"{cfg.model.name} on {prepared.data.name}", window=cfg.smooth), "loo_l2reg")
     return metrics
 
 
-def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
-                   trained: TrainedRun | None = None) -> dict[str, Any]:
+def run_validation(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
     """Estimated (MPE sensitivity) vs true softmax deviation for n_retrain examples
     (`mpe.evaluation.validation_metrics`), the truth from warm-started retraining without each (all at
     once; `--truth scratch`: each trained from the initialisation with the training recipe, `truth_config`).
@@ -331,27 +301,21 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     """
     from modelsense.mpe import plots
 
-    start = time.perf_counter()
-    got, _ = _obtain(cfg, data, progress, trained=trained)
+    data, start = prepared.data, time.perf_counter()
+    got, _ = _obtain(cfg, prepared, progress)
     t_train, t0 = time.perf_counter() - start, time.perf_counter()
     post = _posterior(cfg, got.module, data, got.fit.optimizer)
-    logits, V, variants = loo_estimates(post, data.x_train, data.y_train, cfg.bs_jacs, cfg.loo_damping)
+    logits, V, variants = predictive.loo_estimates(post, data.x_train, data.y_train, cfg.bs_jacs, cfg.loo_damping)
     t_mpe = time.perf_counter() - t0
-    idx = torch.as_tensor(retrain_indices(data.n_train, cfg.n_retrain))
-    truth_cfg = cfg.truth_config(trained)
-    relaxation = None if truth_cfg.optimizer != "sgd" else _relaxation(
-        run, truth_cfg, data.n_train - 1, "the true deviations are underestimated",
-        "--epochs-retrain or --lr-retrain" if cfg.truth == "warm" else "--epochs or --lr")
-    tables, t_retrain = _ground_truth(cfg, data, run, got.module, idx, progress, trained)
+    idx = torch.as_tensor(evaluation.retrain_indices(data.n_train, cfg.n_retrain))
+    tables, t_retrain, relaxation = _ground_truth(
+        cfg, prepared, run, got.module, idx, progress, cfg.truth_config(prepared.extra["trained"]), data.n_train - 1,
+        "the true deviations are underestimated", "--epochs-retrain or --lr-retrain" if cfg.truth == "warm"
+        else "--epochs or --lr")
     logits_all = torch.from_numpy(tables["train_logits"])
     loo_logits, control_logits = logits_all[torch.arange(len(idx)), idx], logits_all[-1, idx]
-    scores, true = validation_metrics(logits, data.y_train, V, variants, idx, loo_logits, control_logits,
-                                      variant=cfg.mpe_variant, reference=cfg.reference)
-    metrics = {**scores, "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name, "reference": cfg.reference,
-               "truth": cfg.truth, "retrain_relaxation": relaxation,
-               "ground_truth_converged": None if relaxation is None else relaxation >= MIN_RELAXATION,
-               **_train_metrics(got.fit), "seconds_train": t_train, "seconds_mpe": t_mpe, "seconds_retrain": t_retrain,
-               "seconds": time.perf_counter() - start}
+    scores, true = evaluation.validation_metrics(logits, data.y_train, V, variants, idx, loo_logits, control_logits,
+                                                 variant=cfg.mpe_variant, reference=cfg.reference)
     chosen = variants[cfg.mpe_variant]
     run.save_array("sensitivities", chosen.sensitivity)
     run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=chosen.sensitivity[idx].numpy(),
@@ -360,14 +324,16 @@ def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progres
     truth = "from scratch" if cfg.truth == "scratch" else "warm"
     title = f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}" + (
         "" if relaxation is None else f" R = {relaxation:.1f}")
-    run.save_figure(plots.plot_validation(true, chosen.sensitivity[idx].numpy(), title, slope=metrics["slope"],
-                                          pearson=metrics["pearson"]), "validation")
+    run.save_figure(plots.plot_validation(true, chosen.sensitivity[idx].numpy(), title, slope=scores["slope"],
+                                          pearson=scores["pearson"]), "validation")
     if len(data.input_shape) == 3:
         run.save_figure(plots.plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
-    return metrics
+    return {**scores, "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name, "reference": cfg.reference,
+            "truth": cfg.truth, **_converged(relaxation), **got.fit.final_metrics, "seconds_train": t_train,
+            "seconds_mpe": t_mpe, "seconds_retrain": t_retrain, "seconds": time.perf_counter() - start}
 
 
-def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
+def run_evolving(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
     """Sensitivities at several iterations of training (IVON in the original,
     `mpe.evaluation.sensitivities_over_training` with `--mc-samples`), ranked by the last checkpoint and
     averaged in `--n-bins` bins. metrics: `iterations`, `spearman_to_last` (Spearman between each
@@ -375,25 +341,24 @@ def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress:
     """
     from modelsense.mpe import plots
 
-    its = checkpoint_iterations(data.n_train, cfg.train.bs, cfg.train.epochs, cfg.checkpoint_iterations)
-    start = time.perf_counter()
-    got, recorder = _obtain(cfg, data, progress, iterations=its)
-    sens = sensitivities_over_training(_model_fn(cfg, data), [recorder.snapshots[f"iteration_{it}"] for it in its],
-                                       data.x_train, data.y_train, cfg.settings, **cfg.posterior_options,
-                                       mc_samples=cfg.mc_samples, seed=cfg.train.seed, device=cfg.train.device,
-                                       progress=progress)  # (K, N)
-    order, binned = binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
+    data, t, start = prepared.data, cfg.train, time.perf_counter()
+    its = evaluation.checkpoint_iterations(data.n_train, t.bs, t.epochs, cfg.checkpoint_iterations)
+    got, recorder = _obtain(cfg, prepared, progress, iterations=its)
+    sens = evaluation.sensitivities_over_training(
+        _model_fn(cfg, data), [recorder.snapshots[f"iteration_{it}"] for it in its], data.x_train, data.y_train,
+        cfg.settings, **cfg.posterior_options, mc_samples=cfg.mc_samples, seed=t.seed, device=t.device,
+        progress=progress)  # (K, N)
+    order, binned = evaluation.binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
     run.save_arrays("evolving", iterations=np.array(its), sensitivities=sens, binned=binned, order=order)
     run.save_figure(plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"),
                     "evolving")
-    return {"iterations": list(its), "total_iterations": training_steps(data.n_train, cfg.train.bs, cfg.train.epochs),
+    return {"iterations": list(its), "total_iterations": evaluation.training_steps(data.n_train, t.bs, t.epochs),
             "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
-            **{k: dict(zip(map(str, its), v)) for k, v in agreement_with_last(sens).items()},
-            **_train_metrics(got.fit), "seconds": time.perf_counter() - start}
+            **{k: dict(zip(map(str, its), v)) for k, v in evaluation.agreement_with_last(sens).items()},
+            **got.fit.final_metrics, "seconds": time.perf_counter() - start}
 
 
-def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
-             trained: TrainedRun | None = None) -> dict[str, Any]:
+def run_loco(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
     """Leave-one-class-out: for each class c, the estimated NLL (`mpe.predictive.class_removal_estimates`)
     against the true test NLL on the whole test set after warm-started retraining without c (all classes
     at once). metrics: those of `mpe.evaluation.loco_metrics` (`spearman`, `spearman_joint`, `classes`,
@@ -401,16 +366,17 @@ def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: boo
     """
     from modelsense.mpe import plots
 
-    start = time.perf_counter()
-    got, _ = _obtain(cfg, data, progress, trained=trained)
+    data, start = prepared.data, time.perf_counter()
+    got, _ = _obtain(cfg, prepared, progress)
     post = _posterior(cfg, got.module, data, got.fit.optimizer)
-    est = class_removal_estimates(post, data.x_train, data.y_train, data.num_classes, cfg.settings, cfg.bs_jacs)
-    relaxation = _relaxation(run, cfg.retrain_config(), data.n_train - max(len(r) for r in est["removed"]),
-                             "the true NLLs are not converged", "--epochs-retrain or --lr-retrain")
-    tables, seconds_retrain = _ground_truth(cfg, data, run, got.module, est["removed"], progress)
-    metrics = {**loco_metrics(est, tables), "retrain_relaxation": relaxation,
-               "ground_truth_converged": relaxation >= MIN_RELAXATION, "posterior": cfg.posterior_name,
-               "mpe_variant": cfg.mpe_variant, **_train_metrics(got.fit), "seconds_retrain": seconds_retrain,
+    est = predictive.class_removal_estimates(post, data.x_train, data.y_train, data.num_classes, cfg.settings,
+                                             cfg.bs_jacs)
+    tables, seconds_retrain, relaxation = _ground_truth(
+        cfg, prepared, run, got.module, est["removed"], progress, cfg.truth_config(),
+        data.n_train - max(len(r) for r in est["removed"]), "the true NLLs are not converged",
+        "--epochs-retrain or --lr-retrain")
+    metrics = {**evaluation.loco_metrics(est, tables), **_converged(relaxation), "posterior": cfg.posterior_name,
+               "mpe_variant": cfg.mpe_variant, **got.fit.final_metrics, "seconds_retrain": seconds_retrain,
                "seconds": time.perf_counter() - start}
     run.save_arrays("loco", classes=np.array(est["classes"]), estimated_nll=est["estimated_nll"],
                     **{k: np.array(metrics[k]) for k in ("estimated_nll_joint", "true_test_nll", "true_test_accuracy")})
@@ -433,8 +399,8 @@ def _check(experiment: str):
         if experiment == "loo-l2reg" and cfg.optim_var:
             raise ConfigError("loo-l2reg uses Laplace posteriors (as the code of Nickl et al. 2023); drop --optim-var")
         if experiment == "evolving":
-            checkpoint_iterations(data.n_train, cfg.train.bs, cfg.train.epochs, cfg.checkpoint_iterations)
-        _check_head(cfg, data)
+            evaluation.checkpoint_iterations(data.n_train, cfg.train.bs, cfg.train.epochs, cfg.checkpoint_iterations)
+        predictive.check_classification_head(_model_fn(cfg, data)(cfg.train.seed), data.x_train, data.num_classes)
         trained = None
         if cfg.checkpoint is not None:
             if experiment not in CHECKPOINT_EXPERIMENTS:
@@ -461,9 +427,7 @@ def _run(experiment: str):
     def run(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
         run.log(f"mpe {experiment}: {cfg.model.name} on {prepared.data.name}, posterior {cfg.posterior_name}, "
                 f"variant {cfg.mpe_variant}")
-        if experiment in CHECKPOINT_EXPERIMENTS:
-            return RUNNERS[experiment](cfg, prepared.data, run, progress, trained=prepared.extra["trained"])
-        return RUNNERS[experiment](cfg, prepared.data, run, progress)
+        return RUNNERS[experiment](cfg, prepared, run, progress)
 
     return run
 
@@ -513,7 +477,7 @@ def _validation_summary(m: dict[str, Any]) -> str:
     if m["ground_truth_converged"] is False:
         line += (f"\nwarning: the retraining relaxed the slowest directions by only R = {m['retrain_relaxation']:.2f} "
                  f"e-folds: the true deviations are underestimated; raise --epochs-retrain or --lr-retrain "
-                 f"(R >= {MIN_RELAXATION:g})")
+                 f"(R >= {ground_truth.MIN_RELAXATION:g})")
     return line
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from modelsense.core.functional import FunctionalModel
+from modelsense.errors import ConfigError
 from modelsense.mpe.estimator import (
     VARIANTS,
     MPEResult,
@@ -17,6 +18,16 @@ from modelsense.mpe.estimator import (
     memory_perturbation,
     per_example_nll,
 )
+
+
+def check_classification_head(module: nn.Module, x: Tensor, num_classes: int) -> None:
+    """ConfigError unless `module` gives one logit per class on inputs like `x` (two of them are run):
+    outputs (n, num_classes) with num_classes >= 2, as the MPE's categorical likelihood needs."""
+    with torch.no_grad():
+        out = module(x[:2].to(next(module.parameters()).device))
+    if out.dim() != 2 or out.shape[-1] != num_classes or num_classes < 2:
+        raise ConfigError(f"the MPE experiments need a classification head with one logit per class: {num_classes} "
+                          f"classes, but the model outputs shape {tuple(out.shape[1:])}")
 
 
 def posterior_at(module: nn.Module, x: Tensor, y: Tensor, *, source: str = "laplace", prior_precision: float | None,
