@@ -223,11 +223,8 @@ def _converged(relaxation: float | None) -> dict[str, Any]:
 
 # --- the five experiments ------------------------------------------------------------------------
 def run_loo_iterations(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
-    """Train; at the checkpoint epochs (and the last) estimate the LOO-CV NLL with the MPE.
-
-    metrics: `checkpoint_epochs`, `estimated_nll` and `test_nll` at them, `final_abs_gap` =
-    |estimated − test| at the last checkpoint, `test_nll_per_epoch`.
-    """
+    """Train; at the checkpoint epochs (and the last) estimate the LOO-CV NLL with the MPE. metrics:
+    `estimated_nll` and `test_nll` at them, `final_abs_gap` = |estimated − test| at the last, `test_nll_per_epoch`."""
     from modelsense.mpe import plots
 
     data, start = prepared.data, time.perf_counter()
@@ -262,12 +259,8 @@ def run_loo_iterations(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir
 
 
 def run_loo_l2reg(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
-    """`mpe.evaluation.loo_nll_over_deltas` for δ in logspace(deltas_start, deltas_stop, n_exp) (one model per δ
-    from the same init). metrics: its `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`,
-    `best_delta_test`, ...; with `--smooth w` > 1 also both curves after a moving average of window w
-    (`smoothed`: `deltas` the geometric mean of each window's δ, `estimated_nll`, `test_nll`,
-    `best_delta_estimated`, `best_delta_test`), which the figure draws (Nickl et al. 2023's code: w = 4).
-    """
+    """`mpe.evaluation.loo_nll_over_deltas` for δ in logspace(deltas_start, deltas_stop, n_exp); with `--smooth w`
+    > 1 also `smoothed` (`smoothed_best_deltas`), which the figure draws (Nickl et al. 2023's code: w = 4)."""
     from modelsense.mpe import plots
 
     deltas, start = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp), time.perf_counter()
@@ -289,16 +282,9 @@ def run_loo_l2reg(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, pro
 
 
 def run_validation(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
-    """Estimated (MPE sensitivity) vs true softmax deviation for n_retrain examples
-    (`mpe.evaluation.validation_metrics`), the truth from warm-started retraining without each (all at
-    once; `--truth scratch`: each trained from the initialisation with the training recipe, `truth_config`).
-
-    metrics: those of `validation_metrics` (`pearson`, `spearman`, `slope`, `by_variant`,
-    `by_loo_damping`, ...) and `retrain_relaxation` R (`retraining_relaxation`), how far the retraining
-    converged: below MIN_RELAXATION (`ground_truth_converged` false) the true deviations are too small,
-    and so is everything measured against them. Arrays: validation.npz also holds V of the retrained
-    examples (`covariances`).
-    """
+    """`mpe.evaluation.validation_metrics` for n_retrain examples, the truth retrained without each (warm, or
+    `--truth scratch`: `truth_config`), and `retrain_relaxation` R: below MIN_RELAXATION
+    (`ground_truth_converged` false) the true deviations, and all measured against them, are too small."""
     from modelsense.mpe import plots
 
     data, start = prepared.data, time.perf_counter()
@@ -334,11 +320,8 @@ def run_validation(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, pr
 
 
 def run_evolving(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
-    """Sensitivities at several iterations of training (IVON in the original,
-    `mpe.evaluation.sensitivities_over_training` with `--mc-samples`), ranked by the last checkpoint and
-    averaged in `--n-bins` bins. metrics: `iterations`, `spearman_to_last` (Spearman between each
-    checkpoint's sensitivities and the last one's), `top_decile_overlap_to_last`.
-    """
+    """`mpe.evaluation.sensitivities_over_training` at the checkpoint iterations, ranked by the last and averaged
+    in `--n-bins` bins (`binned_by_rank`); metrics `spearman_to_last`, `top_decile_overlap_to_last`."""
     from modelsense.mpe import plots
 
     data, t, start = prepared.data, cfg.train, time.perf_counter()
@@ -359,11 +342,8 @@ def run_evolving(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, prog
 
 
 def run_loco(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
-    """Leave-one-class-out: for each class c, the estimated NLL (`mpe.predictive.class_removal_estimates`)
-    against the true test NLL on the whole test set after warm-started retraining without c (all classes
-    at once). metrics: those of `mpe.evaluation.loco_metrics` (`spearman`, `spearman_joint`, `classes`,
-    `estimated_nll`, `true_test_nll`, `accuracy_drop`, ...) and `retrain_relaxation`.
-    """
+    """Leave one class out: `mpe.predictive.class_removal_estimates` against warm-started retraining without each
+    class (`mpe.evaluation.loco_metrics`), and `retrain_relaxation`."""
     from modelsense.mpe import plots
 
     data, start = prepared.data, time.perf_counter()
