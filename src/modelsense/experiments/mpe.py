@@ -7,110 +7,41 @@
     loco            leave-one-class-out: estimated vs true test NLL after retraining without a class (Fig. 3a)
     loco-overlay    finished loco runs (e.g. an MLP's and a LeNet's) in one figure (Fig. 3a)
 
-The numbers come from `modelsense.mpe` (the estimator, its ground truth, `predictive` covariances,
-`evaluation` against the truth), the figures from `modelsense.mpe.plots`, the optimizer-state snapshots
-of `evolving` from `modelsense.training.recorder`; this module runs them.
-
-Each writes a run directory (config.json, metrics.json, arrays, figures/). The defaults run on
-`digits` in minutes on a CPU; the original's hyper-parameters (e.g. `--dataset fmnist --model lenet
---epochs 300 --delta 100 --bs 256 --device cuda`) give the paper's settings.
-
-Conventions and where the results differ from the original code (SEEDS.md 0.7):
-  * objective: mean minibatch NLL + δ/(2N)‖θ‖² (IVON: ess = N, weight_decay = δ/N); posterior
-    precision Σ_i J_iᵀΛ_iJ_i + δI (Laplace) or N·h + δ (IVON), N·sqrt(v) + δ (Adam).
-  * minibatches are reshuffled every epoch (the original never reshuffles; `--fixed-batches` restores it).
-  * `--optimizer adamw` is AdamW with decoupled weight decay δ/N and no L2 term in the loss (the
-    original's first script); the original's loo-l2reg built `AdamW(params, lr)`, whose default weight
-    decay 0.01 came on top of the L2 term: that is not reproduced.
-  * output sizes follow the data (the original hard-coded 10 classes for LeNet/ResNet).
-  * evolving: a checkpoint labelled t is taken after t optimizer steps (the original labelled it t+1),
-    and the last default checkpoint is the end of training; bins use `np.array_split`, so N need not be
-    divisible by the number of bins.
-  * validation/loco ground truth: the retraining engine trains all leave-out models at once, with
-    shared minibatches and a control model retrained on all data (`--reference control`); the
-    original retrained one model at a time with its own shuffling and compared with θ*.
-    `validation --truth scratch` trains them from the initialisation with the training recipe instead
-    of warm-starting them.
-  * loo-l2reg: `--smooth 4` draws both curves after the original's moving average of window 4 (at the
-    geometric mean of each window's δ) and reports the smoothed best δ beside the raw one. The
-    retraining must run long enough to converge: validation reports its relaxation R
-    (`mpe.ground_truth.retraining_relaxation`) and warns below 3; the defaults give R ≈ 3.3.
-  * `--optim-var` with `--optimizer sgd` is an error (the original silently fell back to Laplace).
+The numbers come from `modelsense.mpe` (`predictive`, `evaluation`, `ground_truth`; its docstring lists
+where they differ from the original code), the figures from `modelsense.mpe.plots`; this module runs them
+into run directories. The defaults run on `digits` in minutes on a CPU; the original's hyper-parameters
+(e.g. `--dataset fmnist --model lenet --epochs 300 --delta 100 --bs 256 --device cuda`) give the paper's.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from modelsense.core.functional import FunctionalModel, Params
-from modelsense.curvature.posterior import in_float64_on_failure
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.command import Command, Prepared
+from modelsense.experiments.command import Command, Prepared, execute
 from modelsense.experiments.report import Section
-from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint
+from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
-from modelsense.mpe import (
-    LAPLACE_STRUCTURES,
-    VARIANTS,
-    MPESettings,
-    build_posterior,
-    group_loo_nll,
-    mc_prediction_error,
-    memory_perturbation,
-    per_example_nll,
-    softmax_deviation,
-)
-from modelsense.mpe.evaluation import (
-    agreement_with_last,
-    binned_by_rank,
-    correlations,
-    default_checkpoint_iterations,
-    retrain_indices,
-    smoothed_curves,
-)
-from modelsense.mpe.ground_truth import (
-    MIN_RELAXATION,
-    leave_out_masks,
-    retraining_relaxation,
-)
-from modelsense.mpe.predictive import (
-    all_variants,
-    group_removal_nll,
-    predictive_covariances,
-)
-from modelsense.options import ints, joined, names, option
-from modelsense.progress import progress_bar
-from modelsense.retraining.store import (
-    STORE_DIR,
-    RetrainOptions,
-    RetrainRecipe,
-    jobs_from,
-    params_digest,
-    retrain,
-)
+from modelsense.mpe import LAPLACE_STRUCTURES, VARIANTS, MPESettings, evaluation, ground_truth, predictive
+from modelsense.options import check_fields, ints, joined, names, option
+from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
-from modelsense.training.ensemble import train_ensemble
-from modelsense.training.fit import Fit, fit
-from modelsense.training.recorder import OptimizerStateRecorder, stand_in_optimizer
+from modelsense.training.recorder import OptimizerStateRecorder
 
 EXPERIMENTS = ("loo-iterations", "loo-l2reg", "validation", "evolving", "loco")
-REFERENCES = ("control", "trained")
-TRUTHS = ("warm", "scratch")
-LOO_DAMPING_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
 PAPER_CHECKPOINT_EPOCHS = (1, 2, 5, 10, 20, 30, 40, 50, 75, 100, 150, 200, 250, 300)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MPEExperimentConfig:
     """Settings of the MPE experiments (flag names of the original scripts, with dashes).
 
@@ -128,12 +59,13 @@ class MPEExperimentConfig:
     )
     optim_var: bool = option(False, "posterior from the optimizer state (IVON: 1/(N h + δ), Adam: 1/(N sqrt(v) + δ)) "
                                     "instead of Laplace", flag="--optim-var/--no-optim-var")
-    var_version: str = option("kfac", "Laplace GGN structure: kfac, diag, full (small models), ekfac")
-    bs_jacs: int = option(500, "examples per chunk of predictive covariances (memory bound)")
+    var_version: str = option("kfac", "Laplace GGN structure: kfac, diag, full (small models), ekfac",
+                              choices=LAPLACE_STRUCTURES)
+    bs_jacs: int = option(500, "examples per chunk of predictive covariances (memory bound)", low=1)
     mpe_variant: str = option("full", "full (C x C, default), diag (Nickl et al. 2023's code), loo (Sherman-Morrison; "
-                                      "for exact posteriors)")
-    loo_damping: float = option(1.0, "α of the loo variant: Δf = (I − α V Λ)^-1 V e (1 plain, 0 = full)")
-    n_retrain: int = option(200, "examples to retrain without")
+                                      "for exact posteriors)", choices=VARIANTS)
+    loo_damping: float = option(1.0, "α of the loo variant: Δf = (I − α V Λ)^-1 V e (1 plain, 0 = full)", low=0, high=1)
+    n_retrain: int = option(200, "examples to retrain without", low=1)
     epochs_retrain: int = option(10, "epochs of the warm-started retraining")
     lr_retrain: float = option(0.01, "initial learning rate of the retraining")
     lrmin_retrain: float = option(0.0, "final learning rate of the retraining's cosine schedule")
@@ -141,32 +73,29 @@ class MPEExperimentConfig:
     truth: str = option("warm", "validation's ground truth: warm (retrain from the trained parameters with the "
                                 "--*-retrain options, as Nickl et al. 2023) or scratch (train each leave-one-out "
                                 "model from the initialisation with the training recipe; the --*-retrain options "
-                                "are unused)")
+                                "are unused)", choices=("warm", "scratch"))
     reference: str = option("control", "true deviation against the control model retrained on all data (control) or "
-                                       "against the trained model (trained, as Nickl et al. 2023's code)")
+                                       "against the trained model (trained, as Nickl et al. 2023's code)",
+                            choices=("control", "trained"))
     checkpoint_epochs: tuple[int, ...] = option(PAPER_CHECKPOINT_EPOCHS, "comma-separated epochs at which to estimate "
                                                 "(default: the MPE code's 1,2,5,10,20,30,... up to --epochs)",
                                                 parse=ints, show=joined)
-    n_exp: int = option(8, "number of δ values")
+    n_exp: int = option(8, "number of δ values", low=1)
     deltas_start: float = option(-1.0, "δ = logspace(start, stop, n_exp)")
     deltas_stop: float = option(3.0, "δ = logspace(start, stop, n_exp)")
     smooth: int = option(1, "loo-l2reg: moving-average window over the δ grid for the figure and the smoothed best δ "
                             "(Nickl et al. 2023's code: 4; 1 = none)")
     checkpoint_iterations: tuple[int, ...] = option((), "comma-separated optimizer steps (default: 10, 10%, 40%, 100% "
-                                                    "of training)", parse=ints, show=joined)
-    mc_samples: int = option(150, "Monte-Carlo samples of the residual")
-    n_bins: int = option(100, "bins of the ranking")
+                                                    "of training)", parse=ints, show=joined, low=1)
+    mc_samples: int = option(150, "Monte-Carlo samples of the residual", low=1)
+    n_bins: int = option(100, "bins of the ranking", low=1)
     n_show: int = 16
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
     checkpoint: str | None = option(None, CHECKPOINT_HELP + " (a Laplace posterior: the "
                                           "optimizer state is not in model.pt)")
 
     def __post_init__(self) -> None:
-        if self.var_version not in LAPLACE_STRUCTURES:
-            raise ConfigError(
-                f"--var-version must be one of {', '.join(LAPLACE_STRUCTURES)}, received {self.var_version!r}"
-            )
-        MPESettings(self.mpe_variant, self.loo_damping)  # validates variant and damping
+        check_fields(self)
         if self.optim_var and self.train.optimizer not in ("ivon", "adam"):
             raise ConfigError(
                 f"--optim-var reads the posterior from the optimizer state, which needs --optimizer ivon or adam "
@@ -176,26 +105,17 @@ class MPEExperimentConfig:
             raise ConfigError(f"a Laplace posterior needs a prior precision --delta > 0, received {self.train.delta}")
         if self.optim_var and self.train.optimizer == "adam" and not self.train.delta > 0:
             raise ConfigError(f"the Adam posterior needs --delta > 0, received {self.train.delta}")
-        for name in ("bs_jacs", "n_retrain", "n_exp", "mc_samples", "n_bins"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, received {getattr(self, name)}")
         try:  # TrainConfig checks the retraining options
             self.retrain_config()
         except ConfigError as exc:
             raise ConfigError(f"bad retraining option: {exc} (the retraining's lr, lrmin, epochs, bs are --lr-retrain, "
                               "--lrmin-retrain, --epochs-retrain, --bs-retrain)") from None
-        if self.truth not in TRUTHS:
-            raise ConfigError(f"--truth must be one of {', '.join(TRUTHS)}, received {self.truth!r}")
         if not 1 <= int(self.smooth) <= int(self.n_exp):
             raise ConfigError(f"--smooth must lie in [1, --n-exp = {self.n_exp}], received {self.smooth}")
-        if self.reference not in REFERENCES:
-            raise ConfigError(f"--reference must be one of {', '.join(REFERENCES)}, received {self.reference!r}")
         if self.deltas_stop < self.deltas_start:
             raise ConfigError(f"--deltas-stop ({self.deltas_stop}) must be >= --deltas-start ({self.deltas_start})")
-        self.checkpoint_epochs = tuple(sorted({int(e) for e in self.checkpoint_epochs}))
-        self.checkpoint_iterations = tuple(sorted({int(i) for i in self.checkpoint_iterations}))
-        if any(i < 1 for i in self.checkpoint_iterations):
-            raise ConfigError(f"checkpoint iterations must be >= 1, received {self.checkpoint_iterations}")
+        for name in ("checkpoint_epochs", "checkpoint_iterations"):
+            object.__setattr__(self, name, tuple(sorted({int(e) for e in getattr(self, name)})))
 
     @property
     def settings(self) -> MPESettings:
@@ -204,6 +124,12 @@ class MPEExperimentConfig:
     @property
     def posterior_name(self) -> str:
         return self.train.optimizer if self.optim_var else f"laplace-{self.var_version}"
+
+    @property
+    def posterior_options(self) -> dict[str, Any]:
+        """The posterior the flags select, as `mpe.predictive.posterior_at`'s settings."""
+        return {"source": self.train.optimizer if self.optim_var else "laplace", "prior_precision": self.train.delta,
+                "structure": self.var_version, "chunk_size": self.bs_jacs}
 
     def retrain_config(self) -> TrainConfig:
         t = self.train
@@ -219,533 +145,250 @@ class MPEExperimentConfig:
         recipe = self.train if trained is None else trained.recipe(self.train)
         return replace(recipe, eval_every=0, checkpoint_epochs=(), checkpoint_iterations=())
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-
+_SGD = {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "bs": 64, "delta": 10.0}
+_RETRAIN_40 = {"epochs_retrain": 40, "lr_retrain": 0.1, "lrmin_retrain": 0.0, "bs_retrain": 64}
 #: CPU defaults on digits per experiment (what the CLI shows); everything else as in MPEExperimentConfig.
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "loo-iterations": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 50, "bs": 64, "delta": 10.0}},
-    "loo-l2reg": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 50, "bs": 64, "delta": 10.0},
-                  "n_exp": 8, "deltas_start": -1.0, "deltas_stop": 2.5},
-    "validation": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 100, "bs": 64, "delta": 10.0},
-                   "n_retrain": 200, "epochs_retrain": 40, "lr_retrain": 0.1, "lrmin_retrain": 0.0, "bs_retrain": 64},
-    "evolving": {"train": {"optimizer": "ivon", "lr": 0.3, "lrmin": 0.0, "epochs": 30, "bs": 64, "delta": 10.0,
-                           "hess_init": 1.0}, "optim_var": True},
-    "loco": {"train": {"optimizer": "sgd", "lr": 0.05, "lrmin": 0.0, "epochs": 100, "bs": 64, "delta": 10.0},
-             "epochs_retrain": 40, "lr_retrain": 0.1, "lrmin_retrain": 0.0, "bs_retrain": 64},
+    "loo-iterations": {"train": {**_SGD, "epochs": 50}},
+    "loo-l2reg": {"train": {**_SGD, "epochs": 50}, "n_exp": 8, "deltas_start": -1.0, "deltas_stop": 2.5},
+    "validation": {"train": {**_SGD, "epochs": 100}, "n_retrain": 200, **_RETRAIN_40},
+    "evolving": {"train": {**_SGD, "optimizer": "ivon", "lr": 0.3, "epochs": 30, "hess_init": 1.0}, "optim_var": True},
+    "loco": {"train": {**_SGD, "epochs": 100}, **_RETRAIN_40},
 }
 
 
+def spec_class(experiment: str) -> type:
+    """The spec of `mpe <experiment>`: MPEExperimentConfig with the experiment's defaults (`DEFAULTS`)."""
+    defaults = DEFAULTS[experiment]
+    fields_ = [("train", TrainConfig, field(default_factory=lambda t=dict(defaults["train"]): TrainConfig(**t)))]
+    fields_ += [(f.name, f.type, field(default=defaults[f.name], metadata=f.metadata))
+                for f in dataclasses.fields(MPEExperimentConfig) if f.name in defaults and f.name != "train"]
+    name = "".join(w.capitalize() for w in experiment.split("-")) + "Spec"
+    return dataclasses.make_dataclass(name, fields_, bases=(MPEExperimentConfig,), frozen=True)
+
+
 def default_config(experiment: str, **overrides: Any) -> MPEExperimentConfig:
-    """The CPU defaults of `experiment` with `overrides` (fields of MPEExperimentConfig; `train` may be a dict)."""
+    """The spec of `mpe <experiment>` (its CPU defaults) with `overrides` (fields; `train` may be a dict)."""
     if experiment not in EXPERIMENTS:
         raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
-    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS[experiment].items()}
-    train = {**spec.pop("train"), **(overrides.pop("train", {}) or {})}
-    return MPEExperimentConfig(**{**spec, **overrides, "train": TrainConfig(**train)})
+    if isinstance(overrides.get("train"), dict):
+        overrides["train"] = TrainConfig(**{**DEFAULTS[experiment]["train"], **overrides["train"]})
+    return COMMANDS[experiment].spec(**overrides)
 
 
 # --- shared steps ----------------------------------------------------------------------------
 def _model_fn(cfg: MPEExperimentConfig, data: Dataset):
-    def make(seed: int) -> nn.Module:
-        return build_model_from_config(cfg.model, data.input_shape, data.num_classes, seed=seed)
-
-    return make
+    return lambda seed: build_model_from_config(cfg.model, data.input_shape, data.num_classes, seed=seed)
 
 
-def _check_head(module: nn.Module, data: Dataset) -> None:
-    with torch.no_grad():
-        out = module(data.x_train[:2].to(next(module.parameters()).device))
-    if out.dim() != 2 or out.shape[-1] != data.num_classes or data.num_classes < 2:
-        raise ConfigError(
-            f"the MPE experiments need a classification head with one logit per class: {data.num_classes} classes, "
-            f"but the model outputs shape {tuple(out.shape[1:])}"
-        )
+def _obtain(cfg: MPEExperimentConfig, prepared: Prepared, progress: bool, iterations: tuple[int, ...] = (),
+            train: TrainConfig | None = None, on_epoch=None):
+    """The model (`obtain_model`: trained with the optimizer state recorded at `iterations`, `on_epoch(epoch,
+    row, recorder)` after each epoch; or the checked checkpoint of `check`) and the recorder."""
+    recorder = OptimizerStateRecorder(iterations=iterations)
+    got = obtain_model(prepared.data, cfg.model, train or cfg.train, trained=prepared.extra.get("trained"),
+                       progress=progress, setup=recorder.watch,
+                       on_epoch=on_epoch and (lambda epoch, row: on_epoch(epoch, row, recorder)))
+    return got, recorder
 
 
-def _module_with(model_fn, seed: int, params: Params, device: str) -> nn.Module:
-    module = model_fn(seed).to(device)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            p.copy_(params[n])
-    return module.eval()
+def _posterior(cfg: MPEExperimentConfig, module, data: Dataset, optimizer=None):
+    return predictive.posterior_at(module, data.x_train, data.y_train, optimizer=optimizer, **cfg.posterior_options)
 
 
-def posterior_at(
-    cfg: MPEExperimentConfig, module: nn.Module, data: Dataset, optimizer=None, n_train: int | None = None
-):
-    """The posterior the flags select, at the module's current parameters (a Laplace posterior is
-    retried in float64 when float32 fails: `curvature.posterior.in_float64_on_failure`)."""
-    device = next(module.parameters()).device
-    if cfg.optim_var:
-        return build_posterior(cfg.train.optimizer, FunctionalModel(module), prior_precision=cfg.train.delta,
-                               optimizer=optimizer, n_train=n_train or data.n_train, chunk_size=cfg.bs_jacs)
-    y = data.y_train.to(device)
-    return in_float64_on_failure(
-        lambda model, x: build_posterior("laplace", model, x, y, prior_precision=cfg.train.delta,
-                                         structure=cfg.var_version, chunk_size=cfg.bs_jacs),
-        module, data.x_train.to(device))
-
-
-def _evolving_iterations(cfg: MPEExperimentConfig, data: Dataset) -> tuple[int, ...]:
-    steps_per_epoch = math.ceil(data.n_train / cfg.train.bs)
-    total = steps_per_epoch * cfg.train.epochs
-    its = cfg.checkpoint_iterations or default_checkpoint_iterations(total)
-    late = [i for i in its if i > total]
-    if late:
-        raise ConfigError(
-            f"checkpoint iterations {late} exceed the {total} steps of training ({cfg.train.epochs} epochs x "
-            f"{steps_per_epoch})"
-        )
-    return its
-
-
-def check_experiment(experiment: str, cfg: MPEExperimentConfig, data: Dataset) -> None:
-    """Raise ConfigError when `cfg` cannot run `experiment` on `data` (before anything is written)."""
-    if experiment not in RUNNERS:
-        raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
-    if experiment == "loo-l2reg" and cfg.train.optimizer == "ivon":
-        raise ConfigError(
-            "loo-l2reg trains with sgd or adam (as the code of Nickl et al. 2023); IVON is not supported here"
-        )
-    if experiment == "loo-l2reg" and cfg.optim_var:
-        raise ConfigError("loo-l2reg uses Laplace posteriors (as the code of Nickl et al. 2023); drop --optim-var")
-    if experiment == "evolving":
-        _evolving_iterations(cfg, data)
-    _check_head(_model_fn(cfg, data)(cfg.train.seed), data)
-
-
-def _train(cfg: MPEExperimentConfig, data: Dataset, progress: bool, train_cfg: TrainConfig | None = None,
-           on_epoch=None, iterations: tuple[int, ...] = (),
-           trained: TrainedRun | None = None) -> tuple[nn.Module, Fit, OptimizerStateRecorder | None]:
-    """Train the model (recording the optimizer state at `iterations`), or take the checked checkpoint
-    `trained` as it is (no optimizer state: a Laplace posterior)."""
-    if trained is not None:
-        recipe = trained.recipe(cfg.train)
-        return trained.module.to(recipe.device).eval(), trained.as_fit(data, recipe), None
-    train_cfg = train_cfg or cfg.train
-    module = _model_fn(cfg, data)(train_cfg.seed)
-    _check_head(module, data)
-    recorder = OptimizerStateRecorder(module, iterations)
-    with recorder:
-        result = fit(module, data, train_cfg, progress=progress,
-                     on_epoch=None if on_epoch is None else (lambda e, row: on_epoch(e, row, module, recorder)))
-    return result.module, result, recorder
-
-
-def _retrain_without(
-    cfg: MPEExperimentConfig,
-    data: Dataset,
-    run: RunDir,
-    params: Params,
-    removed: list[Tensor] | Tensor,
-    progress: bool,
-    trained: TrainedRun | None = None,
-) -> tuple[dict[str, np.ndarray], float]:
-    """The retraining without each removed set (shared minibatches; `mpe.ground_truth`), plus a control
-    model on all data as the last row, as jobs of the ground-truth store (resumable, local or Ray):
-    warm-started from `params` with `retrain_config()`, or (`--truth scratch`) from the initialisation of
-    the training seed with the training recipe. Returns (tables with train/test logits and losses, seconds)."""
-    retrain_cfg = cfg.truth_config(trained)
-    masks = torch.cat([leave_out_masks(data.n_train, removed), torch.ones(1, data.n_train, dtype=torch.bool)])
-    init = f"warm:{params_digest(params)}" if cfg.truth == "warm" else "scratch"
-    recipe = RetrainRecipe(cfg.data, cfg.model, retrain_cfg,
-                           batch_plan="shared", init=init, logits=True)
+def _ground_truth(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, module, removed, progress: bool,
+                  truth_cfg: TrainConfig, left: int, consequence: str, remedy: str):
+    """`retrain_without_in_store` with the recipe `truth_cfg`, warm-started from the module's parameters unless
+    `--truth scratch`, and the relaxation R of SGD retraining on `left` examples (None for another optimizer;
+    a warning in the log below MIN_RELAXATION): (tables, seconds, R)."""
+    relaxation = None
+    if truth_cfg.optimizer == "sgd":
+        relaxation = ground_truth.retraining_relaxation(truth_cfg, left)
+        if relaxation < ground_truth.MIN_RELAXATION:
+            run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
+                    f"{ground_truth.MIN_RELAXATION}): {consequence}; raise {remedy}")
+    params = {k: v.detach().cpu() for k, v in module.named_parameters()} if cfg.truth == "warm" else None
     start = time.perf_counter()
-    tables = retrain(recipe, jobs_from(masks.numpy(), [retrain_cfg.seed] * len(masks)), cfg.retrain, run.path,
-                     data=data, init_params=params if cfg.truth == "warm" else None, progress=progress, log=run.log)
-    return tables, time.perf_counter() - start
+    tables = ground_truth.retrain_without_in_store(
+        ground_truth.mpe_recipe(cfg.data, cfg.model, truth_cfg, params), prepared.data, removed, cfg.retrain, run.path,
+        init_params=params, progress=progress, log=run.log)
+    return tables, time.perf_counter() - start, relaxation
 
 
-def _final_posterior(cfg, module, result: Fit, data):
-    return posterior_at(cfg, module, data, optimizer=result.optimizer, n_train=result.n_train)
+def _converged(relaxation: float | None) -> dict[str, Any]:
+    return {"retrain_relaxation": relaxation,
+            "ground_truth_converged": None if relaxation is None else relaxation >= ground_truth.MIN_RELAXATION}
 
 
-def _train_metrics(result: Fit) -> dict[str, float]:
-    f = result.final
-    return {
-        "train_accuracy": f["train_accuracy"],
-        "test_accuracy": f["test_accuracy"],
-        "train_nll": f["train_loss"],
-        "test_nll": f["test_loss"],
-    }
-
-
-# --- 1. LOO-CV during training ---------------------------------------------------------------
-def run_loo_iterations(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Train; at the checkpoint epochs (and the last) estimate the LOO-CV NLL with the MPE.
-
-    metrics: `checkpoint_epochs`, `estimated_nll` and `test_nll` at them, `final_abs_gap` =
-    |estimated − test| at the last checkpoint, `test_nll_per_epoch`.
-    """
+# --- the five experiments ------------------------------------------------------------------------
+def run_loo_iterations(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
+    """Train; at the checkpoint epochs (and the last) estimate the LOO-CV NLL with the MPE. metrics:
+    `estimated_nll` and `test_nll` at them, `final_abs_gap` = |estimated − test| at the last, `test_nll_per_epoch`."""
     from modelsense.mpe import plots
 
+    data, start = prepared.data, time.perf_counter()
     marks = sorted({e for e in cfg.checkpoint_epochs if 1 <= e <= cfg.train.epochs} | {cfg.train.epochs})
-    est: dict[int, float] = {}
-    est_by_variant: dict[int, dict[str, float]] = {}
-    train_cfg = replace(cfg.train, eval_every=1)
+    est: dict[int, dict[str, float]] = {}
 
-    def on_epoch(epoch, row, module, recorder):
-        if epoch not in marks:
-            return
-        module.eval()
-        post = posterior_at(cfg, module, data, optimizer=recorder.optimizer, n_train=data.n_train)
-        logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-        by_variant = {v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, cfg.loo_damping).items()}
-        est[epoch] = by_variant[cfg.mpe_variant]
-        est_by_variant[epoch] = by_variant
-        module.train()
-        run.log(f"epoch {epoch}: estimated LOO NLL {est[epoch]:.4f}, test NLL {row['test_loss']:.4f}")
+    def on_epoch(epoch, row, recorder):
+        if epoch in marks:
+            post = _posterior(cfg, recorder.module.eval(), data, recorder.optimizer)
+            variants = predictive.loo_estimates(post, data.x_train, data.y_train, cfg.bs_jacs, cfg.loo_damping)[2]
+            est[epoch] = {v: r.estimated_loo_nll for v, r in variants.items()}
+            recorder.module.train()
+            run.log(f"epoch {epoch}: estimated LOO NLL {est[epoch][cfg.mpe_variant]:.4f}, "
+                    f"test NLL {row['test_loss']:.4f}")
 
-    start = time.perf_counter()
-    _, result, _ = _train(cfg, data, progress, train_cfg, on_epoch)
-    hist = result.history
+    got, _ = _obtain(cfg, prepared, progress, train=replace(cfg.train, eval_every=1), on_epoch=on_epoch)
+    hist = got.fit.history
     test_by_epoch = dict(zip(hist["epoch"], hist["test_loss"]))
-    estimated = [est[e] for e in marks]
-    test = [test_by_epoch[e] for e in marks]
-    metrics = {
-        "checkpoint_epochs": marks, "estimated_nll": estimated, "test_nll": test,
-        "final_abs_gap": abs(estimated[-1] - test[-1]), "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
-        "estimated_nll_by_variant": {v: [est_by_variant[e][v] for e in marks] for v in VARIANTS},
-        "test_nll_per_epoch": hist["test_loss"], **{f"final_{k}": v for k, v in _train_metrics(result).items()},
-        "seconds": time.perf_counter() - start,
-    }
-    run.save_arrays(
-        "loo_iterations",
-        epochs=np.array(hist["epoch"]),
-        test_nll=np.array(hist["test_loss"]),
-        train_nll=np.array(hist["train_loss"]),
-        checkpoint_epochs=np.array(marks),
-        estimated_nll=np.array(estimated),
-    )
-    run.save_figure(plots.plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated,
-                                        f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "loo_iterations")
-    run.write_metrics(metrics)
-    return metrics
+    estimated, test = [est[e][cfg.mpe_variant] for e in marks], [test_by_epoch[e] for e in marks]
+    run.save_arrays("loo_iterations", epochs=np.array(hist["epoch"]), test_nll=np.array(hist["test_loss"]),
+                    train_nll=np.array(hist["train_loss"]), checkpoint_epochs=np.array(marks),
+                    estimated_nll=np.array(estimated))
+    title = f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"
+    run.save_figure(plots.plot_loo_iterations(hist["epoch"], hist["test_loss"], marks, estimated, title),
+                    "loo_iterations")
+    return {"checkpoint_epochs": marks, "estimated_nll": estimated, "test_nll": test,
+            "final_abs_gap": abs(estimated[-1] - test[-1]), "posterior": cfg.posterior_name,
+            "mpe_variant": cfg.mpe_variant,
+            "estimated_nll_by_variant": {v: [est[e][v] for e in marks] for v in VARIANTS},
+            "test_nll_per_epoch": hist["test_loss"], **{f"final_{k}": v for k, v in got.fit.final_metrics.items()},
+            "seconds": time.perf_counter() - start}
 
 
-# --- 2. LOO-CV over the prior precision ------------------------------------------------------
-def run_loo_l2reg(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """For δ in logspace(deltas_start, deltas_stop, n_exp): train from the same init, estimate the
-    LOO-CV NLL (posterior with prior precision δ) and measure the test NLL.
-
-    All δ are trained at once by the retraining engine: model m gets uniform example weights
-    s_m = δ_max/δ_m, which leave its mean minibatch loss unchanged and turn the engine's prior term
-    δ_max/(2 Σ_i w_mi)‖θ‖² into δ_m/(2N)‖θ‖² (same init seed and batch order for every δ).
-    metrics: `deltas`, `estimated_nll`, `test_nll`, `best_delta_estimated`, `best_delta_test`; with
-    `--smooth w` > 1 also both curves after a moving average of window w (`smoothed`: `deltas` the
-    geometric mean of each window's δ, `estimated_nll`, `test_nll`, `best_delta_estimated`,
-    `best_delta_test`), which the figure draws (Nickl et al. 2023's code: w = 4).
-    """
+def run_loo_l2reg(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
+    """`mpe.evaluation.loo_nll_over_deltas` for δ in logspace(deltas_start, deltas_stop, n_exp); with `--smooth w`
+    > 1 also `smoothed` (`smoothed_best_deltas`), which the figure draws (Nickl et al. 2023's code: w = 4)."""
     from modelsense.mpe import plots
 
-    deltas = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp)
-    d_max = float(deltas.max())
-    weights = (
-        torch.tensor(d_max / deltas, dtype=torch.float32).unsqueeze(1).expand(len(deltas), data.n_train).contiguous()
-    )
-    model_fn = _model_fn(cfg, data)
-    _check_head(model_fn(cfg.train.seed), data)
-    tcfg = replace(cfg.train, delta=d_max, eval_every=0)
-    start = time.perf_counter()
-    res = train_ensemble(model_fn, data.x_train, data.y_train, weights, tcfg,
-                         seeds=torch.full((len(deltas),), cfg.train.seed, dtype=torch.long),
-                         queries={"test": (data.x_test, data.y_test)}, return_params=True, progress=progress)
-    test_nll = res.outputs["test"]["loss"].mean(1).tolist()
-    test_acc = res.outputs["test"]["correct"].float().mean(1).tolist()
-    estimated = []
-    est_by_variant: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    with progress_bar(len(deltas), "posteriors over δ", enabled=progress) as bar:
-        for m, delta in enumerate(deltas):
-            module = _module_with(model_fn, cfg.train.seed, {k: v[m] for k, v in res.params.items()}, cfg.train.device)
-            mcfg = replace(cfg, train=replace(cfg.train, delta=float(delta)))
-            post = posterior_at(mcfg, module, data)
-            logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            by_variant = {
-                v: r.estimated_loo_nll for v, r in all_variants(logits, data.y_train, V, mcfg.loo_damping).items()
-            }
-            estimated.append(by_variant[cfg.mpe_variant])
-            for v in VARIANTS:
-                est_by_variant[v].append(by_variant[v])
-            run.log(f"delta {delta:.4g}: estimated LOO NLL {estimated[-1]:.4f}, test NLL {test_nll[m]:.4f}")
-            bar.advance(1)
-    metrics = {
-        "deltas": deltas.tolist(),
-        "estimated_nll": estimated,
-        "test_nll": test_nll,
-        "test_accuracy": test_acc,
-        "best_delta_estimated": float(deltas[int(np.argmin(estimated))]),
-        "best_delta_test": float(deltas[int(np.argmin(test_nll))]),
-        "spearman": correlations(np.array(estimated), np.array(test_nll))["spearman"],
-        "estimated_nll_by_variant": est_by_variant,
-        "best_delta_estimated_by_variant": {v: float(deltas[int(np.argmin(e))]) for v, e in est_by_variant.items()},
-        "posterior": cfg.posterior_name,
-        "mpe_variant": cfg.mpe_variant,
-        "smooth": cfg.smooth,
-        "seconds": time.perf_counter() - start,
-    }
-    arrays = {"deltas": deltas, "estimated_nll": np.array(estimated), "test_nll": np.array(test_nll)}
+    deltas, start = np.logspace(cfg.deltas_start, cfg.deltas_stop, cfg.n_exp), time.perf_counter()
+    metrics = evaluation.loo_nll_over_deltas(
+        _model_fn(cfg, prepared.data), prepared.data, cfg.train, deltas, structure=cfg.var_version,
+        chunk_size=cfg.bs_jacs, variant=cfg.mpe_variant, loo_damping=cfg.loo_damping, progress=progress, log=run.log)
+    metrics |= {"posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant, "smooth": cfg.smooth,
+                "seconds": time.perf_counter() - start}
+    curves = ("deltas", "estimated_nll", "test_nll")
+    arrays = {k: np.array(metrics[k]) for k in curves}
     if cfg.smooth > 1:
-        smoothed = smoothed_curves(deltas, estimated, test_nll, cfg.smooth)
-        metrics["smoothed"] = {k: v.tolist() for k, v in smoothed.items()} | {
-            "best_delta_estimated": float(smoothed["deltas"][int(np.argmin(smoothed["estimated_nll"]))]),
-            "best_delta_test": float(smoothed["deltas"][int(np.argmin(smoothed["test_nll"]))])}
-        arrays.update({f"smoothed_{k}": v for k, v in smoothed.items()})
+        metrics["smoothed"] = evaluation.smoothed_best_deltas(deltas, metrics["estimated_nll"], metrics["test_nll"],
+                                                              cfg.smooth)
+        arrays |= {f"smoothed_{k}": np.array(metrics["smoothed"][k]) for k in curves}
     run.save_arrays("loo_l2reg", **arrays)
-    run.save_figure(plots.plot_loo_l2reg(deltas, estimated, test_nll, f"{cfg.model.name} on {data.name}",
-                                         window=cfg.smooth), "loo_l2reg")
-    run.write_metrics(metrics)
+    run.save_figure(plots.plot_loo_l2reg(deltas, metrics["estimated_nll"], metrics["test_nll"],
+                                         f"{cfg.model.name} on {prepared.data.name}", window=cfg.smooth), "loo_l2reg")
     return metrics
 
 
-# --- 3. validation: estimated vs true deviation ----------------------------------------------
-def run_validation(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
-                   trained: TrainedRun | None = None) -> dict[str, Any]:
-    """Estimated (MPE sensitivity) vs true softmax deviation ‖softmax(f_i^{\\i}) − softmax(f_i)‖₁ for
-    n_retrain examples, the truth from warm-started retraining without each (all at once; `--truth
-    scratch`: each trained from the initialisation with the training recipe, `truth_config`).
-
-    metrics: `pearson`, `spearman`, `slope` (least squares est ≈ slope · true through the origin: 1
-    for the right scale), `n_retrain` for `--mpe-variant`, `by_variant` for all three (with
-    `loo_nll`, the mean estimated LOO NLL of the retrained examples), `estimated_loo_nll` and
-    `true_loo_nll` on the retrained examples (`estimated_loo_nll_all`: over all N), and
-    `by_loo_damping` for the `loo` variant at α in LOO_DAMPING_SWEEP (α = 0: `full` shift through the
-    exact softmax). `retrain_relaxation` R (`retraining_relaxation`) says how far the retraining
-    converged: below MIN_RELAXATION (`ground_truth_converged` false) the true deviations are too
-    small, and so is everything measured against them. Arrays: validation.npz also holds V of the
-    retrained examples (`covariances`).
-    """
+def run_validation(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
+    """`mpe.evaluation.validation_metrics` for n_retrain examples, the truth retrained without each (warm, or
+    `--truth scratch`: `truth_config`), and `retrain_relaxation` R: below MIN_RELAXATION
+    (`ground_truth_converged` false) the true deviations, and all measured against them, are too small."""
     from modelsense.mpe import plots
 
-    start = time.perf_counter()
-    module, result, _ = _train(cfg, data, progress, trained=trained)
-    t_train = time.perf_counter() - start
-    t0 = time.perf_counter()
-    post = _final_posterior(cfg, module, result, data)
-    logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-    variants = all_variants(logits, data.y_train, V, cfg.loo_damping)
+    data, start = prepared.data, time.perf_counter()
+    got, _ = _obtain(cfg, prepared, progress)
+    t_train, t0 = time.perf_counter() - start, time.perf_counter()
+    post = _posterior(cfg, got.module, data, got.fit.optimizer)
+    logits, V, variants = predictive.loo_estimates(post, data.x_train, data.y_train, cfg.bs_jacs, cfg.loo_damping)
     t_mpe = time.perf_counter() - t0
-    idx = torch.as_tensor(retrain_indices(data.n_train, cfg.n_retrain))
-    params = {k: v.detach().cpu() for k, v in module.named_parameters()}
-    truth_cfg = cfg.truth_config(trained)
-    relaxation = retraining_relaxation(truth_cfg, data.n_train - 1) if truth_cfg.optimizer == "sgd" else None
-    if relaxation is not None and relaxation < MIN_RELAXATION:
-        raise_ = "--epochs-retrain or --lr-retrain" if cfg.truth == "warm" else "--epochs or --lr"
-        run.log(
-            f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
-            f"{MIN_RELAXATION}): "
-            f"the true deviations are underestimated; raise {raise_}"
-        )
-    tables, t_retrain = _retrain_without(cfg, data, run, params, idx, progress, trained)
+    idx = torch.as_tensor(evaluation.retrain_indices(data.n_train, cfg.n_retrain))
+    tables, t_retrain, relaxation = _ground_truth(
+        cfg, prepared, run, got.module, idx, progress, cfg.truth_config(prepared.extra["trained"]), data.n_train - 1,
+        "the true deviations are underestimated", "--epochs-retrain or --lr-retrain" if cfg.truth == "warm"
+        else "--epochs or --lr")
     logits_all = torch.from_numpy(tables["train_logits"])
     loo_logits, control_logits = logits_all[torch.arange(len(idx)), idx], logits_all[-1, idx]
-    reference = control_logits if cfg.reference == "control" else logits[idx]
-    true = softmax_deviation(reference, loo_logits).numpy()
-    by_variant = {v: {**correlations(r.sensitivity[idx].numpy(), true), "loo_nll": float(r.loo_nll[idx].mean())}
-                  for v, r in variants.items()}
-    by_loo_damping = {
-        str(a): correlations(
-            memory_perturbation(logits[idx], data.y_train[idx], V[idx], MPESettings("loo", a)).sensitivity.numpy(), true
-        )
-        for a in LOO_DAMPING_SWEEP
-    }
+    scores, true = evaluation.validation_metrics(logits, data.y_train, V, variants, idx, loo_logits, control_logits,
+                                                 variant=cfg.mpe_variant, reference=cfg.reference)
     chosen = variants[cfg.mpe_variant]
-    est = chosen.sensitivity[idx].numpy()
-    metrics = {
-        **{k: by_variant[cfg.mpe_variant][k] for k in ("pearson", "spearman", "slope")},
-        "n_retrain": len(idx),
-        "mpe_variant": cfg.mpe_variant,
-        "posterior": cfg.posterior_name,
-        "by_variant": by_variant,
-        "by_loo_damping": by_loo_damping,
-        "reference": cfg.reference,
-        "truth": cfg.truth,
-        "mean_true_deviation": float(true.mean()),
-        "mean_estimated_deviation": float(est.mean()),
-        "true_loo_nll": float(per_example_nll(loo_logits, data.y_train[idx]).mean()),
-        "estimated_loo_nll": by_variant[cfg.mpe_variant]["loo_nll"],
-        "estimated_loo_nll_all": chosen.estimated_loo_nll,
-        "retrain_relaxation": relaxation,
-        "ground_truth_converged": None if relaxation is None else relaxation >= MIN_RELAXATION,
-        "mean_control_drift": float(softmax_deviation(logits[idx], control_logits).mean()),
-        **_train_metrics(result),
-        "seconds_train": t_train,
-        "seconds_mpe": t_mpe,
-        "seconds_retrain": t_retrain,
-        "seconds": time.perf_counter() - start,
-    }
     run.save_array("sensitivities", chosen.sensitivity)
-    run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=est, loo_logits=loo_logits,
-                    control_logits=control_logits, logits=logits, covariances=V[idx],
+    run.save_arrays("validation", indices=idx, true_deviation=true, estimated_deviation=chosen.sensitivity[idx].numpy(),
+                    loo_logits=loo_logits, control_logits=control_logits, logits=logits, covariances=V[idx],
                     **{f"sensitivity_{v}": r.sensitivity for v, r in variants.items()})
     truth = "from scratch" if cfg.truth == "scratch" else "warm"
-    converged = "" if relaxation is None else f" R = {relaxation:.1f}"
-    run.save_figure(
-        plots.plot_validation(
-            true,
-            est,
-            f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}{converged}",
-            slope=metrics["slope"],
-            pearson=metrics["pearson"],
-        ),
-        "validation",
-    )
+    title = f"{cfg.posterior_name}, {cfg.mpe_variant}, retraining {truth}" + (
+        "" if relaxation is None else f" R = {relaxation:.1f}")
+    run.save_figure(plots.plot_validation(true, chosen.sensitivity[idx].numpy(), title, slope=scores["slope"],
+                                          pearson=scores["pearson"]), "validation")
     if len(data.input_shape) == 3:
         run.save_figure(plots.plot_most_sensitive(data, chosen, cfg.n_show), "most_sensitive")
-    run.write_metrics(metrics)
-    return metrics
+    return {**scores, "mpe_variant": cfg.mpe_variant, "posterior": cfg.posterior_name, "reference": cfg.reference,
+            "truth": cfg.truth, **_converged(relaxation), **got.fit.final_metrics, "seconds_train": t_train,
+            "seconds_mpe": t_mpe, "seconds_retrain": t_retrain, "seconds": time.perf_counter() - start}
 
 
-# --- 4. sensitivities during IVON training ---------------------------------------------------
-def run_evolving(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Sensitivities at several iterations of training (IVON in the original), with the Monte-Carlo
-    residual ē_i = mean_s softmax(f̃_s) − y_i, f̃_s ~ N(f_i, diag V_i) (`--mc-samples`), ranked by the
-    last checkpoint and averaged in `--n-bins` bins.
-
-    metrics: `iterations`, `spearman_to_last` (Spearman between each checkpoint's sensitivities and
-    the last one's), `top_decile_overlap_to_last`.
-    """
+def run_evolving(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
+    """`mpe.evaluation.sensitivities_over_training` at the checkpoint iterations, ranked by the last and averaged
+    in `--n-bins` bins (`binned_by_rank`); metrics `spearman_to_last`, `top_decile_overlap_to_last`."""
     from modelsense.mpe import plots
 
-    its = _evolving_iterations(cfg, data)
-    start = time.perf_counter()
-    _, result, recorder = _train(cfg, data, progress, iterations=its)
-    model_fn = _model_fn(cfg, data)
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    sens = []
-    with progress_bar(len(its), "sensitivities", enabled=progress) as bar:
-        for it in its:
-            snap = recorder.snapshots[f"iteration_{it}"]
-            m = _module_with(model_fn, cfg.train.seed, snap["params"], cfg.train.device)
-            opt = stand_in_optimizer(m, snap) if cfg.optim_var else None
-            post = posterior_at(cfg, m, data, optimizer=opt)
-            logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-            err = mc_prediction_error(
-                logits, data.y_train, V, cfg.mc_samples, diagonal=cfg.mpe_variant == "diag", generator=gen
-            )
-            sens.append(memory_perturbation(logits, data.y_train, V, cfg.settings, error=err).sensitivity.numpy())
-            bar.advance(1)
-    sens = np.stack(sens)  # (K, N)
-    order, binned = binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
-    metrics = {
-        "iterations": list(its),
-        "total_iterations": math.ceil(data.n_train / cfg.train.bs) * cfg.train.epochs,
-        "posterior": cfg.posterior_name,
-        "mpe_variant": cfg.mpe_variant,
-        **{k: dict(zip(map(str, its), v)) for k, v in agreement_with_last(sens).items()},
-        **_train_metrics(result),
-        "seconds": time.perf_counter() - start,
-    }
+    data, t, start = prepared.data, cfg.train, time.perf_counter()
+    its = evaluation.checkpoint_iterations(data.n_train, t.bs, t.epochs, cfg.checkpoint_iterations)
+    got, recorder = _obtain(cfg, prepared, progress, iterations=its)
+    sens = evaluation.sensitivities_over_training(
+        _model_fn(cfg, data), [recorder.snapshots[f"iteration_{it}"] for it in its], data.x_train, data.y_train,
+        cfg.settings, **cfg.posterior_options, mc_samples=cfg.mc_samples, seed=t.seed, device=t.device,
+        progress=progress)  # (K, N)
+    order, binned = evaluation.binned_by_rank(sens, cfg.n_bins)  # (N,), (K, n_bins)
     run.save_arrays("evolving", iterations=np.array(its), sensitivities=sens, binned=binned, order=order)
-    run.save_figure(
-        plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"), "evolving"
-    )
-    run.write_metrics(metrics)
-    return metrics
+    run.save_figure(plots.plot_evolving(binned, its, f"{cfg.model.name} on {data.name}, {cfg.posterior_name}"),
+                    "evolving")
+    return {"iterations": list(its), "total_iterations": evaluation.training_steps(data.n_train, t.bs, t.epochs),
+            "posterior": cfg.posterior_name, "mpe_variant": cfg.mpe_variant,
+            **{k: dict(zip(map(str, its), v)) for k, v in evaluation.agreement_with_last(sens).items()},
+            **got.fit.final_metrics, "seconds": time.perf_counter() - start}
 
 
-# --- 5. leave one class out -------------------------------------------------------------------
-def run_loco(cfg: MPEExperimentConfig, data: Dataset, run: RunDir, progress: bool = True,
-             trained: TrainedRun | None = None) -> dict[str, Any]:
-    """Leave-one-class-out: for each class c, the estimated NLL (mean MPE LOO NLL of the training
-    examples of c, as the original; and `estimated_nll_joint`, the whole class removed at once:
-    Δθ = Σ Σ_{j∈c} J_jᵀ e_j) against the true test NLL on the whole test set after warm-started
-    retraining without c (all classes at once).
-
-    metrics: `spearman` (per-example estimate vs true test NLL over classes), `spearman_joint`,
-    `classes`, `estimated_nll`, `estimated_nll_joint`, `true_test_nll`, `accuracy_drop`, and the NLL
-    of the removed training examples under the retrained models (`true_removed_train_nll`, what the
-    estimates predict directly) with `spearman_removed`, `spearman_joint_removed`.
-    """
+def run_loco(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
+    """Leave one class out: `mpe.predictive.class_removal_estimates` against warm-started retraining without each
+    class (`mpe.evaluation.loco_metrics`), and `retrain_relaxation`."""
     from modelsense.mpe import plots
 
-    start = time.perf_counter()
-    module, result, _ = _train(cfg, data, progress, trained=trained)
-    post = _final_posterior(cfg, module, result, data)
-    logits, V = predictive_covariances(post, data.x_train, cfg.bs_jacs)
-    mpe = memory_perturbation(logits, data.y_train, V, cfg.settings)
-    classes = torch.arange(data.num_classes)
-    present = [int(c) for c in classes if bool((data.y_train == c).any())]
-    estimated = group_loo_nll(mpe.loo_nll, data.y_train, data.num_classes)[present]
-    removed = [(data.y_train == c).nonzero().flatten() for c in present]
-    joint = group_removal_nll(post, data.x_train, logits, data.y_train, mpe.error, removed, cfg.bs_jacs)
-    params = {k: v.detach().cpu() for k, v in module.named_parameters()}
-    relaxation = retraining_relaxation(cfg.retrain_config(), data.n_train - max(len(r) for r in removed))
-    if relaxation < MIN_RELAXATION:
-        run.log(f"warning: the retraining relaxes the slowest directions by only R = {relaxation:.2f} e-folds (< "
-                f"{MIN_RELAXATION}): the true NLLs are not converged; raise --epochs-retrain or --lr-retrain")
-    tables, seconds_retrain = _retrain_without(cfg, data, run, params, removed, progress)
-    true_nll = tables["test_loss"][:-1].mean(1).astype(np.float64)
-    train_loss = tables["train_loss"][:-1]  # (classes, N)
-    removed_nll = np.array([float(train_loss[m, r.numpy()].mean()) for m, r in enumerate(removed)])
-    true_acc = tables["test_correct"][:-1].astype(np.float64).mean(1)
-    control_acc = float(tables["test_correct"][-1].mean())
-    acc_drop = control_acc - true_acc
-    metrics = {
-        "classes": present,
-        "estimated_nll": estimated.tolist(),
-        "estimated_nll_joint": joint,
-        "true_test_nll": true_nll.tolist(),
-        "true_test_accuracy": true_acc.tolist(),
-        "accuracy_drop": acc_drop.tolist(),
-        "control_test_nll": float(tables["test_loss"][-1].mean()),
-        "control_test_accuracy": control_acc,
-        "retrain_relaxation": relaxation,
-        "ground_truth_converged": relaxation >= MIN_RELAXATION,
-        "spearman": correlations(estimated.numpy(), true_nll)["spearman"],
-        "pearson": correlations(estimated.numpy(), true_nll)["pearson"],
-        "spearman_joint": correlations(np.array(joint), true_nll)["spearman"],
-        "true_removed_train_nll": removed_nll.tolist(),
-        "spearman_removed": correlations(estimated.numpy(), removed_nll)["spearman"],
-        "spearman_joint_removed": correlations(np.array(joint), removed_nll)["spearman"],
-        "posterior": cfg.posterior_name,
-        "mpe_variant": cfg.mpe_variant,
-        **_train_metrics(result),
-        "seconds_retrain": seconds_retrain,
-        "seconds": time.perf_counter() - start,
-    }
-    run.save_arrays("loco", classes=np.array(present), estimated_nll=estimated, estimated_nll_joint=np.array(joint),
-                    true_test_nll=true_nll, true_test_accuracy=true_acc)
-    points = {
-        "true_test_nll": true_nll,
-        "estimated_nll": estimated.numpy(),
-        "accuracy_drop": acc_drop,
-        "classes": present,
-    }
-    run.save_figure(plots.plot_loco([points], f"{cfg.model.name} on {data.name}"), "loco")
-    run.write_metrics(metrics)
+    data, start = prepared.data, time.perf_counter()
+    got, _ = _obtain(cfg, prepared, progress)
+    post = _posterior(cfg, got.module, data, got.fit.optimizer)
+    est = predictive.class_removal_estimates(post, data.x_train, data.y_train, data.num_classes, cfg.settings,
+                                             cfg.bs_jacs)
+    tables, seconds_retrain, relaxation = _ground_truth(
+        cfg, prepared, run, got.module, est["removed"], progress, cfg.truth_config(),
+        data.n_train - max(len(r) for r in est["removed"]), "the true NLLs are not converged",
+        "--epochs-retrain or --lr-retrain")
+    metrics = {**evaluation.loco_metrics(est, tables), **_converged(relaxation), "posterior": cfg.posterior_name,
+               "mpe_variant": cfg.mpe_variant, **got.fit.final_metrics, "seconds_retrain": seconds_retrain,
+               "seconds": time.perf_counter() - start}
+    run.save_arrays("loco", classes=np.array(est["classes"]), estimated_nll=est["estimated_nll"],
+                    **{k: np.array(metrics[k]) for k in ("estimated_nll_joint", "true_test_nll", "true_test_accuracy")})
+    run.save_figure(plots.plot_loco([metrics], f"{cfg.model.name} on {data.name}"), "loco")
     return metrics
 
 
 RUNNERS = {"loo-iterations": run_loo_iterations, "loo-l2reg": run_loo_l2reg, "validation": run_validation,
            "evolving": run_evolving, "loco": run_loco}
-
-
-def run_experiment(experiment: str, cfg: MPEExperimentConfig, out: str | Path, progress: bool = True,
-                   overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Check `cfg`, then run `experiment` into the run directory `out` (`execute` of its command)."""
-    from modelsense.experiments.command import execute
-
-    if experiment not in RUNNERS:
-        raise ConfigError(f"unknown MPE experiment {experiment!r}; expected one of {', '.join(EXPERIMENTS)}")
-    return execute(COMMANDS[experiment], cfg, out, overwrite=overwrite, resume=resume, progress=progress)
+#: experiments that can study a model trained elsewhere (they need no training trajectory)
+CHECKPOINT_EXPERIMENTS = ("validation", "loco")
 
 
 def _check(experiment: str):
     def check(cfg: MPEExperimentConfig) -> Prepared:
         data = load_dataset_from_config(cfg.data)  # validates before anything is written
-        check_experiment(experiment, cfg, data)
+        if experiment == "loo-l2reg" and cfg.train.optimizer == "ivon":
+            raise ConfigError("loo-l2reg trains with sgd or adam (as the code of Nickl et al. 2023); IVON is not "
+                              "supported here")
+        if experiment == "loo-l2reg" and cfg.optim_var:
+            raise ConfigError("loo-l2reg uses Laplace posteriors (as the code of Nickl et al. 2023); drop --optim-var")
+        if experiment == "evolving":
+            evaluation.checkpoint_iterations(data.n_train, cfg.train.bs, cfg.train.epochs, cfg.checkpoint_iterations)
+        predictive.check_classification_head(_model_fn(cfg, data)(cfg.train.seed), data.x_train, data.num_classes)
         trained = None
         if cfg.checkpoint is not None:
             if experiment not in CHECKPOINT_EXPERIMENTS:
                 raise ConfigError(f"mpe {experiment} follows the training itself; --checkpoint is for "
                                   f"{' and '.join(CHECKPOINT_EXPERIMENTS)}")
             if cfg.optim_var:
-                raise ConfigError(
-                    "--optim-var reads the optimizer state, which a model.pt does not hold; use a Laplace "
-                    "posterior (drop --optim-var) or train here"
-                )
+                raise ConfigError("--optim-var reads the optimizer state, which a model.pt does not hold; use a "
+                                  "Laplace posterior (drop --optim-var) or train here")
             trained = check_checkpoint(cfg.checkpoint, cfg.data, data)
         if experiment in CHECKPOINT_EXPERIMENTS:
             RetrainRecipe(cfg.data, cfg.model, cfg.retrain_config())  # the engine retrains (sgd)
@@ -764,33 +407,11 @@ def _run(experiment: str):
     def run(cfg: MPEExperimentConfig, prepared: Prepared, run: RunDir, progress: bool) -> dict[str, Any]:
         run.log(f"mpe {experiment}: {cfg.model.name} on {prepared.data.name}, posterior {cfg.posterior_name}, "
                 f"variant {cfg.mpe_variant}")
-        if experiment in CHECKPOINT_EXPERIMENTS:
-            return RUNNERS[experiment](cfg, prepared.data, run, progress, trained=prepared.extra["trained"])
-        return RUNNERS[experiment](cfg, prepared.data, run, progress)
+        return RUNNERS[experiment](cfg, prepared, run, progress)
 
     return run
 
 
-def spec_class(experiment: str) -> type:
-    """The spec of `mpe <experiment>`: MPEExperimentConfig with the experiment's defaults (`DEFAULTS`)."""
-    import dataclasses
-
-    defaults = DEFAULTS[experiment]
-    fields_ = []
-    for f in dataclasses.fields(MPEExperimentConfig):
-        if f.name not in defaults:
-            continue
-        if f.name == "train":
-            train = dict(defaults["train"])
-            fields_.append(("train", TrainConfig, field(default_factory=lambda t=train: TrainConfig(**t))))
-        else:
-            fields_.append((f.name, f.type, field(default=defaults[f.name], metadata=f.metadata)))
-    name = "".join(w.capitalize() for w in experiment.split("-")) + "Spec"
-    return dataclasses.make_dataclass(name, fields_, bases=(MPEExperimentConfig,))
-
-
-#: experiments that can study a model trained elsewhere (they need no training trajectory)
-CHECKPOINT_EXPERIMENTS = ("validation", "loco")
 _POSTERIOR = {"optim_var", "var_version", "bs_jacs", "mpe_variant", "loo_damping"}
 _RETRAIN = {"epochs_retrain", "lr_retrain", "lrmin_retrain", "bs_retrain", "retrain", "checkpoint"}
 #: the options of each experiment beside data / model / training (the rest are hidden)
@@ -804,13 +425,10 @@ _HIDDEN_ALWAYS = {"data.corruption_ratio", "data.drop_classes", "model.width", "
 
 
 def _hidden(experiment: str) -> frozenset[str]:
-    import dataclasses
-
-    own = {f.name for f in dataclasses.fields(MPEExperimentConfig)} - {"data", "model", "train", "n_show"}
-    hidden = set(_HIDDEN_ALWAYS) | {n for n in own - _OPTIONS[experiment]}
-    if "retrain" in own - _OPTIONS[experiment]:
-        hidden |= {f"retrain.{f.name}" for f in dataclasses.fields(RetrainOptions)}
-    return frozenset(hidden)
+    unused = {f.name for f in dataclasses.fields(MPEExperimentConfig)} - {"data", "model", "train", "n_show"}
+    unused -= _OPTIONS[experiment]
+    retrain = {f"retrain.{f.name}" for f in dataclasses.fields(RetrainOptions)} if "retrain" in unused else set()
+    return frozenset(_HIDDEN_ALWAYS | unused | retrain)
 
 
 _HELP = {
@@ -839,7 +457,7 @@ def _validation_summary(m: dict[str, Any]) -> str:
     if m["ground_truth_converged"] is False:
         line += (f"\nwarning: the retraining relaxed the slowest directions by only R = {m['retrain_relaxation']:.2f} "
                  f"e-folds: the true deviations are underestimated; raise --epochs-retrain or --lr-retrain "
-                 f"(R >= {MIN_RELAXATION:g})")
+                 f"(R >= {ground_truth.MIN_RELAXATION:g})")
     return line
 
 
@@ -875,8 +493,8 @@ def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
         "validation", model=ModelConfig("mlp", widths=(64, 64)),
         train={"epochs": 40}, n_retrain=64, epochs_retrain=40, lr_retrain=0.1, bs_retrain=64,  # relaxation R = 3.3
     )
-    metrics = (resume and finished_metrics(run)) or run_experiment("validation", cfg, run, progress=progress,
-                                                                   overwrite=True)
+    metrics = (resume and finished_metrics(run)) or execute(COMMANDS["validation"], cfg, run, progress=progress,
+                                                            overwrite=True)
     keep = ("pearson", "spearman", "slope", "mean_estimated_deviation", "mean_true_deviation", "estimated_loo_nll",
             "true_loo_nll", "retrain_relaxation", "n_retrain", "posterior", "mpe_variant", "test_accuracy", "seconds")
     return Section(
@@ -916,8 +534,7 @@ def check_loco_overlay(spec: LocoOverlaySpec) -> Prepared:
     if spec.labels and len(spec.labels) != len(spec.runs):
         raise ConfigError(f"--labels gives {len(spec.labels)} labels for {len(spec.runs)} runs; give one per run")
     runs = []
-    for k, path in enumerate(spec.runs):
-        path = Path(path)
+    for k, path in enumerate(map(Path, spec.runs)):
         if not (path / "config.json").is_file():
             raise ConfigError(f"--runs {path}: not a run directory (no config.json); pass `mpe loco --out` folders")
         config = read_json(path / "config.json", "the config of an `mpe loco` run")
@@ -946,4 +563,3 @@ COMMANDS["loco-overlay"] = Command(
     "mpe loco-overlay", LocoOverlaySpec, check_loco_overlay, run_loco_overlay,
     summary=lambda m: "  ".join(f"{r['label']}: Spearman {r['spearman']:.3f}" for r in m["runs"]),
     help="Finished `mpe loco` runs (e.g. an MLP and a LeNet) in one figure (Nickl et al. 2023, Fig. 3a).")
-

@@ -14,7 +14,9 @@ sets (one model per row of a mask matrix):
     in differences); with False they are dropped from the index list and the batches after them
     shift. A *control* model retrained the same way on all N examples measures the drift of the
     procedure itself (SGD noise, unfinished convergence); deviations measured against the control
-    isolate the effect of the removal.
+    isolate the effect of the removal. `retrain_without_in_store` trains the same models (shared
+    batches, control last) as jobs of the resumable ground-truth store, locally or on Ray, also from
+    the initialisation instead of θ* (`mpe_recipe`); the `modelsense mpe` commands use it.
 
 `refit_without_lbfgs` (convergence): full-batch L-BFGS on Σ_{j∉G} l_j(θ) + δ/2 ‖θ‖² for all M models
     jointly (the objectives are separable, so the joint minimiser is the tuple of minimisers), until
@@ -43,14 +45,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from modelsense.core.functional import Params
 from modelsense.core.likelihood import likelihood_for
+from modelsense.data import DataConfig, Dataset
 from modelsense.errors import ConfigError
+from modelsense.models import ModelConfig
+from modelsense.retraining.store import RetrainOptions, RetrainRecipe, jobs_from, params_digest, retrain
 from modelsense.training.config import TrainConfig, learning_rate
 from modelsense.training.ensemble import EnsembleResult, train_ensemble
 
@@ -94,6 +101,30 @@ def leave_out_masks(n: int, removed: list[Tensor] | Tensor) -> Tensor:
             )
         masks[m, idx] = False
     return masks
+
+
+def retrain_without_in_store(recipe: RetrainRecipe, data: Dataset, removed: list[Tensor] | Tensor,
+                             options: RetrainOptions, run_path: str | Path, *, init_params: Params | None = None,
+                             progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """The retraining of `retrain_without` as jobs of the ground-truth store (resumable, local or Ray;
+    `retraining.store.retrain`): one model without each removed set and a control model on all N
+    examples as the last row, all with the seed `recipe.train.seed`, warm-started from `init_params`
+    (`recipe.init` = "warm:<their digest>", `mpe_recipe`) or trained from the initialisation.
+
+    Returns the store's tables over the M + 1 models (e.g. `train_logits` (M + 1, N, C), `test_loss`
+    (M + 1, n_test), `test_correct`).
+    """
+    masks = torch.cat([leave_out_masks(data.n_train, removed), torch.ones(1, data.n_train, dtype=torch.bool)])
+    return retrain(recipe, jobs_from(masks.numpy(), [recipe.train.seed] * len(masks)), options, run_path, data=data,
+                   init_params=init_params, progress=progress, log=log)
+
+
+def mpe_recipe(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainConfig,
+               init_params: Params | None = None) -> RetrainRecipe:
+    """The recipe of the MPE's ground truth: shared minibatches (the control's minus the removed
+    examples), logits kept, warm-started from `init_params` or (None) trained from the initialisation."""
+    init = "scratch" if init_params is None else f"warm:{params_digest(init_params)}"
+    return RetrainRecipe(data_cfg, model_cfg, train_cfg, batch_plan="shared", init=init, logits=True)
 
 
 @dataclass

@@ -54,6 +54,13 @@ class Fit:
     def final(self) -> dict[str, float]:
         return {k: v[-1] for k, v in self.history.items() if v}
 
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The last evaluation as commands report it: `train_accuracy`, `test_accuracy`, `train_nll`, `test_nll`."""
+        f = self.final
+        return {"train_accuracy": f["train_accuracy"], "test_accuracy": f["test_accuracy"],
+                "train_nll": f["train_loss"], "test_nll": f["test_loss"]}
+
 
 @torch.no_grad()
 def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048,

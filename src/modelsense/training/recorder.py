@@ -21,15 +21,25 @@ class OptimizerStateRecorder:
 
     `snapshots[f"iteration_{t}"]` is taken after t steps; `take(key)` snapshots on demand (e.g. in
     `fit`'s `on_epoch`). Each snapshot: {"params": name -> tensor, "state": ..., "kind": ivon|adam|sgd}.
+    The module may be given later with `watch(module)` (e.g. as `obtain_model`'s `setup`, which builds it).
     """
 
-    def __init__(self, module: nn.Module, iterations: tuple[int, ...] = ()) -> None:
-        self.names = {id(p): n for n, p in module.named_parameters()}
+    def __init__(self, module: nn.Module | None = None, iterations: tuple[int, ...] = ()) -> None:
+        self.module: nn.Module | None = None
+        self.names: dict[int, str] = {}
         self.iterations = set(iterations)
         self.optimizer = None
         self.steps = 0
         self.snapshots: dict[str, dict[str, Any]] = {}
         self._handle = None
+        if module is not None:
+            self.watch(module)
+
+    def watch(self, module: nn.Module) -> Self:
+        """Record the optimizer steps on the parameters of `module` (the one being trained); returns self."""
+        self.module = module
+        self.names = {id(p): n for n, p in module.named_parameters()}
+        return self
 
     def __enter__(self) -> Self:
         self._handle = register_optimizer_step_post_hook(self._hook)
