@@ -170,60 +170,64 @@ def fit(
                     + (1 - lam) * nll(out, yb[pair])).mean()
         return nll(module(xb), yb).mean()
 
-    with progress_bar(cfg.epochs, f"train {cfg.optimizer}", enabled=progress) as bar:
-        for epoch in range(cfg.epochs):
-            lr = learning_rate(cfg, epoch, 0, steps)
-            batches = epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches)
-            offsets, flips = draw_crop_flip(n, cfg.crop_padding, cfg.hflip, aug_gen) if augment else (None, None)
-            start_of = 0
-            for step, batch in enumerate(batches):
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch, step, steps)
-                bi = batch.to(device)
-                xb, yb = x[bi], y[bi]
-                if augment:
-                    here = slice(start_of, start_of + len(batch))
-                    xb = crop_flip(xb, cfg.crop_padding, None if offsets is None else offsets[here],
-                                   None if flips is None else flips[here])
-                start_of += len(batch)
-                mix = draw_mixup(len(xb), cfg.mixup_alpha, mix_rng) if cfg.mixup_alpha > 0 else None
-                if cfg.optimizer == "ivon":
-                    for _ in range(cfg.mc_samples):
-                        with optimizer.sampled_params(train=True):
-                            optimizer.zero_grad()
-                            batch_loss(xb, yb, mix).backward()
+    # the draws of torch's global generator (IVON's weight noise, dropout) come from cfg.seed, so a run
+    # repeats exactly; the caller's generator state is left as it was
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        with progress_bar(cfg.epochs, f"train {cfg.optimizer}", enabled=progress) as bar:
+            for epoch in range(cfg.epochs):
+                lr = learning_rate(cfg, epoch, 0, steps)
+                batches = epoch_batches(idx, cfg.bs, gen, cfg.fixed_batches)
+                offsets, flips = draw_crop_flip(n, cfg.crop_padding, cfg.hflip, aug_gen) if augment else (None, None)
+                start_of = 0
+                for step, batch in enumerate(batches):
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(cfg, epoch, step, steps)
+                    bi = batch.to(device)
+                    xb, yb = x[bi], y[bi]
+                    if augment:
+                        here = slice(start_of, start_of + len(batch))
+                        xb = crop_flip(xb, cfg.crop_padding, None if offsets is None else offsets[here],
+                                       None if flips is None else flips[here])
+                    start_of += len(batch)
+                    mix = draw_mixup(len(xb), cfg.mixup_alpha, mix_rng) if cfg.mixup_alpha > 0 else None
+                    if cfg.optimizer == "ivon":
+                        for _ in range(cfg.mc_samples):
+                            with optimizer.sampled_params(train=True):
+                                optimizer.zero_grad()
+                                batch_loss(xb, yb, mix).backward()
+                    else:
+                        optimizer.zero_grad()
+                        loss = batch_loss(xb, yb, mix)
+                        if cfg.optimizer != "adamw":  # AdamW decays the weights itself (decoupled)
+                            loss = loss + l2_penalty(params, cfg.delta, n)
+                        loss.backward()
+                    optimizer.step()
+                    iteration += 1
+                    if iteration in it_marks:
+                        snapshot(f"iteration_{iteration}")
+                if (epoch + 1) in cfg.checkpoint_epochs:
+                    snapshot(f"epoch_{epoch + 1}")
+                last = epoch + 1 == cfg.epochs
+                if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
+                    tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood, loss=cfg.loss)
+                    te = evaluate(module, x_test, y_test, likelihood, loss=cfg.loss) if len(x_test) else {}
+                    row = {
+                        "epoch": epoch + 1,
+                        "lr": lr,
+                        "train_loss": tr["loss"],
+                        "train_accuracy": tr.get("accuracy", float("nan")),
+                        "test_loss": te.get("loss", float("nan")),
+                        "test_accuracy": te.get("accuracy", float("nan")),
+                        "seconds": time.perf_counter() - start,
+                    }
+                    for k, v in row.items():
+                        result.history[k].append(v)
+                    bar.advance(1, loss=row["train_loss"], test_acc=row["test_accuracy"])
+                    if on_epoch is not None:
+                        on_epoch(epoch + 1, row)
                 else:
-                    optimizer.zero_grad()
-                    loss = batch_loss(xb, yb, mix)
-                    if cfg.optimizer != "adamw":  # AdamW decays the weights itself (decoupled)
-                        loss = loss + l2_penalty(params, cfg.delta, n)
-                    loss.backward()
-                optimizer.step()
-                iteration += 1
-                if iteration in it_marks:
-                    snapshot(f"iteration_{iteration}")
-            if (epoch + 1) in cfg.checkpoint_epochs:
-                snapshot(f"epoch_{epoch + 1}")
-            last = epoch + 1 == cfg.epochs
-            if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
-                tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood, loss=cfg.loss)
-                te = evaluate(module, x_test, y_test, likelihood, loss=cfg.loss) if len(x_test) else {}
-                row = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_loss": tr["loss"],
-                    "train_accuracy": tr.get("accuracy", float("nan")),
-                    "test_loss": te.get("loss", float("nan")),
-                    "test_accuracy": te.get("accuracy", float("nan")),
-                    "seconds": time.perf_counter() - start,
-                }
-                for k, v in row.items():
-                    result.history[k].append(v)
-                bar.advance(1, loss=row["train_loss"], test_acc=row["test_accuracy"])
-                if on_epoch is not None:
-                    on_epoch(epoch + 1, row)
-            else:
-                bar.advance(1)
+                    bar.advance(1)
     module.eval()
     result.params = {k: v.detach().clone() for k, v in module.named_parameters()}
     return result
