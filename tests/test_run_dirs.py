@@ -188,6 +188,7 @@ def test_every_command_never_mixes_overwrites_or_writes_before_validating(comman
     modes = {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert len(modes) == 1, modes  # one file mode for every file
     before = snapshot(out)
+    _numbers_before = _numbers(out / "metrics.json")
     # the same command again: refused, nothing changed
     refused(invoke(command, *args, "--out", out), "already holds a finished", "--overwrite")
     assert snapshot(out) == before
@@ -203,10 +204,27 @@ def test_every_command_never_mixes_overwrites_or_writes_before_validating(comman
     other = "train" if command != "train" else "zoo"
     refused(invoke(other, *COMMANDS[other][0], "--out", out), "already holds")
     assert snapshot(out) == before
-    # --overwrite replaces the run
+    # --overwrite replaces the run, with the same numbers: nothing draws from an unseeded generator (the
+    # first run moved torch's and numpy's global generators on)
     res = invoke(command, *args, "--overwrite", "--out", out)
     assert res.exit_code == 0, (res.output, res.exception)
     assert run_status(out) == "finished"
+    assert _numbers(out / "metrics.json") == _numbers_before
+
+
+def _numbers(path: Path) -> dict:
+    """metrics.json without what differs between two equal runs: times, dates, paths, the machine's load."""
+    def keep(key: str) -> bool:
+        return not any(w in key for w in ("second", "time", "date", "created", "path", "load", "rss", "dir"))
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if keep(str(k))}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(json.loads(path.read_text()))
 
 
 def test_overwrite_never_empties_a_folder_that_is_not_a_run(tmp_path):
