@@ -292,7 +292,8 @@ def test_probe_trains_its_model_and_refuses_bad_options(tmp_path):
     m = ok("probe", *TINY, "--layers", "act2", "--transforms", "grelu", "--repeats", 1, "--n-examples", 40,
            "--out", tmp_path / "p")
     assert m["layers"] == ["act2"] and m["transforms"] == ["grelu"] and (tmp_path / "p" / "model.pt").exists()
-    for bad, message in ((["--transforms", "rotation"], "unknown transform 'rotation'"),
+    for bad, message in ((["--transforms", "rotation"], "--transforms must be one of orthogonal, grelu, invertible, "
+                                                          "received 'rotation'"),
                          (["--layers", "relu9"], "'relu9' not found"), (["--repeats", 0], "--repeats must be >= 1"),
                          (["--n-examples", 3], "--n-examples must be >= 4")):
         assert message in _error(invoke("probe", *TINY, *bad, "--out", tmp_path / "x"))
