@@ -93,6 +93,35 @@ def test_zoo_resume_adds_members_of_other_seeds_and_refuses_other_settings(tmp_p
     assert isinstance(res.exception, ConfigError) and "zoo.train.epochs 4 (stored 3)" in str(res.exception)
 
 
+def test_zoo_members_are_jobs_of_the_ground_truth_store(zoo_dir, tmp_path):
+    """The engine's members are jobs (all examples, seed) of the store, kept with their parameters: a zoo
+    in another folder on the same --store trains nothing and writes the same checkpoints."""
+    from modelsense.retraining.store import GroundTruthStore, Job, RetrainRecipe, job_parameters
+
+    (chunk,) = (zoo_dir / "store").glob("*/chunks/*.npz")
+    with np.load(chunk) as f:
+        assert sorted(f["seeds"].tolist()) == [0, 1] and f["masks"].all() and "param.fc1.weight" in f.files
+    recipe = RetrainRecipe(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                           TrainConfig(epochs=3, lr=0.1, bs=32), params=True)
+    n_test = np.load(chunk)["test_correct"].shape[1]
+    tables = GroundTruthStore(zoo_dir / "store", recipe, 150, n_test).gather([Job(np.ones(150, dtype=bool), 1)])
+    torch.testing.assert_close(job_parameters(tables, 0)["fc1.weight"],
+                               load_model(zoo_member_path(zoo_dir, 1))[0].state_dict()["fc1.weight"], atol=0, rtol=0)
+    m = ok("zoo", *TINY, "--n-models", "2", "--store", zoo_dir / "store", "--out", tmp_path / "again")
+    first = json.loads((zoo_dir / "metrics.json").read_text())
+    assert m["n_trained"] == 0 and m["method"] == "ensemble" and m["test_accuracy"] == first["test_accuracy"]
+    assert not (tmp_path / "again" / "store").exists()
+    for seed in (0, 1):
+        for k, v in load_model(zoo_member_path(tmp_path / "again", seed))[0].state_dict().items():
+            assert torch.equal(v, load_model(zoo_member_path(zoo_dir, seed))[0].state_dict()[k])
+
+
+def test_zoo_on_ray_needs_the_engine(tmp_path):
+    res = invoke("zoo", *DATA, "--model", "cnn", "--width", 2, "--depth", 1, "--norm", "bn", "--epochs", 1,
+                 "--backend", "ray", "--out", tmp_path / "x")
+    assert "use --backend local" in _error(res) and not (tmp_path / "x").exists()
+
+
 def test_zoo_trains_batch_norm_models_one_by_one(tmp_path):
     res = train_zoo(DataConfig("digits", n_train=100), ModelConfig("cnn", width=2, depth=1, norm="bn"),
                     TrainConfig(epochs=1, lr=0.05, bs=50), 2, tmp_path, progress=False)

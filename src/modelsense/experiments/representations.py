@@ -9,7 +9,8 @@ the figures `modelsense.representations.plots`; this module runs them. Models A 
 each a checkpoint or a zoo member by seed, trained into the zoo (default: the run's folder) when missing.
 
 Run directories:
-    zoo:     config.json, metrics.json (seeds, test_accuracy, ...), zoo/ (the resumable state)
+    zoo:     config.json, metrics.json (seeds, test_accuracy, ...), zoo/ (checkpoints model_<seed>.pt, zoo.json) and
+             store/ (the ground-truth store of the engine's members, unless --store): the resumable state
     compare: config.json, metrics.json (matrix, diagonal, layers[, layers_b]; all similarities, and
              diagonal_distance for the Procrustes metrics), similarity.npy,
              figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
@@ -46,6 +47,7 @@ from modelsense.representations.metrics import SIMILARITIES
 from modelsense.representations.probes import TRANSFORMS, probe_table_text
 from modelsense.representations.stitch_sweep import stitch_kinds, stitching_text
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
+from modelsense.retraining.store import STORE_DIR, RetrainOptions
 from modelsense.retraining.zoo import (
     ZOO_METHODS,
     ZOO_SUBDIR,
@@ -55,6 +57,7 @@ from modelsense.retraining.zoo import (
     read_zoo_index,
     train_zoo,
     zoo_member_path,
+    zoo_method,
     zoo_settings,
 )
 from modelsense.runs import RunDir, finished_metrics, locked
@@ -74,7 +77,7 @@ class ZooSpec:
         (), "explicit comma-separated seeds (overrides --n-models)", parse=ints, show=joined
     )
     method: str = option("auto", "auto (vmapped engine unless batch norm / ivon), ensemble or fit", choices=ZOO_METHODS)
-    chunk_size: int | None = option(None, "models trained together (vmapped) per chunk", low=1)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -84,15 +87,17 @@ def check_zoo(spec: ZooSpec) -> Prepared:
     if spec.seeds:
         check_seeds(spec.seeds)
     data = load_dataset_from_config(spec.data)
-    check_model(data, spec.model)
+    zoo_method(spec.method, check_model(data, spec.model), spec.train, spec.retrain.backend)
     # the settings that define the members (not the seed or the device), which a resumed zoo must keep
     return Prepared(data, {"dataset": data.summary(), "zoo": zoo_settings(spec.data, spec.model, spec.train)})
 
 
 def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Train the zoo members the run's zoo/ does not hold yet (the others are reused)."""
+    """Train the zoo members the run's zoo/ does not hold yet (the engine's are jobs of the ground-truth store,
+    which may hold them already: `modelsense.retraining.zoo`)."""
     zoo = train_zoo(spec.data, spec.model, spec.train, None if spec.seeds else spec.n_models, run.path,
-                    spec.seeds or None, progress, data=prepared.data, method=spec.method, chunk_models=spec.chunk_size)
+                    spec.seeds or None, progress, data=prepared.data, method=spec.method, retrain=spec.retrain,
+                    log=run.log)
     acc = np.asarray(zoo.test_accuracy)
     run.log(f"zoo of {len(zoo.seeds)} ({len(zoo.trained)} trained by {zoo.method}) in {zoo.seconds:.1f}s")
     return {"seeds": zoo.seeds, "test_accuracy": zoo.test_accuracy, "train_accuracy": zoo.train_accuracy,
@@ -101,7 +106,7 @@ def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = Tru
             "method": zoo.method, "seconds": zoo.seconds, "paths": [str(p) for p in zoo.paths]}
 
 
-ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(ZOO_SUBDIR,), resume_keys=("zoo",),
+ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(ZOO_SUBDIR, STORE_DIR), resume_keys=("zoo",),
               summary=lambda m: (f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
                                  f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}"),
               help="Train N models of one architecture from different seeds (a model zoo), reused by compare and "
