@@ -2,24 +2,20 @@
 `modelsense verify`: restore a checkpoint and check its accuracy.
 
 Trains R models on random ρ-subsets as jobs of the ground-truth store (`modelsense.retraining.store`:
-chunks of vmapped models, written atomically, resumable and extendable; shared with `lds` on the
-same recipe), or reads existing runs (`--from-runs`, the released layout of Feldman & Zhang 2020),
-then computes the Feldman & Zhang estimators with standard errors (`modelsense.memorization.evaluation`,
-whose docstring says how examples held out by fewer than --min-held-out models are left out).
+resumable, extendable, shared with `lds` on the same recipe), or reads existing runs (`--from-runs`, the
+released layout of Feldman & Zhang 2020), then computes the Feldman & Zhang estimators with standard
+errors (`modelsense.memorization.evaluation`, which says how examples held out by fewer than
+--min-held-out models are left out). Run directory: config.json, store/ (unless --store), the arrays of
+`FarmEstimates` as .npy (memorization, memorization_se, reliable, heldout_accuracy (the C-score at ρ),
+influence_top_{indices,values} or influence (memory-mapped, --influence full), ...), metrics.json, figures/.
 
-Run directory: config.json, store/ (the retrained models' tables, unless --store), memorization.npy,
-memorization_se.npy, reliable.npy, heldout_accuracy.npy (C-score at ρ), influence_top_{indices,values}.npy
-or influence.npy (memory-mapped, --influence full), metrics.json, figures/.
-
-C-score curves (`--subset-ratios 0.1,0.2,...,0.9`, Jiang et al. 2021): one farm of `--n-models` per ratio,
-all jobs of the one store (a run with more ratios, or `--subset-ratio ρ` / lds at a listed ratio with the
-same recipe and --store, reuses them). Model r of every ratio has seed --seed + r and trains on the first
-⌊ρN⌋ examples of one random permutation, so its subsets are nested across ratios; the C-score's standard
-error is therefore the bound that holds for correlated ratios (`consistency(..., independent=False)`).
-Memorization and influence are estimated at the listed ratio nearest --subset-ratio. Adds
-consistency.npy / consistency_se.npy (N,), heldout_accuracy_by_ratio.npy (K, N), subset_ratios.npy (K,),
-figures/consistency_curves.png, and in metrics.json subset_ratios, mean_consistency, heldout_accuracy_by_ratio,
-consistency_curves and auc_corrupted_consistency. `--from-runs` with several ratios writes the same.
+C-score curves (`--subset-ratios 0.1,0.2,...,0.9`, Jiang et al. 2021): one farm of `--n-models` per ratio in
+the one store. Model r of every ratio has seed --seed + r and trains on the first ⌊ρN⌋ examples of one random
+permutation, so its subsets are nested across ratios and the C-score's standard error is the bound that holds
+for correlated ratios (`consistency(..., independent=False)`; `--from-runs` ratios are independent).
+Memorization and influence are estimated at the listed ratio nearest --subset-ratio. Adds consistency.npy,
+consistency_se.npy, heldout_accuracy_by_ratio.npy, subset_ratios.npy, figures/consistency_curves.png and the
+metrics of `evaluation.consistency_report`.
 """
 
 from __future__ import annotations
@@ -135,31 +131,31 @@ def run_memorization(spec: MemorizationSpec, prepared: Prepared, run: RunDir, pr
     the ratio closest to 0.7 (the ratio of Feldman & Zhang 2020), consistency scores every ratio
     found; the dataset gives example images and the corrupted-label AUC only when its sizes match the runs.
     """
-    data = prepared.data
-    options = {"influence": spec.influence, "top_k": spec.top_k, "influence_dtype": spec.influence_dtype,
-               "bootstrap": spec.bootstrap, "min_held_out": spec.min_held_out}
-    start = time.perf_counter()
+    data, start = prepared.data, time.perf_counter()
     if spec.from_runs is not None:
-        by_ratio, ratio = prepared.extra["by_ratio"], prepared.extra["ratio"]
-        main = by_ratio[ratio]
-        if (data.n_train, data.n_test) != (main.masks.shape[1], main.correct_test.shape[1]):
-            run.log(f"dataset {data.name} has {data.n_train}/{data.n_test} examples, the runs {main.masks.shape[1]}/"
-                    f"{main.correct_test.shape[1]}: no example images (give the runs' --dataset and --data-dir)")
+        runs, ratio = prepared.extra["by_ratio"], prepared.extra["ratio"]
+        by_ratio, correct_test = {r: (v.masks, v.correct_train) for r, v in runs.items()}, runs[ratio].correct_test
+        if (data.n_train, data.n_test) != (runs[ratio].masks.shape[1], correct_test.shape[1]):
+            run.log(f"dataset {data.name} has {data.n_train}/{data.n_test} examples, the runs "
+                    f"{runs[ratio].masks.shape[1]}/{correct_test.shape[1]}: no example images (give the runs' "
+                    "--dataset and --data-dir)")
             data = None
-        metrics = estimate_and_save(run, main.masks, main.correct_train, main.correct_test, data=data,
-                                    by_ratio={r: (v.masks, v.correct_train) for r, v in by_ratio.items()}, **options)
-        return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": ratio}
-    jobs = prepared.extra["jobs"]
-    tables = retrain(prepared.extra["recipe"], [j for r in jobs for j in jobs[r]], spec.retrain, run.path, data=data,
-                     progress=progress, log=run.log)
-    run.log(f"farm done: {len(jobs)} ratio(s) x {spec.n_models} models in {time.perf_counter() - start:.1f}s")
-    ratios, r_main = list(jobs), main_ratio(jobs, spec.subset_ratio)
-    # the tables hold the jobs ratio after ratio, n_models each
-    rows = {r: slice(k * spec.n_models, (k + 1) * spec.n_models) for k, r in enumerate(ratios)}
-    by_ratio = {r: (tables["masks"][sl], tables["train_correct"][sl]) for r, sl in rows.items()}
-    metrics = estimate_and_save(run, *by_ratio[r_main], tables["test_correct"][rows[r_main]], data=data,
-                                by_ratio=by_ratio if spec.subset_ratios else None, independent_ratios=False, **options)
-    return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": r_main}
+    else:
+        jobs = prepared.extra["jobs"]
+        tables = retrain(prepared.extra["recipe"], [j for r in jobs for j in jobs[r]], spec.retrain, run.path,
+                         data=data, progress=progress, log=run.log)
+        run.log(f"farm done: {len(jobs)} ratio(s) x {spec.n_models} models in {time.perf_counter() - start:.1f}s")
+        # the tables hold the jobs ratio after ratio, n_models each
+        rows = {r: slice(k * spec.n_models, (k + 1) * spec.n_models) for k, r in enumerate(jobs)}
+        by_ratio = {r: (tables["masks"][sl], tables["train_correct"][sl]) for r, sl in rows.items()}
+        ratio = main_ratio(jobs, spec.subset_ratio)
+        correct_test = tables["test_correct"][rows[ratio]]
+    metrics = estimate_and_save(run, *by_ratio[ratio], correct_test, data=data, influence=spec.influence,
+                                top_k=spec.top_k, influence_dtype=spec.influence_dtype, bootstrap=spec.bootstrap,
+                                min_held_out=spec.min_held_out,
+                                by_ratio=by_ratio if spec.from_runs or spec.subset_ratios else None,
+                                independent_ratios=spec.from_runs is not None)
+    return {**metrics, "seconds": time.perf_counter() - start, "subset_ratio": ratio}
 
 
 def memorization_summary(m: dict[str, Any]) -> str:

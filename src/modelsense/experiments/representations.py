@@ -1,29 +1,18 @@
-"""`modelsense zoo`, `compare`, `stitch`, `probe`: model zoos, layer x layer similarity, stitching, invariance probes.
+"""`modelsense zoo`, `compare`, `stitch`, `probe`: model zoos, layer x layer similarity, stitching, invariance probes
+(Godfrey, Brown, Emerson and Kvinge 2022), run from `modelsense.retraining.zoo` (the zoo, on the ground-truth
+store), `modelsense.representations.compare`, `.stitch_sweep`, `.probes` and `.plots`. Models A and B
+(`ModelPair`) are each a checkpoint or a zoo member by seed, trained into the zoo (default: the run's folder)
+when missing.
 
-Godfrey, Brown, Emerson and Kvinge (2022) compare independently trained networks of one
-architecture layer by layer (CKA, Procrustes and their G_ReLU-invariant versions) and stitch them
-(model A up to a ReLU -> a trained stitching layer -> model B after it). The zoo store is
-`modelsense.retraining.zoo`, the similarity matrix `modelsense.representations.compare`, the
-stitching sweep `modelsense.representations.stitch_sweep`, the probe `modelsense.representations.probes`,
-the figures `modelsense.representations.plots`; this module runs them. Models A and B (`ModelPair`) are
-each a checkpoint or a zoo member by seed, trained into the zoo (default: the run's folder) when missing.
-
-Run directories:
-    zoo:     config.json, metrics.json (seeds, test_accuracy, ...), zoo/ (checkpoints model_<seed>.pt, zoo.json) and
-             store/ (the ground-truth store of the engine's members, unless --store): the resumable state
-    compare: config.json, metrics.json (matrix, diagonal, layers[, layers_b]; all similarities, and
-             diagonal_distance for the Procrustes metrics), similarity.npy,
-             figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
-    stitch:  config.json, metrics.json (`stitch_sweep.combine_sweeps`: layers, kinds, clean_accuracy [A, B],
-             per kind a list over layers of stitched_accuracy and penalty, ...; model_a, model_b),
-             stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
-             (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt, figures/stitching_penalty.png, zoo/.
-             With --repeats R > 1 (R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1, as
-             the --retrain_repeats of Godfrey et al. 2022): means over the pairs with their standard
-             deviations and standard errors, pairs, and model_a, model_b lists over the pairs; the layers of
-             stitching_layers.pt are keyed pair<r>/<kind>/<layer>.
-    probe:   config.json, metrics.json (`probes.probe_table`), probe.npz, figures/probe_table.png, model.pt
-             (when trained here).
+Run directories (besides config.json, metrics.json):
+    zoo:     zoo/ (checkpoints model_<seed>.pt, zoo.json) and store/ (unless --store): the resumable state
+    compare: similarity.npy, figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
+    stitch:  stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
+             (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt (keyed <kind>/<layer>, pair<r>/<kind>/<layer>
+             for R > 1), figures/stitching_penalty.png, zoo/; metrics: `stitch_sweep.combine_sweeps`. --repeats R
+             > 1 stitches R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1 (the
+             --retrain_repeats of Godfrey et al. 2022).
+    probe:   probe.npz, figures/probe_table.png, model.pt (when trained here); metrics: `probes.probe_table`
 """
 
 from __future__ import annotations
@@ -47,19 +36,8 @@ from modelsense.representations.metrics import SIMILARITIES
 from modelsense.representations.probes import TRANSFORMS, probe_table_text
 from modelsense.representations.stitch_sweep import stitch_kinds, stitching_text
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
+from modelsense.retraining import zoo as model_zoo
 from modelsense.retraining.store import STORE_DIR, RetrainOptions
-from modelsense.retraining.zoo import (
-    ZOO_METHODS,
-    ZOO_SUBDIR,
-    check_seeds,
-    check_zoo_index,
-    draw_pairs,
-    read_zoo_index,
-    train_zoo,
-    zoo_member_path,
-    zoo_method,
-    zoo_settings,
-)
 from modelsense.runs import RunDir, finished_metrics, locked
 from modelsense.training.config import TrainConfig
 
@@ -76,37 +54,34 @@ class ZooSpec:
     seeds: tuple[int, ...] = option(
         (), "explicit comma-separated seeds (overrides --n-models)", parse=ints, show=joined
     )
-    method: str = option("auto", "auto (vmapped engine unless batch norm / ivon), ensemble or fit", choices=ZOO_METHODS)
+    method: str = option("auto", "auto (vmapped engine unless batch norm / ivon), ensemble or fit",
+                         choices=model_zoo.ZOO_METHODS)
     retrain: RetrainOptions = field(default_factory=RetrainOptions)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.seeds:
+            model_zoo.check_seeds(self.seeds)
 
 
 def check_zoo(spec: ZooSpec) -> Prepared:
-    if spec.seeds:
-        check_seeds(spec.seeds)
     data = load_dataset_from_config(spec.data)
-    zoo_method(spec.method, check_model(data, spec.model), spec.train, spec.retrain.backend)
+    model_zoo.zoo_method(spec.method, check_model(data, spec.model), spec.train, spec.retrain.backend)
     # the settings that define the members (not the seed or the device), which a resumed zoo must keep
-    return Prepared(data, {"dataset": data.summary(), "zoo": zoo_settings(spec.data, spec.model, spec.train)})
+    return Prepared(data, {"dataset": data.summary(), "zoo": model_zoo.zoo_settings(spec.data, spec.model, spec.train)})
 
 
 def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Train the zoo members the run's zoo/ does not hold yet (the engine's are jobs of the ground-truth store,
     which may hold them already: `modelsense.retraining.zoo`)."""
-    zoo = train_zoo(spec.data, spec.model, spec.train, None if spec.seeds else spec.n_models, run.path,
+    zoo = model_zoo.train_zoo(spec.data, spec.model, spec.train, None if spec.seeds else spec.n_models, run.path,
                     spec.seeds or None, progress, data=prepared.data, method=spec.method, retrain=spec.retrain,
                     log=run.log)
-    acc = np.asarray(zoo.test_accuracy)
     run.log(f"zoo of {len(zoo.seeds)} ({len(zoo.trained)} trained by {zoo.method}) in {zoo.seconds:.1f}s")
-    return {"seeds": zoo.seeds, "test_accuracy": zoo.test_accuracy, "train_accuracy": zoo.train_accuracy,
-            "mean_test_accuracy": float(acc.mean()),
-            "std_test_accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "n_trained": len(zoo.trained),
-            "method": zoo.method, "seconds": zoo.seconds, "paths": [str(p) for p in zoo.paths]}
+    return zoo.metrics()
 
 
-ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(ZOO_SUBDIR, STORE_DIR), resume_keys=("zoo",),
+ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(model_zoo.ZOO_SUBDIR, STORE_DIR), resume_keys=("zoo",),
               summary=lambda m: (f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
                                  f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}"),
               help="Train N models of one architecture from different seeds (a model zoo), reused by compare and "
@@ -157,7 +132,8 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
         if layer_list(p.layers) is not None:
             choose_layers(probe, p.layers, f"model {spec.model.name}")
         if p.zoo is not None:
-            check_zoo_index(p.zoo, read_zoo_index(p.zoo), zoo_settings(spec.data, spec.model, spec.train))
+            settings = model_zoo.zoo_settings(spec.data, spec.model, spec.train)
+            model_zoo.check_zoo_index(p.zoo, model_zoo.read_zoo_index(p.zoo), settings)
     return Prepared(data, {"dataset": data.summary()}, {"loaded": loaded})
 
 
@@ -167,7 +143,8 @@ def zoo_members(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir,
     they train) where missing."""
     zoo = run.path if spec.pair.zoo is None else Path(spec.pair.zoo)
     with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
-        res = train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress, data=prepared.data)
+        res = model_zoo.train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress,
+                                  data=prepared.data)
     return {s: load_member("model", res.paths[res.seeds.index(s)], prepared.data) for s in set(seeds)}
 
 
@@ -275,7 +252,8 @@ def check_stitch(spec: StitchSpec) -> Prepared:
     pairs = None
     if spec.repeats > 1 or spec.zoo_size is not None:
         size = spec.repeats + 1 if spec.zoo_size is None else spec.zoo_size
-        pairs = draw_pairs(range(spec.train.seed, spec.train.seed + size), spec.repeats, seed=spec.train.seed)
+        seed = spec.train.seed
+        pairs = model_zoo.draw_pairs(range(seed, seed + size), spec.repeats, seed=seed)
     prepared = check_pair(spec)
     prepared.config["stitch"] = asdict(base)  # the settings used
     if pairs is not None:
@@ -414,28 +392,25 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     pair = ModelPair(seed_a=0, seed_b=1, zoo=str(root))
     runs = {"compare": (COMPARE, CompareSpec(pair=pair, metric="cka")),
             "compare_relu_cka": (COMPARE, CompareSpec(pair=pair, metric="relu-cka")),
-            "stitch": (STITCH, StitchSpec(pair=pair, kinds=("linear", "permutation"), stitch=StitchConfig(lr=1e-2)))}
-    cmp, relu, st = ((resume and finished_metrics(root / name)) or execute(command, spec, root / name, overwrite=True,
-                                                                            progress=progress)
-                     for name, (command, spec) in runs.items())
-    probe_spec = ProbeSpec(checkpoint=str(zoo_member_path(root, 0)), repeats=1, n_examples=200)
-    probe = (resume and finished_metrics(root / "probe")) or execute(PROBE, probe_spec, root / "probe", overwrite=True,
-                                                                      progress=progress)
-    metrics: dict[str, Any] = {"clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]]}
-    for i, layer in enumerate(cmp["layers"]):
-        metrics[f"cka {layer}"] = cmp["diagonal"][i]
-    for i, layer in enumerate(relu["layers"]):
-        metrics[f"relu-cka {layer}"] = relu["diagonal"][i]
-    for k in st["kinds"]:
-        for layer, p in zip(st["layers"], st["penalty"][k]):
-            metrics[f"penalty {k} {layer}"] = p
+            "stitch": (STITCH, StitchSpec(pair=pair, kinds=("linear", "permutation"), stitch=StitchConfig(lr=1e-2))),
+            "probe": (PROBE, ProbeSpec(checkpoint=str(model_zoo.zoo_member_path(root, 0)), repeats=1,
+                                       n_examples=200))}
+    cmp, relu, st, probe = ((resume and finished_metrics(root / name))
+                            or execute(command, spec, root / name, overwrite=True, progress=progress)
+                            for name, (command, spec) in runs.items())
     table = probe["table"]["act1"]
-    for t, site, m in (("orthogonal", "pre", "cka"), ("orthogonal", "pre", "relu-cka"), ("grelu", "post", "cka"),
-                       ("grelu", "post", "relu-procrustes"), ("invertible", "pre", "procrustes")):
-        metrics[f"probe act1 {t} {site}: {m}"] = table[t][site][m]
-    metrics["probe: largest |1 - s| of the invariant metrics"] = probe["max_deviation_invariant"]
-    metrics["probe act1: output change under G_ReLU / orthogonal"] = [probe["output_change"]["act1"][t]
-                                                                      for t in ("grelu", "orthogonal")]
+    metrics: dict[str, Any] = {
+        "clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]],
+        **{f"cka {layer}": v for layer, v in zip(cmp["layers"], cmp["diagonal"])},
+        **{f"relu-cka {layer}": v for layer, v in zip(relu["layers"], relu["diagonal"])},
+        **{f"penalty {k} {layer}": p for k in st["kinds"] for layer, p in zip(st["layers"], st["penalty"][k])},
+        **{f"probe act1 {t} {site}: {m}": table[t][site][m] for t, site, m in (
+            ("orthogonal", "pre", "cka"), ("orthogonal", "pre", "relu-cka"), ("grelu", "post", "cka"),
+            ("grelu", "post", "relu-procrustes"), ("invertible", "pre", "procrustes"))},
+        "probe: largest |1 - s| of the invariant metrics": probe["max_deviation_invariant"],
+        "probe act1: output change under G_ReLU / orthogonal": [probe["output_change"]["act1"][t]
+                                                                for t in ("grelu", "orthogonal")],
+    }
     return Section(
         "Representations: CKA and stitching of two MLPs trained from different seeds",
         "Linear CKA between every pair of ReLU layers of two digits MLPs (64-128-128-10) that differ only in "
@@ -452,11 +427,9 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
         "'post' the ReLU outputs. A metric invariant to the group gives 1 (CKA and Procrustes for orthogonal at pre; "
         "the G_ReLU metrics for G_ReLU, also at post).",
         metrics,
-        [
-            root / "compare" / "figures" / "similarity_cka.png",
-            root / "stitch" / "figures" / "stitching_penalty.png",
-            root / "probe" / "figures" / "probe_table.png",
-        ],
+        [root / name / "figures" / f"{figure}.png" for name, figure in (("compare", "similarity_cka"),
+                                                                         ("stitch", "stitching_penalty"),
+                                                                         ("probe", "probe_table"))],
         str(root),
     )
 

@@ -66,6 +66,15 @@ class ZooResult:
     method: str = "reused"
     seconds: float = 0.0
 
+    def metrics(self) -> dict[str, Any]:
+        """The zoo as `modelsense zoo` reports it: seeds, accuracies, their mean and standard deviation
+        over the members (ddof 1; 0 for one), n_trained, method, seconds, paths."""
+        acc = np.asarray(self.test_accuracy)
+        return {"seeds": self.seeds, "test_accuracy": self.test_accuracy, "train_accuracy": self.train_accuracy,
+                "mean_test_accuracy": float(acc.mean()),
+                "std_test_accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "n_trained": len(self.trained),
+                "method": self.method, "seconds": self.seconds, "paths": [str(p) for p in self.paths]}
+
 
 def zoo_member_path(root: str | Path, seed: int) -> Path:
     """Checkpoint path of the zoo member with `seed` under the zoo root `root`."""
