@@ -116,6 +116,20 @@ def test_zoo_members_are_jobs_of_the_ground_truth_store(zoo_dir, tmp_path):
             assert torch.equal(v, load_model(zoo_member_path(zoo_dir, seed))[0].state_dict()[k])
 
 
+def test_zoo_on_ray_equals_the_local_zoo(zoo_dir, tmp_path):
+    pytest.importorskip("ray")
+    from modelsense.retraining.store import RetrainOptions
+
+    res = train_zoo(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                    TrainConfig(epochs=3, lr=0.1, bs=32), 2, tmp_path, progress=False,
+                    retrain=RetrainOptions(backend="ray", chunk_size=1))
+    assert res.trained == [0, 1] and len(list((tmp_path / "store").glob("*/chunks/*.npz"))) == 2
+    for seed in (0, 1):
+        ray_state = load_model(zoo_member_path(tmp_path, seed))[0].state_dict()
+        for k, v in load_model(zoo_member_path(zoo_dir, seed))[0].state_dict().items():
+            torch.testing.assert_close(ray_state[k], v, atol=1e-6, rtol=1e-6)
+
+
 def test_zoo_on_ray_needs_the_engine(tmp_path):
     res = invoke("zoo", *DATA, "--model", "cnn", "--width", 2, "--depth", 1, "--norm", "bn", "--epochs", 1,
                  "--backend", "ray", "--out", tmp_path / "x")

@@ -266,7 +266,7 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
     """The stitching sweep over the layers and kinds, for one pair (A, B) or `repeats` random zoo pairs;
     metrics per kind, a list over the layers (the mean over the pairs, and their standard deviation)."""
     from modelsense.representations import plots
-    from modelsense.representations.stitch_sweep import combine_sweeps, stitching_sweep
+    from modelsense.representations.stitch_sweep import combine_sweeps, stitching_states, stitching_sweeps
 
     data, pairs = prepared.data, prepared.extra["pairs"]
     if pairs is None:
@@ -274,23 +274,22 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
     else:
         zoo = zoo_members(spec, prepared, run, progress, [s for pair in pairs for s in pair])
         members = [(zoo[sa], zoo[sb]) for sa, sb in pairs]
-    layers = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
-    start, sweeps = time.perf_counter(), []
-    for r, (a, b) in enumerate(members):
-        choose_layers(b.module, layers, "model-b")
-        sweeps.append(stitching_sweep(a.module, b.module, layers, prepared.extra["configs"], data.x_train,
-                                      data.y_train, data.x_test, data.y_test, progress=progress))
+
+    def log_pair(r: int, sweep: Any) -> None:
         if pairs is not None:
             run.log(f"pair {r + 1}/{len(pairs)} (seeds {pairs[r][0]}, {pairs[r][1]}): penalties "
-                    f"{ {k: np.round(v, 4).tolist() for k, v in sweeps[-1].penalty.items()} }")
+                    f"{ {k: np.round(v, 4).tolist() for k, v in sweep.penalty.items()} }")
+
+    layers = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
+    start = time.perf_counter()
+    sweeps = stitching_sweeps([(a.module, b.module) for a, b in members], layers, prepared.extra["configs"],
+                              data.x_train, data.y_train, data.x_test, data.y_test, progress, log_pair)
     seconds = time.perf_counter() - start
     arrays, metrics = combine_sweeps(sweeps)
     seeds = [[-1 if m.info.get("seed") is None else m.info["seed"] for m in pair] for pair in members]
     run.save_arrays("stitching", layers=np.asarray(layers), kinds=np.asarray(metrics["kinds"]), **arrays,
                     pairs=np.asarray(seeds))
-    prefix = (lambda r: "") if len(sweeps) == 1 else (lambda r: f"pair{r}/")
-    run.save_torch("stitching_layers", {f"{prefix(r)}{k}/{layer}": st for r, sw in enumerate(sweeps)
-                                        for (k, layer), st in sw.states.items()})
+    run.save_torch("stitching_layers", stitching_states(sweeps))
     several = len(sweeps) > 1
     run.save_figure(plots.stitching_penalty_figure(
         layers, metrics["penalty"], metrics["stitched_accuracy"], metrics["clean_accuracy"],

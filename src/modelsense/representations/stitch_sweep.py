@@ -11,7 +11,7 @@ the stitching penalty = mean clean test accuracy of A and B - stitched test accu
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,30 @@ def stitching_sweep(
     return sweep
 
 
+def stitching_sweeps(pairs: Sequence[tuple[nn.Module, nn.Module]], layers: Sequence[str],
+                     configs: Sequence[StitchConfig], x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
+                     progress: bool = True,
+                     on_pair: Callable[[int, StitchSweep], None] | None = None) -> list[StitchSweep]:
+    """`stitching_sweep` of every pair (A, B) of `pairs` at the same `layers` (each checked to exist in B);
+    `on_pair(r, sweep)` is called after pair r (e.g. to log it). `combine_sweeps` summarizes them."""
+    from modelsense.representations.compare import choose_layers
+
+    sweeps = []
+    for r, (a, b) in enumerate(pairs):
+        choose_layers(b, layers, "model-b")
+        sweeps.append(stitching_sweep(a, b, layers, configs, x_train, y_train, x_test, y_test, progress=progress))
+        if on_pair is not None:
+            on_pair(r, sweeps[-1])
+    return sweeps
+
+
+def stitching_states(sweeps: Sequence[StitchSweep]) -> dict[str, dict[str, Tensor]]:
+    """The trained stitching layers of the sweeps, keyed "<kind>/<layer>" for one sweep and
+    "pair<r>/<kind>/<layer>" for several."""
+    prefix = (lambda r: "") if len(sweeps) == 1 else (lambda r: f"pair{r}/")
+    return {f"{prefix(r)}{k}/{layer}": st for r, sw in enumerate(sweeps) for (k, layer), st in sw.states.items()}
+
+
 def over_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, standard deviation (ddof 1), standard error of the mean sd / sqrt(R)) over the first axis
     of `values` (R, ...): R repeats, e.g. random model pairs, R >= 2."""
@@ -190,4 +214,5 @@ def _row_entropy(w: Tensor) -> float:
     return float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
 
 
-__all__ = ["StitchSweep", "combine_sweeps", "over_pairs", "stitch_kinds", "stitching_sweep", "stitching_text"]
+__all__ = ["StitchSweep", "combine_sweeps", "over_pairs", "stitch_kinds", "stitching_states", "stitching_sweep",
+           "stitching_sweeps", "stitching_text"]
