@@ -1192,3 +1192,14 @@ def test_combine_sweeps_means_over_pairs_by_hand():
     assert two["clean_accuracy"] == pytest.approx([0.95, 0.75]) and two["repeats"] == 2
     assert len(two["final_loss"]) == 2
     assert "±" in stitching_text({**two, "pairs": [[0, 1], [0, 2]]}) and "±" not in stitching_text(one)
+
+
+def test_comparison_metrics_report_distances_only_for_the_procrustes_metrics():
+    from modelsense.representations.compare import comparison_metrics
+
+    res = {"matrix": np.array([[0.9, 0.2], [0.3, 0.6]]), "layers": ["a1", "a2"], "layers_b": ["a1", "a2"]}
+    m = comparison_metrics(res, "procrustes")
+    assert m["diagonal"] == [0.9, 0.6] and m["diagonal_distance"] == pytest.approx([0.1, 0.4])
+    assert "layers_b" not in m and m["value"] == "similarity" and m["matrix"] == [[0.9, 0.2], [0.3, 0.6]]
+    m = comparison_metrics({**res, "layers_b": ["b1", "b2"]}, "CKA")
+    assert m["metric"] == "cka" and m["layers_b"] == ["b1", "b2"] and "diagonal_distance" not in m

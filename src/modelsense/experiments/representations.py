@@ -183,7 +183,7 @@ def check_compare(spec: CompareSpec) -> Prepared:
 def run_compare(spec: CompareSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """The similarity matrix of A and B on the test set (a seeded subset of `n_examples`), its heatmap."""
     from modelsense.representations import plots
-    from modelsense.representations.compare import compare_representations
+    from modelsense.representations.compare import compare_representations, comparison_metrics
 
     data, metric = prepared.data, check_metric(spec.metric)
     a, b = pair_models(spec, prepared, run, progress)
@@ -197,15 +197,10 @@ def run_compare(spec: CompareSpec, prepared: Prepared, run: RunDir, progress: bo
               for name, m in (("A", a), ("B", b))]
     run.save_figure(plots.similarity_heatmap(matrix, res["layers"], res["layers_b"], f"{metric} on {data.name}",
                                              *labels), f"similarity_{metric}")
-    diagonal = np.diagonal(matrix)
-    metrics: dict[str, Any] = {
-        "metric": metric, "value": "similarity", "matrix": matrix.tolist(), "diagonal": diagonal.tolist(),
-        "layers": res["layers"], "n_examples": len(idx), "model_a": str(a.path), "model_b": str(b.path),
-        "clean_accuracy": [evaluate_accuracy(m.module, data.x_test, data.y_test) for m in (a, b)], "seconds": seconds,
-        **({"layers_b": res["layers_b"]} if res["layers_b"] != res["layers"] else {}),
-        **({"diagonal_distance": (1.0 - diagonal).tolist()} if metric in ("procrustes", "relu-procrustes") else {}),
-    }
-    run.log(f"{metric} diagonal {np.round(diagonal, 4).tolist()} in {seconds:.1f}s")
+    metrics = {**comparison_metrics(res, metric), "n_examples": len(idx), "model_a": str(a.path),
+               "model_b": str(b.path), "seconds": seconds,
+               "clean_accuracy": [evaluate_accuracy(m.module, data.x_test, data.y_test) for m in (a, b)]}
+    run.log(f"{metric} diagonal {np.round(metrics['diagonal'], 4).tolist()} in {seconds:.1f}s")
     return metrics
 
 
