@@ -252,6 +252,23 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
 
 
+def test_compare_resumes_from_the_store_of_the_members_it_trained(tmp_path):
+    """compare trains its zoo members as store jobs in the run; --resume keeps zoo/ and store/, so members whose
+    checkpoints were lost are taken from the store, not trained again."""
+    out = tmp_path / "cmp"
+    first = ok("compare", *TINY, "--seed-a", 3, "--seed-b", 4, "--out", out)
+    assert len(list((out / "store").glob("*/chunks/*.npz"))) == 1
+    import shutil
+
+    shutil.rmtree(out / "zoo")
+    again = ok("compare", *TINY, "--seed-a", 3, "--seed-b", 4, "--resume", "--out", out)
+    assert "2 of 2 jobs stored, 0 to train" in (out / "run.log").read_text()
+    np.testing.assert_allclose(again["matrix"], first["matrix"], atol=1e-9)
+    msg = _error(invoke("compare", *DATA, "--model", "cnn", "--width", 2, "--depth", 1, "--norm", "bn",
+                        "--backend", "ray", "--out", tmp_path / "x"))
+    assert "use --backend local" in msg and not (tmp_path / "x").exists()
+
+
 def test_stitch_over_random_zoo_pairs_reports_mean_and_standard_deviation(zoo_dir, tmp_path):
     """--repeats 2 draws 2 of the 3 pairs of the zoo seeds 0, 1, 2 (seed 2 trained into --zoo); the means and
     standard deviations are those of the pairs' own stitching runs."""

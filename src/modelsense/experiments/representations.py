@@ -6,11 +6,12 @@ when missing.
 
 Run directories (besides config.json, metrics.json):
     zoo:     zoo/ (checkpoints model_<seed>.pt, zoo.json) and store/ (unless --store): the resumable state
-    compare: similarity.npy, figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
+    compare: similarity.npy, figures/similarity_<metric>.png, zoo/ and store/ (the members trained for --seed-a /
+             --seed-b, unless --zoo: the resumable state, as of zoo and stitch; --backend ray trains them on Ray)
     stitch:  stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
              (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt (keyed <kind>/<layer>, pair<r>/<kind>/<layer>
-             for R > 1), figures/stitching_penalty.png, zoo/; metrics: `stitch_sweep.combine_sweeps`. --repeats R
-             > 1 stitches R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1 (the
+             for R > 1), figures/stitching_penalty.png, zoo/ and store/; metrics: `stitch_sweep.combine_sweeps`.
+             --repeats R > 1 stitches R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1 (the
              --retrain_repeats of Godfrey et al. 2022).
     probe:   probe.npz, figures/probe_table.png, model.pt (when trained here); metrics: `probes.probe_table`
 """
@@ -89,6 +90,10 @@ ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(model_zoo.ZOO_SUBDIR, ST
 
 
 # -- the two models of compare and stitch --------------------------------------------------------
+#: the resumable state of compare and stitch: the zoo members they trained into the run, and its store
+PAIR_STATE = (model_zoo.ZOO_SUBDIR, STORE_DIR)
+
+
 @dataclass(frozen=True)
 class ModelPair:
     """Models A and B: each a checkpoint (`model_a`) or the zoo member of a seed (`seed_a`, trained into
@@ -129,6 +134,7 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
               for which, path in (("model-a", p.model_a), ("model-b", p.model_b)) if path is not None}
     if len(loaded) < 2:
         probe = check_model(data, spec.model)
+        model_zoo.zoo_method("auto", probe, spec.train, spec.retrain.backend)
         if layer_list(p.layers) is not None:
             choose_layers(probe, p.layers, f"model {spec.model.name}")
         if p.zoo is not None:
@@ -140,11 +146,11 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
 def zoo_members(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir, progress: bool,
                 seeds: list[int]) -> dict[int, TrainedRun]:
     """The zoo members `seeds`, trained into `pair.zoo` (default the run; a zoo elsewhere is locked while
-    they train) where missing."""
+    they train) where missing, as jobs of its ground-truth store (`spec.retrain`)."""
     zoo = run.path if spec.pair.zoo is None else Path(spec.pair.zoo)
     with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
         res = model_zoo.train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress,
-                                  data=prepared.data)
+                                  data=prepared.data, retrain=spec.retrain, log=run.log)
     return {s: load_member("model", res.paths[res.seeds.index(s)], prepared.data) for s in set(seeds)}
 
 
@@ -168,6 +174,7 @@ class CompareSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pair: ModelPair = field(default_factory=ModelPair)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     metric: str = option("cka", f"{', '.join(SIMILARITIES[:-1])} or {SIMILARITIES[-1]} (all reported as similarities)")
     n_examples: int | None = option(None, "use a seeded random subset of this many test examples (n x n kernels)")
 
@@ -210,7 +217,7 @@ def compare_summary(m: dict[str, Any]) -> str:
                                                               METRIC_NOTES else "")
 
 
-COMPARE = Command("compare", CompareSpec, check_compare, run_compare, summary=compare_summary,
+COMPARE = Command("compare", CompareSpec, check_compare, run_compare, summary=compare_summary, keep=PAIR_STATE,
                   help="Layer x layer similarity of two models' representations on the test set, with a heatmap.")
 
 
@@ -224,6 +231,7 @@ class StitchSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pair: ModelPair = field(default_factory=ModelPair)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     kinds: tuple[str, ...] = option(("linear",), f"{', '.join(STITCH_KINDS)}, or a comma list of them", flag="--kind",
                                     parse=stitch_kinds, show=joined)
     stitch: StitchConfig = field(default_factory=StitchConfig)
@@ -297,7 +305,7 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
     return metrics
 
 
-STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitching_text,
+STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitching_text, keep=PAIR_STATE,
                  hide=frozenset({"stitch.kind"}),
                  help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per "
                       "layer.")
