@@ -12,6 +12,7 @@ from modelsense.retraining.store import (
     GroundTruthStore,
     Job,
     RetrainRecipe,
+    job_parameters,
     jobs_from,
     params_digest,
     train_chunk,
@@ -145,3 +146,20 @@ def test_bad_input(tmp_path):
         RetrainRecipe(RECIPE.data, RECIPE.model, TrainConfig(optimizer="ivon"))
     with pytest.raises(DataError, match="not in the store"):
         GroundTruthStore(tmp_path, RECIPE, 60, 500).gather(_jobs(1))
+
+
+def test_a_recipe_that_keeps_parameters_stores_them_per_job_and_keeps_the_other_digests(tmp_path):
+    """`params=True` (a zoo): each job's trained parameters come back by job, equal to training it alone;
+    recipes without it keep the key (and the stores) they had."""
+    assert "params" not in RECIPE.key()
+    keeping = RetrainRecipe(RECIPE.data, RECIPE.model, RECIPE.train, params=True)
+    assert keeping.digest() != RECIPE.digest()
+    jobs = _jobs(3)
+    tables = train_jobs(keeping, jobs, tmp_path, chunk_models=2, progress=False)
+    alone = train_chunk(keeping, jobs[2:])
+    for name, value in job_parameters(tables, 2).items():
+        assert value.shape == alone[f"param.{name}"][0].shape
+        torch.testing.assert_close(value, torch.from_numpy(alone[f"param.{name}"][0]), rtol=1e-4, atol=1e-5)
+    assert set(job_parameters(tables, 0)) == {"fc1.weight", "fc1.bias", "out.weight", "out.bias"}
+    with pytest.raises(DataError, match="no parameters"):
+        job_parameters(train_jobs(RECIPE, jobs[:1], tmp_path, progress=False), 0)

@@ -1,6 +1,7 @@
 """Invariance probes (modelsense.representations.probes): random group elements at one layer, the network's
 function, and every similarity metric between the features before and after."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -132,3 +133,31 @@ def test_probe_refuses_bad_input():
         invariance_probe(Reused(), ["act"], x)
     with pytest.raises(ConfigError, match=r"module 'b' maps \(6,\) to \(3,\); probe an activation module"):
         invariance_probe(Reused(), ["b"], x, metrics=["cka"])
+
+
+def test_probe_table_by_hand():
+    """One layer, two transforms, two metrics, two repeats: means, sd, the cells that must give 1 and the
+    deviations over them, from the result's lists."""
+    from modelsense.representations.probes import ProbeResult, probe_table, probe_table_text
+
+    res = ProbeResult(["act1"], ["orthogonal", "grelu"], ["cka", "relu-cka"], 2, clean_accuracy=0.5,
+                      channels={"act1": 3})
+    values = {("orthogonal", "pre"): ([1.0, 0.98], [0.4, 0.6]), ("orthogonal", "post"): ([0.9, 0.7], [0.5, 0.5]),
+              ("grelu", "pre"): ([0.8, 0.6], [1.0, 0.99]), ("grelu", "post"): ([0.7, 0.5], [0.97, 1.0])}
+    for (t, site), (cka, relu) in values.items():
+        res.similarity[("act1", t, site)] = {"cka": cka, "relu-cka": relu}
+    res.output_change = {("act1", "orthogonal"): [0.3, 0.1], ("act1", "grelu"): [1e-7, 2e-7]}
+    res.accuracy = {("act1", "orthogonal"): [0.4, 0.2], ("act1", "grelu"): [0.5, 0.5]}
+    table = probe_table(res)
+    m = table.metrics
+    assert m["table"]["act1"]["orthogonal"]["pre"]["cka"] == pytest.approx(0.99)
+    assert m["table_std"]["act1"]["grelu"]["post"]["cka"] == pytest.approx(np.std([0.7, 0.5], ddof=1))
+    # must give 1: cka for orthogonal at pre; relu-cka for grelu at pre and post
+    assert table.invariant.tolist() == [[True, False], [False, False], [False, True], [False, True]]
+    assert table.rows == ["act1 orthogonal pre", "act1 orthogonal post", "act1 grelu pre", "act1 grelu post"]
+    assert m["max_deviation_invariant"] == pytest.approx(0.03)
+    assert m["min_similarity_not_invariant"] == pytest.approx(0.4)
+    assert m["output_change"]["act1"] == {"orthogonal": 0.3, "grelu": 2e-7}
+    assert m["accuracy"]["act1"]["orthogonal"] == pytest.approx(0.3)
+    assert table.arrays["similarity"].shape == (1, 2, 2, 2, 2)
+    assert "orthogonal  pre" in probe_table_text({**m, "n_examples": 4})

@@ -1168,3 +1168,38 @@ def test_over_pairs_is_mean_sd_and_standard_error_by_hand():
     np.testing.assert_allclose(se, sd / np.sqrt(3))
     with pytest.raises(ConfigError, match="at least 2"):
         over_pairs(values[:1])
+
+
+def test_combine_sweeps_means_over_pairs_by_hand():
+    from modelsense.representations.stitch_sweep import StitchSweep, combine_sweeps, stitching_text
+
+    def sweep(clean, acc):
+        return StitchSweep(["l1", "l2"], ["linear"], clean, {"linear": acc},
+                           {"linear": [float(np.mean(clean)) - a for a in acc]}, {"linear": [0.1, 0.2]},
+                           {"linear": [1.0, 2.0]}, {"linear": [{}, {}]})
+
+    arrays, one = combine_sweeps([sweep((0.9, 0.7), [0.6, 0.4])])
+    assert one["penalty"] == {"linear": [pytest.approx(0.2), pytest.approx(0.4)]} and "repeats" not in one
+    assert one["final_loss"] == {"linear": [0.1, 0.2]} and arrays["penalty"].shape == (1, 1, 2)
+    arrays, two = combine_sweeps([sweep((0.9, 0.7), [0.6, 0.4]), sweep((1.0, 0.8), [0.9, 0.9])])
+    by_pair = np.array([[0.2, 0.4], [0.0, 0.0]])
+    np.testing.assert_allclose(arrays["penalty"][:, 0], by_pair, atol=1e-12)
+    np.testing.assert_allclose(two["penalty"]["linear"], [0.1, 0.2])
+    np.testing.assert_allclose(two["penalty_std"]["linear"], by_pair.std(0, ddof=1))
+    np.testing.assert_allclose(two["penalty_se"]["linear"], by_pair.std(0, ddof=1) / np.sqrt(2))
+    assert two["mean_penalty"]["linear"] == pytest.approx(0.15)
+    assert two["mean_penalty_std"]["linear"] == pytest.approx(np.std([0.3, 0.0], ddof=1))
+    assert two["clean_accuracy"] == pytest.approx([0.95, 0.75]) and two["repeats"] == 2
+    assert len(two["final_loss"]) == 2
+    assert "±" in stitching_text({**two, "pairs": [[0, 1], [0, 2]]}) and "±" not in stitching_text(one)
+
+
+def test_comparison_metrics_report_distances_only_for_the_procrustes_metrics():
+    from modelsense.representations.compare import comparison_metrics
+
+    res = {"matrix": np.array([[0.9, 0.2], [0.3, 0.6]]), "layers": ["a1", "a2"], "layers_b": ["a1", "a2"]}
+    m = comparison_metrics(res, "procrustes")
+    assert m["diagonal"] == [0.9, 0.6] and m["diagonal_distance"] == pytest.approx([0.1, 0.4])
+    assert "layers_b" not in m and m["value"] == "similarity" and m["matrix"] == [[0.9, 0.2], [0.3, 0.6]]
+    m = comparison_metrics({**res, "layers_b": ["b1", "b2"]}, "CKA")
+    assert m["metric"] == "cka" and m["layers_b"] == ["b1", "b2"] and "diagonal_distance" not in m

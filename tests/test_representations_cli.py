@@ -93,6 +93,49 @@ def test_zoo_resume_adds_members_of_other_seeds_and_refuses_other_settings(tmp_p
     assert isinstance(res.exception, ConfigError) and "zoo.train.epochs 4 (stored 3)" in str(res.exception)
 
 
+def test_zoo_members_are_jobs_of_the_ground_truth_store(zoo_dir, tmp_path):
+    """The engine's members are jobs (all examples, seed) of the store, kept with their parameters: a zoo
+    in another folder on the same --store trains nothing and writes the same checkpoints."""
+    from modelsense.retraining.store import GroundTruthStore, Job, RetrainRecipe, job_parameters
+
+    (chunk,) = (zoo_dir / "store").glob("*/chunks/*.npz")
+    with np.load(chunk) as f:
+        assert sorted(f["seeds"].tolist()) == [0, 1] and f["masks"].all() and "param.fc1.weight" in f.files
+    recipe = RetrainRecipe(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                           TrainConfig(epochs=3, lr=0.1, bs=32), params=True)
+    n_test = np.load(chunk)["test_correct"].shape[1]
+    tables = GroundTruthStore(zoo_dir / "store", recipe, 150, n_test).gather([Job(np.ones(150, dtype=bool), 1)])
+    torch.testing.assert_close(job_parameters(tables, 0)["fc1.weight"],
+                               load_model(zoo_member_path(zoo_dir, 1))[0].state_dict()["fc1.weight"], atol=0, rtol=0)
+    m = ok("zoo", *TINY, "--n-models", "2", "--store", zoo_dir / "store", "--out", tmp_path / "again")
+    first = json.loads((zoo_dir / "metrics.json").read_text())
+    assert m["n_trained"] == 0 and m["method"] == "ensemble" and m["test_accuracy"] == first["test_accuracy"]
+    assert not (tmp_path / "again" / "store").exists()
+    for seed in (0, 1):
+        for k, v in load_model(zoo_member_path(tmp_path / "again", seed))[0].state_dict().items():
+            assert torch.equal(v, load_model(zoo_member_path(zoo_dir, seed))[0].state_dict()[k])
+
+
+def test_zoo_on_ray_equals_the_local_zoo(zoo_dir, tmp_path):
+    pytest.importorskip("ray")
+    from modelsense.retraining.store import RetrainOptions
+
+    res = train_zoo(DataConfig("digits", n_train=150), ModelConfig("mlp", widths=(16, 16)),
+                    TrainConfig(epochs=3, lr=0.1, bs=32), 2, tmp_path, progress=False,
+                    retrain=RetrainOptions(backend="ray", chunk_size=1))
+    assert res.trained == [0, 1] and len(list((tmp_path / "store").glob("*/chunks/*.npz"))) == 2
+    for seed in (0, 1):
+        ray_state = load_model(zoo_member_path(tmp_path, seed))[0].state_dict()
+        for k, v in load_model(zoo_member_path(zoo_dir, seed))[0].state_dict().items():
+            torch.testing.assert_close(ray_state[k], v, atol=1e-6, rtol=1e-6)
+
+
+def test_zoo_on_ray_needs_the_engine(tmp_path):
+    res = invoke("zoo", *DATA, "--model", "cnn", "--width", 2, "--depth", 1, "--norm", "bn", "--epochs", 1,
+                 "--backend", "ray", "--out", tmp_path / "x")
+    assert "use --backend local" in _error(res) and not (tmp_path / "x").exists()
+
+
 def test_zoo_trains_batch_norm_models_one_by_one(tmp_path):
     res = train_zoo(DataConfig("digits", n_train=100), ModelConfig("cnn", width=2, depth=1, norm="bn"),
                     TrainConfig(epochs=1, lr=0.05, bs=50), 2, tmp_path, progress=False)
@@ -209,6 +252,23 @@ def test_stitch_single_kind_trains_missing_zoo_members(tmp_path):
     assert zoo_member_path(out, 3).exists() and zoo_member_path(out, 4).exists()
 
 
+def test_compare_resumes_from_the_store_of_the_members_it_trained(tmp_path):
+    """compare trains its zoo members as store jobs in the run; --resume keeps zoo/ and store/, so members whose
+    checkpoints were lost are taken from the store, not trained again."""
+    out = tmp_path / "cmp"
+    first = ok("compare", *TINY, "--seed-a", 3, "--seed-b", 4, "--out", out)
+    assert len(list((out / "store").glob("*/chunks/*.npz"))) == 1
+    import shutil
+
+    shutil.rmtree(out / "zoo")
+    again = ok("compare", *TINY, "--seed-a", 3, "--seed-b", 4, "--resume", "--out", out)
+    assert "2 of 2 jobs stored, 0 to train" in (out / "run.log").read_text()
+    np.testing.assert_allclose(again["matrix"], first["matrix"], atol=1e-9)
+    msg = _error(invoke("compare", *DATA, "--model", "cnn", "--width", 2, "--depth", 1, "--norm", "bn",
+                        "--backend", "ray", "--out", tmp_path / "x"))
+    assert "use --backend local" in msg and not (tmp_path / "x").exists()
+
+
 def test_stitch_over_random_zoo_pairs_reports_mean_and_standard_deviation(zoo_dir, tmp_path):
     """--repeats 2 draws 2 of the 3 pairs of the zoo seeds 0, 1, 2 (seed 2 trained into --zoo); the means and
     standard deviations are those of the pairs' own stitching runs."""
@@ -292,7 +352,8 @@ def test_probe_trains_its_model_and_refuses_bad_options(tmp_path):
     m = ok("probe", *TINY, "--layers", "act2", "--transforms", "grelu", "--repeats", 1, "--n-examples", 40,
            "--out", tmp_path / "p")
     assert m["layers"] == ["act2"] and m["transforms"] == ["grelu"] and (tmp_path / "p" / "model.pt").exists()
-    for bad, message in ((["--transforms", "rotation"], "unknown transform 'rotation'"),
+    for bad, message in ((["--transforms", "rotation"], "--transforms must be one of orthogonal, grelu, invertible, "
+                                                          "received 'rotation'"),
                          (["--layers", "relu9"], "'relu9' not found"), (["--repeats", 0], "--repeats must be >= 1"),
                          (["--n-examples", 3], "--n-examples must be >= 4")):
         assert message in _error(invoke("probe", *TINY, *bad, "--out", tmp_path / "x"))

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from modelsense.cli import app
 from modelsense.data import DataConfig, load_dataset_from_config
 from modelsense.errors import ConfigError, DataError
-from modelsense.experiments.memorization import VerificationFailed, example_correctness
+from modelsense.memorization.verify import VerificationFailed, example_correctness
 from modelsense.models.checkpoint import load_model
 from modelsense.runs import run_status
 
@@ -148,7 +148,8 @@ def test_bad_input_is_refused_before_writing(trained, tmp_path):
         ([], ConfigError, "--checkpoint (a modelsense model.pt) or --weights"),
         (["--checkpoint", ckpt, "--weights", root / "state.pt", "--expected-accuracy", "0.5"], ConfigError, "not both"),
         (["--checkpoint", ckpt], ConfigError, "give --expected-accuracy"),
-        (["--checkpoint", ckpt, "--expected-accuracy", "1.5"], ConfigError, "--expected-accuracy must lie in [0, 1]"),
+        (["--checkpoint", ckpt, "--expected-accuracy", "1.5"], ConfigError,
+         "--expected-accuracy must be <= 1, received 1.5"),
         (["--checkpoint", ckpt, "--expected-accuracy", "0.5", "--tolerance", "-1"], ConfigError, "--tolerance"),
         (["--checkpoint", ckpt, "--expected-accuracy", "0.5", "--split", "val"], ConfigError, "--split must be one of"),
         (["--checkpoint", ckpt, "--aux", small], DataError, "records 10 test examples"),

@@ -1,29 +1,19 @@
-"""`modelsense zoo`, `compare`, `stitch`: model zoos, layer x layer similarity, stitching sweeps.
+"""`modelsense zoo`, `compare`, `stitch`, `probe`: model zoos, layer x layer similarity, stitching, invariance probes
+(Godfrey, Brown, Emerson and Kvinge 2022), run from `modelsense.retraining.zoo` (the zoo, on the ground-truth
+store), `modelsense.representations.compare`, `.stitch_sweep`, `.probes` and `.plots`. Models A and B
+(`ModelPair`) are each a checkpoint or a zoo member by seed, trained into the zoo (default: the run's folder)
+when missing.
 
-Godfrey, Brown, Emerson and Kvinge (2022) compare independently trained networks of one
-architecture layer by layer (CKA, Procrustes and their G_ReLU-invariant versions) and stitch them
-(model A up to a ReLU -> a trained stitching layer -> model B after it). The zoo store is
-`modelsense.retraining.zoo`, the similarity matrix `modelsense.representations.compare`, the
-stitching sweep `modelsense.representations.stitch_sweep`, the figures
-`modelsense.representations.plots`; this module runs them. Models A and B (`ModelPair`) are each a
-checkpoint or a zoo member by seed, trained into the zoo (default: the run's folder) when missing.
-
-Run directories:
-    zoo:     config.json, metrics.json (seeds, test_accuracy, ...), zoo/ (the resumable state)
-    compare: config.json, metrics.json (matrix, diagonal, layers[, layers_b]; all similarities, and
-             diagonal_distance for the Procrustes metrics), similarity.npy,
-             figures/similarity_<metric>.png, zoo/ (members trained for --seed-a/--seed-b)
-    stitch:  config.json, metrics.json (layers, kinds, clean_accuracy [A, B], and per kind a list over
-             layers: stitched_accuracy, penalty, final_loss, extra, layer_seconds; mean_penalty per kind),
-             stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
-             (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt, figures/stitching_penalty.png, zoo/.
-             With --repeats R > 1 (R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1, as
-             the --retrain_repeats of Godfrey et al. 2022): clean_accuracy, stitched_accuracy, penalty and
-             mean_penalty are means over the pairs, with penalty_std, stitched_accuracy_std,
-             mean_penalty_std (sd over pairs, ddof 1), penalty_se and mean_penalty_se (standard errors of
-             the means, sd / sqrt(R)), pairs, clean_accuracy_by_pair, penalty_by_pair;
-             final_loss, extra, layer_seconds, model_a, model_b become lists over the pairs, and the
-             layers of stitching_layers.pt are keyed pair<r>/<kind>/<layer>.
+Run directories (besides config.json, metrics.json):
+    zoo:     zoo/ (checkpoints model_<seed>.pt, zoo.json) and store/ (unless --store): the resumable state
+    compare: similarity.npy, figures/similarity_<metric>.png, zoo/ and store/ (the members trained for --seed-a /
+             --seed-b, unless --zoo: the resumable state, as of zoo and stitch; --backend ray trains them on Ray)
+    stitch:  stitching.npz (clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers), pairs
+             (R, 2) seeds, -1 for a checkpoint), stitching_layers.pt (keyed <kind>/<layer>, pair<r>/<kind>/<layer>
+             for R > 1), figures/stitching_penalty.png, zoo/ and store/; metrics: `stitch_sweep.combine_sweeps`.
+             --repeats R > 1 stitches R random pairs of the zoo seeds --seed ... --seed + --zoo-size - 1 (the
+             --retrain_repeats of Godfrey et al. 2022).
+    probe:   probe.npz, figures/probe_table.png, model.pt (when trained here); metrics: `probes.probe_table`
 """
 
 from __future__ import annotations
@@ -35,31 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
-from modelsense.experiments.source import check_checkpoint_data, check_model
+from modelsense.experiments.source import TrainedRun, check_model, load_trained_run
 from modelsense.models import ModelConfig
-from modelsense.models.checkpoint import load_model
-from modelsense.options import ints, joined, names, option
-from modelsense.representations.compare import METRIC_NOTES, check_metric, choose_layers, layer_list
+from modelsense.options import check_fields, ints, joined, names, option
+from modelsense.representations.compare import METRIC_NOTES, check_metric, choose_layers, layer_list, subsample_indices
 from modelsense.representations.metrics import SIMILARITIES
-from modelsense.representations.probes import TRANSFORMS
-from modelsense.representations.stitch_sweep import stitch_kinds
+from modelsense.representations.probes import TRANSFORMS, probe_table_text
+from modelsense.representations.stitch_sweep import stitch_kinds, stitching_text
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
-from modelsense.retraining.zoo import (
-    ZOO_METHODS,
-    ZOO_SUBDIR,
-    check_seeds,
-    check_zoo_index,
-    draw_pairs,
-    read_zoo_index,
-    train_zoo,
-    zoo_member_path,
-    zoo_settings,
-)
+from modelsense.retraining import zoo as model_zoo
+from modelsense.retraining.store import STORE_DIR, RetrainOptions
 from modelsense.runs import RunDir, finished_metrics, locked
 from modelsense.training.config import TrainConfig
 
@@ -72,62 +51,49 @@ class ZooSpec:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    n_models: int = option(8, "number of models (seeds --seed, --seed + 1, ...)")
+    n_models: int = option(8, "number of models (seeds --seed, --seed + 1, ...)", low=1)
     seeds: tuple[int, ...] = option(
         (), "explicit comma-separated seeds (overrides --n-models)", parse=ints, show=joined
     )
-    method: str = option("auto", "auto (vmapped engine unless batch norm / ivon), ensemble or fit")
-    chunk_size: int | None = option(None, "models trained together (vmapped) per chunk")
+    method: str = option("auto", "auto (vmapped engine unless batch norm / ivon), ensemble or fit",
+                         choices=model_zoo.ZOO_METHODS)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.seeds:
+            model_zoo.check_seeds(self.seeds)
 
 
 def check_zoo(spec: ZooSpec) -> Prepared:
-    if spec.method not in ZOO_METHODS:
-        raise ConfigError(f"unknown zoo training method {spec.method!r}; expected one of {ZOO_METHODS}")
-    if spec.seeds:
-        check_seeds(spec.seeds)
-    elif spec.n_models < 1:
-        raise ConfigError(f"--n-models must be >= 1, got {spec.n_models}")
     data = load_dataset_from_config(spec.data)
-    check_model(data, spec.model)
+    model_zoo.zoo_method(spec.method, check_model(data, spec.model), spec.train, spec.retrain.backend)
     # the settings that define the members (not the seed or the device), which a resumed zoo must keep
-    return Prepared(data, {"dataset": data.summary(), "zoo": zoo_settings(spec.data, spec.model, spec.train)})
+    return Prepared(data, {"dataset": data.summary(), "zoo": model_zoo.zoo_settings(spec.data, spec.model, spec.train)})
 
 
 def run_zoo(spec: ZooSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
-    """Train the zoo members the run's zoo/ does not hold yet (the others are reused)."""
-    zoo = train_zoo(spec.data, spec.model, spec.train, None if spec.seeds else spec.n_models, run.path,
-                    spec.seeds or None, progress, data=prepared.data, method=spec.method, chunk_models=spec.chunk_size)
-    acc = np.asarray(zoo.test_accuracy)
+    """Train the zoo members the run's zoo/ does not hold yet (the engine's are jobs of the ground-truth store,
+    which may hold them already: `modelsense.retraining.zoo`)."""
+    zoo = model_zoo.train_zoo(spec.data, spec.model, spec.train, None if spec.seeds else spec.n_models, run.path,
+                    spec.seeds or None, progress, data=prepared.data, method=spec.method, retrain=spec.retrain,
+                    log=run.log)
     run.log(f"zoo of {len(zoo.seeds)} ({len(zoo.trained)} trained by {zoo.method}) in {zoo.seconds:.1f}s")
-    return {
-        "seeds": zoo.seeds,
-        "test_accuracy": zoo.test_accuracy,
-        "train_accuracy": zoo.train_accuracy,
-        "mean_test_accuracy": float(acc.mean()),
-        "std_test_accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-        "n_trained": len(zoo.trained),
-        "method": zoo.method,
-        "seconds": zoo.seconds,
-        "paths": [str(p) for p in zoo.paths],
-    }
+    return zoo.metrics()
 
 
-ZOO = Command(
-    "zoo",
-    ZooSpec,
-    check_zoo,
-    run_zoo,
-    keep=(ZOO_SUBDIR,),
-    resume_keys=("zoo",),
-    summary=lambda m: (
-        f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
-        f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}"
-    ),
-    help="Train N models of one architecture from different seeds (a model zoo), reused by compare and stitch.",
-)
+ZOO = Command("zoo", ZooSpec, check_zoo, run_zoo, keep=(model_zoo.ZOO_SUBDIR, STORE_DIR), resume_keys=("zoo",),
+              summary=lambda m: (f"{len(m['seeds'])} models ({m['n_trained']} trained, {m['method']}): test accuracy "
+                                 f"{m['mean_test_accuracy']:.4f} ± {m['std_test_accuracy']:.4f}"),
+              help="Train N models of one architecture from different seeds (a model zoo), reused by compare and "
+                   "stitch.")
 
 
 # -- the two models of compare and stitch --------------------------------------------------------
+#: the resumable state of compare and stitch: the zoo members they trained into the run, and its store
+PAIR_STATE = (model_zoo.ZOO_SUBDIR, STORE_DIR)
+
+
 @dataclass(frozen=True)
 class ModelPair:
     """Models A and B: each a checkpoint (`model_a`) or the zoo member of a seed (`seed_a`, trained into
@@ -142,71 +108,61 @@ class ModelPair:
     zoo: str | None = option(None, "zoo run directory holding zoo/model_<seed>.pt (default: --out)")
     layers: str = option("all", "'all' (every nn.ReLU module) or comma-separated module names, e.g. act1,act2")
 
-
-@dataclass
-class LoadedModel:
-    """A network to compare or stitch: the module (eval mode), its checkpoint, its seed."""
-
-    module: nn.Module
-    source: str
-    seed: int | None
+    def __post_init__(self) -> None:
+        for which, path, seed in (("a", self.model_a, self.seed_a), ("b", self.model_b, self.seed_b)):
+            if path is not None and seed is not None:
+                raise ConfigError(f"give either --model-{which} PATH or --seed-{which} N, not both")
 
 
-def load_member(which: str, path: Path, data: Dataset) -> LoadedModel:
-    """The checkpoint of model A or B (`which`: "model-a" / "model-b"), checked against `data`."""
-    if not path.is_file():
+def load_member(which: str, path: str | Path, data: Dataset) -> TrainedRun:
+    """The checkpoint of model A or B (`which`: "model-a" / "model-b"), checked against `data`, in eval mode."""
+    if not Path(path).is_file():
         raise ConfigError(f"--{which} {path}: no such checkpoint (a model.pt of `modelsense train` or "
                           "zoo/model_<seed>.pt of `modelsense zoo`)")
-    module, info = load_model(path)
-    check_checkpoint_data(info, data, f"{which} ({path})",
-                          fix="compare and stitch models trained on the same dataset, and pass that dataset")
-    return LoadedModel(module.eval(), str(path), info.get("seed"))
+    member = load_trained_run(path, data, f"{which} ({path})",
+                              fix="compare and stitch models trained on the same dataset, and pass that dataset")
+    member.module.eval()
+    return member
 
 
 def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
     """The dataset, and the checkpoints of the pair, checked with what can be checked before anything is
-    written or trained: the sources, each checkpoint against the data, the architecture of the zoo
-    members and the layer names on it."""
-    data = load_dataset_from_config(spec.data)
-    p = spec.pair
-    for which, path, seed in (("a", p.model_a, p.seed_a), ("b", p.model_b, p.seed_b)):
-        if path is not None and seed is not None:
-            raise ConfigError(f"give either --model-{which} PATH or --seed-{which} N, not both")
-    loaded = {which: load_member(which, Path(path), data)
+    written or trained: each checkpoint against the data, the architecture of the zoo members and the
+    layer names on it, a --zoo trained with other settings."""
+    data, p = load_dataset_from_config(spec.data), spec.pair
+    loaded = {which: load_member(which, path, data)
               for which, path in (("model-a", p.model_a), ("model-b", p.model_b)) if path is not None}
-    if len(loaded) < 2:  # zoo members: their architecture, the layers on it, a --zoo trained with other settings
+    if len(loaded) < 2:
         probe = check_model(data, spec.model)
+        model_zoo.zoo_method("auto", probe, spec.train, spec.retrain.backend)
         if layer_list(p.layers) is not None:
             choose_layers(probe, p.layers, f"model {spec.model.name}")
         if p.zoo is not None:
-            check_zoo_index(p.zoo, read_zoo_index(p.zoo), zoo_settings(spec.data, spec.model, spec.train))
+            settings = model_zoo.zoo_settings(spec.data, spec.model, spec.train)
+            model_zoo.check_zoo_index(p.zoo, model_zoo.read_zoo_index(p.zoo), settings)
     return Prepared(data, {"dataset": data.summary()}, {"loaded": loaded})
 
 
-def pair_models(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir,
-                progress: bool) -> tuple[LoadedModel, LoadedModel]:
-    """Models A and B, training the zoo members they need (into `pair.zoo`, default the run; a zoo
-    elsewhere is locked while they train)."""
-    p, seed = spec.pair, spec.train.seed
-    seed_a = seed if p.model_a is None and p.seed_a is None else p.seed_a
-    seed_b = (seed + 1 if seed_a == seed else seed) if p.model_b is None and p.seed_b is None else p.seed_b
-    loaded = dict(prepared.extra["loaded"])
-    seeds = {which: s for which, s in (("model-a", seed_a), ("model-b", seed_b)) if which not in loaded}
-    if seeds:
-        paths = zoo_member_paths(spec, prepared, run, progress, list(seeds.values()))
-        for which, s in seeds.items():
-            loaded[which] = load_member(which, paths[s], prepared.data)
-    return loaded["model-a"], loaded["model-b"]
-
-
-def zoo_member_paths(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir, progress: bool,
-                     seeds: list[int]) -> dict[int, Path]:
-    """The checkpoints of the zoo members `seeds`, trained into `pair.zoo` (default the run; a zoo elsewhere is
-    locked while they train) where missing."""
+def zoo_members(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir, progress: bool,
+                seeds: list[int]) -> dict[int, TrainedRun]:
+    """The zoo members `seeds`, trained into `pair.zoo` (default the run; a zoo elsewhere is locked while
+    they train) where missing, as jobs of its ground-truth store (`spec.retrain`)."""
     zoo = run.path if spec.pair.zoo is None else Path(spec.pair.zoo)
     with contextlib.nullcontext() if zoo.resolve() == run.path.resolve() else locked(zoo, "zoo"):
-        res = train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress, data=prepared.data)
-    return {s: res.paths[res.seeds.index(s)] for s in set(seeds)}
+        res = model_zoo.train_zoo(spec.data, spec.model, spec.train, None, zoo, sorted(set(seeds)), progress,
+                                  data=prepared.data, retrain=spec.retrain, log=run.log)
+    return {s: load_member("model", res.paths[res.seeds.index(s)], prepared.data) for s in set(seeds)}
+
+
+def pair_models(spec: CompareSpec | StitchSpec, prepared: Prepared, run: RunDir,
+                progress: bool) -> tuple[TrainedRun, TrainedRun]:
+    """Models A and B: the checkpoints, else the zoo members of --seed-a / --seed-b (default --seed, --seed + 1)."""
+    p, seed, loaded = spec.pair, spec.train.seed, prepared.extra["loaded"]
+    seed_a = seed if p.model_a is None and p.seed_a is None else p.seed_a
+    seed_b = (seed + 1 if seed_a == seed else seed) if p.model_b is None and p.seed_b is None else p.seed_b
+    seeds = {which: s for which, s in (("model-a", seed_a), ("model-b", seed_b)) if which not in loaded}
+    members = zoo_members(spec, prepared, run, progress, list(seeds.values())) if seeds else {}
+    return tuple(loaded[which] if which in loaded else members[seeds[which]] for which in ("model-a", "model-b"))
 
 
 # -- modelsense compare --------------------------------------------------------------------------
@@ -218,6 +174,7 @@ class CompareSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pair: ModelPair = field(default_factory=ModelPair)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     metric: str = option("cka", f"{', '.join(SIMILARITIES[:-1])} or {SIMILARITIES[-1]} (all reported as similarities)")
     n_examples: int | None = option(None, "use a seeded random subset of this many test examples (n x n kernels)")
 
@@ -233,7 +190,7 @@ def check_compare(spec: CompareSpec) -> Prepared:
 def run_compare(spec: CompareSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """The similarity matrix of A and B on the test set (a seeded subset of `n_examples`), its heatmap."""
     from modelsense.representations import plots
-    from modelsense.representations.compare import compare_representations, subsample_indices
+    from modelsense.representations.compare import compare_representations, comparison_metrics
 
     data, metric = prepared.data, check_metric(spec.metric)
     a, b = pair_models(spec, prepared, run, progress)
@@ -241,33 +198,26 @@ def run_compare(spec: CompareSpec, prepared: Prepared, run: RunDir, progress: bo
     start = time.perf_counter()
     res = compare_representations(a.module, b.module, data.x_test[idx], metric, layer_list(spec.pair.layers),
                                   device=spec.train.device)
-    seconds = time.perf_counter() - start
-    matrix = res["matrix"]
+    seconds, matrix = time.perf_counter() - start, res["matrix"]
     run.save_array("similarity", matrix)
-    labels = [f"{name} (seed {m.seed})" if m.seed is not None else name for name, m in (("A", a), ("B", b))]
+    labels = [name if m.info.get("seed") is None else f"{name} (seed {m.info['seed']})"
+              for name, m in (("A", a), ("B", b))]
     run.save_figure(plots.similarity_heatmap(matrix, res["layers"], res["layers_b"], f"{metric} on {data.name}",
                                              *labels), f"similarity_{metric}")
-    metrics: dict[str, Any] = {
-        "metric": metric, "value": "similarity", "matrix": matrix.tolist(), "diagonal": np.diagonal(matrix).tolist(),
-        "layers": res["layers"], "n_examples": len(idx), "model_a": a.source, "model_b": b.source,
-        "clean_accuracy": [evaluate_accuracy(m.module, data.x_test, data.y_test) for m in (a, b)], "seconds": seconds,
-    }
-    if res["layers_b"] != res["layers"]:
-        metrics["layers_b"] = res["layers_b"]
-    if metric in ("procrustes", "relu-procrustes"):
-        metrics["diagonal_distance"] = (1.0 - np.diagonal(matrix)).tolist()
-    run.log(f"{metric} diagonal {np.round(np.diagonal(matrix), 4).tolist()} in {seconds:.1f}s")
+    metrics = {**comparison_metrics(res, metric), "n_examples": len(idx), "model_a": str(a.path),
+               "model_b": str(b.path), "seconds": seconds,
+               "clean_accuracy": [evaluate_accuracy(m.module, data.x_test, data.y_test) for m in (a, b)]}
+    run.log(f"{metric} diagonal {np.round(metrics['diagonal'], 4).tolist()} in {seconds:.1f}s")
     return metrics
 
 
 def compare_summary(m: dict[str, Any]) -> str:
     diag = " ".join(f"{layer}={v:.4f}" for layer, v in zip(m["layers"], m["diagonal"]))
-    return f"{m['metric']} (similarity) diagonal: {diag}" + (
-        f"\n{METRIC_NOTES[m['metric']]}" if m["metric"] in METRIC_NOTES else ""
-    )
+    return f"{m['metric']} (similarity) diagonal: {diag}" + (f"\n{METRIC_NOTES[m['metric']]}" if m["metric"] in
+                                                              METRIC_NOTES else "")
 
 
-COMPARE = Command("compare", CompareSpec, check_compare, run_compare, summary=compare_summary,
+COMPARE = Command("compare", CompareSpec, check_compare, run_compare, summary=compare_summary, keep=PAIR_STATE,
                   help="Layer x layer similarity of two models' representations on the test set, with a heatmap.")
 
 
@@ -281,38 +231,37 @@ class StitchSpec:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pair: ModelPair = field(default_factory=ModelPair)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
     kinds: tuple[str, ...] = option(("linear",), f"{', '.join(STITCH_KINDS)}, or a comma list of them", flag="--kind",
                                     parse=stitch_kinds, show=joined)
     stitch: StitchConfig = field(default_factory=StitchConfig)
     repeats: int = option(1, "random pairs of zoo models (--retrain_repeats of Godfrey et al. 2022); more than one: "
-                             "the mean and standard deviation over the pairs")
+                             "the mean and standard deviation over the pairs", low=1)
     zoo_size: int | None = option(None, "draw the pairs from the zoo seeds --seed ... --seed + zoo_size - 1 (trained "
-                                        "where missing; default --repeats + 1)")
+                                        "where missing; default --repeats + 1)", low=2)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        p = self.pair
+        named = [f for f, v in (("--model-a", p.model_a), ("--model-b", p.model_b), ("--seed-a", p.seed_a),
+                                ("--seed-b", p.seed_b)) if v is not None]
+        if named and (self.repeats > 1 or self.zoo_size is not None):
+            raise ConfigError(f"--repeats / --zoo-size draw random pairs of zoo models; they cannot be combined with "
+                              f"{', '.join(named)}")
 
 
 def check_stitch(spec: StitchSpec) -> Prepared:
-    kinds = stitch_kinds(spec.kinds)
     base = replace(spec.stitch, seed=spec.train.seed, device=spec.train.device)
     pairs = None
-    if spec.repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {spec.repeats}")
     if spec.repeats > 1 or spec.zoo_size is not None:
-        p = spec.pair
-        named = [f for f, v in (("--model-a", p.model_a), ("--model-b", p.model_b), ("--seed-a", p.seed_a),
-                                ("--seed-b", p.seed_b)) if v is not None]
-        if named:
-            raise ConfigError(f"--repeats / --zoo-size draw random pairs of zoo models; they cannot be combined with "
-                              f"{', '.join(named)}")
         size = spec.repeats + 1 if spec.zoo_size is None else spec.zoo_size
-        if size < 2:
-            raise ConfigError(f"--zoo-size must be >= 2 (a pair), got {size}")
-        pairs = draw_pairs(range(spec.train.seed, spec.train.seed + size), spec.repeats, seed=spec.train.seed)
+        seed = spec.train.seed
+        pairs = model_zoo.draw_pairs(range(seed, seed + size), spec.repeats, seed=seed)
     prepared = check_pair(spec)
     prepared.config["stitch"] = asdict(base)  # the settings used
     if pairs is not None:
         prepared.config["pairs"] = [list(pair) for pair in pairs]
-    prepared.extra["configs"] = [replace(base, kind=k) for k in kinds]
-    prepared.extra["pairs"] = pairs
+    prepared.extra.update(configs=[replace(base, kind=k) for k in stitch_kinds(spec.kinds)], pairs=pairs)
     return prepared
 
 
@@ -320,106 +269,46 @@ def run_stitch(spec: StitchSpec, prepared: Prepared, run: RunDir, progress: bool
     """The stitching sweep over the layers and kinds, for one pair (A, B) or `repeats` random zoo pairs;
     metrics per kind, a list over the layers (the mean over the pairs, and their standard deviation)."""
     from modelsense.representations import plots
-    from modelsense.representations.stitch_sweep import over_pairs, stitching_sweep
+    from modelsense.representations.stitch_sweep import combine_sweeps, stitching_states, stitching_sweeps
 
-    data, configs, pairs = prepared.data, prepared.extra["configs"], prepared.extra["pairs"]
+    data, pairs = prepared.data, prepared.extra["pairs"]
     if pairs is None:
         members = [pair_models(spec, prepared, run, progress)]
     else:
-        paths = zoo_member_paths(spec, prepared, run, progress, [s for pair in pairs for s in pair])
-        members = [
-            (load_member("model-a", paths[sa], data), load_member("model-b", paths[sb], data)) for sa, sb in pairs
-        ]
-    names = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
-    start = time.perf_counter()
-    sweeps = []
-    for r, (a, b) in enumerate(members):
-        choose_layers(b.module, names, "model-b")
-        sweeps.append(stitching_sweep(a.module, b.module, names, configs, data.x_train, data.y_train, data.x_test,
-                                      data.y_test, progress=progress))
+        zoo = zoo_members(spec, prepared, run, progress, [s for pair in pairs for s in pair])
+        members = [(zoo[sa], zoo[sb]) for sa, sb in pairs]
+
+    def log_pair(r: int, sweep: Any) -> None:
         if pairs is not None:
-            run.log(f"pair {r + 1}/{len(pairs)} (seeds {a.seed}, {b.seed}): penalties "
-                    f"{ {k: np.round(v, 4).tolist() for k, v in sweeps[-1].penalty.items()} }")
+            run.log(f"pair {r + 1}/{len(pairs)} (seeds {pairs[r][0]}, {pairs[r][1]}): penalties "
+                    f"{ {k: np.round(v, 4).tolist() for k, v in sweep.penalty.items()} }")
+
+    layers = choose_layers(members[0][0].module, spec.pair.layers, "model-a")
+    start = time.perf_counter()
+    sweeps = stitching_sweeps([(a.module, b.module) for a, b in members], layers, prepared.extra["configs"],
+                              data.x_train, data.y_train, data.x_test, data.y_test, progress, log_pair)
     seconds = time.perf_counter() - start
-    kinds = sweeps[0].kinds
-    accuracy = np.asarray([[sw.stitched_accuracy[k] for k in kinds] for sw in sweeps])  # (R, K, L)
-    penalty = np.asarray([[sw.penalty[k] for k in kinds] for sw in sweeps])
-    clean = np.asarray([sw.clean_accuracy for sw in sweeps])  # (R, 2)
-    run.save_arrays("stitching", layers=np.asarray(names), kinds=np.asarray(kinds), clean_accuracy=clean,
-                    stitched_accuracy=accuracy, penalty=penalty,
-                    pairs=np.asarray([[-1 if m.seed is None else m.seed for m in pair] for pair in members]))
-    prefix = (lambda r: "") if len(sweeps) == 1 else (lambda r: f"pair{r}/")
-    run.save_torch("stitching_layers", {f"{prefix(r)}{k}/{layer}": st for r, sw in enumerate(sweeps)
-                                        for (k, layer), st in sw.states.items()})
-
-    def per_kind(values: np.ndarray) -> dict[str, list[float]]:
-        return {k: values[i].tolist() for i, k in enumerate(kinds)}
-
+    arrays, metrics = combine_sweeps(sweeps)
+    seeds = [[-1 if m.info.get("seed") is None else m.info["seed"] for m in pair] for pair in members]
+    run.save_arrays("stitching", layers=np.asarray(layers), kinds=np.asarray(metrics["kinds"]), **arrays,
+                    pairs=np.asarray(seeds))
+    run.save_torch("stitching_layers", stitching_states(sweeps))
     several = len(sweeps) > 1
-    std = (lambda v: v.std(0, ddof=1)) if several else (lambda v: np.zeros(v.shape[1:]))
     run.save_figure(plots.stitching_penalty_figure(
-        names, per_kind(penalty.mean(0)), per_kind(accuracy.mean(0)), clean.mean(0).tolist(),
+        layers, metrics["penalty"], metrics["stitched_accuracy"], metrics["clean_accuracy"],
         f"stitching A -> B on {data.name}" + (f", mean ± sd over {len(sweeps)} random pairs" if several else ""),
-        penalty_std=per_kind(std(penalty)) if several else None,
-        accuracy_std=per_kind(std(accuracy)) if several else None), "stitching_penalty")
-    metrics: dict[str, Any] = {
-        "layers": names,
-        "kinds": kinds,
-        "stitched_accuracy": per_kind(accuracy.mean(0)),
-        "penalty": per_kind(penalty.mean(0)),
-        "clean_accuracy": clean.mean(0).tolist(),
-        "mean_clean_accuracy": float(clean.mean()),
-        "mean_penalty": {k: float(penalty[:, i].mean()) for i, k in enumerate(kinds)},
-        "seconds": seconds,
-    }
-    if several:
-        metrics.update(
-            repeats=len(sweeps), pairs=[[a.seed, b.seed] for a, b in members], clean_accuracy_by_pair=clean.tolist(),
-            penalty_std=per_kind(std(penalty)), penalty_se=per_kind(over_pairs(penalty)[2]),
-            stitched_accuracy_std=per_kind(std(accuracy)),
-            mean_penalty_std={k: float(penalty[:, i].mean(-1).std(ddof=1)) for i, k in enumerate(kinds)},
-            mean_penalty_se={k: float(over_pairs(penalty[:, i].mean(-1))[2]) for i, k in enumerate(kinds)},
-            penalty_by_pair={k: penalty[:, i].tolist() for i, k in enumerate(kinds)},
-            final_loss=[sw.final_loss for sw in sweeps], extra=[sw.extra for sw in sweeps],
-            layer_seconds=[sw.seconds for sw in sweeps], model_a=[a.source for a, _ in members],
-            model_b=[b.source for _, b in members])
-    else:
-        sw, (a, b) = sweeps[0], members[0]
-        metrics.update(final_loss=sw.final_loss, extra=sw.extra, layer_seconds=sw.seconds, model_a=a.source,
-                       model_b=b.source)
+        penalty_std=metrics.get("penalty_std"), accuracy_std=metrics.get("stitched_accuracy_std")), "stitching_penalty")
+    sources = [[str(m.path) for m in pair] for pair in zip(*members)]  # [[A of each pair], [B of each pair]]
+    metrics.update(seconds=seconds, model_a=sources[0] if several else sources[0][0],
+                   model_b=sources[1] if several else sources[1][0], **({"pairs": seeds} if several else {}))
     run.log(f"stitching penalties {metrics['mean_penalty']} in {seconds:.1f}s")
     return metrics
 
 
-def stitch_summary(m: dict[str, Any]) -> str:
-    if "repeats" in m:
-        lines = [(f"{m['repeats']} random pairs {m['pairs']}: clean accuracy A {m['clean_accuracy'][0]:.4f}  B "
-                  f"{m['clean_accuracy'][1]:.4f} (means)")]
-        lines += [
-            f"{k:12s} penalty "
-            + " ".join(
-                f"{layer}={p:+.4f}±{sd:.4f} (se {se:.4f})"
-                for layer, p, sd, se in zip(m["layers"], m["penalty"][k], m["penalty_std"][k], m["penalty_se"][k])
-            )
-            for k in m["kinds"]
-        ]
-        lines.append("± the standard deviation over the pairs; se: the standard error of the mean penalty (sd / √R)")
-        return "\n".join(lines)
-    lines = [f"clean accuracy A {m['clean_accuracy'][0]:.4f}  B {m['clean_accuracy'][1]:.4f}"]
-    lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}" for layer, p in zip(m["layers"], m["penalty"][k]))
-              for k in m["kinds"]]
-    return "\n".join(lines)
-
-
-STITCH = Command(
-    "stitch",
-    StitchSpec,
-    check_stitch,
-    run_stitch,
-    summary=stitch_summary,
-    hide=frozenset({"stitch.kind"}),
-    help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per layer.",
-)
+STITCH = Command("stitch", StitchSpec, check_stitch, run_stitch, summary=stitching_text, keep=PAIR_STATE,
+                 hide=frozenset({"stitch.kind"}),
+                 help="Stitch model A into model B after each chosen ReLU layer; stitched accuracy and penalty per "
+                      "layer.")
 
 
 # -- modelsense probe ----------------------------------------------------------------------------
@@ -438,38 +327,32 @@ class ProbeSpec:
                                        "path)) to probe instead of training one")
     layers: str = option("all", "'all' (every nn.ReLU module) or comma-separated activation module names, e.g. act1")
     transforms: tuple[str, ...] = option(TRANSFORMS, "comma-separated transforms: " + ", ".join(TRANSFORMS),
-                                         parse=names, show=joined)
-    repeats: int = option(3, "random transforms per layer and kind (--repeats of Godfrey et al. 2022)")
-    sigma: float = option(1.0, "sigma of the G_ReLU scales exp(sigma g) / exp(sigma^2 / 2) (Godfrey et al. 2022: 1)")
+                                         parse=names, show=joined, choices=TRANSFORMS)
+    repeats: int = option(3, "random transforms per layer and kind (--repeats of Godfrey et al. 2022)", low=1)
+    sigma: float = option(1.0, "sigma of the G_ReLU scales exp(sigma g) / exp(sigma^2 / 2) (Godfrey et al. 2022: 1)",
+                          low=0.0)
     n_examples: int | None = option(500, "a seeded random subset of this many test examples (n x n kernels); "
-                                         "none: all")
+                                         "none: all", low=4)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.transforms:
+            raise ConfigError(f"--transforms needs at least one of {', '.join(TRANSFORMS)}")
+        if self.checkpoint is not None and self.weights is not None:
+            raise ConfigError("give --checkpoint (a modelsense model.pt) or --weights (a state_dict of --model), "
+                              "not both")
 
 
 def check_probe(spec: ProbeSpec) -> Prepared:
     from modelsense.experiments.source import check_checkpoint, load_weights_run
 
-    for t in spec.transforms:
-        if t not in TRANSFORMS:
-            raise ConfigError(f"unknown transform {t!r} in --transforms; expected {', '.join(TRANSFORMS)}")
-    if not spec.transforms:
-        raise ConfigError(f"--transforms needs at least one of {', '.join(TRANSFORMS)}")
-    if spec.repeats < 1:
-        raise ConfigError(f"--repeats must be >= 1, got {spec.repeats}")
-    if not spec.sigma >= 0:
-        raise ConfigError(f"--sigma must be >= 0, got {spec.sigma}")
-    if spec.n_examples is not None and spec.n_examples < 4:
-        raise ConfigError(f"--n-examples must be >= 4 (the unbiased HSIC of unbiased-cka and relu-cka), got "
-                          f"{spec.n_examples}")
-    if spec.checkpoint is not None and spec.weights is not None:
-        raise ConfigError("give --checkpoint (a modelsense model.pt) or --weights (a state_dict of --model), not both")
     data = load_dataset_from_config(spec.data)
     trained = (check_checkpoint(spec.checkpoint, spec.data, data) if spec.checkpoint is not None
                else load_weights_run(spec.weights, spec.model, data) if spec.weights is not None else None)
-    module = check_model(data, spec.model) if trained is None else trained.module
-    layers = choose_layers(module, spec.layers, "the model")
-    config = {"dataset": data.summary(), "layers_used": layers}
-    if trained is not None:
-        config["source"] = trained.summary()
+    layers = choose_layers(check_model(data, spec.model) if trained is None else trained.module, spec.layers,
+                           "the model")
+    config = {"dataset": data.summary(), "layers_used": layers,
+              **({} if trained is None else {"source": trained.summary()})}
     return Prepared(data, config, {"trained": trained, "layers": layers})
 
 
@@ -477,81 +360,26 @@ def run_probe(spec: ProbeSpec, prepared: Prepared, run: RunDir, progress: bool =
     """The network (trained here, or the checkpoint), the probe on a seeded subset of the test set, the table."""
     from modelsense.experiments.source import obtain_model
     from modelsense.representations import plots
-    from modelsense.representations.compare import subsample_indices
-    from modelsense.representations.probes import INVARIANT, SITES, invariance_probe
+    from modelsense.representations.probes import invariance_probe, probe_table
 
-    data, layers = prepared.data, prepared.extra["layers"]
+    data = prepared.data
     got = obtain_model(data, spec.model, spec.train, trained=prepared.extra["trained"], run=run, progress=progress)
     idx = subsample_indices(data.n_test, spec.n_examples, spec.data.seed)
     start = time.perf_counter()
-    res = invariance_probe(got.module.eval(), layers, data.x_test[idx], data.y_test[idx], transforms=spec.transforms,
-                           repeats=spec.repeats, seed=spec.train.seed, sigma=spec.sigma,
+    res = invariance_probe(got.module.eval(), prepared.extra["layers"], data.x_test[idx], data.y_test[idx],
+                           transforms=spec.transforms, repeats=spec.repeats, seed=spec.train.seed, sigma=spec.sigma,
                            device=spec.train.device)
-    seconds = time.perf_counter() - start
-    transforms, metric_names = res.transforms, res.metrics
-    sim = np.asarray([[[[res.similarity[(layer, t, site)][m] for m in metric_names] for site in SITES]
-                       for t in transforms] for layer in layers])  # (L, T, S, M, R)
-    change = np.asarray([[res.output_change[(layer, t)] for t in transforms] for layer in layers])  # (L, T, R)
-    accuracy = np.asarray([[res.accuracy[(layer, t)] for t in transforms] for layer in layers])
-    run.save_arrays("probe", similarity=sim, output_change=change, accuracy=accuracy, layers=np.asarray(layers),
-                    transforms=np.asarray(transforms), sites=np.asarray(SITES), metrics=np.asarray(metric_names))
-    mean, std = sim.mean(-1), (sim.std(-1, ddof=1) if spec.repeats > 1 else np.zeros(sim.shape[:-1]))
-    invariant = np.zeros(sim.shape[:-1], dtype=bool)  # (L, T, S, M): the metric must give 1
-    for ti, t in enumerate(transforms):
-        for mi, m in enumerate(metric_names):
-            invariant[:, ti, SITES.index("pre"), mi] = m in INVARIANT[t]
-            invariant[:, ti, SITES.index("post"), mi] = t == "grelu" and m in INVARIANT[t]
-
-    def nested(values: np.ndarray) -> dict[str, Any]:
-        return {layer: {t: {site: {m: float(values[li, ti, si, mi]) for mi, m in enumerate(metric_names)}
-                            for si, site in enumerate(SITES)} for ti, t in enumerate(transforms)}
-                for li, layer in enumerate(layers)}
-
-    rows = [f"{layer} {t} {site}" for layer in layers for t in transforms for site in SITES]
-    run.save_figure(plots.probe_table_figure(mean.reshape(len(rows), -1), rows, metric_names,
-                                             invariant.reshape(len(rows), -1),
+    seconds, table = time.perf_counter() - start, probe_table(res)
+    run.save_arrays("probe", **table.arrays)
+    run.save_figure(plots.probe_table_figure(table.mean, table.rows, res.metrics, table.invariant,
                                              f"invariance probe: {got.model.name} on {data.name}, mean of "
                                              f"{spec.repeats} transform(s) (framed: must give 1)"), "probe_table")
-    deviation = np.abs(1.0 - sim[invariant])
-    metrics = {
-        "layers": layers, "transforms": transforms, "sites": list(SITES), "metrics": metric_names,
-        "repeats": spec.repeats, "n_examples": len(idx), "channels": res.channels,
-        "table": nested(mean), "table_std": nested(std),
-        "invariant": {t: list(INVARIANT[t]) for t in transforms},
-        "max_deviation_invariant": float(deviation.max()) if deviation.size else None,
-        "min_similarity_not_invariant": float(sim[~invariant].min()) if (~invariant).any() else None,
-        "output_change": {layer: {t: float(change[li, ti].max()) for ti, t in enumerate(transforms)}
-                          for li, layer in enumerate(layers)},
-        "clean_accuracy": res.clean_accuracy,
-        "accuracy": {layer: {t: float(accuracy[li, ti].mean()) for ti, t in enumerate(transforms)}
-                     for li, layer in enumerate(layers)},
-        "seconds": seconds,
-    }
+    metrics = {**table.metrics, "n_examples": len(idx), "seconds": seconds}
     run.log(f"probe: max |1 - s| over the invariant cells {metrics['max_deviation_invariant']}, in {seconds:.1f}s")
     return metrics
 
 
-def probe_summary(m: dict[str, Any]) -> str:
-    """The table the original prints: per layer, one row per transform and site, one column per metric; then
-    how much each transform changed the network's outputs and its accuracy."""
-    names = m["metrics"]
-    widths = [max(len(n), 6) + 1 for n in names]
-    lines = []
-    for layer in m["layers"]:
-        lines.append(f"{layer:18s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
-        for t in m["transforms"]:
-            for site in m["sites"]:
-                row = m["table"][layer][t][site]
-                lines.append(f"  {t:11s} {site:4s}" + "".join(f"{row[n]:{w}.4f}" for n, w in zip(names, widths)))
-        lines.append("  outputs: " + "; ".join(f"{t} max|Δ| {m['output_change'][layer][t]:.1e} accuracy "
-                                               f"{m['accuracy'][layer][t]:.4f}" for t in m["transforms"]))
-    lines.append(f"clean accuracy {m['clean_accuracy']:.4f}; must give 1 at pre: "
-                 + "; ".join(f"{t}: {', '.join(v) or 'none'}" for t, v in m["invariant"].items())
-                 + f"; largest |1 - s| among them {m['max_deviation_invariant']:.1e}")
-    return "\n".join(lines)
-
-
-PROBE = Command("probe", ProbeSpec, check_probe, run_probe, summary=probe_summary,
+PROBE = Command("probe", ProbeSpec, check_probe, run_probe, summary=probe_table_text,
                 help="Invariance probes: transform a layer of a trained network by random orthogonal, G_ReLU "
                      "(compensated in the next layer: the function is unchanged) and invertible maps and report every "
                      "similarity metric between the features before and after (Godfrey et al. 2022).")
@@ -566,28 +394,25 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
     pair = ModelPair(seed_a=0, seed_b=1, zoo=str(root))
     runs = {"compare": (COMPARE, CompareSpec(pair=pair, metric="cka")),
             "compare_relu_cka": (COMPARE, CompareSpec(pair=pair, metric="relu-cka")),
-            "stitch": (STITCH, StitchSpec(pair=pair, kinds=("linear", "permutation"), stitch=StitchConfig(lr=1e-2)))}
-    cmp, relu, st = ((resume and finished_metrics(root / name)) or execute(command, spec, root / name, overwrite=True,
-                                                                            progress=progress)
-                     for name, (command, spec) in runs.items())
-    probe_spec = ProbeSpec(checkpoint=str(zoo_member_path(root, 0)), repeats=1, n_examples=200)
-    probe = (resume and finished_metrics(root / "probe")) or execute(PROBE, probe_spec, root / "probe", overwrite=True,
-                                                                      progress=progress)
-    metrics: dict[str, Any] = {"clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]]}
-    for i, layer in enumerate(cmp["layers"]):
-        metrics[f"cka {layer}"] = cmp["diagonal"][i]
-    for i, layer in enumerate(relu["layers"]):
-        metrics[f"relu-cka {layer}"] = relu["diagonal"][i]
-    for k in st["kinds"]:
-        for layer, p in zip(st["layers"], st["penalty"][k]):
-            metrics[f"penalty {k} {layer}"] = p
+            "stitch": (STITCH, StitchSpec(pair=pair, kinds=("linear", "permutation"), stitch=StitchConfig(lr=1e-2))),
+            "probe": (PROBE, ProbeSpec(checkpoint=str(model_zoo.zoo_member_path(root, 0)), repeats=1,
+                                       n_examples=200))}
+    cmp, relu, st, probe = ((resume and finished_metrics(root / name))
+                            or execute(command, spec, root / name, overwrite=True, progress=progress)
+                            for name, (command, spec) in runs.items())
     table = probe["table"]["act1"]
-    for t, site, m in (("orthogonal", "pre", "cka"), ("orthogonal", "pre", "relu-cka"), ("grelu", "post", "cka"),
-                       ("grelu", "post", "relu-procrustes"), ("invertible", "pre", "procrustes")):
-        metrics[f"probe act1 {t} {site}: {m}"] = table[t][site][m]
-    metrics["probe: largest |1 - s| of the invariant metrics"] = probe["max_deviation_invariant"]
-    metrics["probe act1: output change under G_ReLU / orthogonal"] = [probe["output_change"]["act1"][t]
-                                                                      for t in ("grelu", "orthogonal")]
+    metrics: dict[str, Any] = {
+        "clean_accuracy": [round(v, 4) for v in st["clean_accuracy"]],
+        **{f"cka {layer}": v for layer, v in zip(cmp["layers"], cmp["diagonal"])},
+        **{f"relu-cka {layer}": v for layer, v in zip(relu["layers"], relu["diagonal"])},
+        **{f"penalty {k} {layer}": p for k in st["kinds"] for layer, p in zip(st["layers"], st["penalty"][k])},
+        **{f"probe act1 {t} {site}: {m}": table[t][site][m] for t, site, m in (
+            ("orthogonal", "pre", "cka"), ("orthogonal", "pre", "relu-cka"), ("grelu", "post", "cka"),
+            ("grelu", "post", "relu-procrustes"), ("invertible", "pre", "procrustes"))},
+        "probe: largest |1 - s| of the invariant metrics": probe["max_deviation_invariant"],
+        "probe act1: output change under G_ReLU / orthogonal": [probe["output_change"]["act1"][t]
+                                                                for t in ("grelu", "orthogonal")],
+    }
     return Section(
         "Representations: CKA and stitching of two MLPs trained from different seeds",
         "Linear CKA between every pair of ReLU layers of two digits MLPs (64-128-128-10) that differ only in "
@@ -604,14 +429,12 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
         "'post' the ReLU outputs. A metric invariant to the group gives 1 (CKA and Procrustes for orthogonal at pre; "
         "the G_ReLU metrics for G_ReLU, also at post).",
         metrics,
-        [
-            root / "compare" / "figures" / "similarity_cka.png",
-            root / "stitch" / "figures" / "stitching_penalty.png",
-            root / "probe" / "figures" / "probe_table.png",
-        ],
+        [root / name / "figures" / f"{figure}.png" for name, figure in (("compare", "similarity_cka"),
+                                                                         ("stitch", "stitching_penalty"),
+                                                                         ("probe", "probe_table"))],
         str(root),
     )
 
 
-__all__ = ["COMPARE", "PROBE", "STITCH", "ZOO", "CompareSpec", "LoadedModel", "ModelPair", "ProbeSpec", "StitchSpec",
-           "ZooSpec", "representations_section"]
+__all__ = ["COMPARE", "PROBE", "STITCH", "ZOO", "CompareSpec", "ModelPair", "ProbeSpec", "StitchSpec", "ZooSpec",
+           "representations_section"]

@@ -1,8 +1,9 @@
 """Held-out subsample estimation (Feldman & Zhang 2020; Jiang et al. 2021).
 
 `estimators`: memorization, influence and consistency scores from (R, N) subset masks and
-per-model correctness tables, with standard errors and bootstrap intervals. `store`: a reader for the released runs of
-Feldman & Zhang 2020.
+per-model correctness tables, with standard errors and bootstrap intervals. `evaluation` (`evaluate_farm`): all of
+them for one farm at once, as `modelsense memorization` reports them. `store`: a reader for the released runs of
+Feldman & Zhang 2020. `verify`: a checkpoint's accuracy and per-example correctness against a record.
 `plots` (imported on demand, it loads matplotlib): figures from those arrays.
 """
 

@@ -239,3 +239,22 @@ def consistency_curves_figure(ratios: Any, panels: dict[str, dict[str, tuple[Any
     fig.suptitle(title or "Consistency (C-score) curves: accuracy on an example when it is held out", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def farm_figures(farm: Any, data: Any = None, *, top_k: int = 10) -> dict[str, Figure]:
+    """The figures of a farm's estimates (`modelsense.memorization.evaluation.FarmEstimates`), name -> Figure:
+    memorization_histogram, memorization_convergence, consistency_curves (with several ratios) and, given
+    the `Dataset` `data`, most_memorized and influence_pairs (with influence; `top_k` as estimated)."""
+    mem = farm.memorization.estimate
+    figures = {"memorization_histogram": memorization_histogram(mem, corrupted=farm.corrupted),
+               "memorization_convergence": memorization_convergence_figure(*farm.convergence)}
+    if farm.consistency_curves:
+        figures["consistency_curves"] = consistency_curves_figure(farm.ratios, farm.consistency_curves)
+    if data is not None:
+        names = data.metadata.get("class_names")
+        figures["most_memorized"] = most_memorized_figure(data.x_train, data.y_train, mem, class_names=names)
+        if farm.influence is not None:
+            figures["influence_pairs"] = influence_pairs_figure(data.x_train, data.y_train, data.x_test, data.y_test,
+                                                                farm.influence, n_influential=min(4, top_k),
+                                                                class_names=names)
+    return figures

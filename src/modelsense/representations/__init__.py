@@ -8,8 +8,11 @@
 - `features`: activations of named modules (every ReLU by default) of any `nn.Module`.
 - `stitching`: stitching layers (linear, birkhoff, permutation, lowrank, lasso; batch norm around them),
   `StitchedModel`, `train_stitch`.
-- `probes` (`invariance_probe`): a random orthogonal, G_ReLU or invertible map at one layer of a network,
-  and every metric between the features before and after.
+- `probes` (`invariance_probe`, `probe_table`): a random orthogonal, G_ReLU or invertible map at one layer
+  of a network, and every metric between the features before and after.
+- `compare` (`compare_representations`, `comparison_metrics`) and `stitch_sweep` (`stitching_sweeps`,
+  `combine_sweeps`): the layer x layer similarity of two networks, and stitching sweeps over model pairs
+  with their means, standard deviations and standard errors, as `modelsense compare` / `stitch` report them.
 """
 
 from modelsense.representations.features import extract_features, relu_module_names

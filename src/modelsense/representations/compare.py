@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -112,9 +113,30 @@ def compare_representations(
     return {"matrix": matrix, "layers": list(fa), "layers_b": list(fb)}
 
 
+#: the metrics that are 1 - a distance (compare reports that distance too)
+DISTANCE_METRICS = ("procrustes", "relu-procrustes")
+
+
+def comparison_metrics(result: dict[str, Any], metric: str) -> dict[str, Any]:
+    """`compare_representations`' result as plain values: metric, value ("similarity"), matrix (L_a x L_b
+    lists), diagonal, layers, layers_b (only where B's layers differ from A's) and, for the metrics that
+    are 1 - a distance (`DISTANCE_METRICS`), diagonal_distance = 1 - diagonal."""
+    metric = check_metric(metric)
+    diagonal = np.diagonal(result["matrix"])
+    out: dict[str, Any] = {"metric": metric, "value": "similarity", "matrix": np.asarray(result["matrix"]).tolist(),
+                           "diagonal": diagonal.tolist(), "layers": list(result["layers"])}
+    if list(result["layers_b"]) != list(result["layers"]):
+        out["layers_b"] = list(result["layers_b"])
+    if metric in DISTANCE_METRICS:
+        out["diagonal_distance"] = (1.0 - diagonal).tolist()
+    return out
+
+
 __all__ = [
+    "DISTANCE_METRICS",
     "METRIC_NOTES",
     "check_metric",
+    "comparison_metrics",
     "choose_layers",
     "compare_representations",
     "layer_list",

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,5 +204,83 @@ def invariance_probe(model: nn.Module, layers: Sequence[str], x: Tensor, y: Tens
     return res
 
 
-__all__ = ["INVARIANT", "SITES", "TRANSFORMS", "ChannelMap", "Intertwined", "ProbeResult", "intertwine",
-           "invariance_probe", "random_transform"]
+@dataclass
+class ProbeTable:
+    """`probe_table` of a `ProbeResult`: arrays (similarity (L, T, S, M, R), output_change and accuracy
+    (L, T, R), layers, transforms, sites, metrics), the metrics of `modelsense probe`, and the table of
+    means row by row ("<layer> <transform> <site>") with the cells that must give 1 (`invariant`)."""
+
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    rows: list[str]
+    mean: np.ndarray
+    invariant: np.ndarray
+
+
+def probe_table(res: ProbeResult) -> ProbeTable:
+    """The probe's numbers as tables over (layer, transform, site, metric): mean and standard deviation
+    (ddof 1; 0 for one repeat) over the repeats, which cells a metric must give 1 in (`INVARIANT` at
+    `pre`; at `post` too for G_ReLU), the largest |1 - s| over those cells (`max_deviation_invariant`),
+    the smallest similarity elsewhere, the largest output change and the mean accuracy per layer and
+    transform."""
+    layers, transforms, names = res.layers, res.transforms, res.metrics
+    sim = np.asarray([[[[res.similarity[(layer, t, site)][m] for m in names] for site in SITES] for t in transforms]
+                      for layer in layers])  # (L, T, S, M, R)
+    change = np.asarray([[res.output_change[(layer, t)] for t in transforms] for layer in layers])  # (L, T, R)
+    accuracy = np.asarray([[res.accuracy[(layer, t)] for t in transforms] for layer in layers])
+    mean, std = sim.mean(-1), (sim.std(-1, ddof=1) if res.repeats > 1 else np.zeros(sim.shape[:-1]))
+    invariant = np.zeros(sim.shape[:-1], dtype=bool)  # (L, T, S, M): the metric must give 1
+    for ti, t in enumerate(transforms):
+        for mi, m in enumerate(names):
+            invariant[:, ti, SITES.index("pre"), mi] = m in INVARIANT[t]
+            invariant[:, ti, SITES.index("post"), mi] = t == "grelu" and m in INVARIANT[t]
+
+    def nested(values: np.ndarray) -> dict[str, Any]:
+        return {layer: {t: {site: {m: float(values[li, ti, si, mi]) for mi, m in enumerate(names)}
+                            for si, site in enumerate(SITES)} for ti, t in enumerate(transforms)}
+                for li, layer in enumerate(layers)}
+
+    def per_layer(values: np.ndarray) -> dict[str, Any]:
+        return {layer: {t: float(values[li, ti]) for ti, t in enumerate(transforms)} for li, layer in enumerate(layers)}
+
+    deviation = np.abs(1.0 - sim[invariant])
+    metrics = {
+        "layers": layers, "transforms": transforms, "sites": list(SITES), "metrics": names,
+        "repeats": res.repeats, "channels": res.channels,
+        "table": nested(mean), "table_std": nested(std),
+        "invariant": {t: list(INVARIANT[t]) for t in transforms},
+        "max_deviation_invariant": float(deviation.max()) if deviation.size else None,
+        "min_similarity_not_invariant": float(sim[~invariant].min()) if (~invariant).any() else None,
+        "output_change": per_layer(change.max(-1)),
+        "clean_accuracy": res.clean_accuracy,
+        "accuracy": per_layer(accuracy.mean(-1)),
+    }
+    arrays = {"similarity": sim, "output_change": change, "accuracy": accuracy, "layers": np.asarray(layers),
+              "transforms": np.asarray(transforms), "sites": np.asarray(SITES), "metrics": np.asarray(names)}
+    rows = [f"{layer} {t} {site}" for layer in layers for t in transforms for site in SITES]
+    return ProbeTable(arrays, metrics, rows, mean.reshape(len(rows), -1), invariant.reshape(len(rows), -1))
+
+
+def probe_table_text(m: dict[str, Any]) -> str:
+    """The table the original prints, from the metrics of `probe_table`: per layer, one row per transform
+    and site, one column per metric; then how much each transform changed the network's outputs and its
+    accuracy."""
+    names = m["metrics"]
+    widths = [max(len(n), 6) + 1 for n in names]
+    lines = []
+    for layer in m["layers"]:
+        lines.append(f"{layer:18s}" + "".join(f"{n:>{w}s}" for n, w in zip(names, widths)))
+        for t in m["transforms"]:
+            for site in m["sites"]:
+                row = m["table"][layer][t][site]
+                lines.append(f"  {t:11s} {site:4s}" + "".join(f"{row[n]:{w}.4f}" for n, w in zip(names, widths)))
+        lines.append("  outputs: " + "; ".join(f"{t} max|Δ| {m['output_change'][layer][t]:.1e} accuracy "
+                                               f"{m['accuracy'][layer][t]:.4f}" for t in m["transforms"]))
+    lines.append(f"clean accuracy {m['clean_accuracy']:.4f}; must give 1 at pre: "
+                 + "; ".join(f"{t}: {', '.join(v) or 'none'}" for t, v in m["invariant"].items())
+                 + f"; largest |1 - s| among them {m['max_deviation_invariant']:.1e}")
+    return "\n".join(lines)
+
+
+__all__ = ["INVARIANT", "SITES", "TRANSFORMS", "ChannelMap", "Intertwined", "ProbeResult", "ProbeTable", "intertwine",
+           "invariance_probe", "probe_table", "probe_table_text", "random_transform"]

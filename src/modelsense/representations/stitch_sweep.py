@@ -11,7 +11,7 @@ the stitching penalty = mean clean test accuracy of A and B - stitched test accu
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,30 @@ def stitching_sweep(
     return sweep
 
 
+def stitching_sweeps(pairs: Sequence[tuple[nn.Module, nn.Module]], layers: Sequence[str],
+                     configs: Sequence[StitchConfig], x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor,
+                     progress: bool = True,
+                     on_pair: Callable[[int, StitchSweep], None] | None = None) -> list[StitchSweep]:
+    """`stitching_sweep` of every pair (A, B) of `pairs` at the same `layers` (each checked to exist in B);
+    `on_pair(r, sweep)` is called after pair r (e.g. to log it). `combine_sweeps` summarizes them."""
+    from modelsense.representations.compare import choose_layers
+
+    sweeps = []
+    for r, (a, b) in enumerate(pairs):
+        choose_layers(b, layers, "model-b")
+        sweeps.append(stitching_sweep(a, b, layers, configs, x_train, y_train, x_test, y_test, progress=progress))
+        if on_pair is not None:
+            on_pair(r, sweeps[-1])
+    return sweeps
+
+
+def stitching_states(sweeps: Sequence[StitchSweep]) -> dict[str, dict[str, Tensor]]:
+    """The trained stitching layers of the sweeps, keyed "<kind>/<layer>" for one sweep and
+    "pair<r>/<kind>/<layer>" for several."""
+    prefix = (lambda r: "") if len(sweeps) == 1 else (lambda r: f"pair{r}/")
+    return {f"{prefix(r)}{k}/{layer}": st for r, sw in enumerate(sweeps) for (k, layer), st in sw.states.items()}
+
+
 def over_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, standard deviation (ddof 1), standard error of the mean sd / sqrt(R)) over the first axis
     of `values` (R, ...): R repeats, e.g. random model pairs, R >= 2."""
@@ -129,10 +153,66 @@ def over_pairs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return values.mean(0), sd, sd / np.sqrt(len(values))
 
 
+def combine_sweeps(sweeps: Sequence[StitchSweep]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The sweeps of R model pairs (same layers and kinds) as arrays and metrics.
+
+    Arrays: clean_accuracy (R, 2), stitched_accuracy and penalty (R, kinds, layers). Metrics: layers,
+    kinds; per kind a list over the layers of stitched_accuracy and penalty (means over the pairs);
+    clean_accuracy [A, B] (means), mean_clean_accuracy, mean_penalty per kind; final_loss, extra,
+    layer_seconds (the sweep's, lists over the pairs when R > 1). With R > 1 also repeats,
+    clean_accuracy_by_pair, penalty_std, stitched_accuracy_std, mean_penalty_std (sd over the pairs,
+    ddof 1), penalty_se and mean_penalty_se (standard errors of the means, sd / sqrt(R)), penalty_by_pair.
+    """
+    kinds = sweeps[0].kinds
+    accuracy = np.asarray([[sw.stitched_accuracy[k] for k in kinds] for sw in sweeps])  # (R, K, L)
+    penalty = np.asarray([[sw.penalty[k] for k in kinds] for sw in sweeps])
+    clean = np.asarray([sw.clean_accuracy for sw in sweeps])  # (R, 2)
+
+    def per_kind(values: np.ndarray) -> dict[str, Any]:
+        return {k: values[i].tolist() for i, k in enumerate(kinds)}
+
+    metrics: dict[str, Any] = {
+        "layers": sweeps[0].layers, "kinds": kinds, "stitched_accuracy": per_kind(accuracy.mean(0)),
+        "penalty": per_kind(penalty.mean(0)), "clean_accuracy": clean.mean(0).tolist(),
+        "mean_clean_accuracy": float(clean.mean()),
+        "mean_penalty": {k: float(penalty[:, i].mean()) for i, k in enumerate(kinds)},
+    }
+    if len(sweeps) > 1:
+        per_pair = penalty.mean(-1)  # (R, K): each pair's mean penalty over the layers
+        metrics.update(
+            repeats=len(sweeps), clean_accuracy_by_pair=clean.tolist(), penalty_std=per_kind(over_pairs(penalty)[1]),
+            penalty_se=per_kind(over_pairs(penalty)[2]), stitched_accuracy_std=per_kind(over_pairs(accuracy)[1]),
+            mean_penalty_std={k: float(over_pairs(per_pair)[1][i]) for i, k in enumerate(kinds)},
+            mean_penalty_se={k: float(over_pairs(per_pair)[2][i]) for i, k in enumerate(kinds)},
+            penalty_by_pair={k: penalty[:, i].tolist() for i, k in enumerate(kinds)},
+            final_loss=[sw.final_loss for sw in sweeps], extra=[sw.extra for sw in sweeps],
+            layer_seconds=[sw.seconds for sw in sweeps])
+    else:
+        metrics.update(final_loss=sweeps[0].final_loss, extra=sweeps[0].extra, layer_seconds=sweeps[0].seconds)
+    return {"clean_accuracy": clean, "stitched_accuracy": accuracy, "penalty": penalty}, metrics
+
+
+def stitching_text(m: dict[str, Any]) -> str:
+    """The penalties of `combine_sweeps`' metrics as printed lines (with the spread over several pairs)."""
+    if "repeats" not in m:
+        lines = [f"clean accuracy A {m['clean_accuracy'][0]:.4f}  B {m['clean_accuracy'][1]:.4f}"]
+        lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}" for layer, p in zip(m["layers"], m["penalty"][k]))
+                  for k in m["kinds"]]
+        return "\n".join(lines)
+    lines = [(f"{m['repeats']} random pairs {m['pairs']}: clean accuracy A {m['clean_accuracy'][0]:.4f}  B "
+              f"{m['clean_accuracy'][1]:.4f} (means)")]
+    lines += [f"{k:12s} penalty " + " ".join(f"{layer}={p:+.4f}±{sd:.4f} (se {se:.4f})" for layer, p, sd, se in
+                                             zip(m["layers"], m["penalty"][k], m["penalty_std"][k], m["penalty_se"][k]))
+              for k in m["kinds"]]
+    lines.append("± the standard deviation over the pairs; se: the standard error of the mean penalty (sd / √R)")
+    return "\n".join(lines)
+
+
 def _row_entropy(w: Tensor) -> float:
     """Mean entropy (nats) of the rows of a nonnegative matrix (0 for a permutation)."""
     p = w.clamp_min(0) / w.clamp_min(0).sum(1, keepdim=True).clamp_min(1e-12)
     return float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
 
 
-__all__ = ["StitchSweep", "over_pairs", "stitch_kinds", "stitching_sweep"]
+__all__ = ["StitchSweep", "combine_sweeps", "over_pairs", "stitch_kinds", "stitching_states", "stitching_sweep",
+           "stitching_sweeps", "stitching_text"]

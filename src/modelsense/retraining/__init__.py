@@ -1,6 +1,6 @@
 """Ground truth by retraining: one store of retrained models' outputs (`store`: random subsets for
 memorization and LDS, removals for pruning, ... keyed by recipe, example set and seed; local or Ray),
-and the model zoo (`zoo`)."""
+and the model zoo (`zoo`), whose members are jobs of that store kept with their parameters."""
 
 from modelsense.retraining.store import (
     BACKENDS,
@@ -9,6 +9,7 @@ from modelsense.retraining.store import (
     Job,
     RetrainOptions,
     RetrainRecipe,
+    job_parameters,
     jobs_from,
     retrain,
     subset_jobs,
@@ -16,5 +17,5 @@ from modelsense.retraining.store import (
     train_jobs,
 )
 
-__all__ = ["BACKENDS", "FarmError", "GroundTruthStore", "Job", "RetrainOptions", "RetrainRecipe", "jobs_from",
-           "retrain", "subset_jobs", "subset_size", "train_jobs"]
+__all__ = ["BACKENDS", "FarmError", "GroundTruthStore", "Job", "RetrainOptions", "RetrainRecipe", "job_parameters",
+           "jobs_from", "retrain", "subset_jobs", "subset_size", "train_jobs"]

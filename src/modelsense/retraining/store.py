@@ -16,7 +16,8 @@ runs and commands):
     ROOT/<recipe digest>/recipe.json          the recipe (what the digest stands for)
     ROOT/<recipe digest>/chunks/<hash>.npz    k jobs: keys (k,), seeds (k,), masks (k, N) and per query
                                               q in (train, test): q_loss, q_correct, q_margin (k, n_q),
-                                              q_logits (k, n_q, C) when the recipe keeps logits
+                                              q_logits (k, n_q, C) when the recipe keeps logits, and
+                                              param.<name> (k, *shape) when it keeps parameters (a zoo)
 
 Chunks are written atomically (temporary name, then rename), so a crash loses at most the chunk in
 flight; a damaged chunk is detected and trained again; two runs writing the same job write the
@@ -51,6 +52,8 @@ RECIPE_FILE = "recipe.json"
 #: the store's folder in a run directory (the resumable state of commands that retrain)
 STORE_DIR = "store"
 CHUNK_DIR = "chunks"
+#: the tables of a job's trained parameters (`RetrainRecipe.params`)
+PARAM_PREFIX = "param."
 QUERIES = ("train", "test")
 OUTPUTS = ("loss", "correct", "margin")
 #: training options that do not change what a job computes (left out of the recipe's key)
@@ -101,6 +104,8 @@ class RetrainRecipe:
         init: "scratch" (fresh parameters from the job's seed) or "warm:<digest>" (every job starts
             from the same parameters, whose `params_digest` this is; `train_jobs` gets them).
         logits: also keep each job's logits on the queries (k, n, C), e.g. for leave-one-out.
+        params: also keep each job's trained parameters, `param.<name>` (k, *shape), e.g. for a model
+            zoo (`modelsense.retraining.zoo`): `job_parameters` gives them back.
     """
 
     data: DataConfig
@@ -109,6 +114,7 @@ class RetrainRecipe:
     batch_plan: str = "own"
     init: str = "scratch"
     logits: bool = False
+    params: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_plan not in BATCH_PLANS:
@@ -130,7 +136,8 @@ class RetrainRecipe:
                  if k not in _NOT_IN_KEY and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         return _jsonable({"data": {k: v for k, v in asdict(self.data).items() if k != "data_dir"},
                           "model": asdict(self.model), "train": train, "batch_plan": self.batch_plan,
-                          "init": self.init, "logits": self.logits})
+                          "init": self.init, "logits": self.logits,
+                          **({"params": True} if self.params else {})})  # the stores written before keep their key
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
@@ -240,6 +247,8 @@ class GroundTruthStore:
             try:
                 with np.load(path) as f:
                     missing = [k for k in ("keys", "seeds", "masks", *self._fields()) if k not in f.files]
+                    if self.recipe.params and not any(k.startswith(PARAM_PREFIX) for k in f.files):
+                        missing.append(f"{PARAM_PREFIX}*")
                     for k in f.files:
                         f[k]  # reads and checks the CRC of every table
                 reason = f"missing {', '.join(missing)}" if missing else None
@@ -281,7 +290,7 @@ class GroundTruthStore:
 
     def gather(self, jobs: Sequence[Job]) -> dict[str, np.ndarray]:
         """Tables of `jobs` in their order: masks (M, N), seeds (M,), and per query q_loss, q_correct,
-        q_margin (M, n_q) (and q_logits (M, n_q, C)); every job must be stored."""
+        q_margin (M, n_q) (and q_logits (M, n_q, C), param.<name> (M, *shape)); every job must be stored."""
         index = self.index()
         lacking = [j for j in jobs if j.key() not in index]
         if lacking:
@@ -295,7 +304,8 @@ class GroundTruthStore:
             with np.load(path) as f:
                 rows = np.array([r for _, r in pairs])
                 pos = np.array([p for p, _ in pairs])
-                for name in ("masks", "seeds", *self._fields()):
+                params = [k for k in f.files if k.startswith(PARAM_PREFIX)] if self.recipe.params else []
+                for name in ("masks", "seeds", *self._fields(), *params):
                     table = f[name]
                     if name not in out:
                         out[name] = np.zeros((len(jobs), *table.shape[1:]), dtype=table.dtype)
@@ -304,11 +314,15 @@ class GroundTruthStore:
 
     # -- writing ------------------------------------------------------------------------------
     def write(self, jobs: Sequence[Job], tables: dict[str, np.ndarray]) -> Path:
-        """Store the results of `jobs` (tables with one row per job: `_fields()`) as one chunk."""
+        """Store the results of `jobs` (tables with one row per job: `_fields()`, and the parameters
+        `param.<name>` when the recipe keeps them) as one chunk."""
         keys = [j.key() for j in jobs]
         arrays = {"keys": np.array(keys), "seeds": np.array([j.seed for j in jobs], dtype=np.int64),
                   "masks": np.stack([np.asarray(j.mask, dtype=bool) for j in jobs])}
-        for name in self._fields():
+        params = [k for k in tables if k.startswith(PARAM_PREFIX)] if self.recipe.params else []
+        if self.recipe.params and not params:
+            raise DataError("chunk without parameters (param.<name> tables) for a recipe that keeps them")
+        for name in (*self._fields(), *params):
             if name not in tables:
                 raise DataError(f"chunk without table {name!r}")
             arrays[name] = np.asarray(tables[name])
@@ -339,7 +353,8 @@ def train_chunk(recipe: RetrainRecipe, jobs: Sequence[Job], data: Dataset | None
                                             for j in jobs]).astype(np.int64))
     res = train_ensemble(model_fn, data.x_train, data.y_train, masks, recipe.train,
                          seeds=torch.tensor([j.seed for j in jobs]), init_params=init_params,
-                         batch_plan=recipe.batch_plan, keep_logits=recipe.logits, progress=progress, labels=labels,
+                         batch_plan=recipe.batch_plan, keep_logits=recipe.logits, return_params=recipe.params,
+                         progress=progress, labels=labels,
                          queries={"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)})
     out = {}
     for q in QUERIES:
@@ -349,7 +364,19 @@ def train_chunk(recipe: RetrainRecipe, jobs: Sequence[Job], data: Dataset | None
         out[f"{q}_margin"] = o["margin"].numpy().astype(np.float32)
         if recipe.logits:
             out[f"{q}_logits"] = o["logits"].numpy().astype(np.float32)
+    for name, value in (res.params or {}).items():
+        out[PARAM_PREFIX + name] = value.detach().cpu().numpy()
     return out
+
+
+def job_parameters(tables: dict[str, np.ndarray], row: int) -> dict[str, torch.Tensor]:
+    """The trained parameters of job `row` of `gather`'s tables (a recipe with `params=True`), name -> tensor,
+    for `module.load_state_dict(..., strict=False)`."""
+    params = {k[len(PARAM_PREFIX):]: torch.from_numpy(np.array(v[row])) for k, v in tables.items()
+              if k.startswith(PARAM_PREFIX)}
+    if not params:
+        raise DataError("these tables hold no parameters: train the jobs with a recipe that keeps them (params=True)")
+    return params
 
 
 def _ray_task(root: str, recipe: RetrainRecipe, masks: np.ndarray, seeds: list[int], n_train: int, n_test: int,
@@ -442,4 +469,5 @@ def retrain(recipe: RetrainRecipe, jobs: Sequence[Job], options: RetrainOptions,
 
 
 __all__ = ["BACKENDS", "FarmError", "GroundTruthStore", "Job", "RetrainOptions", "RetrainRecipe", "STORE_DIR",
-           "jobs_from", "params_digest", "retrain", "subset_jobs", "subset_size", "train_chunk", "train_jobs"]
+           "job_parameters", "jobs_from", "params_digest", "retrain", "subset_jobs", "subset_size", "train_chunk",
+           "train_jobs"]

@@ -2,11 +2,14 @@
 
 Model `seed` of a zoo is `build_model_from_config(model_cfg, ..., seed=seed)` trained with the zoo's
 training settings but seed `seed` (init and batch order) on the whole training set: exactly what
-`modelsense train --seed seed` trains. Members are trained at once by the retraining engine
-(`train_ensemble` with all-True masks, stacked parameters) when the model has no batch norm and the
-optimizer is sgd/adam, else one by one with `fit`; the engine equals `fit` to float rounding.
+`modelsense train --seed seed` trains. When the model has no batch norm and the optimizer is
+sgd/adam/adamw, members are jobs of the ground-truth store (`modelsense.retraining.store`: the job
+(all examples, seed) of the recipe with `params=True`, trained by the vmapped engine locally or on
+Ray, kept chunk by chunk with their parameters and reused by every zoo on the same store); else they
+are trained one by one with `fit`, in this process. The engine equals `fit` to float rounding.
 
 Layout of a zoo root:
+    <root>/store/                the ground-truth store (default; `RetrainOptions.store` puts it elsewhere)
     <root>/zoo/model_<seed>.pt   checkpoints (`save_model` format, loadable with `load_model`)
     <root>/zoo/zoo.json          the data/model/training settings and each member's accuracies
 Members are reused when the settings match (everything but the seed and the device); a zoo trained
@@ -18,20 +21,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from torch import nn
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.models.checkpoint import save_model
+from modelsense.retraining.store import GroundTruthStore, Job, RetrainOptions, RetrainRecipe, job_parameters, train_jobs
 from modelsense.runs import read_json, write_json
-from modelsense.training import evaluate, fit, train_ensemble
+from modelsense.training import evaluate, fit
 from modelsense.training.config import TrainConfig
 
 ZOO_SUBDIR = "zoo"
@@ -62,6 +66,15 @@ class ZooResult:
     method: str = "reused"
     seconds: float = 0.0
 
+    def metrics(self) -> dict[str, Any]:
+        """The zoo as `modelsense zoo` reports it: seeds, accuracies, their mean and standard deviation
+        over the members (ddof 1; 0 for one), n_trained, method, seconds, paths."""
+        acc = np.asarray(self.test_accuracy)
+        return {"seeds": self.seeds, "test_accuracy": self.test_accuracy, "train_accuracy": self.train_accuracy,
+                "mean_test_accuracy": float(acc.mean()),
+                "std_test_accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "n_trained": len(self.trained),
+                "method": self.method, "seconds": self.seconds, "paths": [str(p) for p in self.paths]}
+
 
 def zoo_member_path(root: str | Path, seed: int) -> Path:
     """Checkpoint path of the zoo member with `seed` under the zoo root `root`."""
@@ -77,6 +90,26 @@ def zoo_settings(data_cfg: DataConfig, model_cfg: ModelConfig, train_cfg: TrainC
 def has_batch_norm(module: nn.Module) -> bool:
     """Whether `module` holds a BatchNorm layer."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def zoo_method(method: str, module: nn.Module, train_cfg: TrainConfig, backend: str = "local") -> str:
+    """How the zoo's members of `module`'s architecture are trained: "ensemble" (jobs of the ground-truth
+    store, the engine) or "fit" (one by one); `method` "auto" picks the engine unless the model has batch
+    norm or the optimizer is ivon. ConfigError when `method` or `backend` asks for what cannot be done."""
+    if method not in ZOO_METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(ZOO_METHODS)}, received {method!r}")
+    bn = has_batch_norm(module)
+    engine_fits = not bn and train_cfg.optimizer in ("sgd", "adam", "adamw")
+    if method == "ensemble" and not engine_fits:
+        raise ConfigError("the retraining engine cannot train this zoo "
+                          f"({'the model has batch norm' if bn else 'the optimizer is ' + train_cfg.optimizer}); "
+                          "use method 'fit' or 'auto'")
+    used = "ensemble" if method == "ensemble" or (method == "auto" and engine_fits) else "fit"
+    if used == "fit" and backend != "local":
+        what = "this model" if bn else "with " + train_cfg.optimizer
+        raise ConfigError(f"--backend {backend} trains zoo members with the retraining engine, which cannot train "
+                          f"{what} (--method fit): use --backend local")
+    return used
 
 
 def read_zoo_index(root: str | Path) -> dict[str, Any] | None:
@@ -140,7 +173,8 @@ def train_zoo(
     *,
     data: Dataset | None = None,
     method: str = "auto",
-    chunk_models: int | None = None,
+    retrain: RetrainOptions | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ZooResult:
     """Train (or reuse) the zoo members `seeds` under the zoo root `out` (see the module docstring).
 
@@ -149,13 +183,14 @@ def train_zoo(
         seeds: explicit seeds (then n_models may be None; if given it must equal len(seeds)).
         data: the loaded dataset of `data_cfg` (loaded here if None).
         method: "auto" (the engine unless the model has batch norm or the optimizer is ivon),
-            "ensemble" or "fit".
-        chunk_models: models trained together in one vmapped chunk (default: all).
+            "ensemble" or "fit" (`zoo_method`).
+        retrain: where the engine's members train and are stored (backend, address, chunk size, store;
+            default: locally, 32 per chunk, in `<out>/store`).
+        log: receives the store's progress lines.
     Returns:
         a `ZooResult`; checkpoints in `<out>/zoo/model_<seed>.pt`, accuracies in `<out>/zoo/zoo.json`.
     """
-    if method not in ZOO_METHODS:
-        raise ConfigError(f"unknown zoo training method {method!r}; expected one of {ZOO_METHODS}")
+    retrain = RetrainOptions() if retrain is None else retrain
     if seeds is None:
         if n_models is None or n_models < 1:
             raise ConfigError(f"--n-models must be >= 1, got {n_models}")
@@ -171,40 +206,30 @@ def train_zoo(
     members: dict[str, dict[str, Any]] = dict(index["members"]) if index else {}
     todo = [s for s in seeds if str(s) not in members or not zoo_member_path(root, s).exists()]
 
-    used, start = "reused", time.perf_counter()
+    used, trained, start = "reused", todo, time.perf_counter()
     if todo:
         def make(seed: int) -> nn.Module:
             return build_model_from_config(model_cfg, data.input_shape, data.num_classes, seed=seed)
 
-        bn = has_batch_norm(make(todo[0]))
-        if method == "ensemble" and (bn or train_cfg.optimizer == "ivon"):
-            raise ConfigError(
-                "the retraining engine cannot train this zoo "
-                f"({'the model has batch norm' if bn else 'the optimizer is ivon'}); use method 'fit' or 'auto'"
-            )
-        used = "fit" if method == "fit" or (method == "auto" and (bn or train_cfg.optimizer == "ivon")) else "ensemble"
+        used = zoo_method(method, make(todo[0]), train_cfg, retrain.backend)
         (root / ZOO_SUBDIR).mkdir(parents=True, exist_ok=True)
 
         def write_index() -> None:
             write_json(root / ZOO_SUBDIR / ZOO_INDEX, {**settings, "dataset": data.summary(), "members": members})
 
         if used == "ensemble":
-            n = len(data.x_train)
-            res = train_ensemble(
-                make, data.x_train, data.y_train, torch.ones(len(todo), n, dtype=torch.bool), train_cfg,
-                seeds=todo, queries={"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)},
-                chunk_models=chunk_models, keep_logits=False, return_params=True, progress=progress,
-            )
+            recipe = RetrainRecipe(data_cfg, model_cfg, train_cfg, params=True)
+            jobs = [Job(np.ones(data.n_train, dtype=bool), seed) for seed in todo]
+            trained = [todo[i] for i in GroundTruthStore(retrain.root(root), recipe, data.n_train,
+                                                         data.n_test).missing(jobs)]
+            tables = train_jobs(recipe, jobs, retrain.root(root), data=data, backend=retrain.backend,
+                                address=retrain.address, chunk_models=retrain.chunk_size, progress=progress, log=log)
             for m, seed in enumerate(todo):
                 module = make(seed)
-                state = module.state_dict()
-                state.update({k: v[m] for k, v in res.params.items()})
-                module.load_state_dict(state)
+                module.load_state_dict({**module.state_dict(), **job_parameters(tables, m)})
                 save_model(zoo_member_path(root, seed), module.eval(), model_cfg, data, seed)
-                members[str(seed)] = {
-                    "test_accuracy": float(res.outputs["test"]["correct"][m].float().mean()),
-                    "train_accuracy": float(res.outputs["train"]["correct"][m].float().mean()),
-                }
+                members[str(seed)] = {"test_accuracy": float(tables["test_correct"][m].mean()),
+                                      "train_accuracy": float(tables["train_correct"][m].mean())}
         else:
             for seed in todo:
                 module = make(seed)
@@ -223,11 +248,11 @@ def train_zoo(
         paths=[zoo_member_path(root, s) for s in seeds],
         test_accuracy=[members[str(s)]["test_accuracy"] for s in seeds],
         train_accuracy=[members[str(s)]["train_accuracy"] for s in seeds],
-        trained=todo,
+        trained=trained,
         method=used,
         seconds=time.perf_counter() - start,
     )
 
 
 __all__ = ["ZOO_INDEX", "ZOO_METHODS", "ZOO_SUBDIR", "ZooResult", "check_seeds", "check_zoo_index", "draw_pairs",
-           "has_batch_norm", "read_zoo_index", "train_zoo", "zoo_member_path", "zoo_settings"]
+           "has_batch_norm", "read_zoo_index", "train_zoo", "zoo_member_path", "zoo_method", "zoo_settings"]
