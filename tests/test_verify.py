@@ -145,7 +145,7 @@ def test_bad_input_is_refused_before_writing(trained, tmp_path):
     broken = tmp_path / "broken.npz"
     np.savez(broken, correctness_test=correct)
     cases = [
-        ([], ConfigError, "--checkpoint (a modelsense model.pt) or --weights"),
+        ([], ConfigError, "give one model: --checkpoint (a modelsense run's model.pt) or --weights"),
         (["--checkpoint", ckpt, "--weights", root / "state.pt", "--expected-accuracy", "0.5"], ConfigError, "not both"),
         (["--checkpoint", ckpt], ConfigError, "give --expected-accuracy"),
         (["--checkpoint", ckpt, "--expected-accuracy", "1.5"], ConfigError,

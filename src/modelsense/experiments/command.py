@@ -29,7 +29,7 @@ from typing import Any
 
 from modelsense.data import Dataset
 from modelsense.errors import ConfigError
-from modelsense.runs import RunDir, _jsonable
+from modelsense.runs import RunDir, _jsonable, finished_metrics, run_status
 
 
 @dataclass
@@ -111,6 +111,17 @@ def execute(command: Command, spec: Any, out: str | Path, *, resume: bool = Fals
         return metrics
 
 
+def execute_or_reuse(command: Command, spec: Any, out: str | Path, *, resume: bool = False,
+                     progress: bool = True) -> dict[str, Any]:
+    """The metrics of the finished run `out` when `resume`; else `execute` into `out`, continuing an
+    unfinished run of a resumable command when `resume`, starting it again (`overwrite`) otherwise.
+    The demo's sections run their commands this way."""
+    if resume and (done := finished_metrics(out)):
+        return done
+    go_on = resume and command.resumable and run_status(out) is not None
+    return execute(command, spec, out, resume=go_on, overwrite=not go_on, progress=progress)
+
+
 # -- stored state keyed by its arguments ---------------------------------------------------------
 def cached(path: str | Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]],
            what: str = "stored result") -> tuple[dict[str, Any], bool]:
@@ -143,4 +154,4 @@ def cached(path: str | Path, key: dict[str, Any], compute: Callable[[], dict[str
     return arrays, False
 
 
-__all__ = ["Command", "Prepared", "cached", "execute", "spec_config"]
+__all__ = ["Command", "Prepared", "cached", "execute", "execute_or_reuse", "spec_config"]

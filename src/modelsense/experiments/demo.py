@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelsense.errors import ConfigError, ModelsenseError
-from modelsense.experiments.command import execute
+from modelsense.experiments.command import execute_or_reuse
 from modelsense.experiments.curvature import curvature_section
 from modelsense.experiments.influence import noisy_labels_section
 from modelsense.experiments.memorization import memorization_section
@@ -17,13 +17,13 @@ from modelsense.experiments.mpe import mpe_section
 from modelsense.experiments.report import Section, write_report
 from modelsense.experiments.representations import representations_section
 from modelsense.experiments.train import TRAIN, TrainSpec
-from modelsense.runs import RunDir, finished_metrics, read_json, write_json
+from modelsense.runs import RunDir, read_json, write_json
 
 
 def training_section(out: Path, progress: bool, resume: bool = False) -> Section:
     """The demo's training section: trains the MLP into out/train (or reuses it with `resume` when finished)."""
     run = out / "train"
-    metrics = (resume and finished_metrics(run)) or execute(TRAIN, TrainSpec(), run, overwrite=True, progress=progress)
+    metrics = execute_or_reuse(TRAIN, TrainSpec(), run, resume=resume, progress=progress)
     return Section(
         "Training: MLP 64-128-128-10 on digits",
         "SGD with momentum 0.9, cosine schedule, prior precision δ = 1 (mean loss + δ/(2N)·||θ||²), "

@@ -42,7 +42,7 @@ from modelsense.experiments.command import Command, Prepared
 from modelsense.models import ModelConfig
 from modelsense.options import check_fields, ints, joined, names, option
 from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe, jobs_from, retrain, subset_size
-from modelsense.runs import RunDir, finished_metrics
+from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
 from modelsense.training.objective import LOSSES
 
@@ -163,13 +163,9 @@ def attribution_model(checkpoint: str | Path | None, data_cfg: DataConfig, data:
     the parameters at epochs of training with their learning rates, mpe after IVON/Adam the
     optimizer state.
     """
-    if checkpoint is None and weights is None:
+    trained = source.model_source(checkpoint, weights, data_cfg, model_cfg, data)
+    if trained is None:
         return None, model_cfg, train_cfg
-    if checkpoint is not None and weights is not None:
-        raise ConfigError("give --checkpoint (a modelsense run's model.pt) or --weights (a state_dict of --model), "
-                          "not both")
-    trained = (source.check_checkpoint(checkpoint, data_cfg, data) if weights is None
-               else source.load_weights_run(weights, model_cfg, data))
     recipe = trained.recipe(train_cfg)
     tracin = [m for m in methods if "checkpoints" in method_class(m).needs]
     epochs = [k for k in trained.snapshots if k.startswith("epoch_") and int(k.split("_")[1]) >= 1]
@@ -550,13 +546,13 @@ INFLUENCE = Command("influence", InfluenceSpec, check_influence, run_influence, 
 def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
     """The demo's section: GEX vs the training loss and the squared gradient norm on digits with 10%
     corrupted labels (MLP trained to memorise the noise); histograms and AUC."""
-    from modelsense.experiments.command import execute
+    from modelsense.experiments.command import execute_or_reuse
     from modelsense.experiments.report import Section
 
     run = Path(out) / "noisy_labels"
     spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot", "knn", "random"),
                            settings=MethodSettings(num_ens=8, ft_step=200, ft_lr=0.3))
-    metrics = (resume and finished_metrics(run)) or execute(NOISY_LABELS, spec, run, overwrite=True, progress=progress)
+    metrics = execute_or_reuse(NOISY_LABELS, spec, run, resume=resume, progress=progress)
     shown = {"train_accuracy": metrics["train_accuracy"], "n_corrupted": metrics["n_corrupted"],
              **{f"{name} {m}": metrics[key][m] for m in metrics["auc"]
                 for name, key in (("AUC", "auc"), ("AP", "ap"), ("seconds", "seconds"))}}

@@ -30,7 +30,7 @@ import numpy as np
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError, DataError
-from modelsense.experiments.command import Command, Prepared, execute
+from modelsense.experiments.command import Command, Prepared, execute_or_reuse
 from modelsense.experiments.source import check_model
 from modelsense.memorization.estimators import MIN_HELD_OUT
 from modelsense.memorization.evaluation import INFLUENCE_MODES, check_farm_size, check_ratios, evaluate_farm, main_ratio
@@ -39,7 +39,7 @@ from modelsense.memorization.verify import VerificationFailed
 from modelsense.models import ModelConfig
 from modelsense.options import check_fields, floats, joined, option
 from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe, retrain, subset_jobs
-from modelsense.runs import RunDir, finished_metrics, run_status
+from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
 
 
@@ -209,19 +209,15 @@ class VerifySpec:
 
 def check_verify(spec: VerifySpec) -> Prepared:
     from modelsense.core.device import check_device
-    from modelsense.experiments.source import check_checkpoint, load_weights_run
+    from modelsense.experiments.source import model_source
     from modelsense.memorization.store import read_recorded_correctness
 
-    if (spec.checkpoint is None) == (spec.weights is None):
-        raise ConfigError("verify needs one model: --checkpoint (a modelsense model.pt) or --weights (a state_dict of "
-                          "--model), not " + ("both" if spec.checkpoint else "neither"))
+    check_device(spec.device)
+    data = load_dataset_from_config(spec.data)
+    trained = model_source(spec.checkpoint, spec.weights, spec.data, spec.model, data, required=True)
     if spec.expected_accuracy is None and spec.aux is None:
         raise ConfigError("give --expected-accuracy A (the accuracy the checkpoint should reach on --split), or --aux "
                           "FILE (the correctness the run recorded)")
-    check_device(spec.device)
-    data = load_dataset_from_config(spec.data)
-    trained = (check_checkpoint(spec.checkpoint, spec.data, data) if spec.checkpoint is not None
-               else load_weights_run(spec.weights, spec.model, data))
     n = data.n_train if spec.split == "train" else data.n_test
     recorded = None if spec.aux is None else read_recorded_correctness(spec.aux, spec.split)
     if recorded is not None and recorded.size != n:
@@ -269,9 +265,7 @@ def memorization_section(out: Path, progress: bool, resume: bool = False) -> Sec
     run = out / "memorization"
     spec = MemorizationSpec(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),
                             TrainConfig(epochs=60, bs=32, lr=0.1, delta=0.01), n_models=32)
-    go_on = resume and run_status(run) is not None
-    metrics = (resume and finished_metrics(run)) or execute(MEMORIZATION, spec, run, resume=go_on, overwrite=not go_on,
-                                                            progress=progress)
+    metrics = execute_or_reuse(MEMORIZATION, spec, run, resume=resume, progress=progress)
     return Section(
         "Memorization: 32 models on random 70% subsets of digits with 10% label noise",
         "mem(i) = P[correct on i | i in training subset] − P[correct on i | i held out], estimated from "

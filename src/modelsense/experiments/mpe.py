@@ -26,14 +26,14 @@ import torch
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.command import Command, Prepared, execute
+from modelsense.experiments.command import Command, Prepared, execute_or_reuse
 from modelsense.experiments.report import Section
 from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.mpe import LAPLACE_STRUCTURES, VARIANTS, MPESettings, evaluation, ground_truth, predictive
 from modelsense.options import check_fields, ints, joined, names, option
 from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe
-from modelsense.runs import RunDir, finished_metrics
+from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig
 from modelsense.training.recorder import OptimizerStateRecorder
 
@@ -493,8 +493,7 @@ def mpe_section(out: Path, progress: bool, resume: bool = False) -> Section:
         "validation", model=ModelConfig("mlp", widths=(64, 64)),
         train={"epochs": 40}, n_retrain=64, epochs_retrain=40, lr_retrain=0.1, bs_retrain=64,  # relaxation R = 3.3
     )
-    metrics = (resume and finished_metrics(run)) or execute(COMMANDS["validation"], cfg, run, progress=progress,
-                                                            overwrite=True)
+    metrics = execute_or_reuse(COMMANDS["validation"], cfg, run, resume=resume, progress=progress)
     keep = ("pearson", "spearman", "slope", "mean_estimated_deviation", "mean_true_deviation", "estimated_loo_nll",
             "true_loo_nll", "retrain_relaxation", "n_retrain", "posterior", "mpe_variant", "test_accuracy", "seconds")
     return Section(

@@ -28,7 +28,7 @@ import numpy as np
 
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
-from modelsense.experiments.command import Command, Prepared, execute
+from modelsense.experiments.command import Command, Prepared, execute_or_reuse
 from modelsense.experiments.source import TrainedRun, check_model, load_trained_run
 from modelsense.models import ModelConfig
 from modelsense.options import check_fields, ints, joined, names, option
@@ -39,7 +39,7 @@ from modelsense.representations.stitch_sweep import stitch_kinds, stitching_text
 from modelsense.representations.stitching import STITCH_KINDS, StitchConfig, evaluate_accuracy
 from modelsense.retraining import zoo as model_zoo
 from modelsense.retraining.store import STORE_DIR, RetrainOptions
-from modelsense.runs import RunDir, finished_metrics, locked
+from modelsense.runs import RunDir, locked
 from modelsense.training.config import TrainConfig
 
 
@@ -338,17 +338,13 @@ class ProbeSpec:
         check_fields(self)
         if not self.transforms:
             raise ConfigError(f"--transforms needs at least one of {', '.join(TRANSFORMS)}")
-        if self.checkpoint is not None and self.weights is not None:
-            raise ConfigError("give --checkpoint (a modelsense model.pt) or --weights (a state_dict of --model), "
-                              "not both")
 
 
 def check_probe(spec: ProbeSpec) -> Prepared:
-    from modelsense.experiments.source import check_checkpoint, load_weights_run
+    from modelsense.experiments.source import model_source
 
     data = load_dataset_from_config(spec.data)
-    trained = (check_checkpoint(spec.checkpoint, spec.data, data) if spec.checkpoint is not None
-               else load_weights_run(spec.weights, spec.model, data) if spec.weights is not None else None)
+    trained = model_source(spec.checkpoint, spec.weights, spec.data, spec.model, data)
     layers = choose_layers(check_model(data, spec.model) if trained is None else trained.module, spec.layers,
                            "the model")
     config = {"dataset": data.summary(), "layers_used": layers,
@@ -397,8 +393,7 @@ def representations_section(out: Path, progress: bool, resume: bool = False) -> 
             "stitch": (STITCH, StitchSpec(pair=pair, kinds=("linear", "permutation"), stitch=StitchConfig(lr=1e-2))),
             "probe": (PROBE, ProbeSpec(checkpoint=str(model_zoo.zoo_member_path(root, 0)), repeats=1,
                                        n_examples=200))}
-    cmp, relu, st, probe = ((resume and finished_metrics(root / name))
-                            or execute(command, spec, root / name, overwrite=True, progress=progress)
+    cmp, relu, st, probe = (execute_or_reuse(command, spec, root / name, resume=resume, progress=progress)
                             for name, (command, spec) in runs.items())
     table = probe["table"]["act1"]
     metrics: dict[str, Any] = {

@@ -205,6 +205,19 @@ def check_checkpoint(checkpoint: str | Path, data_cfg: DataConfig, data: Dataset
     return trained
 
 
+def model_source(checkpoint: str | Path | None, weights: str | Path | None, data_cfg: DataConfig,
+                 model_cfg: ModelConfig, data: Dataset, required: bool = False) -> TrainedRun | None:
+    """The run of `checkpoint` (checked against the data) or of `weights` (a state_dict of `model_cfg`);
+    None when neither is given (the model is trained here), a ConfigError when both are, or neither
+    where one is `required`."""
+    if (checkpoint is not None and weights is not None) or (required and checkpoint is None and weights is None):
+        raise ConfigError("give one model: --checkpoint (a modelsense run's model.pt) or --weights (a state_dict of "
+                          "--model), not " + ("both" if checkpoint is not None else "neither"))
+    if checkpoint is not None:
+        return check_checkpoint(checkpoint, data_cfg, data)
+    return None if weights is None else load_weights_run(weights, model_cfg, data)
+
+
 def obtain_model(data: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, *, trained: TrainedRun | None = None,
                  run: RunDir | None = None, progress: bool = True, checkpoint_epochs: Sequence[int] = (),
                  on_epoch: Callable | None = None, setup: Callable[[nn.Module], Any] | None = None) -> Obtained:
