@@ -271,7 +271,7 @@ def test_perturb_bad_input(spectrum_run, tmp_path):
         ([*base, "--use-test"], "--use-test True"),
         ([*base, "--n-top", 5], "--n-top 5 is more than the 4 eigenvectors in --vectors"),
         ([*base, "--n-points", 4], "--n-points must be odd"),
-        ([*base, "--t-max", 0], "--t-max must be a finite number > 0"),
+        ([*base, "--t-max", 0], "--t-max must be > 0, received 0.0"),
         ([*base, "--n-top", 0, "--n-bottom", 0, "--n-random", 0], "not all 0"),
         ([*DATA, "--checkpoint", out / "model.pt", "--vectors", tmp_path], "no eigenvectors.npz there"),
     ]
@@ -343,7 +343,7 @@ def test_width_sweep_bad_input(tmp_path):
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--model", "lenet", "--out", tmp_path / "a"))
     assert "mlp, cnn, resnet18" in msg and "'lenet'" in msg
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,0", "--out", tmp_path / "b"))
-    assert "positive integers" in msg
+    assert "--widths must be >= 1, received 0 in (2, 0)" in msg
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--matrix", "fim", "--out", tmp_path / "c"))
     assert "unknown matrix 'fim'" in msg
 
@@ -489,10 +489,10 @@ def test_grid_resumes_per_model(tmp_path, monkeypatch):
 def test_grid_bad_input(tmp_path):
     for i, (args, words) in enumerate([
         (["--model", "resnet18"], "mlp, cnn"),
-        (["--depths", "0,1"], "--depths must be integers >= 1"),
+        (["--depths", "0,1"], "--depths of an mlp (hidden layers) must be >= 1, received [0, 1]"),
         (["--widths", "2,2"], "--widths must be distinct"),
         (["--repeats", "0"], "--repeats must be >= 1"),
-        (["--model", "cnn", "--depths", "-1"], "--depths must be integers >= 0"),
+        (["--model", "cnn", "--depths", "-1"], "--depths must be >= 0, received -1 in (-1,)"),
     ]):
         assert words in error(invoke("effdim", "grid", *TINY_GRID, *args, "--out", tmp_path / str(i)))
         assert not (tmp_path / str(i)).exists()
@@ -529,7 +529,7 @@ def test_blr_end_to_end_against_closed_form(tmp_path):
     assert arrays["effdim_posterior"].shape == (40,) and np.all(np.diff(arrays["effdim_posterior"]) <= 1e-12)
     assert (tmp_path / "figures" / "blr_effective_dimension.png").stat().st_size > 0
     msg = error(invoke("effdim", "blr", "--n-frequencies", 0, "--out", tmp_path / "x"))
-    assert "--n-frequencies >= 1" in msg
+    assert "--n-frequencies must be >= 1, received 0" in msg
 
 
 def test_curvature_section(tmp_path):

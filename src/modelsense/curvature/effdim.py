@@ -219,6 +219,20 @@ class BLRContraction:
     effdim_hessian: Tensor
     n_params: int
 
+    def summary(self) -> dict[str, Any]:
+        """n_params, n_points, and each N_eff curve at its last point (the posterior's also at its first)
+        and at n = P − P/8, P, P + P/8 (`blr_regions`; those within 1..N: `*_at`, keys "n=<n>")."""
+        P, N = self.n_params, len(self.n)
+        lo, hi = blr_regions(P)
+        at = {f"n={m}": m for m in (int(lo), P, int(hi)) if 1 <= m <= N}
+        out: dict[str, Any] = {"n_params": P, "n_points": N,
+                               "effdim_posterior_first": float(self.effdim_posterior[0])}
+        for name in ("posterior", "function", "hessian"):
+            curve = getattr(self, f"effdim_{name}")
+            out[f"effdim_{name}_last"] = float(curve[-1])
+            out[f"effdim_{name}_at"] = {k: float(curve[m - 1]) for k, m in at.items()}
+        return out
+
 
 def blr_regions(n_params: int) -> tuple[float, float]:
     """Where the BLR posterior contracts: P ∓ P/8 points (175 and 225 for P = 200, as the notebook of Maddox et al. "
