@@ -38,6 +38,8 @@ import torch
 from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.curvature.operators import CurvatureConfig, build_curvature
+from modelsense.curvature.spectrum import SpectrumConfig, compute_spectrum
 from modelsense.errors import ConfigError
 
 KINDS = ("top", "bottom", "random")
@@ -194,6 +196,11 @@ class PerturbationStudy:
                         f"{split}_agreement": scan.agreement})
         return out
 
+    def curves(self, split: str) -> dict[str, np.ndarray]:
+        """loss, accuracy and agreement (m, T) on `split` (`curvature.plots.perturbation_figure`)."""
+        scan = self.scans[split]
+        return {"loss": scan.loss.numpy(), "accuracy": scan.accuracy.numpy(), "agreement": scan.agreement.numpy()}
+
     def by_kind(self, values: Tensor) -> dict[str, Any]:
         """{"top": the value of each top direction, "bottom" / "random": the mean over that kind (None: none)}."""
         n_top = self.kinds.count("top")
@@ -223,20 +230,53 @@ class PerturbationStudy:
         }
 
 
-def perturbation_study(model: FunctionalModel, K, vectors: Tensor, eigenvalues: Tensor,
-                       splits: dict[str, tuple[Tensor, Tensor]], t: Tensor, n_top: int, n_bottom: int,
-                       n_random: int, seed: int = 0) -> PerturbationStudy:
-    """The loss along θ + t·d on each split ({"train": (x, y), "test": (x, y)}) for the top `n_top` of the
-    eigenvectors `vectors` (P, k) of the curvature `K` (with `eigenvalues` (k,)), `n_bottom` low-curvature
-    and `n_random` random directions (`study_directions`), and the curvature dᵀKd along each."""
+def perturbation_study(model: FunctionalModel, x: Tensor, y: Tensor, config: SpectrumConfig,
+                       splits: dict[str, tuple[Tensor, Tensor]], t: Tensor, n_top: int, n_bottom: int, n_random: int,
+                       seed: int = 0, vectors: tuple[Tensor, Tensor] | None = None,
+                       progress: bool = False) -> PerturbationStudy:
+    """The loss along θ + t·d on each split ({"train": (x, y), "test": (x, y)}) for the top `n_top`
+    eigenvectors of the curvature K (`config.matrix` and `config.reduction` of the loss over (x, y)),
+    `n_bottom` low-curvature and `n_random` random directions (`study_directions`), and the curvature
+    dᵀKd along each. The eigenvectors: `vectors` = (eigenvectors (P, k), eigenvalues (k,)), e.g. read
+    from a file, or the top `config.k` computed here (`compute_spectrum`)."""
+    if vectors is None:
+        spectrum = compute_spectrum(model, x, y, config, progress=progress)
+        vectors = spectrum.eigenvectors, spectrum.eigenvalues
+    K = build_curvature(model, x, y, CurvatureConfig(matrix=config.matrix, structure="implicit",
+                                                     reduction=config.reduction, chunk_size=config.chunk_size))
     dtype = next(iter(model.params.values())).dtype
-    D, names, kinds = study_directions(vectors.to(dtype), n_top, n_bottom, n_random, seed)
+    D, names, kinds = study_directions(torch.as_tensor(vectors[0]).to(dtype), n_top, n_bottom, n_random, seed)
     curvature = directional_curvature(K, D).double()
     start = time.perf_counter()
-    scans = {split: scan_directions(model, D, t, x, y) for split, (x, y) in splits.items()}
-    return PerturbationStudy(names, kinds, eigenvalues.double(), curvature, scans, time.perf_counter() - start)
+    scans = {split: scan_directions(model, D, t, xs, ys) for split, (xs, ys) in splits.items()}
+    eigenvalues = torch.as_tensor(vectors[1], dtype=torch.float64)
+    return PerturbationStudy(names, kinds, eigenvalues, curvature, scans, time.perf_counter() - start)
 
 
-__all__ = ["KINDS", "LineScan", "PerturbationStudy", "complement_directions", "directional_curvature",
-           "first_crossing", "interpolate", "perturbation_study", "random_directions", "scan_directions",
-           "study_directions", "symmetric_rise"]
+def describe_perturbation(m: dict[str, Any]) -> str:
+    """A few lines of `PerturbationStudy.metrics()` `m` with matrix, reduction and t_max: the curvature
+    by kind and the rise of the training loss at t_double and at t_max."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.3g}%"
+
+    def num(v):
+        return "n/a" if v is None else f"{v:.3g}"
+
+    curv = m["curvature_by_kind"]
+    lines = [f"train loss at θ: {m['train_loss_at_0']:.4g}; curvature dᵀKd ({m['matrix']}, {m['reduction']} loss): "
+             f"top {', '.join(num(c) for c in curv['top'])}; bottom {num(curv['bottom'])} (mean); random "
+             f"{num(curv['random'])} (mean)"]
+    if m["t_double"] is None:
+        lines.append("the top direction does not double the train loss within --t-max")
+    for label, at, rises in (("t_double", m["t_double"], m["rise_at_t_double"]),
+                             ("t_max", m["t_max"], m["rise_at_t_max"])):
+        if at is not None and rises is not None:
+            lines.append(f"rise of the train loss ((L(t) + L(-t))/2 - L(0)) / L(0) at t = {at:.3g} ({label}): top "
+                         f"{', '.join(pct(v) for v in rises['top'])}; bottom {pct(rises['bottom'])}; random "
+                         f"{pct(rises['random'])} (means)")
+    return "\n".join(lines)
+
+
+__all__ = ["KINDS", "LineScan", "PerturbationStudy", "complement_directions", "describe_perturbation",
+           "directional_curvature", "first_crossing", "interpolate", "perturbation_study", "random_directions",
+           "scan_directions", "study_directions", "symmetric_rise"]

@@ -276,3 +276,28 @@ def module_spectra(
         k = min(config.k, len(idx))
         out[name] = compute_spectrum(sub, x, y, dataclasses.replace(config, k=k), progress=progress)
     return out
+
+
+def describe_cost(cost: dict[str, dict[str, float]]) -> str:
+    """One line: what each part of a spectrum run cost, e.g. "training 9.1 s, eigenvalues 50 products 4.2 s"."""
+    parts = []
+    for part, values in cost.items():
+        products = f" {int(values['matvecs'])} products" if "matvecs" in values else ""
+        parts.append(f"{part}{products} {values['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def describe_spectrum(m: dict[str, Any]) -> str:
+    """A few lines of `Spectrum.to_metrics()` `m` (optionally with use_test and n_examples, and by_module:
+    `module_metrics`): the eigenvalues, trace, N_eff per s, the cost and what was not computed."""
+    lam = m["eigenvalues"]
+    trace = "" if m["trace"] is None else f"  trace {m['trace']:.4g} ± {m['trace_standard_error']:.2g}"
+    skipped = [f"{what} (--{flag} N)" for what, flag in (("trace", "trace-samples"), ("density", "density-probes"))
+               if what not in m["cost"]]
+    over = f" over the {m['n_examples']} test examples" if m.get("use_test") else ""
+    return (f"{m['matrix']} ({m['reduction']} loss{over}), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
+            f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
+            + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
+            + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else "")
+            + "".join(f"\n  {name}: {b['n_params']} parameters, λ_1 {b['eigenvalues'][0]:.4g}, "
+                      f"N_eff {b['effective_dimension']:.4g}" for name, b in m.get("by_module", {}).items()))

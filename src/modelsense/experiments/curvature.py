@@ -7,49 +7,9 @@ tracks generalisation better than the parameter count. The numbers come from `mo
 `blr_posterior_contraction`), the figures from `modelsense.curvature.plots`; this module runs them.
 
 Conventions (`modelsense.curvature.spectrum`): the matrix is of the training loss SUMMED over the N
-examples (`--reduction mean` divides it by N), at the trained parameters, in eval mode; `use_test`
-takes the loss over the test set instead (the original's --use_test; N is then the test-set size,
-also for the default s); s is on the scale of that matrix (default 100 for the sum, 100 / N for the
-mean); N_eff counts the converged top-k Ritz values (a lower bound of the full N_eff); the trace and
-the density are computed only on request (metrics.json's `cost` says what each part cost);
-`weights_only` restricts the matrix to the parameters with >= 2 dimensions.
-
-Run directories:
-    spectrum:     config.json, metrics.json (eigenvalues, eigenvalues_converged, trace and its
-                  standard error (None unless asked), effective_dimension (first s), effective_dimension_by_s,
-                  s, n_params, matrix, reduction, use_test, n_examples, train/test loss and accuracy, cost
-                  {part: {matvecs, seconds}}, num_matvecs, seconds (the spectrum)), spectrum.npz, model.pt
-                  (trained here), figures/spectrum.png; with `save_vectors` eigenvectors.npz
-                  (`modelsense.curvature.vectors`, which `perturb --vectors` checks); with `by_module`
-                  metrics.json's by_module {module: eigenvalues, N_eff, ... of its diagonal block},
-                  spectrum_by_module.npz (<module>: eigenvalues, <module>:converged), figures/spectrum_by_module.png
-    perturb:      config.json, metrics.json (names and kinds of the directions, their curvature dᵀKd,
-                  train/test loss at t = 0, t_double: where the symmetrised train-loss rise
-                  (L(t) + L(-t))/2 - L(0) along v_1 first reaches L(0), the relative rise of every
-                  direction there and at t_max), perturb.npz (t, curves (directions, t) of loss, accuracy
-                  and agreement on train and test, curvature, eigenvalues), model.pt (trained here),
-                  figures/perturb.png
-    width-sweep:  config.json, widths/width_<w>.json (one per finished model: losses, eigenvalues, history;
-                  the resumable state: `--resume` trains only the widths without one, and may change the
-                  widths, s and the threshold, since N_eff is recomputed from the saved eigenvalues),
-                  widths/model_<w>.pt (`save_models`), metrics.json, width_sweep.npz, figures/width_sweep.png
-    grid:         config.json, cells/depth_<d>_width_<w>_seed_<s>.json (one per finished model, resumable
-                  as the width sweep's; widths, depths and repeats may change), cells/model_*.pt
-                  (`save_models`), metrics.json ((depths, widths) lists: means, _std, _all per seed),
-                  grid.npz, figures/grid.png (heatmaps), figures/grid_profiles.png (along width and depth)
-    blr:          config.json, metrics.json, blr.npz, figures/blr_effective_dimension.png
-
-The two-spirals experiment of the paper (Section 5: small MLPs of increasing width and depth on the
-generated two-spirals set, N_eff, train and test loss, mean ± 2 std over repeats) is a grid:
-
-    modelsense effdim grid --dataset spirals --corruption-ratio 0 --widths 2,4,8,16,32 --depths 1,2,3,4 \
-        --repeats 3 --optimizer adam --lr 1e-2 --lrmin 1e-2 --epochs 300 --bs 128 --reduction mean --s 1,50 \
-        --out runs/spirals
-
-(the grid's data default standardises the coordinates; s = 50 is the value of the original's plotting
-notebook, on a scale it does not state; s = 1 on the mean loss is its double-descent value). The
-notebook's loss surfaces along high- and low-curvature directions are `modelsense perturb --dataset
-spirals ...`.
+examples (`--reduction mean` divides it by N), at the trained parameters, in eval mode; s is on its
+scale (default 100 for the sum, 100 / N for the mean); N_eff counts the converged top-k Ritz values.
+What each command writes into its run directory, and the paper's two-spirals grid: docs/tutorials/curvature.md.
 """
 
 from __future__ import annotations
@@ -62,7 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from modelsense.curvature.effdim import blr_posterior_contraction
+from modelsense.curvature.effdim import blr_posterior_contraction, describe_grid, describe_width_sweep
+from modelsense.curvature.perturbation import describe_perturbation
 from modelsense.curvature.spectrum import (
     DEFAULT_S_SUM,
     S_HELP,
@@ -71,6 +32,8 @@ from modelsense.curvature.spectrum import (
     compute_spectrum,
     count_params,
     curvature_model,
+    describe_cost,
+    describe_spectrum,
     module_arrays,
     module_metrics,
     module_spectra,
@@ -181,31 +144,8 @@ def run_spectrum(spec: SpectrumSpec, prepared: Prepared, run: RunDir, progress: 
 FINAL = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
 
-def describe_cost(cost: dict[str, dict[str, float]]) -> str:
-    """One line: what each part of a spectrum run cost, e.g. "training 9.1 s, eigenvalues 50 products 4.2 s"."""
-    parts = []
-    for part, values in cost.items():
-        products = f" {int(values['matvecs'])} products" if "matvecs" in values else ""
-        parts.append(f"{part}{products} {values['seconds']:.1f} s")
-    return ", ".join(parts)
-
-
-def spectrum_summary(m: dict[str, Any]) -> str:
-    lam = m["eigenvalues"]
-    trace = "" if m["trace"] is None else f"  trace {m['trace']:.4g} ± {m['trace_standard_error']:.2g}"
-    skipped = [f"{what} (--{flag} N)" for what, flag in (("trace", "trace-samples"), ("density", "density-probes"))
-               if what not in m["cost"]]
-    over = f" over the {m['n_examples']} test examples" if m.get("use_test") else ""
-    return (f"{m['matrix']} ({m['reduction']} loss{over}), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
-            f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
-            + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
-            + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else "")
-            + "".join(f"\n  {name}: {b['n_params']} parameters, λ_1 {b['eigenvalues'][0]:.4g}, "
-                      f"N_eff {b['effective_dimension']:.4g}" for name, b in m.get("by_module", {}).items()))
-
-
 SPECTRUM = Command(
-    "spectrum", SpectrumSpec, check_spectrum, run_spectrum, summary=spectrum_summary,
+    "spectrum", SpectrumSpec, check_spectrum, run_spectrum, summary=describe_spectrum,
     help="Train (or load --checkpoint) and compute the top-k eigenvalues and N_eff of the loss curvature "
     "(the trace and spectral density on request: they cost far more products than the eigenvalues).",
 )
@@ -284,7 +224,6 @@ def run_perturb(spec: PerturbSpec, prepared: Prepared, run: RunDir, progress: bo
     """Directions, the loss along each on the train and test sets, the curvature along each; writes
     perturb.npz and figures/perturb.png."""
     from modelsense.curvature import plots
-    from modelsense.curvature.operators import CurvatureConfig, build_curvature
     from modelsense.curvature.perturbation import perturbation_study
 
     data, used, stored = prepared.data, prepared.extra["spectrum"], prepared.extra["vectors"]
@@ -293,57 +232,25 @@ def run_perturb(spec: PerturbSpec, prepared: Prepared, run: RunDir, progress: bo
     x, y = curvature_data(data, spec.use_test)
     if stored is None:
         run.log(f"top {used.k} eigenvectors of the {used.matrix} ({used.reduction} loss) over {len(x)} examples")
-        spectrum = compute_spectrum(model, x, y, replace(used, s=resolve_s((), used.reduction, len(x))),
-                                    progress=progress)
-        V, lam = spectrum.eigenvectors, spectrum.eigenvalues
-    else:
-        V, lam = torch.as_tensor(stored["eigenvectors"]), torch.as_tensor(stored["eigenvalues"], dtype=torch.float64)
-    K = build_curvature(model, x, y, CurvatureConfig(matrix=used.matrix, structure="implicit",
-                                                     reduction=used.reduction, chunk_size=used.chunk_size))
-    t = torch.linspace(-spec.t_max, spec.t_max, spec.n_points, dtype=torch.float64)
     run.log(f"loss along {spec.n_top + spec.n_bottom + spec.n_random} directions at {spec.n_points} values of t in "
             f"[-{spec.t_max:g}, {spec.t_max:g}]")
-    study = perturbation_study(model, K, V, lam, {"train": (data.x_train, data.y_train),
-                                                  "test": (data.x_test, data.y_test)},
-                               t, spec.n_top, spec.n_bottom, spec.n_random, spec.direction_seed)
+    t = torch.linspace(-spec.t_max, spec.t_max, spec.n_points, dtype=torch.float64)
+    study = perturbation_study(model, x, y, used, {"train": (data.x_train, data.y_train),
+                                                   "test": (data.x_test, data.y_test)}, t, spec.n_top, spec.n_bottom,
+                               spec.n_random, spec.direction_seed,
+                               None if stored is None else (stored["eigenvectors"], stored["eigenvalues"]), progress)
     run.save_arrays("perturb", **study.arrays())
-    final = got.fit.final
-    metrics = {**study.metrics(), "t_max": spec.t_max, "n_points": spec.n_points, "n_params": model.n_params,
-               "matrix": used.matrix, "reduction": used.reduction, "use_test": spec.use_test,
-               "weights_only": spec.weights_only, "vectors": "computed" if stored is None else "read",
-               **{k: final[k] for k in FINAL}, "seconds": study.seconds}
-    curves = {split: {"loss": scan.loss.numpy(), "accuracy": scan.accuracy.numpy(),
-                      "agreement": scan.agreement.numpy()} for split, scan in study.scans.items()}
     title = (f"{got.model.name} on {data.name}: loss along θ + t·d ({used.matrix} eigenvectors v_i warm colours, "
              "low-curvature blue/purple, random grey/green)")
-    run.save_figure(plots.perturbation_figure(t.numpy(), study.names, study.kinds, curves["train"], curves["test"],
-                                              title), "perturb")
-    return metrics
+    run.save_figure(plots.perturbation_figure(t.numpy(), study.names, study.kinds, study.curves("train"),
+                                              study.curves("test"), title), "perturb")
+    return {**study.metrics(), "t_max": spec.t_max, "n_points": spec.n_points, "n_params": model.n_params,
+            "matrix": used.matrix, "reduction": used.reduction, "use_test": spec.use_test,
+            "weights_only": spec.weights_only, "vectors": "computed" if stored is None else "read",
+            **{k: got.fit.final[k] for k in FINAL}, "seconds": study.seconds}
 
 
-def perturb_summary(m: dict[str, Any]) -> str:
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.3g}%"
-
-    def num(v):
-        return "n/a" if v is None else f"{v:.3g}"
-
-    curv = m["curvature_by_kind"]
-    lines = [f"train loss at θ: {m['train_loss_at_0']:.4g}; curvature dᵀKd ({m['matrix']}, {m['reduction']} loss): "
-             f"top {', '.join(num(c) for c in curv['top'])}; bottom {num(curv['bottom'])} (mean); random "
-             f"{num(curv['random'])} (mean)"]
-    if m["t_double"] is None:
-        lines.append("the top direction does not double the train loss within --t-max")
-    for label, at, rises in (("t_double", m["t_double"], m["rise_at_t_double"]),
-                             ("t_max", m["t_max"], m["rise_at_t_max"])):
-        if at is not None and rises is not None:
-            lines.append(f"rise of the train loss ((L(t) + L(-t))/2 - L(0)) / L(0) at t = {at:.3g} ({label}): top "
-                         f"{', '.join(pct(v) for v in rises['top'])}; bottom {pct(rises['bottom'])}; random "
-                         f"{pct(rises['random'])} (means)")
-    return "\n".join(lines)
-
-
-PERTURB = Command("perturb", PerturbSpec, check_perturb, run_perturb, summary=perturb_summary, hide=ONLY_TOP_K,
+PERTURB = Command("perturb", PerturbSpec, check_perturb, run_perturb, summary=describe_perturbation, hide=ONLY_TOP_K,
                   help="The loss along θ + t·d for the top Hessian eigenvectors, low-curvature and random directions "
                        "(train/test loss, accuracy, prediction agreement against t): the loss-surface perturbations "
                        "of Maddox et al. 2020. Eigenvectors computed here or read from `spectrum --save-vectors` "
@@ -419,16 +326,6 @@ def _train(spec: SweepSpec, prepared: Prepared, run: RunDir, noun: str, progress
                      "n_trained": n_trained, "seconds": time.perf_counter() - start}
 
 
-def _spearman_line(m: dict[str, Any], noun: str, count: int) -> str:
-    def fmt(v):
-        return "n/a" if v is None else f"{v:+.2f}"
-
-    return (f"Spearman with test loss, {m['n_interpolating']} {noun} with train loss < {m['train_loss_threshold']:g}: "
-            f"N_eff {fmt(m['spearman_effdim_test_loss'])}, params {fmt(m['spearman_params_test_loss'])}; "
-            f"all {count}: N_eff {fmt(m['spearman_effdim_test_loss_all'])}, "
-            f"params {fmt(m['spearman_params_test_loss_all'])}")
-
-
 @dataclass(frozen=True)
 class WidthSweepSpec(SweepSpec):
     """`modelsense effdim width-sweep`: models that differ only in width (`widths`: every hidden layer of an
@@ -477,15 +374,8 @@ def run_width_sweep(spec: WidthSweepSpec, prepared: Prepared, run: RunDir, progr
     return {**summary, **extra}
 
 
-def width_sweep_lines(m: dict[str, Any]) -> str:
-    lines = [f"{'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'test err':>8} {'N_eff':>7}"]
-    lines += [f"{w:>6} {m['n_params'][i]:>8} {m['train_loss'][i]:>10.4g} {m['test_loss'][i]:>9.4g} "
-              f"{m['test_error'][i]:>8.3f} {m['effective_dimension'][i]:>7.3g}" for i, w in enumerate(m["widths"])]
-    return "\n".join([*lines, _spearman_line(m, "models", len(m["widths"]))])
-
-
 WIDTH_SWEEP = Command(
-    "effdim width-sweep", WidthSweepSpec, check_sweep, run_width_sweep, summary=width_sweep_lines, keep=("widths",),
+    "effdim width-sweep", WidthSweepSpec, check_sweep, run_width_sweep, summary=describe_width_sweep, keep=("widths",),
     resume_keys=("sweep",), hide=ONLY_TOP_K | {"model.widths", "model.width"},
     help="Models from narrow to wide: test loss, parameter count and N_eff against width (double descent). The "
          "default is the prototype: one-hidden-layer ReLU MLPs on standardised digits with 20% label noise, Adam at "
@@ -553,16 +443,8 @@ def run_grid(spec: GridSpec, prepared: Prepared, run: RunDir, progress: bool = T
     return {**summary, "model": spec.model.name, **extra}
 
 
-def grid_lines(m: dict[str, Any]) -> str:
-    lines = [f"{'depth':>5} {'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'N_eff':>7}"]
-    lines += [f"{d:>5} {w:>6} {m['n_params'][i][j]:>8} {m['train_loss'][i][j]:>10.4g} {m['test_loss'][i][j]:>9.4g} "
-              f"{m['effective_dimension'][i][j]:>7.3g}" for i, d in enumerate(m["depths"])
-              for j, w in enumerate(m["widths"])]
-    return "\n".join([*lines, _spearman_line(m, "cells", len(m["depths"]) * len(m["widths"]))])
-
-
 GRID = Command(
-    "effdim grid", GridSpec, check_sweep, run_grid, summary=grid_lines, keep=("cells",), resume_keys=("grid",),
+    "effdim grid", GridSpec, check_sweep, run_grid, summary=describe_grid, keep=("cells",), resume_keys=("grid",),
     hide=ONLY_TOP_K | {"model.widths", "model.width", "model.depth"},
     help="Models over a width x depth grid (mlp: depth hidden layers of the width; cnn: width and depth), "
          "--repeats seeds per cell: heatmaps of N_eff, test and train loss, and their profiles along width and depth. "
@@ -664,4 +546,4 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> Sectio
 
 
 __all__ = ["BLR", "GRID", "PERTURB", "SPECTRUM", "WIDTH_SWEEP", "BLRSpec", "GridSpec", "PerturbSpec", "SpectrumSpec",
-           "SweepSpec", "WidthSweepSpec", "curvature_section", "describe_cost"]
+           "SweepSpec", "WidthSweepSpec", "curvature_section"]
