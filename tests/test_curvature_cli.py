@@ -350,13 +350,13 @@ def test_width_sweep_bad_input(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["--dataset", "mnist1d", "--n-train", "100", "--widths", "3,5"],
-    ["--dataset", "digits", "--n-train", "100", "--model", "cnn", "--depth", "1", "--widths", "2,3"],
+    ["--dataset", "digits", "--n-train", "100", "--model", "cnn", "--depth", "2", "--widths", "2,3"],
 ])
 def test_width_sweep_other_datasets_and_models(args, tmp_path):
     m = ok("effdim", "width-sweep", *args, "--epochs", "2", "--k", "3", "--out", tmp_path)
     assert len(m["effective_dimension"]) == 2 and all(np.isfinite(m["test_loss"]))
     cfg = json.loads((tmp_path / "widths" / f"width_{m['widths'][1]}.json").read_text())["model"]
-    assert (cfg["widths"] == [5]) if cfg["name"] == "mlp" else (cfg["width"] == 3 and cfg["depth"] == 1)
+    assert (cfg["widths"] == [5]) if cfg["name"] == "mlp" else (cfg["width"] == 3 and cfg["depth"] == 2)
 
 
 def test_width_sweep_defaults_are_the_prototype():

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from modelsense.curvature.effdim import blr_posterior_contraction, describe_grid, describe_width_sweep
 from modelsense.curvature.perturbation import describe_perturbation
@@ -41,10 +42,10 @@ from modelsense.curvature.spectrum import (
 )
 from modelsense.curvature.sweep import SweepModel, curvature_data, train_sweep
 from modelsense.curvature.vectors import VECTORS_FILE, check_vectors, vector_arrays, vectors_key
-from modelsense.data import DataConfig, load_dataset_from_config
+from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute
-from modelsense.experiments.source import CHECKPOINT_HELP, check_checkpoint, check_model, obtain_model
+from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint, check_model, obtain_model
 from modelsense.models import ModelConfig
 from modelsense.options import check_fields, floats, ints, joined, option
 from modelsense.runs import RunDir, finished_metrics
@@ -59,22 +60,16 @@ WEIGHTS_ONLY_HELP = "only parameters with >= 2 dims (weights; no biases / norm p
 ONLY_TOP_K = frozenset({"spectrum.s", "spectrum.trace_samples", "spectrum.density_probes", "spectrum.density_steps"})
 
 
-def _source(spec: Any) -> tuple[Any, Any, Any]:
-    """(data, the checked --checkpoint or None, the module) of a spectrum / perturb spec."""
-    data = load_dataset_from_config(spec.data)
-    trained = None if spec.checkpoint is None else check_checkpoint(spec.checkpoint, spec.data, data)
-    return data, trained, check_model(data, spec.model) if trained is None else trained.module
-
-
 def _top_k_only(spec: Any, what: str) -> None:
     if spec.spectrum.s or spec.spectrum.trace_samples or spec.spectrum.density_probes:
         raise ConfigError(what)
 
 
-# -- modelsense spectrum -------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SpectrumSpec:
-    """`modelsense spectrum`: a model (trained here, or `checkpoint`) and what of its curvature to compute."""
+class ModelCurvatureSpec:
+    """What `spectrum` and `perturb` share: the model (trained here from `data`, `model` and `train`, or
+    `checkpoint`) and its matrix (`spectrum`) over the training set or, with `use_test`, the test set,
+    of all its parameters or, with `weights_only`, its weights only."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -83,6 +78,19 @@ class SpectrumSpec:
     spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
     weights_only: bool = option(False, WEIGHTS_ONLY_HELP)
     use_test: bool = option(False, USE_TEST_HELP)
+
+    def source(self) -> tuple[Dataset, TrainedRun | None, nn.Module]:
+        """(data, the checked `checkpoint` or None, the module: the checkpoint's, or a fresh one of `model`)."""
+        data = load_dataset_from_config(self.data)
+        trained = None if self.checkpoint is None else check_checkpoint(self.checkpoint, self.data, data)
+        return data, trained, check_model(data, self.model) if trained is None else trained.module
+
+
+# -- modelsense spectrum -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpectrumSpec(ModelCurvatureSpec):
+    """`modelsense spectrum`: a model (trained here, or `checkpoint`) and what of its curvature to compute."""
+
     save_vectors: bool = option(False, "keep the top-k eigenvectors in eigenvectors.npz (P x k float32, for "
                                        "`modelsense perturb --vectors`)")
     by_module: bool = option(False, "also the spectrum of each module's diagonal block of the matrix (its "
@@ -91,7 +99,7 @@ class SpectrumSpec:
 
 
 def check_spectrum(spec: SpectrumSpec) -> Prepared:
-    data, trained, module = _source(spec)
+    data, trained, module = spec.source()
     check_k(spec.spectrum.k, module, spec.weights_only)
     # the settings used: s resolved for the examples the matrix is over, the seed of the run
     n = len(curvature_data(data, spec.use_test)[1])
@@ -153,7 +161,7 @@ SPECTRUM = Command(
 
 # -- modelsense perturb --------------------------------------------------------------------------
 @dataclass(frozen=True)
-class PerturbSpec:
+class PerturbSpec(ModelCurvatureSpec):
     """`modelsense perturb`: the loss along θ + t·d through a model's parameters θ, for its top
     eigenvectors, low-curvature directions and random directions (`modelsense.curvature.perturbation`).
 
@@ -163,15 +171,9 @@ class PerturbSpec:
     spaced in [−t_max, t_max] (an odd number: t = 0 is one of them).
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: str | None = option(None, CHECKPOINT_HELP)
+    spectrum: SpectrumConfig = field(default_factory=lambda: SpectrumConfig(k=10))
     vectors: str | None = option(None, "a `modelsense spectrum --save-vectors` run (its folder or eigenvectors.npz) "
                                        "made at --checkpoint: its top eigenvectors instead of computing them")
-    spectrum: SpectrumConfig = field(default_factory=lambda: SpectrumConfig(k=10))
-    weights_only: bool = option(False, WEIGHTS_ONLY_HELP)
-    use_test: bool = option(False, USE_TEST_HELP)
     n_top: int = option(3, "top eigenvectors v_1 ... v_n to move along", low=0)
     n_bottom: int = option(3, "low-curvature directions: unit Gaussian directions projected off the top-k "
                               "eigenvectors (as in Maddox, Benton & Wilson 2020)", low=0)
@@ -193,7 +195,7 @@ class PerturbSpec:
 def check_perturb(spec: PerturbSpec) -> Prepared:
     from modelsense.curvature.vectors import read_vectors
 
-    data, trained, module = _source(spec)
+    data, trained, module = spec.source()
     n_curv = count_params(module, spec.weights_only)
     used = replace(spec.spectrum, seed=spec.train.seed)
     extra: dict[str, Any] = {"trained": trained, "spectrum": used, "vectors": None}
@@ -294,6 +296,13 @@ class SweepSpec:
     def models(self, root: Path) -> list[SweepModel]:
         raise NotImplementedError
 
+    def sized(self, width: int, depth: int | None) -> ModelConfig:
+        """`model` with `width` and `depth` (mlp: `depth` hidden layers of the width; others: their `width`
+        and, unless None, `depth`)."""
+        if self.model.name == "mlp":
+            return replace(self.model, widths=(width,) * depth)
+        return replace(self.model, width=width, **({} if depth is None else {"depth": depth}))
+
     def shared(self) -> dict[str, Any]:
         return {"data": asdict(self.data), "model": asdict(self.model),
                 "train": {k: v for k, v in asdict(self.train).items() if k not in self.OWN},
@@ -347,12 +356,9 @@ class WidthSweepSpec(SweepSpec):
     save_models: bool = option(False, "keep each trained model as widths/model_<w>.pt")
 
     def models(self, root: Path) -> list[SweepModel]:
-        def config(w: int) -> ModelConfig:
-            return replace(self.model, **({"widths": (w,) * self.hidden_layers} if self.model.name == "mlp"
-                                          else {"width": w}))
-
-        return [SweepModel(Path(root) / "widths" / f"width_{w}.json", config(w), self.train.seed, {"width": w},
-                           Path(root) / "widths" / f"model_{w}.pt") for w in self.widths]
+        depth = self.hidden_layers if self.model.name == "mlp" else None
+        return [SweepModel(Path(root) / "widths" / f"width_{w}.json", self.sized(w, depth), self.train.seed,
+                           {"width": w}, Path(root) / "widths" / f"model_{w}.pt") for w in self.widths]
 
     def shared(self) -> dict[str, Any]:
         return {**super().shared(), "hidden_layers": self.hidden_layers}
@@ -418,9 +424,7 @@ class GridSpec(SweepSpec):
         out = []
         for d, w, r in ((d, w, r) for d in self.depths for w in self.widths for r in range(self.repeats)):
             seed, stem = self.train.seed + r, f"depth_{d}_width_{w}_seed_{self.train.seed + r}"
-            config = replace(self.model, **({"widths": (w,) * d} if self.model.name == "mlp" else {"width": w,
-                                                                                                 "depth": d}))
-            out.append(SweepModel(Path(root) / "cells" / f"{stem}.json", config, seed,
+            out.append(SweepModel(Path(root) / "cells" / f"{stem}.json", self.sized(w, d), seed,
                                   {"depth": d, "width": w, "seed": seed}, Path(root) / "cells" / f"model_{stem}.pt"))
         return out
 
