@@ -506,14 +506,12 @@ def curvature_section(out: Path, progress: bool, resume: bool = False) -> Sectio
     root = Path(out) / "curvature"
     spectrum = SpectrumSpec(train=TrainConfig(epochs=20), save_vectors=True, spectrum=SpectrumConfig(
         k=20, s=(DEFAULT_S_SUM, 1297.0), trace_samples=30, density_probes=3, density_steps=40, lanczos_tol=1e-4))
-    spec = (resume and finished_metrics(root / "spectrum")) or execute(SPECTRUM, spectrum, root / "spectrum",
-                                                                        overwrite=True, progress=progress)
     perturb = PerturbSpec(train=spectrum.train, checkpoint=str(root / "spectrum" / "model.pt"),
                           vectors=str(root / "spectrum"))
-    pert = (resume and finished_metrics(root / "perturb")) or execute(PERTURB, perturb, root / "perturb",
-                                                                       overwrite=True, progress=progress)
-    blr = (resume and finished_metrics(root / "blr")) or execute(BLR, BLRSpec(), root / "blr", overwrite=True,
-                                                                 progress=progress)
+    runs = {"spectrum": (SPECTRUM, spectrum), "perturb": (PERTURB, perturb), "blr": (BLR, BLRSpec())}
+    spec, pert, blr = ((resume and finished_metrics(root / name)) or execute(command, args, root / name, overwrite=True,
+                                                                             progress=progress)
+                       for name, (command, args) in runs.items())  # in order: perturb reads the spectrum run
     rises = pert["rise_at_t_double"]
     metrics = {
         "n_params": spec["n_params"],
