@@ -145,3 +145,34 @@ def test_bad_input(tmp_path):
         RetrainRecipe(RECIPE.data, RECIPE.model, TrainConfig(optimizer="ivon"))
     with pytest.raises(DataError, match="not in the store"):
         GroundTruthStore(tmp_path, RECIPE, 60, 500).gather(_jobs(1))
+
+
+def test_a_recipe_that_keeps_the_parameters_stores_the_trained_ones(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from modelsense.data import load_dataset_from_config
+    from modelsense.models import build_model_from_config
+    from modelsense.training import train_ensemble
+
+    assert "params" not in RECIPE.key()  # stores written before the option keep their digest
+    recipe = replace(RECIPE, params=True)
+    assert recipe.key()["params"] is True and recipe.digest() != RECIPE.digest()
+    trained = _count_trained(monkeypatch)
+    jobs = _jobs(3)
+    tables = train_jobs(recipe, jobs, tmp_path, chunk_models=2, progress=False)
+    data = load_dataset_from_config(recipe.data)
+    ref = train_ensemble(lambda s: build_model_from_config(recipe.model, data.input_shape, data.num_classes, seed=s),
+                         data.x_train, data.y_train, torch.from_numpy(np.stack([j.mask for j in jobs])), recipe.train,
+                         seeds=[j.seed for j in jobs], return_params=True, progress=False)
+    flat = torch.cat([p.reshape(3, -1) for p in ref.params.values()], 1)
+    assert tables["params"].dtype == np.float32 and tables["params"].shape == (3, 64 * 8 + 8 + 8 * 10 + 10)
+    np.testing.assert_allclose(tables["params"], flat.numpy(), rtol=1e-5, atol=1e-6)
+    # the parameters are the model's: loaded into it, it predicts the stored test losses
+    module = build_model_from_config(recipe.model, data.input_shape, data.num_classes, seed=jobs[2].seed)
+    torch.nn.utils.vector_to_parameters(torch.from_numpy(tables["params"][2]), module.parameters())
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(module.eval()(data.x_test), data.y_test, reduction="none")
+    np.testing.assert_allclose(tables["test_loss"][2], loss.numpy(), rtol=1e-4, atol=1e-5)
+    again = train_jobs(recipe, jobs[::-1], tmp_path, progress=False)
+    assert trained == [2, 1]
+    np.testing.assert_array_equal(again["params"], tables["params"][::-1])

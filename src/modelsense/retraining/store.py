@@ -16,7 +16,8 @@ runs and commands):
     ROOT/<recipe digest>/recipe.json          the recipe (what the digest stands for)
     ROOT/<recipe digest>/chunks/<hash>.npz    k jobs: keys (k,), seeds (k,), masks (k, N) and per query
                                               q in (train, test): q_loss, q_correct, q_margin (k, n_q),
-                                              q_logits (k, n_q, C) when the recipe keeps logits
+                                              q_logits (k, n_q, C) when the recipe keeps logits; params
+                                              (k, P) float32 when it keeps the trained parameters
 
 Chunks are written atomically (temporary name, then rename), so a crash loses at most the chunk in
 flight; a damaged chunk is detected and trained again; two runs writing the same job write the
@@ -101,6 +102,8 @@ class RetrainRecipe:
         init: "scratch" (fresh parameters from the job's seed) or "warm:<digest>" (every job starts
             from the same parameters, whose `params_digest` this is; `train_jobs` gets them).
         logits: also keep each job's logits on the queries (k, n, C), e.g. for leave-one-out.
+        params: also keep each job's trained parameters (k, P) float32, flattened in the order of the
+            model's `named_parameters` (e.g. for the curvature of the retrained models).
     """
 
     data: DataConfig
@@ -109,6 +112,7 @@ class RetrainRecipe:
     batch_plan: str = "own"
     init: str = "scratch"
     logits: bool = False
+    params: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_plan not in BATCH_PLANS:
@@ -130,7 +134,8 @@ class RetrainRecipe:
                  if k not in _NOT_IN_KEY and not (k in _KEY_DEFAULTS and v == _KEY_DEFAULTS[k])}
         return _jsonable({"data": {k: v for k, v in asdict(self.data).items() if k != "data_dir"},
                           "model": asdict(self.model), "train": train, "batch_plan": self.batch_plan,
-                          "init": self.init, "logits": self.logits})
+                          "init": self.init, "logits": self.logits,
+                          **({"params": True} if self.params else {})})  # stores without params keep their digest
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.key(), sort_keys=True).encode()).hexdigest()[:16]
@@ -253,7 +258,7 @@ class GroundTruthStore:
 
     def _fields(self) -> list[str]:
         outs = [*OUTPUTS, *(["logits"] if self.recipe.logits else [])]
-        return [f"{q}_{o}" for q in QUERIES for o in outs]
+        return [f"{q}_{o}" for q in QUERIES for o in outs] + (["params"] if self.recipe.params else [])
 
     def index(self) -> dict[str, tuple[Path, int]]:
         """Job key -> (chunk file, row)."""
@@ -281,7 +286,7 @@ class GroundTruthStore:
 
     def gather(self, jobs: Sequence[Job]) -> dict[str, np.ndarray]:
         """Tables of `jobs` in their order: masks (M, N), seeds (M,), and per query q_loss, q_correct,
-        q_margin (M, n_q) (and q_logits (M, n_q, C)); every job must be stored."""
+        q_margin (M, n_q) (and q_logits (M, n_q, C); params (M, P)); every job must be stored."""
         index = self.index()
         lacking = [j for j in jobs if j.key() not in index]
         if lacking:
@@ -340,6 +345,7 @@ def train_chunk(recipe: RetrainRecipe, jobs: Sequence[Job], data: Dataset | None
     res = train_ensemble(model_fn, data.x_train, data.y_train, masks, recipe.train,
                          seeds=torch.tensor([j.seed for j in jobs]), init_params=init_params,
                          batch_plan=recipe.batch_plan, keep_logits=recipe.logits, progress=progress, labels=labels,
+                         return_params=recipe.params,
                          queries={"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)})
     out = {}
     for q in QUERIES:
@@ -349,6 +355,8 @@ def train_chunk(recipe: RetrainRecipe, jobs: Sequence[Job], data: Dataset | None
         out[f"{q}_margin"] = o["margin"].numpy().astype(np.float32)
         if recipe.logits:
             out[f"{q}_logits"] = o["logits"].numpy().astype(np.float32)
+    if recipe.params:  # in the order of named_parameters, as the engine keeps them
+        out["params"] = torch.cat([p.reshape(len(jobs), -1) for p in res.params.values()], 1).numpy().astype(np.float32)
     return out
 
 
