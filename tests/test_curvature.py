@@ -954,38 +954,50 @@ def test_saved_eigenvectors_are_refused_for_another_model_or_matrix(tmp_path):
         check_vectors(tmp_path, key, other, "model.pt", **mine)
 
 
-def test_train_sweep_resumes_and_retrains_a_damaged_result(tmp_path, monkeypatch):
+def test_train_sweep_resumes_and_measures_a_damaged_result_again(tmp_path, monkeypatch):
     import modelsense.curvature.sweep as sweep
+    import modelsense.retraining.store as store_module
     from modelsense.curvature.effdim import describe_width_sweep, width_sweep_summary
     from modelsense.curvature.spectrum import SpectrumConfig
     from modelsense.data import DataConfig, load_dataset_from_config
     from modelsense.models import ModelConfig
+    from modelsense.models.checkpoint import load_model
+    from modelsense.retraining.store import RetrainOptions
     from modelsense.training.config import TrainConfig
 
-    data = load_dataset_from_config(DataConfig("digits", n_train=60))
+    data_cfg = DataConfig("digits", n_train=60)
+    data = load_dataset_from_config(data_cfg)
     models = [sweep.SweepModel(tmp_path / f"width_{w}.json", ModelConfig("mlp", widths=(w,)), 0, {"width": w},
                                tmp_path / f"model_{w}.pt") for w in (3, 2)]
-    train = TrainConfig(epochs=2, bs=32)
-    calls = []
-    real = sweep.train_and_measure
+    train = TrainConfig(optimizer="adam", lr=0.01, epochs=2, bs=32)
+    calls, real = [], store_module.train_chunk
 
-    def counting(data, cfg, model_cfg, *args):
-        calls.append(model_cfg.widths)
-        return real(data, cfg, model_cfg, *args)
+    def counting(recipe, jobs, *args, **kw):
+        calls.append(recipe.model.widths)
+        return real(recipe, jobs, *args, **kw)
 
-    monkeypatch.setattr(sweep, "train_and_measure", counting)
+    monkeypatch.setattr(store_module, "train_chunk", counting)
     logged = []
-    results, n = sweep.train_sweep(data, models, train, SpectrumConfig(k=2), False, False, 100.0, save_models=True,
-                                   progress=False, log=logged.append)
+
+    def run(**kw):
+        return sweep.train_sweep(data, data_cfg, models, train, SpectrumConfig(k=2), False, False, 100.0,
+                                 RetrainOptions(), tmp_path, progress=False, log=logged.append, **kw)
+
+    results, n = run(save_models=True)
     assert n == 2 and calls == [(3,), (2,)] and [r["width"] for r in results] == [3, 2]
-    assert results[0]["n_params"] == 64 * 3 + 3 + 3 * 10 + 10 and all(m.weights.exists() for m in models)
-    # everything stored: nothing is trained again, the results are the stored ones
-    again, n = sweep.train_sweep(data, models, train, SpectrumConfig(k=2), False, False, 100.0, progress=False)
+    assert results[0]["n_params"] == 64 * 3 + 3 + 3 * 10 + 10 and results[0]["k"] == 2
+    # the measured model is the trained one: its saved weights give the losses from the store
+    module, _ = load_model(models[0].weights)
+    with torch.no_grad():
+        test_loss = float(torch.nn.functional.cross_entropy(module(data.x_test), data.y_test))
+    assert results[0]["test_loss"] == pytest.approx(test_loss, rel=1e-5)
+    # everything measured: nothing is trained or measured again, the results are the stored ones
+    again, n = run()
     assert n == 0 and again == results and len(calls) == 2
     models[1].path.write_text("{not json")
-    again, n = sweep.train_sweep(data, models, train, SpectrumConfig(k=2), False, False, 100.0, progress=False,
-                                 log=logged.append)
-    assert n == 1 and calls[-1] == (2,) and any("damaged" in line for line in logged)
+    again, n = run()
+    assert n == 1 and len(calls) == 2 and any("damaged" in line for line in logged)  # measured from the store
+    assert again[1]["eigenvalues"] == results[1]["eigenvalues"]
     text = describe_width_sweep(width_sweep_summary(again, [100.0], 1e-9))
     assert text.splitlines()[1].split()[:2] == ["2", str(results[1]["n_params"])]  # sorted by width
     assert "0 models with train loss < 1e-09: N_eff n/a" in text

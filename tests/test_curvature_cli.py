@@ -10,7 +10,6 @@ import typer
 from typer.testing import CliRunner
 
 import modelsense.cli.curvature as cli_curvature  # noqa: F401  (registers spectrum / effdim)
-import modelsense.curvature.sweep as sweep
 import modelsense.experiments.curvature as exp
 from modelsense.cli.app import app
 from modelsense.core.functional import FunctionalModel
@@ -309,34 +308,71 @@ def test_width_sweep_end_to_end(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "width_sweep.npz")["test_loss"], m["test_loss"])
 
 
-def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
-    calls = []
-    real_fit = sweep.fit
+def count_trained(monkeypatch, crash_at: int | None = None) -> list[tuple]:
+    """(the architecture's widths, the seeds) of every chunk the store trains; one crash at chunk `crash_at`."""
+    import modelsense.retraining.store as store_module
 
-    def counting_fit(module, data, cfg, **kw):
-        calls.append(sum(p.numel() for p in module.parameters()))
-        if len(calls) == 2 and crash[0]:
+    calls, real, crash = [], store_module.train_chunk, [crash_at]
+
+    def counting(recipe, jobs, *args, **kw):
+        calls.append((recipe.model.widths, tuple(j.seed for j in jobs)))
+        if len(calls) == crash[0]:
+            crash[0] = None
             raise RuntimeError("simulated crash")
-        return real_fit(module, data, cfg, **kw)
+        return real(recipe, jobs, *args, **kw)
 
-    crash = [True]
-    monkeypatch.setattr(sweep, "fit", counting_fit)
+    monkeypatch.setattr(store_module, "train_chunk", counting)
+    return calls
+
+
+def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
+    calls = count_trained(monkeypatch, crash_at=2)
     res = invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path)
     assert isinstance(res.exception, RuntimeError)  # crash while training width 4: width 2 is kept
     assert (tmp_path / "widths" / "width_2.json").exists() and not (tmp_path / "widths" / "width_4.json").exists()
-    crash[0] = False
     calls.clear()
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path))
     assert "--resume to continue it" in msg
     first = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--resume", "--out", tmp_path)
-    assert len(calls) == 1 and first["n_trained"] == 1
+    assert calls == [((4,), (0,))] and first["n_trained"] == 1
     calls.clear()
     more = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4,8", "--s", "50", "--resume", "--out", tmp_path)
-    assert len(calls) == 1 and calls[0] == 64 * 8 + 8 + 80 + 10 and more["widths"] == [2, 4, 8]
+    assert calls == [((8,), (0,))] and more["widths"] == [2, 4, 8]
     assert more["test_loss"][:2] == first["test_loss"] and more["s"] == [50.0]
+    # a lost measurement is measured again from the stored model, which is not trained again
+    stored = json.loads((tmp_path / "widths" / "width_4.json").read_text())
+    (tmp_path / "widths" / "width_4.json").unlink()
+    calls.clear()
+    again = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4,8", "--resume", "--out", tmp_path)
+    assert calls == [] and again["n_trained"] == 1 and again["test_loss"] == more["test_loss"]
+    assert json.loads((tmp_path / "widths" / "width_4.json").read_text())["eigenvalues"] == stored["eigenvalues"]
     msg = error(invoke("effdim", "width-sweep", *DATA, "--epochs", 4, "--bs", 64, "--k", 3, "--widths", "2",
                        "--resume", "--out", tmp_path))
     assert "train.epochs 4 (stored 3)" in msg
+
+
+def test_width_sweep_and_grid_share_their_models_on_one_store(tmp_path, monkeypatch):
+    calls = count_trained(monkeypatch)
+    args = [*TINY_SWEEP, "--widths", "2,3", "--store", tmp_path / "store"]
+    sweep_m = ok("effdim", "width-sweep", *args, "--out", tmp_path / "sweep")
+    res = json.loads((tmp_path / "sweep" / "widths" / "width_3.json").read_text())
+    assert calls == [((2,), (0,)), ((3,), (0,))] and not (tmp_path / "sweep" / "store").exists()
+    assert (tmp_path / "store" / res["store"]["recipe"] / "recipe.json").exists()
+    # the model it measured is the one on the store: its stored outputs give the losses
+    from modelsense.retraining.store import GroundTruthStore, RetrainRecipe, jobs_from
+    from modelsense.training.config import TrainConfig
+
+    data_cfg = DataConfig("digits", n_train=N_TRAIN, corruption_ratio=0.2, standardize=True)
+    train_cfg = TrainConfig(optimizer="adam", lr=3e-3, lrmin=3e-3, epochs=3, bs=64, delta=0.0)
+    recipe = RetrainRecipe(data_cfg, exp.WidthSweepSpec().model.__class__("mlp", widths=(3,)), train_cfg, params=True)
+    assert recipe.digest() == res["store"]["recipe"]
+    tables = GroundTruthStore(tmp_path / "store", recipe, N_TRAIN, 500).gather(
+        jobs_from(np.ones((1, N_TRAIN), dtype=bool), [0]))
+    assert res["test_loss"] == pytest.approx(float(tables["test_loss"][0].mean()))
+    # a grid of one depth on the same recipe and store trains nothing: its cells are the sweep's models
+    calls.clear()
+    grid = ok("effdim", "grid", *args, "--depths", "1", "--out", tmp_path / "grid")
+    assert calls == [] and grid["n_trained"] == 2 and grid["test_loss"] == [sweep_m["test_loss"]]
 
 
 def test_width_sweep_bad_input(tmp_path):
@@ -457,30 +493,20 @@ def test_grid_end_to_end(tmp_path):
 
 
 def test_grid_resumes_per_model(tmp_path, monkeypatch):
-    calls = []
-    real_fit = sweep.fit
-
-    def counting_fit(module, data, cfg, **kw):
-        calls.append((sum(p.numel() for p in module.parameters()), cfg.seed))
-        if len(calls) == 3 and crash[0]:
-            raise RuntimeError("simulated crash")
-        return real_fit(module, data, cfg, **kw)
-
-    crash = [True]
-    monkeypatch.setattr(sweep, "fit", counting_fit)
+    calls = count_trained(monkeypatch, crash_at=3)
     grid = [*TINY_GRID, "--widths", "2,3", "--depths", "1,2"]
     res = invoke("effdim", "grid", *grid, "--out", tmp_path)
     assert isinstance(res.exception, RuntimeError)  # the third model crashed: two are kept
     assert len(list((tmp_path / "cells").glob("*.json"))) == 2
-    crash[0] = False
     calls.clear()
     first = ok("effdim", "grid", *grid, "--resume", "--out", tmp_path)
-    assert calls == [(mlp_params(2, 2), 0), (mlp_params(3, 2), 0)] and first["n_trained"] == 2
+    assert calls == [((2, 2), (0,)), ((3, 3), (0,))] and first["n_trained"] == 2
     calls.clear()
     more = ok("effdim", "grid", *TINY_GRID, "--widths", "2,3", "--depths", "1,2,3", "--repeats", 2, "--resume",
               "--out", tmp_path)
-    assert sorted(calls) == sorted([(mlp_params(w, d), s) for w in (2, 3) for d, s in
-                                    [(1, 1), (2, 1), (3, 0), (3, 1)]])
+    # the seeds of one architecture are trained together (one chunk of the store)
+    assert sorted(calls) == sorted([((2,), (1,)), ((3,), (1,)), ((2, 2), (1,)), ((3, 3), (1,)),
+                                    ((2, 2, 2), (0, 1)), ((3, 3, 3), (0, 1))])
     assert more["test_loss_all"][0][0][0] == first["test_loss"][0][0]  # stored models are reused as they are
     msg = error(invoke("effdim", "grid", *grid, "--lr", 0.2, "--resume", "--out", tmp_path))
     assert "train.lr 0.2" in msg

@@ -40,7 +40,7 @@ from modelsense.curvature.spectrum import (
     module_spectra,
     resolve_s,
 )
-from modelsense.curvature.sweep import SweepModel, curvature_data, train_sweep
+from modelsense.curvature.sweep import SweepModel, curvature_data, sweep_recipe, train_sweep
 from modelsense.curvature.vectors import VECTORS_FILE, check_vectors, vector_arrays, vectors_key
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
@@ -48,6 +48,7 @@ from modelsense.experiments.command import Command, Prepared, execute
 from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint, check_model, obtain_model
 from modelsense.models import ModelConfig
 from modelsense.options import check_fields, floats, ints, joined, option
+from modelsense.retraining.store import STORE_DIR, RetrainOptions
 from modelsense.runs import RunDir, finished_metrics
 from modelsense.training.config import TrainConfig
 
@@ -266,7 +267,8 @@ class SweepSpec:
     the prototype's sweep: standardised digits with 20% label noise, Adam at a constant 3e-3, 400 epochs,
     batch 128, no weight decay), the top-k spectrum of each (`spectrum` gives k and how the eigenvalues
     are computed; its s, trace and density are unused: s is the sweep's own), and the threshold of the
-    interpolating models. Each model's result is one JSON file (`train_sweep`): a resumed sweep must
+    interpolating models. The models are trained and kept on the ground-truth store (`retrain`: where,
+    and which store); each model's measurements are one JSON file (`train_sweep`): a resumed sweep must
     keep what every model shares (config.json's `sweep` / `grid`, the device aside)."""
 
     NAME: ClassVar[str] = ""
@@ -283,6 +285,8 @@ class SweepSpec:
     weights_only: bool = option(False, WEIGHTS_ONLY_HELP)
     use_test: bool = option(False, USE_TEST_HELP)
     s: tuple[float, ...] = option((), S_HELP, parse=floats, show=joined)
+    #: where the models are trained and stored (--backend, --address, --store; --chunk-size is the spectrum's)
+    retrain: RetrainOptions = field(default_factory=RetrainOptions)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -320,16 +324,19 @@ def check_sweep(spec: SweepSpec) -> Prepared:
     data = load_dataset_from_config(spec.data)
     for config in {repr(m.config): m.config for m in spec.models(Path())}.values():  # each architecture once
         check_model(data, config)
+        sweep_recipe(spec.data, config, spec.train)  # trained by the engine (sgd, adam or adamw)
     s = resolve_s(spec.s, spec.spectrum.reduction, len(curvature_data(data, spec.use_test)[1]))
     return Prepared(data, {"dataset": data.summary(), "s": list(s), spec.KEY: spec.shared()}, {"s": s})
 
 
-def _train(spec: SweepSpec, prepared: Prepared, run: RunDir, noun: str, progress: bool) -> tuple[list, dict]:
-    """Train the models not finished in the run: (every model's result, the metrics beside the summary)."""
+def _train(spec: SweepSpec, prepared: Prepared, run: RunDir, progress: bool) -> tuple[list, dict]:
+    """Train (or find on the store) and measure the models not finished in the run: (every model's result,
+    the metrics beside the summary)."""
     start, models = time.perf_counter(), spec.models(run.path)
     models[0].path.parent.mkdir(exist_ok=True)
-    results, n_trained = train_sweep(prepared.data, models, spec.train, spec.spectrum, spec.weights_only,
-                                     spec.use_test, prepared.extra["s"][0], spec.save_models, noun, progress, run.log)
+    results, n_trained = train_sweep(prepared.data, spec.data, models, spec.train, spec.spectrum, spec.weights_only,
+                                     spec.use_test, prepared.extra["s"][0], spec.retrain, run.path, spec.save_models,
+                                     progress, run.log)
     return results, {"matrix": spec.spectrum.matrix, "reduction": spec.spectrum.reduction,
                      "n_train": prepared.data.n_train, "use_test": spec.use_test, "weights_only": spec.weights_only,
                      "n_trained": n_trained, "seconds": time.perf_counter() - start}
@@ -369,7 +376,7 @@ def run_width_sweep(spec: WidthSweepSpec, prepared: Prepared, run: RunDir, progr
     from modelsense.curvature import plots
     from modelsense.curvature.effdim import width_sweep_summary
 
-    results, extra = _train(spec, prepared, run, "widths", progress)
+    results, extra = _train(spec, prepared, run, progress)
     summary = width_sweep_summary(results, prepared.extra["s"], spec.train_loss_threshold)
     run.save_arrays("width_sweep", **{k: np.asarray(summary[k], dtype=float) for k in
                                       ("widths", "n_params", "train_loss", "test_loss", "test_error",
@@ -381,12 +388,14 @@ def run_width_sweep(spec: WidthSweepSpec, prepared: Prepared, run: RunDir, progr
 
 
 WIDTH_SWEEP = Command(
-    "effdim width-sweep", WidthSweepSpec, check_sweep, run_width_sweep, summary=describe_width_sweep, keep=("widths",),
-    resume_keys=("sweep",), hide=ONLY_TOP_K | {"model.widths", "model.width"},
+    "effdim width-sweep", WidthSweepSpec, check_sweep, run_width_sweep, summary=describe_width_sweep,
+    keep=("widths", STORE_DIR), resume_keys=("sweep",),
+    hide=ONLY_TOP_K | {"model.widths", "model.width", "retrain.chunk_size"},
     help="Models from narrow to wide: test loss, parameter count and N_eff against width (double descent). The "
          "default is the prototype: one-hidden-layer ReLU MLPs on standardised digits with 20% label noise, Adam at "
          "a constant rate 3e-3 (--lrmin = --lr; set both to change it), 400 epochs, batch 128, no weight decay; "
-         "top-50 Hessian eigenvalues of the summed training loss, s = 100.")
+         "top-50 Hessian eigenvalues of the summed training loss, s = 100. The models are trained by the retraining "
+         "engine and kept on the ground-truth store (--store shares them between runs; --backend ray).")
 
 
 @dataclass(frozen=True)
@@ -434,7 +443,7 @@ def run_grid(spec: GridSpec, prepared: Prepared, run: RunDir, progress: bool = T
     from modelsense.curvature import plots
     from modelsense.curvature.effdim import grid_summary
 
-    results, extra = _train(spec, prepared, run, "grid models", progress)
+    results, extra = _train(spec, prepared, run, progress)
     summary = grid_summary(results, spec.widths, spec.depths, prepared.extra["s"], spec.train_loss_threshold)
     run.save_arrays("grid", **{k: np.asarray(summary[k], dtype=float) for k in
                                ("widths", "depths", "n_params", "train_loss", "test_loss", "test_error",
@@ -448,11 +457,12 @@ def run_grid(spec: GridSpec, prepared: Prepared, run: RunDir, progress: bool = T
 
 
 GRID = Command(
-    "effdim grid", GridSpec, check_sweep, run_grid, summary=describe_grid, keep=("cells",), resume_keys=("grid",),
-    hide=ONLY_TOP_K | {"model.widths", "model.width", "model.depth"},
+    "effdim grid", GridSpec, check_sweep, run_grid, summary=describe_grid, keep=("cells", STORE_DIR),
+    resume_keys=("grid",), hide=ONLY_TOP_K | {"model.widths", "model.width", "model.depth", "retrain.chunk_size"},
     help="Models over a width x depth grid (mlp: depth hidden layers of the width; cnn: width and depth), "
          "--repeats seeds per cell: heatmaps of N_eff, test and train loss, and their profiles along width and depth. "
-         "Defaults as width-sweep (digits with 20% label noise, Adam at 3e-3, 400 epochs); resumable per model.")
+         "Defaults as width-sweep (digits with 20% label noise, Adam at 3e-3, 400 epochs); resumable per model; "
+         "the models on the ground-truth store as width-sweep's.")
 
 
 # -- modelsense effdim blr -----------------------------------------------------------------------
