@@ -375,6 +375,16 @@ def test_width_sweep_and_grid_share_their_models_on_one_store(tmp_path, monkeypa
     assert calls == [] and grid["n_trained"] == 2 and grid["test_loss"] == [sweep_m["test_loss"]]
 
 
+@pytest.mark.slow
+def test_width_sweep_on_ray_equals_local(tmp_path):
+    pytest.importorskip("ray")
+    local = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,3", "--out", tmp_path / "local")
+    remote = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,3", "--backend", "ray", "--out", tmp_path / "ray")
+    assert (tmp_path / "ray" / "store").is_dir()
+    np.testing.assert_allclose(remote["test_loss"], local["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(remote["effective_dimension"], local["effective_dimension"], rtol=1e-4)
+
+
 def test_width_sweep_bad_input(tmp_path):
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--model", "lenet", "--out", tmp_path / "a"))
     assert "mlp, cnn, resnet18" in msg and "'lenet'" in msg
