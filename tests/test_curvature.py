@@ -891,3 +891,113 @@ def test_gram_structure_is_the_exact_matrix(matrix):
         build_curvature(model, x, y, matrix="hessian", structure="gram")
     with pytest.raises(ConfigError, match="max_full_params"):
         build_curvature(model, x, y, matrix=matrix, structure="gram", max_full_params=2)
+
+
+# -- what the commands compose: sweeps, summaries, saved eigenvectors -----------------------------
+def test_blr_summary_reads_the_curves_at_the_contraction_points():
+    res = blr_posterior_contraction(n_points=12, n_frequencies=4, x_max=3.0)  # P = 8: n = 7, 8, 9
+    m = res.summary()
+    assert (m["n_params"], m["n_points"]) == (8, 12)
+    for name in ("posterior", "function", "hessian"):
+        curve = getattr(res, f"effdim_{name}")
+        assert m[f"effdim_{name}_last"] == float(curve[-1])
+        assert m[f"effdim_{name}_at"] == {f"n={n}": float(curve[n - 1]) for n in (7, 8, 9)}
+    assert m["effdim_posterior_first"] == float(res.effdim_posterior[0])
+    assert blr_posterior_contraction(n_points=8, n_frequencies=4).summary()["effdim_posterior_at"].keys() == {
+        "n=7", "n=8"}  # n = 9 lies beyond the 8 points
+
+
+def test_module_metrics_and_arrays_are_each_blocks_spectrum():
+    from modelsense.curvature.spectrum import (
+        MODULE_KEYS,
+        SpectrumConfig,
+        check_k,
+        describe_spectrum,
+        module_arrays,
+        module_metrics,
+        module_spectra,
+    )
+
+    model, x, y = mlp_problem()
+    spectra = module_spectra(model, x, y, SpectrumConfig(k=2, trace_samples=2, density_probes=1, density_steps=4))
+    metrics, arrays = module_metrics(spectra), module_arrays(spectra)
+    assert set(metrics) == set(spectra) == set(model.spec.modules)
+    for name, sp in spectra.items():
+        assert set(metrics[name]) == set(MODULE_KEYS) and metrics[name]["eigenvalues"] == sp.eigenvalues.tolist()
+        assert torch.equal(arrays[name], sp.eigenvalues) and torch.equal(arrays[f"{name}:converged"], sp.converged)
+    whole = spectra[next(iter(spectra))]
+    assert {"eigenvalues", "converged", "residuals", "density_grid", "density", "slq_nodes",
+            "slq_weights"} == set(whole.arrays())
+    text = describe_spectrum({**whole.to_metrics(), "by_module": metrics})
+    assert all(f"\n  {name}: " in text for name in spectra) and "not computed" not in text
+    assert check_k(model.n_params, model.module) == model.n_params
+    with pytest.raises(ConfigError, match=f"--k {model.n_params + 1} is larger .*pass --k <= {model.n_params}"):
+        check_k(model.n_params + 1, model.module)
+
+
+def test_saved_eigenvectors_are_refused_for_another_model_or_matrix(tmp_path):
+    from modelsense.curvature.spectrum import SpectrumConfig, compute_spectrum
+    from modelsense.curvature.vectors import check_vectors, parameters_fingerprint, vector_arrays, vectors_key
+
+    model, x, y = mlp_problem()
+    spectrum = compute_spectrum(model, x, y, SpectrumConfig(k=2))
+    key = vectors_key(model, spectrum, False, False, len(x))
+    arrays = vector_arrays(spectrum, key)
+    assert arrays["eigenvectors"].dtype == torch.float32 and arrays["eigenvectors"].shape == (model.n_params, 2)
+    mine = {"weights_only": False, "use_test": False, "matrix": "hessian", "reduction": "sum"}
+    check_vectors(tmp_path, key, model, "model.pt", **mine)  # the same model and matrix: accepted
+    with pytest.raises(ConfigError, match="--reduction 'mean' \\(the vectors': 'sum'\\)"):
+        check_vectors(tmp_path, key, model, "model.pt", **{**mine, "reduction": "mean"})
+    other, _, _ = mlp_problem(seed=1)
+    assert parameters_fingerprint(other) != key["parameters_sha256"]
+    with pytest.raises(ConfigError, match="computed at another model"):
+        check_vectors(tmp_path, key, other, "model.pt", **mine)
+
+
+def test_train_sweep_resumes_and_measures_a_damaged_result_again(tmp_path, monkeypatch):
+    import modelsense.curvature.sweep as sweep
+    import modelsense.retraining.store as store_module
+    from modelsense.curvature.effdim import describe_width_sweep, width_sweep_summary
+    from modelsense.curvature.spectrum import SpectrumConfig
+    from modelsense.data import DataConfig, load_dataset_from_config
+    from modelsense.models import ModelConfig
+    from modelsense.models.checkpoint import load_model
+    from modelsense.retraining.store import RetrainOptions
+    from modelsense.training.config import TrainConfig
+
+    data_cfg = DataConfig("digits", n_train=60)
+    data = load_dataset_from_config(data_cfg)
+    models = [sweep.SweepModel(tmp_path / f"width_{w}.json", ModelConfig("mlp", widths=(w,)), 0, {"width": w},
+                               tmp_path / f"model_{w}.pt") for w in (3, 2)]
+    train = TrainConfig(optimizer="adam", lr=0.01, epochs=2, bs=32)
+    calls, real = [], store_module.train_chunk
+
+    def counting(recipe, jobs, *args, **kw):
+        calls.append(recipe.model.widths)
+        return real(recipe, jobs, *args, **kw)
+
+    monkeypatch.setattr(store_module, "train_chunk", counting)
+    logged = []
+
+    def run(**kw):
+        return sweep.train_sweep(data, data_cfg, models, train, SpectrumConfig(k=2), False, False, 100.0,
+                                 RetrainOptions(), tmp_path, progress=False, log=logged.append, **kw)
+
+    results, n = run(save_models=True)
+    assert n == 2 and calls == [(3,), (2,)] and [r["width"] for r in results] == [3, 2]
+    assert results[0]["n_params"] == 64 * 3 + 3 + 3 * 10 + 10 and results[0]["k"] == 2
+    # the measured model is the trained one: its saved weights give the losses from the store
+    module, _ = load_model(models[0].weights)
+    with torch.no_grad():
+        test_loss = float(torch.nn.functional.cross_entropy(module(data.x_test), data.y_test))
+    assert results[0]["test_loss"] == pytest.approx(test_loss, rel=1e-5)
+    # everything measured: nothing is trained or measured again, the results are the stored ones
+    again, n = run()
+    assert n == 0 and again == results and len(calls) == 2
+    models[1].path.write_text("{not json")
+    again, n = run()
+    assert n == 1 and len(calls) == 2 and any("damaged" in line for line in logged)  # measured from the store
+    assert again[1]["eigenvalues"] == results[1]["eigenvalues"]
+    text = describe_width_sweep(width_sweep_summary(again, [100.0], 1e-9))
+    assert text.splitlines()[1].split()[:2] == ["2", str(results[1]["n_params"])]  # sorted by width
+    assert "0 models with train loss < 1e-09: N_eff n/a" in text

@@ -10,7 +10,6 @@ import typer
 from typer.testing import CliRunner
 
 import modelsense.cli.curvature as cli_curvature  # noqa: F401  (registers spectrum / effdim)
-import modelsense.curvature.sweep as sweep
 import modelsense.experiments.curvature as exp
 from modelsense.cli.app import app
 from modelsense.core.functional import FunctionalModel
@@ -271,7 +270,7 @@ def test_perturb_bad_input(spectrum_run, tmp_path):
         ([*base, "--use-test"], "--use-test True"),
         ([*base, "--n-top", 5], "--n-top 5 is more than the 4 eigenvectors in --vectors"),
         ([*base, "--n-points", 4], "--n-points must be odd"),
-        ([*base, "--t-max", 0], "--t-max must be a finite number > 0"),
+        ([*base, "--t-max", 0], "--t-max must be > 0, received 0.0"),
         ([*base, "--n-top", 0, "--n-bottom", 0, "--n-random", 0], "not all 0"),
         ([*DATA, "--checkpoint", out / "model.pt", "--vectors", tmp_path], "no eigenvectors.npz there"),
     ]
@@ -309,54 +308,101 @@ def test_width_sweep_end_to_end(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "width_sweep.npz")["test_loss"], m["test_loss"])
 
 
-def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
-    calls = []
-    real_fit = sweep.fit
+def count_trained(monkeypatch, crash_at: int | None = None) -> list[tuple]:
+    """(the architecture's widths, the seeds) of every chunk the store trains; one crash at chunk `crash_at`."""
+    import modelsense.retraining.store as store_module
 
-    def counting_fit(module, data, cfg, **kw):
-        calls.append(sum(p.numel() for p in module.parameters()))
-        if len(calls) == 2 and crash[0]:
+    calls, real, crash = [], store_module.train_chunk, [crash_at]
+
+    def counting(recipe, jobs, *args, **kw):
+        calls.append((recipe.model.widths, tuple(j.seed for j in jobs)))
+        if len(calls) == crash[0]:
+            crash[0] = None
             raise RuntimeError("simulated crash")
-        return real_fit(module, data, cfg, **kw)
+        return real(recipe, jobs, *args, **kw)
 
-    crash = [True]
-    monkeypatch.setattr(sweep, "fit", counting_fit)
+    monkeypatch.setattr(store_module, "train_chunk", counting)
+    return calls
+
+
+def test_width_sweep_resume_skips_finished_widths(tmp_path, monkeypatch):
+    calls = count_trained(monkeypatch, crash_at=2)
     res = invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path)
     assert isinstance(res.exception, RuntimeError)  # crash while training width 4: width 2 is kept
     assert (tmp_path / "widths" / "width_2.json").exists() and not (tmp_path / "widths" / "width_4.json").exists()
-    crash[0] = False
     calls.clear()
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--out", tmp_path))
     assert "--resume to continue it" in msg
     first = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4", "--resume", "--out", tmp_path)
-    assert len(calls) == 1 and first["n_trained"] == 1
+    assert calls == [((4,), (0,))] and first["n_trained"] == 1
     calls.clear()
     more = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4,8", "--s", "50", "--resume", "--out", tmp_path)
-    assert len(calls) == 1 and calls[0] == 64 * 8 + 8 + 80 + 10 and more["widths"] == [2, 4, 8]
+    assert calls == [((8,), (0,))] and more["widths"] == [2, 4, 8]
     assert more["test_loss"][:2] == first["test_loss"] and more["s"] == [50.0]
+    # a lost measurement is measured again from the stored model, which is not trained again
+    stored = json.loads((tmp_path / "widths" / "width_4.json").read_text())
+    (tmp_path / "widths" / "width_4.json").unlink()
+    calls.clear()
+    again = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,4,8", "--resume", "--out", tmp_path)
+    assert calls == [] and again["n_trained"] == 1 and again["test_loss"] == more["test_loss"]
+    assert json.loads((tmp_path / "widths" / "width_4.json").read_text())["eigenvalues"] == stored["eigenvalues"]
     msg = error(invoke("effdim", "width-sweep", *DATA, "--epochs", 4, "--bs", 64, "--k", 3, "--widths", "2",
                        "--resume", "--out", tmp_path))
     assert "train.epochs 4 (stored 3)" in msg
+
+
+def test_width_sweep_and_grid_share_their_models_on_one_store(tmp_path, monkeypatch):
+    calls = count_trained(monkeypatch)
+    args = [*TINY_SWEEP, "--widths", "2,3", "--store", tmp_path / "store"]
+    sweep_m = ok("effdim", "width-sweep", *args, "--out", tmp_path / "sweep")
+    res = json.loads((tmp_path / "sweep" / "widths" / "width_3.json").read_text())
+    assert calls == [((2,), (0,)), ((3,), (0,))] and not (tmp_path / "sweep" / "store").exists()
+    assert (tmp_path / "store" / res["store"]["recipe"] / "recipe.json").exists()
+    # the model it measured is the one on the store: its stored outputs give the losses
+    from modelsense.retraining.store import GroundTruthStore, RetrainRecipe, jobs_from
+    from modelsense.training.config import TrainConfig
+
+    data_cfg = DataConfig("digits", n_train=N_TRAIN, corruption_ratio=0.2, standardize=True)
+    train_cfg = TrainConfig(optimizer="adam", lr=3e-3, lrmin=3e-3, epochs=3, bs=64, delta=0.0)
+    recipe = RetrainRecipe(data_cfg, exp.WidthSweepSpec().model.__class__("mlp", widths=(3,)), train_cfg, params=True)
+    assert recipe.digest() == res["store"]["recipe"]
+    tables = GroundTruthStore(tmp_path / "store", recipe, N_TRAIN, 500).gather(
+        jobs_from(np.ones((1, N_TRAIN), dtype=bool), [0]))
+    assert res["test_loss"] == pytest.approx(float(tables["test_loss"][0].mean()))
+    # a grid of one depth on the same recipe and store trains nothing: its cells are the sweep's models
+    calls.clear()
+    grid = ok("effdim", "grid", *args, "--depths", "1", "--out", tmp_path / "grid")
+    assert calls == [] and grid["n_trained"] == 2 and grid["test_loss"] == [sweep_m["test_loss"]]
+
+
+@pytest.mark.slow
+def test_width_sweep_on_ray_equals_local(tmp_path):
+    pytest.importorskip("ray")
+    local = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,3", "--out", tmp_path / "local")
+    remote = ok("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,3", "--backend", "ray", "--out", tmp_path / "ray")
+    assert (tmp_path / "ray" / "store").is_dir()
+    np.testing.assert_allclose(remote["test_loss"], local["test_loss"], rtol=1e-5)
+    np.testing.assert_allclose(remote["effective_dimension"], local["effective_dimension"], rtol=1e-4)
 
 
 def test_width_sweep_bad_input(tmp_path):
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--model", "lenet", "--out", tmp_path / "a"))
     assert "mlp, cnn, resnet18" in msg and "'lenet'" in msg
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--widths", "2,0", "--out", tmp_path / "b"))
-    assert "positive integers" in msg
+    assert "--widths must be >= 1, received 0 in (2, 0)" in msg
     msg = error(invoke("effdim", "width-sweep", *TINY_SWEEP, "--matrix", "fim", "--out", tmp_path / "c"))
     assert "unknown matrix 'fim'" in msg
 
 
 @pytest.mark.parametrize("args", [
     ["--dataset", "mnist1d", "--n-train", "100", "--widths", "3,5"],
-    ["--dataset", "digits", "--n-train", "100", "--model", "cnn", "--depth", "1", "--widths", "2,3"],
+    ["--dataset", "digits", "--n-train", "100", "--model", "cnn", "--depth", "2", "--widths", "2,3"],
 ])
 def test_width_sweep_other_datasets_and_models(args, tmp_path):
     m = ok("effdim", "width-sweep", *args, "--epochs", "2", "--k", "3", "--out", tmp_path)
     assert len(m["effective_dimension"]) == 2 and all(np.isfinite(m["test_loss"]))
     cfg = json.loads((tmp_path / "widths" / f"width_{m['widths'][1]}.json").read_text())["model"]
-    assert (cfg["widths"] == [5]) if cfg["name"] == "mlp" else (cfg["width"] == 3 and cfg["depth"] == 1)
+    assert (cfg["widths"] == [5]) if cfg["name"] == "mlp" else (cfg["width"] == 3 and cfg["depth"] == 2)
 
 
 def test_width_sweep_defaults_are_the_prototype():
@@ -457,30 +503,20 @@ def test_grid_end_to_end(tmp_path):
 
 
 def test_grid_resumes_per_model(tmp_path, monkeypatch):
-    calls = []
-    real_fit = sweep.fit
-
-    def counting_fit(module, data, cfg, **kw):
-        calls.append((sum(p.numel() for p in module.parameters()), cfg.seed))
-        if len(calls) == 3 and crash[0]:
-            raise RuntimeError("simulated crash")
-        return real_fit(module, data, cfg, **kw)
-
-    crash = [True]
-    monkeypatch.setattr(sweep, "fit", counting_fit)
+    calls = count_trained(monkeypatch, crash_at=3)
     grid = [*TINY_GRID, "--widths", "2,3", "--depths", "1,2"]
     res = invoke("effdim", "grid", *grid, "--out", tmp_path)
     assert isinstance(res.exception, RuntimeError)  # the third model crashed: two are kept
     assert len(list((tmp_path / "cells").glob("*.json"))) == 2
-    crash[0] = False
     calls.clear()
     first = ok("effdim", "grid", *grid, "--resume", "--out", tmp_path)
-    assert calls == [(mlp_params(2, 2), 0), (mlp_params(3, 2), 0)] and first["n_trained"] == 2
+    assert calls == [((2, 2), (0,)), ((3, 3), (0,))] and first["n_trained"] == 2
     calls.clear()
     more = ok("effdim", "grid", *TINY_GRID, "--widths", "2,3", "--depths", "1,2,3", "--repeats", 2, "--resume",
               "--out", tmp_path)
-    assert sorted(calls) == sorted([(mlp_params(w, d), s) for w in (2, 3) for d, s in
-                                    [(1, 1), (2, 1), (3, 0), (3, 1)]])
+    # the seeds of one architecture are trained together (one chunk of the store)
+    assert sorted(calls) == sorted([((2,), (1,)), ((3,), (1,)), ((2, 2), (1,)), ((3, 3), (1,)),
+                                    ((2, 2, 2), (0, 1)), ((3, 3, 3), (0, 1))])
     assert more["test_loss_all"][0][0][0] == first["test_loss"][0][0]  # stored models are reused as they are
     msg = error(invoke("effdim", "grid", *grid, "--lr", 0.2, "--resume", "--out", tmp_path))
     assert "train.lr 0.2" in msg
@@ -489,10 +525,10 @@ def test_grid_resumes_per_model(tmp_path, monkeypatch):
 def test_grid_bad_input(tmp_path):
     for i, (args, words) in enumerate([
         (["--model", "resnet18"], "mlp, cnn"),
-        (["--depths", "0,1"], "--depths must be integers >= 1"),
+        (["--depths", "0,1"], "--depths of an mlp (hidden layers) must be >= 1, received [0, 1]"),
         (["--widths", "2,2"], "--widths must be distinct"),
         (["--repeats", "0"], "--repeats must be >= 1"),
-        (["--model", "cnn", "--depths", "-1"], "--depths must be integers >= 0"),
+        (["--model", "cnn", "--depths", "-1"], "--depths must be >= 0, received -1 in (-1,)"),
     ]):
         assert words in error(invoke("effdim", "grid", *TINY_GRID, *args, "--out", tmp_path / str(i)))
         assert not (tmp_path / str(i)).exists()
@@ -529,7 +565,7 @@ def test_blr_end_to_end_against_closed_form(tmp_path):
     assert arrays["effdim_posterior"].shape == (40,) and np.all(np.diff(arrays["effdim_posterior"]) <= 1e-12)
     assert (tmp_path / "figures" / "blr_effective_dimension.png").stat().st_size > 0
     msg = error(invoke("effdim", "blr", "--n-frequencies", 0, "--out", tmp_path / "x"))
-    assert "--n-frequencies >= 1" in msg
+    assert "--n-frequencies must be >= 1, received 0" in msg
 
 
 def test_curvature_section(tmp_path):

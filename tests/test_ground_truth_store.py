@@ -163,3 +163,24 @@ def test_a_recipe_that_keeps_parameters_stores_them_per_job_and_keeps_the_other_
     assert set(job_parameters(tables, 0)) == {"fc1.weight", "fc1.bias", "out.weight", "out.bias"}
     with pytest.raises(DataError, match="no parameters"):
         job_parameters(train_jobs(RECIPE, jobs[:1], tmp_path, progress=False), 0)
+
+
+def test_stored_parameters_are_the_models_and_come_back_in_any_job_order(tmp_path, monkeypatch):
+    from modelsense.data import load_dataset_from_config
+    from modelsense.models import build_model_from_config
+
+    recipe = RetrainRecipe(RECIPE.data, RECIPE.model, RECIPE.train, params=True)
+    trained = _count_trained(monkeypatch)
+    jobs = _jobs(3)
+    tables = train_jobs(recipe, jobs, tmp_path, chunk_models=2, progress=False)
+    data = load_dataset_from_config(recipe.data)
+    # loaded into the model, the parameters of a job predict the test losses stored for it
+    module = build_model_from_config(recipe.model, data.input_shape, data.num_classes, seed=jobs[2].seed)
+    module.load_state_dict(job_parameters(tables, 2), strict=False)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(module.eval()(data.x_test), data.y_test, reduction="none")
+    np.testing.assert_allclose(tables["test_loss"][2], loss.numpy(), rtol=1e-4, atol=1e-5)
+    again = train_jobs(recipe, jobs[::-1], tmp_path, progress=False)
+    assert trained == [2, 1]  # the second call trains nothing
+    for name, value in job_parameters(again, 0).items():
+        torch.testing.assert_close(value, job_parameters(tables, 2)[name], rtol=0, atol=0)

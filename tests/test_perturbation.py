@@ -120,3 +120,51 @@ def test_symmetric_rise_removes_the_odd_part_and_crossings_interpolate():
         symmetric_rise(torch.linspace(-1, 2, 5, dtype=DT), curves[:, :5])
     with pytest.raises(ConfigError, match="symmetric about 0"):
         symmetric_rise(torch.linspace(-1, 1, 4, dtype=DT), curves[:, :4])
+
+
+# -- the whole study (perturbation_study) --------------------------------------------------------
+def test_study_against_the_dense_hessian_and_direct_evaluation():
+    from modelsense.curvature.perturbation import describe_perturbation, perturbation_study
+
+    model, x, y = problem(n=40)
+    xt, yt = torch.randn(10, 4, dtype=DT), torch.randint(0, 3, (10,))
+    H = dense_hessian(model, x, y)
+    lam, V = torch.linalg.eigh(H)
+    lam, V = lam.flip(0)[:4], V.flip(1)[:, :4]
+    t = torch.linspace(-2, 2, 5, dtype=DT)
+    cfg = SpectrumConfig(k=4, lanczos_tol=1e-10)
+    study = perturbation_study(model, x, y, cfg, {"train": (x, y), "test": (xt, yt)}, t, 2, 1, 2, seed=3,
+                               vectors=(V, lam))
+    assert study.names == ["v1", "v2", "bottom 1", "random 1", "random 2"]
+    assert study.kinds == ["top", "top", "bottom", "random", "random"]
+    torch.testing.assert_close(study.curvature[:2], lam[:2], rtol=1e-8, atol=1e-10)  # vᵀHv = λ
+    theta = model.spec.flatten(model.params)
+
+    def mean_loss(flat, xs, ys):
+        return float(model.loss(model.spec.unflatten(flat), xs, ys, reduction="sum")) / len(ys)
+
+    # the curve along v_2 on the test set is the loss of the moved model
+    for j in range(5):
+        assert float(study.scans["test"].loss[1, j]) == pytest.approx(mean_loss(theta + t[j] * V[:, 1], xt, yt),
+                                                                      rel=1e-10)
+    m = study.metrics()
+    loss = study.scans["train"].loss
+    rise = ((loss[:, 3:] + loss[:, :2].flip(1)) / 2 - loss[:, 2:3]) / loss[0, 2]  # at t = 1, 2
+    assert m["rise_at_t_max"]["top"] == pytest.approx(rise[:2, -1].tolist())
+    assert m["rise_at_t_max"]["bottom"] == pytest.approx(float(rise[2, -1]))
+    assert m["rise_at_t_max"]["random"] == pytest.approx(float(rise[3:, -1].mean()))
+    assert m["train_loss_at_0"] == pytest.approx(mean_loss(theta, x, y)) and m["k"] == 4
+    assert set(study.arrays()) == {"t", "names", "kinds", "curvature", "eigenvalues", *(
+        f"{s}_{q}" for s in ("train", "test") for q in ("loss", "accuracy", "agreement"))}
+    # computing the top 4 here instead gives the same curvature along v_1, v_2 (eigenvectors up to sign)
+    computed = perturbation_study(model, x, y, cfg, {"train": (x, y), "test": (xt, yt)}, t, 2, 1, 2, seed=3)
+    torch.testing.assert_close(computed.curvature[:2], lam[:2], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(computed.eigenvalues, lam, rtol=1e-6, atol=1e-8)
+    text = describe_perturbation({**m, "matrix": "hessian", "reduction": "sum", "t_max": 2.0})
+    assert "curvature dᵀKd (hessian, sum loss)" in text and f"{float(lam[0]):.3g}" in text
+    # no top direction: no t_double, and the summary says so
+    only_random = perturbation_study(model, x, y, cfg, {"train": (x, y), "test": (xt, yt)}, t, 0, 0, 1,
+                                     vectors=(V, lam)).metrics()
+    assert only_random["t_double"] is None and only_random["curvature_by_kind"]["bottom"] is None
+    assert "does not double" in describe_perturbation({**only_random, "matrix": "hessian", "reduction": "sum",
+                                                       "t_max": 2.0})

@@ -185,6 +185,33 @@ def grid_summary(results: Sequence[dict[str, Any]], widths: Sequence[int], depth
     return out
 
 
+def _spearman_line(m: dict[str, Any], noun: str, count: int) -> str:
+    def fmt(v):
+        return "n/a" if v is None else f"{v:+.2f}"
+
+    return (f"Spearman with test loss, {m['n_interpolating']} {noun} with train loss < {m['train_loss_threshold']:g}: "
+            f"N_eff {fmt(m['spearman_effdim_test_loss'])}, params {fmt(m['spearman_params_test_loss'])}; "
+            f"all {count}: N_eff {fmt(m['spearman_effdim_test_loss_all'])}, "
+            f"params {fmt(m['spearman_params_test_loss_all'])}")
+
+
+def describe_width_sweep(m: dict[str, Any]) -> str:
+    """A table of `width_sweep_summary` `m` (one row per width) and its Spearman correlations."""
+    lines = [f"{'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'test err':>8} {'N_eff':>7}"]
+    lines += [f"{w:>6} {m['n_params'][i]:>8} {m['train_loss'][i]:>10.4g} {m['test_loss'][i]:>9.4g} "
+              f"{m['test_error'][i]:>8.3f} {m['effective_dimension'][i]:>7.3g}" for i, w in enumerate(m["widths"])]
+    return "\n".join([*lines, _spearman_line(m, "models", len(m["widths"]))])
+
+
+def describe_grid(m: dict[str, Any]) -> str:
+    """A table of `grid_summary` `m` (one row per cell: the means over its seeds) and its Spearman correlations."""
+    lines = [f"{'depth':>5} {'width':>6} {'params':>8} {'train loss':>10} {'test loss':>9} {'N_eff':>7}"]
+    lines += [f"{d:>5} {w:>6} {m['n_params'][i][j]:>8} {m['train_loss'][i][j]:>10.4g} {m['test_loss'][i][j]:>9.4g} "
+              f"{m['effective_dimension'][i][j]:>7.3g}" for i, d in enumerate(m["depths"])
+              for j, w in enumerate(m["widths"])]
+    return "\n".join([*lines, _spearman_line(m, "cells", len(m["depths"]) * len(m["widths"]))])
+
+
 def effdim_scale(weight_decay: float, n_train: int, reduction: str = "sum") -> float:
     """s = prior precision matching weight decay: N·wd for the summed-loss Hessian, wd for the mean."""
     if reduction not in ("sum", "mean"):
@@ -218,6 +245,20 @@ class BLRContraction:
     effdim_function: Tensor
     effdim_hessian: Tensor
     n_params: int
+
+    def summary(self) -> dict[str, Any]:
+        """n_params, n_points, and each N_eff curve at its last point (the posterior's also at its first)
+        and at n = P − P/8, P, P + P/8 (`blr_regions`; those within 1..N: `*_at`, keys "n=<n>")."""
+        P, N = self.n_params, len(self.n)
+        lo, hi = blr_regions(P)
+        at = {f"n={m}": m for m in (int(lo), P, int(hi)) if 1 <= m <= N}
+        out: dict[str, Any] = {"n_params": P, "n_points": N,
+                               "effdim_posterior_first": float(self.effdim_posterior[0])}
+        for name in ("posterior", "function", "hessian"):
+            curve = getattr(self, f"effdim_{name}")
+            out[f"effdim_{name}_last"] = float(curve[-1])
+            out[f"effdim_{name}_at"] = {k: float(curve[m - 1]) for k, m in at.items()}
+        return out
 
 
 def blr_regions(n_params: int) -> tuple[float, float]:

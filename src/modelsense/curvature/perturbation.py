@@ -23,16 +23,23 @@ its parameters, or the weights only), of three kinds:
 `scan_directions` evaluates, for every direction d and every t, the mean NLL, the accuracy and the
 agreement (the fraction of examples whose predicted class is the one at t = 0: the original's
 "classification homogeneity") on (x, y); `directional_curvature` gives dᵀKd with one batched product.
+`perturbation_study` runs the whole experiment (directions of the three kinds, their curvature, the
+scans on the training and test sets, the rise of the training loss along each) and summarises it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from modelsense.core.functional import FunctionalModel, Params, chunks
+from modelsense.curvature.operators import CurvatureConfig, build_curvature
+from modelsense.curvature.spectrum import SpectrumConfig, compute_spectrum
 from modelsense.errors import ConfigError
 
 KINDS = ("top", "bottom", "random")
@@ -150,5 +157,126 @@ def interpolate(t: Tensor, curves: Tensor, at: float) -> Tensor:
     return curves[:, j - 1] * (1 - w) + curves[:, j] * w
 
 
-__all__ = ["KINDS", "LineScan", "complement_directions", "directional_curvature", "first_crossing", "interpolate",
-           "random_directions", "scan_directions", "symmetric_rise"]
+def study_directions(vectors: Tensor, n_top: int, n_bottom: int, n_random: int,
+                     seed: int) -> tuple[Tensor, list[str], list[str]]:
+    """(directions (P, m), names, kinds): the first `n_top` columns of `vectors` (the top eigenvectors,
+    (P, k)), `n_bottom` low-curvature directions orthogonal to all k of them and `n_random` random
+    directions, both drawn from `seed` (`complement_directions`, `random_directions`)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [vectors[:, :n_top]]
+    if n_bottom:
+        parts.append(complement_directions(vectors, n_bottom, gen))
+    parts.append(random_directions(vectors.shape[0], n_random, gen, vectors.dtype))
+    kinds = ["top"] * n_top + ["bottom"] * n_bottom + ["random"] * n_random
+    names = ([f"v{i + 1}" for i in range(n_top)] + [f"bottom {j + 1}" for j in range(n_bottom)]
+             + [f"random {j + 1}" for j in range(n_random)])
+    return torch.cat(parts, dim=1), names, kinds
+
+
+@dataclass(frozen=True)
+class PerturbationStudy:
+    """The result of `perturbation_study`: the directions' `names` and `kinds`, the `eigenvalues` (k,)
+    of the top eigenvectors, the curvature dᵀKd (m,) along each direction, the line scans per split
+    ("train", "test"), and the seconds the scans took."""
+
+    names: list[str]
+    kinds: list[str]
+    eigenvalues: Tensor
+    curvature: Tensor
+    scans: dict[str, LineScan]
+    seconds: float
+
+    def arrays(self) -> dict[str, Any]:
+        """t, names, kinds, curvature, eigenvalues and per split <split>_loss / _accuracy / _agreement (m, T)."""
+        out: dict[str, Any] = {"t": self.scans["train"].t, "names": np.array(self.names),
+                               "kinds": np.array(self.kinds), "curvature": self.curvature,
+                               "eigenvalues": self.eigenvalues}
+        for split, scan in self.scans.items():
+            out.update({f"{split}_loss": scan.loss, f"{split}_accuracy": scan.accuracy,
+                        f"{split}_agreement": scan.agreement})
+        return out
+
+    def curves(self, split: str) -> dict[str, np.ndarray]:
+        """loss, accuracy and agreement (m, T) on `split` (`curvature.plots.perturbation_figure`)."""
+        scan = self.scans[split]
+        return {"loss": scan.loss.numpy(), "accuracy": scan.accuracy.numpy(), "agreement": scan.agreement.numpy()}
+
+    def by_kind(self, values: Tensor) -> dict[str, Any]:
+        """{"top": the value of each top direction, "bottom" / "random": the mean over that kind (None: none)}."""
+        n_top = self.kinds.count("top")
+        out: dict[str, Any] = {"top": [float(v) for v in values[:n_top]]}
+        for kind in ("bottom", "random"):
+            sel = [i for i, k in enumerate(self.kinds) if k == kind]
+            out[kind] = float(values[sel].mean()) if sel else None
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """The summary: curvature by kind, the train / test loss at t = 0, t_double (where the symmetrised
+        rise of the training loss (L(t) + L(−t))/2 − L(0) along v_1 first reaches L(0); None without a
+        top direction or when it does not within the grid) and the relative rise of every direction
+        there (`rise_at_t_double`) and at the largest t (`rise_at_t_max`)."""
+        train, middle = self.scans["train"], len(self.scans["train"].t) // 2
+        loss0 = float(train.loss[0, middle])
+        pos, rise = symmetric_rise(train.t, train.loss)
+        rise = rise / loss0
+        t_double = first_crossing(pos, rise[0], 1.0) if "top" in self.kinds else None
+        return {
+            "names": self.names, "kinds": self.kinds, "k": len(self.eigenvalues),
+            "eigenvalues": [float(v) for v in self.eigenvalues], "curvature": [float(c) for c in self.curvature],
+            "curvature_by_kind": self.by_kind(self.curvature), "train_loss_at_0": loss0,
+            "test_loss_at_0": float(self.scans["test"].loss[0, middle]), "t_double": t_double,
+            "rise_at_t_double": None if t_double is None else self.by_kind(interpolate(pos, rise, t_double)),
+            "rise_at_t_max": self.by_kind(rise[:, -1]),
+        }
+
+
+def perturbation_study(model: FunctionalModel, x: Tensor, y: Tensor, config: SpectrumConfig,
+                       splits: dict[str, tuple[Tensor, Tensor]], t: Tensor, n_top: int, n_bottom: int, n_random: int,
+                       seed: int = 0, vectors: tuple[Tensor, Tensor] | None = None,
+                       progress: bool = False) -> PerturbationStudy:
+    """The loss along θ + t·d on each split ({"train": (x, y), "test": (x, y)}) for the top `n_top`
+    eigenvectors of the curvature K (`config.matrix` and `config.reduction` of the loss over (x, y)),
+    `n_bottom` low-curvature and `n_random` random directions (`study_directions`), and the curvature
+    dᵀKd along each. The eigenvectors: `vectors` = (eigenvectors (P, k), eigenvalues (k,)), e.g. read
+    from a file, or the top `config.k` computed here (`compute_spectrum`)."""
+    if vectors is None:
+        spectrum = compute_spectrum(model, x, y, config, progress=progress)
+        vectors = spectrum.eigenvectors, spectrum.eigenvalues
+    K = build_curvature(model, x, y, CurvatureConfig(matrix=config.matrix, structure="implicit",
+                                                     reduction=config.reduction, chunk_size=config.chunk_size))
+    dtype = next(iter(model.params.values())).dtype
+    D, names, kinds = study_directions(torch.as_tensor(vectors[0]).to(dtype), n_top, n_bottom, n_random, seed)
+    curvature = directional_curvature(K, D).double()
+    start = time.perf_counter()
+    scans = {split: scan_directions(model, D, t, xs, ys) for split, (xs, ys) in splits.items()}
+    eigenvalues = torch.as_tensor(vectors[1], dtype=torch.float64)
+    return PerturbationStudy(names, kinds, eigenvalues, curvature, scans, time.perf_counter() - start)
+
+
+def describe_perturbation(m: dict[str, Any]) -> str:
+    """A few lines of `PerturbationStudy.metrics()` `m` with matrix, reduction and t_max: the curvature
+    by kind and the rise of the training loss at t_double and at t_max."""
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.3g}%"
+
+    def num(v):
+        return "n/a" if v is None else f"{v:.3g}"
+
+    curv = m["curvature_by_kind"]
+    lines = [f"train loss at θ: {m['train_loss_at_0']:.4g}; curvature dᵀKd ({m['matrix']}, {m['reduction']} loss): "
+             f"top {', '.join(num(c) for c in curv['top'])}; bottom {num(curv['bottom'])} (mean); random "
+             f"{num(curv['random'])} (mean)"]
+    if m["t_double"] is None:
+        lines.append("the top direction does not double the train loss within --t-max")
+    for label, at, rises in (("t_double", m["t_double"], m["rise_at_t_double"]),
+                             ("t_max", m["t_max"], m["rise_at_t_max"])):
+        if at is not None and rises is not None:
+            lines.append(f"rise of the train loss ((L(t) + L(-t))/2 - L(0)) / L(0) at t = {at:.3g} ({label}): top "
+                         f"{', '.join(pct(v) for v in rises['top'])}; bottom {pct(rises['bottom'])}; random "
+                         f"{pct(rises['random'])} (means)")
+    return "\n".join(lines)
+
+
+__all__ = ["KINDS", "LineScan", "PerturbationStudy", "complement_directions", "describe_perturbation",
+           "directional_curvature", "first_crossing", "interpolate", "perturbation_study", "random_directions",
+           "scan_directions", "study_directions", "symmetric_rise"]

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -136,6 +136,32 @@ class Spectrum:
             "cost": {part: dict(values) for part, values in self.cost.items()},
         }
 
+    def arrays(self) -> dict[str, Any]:
+        """eigenvalues, converged, residuals and, with a density, density_grid / density
+        (`density_on_grid`), slq_nodes and slq_weights."""
+        out: dict[str, Any] = {"eigenvalues": self.eigenvalues, "converged": self.converged,
+                               "residuals": self.residuals}
+        if self.density is not None:
+            grid, dens = density_on_grid(self.density)
+            out.update(density_grid=grid, density=dens, slq_nodes=self.density.nodes, slq_weights=self.density.weights)
+        return out
+
+
+#: what `module_metrics` keeps of each module's `Spectrum.to_metrics`
+MODULE_KEYS = ("eigenvalues", "eigenvalues_converged", "trace", "trace_standard_error", "effective_dimension",
+               "effective_dimension_by_s", "n_params", "num_matvecs")
+
+
+def module_metrics(spectra: dict[str, Spectrum]) -> dict[str, dict[str, Any]]:
+    """{module: its `Spectrum.to_metrics` restricted to `MODULE_KEYS`} for the result of `module_spectra`."""
+    return {m: {k: v for k, v in sp.to_metrics().items() if k in MODULE_KEYS} for m, sp in spectra.items()}
+
+
+def module_arrays(spectra: dict[str, Spectrum]) -> dict[str, Tensor]:
+    """<module>: eigenvalues and <module>:converged of every module's spectrum (`module_spectra`)."""
+    return {**{m: sp.eigenvalues for m, sp in spectra.items()},
+            **{f"{m}:converged": sp.converged for m, sp in spectra.items()}}
+
 
 T = TypeVar("T")
 
@@ -161,6 +187,15 @@ def count_params(module: nn.Module, weights_only: bool = False) -> int:
     """Number of parameters of `module` (the weights only with `weights_only`)."""
     names = weight_names(module) if weights_only else None
     return sum(p.numel() for n, p in module.named_parameters() if names is None or n in names)
+
+
+def check_k(k: int, module: nn.Module, weights_only: bool = False) -> int:
+    """The number of parameters the matrix acts on; ConfigError when `k` exceeds it."""
+    n_curv = count_params(module, weights_only)
+    if k > n_curv:
+        raise ConfigError(f"--k {k} is larger than the number of parameters the matrix acts on ({n_curv}"
+                          f"{', weights only' if weights_only else ''}); pass --k <= {n_curv}")
+    return n_curv
 
 
 def density_on_grid(density: SpectralDensity, points: int = 800) -> tuple[np.ndarray, np.ndarray]:
@@ -241,3 +276,28 @@ def module_spectra(
         k = min(config.k, len(idx))
         out[name] = compute_spectrum(sub, x, y, dataclasses.replace(config, k=k), progress=progress)
     return out
+
+
+def describe_cost(cost: dict[str, dict[str, float]]) -> str:
+    """One line: what each part of a spectrum run cost, e.g. "training 9.1 s, eigenvalues 50 products 4.2 s"."""
+    parts = []
+    for part, values in cost.items():
+        products = f" {int(values['matvecs'])} products" if "matvecs" in values else ""
+        parts.append(f"{part}{products} {values['seconds']:.1f} s")
+    return ", ".join(parts)
+
+
+def describe_spectrum(m: dict[str, Any]) -> str:
+    """A few lines of `Spectrum.to_metrics()` `m` (optionally with use_test and n_examples, and by_module:
+    `module_metrics`): the eigenvalues, trace, N_eff per s, the cost and what was not computed."""
+    lam = m["eigenvalues"]
+    trace = "" if m["trace"] is None else f"  trace {m['trace']:.4g} ± {m['trace_standard_error']:.2g}"
+    skipped = [f"{what} (--{flag} N)" for what, flag in (("trace", "trace-samples"), ("density", "density-probes"))
+               if what not in m["cost"]]
+    over = f" over the {m['n_examples']} test examples" if m.get("use_test") else ""
+    return (f"{m['matrix']} ({m['reduction']} loss{over}), {m['n_params']} parameters: λ_1 {lam[0]:.4g} … "
+            f"λ_{len(lam)} {lam[-1]:.4g}{trace}\n"
+            + "N_eff " + "  ".join(f"(s={float(v):g}) {n:.4g}" for v, n in m["effective_dimension_by_s"].items())
+            + f"\ncost: {describe_cost(m['cost'])}" + (f"; not computed: {', '.join(skipped)}" if skipped else "")
+            + "".join(f"\n  {name}: {b['n_params']} parameters, λ_1 {b['eigenvalues'][0]:.4g}, "
+                      f"N_eff {b['effective_dimension']:.4g}" for name, b in m.get("by_module", {}).items()))
