@@ -238,7 +238,7 @@ def test_demo_with_some_sections_keeps_the_other_sections_of_the_folder(tmp_path
     import matplotlib.pyplot as plt
 
     from modelsense.experiments import demo
-    from modelsense.experiments.report import Section
+    from modelsense.report import Section
 
     calls = []
 

@@ -7,7 +7,7 @@ import torch
 from modelsense.attribution.base import check_positive
 from modelsense.curvature._common import check_damping
 from modelsense.errors import ConfigError, shown
-from modelsense.experiments.report import _fmt
+from modelsense.report import _fmt
 
 
 def test_shown_unwraps_numpy_and_torch_scalars():

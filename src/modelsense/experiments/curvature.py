@@ -511,7 +511,7 @@ BLR = Command("effdim blr", BLRSpec, lambda spec: Prepared(), run_blr,
 def curvature_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: top-20 Hessian spectrum, trace, density and N_eff of a digits MLP; the loss along its top
     eigenvectors against random directions; the BLR contraction."""
-    from modelsense.experiments.report import Section
+    from modelsense.report import Section
 
     root = Path(out) / "curvature"
     spectrum = SpectrumSpec(train=TrainConfig(epochs=20), save_vectors=True, spectrum=SpectrumConfig(

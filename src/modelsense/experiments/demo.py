@@ -14,9 +14,9 @@ from modelsense.experiments.curvature import curvature_section
 from modelsense.experiments.influence import noisy_labels_section
 from modelsense.experiments.memorization import memorization_section
 from modelsense.experiments.mpe import mpe_section
-from modelsense.experiments.report import Section, write_report
 from modelsense.experiments.representations import representations_section
 from modelsense.experiments.train import TRAIN, TrainSpec
+from modelsense.report import Section, write_report
 from modelsense.runs import RunDir, read_json, write_json
 
 

@@ -547,7 +547,7 @@ def noisy_labels_section(out: Path, progress: bool, resume: bool = False):
     """The demo's section: GEX vs the training loss and the squared gradient norm on digits with 10%
     corrupted labels (MLP trained to memorise the noise); histograms and AUC."""
     from modelsense.experiments.command import execute_or_reuse
-    from modelsense.experiments.report import Section
+    from modelsense.report import Section
 
     run = Path(out) / "noisy_labels"
     spec = NoisyLabelsSpec(methods=("gex", "loss", "grad-dot", "knn", "random"),

@@ -260,7 +260,7 @@ VERIFY = Command("verify", VerifySpec, check_verify, run_verify, summary=verify_
 
 def memorization_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: memorization on digits with 10% label noise, a small farm (an unfinished one continues)."""
-    from modelsense.experiments.report import Section
+    from modelsense.report import Section
 
     run = out / "memorization"
     spec = MemorizationSpec(DataConfig("digits", corruption_ratio=0.1), ModelConfig("mlp"),

@@ -27,11 +27,11 @@ import torch
 from modelsense.data import DataConfig, Dataset, load_dataset_from_config
 from modelsense.errors import ConfigError
 from modelsense.experiments.command import Command, Prepared, execute_or_reuse
-from modelsense.experiments.report import Section
 from modelsense.experiments.source import CHECKPOINT_HELP, TrainedRun, check_checkpoint, obtain_model
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.mpe import LAPLACE_STRUCTURES, VARIANTS, MPESettings, evaluation, ground_truth, predictive
 from modelsense.options import check_fields, ints, joined, names, option
+from modelsense.report import Section
 from modelsense.retraining.store import STORE_DIR, RetrainOptions, RetrainRecipe
 from modelsense.runs import RunDir
 from modelsense.training.config import TrainConfig

@@ -384,7 +384,7 @@ PROBE = Command("probe", ProbeSpec, check_probe, run_probe, summary=probe_table_
 # -- demo ----------------------------------------------------------------------------------------
 def representations_section(out: Path, progress: bool, resume: bool = False) -> Section:  # noqa: F821
     """Demo: CKA of two digits MLPs (seeds 0, 1), stitching penalties at both hidden layers, the invariance probe."""
-    from modelsense.experiments.report import Section
+    from modelsense.report import Section
 
     root = Path(out) / "representations"
     pair = ModelPair(seed_a=0, seed_b=1, zoo=str(root))

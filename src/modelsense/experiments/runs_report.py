@@ -238,7 +238,7 @@ def side_by_side(runs: list[StoredRun]) -> list[list[Any]]:
 
 def run_report(spec: ReportSpec, prepared: Prepared, run: RunDir, progress: bool = True) -> dict[str, Any]:
     """Draw each run's figures again (or take the ones it wrote), then write report.html."""
-    from modelsense.experiments.report import Section, write_report
+    from modelsense.report import Section, write_report
     from modelsense.training import plots
 
     runs: list[StoredRun] = prepared.extra["runs"]
