@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     times["train"] = time.perf_counter() - t0
     model.eval()
     compute = ComputeOptions(memory_budget=int(args.memory_gb * 2**30), scratch_dir=args.scratch, progress=False)
-    att = make_attributor("if-ekfac", matrix=args.matrix, mc_samples=mc_samples, compute=compute)
+    extra = {"mc_samples": mc_samples} if mc_samples else {}  # (0, the default: also runs on older versions)
+    att = make_attributor("if-ekfac", matrix=args.matrix, compute=compute, **extra)
     loader = DataLoader(train_set, batch_size=256, shuffle=False)
     t0, c0 = time.perf_counter(), time.process_time()
     att.fit(model, loader)
