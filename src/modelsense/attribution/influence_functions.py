@@ -326,9 +326,9 @@ class KroneckerInfluence(InfluenceFunction):
         K, damping = self.curvatures_[m], self.dampings_[m]
         cache = self.__dict__.setdefault("_inverse_eigenvalue_cache", {})
         key = (id(K), damping)
-        if key not in cache:
-            cache[key] = 1.0 / (K.flat_eigenvalues() + K._shift(damping))
-        return cache[key]
+        if key not in cache:  # K kept with its entry, so its id is not reused while cached
+            cache[key] = (K, 1.0 / (K.flat_eigenvalues() + K._shift(damping)))
+        return cache[key][1]
 
     def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
         """diag(1 / (vec S + λ)) on rows already in the eigenbasis (`_grads`)."""
