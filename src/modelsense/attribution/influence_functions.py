@@ -40,9 +40,12 @@ from modelsense.attribution.base import (
     check_choice,
     check_int,
     check_positive,
+    param_dtype,
     register,
 )
+from modelsense.core.functional import chunks
 from modelsense.errors import ConfigError
+from modelsense.progress import progress_bar
 
 DAMPING_MODES = ("absolute", "relative")
 
@@ -274,19 +277,86 @@ class LissaInfluence(InfluenceFunction):
         return (h / self.scales_[m]).T
 
 
-@register("if-kfac")
-class KfacInfluence(InfluenceFunction):
-    """K ≈ KFAC (Kronecker factors per nn.Linear / nn.Conv2d layer; GGN or empirical Fisher)."""
+class KroneckerInfluence(InfluenceFunction):
+    """Base of `if-kfac` / `if-ekfac`: K block-diagonal, K = Q diag(vec S) Qᵀ with Q = ⊕ (Q_G ⊗ Q_A).
+
+    score(i, j) = g̃_iᵀ diag(1 / (vec S + λ)) g̃_j with g̃ = Qᵀ g the gradients in the eigenbasis (the same
+    number as g_iᵀ (K + λ I)⁻¹ g_j; each block's coordinates stay at its parameters' positions, so
+    `by_module` splits exactly). The per-example gradients come straight in the eigenbasis from one
+    forward and one backward pass per chunk through layer hooks (`KroneckerCurvature.example_gradients`:
+    Γ_i = Σ_t g_it a_itᵀ per layer, rotated as Q_Gᵀ Γ_i Q_A), not from a vmapped gradient; with
+    compute precision other than `full` the vmapped gradients (in that precision) are rotated instead.
+
+    Settings: mc_samples (GGN only): 0 (default) the exact GGN, whose factors take C backward passes
+    per example (one per column of L_i, C = classes); k >= 1 the Monte-Carlo Fisher of kronfluence,
+    k backward passes per example at targets drawn from the model's predictive distribution (an
+    unbiased estimate of the GGN of the likelihoods here; seeded by `seed`).
+    """
 
     structure = "kfac"
     matrices = ("ggn", "ef")
     splits_by_module = True  # one block per layer, fallback blocks per parameter tensor: within a module
 
+    def __init__(self, matrix: str = "ggn", damping: float = 0.1, damping_mode: str = "relative", n_models: int = 1,
+                 train_config=None, model_fn: Callable[[int], nn.Module] | None = None, mc_samples: int = 0, *,
+                 loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
+        super().__init__(matrix, damping, damping_mode, n_models, train_config, model_fn, loss=loss, seed=seed,
+                         compute=compute)
+        from modelsense.curvature.kfac import check_mc_samples
+
+        check_mc_samples(mc_samples, self.matrix)
+        self.mc_samples = int(mc_samples)
+
+    def _build_curvature(self, params):
+        from modelsense.curvature.operators import build_curvature
+
+        return build_curvature(self.model_, self.x_train_, self.y_train_, params=params, matrix=self.matrix,
+                               structure=self.structure, chunk_size=min(self.chunk_size_, self.curvature_chunk),
+                               seed=self.seed, mc_samples=self.mc_samples)
+
+    def _grads(self, m: int, x: Tensor, y: Tensor) -> Tensor:
+        """g̃ = Qᵀ g per example (n, P), in the eigenbasis of member m's curvature."""
+        K = self.curvatures_[m]
+        if self.compute.precision != "full":
+            return K.to_eigenbasis(super()._grads(m, x, y))
+        return K.example_gradients(x, y, chunk_size=self.chunk_size_)
+
+    def _inverse_eigenvalues(self, m: int) -> Tensor:
+        """1 / (vec S + λ) of member m, flat (P,) (cached)."""
+        K, damping = self.curvatures_[m], self.dampings_[m]
+        cache = self.__dict__.setdefault("_inverse_eigenvalue_cache", {})
+        key = (id(K), damping)
+        if key not in cache:  # K kept with its entry, so its id is not reused while cached
+            cache[key] = (K, 1.0 / (K.flat_eigenvalues() + K._shift(damping)))
+        return cache[key][1]
+
+    def _inverse(self, G: Tensor, m: int = 0) -> Tensor:
+        """diag(1 / (vec S + λ)) on rows already in the eigenbasis (`_grads`)."""
+        return G * self._inverse_eigenvalues(m)
+
+    def _self_scores(self) -> Tensor:
+        """(1/M) Σ_m Σ_k g̃_ik² / (S_k + λ_m), without forming the test-side rows."""
+        n, M = self.n_train, len(self.members_)
+        out = torch.zeros(n, dtype=param_dtype(self.params_))
+        blocks = list(chunks(n, self._block_rows(self.model_.n_params * out.element_size())))
+        with progress_bar(len(blocks), f"{self.name} self-influence", enabled=self.compute.progress) as bar:
+            for rows in blocks:
+                for m in range(M):
+                    g = self._grads(m, self.x_train_[rows], self.y_train_[rows])
+                    out[rows] += (g.square_() @ self._inverse_eigenvalues(m)).cpu() / M
+                bar.advance(1)
+        return out
+
+
+@register("if-kfac")
+class KfacInfluence(KroneckerInfluence):
+    """K ≈ KFAC (Kronecker factors per Linear / Conv / Embedding layer; GGN or empirical Fisher)."""
+
+    structure = "kfac"
+
 
 @register("if-ekfac")
-class EkfacInfluence(InfluenceFunction):
+class EkfacInfluence(KroneckerInfluence):
     """K ≈ EK-FAC (KFAC eigenbasis, eigenvalues refitted to the exact per-example gradients)."""
 
     structure = "ekfac"
-    matrices = ("ggn", "ef")
-    splits_by_module = True  # block-diagonal over layers like if-kfac

@@ -15,7 +15,14 @@ direction is Γ_i = Σ_t g_it a_itᵀ, with g_it the backpropagated vector at s_
     block ≈ G ⊗ A (scaled by 1/N for reduction "mean")
 
 with u over the backward directions: the C columns of L_i (L_i L_iᵀ = Λ_i, exact GGN, no Monte
-Carlo) for the GGN, ∂l_i/∂f_i for the EF. Embeddings always use expand: their A is then diagonal
+Carlo) for the GGN, ∂l_i/∂f_i for the EF. `mc_samples=k` > 0 replaces the C exact GGN directions by k
+Monte-Carlo ones, ∂l(f_i, ŷ)/∂f_i / √k at targets ŷ drawn from the model's predictive p(y | f_i)
+(kronfluence's default, "Fisher" there): an unbiased estimate of the same matrix at k instead of C
+backward passes per example in each of the two passes of the fit (seeded by `seed`).
+
+Per-example gradients at scale (`example_gradients`): from the same hooks, one forward and one
+backward pass per chunk, Γ_i = Σ_t g_it a_itᵀ per layer, optionally straight in the eigenbasis
+(Q_Gᵀ Γ_i Q_A at the block's parameter positions); `if-kfac` / `if-ekfac` score with them. Embeddings always use expand: their A is then diagonal
 (token counts / (N T)) and is stored as a vector, never as a vocabulary x vocabulary matrix. The two
 coincide when T = 1. Expand is the default because it is what kronfluence and curvlinops use for
 sequences, and it keeps the Conv2d factors of Grosse & Martens (KFC) unchanged.
@@ -49,7 +56,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from modelsense.core.functional import FunctionalModel, Params
+from modelsense.core.functional import FunctionalModel, Params, n_rows
 from modelsense.curvature._common import DataOperator, as_matrix, check_choice, check_damping
 from modelsense.curvature.kfac_layers import (
     FALLBACKS,
@@ -57,16 +64,31 @@ from modelsense.curvature.kfac_layers import (
     Block,
     FallbackBlock,
     KroneckerLayer,
+    example_grids,
+    fallback_jacobians,
+    fallback_offsets,
     fallback_square_sums,
     hooked_norms,
+    jacobian_blocks,
     layer_backward_passes,
     layer_quadratic_form,
     plan_blocks,
+    position_gram,
+    rotate_inputs_first,
     squared_example_grids,
 )
 from modelsense.curvature.lanczos import EigenDecomposition
 from modelsense.curvature.operators import Curvature
 from modelsense.errors import ConfigError
+
+
+def check_mc_samples(mc_samples: int, matrix: str) -> None:
+    """ConfigError unless mc_samples is an integer >= 0, and 0 unless matrix is the GGN."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 0:
+        raise ConfigError(f"mc_samples must be an integer >= 0 (0: the exact GGN), received {mc_samples!r}")
+    if mc_samples and matrix != "ggn":
+        raise ConfigError(f"mc_samples draws Monte-Carlo targets for the GGN (Fisher); matrix {matrix!r} takes "
+                          "mc_samples=0")
 
 
 class KroneckerCurvature(DataOperator, Curvature):
@@ -84,7 +106,7 @@ class KroneckerCurvature(DataOperator, Curvature):
     """
 
     fallbacks: list[FallbackBlock] = []  # noqa: RUF012 - read only; set per instance by the fit
-    kfac_approx, fallback, max_dense_block = "expand", "auto", 1024
+    kfac_approx, fallback, max_dense_block, mc_samples, seed = "expand", "auto", 1024, 0, 0
 
     def __init__(
         self,
@@ -99,14 +121,18 @@ class KroneckerCurvature(DataOperator, Curvature):
         kfac_approx: str = "expand",
         fallback: str = "auto",
         max_dense_block: int = 1024,
+        mc_samples: int = 0,
+        seed: int = 0,
     ) -> None:
         if matrix not in ("ggn", "ef"):
             raise ConfigError(f"KFAC/EK-FAC approximate matrix 'ggn' or 'ef', received {matrix!r}")
         check_choice("kfac_approx", kfac_approx, KFAC_APPROXIMATIONS)
         check_choice("fallback", fallback, FALLBACKS)
+        check_mc_samples(mc_samples, matrix)
         self._bind_data(model, x, y, matrix, ("ggn", "ef"), params, reduction, chunk_size)
         self.structure = "ekfac" if eigen_corrected else "kfac"
         self.kfac_approx, self.fallback, self.max_dense_block = kfac_approx, fallback, int(max_dense_block)
+        self.mc_samples, self.seed = int(mc_samples), int(seed)
         self.layers, self.fallbacks = plan_blocks(model, self.params, self.x, fallback, self.max_dense_block)
         self.factors = self._fit_factors()
         self.eigenbases = []
@@ -140,7 +166,8 @@ class KroneckerCurvature(DataOperator, Curvature):
         settings, the blocks [kind, name, d_out, d_in] and, per block, [A, G], [Q_A, λ_A, Q_G, λ_G], S."""
         return {"structure": self.structure, "matrix": self.matrix, "reduction": self.reduction,
                 "kfac_approx": self.kfac_approx, "fallback": self.fallback, "max_dense_block": self.max_dense_block,
-                "blocks": self._block_summary(), "factors": [list(f) for f in self.factors],
+                "mc_samples": self.mc_samples, "seed": self.seed, "blocks": self._block_summary(),
+                "factors": [list(f) for f in self.factors],
                 "eigenbases": [list(e) for e in self.eigenbases], "eigenvalue_grids": list(self.eigenvalue_grids)}
 
     def _block_summary(self) -> list[list]:
@@ -155,6 +182,7 @@ class KroneckerCurvature(DataOperator, Curvature):
         K._bind_data(model, x, y, state["matrix"], ("ggn", "ef"), params, state["reduction"], chunk_size)
         K.structure, K.kfac_approx = state["structure"], state["kfac_approx"]
         K.fallback, K.max_dense_block = state["fallback"], int(state["max_dense_block"])
+        K.mc_samples, K.seed = int(state.get("mc_samples", 0)), int(state.get("seed", 0))
         K.layers, K.fallbacks = plan_blocks(model, K.params, x, K.fallback, K.max_dense_block)
         found = K._block_summary()
         if found != [list(b) for b in state["blocks"]]:
@@ -167,7 +195,7 @@ class KroneckerCurvature(DataOperator, Curvature):
     # --- passes over the data -----------------------------------------------------------------
     def _backward_passes(self, norms=()):
         return layer_backward_passes(self.model, self.layers, self.matrix, self.params, self.x, self.y,
-                                     self.chunk_size, list(norms))
+                                     self.chunk_size, list(norms), self.mc_samples, self.seed)
 
     def _zeros(self, *shape):
         return torch.zeros(*shape, dtype=self.dtype, device=self.device)
@@ -192,7 +220,7 @@ class KroneckerCurvature(DataOperator, Curvature):
                     A[l] += a_mean.T @ a_mean
                     count[l] += a.shape[0]
                 else:
-                    A[l] += torch.einsum("ntd,nte->de", a, a)
+                    A[l] += position_gram(a)
                     count[l] += a.shape[0] * a.shape[1]
             rows = []
             for grads, r in step.per_direction:
@@ -202,19 +230,98 @@ class KroneckerCurvature(DataOperator, Curvature):
                         g_sum = g.sum(1)
                         G[l] += g_sum.T @ g_sum
                     else:
-                        G[l] += torch.einsum("nto,ntp->op", g, g)
+                        G[l] += position_gram(g)
             fallback_square_sums(self.fallbacks, step, rows, self.model, self.params, add)
         one = torch.ones(1, 1, dtype=self.dtype, device=self.device)
         return [(a / n, g * self.scale) for a, g, n in zip(A, G, count)] + [(f * self.scale, one) for f in fb]
 
+    def _rotated_inputs(self, inputs: list[Tensor], directions: int) -> list[tuple[Tensor, Tensor | None]]:
+        """Per layer (a, Q_A still to apply after the sum over positions, or None): a @ Q_A now where that
+        is the cheaper order for `directions` backward directions (`rotate_inputs_first`)."""
+        out = []
+        for layer, a, (Q_a, _, _, _) in zip(self.layers, inputs, self.eigenbases):
+            if Q_a is not None and rotate_inputs_first(layer, a.shape[1], directions):
+                out.append((a @ Q_a, None))
+            else:
+                out.append((a, Q_a))
+        return out
+
     def _fit_eigenvalues(self):
         S = [self._zeros(l.d_out, l.d_in) for l in self.layers]
         for step in self._backward_passes():
-            rotated = [a if Q_a is None else a @ Q_a for a, (Q_a, _, _, _) in zip(step.inputs, self.eigenbases)]
+            rotated = self._rotated_inputs(step.inputs, len(step.directions))
             for grads, _ in step.per_direction:
-                for l, (layer, g, a_rot) in enumerate(zip(self.layers, grads, rotated)):
-                    S[l] += squared_example_grids(layer, g @ self.eigenbases[l][2], a_rot)
+                for l, (layer, g, (a, Q_a)) in enumerate(zip(self.layers, grads, rotated)):
+                    S[l] += squared_example_grids(layer, g, a, self.eigenbases[l][2], Q_a)
         return [s * self.scale for s in S]
+
+    # --- per-example gradients through the layer hooks ------------------------------------------
+    def example_gradients(self, x, y: Tensor, eigenbasis: bool = True, chunk_size: int | None = None) -> Tensor:
+        """Per-example loss gradients g_i = ∂l_i/∂θ at the operator's parameters, flat (n, P) in the
+        order of `spec`; with `eigenbasis` in the coordinates of the eigenbasis instead, block by block:
+        Q_Gᵀ Γ_i Q_A at the positions of the block's parameters (Γ_i its (d_out, d_in) gradient grid;
+        Q_Aᵀ r_i for a fallback block), so that g_iᵀ K⁻¹ g_j = Σ (g̃_i ⊙ g̃_j) / vec(S) (`flat_eigenvalues`).
+
+        One forward and one backward pass per chunk (hooks on the layers: Γ_i = Σ_t g_it a_itᵀ from the
+        layer inputs a and the backpropagated ∂l_i/∂s_it, `example_grids`; hooked normalisation rows;
+        per-example Jacobians for the other fallback parameters), instead of a vmapped gradient.
+        Equal to `FunctionalModel.per_example_grads(flat=True)` up to rounding (tested)."""
+        n = n_rows(x)
+        out = torch.empty(n, self.n_params, dtype=self.dtype, device=self.device)  # every column is in one block
+        chunk = self.chunk_size if chunk_size is None else int(chunk_size)
+        norms = hooked_norms(self.fallbacks)
+        jac = jacobian_blocks(self.fallbacks)
+        start = 0
+        for step in layer_backward_passes(self.model, self.layers, "ef", self.params, x, y, chunk, norms):
+            m = n_rows(step.xb)
+            rows = slice(start, start + m)
+            start += m
+            grads, hooked = next(step.per_direction)
+            inputs = self._rotated_inputs(step.inputs, 1) if eigenbasis else [(a, None) for a in step.inputs]
+            for l, (layer, g, (a, Q_a)) in enumerate(zip(self.layers, grads, inputs)):
+                Q_g = self.eigenbases[l][2] if eigenbasis else None
+                self._place(out, rows, l, example_grids(layer, g, a, Q_g, Q_a).reshape(m, -1))
+            offset = len(self.layers)
+            fallback_rows = {b.name: hooked[b.name].reshape(m, -1) for b in self.fallbacks if b.source is not None}
+            if jac:
+                u = step.directions[0]
+                parts = {b.name: [] for b in jac}
+                for s, J in fallback_jacobians(self.model, self.params, [b.name for b in jac], step.xb):
+                    R = torch.einsum("nc,ncp->np", u[s], J)
+                    for b, cols in zip(jac, fallback_offsets(jac)):
+                        parts[b.name].append(R[:, cols])
+                fallback_rows.update({k: torch.cat(v) for k, v in parts.items()})
+            for k, b in enumerate(self.fallbacks):
+                R = fallback_rows[b.name]
+                Q_a = self.eigenbases[offset + k][0]
+                self._place(out, rows, offset + k, R @ Q_a if eigenbasis and Q_a is not None else R)
+        return out
+
+    def flat_eigenvalues(self) -> Tensor:
+        """vec(S) of every block at the positions of its parameters, flat (P,): K = Q diag(this) Qᵀ in the
+        coordinates of `example_gradients(eigenbasis=True)` / `to_eigenbasis`."""
+        out = self._zeros(1, self.n_params)
+        for k, S in enumerate(self.eigenvalue_grids):
+            self._place(out, slice(0, 1), k, S.reshape(1, -1))
+        return out[0]
+
+    def to_eigenbasis(self, V: Tensor) -> Tensor:
+        """Rows of V (n, P) in the coordinates of the eigenbasis (see `example_gradients`), (n, P)."""
+        out = torch.zeros_like(V)
+        for k, (Q_a, _, Q_g, _) in enumerate(self.eigenbases):
+            M = Q_g.T @ self._grid(V.T, k)
+            self._place(out, slice(0, len(V)), k, (M if Q_a is None else M @ Q_a).reshape(len(V), -1))
+        return out
+
+    def _place(self, out: Tensor, rows: slice, k: int, values: Tensor) -> None:
+        """out[rows, positions of block k] = values (m, d_out·d_in), a slice where the positions are contiguous."""
+        if getattr(self, "_column_cache", None) is None:
+            self._column_cache = []
+            for idx in self._indices:
+                contiguous = len(idx) > 0 and bool((idx == torch.arange(int(idx[0]), int(idx[0]) + len(idx),
+                                                                        device=idx.device)).all())
+                self._column_cache.append(slice(int(idx[0]), int(idx[0]) + len(idx)) if contiguous else idx)
+        out[rows, self._column_cache[k]] = values
 
     # --- flat <-> per-block grids -------------------------------------------------------------
     def _grid(self, V: Tensor, k: int) -> Tensor:

@@ -654,7 +654,8 @@ class CurvatureConfig:
     matrix). seed: Lanczos start vectors. kfac/ekfac only (see kfac.py): kfac_approx expand | reduce
     (sequences, conv positions); fallback auto | diag | error for parameters outside Linear/Conv/
     Embedding layers (auto: exact dense block up to max_dense_block entries per tensor, else its
-    exact diagonal; error: refuse them).
+    exact diagonal; error: refuse them); mc_samples: 0 the exact GGN (C backward passes per example),
+    k >= 1 k Monte-Carlo targets per example from the predictive distribution (seeded by `seed`).
     """
 
     matrix: str = "ggn"
@@ -669,6 +670,7 @@ class CurvatureConfig:
     kfac_approx: str = "expand"
     fallback: str = "auto"
     max_dense_block: int = 1024
+    mc_samples: int = 0
 
     def __post_init__(self) -> None:
         check_choice("matrix", self.matrix, MATRICES)
@@ -713,6 +715,7 @@ def build_curvature(
             model, x, y, matrix=config.matrix, params=params, reduction=config.reduction,
             chunk_size=config.chunk_size, eigen_corrected=config.structure == "ekfac",
             kfac_approx=config.kfac_approx, fallback=config.fallback, max_dense_block=config.max_dense_block,
+            mc_samples=config.mc_samples, seed=config.seed,
         )
     exact = ImplicitCurvature(model, x, y, config.matrix, params, config.reduction, config.chunk_size, generator)
     if config.structure == "implicit":
