@@ -20,12 +20,14 @@ Monte-Carlo ones, ∂l(f_i, ŷ)/∂f_i / √k at targets ŷ drawn from the model
 (kronfluence's default, "Fisher" there): an unbiased estimate of the same matrix at k instead of C
 backward passes per example in each of the two passes of the fit (seeded by `seed`).
 
+Embeddings always use expand: their A is then diagonal (token counts / (N T)) and is stored as a
+vector, never as a vocabulary x vocabulary matrix. The two variants coincide when T = 1. Expand is
+the default because it is what kronfluence and curvlinops use for sequences, and it keeps the Conv2d
+factors of Grosse & Martens (KFC) unchanged.
+
 Per-example gradients at scale (`example_gradients`): from the same hooks, one forward and one
 backward pass per chunk, Γ_i = Σ_t g_it a_itᵀ per layer, optionally straight in the eigenbasis
-(Q_Gᵀ Γ_i Q_A at the block's parameter positions); `if-kfac` / `if-ekfac` score with them. Embeddings always use expand: their A is then diagonal
-(token counts / (N T)) and is stored as a vector, never as a vocabulary x vocabulary matrix. The two
-coincide when T = 1. Expand is the default because it is what kronfluence and curvlinops use for
-sequences, and it keeps the Conv2d factors of Grosse & Martens (KFC) unchanged.
+(Q_Gᵀ Γ_i Q_A at the block's parameter positions); `if-kfac` / `if-ekfac` score with them.
 
 Parameters are flattened row-major (W.reshape(d_out, -1), the layout of nn.Linear/Conv weights; an
 Embedding's grid is its weightᵀ), so (G ⊗ A) vec(V) = vec(G V A). Where KFAC is exact (tested):
