@@ -42,6 +42,9 @@ class MethodSettings:
     damping: float | None = option(None, "if-*/trak/arnoldi damping (if-*/trak: relative to the mean eigenvalue)")
     damping_mode: str | None = option(None, "relative (× mean eigenvalue) or absolute")
     matrix: str | None = option(None, "curvature of if-*/arnoldi: ggn, hessian or ef")
+    mc_samples: int | None = option(None, "if-kfac/if-ekfac: Monte-Carlo targets per example for the GGN factors "
+                                          "(an unbiased estimate at k backward passes instead of one per class, "
+                                          "kronfluence's default is 1); default 0: the exact GGN", low=0)
     arnoldi_rank: int | None = option(None, "arnoldi: number of eigendirections")
     ensemble_models: int | None = option(None, "trak and if-*: models trained from scratch whose scores are averaged "
                                                 "(trak default 10, if-* 1 = the trained model only)")
