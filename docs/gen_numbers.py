@@ -30,6 +30,18 @@ def _cell(value: object) -> str:
     return " ".join(str(value).split()).replace("|", "\\|")
 
 
+def _runs_section(path: Path, entry: dict) -> str:
+    """A file of several runs (`{"machine": text, "runs": [figures with a "label"]}`): one table, a row a run."""
+    runs = entry["runs"]
+    keys = [k for k, _ in flatten({k: v for k, v in runs[0].items() if k != "label"})]
+    head = "| run | " + " | ".join(_cell(k) for k in keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+    rows = ""
+    for run in runs:
+        values = dict(flatten({k: v for k, v in run.items() if k != "label"}))
+        rows += f"| {_cell(run.get('label', ''))} | " + " | ".join(_cell(values.get(k, "")) for k in keys) + " |\n"
+    return f"## `bench/{path.stem}.py`\n\n{_cell(entry.get('machine', ''))}.\n\n" + head + rows
+
+
 def numbers_markdown(results: Path = RESULTS) -> str:
     """One section per recorded benchmark, newest files' figures as they were written."""
     files = sorted(results.glob("*.json"))
@@ -38,6 +50,9 @@ def numbers_markdown(results: Path = RESULTS) -> str:
     parts = []
     for path in files:
         entry = json.loads(path.read_text())
+        if "runs" in entry:  # several runs of one script kept side by side (e.g. before/after at several sizes)
+            parts.append(_runs_section(path, entry))
+            continue
         m = entry["machine"]
         devices = ", ".join(m.get("cuda_devices") or []) or "no GPU"
         load = " → ".join(f"{entry[k][0]:.1f}" for k in ("load_before", "load_after"))
