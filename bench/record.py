@@ -1,9 +1,10 @@
 """Run one benchmark script and keep its figures: `python bench/record.py [--as NAME] ensemble.py [ARGS ...]`.
 
 The script's last stdout line is its JSON object of figures (every script in bench/ prints one); it is
-stored in bench/results/<script>.json (or <NAME>.json: a second setting of one script) with the command, the date, the machine (platform, CPU count, torch
-version) and the load average before and after, so that the documentation's "Measured numbers" page
-(generated from these files when the site builds) says where and when each figure was measured.
+stored in bench/results/<script>.json (or <NAME>.json: a second setting of one script) with the command,
+the date, the machine (platform, CPU count, torch version) and the load average before and after, so that
+the documentation's "Measured numbers" page (generated from these files when the site builds) says where
+and when each figure was measured.
 """
 
 from __future__ import annotations

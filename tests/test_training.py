@@ -170,7 +170,8 @@ def test_stacked_mlp_gradient_and_outputs_equal_autograd(activation, loss):
     stacked = _StackedMLP.of(modules[0], names, {}, objective)
     assert stacked is not None
     g = torch.Generator().manual_seed(0)
-    x, y, w = torch.randn(3, 7, 2, 3, generator=g), torch.randint(0, 4, (3, 7), generator=g), torch.rand(3, 7, generator=g)
+    x, y = torch.randn(3, 7, 2, 3, generator=g), torch.randint(0, 4, (3, 7), generator=g)
+    w = torch.rand(3, 7, generator=g)
     w[1] = 0  # a skipped model: zero gradient
     w[2, :3] = 0
     got = stacked.grads(params, x, y, w)

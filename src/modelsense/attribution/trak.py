@@ -235,7 +235,8 @@ class Trak(FeatureAttributor):
                                                  objective=self._margin_fn) is None:
             layers = None
         names = {id(mod): name for name, mod in self.model_.module.named_modules()}
-        self.layers_ = None if layers is None else [(layer, f"{names[id(layer.module)]}.".lstrip(".")) for layer in layers]
+        self.layers_ = None if layers is None else [(layer, f"{names[id(layer.module)]}.".lstrip("."))
+                                                    for layer in layers]
 
     def _margin_fn(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         return _margins(self.model_, params, x, y)

@@ -2,11 +2,13 @@
 
 One engine serves every ground truth of the project: exact leave-one-out and leave-one-class-out
 retraining, random-subset farms (memorization, influence, consistency, LDS) and seed ensembles.
-M models are trained together with stacked parameters and `torch.func.vmap` over the model axis:
-each model m has its own example mask (or non-negative weights) w_m ∈ R^N, its own init seed, its
-own batch order. In step t of epoch e, model m takes one step of functional SGD (momentum, PyTorch's
-update), Adam (PyTorch's update, bias-corrected) or AdamW (PyTorch's, decoupled weight decay δ / n_m
-instead of the prior term) on
+M models are trained together with stacked parameters: MLPs (`nn.Sequential` of Flatten, Linear and
+ReLU / Tanh) by batched matmuls over the model axis with a hand-written backward (`_StackedMLP`),
+other models by `torch.func.vmap(grad(...))` over the model axis. Each model m has its own example
+mask (or non-negative weights) w_m ∈ R^N, its own init seed, its own batch order. In step t of
+epoch e, model m takes one step of functional SGD (momentum, PyTorch's update), Adam (PyTorch's
+update, bias-corrected) or AdamW (PyTorch's, decoupled weight decay δ / n_m instead of the prior
+term) on
 
     L_mt(θ) = Σ_{i ∈ B_mt} w_mi l_i(θ) / Σ_{i ∈ B_mt} w_mi  +  δ / (2 n_m) · ||θ||²,
     n_m = Σ_i w_mi,
@@ -246,7 +248,8 @@ class _FunctionalOptimizer:
             self.steps = torch.zeros_like(prior_coef)
 
     @torch.no_grad()
-    def step(self, params: Params, grads: Params, lr: float | Tensor, active: Tensor, every: bool | None = None) -> None:
+    def step(self, params: Params, grads: Params, lr: float | Tensor, active: Tensor,
+             every: bool | None = None) -> None:
         """One update; `every` = bool(active.all()) when the caller knows it (saves a device sync)."""
         cfg = self.cfg
         every = bool(active.all()) if every is None else every
