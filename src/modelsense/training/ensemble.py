@@ -254,13 +254,15 @@ class _FunctionalOptimizer:
         cfg = self.cfg
         every = bool(active.all()) if every is None else every
         per_model = isinstance(lr, Tensor)
-        if cfg.optimizer == "sgd" and every and not per_model:  # all parameters at once: buf = μ buf + g + (δ/n) p
+        if cfg.optimizer == "sgd" and every and not per_model:
+            # all parameters at once, the new buffer written over the gradient (one pass less):
+            # g ← g + μ buf + (δ/n) p, buf ← g, p ← p − lr buf
             keys = list(params)
-            ps, bufs = [params[k] for k in keys], [self.buf[k] for k in keys]
-            torch._foreach_mul_(bufs, cfg.momentum)
-            torch._foreach_add_(bufs, [grads[k] for k in keys])
-            torch._foreach_addcmul_(bufs, ps, [self.coefs[k] for k in keys])
-            torch._foreach_add_(ps, bufs, alpha=-lr)
+            ps, gs = [params[k] for k in keys], [grads[k] for k in keys]
+            torch._foreach_add_(gs, [self.buf[k] for k in keys], alpha=cfg.momentum)
+            torch._foreach_addcmul_(gs, ps, [self.coefs[k] for k in keys])
+            torch._foreach_add_(ps, gs, alpha=-lr)
+            self.buf.update(zip(keys, gs))
             return
         if cfg.optimizer in ("adam", "adamw"):
             self.steps += active.to(self.steps.dtype)
