@@ -28,6 +28,9 @@ Defaults by measurement (digits, MLP 64-128-128-10, LDS over 100 half-data retra
 projection): one model d = 1024: damping 1e-5 → 0.10, 1e-3 → 0.16, 0.1 → 0.38; ten models:
 (d 1024, 0.1) → 0.50, (512, 0.1) → 0.52, (512, 0.3) → 0.544, (512, 1.0) → 0.533, (256, 0.3) → 0.524;
 twenty models (512, 0.3) → 0.562. The ridge matters more than d; TRAK's own tiny ridge is too small here.
+With the sparse projection at the defaults (ten models, d 512, damping 0.3): LDS 0.5355 against 0.5353
+with the dense Gaussian one, in 5.9 s instead of 16.4 s of 1 CPU thread, 2.8x the time of `if-ekfac`
+instead of 19x (`bench/influence.py --threads 1 --repeats 3`, medians, load 7).
 """
 
 from __future__ import annotations
