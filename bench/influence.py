@@ -11,7 +11,7 @@ In the same run:
     (retraining engine; cached in --out).
 Every method's scores are oriented to the package convention (score(i, j) = rise of test loss j
 when training example i is removed; the peers' documented conventions agree up to a transpose).
-Times are wall-clock seconds of fit + scores (CPU seconds also recorded), best of --repeats.
+Times are wall-clock seconds of fit + scores (CPU seconds also recorded), medians of --repeats.
 Last line: a JSON object with times, LDS, and the time ratios ours / peer and ours / floor.
 
 Run: .venv/bin/python bench/influence.py [--threads 2] [--dataset mnist1d --widths 256,256]
@@ -23,6 +23,8 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
+import statistics
 import tempfile
 import time
 import traceback
@@ -47,17 +49,24 @@ DEVICE = "cpu"  # set by --device
 CPU: dict[str, float] = {}
 
 
+RUNS: dict[str, list[float]] = {}
+
+
 def timed(label: str, fn, repeats: int = 1):
-    best, out = float("inf"), None
+    """Median wall-clock seconds of `repeats` runs of fn (all runs kept in RUNS, the median run's CPU
+    seconds in CPU) and the last run's result."""
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
         sync(DEVICE)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         sync(DEVICE)
-        wall = time.perf_counter() - t0
-        if wall < best:
-            best, CPU[label] = wall, time.process_time() - c0
-    return best, out
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    order = sorted(range(len(walls)), key=walls.__getitem__)
+    mid = order[len(order) // 2]
+    RUNS[label], CPU[label] = walls, cpus[mid]
+    return statistics.median(walls), out
 
 
 # -- ours -------------------------------------------------------------------------------------
@@ -324,6 +333,8 @@ def main() -> None:
         for p in peer_names:
             if p in seconds:
                 ratios[f"{ours_name}/{p}"] = seconds[ours_name] / seconds[p]
+    if "trak" in seconds and "if-ekfac" in seconds:
+        ratios["trak/if-ekfac"] = seconds["trak"] / seconds["if-ekfac"]
     peer_times = [seconds[n] for n, (kind, _) in runs.items() if kind == "peer" and n in seconds]
     fastest_peer = min(peer_times) if peer_times else None
     for n, (kind, _) in runs.items():
@@ -338,9 +349,12 @@ def main() -> None:
         "n_train": data.n_train,
         "n_test": n_test,
         "threads": args.threads,
+        "repeats": args.repeats,
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "device": DEVICE,
         "n_models_lds": args.n_models,
         "seconds": seconds,
+        "runs_s": {k: [round(t, 3) for t in RUNS[k]] for k in seconds},
         "cpu_seconds": {k: CPU[k] for k in seconds},
         "lds": lds,
         "ratios": ratios,

@@ -1,9 +1,10 @@
-"""Run one benchmark script and keep its figures: `python bench/record.py ensemble.py [ARGS ...]`.
+"""Run one benchmark script and keep its figures: `python bench/record.py [--as NAME] ensemble.py [ARGS ...]`.
 
 The script's last stdout line is its JSON object of figures (every script in bench/ prints one); it is
-stored in bench/results/<script>.json with the command, the date, the machine (platform, CPU count, torch
-version) and the load average before and after, so that the documentation's "Measured numbers" page
-(generated from these files when the site builds) says where and when each figure was measured.
+stored in bench/results/<script>.json (or <NAME>.json: a second setting of one script) with the command,
+the date, the machine (platform, CPU count, torch version) and the load average before and after, so that
+the documentation's "Measured numbers" page (generated from these files when the site builds) says where
+and when each figure was measured.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def machine() -> dict:
             "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
 
 
-def record(script: str, args: list[str]) -> Path:
-    """Run bench/`script` with `args`, parse its last line as JSON, write bench/results/<stem>.json."""
+def record(script: str, args: list[str], name: str | None = None) -> Path:
+    """Run bench/`script` with `args`, parse its last line as JSON, write bench/results/<name or stem>.json."""
     path = HERE / script
     if not path.is_file():
         raise SystemExit(f"no benchmark script {path}")
@@ -49,7 +50,7 @@ def record(script: str, args: list[str]) -> Path:
              "machine": machine(), "load_before": list(load_before), "load_after": list(os.getloadavg()),
              "figures": figures}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"{Path(script).stem}.json"
+    out = RESULTS / f"{name or Path(script).stem}.json"
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(entry, indent=1) + "\n")
     tmp.replace(out)
@@ -58,6 +59,10 @@ def record(script: str, args: list[str]) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    argv = sys.argv[1:]
+    name = None
+    if argv[:1] == ["--as"] and len(argv) >= 2:
+        name, argv = argv[1], argv[2:]
+    if not argv:
         raise SystemExit(__doc__)
-    record(sys.argv[1], sys.argv[2:])
+    record(argv[0], argv[1:], name)

@@ -354,6 +354,56 @@ def test_trak_matches_its_formula(problem):
     torch.testing.assert_close(att.scores(xt, yt), ref)
 
 
+def test_sparse_sketch_is_a_block_count_sketch():
+    from modelsense.attribution.trak import SparseSketch
+
+    slices = {"a": slice(0, 7), "b": slice(7, 10)}
+    sketch = SparseSketch(slices, dim=12, seed=3, nnz=3, dtype=torch.float64)
+    S = sketch.matrix()
+    assert S.shape == (12, 10)
+    for block in S.split(4):  # one entry ±1/√3 per column in each of the 3 blocks of 4 rows
+        assert torch.equal((block != 0).sum(0), torch.ones(10, dtype=torch.long))
+        torch.testing.assert_close(block.abs().sum(0), torch.full((10,), 3**-0.5, dtype=torch.float64))
+    x = torch.randn(5, 10, dtype=torch.float64)
+    torch.testing.assert_close(sketch(x), x @ S.T)
+    torch.testing.assert_close(sketch.project_columns({k: x[:, c].T for k, c in slices.items()}).T, x @ S.T)
+    assert torch.equal(SparseSketch(slices, 12, 3, 3, torch.float64).matrix(), S)  # drawn again from the seed
+    assert not torch.equal(SparseSketch(slices, 12, 4, 3, torch.float64).matrix(), S)
+    with pytest.raises(ConfigError, match="nnz"):
+        SparseSketch(slices, dim=2, nnz=3)
+
+
+def test_trak_factored_projections_match_per_example_gradients(problem):
+    from modelsense.training import TrainConfig
+
+    model, x, y, xt, yt = problem
+    mlp = tiny_mlp(seed=1)
+    att = make_attributor("trak", n_models=2, proj_dim=6, train_config=TrainConfig(epochs=2, lr=0.1, bs=8),
+                          model_fn=lambda s: tiny_mlp(seed=s).float(), **QUIET).fit(mlp, x, y)
+    assert att.layers_ is not None  # an MLP of nn.Linear layers: the factored path
+    factored = [att._projections(m, xt, yt) for m in range(2)]
+    att.layers_ = None  # per-example gradients (vmap) instead
+    for m, (phi, p) in enumerate(factored):
+        phi2, p2 = att._projections(m, xt, yt)
+        torch.testing.assert_close(phi, phi2)
+        torch.testing.assert_close(p, p2)
+
+
+def test_trak_projects_the_training_examples_once(problem, monkeypatch):
+    from modelsense.attribution.trak import Trak
+    from modelsense.training import TrainConfig
+
+    model, x, y, xt, yt = problem
+    att = make_attributor("trak", n_models=2, proj_dim=5, train_config=TrainConfig(epochs=2, lr=0.1, bs=8),
+                          model_fn=lambda s: linear_model(seed=s).float(), **QUIET).fit(model, x, y)
+    expected = att.scores(xt, yt)
+    rows = []
+    original = Trak._projections
+    monkeypatch.setattr(Trak, "_projections", lambda self, m, xx, yy: rows.append(len(yy)) or original(self, m, xx, yy))
+    torch.testing.assert_close(att.scores(xt, yt), expected)
+    assert sum(rows) == 2 * len(yt)  # the test examples of each model, the training projections kept from fit
+
+
 def test_loss_and_el2n_self_scores(problem):
     from modelsense.training import TrainConfig
 

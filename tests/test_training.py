@@ -154,6 +154,43 @@ def test_ensemble_equals_one_by_one_loop(optimizer, tol, loss):
             torch.testing.assert_close(res.params[k][m], v, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("activation,loss", [("relu", "cross_entropy"), ("tanh", "cross_entropy"),
+                                             ("relu", "sigmoid_bce")])
+def test_stacked_mlp_gradient_and_outputs_equal_autograd(activation, loss):
+    """The engine's hand-written batched backward of an MLP equals autograd on each model's weighted loss."""
+    from torch.func import functional_call
+
+    from modelsense.core.likelihood import likelihood_for
+    from modelsense.training.ensemble import _StackedMLP
+
+    modules = [build_model("mlp", (2, 3), 4, widths=(5, 6), activation=activation, seed=s) for s in range(3)]
+    names = [n for n, _ in modules[0].named_parameters()]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in modules]) for n in names}
+    objective = likelihood_for("categorical", loss)
+    stacked = _StackedMLP.of(modules[0], names, {}, objective)
+    assert stacked is not None
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(3, 7, 2, 3, generator=g), torch.randint(0, 4, (3, 7), generator=g)
+    w = torch.rand(3, 7, generator=g)
+    w[1] = 0  # a skipped model: zero gradient
+    w[2, :3] = 0
+    got = stacked.grads(params, x, y, w)
+    outputs = stacked.forward(params, x[0])
+    for m in range(3):
+        p = {k: v[m].clone().requires_grad_(True) for k, v in params.items()}
+        f = functional_call(modules[0], p, (x[m],))
+        total = w[m].sum()
+        objective_m = (w[m] * objective.nll(f, y[m])).sum() / (total if total > 0 else 1)
+        for k, ref in zip(p, torch.autograd.grad(objective_m, list(p.values()))):
+            torch.testing.assert_close(got[k][m], ref, atol=1e-6, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(outputs[m], functional_call(modules[0], p, (x[0],)))
+    for other in (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)),
+                  nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)),
+                  nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())):
+        assert _StackedMLP.of(other, [n for n, _ in other.named_parameters()], {}, objective) is None
+
+
 def test_ensemble_with_labels_per_model_equals_fit_on_the_relabeled_data():
     """labels (M, N): model m trains on its own labels (a relabeled training set); queries keep theirs."""
     data = small_data()

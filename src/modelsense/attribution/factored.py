@@ -15,6 +15,7 @@ Used by `grad-dot`, `grad-cos` and `tracin` when every trained parameter belongs
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,13 +35,16 @@ class LinearLayer:
 
 @dataclass
 class LinearFactors:
-    """Per layer: inputs A (n, d_in) and output gradients D (n, d_out) of n examples."""
+    """Per layer: inputs A (n, d_in) and output gradients D (n, d_out) of n examples; `values`: the
+    differentiated per-example objective (n,)."""
 
     inputs: list[Tensor]
     grads: list[Tensor]
+    values: Tensor | None = None
 
     def rows(self, s: slice) -> LinearFactors:
-        return LinearFactors([a[s] for a in self.inputs], [d[s] for d in self.grads])
+        return LinearFactors([a[s] for a in self.inputs], [d[s] for d in self.grads],
+                             None if self.values is None else self.values[s])
 
 
 def linear_layers(model: FunctionalModel) -> list[LinearLayer] | None:
@@ -60,11 +64,15 @@ def linear_layers(model: FunctionalModel) -> list[LinearLayer] | None:
 
 
 def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Params, x: Tensor, y: Tensor,
-                   chunk_size: int) -> LinearFactors | None:
-    """Layer inputs and per-example output gradients of (x, y); None if a layer sees a non-vector
-    input (n, *, d_in) or runs other than once per forward pass (then the factorisation does not hold)."""
+                   chunk_size: int, objective: Callable[[Params, Tensor, Tensor], Tensor] | None = None
+                   ) -> LinearFactors | None:
+    """Layer inputs and per-example output gradients of (x, y) for the per-example `objective(params, x, y)`
+    -> (n,) (default: the model's per-example loss); None if a layer sees a non-vector input (n, *, d_in)
+    or runs other than once per forward pass (then the factorisation does not hold)."""
+    objective = objective or model.per_example_loss
     inputs: list[list[Tensor]] = [[] for _ in layers]
     grads: list[list[Tensor]] = [[] for _ in layers]
+    values: list[Tensor] = []
     p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     for s in chunks(n_rows(x), chunk_size):
         records: dict[int, list] = {k: [] for k in range(len(layers))}
@@ -78,13 +86,15 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
         handles = [layer.module.register_forward_hook(make_hook(k)) for k, layer in enumerate(layers)]
         try:
             with torch.enable_grad():
-                loss = model.per_example_loss(p, take_rows(x, s), y[s]).sum()
+                per_example = objective(p, take_rows(x, s), y[s])
+                loss = per_example.sum()
         finally:
             for h in handles:
                 h.remove()
         if any(len(r) != 1 or r[0][0].dim() != 2 for r in records.values()):
             return None
         outs = torch.autograd.grad(loss, [records[k][0][1] for k in range(len(layers))], allow_unused=True)
+        values.append(per_example.detach())
         for k in range(len(layers)):
             a, d = records[k][0][0], outs[k]
             inputs[k].append(a)
@@ -93,7 +103,7 @@ def linear_factors(model: FunctionalModel, layers: list[LinearLayer], params: Pa
                 if d is None
                 else d.detach()
             )
-    return LinearFactors([torch.cat(a) for a in inputs], [torch.cat(d) for d in grads])
+    return LinearFactors([torch.cat(a) for a in inputs], [torch.cat(d) for d in grads], torch.cat(values))
 
 
 def factored_gram(layers: list[LinearLayer], left: LinearFactors, right: LinearFactors) -> Tensor:

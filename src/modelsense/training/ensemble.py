@@ -2,11 +2,13 @@
 
 One engine serves every ground truth of the project: exact leave-one-out and leave-one-class-out
 retraining, random-subset farms (memorization, influence, consistency, LDS) and seed ensembles.
-M models are trained together with stacked parameters and `torch.func.vmap` over the model axis:
-each model m has its own example mask (or non-negative weights) w_m ∈ R^N, its own init seed, its
-own batch order. In step t of epoch e, model m takes one step of functional SGD (momentum, PyTorch's
-update), Adam (PyTorch's update, bias-corrected) or AdamW (PyTorch's, decoupled weight decay δ / n_m
-instead of the prior term) on
+M models are trained together with stacked parameters: MLPs (`nn.Sequential` of Flatten, Linear and
+ReLU / Tanh) by batched matmuls over the model axis with a hand-written backward (`_StackedMLP`),
+other models by `torch.func.vmap(grad(...))` over the model axis. Each model m has its own example
+mask (or non-negative weights) w_m ∈ R^N, its own init seed, its own batch order. In step t of
+epoch e, model m takes one step of functional SGD (momentum, PyTorch's update), Adam (PyTorch's
+update, bias-corrected) or AdamW (PyTorch's, decoupled weight decay δ / n_m instead of the prior
+term) on
 
     L_mt(θ) = Σ_{i ∈ B_mt} w_mi l_i(θ) / Σ_{i ∈ B_mt} w_mi  +  δ / (2 n_m) · ||θ||²,
     n_m = Σ_i w_mi,
@@ -135,6 +137,98 @@ def _epoch_augment(lengths: Sequence[int], shape: torch.Size, gens: Sequence[tor
     return (None if offsets is None else offsets.view(m, t, bs, 2)), (None if flips is None else flips.view(m, t, bs))
 
 
+class _StackedMLP:
+    """The gradient of `model_loss` for M stacked MLPs by batched matmuls and a hand-written backward.
+
+    For an `nn.Sequential` of an optional leading `nn.Flatten`, `nn.Linear` layers and ReLU / Tanh /
+    Identity activations (the package's MLP), every trained parameter in a Linear layer, each layer is
+    one `baddbmm` over the M models forward, and one `bmm` for the weight gradient and one for the
+    input gradient backward: z_k = h_{k−1} W_kᵀ + b_k, h_k = a(z_k); with δ_L = w_i / Σ_B w ·
+    ∂nll/∂f (the likelihood's `output_grad`), ∇W_k = δ_kᵀ h_{k−1}, ∇b_k = Σ_i δ_k, δ_{k−1} = (δ_k W_k) ⊙ a'(z_{k−1}).
+    This is the engine's step without vmap or autograd: the same gradient up to rounding, at the cost of
+    the matmuls (on a CPU, digits MLP, 64 models: about 1.3x the step of vmap(grad)).
+    """
+
+    ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Identity)
+
+    def __init__(self, layers: list[tuple[str, str | None, type | None]], objective) -> None:
+        self.layers, self.objective = layers, objective
+        self.softmax_ce = (objective.family, objective.loss) == ("categorical", "cross_entropy")
+
+    @classmethod
+    def of(cls, module: nn.Module, names: list[str], consts: dict[str, Tensor], objective) -> _StackedMLP | None:
+        """The stacked MLP of `module`, or None when it is not such a Sequential (then vmap(grad) is used)."""
+        if not isinstance(module, nn.Sequential) or type(module).forward is not nn.Sequential.forward or consts:
+            return None
+        layers: list[tuple[str, str | None, type | None]] = []
+        covered: set[str] = set()
+        for k, (name, child) in enumerate(module.named_children()):
+            if type(child) is nn.Flatten and k == 0 and child.start_dim == 1 and child.end_dim == -1:
+                continue
+            if type(child) is nn.Linear:
+                w, b = f"{name}.weight", f"{name}.bias" if child.bias is not None else None
+                layers.append((w, b, None))
+                covered.update(n for n in (w, b) if n)
+            elif type(child) in cls.ACTIVATIONS and layers and layers[-1][2] is None:
+                layers[-1] = (*layers[-1][:2], type(child))
+            else:
+                return None
+        if not layers or covered != set(names) or layers[-1][2] not in (None, nn.Identity):
+            return None
+        return cls(layers, objective)
+
+    def forward(self, params: Params, x: Tensor) -> Tensor:
+        """Outputs (M, n, C) of the M models on the same examples x (n, ...)."""
+        m = next(iter(params.values())).shape[0]
+        h = x.reshape(1, len(x), -1).expand(m, -1, -1)
+        for w, b, act in self.layers:
+            h = torch.bmm(h, params[w].transpose(1, 2)) if b is None else torch.baddbmm(
+                params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+            if act is nn.ReLU:
+                h = h.relu_()
+            elif act is nn.Tanh:
+                h = h.tanh_()
+        return h
+
+    def grads(self, params: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Params:
+        """∇θ of every model's weighted minibatch loss: xb (M, bs, ...), yb (M, bs, ...), wb (M, bs)."""
+        m, bs = wb.shape
+        h = xb.reshape(m, bs, -1)
+        inputs = []
+        for w, b, act in self.layers:
+            inputs.append(h)
+            h = torch.bmm(h, params[w].transpose(1, 2)) if b is None else torch.baddbmm(
+                params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+            if act is nn.ReLU:
+                h = h.relu_()
+            elif act is nn.Tanh:
+                h = h.tanh_()
+        total = wb.sum(1, keepdim=True)  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
+        coef = wb / torch.where(total > 0, total, torch.ones_like(total))
+        if self.softmax_ce:  # p − onehot(y); softmax over the class axis laid out first (5x faster for 10 classes)
+            delta = torch.softmax(h.transpose(1, 2), 1).transpose(1, 2)
+            delta.scatter_add_(2, yb.unsqueeze(-1), torch.full_like(delta[..., :1], -1.0))
+        else:
+            delta = self.objective.output_grad(h.reshape(m * bs, -1), yb.reshape(m * bs, *yb.shape[2:])).view(m, bs, -1)
+        delta = delta.mul_(coef.unsqueeze(-1))
+        out: Params = {}
+        for k in reversed(range(len(self.layers))):
+            w, b, _ = self.layers[k]
+            out[w] = torch.bmm(delta.transpose(1, 2), inputs[k])
+            if b is not None:
+                out[b] = delta.sum(1)
+            if k:
+                dh = torch.bmm(delta, params[w])
+                act, h = self.layers[k - 1][2], inputs[k]  # h = a(z) of the layer below
+                if act is nn.ReLU:  # a'(z) = [h > 0]
+                    delta = torch.ops.aten.threshold_backward(dh, h, 0)
+                elif act is nn.Tanh:  # a'(z) = 1 − h²
+                    delta = dh.mul_(1 - h * h)
+                else:
+                    delta = dh
+        return out
+
+
 class _FunctionalOptimizer:
     """SGD with momentum, Adam or AdamW on stacked parameters (M, *shape), matching torch.optim's updates.
 
@@ -148,15 +242,28 @@ class _FunctionalOptimizer:
         self.cfg = cfg
         self.prior_coef = prior_coef  # (M,) = δ / n_m
         self.buf = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.coefs = {k: prior_coef.view(-1, *([1] * (v.dim() - 1))) for k, v in params.items()}
         if cfg.optimizer in ("adam", "adamw"):
             self.sq = {k: torch.zeros_like(v) for k, v in params.items()}
             self.steps = torch.zeros_like(prior_coef)
 
     @torch.no_grad()
-    def step(self, params: Params, grads: Params, lr: float | Tensor, active: Tensor) -> None:
+    def step(self, params: Params, grads: Params, lr: float | Tensor, active: Tensor,
+             every: bool | None = None) -> None:
+        """One update; `every` = bool(active.all()) when the caller knows it (saves a device sync)."""
         cfg = self.cfg
-        every = bool(active.all())
+        every = bool(active.all()) if every is None else every
         per_model = isinstance(lr, Tensor)
+        if cfg.optimizer == "sgd" and every and not per_model:
+            # all parameters at once, the new buffer written over the gradient (one pass less):
+            # g ← g + μ buf + (δ/n) p, buf ← g, p ← p − lr buf
+            keys = list(params)
+            ps, gs = [params[k] for k in keys], [grads[k] for k in keys]
+            torch._foreach_add_(gs, [self.buf[k] for k in keys], alpha=cfg.momentum)
+            torch._foreach_addcmul_(gs, ps, [self.coefs[k] for k in keys])
+            torch._foreach_add_(ps, gs, alpha=-lr)
+            self.buf.update(zip(keys, gs))
+            return
         if cfg.optimizer in ("adam", "adamw"):
             self.steps += active.to(self.steps.dtype)
             t = self.steps.clamp(min=1)
@@ -217,14 +324,16 @@ def query_outputs(
     chunk_size: int = 1024,
     keep_logits: bool = True,
     loss: str = "cross_entropy",
+    forward: Callable[[Params, Tensor], Tensor] | None = None,
 ) -> QueryOutputs:
     """Outputs of stacked models (params name -> (M, *shape)) on (x, y), in chunks of examples; "loss"
-    is the training loss `loss` (`likelihood_for(likelihood, loss).nll`)."""
+    is the training loss `loss` (`likelihood_for(likelihood, loss).nll`). `forward(params, x)` -> (M, n, C):
+    the models' outputs on a chunk (default: vmap of the module over the model axis)."""
 
-    def forward(p: Params, xb: Tensor) -> Tensor:
+    def one(p: Params, xb: Tensor) -> Tensor:
         return functional_call(module, {**buffers, **p}, (xb,))
 
-    batched = vmap(forward, in_dims=(0, None))
+    batched = forward or vmap(one, in_dims=(0, None))
     logits, labels = [], []
     with torch.no_grad():
         for s in chunks(len(x), chunk_size):
@@ -407,7 +516,9 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
     # the chunk's seeds, so a chunk retrains the same (the masks differ from those `fit` draws alone)
     base.train()
     stochastic = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in base.modules())
-    grad_fn = vmap(grad(model_loss), randomness="different" if stochastic else "error")
+    stacked = None if stochastic else _StackedMLP.of(base, names, consts, objective)
+    grad_fn = stacked.grads if stacked is not None else vmap(grad(model_loss),
+                                                             randomness="different" if stochastic else "error")
     opt = _FunctionalOptimizer(cfg, params, cfg.delta / n_m)
     rows = torch.arange(len(seeds), device=device).unsqueeze(1)
     plan_steps = [steps_per_epoch(len(idx), cfg.bs) for idx in indices]
@@ -422,7 +533,7 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
         return t if isinstance(t, Rows) else t.to(device)
 
     outputs = {q: query_outputs(base, params, consts, moved(qx), moved(qy), likelihood, keep_logits=keep_logits,
-                                loss=cfg.loss)
+                                loss=cfg.loss, forward=None if stacked is None else stacked.forward)
                for q, (qx, qy) in queries.items()}
     outputs = {q: {k: v.cpu() for k, v in o.items()} for q, o in outputs.items()}
     return EnsembleResult(seeds.cpu(), outputs, {k: v.cpu() for k, v in params.items()} if return_params else None)
@@ -431,16 +542,22 @@ def _train_chunk(model_fn, x, y, weights, seeds, cfg, queries, init_params, ids,
 def _train_epochs(cfg, params, opt, grad_fn, x, y, labels, weights, indices, gens, aug_gens, augment, rows, plan_steps,
                   device, bar) -> None:
     """The engine's training loop: every model's minibatch of each step at once."""
+    lazy_labels = isinstance(y, Rows)
     for epoch in range(cfg.epochs):
         index, valid = _epoch_plan(indices, cfg.bs, gens, cfg.fixed_batches)
         if augment:
             offsets, flips = _epoch_augment([len(i) for i in indices], index.shape, aug_gens, cfg)
         index, valid = index.to(device), valid.to(device)
+        # the epoch's weights and labels of every model's batches in one gather each, and which models
+        # step when (one device sync per epoch instead of one per step)
+        wplan = weights[rows.unsqueeze(-1), index] * valid
+        yplan = labels[rows.unsqueeze(-1), index] if labels is not None else None if lazy_labels else y[index]
+        active = (wplan > 0).any(2)
+        every = active.all(0).tolist()
         for t in range(index.shape[1]):
-            it, vt = index[:, t], valid[:, t]
-            wb = weights[rows, it] * vt
+            it, wb = index[:, t], wplan[:, t]
             xb = _rows_of(x, it)
-            yb = _rows_of(y, it) if labels is None else labels[rows, it]
+            yb = _rows_of(y, it) if yplan is None else yplan[:, t]
             if augment:  # every model's batch at once: (M * bs, C, H, W)
                 xb = crop_flip(
                     xb.flatten(0, 1),
@@ -448,6 +565,6 @@ def _train_epochs(cfg, params, opt, grad_fn, x, y, labels, weights, indices, gen
                     None if offsets is None else offsets[:, t].flatten(0, 1),
                     None if flips is None else flips[:, t].flatten(0, 1),
                 ).view_as(xb)
-            opt.step(params, grad_fn(params, xb, yb, wb), _step_lr(cfg, epoch, t, plan_steps, device),
-                     (wb > 0).any(1))
+            opt.step(params, grad_fn(params, xb, yb, wb), _step_lr(cfg, epoch, t, plan_steps, device), active[:, t],
+                     every[t])
         bar.advance(1)
