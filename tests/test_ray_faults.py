@@ -24,10 +24,10 @@ from modelsense.training.config import TrainConfig
 pytestmark = pytest.mark.slow
 
 N = 300
-#: about 5 s of training per chunk of one model (0.5 s at 20 epochs; a fresh worker adds its imports): long
-#: enough to be killed mid-training, also on a warm worker
+#: about 5 s of training per chunk of one model on this project's CPU (the engine's batched-matmul MLP step;
+#: a fresh worker adds its imports): long enough to be killed mid-training, also on a warm worker
 RECIPE = RetrainRecipe(
-    DataConfig("digits", n_train=N), ModelConfig("mlp", widths=(64,)), TrainConfig(epochs=250, bs=16)
+    DataConfig("digits", n_train=N), ModelConfig("mlp", widths=(512, 512)), TrainConfig(epochs=800, bs=16)
 )
 TITLE = b"ray::_ray_task"
 
