@@ -181,13 +181,19 @@ class _StackedMLP:
         """Outputs (M, n, C) of the M models on the same examples x (n, ...)."""
         m = next(iter(params.values())).shape[0]
         h = x.reshape(1, len(x), -1).expand(m, -1, -1)
-        for w, b, act in self.layers:
-            h = torch.bmm(h, params[w].transpose(1, 2)) if b is None else torch.baddbmm(
-                params[b].unsqueeze(1), h, params[w].transpose(1, 2))
-            if act is nn.ReLU:
-                h = h.relu_()
-            elif act is nn.Tanh:
-                h = h.tanh_()
+        for layer in self.layers:
+            h = self._layer(params, h, *layer)
+        return h
+
+    @staticmethod
+    def _layer(params: Params, h: Tensor, w: str, b: str | None, act: type | None) -> Tensor:
+        """One stacked Linear (+ activation) of every model: h (M, n, d_in) -> (M, n, d_out)."""
+        h = torch.bmm(h, params[w].transpose(1, 2)) if b is None else torch.baddbmm(
+            params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+        if act is nn.ReLU:
+            return h.relu_()
+        if act is nn.Tanh:
+            return h.tanh_()
         return h
 
     def grads(self, params: Params, xb: Tensor, yb: Tensor, wb: Tensor) -> Params:
@@ -195,14 +201,9 @@ class _StackedMLP:
         m, bs = wb.shape
         h = xb.reshape(m, bs, -1)
         inputs = []
-        for w, b, act in self.layers:
+        for layer in self.layers:
             inputs.append(h)
-            h = torch.bmm(h, params[w].transpose(1, 2)) if b is None else torch.baddbmm(
-                params[b].unsqueeze(1), h, params[w].transpose(1, 2))
-            if act is nn.ReLU:
-                h = h.relu_()
-            elif act is nn.Tanh:
-                h = h.tanh_()
+            h = self._layer(params, h, *layer)
         total = wb.sum(1, keepdim=True)  # 0 only in skipped steps (their gradient is discarded): avoid 0/0
         coef = wb / torch.where(total > 0, total, torch.ones_like(total))
         if self.softmax_ce:  # p − onehot(y); softmax over the class axis laid out first (5x faster for 10 classes)
