@@ -130,15 +130,28 @@ def test_fit_objective_with_the_sigmoid_loss():
             likelihood="gaussian", progress=False)
 
 
-@pytest.mark.parametrize("optimizer,tol,loss", [("sgd", 1e-5, "cross_entropy"), ("adam", 2e-3, "cross_entropy"),
-                                                ("sgd", 1e-5, "sigmoid_bce")])
-def test_ensemble_equals_one_by_one_loop(optimizer, tol, loss):
+@pytest.mark.parametrize("optimizer,tol,loss,sizes,fused", [
+    ("sgd", 1e-5, "cross_entropy", "random", True), ("adam", 2e-3, "cross_entropy", "random", True),
+    ("sgd", 1e-5, "sigmoid_bce", "random", True),
+    ("sgd", 1e-5, "cross_entropy", "equal", True),  # one prior coefficient δ/n: the fused step's weight decay
+    ("sgd", 1e-5, "cross_entropy", "random", False), ("sgd", 1e-5, "cross_entropy", "equal", False),  # no fused SGD
+])
+def test_ensemble_equals_one_by_one_loop(optimizer, tol, loss, sizes, fused, monkeypatch):
     """M models trained at once equal M calls of fit with the same seeds, masks and batch order."""
+    from modelsense.training import ensemble
+
+    if not fused:  # the step without PyTorch's fused SGD (torch < 2.4)
+        monkeypatch.setattr(ensemble, "_FUSED_SGD", None)
     data = small_data()
     g = torch.Generator().manual_seed(3)
-    masks = torch.rand(4, 90, generator=g) < 0.6
-    masks[3] = False
-    masks[3, :7] = True  # a model with fewer batches per epoch than the others
+    if sizes == "random":
+        masks = torch.rand(4, 90, generator=g) < 0.6
+        masks[3] = False
+        masks[3, :7] = True  # a model with fewer batches per epoch than the others
+    else:  # 54 examples each (4 batches of 16, the last one short)
+        masks = torch.zeros(4, 90, dtype=torch.bool)
+        for row in masks:
+            row[torch.randperm(90, generator=g)[:54]] = True
     cfg = TrainConfig(
         optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0, loss=loss
     )
@@ -174,17 +187,23 @@ def test_stacked_mlp_gradient_and_outputs_equal_autograd(activation, loss):
     w = torch.rand(3, 7, generator=g)
     w[1] = 0  # a skipped model: zero gradient
     w[2, :3] = 0
-    got = stacked.grads(params, x, y, w)
+    batches = [(x, y, w), (x.flip(1), y.flip(1), w.flip(1))]  # the second call reuses the first one's workspace
+    for xb, yb, wb in batches:
+        got = stacked.grads(params, xb, yb, wb)
+        for m in range(3):
+            p = {k: v[m].clone().requires_grad_(True) for k, v in params.items()}
+            f = functional_call(modules[0], p, (xb[m],))
+            total = wb[m].sum()
+            objective_m = (wb[m] * objective.nll(f, yb[m])).sum() / (total if total > 0 else 1)
+            for k, ref in zip(p, torch.autograd.grad(objective_m, list(p.values()))):
+                torch.testing.assert_close(got[k][m], ref, atol=1e-6, rtol=1e-5)
     outputs = stacked.forward(params, x[0])
+    stacked.FORWARD_FLOATS = 1  # one model at a time
+    torch.testing.assert_close(stacked.forward(params, x[0]), outputs, atol=0, rtol=0)
     for m in range(3):
-        p = {k: v[m].clone().requires_grad_(True) for k, v in params.items()}
-        f = functional_call(modules[0], p, (x[m],))
-        total = w[m].sum()
-        objective_m = (w[m] * objective.nll(f, y[m])).sum() / (total if total > 0 else 1)
-        for k, ref in zip(p, torch.autograd.grad(objective_m, list(p.values()))):
-            torch.testing.assert_close(got[k][m], ref, atol=1e-6, rtol=1e-5)
         with torch.no_grad():
-            torch.testing.assert_close(outputs[m], functional_call(modules[0], p, (x[0],)))
+            torch.testing.assert_close(outputs[m], functional_call(modules[0], {k: v[m] for k, v in params.items()},
+                                                                   (x[0],)))
     for other in (nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)),
                   nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)),
                   nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())):

@@ -203,7 +203,11 @@ def batch_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed) + 7919)
 
 
+def epoch_order(indices: Tensor, generator: torch.Generator, fixed: bool = False) -> Tensor:
+    """The order of `indices` (1-D, sorted) in one epoch: a fresh permutation unless `fixed`."""
+    return indices if fixed else indices[torch.randperm(len(indices), generator=generator)]
+
+
 def epoch_batches(indices: Tensor, bs: int, generator: torch.Generator, fixed: bool = False) -> list[Tensor]:
-    """Minibatches of one epoch over `indices` (1-D, sorted): a fresh permutation unless `fixed`."""
-    order = indices if fixed else indices[torch.randperm(len(indices), generator=generator)]
-    return list(order.split(bs))
+    """Minibatches of one epoch over `indices` (1-D, sorted): `epoch_order` cut into batches of bs."""
+    return list(epoch_order(indices, generator, fixed).split(bs))
