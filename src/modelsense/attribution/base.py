@@ -44,8 +44,8 @@ Settings, compute options, needs
 Every method's `__init__` names each of its settings (no `**kwargs`: a misspelt or foreign setting
 is a TypeError in Python and a ConfigError through `make_attributor`), stores each under its own
 name (`settings()` returns them) and validates it there. How a method computes, never what it
-computes (chunks, blocks, memory budget, scratch folder, progress bars), is one `ComputeOptions`
-passed as `compute=`; `make_attributor` also takes those five as flat settings (the CLI's one dict).
+computes (chunks, blocks, memory budget, scratch folder, spilling, progress bars), is one `ComputeOptions`
+passed as `compute=`; `make_attributor` also takes each of them as a flat setting (the CLI's one dict).
 What a method takes from the training run is declared, not guessed from its name: `needs` (a subset
 of `NEEDS`), each need filling the settings listed there; an orchestrator asks `method_class(m).needs`.
 `save(dir)` / `load(dir, model, x_train, y_train)` / `load_attributor(...)`: see `state`.
@@ -58,7 +58,9 @@ import inspect
 import math
 import numbers
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -141,8 +143,14 @@ class ComputeOptions:
         (digits MLP: 0.42 s per gradient pass with one chunk of 1297 vs 1.5 s in chunks of 256).
     block_size: rows of a score block (train and test).
     memory_budget: bytes; a score matrix larger than this goes to a memory-mapped file, and train
-        features are cached when they fit in a quarter of it.
-    scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir).
+        features are cached in memory when they fit in a quarter of it.
+    scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir), and
+        the spilled caches (`spill`).
+    spill: True (default): train features larger than their in-memory share (per-example gradients,
+        preconditioned or projected ones) are kept in a temporary memory-mapped file under
+        `scratch_dir` when the disk has room, so each is computed once however many blocks of test
+        rows read them (`scratch_buffer`); False, or a disk without room: recomputed for every block of
+        test rows (`FeatureAttributor._scores`, schedule 3), or at scoring (trak's projections).
     progress: show progress bars.
     precision: dtype of the per-example gradient passes: `full` (the parameters', default), `bfloat16`
         or `float16` (parameters, buffers and inputs cast for the pass; the gradients are written into
@@ -157,6 +165,7 @@ class ComputeOptions:
     scratch_dir: str | None = None
     progress: bool = True
     precision: str = "full"
+    spill: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -169,10 +178,75 @@ class ComputeOptions:
             set_(self, "scratch_dir", os.fspath(self.scratch_dir))
         set_(self, "progress", bool(self.progress))
         check_choice("precision", self.precision, PRECISIONS)
+        if not isinstance(self.spill, (bool, np.bool_)):
+            raise ConfigError(f"spill must be True or False (cache train features in a memory-mapped file when they "
+                              f"exceed their share of memory_budget), received {shown(self.spill)}")
+        set_(self, "spill", bool(self.spill))
 
 
 #: the names of the compute options, which `make_attributor` also takes as flat settings
 COMPUTE_OPTIONS = tuple(f.name for f in fields(ComputeOptions))
+
+
+#: bytes a spilled buffer leaves free on its disk (`scratch_buffer`)
+SCRATCH_DISK_MARGIN = 2**30
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+
+
+def memmap_array(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
+    """A new memory-mapped `.npy` file at `path` of `shape` and the numpy twin of `dtype`, as an array of
+    zeros (a new file reads as zeros without touching its pages); `torch.from_numpy` shares it."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=_numpy_dtype(dtype), shape=shape)
+
+
+def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, scratch_dir: str | None,
+                   prefix: str = "scratch", device: torch.device | str = "cpu", disk: bool = True,
+                   zero: bool = False) -> Tensor | None:
+    """A scratch tensor of `shape` (uninitialised, or zeros with `zero`): in memory on `device` when its bytes fit `ram_bytes`
+    (the caller's share of `memory_budget`); else, with `disk`, a CPU tensor backed by a temporary
+    memory-mapped `.npy` file under `scratch_dir` (None: the system temp dir) when that disk keeps
+    `SCRATCH_DISK_MARGIN` bytes free after reserving it; else None, and the caller recomputes what it
+    would have kept. The file never outlives the buffer: it is unlinked right after mapping (POSIX;
+    elsewhere removed when the buffer is freed), so nothing is left behind, an exception included.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes <= ram_bytes:
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    folder = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+    if not disk or not os.path.isdir(folder) or shutil.disk_usage(folder).free < nbytes + SCRATCH_DISK_MARGIN:
+        return None
+    fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"{prefix}_", dir=folder)
+    os.close(fd)
+    try:
+        buffer: Tensor | None = torch.from_numpy(memmap_array(path, shape, dtype))
+        if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk is None here, not a SIGBUS later
+            with open(path, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+                except OSError:
+                    buffer = None
+    except BaseException:
+        _remove_quietly(path)
+        raise
+    try:
+        os.unlink(path)
+    except OSError:  # a mapped file cannot be removed on Windows: remove it once the buffer is freed
+        if buffer is None:
+            _remove_quietly(path)
+        else:
+            weakref.finalize(buffer, _remove_quietly, path)
+    return buffer
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
@@ -447,7 +521,11 @@ class Attributor:
         x_test, y_test = self._examples(data, y, adapter, "test", fitted=True)
         if by_module:
             return self._module_scores(x_test, y_test)
-        return self._scores(x_test, y_test, out)
+        try:
+            return self._scores(x_test, y_test, out)
+        except BaseException:
+            self._discard_partial_scores()
+            raise
 
     def self_scores(self, by_module: bool = False) -> Tensor | dict[str, Tensor]:
         """score(i, i) for every training example i, shape (N,); by_module: {module name: (N,)}
@@ -510,33 +588,69 @@ class Attributor:
             )
 
     def _allocate(self, shape: tuple[int, int], dtype: torch.dtype, out) -> Tensor:
-        """The result matrix: in memory, or backed by a memory-mapped .npy file."""
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        """The result matrix: `out` (an array, or a `.npy` path written as a memory map), else in memory
+        when it fits `memory_budget`, else a memory-mapped `.npy` file under `scratch_dir` that is the
+        result (its path in `scores_path_`; removed if scoring fails)."""
+        np_dtype = _numpy_dtype(dtype)
         if isinstance(out, np.ndarray):
             if tuple(out.shape) != tuple(shape):
                 raise ConfigError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
             if out.dtype != np_dtype:
-                raise ConfigError(f"out has dtype {out.dtype}, expected {np.dtype(np_dtype)}")
+                raise ConfigError(f"out has dtype {out.dtype}, expected {np_dtype}")
             return torch.from_numpy(out)
-        nbytes = shape[0] * shape[1] * np.dtype(np_dtype).itemsize
-        if out is None and nbytes <= self.compute.memory_budget:
-            return torch.zeros(shape, dtype=dtype)
         if out is None:
+            result = scratch_buffer(shape, dtype, self.compute.memory_budget, self.compute.scratch_dir, disk=False,
+                                    zero=True)
+            if result is not None:
+                return result
             fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_", dir=self.compute.scratch_dir)
             os.close(fd)
+            self._partial_scores = Path(path)
         else:
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
+        self._memmap = memmap_array(path, shape, dtype)
         self.scores_path_ = Path(path)
-        self._memmap = mm
-        return torch.from_numpy(mm)
+        return torch.from_numpy(self._memmap)
 
     def _flush(self) -> None:
         mm = getattr(self, "_memmap", None)
         if mm is not None:
             mm.flush()
             self._memmap = None
+        self._partial_scores = None
+
+    def _discard_partial_scores(self) -> None:
+        """Remove the temporary score file of a scoring that failed (`_allocate`)."""
+        path = getattr(self, "_partial_scores", None)
+        self._memmap, self._partial_scores = None, None
+        if path is not None:
+            _remove_quietly(str(path))
+
+
+class _TrainFeatureCache:
+    """Train features of the blocks of training rows, each block computed once by `compute(rows)` (a
+    list of (b, d_c) tensors) and written into `buffer` (N, Σ d_c) at its rows; read back from there
+    on later passes. `buffer` None: recomputed on every pass."""
+
+    def __init__(self, compute: Callable[[slice], list[Tensor]], buffer: Tensor | None, widths: list[int],
+                 device: torch.device) -> None:
+        self.compute, self.buffer, self.widths, self.device = compute, buffer, widths, device
+        self.done: set[int] = set()
+
+    def get(self, k: int, rows: slice) -> list[Tensor]:
+        """The features of block k (training rows `rows`)."""
+        if self.buffer is None:
+            return self.compute(rows)
+        if k in self.done:
+            return list(self.buffer[rows].to(self.device).split(self.widths, dim=1))
+        a = self.compute(rows)
+        start = 0
+        for f in a:
+            self.buffer[rows, start:start + f.shape[1]] = f.detach()
+            start += f.shape[1]
+        self.done.add(k)
+        return a
 
 
 class FeatureAttributor(Attributor):
@@ -599,7 +713,9 @@ class FeatureAttributor(Attributor):
         cached, blocks of test rows outer; (2) else, when one component's test features fit
         (components: checkpoints, ensemble members): components outer, test features of the
         component held, train blocks inner, result accumulated — every per-example feature is
-        computed once; (3) otherwise test blocks outer, train features recomputed per block."""
+        computed once; (3) otherwise test blocks outer, train blocks inner, each block of train
+        features computed on the first pass over them and read back on later passes from a
+        memory-mapped scratch file (`ComputeOptions.spill`; recomputed per test block without it)."""
         n, m = self.n_train, len(x_test)
         dtype = param_dtype(self.params_)
         result = self._allocate((n, m), dtype, out)
@@ -624,27 +740,37 @@ class FeatureAttributor(Attributor):
                     del B
             self._flush()
             return result
-        cache: dict[int, list[Tensor]] | None = {} if row_bytes * n <= quarter else None
         test_rows = max(1, min(self.compute.block_size, quarter // max(row_bytes, 1)))
         test_blocks = list(chunks(m, test_rows))
+        cache = self._train_feature_cache(probe, len(test_blocks))
         with progress_bar(
             len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress
         ) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 for k, rows in enumerate(train_blocks):
-                    if cache is not None and k in cache:
-                        a = cache[k]
-                    else:
-                        a = self._train_features(rows)
-                        if cache is not None:
-                            cache[k] = a
+                    a = cache.get(k, rows)
                     block = sum(ac @ bc.T for ac, bc in zip(a, b))
                     result[rows, cols] = block.detach().to("cpu", result.dtype)
                     bar.advance(1)
         self._flush()
         return result
 
+    def _holds_train_features(self) -> bool:
+        """True when `_train_features` reads features the method already keeps (nothing to cache)."""
+        return False
+
+    def _train_feature_cache(self, probe: list[Tensor], passes: int) -> _TrainFeatureCache:
+        """The train features of each block computed once over `passes` passes (blocks of test rows):
+        kept in memory when all N rows fit a quarter of `memory_budget`, else spilled to a memory-mapped
+        scratch file (`ComputeOptions.spill`, `scratch_buffer`); one pass, no spill or no disk room:
+        recomputed on every pass."""
+        buffer = None
+        if passes > 1 and not self._holds_train_features():
+            shape = (self.n_train, sum(f.shape[1] for f in probe))
+            buffer = scratch_buffer(shape, probe[0].dtype, self.compute.memory_budget // 4, self.compute.scratch_dir,
+                                    prefix=f"features_{self.name}", device=probe[0].device, disk=self.compute.spill)
+        return _TrainFeatureCache(self._train_features, buffer, [f.shape[1] for f in probe], probe[0].device)
 
     # -- per-module breakdown (methods with splits_by_module) --------------------------------------
     def _module_columns(self, features: list[Tensor]) -> dict[str, Tensor]:
@@ -655,25 +781,25 @@ class FeatureAttributor(Attributor):
                               f"parameter space (P = {P}); it cannot split by module")
         return {m: idx.to(features[0].device) for m, idx in self.model_.spec.modules.items()}
 
-    def _module_results(self, shape: tuple[int, int]) -> tuple[dict[str, Tensor], list[np.memmap]]:
+    def _module_results(self, shape: tuple[int, int]) -> dict[str, Tensor]:
         """A zero (N, M) matrix per module: in memory when all fit the memory budget, else each a
-        temporary memory map under scratch_dir (flush the maps returned once filled)."""
+        memory-mapped temporary file under scratch_dir (`scratch_buffer`: removed with the matrix)."""
         dtype = param_dtype(self.params_)
         modules = list(self.model_.spec.modules)
-        total_bytes = len(modules) * shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        ram = self.compute.memory_budget // len(modules) if len(modules) * math.prod(shape) * itemsize <= \
+            self.compute.memory_budget else 0
         results: dict[str, Tensor] = {}
-        maps = []
         for name in modules:
-            if total_bytes <= self.compute.memory_budget:
-                results[name] = torch.zeros(shape, dtype=dtype)
-            else:
-                fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_module_",
-                                            dir=self.compute.scratch_dir)
-                os.close(fd)
-                maps.append(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64 if dtype == torch.float64
-                                                      else np.float32, shape=shape))
-                results[name] = torch.from_numpy(maps[-1])
-        return results, maps
+            buffer = scratch_buffer(shape, dtype, ram, self.compute.scratch_dir, prefix=f"scores_{self.name}_module",
+                                    zero=True)
+            if buffer is None:
+                raise ConfigError(
+                    f"the per-module score matrices ({len(modules)} x {shape[0]} x {shape[1]}) exceed memory_budget and "
+                    f"the disk of scratch_dir ({self.compute.scratch_dir or tempfile.gettempdir()}) has no room for "
+                    "them; choose another scratch_dir or raise memory_budget")
+            results[name] = buffer
+        return results
 
     def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
         """{module: (N, M)} with block[i, j] = Σ_c a_c(z_i)[m]ᵀ b_c(z_j)[m]: blocks of test rows outer,
@@ -681,22 +807,21 @@ class FeatureAttributor(Attributor):
         per-example-gradient path; `grad-dot`, `grad-cos` and `tracin` take their factored MLP path)."""
         n, m = self.n_train, len(x_test)
         dtype = param_dtype(self.params_)
-        results, maps = self._module_results((n, m))
+        results = self._module_results((n, m))
         train_blocks = list(chunks(n, self.compute.block_size))
         test_blocks = list(chunks(m, self.compute.block_size))
+        cache = self._train_feature_cache(self._feature_row_bytes()[0], len(test_blocks))
         with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores by module",
                           enabled=self.compute.progress) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 columns = self._module_columns(b)
-                for rows in train_blocks:
-                    a = self._train_features(rows)
+                for k, rows in enumerate(train_blocks):
+                    a = cache.get(k, rows)
                     for name, idx in columns.items():
                         block = sum(ac[:, idx] @ bc[:, idx].T for ac, bc in zip(a, b))
                         results[name][rows, cols] = block.detach().to("cpu", dtype)
                     bar.advance(1)
-        for mm in maps:
-            mm.flush()
         return results
 
     def _module_self_scores(self) -> dict[str, Tensor]:
