@@ -56,7 +56,7 @@ class SyntheticVectors(Dataset):
         return self.means[label] + torch.randn(64, generator=g), label
 
 
-def run_one(workload: str, n: int, device: str, memory_gb: float) -> dict:
+def run_one(workload: str, n: int, device: str, memory_gb: float, n_test: int = N_TEST) -> dict:
     """Run `workload` at size n in this process; its output's size (bytes) and this process's peak RSS."""
     from modelsense.attribution import ComputeOptions, make_attributor
     from modelsense.core.functional import FunctionalModel
@@ -73,17 +73,17 @@ def run_one(workload: str, n: int, device: str, memory_gb: float) -> dict:
         compute = ComputeOptions(memory_budget=int(memory_gb * 2**30), progress=False)
         att = make_attributor("if-ekfac", compute=compute).fit(model, train)
         if workload == "scores":
-            output = torch.as_tensor(att.scores(DataLoader(SyntheticVectors(N_TEST, offset=10**9), batch_size=512)))
+            output = torch.as_tensor(att.scores(DataLoader(SyntheticVectors(n_test, offset=10**9), batch_size=512)))
         else:
             output = att.self_scores()
     return {"workload": workload, "n": n, "seconds": round(time.perf_counter() - start, 2),
             "output_mb": output.numel() * output.element_size() / 2**20, "peak_rss_mb": peak_rss_mb()}
 
 
-def measure(workload: str, n: int, device: str, memory_gb: float) -> dict:
+def measure(workload: str, n: int, device: str, memory_gb: float, n_test: int = N_TEST) -> dict:
     """`run_one` in a fresh process (its peak RSS alone); its JSON result."""
     cmd = [sys.executable, __file__, "--one", workload, "--n", str(n), "--device", device,
-           "--memory-gb", str(memory_gb)]
+           "--memory-gb", str(memory_gb), "--n-test", str(n_test)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -94,17 +94,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--factor", type=int, default=4, help="the larger size is factor x n")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     p.add_argument("--memory-gb", type=float, default=0.5, help="the attributors' memory budget")
+    p.add_argument("--n-test", type=int, default=N_TEST, help="test examples (columns of the score matrix)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one workload here
     args = p.parse_args(argv)
     device = check_bench_device(args.device)
     if args.one:
-        result = run_one(args.one, args.n, device, args.memory_gb)
+        result = run_one(args.one, args.n, device, args.memory_gb, args.n_test)
         print(json.dumps(result), flush=True)
         return result
     figures: dict[str, dict] = {}
     for workload in args.workloads.split(","):
-        small = measure(workload, args.n, device, args.memory_gb)
-        large = measure(workload, args.n * args.factor, device, args.memory_gb)
+        small = measure(workload, args.n, device, args.memory_gb, args.n_test)
+        large = measure(workload, args.n * args.factor, device, args.memory_gb, args.n_test)
         rss_growth = large["peak_rss_mb"] - small["peak_rss_mb"]
         output_growth = large["output_mb"] - small["output_mb"]
         row = {"n": [small["n"], large["n"]], "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],

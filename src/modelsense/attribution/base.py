@@ -56,6 +56,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import mmap
 import numbers
 import os
 import shutil
@@ -222,13 +223,15 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, s
     fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"{prefix}_", dir=folder)
     os.close(fd)
     try:
-        buffer: Tensor | None = torch.from_numpy(memmap_array(path, shape, dtype))
+        array = memmap_array(path, shape, dtype)
+        buffer: Tensor | None = torch.from_numpy(array)
+        buffer._scratch_map = array  # for release_rows
         if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk is None here, not a SIGBUS later
             with open(path, "r+b") as f:
                 try:
                     os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
                 except OSError:
-                    buffer = None
+                    buffer = array = None
     except BaseException:
         _remove_quietly(path)
         raise
@@ -240,6 +243,31 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, s
         else:
             weakref.finalize(buffer, _remove_quietly, path)
     return buffer
+
+
+def release_rows(buffer: Tensor, rows: slice) -> None:
+    """Unmap the pages of rows `rows` of a memory-mapped `scratch_buffer` from this process (madvise
+    MADV_DONTNEED; the data stays in the file and the page cache), so a buffer written or read block by
+    block does not add its size to the resident memory; a no-op for an in-memory buffer."""
+    mm = getattr(buffer, "_scratch_map", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    raw = getattr(mm, "_mmap", None)
+    if raw is None or advice is None or rows.stop <= rows.start:
+        return
+    row_bytes = buffer.stride(0) * buffer.element_size()
+    first = mm.offset % mmap.ALLOCATIONGRANULARITY + rows.start * row_bytes  # numpy maps from a granule boundary
+    start = first - first % mmap.PAGESIZE
+    raw.madvise(advice, start, first + (rows.stop - rows.start) * row_bytes - start)
+
+
+def read_rows(buffer: Tensor, rows: slice, device: torch.device | str) -> Tensor:
+    """Rows `rows` of a `scratch_buffer` on `device`: a view of an in-memory buffer, a copy of a
+    memory-mapped one (whose pages are then released, `release_rows`)."""
+    if getattr(buffer, "_scratch_map", None) is None:
+        return buffer[rows].to(device)
+    block = buffer[rows].to(device, copy=True)
+    release_rows(buffer, rows)
+    return block
 
 
 def _remove_quietly(path: str) -> None:
@@ -643,12 +671,13 @@ class _TrainFeatureCache:
         if self.buffer is None:
             return self.compute(rows)
         if k in self.done:
-            return list(self.buffer[rows].to(self.device).split(self.widths, dim=1))
+            return list(read_rows(self.buffer, rows, self.device).split(self.widths, dim=1))
         a = self.compute(rows)
         start = 0
         for f in a:
             self.buffer[rows, start:start + f.shape[1]] = f.detach()
             start += f.shape[1]
+        release_rows(self.buffer, rows)
         self.done.add(k)
         return a
 

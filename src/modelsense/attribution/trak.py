@@ -52,7 +52,9 @@ from modelsense.attribution.base import (
     check_positive,
     flat_per_example_grads,
     param_dtype,
+    read_rows,
     register,
+    release_rows,
     scratch_buffer,
 )
 from modelsense.attribution.gradient import _check_projection
@@ -223,6 +225,7 @@ class Trak(FeatureAttributor):
                 K += phi.T.double() @ phi.double()
                 if psi is not None:
                     psi[rows] = -(1 - p).unsqueeze(1) * phi
+                    release_rows(psi, rows)
             lam = self.damping * float(torch.trace(K)) / d if self.damping_mode == "relative" else self.damping
             self.kernel_inverses_.append(_ridge_inverse(K, lam).to(dtype))
             self.damping_.append(lam)
@@ -305,7 +308,7 @@ class Trak(FeatureAttributor):
     def _train_component(self, rows: slice, c: int) -> Tensor:
         psi = self.train_projections_[c]
         if psi is not None:
-            return psi[rows].to(self.kernel_inverses_[c].device)
+            return read_rows(psi, rows, self.kernel_inverses_[c].device)
         return self._loss_projections(c, self.x_train_[rows], self.y_train_[rows])
 
     def _test_component(self, x: Tensor, y: Tensor, c: int) -> Tensor:
