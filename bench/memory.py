@@ -1,12 +1,12 @@
 """Memory benchmark: does peak memory grow with the number of training examples N faster than the output?
 
 Each workload runs in a fresh Python process (so its peak RSS is its own) at two sizes, N and
-`--factor` x N, on a map-style dataset made on the fly (never held whole: 64 features, 10 classes; an
-MLP 64-256-256-10, ~85k parameters). Printed per workload: the peak RSS at both sizes, the growth
-between them, the growth of what the workload returns (its output array), and their ratio
-`rss_growth_over_output_growth` (<= 1 plus noise: memory follows the output; >> 1: something else
-grows with N). A workload whose output does not grow with N (self-influence: N numbers; spectrum: k
-eigenvalues) reports its RSS growth in MiB instead. The issue's rule (#15): no bench may grow with N
+`--factor` x N, on a map-style dataset made on the fly (`_common.IndexSeededDataset`, never held
+whole: 64 features, 10 classes; an MLP 64-256-256-10, ~85k parameters). Printed per workload: the
+peak RSS at both sizes, the growth between them, the growth of what the workload returns (its
+output array), and their ratio `rss_growth_over_output_growth` (<= 1 plus noise: memory follows the
+output; >> 1: something else grows with N). A workload whose output does not grow with N
+(self-influence: N numbers; spectrum: k eigenvalues) reports its RSS growth in MiB instead. The issue's rule (#15): no bench may grow with N
 faster than the output it writes.
 
 The attributors keep per-example caches (e.g. the training gradients for self-influence) while they
@@ -31,29 +31,11 @@ import sys
 import time
 
 import torch
-from _common import add_device_arg, check_bench_device, peak_rss_mb
-from torch.utils.data import DataLoader, Dataset
+from _common import IndexSeededDataset, add_device_arg, check_bench_device, peak_rss_mb
+from torch.utils.data import DataLoader
 
 WORKLOADS = ("scores", "self", "spectrum")
 N_TEST = 500
-
-
-class SyntheticVectors(Dataset):
-    """n feature vectors (64,) made from their index: a class mean plus seeded noise, label (i·7919) mod 10."""
-
-    def __init__(self, n: int, offset: int = 0) -> None:
-        self.n, self.offset = int(n), int(offset)
-        self.means = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        label = (i * 7919) % 10
-        g = torch.Generator().manual_seed(self.offset + i)
-        return self.means[label] + torch.randn(64, generator=g), label
 
 
 def run_one(workload: str, n: int, device: str, memory_gb: float, n_test: int = N_TEST) -> dict:
@@ -64,7 +46,7 @@ def run_one(workload: str, n: int, device: str, memory_gb: float, n_test: int = 
     from modelsense.models import build_model
 
     model = build_model("mlp", (64,), 10, widths=(256, 256), seed=0).to(device).eval()
-    train = DataLoader(SyntheticVectors(n), batch_size=512)
+    train = DataLoader(IndexSeededDataset(n), batch_size=512)
     start = time.perf_counter()
     if workload == "spectrum":
         spectrum = compute_spectrum(FunctionalModel(model), train, config=SpectrumConfig(k=5))
@@ -73,7 +55,7 @@ def run_one(workload: str, n: int, device: str, memory_gb: float, n_test: int = 
         compute = ComputeOptions(memory_budget=int(memory_gb * 2**30), progress=False)
         att = make_attributor("if-ekfac", compute=compute).fit(model, train)
         if workload == "scores":
-            output = torch.as_tensor(att.scores(DataLoader(SyntheticVectors(n_test, offset=10**9), batch_size=512)))
+            output = torch.as_tensor(att.scores(DataLoader(IndexSeededDataset(n_test, offset=10**9), batch_size=512)))
         else:
             output = att.self_scores()
     return {"workload": workload, "n": n, "seconds": round(time.perf_counter() - start, 2),
