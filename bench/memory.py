@@ -12,7 +12,9 @@ faster than the output it writes.
 The attributors keep per-example caches (e.g. the training gradients for self-influence) while they
 fit the memory budget, so with a budget above them memory grows with N up to the budget by design;
 the default `--memory-gb 0.5` lies below the caches of the larger size, so what is measured is what
-the budget does not bound.
+the budget does not bound. Above their share of the budget the caches of the scores spill to a
+memory-mapped scratch file (`ComputeOptions.spill`) whose pages are unmapped block by block once
+written or read, so they stay in the page cache and out of the resident set.
 
     scores    if-ekfac fit + the (N, 500) score matrix, in memory (`--memory-gb` above it)
     self      if-ekfac fit + the self-influence of all N examples

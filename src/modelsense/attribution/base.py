@@ -152,6 +152,9 @@ class ComputeOptions:
         `scratch_dir` when the disk has room, so each is computed once however many blocks of test
         rows read them (`scratch_buffer`); False, or a disk without room: recomputed for every block of
         test rows (`FeatureAttributor._scores`, schedule 3), or at scoring (trak's projections).
+        Measured (`bench/spill.py`, if-ekfac, MLP, 2 CPU threads): spilling is 1.2-2x faster with 5-11
+        test blocks, but 10-15% slower with 2-3 test blocks of a 2.6 GB cache, whose writing costs more
+        than the MLP's cheap gradient pass; set False for such runs.
     progress: show progress bars.
     precision: dtype of the per-example gradient passes: `full` (the parameters', default), `bfloat16`
         or `float16` (parameters, buffers and inputs cast for the pass; the gradients are written into
