@@ -6,8 +6,8 @@ whole: 64 features, 10 classes; an MLP 64-256-256-10, ~85k parameters). Printed 
 peak RSS at both sizes, the growth between them, the growth of what the workload returns (its
 output array), and their ratio `rss_growth_over_output_growth` (<= 1 plus noise: memory follows the
 output; >> 1: something else grows with N). A workload whose output does not grow with N
-(self-influence: N numbers; spectrum: k eigenvalues) reports its RSS growth in MiB instead. The issue's rule (#15): no bench may grow with N
-faster than the output it writes.
+(self-influence: N numbers; spectrum: k eigenvalues) reports its RSS growth in MiB instead. The
+issue's rule (#15): no bench may grow with N faster than the output it writes.
 
 The attributors keep per-example caches (e.g. the training gradients for self-influence) while they
 fit the memory budget, so with a budget above them memory grows with N up to the budget by design;

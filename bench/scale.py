@@ -49,7 +49,6 @@ from torch.utils.data import DataLoader, Dataset
 from modelsense.attribution import ComputeOptions, make_attributor
 from modelsense.models import build_model
 
-
 #: the CIFAR-10 image shape
 IMAGE = (3, 32, 32)
 

@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from modelsense.attribution import ComputeOptions, make_attributor
-from modelsense.attribution import base
+from modelsense.attribution import ComputeOptions, base, make_attributor
 from modelsense.errors import ConfigError
 
 

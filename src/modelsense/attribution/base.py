@@ -209,12 +209,14 @@ def memmap_array(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.d
 def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, scratch_dir: str | None,
                    prefix: str = "scratch", device: torch.device | str = "cpu", disk: bool = True,
                    zero: bool = False) -> Tensor | None:
-    """A scratch tensor of `shape` (uninitialised, or zeros with `zero`): in memory on `device` when its bytes fit `ram_bytes`
-    (the caller's share of `memory_budget`); else, with `disk`, a CPU tensor backed by a temporary
-    memory-mapped `.npy` file under `scratch_dir` (None: the system temp dir) when that disk keeps
-    `SCRATCH_DISK_MARGIN` bytes free after reserving it; else None, and the caller recomputes what it
-    would have kept. The file never outlives the buffer: it is unlinked right after mapping (POSIX;
-    elsewhere removed when the buffer is freed), so nothing is left behind, an exception included.
+    """A scratch tensor of `shape` (uninitialised, or zeros with `zero`): in memory on `device` when its
+    bytes fit `ram_bytes` (the caller's share of `memory_budget`); else, with `disk`, a CPU tensor
+    backed by a temporary memory-mapped `.npy` file under `scratch_dir` (None: the system temp dir)
+    when that disk keeps `SCRATCH_DISK_MARGIN` bytes free after reserving it; else None, and the
+    caller recomputes what it would have kept. The file never outlives the buffer: it is unlinked
+    right after mapping (POSIX; elsewhere removed when the buffer is freed), so nothing is left
+    behind, an exception included. Release the pages of the blocks done with `release_rows` /
+    `read_rows` to keep them out of the resident memory.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize
@@ -827,9 +829,9 @@ class FeatureAttributor(Attributor):
                                     zero=True)
             if buffer is None:
                 raise ConfigError(
-                    f"the per-module score matrices ({len(modules)} x {shape[0]} x {shape[1]}) exceed memory_budget and "
-                    f"the disk of scratch_dir ({self.compute.scratch_dir or tempfile.gettempdir()}) has no room for "
-                    "them; choose another scratch_dir or raise memory_budget")
+                    f"the per-module score matrices ({len(modules)} x {shape[0]} x {shape[1]}) exceed memory_budget "
+                    f"and the disk of scratch_dir ({self.compute.scratch_dir or tempfile.gettempdir()}) has no room "
+                    "for them; choose another scratch_dir or raise memory_budget")
             results[name] = buffer
         return results
 
