@@ -225,3 +225,24 @@ def test_a_bad_spill_value_is_refused(value):
     with pytest.raises(ConfigError, match="spill must be True or False"):
         make_attributor("grad-dot", spill=value)
     assert ComputeOptions(spill=np.bool_(False)).spill is False
+
+
+def test_spilled_rows_mapped_a_few_at_a_time_give_the_same_scores(tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "MAPPED_BYTES", 500)  # one 408-byte gradient row (ψ: 7 rows of 64 bytes) at a time
+    reference = _reference("if-ekfac").scores(XT, YT)
+    got = _attributor("if-ekfac", tmp_path).scores(XT, YT)
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-9 * float(reference.abs().max()))
+    reference = make_attributor("trak", n_models=1, include_fitted=True, proj_dim=8,
+                                compute=ComputeOptions(progress=False)).fit(NET, X, Y).scores(XT, YT)
+    att = _trak(tmp_path)
+    got = att.scores(XT, YT)
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-9 * float(reference.abs().max()))
+    assert os.listdir(tmp_path) == [att.scores_path_.name]  # the (N, M) result, above the budget; no cache
+
+
+def test_release_rows_keeps_the_data(tmp_path):
+    buffer = base.scratch_buffer((64, 1024), torch.float32, 0, str(tmp_path))  # 4 kB rows: whole pages
+    values = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)
+    base.write_rows(buffer, slice(0, 64), [values[:, :1000], values[:, 1000:]])
+    base.release_rows(buffer, slice(0, 64))
+    torch.testing.assert_close(base.read_rows(buffer, slice(3, 40), "cpu"), values[3:40], rtol=0, atol=0)

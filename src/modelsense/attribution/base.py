@@ -215,8 +215,8 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, s
     when that disk keeps `SCRATCH_DISK_MARGIN` bytes free after reserving it; else None, and the
     caller recomputes what it would have kept. The file never outlives the buffer: it is unlinked
     right after mapping (POSIX; elsewhere removed when the buffer is freed), so nothing is left
-    behind, an exception included. Release the pages of the blocks done with `release_rows` /
-    `read_rows` to keep them out of the resident memory.
+    behind, an exception included. Read and write it with `read_rows` / `write_rows`, which keep
+    its pages out of the resident memory.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
     nbytes = math.prod(shape) * itemsize
@@ -265,14 +265,40 @@ def release_rows(buffer: Tensor, rows: slice) -> None:
     raw.madvise(advice, start, first + (rows.stop - rows.start) * row_bytes - start)
 
 
+#: bytes of a memory-mapped buffer mapped at a time by `read_rows` / `write_rows`
+MAPPED_BYTES = 8 * 2**20
+
+
+def _mapped_chunks(buffer: Tensor, rows: slice) -> list[slice]:
+    """`rows` in slices of at most `MAPPED_BYTES` of `buffer` (all of it for an in-memory buffer)."""
+    if getattr(buffer, "_scratch_map", None) is None:
+        return [rows]
+    step = max(1, MAPPED_BYTES // max(1, buffer.stride(0) * buffer.element_size()))
+    return [slice(start, min(start + step, rows.stop)) for start in range(rows.start, rows.stop, step)]
+
+
 def read_rows(buffer: Tensor, rows: slice, device: torch.device | str) -> Tensor:
     """Rows `rows` of a `scratch_buffer` on `device`: a view of an in-memory buffer, a copy of a
-    memory-mapped one (whose pages are then released, `release_rows`)."""
+    memory-mapped one, made `MAPPED_BYTES` at a time (each part's pages released once copied)."""
     if getattr(buffer, "_scratch_map", None) is None:
         return buffer[rows].to(device)
-    block = buffer[rows].to(device, copy=True)
-    release_rows(buffer, rows)
+    block = torch.empty((rows.stop - rows.start, *buffer.shape[1:]), dtype=buffer.dtype, device=device)
+    for part in _mapped_chunks(buffer, rows):
+        block[part.start - rows.start:part.stop - rows.start] = buffer[part]
+        release_rows(buffer, part)
     return block
+
+
+def write_rows(buffer: Tensor, rows: slice, parts: Sequence[Tensor]) -> None:
+    """Write `parts` ((b, d_c) each, side by side) into rows `rows` of a `scratch_buffer`,
+    `MAPPED_BYTES` at a time for a memory-mapped one (each part's pages released once written)."""
+    for sub in _mapped_chunks(buffer, rows):
+        local = slice(sub.start - rows.start, sub.stop - rows.start)
+        start = 0
+        for f in parts:
+            buffer[sub, start:start + f.shape[1]] = f[local].detach()
+            start += f.shape[1]
+        release_rows(buffer, sub)
 
 
 def _remove_quietly(path: str) -> None:
@@ -678,11 +704,7 @@ class _TrainFeatureCache:
         if k in self.done:
             return list(read_rows(self.buffer, rows, self.device).split(self.widths, dim=1))
         a = self.compute(rows)
-        start = 0
-        for f in a:
-            self.buffer[rows, start:start + f.shape[1]] = f.detach()
-            start += f.shape[1]
-        release_rows(self.buffer, rows)
+        write_rows(self.buffer, rows, a)
         self.done.add(k)
         return a
 

@@ -54,8 +54,8 @@ from modelsense.attribution.base import (
     param_dtype,
     read_rows,
     register,
-    release_rows,
     scratch_buffer,
+    write_rows,
 )
 from modelsense.attribution.gradient import _check_projection
 from modelsense.attribution.members import reinitialised_copy, train_members  # noqa: F401
@@ -224,8 +224,7 @@ class Trak(FeatureAttributor):
                 phi, p = self._projections(m, self.x_train_[rows], self.y_train_[rows])
                 K += phi.T.double() @ phi.double()
                 if psi is not None:
-                    psi[rows] = -(1 - p).unsqueeze(1) * phi
-                    release_rows(psi, rows)
+                    write_rows(psi, rows, [-(1 - p).unsqueeze(1) * phi])
             lam = self.damping * float(torch.trace(K)) / d if self.damping_mode == "relative" else self.damping
             self.kernel_inverses_.append(_ridge_inverse(K, lam).to(dtype))
             self.damping_.append(lam)
