@@ -20,7 +20,9 @@ written or read, so they stay in the page cache and out of the resident set.
     self      if-ekfac fit + the self-influence of all N examples
     spectrum  top-5 GGN eigenvalues by Lanczos over the N examples (products read the data by chunks)
 
-Run: PYTHONPATH=src .venv/bin/python bench/memory.py [--n 2000 --factor 4 --memory-gb 0.5]
+Each size runs `--repeats` times (default 3, fresh processes); the figures are the medians.
+
+Run: PYTHONPATH=src .venv/bin/python bench/memory.py [--n 2000 --factor 4 --memory-gb 0.5 --repeats 3]
 The last line is JSON.
 """
 
@@ -33,7 +35,7 @@ import sys
 import time
 
 import torch
-from _common import IndexSeededDataset, add_device_arg, check_bench_device, peak_rss_mb
+from _common import IndexSeededDataset, add_device_arg, check_bench_device, median, peak_rss_mb
 from torch.utils.data import DataLoader
 
 WORKLOADS = ("scores", "self", "spectrum")
@@ -64,12 +66,16 @@ def run_one(workload: str, n: int, device: str, memory_gb: float, n_test: int = 
             "output_mb": output.numel() * output.element_size() / 2**20, "peak_rss_mb": peak_rss_mb()}
 
 
-def measure(workload: str, n: int, device: str, memory_gb: float, n_test: int = N_TEST) -> dict:
-    """`run_one` in a fresh process (its peak RSS alone); its JSON result."""
+def measure(workload: str, n: int, device: str, memory_gb: float, n_test: int = N_TEST, repeats: int = 1) -> dict:
+    """`run_one` in `repeats` fresh processes (each its own peak RSS); the JSON result with the median
+    peak RSS and seconds (the peaks of identical runs differ by up to ~15 MiB here)."""
     cmd = [sys.executable, __file__, "--one", workload, "--n", str(n), "--device", device,
            "--memory-gb", str(memory_gb), "--n-test", str(n_test)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    runs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            for _ in range(repeats)]
+    peaks = [r["peak_rss_mb"] for r in runs]
+    return {**runs[0], "peak_rss_mb": median(peaks), "seconds": round(median([r["seconds"] for r in runs]), 2),
+            "peak_rss_mb_runs": peaks}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     p.add_argument("--memory-gb", type=float, default=0.5, help="the attributors' memory budget")
     p.add_argument("--n-test", type=int, default=N_TEST, help="test examples (columns of the score matrix)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per size (median peak RSS)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one workload here
     args = p.parse_args(argv)
     device = check_bench_device(args.device)
@@ -88,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     figures: dict[str, dict] = {}
     for workload in args.workloads.split(","):
-        small = measure(workload, args.n, device, args.memory_gb, args.n_test)
-        large = measure(workload, args.n * args.factor, device, args.memory_gb, args.n_test)
+        small = measure(workload, args.n, device, args.memory_gb, args.n_test, args.repeats)
+        large = measure(workload, args.n * args.factor, device, args.memory_gb, args.n_test, args.repeats)
         rss_growth = large["peak_rss_mb"] - small["peak_rss_mb"]
         output_growth = large["output_mb"] - small["output_mb"]
         row = {"n": [small["n"], large["n"]], "peak_rss_mb": [small["peak_rss_mb"], large["peak_rss_mb"]],
+               "peak_rss_mb_runs": [small["peak_rss_mb_runs"], large["peak_rss_mb_runs"]],
                "seconds": [small["seconds"], large["seconds"]], "output_mb": [round(small["output_mb"], 2),
                                                                            round(large["output_mb"], 2)],
                "rss_growth_mb": round(rss_growth, 1)}
