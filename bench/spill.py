@@ -10,9 +10,10 @@ inner (`FeatureAttributor._scores`, schedule 3). Two arms in the same process, a
     spill      spill=True: each block computed once, written to a memory-mapped scratch file (unlinked
                at once) and read back on the later test blocks
 
-Printed: the number of test blocks, per arm the median seconds of `--repeats` runs (and each run),
-the speedup recompute / spill, the largest relative difference between the arms' scores, the peak
-RSS of the process and the load average. The last line is JSON.
+Printed: the number of test blocks, per arm the median seconds of `--repeats` runs (and each run;
+also the process CPU seconds, which a loaded machine changes less, but which leave out the kernel's
+writeback of the spilled file), the speedup recompute / spill, the largest relative difference
+between the arms' scores, the peak RSS of the process and the load average. The last line is JSON.
 
 Run: PYTHONPATH=src .venv/bin/python bench/spill.py [--n 2000 --n-test 500 --memory-mb 160 --repeats 3]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from dataclasses import replace
 
 import torch
@@ -57,24 +59,28 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.n * row_bytes / 2**20:.0f} MiB, budget {args.memory_mb:.0f} MiB -> {test_blocks} test blocks",
           flush=True)
     seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    cpu: dict[str, list[float]] = {arm: [] for arm in ARMS}
     results: dict[str, torch.Tensor] = {}
     for _ in range(args.repeats):
         for arm, spill in ARMS.items():
             att.compute = replace(compute, spill=spill)
+            start = time.process_time()
             t, results[arm] = timed(lambda: att.scores(test), device)
             seconds[arm].append(round(t, 3))
+            cpu[arm].append(round(time.process_time() - start, 3))
     ref = results["recompute"]
     rel = float((results["spill"] - ref).abs().max() / ref.abs().max())
     medians = {arm: median(ts) for arm, ts in seconds.items()}
     for arm in ARMS:
-        print(f"{arm:10s} {medians[arm]:.2f} s (runs {seconds[arm]})", flush=True)
+        print(f"{arm:10s} {medians[arm]:.2f} s (runs {seconds[arm]}); process CPU {median(cpu[arm]):.2f} s "
+              f"(runs {cpu[arm]})", flush=True)
     speedup = medians["recompute"] / medians["spill"]
     print(f"recompute / spill {speedup:.2f}x; max relative difference {rel:.1e}; peak RSS {peak_rss_mb():.0f} MiB; "
           f"load {os.getloadavg()[0]:.2f}", flush=True)
     result = {"device": device, **machine(), "n": args.n, "n_test": args.n_test, "widths": list(widths),
               "n_params": n_params, "memory_mb": args.memory_mb, "test_blocks": test_blocks, "seconds": seconds,
-              "median_seconds": medians, "recompute_over_spill": round(speedup, 2), "max_relative_difference": rel,
-              "peak_rss_mb": peak_rss_mb()}
+              "median_seconds": medians, "cpu_seconds": cpu, "recompute_over_spill": round(speedup, 2),
+              "max_relative_difference": rel, "peak_rss_mb": peak_rss_mb()}
     print(json.dumps(result), flush=True)
     return result
 
