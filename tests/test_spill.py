@@ -240,8 +240,11 @@ def test_spilled_rows_mapped_a_few_at_a_time_give_the_same_scores(tmp_path, monk
     assert os.listdir(tmp_path) == [att.scores_path_.name]  # the (N, M) result, above the budget; no cache
 
 
-def test_release_rows_keeps_the_data(tmp_path):
+@pytest.mark.parametrize("through", ["file", "mapping"])
+def test_rows_written_and_read_back_through_the_file_or_the_mapping(through, tmp_path):
     buffer = base.scratch_buffer((64, 1024), torch.float32, 0, str(tmp_path))  # 4 kB rows: whole pages
+    if through == "mapping":  # platforms without os.pread / os.pwrite
+        del buffer._scratch_file
     values = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)
     base.write_rows(buffer, slice(0, 64), [values[:, :1000], values[:, 1000:]])
     base.release_rows(buffer, slice(0, 64))

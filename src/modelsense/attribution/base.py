@@ -197,7 +197,11 @@ SCRATCH_DISK_MARGIN = 2**30
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    """The numpy twin of `dtype`; float32 for those numpy lacks (bfloat16)."""
+    try:
+        return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    except TypeError:
+        return np.dtype(np.float32)
 
 
 def memmap_array(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
@@ -225,12 +229,18 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, s
     folder = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
     if not disk or not os.path.isdir(folder) or shutil.disk_usage(folder).free < nbytes + SCRATCH_DISK_MARGIN:
         return None
+    if _numpy_dtype(dtype).itemsize != itemsize:  # no numpy twin (bfloat16): recomputed
+        return None
     fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"{prefix}_", dir=folder)
     os.close(fd)
     try:
         array = memmap_array(path, shape, dtype)
         buffer: Tensor | None = torch.from_numpy(array)
         buffer._scratch_map = array  # for release_rows
+        if hasattr(os, "pread") and hasattr(os, "pwrite"):  # read_rows / write_rows copy through the page cache
+            fd = os.open(path, os.O_RDWR)
+            buffer._scratch_file = (fd, array.offset)
+            weakref.finalize(buffer, os.close, fd)
         if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk is None here, not a SIGBUS later
             with open(path, "r+b") as f:
                 try:
@@ -277,23 +287,50 @@ def _mapped_chunks(buffer: Tensor, rows: slice) -> list[slice]:
     return [slice(start, min(start + step, rows.stop)) for start in range(rows.start, rows.stop, step)]
 
 
+def _file_bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a writable memoryview (any dtype)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def read_rows(buffer: Tensor, rows: slice, device: torch.device | str) -> Tensor:
     """Rows `rows` of a `scratch_buffer` on `device`: a view of an in-memory buffer, a copy of a
-    memory-mapped one, made `MAPPED_BYTES` at a time (each part's pages released once copied)."""
+    disk-backed one: read with `os.preadv` from the page cache where the platform has it (no page
+    faults, nothing mapped), else copied from the mapping `MAPPED_BYTES` at a time (`release_rows`)."""
     if getattr(buffer, "_scratch_map", None) is None:
         return buffer[rows].to(device)
-    block = torch.empty((rows.stop - rows.start, *buffer.shape[1:]), dtype=buffer.dtype, device=device)
+    block = torch.empty((rows.stop - rows.start, *buffer.shape[1:]), dtype=buffer.dtype)
+    file = getattr(buffer, "_scratch_file", None)
+    if file is not None:
+        fd, offset = file
+        view, at = _file_bytes(block), offset + rows.start * buffer.stride(0) * buffer.element_size()
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], at + done)
+            if got <= 0:
+                raise OSError(f"the spilled scratch file ended after {done} of {len(view)} bytes")
+            done += got
+        return block.to(device)
     for part in _mapped_chunks(buffer, rows):
         block[part.start - rows.start:part.stop - rows.start] = buffer[part]
         release_rows(buffer, part)
-    return block
+    return block.to(device)
 
 
 def write_rows(buffer: Tensor, rows: slice, parts: Sequence[Tensor]) -> None:
     """Write `parts` ((b, d_c) each, side by side) into rows `rows` of a `scratch_buffer`,
-    `MAPPED_BYTES` at a time for a memory-mapped one (each part's pages released once written)."""
+    `MAPPED_BYTES` at a time for a disk-backed one (`os.pwrite` where the platform has it, else through
+    the mapping, each part's pages released once written)."""
+    file = getattr(buffer, "_scratch_file", None)
+    row_bytes = buffer.stride(0) * buffer.element_size()
     for sub in _mapped_chunks(buffer, rows):
         local = slice(sub.start - rows.start, sub.stop - rows.start)
+        if file is not None:
+            chunk = torch.cat([f[local].detach().to("cpu", buffer.dtype) for f in parts], 1).contiguous()
+            fd, offset = file
+            view, done = _file_bytes(chunk), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + sub.start * row_bytes + done)
+            continue
         start = 0
         for f in parts:
             buffer[sub, start:start + f.shape[1]] = f[local].detach()
