@@ -36,7 +36,7 @@ SETTINGS = {"grad-dot": {"factored": False}, "if-ekfac": {"damping": 0.1}}
 
 
 def _attributor(method, tmp_path, **compute):
-    options = {"progress": False, "memory_budget": TINY, "scratch_dir": str(tmp_path), **compute}
+    options = {"progress": False, "memory_budget": TINY, "scratch_dir": str(tmp_path), "spill": True, **compute}
     return make_attributor(method, **SETTINGS.get(method, {}), compute=ComputeOptions(**options)).fit(NET, X, Y)
 
 
@@ -218,13 +218,34 @@ def test_a_saved_state_loads_under_another_spill_value(tmp_path):
     torch.testing.assert_close(other.scores(XT, YT), att.scores(XT, YT), rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("value", ["yes", 1, None, 0.0])
+@pytest.mark.parametrize("value", ["yes", 1, None, 0.0, "Auto"])
 def test_a_bad_spill_value_is_refused(value):
-    with pytest.raises(ConfigError, match=r"spill must be True or False .*received"):
+    with pytest.raises(ConfigError, match=r"spill must be True, False or 'auto' .*received"):
         ComputeOptions(spill=value)
-    with pytest.raises(ConfigError, match="spill must be True or False"):
+    with pytest.raises(ConfigError, match="spill must be True, False or 'auto'"):
         make_attributor("grad-dot", spill=value)
-    assert ComputeOptions(spill=np.bool_(False)).spill is False
+    assert ComputeOptions(spill=np.bool_(False)).spill is False and ComputeOptions().spill == "auto"
+
+
+def test_spill_pays_when_the_saved_computations_outweigh_writing_and_reading():
+    assert base.spill_pays(1.0, 0.1, passes=2) and base.spill_pays(1.0, 0.6, passes=5)
+    assert not base.spill_pays(1.0, 0.6, passes=2) and not base.spill_pays(1.0, 1.0, passes=100)
+    assert not base.spill_pays(1.0, 0.0, passes=1)
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_spill_follows_the_timing_of_the_first_block(pays, tmp_path, monkeypatch):
+    reference = _reference("if-ekfac").scores(XT, YT)
+    timings = []
+    monkeypatch.setattr(base, "spill_pays", lambda c, w, passes: timings.append((c, w, passes)) or pays)
+    att = _attributor("if-ekfac", tmp_path, spill="auto")
+    calls, tests = _count_train_features(att, monkeypatch), _count_test_blocks(att, monkeypatch)
+    got = att.scores(XT, YT)
+    first = min(calls)
+    assert len(timings) == 1 and timings[0][2] == len(tests) > 1 and timings[0][0] > 0 and timings[0][1] >= 0
+    assert calls[first] == 1  # written before the decision, read back
+    assert set(n for rows, n in calls.items() if rows != first) == ({1} if pays else {len(tests)})
+    torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-9 * float(reference.abs().max()))
 
 
 def test_spilled_rows_mapped_a_few_at_a_time_give_the_same_scores(tmp_path, monkeypatch):

@@ -61,6 +61,7 @@ import numbers
 import os
 import shutil
 import tempfile
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -147,14 +148,17 @@ class ComputeOptions:
         features are cached in memory when they fit in a quarter of it.
     scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir), and
         the spilled caches (`spill`).
-    spill: True (default): train features larger than their in-memory share (per-example gradients,
-        preconditioned or projected ones) are kept in a temporary memory-mapped file under
-        `scratch_dir` when the disk has room, so each is computed once however many blocks of test
-        rows read them (`scratch_buffer`); False, or a disk without room: recomputed for every block of
-        test rows (`FeatureAttributor._scores`, schedule 3), or at scoring (trak's projections).
-        Measured (`bench/spill.py`, if-ekfac, MLP, 2 CPU threads): spilling is 1.2-2x faster with 5-11
-        test blocks, but 10-15% slower with 2-3 test blocks of a 2.6 GB cache, whose writing costs more
-        than the MLP's cheap gradient pass; set False for such runs.
+    spill: `auto` (default), True or False. Train features larger than their in-memory share
+        (per-example gradients, preconditioned or projected ones) are kept in a temporary file under
+        `scratch_dir` when the disk has room (`scratch_buffer`), so each is computed once however many
+        blocks of test rows read them; False, or a disk without room: recomputed for every block of
+        test rows (`FeatureAttributor._scores`, schedule 3). `auto`: spill, but on the CPU time the
+        first training block (its computation c and its writing w) and recompute the other blocks
+        when (passes − 1)·c <= passes·w (`spill_pays`), since reading back costs about w per pass.
+        Measured (`bench/spill.py`, if-ekfac, MLP 64-256-256-10, 2 CPU threads): spilling is 1.15-1.9x
+        faster with 5-11 test blocks, 0.7x (slower) with 2 test blocks of a 2.6 GB cache, whose writing
+        and reading cost more than the MLP's cheap gradient pass. trak's projections, computed in
+        `fit` anyway, are spilled unless False.
     progress: show progress bars.
     precision: dtype of the per-example gradient passes: `full` (the parameters', default), `bfloat16`
         or `float16` (parameters, buffers and inputs cast for the pass; the gradients are written into
@@ -169,7 +173,7 @@ class ComputeOptions:
     scratch_dir: str | None = None
     progress: bool = True
     precision: str = "full"
-    spill: bool = True
+    spill: bool | str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -182,10 +186,10 @@ class ComputeOptions:
             set_(self, "scratch_dir", os.fspath(self.scratch_dir))
         set_(self, "progress", bool(self.progress))
         check_choice("precision", self.precision, PRECISIONS)
-        if not isinstance(self.spill, (bool, np.bool_)):
-            raise ConfigError(f"spill must be True or False (cache train features in a memory-mapped file when they "
+        if not (isinstance(self.spill, (bool, np.bool_)) or (isinstance(self.spill, str) and self.spill == "auto")):
+            raise ConfigError(f"spill must be True, False or 'auto' (keep train features in a scratch file when they "
                               f"exceed their share of memory_budget), received {shown(self.spill)}")
-        set_(self, "spill", bool(self.spill))
+        set_(self, "spill", self.spill if isinstance(self.spill, str) else bool(self.spill))
 
 
 #: the names of the compute options, which `make_attributor` also takes as flat settings
@@ -730,9 +734,11 @@ class _TrainFeatureCache:
     on later passes. `buffer` None: recomputed on every pass."""
 
     def __init__(self, compute: Callable[[slice], list[Tensor]], buffer: Tensor | None, widths: list[int],
-                 device: torch.device) -> None:
+                 device: torch.device, passes: int = 1, timed: bool = False) -> None:
         self.compute, self.buffer, self.widths, self.device = compute, buffer, widths, device
+        self.passes, self.timed = passes, timed
         self.done: set[int] = set()
+        self.recompute = False  # set when timing the first block shows spilling does not pay
 
     def get(self, k: int, rows: slice) -> list[Tensor]:
         """The features of block k (training rows `rows`)."""
@@ -740,10 +746,22 @@ class _TrainFeatureCache:
             return self.compute(rows)
         if k in self.done:
             return list(read_rows(self.buffer, rows, self.device).split(self.widths, dim=1))
+        if self.recompute:
+            return self.compute(rows)
+        start = time.perf_counter()
         a = self.compute(rows)
+        computed = time.perf_counter()
         write_rows(self.buffer, rows, a)
+        if self.timed and not self.done:
+            self.recompute = not spill_pays(computed - start, time.perf_counter() - computed, self.passes)
         self.done.add(k)
         return a
+
+
+def spill_pays(compute_s: float, write_s: float, passes: int) -> bool:
+    """Whether keeping a block of features on disk beats recomputing it: it saves passes − 1
+    computations (compute_s each) for one write and passes − 1 reads (each about write_s)."""
+    return (passes - 1) * compute_s > passes * write_s
 
 
 class FeatureAttributor(Attributor):
@@ -856,14 +874,18 @@ class FeatureAttributor(Attributor):
     def _train_feature_cache(self, probe: list[Tensor], passes: int) -> _TrainFeatureCache:
         """The train features of each block computed once over `passes` passes (blocks of test rows):
         kept in memory when all N rows fit a quarter of `memory_budget`, else spilled to a memory-mapped
-        scratch file (`ComputeOptions.spill`, `scratch_buffer`); one pass, no spill or no disk room:
-        recomputed on every pass."""
+        scratch file (`ComputeOptions.spill`, `scratch_buffer`; with `auto` on the CPU, only when the
+        first block's timing says it pays); one pass, no spill or no disk room: recomputed every pass."""
         buffer = None
         if passes > 1 and not self._holds_train_features():
             shape = (self.n_train, sum(f.shape[1] for f in probe))
             buffer = scratch_buffer(shape, probe[0].dtype, self.compute.memory_budget // 4, self.compute.scratch_dir,
-                                    prefix=f"features_{self.name}", device=probe[0].device, disk=self.compute.spill)
-        return _TrainFeatureCache(self._train_features, buffer, [f.shape[1] for f in probe], probe[0].device)
+                                    prefix=f"features_{self.name}", device=probe[0].device,
+                                    disk=self.compute.spill is not False)
+        timed = self.compute.spill == "auto" and buffer is not None and buffer.device.type == "cpu" and \
+            getattr(buffer, "_scratch_map", None) is not None and probe[0].device.type == "cpu"
+        return _TrainFeatureCache(self._train_features, buffer, [f.shape[1] for f in probe], probe[0].device,
+                                  passes, timed)
 
     # -- per-module breakdown (methods with splits_by_module) --------------------------------------
     def _module_columns(self, features: list[Tensor]) -> dict[str, Tensor]:

@@ -219,7 +219,7 @@ class Trak(FeatureAttributor):
         for m in range(len(members)):
             K = torch.zeros(d, d, dtype=torch.float64, device=device)
             psi = scratch_buffer((n, d), dtype, share, self.compute.scratch_dir, prefix=f"projections_{self.name}",
-                                 device=device, disk=self.compute.spill)
+                                 device=device, disk=self.compute.spill is not False)
             for rows in chunks(n, self.compute.block_size):
                 phi, p = self._projections(m, self.x_train_[rows], self.y_train_[rows])
                 K += phi.T.double() @ phi.double()
