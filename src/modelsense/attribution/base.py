@@ -153,8 +153,9 @@ class ComputeOptions:
         `scratch_dir` when the disk has room (`scratch_buffer`), so each is computed once however many
         blocks of test rows read them; False, or a disk without room: recomputed for every block of
         test rows (`FeatureAttributor._scores`, schedule 3). `auto`: spill, but on the CPU time the
-        first training block (its computation c and its writing w) and recompute the other blocks
-        when (passes − 1)·c <= passes·w (`spill_pays`), since reading back costs about w per pass.
+        training blocks of the first pass (their computation c and their writing w, totals so far)
+        and recompute the remaining blocks once (passes − 1)·c <= passes·w (`spill_pays`), since
+        reading back costs about w per pass.
         Measured (`bench/spill.py`, if-ekfac, MLP 64-256-256-10, 2 CPU threads): spilling is 1.15-1.9x
         faster with 5-11 test blocks, 0.7x (slower) with 2 test blocks of a 2.6 GB cache, whose writing
         and reading cost more than the MLP's cheap gradient pass. trak's projections, computed in
@@ -738,7 +739,8 @@ class _TrainFeatureCache:
         self.compute, self.buffer, self.widths, self.device = compute, buffer, widths, device
         self.passes, self.timed = passes, timed
         self.done: set[int] = set()
-        self.recompute = False  # set when timing the first block shows spilling does not pay
+        self.recompute = False  # set once the timings of the blocks written so far show spilling does not pay
+        self.compute_s = self.write_s = 0.0
 
     def get(self, k: int, rows: slice) -> list[Tensor]:
         """The features of block k (training rows `rows`)."""
@@ -752,8 +754,10 @@ class _TrainFeatureCache:
         a = self.compute(rows)
         computed = time.perf_counter()
         write_rows(self.buffer, rows, a)
-        if self.timed and not self.done:
-            self.recompute = not spill_pays(computed - start, time.perf_counter() - computed, self.passes)
+        self.compute_s += computed - start
+        self.write_s += time.perf_counter() - computed
+        if self.timed:  # writes slow down once the kernel starts writing the file back: decide on the totals
+            self.recompute = not spill_pays(self.compute_s, self.write_s, self.passes)
         self.done.add(k)
         return a
 
@@ -874,8 +878,8 @@ class FeatureAttributor(Attributor):
     def _train_feature_cache(self, probe: list[Tensor], passes: int) -> _TrainFeatureCache:
         """The train features of each block computed once over `passes` passes (blocks of test rows):
         kept in memory when all N rows fit a quarter of `memory_budget`, else spilled to a memory-mapped
-        scratch file (`ComputeOptions.spill`, `scratch_buffer`; with `auto` on the CPU, only when the
-        first block's timing says it pays); one pass, no spill or no disk room: recomputed every pass."""
+        scratch file (`ComputeOptions.spill`, `scratch_buffer`; with `auto` on the CPU, while the timings
+        of the blocks written so far say it pays); one pass, no spill or no disk room: recomputed every pass."""
         buffer = None
         if passes > 1 and not self._holds_train_features():
             shape = (self.n_train, sum(f.shape[1] for f in probe))
