@@ -156,10 +156,11 @@ class ComputeOptions:
         training blocks of the first pass (their computation c and their writing w, totals so far)
         and recompute the remaining blocks once (passes − 1)·c <= passes·w (`spill_pays`), since
         reading back costs about w per pass.
-        Measured (`bench/spill.py`, if-ekfac, MLP 64-256-256-10, 2 CPU threads): spilling is 1.15-1.9x
-        faster with 5-11 test blocks, 0.7x (slower) with 2 test blocks of a 2.6 GB cache, whose writing
-        and reading cost more than the MLP's cheap gradient pass. trak's projections, computed in
-        `fit` anyway, are spilled unless False.
+        Measured (`bench/spill.py`, if-ekfac, MLP 64-256-256-10, 2 CPU threads), time of recompute
+        over spill / auto: 5 test blocks of a 0.65 GB cache 1.08x / 1.30x, 11 blocks 1.37x / 1.92x,
+        2 blocks of a 2.6 GB cache 0.71x / 0.96x (writing and reading it back cost more than the
+        MLP's cheap gradient pass), MLP 64-32-32-10 with 7 blocks 2.12x / 2.12x. trak's projections,
+        computed in `fit` anyway, are spilled unless False.
     progress: show progress bars.
     precision: dtype of the per-example gradient passes: `full` (the parameters', default), `bfloat16`
         or `float16` (parameters, buffers and inputs cast for the pass; the gradients are written into
