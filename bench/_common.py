@@ -1,4 +1,5 @@
-"""Shared helpers of the bench scripts: the --device option, timers that wait for the GPU, peak RSS.
+"""Shared helpers of the bench scripts: the --device option, timers that wait for the GPU, peak RSS, and
+the synthetic data sets made from the example index (`IndexSeededDataset`).
 
 Every bench script imports these (run as `python bench/<name>.py`, so `bench/` is on sys.path).
 """
@@ -16,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -98,3 +101,36 @@ def bmm_limit(dims: list[tuple[int, int]], n_models: int, bs: int, steps: int, d
                     torch.bmm(grads_out[layer], ws[layer], out=grads_in[layer])
 
     return timed(run, device)[0]
+
+
+class IndexSeededDataset(Dataset):
+    """n examples made from their index, never held whole: x_i = pattern[y_i] + noise · ε_i with
+    y_i = (i·7919) mod `classes` and ε_i standard normal of `shape` drawn from the generator seeded
+    seed·1,000,003 + offset + i, so an example is the same whenever it is read (`offset` separates
+    the test examples' noise from the training examples').
+
+    The class patterns are drawn once from `seed`: standard normal of `shape` (`grid` None: feature
+    vectors), or, for images (C, H, W), a standard normal (C, grid, grid) grid per class upsampled
+    bilinearly to H x W (smooth, so a small CNN learns them).
+    """
+
+    def __init__(self, n: int, shape: tuple[int, ...] = (64,), seed: int = 0, offset: int = 0, noise: float = 1.0,
+                 classes: int = 10, grid: int | None = None) -> None:
+        self.n, self.shape, self.seed, self.offset = int(n), tuple(shape), int(seed), int(offset)
+        self.noise, self.classes = float(noise), int(classes)
+        g = torch.Generator().manual_seed(self.seed)
+        if grid is None:
+            self.patterns = torch.randn(self.classes, *self.shape, generator=g)
+        else:
+            coarse = torch.randn(self.classes, self.shape[0], grid, grid, generator=g)
+            self.patterns = F.interpolate(coarse, size=self.shape[1:], mode="bilinear", align_corners=False)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        label = (i * 7919) % self.classes
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + i)
+        return self.patterns[label] + self.noise * torch.randn(*self.shape, generator=g), label

@@ -43,36 +43,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import IndexSeededDataset
 from torch.utils.data import DataLoader, Dataset
 
 from modelsense.attribution import ComputeOptions, make_attributor
 from modelsense.models import build_model
 
-
-class SyntheticImages(Dataset):
-    """n images (3, 32, 32) made from their index: x_i = pattern[y_i] + noise_i, y_i = (i·7919) mod 10.
-
-    The 10 class patterns are drawn once from `seed` (smooth, so a small CNN learns them); the noise of
-    image i from the generator seeded (seed, i), so an image is the same whenever it is read.
-    `offset` separates the test images' noise streams from the training images'.
-    """
-
-    def __init__(self, n: int, seed: int = 0, offset: int = 0, noise: float = 1.0) -> None:
-        self.n, self.seed, self.offset, self.noise = int(n), int(seed), int(offset), float(noise)
-        g = torch.Generator().manual_seed(seed)
-        coarse = torch.randn(10, 3, 4, 4, generator=g)
-        self.patterns = F.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        label = (i * 7919) % 10
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + i)
-        x = self.patterns[label] + self.noise * torch.randn(3, 32, 32, generator=g)
-        return x, label
+#: the CIFAR-10 image shape
+IMAGE = (3, 32, 32)
 
 
 def peak_rss_gb() -> float:
@@ -152,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     malloc_tuned = keep_freed_memory() if args.keep_freed else False
     t_start = time.perf_counter()
-    train_set = SyntheticImages(args.n_train, seed=args.seed)
-    test_set = SyntheticImages(args.n_test, seed=args.seed, offset=10**9)
+    train_set = IndexSeededDataset(args.n_train, IMAGE, seed=args.seed, grid=4)
+    test_set = IndexSeededDataset(args.n_test, IMAGE, seed=args.seed, offset=10**9, grid=4)
     if args.model == "resnet18":
         args.width = args.width or 16
         model = build_model("resnet18", (3, 32, 32), 10, width=args.width, norm="gn", seed=args.seed)

@@ -3,6 +3,8 @@ block m of score(i, j) = Σ_c η_c g_i(θ_c)[m]ᵀ M_c[m, m] g_j(θ_c)[m], with 
 loop of autograd calls and, for the K-FAC / EK-FAC influence functions, the dense curvature block of
 module m (whose off-diagonal blocks between modules are checked to be zero)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,11 +113,22 @@ def test_full_matrix_methods_refuse_by_module_naming_the_ones_that_split():
 
 
 @pytest.mark.parametrize("method", ["grad-dot", "if-ekfac"])
-def test_by_module_over_the_memory_budget_goes_to_memory_maps(method, tmp_path):
+def test_by_module_over_the_memory_budget_goes_to_memory_maps(method, tmp_path, monkeypatch):
+    from modelsense.attribution import base
+
+    original, mapped = base.memmap_array, []
+
+    def spy(path, *args):
+        mapped.append(str(path))
+        return original(path, *args)
+
+    monkeypatch.setattr(base, "memmap_array", spy)
     att = make_attributor(method, compute=ComputeOptions(progress=False, memory_budget=64,
                                                          scratch_dir=str(tmp_path))).fit(NET, X, Y)
     parts = att.scores(XT, YT, by_module=True)
-    assert len(list(tmp_path.glob(f"scores_{method}_module_*.npy"))) == 2
+    modules = [p for p in mapped if os.path.basename(p).startswith(f"scores_{method}_module_")]
+    assert len(modules) == 2 and all(os.path.dirname(p) == str(tmp_path) for p in modules)
+    assert not list(tmp_path.glob(f"scores_{method}_module_*"))  # unlinked once mapped: nothing left behind
     torch.testing.assert_close(sum(parts.values()), att.scores(XT, YT), rtol=1e-10, atol=1e-12)
 
 

@@ -44,8 +44,8 @@ Settings, compute options, needs
 Every method's `__init__` names each of its settings (no `**kwargs`: a misspelt or foreign setting
 is a TypeError in Python and a ConfigError through `make_attributor`), stores each under its own
 name (`settings()` returns them) and validates it there. How a method computes, never what it
-computes (chunks, blocks, memory budget, scratch folder, progress bars), is one `ComputeOptions`
-passed as `compute=`; `make_attributor` also takes those five as flat settings (the CLI's one dict).
+computes (chunks, blocks, memory budget, scratch folder, spilling, progress bars), is one `ComputeOptions`
+passed as `compute=`; `make_attributor` also takes each of them as a flat setting (the CLI's one dict).
 What a method takes from the training run is declared, not guessed from its name: `needs` (a subset
 of `NEEDS`), each need filling the settings listed there; an orchestrator asks `method_class(m).needs`.
 `save(dir)` / `load(dir, model, x_train, y_train)` / `load_attributor(...)`: see `state`.
@@ -56,9 +56,13 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import mmap
 import numbers
 import os
+import shutil
 import tempfile
+import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -141,8 +145,22 @@ class ComputeOptions:
         (digits MLP: 0.42 s per gradient pass with one chunk of 1297 vs 1.5 s in chunks of 256).
     block_size: rows of a score block (train and test).
     memory_budget: bytes; a score matrix larger than this goes to a memory-mapped file, and train
-        features are cached when they fit in a quarter of it.
-    scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir).
+        features are cached in memory when they fit in a quarter of it.
+    scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir), and
+        the spilled caches (`spill`).
+    spill: `auto` (default), True or False. Train features larger than their in-memory share
+        (per-example gradients, preconditioned or projected ones) are kept in a temporary file under
+        `scratch_dir` when the disk has room (`scratch_buffer`), so each is computed once however many
+        blocks of test rows read them; False, or a disk without room: recomputed for every block of
+        test rows (`FeatureAttributor._scores`, schedule 3). `auto`: spill, but on the CPU time the
+        training blocks of the first pass (their computation c and their writing w, totals so far)
+        and recompute the remaining blocks once (passes − 1)·c <= passes·w (`spill_pays`), since
+        reading back costs about w per pass.
+        Measured (`bench/spill.py`, if-ekfac, MLP 64-256-256-10, 2 CPU threads), time of recompute
+        over spill / auto: 5 test blocks of a 0.65 GB cache 1.08x / 1.30x, 11 blocks 1.37x / 1.92x,
+        2 blocks of a 2.6 GB cache 0.71x / 0.96x (writing and reading it back cost more than the
+        MLP's cheap gradient pass), MLP 64-32-32-10 with 7 blocks 2.12x / 2.12x. trak's projections,
+        computed in `fit` anyway, are spilled unless False.
     progress: show progress bars.
     precision: dtype of the per-example gradient passes: `full` (the parameters', default), `bfloat16`
         or `float16` (parameters, buffers and inputs cast for the pass; the gradients are written into
@@ -157,6 +175,7 @@ class ComputeOptions:
     scratch_dir: str | None = None
     progress: bool = True
     precision: str = "full"
+    spill: bool | str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -169,10 +188,167 @@ class ComputeOptions:
             set_(self, "scratch_dir", os.fspath(self.scratch_dir))
         set_(self, "progress", bool(self.progress))
         check_choice("precision", self.precision, PRECISIONS)
+        if not (isinstance(self.spill, (bool, np.bool_)) or (isinstance(self.spill, str) and self.spill == "auto")):
+            raise ConfigError(f"spill must be True, False or 'auto' (keep train features in a scratch file when they "
+                              f"exceed their share of memory_budget), received {shown(self.spill)}")
+        set_(self, "spill", self.spill if isinstance(self.spill, str) else bool(self.spill))
 
 
 #: the names of the compute options, which `make_attributor` also takes as flat settings
 COMPUTE_OPTIONS = tuple(f.name for f in fields(ComputeOptions))
+
+
+#: bytes a spilled buffer leaves free on its disk (`scratch_buffer`)
+SCRATCH_DISK_MARGIN = 2**30
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy twin of `dtype`; float32 for those numpy lacks (bfloat16)."""
+    try:
+        return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
+    except TypeError:
+        return np.dtype(np.float32)
+
+
+def memmap_array(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
+    """A new memory-mapped `.npy` file at `path` of `shape` and the numpy twin of `dtype`, as an array of
+    zeros (a new file reads as zeros without touching its pages); `torch.from_numpy` shares it."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=_numpy_dtype(dtype), shape=shape)
+
+
+def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, scratch_dir: str | None,
+                   prefix: str = "scratch", device: torch.device | str = "cpu", disk: bool = True,
+                   zero: bool = False) -> Tensor | None:
+    """A scratch tensor of `shape` (uninitialised, or zeros with `zero`): in memory on `device` when its
+    bytes fit `ram_bytes` (the caller's share of `memory_budget`); else, with `disk`, a CPU tensor
+    backed by a temporary memory-mapped `.npy` file under `scratch_dir` (None: the system temp dir)
+    when that disk keeps `SCRATCH_DISK_MARGIN` bytes free after reserving it; else None, and the
+    caller recomputes what it would have kept. The file never outlives the buffer: it is unlinked
+    right after mapping (POSIX; elsewhere removed when the buffer is freed), so nothing is left
+    behind, an exception included. Read and write it with `read_rows` / `write_rows`, which keep
+    its pages out of the resident memory.
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes <= ram_bytes:
+        return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+    folder = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+    if not disk or not os.path.isdir(folder) or shutil.disk_usage(folder).free < nbytes + SCRATCH_DISK_MARGIN:
+        return None
+    if _numpy_dtype(dtype).itemsize != itemsize:  # no numpy twin (bfloat16): recomputed
+        return None
+    fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"{prefix}_", dir=folder)
+    os.close(fd)
+    try:
+        array = memmap_array(path, shape, dtype)
+        buffer: Tensor | None = torch.from_numpy(array)
+        buffer._scratch_map = array  # for release_rows
+        if hasattr(os, "pread") and hasattr(os, "pwrite"):  # read_rows / write_rows copy through the page cache
+            fd = os.open(path, os.O_RDWR)
+            buffer._scratch_file = (fd, array.offset)
+            weakref.finalize(buffer, os.close, fd)
+        if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk is None here, not a SIGBUS later
+            with open(path, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+                except OSError:
+                    buffer = array = None
+    except BaseException:
+        _remove_quietly(path)
+        raise
+    try:
+        os.unlink(path)
+    except OSError:  # a mapped file cannot be removed on Windows: remove it once the buffer is freed
+        if buffer is None:
+            _remove_quietly(path)
+        else:
+            weakref.finalize(buffer, _remove_quietly, path)
+    return buffer
+
+
+def release_rows(buffer: Tensor, rows: slice) -> None:
+    """Unmap the pages of rows `rows` of a memory-mapped `scratch_buffer` from this process (madvise
+    MADV_DONTNEED; the data stays in the file and the page cache), so a buffer written or read block by
+    block does not add its size to the resident memory; a no-op for an in-memory buffer."""
+    mm = getattr(buffer, "_scratch_map", None)
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    raw = getattr(mm, "_mmap", None)
+    if raw is None or advice is None or rows.stop <= rows.start:
+        return
+    row_bytes = buffer.stride(0) * buffer.element_size()
+    first = mm.offset % mmap.ALLOCATIONGRANULARITY + rows.start * row_bytes  # numpy maps from a granule boundary
+    start = first - first % mmap.PAGESIZE
+    raw.madvise(advice, start, first + (rows.stop - rows.start) * row_bytes - start)
+
+
+#: bytes of a memory-mapped buffer mapped at a time by `read_rows` / `write_rows`
+MAPPED_BYTES = 8 * 2**20
+
+
+def _mapped_chunks(buffer: Tensor, rows: slice) -> list[slice]:
+    """`rows` in slices of at most `MAPPED_BYTES` of `buffer` (all of it for an in-memory buffer)."""
+    if getattr(buffer, "_scratch_map", None) is None:
+        return [rows]
+    step = max(1, MAPPED_BYTES // max(1, buffer.stride(0) * buffer.element_size()))
+    return [slice(start, min(start + step, rows.stop)) for start in range(rows.start, rows.stop, step)]
+
+
+def _file_bytes(t: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, as a writable memoryview (any dtype)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def read_rows(buffer: Tensor, rows: slice, device: torch.device | str) -> Tensor:
+    """Rows `rows` of a `scratch_buffer` on `device`: a view of an in-memory buffer, a copy of a
+    disk-backed one: read with `os.preadv` from the page cache where the platform has it (no page
+    faults, nothing mapped), else copied from the mapping `MAPPED_BYTES` at a time (`release_rows`)."""
+    if getattr(buffer, "_scratch_map", None) is None:
+        return buffer[rows].to(device)
+    block = torch.empty((rows.stop - rows.start, *buffer.shape[1:]), dtype=buffer.dtype)
+    file = getattr(buffer, "_scratch_file", None)
+    if file is not None:
+        fd, offset = file
+        view, at = _file_bytes(block), offset + rows.start * buffer.stride(0) * buffer.element_size()
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], at + done)
+            if got <= 0:
+                raise OSError(f"the spilled scratch file ended after {done} of {len(view)} bytes")
+            done += got
+        return block.to(device)
+    for part in _mapped_chunks(buffer, rows):
+        block[part.start - rows.start:part.stop - rows.start] = buffer[part]
+        release_rows(buffer, part)
+    return block.to(device)
+
+
+def write_rows(buffer: Tensor, rows: slice, parts: Sequence[Tensor]) -> None:
+    """Write `parts` ((b, d_c) each, side by side) into rows `rows` of a `scratch_buffer`,
+    `MAPPED_BYTES` at a time for a disk-backed one (`os.pwrite` where the platform has it, else through
+    the mapping, each part's pages released once written)."""
+    file = getattr(buffer, "_scratch_file", None)
+    row_bytes = buffer.stride(0) * buffer.element_size()
+    for sub in _mapped_chunks(buffer, rows):
+        local = slice(sub.start - rows.start, sub.stop - rows.start)
+        if file is not None:
+            chunk = torch.cat([f[local].detach().to("cpu", buffer.dtype) for f in parts], 1).contiguous()
+            fd, offset = file
+            view, done = _file_bytes(chunk), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + sub.start * row_bytes + done)
+            continue
+        start = 0
+        for f in parts:
+            buffer[sub, start:start + f.shape[1]] = f[local].detach()
+            start += f.shape[1]
+        release_rows(buffer, sub)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
@@ -447,7 +623,11 @@ class Attributor:
         x_test, y_test = self._examples(data, y, adapter, "test", fitted=True)
         if by_module:
             return self._module_scores(x_test, y_test)
-        return self._scores(x_test, y_test, out)
+        try:
+            return self._scores(x_test, y_test, out)
+        except BaseException:
+            self._discard_partial_scores()
+            raise
 
     def self_scores(self, by_module: bool = False) -> Tensor | dict[str, Tensor]:
         """score(i, i) for every training example i, shape (N,); by_module: {module name: (N,)}
@@ -510,33 +690,83 @@ class Attributor:
             )
 
     def _allocate(self, shape: tuple[int, int], dtype: torch.dtype, out) -> Tensor:
-        """The result matrix: in memory, or backed by a memory-mapped .npy file."""
-        np_dtype = np.float64 if dtype == torch.float64 else np.float32
+        """The result matrix: `out` (an array, or a `.npy` path written as a memory map), else in memory
+        when it fits `memory_budget`, else a memory-mapped `.npy` file under `scratch_dir` that is the
+        result (its path in `scores_path_`; removed if scoring fails)."""
+        np_dtype = _numpy_dtype(dtype)
         if isinstance(out, np.ndarray):
             if tuple(out.shape) != tuple(shape):
                 raise ConfigError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
             if out.dtype != np_dtype:
-                raise ConfigError(f"out has dtype {out.dtype}, expected {np.dtype(np_dtype)}")
+                raise ConfigError(f"out has dtype {out.dtype}, expected {np_dtype}")
             return torch.from_numpy(out)
-        nbytes = shape[0] * shape[1] * np.dtype(np_dtype).itemsize
-        if out is None and nbytes <= self.compute.memory_budget:
-            return torch.zeros(shape, dtype=dtype)
         if out is None:
+            result = scratch_buffer(shape, dtype, self.compute.memory_budget, self.compute.scratch_dir, disk=False,
+                                    zero=True)
+            if result is not None:
+                return result
             fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_", dir=self.compute.scratch_dir)
             os.close(fd)
+            self._partial_scores = Path(path)
         else:
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
+        self._memmap = memmap_array(path, shape, dtype)
         self.scores_path_ = Path(path)
-        self._memmap = mm
-        return torch.from_numpy(mm)
+        return torch.from_numpy(self._memmap)
 
     def _flush(self) -> None:
         mm = getattr(self, "_memmap", None)
         if mm is not None:
             mm.flush()
             self._memmap = None
+        self._partial_scores = None
+
+    def _discard_partial_scores(self) -> None:
+        """Remove the temporary score file of a scoring that failed (`_allocate`)."""
+        path = getattr(self, "_partial_scores", None)
+        self._memmap, self._partial_scores = None, None
+        if path is not None:
+            _remove_quietly(str(path))
+
+
+class _TrainFeatureCache:
+    """Train features of the blocks of training rows, each block computed once by `compute(rows)` (a
+    list of (b, d_c) tensors) and written into `buffer` (N, Σ d_c) at its rows; read back from there
+    on later passes. `buffer` None: recomputed on every pass."""
+
+    def __init__(self, compute: Callable[[slice], list[Tensor]], buffer: Tensor | None, widths: list[int],
+                 device: torch.device, passes: int = 1, timed: bool = False) -> None:
+        self.compute, self.buffer, self.widths, self.device = compute, buffer, widths, device
+        self.passes, self.timed = passes, timed
+        self.done: set[int] = set()
+        self.recompute = False  # set once the timings of the blocks written so far show spilling does not pay
+        self.compute_s = self.write_s = 0.0
+
+    def get(self, k: int, rows: slice) -> list[Tensor]:
+        """The features of block k (training rows `rows`)."""
+        if self.buffer is None:
+            return self.compute(rows)
+        if k in self.done:
+            return list(read_rows(self.buffer, rows, self.device).split(self.widths, dim=1))
+        if self.recompute:
+            return self.compute(rows)
+        start = time.perf_counter()
+        a = self.compute(rows)
+        computed = time.perf_counter()
+        write_rows(self.buffer, rows, a)
+        self.compute_s += computed - start
+        self.write_s += time.perf_counter() - computed
+        if self.timed:  # writes slow down once the kernel starts writing the file back: decide on the totals
+            self.recompute = not spill_pays(self.compute_s, self.write_s, self.passes)
+        self.done.add(k)
+        return a
+
+
+def spill_pays(compute_s: float, write_s: float, passes: int) -> bool:
+    """Whether keeping a block of features on disk beats recomputing it: it saves passes − 1
+    computations (compute_s each) for one write and passes − 1 reads (each about write_s)."""
+    return (passes - 1) * compute_s > passes * write_s
 
 
 class FeatureAttributor(Attributor):
@@ -599,7 +829,9 @@ class FeatureAttributor(Attributor):
         cached, blocks of test rows outer; (2) else, when one component's test features fit
         (components: checkpoints, ensemble members): components outer, test features of the
         component held, train blocks inner, result accumulated — every per-example feature is
-        computed once; (3) otherwise test blocks outer, train features recomputed per block."""
+        computed once; (3) otherwise test blocks outer, train blocks inner, each block of train
+        features computed on the first pass over them and read back on later passes from a
+        memory-mapped scratch file (`ComputeOptions.spill`; recomputed per test block without it)."""
         n, m = self.n_train, len(x_test)
         dtype = param_dtype(self.params_)
         result = self._allocate((n, m), dtype, out)
@@ -624,27 +856,41 @@ class FeatureAttributor(Attributor):
                     del B
             self._flush()
             return result
-        cache: dict[int, list[Tensor]] | None = {} if row_bytes * n <= quarter else None
         test_rows = max(1, min(self.compute.block_size, quarter // max(row_bytes, 1)))
         test_blocks = list(chunks(m, test_rows))
+        cache = self._train_feature_cache(probe, len(test_blocks))
         with progress_bar(
             len(test_blocks) * len(train_blocks), f"{self.name} scores", enabled=self.compute.progress
         ) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 for k, rows in enumerate(train_blocks):
-                    if cache is not None and k in cache:
-                        a = cache[k]
-                    else:
-                        a = self._train_features(rows)
-                        if cache is not None:
-                            cache[k] = a
+                    a = cache.get(k, rows)
                     block = sum(ac @ bc.T for ac, bc in zip(a, b))
                     result[rows, cols] = block.detach().to("cpu", result.dtype)
                     bar.advance(1)
         self._flush()
         return result
 
+    def _holds_train_features(self) -> bool:
+        """True when `_train_features` reads features the method already keeps (nothing to cache)."""
+        return False
+
+    def _train_feature_cache(self, probe: list[Tensor], passes: int) -> _TrainFeatureCache:
+        """The train features of each block computed once over `passes` passes (blocks of test rows):
+        kept in memory when all N rows fit a quarter of `memory_budget`, else spilled to a memory-mapped
+        scratch file (`ComputeOptions.spill`, `scratch_buffer`; with `auto` on the CPU, while the timings
+        of the blocks written so far say it pays); one pass, no spill or no disk room: recomputed every pass."""
+        buffer = None
+        if passes > 1 and not self._holds_train_features():
+            shape = (self.n_train, sum(f.shape[1] for f in probe))
+            buffer = scratch_buffer(shape, probe[0].dtype, self.compute.memory_budget // 4, self.compute.scratch_dir,
+                                    prefix=f"features_{self.name}", device=probe[0].device,
+                                    disk=self.compute.spill is not False)
+        timed = self.compute.spill == "auto" and buffer is not None and buffer.device.type == "cpu" and \
+            getattr(buffer, "_scratch_map", None) is not None and probe[0].device.type == "cpu"
+        return _TrainFeatureCache(self._train_features, buffer, [f.shape[1] for f in probe], probe[0].device,
+                                  passes, timed)
 
     # -- per-module breakdown (methods with splits_by_module) --------------------------------------
     def _module_columns(self, features: list[Tensor]) -> dict[str, Tensor]:
@@ -655,25 +901,25 @@ class FeatureAttributor(Attributor):
                               f"parameter space (P = {P}); it cannot split by module")
         return {m: idx.to(features[0].device) for m, idx in self.model_.spec.modules.items()}
 
-    def _module_results(self, shape: tuple[int, int]) -> tuple[dict[str, Tensor], list[np.memmap]]:
+    def _module_results(self, shape: tuple[int, int]) -> dict[str, Tensor]:
         """A zero (N, M) matrix per module: in memory when all fit the memory budget, else each a
-        temporary memory map under scratch_dir (flush the maps returned once filled)."""
+        memory-mapped temporary file under scratch_dir (`scratch_buffer`: removed with the matrix)."""
         dtype = param_dtype(self.params_)
         modules = list(self.model_.spec.modules)
-        total_bytes = len(modules) * shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        ram = self.compute.memory_budget // len(modules) if len(modules) * math.prod(shape) * itemsize <= \
+            self.compute.memory_budget else 0
         results: dict[str, Tensor] = {}
-        maps = []
         for name in modules:
-            if total_bytes <= self.compute.memory_budget:
-                results[name] = torch.zeros(shape, dtype=dtype)
-            else:
-                fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_module_",
-                                            dir=self.compute.scratch_dir)
-                os.close(fd)
-                maps.append(np.lib.format.open_memmap(path, mode="w+", dtype=np.float64 if dtype == torch.float64
-                                                      else np.float32, shape=shape))
-                results[name] = torch.from_numpy(maps[-1])
-        return results, maps
+            buffer = scratch_buffer(shape, dtype, ram, self.compute.scratch_dir, prefix=f"scores_{self.name}_module",
+                                    zero=True)
+            if buffer is None:
+                raise ConfigError(
+                    f"the per-module score matrices ({len(modules)} x {shape[0]} x {shape[1]}) exceed memory_budget "
+                    f"and the disk of scratch_dir ({self.compute.scratch_dir or tempfile.gettempdir()}) has no room "
+                    "for them; choose another scratch_dir or raise memory_budget")
+            results[name] = buffer
+        return results
 
     def _module_scores(self, x_test: Tensor, y_test: Tensor) -> dict[str, Tensor]:
         """{module: (N, M)} with block[i, j] = Σ_c a_c(z_i)[m]ᵀ b_c(z_j)[m]: blocks of test rows outer,
@@ -681,22 +927,21 @@ class FeatureAttributor(Attributor):
         per-example-gradient path; `grad-dot`, `grad-cos` and `tracin` take their factored MLP path)."""
         n, m = self.n_train, len(x_test)
         dtype = param_dtype(self.params_)
-        results, maps = self._module_results((n, m))
+        results = self._module_results((n, m))
         train_blocks = list(chunks(n, self.compute.block_size))
         test_blocks = list(chunks(m, self.compute.block_size))
+        cache = self._train_feature_cache(self._feature_row_bytes()[0], len(test_blocks))
         with progress_bar(len(test_blocks) * len(train_blocks), f"{self.name} scores by module",
                           enabled=self.compute.progress) as bar:
             for cols in test_blocks:
                 b = self._test_features(x_test[cols], y_test[cols])
                 columns = self._module_columns(b)
-                for rows in train_blocks:
-                    a = self._train_features(rows)
+                for k, rows in enumerate(train_blocks):
+                    a = cache.get(k, rows)
                     for name, idx in columns.items():
                         block = sum(ac[:, idx] @ bc[:, idx].T for ac, bc in zip(a, b))
                         results[name][rows, cols] = block.detach().to("cpu", dtype)
                     bar.advance(1)
-        for mm in maps:
-            mm.flush()
         return results
 
     def _module_self_scores(self) -> dict[str, Tensor]:

@@ -179,7 +179,7 @@ class _FactoredGradients:
 
         names = {id(mod): name for name, mod in self.model_.module.named_modules()}
         n, m = self.n_train, len(x_test)
-        results, maps = self._module_results((n, m))
+        results = self._module_results((n, m))
         train_blocks, test_blocks = list(chunks(n, self.compute.block_size)), list(chunks(m, self.compute.block_size))
         for params, weight in self._factored_components():
             tr = self._factors(params, self.x_train_, self.y_train_)
@@ -193,8 +193,6 @@ class _FactoredGradients:
                         right = LinearFactors([te.inputs[k][cols]], [te.grads[k][cols]])
                         block = self._normalise(factored_gram([layer], left, right), tr_norm[rows], te_norm[cols])
                         out[rows, cols] += (weight * block).detach().to("cpu", out.dtype)
-        for mm in maps:
-            mm.flush()
         return results
 
     def _self_scores(self) -> Tensor:

@@ -21,8 +21,10 @@ instead of d·P multiply-adds: with d = 512 the dense projection of the ten mode
 gradients was 80% of the method's time on digits. For networks of nn.Linear layers the per-example
 margin gradients come from one batched forward and backward pass (`attribution.factored`) as the outer
 products δ_i a_iᵀ, written straight in the (P, n) layout the sparse product reads.
-The projected training gradients are computed once in `fit` (for K) and kept for the scores when
-they fit in a quarter of the memory budget.
+The projected training gradients are computed once in `fit` (for K) and kept for the scores: in
+memory when they fit in a quarter of the memory budget, else in a temporary memory-mapped file under
+`scratch_dir` (`ComputeOptions.spill`, `scratch_buffer`); recomputed at scoring only without spill,
+without disk room, or after `load` (a saved state keeps K⁻¹, not ψ).
 
 Defaults by measurement (digits, MLP 64-128-128-10, LDS over 100 half-data retrainings; dense Gaussian
 projection): one model d = 1024: damping 1e-5 → 0.10, 1e-3 → 0.16, 0.1 → 0.38; ten models:
@@ -50,7 +52,10 @@ from modelsense.attribution.base import (
     check_positive,
     flat_per_example_grads,
     param_dtype,
+    read_rows,
     register,
+    scratch_buffer,
+    write_rows,
 )
 from modelsense.attribution.gradient import _check_projection
 from modelsense.attribution.members import reinitialised_copy, train_members  # noqa: F401
@@ -208,22 +213,22 @@ class Trak(FeatureAttributor):
         self._setup_projections()
         dtype, device = param_dtype(self.params_), next(iter(self.params_.values())).device
         n, d = self.n_train, self.proj_dim
-        keep = n * d * len(members) * torch.empty(0, dtype=dtype).element_size() <= self.compute.memory_budget // 4
+        share = self.compute.memory_budget // (4 * len(members))
         self.kernel_inverses_, self.damping_ = [], []
-        self.train_projections_ = [] if keep else None  # ψ of the training examples, per model
+        self.train_projections_ = []  # ψ of the training examples per model (None: recomputed at scoring)
         for m in range(len(members)):
             K = torch.zeros(d, d, dtype=torch.float64, device=device)
-            psi = torch.empty(n, d, dtype=dtype, device=device) if keep else None
+            psi = scratch_buffer((n, d), dtype, share, self.compute.scratch_dir, prefix=f"projections_{self.name}",
+                                 device=device, disk=self.compute.spill is not False)
             for rows in chunks(n, self.compute.block_size):
                 phi, p = self._projections(m, self.x_train_[rows], self.y_train_[rows])
                 K += phi.T.double() @ phi.double()
-                if keep:
-                    psi[rows] = -(1 - p).unsqueeze(1) * phi
+                if psi is not None:
+                    write_rows(psi, rows, [-(1 - p).unsqueeze(1) * phi])
             lam = self.damping * float(torch.trace(K)) / d if self.damping_mode == "relative" else self.damping
             self.kernel_inverses_.append(_ridge_inverse(K, lam).to(dtype))
             self.damping_.append(lam)
-            if keep:
-                self.train_projections_.append(psi)
+            self.train_projections_.append(psi)
 
     def _setup_projections(self) -> None:
         """One sketch per model; the Linear layers of the factored gradient path (None: per-example gradients)."""
@@ -284,7 +289,7 @@ class Trak(FeatureAttributor):
         heads = state.pop("projection_heads")
         super()._set_state(state)
         self._setup_projections()
-        self.train_projections_ = None
+        self.train_projections_ = [None] * len(self.members_)
         for proj, head in zip(self.projectors_, heads):
             _check_projection(proj, head, self.name)
 
@@ -296,9 +301,13 @@ class Trak(FeatureAttributor):
         phi, p = self._projections(m, x, y)
         return -(1 - p).unsqueeze(1) * phi
 
+    def _holds_train_features(self) -> bool:
+        return all(psi is not None for psi in self.train_projections_)
+
     def _train_component(self, rows: slice, c: int) -> Tensor:
-        if self.train_projections_ is not None:
-            return self.train_projections_[c][rows]
+        psi = self.train_projections_[c]
+        if psi is not None:
+            return read_rows(psi, rows, self.kernel_inverses_[c].device)
         return self._loss_projections(c, self.x_train_[rows], self.y_train_[rows])
 
     def _test_component(self, x: Tensor, y: Tensor, c: int) -> Tensor:
