@@ -174,6 +174,16 @@ def test_keep_rows_copies_only_the_kept_rows(scratch_dir, monkeypatch):
         out = scratch.keep_rows(x, index, "rows")
         assert scratch.is_mapped(out) == mapped and scratch.is_scratch(out) == mapped
         np.testing.assert_array_equal(out, np.arange(150, dtype=np.float32).reshape(50, 3)[index])
+    # release() keeps the values: a shared map reads them back, a copy-on-write one is left alone
+    path = scratch_dir.parent / "c.npy"
+    np.save(path, np.zeros((3, 2), np.float32))
+    for mode, value in (("r+", 7.0), ("c", 5.0)):  # the file holds 7 after r+; 5 lives only in the c map's pages
+        m = np.load(path, mmap_mode=mode)
+        m[1] = value
+        scratch.release(m)
+        assert m[1].tolist() == [value, value] and scratch.is_mapped(m) and not scratch.is_scratch(m)
+        del m
+    path.unlink()
     plain = np.ones((4, 2))
     assert not scratch.is_mapped(plain) and not scratch.is_scratch(plain[1:])
     assert os.listdir(scratch_dir) == []

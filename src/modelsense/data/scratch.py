@@ -117,8 +117,11 @@ def is_scratch(x: Any) -> bool:
 def release(x: Any) -> None:
     """Drop the pages of the map under `x` from this process's resident set (a no-op for in-memory
     arrays). The data stays in the file: the next access reads it back (MADV_DONTNEED on a shared
-    file mapping)."""
+    file mapping). A copy-on-write map (np.memmap mode "c") is left alone: its changes live only in
+    its pages."""
     for b in _bases(x):
+        if isinstance(b, np.memmap) and b.mode == "c":
+            return
         if isinstance(b, mmap.mmap):
             if hasattr(mmap, "MADV_DONTNEED"):
                 b.madvise(mmap.MADV_DONTNEED)
