@@ -10,7 +10,9 @@ import torch
 
 @dataclass
 class Dataset:
-    """A supervised train/test split held in memory as tensors.
+    """A supervised train/test split held as tensors: in memory, or -- the inputs of a user's dataset
+    above `scratch.IN_MEMORY_BYTES` -- sharing the pages of a private memory-mapped file (read by row,
+    like any tensor; `to("cpu")` keeps them there, no copy).
 
     Attributes:
         name: short name (`digits`, `mnist1d`, a file stem, ...).

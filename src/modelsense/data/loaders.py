@@ -55,6 +55,7 @@ import torch
 
 from modelsense.data import builtin, files
 from modelsense.data.dataset import Dataset
+from modelsense.data.scratch import is_scratch, keep_rows
 from modelsense.data.transforms import (
     class_keep_masks,
     corrupt_labels_symmetric,
@@ -327,8 +328,8 @@ def load_dataset(
             raise DataError(f"dropping classes {list(drop)} leaves the test split of {display!r} empty.")
         train_positions = np.flatnonzero(keep_train)
         test_positions = np.flatnonzero(keep_test)
-        x_train, y_train = x_train[keep_train], lookup[y_train[keep_train]]
-        x_test, y_test = x_test[keep_test], lookup[y_test[keep_test]]
+        x_train, y_train = keep_rows(x_train, train_positions, "the kept training inputs"), lookup[y_train[keep_train]]
+        x_test, y_test = keep_rows(x_test, test_positions, "the kept test inputs"), lookup[y_test[keep_test]]
         num_classes = int(kept.size)
         metadata["kept_classes"] = kept.tolist()
         metadata["test_indices"] = torch.from_numpy(test_positions.astype(np.int64))
@@ -338,7 +339,7 @@ def load_dataset(
     if n_train is not None and n_train < y_train.shape[0]:
         rng = np.random.default_rng([seed, _SUBSET_STREAM])
         chosen = stratified_subset(y_train, n_train, num_classes, rng)
-        x_train, y_train = x_train[chosen], y_train[chosen]
+        x_train, y_train = keep_rows(x_train, chosen, "the training subset's inputs"), y_train[chosen]
         train_positions = train_positions[chosen]
     if train_positions.shape[0] < full_train:
         metadata["train_indices"] = torch.from_numpy(train_positions.astype(np.int64))
@@ -351,10 +352,13 @@ def load_dataset(
     metadata["corrupted_indices"] = torch.from_numpy(corrupted)
 
     if applied:
-        x_train, x_test, mean, std = standardize_features(x_train, x_test)
+        # a private memory map (a large user dataset) is standardised in place: no copy of its size
+        x_train, x_test, mean, std = standardize_features(x_train, x_test,
+                                                          in_place=(is_scratch(x_train), is_scratch(x_test)))
         metadata["feature_mean"] = torch.from_numpy(mean)
         metadata["feature_std"] = torch.from_numpy(std)
 
+    # no copy of float32 C-contiguous inputs (memory-mapped ones included): the tensors share their pages
     return Dataset(
         name=display,
         x_train=torch.from_numpy(np.ascontiguousarray(x_train, dtype=np.float32)),

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from modelsense.data import scratch
+from modelsense.data.scratch import release, row_chunks
+
 
 def class_keep_masks(
     y_train: np.ndarray, y_test: np.ndarray, drop: tuple[int, ...], num_classes: int
@@ -100,31 +103,46 @@ def corrupt_labels_symmetric(
 
 
 def standardize_features(
-    x_train: np.ndarray, x_test: np.ndarray, chunk_size: int = 4096
+    x_train: np.ndarray, x_test: np.ndarray, chunk_size: int | None = None,
+    in_place: tuple[bool, bool] = (False, False)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-feature standardisation with training statistics.
 
     mean = x_train.mean(0), std = x_train.std(0) (population, ddof=0), both accumulated in
-    float64 over row chunks of `chunk_size` (two passes, so memory stays at one float32 copy);
+    float64 over row chunks of `chunk_size` (None: 4096 rows, fewer for rows of more than 2048
+    features so that a float64 chunk stays near `scratch.CHUNK_BYTES`; two passes, so memory
+    stays at one float32 copy);
     std is replaced by 1 where it is 0. Returns ((x_train - mean)/std, (x_test - mean)/std,
     mean, std) as float32, mean/std of shape input_shape (every pixel of an image is its own
-    feature).
+    feature). `in_place[0]` / `in_place[1]`: x_train / x_test (float32) is overwritten with its
+    result in row chunks instead of copied (for a private memory-mapped array: no copy of its size
+    in memory); the numbers are the same.
     """
     n = x_train.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, min(4096, scratch.CHUNK_BYTES // (8 * max(1, int(np.prod(x_train.shape[1:]))))))
     total = np.zeros(x_train.shape[1:], dtype=np.float64)
     for start in range(0, n, chunk_size):
         total += x_train[start:start + chunk_size].sum(axis=0, dtype=np.float64)
+        release(x_train)
     mean = total / n
     squares = np.zeros_like(mean)
     for start in range(0, n, chunk_size):
         squares += np.square(x_train[start:start + chunk_size] - mean).sum(axis=0)
+        release(x_train)
     std = np.sqrt(squares / n)
     std[std == 0] = 1.0
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
 
-    def apply(x: np.ndarray) -> np.ndarray:
-        out = x - mean32
-        out /= std32
-        return out
+    def apply(x: np.ndarray, own: bool) -> np.ndarray:
+        if not own:
+            out = x - mean32
+            out /= std32
+            return out
+        for s in row_chunks(x):
+            x[s] -= mean32
+            x[s] /= std32
+            release(x)
+        return x
 
-    return apply(x_train), apply(x_test), mean32, std32
+    return apply(x_train, in_place[0]), apply(x_test, in_place[1]), mean32, std32

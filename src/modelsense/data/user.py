@@ -2,9 +2,16 @@
 
 `make_data()` returns a `(train, test)` pair of map-style datasets (`torch.utils.data.Dataset`: `len`
 and `[i]`) whose items are `(x, y)`: `x` a tensor or array of one example's shape, `y` an integer
-class label. The examples are read once, in order, into tensors, checked like a data file (finite
-values, whole labels 0..C-1) and then given the same options (`--n-train`, `--corruption-ratio`,
-`--standardize` ...). The data must fit in memory (a stated limit, `MAX_BYTES`, guards it).
+class label. The examples are read once, in order, into float32 inputs and labels, checked like a
+data file (finite values, whole labels 0..C-1) and then given the same options (`--n-train`,
+`--corruption-ratio`, `--standardize` ...).
+
+Data of any size: the inputs of a split that take more than `scratch.IN_MEMORY_BYTES` (1 GiB) are
+written into a private temporary memory-mapped file (`scratch.scratch_array`: under
+`$MODELSENSE_SCRATCH` or the system temp dir, unlinked at once, its disk space checked first) instead
+of RAM, and every later step (checks, subset, class drop, standardisation, the tensors of the
+`Dataset`) works on it in chunks without a whole in-memory copy. The labels (8 bytes per example)
+are held in memory.
 """
 
 from __future__ import annotations
@@ -14,11 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelsense.data import scratch
 from modelsense.errors import DataError
 from modelsense.user import call, load_callable
-
-#: the largest user dataset read into memory (bytes of float32 inputs)
-MAX_BYTES = 8 * 2**30
 
 
 def _split(split: Any, which: str, reference: str) -> tuple[np.ndarray, np.ndarray]:
@@ -34,11 +39,12 @@ def _split(split: Any, which: str, reference: str) -> tuple[np.ndarray, np.ndarr
                         "pair (x, y): the input and its class label")
     shape = tuple(np.shape(np.asarray(first[0])))
     need = n * int(np.prod(shape, dtype=np.int64)) * 4
-    if need > MAX_BYTES:
-        raise DataError(f"--dataset {reference}: the {which} set holds {need / 2**30:.1f} GiB of inputs, above the "
-                        f"{MAX_BYTES / 2**30:.0f} GiB read into memory; give a smaller set")
-    x = np.empty((n, *shape), dtype=np.float32)
+    if need > scratch.IN_MEMORY_BYTES:
+        x = scratch.scratch_array((n, *shape), np.float32, f"--dataset {reference}: the inputs of the {which} set")
+    else:
+        x = np.empty((n, *shape), dtype=np.float32)
     y = np.empty(n, dtype=np.float64)
+    ends = {s.stop for s in scratch.row_chunks(x)}
     for i in range(n):
         item = split[i]
         xi = np.asarray(item[0].detach().cpu() if isinstance(item[0], torch.Tensor) else item[0], dtype=np.float32)
@@ -51,6 +57,8 @@ def _split(split: Any, which: str, reference: str) -> tuple[np.ndarray, np.ndarr
             raise DataError(f"--dataset {reference}: item {i} of the {which} set has a label of shape {yi.shape}; "
                             "expected one class label per example")
         y[i] = float(yi.reshape(()))
+        if i + 1 in ends:
+            scratch.release(x)  # written pages leave the resident set (they stay in the file)
     return x, y
 
 
@@ -67,4 +75,4 @@ def load_user_arrays(reference: str) -> dict[str, Any]:
             "split": "given"}
 
 
-__all__ = ["MAX_BYTES", "load_user_arrays"]
+__all__ = ["load_user_arrays"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from modelsense.data.scratch import release, row_chunks
 from modelsense.errors import DataError
 
 #: The largest class id accepted (labels are class ids 0..K-1, K the number of classes).
@@ -45,7 +46,8 @@ def row_location(i: int, name: str, where: str = "", lines: Sequence[int] | None
 
 def check_features(x: Any, split: str, where: str = "", name: str | None = None,
                    lines: Sequence[int] | None = None) -> np.ndarray:
-    """Validate a feature array and return it as C-contiguous float32.
+    """Validate a feature array and return it as C-contiguous float32 (no copy when it is one
+    already, e.g. a memory-mapped array; the NaN/inf check runs in row chunks).
 
     Args:
         x: array of shape (n, *input_shape) with n >= 1 and at least 2 dimensions in total.
@@ -79,11 +81,18 @@ def check_features(x: Any, split: str, where: str = "", name: str | None = None,
     if any(d == 0 for d in x.shape[1:]):
         raise DataError(f"{name}{src} has an empty feature dimension (shape {tuple(x.shape)}).")
     if np.issubdtype(x.dtype, np.floating):
-        finite = np.isfinite(x)
-        if not finite.all():
-            n_nan = int(np.isnan(x).sum())
-            n_inf = int(x.size - finite.sum()) - n_nan
-            bad_rows = np.flatnonzero(~finite.reshape(x.shape[0], -1).all(axis=1))
+        n_nan = n_inf = 0
+        bad = []
+        for s in row_chunks(x):  # in row chunks: no whole boolean copy of a large (memory-mapped) array
+            part = x[s].reshape(s.stop - s.start, -1)
+            finite = np.isfinite(part)
+            if not finite.all():
+                nan = int(np.isnan(part).sum())
+                n_nan, n_inf = n_nan + nan, n_inf + int(finite.size - finite.sum()) - nan
+                bad.append(s.start + np.flatnonzero(~finite.all(axis=1)))
+            release(x)
+        if bad:
+            bad_rows = np.concatenate(bad)
             raise DataError(
                 f"{name}: {n_nan} NaN and {n_inf} inf values in {bad_rows.size} example(s), the "
                 f"first at {row_location(int(bad_rows[0]), name, where, lines)}; remove or impute "
