@@ -65,7 +65,8 @@ from modelsense.training.config import (
 
 QueryOutputs = dict[str, Tensor]
 #: PyTorch's fused SGD step (what `torch.optim.SGD(fused=True)` calls; CPU and CUDA since torch 2.4), else None
-_FUSED_SGD = getattr(torch, "_fused_sgd_", None) if tuple(map(int, torch.__version__.split(".")[:2])) >= (2, 4) else None
+_TORCH_MINOR = tuple(map(int, torch.__version__.split(".")[:2]))
+_FUSED_SGD = getattr(torch, "_fused_sgd_", None) if _TORCH_MINOR >= (2, 4) else None
 BATCH_PLANS = ("own", "shared")
 
 
