@@ -114,15 +114,15 @@ def test_full_matrix_methods_refuse_by_module_naming_the_ones_that_split():
 
 @pytest.mark.parametrize("method", ["grad-dot", "if-ekfac"])
 def test_by_module_over_the_memory_budget_goes_to_memory_maps(method, tmp_path, monkeypatch):
-    from modelsense.attribution import base
+    from modelsense.data import scratch
 
-    original, mapped = base.memmap_array, []
+    original, mapped = scratch.open_map, []
 
     def spy(path, *args):
         mapped.append(str(path))
         return original(path, *args)
 
-    monkeypatch.setattr(base, "memmap_array", spy)
+    monkeypatch.setattr(scratch, "open_map", spy)
     att = make_attributor(method, compute=ComputeOptions(progress=False, memory_budget=64,
                                                          scratch_dir=str(tmp_path))).fit(NET, X, Y)
     parts = att.scores(XT, YT, by_module=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from modelsense.attribution import ComputeOptions, base, make_attributor
+from modelsense.data import scratch
 from modelsense.errors import ConfigError
 
 
@@ -67,13 +68,13 @@ def _count_test_blocks(att, monkeypatch):
 
 def _spy_memmaps(monkeypatch):
     mapped = []
-    original = base.memmap_array
+    original = scratch.open_map
 
     def spy(path, *args):
         mapped.append(os.path.basename(path))
         return original(path, *args)
 
-    monkeypatch.setattr(base, "memmap_array", spy)
+    monkeypatch.setattr(scratch, "open_map", spy)
     return mapped
 
 
@@ -272,3 +273,16 @@ def test_rows_written_and_read_back_through_the_file_or_the_mapping(through, tmp
     base.write_rows(buffer, slice(0, 64), [values[:, :1000], values[:, 1000:]])
     base.release_rows(buffer, slice(0, 64))
     torch.testing.assert_close(base.read_rows(buffer, slice(3, 40), "cpu"), values[3:40], rtol=0, atol=0)
+
+
+def test_the_spill_file_descriptor_closes_with_its_buffer(tmp_path):
+    buffer = base.scratch_buffer((8, 4), torch.float32, 0, str(tmp_path), prefix="probe")
+    fd = buffer._scratch_file[0]
+    os.fstat(fd)  # open while the buffer lives
+    del buffer
+    import gc
+
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    assert not os.listdir(tmp_path)

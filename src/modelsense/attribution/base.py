@@ -56,13 +56,10 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import mmap
 import numbers
 import os
-import shutil
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -82,6 +79,7 @@ from modelsense.core.functional import (  # noqa: F401
     map_inputs,
     take_rows,
 )
+from modelsense.data import scratch
 from modelsense.data.stream import BatchAdapter, Rows, as_examples
 from modelsense.errors import ConfigError, DataError, shown
 from modelsense.progress import progress_bar
@@ -212,8 +210,8 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 def memmap_array(path: str | os.PathLike, shape: tuple[int, ...], dtype: torch.dtype) -> np.memmap:
     """A new memory-mapped `.npy` file at `path` of `shape` and the numpy twin of `dtype`, as an array of
-    zeros (a new file reads as zeros without touching its pages); `torch.from_numpy` shares it."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=_numpy_dtype(dtype), shape=shape)
+    zeros (`data.scratch.open_map`); `torch.from_numpy` shares it."""
+    return scratch.open_map(path, shape, _numpy_dtype(dtype))
 
 
 def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, scratch_dir: str | None,
@@ -221,64 +219,36 @@ def scratch_buffer(shape: tuple[int, ...], dtype: torch.dtype, ram_bytes: int, s
                    zero: bool = False) -> Tensor | None:
     """A scratch tensor of `shape` (uninitialised, or zeros with `zero`): in memory on `device` when its
     bytes fit `ram_bytes` (the caller's share of `memory_budget`); else, with `disk`, a CPU tensor
-    backed by a temporary memory-mapped `.npy` file under `scratch_dir` (None: the system temp dir)
-    when that disk keeps `SCRATCH_DISK_MARGIN` bytes free after reserving it; else None, and the
-    caller recomputes what it would have kept. The file never outlives the buffer: it is unlinked
-    right after mapping (POSIX; elsewhere removed when the buffer is freed), so nothing is left
-    behind, an exception included. Read and write it with `read_rows` / `write_rows`, which keep
-    its pages out of the resident memory.
+    backed by a temporary memory-mapped file under `scratch_dir` (None: `$MODELSENSE_SCRATCH` or the
+    temp dir; `data.scratch.scratch_array`, which unlinks it once mapped, so nothing is left behind, an
+    exception included) when that disk keeps `SCRATCH_DISK_MARGIN` bytes free after reserving it; else
+    None, and the caller recomputes what it would have kept. Read and write it with `read_rows` /
+    `write_rows`, which keep its pages out of the resident memory.
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    nbytes = math.prod(shape) * itemsize
-    if nbytes <= ram_bytes:
+    if math.prod(shape) * itemsize <= ram_bytes:
         return (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-    folder = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
-    if not disk or not os.path.isdir(folder) or shutil.disk_usage(folder).free < nbytes + SCRATCH_DISK_MARGIN:
+    if not disk or _numpy_dtype(dtype).itemsize != itemsize:  # no numpy twin (bfloat16): recomputed
         return None
-    if _numpy_dtype(dtype).itemsize != itemsize:  # no numpy twin (bfloat16): recomputed
+    try:
+        array = scratch.scratch_array(shape, _numpy_dtype(dtype), f"a spilled {prefix} buffer", folder=scratch_dir,
+                                      prefix=f"{prefix}_", margin=SCRATCH_DISK_MARGIN, file_handle=True)
+    except scratch.NoScratchRoom:
         return None
-    fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"{prefix}_", dir=folder)
-    os.close(fd)
-    try:
-        array = memmap_array(path, shape, dtype)
-        buffer: Tensor | None = torch.from_numpy(array)
-        buffer._scratch_map = array  # for release_rows
-        if hasattr(os, "pread") and hasattr(os, "pwrite"):  # read_rows / write_rows copy through the page cache
-            fd = os.open(path, os.O_RDWR)
-            buffer._scratch_file = (fd, array.offset)
-            weakref.finalize(buffer, os.close, fd)
-        if hasattr(os, "posix_fallocate"):  # reserve the blocks now: a full disk is None here, not a SIGBUS later
-            with open(path, "r+b") as f:
-                try:
-                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-                except OSError:
-                    buffer = array = None
-    except BaseException:
-        _remove_quietly(path)
-        raise
-    try:
-        os.unlink(path)
-    except OSError:  # a mapped file cannot be removed on Windows: remove it once the buffer is freed
-        if buffer is None:
-            _remove_quietly(path)
-        else:
-            weakref.finalize(buffer, _remove_quietly, path)
+    buffer = torch.from_numpy(array)
+    buffer._scratch_map = array  # for release_rows
+    if hasattr(array, "fd"):  # read_rows / write_rows copy through the page cache
+        buffer._scratch_file = (array.fd, array.offset)
     return buffer
 
 
 def release_rows(buffer: Tensor, rows: slice) -> None:
-    """Unmap the pages of rows `rows` of a memory-mapped `scratch_buffer` from this process (madvise
-    MADV_DONTNEED; the data stays in the file and the page cache), so a buffer written or read block by
-    block does not add its size to the resident memory; a no-op for an in-memory buffer."""
+    """Drop the pages of rows `rows` of a memory-mapped `scratch_buffer` from this process's resident
+    memory (`data.scratch.release`; the data stays in the file and the page cache), so a buffer written
+    or read block by block does not add its size to the resident memory; a no-op for an in-memory buffer."""
     mm = getattr(buffer, "_scratch_map", None)
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    raw = getattr(mm, "_mmap", None)
-    if raw is None or advice is None or rows.stop <= rows.start:
-        return
-    row_bytes = buffer.stride(0) * buffer.element_size()
-    first = mm.offset % mmap.ALLOCATIONGRANULARITY + rows.start * row_bytes  # numpy maps from a granule boundary
-    start = first - first % mmap.PAGESIZE
-    raw.madvise(advice, start, first + (rows.stop - rows.start) * row_bytes - start)
+    if mm is not None:
+        scratch.release(mm, rows)
 
 
 #: bytes of a memory-mapped buffer mapped at a time by `read_rows` / `write_rows`
@@ -342,13 +312,6 @@ def write_rows(buffer: Tensor, rows: slice, parts: Sequence[Tensor]) -> None:
             buffer[sub, start:start + f.shape[1]] = f[local].detach()
             start += f.shape[1]
         release_rows(buffer, sub)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def as_functional(model: FunctionalModel | nn.Module, loss: str = "cross_entropy") -> FunctionalModel:
@@ -727,7 +690,7 @@ class Attributor:
         path = getattr(self, "_partial_scores", None)
         self._memmap, self._partial_scores = None, None
         if path is not None:
-            _remove_quietly(str(path))
+            scratch.remove_quietly(str(path))
 
 
 class _TrainFeatureCache:

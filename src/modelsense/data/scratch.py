@@ -4,7 +4,7 @@ A user's dataset (`--dataset file.py:make_data`) whose inputs take more than `IN
 read into a memory map (`scratch_array`) instead of RAM: a `.npy` file under `$MODELSENSE_SCRATCH`
 (default: the system temp dir), named `modelsense_data_*.npy`, that never outlives the process: on
 POSIX it is unlinked right after mapping (the pages stay valid until the last array that views them
-is freed; the disk space is returned then), elsewhere it is removed at exit. The disk space is
+is freed; the disk space is returned then), elsewhere it is removed once freed or at exit. The disk space is
 checked (`shutil.disk_usage`, plus `DISK_MARGIN_BYTES`) and reserved before anything is written, so
 a full disk is one clear `DataError` up front instead of a SIGBUS while filling.
 
@@ -17,11 +17,11 @@ another scratch map. Numbers are the same as on in-memory arrays: only where the
 
 from __future__ import annotations
 
-import atexit
 import mmap
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,32 +46,49 @@ def scratch_dir() -> str:
     return os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
 
 
-def scratch_array(shape: tuple[int, ...], dtype: Any, what: str) -> np.memmap:
-    """A zero-filled, writable memory-mapped array of `shape` in a temporary file of `scratch_dir()`.
+class NoScratchRoom(DataError):
+    """The scratch folder does not exist or has no room for a map (`scratch_array`); a caller that can do
+    without the map (the attributors recompute instead of spilling) catches this one."""
 
-    `what` names the data in messages. The file is unlinked at once on POSIX (removed at exit
-    elsewhere), so it never outlives the process; the disk space is checked and reserved first.
+
+def open_map(path: str | os.PathLike, shape: tuple[int, ...], dtype: Any) -> np.memmap:
+    """A new memory-mapped `.npy` file at `path` of `shape` and `dtype`, reading as zeros (a new file
+    reads as zeros without touching its pages)."""
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=shape)
+
+
+def scratch_array(shape: tuple[int, ...], dtype: Any, what: str, *, folder: str | None = None,
+                  prefix: str = PREFIX, margin: int | None = None, file_handle: bool = False) -> np.memmap:
+    """A zero-filled, writable memory-mapped array of `shape` in a temporary file of `folder`
+    (default `scratch_dir()`), named `<prefix>*.npy`.
+
+    `what` names the data in messages. The file is unlinked at once on POSIX (elsewhere removed when
+    the array is freed, or at exit), so it never outlives the process; the disk space (plus `margin`,
+    default `DISK_MARGIN_BYTES`) is checked and reserved (`posix_fallocate`) first. With `file_handle`
+    (POSIX) the array also gets `fd`, a descriptor of the file opened before the unlink and closed with
+    the array, for `os.preadv` / `os.pwrite` through the page cache.
 
     Raises:
-        DataError: the folder does not exist, or it has less free space than the array plus
-            `DISK_MARGIN_BYTES` -- before anything is written.
+        NoScratchRoom: the folder does not exist, or it has less free space than the array plus
+            `margin` -- before anything is written.
     """
-    folder = scratch_dir()
+    folder = scratch_dir() if folder is None else folder
+    margin = DISK_MARGIN_BYTES if margin is None else margin
     dtype = np.dtype(dtype)
     need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize + 4096
     fix = f"free space there or set ${SCRATCH_ENV} to a folder on a disk with room"
     if not os.path.isdir(folder):
-        raise DataError(f"{what} is memory-mapped under {folder} (${SCRATCH_ENV} or the temp dir), which is not "
-                        f"a folder; create it or set ${SCRATCH_ENV} to one")
+        raise NoScratchRoom(f"{what} is memory-mapped under {folder} (${SCRATCH_ENV} or the temp dir), which is "
+                            f"not a folder; create it or set ${SCRATCH_ENV} to one")
     free = shutil.disk_usage(folder).free
-    if need + DISK_MARGIN_BYTES > free:
-        raise DataError(f"{what} takes {need / 2**30:.2f} GiB, more than the {IN_MEMORY_BYTES / 2**30:.2f} GiB held "
-                        f"in memory, so it is memory-mapped under {folder}, which has {free / 2**30:.2f} GiB free "
-                        f"({DISK_MARGIN_BYTES / 2**20:.0f} MiB are kept free); {fix}")
-    fd, path = tempfile.mkstemp(suffix=".npy", prefix=PREFIX, dir=folder)
+    if need + margin > free:
+        raise NoScratchRoom(f"{what} takes {need / 2**30:.2f} GiB, more than the {IN_MEMORY_BYTES / 2**30:.2f} GiB "
+                            f"held in memory, so it is memory-mapped under {folder}, which has {free / 2**30:.2f} GiB "
+                            f"free ({margin / 2**20:.0f} MiB are kept free); {fix}")
+    fd, path = tempfile.mkstemp(suffix=".npy", prefix=prefix, dir=folder)
     os.close(fd)
     try:
-        mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        mm = open_map(path, shape, dtype)
         with open(path, "r+b") as f:
             try:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
@@ -80,17 +97,23 @@ def scratch_array(shape: tuple[int, ...], dtype: Any, what: str) -> np.memmap:
             except OSError as exc:
                 if exc.errno in (28, 122):  # ENOSPC, EDQUOT
                     del mm
-                    raise DataError(f"{what}: no room for its {need / 2**30:.2f} GiB memory map under {folder}; "
-                                    f"{fix}") from None
-    finally:
-        try:
-            os.unlink(path)
-        except OSError:  # an open map cannot be removed on Windows: remove it at exit
-            atexit.register(_remove, path)
+                    raise NoScratchRoom(f"{what}: no room for its {need / 2**30:.2f} GiB memory map under "
+                                        f"{folder}; {fix}") from None
+        if file_handle and hasattr(os, "pread") and hasattr(os, "pwrite"):
+            mm.fd = os.open(path, os.O_RDWR)
+            weakref.finalize(mm, os.close, mm.fd)
+    except BaseException:
+        remove_quietly(path)
+        raise
+    try:
+        os.unlink(path)
+    except OSError:  # an open map cannot be removed on Windows: remove it once the array is freed, or at exit
+        weakref.finalize(mm, remove_quietly, path)
     return mm
 
 
-def _remove(path: str) -> None:
+def remove_quietly(path: str) -> None:
+    """Remove the file at `path` if it can be (a missing file or an open map on Windows is left alone)."""
     try:
         os.unlink(path)
     except OSError:
@@ -114,17 +137,27 @@ def is_scratch(x: Any) -> bool:
                os.path.basename(b.filename).startswith(PREFIX) for b in _bases(x))
 
 
-def release(x: Any) -> None:
+def release(x: Any, rows: slice | None = None) -> None:
     """Drop the pages of the map under `x` from this process's resident set (a no-op for in-memory
-    arrays). The data stays in the file: the next access reads it back (MADV_DONTNEED on a shared
-    file mapping). A copy-on-write map (np.memmap mode "c") is left alone: its changes live only in
-    its pages."""
+    arrays): all of them, or with `rows` those of rows `rows` of `x` itself, a memory-mapped array. The
+    data stays in the file: the next access reads it back (MADV_DONTNEED on a shared file mapping). A
+    copy-on-write map (np.memmap mode "c") is left alone: its changes live only in its pages."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if rows is not None:
+        raw = getattr(x, "_mmap", None)
+        if raw is None or getattr(x, "mode", None) == "c" or rows.stop <= rows.start:
+            return
+        row_bytes = x.strides[0]
+        first = x.offset % mmap.ALLOCATIONGRANULARITY + rows.start * row_bytes  # numpy maps from a granule boundary
+        start = first - first % mmap.PAGESIZE
+        raw.madvise(mmap.MADV_DONTNEED, start, first + (rows.stop - rows.start) * row_bytes - start)
+        return
     for b in _bases(x):
         if isinstance(b, np.memmap) and b.mode == "c":
             return
         if isinstance(b, mmap.mmap):
-            if hasattr(mmap, "MADV_DONTNEED"):
-                b.madvise(mmap.MADV_DONTNEED)
+            b.madvise(mmap.MADV_DONTNEED)
             return
 
 
@@ -155,5 +188,6 @@ def keep_rows(x: np.ndarray, index: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-__all__ = ["CHUNK_BYTES", "DISK_MARGIN_BYTES", "IN_MEMORY_BYTES", "PREFIX", "SCRATCH_ENV", "is_mapped", "is_scratch",
-           "release", "row_chunks", "scratch_array", "scratch_dir", "keep_rows"]
+__all__ = ["CHUNK_BYTES", "DISK_MARGIN_BYTES", "IN_MEMORY_BYTES", "PREFIX", "SCRATCH_ENV", "NoScratchRoom", "is_mapped",
+           "is_scratch", "keep_rows", "open_map", "release", "remove_quietly", "row_chunks", "scratch_array",
+           "scratch_dir"]
