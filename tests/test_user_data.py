@@ -204,3 +204,57 @@ def test_train_runs_end_to_end_on_a_memory_mapped_user_dataset(scratch_dir, tmp_
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["dataset"]["standardize"]["applied"]  # in place on the private map
     assert os.listdir(scratch_dir) == []
+
+
+class _GatherSpy(torch.Tensor):
+    """Inputs that record how many rows each indexing of them returns."""
+
+    gathered: list[int] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is torch.Tensor.__getitem__ and isinstance(out, torch.Tensor) and out.dim() > 1:
+            cls.gathered.append(out.shape[0])
+        return out
+
+
+def test_training_on_a_subset_evaluates_it_chunk_by_chunk():
+    """fit's per-epoch evaluation of `train_indices` gathers `chunk_size` rows at a time, never the whole
+    subset (a whole-size copy of a memory-mapped user dataset), with the numbers of the gathered subset."""
+    from modelsense.data.dataset import Dataset
+    from modelsense.training.config import TrainConfig
+    from modelsense.training.fit import evaluate, fit
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2600, 5, generator=g), torch.randint(0, 3, (2600,), generator=g)
+    keep = torch.randperm(2600, generator=g)[:2300].sort().values
+    net = nn_mlp()
+    _GatherSpy.gathered = []
+    data = Dataset("spy", x.as_subclass(_GatherSpy), y, x[:10], y[:10], 3)
+    fitted = fit(net, data, TrainConfig(lr=0.05, epochs=1, bs=256), train_indices=keep, progress=False)
+    assert _GatherSpy.gathered and max(_GatherSpy.gathered) <= 2048  # 2,300 rows before
+    net.eval()
+    whole = evaluate(net, x[keep], y[keep])
+    chunked = evaluate(net, x, y, rows=keep, chunk_size=300)
+    assert chunked["accuracy"] == whole["accuracy"]
+    assert abs(chunked["loss"] - whole["loss"]) <= 1e-6 * abs(whole["loss"])
+    assert abs(fitted.history["train_loss"][-1] - whole["loss"]) <= 1e-5 * abs(whole["loss"])
+
+
+def nn_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_the_attributors_count_non_finite_inputs_chunk_by_chunk(monkeypatch):
+    from modelsense.attribution import make_attributor
+
+    monkeypatch.setattr(scratch, "CHUNK_BYTES", 40)  # two rows of 5 float32 a chunk
+    x, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    x[3, 1], x[4, 0], x[17, 4] = float("nan"), float("inf"), float("nan")
+    checked, isfinite = [], torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: checked.append(tuple(t.shape)) or isfinite(t))
+    with pytest.raises(DataError, match="3 of 30 examples have NaN or infinite inputs"):
+        make_attributor("grad-dot").fit(nn_mlp().eval(), x, y)
+    assert max(shape[0] for shape in checked if shape[1:] == (5,)) == 2  # never a (30, 5) mask

@@ -533,8 +533,10 @@ class Attributor:
                 f"{reference}; pass test data with the training data's features"
             )
         for name, t in [*(("inputs", t) for t in input_tensors(x)), ("targets", y)]:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).reshape(len(t), -1).any(1).sum())
+            bad = 0
+            for part in scratch.row_chunks(t) if t.is_floating_point() else ():  # no whole-size mask
+                bad += int((~torch.isfinite(t[part])).reshape(part.stop - part.start, -1).any(1).sum())
+            if bad:
                 raise DataError(f"{what} data: {bad} of {len(t)} examples have NaN or infinite {name}; "
                                 "drop or impute them first")
         shape = tuple(x.shape[1:]) if isinstance(x, Tensor) else type(x).__name__

@@ -64,19 +64,22 @@ class Fit:
 
 @torch.no_grad()
 def evaluate(module: nn.Module, x: Tensor, y: Tensor, likelihood: str = "categorical", chunk_size: int = 2048,
-             loss: str = "cross_entropy") -> dict[str, float]:
-    """Mean loss (`loss`, see `objective`) and accuracy (classification) of `module` in eval mode on (x, y)."""
+             loss: str = "cross_entropy", rows: Tensor | None = None) -> dict[str, float]:
+    """Mean loss (`loss`, see `objective`) and accuracy (classification) of `module` in eval mode on (x, y),
+    or on its rows `rows` (gathered `chunk_size` at a time: no copy of the whole subset)."""
     nll = likelihood_for(likelihood, loss).nll
     was_training = module.training
     module.eval()
     total, correct = 0.0, 0
-    for s in chunks(len(x), chunk_size):
-        out = module(x[s])
-        total += float(nll(out, y[s]).sum())
+    count = len(x) if rows is None else len(rows)
+    for s in chunks(count, chunk_size):
+        xs, ys = (x[s], y[s]) if rows is None else (x[rows[s]], y[rows[s]])
+        out = module(xs)
+        total += float(nll(out, ys).sum())
         if likelihood == "categorical":
-            correct += int((out.argmax(-1) == y[s]).sum())
+            correct += int((out.argmax(-1) == ys).sum())
     module.train(was_training)
-    n = max(len(x), 1)
+    n = max(count, 1)
     res = {"loss": total / n}
     if likelihood == "categorical":
         res["accuracy"] = correct / n
@@ -210,7 +213,8 @@ def fit(
                     snapshot(f"epoch_{epoch + 1}")
                 last = epoch + 1 == cfg.epochs
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or last):
-                    tr = evaluate(module, x[idx.to(device)], y[idx.to(device)], likelihood, loss=cfg.loss)
+                    rows = None if train_indices is None else idx.to(x.device)  # gathered chunk by chunk
+                    tr = evaluate(module, x, y, likelihood, loss=cfg.loss, rows=rows)
                     te = evaluate(module, x_test, y_test, likelihood, loss=cfg.loss) if len(x_test) else {}
                     row = {
                         "epoch": epoch + 1,
