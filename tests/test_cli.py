@@ -185,6 +185,7 @@ def test_mpe_retraining_options_are_checked_by_train_config(tmp_path):
         ("--memory-gb", "nan", "--memory-gb must be > 0"),
         ("--bs-jacs", "0", "--bs-jacs must be an integer >= 1"),
         ("--proj-dim", "0", "--proj-dim must be an integer >= 1, received 0"),
+        ("--spill", "maybe", "--spill"),
     ],
 )
 def test_method_settings_are_reported_by_their_option_names(tmp_path, flag, value, says):

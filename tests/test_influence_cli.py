@@ -1,6 +1,7 @@
 """The influence commands with `--checkpoint`: scoring a model.pt of `modelsense train` instead of training."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -189,3 +190,25 @@ def test_by_module_writes_the_exact_split_and_the_module_shares(trained, tmp_pat
                  "--out", tmp_path / "no")
     assert "does not split exactly over modules" in error(res) and "if-ekfac" in error(res)
     assert not (tmp_path / "no").exists()
+
+
+def test_spill_on_writes_the_training_features_once_with_the_same_scores(trained, tmp_path, monkeypatch):
+    """--spill on/off reach ComputeOptions.spill: with a tiny --memory-gb the training features go to a
+    scratch file (under $MODELSENSE_SCRATCH) once, and the scores equal recomputing them per test block."""
+    from modelsense.data import scratch
+
+    monkeypatch.setenv(scratch.SCRATCH_ENV, str(tmp_path))
+    mapped, original = [], scratch.open_map
+    monkeypatch.setattr(scratch, "open_map", lambda path, *a: mapped.append(str(path)) or original(path, *a))
+    scores = {}
+    for spill in ("off", "on"):
+        mapped.clear()
+        out = tmp_path / f"inf_{spill}"
+        ok("influence", *DATA, "--checkpoint", trained / "model.pt", "--method", "if-ekfac", "--n-test", 12,
+           "--memory-gb", 2e-6, "--spill", spill, "--out", out)
+        scores[spill] = np.load(out / "scores.npy")
+        spilled = [p for p in mapped if os.path.basename(p).startswith("features_if-ekfac_")]
+        assert bool(spilled) == (spill == "on") and all(os.path.dirname(p) == str(tmp_path) for p in spilled), mapped
+        assert json.loads((out / "config.json").read_text())["settings"]["spill"] == spill
+    np.testing.assert_allclose(scores["on"], scores["off"], rtol=1e-6, atol=1e-9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inf_off", "inf_on"]  # no scratch file left

@@ -144,8 +144,8 @@ class ComputeOptions:
     block_size: rows of a score block (train and test).
     memory_budget: bytes; a score matrix larger than this goes to a memory-mapped file, and train
         features are cached in memory when they fit in a quarter of it.
-    scratch_dir: where such files go when `scores(..., out=None)` (default: the system temp dir), and
-        the spilled caches (`spill`).
+    scratch_dir: where such files go when `scores(..., out=None)`, and the spilled caches (`spill`)
+        (default: `$MODELSENSE_SCRATCH`, else the system temp dir; `data.scratch.scratch_dir`).
     spill: `auto` (default), True or False. Train features larger than their in-memory share
         (per-example gradients, preconditioned or projected ones) are kept in a temporary file under
         `scratch_dir` when the disk has room (`scratch_buffer`), so each is computed once however many
@@ -670,7 +670,8 @@ class Attributor:
                                     zero=True)
             if result is not None:
                 return result
-            fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_", dir=self.compute.scratch_dir)
+            fd, path = tempfile.mkstemp(suffix=".npy", prefix=f"scores_{self.name}_",
+                                        dir=self.compute.scratch_dir or scratch.scratch_dir())
             os.close(fd)
             self._partial_scores = Path(path)
         else:
@@ -881,7 +882,7 @@ class FeatureAttributor(Attributor):
             if buffer is None:
                 raise ConfigError(
                     f"the per-module score matrices ({len(modules)} x {shape[0]} x {shape[1]}) exceed memory_budget "
-                    f"and the disk of scratch_dir ({self.compute.scratch_dir or tempfile.gettempdir()}) has no room "
+                    f"and the disk of scratch_dir ({self.compute.scratch_dir or scratch.scratch_dir()}) has no room "
                     "for them; choose another scratch_dir or raise memory_budget")
             results[name] = buffer
         return results

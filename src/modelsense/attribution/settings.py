@@ -63,6 +63,11 @@ class MethodSettings:
                                        "memory-gb / 8)")
     memory_gb: float = option(2.0, "memory budget in GiB: score matrices larger than this go to a memory-mapped file",
                               above=0, below=float("inf"))
+    spill: str | None = option(None, "auto (default), on or off: training features (per-example gradients, trak's "
+                                     "projections) above a quarter of --memory-gb are written once to an unlinked "
+                                     "scratch file under $MODELSENSE_SCRATCH (or the temp dir) instead of being "
+                                     "recomputed for every block of test rows; auto stops when recomputing is faster",
+                               choices=("auto", "on", "off"))
     precision: str | None = option(None, "dtype of the per-example gradient passes: full (default), bfloat16 or "
                                          "float16 (accumulated in the model's dtype)")
 
@@ -71,9 +76,11 @@ class MethodSettings:
 
     def as_dict(self) -> dict[str, Any]:
         """The settings given, under the names of `modelsense.attribution` (None: left to the method);
-        `memory_gb` as `memory_budget` in bytes."""
+        `memory_gb` as `memory_budget` in bytes, `spill` on/off as True/False."""
         out = {_SETTING_NAMES.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
         out["memory_budget"] = max(1, int(self.memory_gb * 2**30))
+        if self.spill is not None:
+            out["spill"] = {"on": True, "off": False}.get(self.spill, self.spill)
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
