@@ -22,6 +22,17 @@ TORCH_THREADS = int(os.environ.get("MODELSENSE_TEST_THREADS", "1"))
 GLOBAL_SEED = int(os.environ.get("MODELSENSE_TEST_SEED", "0"))
 
 
+def loop_per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(n, P): row i = the gradient of the cross-entropy of example i alone, by one backward pass per
+    example (the slow, obvious reference for vmapped per-example gradients)."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
