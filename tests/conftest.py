@@ -17,9 +17,26 @@ import pytest
 import torch
 
 from modelsense.data import load_dataset
+from modelsense.data.dataset import Dataset
+from modelsense.models import build_model
 
 TORCH_THREADS = int(os.environ.get("MODELSENSE_TEST_THREADS", "1"))
 GLOBAL_SEED = int(os.environ.get("MODELSENSE_TEST_SEED", "0"))
+
+
+def small_data(n: int = 120, d: int = 6, c: int = 3, seed: int = 0) -> Dataset:
+    """A toy classification set: x ~ N(0, I_d), y = argmax(x W + 0.3 ε) for one W ~ N(0, 1)^(d x c), all drawn
+    from `seed`; the first 90 examples train, the other n - 90 test."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, c, generator=g)
+    y = (x @ w + 0.3 * torch.randn(n, c, generator=g)).argmax(1)
+    return Dataset("toy", x[:90], y[:90], x[90:], y[90:], c)
+
+
+def small_mlp(seed: int, d: int = 6, c: int = 3) -> torch.nn.Module:
+    """An MLP d-16-c initialised from `seed` (the model for `small_data`)."""
+    return build_model("mlp", (d,), c, widths=(16,), seed=seed)
 
 
 def loop_per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
