@@ -50,6 +50,26 @@ def loop_per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     return torch.stack(rows)
 
 
+def tiny_farm() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic farm: (masks (8, 5) bool, train correctness (8, 5), test correctness (8, 4)) of 8 models
+    on 5 training and 4 test examples. Model 0 gets everything wrong, the others right.
+
+    Example 0 is held out by model 0 only (n_out = 1) and example 4 trained on by 2 models (n_in = 2):
+    both are below the default minimum of 3. Without the minimum, example 0 has memorization 1 and
+    is the top influence (1.0) on every test example: one model's outcome.
+    """
+    masks = np.zeros((8, 5), dtype=bool)
+    masks[1:, 0] = True
+    masks[:4, 1] = True
+    masks[[0, 2, 4, 6], 2] = True
+    masks[[1, 2, 5, 6], 3] = True
+    masks[[0, 1], 4] = True
+    train = np.ones((8, 5))
+    test = np.ones((8, 4))
+    train[0] = test[0] = 0.0
+    return masks, train, test
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
