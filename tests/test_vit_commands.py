@@ -294,14 +294,14 @@ def test_mpe_loco_on_vit(trained, tmp_path):
     ("evolving", ["--mc-samples", 4, "--n-bins", 4], "evolving", {"sensitivities": (2, N_TRAIN)}),
 ])
 def test_mpe_experiments_that_train_on_vit(experiment, args, array, shape, tmp_path):
-    """These follow the training itself (no --checkpoint, and no --width / --depth: vit at its default
-    size, width 64 and 2 blocks)."""
+    """These follow the training itself (no --checkpoint): the vit of --width / --depth / --patch."""
     out = tmp_path / "mpe"
-    ok("mpe", experiment, *MPE, *DATA, "--model", "vit", "--patch", 4, "--epochs", 2, *args, "--out", out)
+    ok("mpe", experiment, *MPE, *DATA, *NET, "--epochs", 2, *args, "--out", out)
     arrays = np.load(out / f"{array}.npz")
     for key, s in shape.items():
         assert arrays[key].shape == s and np.isfinite(arrays[key]).all(), key
-    assert json.loads((out / "config.json").read_text())["model"]["name"] == "vit"
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert (model["name"], model["width"], model["depth"], model["patch"]) == ("vit", 8, 2, 4)
 
 
 # --- representations: features of its blocks ------------------------------------------------------------
