@@ -420,8 +420,9 @@ _OPTIONS = {"validation": _POSTERIOR | _RETRAIN | {"n_retrain", "reference", "tr
             "loo-l2reg": (_POSTERIOR - {"optim_var"}) | {"n_exp", "deltas_start", "deltas_stop", "smooth"},
             "evolving": _POSTERIOR | {"checkpoint_iterations", "mc_samples", "n_bins"},
             "loco": _POSTERIOR | _RETRAIN}
-_HIDDEN_ALWAYS = {"data.corruption_ratio", "data.drop_classes", "model.width", "model.depth", "model.norm",
-                  "train.checkpoint_epochs", "train.checkpoint_iterations"}
+# --width / --depth stay: they size a cnn or a vit (--patch) trained here
+_HIDDEN_ALWAYS = {"data.corruption_ratio", "data.drop_classes", "model.norm", "train.checkpoint_epochs",
+                  "train.checkpoint_iterations"}
 
 
 def _hidden(experiment: str) -> frozenset[str]:

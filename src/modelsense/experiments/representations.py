@@ -132,14 +132,18 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
     data, p = load_dataset_from_config(spec.data), spec.pair
     loaded = {which: load_member(which, path, data)
               for which, path in (("model-a", p.model_a), ("model-b", p.model_b)) if path is not None}
+    probe = None
     if len(loaded) < 2:
         probe = check_model(data, spec.model)
         model_zoo.zoo_method("auto", probe, spec.train, spec.retrain.backend)
-        if layer_list(p.layers) is not None:
-            choose_layers(probe, p.layers, f"model {spec.model.name}")
         if p.zoo is not None:
             settings = model_zoo.zoo_settings(spec.data, spec.model, spec.train)
             model_zoo.check_zoo_index(p.zoo, model_zoo.read_zoo_index(p.zoo), settings)
+    for which in ("model-a", "model-b"):  # the layers (named, or every ReLU: a model may have none) on each model
+        if which in loaded:
+            choose_layers(loaded[which].module, p.layers, which)
+        else:
+            choose_layers(probe, p.layers, f"model {spec.model.name}")
     return Prepared(data, {"dataset": data.summary()}, {"loaded": loaded})
 
 
