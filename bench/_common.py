@@ -34,6 +34,30 @@ def check_bench_device(device: str) -> str:
     return device
 
 
+def bench_parser(description: str, *, threads: int, repeats: int) -> argparse.ArgumentParser:
+    """An argument parser with the options of the timing benches: --device, --threads (`threads`; 0: torch's
+    default) and --repeats (`repeats`); `start_bench` applies them."""
+    parser = add_device_arg(argparse.ArgumentParser(description=description))
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed runs of each arm")
+    return parser
+
+
+def start_bench(args: argparse.Namespace) -> str:
+    """Check --device (refused when CUDA is absent) and set --threads (0: leave torch's default); the device."""
+    device = check_bench_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device
+
+
+def end_figures(figures: dict) -> dict:
+    """`figures` with the load average at the end of the run and the peak RSS added."""
+    figures["load_average_1min_end"] = machine()["load_average_1min"]
+    figures["peak_rss_mb"] = peak_rss_mb()
+    return figures
+
+
 def sync(device: str | torch.device) -> None:
     """Wait for the work queued on `device` (a no-op on CPU), so a timer measures finished work."""
     if torch.device(device).type == "cuda":

@@ -26,23 +26,12 @@ On a shared machine whose load exceeds its cores, compare at --threads 1: with 2
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
 import torch
-from _common import (
-    add_device_arg,
-    bmm_limit,
-    check_bench_device,
-    machine,
-    median,
-    mlp_dims,
-    peak_rss_mb,
-    step_flops,
-    timed,
-)
+from _common import bench_parser, bmm_limit, end_figures, machine, median, mlp_dims, start_bench, step_flops, timed
 
 from modelsense.data import load_dataset
 from modelsense.data.dataset import Dataset
@@ -123,9 +112,8 @@ def mnist_shaped(n_train: int, n_test: int) -> Dataset:
 
 
 def main() -> dict:
-    ap = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap = bench_parser(__doc__.splitlines()[0], threads=0, repeats=3)
     ap.add_argument("--settings", default="digits,mnist")
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--digits-epochs", type=int, default=10)
     ap.add_argument("--digits-models", type=int, default=64)
     ap.add_argument("--mnist-epochs", type=int, default=1)
@@ -133,11 +121,8 @@ def main() -> dict:
     ap.add_argument("--mnist-n", type=int, default=6000, help="training examples of the MNIST-shaped data")
     ap.add_argument("--loop-models", type=int, default=0,
                     help="time the loop on this many models and scale to M (0: all M)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
-    device = check_bench_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = start_bench(args)
     figures: dict = {"device": device, **machine(), "repeats": args.repeats}
     names = [s for s in args.settings.split(",") if s]
     if "digits" in names:
@@ -148,9 +133,7 @@ def main() -> dict:
                                    args.mnist_epochs, args.repeats, device, args.loop_models)
     first = figures[names[0]]
     figures.update({k: first[k] for k in ("engine_over_bmm_limit", "speedup_vs_loop")})
-    figures["load_average_1min_end"] = machine()["load_average_1min"]
-    figures["peak_rss_mb"] = peak_rss_mb()
-    return figures
+    return end_figures(figures)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Run: .venv/bin/python bench/influence.py [--threads 2] [--dataset mnist1d --widt
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import add_device_arg, check_bench_device, peak_rss_mb, sync
+from _common import bench_parser, peak_rss_mb, start_bench, sync
 from torch import nn
 
 from modelsense.attribution import make_attributor
@@ -230,7 +229,7 @@ def captum_method(kind, module, data, xt, yt, checkpoints, lrs, rank, tmp):
 
 def main() -> None:
     global DEVICE
-    ap = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap = bench_parser(__doc__.splitlines()[0], threads=2, repeats=1)
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--widths", default="128,128")
     ap.add_argument("--epochs", type=int, default=50)
@@ -238,8 +237,6 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--n-models", type=int, default=100)
     ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--rank", type=int, default=20, help="Arnoldi eigendirections (ours and peers)")
     ap.add_argument("--dattri-damping", type=float, default=0.1)
     ap.add_argument("--ours", default="if-ekfac,if-ekfac-x5,tracin,arnoldi,randproj,trak,grad-dot",
@@ -248,8 +245,7 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated run names to leave out, e.g. captum-arnoldi")
     ap.add_argument("--out", default="bench_out/influence")
     args = ap.parse_args()
-    DEVICE = check_bench_device(args.device)
-    torch.set_num_threads(args.threads)
+    DEVICE = start_bench(args)
     set_quiet(True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

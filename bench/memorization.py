@@ -23,24 +23,13 @@ Run: PYTHONPATH=src python bench/memorization.py [--device cuda] [--repeats 3] [
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
 import numpy as np
 import torch
-from _common import (
-    add_device_arg,
-    bmm_limit,
-    check_bench_device,
-    machine,
-    median,
-    mlp_dims,
-    peak_rss_mb,
-    step_flops,
-    timed,
-)
+from _common import bench_parser, bmm_limit, end_figures, machine, median, mlp_dims, start_bench, step_flops, timed
 
 from modelsense.data import DataConfig, load_dataset
 from modelsense.data.dataset import Dataset
@@ -131,17 +120,14 @@ def mnist_setting(chunk: int, repeats: int, device: str, steps: int = 40) -> dic
 
 
 if __name__ == "__main__":
-    ap = add_device_arg(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    ap = bench_parser(__doc__.splitlines()[0], threads=2, repeats=3)
     ap.add_argument("--n-models", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--loop-models", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mnist-chunk", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-mnist", action="store_true")
     args = ap.parse_args()
-    device = check_bench_device(args.device)
-    torch.set_num_threads(args.threads)
+    device = start_bench(args)
     figures = {"device": device, **machine(), "repeats": args.repeats}
     figures.update(farm_vs_loop(args.n_models, args.epochs, args.loop_models, args.repeats, device))
     print(f"farm: {figures['farm_s']}s ({figures['farm_gflops']} GFLOP/s), bmm limit {figures['bmm_limit_s']}s "
@@ -149,6 +135,4 @@ if __name__ == "__main__":
           f"{figures['loop_s_extrapolated']}s, speedup {figures['speedup_vs_loop']}x", file=sys.stderr)
     if not args.skip_mnist:
         figures.update(mnist_setting(args.mnist_chunk, args.repeats, device))
-    figures["load_average_1min_end"] = machine()["load_average_1min"]
-    figures["peak_rss_mb"] = peak_rss_mb()
-    print(json.dumps(figures))
+    print(json.dumps(end_figures(figures)))

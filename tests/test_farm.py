@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import tiny_farm
 from modelsense.cli import app
 from modelsense.data import DataConfig
 from modelsense.errors import ConfigError
@@ -104,14 +105,7 @@ def test_estimate_and_save_flags_examples_held_out_by_too_few_models(tmp_path, m
     from modelsense.experiments.memorization import estimate_and_save
     from modelsense.runs import RunDir
 
-    masks = np.zeros((8, 5), dtype=bool)
-    masks[1:, 0] = True
-    masks[:4, 1] = True
-    masks[[0, 2, 4, 6], 2] = True
-    masks[[1, 2, 5, 6], 3] = True
-    masks[[0, 1], 4] = True
-    correct_train, correct_test = np.ones((8, 5)), np.ones((8, 4))
-    correct_train[0] = correct_test[0] = 0.0  # model 0 gets everything wrong: raw mem(0) = infl(0, j) = 1
+    masks, correct_train, correct_test = tiny_farm()  # model 0 gets everything wrong: raw mem(0) = infl(0, j) = 1
     gen = torch.Generator().manual_seed(0)
     data = Dataset("tiny", torch.rand(5, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1, 0]),
                    torch.rand(4, 1, 4, 4, generator=gen), torch.tensor([0, 1, 0, 1]), 2,

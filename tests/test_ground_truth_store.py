@@ -1,5 +1,8 @@
 """The one ground-truth store of retrained models (modelsense.retraining.store)."""
 
+import sys
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -184,3 +187,58 @@ def test_stored_parameters_are_the_models_and_come_back_in_any_job_order(tmp_pat
     assert trained == [2, 1]  # the second call trains nothing
     for name, value in job_parameters(again, 0).items():
         torch.testing.assert_close(value, job_parameters(tables, 2)[name], rtol=0, atol=0)
+
+
+class _FakeRay(types.ModuleType):
+    """Ray's calls that `train_jobs` makes, run in this process, counting starts and stops."""
+
+    def __init__(self):
+        super().__init__("ray")
+        self.inits, self.shutdowns, self.up = 0, 0, False
+        self.exceptions = types.SimpleNamespace(RayError=RuntimeError)
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kwargs):
+        self.inits, self.up = self.inits + 1, True
+
+    def shutdown(self):
+        self.shutdowns, self.up = self.shutdowns + 1, False
+
+    def remote(self, fn):
+        return types.SimpleNamespace(remote=fn)
+
+    def put(self, value):
+        return value
+
+    def wait(self, pending, num_returns=1):
+        return pending[:num_returns], pending[num_returns:]
+
+    def get(self, ref):
+        return ref
+
+    def cancel(self, ref, force=False):
+        pass
+
+
+def test_a_ray_session_starts_ray_once_for_several_retrainings_and_only_when_one_needs_it(tmp_path, monkeypatch):
+    ray = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    other = RetrainRecipe(RECIPE.data, ModelConfig("mlp", widths=(4,)), RECIPE.train)  # a second architecture
+    alone = train_jobs(RECIPE, _jobs(2), tmp_path / "alone", backend="ray", progress=False)
+    assert (ray.inits, ray.shutdowns) == (1, 1)  # without a session: each retraining starts and stops Ray
+    with store_module.ray_session():
+        first = train_jobs(RECIPE, _jobs(2), tmp_path / "s", backend="ray", progress=False)
+        train_jobs(other, _jobs(2), tmp_path / "s", backend="ray", progress=False)
+        assert (ray.inits, ray.shutdowns, ray.up) == (2, 1, True)  # started once, kept running
+    assert (ray.inits, ray.shutdowns, ray.up) == (2, 2, False)  # stopped when the session ends
+    with store_module.ray_session():  # everything stored: Ray is not started at all
+        train_jobs(RECIPE, _jobs(2), tmp_path / "s", backend="ray", progress=False)
+    assert (ray.inits, ray.shutdowns) == (2, 2)
+    for k in alone:
+        np.testing.assert_allclose(first[k], alone[k], rtol=1e-5, atol=1e-6)
+    ray.up = True  # a Ray the user started is left running
+    with store_module.ray_session():
+        train_jobs(RECIPE, _jobs(1, seed=5), tmp_path / "s", backend="ray", progress=False)
+    assert (ray.inits, ray.shutdowns, ray.up) == (2, 2, True)

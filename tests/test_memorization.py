@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_farm
 from modelsense.errors import ConfigError, DataError
 from modelsense.memorization import (
     MIN_HELD_OUT,
@@ -253,25 +254,6 @@ def test_influence_bad_out_shape():
 
 # ------------------------------------------------------------------------------------------------
 # minimum number of models per side (min_held_out)
-
-
-def tiny_farm():
-    """8 models, 5 training and 4 test examples. Model 0 gets everything wrong, the others right.
-
-    Example 0 is held out by model 0 only (n_out = 1) and example 4 trained on by 2 models (n_in = 2):
-    both are below the default minimum of 3. Without the minimum, example 0 has memorization 1 and
-    is the top influence (1.0) on every test example: one model's outcome.
-    """
-    masks = np.zeros((8, 5), dtype=bool)
-    masks[1:, 0] = True
-    masks[:4, 1] = True
-    masks[[0, 2, 4, 6], 2] = True
-    masks[[1, 2, 5, 6], 3] = True
-    masks[[0, 1], 4] = True
-    train = np.ones((8, 5))
-    test = np.ones((8, 4))
-    train[0] = test[0] = 0.0
-    return masks, train, test
 
 
 def test_examples_below_min_held_out_are_flagged_and_never_top_k():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from conftest import loop_per_example_grads
 from modelsense.core.functional import FunctionalModel, flat_per_example_grads
 from modelsense.errors import ConfigError
 from modelsense.models import (
@@ -313,12 +314,7 @@ def test_per_example_grads_match_loop(name, shape, kw):
     y = torch.tensor([0, 1, 2, 1])
     fm = FunctionalModel(model)
     vmapped = fm.per_example_grads(fm.params, x, y, flat=True)
-    loop = []
-    for i in range(4):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        loop.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(vmapped, loop_per_example_grads(model, x, y), rtol=1e-9, atol=1e-10)
 
 
 def test_flat_per_example_grads_chunks_buffer_and_aux():
@@ -382,12 +378,7 @@ def test_batchnorm_per_example_grads_in_eval_mode_match_loop_and_train_mode_is_r
     model.eval()
     fm = FunctionalModel(model)
     vmapped = fm.per_example_grads(fm.params, x, y, flat=True)
-    loop = []
-    for i in range(4):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        loop.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(vmapped, loop_per_example_grads(model, x, y), rtol=1e-9, atol=1e-10)
 
 
 # -- the architectures of the originals' recipes (VGG, ResNet-20 option A, ResNet-18 v1, small Inception)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from conftest import small_data, small_mlp
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.models import build_model
@@ -22,24 +23,12 @@ from modelsense.training.ensemble import train_ensemble
 from modelsense.training.fit import fit
 
 
-def small_data(n=120, d=6, c=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    w = torch.randn(d, c, generator=g)
-    y = (x @ w + 0.3 * torch.randn(n, c, generator=g)).argmax(1)
-    return Dataset("toy", x[:90], y[:90], x[90:], y[90:], c)
-
-
-def mlp(seed, d=6, c=3):
-    return build_model("mlp", (d,), c, widths=(16,), seed=seed)
-
-
 def lrs_seen_by_fit(cfg: TrainConfig, data: Dataset) -> list[float]:
     """The learning rate of the optimizer at every step of `fit`."""
     seen: list[float] = []
     handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
     try:
-        fit(mlp(0), data, cfg, progress=False)
+        fit(small_mlp(0), data, cfg, progress=False)
     finally:
         handle.remove()
     return seen
@@ -122,8 +111,8 @@ def test_adamw_equals_torch_adamw_step_by_step():
     data = small_data()
     cfg = TrainConfig(optimizer="adamw", lr=0.05, lrmin=0.005, epochs=4, bs=90, delta=30.0, fixed_batches=True,
                       checkpoint_iterations=(1, 2, 3, 4), eval_every=0)
-    res = fit(mlp(2), data, cfg, progress=False)
-    ref = mlp(2)
+    res = fit(small_mlp(2), data, cfg, progress=False)
+    ref = small_mlp(2)
     opt = torch.optim.AdamW(ref.parameters(), lr=0.05, betas=(0.9, 0.999), weight_decay=30.0 / 90)
     for step in range(4):
         opt.param_groups[0]["lr"] = 0.005 + 0.045 * (1 + math.cos(math.pi * step / 4)) / 2
@@ -133,7 +122,7 @@ def test_adamw_equals_torch_adamw_step_by_step():
         for k, v in ref.named_parameters():
             torch.testing.assert_close(res.checkpoints[f"iteration_{step + 1}"][k], v.detach(), rtol=1e-6, atol=1e-7)
     # not Adam with the L2 term: the decay is decoupled from the moments
-    adam = fit(mlp(2), data, TrainConfig(**{**cfg.to_dict(), "optimizer": "adam"}), progress=False)
+    adam = fit(small_mlp(2), data, TrainConfig(**{**cfg.to_dict(), "optimizer": "adam"}), progress=False)
     assert not torch.allclose(adam.params["out.weight"], res.params["out.weight"], atol=1e-4)
     assert res.optimizer.param_groups[0]["weight_decay"] == pytest.approx(30.0 / 90)
 
@@ -153,11 +142,11 @@ def test_engine_equals_fit_with_adamw_and_schedules(optimizer, schedule):
     cfg = TrainConfig(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, epochs=4, bs=16, delta=2.0,
                       schedule=schedule, **extra)
     seeds = [5, 6, 7]
-    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds, queries={}, progress=False,
+    res = train_ensemble(small_mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds, queries={}, progress=False,
                          return_params=True)
     tol = 1e-5 if optimizer == "sgd" else 2e-3
     for m, seed in enumerate(seeds):
-        ref = fit(mlp(seed), data, TrainConfig(**{**cfg.to_dict(), "seed": seed, "eval_every": 0}),
+        ref = fit(small_mlp(seed), data, TrainConfig(**{**cfg.to_dict(), "seed": seed, "eval_every": 0}),
                   train_indices=masks[m].nonzero().flatten(), progress=False)
         for k, v in ref.params.items():
             torch.testing.assert_close(res.params[k][m], v, atol=tol, rtol=tol)
@@ -175,7 +164,7 @@ def test_schedule_reaches_the_relaxation_and_tracin_weights():
     # 100 examples: 2 steps per epoch, K = 4, W = 2: rates 0, 0.05, 0.1, 0.05
     assert retraining_relaxation(warm, 100) == pytest.approx((0 + 0.05 + 0.1 + 0.05) / 100)
     data = small_data()
-    res = fit(mlp(0), data, TrainConfig(lr=0.1, epochs=2, bs=45, schedule="warmup_cosine", warmup_ratio=0.5,
+    res = fit(small_mlp(0), data, TrainConfig(lr=0.1, epochs=2, bs=45, schedule="warmup_cosine", warmup_ratio=0.5,
                                         checkpoint_epochs=(1, 2), eval_every=0), progress=False)
     _, rates = checkpoints_from_fit(res)
     assert rates == pytest.approx([(0 + 0.05) / 2, (0.1 + 0.05) / 2])
@@ -293,12 +282,12 @@ def test_augmentation_and_mixup_refuse_what_they_cannot_do():
     data = small_data()  # vectors
     for bad in ({"crop_padding": 2}, {"hflip": True}):
         with pytest.raises(ConfigError, match=r"needs images of shape \(C, H, W\).*\(6,\)"):
-            fit(mlp(0), data, TrainConfig(epochs=1, **bad), progress=False)
+            fit(small_mlp(0), data, TrainConfig(epochs=1, **bad), progress=False)
         with pytest.raises(ConfigError, match="needs images"):
-            train_ensemble(mlp, data.x_train, data.y_train, torch.ones(1, 90, dtype=torch.bool),
+            train_ensemble(small_mlp, data.x_train, data.y_train, torch.ones(1, 90, dtype=torch.bool),
                            TrainConfig(epochs=1, **bad), progress=False)
     with pytest.raises(ConfigError, match="does not train with mixup"):
-        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(1, 90, dtype=torch.bool),
+        train_ensemble(small_mlp, data.x_train, data.y_train, torch.ones(1, 90, dtype=torch.bool),
                        TrainConfig(epochs=1, mixup_alpha=0.2), progress=False)
     for bad, msg in (
         ({"crop_padding": -1}, "crop_padding must be an int >= 0"),
@@ -321,14 +310,14 @@ def test_mixup_step_equals_the_mixed_objective():
     from modelsense.training.config import mixup_rng
 
     data = small_data()
-    module = mlp(1)
+    module = small_mlp(1)
     theta0 = {k: v.detach().clone() for k, v in module.named_parameters()}
     cfg = TrainConfig(lr=0.5, epochs=1, bs=90, delta=3.0, momentum=0.0, fixed_batches=True, mixup_alpha=0.4, seed=2,
                       eval_every=0)
     fit(module, data, cfg, progress=False)
     lam, pair = draw_mixup(90, 0.4, mixup_rng(2))
     assert 0 < lam < 1 and sorted(pair.tolist()) == list(range(90))
-    ref = mlp(1)
+    ref = small_mlp(1)
     x = data.x_train
     out = ref(lam * x + (1 - lam) * x[pair])
     loss = lam * nn.functional.cross_entropy(out, data.y_train) + (1 - lam) * nn.functional.cross_entropy(

@@ -2,24 +2,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import small_data, small_mlp
 from modelsense.data.dataset import Dataset
 from modelsense.errors import ConfigError
 from modelsense.models import build_model
 from modelsense.training.config import TrainConfig, batch_generator, cosine_lr, epoch_batches
 from modelsense.training.ensemble import train_ensemble
 from modelsense.training.fit import fit, l2_penalty, make_optimizer
-
-
-def small_data(n=120, d=6, c=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    w = torch.randn(d, c, generator=g)
-    y = (x @ w + 0.3 * torch.randn(n, c, generator=g)).argmax(1)
-    return Dataset("toy", x[:90], y[:90], x[90:], y[90:], c)
-
-
-def mlp(seed, d=6, c=3):
-    return build_model("mlp", (d,), c, widths=(16,), seed=seed)
 
 
 def test_cosine_schedule_matches_torch():
@@ -75,7 +64,7 @@ def test_fit_learns_and_records_history(optimizer):
     lr = {"sgd": 0.1, "adam": 0.01, "ivon": 1.0}[optimizer]
     cfg = TrainConfig(optimizer=optimizer, lr=lr, epochs=15, bs=16, hess_init=1.0, checkpoint_epochs=(0, 5),
                       checkpoint_iterations=(3,))
-    res = fit(mlp(0), data, cfg, progress=False)
+    res = fit(small_mlp(0), data, cfg, progress=False)
     h = res.history
     assert h["epoch"] == list(range(1, 16))
     assert h["train_loss"][-1] < h["train_loss"][0]
@@ -90,11 +79,11 @@ def test_fit_learns_and_records_history(optimizer):
 def test_fit_objective_is_mean_loss_plus_scaled_l2():
     """One full-batch SGD step without momentum equals θ - lr (∇ mean NLL + δ/N θ)."""
     data = small_data()
-    module = mlp(1)
+    module = small_mlp(1)
     theta0 = {k: v.detach().clone() for k, v in module.named_parameters()}
     cfg = TrainConfig(lr=0.5, epochs=1, bs=90, delta=3.0, momentum=0.0, fixed_batches=True, eval_every=0)
     fit(module, data, cfg, progress=False)
-    ref = mlp(1)
+    ref = small_mlp(1)
     loss = nn.functional.cross_entropy(ref(data.x_train), data.y_train)
     grads = torch.autograd.grad(loss, list(ref.parameters()))
     for (k, _p), g in zip(ref.named_parameters(), grads):
@@ -110,11 +99,11 @@ def test_fit_reaches_95_percent_on_digits(digits):
 def test_fit_objective_with_the_sigmoid_loss():
     """--loss sigmoid_bce: one full-batch SGD step equals θ - lr (∇ mean_i Σ_c BCE(σ(f_ic), e_ic) + δ/N θ)."""
     data = small_data()
-    module = mlp(1)
+    module = small_mlp(1)
     theta0 = {k: v.detach().clone() for k, v in module.named_parameters()}
     cfg = TrainConfig(lr=0.5, epochs=1, bs=90, delta=3.0, momentum=0.0, fixed_batches=True, loss="sigmoid_bce")
     res = fit(module, data, cfg, progress=False)
-    ref = mlp(1)
+    ref = small_mlp(1)
     f, e = ref(data.x_train), nn.functional.one_hot(data.y_train, 3).float()
     per_example = -(e * torch.log(torch.sigmoid(f)) + (1 - e) * torch.log(1 - torch.sigmoid(f))).sum(1)
     grads = torch.autograd.grad(per_example.mean(), list(ref.parameters()))
@@ -156,10 +145,10 @@ def test_ensemble_equals_one_by_one_loop(optimizer, tol, loss, sizes, fused, mon
         optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, lrmin=0.001, epochs=4, bs=16, delta=2.0, loss=loss
     )
     seeds = [5, 6, 7, 8]
-    res = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds,
+    res = train_ensemble(small_mlp, data.x_train, data.y_train, masks, cfg, seeds=seeds,
                          queries={"test": (data.x_test, data.y_test)}, progress=False, return_params=True)
     for m, seed in enumerate(seeds):
-        ref = fit(mlp(seed), data, TrainConfig(**{**cfg.to_dict(), "seed": seed, "eval_every": 0}),
+        ref = fit(small_mlp(seed), data, TrainConfig(**{**cfg.to_dict(), "seed": seed, "eval_every": 0}),
                   train_indices=masks[m].nonzero().flatten(), progress=False)
         with torch.no_grad():
             torch.testing.assert_close(res.outputs["test"]["logits"][m], ref.module(data.x_test), atol=tol, rtol=tol)
@@ -217,7 +206,7 @@ def test_ensemble_with_labels_per_model_equals_fit_on_the_relabeled_data():
     cfg = TrainConfig(lr=0.1, epochs=3, bs=16, delta=2.0)
     masks = torch.ones(3, 90, dtype=torch.bool)
     res = train_ensemble(
-        mlp,
+        small_mlp,
         data.x_train,
         data.y_train,
         masks,
@@ -230,7 +219,7 @@ def test_ensemble_with_labels_per_model_equals_fit_on_the_relabeled_data():
     )
     for m in range(3):
         relabeled = Dataset("toy", data.x_train, labels[m], data.x_test, data.y_test, 3)
-        ref = fit(mlp(4), relabeled, TrainConfig(**{**cfg.to_dict(), "seed": 4, "eval_every": 0}), progress=False)
+        ref = fit(small_mlp(4), relabeled, TrainConfig(**{**cfg.to_dict(), "seed": 4, "eval_every": 0}), progress=False)
         for k, v in ref.params.items():
             torch.testing.assert_close(res.params[k][m], v, atol=1e-5, rtol=1e-5)
         with torch.no_grad():  # the train query is scored against y, not the model's labels
@@ -238,7 +227,7 @@ def test_ensemble_with_labels_per_model_equals_fit_on_the_relabeled_data():
         torch.testing.assert_close(res.outputs["train"]["loss"][m], expected, atol=1e-5, rtol=1e-5)
     for bad in (labels[:2], labels.float(), labels[:, :10]):
         with pytest.raises(ConfigError, match="labels must be integer class labels of shape"):
-            train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, labels=bad, progress=False)
+            train_ensemble(small_mlp, data.x_train, data.y_train, masks, cfg, labels=bad, progress=False)
 
 
 def shared_plan_reference(module, x, y, keep, cfg):
@@ -278,7 +267,7 @@ def test_shared_batch_plan_equals_subset_training_with_the_full_schedule(optimiz
     )
     seeds = [5, 5, 5, 6]
     res = train_ensemble(
-        mlp,
+        small_mlp,
         data.x_train,
         data.y_train,
         masks,
@@ -290,13 +279,13 @@ def test_shared_batch_plan_equals_subset_training_with_the_full_schedule(optimiz
         batch_plan="shared",
     )
     for m, seed in enumerate(seeds):
-        ref = shared_plan_reference(mlp(seed), data.x_train, data.y_train, masks[m],
+        ref = shared_plan_reference(small_mlp(seed), data.x_train, data.y_train, masks[m],
                                     TrainConfig(**{**cfg.to_dict(), "seed": seed}))
         for k, v in ref.named_parameters():
             torch.testing.assert_close(res.params[k][m], v.detach(), atol=tol, rtol=tol)
     # all weights 1: the shared plan is the model's own plan
-    own = train_ensemble(mlp, data.x_train, data.y_train, masks[2:3], cfg, seeds=[5], return_params=True, queries={},
-                         progress=False)
+    own = train_ensemble(small_mlp, data.x_train, data.y_train, masks[2:3], cfg, seeds=[5], return_params=True,
+                         queries={}, progress=False)
     for k, v in own.params.items():
         torch.testing.assert_close(res.params[k][2], v[0], atol=1e-6, rtol=1e-6)
 
@@ -305,8 +294,8 @@ def test_ensemble_outputs_chunks_and_warm_start():
     data = small_data()
     masks = torch.ones(5, 90, dtype=torch.bool)
     cfg = TrainConfig(lr=0.05, epochs=2, bs=32)
-    full = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, progress=False)
-    chunked = train_ensemble(mlp, data.x_train, data.y_train, masks, cfg, chunk_models=2, progress=False)
+    full = train_ensemble(small_mlp, data.x_train, data.y_train, masks, cfg, progress=False)
+    chunked = train_ensemble(small_mlp, data.x_train, data.y_train, masks, cfg, chunk_models=2, progress=False)
     for k in ("logits", "loss", "correct", "margin"):
         torch.testing.assert_close(full.outputs["train"][k], chunked.outputs["train"][k], atol=1e-5, rtol=1e-5)
     out = full.outputs["train"]
@@ -318,10 +307,10 @@ def test_ensemble_outputs_chunks_and_warm_start():
         out["margin"] <= true - f.min(-1).values + 1e-6
     )
     # warm start with zero epochs of change: lr tiny -> outputs equal the initial model's
-    base = mlp(0)
+    base = small_mlp(0)
     init = {k: v.detach() for k, v in base.named_parameters()}
-    warm = train_ensemble(mlp, data.x_train, data.y_train, masks[:2], TrainConfig(lr=1e-12, epochs=1), init_params=init,
-                          progress=False)
+    warm = train_ensemble(small_mlp, data.x_train, data.y_train, masks[:2], TrainConfig(lr=1e-12, epochs=1),
+                          init_params=init, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(warm.outputs["train"]["logits"][1], base(data.x_train), atol=1e-5, rtol=1e-5)
 
@@ -330,15 +319,15 @@ def test_ensemble_bad_input():
     data = small_data()
     cfg = TrainConfig(epochs=1)
     with pytest.raises(ConfigError, match="masks must have shape"):
-        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 5, dtype=torch.bool), cfg, progress=False)
+        train_ensemble(small_mlp, data.x_train, data.y_train, torch.ones(2, 5, dtype=torch.bool), cfg, progress=False)
     with pytest.raises(ConfigError, match="no training example"):
-        train_ensemble(mlp, data.x_train, data.y_train, torch.zeros(2, 90, dtype=torch.bool), cfg, progress=False)
+        train_ensemble(small_mlp, data.x_train, data.y_train, torch.zeros(2, 90, dtype=torch.bool), cfg, progress=False)
     with pytest.raises(ConfigError, match="unknown batch_plan 'common'; expected one of"):
-        train_ensemble(mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False,
+        train_ensemble(small_mlp, data.x_train, data.y_train, torch.ones(2, 90, dtype=torch.bool), cfg, progress=False,
                        batch_plan="common")
     with pytest.raises(ConfigError, match="use fit"):
         train_ensemble(
-            mlp,
+            small_mlp,
             data.x_train,
             data.y_train,
             torch.ones(2, 90, dtype=torch.bool),
@@ -388,8 +377,9 @@ def test_ivon_training_repeats_exactly_whatever_the_global_generator_and_leaves_
     for caller_seed in (0, 1):
         torch.manual_seed(caller_seed)
         before = torch.random.get_rng_state()
-        runs.append(fit(mlp(0), data, cfg, progress=False).params)
+        runs.append(fit(small_mlp(0), data, cfg, progress=False).params)
         assert torch.equal(torch.random.get_rng_state(), before)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-    other = fit(mlp(0), data, TrainConfig(optimizer="ivon", lr=0.5, epochs=2, bs=30, seed=4), progress=False).params
+    other = fit(small_mlp(0), data, TrainConfig(optimizer="ivon", lr=0.5, epochs=2, bs=30, seed=4),
+                progress=False).params
     assert not all(torch.equal(runs[0][k], other[k]) for k in runs[0])  # the seed draws the noise

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import loop_per_example_grads
 from modelsense.core.functional import FunctionalModel
 from modelsense.curvature import build_curvature, dense_ggn, dense_matrix
 from modelsense.errors import ConfigError
@@ -110,12 +111,7 @@ def test_vit_per_example_grads_match_a_loop_of_single_example_backward(dropout):
     y = torch.tensor([0, 1, 2, 1, 0])
     vmapped = fm.per_example_grads(fm.params, x, y, chunk_size=2, flat=True)
     net = fm.module
-    loop = []
-    for i in range(5):
-        net.zero_grad()
-        nn.functional.cross_entropy(net(x[i : i + 1]), y[i : i + 1]).backward()
-        loop.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
-    torch.testing.assert_close(vmapped, torch.stack(loop), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(vmapped, loop_per_example_grads(net, x, y), rtol=1e-10, atol=1e-12)
     J = fm.jacobians(fm.params, x[:2])
     for i in range(2):
         rows = []

@@ -147,8 +147,29 @@ def fine_tune_chain(
     return members
 
 
+class _FineTuned:
+    """The settings of the chained fine-tuning (num_ens, ft_step, ft_lr, ft_lr_sched, ft_bs, delta) and its
+    members, for the attributors over the geometric ensemble (`gex`, `tracinrp-fge`)."""
+
+    def _check_fine_tuning(self, num_ens: int, ft_step: int, ft_lr: float, ft_lr_sched: str, ft_bs: int,
+                           delta: float) -> None:
+        self.num_ens = check_int("num_ens", num_ens)
+        self.ft_step = check_int("ft_step", ft_step)
+        self.ft_lr = check_positive("ft_lr", ft_lr)
+        self.ft_lr_sched = check_choice("ft_lr_sched", ft_lr_sched, LR_SCHEDULES)
+        self.ft_bs = check_int("ft_bs", ft_bs)
+        self.delta = check_positive("delta", delta, allow_zero=True)
+
+    def _fine_tune(self) -> list[Params]:
+        """The members θ_1..θ_M of `fine_tune_chain` from the fitted θ* on the training data (generator `seed`)."""
+        return fine_tune_chain(
+            self.model_, self.params_, self.x_train_, self.y_train_, self.num_ens, self.ft_step, self.ft_lr,
+            self.ft_lr_sched, self.ft_bs, self.delta, seed=self.seed, progress=self.compute.progress, name=self.name,
+        )
+
+
 @register("gex")
-class GeometricEnsemble(EnsembleCovariance):
+class GeometricEnsemble(_FineTuned, EnsembleCovariance):
     """GEX (`la_fge`): covariance of non-linearised loss deviations over chained fine-tuning members.
 
     Settings (flag names of the original): num_ens M, ft_step, ft_lr (peak), ft_lr_sched
@@ -180,18 +201,10 @@ class GeometricEnsemble(EnsembleCovariance):
                  ft_bs: int = 64, delta: float = 1.0, gex_eps: float = 0.0, centered: bool = False, *,
                  loss: str = "cross_entropy", seed: int = 0, compute: ComputeOptions | None = None) -> None:
         super().__init__(gex_eps, centered, loss=loss, seed=seed, compute=compute)
-        self.num_ens = check_int("num_ens", num_ens)
-        self.ft_step = check_int("ft_step", ft_step)
-        self.ft_lr = check_positive("ft_lr", ft_lr)
-        self.ft_lr_sched = check_choice("ft_lr_sched", ft_lr_sched, LR_SCHEDULES)
-        self.ft_bs = check_int("ft_bs", ft_bs)
-        self.delta = check_positive("delta", delta, allow_zero=True)
+        self._check_fine_tuning(num_ens, ft_step, ft_lr, ft_lr_sched, ft_bs, delta)
 
     def _fit(self) -> None:
-        self.members_ = fine_tune_chain(
-            self.model_, self.params_, self.x_train_, self.y_train_, self.num_ens, self.ft_step, self.ft_lr,
-            self.ft_lr_sched, self.ft_bs, self.delta, seed=self.seed, progress=self.compute.progress, name=self.name,
-        )
+        self.members_ = self._fine_tune()
         self.train_deviations_ = self._deviations(self.x_train_, self.y_train_)
         if not bool(torch.isfinite(self.train_deviations_).all()):
             raise ConfigError(f"gex: fine-tuning diverged (non-finite losses) at ft_lr={self.ft_lr}; lower --ft-lr")
@@ -221,7 +234,7 @@ class GeometricEnsemble(EnsembleCovariance):
 
 
 @register("tracinrp-fge")
-class TracInRandomProjectionFge(TracInRandomProjection):
+class TracInRandomProjectionFge(_FineTuned, TracInRandomProjection):
     """TracIn-RP over the geometric ensemble (the GEX code's `tracinrp` with `--tracinrp_fge`):
 
         score(i, j) = Σ_m (G g_i(θ_m))ᵀ (G g_j(θ_m))
@@ -251,21 +264,13 @@ class TracInRandomProjectionFge(TracInRandomProjection):
         compute: ComputeOptions | None = None,
     ) -> None:
         super().__init__(None, None, False, proj_dim, loss=loss, seed=seed, compute=compute)
-        self.num_ens = check_int("num_ens", num_ens)
-        self.ft_step = check_int("ft_step", ft_step)
-        self.ft_lr = check_positive("ft_lr", ft_lr)
-        self.ft_lr_sched = check_choice("ft_lr_sched", ft_lr_sched, LR_SCHEDULES)
-        self.ft_bs = check_int("ft_bs", ft_bs)
-        self.delta = check_positive("delta", delta, allow_zero=True)
+        self._check_fine_tuning(num_ens, ft_step, ft_lr, ft_lr_sched, ft_bs, delta)
 
     def _trajectory(self) -> list[Params]:
         return self.members_
 
     def _fit(self) -> None:
-        self.members_ = fine_tune_chain(
-            self.model_, self.params_, self.x_train_, self.y_train_, self.num_ens, self.ft_step, self.ft_lr,
-            self.ft_lr_sched, self.ft_bs, self.delta, seed=self.seed, progress=self.compute.progress, name=self.name,
-        )
+        self.members_ = self._fine_tune()
         if not all(bool(torch.isfinite(v).all()) for member in self.members_ for v in member.values()):
             raise ConfigError(f"{self.name}: fine-tuning diverged (non-finite parameters) at ft_lr={self.ft_lr}; "
                               "lower --ft-lr")

@@ -103,6 +103,18 @@ def _check_projection(projector: GaussianProjector, saved_head: Tensor, name: st
                           "torch draws other random numbers than the one that saved the state); fit again")
 
 
+class _Sketched:
+    """An attributor whose `_fit` draws a Gaussian sketch `projector_` from its seed: the saved state keeps the
+    sketch's head, and loading fits again (no data pass) and checks that the same sketch was drawn."""
+
+    def _get_state(self):
+        return {"projection_head": self.projector_.head()}
+
+    def _set_state(self, state) -> None:
+        self._fit()
+        _check_projection(self.projector_, state["projection_head"], self.name)
+
+
 class _FactoredGradients:
     """Exact gradient inner products through the Linear-layer factorisation (`factored.py`) when every
     trained parameter belongs to an nn.Linear with vector inputs; else the generic feature path."""
@@ -260,7 +272,7 @@ class GradientCosine(GradientDot):
 
 
 @register("randproj")
-class RandomProjection(GradientDot):
+class RandomProjection(_Sketched, GradientDot):
     """score(i, j) = (G g_i)ᵀ (G g_j) with a Gaussian sketch G (d × P, entries N(0, 1/d)).
 
     Settings: proj_dim d (the original's `--randproj_dim`, default 20 there; 256 here).
@@ -276,13 +288,6 @@ class RandomProjection(GradientDot):
 
     def _fit(self) -> None:
         self.projector_ = _projector(self, self.seed)
-
-    def _get_state(self):
-        return {"projection_head": self.projector_.head()}
-
-    def _set_state(self, state) -> None:
-        self._fit()
-        _check_projection(self.projector_, state["projection_head"], self.name)
 
     def _grads(self, x: Tensor, y: Tensor) -> Tensor:
         return self.projector_(self._per_example_grads(self.params_, x, y))
@@ -408,7 +413,7 @@ class TracIn(_FactoredGradients, FeatureAttributor):
 
 
 @register("tracin-rp")
-class TracInRandomProjection(TracIn):
+class TracInRandomProjection(_Sketched, TracIn):
     """TracIn on Gaussian sketches: score(i, j) = Σ_t η_t (G g_i(θ_t))ᵀ (G g_j(θ_t)), one G for all t."""
 
     supports_factored = False
@@ -425,13 +430,6 @@ class TracInRandomProjection(TracIn):
     def _fit(self) -> None:
         super()._fit()
         self.projector_ = _projector(self, self.seed)
-
-    def _get_state(self):
-        return {"projection_head": self.projector_.head()}
-
-    def _set_state(self, state) -> None:
-        self._fit()
-        _check_projection(self.projector_, state["projection_head"], self.name)
 
     def _project(self, g: Tensor) -> Tensor:
         return self.projector_(g)

@@ -40,6 +40,7 @@ layers / tensors never interact (block-diagonal K).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -336,14 +337,8 @@ def plan_blocks(
     layers, norms = [], {}
     if hooked:
         xb, _ = next(data_chunks(take_rows(x, slice(0, 2)), None, 2, params))
-        records = _record_calls(hooked)
-        handles = [layer.module.register_forward_hook(records.hook(layer)) for layer in hooked]
-        try:
-            with torch.no_grad():
-                model(params, xb)
-        finally:
-            for h in handles:
-                h.remove()
+        with _recording(hooked) as records, torch.no_grad():
+            model(params, xb)
         for layer in hooked:
             why = _call_problem(layer, records.calls[layer.name], n_rows(xb))
             if why:
@@ -395,6 +390,19 @@ class _record_calls:
             self.calls[layer.name].append((inp, output, x_hat))
 
         return record
+
+
+@contextmanager
+def _recording(layers: list[Hooked]) -> Iterator[_record_calls]:
+    """Forward hooks on the modules of `layers` that record their calls (`_record_calls`) while the block
+    runs; removed when it ends, also on an error."""
+    records = _record_calls(layers)
+    handles = [layer.module.register_forward_hook(records.hook(layer)) for layer in layers]
+    try:
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --- layer inputs and outputs ----------------------------------------------------------------------
@@ -502,15 +510,9 @@ def layer_forward(model: FunctionalModel, layers: list[KroneckerLayer], params: 
     if not hooked:
         with torch.no_grad():
             return HookedForward(model(params, xb), [], [], [])
-    records = _record_calls(hooked)
-    handles = [layer.module.register_forward_hook(records.hook(layer)) for layer in hooked]
-    try:
-        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with torch.enable_grad():
-            logits = model(p, xb)
-    finally:
-        for h in handles:
-            h.remove()
+    p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with _recording(hooked) as records, torch.enable_grad():
+        logits = model(p, xb)
     for layer in hooked:
         why = _call_problem(layer, records.calls[layer.name], n_rows(xb))
         if why:

@@ -432,7 +432,9 @@ class DenseCurvature(Curvature):
         out = self.K @ V
         return out[:, 0] if was_vector else out
 
-    def _spectral_apply(self, v, damping, power):
+    def _shifted_eigh(self, damping) -> tuple[Tensor, Tensor]:
+        """(λ + damping (P,), Q (P, P)): the eigendecomposition of K + damping·I, refused unless it is
+        positive definite."""
         check_damping(damping, strictly_positive=False, what=f"{self.structure} inverse")
         lam, Q = self.eigh
         shifted = lam + damping
@@ -441,6 +443,10 @@ class DenseCurvature(Curvature):
                 f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
                 "damping"
             )
+        return shifted, Q
+
+    def _spectral_apply(self, v, damping, power):
+        shifted, Q = self._shifted_eigh(damping)
         V, was_vector = as_matrix(v, self.n_params)
         out = Q @ (shifted.pow(power).unsqueeze(1) * (Q.T @ V))
         return out[:, 0] if was_vector else out
@@ -455,14 +461,7 @@ class DenseCurvature(Curvature):
         return torch.diagonal(self.K).clone()
 
     def inverse_diag(self, damping, block: int = 256):
-        check_damping(damping, strictly_positive=False, what="full inverse")
-        lam, Q = self.eigh
-        shifted = lam + damping
-        if bool((shifted <= 0).any()):
-            raise ConfigError(
-                f"K + damping·I is not positive definite (min eigenvalue {float(shifted.min()):.3g}); increase the "
-                "damping"
-            )
+        shifted, Q = self._shifted_eigh(damping)
         return Q.pow(2) @ (1.0 / shifted)
 
     def eigenvalues(self):

@@ -33,11 +33,7 @@ def spectrum_figure(spectrum: Spectrum, grid: np.ndarray | None = None, density:
     for s in spectrum.config.s:
         ax.axhline(s, ls="--", lw=0.8, color="tab:red")
         ax.annotate(f"s = {s:g}", (idx[-1], s), ha="right", va="bottom", fontsize=8, color="tab:red")
-    if bool((lam > 0).all()):
-        ax.set_yscale("log")
-    ax.set_xlabel("index i")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"eigenvalue λ_i ({spectrum.config.matrix}, {spectrum.config.reduction} loss)")
+    _eigenvalue_axes(ax, bool((lam > 0).all()), f"({spectrum.config.matrix}, {spectrum.config.reduction} loss)")
     ax.set_title(f"top {len(lam)} eigenvalues, N_eff = {spectrum.effective_dimension[spectrum.config.s[0]]:.3g}")
     ax.legend(fontsize=8)
     if grid is not None:
@@ -51,6 +47,16 @@ def spectrum_figure(spectrum: Spectrum, grid: np.ndarray | None = None, density:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _eigenvalue_axes(ax, log: bool, what: str) -> None:
+    """Axes of eigenvalues λ_i against their index i (integer ticks; y label "eigenvalue λ_i `what`"), y on a
+    log scale when `log` (every eigenvalue > 0)."""
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"eigenvalue λ_i {what}")
 
 
 def module_spectra_figure(whole: Spectrum, modules: dict[str, Spectrum], title: str = "") -> Figure:
@@ -68,11 +74,7 @@ def module_spectra_figure(whole: Spectrum, modules: dict[str, Spectrum], title: 
         ax.plot(np.arange(1, len(lam) + 1), lam, "o-", ms=3, label=f"{name} ({spec.n_params} params, "
                 f"N_eff {spec.effective_dimension[s0]:.3g})", **style)
     ax.axhline(s0, ls="--", lw=0.8, color="tab:red")
-    if positive:
-        ax.set_yscale("log")
-    ax.set_xlabel("index i")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"eigenvalue λ_i ({whole.config.matrix})")
+    _eigenvalue_axes(ax, positive, f"({whole.config.matrix})")
     ax.set_title(f"diagonal blocks per module (s = {s0:g} dashed)")
     ax.legend(fontsize=7)
     if title:

@@ -29,7 +29,7 @@ from modelsense.data import DataConfig, Dataset
 from modelsense.errors import ConfigError
 from modelsense.models import ModelConfig, build_model_from_config
 from modelsense.models.checkpoint import save_model
-from modelsense.retraining.store import Job, RetrainOptions, RetrainRecipe, job_parameters, retrain
+from modelsense.retraining.store import Job, RetrainOptions, RetrainRecipe, job_parameters, ray_session, retrain
 from modelsense.runs import read_json, write_json
 from modelsense.training.config import TrainConfig
 
@@ -95,9 +95,10 @@ def train_sweep(data: Dataset, data_cfg: DataConfig, models: Sequence[SweepModel
                 log: Callable[[str], None] | None = None) -> tuple[list[dict[str, Any]], int]:
     """Measure every model without a stored result (a damaged one is measured again): train the models
     the store (`options.root(run_path)`) lacks, one `retrain` per architecture (its seeds trained
-    together), then `measure` each and write its result (labels, model, seed, the store's recipe digest
-    and job key, `measure`'s numbers) and, with `save_models`, its weights. Returns (the results of all
-    `models` in their order, the number measured here); `s` is the N_eff logged per model."""
+    together; all in one `ray_session`), then `measure` each and write its result (labels, model, seed,
+    the store's recipe digest and job key, `measure`'s numbers) and, with `save_models`, its weights.
+    Returns (the results of all `models` in their order, the number measured here); `s` is the N_eff
+    logged per model."""
     log = log or (lambda message: None)
     for m in models:  # stored state is checked first: a damaged result is measured again
         if m.path.exists():
@@ -112,24 +113,25 @@ def train_sweep(data: Dataset, data_cfg: DataConfig, models: Sequence[SweepModel
     by_architecture: dict[str, list[SweepModel]] = {}
     for m in todo:
         by_architecture.setdefault(repr(m.config), []).append(m)
-    for group in by_architecture.values():
-        recipe = sweep_recipe(data_cfg, group[0].config, train_cfg)
-        jobs = [full_job(data.n_train, m.seed) for m in group]
-        tables = retrain(recipe, jobs, options, run_path, data=data, progress=progress, log=log)
-        for i, (m, job) in enumerate(zip(group, jobs)):
-            module = build_model_from_config(m.config, data.input_shape, data.num_classes, seed=m.seed)
-            module.load_state_dict(job_parameters(tables, i), strict=False)
-            numbers = measure(module, data, {k: v[i] for k, v in tables.items()}, spectrum, weights_only, use_test,
-                              m.seed)
-            result = {**m.labels, "model": asdict(m.config), "seed": m.seed, **numbers,
-                      "store": {"recipe": recipe.digest(), "job": job.key()}}
-            if save_models:
-                save_model(m.weights, module, m.config, data, m.seed)
-            write_json(m.path, result)
-            neff = effective_dimension(torch.tensor(result["eigenvalues"]), s,
-                                       converged=torch.tensor(result["eigenvalues_converged"]))
-            log(f"{m.name}: {result['n_params']} params, train loss {result['train_loss']:.4g}, "
-                f"test loss {result['test_loss']:.4g}, N_eff {neff:.4g}")
+    with ray_session():  # one Ray session for all architectures (--backend ray), started when needed
+        for group in by_architecture.values():
+            recipe = sweep_recipe(data_cfg, group[0].config, train_cfg)
+            jobs = [full_job(data.n_train, m.seed) for m in group]
+            tables = retrain(recipe, jobs, options, run_path, data=data, progress=progress, log=log)
+            for i, (m, job) in enumerate(zip(group, jobs)):
+                module = build_model_from_config(m.config, data.input_shape, data.num_classes, seed=m.seed)
+                module.load_state_dict(job_parameters(tables, i), strict=False)
+                numbers = measure(module, data, {k: v[i] for k, v in tables.items()}, spectrum, weights_only, use_test,
+                                  m.seed)
+                result = {**m.labels, "model": asdict(m.config), "seed": m.seed, **numbers,
+                          "store": {"recipe": recipe.digest(), "job": job.key()}}
+                if save_models:
+                    save_model(m.weights, module, m.config, data, m.seed)
+                write_json(m.path, result)
+                neff = effective_dimension(torch.tensor(result["eigenvalues"]), s,
+                                           converged=torch.tensor(result["eigenvalues_converged"]))
+                log(f"{m.name}: {result['n_params']} params, train loss {result['train_loss']:.4g}, "
+                    f"test loss {result['test_loss']:.4g}, N_eff {neff:.4g}")
     return [read_json(m.path) for m in models], len(todo)
 
 

@@ -75,8 +75,23 @@ class UndefinedEstimateWarning(UserWarning):
 # results
 
 
+class _HeldOutCounts:
+    """The reliability of estimates made from per-example model counts `n_in`, `n_out` (N,) with a minimum
+    `min_held_out` on each side (fields of the dataclass that inherits this)."""
+
+    @property
+    def reliable(self) -> np.ndarray:
+        """(N,) bool: n_in >= min_held_out and n_out >= min_held_out (the estimate is reported, not NaN)."""
+        return reliable_examples(self.n_in, self.n_out, self.min_held_out)
+
+    @property
+    def n_unreliable(self) -> int:
+        """Examples whose estimate is NaN: fewer than `min_held_out` models on a side (includes undefined)."""
+        return int(np.count_nonzero(~self.reliable))
+
+
 @dataclass(frozen=True)
-class MemorizationEstimate:
+class MemorizationEstimate(_HeldOutCounts):
     """mem(i) per training example with its standard error and the counts behind it.
 
     estimate, standard_error: (N,) float64, NaN where `reliable` is False (see module docstring).
@@ -93,19 +108,9 @@ class MemorizationEstimate:
     min_held_out: int = MIN_HELD_OUT
 
     @property
-    def reliable(self) -> np.ndarray:
-        """(N,) bool: n_in >= min_held_out and n_out >= min_held_out (the estimate is reported)."""
-        return reliable_examples(self.n_in, self.n_out, self.min_held_out)
-
-    @property
     def n_undefined(self) -> int:
         """Examples with no in-run or no out-run (NaN whatever the minimum)."""
         return int(np.count_nonzero((self.n_in == 0) | (self.n_out == 0)))
-
-    @property
-    def n_unreliable(self) -> int:
-        """Examples whose estimate is NaN: fewer than `min_held_out` models on a side (includes undefined)."""
-        return int(np.count_nonzero(~self.reliable))
 
 
 @dataclass(frozen=True)
@@ -134,7 +139,7 @@ class ConsistencyScores:
 
 
 @dataclass(frozen=True)
-class InfluenceEstimate:
+class InfluenceEstimate(_HeldOutCounts):
     """infl(i, j) for test example j (rows) and training example i (columns).
 
     scores: (M, N) matrix (the `out` array when one was given), or None when only top-k was asked.
@@ -155,16 +160,6 @@ class InfluenceEstimate:
     n_in: np.ndarray
     n_out: np.ndarray
     min_held_out: int = MIN_HELD_OUT
-
-    @property
-    def reliable(self) -> np.ndarray:
-        """(N,) bool: training examples whose influence columns are reported (not NaN)."""
-        return reliable_examples(self.n_in, self.n_out, self.min_held_out)
-
-    @property
-    def n_unreliable(self) -> int:
-        """Training examples whose influence column is NaN (fewer than `min_held_out` models on a side)."""
-        return int(np.count_nonzero(~self.reliable))
 
 
 class SubsetMasks(NamedTuple):

@@ -39,6 +39,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -139,6 +140,21 @@ def _build_mlp(name: str, shape: tuple[int, ...], c: int, widths: Sequence[int],
     return MLP(shape, c, check_widths(widths, name), check_activation(activation))
 
 
+def _width_norm_spec(key: str, description: str, default_width: int, network: Callable[..., nn.Module]) -> _ModelSpec:
+    """An image model whose options are its width k (default `default_width`) and its normalisation
+    (default GroupNorm), built as `network(shape, num_classes, width=k, norm=norm)` after checking both."""
+    return _ModelSpec(
+        key,
+        description,
+        "images (C, H, W)",
+        True,
+        {"width": default_width, "norm": "gn"},
+        lambda name, shape, c, width, norm: network(
+            shape, c, width=_positive_int(width, "width", name), norm=check_norm(norm)
+        ),
+    )
+
+
 _SPECS: dict[str, _ModelSpec] = {
     s.name: s
     for s in (
@@ -208,15 +224,11 @@ _SPECS: dict[str, _ModelSpec] = {
                 shape, c, _positive_int(width, "width", name), _positive_int(depth, "depth", name, 0), check_norm(norm)
             ),
         ),
-        _ModelSpec(
+        _width_norm_spec(
             "resnet18",
             "PreAct ResNet-18 of width k (Nakkiran double descent), GroupNorm by default",
-            "images (C, H, W)",
-            True,
-            {"width": 16, "norm": "gn"},
-            lambda name, shape, c, width, norm: PreActResNet18(
-                shape, c, _positive_int(width, "width", name), check_norm(norm)
-            ),
+            16,
+            PreActResNet18,
         ),
         _ModelSpec(
             "vit",
@@ -234,50 +246,34 @@ _SPECS: dict[str, _ModelSpec] = {
             ),
         ),
         *(
-            _ModelSpec(
+            _width_norm_spec(
                 key,
                 f"{label} (Simonyan & Zisserman) of width k (k = 64: the standard network), CIFAR head, "
                 "GroupNorm by default",
-                "images (C, H, W)",
-                True,
-                {"width": 64, "norm": "gn"},
-                lambda name, shape, c, width, norm: VGG(
-                    shape, c, name, _positive_int(width, "width", name), check_norm(norm)
-                ),
+                64,
+                partial(VGG, config=key),
             )
             for key, label in (("vgg11", "VGG-11"), ("vgg16", "VGG-16"))
         ),
-        _ModelSpec(
+        _width_norm_spec(
             "resnet20",
             "ResNet-20 (He et al.) with option-A zero-padding shortcuts, width 16, GroupNorm by default",
-            "images (C, H, W)",
-            True,
-            {"width": 16, "norm": "gn"},
-            lambda name, shape, c, width, norm: resnet20(
-                shape, c, _positive_int(width, "width", name), check_norm(norm)
-            ),
+            16,
+            resnet20,
         ),
-        _ModelSpec(
+        _width_norm_spec(
             "resnet18_v1",
             "standard (post-activation) CIFAR ResNet-18 of width k (He et al.; GEX), 1x1-conv "
             "shortcuts, GroupNorm by default",
-            "images (C, H, W)",
-            True,
-            {"width": 64, "norm": "gn"},
-            lambda name, shape, c, width, norm: resnet18_v1(
-                shape, c, _positive_int(width, "width", name), check_norm(norm)
-            ),
+            64,
+            resnet18_v1,
         ),
-        _ModelSpec(
+        _width_norm_spec(
             "small_inception",
             "the small Inception of Zhang et al. 2017 as Feldman & Zhang 2020 use it; width = the "
             "stem's channels (96: the original), GroupNorm by default",
-            "images (C, H, W)",
-            True,
-            {"width": 96, "norm": "gn"},
-            lambda name, shape, c, width, norm: SmallInception(
-                shape, c, _positive_int(width, "width", name), check_norm(norm)
-            ),
+            96,
+            SmallInception,
         ),
     )
 }

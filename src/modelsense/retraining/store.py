@@ -31,7 +31,8 @@ import hashlib
 import json
 import os
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -417,6 +418,26 @@ def train_jobs(recipe: RetrainRecipe, jobs: Sequence[Job], root: str | os.PathLi
     return store.gather(jobs)
 
 
+#: one entry per open `ray_session`: whether a retraining started Ray inside it (shut down when it closes)
+_RAY_SESSIONS: list[bool] = []
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Keep the Ray instance that a `retrain` / `train_jobs` with the ray backend starts inside this
+    block running until the block ends, so that several retrainings (a sweep's architectures) share
+    one session instead of starting and stopping Ray once each; Ray is started only when a retraining
+    needs it. A no-op for the local backend and when Ray was already running."""
+    _RAY_SESSIONS.append(False)
+    try:
+        yield
+    finally:
+        if _RAY_SESSIONS.pop():
+            import ray
+
+            ray.shutdown()
+
+
 def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[list[Job]], init_params,
                   address: str | None, ray_num_cpus: int | None, progress: bool) -> None:
     try:
@@ -432,6 +453,8 @@ def _train_on_ray(store: GroundTruthStore, recipe: RetrainRecipe, chunks: list[l
                      log_to_driver=False, ignore_reinit_error=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise FarmError(f"could not start or reach Ray (--address {address or 'local'}): {err}") from None
+        if _RAY_SESSIONS:  # the enclosing ray_session shuts it down
+            _RAY_SESSIONS[-1], started = True, False
     pending: list = []
     try:
         task = ray.remote(_ray_task)
@@ -469,5 +492,5 @@ def retrain(recipe: RetrainRecipe, jobs: Sequence[Job], options: RetrainOptions,
 
 
 __all__ = ["BACKENDS", "FarmError", "GroundTruthStore", "Job", "RetrainOptions", "RetrainRecipe", "STORE_DIR",
-           "job_parameters", "jobs_from", "params_digest", "retrain", "subset_jobs", "subset_size", "train_chunk",
-           "train_jobs"]
+           "job_parameters", "jobs_from", "params_digest", "ray_session", "retrain", "subset_jobs", "subset_size",
+           "train_chunk", "train_jobs"]
