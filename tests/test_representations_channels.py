@@ -59,6 +59,14 @@ def test_the_axis_is_the_one_the_last_channel_module_indexes():
     torch.testing.assert_close(feats["act_lin"], plain.movedim(2, 1), rtol=0, atol=0)
 
 
+def test_the_axes_of_a_dataloader_are_those_of_its_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(X, torch.zeros(6, dtype=torch.long)), batch_size=4)
+    assert channel_axes(Mixed(), loader, ["act_lin", "act_conv"]) == {"act_lin": 2, "act_conv": 1}
+    assert channel_axes(Mixed(), X.numpy(), ["act_lin", "act_conv"]) == {"act_lin": 2, "act_conv": 1}
+
+
 def test_a_module_called_twice_has_an_axis_per_call():
     class Twice(nn.Module):
         def __init__(self):
