@@ -99,8 +99,9 @@ def compare_representations(
 
     features = the outputs of the named modules (default every nn.ReLU, in module order), shape
     (n, *layer output shape), with the channel axis (`channel_axes`: e.g. the last of a transformer's
-    (n, T, width)) moved to axis 1, (n, C, *positions), as the channel-wise metrics read them; see `modelsense.representations.metrics.similarity_matrix` for each
-    metric (every one a similarity: 1 = identical up to its invariances). `options` go to the metric.
+    (n, T, width)) moved to axis 1, (n, C, *positions), as the channel-wise metrics read them; see
+    `modelsense.representations.metrics.similarity_matrix` for each metric (every one a similarity:
+    1 = identical up to its invariances). `options` go to the metric.
 
     Returns:
         {"matrix": (L_a, L_b) ndarray, "layers": names of A's layers, "layers_b": names of B's}.

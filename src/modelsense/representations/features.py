@@ -18,7 +18,7 @@ from (n, T, d). The rule, for the output of module `name`:
   2. else inferred from the last module that indexes a channel axis with its parameters and finished
      running before (or inside) the layer's output, in the forward pass: nn.Linear, nn.Bilinear,
      nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.MultiheadAttention -> the last axis; nn.Conv*d,
-     nn.ConvTranspose*d, nn.BatchNorm*d, nn.InstanceNorm*d (affine), nn.GroupNorm -> axis 1 (other
+     nn.ConvTranspose*d, nn.BatchNorm*d, nn.InstanceNorm*d, nn.GroupNorm -> axis 1 (other
      parameterised modules, e.g. a learned position embedding, are skipped: their parameters do not say
      which axis is the channel);
   3. a 2-D feature (n, C) has axis 1 either way; a feature of ndim >= 3 with neither a declaration nor
@@ -39,7 +39,6 @@ from torch import Tensor, nn
 from modelsense.core.functional import chunks, to_device
 from modelsense.data.stream import as_examples, is_stream
 from modelsense.errors import ConfigError, DataError
-
 
 #: modules whose parameters index the LAST axis of their output (features), and the FIRST after n
 LAST_AXIS_MODULES: tuple[type[nn.Module], ...] = tuple(

@@ -10,8 +10,8 @@ At an activation module `layer` (an `nn.ReLU`, called once per forward pass) wit
 
 M (C x C) acting on channels, the same at every position (a 1x1 convolution); the channel axis is the
 layer's `channel_axes` (`modelsense.representations.features`: axis 1 of a convolution's (n, C, *S),
-the last of a transformer's (n, T, width)), and the features compared are read with it moved to axis 1. When the ReLU sits
-between two linear layers this is W_prev <- M W_prev, b_prev <- M b_prev (the original's
+the last of a transformer's (n, T, width)), and the features compared are read with it moved to axis 1.
+When the ReLU sits between two linear layers this is W_prev <- M W_prev, b_prev <- M b_prev (the original's
 `LayerModifier`) and W_next <- W_next M^{-1} (the compensation in the next layer). The network computes
 the same function iff ReLU(M z) = M ReLU(z), i.e. for M in G_ReLU = {P D: P a permutation, D a positive
 diagonal}: the G_ReLU transform leaves the outputs unchanged (to float rounding), the other two do not.

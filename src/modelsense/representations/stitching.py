@@ -5,7 +5,8 @@ applied to the channels at every position (a 1x1 convolution for conv features, 
 (n, C) features). The channel axis of each model's features at the stitch point follows
 `modelsense.representations.features.channel_axes` (e.g. the last axis of a transformer's (n, T, width)
 tokens: the layer is then width x width, the same at every token); `StitchedModel` moves it to axis 1
-for the stitching layer and back to model B's layout. Kinds (Godfrey et al. 2022, `model_symmetries/stitching/stitching.py`):
+for the stitching layer and back to model B's layout.
+Kinds (Godfrey et al. 2022, `model_symmetries/stitching/stitching.py`):
 
 - `linear`: an unconstrained matrix (optionally with bias).
 - `birkhoff`: W diag(s) with W doubly stochastic and s >= 0, trained by projected gradient; the
