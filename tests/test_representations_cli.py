@@ -1,4 +1,4 @@
-"""End-to-end tests of `modelsense zoo`, `compare`, `stitch` (tiny digits MLPs) and their experiments."""
+"""End-to-end tests of `modelsense zoo`, `compare`, `stitch`, `probe` (tiny digits MLPs) and their experiments."""
 
 import json
 from types import SimpleNamespace
@@ -440,3 +440,34 @@ def test_stitching_figure_legend_names_both_clean_accuracy_lines():
     assert entries["clean A"] == "--" and entries["clean B"] == ":"
     drawn = {line.get_linestyle() for line in ax_a.get_lines() if line.get_label().startswith("clean")}
     assert drawn == {"--", ":"}
+
+
+RAW_RELU_MODEL = '''
+from torch import nn
+
+
+class RawReLU(nn.Module):
+    """A ReLU on the raw (n, 1, 8, 8) images: no module with channel parameters runs before it."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.raw = nn.ReLU()
+        self.out = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        return self.out(self.raw(x).flatten(1))
+
+
+def make_model(input_shape, num_classes):
+    return RawReLU(num_classes)
+'''
+
+
+def test_a_layer_whose_channel_axis_cannot_be_decided_is_refused_before_anything_is_written(tmp_path):
+    path = tmp_path / "raw_relu.py"
+    path.write_text(RAW_RELU_MODEL)
+    model = ["--model", f"{path}:make_model", *TRAIN]
+    for command in ("compare", "stitch", "probe"):
+        msg = _error(invoke(command, *DATA, *model, "--out", tmp_path / command))
+        assert "channel axis of layer 'raw' of RawReLU" in msg and "channel_axis = -1" in msg, msg
+        assert not (tmp_path / command).exists()

@@ -364,12 +364,10 @@ def test_probe_a_vit_block(trained, tmp_path):
             assert np.isfinite(m["output_change"][layer][transform])  # GELU, a block: not G_ReLU-equivariant
 
 
-@pytest.mark.xfail(strict=True, reason="representations take axis 1 as the channels ((n, C, *S) of convolutions); "
-                                       "a transformer's (n, T, width) features have their channels last")
 def test_stitching_a_vit_block_maps_its_width_at_every_token(trained, tmp_path):
     out = tmp_path / "stitch"
     model = trained / "model.pt"
     ok("stitch", *DATA, "--model-a", model, "--model-b", model, "--layers", "blocks.0", "--stitch-epochs", 1,
        "--out", out)
     weight = torch.load(out / "stitching_layers.pt")["linear/blocks.0"]["weight"]
-    assert weight.shape == (8, 8)  # width x width (4 x 4 today: the 4 tokens are mixed)
+    assert weight.shape == (8, 8)  # width x width, the same map at each of the 4 tokens

@@ -125,6 +125,14 @@ def load_member(which: str, path: str | Path, data: Dataset) -> TrainedRun:
     return member
 
 
+def check_channel_axes(module, layers: list[str], data: Dataset) -> None:
+    """A ConfigError (before anything is written) where the channel axis of a layer's features cannot be
+    decided (`modelsense.representations.features.channel_axes`: one forward pass on two test examples)."""
+    from modelsense.representations.features import channel_axes
+
+    channel_axes(module, data.x_test, layers)
+
+
 def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
     """The dataset, and the checkpoints of the pair, checked with what can be checked before anything is
     written or trained: each checkpoint against the data, the architecture of the zoo members and the
@@ -140,10 +148,8 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
             settings = model_zoo.zoo_settings(spec.data, spec.model, spec.train)
             model_zoo.check_zoo_index(p.zoo, model_zoo.read_zoo_index(p.zoo), settings)
     for which in ("model-a", "model-b"):  # the layers (named, or every ReLU: a model may have none) on each model
-        if which in loaded:
-            choose_layers(loaded[which].module, p.layers, which)
-        else:
-            choose_layers(probe, p.layers, f"model {spec.model.name}")
+        module, what = (loaded[which].module, which) if which in loaded else (probe, f"model {spec.model.name}")
+        check_channel_axes(module, choose_layers(module, p.layers, what), data)
     return Prepared(data, {"dataset": data.summary()}, {"loaded": loaded})
 
 
@@ -349,8 +355,9 @@ def check_probe(spec: ProbeSpec) -> Prepared:
 
     data = load_dataset_from_config(spec.data)
     trained = model_source(spec.checkpoint, spec.weights, spec.data, spec.model, data)
-    layers = choose_layers(check_model(data, spec.model) if trained is None else trained.module, spec.layers,
-                           "the model")
+    module = check_model(data, spec.model) if trained is None else trained.module
+    layers = choose_layers(module, spec.layers, "the model")
+    check_channel_axes(module, layers, data)
     config = {"dataset": data.summary(), "layers_used": layers,
               **({} if trained is None else {"source": trained.summary()})}
     return Prepared(data, config, {"trained": trained, "layers": layers})

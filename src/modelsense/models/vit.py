@@ -127,6 +127,9 @@ class ViT(nn.Module):
     Input (n, C, H, W) with H, W divisible by `patch`; output (n, num_classes).
     """
 
+    #: every feature is (n, T, channels) (or (n, width) after pooling): representations read the last axis
+    channel_axis = -1
+
     def __init__(self, input_shape: tuple[int, int, int], num_classes: int, width: int = 64, depth: int = 2,
                  patch: int = 2, heads: int = 4, mlp_ratio: int = 2, dropout: float = 0.1) -> None:
         super().__init__()

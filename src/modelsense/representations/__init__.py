@@ -15,7 +15,7 @@
   with their means, standard deviations and standard errors, as `modelsense compare` / `stitch` report them.
 """
 
-from modelsense.representations.features import extract_features, relu_module_names
+from modelsense.representations.features import channel_axes, extract_features, relu_module_names
 from modelsense.representations.metrics import (
     RBFCKA,
     SIMILARITIES,
@@ -99,6 +99,7 @@ __all__ = [
     "StitchingLayer",
     "align_channel_shapes",
     "angular_shape_distance",
+    "channel_axes",
     "cka_from_grams",
     "evaluate_accuracy",
     "extract_features",

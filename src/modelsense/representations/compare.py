@@ -98,8 +98,10 @@ def compare_representations(
         S[i, j] = metric(features of layer i of A on x, features of layer j of B on x),
 
     features = the outputs of the named modules (default every nn.ReLU, in module order), shape
-    (n, *layer output shape); see `modelsense.representations.metrics.similarity_matrix` for each
-    metric (every one a similarity: 1 = identical up to its invariances). `options` go to the metric.
+    (n, *layer output shape), with the channel axis (`channel_axes`: e.g. the last of a transformer's
+    (n, T, width)) moved to axis 1, (n, C, *positions), as the channel-wise metrics read them; see
+    `modelsense.representations.metrics.similarity_matrix` for each metric (every one a similarity:
+    1 = identical up to its invariances). `options` go to the metric.
 
     Returns:
         {"matrix": (L_a, L_b) ndarray, "layers": names of A's layers, "layers_b": names of B's}.
@@ -107,8 +109,8 @@ def compare_representations(
     metric = check_metric(metric)
     names_a = choose_layers(model_a, layers_a, "model-a")
     names_b = choose_layers(model_b, layers_b if layers_b is not None else layers_a, "model-b")
-    fa = extract_features(model_a.to(device), x, names_a, batch_size=batch_size, out_device=device)
-    fb = extract_features(model_b.to(device), x, names_b, batch_size=batch_size, out_device=device)
+    fa = extract_features(model_a.to(device), x, names_a, batch_size=batch_size, out_device=device, channels_first=True)
+    fb = extract_features(model_b.to(device), x, names_b, batch_size=batch_size, out_device=device, channels_first=True)
     matrix = similarity_matrix(fa, fb, metric, **options)
     return {"matrix": matrix, "layers": list(fa), "layers_b": list(fb)}
 

@@ -8,8 +8,10 @@ At an activation module `layer` (an `nn.ReLU`, called once per forward pass) wit
 
     z  ->  M z  ->  ReLU(M z) = h'  ->  M^{-1} h'  ->  the rest of the network,
 
-M (C x C) acting on channels, the same at every position (a 1x1 convolution). When the ReLU sits
-between two linear layers this is W_prev <- M W_prev, b_prev <- M b_prev (the original's
+M (C x C) acting on channels, the same at every position (a 1x1 convolution); the channel axis is the
+layer's `channel_axes` (`modelsense.representations.features`: axis 1 of a convolution's (n, C, *S),
+the last of a transformer's (n, T, width)), and the features compared are read with it moved to axis 1.
+When the ReLU sits between two linear layers this is W_prev <- M W_prev, b_prev <- M b_prev (the original's
 `LayerModifier`) and W_next <- W_next M^{-1} (the compensation in the next layer). The network computes
 the same function iff ReLU(M z) = M ReLU(z), i.e. for M in G_ReLU = {P D: P a permutation, D a positive
 diagonal}: the G_ReLU transform leaves the outputs unchanged (to float rounding), the other two do not.
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from modelsense.errors import ConfigError, DataError
-from modelsense.representations.features import extract_features
+from modelsense.representations.features import channel_axes, extract_features
 from modelsense.representations.metrics import SIMILARITIES, make_metric
 from modelsense.representations.stitching import apply_channel_matrix
 
@@ -81,39 +83,50 @@ def random_transform(kind: str, channels: int, generator: torch.Generator, sigma
 
 
 class ChannelMap(nn.Module):
-    """x -> M x on the channel axis (dim 1) at every position; `matrix` None: the identity."""
+    """x -> M x on the channel axis `axis` (default 1) at every position; `matrix` None: the identity."""
 
-    def __init__(self, matrix: Tensor | None = None) -> None:
+    def __init__(self, matrix: Tensor | None = None, axis: int = 1) -> None:
         super().__init__()
+        self.axis = int(axis)
         self.register_buffer("matrix", None if matrix is None else matrix.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if self.matrix is None else apply_channel_matrix(x, self.matrix.to(x.dtype))
+        if self.matrix is None:
+            return x
+        if self.axis % x.ndim == 1:
+            return apply_channel_matrix(x, self.matrix.to(x.dtype))
+        return apply_channel_matrix(x.movedim(self.axis, 1), self.matrix.to(x.dtype)).movedim(1, self.axis)
 
 
 class Intertwined(nn.Module):
-    """`compensate(act(transform(z)))` = M^{-1} act(M z): an activation module conjugated by M."""
+    """`compensate(act(transform(z)))` = M^{-1} act(M z): an activation module conjugated by M, on the
+    channel axis `axis` (declared as this module's `channel_axis`, so its children's features keep it)."""
 
-    def __init__(self, act: nn.Module, matrix: Tensor | None = None) -> None:
+    def __init__(self, act: nn.Module, matrix: Tensor | None = None, axis: int = 1) -> None:
         super().__init__()
-        self.transform = ChannelMap(matrix)
+        self.channel_axis = int(axis)
+        self.transform = ChannelMap(matrix, axis)
         self.act = act
-        self.compensate = ChannelMap(None if matrix is None else torch.linalg.inv(matrix.to(torch.float64)))
+        self.compensate = ChannelMap(None if matrix is None else torch.linalg.inv(matrix.to(torch.float64)), axis)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.compensate(self.act(self.transform(z)))
 
 
-def intertwine(model: nn.Module, layer: str, matrix: Tensor | None) -> nn.Module:
-    """A deep copy of `model` whose module `layer` is replaced by `Intertwined(module, matrix)` (eval mode)."""
-    modules = dict(model.named_modules())
-    if not layer or layer not in modules:
+def _check_layer(model: nn.Module, layer: str) -> None:
+    if not layer or layer not in dict(model.named_modules()):
         raise ConfigError(f"no module named {layer!r}; ReLU modules: "
                           f"{[n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]}")
+
+
+def intertwine(model: nn.Module, layer: str, matrix: Tensor | None, axis: int = 1) -> nn.Module:
+    """A deep copy of `model` whose module `layer` is replaced by `Intertwined(module, matrix, axis)` (eval
+    mode); `axis`: the channel axis of the layer's output (`channel_axes`)."""
+    _check_layer(model, layer)
     out = copy.deepcopy(model).eval()
     parent_name, _, child = layer.rpartition(".")
     parent = out.get_submodule(parent_name) if parent_name else out
-    setattr(parent, child, Intertwined(getattr(parent, child), matrix))
+    setattr(parent, child, Intertwined(getattr(parent, child), matrix, axis))
     return out
 
 
@@ -170,9 +183,14 @@ def invariance_probe(model: nn.Module, layers: Sequence[str], x: Tensor, y: Tens
     if y is not None:
         res.clean_accuracy = float((base_out.argmax(-1) == y.cpu()).float().mean())
     for li, layer in enumerate(layers):
-        identity = intertwine(model, layer, None)
+        _check_layer(model, layer)
+        axes = channel_axes(model, x, [layer], device=device)
+        if set(axes) != {layer}:
+            raise ConfigError(f"module {layer!r} is called more than once per forward pass; probe a module used once")
+        axis = axes[layer]
+        identity = intertwine(model, layer, None, axis)
         names = [f"{layer}.transform", f"{layer}.act"]
-        base = extract_features(identity, x, names, batch_size=batch_size, device=device)
+        base = extract_features(identity, x, names, batch_size=batch_size, device=device, channels_first=True)
         if set(base) != set(names):
             raise ConfigError(f"module {layer!r} is called more than once per forward pass; probe a module used once")
         if base[names[0]].shape != base[names[1]].shape:
@@ -192,8 +210,8 @@ def invariance_probe(model: nn.Module, layers: Sequence[str], x: Tensor, y: Tens
                     int(seed) + r + 1_000_003 * (li * len(TRANSFORMS) + TRANSFORMS.index(kind))
                 )
                 matrix = random_transform(kind, channels, gen, sigma)
-                changed = intertwine(model, layer, matrix)
-                feats = extract_features(changed, x, names, batch_size=batch_size, device=device)
+                changed = intertwine(model, layer, matrix, axis)
+                feats = extract_features(changed, x, names, batch_size=batch_size, device=device, channels_first=True)
                 out = _outputs(changed, x, batch_size, device)
                 res.output_change[key].append(float((out - base_out).abs().max()))
                 if y is not None:

@@ -2,7 +2,11 @@
 
 A stitching layer maps activations (n, C_in, *S) to (n, C_out, *S) with one C_out x C_in matrix
 applied to the channels at every position (a 1x1 convolution for conv features, a dense map for
-(n, C) features). Kinds (Godfrey et al. 2022, `model_symmetries/stitching/stitching.py`):
+(n, C) features). The channel axis of each model's features at the stitch point follows
+`modelsense.representations.features.channel_axes` (e.g. the last axis of a transformer's (n, T, width)
+tokens: the layer is then width x width, the same at every token); `StitchedModel` moves it to axis 1
+for the stitching layer and back to model B's layout.
+Kinds (Godfrey et al. 2022, `model_symmetries/stitching/stitching.py`):
 
 - `linear`: an unconstrained matrix (optionally with bias).
 - `birkhoff`: W diag(s) with W doubly stochastic and s >= 0, trained by projected gradient; the
@@ -47,7 +51,7 @@ from modelsense.core.device import check_device
 from modelsense.core.functional import chunks
 from modelsense.errors import ConfigError, DataError
 from modelsense.options import option
-from modelsense.representations.features import extract_features
+from modelsense.representations.features import channel_axes, extract_features
 from modelsense.representations.metrics import channel_rows, relu_procrustes_matching
 
 STITCH_KINDS = ("linear", "birkhoff", "permutation", "lowrank", "lasso")
@@ -638,7 +642,10 @@ class StitchedModel(nn.Module):
     a hook on A's module ends A's forward pass there, a hook on B's module replaces its output by
     the stitched activations (B's modules before that point run but do not influence the output).
     The module at the stitch point must be called once per forward pass. `mode="auto"` picks
-    "sequential" for each model where possible.
+    "sequential" for each model where possible. `axes`: the channel axes (of A's output at `layer`,
+    of B's at `layer_b`); None: `channel_axes` of both models on the first batch seen. The stitching
+    layer gets A's activations with the channel axis moved to 1, and its output goes to B with the
+    channel axis moved back to B's.
     """
 
     def __init__(
@@ -649,6 +656,7 @@ class StitchedModel(nn.Module):
         layer: str,
         layer_b: str | None = None,
         mode: str = "auto",
+        axes: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("auto", "sequential", "hooks"):
@@ -666,6 +674,7 @@ class StitchedModel(nn.Module):
         self.stitch = stitch
         self.layer = layer
         self.layer_b = layer_b
+        self.axes = None if axes is None else (int(axes[0]), int(axes[1]))
         for p in list(model_a.parameters()) + list(model_b.parameters()):
             p.requires_grad_(False)
         split_a = split_sequential(model_a, layer) if mode != "hooks" else None
@@ -742,7 +751,13 @@ class StitchedModel(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.continue_b(self.stitch(self.activations_a(x)), x)
+        if self.axes is None:
+            self.axes = (channel_axes(self.model_a, x, [self.layer])[self.layer],
+                         channel_axes(self.model_b, x, [self.layer_b])[self.layer_b])
+        axis_a, axis_b = self.axes
+        h = self.activations_a(x)
+        h = self.stitch(h if axis_a == 1 else h.movedim(axis_a, 1))
+        return self.continue_b(h if axis_b == 1 else h.movedim(1, axis_b), x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -941,20 +956,21 @@ def stitch_models(
     config = config or StitchConfig()
     layer_b = layer if layer_b is None else layer_b
     probe = _as_tensor(x, "x")[:2]
-    ha = next(iter(extract_features(model_a, probe, [layer], dtype=None).values()))
-    hb = next(iter(extract_features(model_b, probe, [layer_b], dtype=None).values()))
+    ha = next(iter(extract_features(model_a, probe, [layer], dtype=None, channels_first=True).values()))
+    hb = next(iter(extract_features(model_b, probe, [layer_b], dtype=None, channels_first=True).values()))
     if ha.ndim != hb.ndim or ha.shape[2:] != hb.shape[2:]:
         raise ConfigError(
-            f"cannot stitch activations {tuple(ha.shape[1:])} (model_a {layer!r}) to "
-            f"{tuple(hb.shape[1:])} (model_b {layer_b!r}): a stitching layer maps channels only, "
-            "so the spatial shapes must agree"
+            f"cannot stitch activations with {ha.shape[1]} channels x positions {tuple(ha.shape[2:])} (model_a "
+            f"{layer!r}) to {hb.shape[1]} channels x {tuple(hb.shape[2:])} (model_b {layer_b!r}): a stitching layer "
+            "maps channels only, so the positions must agree"
         )
     stitch = make_stitching_layer(config, ha.shape[1], hb.shape[1])
     if config.init == "match":
         sub = _as_tensor(x, "x")[: config.init_examples]
-        ha = next(iter(extract_features(model_a, sub, [layer], dtype=None).values()))
-        hb = next(iter(extract_features(model_b, sub, [layer_b], dtype=None).values()))
+        ha = next(iter(extract_features(model_a, sub, [layer], dtype=None, channels_first=True).values()))
+        hb = next(iter(extract_features(model_b, sub, [layer_b], dtype=None, channels_first=True).values()))
         initialize_from_activations(stitch, ha, hb)
-    stitched = StitchedModel(model_a, model_b, stitch, layer, layer_b)
+    axes = (channel_axes(model_a, probe, [layer])[layer], channel_axes(model_b, probe, [layer_b])[layer_b])
+    stitched = StitchedModel(model_a, model_b, stitch, layer, layer_b, axes=axes)
     history = train_stitch(stitched, x, y, config, progress=progress)
     return stitched, history
