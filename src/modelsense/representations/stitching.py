@@ -755,9 +755,8 @@ class StitchedModel(nn.Module):
             self.axes = (channel_axes(self.model_a, x, [self.layer])[self.layer],
                          channel_axes(self.model_b, x, [self.layer_b])[self.layer_b])
         axis_a, axis_b = self.axes
-        h = self.activations_a(x)
-        h = self.stitch(h if axis_a == 1 else h.movedim(axis_a, 1))
-        return self.continue_b(h if axis_b == 1 else h.movedim(1, axis_b), x)
+        h = self.stitch(self.activations_a(x).movedim(axis_a, 1))
+        return self.continue_b(h.movedim(1, axis_b), x)
 
 
 # ----------------------------------------------------------------------------------------------
