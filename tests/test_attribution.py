@@ -404,6 +404,15 @@ def test_trak_projects_the_training_examples_once(problem, monkeypatch):
     assert sum(rows) == 2 * len(yt)  # the test examples of each model, the training projections kept from fit
 
 
+def test_trak_streams_only_when_no_member_is_trained():
+    """A Dataset is read in batches only when the ensemble is the fitted model alone: any trained member
+    needs the engine's tensors (n_models=1 without the fitted model trains one)."""
+    assert make_attributor("trak", n_models=1, **QUIET).streams()
+    assert not make_attributor("trak", n_models=1, include_fitted=False, **QUIET).streams()
+    assert not make_attributor("trak", **QUIET).streams()
+    assert make_attributor("trak", **QUIET).include_fitted  # M − 1 trained, as the if-* ensembles
+
+
 def test_loss_and_el2n_self_scores(problem):
     from modelsense.training import TrainConfig
 

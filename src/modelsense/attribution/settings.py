@@ -46,8 +46,9 @@ class MethodSettings:
                                           "(an unbiased estimate at k backward passes instead of one per class, "
                                           "kronfluence's default is 1); default 0: the exact GGN", low=0)
     arnoldi_rank: int | None = option(None, "arnoldi: number of eigendirections")
-    ensemble_models: int | None = option(None, "trak and if-*: models trained from scratch whose scores are averaged "
-                                                "(trak default 10, if-* 1 = the trained model only)")
+    ensemble_models: int | None = option(None, "trak and if-*: models whose scores are averaged, the trained model "
+                                                "and M − 1 trained from scratch (trak default 10, if-* 1 = the "
+                                                "trained model only)")
     el2n_repeat: int | None = option(None, "el2n: early-trained models")
     el2n_epochs: int | None = option(None, "el2n: epochs of each early-trained model (default 10% of --epochs)")
     el2n_score: str | None = option(None, "el2n: brier (summed squared error, the GEX code's; default) or l2 (the norm "

@@ -1,5 +1,5 @@
-"""`trak`: TRAK (Park et al. 2023) with a sparse random projection in pure PyTorch and an ensemble of
-independently trained models from the retraining engine (`modelsense.training.train_ensemble`).
+"""`trak`: TRAK (Park et al. 2023) with a sparse random projection in pure PyTorch and an ensemble of the
+fitted model and independently trained models from the retraining engine (`modelsense.training.train_ensemble`).
 
 For each model θ_m (m = 1..M) and example z = (x, y) with margin f(z) = f_y(x) − logsumexp_{c≠y} f_c(x)
 (the TRAK model output for classification; l = −log σ(f), so ∇l = −(1 − p_y)∇f exactly):
@@ -167,27 +167,27 @@ SKETCH_NNZ = 1
 @register("trak")
 class Trak(FeatureAttributor):
     """Settings:
-        n_models M: models trained from scratch at once by the retraining engine.
+        n_models M: models in the ensemble (those trained from scratch are trained at once by the engine).
         proj_dim d: projection dimension.
         damping, damping_mode: ridge λ of the kernel (relative: multiple of tr(ΦᵀΦ)/d).
         train_config: `TrainConfig` of the ensemble (default: TrainConfig()); use the trained model's.
         model_fn: seed -> fresh module (default: the fitted module re-initialised with `reset_parameters`).
         subset_ratio: each model trains on a random subset of this fraction (1: all examples).
-        include_fitted: use the fitted model as one of the M members.
+        include_fitted: the fitted model is one of the M members and M − 1 are trained (the default, as
+            the `if-*` ensembles; it was trained by the same recipe); False: M models are trained.
     """
 
     def streams(self) -> bool:
         """Reads the training data in batches by position, unless models are trained from scratch on it
-        (n_models > 1: the engine takes tensors)."""
-        return self.n_models == 1
-
+        (any member but the fitted model: the engine takes tensors)."""
+        return self.include_fitted and self.n_models == 1
 
     needs = frozenset({"recipe"})
     state_attributes = ("members_", "kernel_inverses_", "damping_")
 
     def __init__(self, n_models: int = 10, proj_dim: int = 512, damping: float = 0.3, damping_mode: str = "relative",
                  train_config=None, model_fn: Callable[[int], nn.Module] | None = None, subset_ratio: float = 1.0,
-                 include_fitted: bool = False, *, loss: str = "cross_entropy", seed: int = 0,
+                 include_fitted: bool = True, *, loss: str = "cross_entropy", seed: int = 0,
                  compute: ComputeOptions | None = None) -> None:
         super().__init__(loss=loss, seed=seed, compute=compute)
         self.n_models = check_int("n_models", n_models)
