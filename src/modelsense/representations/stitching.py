@@ -51,7 +51,7 @@ from modelsense.core.device import check_device
 from modelsense.core.functional import chunks
 from modelsense.errors import ConfigError, DataError
 from modelsense.options import option
-from modelsense.representations.features import channel_axes, extract_features
+from modelsense.representations.features import _extract, channel_axes, extract_features
 from modelsense.representations.metrics import channel_rows, relu_procrustes_matching
 
 STITCH_KINDS = ("linear", "birkhoff", "permutation", "lowrank", "lasso")
@@ -940,6 +940,15 @@ def stitching_penalty(
     return 0.5 * (clean_accuracy_a + clean_accuracy_b) - stitched_accuracy
 
 
+def _probe_layer(model: nn.Module, probe: Tensor, layer: str, which: str) -> tuple[Tensor, int]:
+    """The output of `layer` on the probe examples, channels first, and its channel axis (one forward pass)."""
+    features, axes = _extract(model, probe, [layer], len(probe), None, "cpu", None, True)
+    if set(features) != {layer}:
+        raise ConfigError(f"module {layer!r} of {which} is called more than once per forward pass; "
+                          "stitch at a module that is used once (give reused activations their own module)")
+    return features[layer], axes[layer]
+
+
 def stitch_models(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -955,8 +964,8 @@ def stitch_models(
     config = config or StitchConfig()
     layer_b = layer if layer_b is None else layer_b
     probe = _as_tensor(x, "x")[:2]
-    ha = next(iter(extract_features(model_a, probe, [layer], dtype=None, channels_first=True).values()))
-    hb = next(iter(extract_features(model_b, probe, [layer_b], dtype=None, channels_first=True).values()))
+    (ha, axis_a), (hb, axis_b) = (_probe_layer(m, probe, name, which)
+                                  for m, name, which in ((model_a, layer, "model_a"), (model_b, layer_b, "model_b")))
     if ha.ndim != hb.ndim or ha.shape[2:] != hb.shape[2:]:
         raise ConfigError(
             f"cannot stitch activations with {ha.shape[1]} channels x positions {tuple(ha.shape[2:])} (model_a "
@@ -969,7 +978,6 @@ def stitch_models(
         ha = next(iter(extract_features(model_a, sub, [layer], dtype=None, channels_first=True).values()))
         hb = next(iter(extract_features(model_b, sub, [layer_b], dtype=None, channels_first=True).values()))
         initialize_from_activations(stitch, ha, hb)
-    axes = (channel_axes(model_a, probe, [layer])[layer], channel_axes(model_b, probe, [layer_b])[layer_b])
-    stitched = StitchedModel(model_a, model_b, stitch, layer, layer_b, axes=axes)
+    stitched = StitchedModel(model_a, model_b, stitch, layer, layer_b, axes=(axis_a, axis_b))
     history = train_stitch(stitched, x, y, config, progress=progress)
     return stitched, history
