@@ -34,7 +34,7 @@ With the sparse projection at the defaults (ten models, d 512, damping 0.3): LDS
 with the dense Gaussian one, in 2.4 CPU seconds instead of 16.4 (1 thread), 2.8x the time of `if-ekfac`
 in the same run instead of 19x (`bench/influence.py --threads 1 --repeats 3`, medians). With the fitted
 model as one of the ten (nine trained) and contiguous columns for the sparse product: 1.47 s, 2.55x
-`if-ekfac`, LDS 0.536 (same benchmark); the nine trainings are three quarters of that time.
+`if-ekfac`, LDS 0.536 (same benchmark); the nine trainings are about two thirds of that time.
 """
 
 from __future__ import annotations
