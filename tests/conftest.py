@@ -39,6 +39,18 @@ def small_mlp(seed: int, d: int = 6, c: int = 3) -> torch.nn.Module:
     return build_model("mlp", (d,), c, widths=(16,), seed=seed)
 
 
+class ReusedReLU(torch.nn.Module):
+    """Linear(6, 6) and Linear(6, 3) with one `act` ReLU called twice per forward pass (before and after the
+    first layer): a module whose output is not one tensor per pass, which feature probes must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = torch.nn.Linear(6, 6), torch.nn.Linear(6, 3), torch.nn.ReLU()
+
+    def forward(self, x):
+        return self.b(self.act(self.a(self.act(x))))
+
+
 def loop_per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(n, P): row i = the gradient of the cross-entropy of example i alone, by one backward pass per
     example (the slow, obvious reference for vmapped per-example gradients)."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ReusedReLU
 from modelsense.errors import ConfigError, DataError
 from modelsense.representations.metrics import SIMILARITIES
 from modelsense.representations.probes import (
@@ -121,18 +122,10 @@ def test_probe_refuses_bad_input():
     with pytest.raises(DataError, match="at least 4 examples"):
         invariance_probe(model, ["1"], x[:3])
 
-    class Reused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.act = nn.Linear(6, 6), nn.Linear(6, 3), nn.ReLU()
-
-        def forward(self, x):
-            return self.b(self.act(self.a(self.act(x))))
-
     with pytest.raises(ConfigError, match="called more than once per forward pass"):
-        invariance_probe(Reused(), ["act"], x)
+        invariance_probe(ReusedReLU(), ["act"], x)
     with pytest.raises(ConfigError, match=r"module 'b' maps \(6,\) to \(3,\); probe an activation module"):
-        invariance_probe(Reused(), ["b"], x, metrics=["cka"])
+        invariance_probe(ReusedReLU(), ["b"], x, metrics=["cka"])
 
 
 def test_probe_table_by_hand():

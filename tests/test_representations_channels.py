@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ReusedReLU
 from modelsense.errors import ConfigError
 from modelsense.models.vit import ViT
 from modelsense.representations import (
@@ -185,17 +186,9 @@ def test_probing_a_vit_transforms_the_width(vit):
 
 def test_stitching_at_a_reused_module_is_refused_before_training():
     """A module called twice per forward pass has two outputs: which one to replace is undecidable."""
-    class Reused(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.act = nn.Linear(6, 6), nn.Linear(6, 3), nn.ReLU()
-
-        def forward(self, x):
-            return self.b(self.act(self.a(self.act(x))))
-
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     with pytest.raises(ConfigError, match="'act' of model_a is called more than once per forward pass"):
-        stitch_models(Reused(), Reused(), "act", x, y, StitchConfig(epochs=1))
+        stitch_models(ReusedReLU(), ReusedReLU(), "act", x, y, StitchConfig(epochs=1))
     once = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
     with pytest.raises(ConfigError, match="'act' of model_b is called more than once"):
-        stitch_models(once, Reused(), "1", x, y, StitchConfig(epochs=1), layer_b="act")
+        stitch_models(once, ReusedReLU(), "1", x, y, StitchConfig(epochs=1), layer_b="act")
