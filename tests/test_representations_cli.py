@@ -471,3 +471,35 @@ def test_a_layer_whose_channel_axis_cannot_be_decided_is_refused_before_anything
         msg = _error(invoke(command, *DATA, *model, "--out", tmp_path / command))
         assert "channel axis of layer 'raw' of RawReLU" in msg and "channel_axis = -1" in msg, msg
         assert not (tmp_path / command).exists()
+
+
+REUSED_RELU_MODEL = '''
+from torch import nn
+
+
+class TwiceReLU(nn.Module):
+    """One `act` ReLU called twice per forward pass, after each hidden Linear layer."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.a, self.b, self.out, self.act = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, num_classes), nn.ReLU()
+
+    def forward(self, x):
+        return self.out(self.act(self.b(self.act(self.a(x.flatten(1))))))
+
+
+def make_model(input_shape, num_classes):
+    return TwiceReLU(num_classes)
+'''
+
+
+def test_stitching_or_probing_a_module_called_twice_is_refused_before_anything_is_written(tmp_path):
+    """compare reads both outputs (act#0, act#1); stitch and probe replace one output, so they refuse."""
+    path = tmp_path / "twice_relu.py"
+    path.write_text(REUSED_RELU_MODEL)
+    model = ["--model", f"{path}:make_model", *TRAIN]
+    for command, which in (("stitch", "twice_relu.py:make_model"), ("probe", "the model")):
+        msg = _error(invoke(command, *DATA, *model, "--layers", "act", "--out", tmp_path / command))
+        assert "module 'act' of " in msg and which in msg, msg
+        assert "is called more than once per forward pass" in msg, msg
+        assert not (tmp_path / command).exists()

@@ -125,12 +125,18 @@ def load_member(which: str, path: str | Path, data: Dataset) -> TrainedRun:
     return member
 
 
-def check_channel_axes(module, layers: list[str], data: Dataset) -> None:
+def check_channel_axes(module, layers: list[str], data: Dataset, what: str, once: bool = False) -> None:
     """A ConfigError (before anything is written) where the channel axis of a layer's features cannot be
-    decided (`modelsense.representations.features.channel_axes`: one forward pass on two test examples)."""
+    decided (`modelsense.representations.features.channel_axes`: one forward pass on two test examples);
+    `once`: also where a layer is called more than once per forward pass (stitching and probing replace
+    the one output of a layer)."""
     from modelsense.representations.features import channel_axes
 
-    channel_axes(module, data.x_test, layers)
+    axes = channel_axes(module, data.x_test, layers)
+    reused = [layer for layer in layers if layer not in axes] if once else []
+    if reused:
+        raise ConfigError(f"module {reused[0]!r} of {what} is called more than once per forward pass; "
+                          "choose a module that is used once (give reused activations their own module)")
 
 
 def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
@@ -149,7 +155,7 @@ def check_pair(spec: CompareSpec | StitchSpec) -> Prepared:
             model_zoo.check_zoo_index(p.zoo, model_zoo.read_zoo_index(p.zoo), settings)
     for which in ("model-a", "model-b"):  # the layers (named, or every ReLU: a model may have none) on each model
         module, what = (loaded[which].module, which) if which in loaded else (probe, f"model {spec.model.name}")
-        check_channel_axes(module, choose_layers(module, p.layers, what), data)
+        check_channel_axes(module, choose_layers(module, p.layers, what), data, what, once=isinstance(spec, StitchSpec))
     return Prepared(data, {"dataset": data.summary()}, {"loaded": loaded})
 
 
@@ -357,7 +363,7 @@ def check_probe(spec: ProbeSpec) -> Prepared:
     trained = model_source(spec.checkpoint, spec.weights, spec.data, spec.model, data)
     module = check_model(data, spec.model) if trained is None else trained.module
     layers = choose_layers(module, spec.layers, "the model")
-    check_channel_axes(module, layers, data)
+    check_channel_axes(module, layers, data, "the model", once=True)
     config = {"dataset": data.summary(), "layers_used": layers,
               **({} if trained is None else {"source": trained.summary()})}
     return Prepared(data, config, {"trained": trained, "layers": layers})
